@@ -138,7 +138,7 @@ def validate_items(df: pl.DataFrame, path: str | Path = "<items>") -> pl.DataFra
     _require_columns(df, path, ITEM_REQUIRED)
     for col in ITEM_REQUIRED:
         df = _require_non_null_str(df, path, col)
-    dup = _first_bad_row(df["item_id"].is_duplicated())
+    dup = _first_bad_row(~df["item_id"].is_first_distinct())
     if dup is not None:
         raise DataContractError(path, "item_id", dup, f"duplicate item_id {df['item_id'][dup]!r}")
     for col in ITEM_OPTIONAL_STR:

@@ -1,7 +1,195 @@
-"""The `semrank` command line (filled in as the pieces land)."""
+"""`semrank`: the command line. Every subcommand has --help."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
 import sys
+from pathlib import Path
+
+log = logging.getLogger("semrank")
 
 
-def main(argv=None) -> int:
-    print("semrank: work in progress", file=sys.stderr)
-    return 2
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+# ---------------------------------------------------------------- data
+
+
+def cmd_data_synth(args) -> int:
+    from training.synth import SynthConfig, synthesize
+
+    cfg = SynthConfig(n_users=args.users, n_items=args.items, n_days=args.days)
+    summary = synthesize(args.out, seed=args.seed, config=cfg, progress=True)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_data_import(args) -> int:
+    from training.importers import import_dataset
+
+    summary = import_dataset(args.name, args.out, args.shared)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_data_validate(args) -> int:
+    from featurizer.schema import read_dataset
+
+    ds = read_dataset(args.data)
+    print(f"items: {ds.items.height}, events: {ds.events.height}; {ds.report}")
+    return 0
+
+
+# ---------------------------------------------------------------- train
+
+
+def cmd_train_ranker(args) -> int:
+    from featurizer.schema import read_dataset
+    from ranker.encoder import TextEncoder
+    from training.ranker_training import RankerTrainConfig, format_table, train_ranker
+
+    cfg = RankerTrainConfig(seed=args.seed, test_days=args.test_days, valid_days=args.valid_days)
+    ds = read_dataset(args.data)
+    log.info("data: %s", ds.report)
+    encoder = ProgressEncoder(TextEncoder(max_length=cfg.max_length))
+    extra = train_ranker(ds, args.out, cfg, encoder, data_source=str(args.data))
+    print(f"\nbundle written to {args.out}\nheld-out lists (last {cfg.test_days:g} days):\n")
+    print(format_table(extra["metrics"]["test"]))
+    return 0
+
+
+class ProgressEncoder:
+    """Wraps an encoder with a progress bar over batches."""
+
+    def __init__(self, encoder, batch_size: int = 256):
+        self.encoder, self.batch_size = encoder, batch_size
+
+    def encode(self, texts: list[str]):
+        import numpy as np
+        from tqdm import tqdm
+
+        parts = [
+            self.encoder.encode(texts[i : i + self.batch_size])
+            for i in tqdm(range(0, len(texts), self.batch_size), desc="encode", unit="batch", leave=False)
+        ]
+        return np.concatenate(parts) if parts else self.encoder.encode([])
+
+
+# ---------------------------------------------------------------- serve
+
+
+def cmd_serve(args) -> int:
+    from ranker.bundle import load_bundle
+    from serving.server import RankingServer, ServeConfig
+    from serving.validation import Limits
+
+    data = args.data
+    if data is None:
+        source = load_bundle(args.bundle).manifest.get("training_data", {}).get("source")
+        if not source:
+            print("semrank serve: --data is required (the bundle does not name its training data)", file=sys.stderr)
+            return 2
+        data = Path(source)
+    cfg = ServeConfig(
+        bundle_dir=Path(args.bundle),
+        data_dir=Path(data),
+        host=args.host,
+        port=args.port,
+        limits=Limits(max_candidates=args.max_candidates, max_text_chars=args.max_text_chars),
+    )
+
+    async def run() -> None:
+        server = RankingServer(cfg)
+        await server.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        print(f"semrank serving on {cfg.host}:{server.port}", flush=True)
+        await stop.wait()
+        log.info("shutting down")
+        await server.stop()
+
+    asyncio.run(run())
+    return 0
+
+
+# ---------------------------------------------------------------- demo
+
+
+def cmd_demo(args) -> int:
+    from semrank.demo import run_demo
+
+    return run_demo(Path(args.workdir), seed=args.seed, users=args.users, items=args.items, days=args.days)
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="semrank", description="Text-semantic ranking service for e-commerce.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="create, import and validate datasets").add_subparsers(dest="data_cmd", required=True)
+    s = data.add_parser("synth", help="generate a synthetic shop with ground truth")
+    s.add_argument("--out", required=True, type=Path, help="output directory")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--users", type=int, default=1500)
+    s.add_argument("--items", type=int, default=800)
+    s.add_argument("--days", type=int, default=28)
+    s.set_defaults(func=cmd_data_synth)
+    s = data.add_parser("import", help="convert a dataset from ../shared/data to the data contract")
+    s.add_argument("name", help="amazon-beauty-2014 | amazon-toys-2014 | movielens-1m | movielens-latest-small")
+    s.add_argument("--out", required=True, type=Path)
+    s.add_argument("--shared", type=Path, default=None, help="folder holding the shared datasets (default ../shared/data)")
+    s.set_defaults(func=cmd_data_import)
+    s = data.add_parser("validate", help="check a data directory against the data contract")
+    s.add_argument("data", type=Path)
+    s.set_defaults(func=cmd_data_validate)
+
+    train = sub.add_parser("train", help="train models").add_subparsers(dest="train_cmd", required=True)
+    s = train.add_parser("ranker", help="train the LightGBM lambdarank bundle on impression lists")
+    s.add_argument("--data", required=True, type=Path)
+    s.add_argument("--out", required=True, type=Path, help="bundle directory to write")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--test-days", type=float, default=4.0, help="last days held out for the test table")
+    s.add_argument("--valid-days", type=float, default=3.0, help="days before the test days, for early stopping")
+    s.set_defaults(func=cmd_train_ranker)
+
+    s = sub.add_parser("serve", help="serve RankingService over gRPC with a Triton encoder")
+    s.add_argument("--bundle", required=True, type=Path)
+    s.add_argument("--data", type=Path, default=None, help="items/events for the online state (default: the bundle's training data)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=50051)
+    s.add_argument("--max-candidates", type=int, default=2000)
+    s.add_argument("--max-text-chars", type=int, default=4096)
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("demo", help="synth -> train -> serve -> rank through gRPC -> held-out table")
+    s.add_argument("--workdir", type=Path, default=Path("demo-out"))
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--users", type=int, default=1500)
+    s.add_argument("--items", type=int, default=800)
+    s.add_argument("--days", type=int, default=28)
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+# semrank: one entry point for set-up, demo and tests.
+#   make demo   - create .venv, install everything, run the end-to-end demo
+#   make test   - create .venv, install everything, run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: setup demo test proto services clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(VENV)/bin/semrank demo
+
+# Redis is used for real by the online-store tests; start one on loopback if none answers.
+services:
+	@redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || { \
+	  echo "starting redis-server on 127.0.0.1:6379"; \
+	  mkdir -p /tmp/semrank-redis; \
+	  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no --dir /tmp/semrank-redis --logfile /tmp/semrank-redis/redis.log; \
+	  for i in 1 2 3 4 5 6 7 8 9 10; do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 0.5; done; }
+
+test: setup services
+	$(PY) -m pytest -q
+
+# Regenerate the committed gRPC stubs from protos/ (tests/test_proto_stubs.py fails when they drift).
+proto: setup
+	$(PY) -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. \
+	  protos/semrank/ranking/v1/ranking_service.proto
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache

