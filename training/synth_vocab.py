@@ -1,0 +1,241 @@
+"""Vocabulary of the synthetic shop: categories, words, attributes and brands."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+TIERS: tuple[str, ...] = ("budget", "mid", "premium")
+BUDGET, MID, PREMIUM = range(3)
+
+
+@dataclass(frozen=True)
+class Category:
+    name: str
+    median_price: float
+    nouns: tuple[str, ...]
+    adjectives: tuple[str, ...]
+    features: tuple[str, ...]
+    attributes: tuple[tuple[str, tuple[str, ...]], ...]  # (kind, values); every item gets one value per kind
+    brands: tuple[tuple[str, int], ...]  # (name, tier)
+    sentences: tuple[str, ...]  # description templates; fields: see `_text_fields`
+
+
+CATEGORIES: tuple[Category, ...] = (
+    Category(
+        "Audio & Headphones", 60.0,
+        ("Over-Ear Headphones", "True Wireless Earbuds", "On-Ear Headphones", "Bluetooth Speaker",
+         "Soundbar", "Neckband Earphones", "Portable Speaker"),
+        ("Wireless", "Lightweight", "Foldable", "Compact", "Premium", "Waterproof"),
+        ("Noise-Cancelling", "Hi-Res Audio", "Bass-Boost", "Low-Latency", "Long-Battery"),
+        (("colour", ("matte black", "white", "silver", "navy", "rose gold", "forest green")),
+         ("material", ("aluminium", "recycled plastic", "leather", "silicone"))),
+        (("Lumora", PREMIUM), ("Sonique", MID), ("Bassline", BUDGET), ("Auralis", PREMIUM)),
+        ("The {brand} {noun_l} deliver {feature_l} sound with deep, balanced bass.",
+         "Up to {hours} hours of battery life and a {colour} {material} finish.",
+         "{adj} design with soft cushions for long listening sessions.",
+         "Pairs instantly over Bluetooth with phones, tablets and laptops."),
+    ),
+    Category(
+        "Phones & Accessories", 18.0,
+        ("Phone Case", "Screen Protector", "USB-C Charging Cable", "Wireless Charger", "Power Bank",
+         "Car Phone Mount", "Wall Charger"),
+        ("Slim", "Shockproof", "Fast-Charging", "Magnetic", "Compact", "Durable"),
+        ("MagSafe-Compatible", "20W PD", "Drop-Tested", "Braided", "10000mAh"),
+        (("colour", ("black", "clear", "navy", "pink", "sage green", "white")),
+         ("material", ("silicone", "tempered glass", "aluminium", "recycled plastic", "leather"))),
+        (("Voltic", BUDGET), ("Armorly", MID), ("Chargio", BUDGET), ("Lumora", PREMIUM), ("Kestrel", MID)),
+        ("This {adj_l} {noun_l} is {feature_l} and made from durable {material}.",
+         "Available in {colour}, it fits most recent phone models.",
+         "Charges your devices quickly and safely, with built-in overcharge protection.",
+         "A slim profile that slips easily into a pocket or bag."),
+    ),
+    Category(
+        "Kitchen & Dining", 35.0,
+        ("Chef's Knife", "Nonstick Frying Pan", "Cutting Board", "French Press", "Stand Mixer",
+         "Mixing Bowl Set", "Dutch Oven", "Spice Rack"),
+        ("Professional", "Dishwasher-Safe", "Ergonomic", "Heavy-Duty", "Stackable", "Compact"),
+        ("Triple-Ply", "Induction-Ready", "BPA-Free", "Oven-Safe", "Non-Slip"),
+        (("material", ("stainless steel", "bamboo", "cast iron", "ceramic", "glass", "acacia wood")),
+         ("colour", ("black", "white", "sage green", "red", "grey"))),
+        (("Verdana Home", MID), ("Copperleaf", PREMIUM), ("Kitchly", BUDGET), ("Ferro & Co", PREMIUM),
+         ("Basil Lane", MID)),
+        ("This {feature_l} {noun_l} is crafted from {material} for years of everyday cooking.",
+         "{adj}, easy to clean and finished in {colour}.",
+         "A favourite of home cooks and professional chefs alike.",
+         "Perfect for weeknight dinners, baking and entertaining guests."),
+    ),
+    Category(
+        "Beauty & Skincare", 18.0,
+        ("Hydrating Face Serum", "Night Cream", "Gentle Cleanser", "Sheet Mask Set", "Lip Balm",
+         "Sunscreen SPF 50", "Eye Cream", "Body Lotion"),
+        ("Lightweight", "Nourishing", "Vegan", "Dermatologist-Tested", "Travel-Size", "Soothing"),
+        ("Hyaluronic Acid", "Vitamin C", "Retinol", "Niacinamide", "Ceramide"),
+        (("scent", ("unscented", "lavender", "citrus", "rose", "green tea", "vanilla")),
+         ("skin type", ("dry skin", "oily skin", "sensitive skin", "all skin types"))),
+        (("Aurelle", PREMIUM), ("Dewbloom", MID), ("PureLeaf", BUDGET), ("Maison Clair", PREMIUM),
+         ("Glowco", BUDGET)),
+        ("A {adj_l} formula with {feature} for {skin_type}.",
+         "Scent: {scent}. Free from parabens and mineral oils.",
+         "Absorbs quickly and leaves skin soft, smooth and hydrated.",
+         "Suitable for daily morning and evening use."),
+    ),
+    Category(
+        "Toys & Games", 25.0,
+        ("Building Blocks Set", "Wooden Puzzle", "Plush Bear", "Remote Control Car", "Board Game",
+         "Art & Craft Kit", "Dollhouse", "Marble Run"),
+        ("Educational", "Colourful", "Durable", "Creative", "Family", "Classic"),
+        ("STEM", "500-Piece", "Montessori-Inspired", "Rechargeable", "Glow-in-the-Dark"),
+        (("age", ("ages 3+", "ages 6+", "ages 8+", "ages 12+")),
+         ("material", ("wood", "recycled plastic", "cotton", "cardboard"))),
+        (("Brightblock", MID), ("Tumbletoy", BUDGET), ("Kinderly", MID), ("Wonderwood", PREMIUM),
+         ("Playforge", BUDGET)),
+        ("A {adj_l} {noun_l} for {age}, made from {material}.",
+         "Encourages creativity, problem solving and hours of imaginative play.",
+         "{feature} fun for the whole family, with pieces sized for small hands.",
+         "Comes in a sturdy storage box for easy tidying."),
+    ),
+    Category(
+        "Books", 14.0,
+        ("Cookbook", "Mystery Novel", "Science Fiction Novel", "Field Guide", "Picture Book", "Biography",
+         "Self-Help Guide", "Travel Guide"),
+        ("Bestselling", "Illustrated", "Award-Winning", "Definitive", "Pocket", "Annotated"),
+        ("Revised Edition", "Collector's Edition", "Large Print", "Boxed Set", "Anniversary Edition"),
+        (("format", ("hardcover", "paperback", "spiral-bound")),
+         ("topic", ("cooking", "the outdoors", "history", "travel", "wellness", "gardening"))),
+        (("Harbor Press", MID), ("Quillfield", MID), ("Brightpage", BUDGET), ("Atlas & Ink", PREMIUM)),
+        ("A {adj_l} {noun_l} about {topic}, in {format}.",
+         "This {feature_l} has been praised by readers and critics alike.",
+         "Packed with practical tips, stories and beautiful photography.",
+         "The perfect gift for anyone curious about {topic}."),
+    ),
+    Category(
+        "Sports & Fitness", 30.0,
+        ("Yoga Mat", "Adjustable Dumbbells", "Resistance Bands Set", "Foam Roller", "Jump Rope",
+         "Sports Water Bottle", "Kettlebell", "Training Gloves"),
+        ("Non-Slip", "Lightweight", "Heavy-Duty", "Portable", "Ergonomic", "Sweat-Resistant"),
+        ("Extra-Thick", "Quick-Adjust", "Insulated", "Anti-Burst", "Textured-Grip"),
+        (("colour", ("black", "navy", "purple", "teal", "grey", "red")),
+         ("material", ("natural rubber", "TPE foam", "stainless steel", "neoprene", "cork"))),
+        (("Northwind", MID), ("Pulsefit", BUDGET), ("Ironpeak", PREMIUM), ("Stridewell", MID),
+         ("Zenmotion", MID)),
+        ("This {adj_l} {noun_l} is made from {material} and built for daily training.",
+         "{feature} design in {colour} for home workouts, gym sessions and yoga.",
+         "Easy to carry, easy to clean and tough enough for outdoor use.",
+         "Helps you build strength, flexibility and endurance at your own pace."),
+    ),
+    Category(
+        "Garden & Patio", 28.0,
+        ("Pruning Shears", "Raised Garden Bed", "Garden Hose", "Planter Pot Set", "Bird Feeder",
+         "Solar Path Lights", "Watering Can", "Compost Bin"),
+        ("Weatherproof", "Heavy-Duty", "Ergonomic", "Rust-Resistant", "Decorative", "Expandable"),
+        ("Solar-Powered", "UV-Stabilised", "Self-Watering", "Quick-Connect", "Frost-Proof"),
+        (("material", ("cedar wood", "galvanised steel", "terracotta", "recycled plastic", "stainless steel",
+                       "ceramic")),
+         ("colour", ("green", "terracotta", "black", "grey", "white"))),
+        (("Greenhollow", MID), ("Sproutly", BUDGET), ("Fernwick", PREMIUM), ("Verdana Home", MID)),
+        ("A {adj_l} {noun_l} made from {material} to last season after season.",
+         "{feature} and finished in {colour} to suit any patio or balcony.",
+         "Ideal for vegetables, herbs and flowering plants.",
+         "Quick to set up, with no special tools needed."),
+    ),
+    Category(
+        "Pet Supplies", 22.0,
+        ("Pet Bed", "Food Bowl Set", "Leash and Harness Set", "Pet Water Fountain", "Chew Toy Set",
+         "Grooming Brush", "Travel Carrier", "Treat Pouch"),
+        ("Orthopedic", "Washable", "Durable", "Calming", "Adjustable", "Lightweight"),
+        ("Memory Foam", "Reflective", "Odour-Control", "Filtered", "Non-Slip"),
+        (("pet", ("dogs", "cats", "puppies", "small pets")),
+         ("size", ("small", "medium", "large"))),
+        (("Pawsome", BUDGET), ("Barkley & Co", MID), ("Whiskerwell", MID), ("Kindred Paws", PREMIUM)),
+        ("A {adj_l} {noun_l} designed for {pet}, size {size}.",
+         "{feature} comfort that keeps your pet happy and relaxed.",
+         "Easy to clean and made from pet-safe materials.",
+         "Vet-recommended and loved by {pet} of all breeds."),
+    ),
+    Category(
+        "Fashion & Shoes", 55.0,
+        ("Running Sneakers", "Ankle Boots", "Crew-Neck T-Shirt", "Denim Jacket", "Knit Scarf", "Tote Bag",
+         "Rain Jacket", "Chino Trousers"),
+        ("Classic", "Slim-Fit", "Breathable", "Lightweight", "Everyday", "Relaxed-Fit"),
+        ("Water-Repellent", "Cushioned", "Recycled", "Stretch", "Wrinkle-Free"),
+        (("colour", ("black", "white", "navy", "beige", "olive green", "burgundy", "grey")),
+         ("material", ("cotton", "leather", "wool", "denim", "linen", "recycled polyester"))),
+        (("Halden & Rowe", PREMIUM), ("Urbanthread", MID), ("Koa Basics", BUDGET), ("Solstead", MID),
+         ("Northwind", MID)),
+        ("A {adj_l} {noun_l} in {colour} {material}, cut for all-day comfort.",
+         "{feature} fabric that keeps its shape wash after wash.",
+         "Pairs easily with jeans, chinos or a summer dress.",
+         "Ethically made with attention to every stitch."),
+    ),
+    Category(
+        "Home Decor", 40.0,
+        ("Throw Pillow Cover", "Scented Candle", "Wall Art Print", "Table Lamp", "Area Rug",
+         "Picture Frame Set", "Vase", "Blackout Curtains"),
+        ("Minimalist", "Boho", "Modern", "Cozy", "Handmade", "Scandinavian"),
+        ("Hand-Woven", "Dimmable", "Soy Wax", "Fade-Resistant", "Set of 2"),
+        (("colour", ("beige", "sage green", "navy", "terracotta", "white", "charcoal grey")),
+         ("material", ("linen", "ceramic", "cotton", "rattan", "glass", "oak wood"))),
+        (("Verdana Home", MID), ("Nook & Nest", MID), ("Lumen Loft", PREMIUM), ("Casaverde", BUDGET)),
+        ("A {adj_l} {noun_l} in {colour} {material} that adds warmth to any room.",
+         "{feature} and designed to complement modern and classic interiors alike.",
+         "Makes a thoughtful housewarming gift.",
+         "Easy to style in the living room, bedroom or entryway."),
+    ),
+    Category(
+        "Grocery: Coffee & Tea", 12.0,
+        ("Whole Bean Coffee", "Ground Coffee", "Loose Leaf Tea", "Tea Bags", "Cold Brew Concentrate",
+         "Coffee Pods", "Matcha Powder", "Hot Chocolate Mix"),
+        ("Organic", "Fair-Trade", "Small-Batch", "Single-Origin", "Decaf", "Smooth"),
+        ("Medium Roast", "Dark Roast", "Ethically Sourced", "Freshly Roasted", "Stone-Ground"),
+        (("flavour", ("vanilla", "hazelnut", "caramel", "green tea", "chai spice", "original", "citrus")),
+         ("pack size", ("250 g", "500 g", "1 kg", "12-pack"))),
+        (("Roastery Row", MID), ("Bean & Leaf", BUDGET), ("Kettle Hill", PREMIUM), ("Morning Ritual", BUDGET)),
+        ("{adj} {noun_l} with notes of {flavour}, {feature_l}.",
+         "Sold in a resealable {pack_size} pack to keep every cup fresh.",
+         "Brew it as espresso, filter, French press or over ice.",
+         "Sourced directly from family farms and packed at origin."),
+    ),
+    Category(
+        "Outdoor & Camping", 55.0,
+        ("Camping Tent", "Sleeping Bag", "Hiking Backpack", "Headlamp", "Camping Stove",
+         "Insulated Water Bottle", "Trekking Poles", "Camp Chair"),
+        ("Ultralight", "Waterproof", "Packable", "Rugged", "Weatherproof", "Compact"),
+        ("4-Season", "Rechargeable", "Insulated", "Quick-Setup", "Ripstop"),
+        (("colour", ("olive green", "orange", "grey", "navy", "black")),
+         ("material", ("ripstop nylon", "aluminium", "stainless steel", "down", "recycled polyester"))),
+        (("Northwind", MID), ("Summitcraft", PREMIUM), ("Trailmark", BUDGET), ("Ridgeback", MID),
+         ("Fernwick", PREMIUM)),
+        ("This {adj_l} {noun_l} is made from {material} for trail and campsite.",
+         "{feature} construction in {colour} that stands up to wind and rain.",
+         "Packs down small and weighs next to nothing in your backpack.",
+         "Tested by guides on multi-day hikes and alpine trips."),
+    ),
+    Category(
+        "Baby", 26.0,
+        ("Baby Carrier", "Swaddle Blanket Set", "Silicone Bib Set", "Baby Monitor", "Stroller Organizer",
+         "Teething Toy", "Fitted Crib Sheet", "Diaper Bag"),
+        ("Soft", "Gentle", "Adjustable", "Washable", "Breathable", "Portable"),
+        ("Hypoallergenic", "BPA-Free", "Night-Vision", "Ergonomic", "Machine-Washable"),
+        (("colour", ("white", "sage green", "beige", "pink", "grey", "blue")),
+         ("material", ("organic cotton", "muslin", "silicone", "bamboo", "wool"))),
+        (("Little Lark", MID), ("Cuddlecove", BUDGET), ("Kinderly", MID), ("Nestling", PREMIUM)),
+        ("A {adj_l} {noun_l} made from {material}, gentle on delicate skin.",
+         "{feature} and available in {colour}.",
+         "Designed with parents to make everyday routines easier.",
+         "Certified free from harmful substances and safe from day one."),
+    ),
+)
+
+SHARED_SENTENCES: tuple[str, ...] = (
+    "Backed by a {years}-year warranty.",
+    "Ships in recyclable, plastic-free packaging.",
+    "A great gift idea for friends and family.",
+    "Loved by thousands of customers.",
+    "Designed for everyday use.",
+)
+
+# All attribute values, in first-seen order; a value shared by two categories is one attribute.
+ATTRIBUTES: tuple[str, ...] = tuple(
+    dict.fromkeys(v for c in CATEGORIES for _, values in c.attributes for v in values)
+)
