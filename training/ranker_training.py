@@ -118,12 +118,22 @@ def interest_scores(
     return out
 
 
-def build_examples(ds: Dataset, encoder: Encoder, history_items: int) -> pl.DataFrame:
-    """Impression-list rows with labels and every feature in FEATURE_NAMES."""
+def build_examples(ds: Dataset, encoder: Encoder, history_items: int, seed: int = 0) -> pl.DataFrame:
+    """Impression-list rows with labels and every feature in FEATURE_NAMES.
+
+    Rows of a list are shuffled (seeded): the shown order is the logging policy's, and
+    clicks follow position, so a model whose scores tie must not inherit that order
+    (in LightGBM's evaluation or ours, ties keep the row order).
+    """
     rows = impression_lists(ds.events)
     feats = point_in_time_features(ds.events.lazy(), rows.lazy()).collect()
     interest = interest_scores(encoder, ds.items, rows, ds.events, history_items)
-    return feats.with_columns(pl.Series("interest_score", interest))
+    shuffle = np.random.default_rng(seed).random(feats.height)
+    return (
+        feats.with_columns(pl.Series("interest_score", interest), pl.Series("_shuffle", shuffle))
+        .sort(["ts", "request_id", "_shuffle"])
+        .drop("_shuffle")
+    )
 
 
 def time_split(examples: pl.DataFrame, test_days: float, valid_days: float) -> dict[str, pl.DataFrame]:
@@ -146,7 +156,7 @@ def time_split(examples: pl.DataFrame, test_days: float, valid_days: float) -> d
 
 
 def _group_sizes(df: pl.DataFrame) -> np.ndarray:
-    # rows are sorted by (ts, request_id, position): consecutive runs of request_id are groups
+    # rows are sorted by (ts, request_id, ...): consecutive runs of request_id are groups
     return df.group_by("request_id", maintain_order=True).len()["len"].to_numpy()
 
 
@@ -227,7 +237,7 @@ def train_ranker(ds: Dataset, out_dir: str | Path, cfg: RankerTrainConfig, encod
     """Train, evaluate and write a bundle; returns the manifest extras (metrics included)."""
     t0 = time.monotonic()
     feature_names = list(FEATURE_NAMES)
-    examples = build_examples(ds, encoder, cfg.history_items)
+    examples = build_examples(ds, encoder, cfg.history_items, cfg.seed)
     parts = time_split(examples, cfg.test_days, cfg.valid_days)
     log.info("examples: %s", {k: v.height for k, v in parts.items()})
     booster, params, evals = train_lambdarank(parts["train"], parts["valid"], cfg, feature_names)

@@ -1,0 +1,37 @@
+"""Shared, expensive fixtures: built once per session (a small synthetic shop and a bundle trained on it)."""
+
+from __future__ import annotations
+
+import pytest
+
+from training.synth import SynthConfig
+
+SMALL_SHOP = SynthConfig(n_users=300, n_items=160, n_days=14)
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    from ranker.encoder import TextEncoder
+
+    return TextEncoder(max_length=128)
+
+
+@pytest.fixture(scope="session")
+def small_shop(tmp_path_factory):
+    from training.synth import synthesize
+
+    out = tmp_path_factory.mktemp("small_shop")
+    synthesize(out, seed=7, config=SMALL_SHOP)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_bundle(tmp_path_factory, small_shop, encoder):
+    from featurizer.schema import read_dataset
+    from training.ranker_training import RankerTrainConfig, train_ranker
+
+    out = tmp_path_factory.mktemp("small_bundle")
+    extra = train_ranker(
+        read_dataset(small_shop), out, RankerTrainConfig(test_days=3, valid_days=3, seed=0), encoder, data_source=str(small_shop)
+    )
+    return out, extra

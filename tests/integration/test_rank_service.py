@@ -1,0 +1,166 @@
+"""RankingService end to end: a real Triton process, the asyncio gRPC server on a free port, a real channel."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import threading
+from datetime import datetime, timezone
+
+import grpc
+import numpy as np
+import polars as pl
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
+
+from featurizer.features import BEHAVIOURAL_FEATURES, point_in_time_features, user_histories
+from featurizer.schema import read_dataset
+from featurizer.text import history_text, item_text_expr
+from ranker.bundle import load_bundle
+from semrank.ranking.v1 import ranking_service_pb2 as pb
+from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
+from serving.server import SERVICE_NAME, RankingServer, ServeConfig
+from serving.validation import Limits
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+MAX_CANDIDATES = 50
+
+
+class ServerThread:
+    """Runs RankingServer on its own event loop in a thread, so tests can use a plain blocking channel."""
+
+    def __init__(self, cfg: ServeConfig):
+        self.server = RankingServer(cfg)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        self.port = asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(timeout=600)
+        return self
+
+    def __exit__(self, *exc):
+        asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(timeout=120)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def service(small_shop, small_bundle):
+    bundle_dir, _ = small_bundle
+    cfg = ServeConfig(bundle_dir=bundle_dir, data_dir=small_shop, port=0, limits=Limits(max_candidates=MAX_CANDIDATES))
+    with ServerThread(cfg) as st:
+        with grpc.insecure_channel(f"127.0.0.1:{st.port}") as channel:
+            yield st, channel
+    left = subprocess.run(["pgrep", "-af", "bin/tritonserver"], capture_output=True, text=True).stdout
+    assert not [line for line in left.splitlines() if "<defunct>" not in line], f"tritonserver left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def shop(small_shop):
+    return read_dataset(small_shop)
+
+
+def active_user(shop) -> str:
+    eng = shop.events.filter(pl.col("event") != "impression").group_by("user_id").len().sort(["len", "user_id"], descending=True)
+    return eng["user_id"][0]
+
+
+def rank(channel, **kw) -> pb.RankResponse:
+    return pb_grpc.RankingServiceStub(channel).Rank(pb.RankRequest(**kw), timeout=60)
+
+
+def bad_request_fields(err: grpc.RpcError) -> list[str]:
+    status = rpc_status.from_call(err)
+    br = error_details_pb2.BadRequest()
+    assert status is not None and status.details[0].Unpack(br)
+    return [v.field for v in br.field_violations]
+
+
+def test_health_and_reflection(service):
+    _, channel = service
+    health = health_pb2_grpc.HealthStub(channel)
+    for name in ("", SERVICE_NAME):
+        assert health.Check(health_pb2.HealthCheckRequest(service=name)).status == health_pb2.HealthCheckResponse.SERVING
+    refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+    resp = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in resp.list_services_response.service}
+    assert {SERVICE_NAME, "grpc.health.v1.Health"} <= names
+
+
+def test_rank_returns_every_candidate_best_first(service, shop, small_bundle):
+    _, channel = service
+    ids = shop.items["item_id"].head(30).to_list()
+    resp = rank(channel, request_id="r-1", user_id=active_user(shop), candidates=[pb.RankCandidate(item_id=i) for i in ids])
+    assert resp.request_id == "r-1"
+    assert resp.model_version == load_bundle(small_bundle[0]).version
+    assert sorted(it.item_id for it in resp.items) == sorted(ids)
+    assert [it.rank for it in resp.items] == list(range(1, 31))
+    scores = [it.score for it in resp.items]
+    assert scores == sorted(scores, reverse=True)
+    assert not resp.missing_ids
+
+
+def test_scores_equal_offline_computation(service, shop, small_bundle, encoder):
+    """The service's scores equal the bundle applied to the offline features at the same instant."""
+    st, channel = service
+    user = active_user(shop)
+    ids = shop.items["item_id"].tail(25).to_list()
+    resp = rank(channel, user_id=user, candidates=[pb.RankCandidate(item_id=i) for i in ids])
+    got = {it.item_id: it.score for it in resp.items}
+
+    bundle = load_bundle(small_bundle[0])
+    as_of = st.server.engine.snapshot.as_of
+    q = pl.DataFrame({"user_id": [user] * len(ids), "item_id": ids, "ts": [as_of] * len(ids)}).with_columns(
+        pl.col("ts").cast(pl.Datetime("us", "UTC"))
+    )
+    feats = point_in_time_features(shop.events.lazy(), q.lazy()).collect()
+    hist = user_histories(shop.events.lazy(), q.head(1).lazy(), bundle.encoder.history_items).collect()["history"][0]
+    titles = dict(zip(shop.items["item_id"], shop.items["title"]))
+    user_emb = encoder.encode([history_text([titles[i] for i in hist])])[0]
+    texts = shop.items.select("item_id", item_text_expr()).filter(pl.col("item_id").is_in(ids))
+    item_emb = dict(zip(texts["item_id"], encoder.encode(texts["item_text"].to_list())))
+    X = feats.select(BEHAVIOURAL_FEATURES).with_columns(
+        interest_score=pl.Series([float(item_emb[i] @ user_emb) for i in ids])
+    ).select(bundle.feature_names).to_numpy().astype(np.float32)
+    want = bundle.score(X)
+    np.testing.assert_allclose([got[i] for i in ids], want, rtol=1e-4, atol=1e-4)
+
+
+def test_top_k_cold_start_and_inline_items(service, shop):
+    _, channel = service
+    ids = shop.items["item_id"].head(10).to_list()
+    cands = [pb.RankCandidate(item_id=i) for i in ids] + [
+        pb.RankCandidate(item_id="new-sku", title="Wireless Noise-Cancelling Headphones", category="Audio", price=99.0),
+        pb.RankCandidate(item_id="ghost-sku"),
+    ]
+    resp = rank(channel, user_id="never-seen-user", candidates=cands, top_k=5)
+    assert len(resp.items) == 5 and [it.rank for it in resp.items] == [1, 2, 3, 4, 5]
+    full = rank(channel, user_id=active_user(shop), candidates=cands)
+    assert {it.item_id for it in full.items} == set(ids) | {"new-sku", "ghost-sku"}
+    assert list(full.missing_ids) == ["ghost-sku"]
+
+
+@pytest.mark.parametrize(
+    "kw, fields",
+    [
+        (dict(user_id="", candidates=[pb.RankCandidate(item_id="i1")]), ["user_id"]),
+        (dict(user_id="u1", candidates=[]), ["candidates"]),
+        (dict(user_id="u1", candidates=[pb.RankCandidate(item_id="a"), pb.RankCandidate(item_id="")]), ["candidates[1].item_id"]),
+        (dict(user_id="u1", candidates=[pb.RankCandidate(item_id=f"i{k}") for k in range(MAX_CANDIDATES + 1)]), ["candidates"]),
+        (dict(user_id="u1", candidates=[pb.RankCandidate(item_id="a")], top_k=-3), ["top_k"]),
+    ],
+)
+def test_malformed_requests_get_invalid_argument_and_server_keeps_serving(service, shop, kw, fields):
+    _, channel = service
+    with pytest.raises(grpc.RpcError) as e:
+        rank(channel, **kw)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(e.value) == fields
+    assert fields[0].split("[")[0] in e.value.details()
+    ok = rank(channel, user_id="u1", candidates=[pb.RankCandidate(item_id=shop.items["item_id"][0])])
+    assert len(ok.items) == 1
