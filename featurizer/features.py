@@ -36,8 +36,12 @@ ITEM_FEATURES = (
 )
 USER_ITEM_FEATURES = ("user_item_impressions_all", "user_item_engagements_all")
 TEXT_FEATURES = ("interest_score",)
+# Context known only for logged lists. `position` debiases training on clicks (which
+# follow position); at inference every candidate gets the same constant.
+CONTEXT_FEATURES = ("position",)
+INFERENCE_CONSTANTS: dict[str, float] = {"position": 0.0}
 # The ranker's input, in order. The bundle manifest records the list it was trained on.
-FEATURE_NAMES = TEXT_FEATURES + ITEM_FEATURES + USER_ITEM_FEATURES
+FEATURE_NAMES = TEXT_FEATURES + ITEM_FEATURES + USER_ITEM_FEATURES + CONTEXT_FEATURES
 BEHAVIOURAL_FEATURES = ITEM_FEATURES + USER_ITEM_FEATURES
 
 ENGAGEMENTS = ("click", "add_to_cart", "purchase")

@@ -59,12 +59,14 @@ async def _rank_some_users(data_dir: Path, bundle_dir: Path, seed: int) -> None:
                         )
                     )
                 history = server.engine.snapshot.histories.get(u, [])
-                resp = await stub.Rank(pb.RankRequest(request_id=f"demo-{u}", user_id=u, candidates=cands, top_k=8))
-                print(f"\n-- user {u}  (bundle {resp.model_version})")
+                resp = await stub.Rank(pb.RankRequest(request_id=f"demo-{u}", user_id=u, candidates=cands))
+                print(f"\n-- user {u}: top 8 of {len(cands)} candidates  (bundle {resp.model_version})")
                 print("   recent history: " + ("; ".join(titles.get(i, i) for i in history[:3]) or "none (cold start)"))
+                for it in resp.items[:8]:
+                    print(f"   {it.rank:2d}. {it.score:+.3f}  [{cats.get(it.item_id)}] {titles[it.item_id]}")
                 for it in resp.items:
-                    name = titles.get(it.item_id) or next(c.title for c in cands if c.item_id == it.item_id)
-                    print(f"   {it.rank:2d}. {it.score:+.3f}  [{cats.get(it.item_id) or 'inline'}] {name}")
+                    if it.item_id not in titles:
+                        print(f"   the unseen inline item '{it.item_id}' was scored from its text: rank {it.rank}, score {it.score:+.3f}")
             try:
                 await stub.Rank(pb.RankRequest(user_id="", candidates=[]))
             except grpc.aio.AioRpcError as e:

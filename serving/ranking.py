@@ -76,7 +76,8 @@ class RankingEngine:
 
     def __post_init__(self) -> None:
         names = self.bundle.feature_names
-        known = {"interest_score", *BEHAVIOURAL_FEATURES}
+        constants = self.bundle.manifest.get("inference_constants", {})
+        known = {"interest_score", *BEHAVIOURAL_FEATURES, *constants}
         unknown = [n for n in names if n not in known]
         if unknown:
             raise ValueError(f"bundle {self.bundle.version} needs features this server cannot compute: {unknown}")
@@ -84,6 +85,9 @@ class RankingEngine:
         # Column k of the behavioural block goes to column _beh_dst[k] of the model matrix.
         self._beh_src = [BEHAVIOURAL_FEATURES.index(n) for n in names if n in BEHAVIOURAL_FEATURES]
         self._beh_dst = [names.index(n) for n in names if n in BEHAVIOURAL_FEATURES]
+        # Training-only context (e.g. position): every candidate gets the bundle's constant.
+        self._const_cols = [names.index(n) for n in constants if n in names]
+        self._const_vals = np.array([constants[n] for n in constants if n in names], dtype=np.float32)
 
     async def user_embedding(self, user_id: str) -> np.ndarray | None:
         """Embedding of the user's recent-history text; None for a user with no history."""
@@ -126,6 +130,7 @@ class RankingEngine:
         ids = [c.item_id for c in candidates]
         X = np.full((len(ids), len(self.bundle.feature_names)), np.nan, dtype=np.float32)
         X[:, self._beh_dst] = self.snapshot.gather(user_id, ids)[:, self._beh_src]
+        X[:, self._const_cols] = self._const_vals
         user = await self.user_embedding(user_id) if self._interest_col is not None else None
         missing: list[str] = []
         if self._interest_col is not None:

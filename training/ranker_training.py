@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 import polars as pl
 
-from featurizer.features import FEATURE_NAMES, point_in_time_features, user_histories
+from featurizer.features import FEATURE_NAMES, INFERENCE_CONSTANTS, point_in_time_features, user_histories
 from featurizer.schema import EVENT_STRENGTH, Dataset
 from featurizer.text import history_text, item_text_expr
 from ranker.bundle import EncoderRef, save_bundle
@@ -130,7 +130,9 @@ def build_examples(ds: Dataset, encoder: Encoder, history_items: int, seed: int 
     interest = interest_scores(encoder, ds.items, rows, ds.events, history_items)
     shuffle = np.random.default_rng(seed).random(feats.height)
     return (
-        feats.with_columns(pl.Series("interest_score", interest), pl.Series("_shuffle", shuffle))
+        feats.with_columns(
+            pl.Series("interest_score", interest), pl.Series("_shuffle", shuffle), pl.col("position").cast(pl.Float32)
+        )
         .sort(["ts", "request_id", "_shuffle"])
         .drop("_shuffle")
     )
@@ -215,7 +217,8 @@ def evaluate_models(test: pl.DataFrame, booster, feature_names: list[str]) -> di
     test = _with_positives(test)
     labels = test["label"].to_numpy().astype(np.float64)
     sizes = _group_sizes(test)
-    X = test.select(feature_names).to_numpy().astype(np.float32)
+    X = test.with_columns(pl.lit(v, dtype=pl.Float32).alias(k) for k, v in INFERENCE_CONSTANTS.items()).select(feature_names)
+    X = X.to_numpy().astype(np.float32)
     candidates = {
         "logged-order": -test["position"].to_numpy().astype(np.float64),
         "popularity": test["item_clicks_7d"].to_numpy().astype(np.float64),
@@ -256,6 +259,7 @@ def train_ranker(ds: Dataset, out_dir: str | Path, cfg: RankerTrainConfig, encod
         "train_config": asdict(cfg),
         "metrics": {"test": results, "valid_ndcg@10_curve": evals.get("valid", {}).get("ndcg@10", [])},
         "feature_importance_gain": dict(zip(feature_names, map(float, gain))),
+        "inference_constants": {k: v for k, v in INFERENCE_CONSTANTS.items() if k in feature_names},
         "train_seconds": round(time.monotonic() - t0, 1),
     }
     if booster.best_iteration:

@@ -125,7 +125,8 @@ def test_scores_equal_offline_computation(service, shop, small_bundle, encoder):
     texts = shop.items.select("item_id", item_text_expr()).filter(pl.col("item_id").is_in(ids))
     item_emb = dict(zip(texts["item_id"], encoder.encode(texts["item_text"].to_list())))
     X = feats.select(BEHAVIOURAL_FEATURES).with_columns(
-        interest_score=pl.Series([float(item_emb[i] @ user_emb) for i in ids])
+        interest_score=pl.Series([float(item_emb[i] @ user_emb) for i in ids]),
+        **{k: pl.lit(v) for k, v in bundle.manifest["inference_constants"].items()},
     ).select(bundle.feature_names).to_numpy().astype(np.float32)
     want = bundle.score(X)
     np.testing.assert_allclose([got[i] for i in ids], want, rtol=1e-4, atol=1e-4)
