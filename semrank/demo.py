@@ -100,6 +100,10 @@ def run_demo(workdir: Path, seed: int = 0, users: int = 1500, items: int = 800, 
     left = _tritonservers_left()
     print("\n== 4/4 held-out evaluation (the last {:g} days, lists with at least one click):\n".format(cfg.test_days))
     print(table)
+    print(
+        "\n(logged-order is the order the shop showed. Clicks follow position, so on logged clicks it is "
+        "flattered by position bias;\n the other rows rank the same lists, shuffled, from features alone.)"
+    )
     pop = extra["metrics"]["test"]["popularity"]["ndcg@10"]
     lgbm = extra["metrics"]["test"]["lightgbm-bundle"]["ndcg@10"]
     print(f"\nLightGBM bundle nDCG@10 {lgbm:.4f} vs popularity {pop:.4f} ({(lgbm / pop - 1) * 100:+.1f}%)")
