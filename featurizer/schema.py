@@ -4,8 +4,9 @@ items:  item_id (str), title (str); optional description, category, brand (str),
         price (float), created_at (UTC timestamp).
 events: ts (UTC timestamp), user_id (str), item_id (str),
         event in {impression, click, add_to_cart, purchase};
-        optional request_id (str) and position (int). Impressions sharing a
-        request_id are one ranked list that was shown.
+        optional request_id (str) and position (int): impressions sharing a
+        request_id are one ranked list that was shown; optional seq_pos (int):
+        the order of a user's events where timestamps tie (imported datasets).
 
 Validation fails early with a `DataContractError` naming the file, the column
 and the first bad row (0-based, in file order).
@@ -177,7 +178,12 @@ def validate_events(df: pl.DataFrame, path: str | Path = "<events>") -> pl.DataF
     df = _parse_number(df, path, "position", pl.Int32) if "position" in df.columns else df.with_columns(
         pl.lit(None, dtype=pl.Int32).alias("position")
     )
-    return df.select("ts", "user_id", "item_id", "event", "request_id", "position").sort("ts", maintain_order=True)
+    df = _parse_number(df, path, "seq_pos", pl.Int64) if "seq_pos" in df.columns else df.with_columns(
+        pl.lit(None, dtype=pl.Int64).alias("seq_pos")
+    )
+    return df.select("ts", "user_id", "item_id", "event", "request_id", "position", "seq_pos").sort(
+        "ts", maintain_order=True
+    )
 
 
 def read_items(path: str | Path) -> pl.DataFrame:

@@ -135,6 +135,18 @@ def cmd_demo(args) -> int:
 # ---------------------------------------------------------------- parser
 
 
+def _plugins():
+    """Subcommands defined beside their code: each module has `register(sub, train_sub)`."""
+    import importlib
+
+    for name in PLUGIN_MODULES:
+        yield importlib.import_module(name).register
+
+
+# Modules that add subcommands (imported only to build the parser; heavy imports stay inside handlers).
+PLUGIN_MODULES: list[str] = []
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="semrank", description="Text-semantic ranking service for e-commerce.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -158,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_data_validate)
 
     train = sub.add_parser("train", help="train models").add_subparsers(dest="train_cmd", required=True)
+
     s = train.add_parser("ranker", help="train the LightGBM lambdarank bundle on impression lists")
     s.add_argument("--data", required=True, type=Path)
     s.add_argument("--out", required=True, type=Path, help="bundle directory to write")
@@ -174,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-candidates", type=int, default=2000)
     s.add_argument("--max-text-chars", type=int, default=4096)
     s.set_defaults(func=cmd_serve)
+
+    for register in _plugins():
+        register(sub, train)
 
     s = sub.add_parser("demo", help="synth -> train -> serve -> rank through gRPC -> held-out table")
     s.add_argument("--workdir", type=Path, default=Path("demo-out"))

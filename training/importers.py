@@ -131,6 +131,9 @@ def _movielens_latest_small(src: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
     return items, events
 
 
+CONTRACT_EVENT_COLUMNS = ("ts", "user_id", "item_id", "event", "request_id", "position", "seq_pos")
+
+
 def _purchases(lf: pl.LazyFrame) -> pl.LazyFrame:
     """Interactions -> purchase events in an unambiguous order: (ts, user_id, seq_pos)."""
     return lf.with_columns(
@@ -147,7 +150,7 @@ def _unescape(col: str) -> pl.Expr:
 def _validate_keep_extras(events: pl.DataFrame, path: Path) -> pl.DataFrame:
     """`validate_events` drops extra columns; it sorts by ts stably, and `events` is sorted by ts already,
     so the extras are re-attached by row position (checked)."""
-    extras = [c for c in events.columns if c not in ("ts", "user_id", "item_id", "event", "request_id", "position")]
+    extras = [c for c in events.columns if c not in CONTRACT_EVENT_COLUMNS]
     valid = validate_events(events, path)
     if not (valid["user_id"] == events["user_id"]).all() or not (valid["ts"] == events["ts"]).all():
         raise RuntimeError(f"{path}: validate_events reordered rows; cannot re-attach {extras}")
@@ -171,7 +174,6 @@ def _summary(name: str, items: pl.DataFrame, events: pl.DataFrame, ties: str) ->
         "items_with_events": stats["items_with_events"],
         "events_unknown_item": report.events_unknown_item,
         "time_range": [stats["first"].isoformat(), stats["last"].isoformat()],
-        "extra_event_columns": [c for c in events.columns if c not in ("ts", "user_id", "item_id", "event",
-                                                                      "request_id", "position")],
+        "extra_event_columns": [c for c in events.columns if c not in CONTRACT_EVENT_COLUMNS],
         "tie_order": ties,
     }

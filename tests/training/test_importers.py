@@ -56,7 +56,7 @@ def test_counts_match_the_readme(imported):
 def test_events_are_sorted_and_per_user_order_follows_seq_pos(imported):
     _, out, _ = imported
     events = pl.read_parquet(out / "events.parquet")
-    assert events["seq_pos"].dtype == pl.Int32
+    assert events["seq_pos"].dtype == pl.Int64
     assert events["ts"].is_sorted()
     per_user = events.group_by("user_id", maintain_order=True).agg("seq_pos", "ts")
     assert (per_user["seq_pos"].list.first() == 0).all()
