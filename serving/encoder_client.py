@@ -54,15 +54,29 @@ class EncoderClient:
             f"and that model {self.model_name!r} is loaded."
         )
 
-    async def encode(self, texts: list[str]) -> np.ndarray:
-        """float32 (len(texts), dim) embeddings; an empty list gives (0, dim) without a call."""
+    async def encode_bulk(self, texts: list[str], timeout_s: float = 300.0, max_in_flight: int = 2) -> np.ndarray:
+        """For start-up and batch jobs: few chunks in flight, each with a long deadline, so a
+        large list neither floods Triton's queue nor times out behind its own chunks."""
+        return await self.encode(texts, timeout_s=timeout_s, max_in_flight=max_in_flight)
+
+    async def encode(self, texts: list[str], timeout_s: float | None = None, max_in_flight: int | None = None) -> np.ndarray:
+        """float32 (len(texts), dim) embeddings; an empty list gives (0, dim) without a call.
+
+        `timeout_s` (default: the client's) is the deadline of each chunk; `max_in_flight`
+        bounds how many chunks are sent at once (default: all)."""
         bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
         if bad:
             raise TypeError(f"encode() takes a list of str; items {bad[:5]} are {type(texts[bad[0]]).__name__}")
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         chunks = [texts[i : i + self.max_batch_size] for i in range(0, len(texts), self.max_batch_size)]
-        tasks = [asyncio.ensure_future(self._infer(chunk)) for chunk in chunks]
+        gate = asyncio.Semaphore(max_in_flight or len(chunks))
+
+        async def one(chunk: list[str]) -> np.ndarray:
+            async with gate:
+                return await self._infer(chunk, timeout_s or self.timeout_s)
+
+        tasks = [asyncio.ensure_future(one(chunk)) for chunk in chunks]
         try:
             parts = await asyncio.gather(*tasks)
         except BaseException:
@@ -74,7 +88,7 @@ class EncoderClient:
         self.dim = int(out.shape[1])
         return out
 
-    async def _infer(self, texts: list[str]) -> np.ndarray:
+    async def _infer(self, texts: list[str], timeout_s: float) -> np.ndarray:
         import tritonclient.grpc.aio as grpcclient_aio
 
         data = np.array([t.encode("utf-8") for t in texts], dtype=np.object_).reshape(-1, 1)
@@ -85,7 +99,7 @@ class EncoderClient:
                 self.model_name,
                 [inp],
                 outputs=[grpcclient_aio.InferRequestedOutput("embedding")],
-                client_timeout=self.timeout_s,
+                client_timeout=timeout_s,
             )
         except asyncio.CancelledError:
             raise

@@ -75,7 +75,7 @@ class RankingServer:
             )
             self.triton.start()
             self.encoder = EncoderClient(self.triton.grpc_url)
-            catalog = await Catalog.build(ds.items, self.encoder.encode)
+            catalog = await Catalog.build(ds.items, self.encoder.encode_bulk)
             snapshot = OnlineSnapshot.build(
                 ds.events, catalog.item_ids, datetime.now(timezone.utc), bundle.encoder.history_items
             )

@@ -127,6 +127,16 @@ def test_small_client_chunks_keep_order(triton, local_encoder):
     assert_same_embeddings(got, local_encoder.encode(TEXTS))
 
 
+def test_bulk_encode_bounds_chunks_in_flight_and_keeps_order(triton, local_encoder):
+    texts = [f"{t} #{k}" for k in range(9) for t in TEXTS]
+
+    async def go():
+        async with EncoderClient(triton.grpc_url, max_batch_size=8) as client:
+            return await client.encode_bulk(texts, timeout_s=120, max_in_flight=1)
+
+    assert_same_embeddings(run(go()), local_encoder.encode(texts))
+
+
 def test_empty_list_needs_no_call():
     # An unreachable URL proves no request is made.
     got = run(_encode(f"127.0.0.1:{free_port()}", [], timeout_s=1.0))
