@@ -57,10 +57,12 @@ def cmd_train_ranker(args) -> int:
     from ranker.encoder import TextEncoder
     from training.ranker_training import RankerTrainConfig, format_table, train_ranker
 
-    cfg = RankerTrainConfig(seed=args.seed, test_days=args.test_days, valid_days=args.valid_days)
+    encoder_dir = args.encoder or ("encoder" if (args.out / "encoder" / "config.json").is_file() else "base")
+    cfg = RankerTrainConfig(seed=args.seed, test_days=args.test_days, valid_days=args.valid_days, encoder_dir=encoder_dir)
     ds = read_dataset(args.data)
-    log.info("data: %s", ds.report)
-    encoder = ProgressEncoder(TextEncoder(max_length=cfg.max_length))
+    log.info("data: %s; encoder: %s", ds.report, encoder_dir)
+    model_dir = "base" if encoder_dir == "base" else args.out / encoder_dir
+    encoder = ProgressEncoder(TextEncoder(model_dir, max_length=cfg.max_length))
     extra = train_ranker(ds, args.out, cfg, encoder, data_source=str(args.data))
     print(f"\nbundle written to {args.out}\nheld-out lists (last {cfg.test_days:g} days):\n")
     print(format_table(extra["metrics"]["test"]))
@@ -144,7 +146,7 @@ def _plugins():
 
 
 # Modules that add subcommands (imported only to build the parser; heavy imports stay inside handlers).
-PLUGIN_MODULES: list[str] = []
+PLUGIN_MODULES: list[str] = ["semrank.cli_eval", "semrank.cli_export"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--test-days", type=float, default=4.0, help="last days held out for the test table")
     s.add_argument("--valid-days", type=float, default=3.0, help="days before the test days, for early stopping")
+    s.add_argument(
+        "--encoder",
+        default=None,
+        help="encoder directory relative to --out (default: 'encoder' if `semrank train encoder` wrote one there, else the pretrained 'base')",
+    )
     s.set_defaults(func=cmd_train_ranker)
 
     s = sub.add_parser("serve", help="serve RankingService over gRPC with a Triton encoder")

@@ -47,6 +47,9 @@ class RankerTrainConfig:
     num_leaves: int = 31
     min_data_in_leaf: int = 50
     num_threads: int = 2
+    # "base" (pretrained MiniLM) or a directory relative to the bundle, e.g. "encoder" as
+    # written there by `semrank train encoder`.
+    encoder_dir: str = "base"
 
 
 class NoImpressionListsError(ValueError):
@@ -264,7 +267,8 @@ def train_ranker(ds: Dataset, out_dir: str | Path, cfg: RankerTrainConfig, encod
     }
     if booster.best_iteration:
         booster = _truncate(booster)
-    save_bundle(out_dir, booster, feature_names, EncoderRef(max_length=cfg.max_length, history_items=cfg.history_items), extra)
+    encoder_ref = EncoderRef(model_dir=cfg.encoder_dir, max_length=cfg.max_length, history_items=cfg.history_items)
+    save_bundle(out_dir, booster, feature_names, encoder_ref, extra)
     return extra
 
 
