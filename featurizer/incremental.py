@@ -1,0 +1,383 @@
+"""Incremental state behind the online features: what is kept per entity, how an event updates it,
+and how it is read at an instant t (vectorised over candidates).
+
+Every state knows its latest instant `last` and the additive part contributed by events at exactly
+`last` (`delta`, `d_*`): a read at t == last subtracts it, so a query sees events strictly before t,
+as offline does. Window counts live in rings of tiles (`Window`): the tile of `last` and the
+ring_size - 1 tiles before it, which is all any t >= last can ask for.
+
+Kept per entity (see `FeatureParams` for N and the co-occurrence window):
+- item ("item", packed `ITEM_DTYPE`): last, first instant, totals and delta per event type, distinct
+  engaged users and their delta, rings of 5-minute / hour / day tiles.
+- user ("user", JSON): the same counters with a day ring; the last two distinct engagement instants;
+  engagements per category and brand; sum and count of log prices of engaged items; for each of the
+  most recent items its last two distinct engagement instants (N + |items engaged at the latest
+  instant| of them, enough for any t >= last); first touches (below) within the co-occurrence
+  window of the latest one, to pair new first touches with.
+- user x item ("ui", packed `UI_DTYPE`): totals and delta; last two distinct impression and
+  engagement instants.
+- co-occurrence ("cooc", JSON, per item i): c(i, j) for every j, and the delta at the latest pair instant.
+
+A first touch is a user's first engagement with an item; co-occurrence counts users, not events:
+c(i, j) = users whose first touches of i and j are at most the co-occurrence window apart (known at
+the later one), n_i = users who engaged with i; c <= min(n_i, n_j), so c / sqrt(n_i n_j) is a cosine.
+
+Exactness: for events applied in nondecreasing time order (any chunking), a read at any
+t >= the latest applied event equals the offline features. Late events (older than ones already
+applied) are counted in totals and in tiles still kept; what was pruned (old tiles, items beyond
+the recent list, first touches beyond the pairing window) cannot be revisited, so features that
+depend on those may differ from an offline recomputation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from featurizer.definitions import (
+    ENGAGEMENT_CODES,
+    EVENT_PLURALS,
+    ITEM_WINDOWS,
+    TILE_NAMES,
+    USER_WINDOWS,
+    WINDOWS,
+    ring_sizes,
+)
+
+NO_TS = int(np.iinfo(np.int64).min)  # "no such instant" for latest-instant fields
+NO_FIRST = int(np.iinfo(np.int64).max)  # ... for the earliest-instant field
+N_EVENTS = len(EVENT_PLURALS)
+ITEM_RINGS = ring_sizes(ITEM_WINDOWS)
+USER_RINGS = ring_sizes(USER_WINDOWS)
+
+ITEM_DTYPE = np.dtype(
+    [("last", "<i8"), ("first", "<i8"), ("tot", "<i8", (N_EVENTS,)), ("delta", "<i8", (N_EVENTS,)), ("users", "<i8"), ("d_users", "<i8")]
+    + [(f"ring_{TILE_NAMES[tile]}", "<i4", (size, N_EVENTS)) for tile, size in ITEM_RINGS.items()]
+)
+UI_DTYPE = np.dtype(
+    [("last", "<i8"), ("tot", "<i8", (N_EVENTS,)), ("delta", "<i8", (N_EVENTS,)), ("imp", "<i8", (2,)), ("eng", "<i8", (2,))]
+)
+
+
+def push_instant(pair: list[int], ts: int) -> None:
+    """Keep the two latest distinct instants, [latest, previous]."""
+    if ts > pair[0]:
+        pair[1], pair[0] = pair[0], ts
+    elif pair[1] < ts < pair[0]:
+        pair[1] = ts
+
+
+def instant_before(last, prev, t):
+    """The latest of the two instants that is strictly before t (NO_TS if none); ints or arrays."""
+    return np.where(last < t, last, prev) if isinstance(last, np.ndarray) else (last if last < t else prev)
+
+
+class Counts:
+    """Totals, the delta at the latest instant, and rings of tiles per event type."""
+
+    __slots__ = ("last", "tot", "delta", "rings")
+
+    def __init__(self, rings: dict[int, int]):
+        self.last = NO_TS
+        self.tot = [0] * N_EVENTS
+        self.delta = [0] * N_EVENTS
+        self.rings = {tile: [0] * (size * N_EVENTS) for tile, size in rings.items()}
+
+    def add(self, ts: int, code: int) -> bool:
+        """Count one event; True when it is at the (possibly new) latest instant."""
+        for tile, ring in self.rings.items():
+            _ring_add(ring, len(ring) // N_EVENTS, tile, self.last, ts, code)
+        if ts > self.last:
+            self.last, self.delta = ts, [0] * N_EVENTS
+        self.tot[code] += 1
+        if ts == self.last:
+            self.delta[code] += 1
+            return True
+        return False
+
+
+def _ring_add(ring: list[int], size: int, tile: int, last: int, ts: int, code: int) -> None:
+    s = ts // tile
+    if last != NO_TS:
+        head = last // tile
+        if s > head:  # advance: clear the tiles that the ring now reuses
+            for idx in range(head + 1, min(s, head + size) + 1):
+                base = (idx % size) * N_EVENTS
+                ring[base : base + N_EVENTS] = [0] * N_EVENTS
+        elif s <= head - size:
+            return  # older than any window of a t >= last
+    ring[(s % size) * N_EVENTS + code] += 1
+
+
+def window_counts(ring: np.ndarray, last: np.ndarray, t: int, tile: int, window: str) -> np.ndarray:
+    """(n, N_EVENTS) counts in [window start, t) from rings (n, size, N_EVENTS), before the delta at t."""
+    size = ring.shape[1]
+    head = (last // tile)[:, None]
+    idx = head - ((head - np.arange(size)[None, :]) % size)  # the tile each slot holds
+    mask = idx >= WINDOWS[window].start_us(t) // tile
+    return np.einsum("nsk,ns->nk", ring, mask.astype(ring.dtype)).astype(np.int64)
+
+
+# ---------------------------------------------------------------- item
+
+
+class ItemState(Counts):
+    """Counts, the first instant, and the number of distinct engaged users (first touches)."""
+
+    __slots__ = ("first", "users", "d_users")
+
+    def __init__(self) -> None:
+        super().__init__(ITEM_RINGS)
+        self.first = NO_FIRST
+        self.users = self.d_users = 0
+
+    def add(self, ts: int, code: int, first_touch: bool = False) -> bool:
+        self.first = min(self.first, ts)
+        if ts > self.last:
+            self.d_users = 0
+        at_last = super().add(ts, code)
+        if first_touch:
+            self.users += 1
+            self.d_users += at_last
+        return at_last
+
+    def to_bytes(self) -> bytes:
+        rec = np.zeros((), dtype=ITEM_DTYPE)
+        rec["last"], rec["first"], rec["tot"], rec["delta"] = self.last, self.first, self.tot, self.delta
+        rec["users"], rec["d_users"] = self.users, self.d_users
+        for tile, ring in self.rings.items():
+            rec[f"ring_{TILE_NAMES[tile]}"] = np.asarray(ring).reshape(-1, N_EVENTS)
+        return rec.tobytes()
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> ItemState:
+        rec = np.frombuffer(blob, dtype=ITEM_DTYPE)[0]
+        s = cls()
+        s.last, s.first, s.tot, s.delta = int(rec["last"]), int(rec["first"]), rec["tot"].tolist(), rec["delta"].tolist()
+        s.users, s.d_users = int(rec["users"]), int(rec["d_users"])
+        s.rings = {tile: rec[f"ring_{TILE_NAMES[tile]}"].ravel().tolist() for tile in ITEM_RINGS}
+        return s
+
+
+EMPTY_ITEM = ItemState().to_bytes()
+
+
+def item_base(blobs: list[bytes | None], t: int) -> dict[str, np.ndarray]:
+    """item_n_{event}_{window|all}, item_n_users_all and item_first_age_us for packed item states
+    (None: never seen)."""
+    rec = np.frombuffer(b"".join(EMPTY_ITEM if b is None else b for b in blobs), dtype=ITEM_DTYPE)
+    at_t = rec["delta"] * (rec["last"] == t)[:, None]
+    out = {"item_n_users_all": rec["users"] - rec["d_users"] * (rec["last"] == t)}
+    cols = {"all": rec["tot"] - at_t}
+    for w in ITEM_WINDOWS:
+        tile = WINDOWS[w].tile_us
+        cols[w] = window_counts(rec[f"ring_{TILE_NAMES[tile]}"], rec["last"], t, tile, w) - at_t
+    for w, counts in cols.items():
+        for k, p in enumerate(EVENT_PLURALS):
+            out[f"item_n_{p}_{w}"] = counts[:, k]
+    first = rec["first"]
+    seen = first < t
+    out["item_first_age_us"] = np.where(seen, (t - np.where(seen, first, t)).astype(np.float64), np.nan)
+    return out
+
+
+# ---------------------------------------------------------------- user x item
+
+
+class UserItemState(Counts):
+    __slots__ = ("imp", "eng")
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.imp, self.eng = [NO_TS, NO_TS], [NO_TS, NO_TS]
+
+    def add(self, ts: int, code: int) -> bool:
+        push_instant(self.imp if code == 0 else self.eng, ts)
+        return super().add(ts, code)
+
+    def to_bytes(self) -> bytes:
+        return np.array([self.last, *self.tot, *self.delta, *self.imp, *self.eng], dtype="<i8").tobytes()
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> UserItemState:
+        v = np.frombuffer(blob, dtype="<i8").tolist()
+        s = cls()
+        n = N_EVENTS
+        s.last, s.tot, s.delta, s.imp, s.eng = v[0], v[1 : 1 + n], v[1 + n : 1 + 2 * n], v[1 + 2 * n : 3 + 2 * n], v[3 + 2 * n :]
+        return s
+
+
+EMPTY_UI = UserItemState().to_bytes()
+assert len(EMPTY_UI) == UI_DTYPE.itemsize
+
+
+def user_item_key(user_id: str, item_id: str) -> str:
+    """Unambiguous for any ids: the user id's length first."""
+    return f"{len(user_id)}:{user_id}:{item_id}"
+
+
+def user_item_base(blobs: list[bytes | None], t: int) -> dict[str, np.ndarray]:
+    rec = np.frombuffer(b"".join(EMPTY_UI if b is None else b for b in blobs), dtype=UI_DTYPE)
+    counts = rec["tot"] - rec["delta"] * (rec["last"] == t)[:, None]
+    out = {f"ui_n_{p}_all": counts[:, k] for k, p in enumerate(EVENT_PLURALS)}
+    for name, col in (("ui_imp_age_us", "imp"), ("ui_eng_age_us", "eng")):
+        before = instant_before(rec[col][:, 0], rec[col][:, 1], t)
+        none = before == NO_TS
+        out[name] = np.where(none, np.nan, (t - np.where(none, t, before)).astype(np.float64))
+    return out
+
+
+# ---------------------------------------------------------------- user
+
+
+class UserState:
+    """JSON-able per-user state."""
+
+    __slots__ = ("counts", "eng", "cat", "d_cat", "brand", "d_brand", "lp", "d_lp", "recent", "buf")
+
+    def __init__(self) -> None:
+        self.counts = Counts(USER_RINGS)
+        self.eng = [NO_TS, NO_TS]
+        self.cat: dict[str, int] = {}
+        self.d_cat: dict[str, int] = {}
+        self.brand: dict[str, int] = {}
+        self.d_brand: dict[str, int] = {}
+        self.lp = [0.0, 0]  # sum of log prices, count
+        self.d_lp = [0.0, 0]
+        self.recent: dict[str, list[int]] = {}  # item -> [last, previous] engagement instants
+        self.buf: list[list] = []  # [instant, item] of first touches within the pairing window of the latest
+
+    def add(self, ts: int, code: int, item: str, category: str | None, brand: str | None, log_price: float | None,
+            first_touch: bool, history_items: int, cooc_window_us: int) -> list[tuple[str, str, int]]:
+        """Count one event; returns the co-occurrence pairs (item, other, instant) a first touch creates."""
+        if ts > self.counts.last:
+            self.d_cat, self.d_brand, self.d_lp = {}, {}, [0.0, 0]
+        at_last = self.counts.add(ts, code)
+        if code not in ENGAGEMENT_CODES:
+            return []
+        push_instant(self.eng, ts)
+        for key, total, delta in ((category, self.cat, self.d_cat), (brand, self.brand, self.d_brand)):
+            if key is not None:
+                total[key] = total.get(key, 0) + 1
+                if at_last:
+                    delta[key] = delta.get(key, 0) + 1
+        if log_price is not None:
+            self.lp[0] += log_price
+            self.lp[1] += 1
+            if at_last:
+                self.d_lp[0] += log_price
+                self.d_lp[1] += 1
+        push_instant(self.recent.setdefault(item, [NO_TS, NO_TS]), ts)
+        self._prune_recent(history_items)
+        if not first_touch:
+            return []
+        pairs = [(item, other, max(ts, t2)) for t2, other in self.buf if abs(ts - t2) <= cooc_window_us]
+        self.buf.append([ts, item])
+        latest = max(e[0] for e in self.buf)
+        self.buf = [e for e in self.buf if e[0] >= latest - cooc_window_us]
+        return pairs
+
+    def _prune_recent(self, n: int) -> None:
+        """Keep the n + |items engaged at the latest instant| most recent items: a read at the latest
+        instant drops or demotes only those, and every kept item still outranks every pruned one."""
+        latest = self.eng[0]
+        keep = n + sum(1 for pair in self.recent.values() if pair[0] == latest)
+        if len(self.recent) > keep:
+            ranked = sorted(self.recent.items(), key=lambda kv: (-kv[1][0], kv[0]))
+            self.recent = dict(ranked[:keep])
+
+    # -- reads at t (t >= last)
+
+    def history(self, t: int, n: int) -> list[str]:
+        """The last n distinct engaged items before t, most recent first, ties by item id."""
+        ranked = sorted((-instant_before(p[0], p[1], t), item) for item, p in self.recent.items())
+        return [item for neg, item in ranked if -neg != NO_TS][:n]
+
+    def base(self, t: int) -> dict[str, float]:
+        c = self.counts
+        at_t = c.last == t
+        delta = c.delta if at_t else [0] * N_EVENTS
+        out: dict[str, float] = {}
+        for k, p in enumerate(EVENT_PLURALS):
+            out[f"user_n_{p}_all"] = c.tot[k] - delta[k]
+        last = np.array([c.last], dtype=np.int64)
+        for w in USER_WINDOWS:
+            tile = WINDOWS[w].tile_us
+            ring = np.asarray(c.rings[tile], dtype=np.int64).reshape(1, -1, N_EVENTS)
+            counts = window_counts(ring, last, t, tile, w)[0]
+            for k, p in enumerate(EVENT_PLURALS):
+                out[f"user_n_{p}_{w}"] = int(counts[k]) - delta[k]
+        before = instant_before(self.eng[0], self.eng[1], t)
+        out["user_eng_age_us"] = np.nan if before == NO_TS else float(t - before)
+        d_lp = self.d_lp if at_t else [0.0, 0]
+        out["user_logprice_sum"] = self.lp[0] - d_lp[0]
+        out["user_logprice_n"] = self.lp[1] - d_lp[1]
+        return out
+
+    def groups(self, kind: str) -> list[str]:
+        """The categories (kind "category") or brands the user engaged with."""
+        return list(self.cat if kind == "category" else self.brand)
+
+    def group_count(self, t: int, kind: str, key: str | None) -> float:
+        """Engagements before t on items of category / brand `key` (NaN for no key)."""
+        if key is None:
+            return np.nan
+        total, delta = (self.cat, self.d_cat) if kind == "category" else (self.brand, self.d_brand)
+        return total.get(key, 0) - (delta.get(key, 0) if self.counts.last == t else 0)
+
+    def to_dict(self) -> dict:
+        c = self.counts
+        return {"last": c.last, "tot": c.tot, "delta": c.delta, "rings": {str(k): v for k, v in c.rings.items()},
+                **{name: getattr(self, name) for name in self.__slots__ if name != "counts"}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> UserState:
+        s = cls()
+        s.counts.last, s.counts.tot, s.counts.delta = d["last"], d["tot"], d["delta"]
+        s.counts.rings = {int(k): v for k, v in d["rings"].items()}
+        for name in cls.__slots__:
+            if name != "counts":
+                setattr(s, name, d[name])
+        return s
+
+
+# ---------------------------------------------------------------- co-occurrence
+
+
+class CoocState:
+    """c(i, j) for one item i, with the delta at the latest pair instant."""
+
+    __slots__ = ("n", "last", "d")
+
+    def __init__(self) -> None:
+        self.n: dict[str, int] = {}
+        self.last = NO_TS
+        self.d: dict[str, int] = {}
+
+    def add(self, other: str, at: int) -> None:
+        if at > self.last:
+            self.last, self.d = at, {}
+        self.n[other] = self.n.get(other, 0) + 1
+        if at == self.last:
+            self.d[other] = self.d.get(other, 0) + 1
+
+    def counts(self, index: dict[str, int], t: int) -> np.ndarray:
+        """c(i, j) before t for each j of `index` (item -> position), walking the smaller side."""
+        out = np.zeros(len(index), dtype=np.int64)
+        for counts, sign in ((self.n, 1), (self.d if self.last == t else {}, -1)):
+            if len(counts) < len(index):
+                for j, c in counts.items():
+                    k = index.get(j)
+                    if k is not None:
+                        out[k] += sign * c
+            elif counts:
+                out += sign * np.fromiter((counts.get(j, 0) for j in index), dtype=np.int64, count=len(index))
+        return out
+
+    def to_dict(self) -> dict:
+        return {"n": self.n, "last": self.last, "d": self.d}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CoocState:
+        s = cls()
+        s.n, s.last, s.d = d["n"], d["last"], d["d"]
+        return s

@@ -1,0 +1,199 @@
+"""Online features: incremental state in an `OnlineStore`, read at request time.
+
+    online = OnlineFeatures(store, items)          # items: the catalog (price, category, brand)
+    online.apply(events)                           # any time; events of any chunk size
+    x = online.features(user_id, item_ids, t)      # (len(item_ids), len(FEATURES)), FEATURES order
+
+`features` reads the store once per entity kind (user, items, user x item pairs, co-occurrence of the
+user's recent items), builds the base aggregates as numpy arrays and runs the same `derive` as
+`offline_features`; for events applied in time order it returns the offline values at any
+t >= the latest applied event (see `featurizer.incremental` for what late events do).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timezone
+
+import numpy as np
+import polars as pl
+
+from featurizer.definitions import EVENT_CODE, NAMES, NUMPY, FeatureParams, cooc_cosine, derive
+from featurizer.incremental import (
+    NO_TS,
+    CoocState,
+    ItemState,
+    UserItemState,
+    UserState,
+    item_base,
+    user_item_base,
+    user_item_key,
+)
+from featurizer.offline import catalog
+from featurizer.online_store import OnlineStore
+
+META_KEY = "state"
+
+
+def _codes(values: list[str | None], names: dict[str, int]) -> np.ndarray:
+    """Code of each value; None -> len(names); one extra entry for items not in the catalog."""
+    none = len(names)
+    return np.array([none if v is None else names[v] for v in values] + [none], dtype=np.int64)
+
+
+class StaleQueryError(ValueError):
+    """features() was asked about an instant before events already applied."""
+
+
+def to_us(t: datetime) -> int:
+    """µs since the epoch; a naive datetime is taken as UTC."""
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=timezone.utc)
+    delta = t - datetime(1970, 1, 1, tzinfo=timezone.utc)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+class OnlineFeatures:
+    def __init__(self, store: OnlineStore, items: pl.DataFrame, params: FeatureParams = FeatureParams()):
+        self.store, self.params = store, params
+        cat = catalog(items.lazy()).collect()
+        ids = cat["item_id"].to_list()
+        self._category = dict(zip(ids, cat["category"].to_list()))
+        self._brand = dict(zip(ids, cat["brand"].to_list()))
+        self._log_price = dict(zip(ids, cat["log_price"].to_list()))
+        # Row k of the catalog; row len(ids) stands for any item not in it.
+        self._row = {i: k for k, i in enumerate(ids)}
+        self._price = np.append(cat["price"].fill_null(np.nan).to_numpy(), np.nan)
+        # category (brand) -> code, and the code of each catalog row (+ one row for unknown items)
+        self._cat_names = {g: k for k, g in enumerate(cat["category"].drop_nulls().unique(maintain_order=True))}
+        self._brand_names = {g: k for k, g in enumerate(cat["brand"].drop_nulls().unique(maintain_order=True))}
+        self._cat_code = _codes(cat["category"].to_list(), self._cat_names)
+        self._brand_code = _codes(cat["brand"].to_list(), self._brand_names)
+        meta = store.read("meta", [META_KEY])[0]
+        if meta is not None and meta.get("fingerprint") != params.fingerprint():
+            raise ValueError(
+                "the online store holds state built with other feature definitions "
+                f"({meta.get('fingerprint')} != {params.fingerprint()}); use a new namespace/path or rebuild it"
+            )
+        self._watermark = NO_TS if meta is None else int(meta["watermark"])
+
+    @property
+    def watermark(self) -> datetime | None:
+        """The latest applied event's instant (None before any)."""
+        if self._watermark == NO_TS:
+            return None
+        return datetime(1970, 1, 1, tzinfo=timezone.utc) + np.timedelta64(self._watermark, "us").item()
+
+    # ------------------------------------------------------------ writes
+
+    def apply(self, events: pl.DataFrame) -> None:
+        """Fold events (the contract's ts, user_id, item_id, event) into the state.
+
+        Sorted by ts here (stably). Events older than ones applied earlier are still counted;
+        exact parity with offline holds when calls come in time order (see featurizer.incremental).
+        """
+        if events.is_empty():
+            return
+        ev = events.select(
+            pl.col("ts").dt.epoch("us").alias("t"), pl.col("user_id").cast(pl.Utf8), pl.col("item_id").cast(pl.Utf8),
+            pl.col("event").cast(pl.Utf8).replace_strict(EVENT_CODE, return_dtype=pl.Int8).alias("code"),
+        ).sort("t", maintain_order=True)
+        ts, users, items, codes = (ev[c].to_list() for c in ("t", "user_id", "item_id", "code"))
+        item_ids = list(dict.fromkeys(items))
+        user_ids = list(dict.fromkeys(users))
+        ui_keys = list(dict.fromkeys(user_item_key(u, i) for u, i in zip(users, items)))
+        item_st = {k: ItemState() if v is None else ItemState.from_bytes(v) for k, v in zip(item_ids, self.store.read("item", item_ids))}
+        user_st = {k: UserState() if v is None else UserState.from_dict(v) for k, v in zip(user_ids, self.store.read("user", user_ids))}
+        ui_st = {k: UserItemState() if v is None else UserItemState.from_bytes(v) for k, v in zip(ui_keys, self.store.read("ui", ui_keys))}
+
+        n_hist, window = self.params.history_items, self.params.cooc_window_us
+        cat, brand, lp = self._category, self._brand, self._log_price
+        pairs: list[tuple[str, str, int]] = []
+        for t, u, i, code in zip(ts, users, items, codes):
+            ui = ui_st[user_item_key(u, i)]
+            first_touch = code > 0 and ui.eng[0] == NO_TS
+            ui.add(t, code)
+            item_st[i].add(t, code, first_touch)
+            new = user_st[u].add(t, code, i, cat.get(i), brand.get(i), lp.get(i), first_touch, n_hist, window)
+            if new:
+                pairs.extend(new)
+
+        cooc_ids = list(dict.fromkeys(x for a, b, _ in pairs for x in (a, b)))
+        cooc_st = {k: CoocState() if v is None else CoocState.from_dict(v) for k, v in zip(cooc_ids, self.store.read("cooc", cooc_ids))}
+        for a, b, at in pairs:
+            cooc_st[a].add(b, at)
+            cooc_st[b].add(a, at)
+
+        self.store.write("item", {k: s.to_bytes() for k, s in item_st.items()})
+        self.store.write("ui", {k: s.to_bytes() for k, s in ui_st.items()})
+        self.store.write("user", {k: s.to_dict() for k, s in user_st.items()})
+        if cooc_st:
+            self.store.write("cooc", {k: s.to_dict() for k, s in cooc_st.items()})
+        self._watermark = max(self._watermark, max(ts))
+        self.store.write("meta", {META_KEY: {"watermark": self._watermark, "fingerprint": self.params.fingerprint()}})
+
+    # ------------------------------------------------------------ reads
+
+    def features(self, user_id: str, item_ids: Sequence[str], t: datetime, interest_score: np.ndarray | None = None) -> np.ndarray:
+        """(len(item_ids), len(FEATURES)) float64 in FEATURES order, from events strictly before t.
+
+        `interest_score` (one per candidate) fills the text column; NaN without it.
+        Raises StaleQueryError when t is before the latest applied event.
+        """
+        t_us = to_us(t)
+        if t_us < self._watermark:
+            raise StaleQueryError(
+                f"t={t.isoformat()} is before the latest applied event ({self.watermark.isoformat()}); "
+                "online features are defined for t >= it (pass max(now, watermark))"
+            )
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self._features(user_id, list(item_ids), t_us, interest_score)
+
+    def _features(self, user_id: str, item_ids: list[str], t_us: int, interest_score: np.ndarray | None) -> np.ndarray:
+        n = len(item_ids)
+        raw = self.store.read("user", [user_id])[0]
+        user = UserState() if raw is None else UserState.from_dict(raw)
+        hist = user.history(t_us, self.params.history_items)
+
+        items = item_base(self.store.read("item", item_ids + hist), t_us)
+        ui = user_item_base(self.store.read("ui", [user_item_key(user_id, i) for i in item_ids]), t_us)
+
+        users = items["item_n_users_all"]
+        cos_max, cos_sum = np.zeros(n), np.zeros(n)
+        if hist:
+            index = {i: k for k, i in enumerate(dict.fromkeys(item_ids))}
+            where = np.fromiter((index[i] for i in item_ids), dtype=np.int64, count=n)
+            for k, raw_h in enumerate(self.store.read("cooc", hist)):
+                if raw_h is None:
+                    continue
+                c = CoocState.from_dict(raw_h).counts(index, t_us)[where]
+                cos = cooc_cosine(c, users[:n], users[n + k], NUMPY)
+                cos_max = np.maximum(cos_max, cos)
+                cos_sum = cos_sum + cos
+
+        full = lambda v: np.full(n, v, dtype=np.float64 if isinstance(v, float) else np.int64)  # noqa: E731
+        b = {name: col[:n] for name, col in items.items()}
+        b.update(ui)
+        b.update({name: full(v) for name, v in user.base(t_us).items()})
+        unknown = len(self._price) - 1
+        rows = np.fromiter((self._row.get(i, unknown) for i in item_ids), dtype=np.int64, count=n)
+        for name, kind, names, codes in (("user_cat_n", "category", self._cat_names, self._cat_code),
+                                         ("user_brand_n", "brand", self._brand_names, self._brand_code)):
+            per_code = np.zeros(len(names) + 1)  # the user's engagements per category (brand); last: none
+            per_code[-1] = np.nan
+            for g in user.groups(kind):
+                if g in names:
+                    per_code[names[g]] = user.group_count(t_us, kind, g)
+            b[name] = per_code[codes[rows]]
+        b["item_price"] = self._price[rows]
+        b["cooc_max"], b["cooc_sum"] = cos_max, cos_sum
+        b["t_us"] = full(t_us)
+        if interest_score is None:
+            b["interest_score"] = full(np.nan)
+        else:
+            b["interest_score"] = np.asarray(interest_score, dtype=np.float64).reshape(n)
+        cols = derive(b, NUMPY)
+        out = np.empty((n, len(NAMES)), dtype=np.float64)
+        for k, name in enumerate(NAMES):
+            out[:, k] = cols[name]
+        return out
