@@ -1,0 +1,499 @@
+"""Export the bundle's text encoder as a Triton model repository (onnxruntime backend).
+
+    REPO/
+      README.md                 how a client tokenizes and calls the model
+      <name>/config.pbtxt       GPU instance, dynamic batching
+      <name>/1/model.onnx       input_ids, attention_mask (INT64 [B, S]) -> embedding (FP32 [B, dim])
+      <name>/tokenizer/         the encoder's tokenizer files, byte for byte
+      <name>/semrank_export.json  bundle version, encoder source, opset, fp16, max_length, checks
+      <name>_cpu/config.pbtxt   the same model on KIND_CPU (Triton wants the file in each model dir)
+      <name>_cpu/1/model.onnx   hard link to the GPU file, or an fp32 export when the GPU one is fp16
+
+Mean pooling over the attention mask and the L2 normalisation are part of the graph, so the
+output equals `TextEncoder.encode` given the same tokens. Tokenization stays with the client
+(the stock onnxruntime backend cannot run a Python tokenizer).
+
+The graph comes from the dynamo exporter (`torch.onnx.export(dynamo=True)` with dynamic batch
+and sequence dimensions); if that fails, from the TorchScript exporter (`dynamo=False`). Every
+export is checked with onnx.checker and run through onnxruntime on CPU against the torch model
+before the repository is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+VERSION_DIR = "1"
+CONFIG_FILE = "config.pbtxt"
+META_FILE = "semrank_export.json"
+TOKENIZER_DIR = "tokenizer"
+INPUT_NAMES = ("input_ids", "attention_mask")
+OUTPUT_NAME = "embedding"
+# Copied when present; tokenizer.json (fast tokenizers, any language) or vocab.txt must exist.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+)
+# Texts for the onnxruntime-vs-torch check: one word, punctuation, long (truncated) text.
+CHECK_TEXTS = (
+    "a",
+    "red running shoes for men",
+    "Stainless steel water bottle, 1 L - keeps drinks cold for 24 h!",
+    "children's winter jacket with hood, waterproof and warm, sizes 4 to 12 years " * 12,
+)
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+Exporter = Literal["auto", "dynamo", "torchscript"]
+
+
+class ExportError(RuntimeError):
+    """The encoder could not be exported, or the exported graph does not match torch."""
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """How to export; everything the repository's config.pbtxt says comes from here."""
+
+    name: str = "encoder_onnx"
+    max_batch_size: int = 64
+    fp16: bool = False
+    opset: int = 18
+    max_length: int = 128  # the tokenizer truncation the client must use (EncoderRef.max_length)
+    exporter: Exporter = "auto"
+    preferred_batch_sizes: tuple[int, ...] = ()  # () -> (max_batch_size // 2, max_batch_size)
+    max_queue_delay_us: int = 1000
+    gpu_instances: int = 1
+    cpu_instances: int = 1
+    cpu_variant: bool = True
+    verify: bool = True
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if not _NAME_RE.match(self.name):
+            raise ValueError(f"name={self.name!r} must be a plain directory name (letters, digits, _ . -)")
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size={self.max_batch_size} must be >= 1")
+        if self.opset < 17:
+            raise ValueError(f"opset={self.opset} is too old; use 17 or newer")
+        if not 1 <= self.max_length <= 512:
+            raise ValueError(f"max_length={self.max_length} must be in 1..512 (BERT position embeddings)")
+        if self.exporter not in ("auto", "dynamo", "torchscript"):
+            raise ValueError(f"exporter={self.exporter!r}; use 'auto', 'dynamo' or 'torchscript'")
+        bad = [b for b in self.preferred_batch_sizes if not 1 <= b <= self.max_batch_size]
+        if bad:
+            raise ValueError(f"preferred_batch_sizes {bad} must lie in 1..max_batch_size={self.max_batch_size}")
+        if self.max_queue_delay_us < 0:
+            raise ValueError(f"max_queue_delay_us={self.max_queue_delay_us} must be >= 0")
+        if self.gpu_instances < 1 or self.cpu_instances < 1:
+            raise ValueError("gpu_instances and cpu_instances must be >= 1")
+
+    @property
+    def cpu_name(self) -> str:
+        return f"{self.name}_cpu"
+
+    def preferred(self) -> list[int]:
+        sizes = self.preferred_batch_sizes or (max(1, self.max_batch_size // 2), self.max_batch_size)
+        return sorted(set(sizes))
+
+
+@dataclass
+class ExportResult:
+    repo: Path
+    model_dirs: list[Path]
+    exporter: str
+    opset: int
+    dim: int
+    checks: dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- graph
+
+
+def _pooled_module(model_dir: Path, fp16: bool):
+    """BertModel + mask-mean-pool + L2 normalise, taking (input_ids, attention_mask) only."""
+    import torch
+    from transformers import AutoModel
+
+    from ranker.encoder import mean_pool
+
+    base = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
+    if fp16:
+        base = base.half()
+
+    class PooledEncoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = base
+
+        def forward(self, input_ids, attention_mask):
+            # Single-segment input: token_type_ids are zeros, as the tokenizer returns them.
+            hidden = self.encoder(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=torch.zeros_like(input_ids)
+            ).last_hidden_state
+            # Pool in fp32 even for an fp16 graph: the output stays FP32 and the sum is exact enough.
+            return mean_pool(hidden.float(), attention_mask)
+
+    return PooledEncoder().eval(), int(base.config.hidden_size)
+
+
+def _example_inputs(tokenizer):
+    # Batch 2 and a sequence longer than 2: torch.export specialises dimensions of size 0/1.
+    batch = tokenizer(["red shoes", "a stainless steel water bottle"], padding=True, return_tensors="pt")
+    return batch["input_ids"], batch["attention_mask"]
+
+
+def _export_dynamo(module, args, opset: int):
+    import torch
+
+    batch = torch.export.Dim("batch", min=1)
+    seq = torch.export.Dim("sequence", min=1, max=512)
+    shapes = {name: {0: batch, 1: seq} for name in INPUT_NAMES}
+    # No output_names: given "embedding", the dynamo exporter keeps that name on the embedding
+    # lookup's output as well and writes an invalid graph (pytorch/pytorch#158094). Renamed below.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*shares the same shape constraints.*")
+        program = torch.onnx.export(
+            module, args, None, input_names=list(INPUT_NAMES), dynamic_shapes=shapes,
+            opset_version=opset, dynamo=True, verbose=False,
+        )  # fmt: skip
+    model = program.model_proto
+    _rename_output(model, OUTPUT_NAME)
+    return model
+
+
+def _export_torchscript(module, args, opset: int, dim: int):
+    import io
+
+    import onnx
+    import torch
+
+    buf = io.BytesIO()
+    axes = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES}
+    axes[OUTPUT_NAME] = {0: "batch"}
+    torch.onnx.export(
+        module, args, buf, input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
+        dynamic_axes=axes, opset_version=opset, dynamo=False,
+    )  # fmt: skip
+    model = onnx.load_from_string(buf.getvalue())
+    out_dims = model.graph.output[0].type.tensor_type.shape.dim
+    out_dims[1].Clear()
+    out_dims[1].dim_value = dim  # the tracer leaves it symbolic
+    return model
+
+
+def _rename_output(model, new: str) -> None:
+    """Name the single graph output `new`, first renaming any other value that already has it.
+
+    Top-level graph only: the encoder graph has no subgraphs (If/Loop bodies).
+    """
+    graph = model.graph
+    old = graph.output[0].name
+    if old == new:
+        return
+    taken = {v for n in graph.node for v in (*n.input, *n.output)} | {i.name for i in graph.initializer}
+    if new in taken:
+        spare = f"{new}__internal"
+        while spare in taken:
+            spare += "_"
+        _rename_value(graph, new, spare)
+    _rename_value(graph, old, new)
+
+
+def _rename_value(graph, old: str, new: str) -> None:
+    for node in graph.node:
+        node.input[:] = [new if v == old else v for v in node.input]
+        node.output[:] = [new if v == old else v for v in node.output]
+    for seq in (graph.input, graph.output, graph.value_info, graph.initializer):
+        for item in seq:
+            if item.name == old:
+                item.name = new
+
+
+def export_onnx(model_dir: str | Path, out_file: Path, fp16: bool, opset: int, exporter: Exporter = "auto") -> tuple[str, int]:
+    """Write the pooled encoder graph to out_file; returns (exporter used, embedding dim)."""
+    import onnx
+    import torch
+    from transformers import AutoTokenizer
+
+    from ranker.encoder import resolve_model_dir
+
+    model_dir = resolve_model_dir(model_dir)
+    module, dim = _pooled_module(model_dir, fp16)
+    args = _example_inputs(AutoTokenizer.from_pretrained(model_dir, local_files_only=True))
+    errors = []
+    model = None
+    with torch.inference_mode(False), torch.no_grad():
+        for kind in ("dynamo", "torchscript") if exporter == "auto" else (exporter,):
+            try:
+                model = _export_dynamo(module, args, opset) if kind == "dynamo" else _export_torchscript(module, args, opset, dim)
+                break
+            except Exception as e:  # the exporters raise many types; we report and fall back
+                log.warning("%s ONNX export failed: %s: %s", kind, type(e).__name__, e)
+                errors.append(f"{kind}: {type(e).__name__}: {e}")
+    if model is None:
+        hint = "report the torch/transformers versions" if exporter == "auto" else "try --exporter auto"
+        raise ExportError(f"could not export {model_dir} to ONNX ({'; '.join(errors)}); {hint}")
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, out_file, save_as_external_data=False)  # < 2 GB: one self-contained file
+    try:
+        onnx.checker.check_model(str(out_file), full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"the {kind} exporter wrote an invalid ONNX graph ({e}); try the other --exporter") from e
+    log.info("exported %s (%s exporter, opset %d, fp16=%s) to %s", model_dir, kind, opset, fp16, out_file)
+    return kind, dim
+
+
+def onnx_embed(session, tokenizer, texts: list[str], max_length: int) -> np.ndarray:
+    """Embeddings from an onnxruntime session of the exported graph (the client's side of the contract)."""
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="np")
+    feeds = {name: batch[name].astype(np.int64) for name in INPUT_NAMES}
+    return session.run([OUTPUT_NAME], feeds)[0]
+
+
+def check_against_torch(onnx_file: Path, model_dir: str | Path, max_length: int, texts=CHECK_TEXTS, encoder=None) -> float:
+    """Minimum cosine between onnxruntime (CPU) and TextEncoder.encode over `texts`."""
+    import onnxruntime as ort
+
+    from ranker.encoder import TextEncoder
+
+    enc = encoder if encoder is not None else TextEncoder(model_dir, max_length=max_length)
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    got = onnx_embed(session, enc.tokenizer, list(texts), max_length)
+    want = enc.encode(list(texts))
+    cos = np.sum(got * want, axis=1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    return float(cos.min())
+
+
+# --------------------------------------------------------------------------- repository
+
+
+def model_config(cfg: ExportConfig, name: str, kind: str, dim: int):
+    """Triton ModelConfig protobuf for the exported graph on KIND_GPU or KIND_CPU."""
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    conf = mc.ModelConfig(name=name, platform="onnxruntime_onnx", max_batch_size=cfg.max_batch_size)
+    for inp in INPUT_NAMES:
+        conf.input.add(name=inp, data_type=mc.TYPE_INT64, dims=[-1])
+    conf.output.add(name=OUTPUT_NAME, data_type=mc.TYPE_FP32, dims=[dim])
+    conf.dynamic_batching.preferred_batch_size.extend(cfg.preferred())
+    conf.dynamic_batching.max_queue_delay_microseconds = cfg.max_queue_delay_us
+    if kind == "gpu":
+        conf.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=cfg.gpu_instances)
+    else:
+        conf.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=cfg.cpu_instances)
+    return conf
+
+
+def _write_config(model_root: Path, conf) -> None:
+    from google.protobuf import text_format
+
+    (model_root / CONFIG_FILE).write_text(text_format.MessageToString(conf))
+
+
+def _copy_tokenizer(model_dir: Path, dest: Path) -> list[str]:
+    names = [n for n in TOKENIZER_FILES if (model_dir / n).is_file()]
+    if not {"tokenizer.json", "vocab.txt"} & set(names):
+        raise ExportError(f"{model_dir} has no tokenizer.json or vocab.txt; the client could not tokenize")
+    dest.mkdir(parents=True)
+    for n in names:
+        shutil.copy2(model_dir / n, dest / n)
+    return names
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(src, dst)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def export_triton_repo(
+    model_dir: str | Path, repo: str | Path, cfg: ExportConfig, source: dict[str, Any] | None = None
+) -> ExportResult:
+    """Export encoder `model_dir` ("base" or a transformers directory) into Triton repository `repo`.
+
+    `source` (bundle version, encoder reference) is recorded in semrank_export.json as given;
+    keep machine paths out of it.
+    """
+    from ranker.encoder import resolve_model_dir
+
+    repo = Path(repo)
+    resolved = resolve_model_dir(model_dir)
+    targets = [repo / cfg.name] + ([repo / cfg.cpu_name] if cfg.cpu_variant else [])
+    existing = [t for t in targets if t.exists()]
+    if existing and not cfg.overwrite:
+        raise ExportError(f"{', '.join(map(str, existing))} already exist; remove them or pass --overwrite")
+    repo.mkdir(parents=True, exist_ok=True)
+
+    # Build beside the repository and move into place: a failed export leaves no half model, and a
+    # Triton polling the repository never sees the staging directory.
+    with tempfile.TemporaryDirectory(prefix=f".{repo.name}-export-", dir=repo.resolve().parent) as tmp:
+        stage = Path(tmp)
+        gpu_root = stage / cfg.name
+        gpu_file = gpu_root / VERSION_DIR / MODEL_FILE
+        kind, dim = export_onnx(resolved, gpu_file, cfg.fp16, cfg.opset, cfg.exporter)
+        checks: dict[str, float] = {}
+        if cfg.verify:
+            checks["min_cosine_vs_torch"] = check_against_torch(gpu_file, resolved, cfg.max_length)
+            floor = 0.999 if cfg.fp16 else 0.9999
+            if checks["min_cosine_vs_torch"] < floor:
+                raise ExportError(
+                    f"exported graph disagrees with torch: min cosine {checks['min_cosine_vs_torch']:.6f} < {floor}; "
+                    f"try --exporter torchscript or report the torch/transformers versions"
+                )
+        _write_config(gpu_root, model_config(cfg, cfg.name, "gpu", dim))
+        tok_files = _copy_tokenizer(resolved, gpu_root / TOKENIZER_DIR)
+
+        cpu_fp16 = None
+        if cfg.cpu_variant:
+            cpu_root = stage / cfg.cpu_name
+            cpu_file = cpu_root / VERSION_DIR / MODEL_FILE
+            if cfg.fp16:
+                # onnxruntime's CPU provider has few fp16 kernels (it casts around them): export fp32.
+                export_onnx(resolved, cpu_file, False, cfg.opset, kind)
+                cpu_fp16 = False
+            else:
+                _link_or_copy(gpu_file, cpu_file)
+                cpu_fp16 = False
+            _write_config(cpu_root, model_config(cfg, cfg.cpu_name, "cpu", dim))
+
+        meta = {
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **(source or {"encoder": {"model_dir": _describe(model_dir)}}),
+            "model_name": cfg.name,
+            "cpu_model_name": cfg.cpu_name if cfg.cpu_variant else None,
+            "exporter": kind,
+            "opset": cfg.opset,
+            "fp16": cfg.fp16,
+            "cpu_variant_fp16": cpu_fp16,
+            "max_length": cfg.max_length,
+            "embedding_dim": dim,
+            "inputs": {n: "INT64 [batch, sequence]" for n in INPUT_NAMES},
+            "output": {OUTPUT_NAME: f"FP32 [batch, {dim}], unit norm"},
+            "pooling": "attention-mask mean, then L2 normalise (inside the graph)",
+            "tokenizer_files": tok_files,
+            "model_sha256": _sha256(gpu_file),
+            "checks": checks,
+            "config": {k: v for k, v in asdict(cfg).items() if k not in ("overwrite", "verify")},
+            "versions": _versions(),
+        }
+        (gpu_root / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+        for t in targets:
+            if t.exists():
+                shutil.rmtree(t)
+            os.replace(stage / t.name, t)
+    (repo / "README.md").write_text(render_readme(cfg, dim, meta))
+    log.info("Triton repository written to %s (models %s)", repo, [t.name for t in targets])
+    return ExportResult(repo=repo, model_dirs=targets, exporter=kind, opset=cfg.opset, dim=dim, checks=checks)
+
+
+def export_bundle(bundle_dir: str | Path, repo: str | Path, cfg: ExportConfig) -> ExportResult:
+    """Export the encoder a bundle references ("base" or a path relative to the bundle)."""
+    from ranker.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    ref = bundle.encoder
+    if cfg.max_length != ref.max_length:
+        log.info("using the bundle's max_length=%d (not %d)", ref.max_length, cfg.max_length)
+        cfg = ExportConfig(**{**asdict(cfg), "max_length": ref.max_length})
+    source = {"bundle_version": bundle.version, "encoder": {"model_dir": ref.model_dir, "base_model": ref.base_model}}
+    return export_triton_repo(ref.resolve(bundle.path), repo, cfg, source=source)
+
+
+def _describe(model_dir: str | Path) -> str:
+    """"base", or only the directory's name: no machine paths in the repository."""
+    return "base" if str(model_dir) == "base" else Path(model_dir).name
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "transformers", "onnx", "onnxruntime"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def render_readme(cfg: ExportConfig, dim: int, meta: dict[str, Any]) -> str:
+    cpu = (
+        f"- `{cfg.cpu_name}/`: the same graph (fp32) on `KIND_CPU`, for hosts without a GPU. Load one of the two.\n"
+        if cfg.cpu_variant
+        else ""
+    )
+    return f"""# semrank text encoder for Triton (onnxruntime backend)
+
+Exported by `semrank export triton` ({meta['exporter']} exporter, opset {cfg.opset}, fp16={cfg.fp16});
+details in `{cfg.name}/{META_FILE}`.
+
+- `{cfg.name}/`: `{MODEL_FILE}` on `KIND_GPU`, dynamic batching (preferred {cfg.preferred()},
+  max queue delay {cfg.max_queue_delay_us} us, max_batch_size {cfg.max_batch_size}).
+{cpu}- `{cfg.name}/{TOKENIZER_DIR}/`: the tokenizer (Triton logs "ignore version directory 'tokenizer'" and
+  skips it: only numeric directories are model versions).
+
+Serve: `tritonserver --model-repository=<this dir> --model-control-mode=explicit --load-model={cfg.name}`.
+
+## Calling it
+
+The graph takes token ids, not strings. Tokenize exactly as the ranker did in training:
+lower-casing WordPiece from `{cfg.name}/{TOKENIZER_DIR}/`, `[CLS] ... [SEP]`, truncation at
+**max_length={cfg.max_length}** tokens, padding with 0 and `attention_mask` 0 on padding.
+
+| tensor | type | shape |
+|---|---|---|
+| `input_ids` | INT64 | [batch, sequence], batch <= {cfg.max_batch_size} |
+| `attention_mask` | INT64 | [batch, sequence] |
+| `{OUTPUT_NAME}` | FP32 | [batch, {dim}], unit L2 norm (mean pooling is in the graph) |
+
+```python
+import numpy as np, tritonclient.grpc as grpcclient
+from transformers import AutoTokenizer
+
+tok = AutoTokenizer.from_pretrained("{cfg.name}/{TOKENIZER_DIR}")
+batch = tok(texts, padding="max_length", truncation=True, max_length={cfg.max_length}, return_tensors="np")
+inputs = []
+for name in ("input_ids", "attention_mask"):
+    arr = batch[name].astype(np.int64)
+    inputs.append(grpcclient.InferInput(name, list(arr.shape), "INT64"))
+    inputs[-1].set_data_from_numpy(arr)
+emb = grpcclient.InferenceServerClient("localhost:8001").infer("{cfg.name}", inputs).as_numpy("{OUTPUT_NAME}")
+```
+
+Triton's dynamic batcher only merges requests whose shapes match. Padding every request to
+`max_length` lets it merge all of them (the GPU cost of padding MiniLM to {cfg.max_length} tokens
+is small); padding to the longest text of a request (`padding=True`) computes less but batches
+only requests of equal length. Embeddings are the same either way.
+"""
