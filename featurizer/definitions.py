@@ -304,3 +304,8 @@ def derive(b: Mapping[str, Any], ops) -> dict[str, Any]:
     out["day_of_week_utc"] = f((t // US_PER_DAY + 3) % 7)  # 1970-01-01 was a Thursday
     assert set(out) == set(NAMES), "derive() and FEATURES disagree"
     return {name: out[name] for name in NAMES}
+
+# Context known only for logged lists. `position` debiases training on clicks (which follow
+# position); at inference every candidate gets the same constant. Not in FEATURES: the ranker
+# appends it to the feature list, and the bundle manifest records the constant.
+CONTEXT_TRAINING_ONLY: dict[str, float] = {"position": 0.0}

@@ -284,3 +284,17 @@ def offline_features(
         .sort("__q")
         .select(*(c for c in names if c != "interest_score"), *NAMES)
     )
+
+
+def user_recent_items(events: pl.LazyFrame, items: pl.LazyFrame, queries: pl.LazyFrame, n: int) -> pl.LazyFrame:
+    """queries (user_id, ts, ...) -> the same rows plus `history`: the user's last `n` distinct engaged
+    items strictly before ts, most recent first, ties by item_id (the order `OnlineFeatures.history` gives)."""
+    q = queries.with_row_index("__q").with_columns(pl.col("ts").dt.epoch("us").alias("__t"))
+    keys = q.select("user_id", "__t").unique()
+    hist = recent_items(prepare_events(events, items), keys, n)
+    return (
+        q.join(hist, on=["user_id", "__t"], how="left")
+        .sort("__q")
+        .with_columns(pl.col("__hist").fill_null(pl.lit([], pl.List(pl.Utf8))).alias("history"))
+        .drop("__q", "__t", "__hist")
+    )

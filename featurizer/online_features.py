@@ -134,6 +134,14 @@ class OnlineFeatures:
 
     # ------------------------------------------------------------ reads
 
+    def history(self, user_id: str, t: datetime, n: int) -> list[str]:
+        """The user's last n (<= params.history_items) distinct engaged items before t, most recent
+        first, ties by item id: the same as `offline.user_recent_items`."""
+        if n > self.params.history_items:
+            raise ValueError(f"history of {n} items asked; the online state keeps {self.params.history_items}")
+        raw = self.store.read("user", [user_id])[0]
+        return [] if raw is None else UserState.from_dict(raw).history(to_us(t), n)
+
     def features(self, user_id: str, item_ids: Sequence[str], t: datetime, interest_score: np.ndarray | None = None) -> np.ndarray:
         """(len(item_ids), len(FEATURES)) float64 in FEATURES order, from events strictly before t.
 

@@ -58,7 +58,7 @@ async def _rank_some_users(data_dir: Path, bundle_dir: Path, seed: int) -> None:
                             description="New arrival, not yet in the catalog: scored from its inline text.",
                         )
                     )
-                history = server.engine.snapshot.histories.get(u, [])
+                history = server.engine.online.history(u, server.engine.now(), 3)
                 resp = await stub.Rank(pb.RankRequest(request_id=f"demo-{u}", user_id=u, candidates=cands))
                 print(f"\n-- user {u}: top 8 of {len(cands)} candidates  (bundle {resp.model_version})")
                 print("   recent history: " + ("; ".join(titles.get(i, i) for i in history[:3]) or "none (cold start)"))

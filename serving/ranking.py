@@ -1,9 +1,10 @@
 """The request path: gather features, get embeddings, score with the bundle.
 
 `RankingEngine` holds what one bundle needs to rank: the item catalog with its
-embeddings (computed once at start-up through Triton), the online feature
-snapshot and the user-embedding cache. Feature gathering and LightGBM
-scoring are vectorised over all candidates of a request.
+embeddings (computed once at start-up through Triton), the online features
+(`featurizer.online_features`, the same definitions as training) and the
+user-embedding cache. Feature gathering and LightGBM scoring are vectorised
+over all candidates of a request.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import polars as pl
 
-from featurizer.features import BEHAVIOURAL_FEATURES, OnlineSnapshot
+from featurizer.definitions import NAMES
+from featurizer.online_features import OnlineFeatures
 from featurizer.text import history_text, item_text, item_text_expr
 from ranker.bundle import Bundle
 
@@ -70,30 +73,32 @@ class Catalog:
 class RankingEngine:
     bundle: Bundle
     catalog: Catalog
-    snapshot: OnlineSnapshot
+    online: OnlineFeatures
     encode: EncodeFn
     _user_cache: dict[str, tuple[str, np.ndarray]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         names = self.bundle.feature_names
         constants = self.bundle.manifest.get("inference_constants", {})
-        known = {"interest_score", *BEHAVIOURAL_FEATURES, *constants}
-        unknown = [n for n in names if n not in known]
+        unknown = [n for n in names if n not in NAMES and n not in constants]
         if unknown:
             raise ValueError(f"bundle {self.bundle.version} needs features this server cannot compute: {unknown}")
-        self._interest_col = names.index("interest_score") if "interest_score" in names else None
-        # Column k of the behavioural block goes to column _beh_dst[k] of the model matrix.
-        self._beh_src = [BEHAVIOURAL_FEATURES.index(n) for n in names if n in BEHAVIOURAL_FEATURES]
-        self._beh_dst = [names.index(n) for n in names if n in BEHAVIOURAL_FEATURES]
-        # Training-only context (e.g. position): every candidate gets the bundle's constant.
+        self._uses_text = "interest_score" in names
+        # Model column k takes online column _src[k]; training-only context gets the bundle's constant.
+        self._dst = [k for k, n in enumerate(names) if n in NAMES]
+        self._src = [NAMES.index(names[k]) for k in self._dst]
         self._const_cols = [names.index(n) for n in constants if n in names]
         self._const_vals = np.array([constants[n] for n in constants if n in names], dtype=np.float32)
 
-    async def user_embedding(self, user_id: str) -> np.ndarray | None:
+    def now(self) -> datetime:
+        """Features are read strictly before this instant (never before the latest applied event)."""
+        now = datetime.now(timezone.utc)
+        mark = self.online.watermark
+        return now if mark is None or now > mark else mark + timedelta(microseconds=1)
+
+    async def user_embedding(self, user_id: str, t: datetime) -> np.ndarray | None:
         """Embedding of the user's recent-history text; None for a user with no history."""
-        history = self.snapshot.histories.get(user_id)
-        if not history:
-            return None
+        history = self.online.history(user_id, t, self.bundle.encoder.history_items)
         text = history_text([t for t in map(self.catalog.title, history) if t], self.bundle.encoder.history_items)
         if not text:
             return None
@@ -128,17 +133,19 @@ class RankingEngine:
 
     async def rank(self, user_id: str, candidates: list[Candidate]) -> RankResult:
         ids = [c.item_id for c in candidates]
-        X = np.full((len(ids), len(self.bundle.feature_names)), np.nan, dtype=np.float32)
-        X[:, self._beh_dst] = self.snapshot.gather(user_id, ids)[:, self._beh_src]
-        X[:, self._const_cols] = self._const_vals
-        user = await self.user_embedding(user_id) if self._interest_col is not None else None
+        t = self.now()
+        user = await self.user_embedding(user_id, t) if self._uses_text else None
         missing: list[str] = []
-        if self._interest_col is not None:
+        interest = None
+        if self._uses_text:
             emb, has, missing = await self.item_embeddings(candidates)
             if user is not None:
-                interest = emb @ user
+                interest = (emb @ user).astype(np.float64)
                 interest[~has] = np.nan
-                X[:, self._interest_col] = interest
+        online = self.online.features(user_id, ids, t, interest_score=interest)
+        X = np.empty((len(ids), len(self.bundle.feature_names)), dtype=np.float32)
+        X[:, self._dst] = online[:, self._src]
+        X[:, self._const_cols] = self._const_vals
         scores = self.bundle.score(X)
         order = np.argsort(-scores, kind="stable")
         return RankResult(

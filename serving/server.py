@@ -2,7 +2,7 @@
 
 `RankingServer.start()` starts a real Triton Inference Server (a child process
 serving the bundle's encoder with dynamic batching), embeds the catalog through
-it, builds the online feature snapshot, and serves RankingService plus the
+it, builds the online features from the events, and serves RankingService plus the
 standard grpc.health.v1 service and server reflection. `stop()` drains calls
 and stops Triton, leaving no process behind.
 """
@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from featurizer.features import OnlineSnapshot
+from featurizer.online_features import OnlineFeatures
+from featurizer.online_store import InProcessConfig, InProcessStore
 from featurizer.schema import read_dataset
 from ranker.bundle import load_bundle
 from semrank.ranking.v1 import ranking_service_pb2 as pb
@@ -76,10 +76,10 @@ class RankingServer:
             self.triton.start()
             self.encoder = EncoderClient(self.triton.grpc_url)
             catalog = await Catalog.build(ds.items, self.encoder.encode_bulk)
-            snapshot = OnlineSnapshot.build(
-                ds.events, catalog.item_ids, datetime.now(timezone.utc), bundle.encoder.history_items
-            )
-            self.engine = RankingEngine(bundle=bundle, catalog=catalog, snapshot=snapshot, encode=self.encoder.encode)
+            online = OnlineFeatures(InProcessStore(InProcessConfig(path=None)), ds.items)
+            online.apply(ds.events)
+            log.info("online features built from %d events (up to %s)", ds.events.height, online.watermark)
+            self.engine = RankingEngine(bundle=bundle, catalog=catalog, online=online, encode=self.encoder.encode)
             options = [
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_message_bytes),

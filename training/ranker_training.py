@@ -18,7 +18,8 @@ from typing import Protocol
 import numpy as np
 import polars as pl
 
-from featurizer.features import FEATURE_NAMES, INFERENCE_CONSTANTS, point_in_time_features, user_histories
+from featurizer.definitions import CONTEXT_TRAINING_ONLY, NAMES
+from featurizer.offline import offline_features, user_recent_items
 from featurizer.schema import EVENT_STRENGTH, Dataset
 from featurizer.text import history_text, item_text_expr
 from ranker.bundle import EncoderRef, save_bundle
@@ -104,7 +105,7 @@ def interest_scores(
     item_emb = encoder.encode(texts["item_text"].to_list())
 
     lists = rows.select("request_id", "user_id", "ts").unique("request_id", maintain_order=True)
-    hist = user_histories(events.lazy(), lists.lazy(), history_items).collect()
+    hist = user_recent_items(events.lazy(), items.lazy(), lists.lazy(), history_items).collect()
     hist_texts = [history_text([titles[i] for i in h if i in titles]) for h in hist["history"].to_list()]
     distinct = sorted({t for t in hist_texts if t})
     log.info("encoding %d distinct user-history texts for %d lists", len(distinct), lists.height)
@@ -122,20 +123,19 @@ def interest_scores(
 
 
 def build_examples(ds: Dataset, encoder: Encoder, history_items: int, seed: int = 0) -> pl.DataFrame:
-    """Impression-list rows with labels and every feature in FEATURE_NAMES.
+    """Impression-list rows with labels, the features of `featurizer.definitions` and position.
 
     Rows of a list are shuffled (seeded): the shown order is the logging policy's, and
     clicks follow position, so a model whose scores tie must not inherit that order
     (in LightGBM's evaluation or ours, ties keep the row order).
     """
     rows = impression_lists(ds.events)
-    feats = point_in_time_features(ds.events.lazy(), rows.lazy()).collect()
-    interest = interest_scores(encoder, ds.items, rows, ds.events, history_items)
+    rows = rows.with_columns(pl.Series("interest_score", interest_scores(encoder, ds.items, rows, ds.events, history_items)))
+    log.info("computing %d features for %d rows", len(NAMES), rows.height)
+    feats = offline_features(ds.events.lazy(), ds.items.lazy(), rows.lazy()).collect()
     shuffle = np.random.default_rng(seed).random(feats.height)
     return (
-        feats.with_columns(
-            pl.Series("interest_score", interest), pl.Series("_shuffle", shuffle), pl.col("position").cast(pl.Float32)
-        )
+        feats.with_columns(pl.Series("_shuffle", shuffle), pl.col("position").cast(pl.Float32))
         .sort(["ts", "request_id", "_shuffle"])
         .drop("_shuffle")
     )
@@ -220,7 +220,7 @@ def evaluate_models(test: pl.DataFrame, booster, feature_names: list[str]) -> di
     test = _with_positives(test)
     labels = test["label"].to_numpy().astype(np.float64)
     sizes = _group_sizes(test)
-    X = test.with_columns(pl.lit(v, dtype=pl.Float32).alias(k) for k, v in INFERENCE_CONSTANTS.items()).select(feature_names)
+    X = test.with_columns(pl.lit(v, dtype=pl.Float32).alias(k) for k, v in CONTEXT_TRAINING_ONLY.items()).select(feature_names)
     X = X.to_numpy().astype(np.float32)
     candidates = {
         "logged-order": -test["position"].to_numpy().astype(np.float64),
@@ -242,7 +242,7 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
 def train_ranker(ds: Dataset, out_dir: str | Path, cfg: RankerTrainConfig, encoder: Encoder, data_source: str = "") -> dict:
     """Train, evaluate and write a bundle; returns the manifest extras (metrics included)."""
     t0 = time.monotonic()
-    feature_names = list(FEATURE_NAMES)
+    feature_names = [*NAMES, *CONTEXT_TRAINING_ONLY]
     examples = build_examples(ds, encoder, cfg.history_items, cfg.seed)
     parts = time_split(examples, cfg.test_days, cfg.valid_days)
     log.info("examples: %s", {k: v.height for k, v in parts.items()})
@@ -262,7 +262,7 @@ def train_ranker(ds: Dataset, out_dir: str | Path, cfg: RankerTrainConfig, encod
         "train_config": asdict(cfg),
         "metrics": {"test": results, "valid_ndcg@10_curve": evals.get("valid", {}).get("ndcg@10", [])},
         "feature_importance_gain": dict(zip(feature_names, map(float, gain))),
-        "inference_constants": {k: v for k, v in INFERENCE_CONSTANTS.items() if k in feature_names},
+        "inference_constants": {k: v for k, v in CONTEXT_TRAINING_ONLY.items() if k in feature_names},
         "train_seconds": round(time.monotonic() - t0, 1),
     }
     if booster.best_iteration:

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
-from featurizer.features import BEHAVIOURAL_FEATURES, point_in_time_features, user_histories
+from featurizer.offline import offline_features, user_recent_items
 from featurizer.schema import read_dataset
 from featurizer.text import history_text, item_text_expr
 from ranker.bundle import load_bundle
@@ -114,20 +114,19 @@ def test_scores_equal_offline_computation(service, shop, small_bundle, encoder):
     got = {it.item_id: it.score for it in resp.items}
 
     bundle = load_bundle(small_bundle[0])
-    as_of = st.server.engine.snapshot.as_of
-    q = pl.DataFrame({"user_id": [user] * len(ids), "item_id": ids, "ts": [as_of] * len(ids)}).with_columns(
+    t = st.server.engine.now()
+    q = pl.DataFrame({"user_id": [user] * len(ids), "item_id": ids, "ts": [t] * len(ids)}).with_columns(
         pl.col("ts").cast(pl.Datetime("us", "UTC"))
     )
-    feats = point_in_time_features(shop.events.lazy(), q.lazy()).collect()
-    hist = user_histories(shop.events.lazy(), q.head(1).lazy(), bundle.encoder.history_items).collect()["history"][0]
+    hist = user_recent_items(shop.events.lazy(), shop.items.lazy(), q.head(1).lazy(), bundle.encoder.history_items).collect()
     titles = dict(zip(shop.items["item_id"], shop.items["title"]))
-    user_emb = encoder.encode([history_text([titles[i] for i in hist])])[0]
+    user_emb = encoder.encode([history_text([titles[i] for i in hist["history"][0]])])[0]
     texts = shop.items.select("item_id", item_text_expr()).filter(pl.col("item_id").is_in(ids))
     item_emb = dict(zip(texts["item_id"], encoder.encode(texts["item_text"].to_list())))
-    X = feats.select(BEHAVIOURAL_FEATURES).with_columns(
-        interest_score=pl.Series([float(item_emb[i] @ user_emb) for i in ids]),
-        **{k: pl.lit(v) for k, v in bundle.manifest["inference_constants"].items()},
-    ).select(bundle.feature_names).to_numpy().astype(np.float32)
+    q = q.with_columns(interest_score=pl.Series([float(item_emb[i] @ user_emb) for i in ids]))
+    feats = offline_features(shop.events.lazy(), shop.items.lazy(), q.lazy()).collect()
+    X = feats.with_columns(**{k: pl.lit(v) for k, v in bundle.manifest["inference_constants"].items()})
+    X = X.select(bundle.feature_names).to_numpy().astype(np.float32)
     want = bundle.score(X)
     np.testing.assert_allclose([got[i] for i in ids], want, rtol=1e-4, atol=1e-4)
 
