@@ -61,6 +61,10 @@ def cmd_train_ranker(args) -> int:
     cfg = RankerTrainConfig(seed=args.seed, test_days=args.test_days, valid_days=args.valid_days, encoder_dir=encoder_dir)
     ds = read_dataset(args.data)
     log.info("data: %s; encoder: %s", ds.report, encoder_dir)
+    from training.ranker_loo import has_impression_lists, train_from_args
+
+    if not has_impression_lists(ds.events):  # interactions only: target + sampled negatives per group
+        return train_from_args(args, ds, encoder_dir)
     model_dir = "base" if encoder_dir == "base" else args.out / encoder_dir
     encoder = ProgressEncoder(TextEncoder(model_dir, max_length=cfg.max_length))
     extra = train_ranker(ds, args.out, cfg, encoder, data_source=str(args.data))
@@ -146,7 +150,7 @@ def _plugins():
 
 
 # Modules that add subcommands (imported only to build the parser; heavy imports stay inside handlers).
-PLUGIN_MODULES: list[str] = ["semrank.cli_eval", "semrank.cli_export"]
+PLUGIN_MODULES: list[str] = ["semrank.cli_eval", "semrank.cli_export", "semrank.cli_train_encoder"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train models").add_subparsers(dest="train_cmd", required=True)
 
-    s = train.add_parser("ranker", help="train the LightGBM lambdarank bundle on impression lists")
+    s = train.add_parser("ranker", help="train the LightGBM lambdarank bundle on impression lists",
+                         description="Trains on shown impression lists; on data without them (interactions only, "
+                                     "e.g. imported datasets) on leave-one-out targets plus sampled negatives.")
     s.add_argument("--data", required=True, type=Path)
     s.add_argument("--out", required=True, type=Path, help="bundle directory to write")
     s.add_argument("--seed", type=int, default=0)
@@ -184,6 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="encoder directory relative to --out (default: 'encoder' if `semrank train encoder` wrote one there, else the pretrained 'base')",
     )
+    g = s.add_argument_group("data without impression lists (leave-one-out targets + sampled negatives)")
+    g.add_argument("--variant", choices=("full", "behavioural"), default="full",
+                   help="full: every feature; behavioural: no text features (no interest_score)")
+    g.add_argument("--negatives", type=int, default=30, help="negatives per group (default 30)")
+    g.add_argument("--popularity-share", type=float, default=0.5,
+                   help="share of the negatives drawn in proportion to popularity, the rest uniform (default 0.5)")
+    g.add_argument("--max-users", type=int, default=20000, help="seeded sample of users (default 20000)")
+    g.add_argument("--positions-per-user", type=int, default=3,
+                   help="training targets per user before the validation item, recent ones favoured (default 3)")
+    g.add_argument("--embedding-cache", type=Path, default=None, metavar="DIR",
+                   help="item-embedding cache, e.g. runs/eval/NAME/cache/embeddings of `semrank eval`")
     s.set_defaults(func=cmd_train_ranker)
 
     s = sub.add_parser("serve", help="serve RankingService over gRPC with a Triton encoder")

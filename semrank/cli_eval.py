@@ -1,7 +1,8 @@
 """`semrank eval`: the offline leave-one-out report (sampled-100 and full ranking).
 
     semrank eval --dataset amazon-beauty-2014 --protocol both --out-dir runs/eval/beauty \
-        [--encoder encoder-finetuned=runs/beauty/bundle/encoder ...] [--json runs/eval/beauty.json]
+        [--encoder encoder-finetuned=runs/beauty/bundle/encoder ...] [--json runs/eval/beauty.json] \
+        [--ranker ranker-full=runs/beauty-ranker-full ...]
 
 See docs/evaluation.md for the protocols.
 """
@@ -17,6 +18,10 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 PROTOCOL_CHOICES = ("sampled-100", "full", "both")
+# Kept in step with training.eval_rankers (not imported here: building the parser stays light).
+FIRST_STAGES = ("encoder", "encoder+cooc", "encoder+popularity")
+DEFAULT_FIRST_STAGE = "encoder+cooc"
+DEFAULT_RERANK_K = 200
 
 
 def _positive_int(text: str) -> int:
@@ -44,6 +49,15 @@ def register(sub, train_sub) -> None:  # noqa: ARG001 (train_sub: the plugin sig
     s.add_argument("--encoder", action="append", default=[], metavar="NAME=DIR",
                    help="an extra encoder model: a transformers model dir or a bundle dir (repeatable)")
     s.add_argument("--no-frozen", action="store_true", help="skip the pretrained encoder-frozen model")
+    s.add_argument("--ranker", action="append", default=[], metavar="NAME=BUNDLE",
+                   help="a LightGBM bundle, scored on candidates only: the 101 of sampled-100, and in full the "
+                        "first stage's top K (repeatable)")
+    s.add_argument("--first-stage", choices=FIRST_STAGES, default=DEFAULT_FIRST_STAGE,
+                   help=f"first stage of the rankers in full ranking (default {DEFAULT_FIRST_STAGE})")
+    s.add_argument("--rerank-k", type=_positive_int, default=DEFAULT_RERANK_K,
+                   help=f"items the first stage hands to a ranker in full ranking (default {DEFAULT_RERANK_K})")
+    s.add_argument("--cache-dir", type=Path, default=None,
+                   help="item-embedding cache (default OUT_DIR/cache/embeddings)")
     s.add_argument("--bootstrap", type=_positive_int, default=1000, help="bootstrap resamples for the CIs")
     s.add_argument("--batch-size", type=_positive_int, default=512, help="users scored per batch")
     s.add_argument("--out-dir", required=True, type=Path, help="reports, dataset import and embedding cache go here")
@@ -85,8 +99,47 @@ def build_models(args, split, item_texts: list[str], dataset: str) -> list:
     models = [PopularityScorer(split.train_item_counts("test"))]
     for spec in specs:
         log.info("loading %s (%s)", spec.name, spec.source)
-        models.append(load_encoder_scorer(spec, item_texts, split.titles, dataset, args.out_dir / "cache" / "embeddings"))
+        models.append(load_encoder_scorer(spec, item_texts, split.titles, dataset, _cache_dir(args)))
     return models
+
+
+def _cache_dir(args) -> Path:
+    return args.cache_dir if args.cache_dir is not None else args.out_dir / "cache" / "embeddings"
+
+
+def run_rankers(args, ds, split, models: list, item_texts: list[str], dataset: str, config):
+    """Evaluate the --ranker bundles (grouped by encoder) on the users of `evaluate`; a list of RankerRun."""
+    from training.eval_models import EncoderSpec, display_path, load_encoder_scorer
+    from training.eval_rankers import evaluate_rankers, load_ranker, parse_ranker_arg, text_side_for
+
+    rankers = []
+    for arg in args.ranker:
+        name, path = parse_ranker_arg(arg)
+        rankers.append(load_ranker(name, path, display_path(path)))
+    names = [m.name for m in models] + [r.name for r in rankers]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"model name(s) used twice: {', '.join(dupes)}; give each --encoder / --ranker a distinct NAME")
+    loaded: dict[str, object] = {}
+
+    def load(name: str, model_dir: str, max_length: int, history_items: int):
+        if name not in loaded:
+            spec = EncoderSpec(name, model_dir, max_length, history_items, source=display_path(model_dir))
+            loaded[name] = load_encoder_scorer(spec, item_texts, split.titles, dataset, _cache_dir(args))
+        return loaded[name]
+
+    groups: dict[tuple, tuple] = {}
+    for r in rankers:
+        side = text_side_for(r, models, load)
+        key = (id(side.encoder), side.history_items)
+        groups.setdefault(key, (side, []))[1].append(r)
+    return [evaluate_rankers(ds, split, group, side, config, args.first_stage, args.rerank_k)
+            for side, group in groups.values()]
+
+
+def _note_applies(note: str, protocol: str) -> bool:
+    """Notes that start with "<protocol>," belong to that protocol's report only."""
+    return not note.startswith(tuple(f"{p}," for p in ("sampled-100", "full"))) or note.startswith(f"{protocol},")
 
 
 def machine_note() -> str:
@@ -127,11 +180,26 @@ def run_eval(args) -> int:
     item_texts = ds.items.select(item_text_expr())["item_text"].to_list()
     models = build_models(args, split, item_texts, dataset)
     run = evaluate(split, models, config)
+    ranker_runs = run_rankers(args, ds, split, models, item_texts, dataset, config) if args.ranker else []
+    notes = [machine]
+    if ranker_runs:
+        from training.eval_rankers import merge, subset_notes
+
+        for extra in ranker_runs:
+            run = merge(run, extra)
+            notes += extra.notes
+        subset, subset_lines = subset_notes(run, ~ranker_runs[0].same_day,
+                                            "users whose test and validation items differ in timestamp")
+        notes += subset_lines
     seconds = time.perf_counter() - t0
     for protocol in protocols:
         report = build_report(dataset, protocol, run, len(split.users), args.seed, args.history_items, seconds,
                               n_negatives=config.n_negatives, n_boot=config.bootstrap,
-                              extra_notes=[machine])
+                              extra_notes=[n for n in notes if _note_applies(n, protocol)])
+        if ranker_runs:
+            report["different_timestamp_subset"] = subset.get(protocol, {})
+            if protocol == "full":
+                report["two_stage"] = [extra.two_stage for extra in ranker_runs]
         paths = write_report(report, args.out_dir, args.json, several_protocols=len(protocols) > 1)
         print(markdown(report))
         log.info("wrote %s", ", ".join(str(p) for p in paths.values()))

@@ -10,6 +10,9 @@ score for every catalog item. The protocol code then gathers the candidates
 - `EncoderScorer`: cosine between the user's recent-history text and every
   item text, both from one text encoder (pretrained or fine-tuned). Item
   embeddings are computed once and cached on disk as .npy.
+
+LightGBM bundles do not fit the (batch, n_items) interface (too slow over a
+whole catalog); `training.eval_rankers` scores them on candidates only.
 """
 
 from __future__ import annotations
