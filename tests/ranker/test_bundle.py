@@ -56,3 +56,11 @@ def _edit(path, **changes):
     m = json.loads((path / "manifest.json").read_text())
     m.update(changes)
     (path / "manifest.json").write_text(json.dumps(m))
+
+
+def test_encoder_reference_resolves_inside_the_bundle(tmp_path, booster):
+    save_bundle(tmp_path, booster, FEATURES, EncoderRef(model_dir="encoder", max_length=96), {})
+    b = load_bundle(tmp_path)
+    assert b.encoder.resolve(b.path) == str((tmp_path / "encoder").resolve())
+    assert b.encoder.max_length == 96
+    assert EncoderRef().resolve(tmp_path) == "base"
