@@ -62,10 +62,15 @@ async def _rank_some_users(data_dir: Path, bundle_dir: Path, seed: int) -> None:
                 resp = await stub.Rank(pb.RankRequest(request_id=f"demo-{u}", user_id=u, candidates=cands))
                 print(f"\n-- user {u}: top 8 of {len(cands)} candidates  (bundle {resp.model_version})")
                 print("   recent history: " + ("; ".join(titles.get(i, i) for i in history[:3]) or "none (cold start)"))
+                inline = {c.item_id: c for c in cands if c.item_id not in titles}
                 for it in resp.items[:8]:
-                    print(f"   {it.rank:2d}. {it.score:+.3f}  [{cats.get(it.item_id)}] {titles[it.item_id]}")
+                    if it.item_id in inline:
+                        label, name = "inline, unseen", inline[it.item_id].title
+                    else:
+                        label, name = cats.get(it.item_id), titles[it.item_id]
+                    print(f"   {it.rank:2d}. {it.score:+.3f}  [{label}] {name}")
                 for it in resp.items:
-                    if it.item_id not in titles:
+                    if it.item_id in inline:
                         print(f"   the unseen inline item '{it.item_id}' was scored from its text: rank {it.rank}, score {it.score:+.3f}")
             try:
                 await stub.Rank(pb.RankRequest(user_id="", candidates=[]))
