@@ -337,7 +337,6 @@ def _validate(model, tokenizer, evaluate, step, t0, curves, best, summary, enc_d
     if m["ndcg@10"] > best["ndcg@10"]:
         best = {**m, "step": step}
         summary["metrics"]["best"] = best
-        summary["best_saved_at_step"] = step
         save_encoder(model, tokenizer, enc_dir, summary)
     return best, time.monotonic() - ts
 
