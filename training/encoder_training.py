@@ -253,7 +253,7 @@ def train_encoder(ds: Dataset, out_dir: str | Path, cfg: EncoderTrainConfig, dat
     tokenizer, model = load_base(cfg)
     tower = TwoTower(model, cfg.scale)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
     evaluate = SampledEvaluator(data, tokenizer, cfg)
     budget_s = cfg.max_minutes * 60.0
     summary = {

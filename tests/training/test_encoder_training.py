@@ -280,3 +280,14 @@ def test_tiny_lora_run_on_sequence_data(tmp_path):
 
     with safe_open(tmp_path / "encoder" / "model.safetensors", "pt") as f:
         assert not any("lora" in k for k in f.keys())  # merged into a plain BertModel
+
+
+def test_cli_registers_train_encoder():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "semrank.cli", "train", "encoder", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for flag in ("--data", "--out", "--max-minutes", "--method", "--seed", "--batch-size", "--lr", "--history-items",
+                 "--max-length-user", "--max-length-item", "--val-users", "--eval-every"):
+        assert flag in out.stdout
