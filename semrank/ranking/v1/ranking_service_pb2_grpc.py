@@ -26,10 +26,13 @@ if _version_not_supported:
 
 
 class RankingServiceStub:
-    """Ranks candidate items for a user by learned interest.
+    """Ranks candidate items for a user by learned interest, takes the events that teach it,
+    and the item data it ranks by.
 
     Errors are returned as google.rpc.Status with google.rpc.BadRequest details
     naming the offending field (for example `candidates[3].item_id`).
+    Overload is RESOURCE_EXHAUSTED; a missing or wrong bearer token is UNAUTHENTICATED,
+    a non-admin token on an admin call PERMISSION_DENIED.
     """
 
     def __init__(self, channel):
@@ -43,17 +46,71 @@ class RankingServiceStub:
                 request_serializer=semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.RankRequest.SerializeToString,
                 response_deserializer=semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.RankResponse.FromString,
                 _registered_method=True)
+        self.LogEvents = channel.stream_unary(
+                '/semrank.ranking.v1.RankingService/LogEvents',
+                request_serializer=semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.LogEventsRequest.SerializeToString,
+                response_deserializer=semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.LogEventsResponse.FromString,
+                _registered_method=True)
+        self.UpsertItems = channel.stream_unary(
+                '/semrank.ranking.v1.RankingService/UpsertItems',
+                request_serializer=semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.UpsertItemsRequest.SerializeToString,
+                response_deserializer=semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.UpsertItemsResponse.FromString,
+                _registered_method=True)
+        self.GetModelInfo = channel.unary_unary(
+                '/semrank.ranking.v1.RankingService/GetModelInfo',
+                request_serializer=semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.GetModelInfoRequest.SerializeToString,
+                response_deserializer=semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.GetModelInfoResponse.FromString,
+                _registered_method=True)
+        self.ReloadBundle = channel.unary_unary(
+                '/semrank.ranking.v1.RankingService/ReloadBundle',
+                request_serializer=semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.ReloadBundleRequest.SerializeToString,
+                response_deserializer=semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.ReloadBundleResponse.FromString,
+                _registered_method=True)
 
 
 class RankingServiceServicer:
-    """Ranks candidate items for a user by learned interest.
+    """Ranks candidate items for a user by learned interest, takes the events that teach it,
+    and the item data it ranks by.
 
     Errors are returned as google.rpc.Status with google.rpc.BadRequest details
     naming the offending field (for example `candidates[3].item_id`).
+    Overload is RESOURCE_EXHAUSTED; a missing or wrong bearer token is UNAUTHENTICATED,
+    a non-admin token on an admin call PERMISSION_DENIED.
     """
 
     def Rank(self, request, context):
         """Rank the candidates for one user and return them best first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LogEvents(self, request_iterator, context):
+        """Stream behavioural events in; one acknowledgement when the stream ends. Accepted events are
+        durable (fsync'd to the event log) and visible to the next Rank before the acknowledgement.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpsertItems(self, request_iterator, context):
+        """Stream item data in (new items or changed text/price); embeddings are computed on Triton
+        and stored before the acknowledgement.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetModelInfo(self, request, context):
+        """The serving bundles, experiments and limits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReloadBundle(self, request, context):
+        """Admin: load the bundle directory again (or another one) and swap it in atomically.
+        A bundle that fails to load or validate is rejected and the serving one stays.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -67,6 +124,26 @@ def add_RankingServiceServicer_to_server(servicer, server):
                     request_deserializer=semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.RankRequest.FromString,
                     response_serializer=semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.RankResponse.SerializeToString,
             ),
+            'LogEvents': grpc.stream_unary_rpc_method_handler(
+                    servicer.LogEvents,
+                    request_deserializer=semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.LogEventsRequest.FromString,
+                    response_serializer=semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.LogEventsResponse.SerializeToString,
+            ),
+            'UpsertItems': grpc.stream_unary_rpc_method_handler(
+                    servicer.UpsertItems,
+                    request_deserializer=semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.UpsertItemsRequest.FromString,
+                    response_serializer=semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.UpsertItemsResponse.SerializeToString,
+            ),
+            'GetModelInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModelInfo,
+                    request_deserializer=semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.GetModelInfoRequest.FromString,
+                    response_serializer=semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.GetModelInfoResponse.SerializeToString,
+            ),
+            'ReloadBundle': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadBundle,
+                    request_deserializer=semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.ReloadBundleRequest.FromString,
+                    response_serializer=semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.ReloadBundleResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'semrank.ranking.v1.RankingService', rpc_method_handlers)
@@ -76,10 +153,13 @@ def add_RankingServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class RankingService:
-    """Ranks candidate items for a user by learned interest.
+    """Ranks candidate items for a user by learned interest, takes the events that teach it,
+    and the item data it ranks by.
 
     Errors are returned as google.rpc.Status with google.rpc.BadRequest details
     naming the offending field (for example `candidates[3].item_id`).
+    Overload is RESOURCE_EXHAUSTED; a missing or wrong bearer token is UNAUTHENTICATED,
+    a non-admin token on an admin call PERMISSION_DENIED.
     """
 
     @staticmethod
@@ -99,6 +179,114 @@ class RankingService:
             '/semrank.ranking.v1.RankingService/Rank',
             semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.RankRequest.SerializeToString,
             semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.RankResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LogEvents(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/semrank.ranking.v1.RankingService/LogEvents',
+            semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.LogEventsRequest.SerializeToString,
+            semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.LogEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpsertItems(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/semrank.ranking.v1.RankingService/UpsertItems',
+            semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.UpsertItemsRequest.SerializeToString,
+            semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.UpsertItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModelInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/semrank.ranking.v1.RankingService/GetModelInfo',
+            semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.GetModelInfoRequest.SerializeToString,
+            semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.GetModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadBundle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/semrank.ranking.v1.RankingService/ReloadBundle',
+            semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.ReloadBundleRequest.SerializeToString,
+            semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.ReloadBundleResponse.FromString,
             options,
             channel_credentials,
             insecure,
