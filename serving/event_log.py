@@ -105,6 +105,23 @@ def _segment_path(directory: Path, first_seq: int) -> Path:
     return directory / f"events-{first_seq:020d}.log"
 
 
+def events_frame(events: Sequence[LoggedEvent]) -> pl.DataFrame:
+    """The contract's events columns, in the given order (OnlineFeatures.apply takes it): ts (UTC, µs),
+    user_id, item_id, event (Enum of EVENT_TYPES), request_id (Utf8) and position (Int64), null for ""/0."""
+    return pl.DataFrame(
+        {
+            "ts": [e.ts_us for e in events],
+            "user_id": [e.user_id for e in events],
+            "item_id": [e.item_id for e in events],
+            "event": [e.event for e in events],
+            "request_id": [e.request_id or None for e in events],
+            "position": [e.position or None for e in events],
+        },
+        schema={"ts": pl.Int64, "user_id": pl.Utf8, "item_id": pl.Utf8, "event": pl.Enum(list(EVENT_TYPES)),
+                "request_id": pl.Utf8, "position": pl.Int64},
+    ).with_columns(pl.col("ts").cast(pl.Datetime("us", "UTC")))
+
+
 class _Torn(Exception):
     def __init__(self, offset: int, problem: str, torn: bool):
         self.offset, self.problem, self.torn = offset, problem, torn
@@ -353,21 +370,8 @@ class EventLog:
                 raise EventLogCorrupt(path, t.offset, t.problem) from None
 
     def frame(self, after_seq: int = 0) -> pl.DataFrame:
-        """Events after `after_seq` in seq order as the contract's events columns (OnlineFeatures.apply
-        takes it): ts (UTC, µs), user_id, item_id, event (Enum), request_id and position (null for ""/0)."""
-        events = [e for _, e in self.replay(after_seq)]
-        return pl.DataFrame(
-            {
-                "ts": [e.ts_us for e in events],
-                "user_id": [e.user_id for e in events],
-                "item_id": [e.item_id for e in events],
-                "event": [e.event for e in events],
-                "request_id": [e.request_id or None for e in events],
-                "position": [e.position or None for e in events],
-            },
-            schema={"ts": pl.Int64, "user_id": pl.Utf8, "item_id": pl.Utf8, "event": pl.Enum(list(EVENT_TYPES)),
-                    "request_id": pl.Utf8, "position": pl.Int64},
-        ).with_columns(pl.col("ts").cast(pl.Datetime("us", "UTC")))
+        """`events_frame` of the events after `after_seq`, in seq order."""
+        return events_frame([e for _, e in self.replay(after_seq)])
 
     # ------------------------------------------------------------ lifecycle
 

@@ -21,7 +21,15 @@ import pytest
 from featurizer.online_features import OnlineFeatures
 from featurizer.online_store import InProcessStore
 from featurizer.schema import validate_events, validate_items
-from serving.event_log import SEGMENT_HEADER, EventLog, EventLogCorrupt, EventLogError, EventLogLocked, LoggedEvent
+from serving.event_log import (
+    SEGMENT_HEADER,
+    EventLog,
+    EventLogCorrupt,
+    EventLogError,
+    EventLogLocked,
+    LoggedEvent,
+    events_frame,
+)
 from tests.serving.event_log_crash_writer import event_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -190,6 +198,7 @@ def test_frame_feeds_online_features(tmp_path):
     assert frame["ts"].dt.epoch("us").to_list() == [e.ts_us for e in batch]
     assert validate_events(frame).drop("seq_pos").with_columns(pl.col("position").cast(pl.Int64)).equals(frame)
     assert tail["user_id"].to_list() == ["u2"]
+    assert events_frame(batch).equals(frame) and events_frame([]).schema == frame.schema
 
     online = OnlineFeatures(InProcessStore(), items)
     online.apply(frame)
