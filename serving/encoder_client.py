@@ -17,8 +17,39 @@ log = logging.getLogger(__name__)
 DEFAULT_DIM = 384  # all-MiniLM-L6-v2; replaced by what the server returns on the first call
 
 
+# gRPC codes after which the same request may well succeed if sent again soon.
+TRANSIENT_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
+
+
 class EncoderUnavailable(RuntimeError):
-    """Triton could not produce embeddings (down, model not loaded, timed out, or rejected the request)."""
+    """Triton could not produce embeddings (down, model not loaded, timed out, or rejected the request).
+
+    `code` is the gRPC status name ("UNAVAILABLE", "DEADLINE_EXCEEDED", "NOT_FOUND", ...) or None
+    when there was none (e.g. a reply of the wrong shape); `transient` is True when retrying the
+    same request could succeed (server unreachable, connection refused or reset, deadline hit).
+    """
+
+    def __init__(self, message: str, code: str | None = None, transient: bool | None = None):
+        super().__init__(message)
+        self.code = code
+        self.transient = code in TRANSIENT_CODES if transient is None else transient
+
+
+def grpc_code_name(err: BaseException) -> str | None:
+    """The gRPC status name behind a tritonclient/grpc error ("StatusCode.UNAVAILABLE" -> "UNAVAILABLE")."""
+    if isinstance(err, ConnectionError):
+        return "UNAVAILABLE"
+    status = getattr(err, "status", None)  # tritonclient's InferenceServerException
+    if callable(status):
+        text = status()
+        if isinstance(text, str) and text:
+            return text.rsplit(".", 1)[-1]
+    code = getattr(err, "code", None)  # grpc.RpcError
+    if callable(code):
+        name = getattr(code(), "name", None)
+        if isinstance(name, str):
+            return name
+    return None
 
 
 class EncoderClient:
@@ -48,10 +79,12 @@ class EncoderClient:
         return self._client
 
     def _unavailable(self, what: str, err: BaseException) -> EncoderUnavailable:
+        code = grpc_code_name(err)
         return EncoderUnavailable(
             f"{what} failed for Triton model {self.model_name!r} at {self.url}: {err}. "
             f"Check that the Triton worker is running there (python -m serving.triton_worker ...) "
-            f"and that model {self.model_name!r} is loaded."
+            f"and that model {self.model_name!r} is loaded.",
+            code=code,
         )
 
     async def encode_bulk(self, texts: list[str], timeout_s: float = 300.0, max_in_flight: int = 2) -> np.ndarray:
