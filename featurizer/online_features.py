@@ -41,6 +41,18 @@ def _codes(values: list[str | None], names: dict[str, int]) -> np.ndarray:
     return np.array([none if v is None else names[v] for v in values] + [none], dtype=np.int64)
 
 
+CATALOG_COLUMNS = {"item_id": pl.Utf8, "category": pl.Utf8, "brand": pl.Utf8, "price": pl.Float64}
+
+
+def _catalog_columns(items: pl.DataFrame, only_present: bool = False) -> pl.DataFrame:
+    """The item columns features read, typed; absent ones null (or left out with only_present)."""
+    return items.select(
+        (pl.col(c).cast(t) if c in items.columns else pl.lit(None, t)).alias(c)
+        for c, t in CATALOG_COLUMNS.items()
+        if c in items.columns or not only_present
+    )
+
+
 class StaleQueryError(ValueError):
     """features() was asked about an instant before events already applied."""
 
@@ -56,6 +68,17 @@ def to_us(t: datetime) -> int:
 class OnlineFeatures:
     def __init__(self, store: OnlineStore, items: pl.DataFrame, params: FeatureParams = FeatureParams()):
         self.store, self.params = store, params
+        self._items = _catalog_columns(items)
+        self._set_catalog(self._items)
+        meta = store.read("meta", [META_KEY])[0]
+        if meta is not None and meta.get("fingerprint") != params.fingerprint():
+            raise ValueError(
+                "the online store holds state built with other feature definitions "
+                f"({meta.get('fingerprint')} != {params.fingerprint()}); use a new namespace/path or rebuild it"
+            )
+        self._watermark = NO_TS if meta is None else int(meta["watermark"])
+
+    def _set_catalog(self, items: pl.DataFrame) -> None:
         cat = catalog(items.lazy()).collect()
         ids = cat["item_id"].to_list()
         self._category = dict(zip(ids, cat["category"].to_list()))
@@ -69,13 +92,19 @@ class OnlineFeatures:
         self._brand_names = {g: k for k, g in enumerate(cat["brand"].drop_nulls().unique(maintain_order=True))}
         self._cat_code = _codes(cat["category"].to_list(), self._cat_names)
         self._brand_code = _codes(cat["brand"].to_list(), self._brand_names)
-        meta = store.read("meta", [META_KEY])[0]
-        if meta is not None and meta.get("fingerprint") != params.fingerprint():
-            raise ValueError(
-                "the online store holds state built with other feature definitions "
-                f"({meta.get('fingerprint')} != {params.fingerprint()}); use a new namespace/path or rebuild it"
-            )
-        self._watermark = NO_TS if meta is None else int(meta["watermark"])
+
+    def upsert_items(self, items: pl.DataFrame) -> None:
+        """Add items to the catalog, or update the price/category/brand of known ones (a null
+        field leaves the known value unchanged).
+
+        Only reads made after the call see them; events already applied keep the category and
+        brand their item had then (as the offline pipeline, which joins the catalog as given)."""
+        if items.is_empty():
+            return
+        new = _catalog_columns(items, only_present=True).unique("item_id", keep="last", maintain_order=True)
+        merged = self._items.update(new, on="item_id", how="full")
+        self._set_catalog(merged)
+        self._items = merged
 
     @property
     def watermark(self) -> datetime | None:

@@ -242,11 +242,13 @@ class ResilientEncoder:
         if observer is not None:
             breaker.subscribe(self._on_breaker)
 
-    async def encode(self, texts: list[str]) -> np.ndarray:
-        """float32 (len(texts), dim) within `deadline_s`, or EncoderUnavailable (CircuitOpenError when open)."""
+    async def encode(self, texts: list[str], timeout_s: float | None = None) -> np.ndarray:
+        """float32 (len(texts), dim) within `deadline_s` (or the caller's smaller `timeout_s`, e.g.
+        what is left of its gRPC deadline), or EncoderUnavailable (CircuitOpenError when open)."""
+        budget = self.deadline_s if timeout_s is None else min(self.deadline_s, timeout_s)
 
         async def attempts() -> np.ndarray:
-            deadline = self.clock() + self.deadline_s
+            deadline = self.clock() + budget
             attempt = 0
             while True:
                 timeout = min(self.attempt_timeout_s, deadline - self.clock())

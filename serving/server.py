@@ -1,16 +1,27 @@
-"""Process lifecycle: Triton + online state + the asyncio gRPC server.
+"""Process lifecycle: state, Triton, bundles, the asyncio gRPC server, and shutdown.
 
-`RankingServer.start()` starts a real Triton Inference Server (a child process
-serving the bundle's encoder with dynamic batching), embeds the catalog through
-it, builds the online features from the events, and serves RankingService plus the
-standard grpc.health.v1 service and server reflection. `stop()` drains calls
-and stops Triton, leaving no process behind.
+`RankingServer.start()`:
+1. reads the data directory's items (plus items upserted earlier, from the state dir);
+2. restores the online features: from the store's snapshot when it has one, else from the
+   data directory's events; then replays the durable event log past the snapshot;
+3. loads the default bundle and every experiment bundle (each text encoder served by its
+   own Triton child process with dynamic batching; catalog embeddings cached on disk);
+4. serves RankingService, grpc.health.v1 and reflection, with auth and metrics
+   interceptors, optional TLS, bounded concurrency (RESOURCE_EXHAUSTED beyond it), and
+   a watcher that hot-reloads the bundle directory.
+
+`stop()` stops accepting, drains in-flight calls, flushes the exposure log and the
+feature snapshot, closes the event log and stops Triton, leaving no process behind.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import grpc
@@ -18,106 +29,243 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from featurizer.online_features import OnlineFeatures
-from featurizer.online_store import InProcessConfig, InProcessStore
+from featurizer.online_store import InProcessConfig, StoreConfig, store_from_config
 from featurizer.schema import read_dataset
-from ranker.bundle import load_bundle
+from ranker.bundle import EncoderRef
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
 from serving.encoder_client import EncoderClient
-from serving.ranking import Catalog, RankingEngine
-from serving.service import RankingService
+from serving.event_log import EventLog
+from serving.experiments import Experiments, load_experiments
+from serving.exposure_log import ExposureLog
+from serving.metrics import Metrics, MetricsInterceptor
+from serving.ranking import RankingEngine, utc_now
+from serving.registry import BundleRegistry, EncoderHandle, EncoderPool
+from serving.resilience import CircuitBreaker, ResilientEncoder
+from serving.security import AuthInterceptor, TlsConfig, TokenAuth
+from serving.service import LOG_SEQ_KEY, RankingService, ServingState, apply_logged
 from serving.triton_worker import TritonProcess, TritonWorkerConfig, free_port
 from serving.validation import Limits
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RankingService"].full_name
+REPLAY_CHUNK = 50_000
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    bundle_dir: Path
-    data_dir: Path  # items + events the online state is built from
+    bundle_dir: Path  # watched: replace its files (or repoint a symlink) to hot-reload
+    data_dir: Path  # items + events the online state starts from
+    state_dir: Path | None = None  # event log, exposures, embeddings, feature snapshot; None: a temp dir
     host: str = "127.0.0.1"
     port: int = 50051  # 0 picks a free port
-    triton_grpc_port: int = 0  # 0 picks free ports for Triton
-    triton_http_port: int = 0
-    triton_metrics_port: int = 0
-    max_message_bytes: int = 4 * 1024 * 1024
+    experiments_file: Path | None = None
+    store: StoreConfig | None = None  # None: in-process, snapshotted to state_dir/online-store.bin
+    metrics_port: int | None = None  # None: no /metrics endpoint; 0: a free port
+    metrics_host: str = "127.0.0.1"
+    tls: TlsConfig | None = None
+    tokens: TokenAuth | None = None
+    reload_poll_s: float = 2.0  # 0: no watcher (ReloadBundle still works)
+    max_concurrent_rpcs: int = 128  # beyond it: RESOURCE_EXHAUSTED
+    snapshot_interval_s: float = 30.0
+    encoder_timeout_s: float = 0.25  # Triton deadline on the request path
+    encoder_retries: int = 1
+    breaker_failures: int = 5
+    breaker_open_s: float = 2.0
+    triton_max_queue_delay_us: int = 2000
     grace_s: float = 5.0
     limits: Limits = field(default_factory=Limits)
 
 
 class RankingServer:
-    def __init__(self, cfg: ServeConfig):
+    def __init__(self, cfg: ServeConfig, clock: Callable[[], datetime] = utc_now,
+                 encoder_factory: Callable | None = None):
         self.cfg = cfg
-        self.triton: TritonProcess | None = None
-        self.encoder: EncoderClient | None = None
-        self.server: grpc.aio.Server | None = None
+        self.clock = clock
+        self.metrics = Metrics()
         self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
         self.port: int | None = None
-        self.engine: RankingEngine | None = None
+        self.metrics_port: int | None = None
+        self.state: ServingState | None = None
+        self.tritons: dict[str, TritonProcess] = {}  # encoder key -> its Triton (for tests and ops)
+        self._encoder_factory = encoder_factory or self._start_encoder
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._closers: list[Callable] = []
+
+    @property
+    def engine(self) -> RankingEngine:
+        return self.state.engine
+
+    # ------------------------------------------------------------ encoders
+
+    async def _start_encoder(self, ref: EncoderRef, bundle_path: Path, key: str) -> EncoderHandle:
+        """A Triton child process serving this encoder, behind a deadline/retry/breaker client."""
+        cfg = self.cfg
+        triton = TritonProcess(TritonWorkerConfig(
+            model_dir=ref.resolve(bundle_path), max_length=ref.max_length, grpc_port=free_port(),
+            http_port=free_port(), metrics_port=free_port(), max_queue_delay_us=cfg.triton_max_queue_delay_us,
+        ))
+        await asyncio.to_thread(triton.start)
+        client = EncoderClient(triton.grpc_url)
+        breaker = CircuitBreaker(failure_threshold=cfg.breaker_failures, open_s=cfg.breaker_open_s)
+        encoder = ResilientEncoder(client, breaker, deadline_s=cfg.encoder_timeout_s, retries=cfg.encoder_retries,
+                                   observer=self.metrics.triton_observer())
+        self.tritons[key] = triton
+
+        async def close() -> None:
+            await client.close()
+            await asyncio.to_thread(triton.stop)
+            self.tritons.pop(key, None)
+
+        probe = await encoder.encode_bulk(["semrank start-up probe"])
+        return EncoderHandle(key=key, encoder=encoder, close=close, dim=int(probe.shape[1]))
+
+    # ------------------------------------------------------------ state
+
+    def _state_dir(self) -> Path:
+        if self.cfg.state_dir is not None:
+            self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
+            return self.cfg.state_dir
+        self._tmp = tempfile.TemporaryDirectory(prefix="semrank-state-")
+        log.warning("no state dir: events, exposures and embeddings go to %s and are lost at exit", self._tmp.name)
+        return Path(self._tmp.name)
+
+    def _online(self, state_dir: Path, items, events, event_log: EventLog) -> OnlineFeatures:
+        store_cfg = self.cfg.store or InProcessConfig(path=str(state_dir / "online-store.bin"))
+        store = store_from_config(store_cfg)
+        self._closers.append(store.close)
+        online = OnlineFeatures(store, items)
+        meta = store.read("meta", [LOG_SEQ_KEY])[0]
+        if online.watermark is None:
+            online.apply(events)
+            after = 0
+            log.info("online features built from %d data-dir events", events.height)
+        else:
+            after = int(meta["seq"]) if meta else 0
+            log.info("online features restored from the store (up to %s, event log seq %d)", online.watermark, after)
+        replayed = 0
+        batch = []
+        for seq, ev in event_log.replay(after):
+            batch.append(ev)
+            if len(batch) >= REPLAY_CHUNK:
+                apply_logged(online, batch, seq)
+                replayed += len(batch)
+                batch = []
+        if batch:
+            apply_logged(online, batch, seq)
+            replayed += len(batch)
+        if replayed:
+            log.info("replayed %d event(s) from the event log", replayed)
+        return online
 
     async def start(self) -> int:
         cfg = self.cfg
-        bundle = load_bundle(cfg.bundle_dir)
-        ds = read_dataset(cfg.data_dir)
-        log.info("data: %s", ds.report)
         try:
-            self.triton = TritonProcess(
-                TritonWorkerConfig(
-                    model_dir=bundle.encoder.resolve(bundle.path),
-                    max_length=bundle.encoder.max_length,
-                    grpc_port=cfg.triton_grpc_port or free_port(),
-                    http_port=cfg.triton_http_port or free_port(),
-                    metrics_port=cfg.triton_metrics_port or free_port(),
-                )
+            state_dir = self._state_dir()
+            experiments = load_experiments(cfg.experiments_file) if cfg.experiments_file else Experiments()
+            ds = read_dataset(cfg.data_dir)
+            log.info("data: %s", ds.report)
+            from serving.item_store import ItemStore
+
+            items = ItemStore(ds.items, state_dir)
+            event_log = EventLog(state_dir / "events")
+            self._closers.append(event_log.close)
+            online = self._online(state_dir, items.items, ds.events, event_log)
+            engine = RankingEngine(items=items, online=online, clock=self.clock,
+                                   on_cache=lambda c, hit: self.metrics.record_cache(c, int(hit), int(not hit)))
+            registry = BundleRegistry(engine, EncoderPool(self._encoder_factory),
+                                      on_reload=lambda result, v: self._on_reload(result, v))
+            self._registry = registry
+            await registry.start(cfg.bundle_dir, sorted(experiments.bundles()))
+            self._on_reload("ok", registry.default.runtime.version)
+            exposures = ExposureLog(state_dir / "exposures")
+            self._closers.insert(0, exposures.close)
+            self.state = ServingState(
+                engine=engine, registry=registry, event_log=event_log, exposures=exposures, metrics=self.metrics,
+                limits=cfg.limits, experiments=experiments, encoder_timeout_s=cfg.encoder_timeout_s,
             )
-            self.triton.start()
-            self.encoder = EncoderClient(self.triton.grpc_url)
-            catalog = await Catalog.build(ds.items, self.encoder.encode_bulk)
-            online = OnlineFeatures(InProcessStore(InProcessConfig(path=None)), ds.items)
-            online.apply(ds.events)
-            log.info("online features built from %d events (up to %s)", ds.events.height, online.watermark)
-            self.engine = RankingEngine(bundle=bundle, catalog=catalog, online=online, encode=self.encoder.encode)
-            options = [
-                ("grpc.max_receive_message_length", cfg.max_message_bytes),
-                ("grpc.max_send_message_length", cfg.max_message_bytes),
-            ]
-            self.server = grpc.aio.server(options=options)
-            pb_grpc.add_RankingServiceServicer_to_server(RankingService(self.engine, cfg.limits), self.server)
-            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-            reflection.enable_server_reflection(
-                [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-                self.server,
-            )
-            self.port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
-            if not self.port:
-                raise OSError(f"cannot bind gRPC port {cfg.host}:{cfg.port} (in use?)")
-            await self.server.start()
+            await self._start_grpc()
+            if cfg.metrics_port is not None:
+                self.metrics_port = self.metrics.start_http(cfg.metrics_host, cfg.metrics_port)
+            if cfg.reload_poll_s > 0:
+                self._tasks.append(asyncio.create_task(registry.watch(cfg.reload_poll_s)))
+            if cfg.snapshot_interval_s > 0:
+                self._tasks.append(asyncio.create_task(self._snapshots(cfg.snapshot_interval_s)))
         except BaseException:
             await self.stop()
             raise
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info(
-            "serving %s on %s:%d (bundle %s, %d items, Triton at %s)",
-            SERVICE_NAME, cfg.host, self.port, bundle.version, len(catalog.item_ids), self.triton.grpc_url,
-        )
+        log.info("serving %s on %s:%d (bundle %s, %d items, %d experiment(s), metrics port %s)", SERVICE_NAME,
+                 cfg.host, self.port, registry.default.runtime.version, len(items), len(experiments.experiments),
+                 self.metrics_port)
         return self.port
 
+    def _on_reload(self, result: str, version: str) -> None:
+        self.metrics.bundle_reloads_total.labels(result).inc()
+        if result == "ok":
+            self.metrics.set_bundle(version)
+
+    async def _start_grpc(self) -> None:
+        cfg = self.cfg
+        interceptors = [MetricsInterceptor(self.metrics)]
+        if cfg.tokens is not None:
+            interceptors.append(AuthInterceptor(cfg.tokens))
+        options = [
+            ("grpc.max_receive_message_length", cfg.limits.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.limits.max_message_bytes),
+        ]
+        self.server = grpc.aio.server(interceptors=interceptors, options=options,
+                                      maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
+        pb_grpc.add_RankingServiceServicer_to_server(RankingService(self.state), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self.server,
+        )
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls is not None:
+            self.port = self.server.add_secure_port(address, cfg.tls.server_credentials())
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"cannot bind gRPC port {address} (in use?)")
+        await self.server.start()
+
+    async def _snapshots(self, every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                await asyncio.to_thread(self.state.online.store.flush)
+            except Exception:  # noqa: BLE001 - the event log still holds everything
+                log.exception("feature snapshot failed")
+
     async def stop(self) -> None:
-        """Stop accepting, drain in-flight calls, close the Triton client, stop Triton."""
+        """Stop accepting, drain in-flight calls, flush logs and the snapshot, stop Triton."""
         if self.server is not None:
             await self.health.enter_graceful_shutdown()
             await self.server.stop(self.cfg.grace_s)
             self.server = None
-        if self.encoder is not None:
-            await self.encoder.close()
-            self.encoder = None
-        if self.triton is not None:
-            self.triton.stop()
-            self.triton = None
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if getattr(self, "_registry", None) is not None:
+            await self._registry.close()
+            self._registry = None
+        self.metrics.stop_http()
+        for close in self._closers:
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - close the rest anyway
+                log.exception("closing %s", close)
+        self._closers = []
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
 
     async def wait(self) -> None:
         if self.server is not None:

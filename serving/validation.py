@@ -27,6 +27,9 @@ class Limits:
     max_user_id_chars: int = 256
     max_text_chars: int = 4096  # per inline title/description/category/brand field
     max_top_k: int = 2000
+    max_event_clock_skew_s: float = 300.0  # events stamped further in the future are rejected
+    max_rejections_listed: int = 100  # per LogEvents/UpsertItems response; the counts cover all
+    max_message_bytes: int = 4 * 1024 * 1024  # per gRPC message, both directions
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,11 @@ def validate_rank_request(req: pb.RankRequest, limits: Limits) -> None:
         v.append(FieldViolation("top_k", "must be >= 0 (0 returns all candidates)"))
     elif req.top_k > limits.max_top_k:
         v.append(FieldViolation("top_k", f"must be <= {limits.max_top_k}"))
+    for name in ("query", "page"):
+        if len(getattr(req.context, name)) > limits.max_text_chars:
+            v.append(FieldViolation(f"context.{name}", f"longer than {limits.max_text_chars} characters"))
+    if req.context.device not in pb.Device.values():
+        v.append(FieldViolation("context.device", f"unknown value {req.context.device}"))
     if n <= limits.max_candidates:
         first_seen: dict[str, int] = {}
         for k, c in enumerate(req.candidates):

@@ -1,0 +1,199 @@
+"""The catalog the service ranks: item data plus one embedding matrix per text encoder.
+
+    store = ItemStore(items, state_dir)                 # data-dir items, then persisted upserts
+    await store.ensure_embeddings(key, encode_bulk)     # embed what is missing (or stale) once
+    rows = store.rows(item_ids)                         # -1 for unknown ids
+    emb, has = store.embeddings(key)                    # (n_items, dim) float32, bool mask
+
+Item embeddings are computed once per encoder (at start-up for the catalog, at upsert for
+new or changed items) and persisted under `state_dir`, so a restart embeds nothing it
+already has. Each embedding remembers the hash of the text it was computed from: an item
+whose text changed is embedded again.
+
+On disk (append-only chunks, written atomically, replayed in order; later rows win):
+
+    state_dir/items/items-<seq>.parquet                       upserted item data
+    state_dir/embeddings/<encoder key>/emb-<seq>.safetensors  "embedding" (n, dim) f32,
+                                                              "text_hash" (n,) i64; metadata item_ids
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from featurizer.text import item_text_expr
+from ranker.encoder import resolve_model_dir
+
+log = logging.getLogger(__name__)
+
+ITEM_COLUMNS = {"item_id": pl.Utf8, "title": pl.Utf8, "description": pl.Utf8, "category": pl.Utf8, "brand": pl.Utf8, "price": pl.Float64}
+BulkEncodeFn = Callable[[list[str]], Awaitable[np.ndarray]]
+
+
+def encoder_key(model_dir: str | Path, max_length: int) -> str:
+    """Identifies what an item embedding depends on: the encoder weights and the token budget."""
+    path = resolve_model_dir(model_dir)
+    h = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        f = path / name
+        if f.is_file():
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    return f"{h.hexdigest()[:16]}-L{max_length}"
+
+
+def normalize_items(items: pl.DataFrame) -> pl.DataFrame:
+    """The item columns the store keeps, typed, missing ones null."""
+    cols = items.columns
+    return items.select(
+        [(pl.col(c).cast(t) if c in cols else pl.lit(None, t)).alias(c) for c, t in ITEM_COLUMNS.items()]
+    )
+
+
+def _text_hash(texts: list[str]) -> np.ndarray:
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little", signed=True) for t in texts],
+        dtype=np.int64,
+    )
+
+
+def _next_seq(directory: Path, prefix: str) -> int:
+    seqs = [int(p.stem.split("-")[-1]) for p in directory.glob(f"{prefix}-*") if p.stem.split("-")[-1].isdigit()]
+    return max(seqs, default=0) + 1
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class ItemStore:
+    def __init__(self, items: pl.DataFrame, state_dir: Path | None = None):
+        self.state_dir = state_dir
+        frames = [normalize_items(items)]
+        if state_dir is not None:
+            (state_dir / "items").mkdir(parents=True, exist_ok=True)
+            chunks = sorted((state_dir / "items").glob("items-*.parquet"))
+            frames += [normalize_items(pl.read_parquet(p)) for p in chunks]
+            if chunks:
+                log.info("item store: %d upsert chunk(s) replayed from %s", len(chunks), state_dir / "items")
+        merged = frames[0].unique("item_id", keep="first", maintain_order=True)
+        for f in frames[1:]:
+            merged = merged.update(f.unique("item_id", keep="last", maintain_order=True), on="item_id", how="full")
+        self._set_items(merged)
+        self._emb: dict[str, np.ndarray] = {}
+        self._emb_hash: dict[str, np.ndarray] = {}  # text hash each row was embedded from (0 = none)
+
+    # ------------------------------------------------------------ item data
+
+    def _set_items(self, items: pl.DataFrame) -> None:
+        self.items = items
+        self.item_ids: list[str] = items["item_id"].to_list()
+        self.index = {i: k for k, i in enumerate(self.item_ids)}
+        self.titles: list[str | None] = items["title"].to_list()
+        self.texts: list[str] = items.select(item_text_expr())["item_text"].to_list()
+        self.text_hash = _text_hash(self.texts)
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    def title(self, item_id: str) -> str | None:
+        k = self.index.get(item_id)
+        return None if k is None else self.titles[k]
+
+    def rows(self, item_ids: list[str]) -> np.ndarray:
+        get = self.index.get
+        return np.fromiter((get(i, -1) for i in item_ids), dtype=np.int64, count=len(item_ids))
+
+    def upsert(self, items: pl.DataFrame) -> None:
+        """Add items or update known ones in place (persisted first when the store has a state dir).
+
+        A null field leaves the known value unchanged. Embeddings of changed texts are stale
+        (masked out by `embeddings`) until `ensure_embeddings` runs."""
+        new = normalize_items(items).unique("item_id", keep="last", maintain_order=True)
+        if new.is_empty():
+            return
+        if self.state_dir is not None:
+            d = self.state_dir / "items"
+            _write_atomic(d / f"items-{_next_seq(d, 'items'):08d}.parquet", new.write_parquet)
+        old_n = len(self.item_ids)
+        self._set_items(self.items.update(new, on="item_id", how="full"))  # rows keep their place
+        grow = len(self.item_ids) - old_n
+        for key, emb in self._emb.items():
+            if grow:
+                self._emb[key] = np.vstack([emb, np.zeros((grow, emb.shape[1]), dtype=np.float32)])
+                self._emb_hash[key] = np.append(self._emb_hash[key], np.zeros(grow, dtype=np.int64))
+
+    # ------------------------------------------------------------ embeddings
+
+    def keys(self) -> list[str]:
+        return list(self._emb)
+
+    def embeddings(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """(n_items, dim) unit rows and the mask of rows that are current (embedded from today's text)."""
+        return self._emb[key], self._emb_hash[key] == self.text_hash
+
+    def stale_rows(self, key: str) -> np.ndarray:
+        if key not in self._emb:
+            return np.arange(len(self.item_ids))
+        return np.flatnonzero(self._emb_hash[key] != self.text_hash)
+
+    def _load_embeddings(self, key: str, dim: int) -> None:
+        emb = np.zeros((len(self.item_ids), dim), dtype=np.float32)
+        hashes = np.zeros(len(self.item_ids), dtype=np.int64)
+        if self.state_dir is not None:
+            from safetensors.numpy import load_file
+            from safetensors import safe_open
+
+            for p in sorted((self.state_dir / "embeddings" / key).glob("emb-*.safetensors")):
+                with safe_open(str(p), framework="numpy") as f:
+                    ids = json.loads(f.metadata()["item_ids"])
+                t = load_file(str(p))
+                rows = self.rows(ids)
+                ok = rows >= 0
+                if t["embedding"].shape[1] != dim:
+                    raise ValueError(f"{p}: embedding dim {t['embedding'].shape[1]} != {dim}")
+                emb[rows[ok]] = t["embedding"][ok]
+                hashes[rows[ok]] = t["text_hash"][ok]
+        self._emb[key], self._emb_hash[key] = emb, hashes
+
+    async def ensure_embeddings(self, key: str, encode_bulk: BulkEncodeFn, dim: int, only: np.ndarray | None = None) -> int:
+        """Embed the rows of `key` that are missing or stale (or only those in `only`); returns how many."""
+        if key not in self._emb:
+            self._load_embeddings(key, dim)
+        stale = self.stale_rows(key)
+        if only is not None:
+            stale = np.intersect1d(stale, only)
+        if stale.size == 0:
+            return 0
+        texts = [self.texts[k] for k in stale]
+        hashes = self.text_hash[stale].copy()
+        vectors = np.asarray(await encode_bulk(texts), dtype=np.float32)
+        if self.state_dir is not None:
+            from safetensors.numpy import save_file
+
+            d = self.state_dir / "embeddings" / key
+            d.mkdir(parents=True, exist_ok=True)
+            meta = {"item_ids": json.dumps([self.item_ids[k] for k in stale])}
+            path = d / f"emb-{_next_seq(d, 'emb'):08d}.safetensors"
+            _write_atomic(path, lambda p: save_file({"embedding": vectors, "text_hash": hashes}, str(p), metadata=meta))
+        self._emb[key][stale] = vectors
+        self._emb_hash[key][stale] = hashes
+        return int(stale.size)
