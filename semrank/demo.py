@@ -34,7 +34,12 @@ async def _rank_some_users(data_dir: Path, bundle_dir: Path, seed: int) -> None:
     ds = read_dataset(data_dir)
     titles = dict(zip(ds.items["item_id"].to_list(), ds.items["title"].to_list()))
     cats = dict(zip(ds.items["item_id"].to_list(), ds.items["category"].to_list()))
-    server = RankingServer(ServeConfig(bundle_dir=bundle_dir, data_dir=data_dir, port=0))
+    state_dir = data_dir.parent / "state"
+    if state_dir.exists():
+        import shutil
+
+        shutil.rmtree(state_dir)  # a fresh event log and exposure log for every demo run
+    server = RankingServer(ServeConfig(bundle_dir=bundle_dir, data_dir=data_dir, state_dir=state_dir, port=0, reload_poll_s=0))
     t0 = time.monotonic()
     port = await server.start()
     print(f"\n== serving on 127.0.0.1:{port} (Triton + gRPC up in {time.monotonic() - t0:.1f}s)")
@@ -72,12 +77,40 @@ async def _rank_some_users(data_dir: Path, bundle_dir: Path, seed: int) -> None:
                 for it in resp.items:
                     if it.item_id in inline:
                         print(f"   the unseen inline item '{it.item_id}' was scored from its text: rank {it.rank}, score {it.score:+.3f}")
+            await _events_then_rank(stub, pb, ds, titles, cats, rng)
             try:
                 await stub.Rank(pb.RankRequest(user_id="", candidates=[]))
             except grpc.aio.AioRpcError as e:
                 print(f"\n-- a malformed request gets {e.code().name}: {e.details()}")
     finally:
         await server.stop()
+
+
+async def _events_then_rank(stub, pb, ds, titles, cats, rng) -> None:
+    """A brand-new user buys two items (LogEvents); the very next Rank already uses them."""
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    user = "demo-new-customer"
+    cat = ds.items["category"].drop_nulls().unique(maintain_order=True)[0]
+    in_cat = ds.items.filter(pl.col("category") == cat)["item_id"].to_list()
+    others = ds.items.filter(pl.col("category") != cat)["item_id"].to_list()
+    bought = in_cat[:2]
+    ts = Timestamp()
+    ts.GetCurrentTime()
+
+    async def events():
+        yield pb.LogEventsRequest(events=[pb.Event(ts=ts, user_id=user, item_id=i, type=pb.EVENT_TYPE_PURCHASE) for i in bought]
+                                  + [pb.Event(ts=ts, user_id=user, item_id="", type=pb.EVENT_TYPE_CLICK)])
+
+    ack = await stub.LogEvents(events())
+    print(f"\n-- LogEvents for {user}: bought {'; '.join(titles[i] for i in bought)} [{cat}]")
+    print(f"   accepted {ack.accepted}, rejected {ack.rejected}: " + "; ".join(r.reason for r in ack.rejections))
+    cands = [pb.RankCandidate(item_id=i) for i in list(rng.choice(others, size=12, replace=False)) + in_cat[2:6]]
+    resp = await stub.Rank(pb.RankRequest(user_id=user, candidates=cands, top_k=5, explain=True))
+    print(f"   the next Rank (top 5 of {len(cands)}, 4 of them from {cat}), with explanations by feature family:")
+    for it in resp.items:
+        parts = ", ".join(f"{c.family} {c.contribution:+.2f}" for c in it.contributions if abs(c.contribution) >= 0.01)
+        print(f"   {it.rank:2d}. {it.score:+.3f}  [{cats.get(it.item_id)}] {titles[it.item_id]}\n       {parts}")
 
 
 def run_demo(workdir: Path, seed: int = 0, users: int = 1500, items: int = 800, days: int = 28) -> int:
