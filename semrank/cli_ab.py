@@ -70,7 +70,8 @@ def run_ab_report(args) -> int:
     events, items = read_outcome_events(args.events, args.items)
     prep = prepare(exposures, events, items, window, args.experiment)
     if torn:
-        prep.notes.append(f"{torn} torn last line(s) of the newest exposure file ignored (still being written)")
+        prep.notes.append(f"{torn} torn last line(s) of exposure files skipped (writes cut short by a crash "
+                          "or still in progress; the log names them)")
     shares, source = None, None
     if args.shares:
         shares, source = parse_shares(args.shares), f"--shares {args.shares}"

@@ -1,13 +1,9 @@
-"""Exposure log: one JSON line per Rank, written off the request path; `semrank ab report` reads it.
+"""Exposure log writer: one JSON line per Rank, written off the request path; `semrank ab report` reads it.
 
-Each line has exactly these keys, in this order:
-
-    {"ts": "2026-12-01T10:00:00.123456Z", "request_id": "...", "user_id": "...", "experiment": "...",
-     "variant": "...", "bundle_version": "...", "item_ids": ["best", "second", ...]}
-
-`ts` is the server's UTC time of the Rank (always 6 fractional digits); experiment and variant are ""
-for users in no experiment, so the log doubles as an impression log. Files are
-`exposures-<UTC yyyymmddTHHMMSS>-<seq>.jsonl`; a process never appends to a file it did not create.
+The format (keys, ts format, file names) and the reader live in `featurizer.exposures`, the data
+contract shared with training; `read_exposures` and `read_exposures_report` are re-exported here.
+Files are `exposures-<UTC yyyymmddTHHMMSS>-<seq>.jsonl`; a process never appends to a file it did
+not create, so a torn last line (a crash mid-write) stays the last line of its file.
 
 `ExposureLog.record()` only appends to an in-memory buffer under a lock that the writer thread holds
 for a list swap, never across I/O; when the writer is more than `max_backlog` records behind, new
@@ -25,24 +21,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Callable, Iterable
 
-import polars as pl
+from featurizer.exposures import (  # noqa: F401  (FILE_GLOB, SCHEMA and the reader are re-exported)
+    FILE_GLOB,
+    FILE_PREFIX,
+    FILE_SUFFIX,
+    KEYS,
+    SCHEMA,
+    TS_FORMAT,
+    ExposureLogError,
+    ExposureRead,
+    read_exposures,
+    read_exposures_report,
+)
 
 log = logging.getLogger(__name__)
-
-FILE_GLOB = "exposures-*.jsonl"
-TS_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
-KEYS = ("ts", "request_id", "user_id", "experiment", "variant", "bundle_version", "item_ids")
-SCHEMA = pl.Schema(
-    {
-        "ts": pl.Datetime("us", "UTC"),
-        "request_id": pl.String,
-        "user_id": pl.String,
-        "experiment": pl.String,
-        "variant": pl.String,
-        "bundle_version": pl.String,
-        "item_ids": pl.List(pl.String),
-    }
-)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -214,7 +206,7 @@ class ExposureLog:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
         while True:
             self._seq += 1
-            path = self.directory / f"exposures-{stamp}-{self._seq:06d}.jsonl"
+            path = self.directory / f"{FILE_PREFIX}{stamp}-{self._seq:06d}{FILE_SUFFIX}"
             try:
                 self._file = path.open("xb")  # never append to another process's (or run's) file
                 break
@@ -233,81 +225,3 @@ class ExposureLog:
         except OSError:
             if not quiet:
                 raise
-
-
-class ExposureLogError(ValueError):
-    """A line of an exposure file is not a valid exposure record."""
-
-
-@dataclass(frozen=True)
-class ExposureRead:
-    frame: pl.DataFrame
-    files: list[Path]
-    torn_lines: list[tuple[Path, int]]  # (file, 1-based line) skipped as torn writes
-
-
-def read_exposures(path: Path | str) -> pl.DataFrame:
-    """Read one exposure file, or every exposures-*.jsonl in a directory (in name order); see read_exposures_report."""
-    return read_exposures_report(path).frame
-
-
-def read_exposures_report(path: Path | str) -> ExposureRead:
-    """Like read_exposures, also returning the files read and the torn lines skipped.
-
-    A torn write is a file's last line that lacks its newline and does not parse (a writer that crashed
-    or is mid-write). It is skipped, counted and logged. Any other bad line raises ExposureLogError
-    naming the file and line number.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such exposure file or directory")
-    files = sorted(path.glob(FILE_GLOB)) if path.is_dir() else [path]
-    cols: dict[str, list] = {k: [] for k in KEYS}
-    where: list[tuple[Path, int]] = []
-    torn: list[tuple[Path, int]] = []
-    for f in files:
-        lines = f.read_bytes().split(b"\n")
-        unterminated = lines.pop()  # b"" when the file ends with a newline
-        for n, line in enumerate(lines, 1):
-            _append(cols, _parse_line(line, f, n), f, n)
-            where.append((f, n))
-        if unterminated:
-            n = len(lines) + 1
-            try:
-                obj = json.loads(unterminated)
-            except ValueError:
-                torn.append((f, n))
-                continue
-            _append(cols, _parse_line(unterminated, f, n, obj), f, n)
-            where.append((f, n))
-    if torn:
-        log.warning("skipped %d torn exposure lines: %s", len(torn), ", ".join(f"{p}:{n}" for p, n in torn))
-    raw = pl.DataFrame(cols, schema={**SCHEMA, "ts": pl.String})
-    ts = raw["ts"].str.strptime(pl.Datetime("us", "UTC"), "%Y-%m-%dT%H:%M:%S%.6fZ", strict=False)
-    if ts.null_count():
-        f, n = where[ts.is_null().arg_true()[0]]
-        raise ExposureLogError(f"{f}:{n}: ts must look like 2026-12-01T10:00:00.123456Z (UTC, 6 fractional digits)")
-    return ExposureRead(raw.with_columns(ts=ts), files, torn)
-
-
-def _parse_line(line: bytes, f: Path, n: int, obj: object = None) -> dict:
-    if obj is None:
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise ExposureLogError(f"{f}:{n}: not valid JSON ({e})") from e
-    if not isinstance(obj, dict) or obj.keys() != set(KEYS):
-        got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-        raise ExposureLogError(f"{f}:{n}: expected exactly the keys {list(KEYS)}, got {got}")
-    return obj
-
-
-def _append(cols: dict[str, list], obj: dict, f: Path, n: int) -> None:
-    for k in KEYS[:-1]:
-        if not isinstance(obj[k], str):
-            raise ExposureLogError(f"{f}:{n}: {k} must be a string")
-        cols[k].append(obj[k])
-    ids = obj["item_ids"]
-    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-        raise ExposureLogError(f"{f}:{n}: item_ids must be a list of strings")
-    cols["item_ids"].append(ids)

@@ -1,9 +1,9 @@
 """A/B analysis inputs: exposure logs, events, attribution and the per-user table the statistics use.
 
-Exposures are the server's record of each Rank answer, JSON Lines files `exposures-*.jsonl`:
-
-    {"ts": "2026-12-01T10:00:00.123456Z", "request_id": "...", "user_id": "...", "experiment": "...",
-     "variant": "...", "bundle_version": "...", "item_ids": ["best", "second", ...]}
+Exposures are the server's record of each Rank answer, JSON Lines files `exposures-*.jsonl` in the
+format of `featurizer.exposures`, which also reads them (torn last lines skipped, any other bad line
+an `ExposureLogError` naming file:line). `read_exposures` here adds what the analysis needs: a
+directory without exposure files is an error, and the rows are sorted by ts.
 
 An outcome event (click, add_to_cart, purchase of the data contract) counts for an exposure when
 - its `request_id` is that exposure's, the user is the same and the item was in the list (no time
@@ -18,9 +18,7 @@ the statistics work on these per-user sums.
 
 from __future__ import annotations
 
-import io
 import json
-import logging
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -29,25 +27,14 @@ from pathlib import Path
 
 import polars as pl
 
+from featurizer.exposures import ExposureLogError  # noqa: F401  (raised by read_exposures; re-exported)
+from featurizer.exposures import FILE_GLOB, read_exposures_report
 from featurizer.schema import read_dataset, read_events, read_items
 
-log = logging.getLogger(__name__)
-
-EXPOSURE_GLOB = "exposures-*.jsonl"
-EXPOSURE_SCHEMA = {
-    "ts": pl.Utf8, "request_id": pl.Utf8, "user_id": pl.Utf8, "experiment": pl.Utf8, "variant": pl.Utf8,
-    "bundle_version": pl.Utf8, "item_ids": pl.List(pl.Utf8),
-}
-TS_FORMAT = "%Y-%m-%dT%H:%M:%S%.fZ"  # UTC; the fraction is optional
-_REQUIRED = ("ts", "request_id", "user_id", "variant", "item_ids")
 OUTCOMES = ("click", "add_to_cart", "purchase")
 DEFAULT_WINDOW = "30m"
 _WINDOW_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-class ExposureLogError(ValueError):
-    """An exposure file breaks its format; the message names the file and the 1-based line."""
 
 
 def parse_window(text: str) -> timedelta:
@@ -73,82 +60,17 @@ def format_window(window: timedelta) -> str:
 # --------------------------------------------------------------------------- exposures
 
 
-def exposure_files(path: str | Path) -> list[Path]:
-    """A file, or the `exposures-*.jsonl` files of a directory (sorted by name)."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(path.glob(EXPOSURE_GLOB))
-        if files:
-            return files
-        raise FileNotFoundError(f"{path}: no {EXPOSURE_GLOB} files")
-    raise FileNotFoundError(f"{path}: no such exposure file or directory")
-
-
-def _bad_line(data: bytes) -> tuple[int, str]:
-    """1-based line number and reason of the first line that is not a JSON object (error path only)."""
-    for k, line in enumerate(data.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            return k, f"not valid JSON ({e.msg})"
-        if not isinstance(obj, dict):
-            return k, "not a JSON object"
-        if not isinstance(obj.get("item_ids", []), list):
-            return k, "item_ids must be a list of strings"
-    return 0, "unreadable"
-
-
-def _read_exposure_file(path: Path, newest: bool) -> tuple[pl.DataFrame, int]:
-    """One file; the newest may end in a torn line (the writer is still appending): it is dropped."""
-    data = path.read_bytes()
-    torn = 0
-    cut = data.rfind(b"\n") + 1
-    tail = data[cut:]
-    if tail.strip():
-        try:
-            json.loads(tail)
-        except json.JSONDecodeError:
-            if not newest:
-                line = data.count(b"\n") + 1
-                raise ExposureLogError(f"{path}: line {line}: torn last line in a file that is no longer written "
-                                       "(the writer stopped mid-record); delete that line and rerun") from None
-            data, torn = data[:cut], 1
-            log.warning("%s: ignoring a torn last line (still being written)", path)
-    try:
-        df = pl.read_ndjson(io.BytesIO(data), schema=EXPOSURE_SCHEMA)
-    except (pl.exceptions.ComputeError, pl.exceptions.SchemaError) as e:
-        line, why = _bad_line(data)
-        raise ExposureLogError(f"{path}: line {line}: {why}") from e
-    for col in _REQUIRED:
-        bad = df[col].is_null().arg_true()
-        if len(bad):
-            raise ExposureLogError(f"{path}: line {int(bad[0]) + 1}: missing '{col}'; every record needs "
-                                   f"{', '.join(_REQUIRED)}")
-    ts = df["ts"].str.to_datetime(format=TS_FORMAT, time_zone="UTC", time_unit="us", strict=False)
-    bad = (ts.is_null()).arg_true()
-    if len(bad):
-        raise ExposureLogError(f"{path}: line {int(bad[0]) + 1}: unparsable ts {df['ts'][int(bad[0])]!r}; "
-                               "expected ISO 8601 UTC such as 2026-12-01T10:00:00.123456Z")
-    return df.with_columns(ts.alias("ts"), pl.col("experiment").fill_null(""),
-                           pl.col("bundle_version").fill_null("")), torn
-
-
 def read_exposures(path: str | Path) -> tuple[pl.DataFrame, int]:
-    """All exposures under `path`, sorted by ts, and the number of torn lines dropped.
+    """All exposures under `path` (a file, or a directory of exposures-*.jsonl), sorted by ts (file
+    order within one instant), and the number of torn last lines skipped (`featurizer.exposures`).
 
-    The newest file (latest modification time) may end in a torn line; anywhere else one is an error."""
-    files = exposure_files(path)
-    newest = max(files, key=lambda p: (p.stat().st_mtime, p.name))
-    frames, torn = [], 0
-    for f in files:
-        df, t = _read_exposure_file(f, newest=f == newest)
-        frames.append(df)
-        torn += t
-    return pl.concat(frames).sort("ts", maintain_order=True), torn
+    A directory without exposure files raises FileNotFoundError: a report on nothing is a wrong path.
+    Repeated request_ids are kept here; `prepare` counts each once."""
+    read = read_exposures_report(path)
+    if not read.files:
+        raise FileNotFoundError(f"{path}: no {FILE_GLOB} files; pass the exposure directory of the server "
+                                "(STATE/exposures) or one exposure file")
+    return read.frame.sort("ts", maintain_order=True), len(read.torn_lines)
 
 
 def select_experiment(exposures: pl.DataFrame, name: str | None) -> str:

@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 import polars as pl
 import pytest
 
-from serving.exposure_log import KEYS, Exposure, ExposureLog, ExposureLogError, read_exposures, read_exposures_report
+from serving.exposure_log import KEYS, Exposure, ExposureLog, read_exposures, read_exposures_report
 
 TS = datetime(2026, 12, 1, 10, 0, 0, 123456, tzinfo=timezone.utc)
 NAME = re.compile(r"exposures-\d{8}T\d{6}-\d{6}\.jsonl")
@@ -131,44 +131,19 @@ def test_torn_last_line_is_skipped_and_counted(tmp_path, caplog):
         f.write(exposure(3).to_json().encode()[:40])
     with older.open("ab") as f:  # a crashed earlier writer leaves its (then newest) file torn too
         f.write(b'{"ts": "2026-12-0')
-    with caplog.at_level(logging.WARNING, logger="serving.exposure_log"):
+    with caplog.at_level(logging.WARNING, logger="featurizer.exposures"):  # the reader lives there
         report = read_exposures_report(tmp_path)
     assert report.frame["request_id"].to_list() == ["r0", "r1", "r2"]
     assert report.torn_lines == [(older, 2), (newest, 2)]
     assert "2 torn" in caplog.text
 
 
-def test_unterminated_but_complete_last_line_is_kept(tmp_path):
-    p = tmp_path / "exposures-20261201T100000-000001.jsonl"
-    p.write_text(exposure(0).to_json())
-    assert read_exposures(p)["request_id"].to_list() == ["r0"]
+def test_the_reader_is_the_shared_contract_reader():
+    import featurizer.exposures as contract
+    import serving.exposure_log as writer
 
-
-@pytest.mark.parametrize(
-    "bad_line, words",
-    [
-        ("{not json", "not valid JSON"),
-        (json.dumps({k: "x" for k in KEYS[:-1]}), "expected exactly the keys"),
-        (json.dumps({**json.loads(exposure(0).to_json()), "extra": 1}), "expected exactly the keys"),
-        (json.dumps({**json.loads(exposure(0).to_json()), "user_id": 7}), "user_id must be a string"),
-        (json.dumps({**json.loads(exposure(0).to_json()), "item_ids": [1]}), "item_ids must be a list of strings"),
-        (json.dumps({**json.loads(exposure(0).to_json()), "ts": "yesterday"}), "ts must look like"),
-    ],
-)
-def test_bad_lines_raise_with_file_and_line(tmp_path, bad_line, words):
-    p = tmp_path / "exposures-20261201T100000-000001.jsonl"
-    good = exposure(0).to_json()
-    p.write_text(f"{good}\n{bad_line}\n{good}\n")  # newline-terminated, so never mistaken for a torn write
-    with pytest.raises(ExposureLogError) as e:
-        read_exposures(tmp_path)
-    assert f"{p}:2: " in str(e.value) and words in str(e.value)
-
-
-def test_missing_path_raises_and_empty_directory_reads_empty(tmp_path):
-    with pytest.raises(FileNotFoundError):
-        read_exposures(tmp_path / "nope")
-    df = read_exposures(tmp_path)
-    assert df.height == 0 and df.columns == list(KEYS)
+    assert writer.read_exposures is contract.read_exposures and writer.KEYS is contract.KEYS
+    assert writer.read_exposures_report is contract.read_exposures_report
 
 
 def test_concurrent_records_lose_nothing(tmp_path):

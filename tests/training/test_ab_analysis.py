@@ -130,20 +130,14 @@ def test_prepare_keeps_each_user_in_the_first_variant_and_dedupes_request_ids():
 # --------------------------------------------------------------------------- reading exposures and options
 
 
-def test_read_exposures_drops_a_torn_last_line_of_the_newest_file_only(tmp_path):
-    import os
-
+def test_read_exposures_sorts_by_ts_and_skips_torn_last_lines_of_any_file(tmp_path):
+    """The reader is featurizer.exposures (tests/featurizer/test_exposures.py); here: what the analysis adds."""
     old, new = tmp_path / "exposures-2026-12-01.jsonl", tmp_path / "exposures-2026-12-02.jsonl"
-    _write_jsonl(old, [_exposure("r1", "u1", ["a"], T0)])
-    _write_jsonl(new, [_exposure("r2", "u2", ["b"], T0 + timedelta(days=1))], tail='{"ts": "2026-12-02T1')
-    os.utime(old, (1, 1))  # the newest file is the most recently modified one
+    _write_jsonl(old, [_exposure("r2", "u2", ["b"], T0 + timedelta(days=1))], tail='{"ts": "2026-12-01T1')
+    _write_jsonl(new, [_exposure("r1", "u1", ["a"], T0), _exposure("r1", "u1", ["a"], T0)], tail='{"ts": "2026-12-02T1')
     df, torn = read_exposures(tmp_path)
-    assert df["request_id"].to_list() == ["r1", "r2"] and torn == 1
-    assert df.schema["ts"] == pl.Datetime("us", "UTC") and df["item_ids"].to_list() == [["a"], ["b"]]
-    os.utime(new, (1, 1))
-    os.utime(old, None)  # now the torn line sits in a file that is no longer written
-    with pytest.raises(ExposureLogError, match=r"exposures-2026-12-02.jsonl: line 2: torn last line"):
-        read_exposures(tmp_path)
+    assert df["request_id"].to_list() == ["r1", "r1", "r2"] and torn == 2  # sorted by ts; prepare dedupes
+    assert df.schema["ts"] == pl.Datetime("us", "UTC") and df["item_ids"].to_list() == [["a"], ["a"], ["b"]]
 
 
 def test_read_exposures_names_file_and_line_of_a_bad_record(tmp_path):
@@ -151,13 +145,13 @@ def test_read_exposures_names_file_and_line_of_a_bad_record(tmp_path):
     bad = dict(rec, request_id="r2")
     del bad["user_id"]
     _write_jsonl(tmp_path / "exposures-1.jsonl", [rec, bad])
-    with pytest.raises(ExposureLogError, match=r"exposures-1.jsonl: line 2: missing 'user_id'"):
+    with pytest.raises(ExposureLogError, match=r"exposures-1.jsonl:2: expected exactly the keys"):
         read_exposures(tmp_path)
     (tmp_path / "exposures-1.jsonl").write_text(json.dumps(rec) + "\n{not json}\n" + json.dumps(rec) + "\n")
-    with pytest.raises(ExposureLogError, match=r"line 2: not valid JSON"):
+    with pytest.raises(ExposureLogError, match=r"exposures-1.jsonl:2: not valid JSON"):
         read_exposures(tmp_path)
     _write_jsonl(tmp_path / "exposures-1.jsonl", [dict(rec, ts="yesterday")])
-    with pytest.raises(ExposureLogError, match=r"line 1: unparsable ts 'yesterday'"):
+    with pytest.raises(ExposureLogError, match=r"exposures-1.jsonl:1: ts must look like .*'yesterday'"):
         read_exposures(tmp_path)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"empty: no exposures-\*.jsonl files"):
