@@ -30,8 +30,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from featurizer.features import PRIOR_CTR, PRIOR_STRENGTH, smoothed_rate
-from featurizer.schema import EVENT_TYPES
+from featurizer.schema import ENGAGEMENTS, EVENT_TYPES
 
 US_PER_MINUTE = 60_000_000
 US_PER_HOUR = 60 * US_PER_MINUTE
@@ -44,8 +43,12 @@ FAMILIES = ("text", "popularity", "personal", "cooccurrence", "price", "context"
 EVENT_PLURALS = ("impressions", "clicks", "add_to_carts", "purchases")
 assert len(EVENT_PLURALS) == len(EVENT_TYPES)
 EVENT_CODE = {e: k for k, e in enumerate(EVENT_TYPES)}
-ENGAGEMENT_CODES = (EVENT_CODE["click"], EVENT_CODE["add_to_cart"], EVENT_CODE["purchase"])
+ENGAGEMENT_CODES = tuple(EVENT_CODE[e] for e in ENGAGEMENTS)
 
+# Beta prior of the click-through rate: a new item starts near PRIOR_CTR and needs about
+# PRIOR_STRENGTH impressions before its own data dominates.
+PRIOR_CTR = 0.05
+PRIOR_STRENGTH = 20.0
 # Conversion (purchases / clicks) prior: about 1 purchase in 10 clicks, worth 10 clicks.
 PRIOR_CVR = 0.1
 PRIOR_CVR_STRENGTH = 10.0
@@ -115,6 +118,12 @@ class FeatureParams:
         spec = {"layout": 2, "params": asdict(self), "windows": [asdict(w) for w in WINDOWS.values()],
                 "item_windows": ITEM_WINDOWS, "user_windows": USER_WINDOWS}
         return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def smoothed_rate(successes, trials, prior_rate: float = PRIOR_CTR, prior_strength: float = PRIOR_STRENGTH):
+    """Beta-smoothed rate (successes + prior_rate * prior_strength) / (trials + prior_strength);
+    works on polars expressions, numpy arrays and plain numbers alike."""
+    return (successes + prior_rate * prior_strength) / (trials + prior_strength)
 
 
 # ---------------------------------------------------------------- registry

@@ -20,8 +20,10 @@ from pathlib import Path
 import polars as pl
 
 EVENT_TYPES: tuple[str, ...] = ("impression", "click", "add_to_cart", "purchase")
-# Event strength, used for graded labels and for ordering a user's history.
+# Event strength, used for graded labels and for the weight of a training pair.
 EVENT_STRENGTH: dict[str, int] = {"impression": 0, "click": 1, "add_to_cart": 2, "purchase": 3}
+# Events that count as the user engaging with the item (strength > 0).
+ENGAGEMENTS: tuple[str, ...] = tuple(e for e in EVENT_TYPES if EVENT_STRENGTH[e] > 0)
 
 ITEM_REQUIRED = ("item_id", "title")
 ITEM_OPTIONAL_STR = ("description", "category", "brand")

@@ -3,7 +3,9 @@
 A pair is (user history -> target item) with a weight and optional hard
 negatives. Histories are item indices, most recent first, strictly before the
 target, cut to `history_items`; the user text is `featurizer.text.history_text`
-of their titles, as serving builds it.
+of their titles, as serving builds it. With impression lists the history is
+`featurizer.offline.user_recent_items`, the offline twin of the serving
+history `OnlineFeatures.history` (ties at one instant: by item id).
 
 Two time-respecting splits:
 
@@ -36,8 +38,8 @@ import numpy as np
 import polars as pl
 import torch
 
-from featurizer.features import ENGAGEMENTS, user_histories
-from featurizer.schema import EVENT_STRENGTH, Dataset
+from featurizer.offline import user_recent_items
+from featurizer.schema import ENGAGEMENTS, EVENT_STRENGTH, Dataset
 from featurizer.text import history_text, item_text_expr
 from ranker.encoder import mean_pool
 from training.loo import loo_split
@@ -195,6 +197,12 @@ def loo_pairs(ds: Dataset, history_items: int, val_users: int, n_negatives: int,
     return EncoderData(item_ids, titles, item_texts, users, pairs, [np.unique(s) for s in seqs], valid, info)
 
 
+def _histories(ds: Dataset, queries: pl.DataFrame, history_items: int) -> pl.DataFrame:
+    """`queries` (user_id, ts, ...) plus `history`: the user text's items as serving picks them
+    (`OnlineFeatures.history`): last distinct engaged items before ts, most recent first, ties by item id."""
+    return user_recent_items(ds.events.lazy(), ds.items.lazy(), queries.lazy(), history_items).collect()
+
+
 def impression_pairs(
     ds: Dataset,
     history_items: int,
@@ -219,11 +227,10 @@ def impression_pairs(
             f"time split left no engaged training or validation lists (lists span {rows['ts'].min()} .. {end}, "
             f"validation from {valid_start}, test from {test_start}); lower --test-days/--valid-days"
         )
-    events = ds.events.lazy()
     # Training positives with their list's non-engaged items as hard negatives.
     pos_all = train.filter(pl.col("label") > 0)
     negs = train.filter(pl.col("label") == 0).group_by("request_id").agg(pl.col("item_id").alias("_neg"))
-    pos = user_histories(events, pos_all.join(negs, on="request_id", how="left").lazy(), history_items).collect()
+    pos = _histories(ds, pos_all.join(negs, on="request_id", how="left"), history_items)
     pos = pos.filter(pl.col("history").list.len() > 0)
     user_names = sorted(set(pos_all["user_id"].to_list()))
     user_index = {u: k for k, u in enumerate(user_names)}
@@ -250,7 +257,7 @@ def impression_pairs(
         .sort("ts", "request_id", "position")
         .unique("user_id", keep="first", maintain_order=True)
     )
-    first = user_histories(events, first.lazy(), history_items).collect().filter(pl.col("history").list.len() > 0).sort("user_id")
+    first = _histories(ds, first, history_items).filter(pl.col("history").list.len() > 0).sort("user_id")
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(first.height, min(val_users, first.height), replace=False))
     first = first.select(pl.all().gather(chosen))

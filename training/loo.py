@@ -17,8 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from featurizer.features import ENGAGEMENTS
-from featurizer.schema import Dataset
+from featurizer.schema import ENGAGEMENTS, Dataset
 
 MIN_SEQUENCE = 3
 

@@ -35,9 +35,8 @@ import numpy as np
 import polars as pl
 
 from featurizer.definitions import FAMILY, NAMES
-from featurizer.features import ENGAGEMENTS
 from featurizer.offline import offline_features, user_recent_items
-from featurizer.schema import Dataset
+from featurizer.schema import ENGAGEMENTS, Dataset
 from featurizer.text import history_text
 from ranker.bundle import EncoderRef, save_bundle
 from training.loo import LooSplit

@@ -241,6 +241,26 @@ def test_impression_pairs_train_on_the_past_with_shown_hard_negatives(tiny_shop)
         assert first >= valid_start  # validation: newly engaged inside the window
 
 
+def test_impression_pair_histories_are_the_serving_history(tiny_shop):
+    """Training user texts use the history serving builds (OnlineFeatures.history == user_recent_items)."""
+    from featurizer.offline import user_recent_items
+    from training.ranker_training import impression_lists
+
+    _, ds = tiny_shop
+    data = impression_pairs(ds, history_items=5, val_users=50, n_negatives=20, negative_pool=None, seed=0, test_days=1, valid_days=1)
+    valid_start = datetime.fromisoformat(data.split["train_end_exclusive"])
+    catalog = set(data.item_ids)
+    lists = impression_lists(ds.events).filter(pl.col("item_id").is_in(list(catalog)))
+    positives = lists.filter((pl.col("ts") < valid_start) & (pl.col("label") > 0))
+    expected = user_recent_items(ds.events.lazy(), ds.items.lazy(), positives.lazy(), 5).collect()
+    expected = sorted((u, t, tuple(i for i in h if i in catalog)) for u, t, h in
+                      expected.filter(pl.col("history").list.len() > 0).select("user_id", "item_id", "history").iter_rows())
+    p = data.pairs
+    got = sorted((data.users[p.user[r]], data.item_ids[p.target[r]],
+                  tuple(data.item_ids[i] for i in p.history[r] if i != NO_ITEM)) for r in range(len(p)))
+    assert got == expected and len(got) > 0
+
+
 # ---------------------------------------------------------------- end to end
 
 
