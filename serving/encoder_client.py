@@ -14,7 +14,16 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DIM = 384  # all-MiniLM-L6-v2; replaced by what the server returns on the first call
+DEFAULT_DIM = 384
+# tritonclient's defaults, plus a short reconnect back-off: gRPC's default grows to 120 s, so after a
+# long Triton outage the client noticed the restarted server only seconds later.
+CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", 2**31 - 1),
+    ("grpc.max_receive_message_length", 2**31 - 1),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]  # all-MiniLM-L6-v2; replaced by what the server returns on the first call
 
 
 # gRPC codes after which the same request may well succeed if sent again soon.
@@ -75,7 +84,7 @@ class EncoderClient:
         if self._client is None:
             import tritonclient.grpc.aio as grpcclient_aio
 
-            self._client = grpcclient_aio.InferenceServerClient(url=self.url)
+            self._client = grpcclient_aio.InferenceServerClient(url=self.url, channel_args=CHANNEL_ARGS)
         return self._client
 
     def _unavailable(self, what: str, err: BaseException) -> EncoderUnavailable:
