@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
-import threading
 from datetime import datetime, timezone
 
 import grpc
@@ -22,31 +20,13 @@ from featurizer.text import history_text, item_text_expr
 from ranker.bundle import load_bundle
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
-from serving.server import SERVICE_NAME, RankingServer, ServeConfig
+from serving.server import SERVICE_NAME, ServeConfig
 from serving.validation import Limits
+from tests.integration.serving_kit import ServerThread
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 MAX_CANDIDATES = 50
-
-
-class ServerThread:
-    """Runs RankingServer on its own event loop in a thread, so tests can use a plain blocking channel."""
-
-    def __init__(self, cfg: ServeConfig):
-        self.server = RankingServer(cfg)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        self.port = asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(timeout=600)
-        return self
-
-    def __exit__(self, *exc):
-        asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(timeout=120)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
