@@ -97,7 +97,7 @@ class Metrics:
             self.rejected_total.labels(reason=reason)
         for result in ("accepted", "rejected"):
             self.events_total.labels(result=result)
-        for result in ("ok", "error"):
+        for result in ("ok", "rejected"):
             self.bundle_reloads_total.labels(result=result)
         self._error_kinds: set[str] = set()
         self._http: tuple[WSGIServer, threading.Thread] | None = None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from datetime import datetime, timezone
 
 import grpc
@@ -22,7 +21,7 @@ from semrank.ranking.v1 import ranking_service_pb2 as pb
 from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
 from serving.server import SERVICE_NAME, ServeConfig
 from serving.validation import Limits
-from tests.integration.serving_kit import ServerThread
+from tests.integration.serving_kit import ServerThread, tritonservers_in_group
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -34,10 +33,12 @@ def service(small_shop, small_bundle):
     bundle_dir, _ = small_bundle
     cfg = ServeConfig(bundle_dir=bundle_dir, data_dir=small_shop, port=0, limits=Limits(max_candidates=MAX_CANDIDATES))
     with ServerThread(cfg) as st:
+        groups = [t.pid for t in st.server.tritons.values()]  # each Triton worker leads its own process group
+        assert groups, "the server started no Triton"
         with grpc.insecure_channel(f"127.0.0.1:{st.port}") as channel:
             yield st, channel
-    left = subprocess.run(["pgrep", "-af", "bin/tritonserver"], capture_output=True, text=True).stdout
-    assert not [line for line in left.splitlines() if "<defunct>" not in line], f"tritonserver left behind: {left}"
+    left = {g: tritonservers_in_group(g) for g in groups}
+    assert not any(left.values()), f"tritonserver left behind (process group -> pids): {left}"
 
 
 @pytest.fixture(scope="module")
