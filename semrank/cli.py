@@ -179,7 +179,7 @@ def _plugins():
 
 
 # Modules that add subcommands (imported only to build the parser; heavy imports stay inside handlers).
-PLUGIN_MODULES: list[str] = ["semrank.cli_eval", "semrank.cli_export", "semrank.cli_train_encoder", "semrank.cli_ab"]
+PLUGIN_MODULES: list[str] = ["semrank.cli_eval", "semrank.cli_export", "semrank.cli_train_encoder", "semrank.cli_ab", "semrank.cli_score"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -159,6 +159,32 @@ def _records(path: Path, first_seq: int, stop_after: int | None = None) -> Itera
             yield rec_seq, count, payload, end
 
 
+def read_log(directory: Path, after_seq: int = 0) -> Iterator[tuple[int, LoggedEvent]]:
+    """(seq, event) of the events after `after_seq` in seq order, read without the writer lock.
+
+    For readers beside a live writer (batch scoring): a torn or half-written record at the end of
+    the last segment ends the read (it was not acknowledged yet); a bad record anywhere else raises
+    EventLogCorrupt. A missing directory is an empty log. Writes nothing."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    found = sorted(int(m[1]) for p in directory.iterdir() if (m := _SEGMENT_NAME.match(p.name)))
+    for k, first in enumerate(found):
+        if k + 1 < len(found) and found[k + 1] <= after_seq + 1:
+            continue
+        path = _segment_path(directory, first)
+        try:
+            for rec_seq, count, payload, _ in _records(path, first):
+                if rec_seq + count - 1 > after_seq:
+                    for seq, row in enumerate(json.loads(payload), start=rec_seq):
+                        if seq > after_seq:
+                            yield seq, LoggedEvent(*row)
+        except _Torn as t:
+            if k < len(found) - 1 or not t.torn:
+                raise EventLogCorrupt(path, t.offset, t.problem) from None
+            return
+
+
 class EventLog:
     """Append-only, fsynced event log in `directory`; one writer process (see the module docstring)."""
 

@@ -176,6 +176,31 @@ class RankingEngine:
         self._users.put(key, (history, emb))
         return emb
 
+    async def prefetch_user_embeddings(self, rt: BundleRuntime, user_ids: list[str]) -> int:
+        """Embed the history texts of many users in one bulk encoder call and cache them as
+        `user_embedding` would, so that `rank` for these users (at the same `now()`) hits the
+        cache. For batch scoring; returns how many texts were encoded. Encoder errors propagate."""
+        if not rt.uses_text or rt.encoder is None:
+            return 0
+        t = self.now()
+        n = rt.bundle.encoder.history_items
+        todo: dict[str, tuple[tuple[str, ...], str]] = {}
+        for user_id in dict.fromkeys(user_ids):
+            history = tuple(self.online.history(user_id, t, n))
+            titles = [x for x in map(self.items.title, history) if x]
+            if not titles:
+                continue
+            cached = self._users.get((rt.encoder_key, user_id))
+            if cached is None or cached[0] != history:
+                todo[user_id] = (history, history_text(titles, n))
+        if not todo:
+            return 0
+        texts = list(dict.fromkeys(text for _, text in todo.values()))
+        vectors = dict(zip(texts, await rt.encoder.encode_bulk(texts)))
+        for user_id, (history, text) in todo.items():
+            self._users.put((rt.encoder_key, user_id), (history, vectors[text]))
+        return len(texts)
+
     async def item_embeddings(self, rt: BundleRuntime, candidates: list[Candidate], rows: np.ndarray,
                               timeout_s: float | None, reasons: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """(embeddings, has-embedding mask, ids with no catalog entry and no inline text)."""

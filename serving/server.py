@@ -3,7 +3,8 @@
 `RankingServer.start()`:
 1. reads the data directory's items (plus items upserted earlier, from the state dir);
 2. restores the online features: from the store's snapshot when it has one, else from the
-   data directory's events; then replays the durable event log past the snapshot;
+   data directory's events; then replays the durable event log past the snapshot
+   (steps 1-2: `serving.state.build_engine`, which batch scoring uses too);
 3. loads the default bundle and every experiment bundle (each text encoder served by its
    own Triton child process with dynamic batching; catalog embeddings cached on disk);
 4. serves RankingService, grpc.health.v1 and reflection, with auth and metrics
@@ -28,29 +29,25 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from featurizer.online_features import OnlineFeatures
-from featurizer.online_store import InProcessConfig, StoreConfig, store_from_config
-from featurizer.schema import read_dataset
+from featurizer.online_store import StoreConfig
 from ranker.bundle import EncoderRef
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
-from serving.encoder_client import EncoderClient
-from serving.event_log import EventLog
+from serving.encoders import TritonEncoderOptions, triton_encoder_factory
 from serving.experiments import Experiments, load_experiments
 from serving.exposure_log import ExposureLog
 from serving.metrics import Metrics, MetricsInterceptor
 from serving.ranking import RankingEngine, utc_now
 from serving.registry import BundleRegistry, EncoderHandle, EncoderPool
-from serving.resilience import CircuitBreaker, ResilientEncoder
 from serving.security import AuthInterceptor, TlsConfig, TokenAuth
-from serving.service import LOG_SEQ_KEY, RankingService, ServingState, apply_logged
-from serving.triton_worker import TritonProcess, TritonWorkerConfig, free_port
+from serving.service import RankingService, ServingState
+from serving.state import build_engine
+from serving.triton_worker import TritonProcess
 from serving.validation import Limits
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RankingService"].full_name
-REPLAY_CHUNK = 50_000
 
 
 @dataclass(frozen=True)
@@ -104,24 +101,15 @@ class RankingServer:
     async def _start_encoder(self, ref: EncoderRef, bundle_path: Path, key: str) -> EncoderHandle:
         """A Triton child process serving this encoder, behind a deadline/retry/breaker client."""
         cfg = self.cfg
-        triton = TritonProcess(TritonWorkerConfig(
-            model_dir=ref.resolve(bundle_path), max_length=ref.max_length, grpc_port=free_port(),
-            http_port=free_port(), metrics_port=free_port(), max_queue_delay_us=cfg.triton_max_queue_delay_us,
-        ))
-        await asyncio.to_thread(triton.start)
-        client = EncoderClient(triton.grpc_url)
-        breaker = CircuitBreaker(failure_threshold=cfg.breaker_failures, open_s=cfg.breaker_open_s)
-        encoder = ResilientEncoder(client, breaker, deadline_s=cfg.encoder_timeout_s, retries=cfg.encoder_retries,
-                                   observer=self.metrics.triton_observer())
-        self.tritons[key] = triton
-
-        async def close() -> None:
-            await client.close()
-            await asyncio.to_thread(triton.stop)
-            self.tritons.pop(key, None)
-
-        probe = await encoder.encode_bulk(["semrank start-up probe"])
-        return EncoderHandle(key=key, encoder=encoder, close=close, dim=int(probe.shape[1]))
+        factory = triton_encoder_factory(
+            TritonEncoderOptions(deadline_s=cfg.encoder_timeout_s, retries=cfg.encoder_retries,
+                                 breaker_failures=cfg.breaker_failures, breaker_open_s=cfg.breaker_open_s,
+                                 max_queue_delay_us=cfg.triton_max_queue_delay_us),
+            observer=self.metrics.triton_observer(),
+            started=self.tritons.__setitem__,
+            stopped=lambda k: self.tritons.pop(k, None),
+        )
+        return await factory(ref, bundle_path, key)
 
     # ------------------------------------------------------------ state
 
@@ -133,49 +121,15 @@ class RankingServer:
         log.warning("no state dir: events, exposures and embeddings go to %s and are lost at exit", self._tmp.name)
         return Path(self._tmp.name)
 
-    def _online(self, state_dir: Path, items, events, event_log: EventLog) -> OnlineFeatures:
-        store_cfg = self.cfg.store or InProcessConfig(path=str(state_dir / "online-store.bin"))
-        store = store_from_config(store_cfg)
-        self._closers.append(store.close)
-        online = OnlineFeatures(store, items)
-        meta = store.read("meta", [LOG_SEQ_KEY])[0]
-        if online.watermark is None:
-            online.apply(events)
-            after = 0
-            log.info("online features built from %d data-dir events", events.height)
-        else:
-            after = int(meta["seq"]) if meta else 0
-            log.info("online features restored from the store (up to %s, event log seq %d)", online.watermark, after)
-        replayed = 0
-        batch = []
-        for seq, ev in event_log.replay(after):
-            batch.append(ev)
-            if len(batch) >= REPLAY_CHUNK:
-                apply_logged(online, batch, seq)
-                replayed += len(batch)
-                batch = []
-        if batch:
-            apply_logged(online, batch, seq)
-            replayed += len(batch)
-        if replayed:
-            log.info("replayed %d event(s) from the event log", replayed)
-        return online
-
     async def start(self) -> int:
         cfg = self.cfg
         try:
             state_dir = self._state_dir()
             experiments = load_experiments(cfg.experiments_file) if cfg.experiments_file else Experiments()
-            ds = read_dataset(cfg.data_dir)
-            log.info("data: %s", ds.report)
-            from serving.item_store import ItemStore
-
-            items = ItemStore(ds.items, state_dir)
-            event_log = EventLog(state_dir / "events")
-            self._closers.append(event_log.close)
-            online = self._online(state_dir, items.items, ds.events, event_log)
-            engine = RankingEngine(items=items, online=online, clock=self.clock,
-                                   on_cache=lambda c, hit: self.metrics.record_cache(c, int(hit), int(not hit)))
+            built = build_engine(cfg.data_dir, state_dir, cfg.store, self.clock,
+                                 on_cache=lambda c, hit: self.metrics.record_cache(c, int(hit), int(not hit)))
+            self._closers.extend(built.closers)  # the event log, then the online store
+            engine, event_log, items = built.engine, built.event_log, built.engine.items
             registry = BundleRegistry(engine, EncoderPool(self._encoder_factory),
                                       on_reload=lambda result, v: self._on_reload(result, v))
             self._registry = registry
