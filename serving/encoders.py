@@ -73,6 +73,20 @@ class TritonEncoderOptions:
     breaker_open_s: float = 2.0
     max_queue_delay_us: int = 2000
     bulk_timeout_s: float = 300.0  # per chunk of encode_bulk (start-up and batch jobs)
+    supervise_s: float = 2.0  # health-check period of the Triton process; 0: never restart it
+    restart_after_failed_checks: int = 3  # consecutive failed checks (dead worker or model not ready)
+
+
+def _model_ready(triton, timeout_s: float = 2.0) -> bool:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url=triton.grpc_url)
+    try:
+        return bool(client.is_model_ready(triton.config.model_name, client_timeout=timeout_s))
+    except Exception:  # noqa: BLE001 - any failure means not ready
+        return False
+    finally:
+        client.close()
 
 
 def triton_encoder_factory(opts: TritonEncoderOptions, observer=None,
@@ -99,10 +113,40 @@ def triton_encoder_factory(opts: TritonEncoderOptions, observer=None,
                                    observer=observer, bulk_timeout_s=opts.bulk_timeout_s)
         if started is not None:
             started(key, triton)
+        current = {"triton": triton}
+
+        async def supervise() -> None:
+            """Restart Triton on the same ports when it dies or stops answering (the client and
+            its breaker then find it again; answers are degraded meanwhile, never errors)."""
+            failed = 0
+            while True:
+                await asyncio.sleep(opts.supervise_s)
+                t = current["triton"]
+                ok = t.is_running() and await asyncio.to_thread(_model_ready, t)
+                failed = 0 if ok else failed + 1
+                if failed < opts.restart_after_failed_checks:
+                    continue
+                log.error("Triton for encoder %s is down (%d failed checks): restarting it on %s", key, failed, t.grpc_url)
+                await asyncio.to_thread(t.stop)
+                fresh = TritonProcess(t.config)
+                try:
+                    await asyncio.to_thread(fresh.start)
+                except Exception:  # noqa: BLE001 - try again at the next check
+                    log.exception("restarting Triton for encoder %s failed", key)
+                    await asyncio.to_thread(fresh.stop)
+                    continue
+                current["triton"], failed = fresh, 0
+                if started is not None:
+                    started(key, fresh)
+
+        watchdog = asyncio.create_task(supervise()) if opts.supervise_s > 0 else None
 
         async def close() -> None:
+            if watchdog is not None:
+                watchdog.cancel()
+                await asyncio.gather(watchdog, return_exceptions=True)
             await client.close()
-            await asyncio.to_thread(triton.stop)
+            await asyncio.to_thread(current["triton"].stop)
             if stopped is not None:
                 stopped(key)
 

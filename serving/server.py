@@ -34,6 +34,7 @@ from ranker.bundle import EncoderRef
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
 from serving.encoders import TritonEncoderOptions, triton_encoder_factory
+from serving.admission import AdmissionInterceptor
 from serving.experiments import Experiments, load_experiments
 from serving.exposure_log import ExposureLog
 from serving.metrics import Metrics, MetricsInterceptor
@@ -71,6 +72,7 @@ class ServeConfig:
     breaker_failures: int = 5
     breaker_open_s: float = 2.0
     triton_max_queue_delay_us: int = 2000
+    triton_supervise_s: float = 2.0  # restart a dead or unresponsive Triton; 0: never (tests of outages)
     grace_s: float = 5.0
     limits: Limits = field(default_factory=Limits)
 
@@ -104,7 +106,8 @@ class RankingServer:
         factory = triton_encoder_factory(
             TritonEncoderOptions(deadline_s=cfg.encoder_timeout_s, retries=cfg.encoder_retries,
                                  breaker_failures=cfg.breaker_failures, breaker_open_s=cfg.breaker_open_s,
-                                 max_queue_delay_us=cfg.triton_max_queue_delay_us),
+                                 max_queue_delay_us=cfg.triton_max_queue_delay_us,
+                                 supervise_s=cfg.triton_supervise_s),
             observer=self.metrics.triton_observer(),
             started=self.tritons.__setitem__,
             stopped=lambda k: self.tritons.pop(k, None),
@@ -165,15 +168,18 @@ class RankingServer:
 
     async def _start_grpc(self) -> None:
         cfg = self.cfg
-        interceptors = [MetricsInterceptor(self.metrics)]
+        # Metrics first (it sees every outcome, refusals included); auth last (see serving.security).
+        self.admission = AdmissionInterceptor(cfg.max_concurrent_rpcs)
+        interceptors = [MetricsInterceptor(self.metrics), self.admission]
         if cfg.tokens is not None:
             interceptors.append(AuthInterceptor(cfg.tokens))
         options = [
             ("grpc.max_receive_message_length", cfg.limits.max_message_bytes),
             ("grpc.max_send_message_length", cfg.limits.max_message_bytes),
         ]
+        # grpc's own cap is only a backstop for what the admission interceptor does not see.
         self.server = grpc.aio.server(interceptors=interceptors, options=options,
-                                      maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
+                                      maximum_concurrent_rpcs=2 * cfg.max_concurrent_rpcs + 16)
         pb_grpc.add_RankingServiceServicer_to_server(RankingService(self.state), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -193,7 +199,9 @@ class RankingServer:
         while True:
             await asyncio.sleep(every_s)
             try:
-                await asyncio.to_thread(self.state.online.store.flush)
+                # Under the apply lock: a snapshot never holds half a batch, nor a batch without its seq.
+                async with self.state.applied_lock:
+                    await asyncio.to_thread(self.state.online.store.flush)
             except Exception:  # noqa: BLE001 - the event log still holds everything
                 log.exception("feature snapshot failed")
 

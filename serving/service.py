@@ -55,7 +55,7 @@ class ServingState:
         # Appends run concurrently (group commit: one fsync for all waiting batches); applying to
         # the features then goes strictly in seq order, so the recorded seq never runs ahead.
         self.applied_seq = self.event_log.last_seq
-        self._applied = asyncio.Condition()
+        self.applied_lock = asyncio.Condition()  # held while applying (and while snapshotting)
 
     async def log_events(self, batch) -> int:
         """Durably append, then apply in log order; returns the batch's last seq. Shielded: once
@@ -65,15 +65,15 @@ class ServingState:
     async def _log_events(self, batch) -> int:
         seq = await self.event_log.append_async(batch)
         first = seq - len(batch) + 1
-        async with self._applied:
-            await self._applied.wait_for(lambda: self.applied_seq == first - 1)
+        async with self.applied_lock:
+            await self.applied_lock.wait_for(lambda: self.applied_seq == first - 1)
             try:
                 apply_logged(self.online, batch, seq)
             finally:
                 # Even if applying failed, the events are in the log (a restart replays them);
                 # don't block every later batch behind this one.
                 self.applied_seq = seq
-                self._applied.notify_all()
+                self.applied_lock.notify_all()
         return seq
 
     @property

@@ -151,7 +151,7 @@ def kill_server(small_shop, small_bundle, tmp_path_factory):
     """Its Triton gets SIGKILLed by the tests (so nobody else uses it). A generous encoder deadline:
     before the kill no answer may be degraded on a slow machine; after it, failures come at once."""
     cfg = ServeConfig(bundle_dir=small_bundle[0], data_dir=small_shop, state_dir=tmp_path_factory.mktemp("kill-state"),
-                      port=0, metrics_port=0, reload_poll_s=0, encoder_timeout_s=5.0)
+                      port=0, metrics_port=0, reload_poll_s=0, encoder_timeout_s=5.0, triton_supervise_s=0)
     with ServerThread(cfg) as st, grpc.insecure_channel(f"127.0.0.1:{st.port}") as channel:
         yield st, channel
 
@@ -548,7 +548,7 @@ def test_broken_bundles_are_rejected_and_the_old_one_keeps_serving(main_server, 
 def test_overload_is_shed_with_resource_exhausted_and_the_server_recovers(small_shop, small_bundle, shop, catalog,
                                                                           tmp_path):
     cfg = ServeConfig(bundle_dir=small_bundle[0], data_dir=small_shop, state_dir=tmp_path / "state", port=0,
-                      reload_poll_s=0, max_concurrent_rpcs=2, encoder_timeout_s=30.0)
+                      metrics_port=0, reload_poll_s=0, max_concurrent_rpcs=2, encoder_timeout_s=30.0)
     user = engaged_users(shop)[0]
 
     def slow_request(k: int) -> pb.RankRequest:
@@ -576,6 +576,9 @@ def test_overload_is_shed_with_resource_exhausted_and_the_server_recovers(small_
             if grpc.StatusCode.RESOURCE_EXHAUSTED in codes:
                 break
         assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+        shed = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+        m = scrape_metrics(st.server.metrics_port)
+        assert metric(m, "semrank_rejected_total", reason="resource_exhausted") == shed  # refusals are counted
         assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
         assert len(rank(channel, user, catalog[:5]).items) == 5
 
@@ -719,3 +722,27 @@ def test_stop_drains_in_flight_ranks_flushes_exposures_and_stops_triton(small_sh
     for rid, r in ok.items():
         assert exposures[rid]["item_ids"] == [it.item_id for it in r.items]
     wait_triton_groups_gone(triton_groups, "after stop()")
+
+
+# -- 1b. a dead Triton is restarted -------------------------------------------------------------------
+
+
+def test_dead_triton_is_restarted_and_answers_recover(small_shop, small_bundle, shop, catalog, tmp_path):
+    """The supervisor notices the killed Triton, starts a new one on the same ports, and the client
+    (short reconnect back-off, breaker half-open probe) finds it: new users get full answers again."""
+    cfg = ServeConfig(bundle_dir=small_bundle[0], data_dir=small_shop, state_dir=tmp_path / "state", port=0,
+                      reload_poll_s=0, encoder_timeout_s=5.0, triton_supervise_s=0.5, breaker_open_s=0.5)
+    users = engaged_users(shop)
+    with ServerThread(cfg) as st, grpc.insecure_channel(f"127.0.0.1:{st.port}") as channel:
+        kill_tritons(st)
+        first = rank(channel, users[0], catalog[:10])
+        assert first.degraded and "encoder" in first.degraded_reason
+        fresh = iter(users[1:])
+
+        def recovered() -> bool:
+            return not rank(channel, next(fresh), catalog[:10]).degraded  # a new user: needs Triton
+
+        wait_until(recovered, 240, "a restarted Triton answering", poll_s=1.0)
+        assert len(st.server.tritons) == 1
+        restarted = [t.pid for t in st.server.tritons.values()]
+    wait_triton_groups_gone(restarted, "after stop (the restarted Triton too)")
