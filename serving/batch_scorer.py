@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 BATCH_TRITON = TritonEncoderOptions(deadline_s=60.0, retries=2, breaker_failures=1_000_000, bulk_timeout_s=600.0)
 
 
+# Users whose embeddings stay cached across request groups and chunks (~1.6 KB each): bounds memory
+# whatever the number of distinct users; a group's users (users_per_call) always fit.
+USER_CACHE = 50_000
+
+
 class BatchScoringError(RuntimeError):
     """The job cannot produce the scores the service would; the message says why and what to do."""
 
@@ -52,7 +57,7 @@ class ScoreConfig:
     as_of: datetime | None = None  # None: the state's latest event + 1 µs
     encoder: str = "inprocess"  # or "triton"
     threads: int | None = None  # torch threads of the in-process encoder
-    users_per_call: int = 256  # requests whose user texts are embedded in one encoder call
+    users_per_call: int = 256  # requests whose user texts are embedded in one encoder call (<= USER_CACHE)
 
 
 def resolve_as_of(as_of: datetime | None, watermark: datetime | None) -> datetime:
@@ -89,7 +94,8 @@ class Scorer:
     async def _start(self) -> None:
         cfg = self.cfg
         self.as_of: datetime | None = None
-        self._built = build_engine(cfg.data_dir, cfg.state_dir, None, clock=lambda: self.as_of, read_only=True)
+        self._built = build_engine(cfg.data_dir, cfg.state_dir, None, clock=lambda: self.as_of, read_only=True,
+                                   user_cache_size=USER_CACHE)
         self.engine = self._built.engine
         self.as_of = resolve_as_of(cfg.as_of, self.engine.online.watermark)
         factory = encoder_factory(cfg.encoder, threads=cfg.threads, triton=BATCH_TRITON)
@@ -117,7 +123,7 @@ class Scorer:
         return self._loop.run_until_complete(self._score_requests(requests))
 
     async def _score_requests(self, requests):
-        engine, rt, step = self.engine, self.runtime, max(1, self.cfg.users_per_call)
+        engine, rt, step = self.engine, self.runtime, min(max(1, self.cfg.users_per_call), USER_CACHE)
         out = []
         for g in range(0, len(requests), step):
             group = requests[g : g + step]

@@ -223,6 +223,11 @@ def test_resume_skips_finished_chunks_and_refuses_another_job(served, small_shop
     redo = score_job(small_shop, small_bundle, state, T + timedelta(hours=1), tmp_path / "in.parquet", out,
                      chunk_candidates=200, overwrite=True)
     assert redo["computed"] == [0, 1, 2, 3]
+    changed = pl.read_parquet(tmp_path / "in.parquet")
+    changed.with_columns(pl.col("item_id").reverse().over("request_id")).write_parquet(tmp_path / "in.parquet")
+    with pytest.raises(OutputMismatch, match="input_fingerprint"):
+        score_job(small_shop, small_bundle, state, T + timedelta(hours=1), tmp_path / "in.parquet", out,
+                  chunk_candidates=200)
 
 
 def test_as_of_before_the_state_is_refused(served, small_shop, small_bundle, tmp_path):
