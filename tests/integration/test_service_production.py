@@ -712,10 +712,12 @@ def test_stop_drains_in_flight_ranks_flushes_exposures_and_stops_triton(small_sh
             stub(channel).Rank(slow_request(99), timeout=RPC_TIMEOUT_S)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE  # stopped: nothing listens any more
     ok = {rid: r for rid, r in outcomes.items() if isinstance(r, pb.RankResponse)}
-    # Calls the server was handling when stop() began finish within the grace; any others
-    # (not yet started) may only be refused as UNAVAILABLE.
+    # Calls the server was handling when stop() began finish within the grace; any others (not
+    # yet started) may only be refused: UNAVAILABLE, or CANCELLED when grpc had accepted the call
+    # but not yet handed it to the service (seen once on a loaded machine).
     assert len(ok) >= inflight, outcomes
-    assert {c for c in outcomes.values() if not isinstance(c, pb.RankResponse)} <= {grpc.StatusCode.UNAVAILABLE}
+    refused = {c for c in outcomes.values() if not isinstance(c, pb.RankResponse)}
+    assert refused <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}, outcomes
     assert all(len(r.items) == 200 and not r.degraded for r in ok.values())
     print(f"in flight when stop() began: {inflight:g}; answered: {len(ok)} of {len(outcomes)}")
     exposures = {row["request_id"]: row for row in read_exposures(state / "exposures").iter_rows(named=True)}
