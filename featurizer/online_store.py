@@ -14,6 +14,11 @@ of what was written. Backends take their typed config as an argument:
 
 Values are encoded as one tag byte + payload: JSON (compact, floats round-trip
 exactly) or the bytes as given.
+
+`changes(entity, since)` lets a reader keep decoded values between reads: the
+in-process store counts its writes per entity and says which keys changed since
+a version (and `keys(entity)` lists them all); Redis cannot know what other
+processes wrote, so it says "unknown" and readers decode every time.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import re
 import tempfile
 import threading
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -35,6 +41,7 @@ Value = Union[dict, bytes]
 _TAG_JSON, _TAG_BYTES = b"j", b"b"
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
 _FILE_FORMAT = 1
+_TAG_BYTES_INT = _TAG_BYTES[0]
 
 
 class OnlineStoreError(RuntimeError):
@@ -54,9 +61,9 @@ def encode_value(value: Value) -> bytes:
 
 
 def decode_value(blob: bytes) -> Value:
+    if blob and blob[0] == _TAG_BYTES_INT:  # an int compare: this runs for every key read
+        return blob[1:]
     tag, body = blob[:1], blob[1:]
-    if tag == _TAG_BYTES:
-        return body
     if tag == _TAG_JSON:
         return json.loads(body)
     raise OnlineStoreError(f"unknown value tag {tag!r}: the data was not written by this store")
@@ -84,6 +91,19 @@ class OnlineStore(ABC):
 
     def flush(self) -> None:
         """Make writes durable (where the backend has a notion of it)."""
+
+    def changes(self, entity: str, since: int | None) -> tuple[int | None, frozenset[str] | None]:
+        """(version of `entity` now, keys written or deleted after version `since`).
+
+        For caches of decoded values. The keys are None when the store cannot tell (since is
+        None or too old): then everything may have changed. The version is None when the
+        backend cannot version at all (other processes may write to it): cache nothing."""
+        return None, None
+
+    def keys(self, entity: str) -> list[str] | None:
+        """Every key of `entity`, or None when the backend does not list keys (with `changes`,
+        for readers that index keys)."""
+        return None
 
     @abstractmethod
     def close(self) -> None:
@@ -163,6 +183,10 @@ class InProcessStore(OnlineStore):
         self._path = Path(config.path) if config.path else None
         self._data: dict[str, dict[str, bytes]] = {}
         self._lock = threading.RLock()
+        # Per entity: a write counter and, once a reader asked for `changes`, the keys of the
+        # latest writes (None for a write too large to list: readers then drop everything).
+        self._versions: dict[str, int] = {}
+        self._written: dict[str, deque[tuple[int, frozenset[str] | None]]] = {}
         self._dirty = False
         self._closed = False
         if self._path is not None and self._path.exists():
@@ -178,6 +202,7 @@ class InProcessStore(OnlineStore):
         encoded = {str(k): encode_value(v) for k, v in rows.items()}
         with self._lock:
             self._table(entity).update(encoded)
+            self._bump(entity, encoded.keys())
             self._changed()
 
     def read(self, entity: str, keys: Sequence[str]) -> list[Value | None]:
@@ -186,12 +211,47 @@ class InProcessStore(OnlineStore):
             blobs = [table.get(k) for k in keys]
         return [None if b is None else decode_value(b) for b in blobs]
 
+    def keys(self, entity: str) -> list[str]:
+        with self._lock:
+            return list(self._table(entity))
+
     def delete(self, entity: str, keys: Iterable[str]) -> None:
         with self._lock:
             table = self._table(entity)
+            keys = list(keys)
             for k in keys:
                 table.pop(k, None)
+            self._bump(entity, keys)
             self._changed()
+
+    _CHANGE_LOG = 256  # writes per entity that `changes` can still list the keys of
+    _CHANGE_KEYS = 50_000  # a larger write is logged as "everything may have changed"
+
+    def _bump(self, entity: str, keys) -> None:
+        version = self._versions.get(entity, 0) + 1
+        self._versions[entity] = version
+        log = self._written.get(entity)
+        if log is not None:
+            log.append((version, frozenset(keys) if len(keys) <= self._CHANGE_KEYS else None))
+
+    def changes(self, entity: str, since: int | None) -> tuple[int | None, frozenset[str] | None]:
+        with self._lock:
+            version = self._versions.get(entity, 0)
+            log = self._written.get(entity)
+            if log is None:  # first question about this entity: start listing its writes
+                log = self._written[entity] = deque(maxlen=self._CHANGE_LOG)
+            if since == version:
+                return version, frozenset()
+            if since is None or since > version or not log or log[0][0] > since + 1:
+                return version, None
+            keys: set[str] = set()
+            for v, written in reversed(log):
+                if v <= since:
+                    break
+                if written is None:
+                    return version, None
+                keys |= written
+            return version, frozenset(keys)
 
     def _changed(self) -> None:
         self._dirty = True
