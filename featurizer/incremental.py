@@ -31,6 +31,8 @@ depend on those may differ from an offline recomputation.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from featurizer.definitions import (
@@ -165,16 +167,39 @@ def item_base(blobs: list[bytes | None], t: int) -> dict[str, np.ndarray]:
     """item_n_{event}_{window|all}, item_n_users_all and item_first_age_us for packed item states
     (None: never seen)."""
     rec = np.frombuffer(b"".join(EMPTY_ITEM if b is None else b for b in blobs), dtype=ITEM_DTYPE)
-    at_t = rec["delta"] * (rec["last"] == t)[:, None]
-    out = {"item_n_users_all": rec["users"] - rec["d_users"] * (rec["last"] == t)}
-    cols = {"all": rec["tot"] - at_t}
-    for w in ITEM_WINDOWS:
+    return item_base_from_parts(item_parts(rec, t), t)
+
+
+# Item window counts depend on t only through t // WINDOW_KEY_US (every tile is a multiple of it),
+# so they can be kept per item and reused for any t >= the item's last event with the same key.
+WINDOW_KEY_US = math.gcd(*(WINDOWS[w].tile_us for w in ITEM_WINDOWS))
+ITEM_PART_FIELDS = ("last", "first", "users", "d_users", "tot", "delta", "window")
+
+
+def item_parts(rec: np.ndarray, t: int) -> dict[str, np.ndarray]:
+    """What item_base needs of packed item states `rec` at t (>= their last event): the scalars,
+    and per ITEM_WINDOWS the event counts in the window before the delta at t, (n, windows, events)."""
+    out = {name: rec[name] for name in ITEM_PART_FIELDS[:-1]}
+    window = np.empty((len(rec), len(ITEM_WINDOWS), N_EVENTS), dtype=np.int64)
+    for k, w in enumerate(ITEM_WINDOWS):
         tile = WINDOWS[w].tile_us
-        cols[w] = window_counts(rec[f"ring_{TILE_NAMES[tile]}"], rec["last"], t, tile, w) - at_t
+        window[:, k] = window_counts(rec[f"ring_{TILE_NAMES[tile]}"], rec["last"], t, tile, w)
+    out["window"] = window
+    return out
+
+
+def item_base_from_parts(parts: dict[str, np.ndarray], t: int) -> dict[str, np.ndarray]:
+    """item_base from `item_parts` (computed at t, or at any t' with the same t' // WINDOW_KEY_US)."""
+    at = parts["last"] == t
+    at_t = parts["delta"] * at[:, None]
+    out = {"item_n_users_all": parts["users"] - parts["d_users"] * at}
+    cols = {"all": parts["tot"] - at_t}
+    for k, w in enumerate(ITEM_WINDOWS):
+        cols[w] = parts["window"][:, k] - at_t
     for w, counts in cols.items():
         for k, p in enumerate(EVENT_PLURALS):
             out[f"item_n_{p}_{w}"] = counts[:, k]
-    first = rec["first"]
+    first = parts["first"]
     seen = first < t
     out["item_first_age_us"] = np.where(seen, (t - np.where(seen, first, t)).astype(np.float64), np.nan)
     return out
@@ -213,6 +238,21 @@ assert len(EMPTY_UI) == UI_DTYPE.itemsize
 def user_item_key(user_id: str, item_id: str) -> str:
     """Unambiguous for any ids: the user id's length first."""
     return f"{len(user_id)}:{user_id}:{item_id}"
+
+
+def user_item_keys(user_id: str, item_ids: list[str]) -> list[str]:
+    """`user_item_key` for many items of one user (str ids)."""
+    prefix = f"{len(user_id)}:{user_id}:"
+    return [prefix + i for i in item_ids]
+
+
+def parse_user_item_key(key: str) -> tuple[str, str] | None:
+    """(user id, item id) of a `user_item_key`; None for any other string."""
+    length, sep, rest = key.partition(":")
+    if not sep or not length.isdigit() or rest[int(length) : int(length) + 1] != ":":
+        return None
+    n = int(length)
+    return rest[:n], rest[n + 1 :]
 
 
 def user_item_base(blobs: list[bytes | None], t: int) -> dict[str, np.ndarray]:
