@@ -8,6 +8,10 @@
 user's recent items), builds the base aggregates as numpy arrays and runs the same `derive` as
 `offline_features`; for events applied in time order it returns the offline values at any
 t >= the latest applied event (see `featurizer.incremental` for what late events do).
+
+Reads of user, item and co-occurrence states go through `featurizer.state_cache`: with the
+in-process store, decoded states (and item window counts) are kept until the store reports them
+changed, so a request decodes only what changed since; with Redis every read decodes.
 """
 
 from __future__ import annotations
@@ -26,11 +30,14 @@ from featurizer.incremental import (
     UserItemState,
     UserState,
     item_base,
+    item_base_from_parts,
     user_item_base,
     user_item_key,
+    user_item_keys,
 )
 from featurizer.offline import catalog
 from featurizer.online_store import OnlineStore
+from featurizer.state_cache import DecodedCache, ItemPartsCache, UserItemIndex
 
 META_KEY = "state"
 
@@ -77,6 +84,11 @@ class OnlineFeatures:
                 f"({meta.get('fingerprint')} != {params.fingerprint()}); use a new namespace/path or rebuild it"
             )
         self._watermark = NO_TS if meta is None else int(meta["watermark"])
+        self._watermark_dt: tuple[int, datetime | None] = (NO_TS, None)
+        self._users = DecodedCache(store, "user", UserState.from_dict)
+        self._cooc = DecodedCache(store, "cooc", CoocState.from_dict)
+        self._item_parts = ItemPartsCache(store)
+        self._user_items = UserItemIndex(store)
 
     def _set_catalog(self, items: pl.DataFrame) -> None:
         cat = catalog(items.lazy()).collect()
@@ -109,9 +121,11 @@ class OnlineFeatures:
     @property
     def watermark(self) -> datetime | None:
         """The latest applied event's instant (None before any)."""
-        if self._watermark == NO_TS:
-            return None
-        return datetime(1970, 1, 1, tzinfo=timezone.utc) + np.timedelta64(self._watermark, "us").item()
+        if self._watermark_dt[0] != self._watermark:
+            dt = None if self._watermark == NO_TS else (
+                datetime(1970, 1, 1, tzinfo=timezone.utc) + np.timedelta64(self._watermark, "us").item())
+            self._watermark_dt = (self._watermark, dt)
+        return self._watermark_dt[1]
 
     # ------------------------------------------------------------ writes
 
@@ -168,8 +182,8 @@ class OnlineFeatures:
         first, ties by item id: the same as `offline.user_recent_items`."""
         if n > self.params.history_items:
             raise ValueError(f"history of {n} items asked; the online state keeps {self.params.history_items}")
-        raw = self.store.read("user", [user_id])[0]
-        return [] if raw is None else UserState.from_dict(raw).history(to_us(t), n)
+        user = self._users.get([user_id])[0]
+        return [] if user is None else user.history(to_us(t), n)
 
     def features(self, user_id: str, item_ids: Sequence[str], t: datetime, interest_score: np.ndarray | None = None) -> np.ndarray:
         """(len(item_ids), len(FEATURES)) float64 in FEATURES order, from events strictly before t.
@@ -186,27 +200,48 @@ class OnlineFeatures:
         with np.errstate(divide="ignore", invalid="ignore"):
             return self._features(user_id, list(item_ids), t_us, interest_score)
 
+    def _user_item_states(self, user_id: str, item_ids: list[str]) -> list[bytes | None]:
+        """The stored user x item state of each item (None: none); reads only the items the user
+        has one for when the store can list its keys."""
+        seen = self._user_items.items_of(user_id)
+        if seen is None:
+            return self.store.read("ui", user_item_keys(user_id, item_ids))
+        out: list[bytes | None] = [None] * len(item_ids)
+        hits = [k for k, i in enumerate(item_ids) if i in seen]
+        if hits:
+            for k, blob in zip(hits, self.store.read("ui", user_item_keys(user_id, [item_ids[k] for k in hits]))):
+                out[k] = blob
+        return out
+
     def _features(self, user_id: str, item_ids: list[str], t_us: int, interest_score: np.ndarray | None) -> np.ndarray:
         n = len(item_ids)
-        raw = self.store.read("user", [user_id])[0]
-        user = UserState() if raw is None else UserState.from_dict(raw)
+        user = self._users.get([user_id])[0]  # shared with other reads: never mutated here
+        if user is None:
+            user = UserState()
         hist = user.history(t_us, self.params.history_items)
 
-        items = item_base(self.store.read("item", item_ids + hist), t_us)
-        ui = user_item_base(self.store.read("ui", [user_item_key(user_id, i) for i in item_ids]), t_us)
+        parts = self._item_parts.gather(item_ids + hist, t_us)
+        if parts is None:
+            items = item_base(self.store.read("item", item_ids + hist), t_us)
+        else:
+            items = item_base_from_parts(parts, t_us)
+        ui = user_item_base(self._user_item_states(user_id, item_ids), t_us)
 
         users = items["item_n_users_all"]
         cos_max, cos_sum = np.zeros(n), np.zeros(n)
-        if hist:
-            index = {i: k for k, i in enumerate(dict.fromkeys(item_ids))}
-            where = np.fromiter((index[i] for i in item_ids), dtype=np.int64, count=n)
-            for k, raw_h in enumerate(self.store.read("cooc", hist)):
-                if raw_h is None:
-                    continue
-                c = CoocState.from_dict(raw_h).counts(index, t_us)[where]
-                cos = cooc_cosine(c, users[:n], users[n + k], NUMPY)
-                cos_max = np.maximum(cos_max, cos)
-                cos_sum = cos_sum + cos
+        states = [(k, s) for k, s in enumerate(self._cooc.get(hist)) if s is not None]
+        if states:
+            index = dict(zip(item_ids, range(n)))  # candidate -> position among distinct candidates
+            if len(index) != n:
+                index = {i: k for k, i in enumerate(dict.fromkeys(item_ids))}
+            counts = np.stack([s.counts(index, t_us) for _, s in states])  # (recent items, distinct candidates)
+            if len(index) != n:
+                counts = counts[:, np.fromiter((index[i] for i in item_ids), dtype=np.int64, count=n)]
+            n_h = users[[n + k for k, _ in states]][:, None]
+            cos = cooc_cosine(counts, users[:n], n_h, NUMPY)  # elementwise, as one recent item at a time
+            for row in cos:  # in history order, as offline sums them
+                cos_max = np.maximum(cos_max, row)
+                cos_sum = cos_sum + row
 
         full = lambda v: np.full(n, v, dtype=np.float64 if isinstance(v, float) else np.int64)  # noqa: E731
         b = {name: col[:n] for name, col in items.items()}
