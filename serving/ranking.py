@@ -204,13 +204,16 @@ class RankingEngine:
     async def item_embeddings(self, rt: BundleRuntime, candidates: list[Candidate], rows: np.ndarray,
                               timeout_s: float | None, reasons: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """(embeddings, has-embedding mask, ids with no catalog entry and no inline text)."""
-        n = len(candidates)
         table, current = self.items.embeddings(rt.encoder_key)
-        emb = np.zeros((n, table.shape[1]), dtype=np.float32)
         known = rows >= 0
-        has = np.zeros(n, dtype=bool)
+        has = known.copy()
         has[known] = current[rows[known]]
-        emb[has] = table[rows[has]]
+        if len(table):
+            emb = table[np.where(has, rows, 0)]  # one gather; rows without a current embedding zeroed below
+            if not has.all():
+                emb[~has] = 0.0
+        else:
+            emb = np.zeros((len(candidates), table.shape[1]), dtype=np.float32)
         missing: list[str] = []
         todo_rows, todo_texts = [], []
         for k in np.flatnonzero(~has):
@@ -252,14 +255,17 @@ class RankingEngine:
             user = await self.user_embedding(rt, user_id, t, timeout_s, reasons)
             if user is not None:
                 emb, has, missing = await self.item_embeddings(rt, candidates, rows, timeout_s, reasons)
-                interest = (emb @ user).astype(np.float64)
+                # einsum, not `emb @ user`: BLAS gemv wakes OpenBLAS's second thread on every request,
+                # which then spins (about half a core on 2 cores at 200 requests/s); einsum also
+                # rounds exactly as training computes the score (ranker_training.interest_scores).
+                interest = np.einsum("ij,j->i", emb, user).astype(np.float64)
                 interest[~has] = np.nan
         online = self.online.features(user_id, ids, t, interest_score=interest)
         X = rt.matrix(online)
         scores = rt.bundle.score(X)
         order = np.argsort(-scores, kind="stable")
         out = RankOutcome(
-            item_ids=[ids[k] for k in order], scores=scores[order], missing_ids=missing,
+            item_ids=[ids[k] for k in order.tolist()], scores=scores[order], missing_ids=missing,
             cold_start_user=user is None and not reasons, degraded_reasons=reasons,
         )
         if explain:
