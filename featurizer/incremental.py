@@ -119,6 +119,21 @@ def window_counts(ring: np.ndarray, last: np.ndarray, t: int, tile: int, window:
     return np.einsum("nsk,ns->nk", ring, mask.astype(ring.dtype)).astype(np.int64)
 
 
+def _window_counts_one(ring: list[int], last: int, t: int, tile: int, window: str) -> list[int]:
+    """`window_counts` of one flat ring (size * N_EVENTS ints), in plain Python (one state: numpy's
+    per-call overhead would dominate)."""
+    size = len(ring) // N_EVENTS
+    head = last // tile
+    start = WINDOWS[window].start_us(t) // tile
+    out = [0] * N_EVENTS
+    for slot in range(size):
+        if head - (head - slot) % size >= start:  # the tile this slot holds is in the window
+            base = slot * N_EVENTS
+            for k in range(N_EVENTS):
+                out[k] += ring[base + k]
+    return out
+
+
 # ---------------------------------------------------------------- item
 
 
@@ -327,8 +342,8 @@ class UserState:
 
     # -- reads at t (t >= last)
 
-    def history(self, t: int, n: int) -> list[str]:
-        """The last n distinct engaged items before t, most recent first, ties by item id."""
+    def history(self, t: int, n: int | None) -> list[str]:
+        """The last n (None: all kept) distinct engaged items before t, most recent first, ties by item id."""
         ranked = sorted((-instant_before(p[0], p[1], t), item) for item, p in self.recent.items())
         return [item for neg, item in ranked if -neg != NO_TS][:n]
 
@@ -339,13 +354,11 @@ class UserState:
         out: dict[str, float] = {}
         for k, p in enumerate(EVENT_PLURALS):
             out[f"user_n_{p}_all"] = c.tot[k] - delta[k]
-        last = np.array([c.last], dtype=np.int64)
         for w in USER_WINDOWS:
             tile = WINDOWS[w].tile_us
-            ring = np.asarray(c.rings[tile], dtype=np.int64).reshape(1, -1, N_EVENTS)
-            counts = window_counts(ring, last, t, tile, w)[0]
+            counts = _window_counts_one(c.rings[tile], c.last, t, tile, w)
             for k, p in enumerate(EVENT_PLURALS):
-                out[f"user_n_{p}_{w}"] = int(counts[k]) - delta[k]
+                out[f"user_n_{p}_{w}"] = counts[k] - delta[k]
         before = instant_before(self.eng[0], self.eng[1], t)
         out["user_eng_age_us"] = np.nan if before == NO_TS else float(t - before)
         d_lp = self.d_lp if at_t else [0.0, 0]

@@ -89,6 +89,7 @@ class OnlineFeatures:
         self._cooc = DecodedCache(store, "cooc", CoocState.from_dict)
         self._item_parts = ItemPartsCache(store)
         self._user_items = UserItemIndex(store)
+        self._history_memo: tuple = (None, None, [])  # (user state, t, its whole history at t)
 
     def _set_catalog(self, items: pl.DataFrame) -> None:
         cat = catalog(items.lazy()).collect()
@@ -183,7 +184,7 @@ class OnlineFeatures:
         if n > self.params.history_items:
             raise ValueError(f"history of {n} items asked; the online state keeps {self.params.history_items}")
         user = self._users.get([user_id])[0]
-        return [] if user is None else user.history(to_us(t), n)
+        return [] if user is None else self._history(user, to_us(t))[:n]
 
     def features(self, user_id: str, item_ids: Sequence[str], t: datetime, interest_score: np.ndarray | None = None) -> np.ndarray:
         """(len(item_ids), len(FEATURES)) float64 in FEATURES order, from events strictly before t.
@@ -199,6 +200,14 @@ class OnlineFeatures:
             )
         with np.errstate(divide="ignore", invalid="ignore"):
             return self._features(user_id, list(item_ids), t_us, interest_score)
+
+    def _history(self, user: UserState, t_us: int) -> list[str]:
+        """user.history(t_us), remembered for the next call (a request asks twice: for its text
+        and for co-occurrence)."""
+        memo = self._history_memo
+        if memo[0] is not user or memo[1] != t_us:
+            memo = self._history_memo = (user, t_us, user.history(t_us, None))
+        return memo[2]
 
     def _user_item_states(self, user_id: str, item_ids: list[str]) -> list[bytes | None]:
         """The stored user x item state of each item (None: none); reads only the items the user
@@ -218,7 +227,7 @@ class OnlineFeatures:
         user = self._users.get([user_id])[0]  # shared with other reads: never mutated here
         if user is None:
             user = UserState()
-        hist = user.history(t_us, self.params.history_items)
+        hist = self._history(user, t_us)[: self.params.history_items]
 
         parts = self._item_parts.gather(item_ids + hist, t_us)
         if parts is None:
