@@ -187,6 +187,7 @@ class InProcessStore(OnlineStore):
         # latest writes (None for a write too large to list: readers then drop everything).
         self._versions: dict[str, int] = {}
         self._written: dict[str, deque[tuple[int, frozenset[str] | None]]] = {}
+        self._written_keys: dict[str, int] = {}  # keys listed in _written[entity], all writes together
         self._dirty = False
         self._closed = False
         if self._path is not None and self._path.exists():
@@ -224,22 +225,34 @@ class InProcessStore(OnlineStore):
             self._bump(entity, keys)
             self._changed()
 
-    _CHANGE_LOG = 256  # writes per entity that `changes` can still list the keys of
-    _CHANGE_KEYS = 50_000  # a larger write is logged as "everything may have changed"
+    # How far back `changes` can list keys, per entity: the latest writes, up to these many writes
+    # and keys. A reader further behind sees "everything may have changed" (and rebuilds what it
+    # keeps), as it does after a single write of more than _CHANGE_KEYS keys.
+    _CHANGE_LOG = 4096
+    _CHANGE_LOG_KEYS = 500_000
+    _CHANGE_KEYS = 100_000
 
     def _bump(self, entity: str, keys) -> None:
         version = self._versions.get(entity, 0) + 1
         self._versions[entity] = version
         log = self._written.get(entity)
-        if log is not None:
-            log.append((version, frozenset(keys) if len(keys) <= self._CHANGE_KEYS else None))
+        if log is None:
+            return
+        listed = frozenset(keys) if len(keys) <= self._CHANGE_KEYS else None
+        log.append((version, listed))
+        total = self._written_keys[entity] + (len(listed) if listed is not None else 0)
+        while len(log) > self._CHANGE_LOG or total > self._CHANGE_LOG_KEYS:
+            _, dropped = log.popleft()
+            total -= len(dropped) if dropped is not None else 0
+        self._written_keys[entity] = total
 
     def changes(self, entity: str, since: int | None) -> tuple[int | None, frozenset[str] | None]:
         with self._lock:
             version = self._versions.get(entity, 0)
             log = self._written.get(entity)
             if log is None:  # first question about this entity: start listing its writes
-                log = self._written[entity] = deque(maxlen=self._CHANGE_LOG)
+                log = self._written[entity] = deque()
+                self._written_keys[entity] = 0
             if since == version:
                 return version, frozenset()
             if since is None or since > version or not log or log[0][0] > since + 1:

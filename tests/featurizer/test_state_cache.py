@@ -125,16 +125,27 @@ def test_store_lists_changed_keys_since_a_version():
 
 
 def test_store_change_log_is_bounded(monkeypatch):
+    monkeypatch.setattr(InProcessStore, "_CHANGE_LOG", 3)  # writes
+    monkeypatch.setattr(InProcessStore, "_CHANGE_KEYS", 2)  # keys of one write
     store = InProcessStore()
-    monkeypatch.setattr(InProcessStore, "_CHANGE_LOG", 3)
-    monkeypatch.setattr(InProcessStore, "_CHANGE_KEYS", 2)
     store.changes("item", None)
     for k in range(5):
         store.write("item", {f"k{k}": b"x"})
     assert store.changes("item", 4) == (5, frozenset({"k4"}))
-    assert store.changes("item", 1)[1] is None  # older than the log
+    assert store.changes("item", 2) == (5, frozenset({"k2", "k3", "k4"}))
+    assert store.changes("item", 1)[1] is None  # older than the last 3 writes
     store.write("item", {"a": b"x", "b": b"y", "c": b"z"})  # too many keys to list
     assert store.changes("item", 5)[1] is None
+
+    monkeypatch.setattr(InProcessStore, "_CHANGE_LOG", 100)
+    monkeypatch.setattr(InProcessStore, "_CHANGE_LOG_KEYS", 4)  # keys of all logged writes
+    store = InProcessStore()
+    store.changes("item", None)
+    store.write("item", {"a": b"x", "b": b"y"})
+    store.write("item", {"c": b"x"})
+    store.write("item", {"d": b"x", "e": b"y"})  # 5 keys logged: the first write is dropped
+    assert store.changes("item", 1) == (3, frozenset({"c", "d", "e"}))
+    assert store.changes("item", 0)[1] is None
 
 
 def test_decoded_cache_is_bounded_and_decodes_only_what_changed():
