@@ -1,0 +1,187 @@
+"""The bench's load generator: asyncio grpc.aio in child processes, open or closed loop.
+
+`LoadGenerator(port, pools, processes, channels, timeout_s)` spawns `processes` children (spawn,
+not fork: no inherited gRPC state), each with `channels` channels, and keeps them for every phase:
+
+- open loop (`run("open", n, rate, ...)`): requests leave on a fixed schedule (the processes
+  interleave one schedule); latency counts from the *scheduled* send time, so when the generator
+  or the server falls behind it shows as latency, not as fewer requests (coordinated omission);
+  each sample also records the send lag (actual minus scheduled send time);
+- closed loop (`run("closed", n, None, concurrency, ...)`): `concurrency` requests always in flight.
+
+Requests are serialised in advance and sent as bytes (the client does no proto work but parse
+the small response, to count degraded answers). `summarize` turns the raw samples into a row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import random
+import time
+
+import numpy as np
+
+RANK_METHOD = "/semrank.ranking.v1.RankingService/Rank"
+
+
+def serialize(user: str, ids: list[str], top_k: int) -> bytes:
+    from semrank.ranking.v1 import ranking_service_pb2 as pb
+
+    return pb.RankRequest(user_id=user, candidates=[pb.RankCandidate(item_id=i) for i in ids], top_k=top_k).SerializeToString()
+
+
+def _generator_main(conn, port: int, pools: dict[int, list[bytes]], channels: int, timeout_s: float) -> None:
+    """One load-generator process: runs the phases the parent sends, returns raw samples."""
+    asyncio.run(_generator(conn, port, pools, channels, timeout_s))
+
+
+async def _generator(conn, port: int, pools: dict[int, list[bytes]], channels: int, timeout_s: float) -> None:
+    import grpc
+
+    from semrank.ranking.v1 import ranking_service_pb2 as pb
+
+    chans = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
+             for _ in range(channels)]
+    calls = [ch.unary_unary(RANK_METHOD) for ch in chans]  # bytes in, bytes out: no client-side proto work
+    loop = asyncio.get_running_loop()
+    conn.send("ready")
+    while True:
+        cmd = await loop.run_in_executor(None, conn.recv)
+        if cmd is None:
+            break
+        kind, n, rate, concurrency, t0, warmup_s, seconds, phase_seed = cmd
+        reqs = pools[n]
+        rng = random.Random(phase_seed)
+        samples: list[tuple[float, float, float, int]] = []  # (scheduled/sent, done, send lag, status)
+        errors: dict[str, int] = {}
+        degraded = 0
+
+        async def one(k: int, sched: float, lag: float) -> None:
+            nonlocal degraded
+            try:
+                raw = await calls[k % channels](reqs[rng.randrange(len(reqs))], timeout=timeout_s)
+            except grpc.aio.AioRpcError as e:
+                done = time.monotonic()
+                errors[e.code().name] = errors.get(e.code().name, 0) + 1
+                samples.append((sched, done, lag, 1))
+                return
+            done = time.monotonic()
+            resp = pb.RankResponse.FromString(raw)
+            degraded += resp.degraded
+            samples.append((sched, done, lag, 0))
+
+        end = t0 + warmup_s + seconds
+        cpu0 = cpu1 = None
+        while time.monotonic() < t0:
+            await asyncio.sleep(t0 - time.monotonic())
+        if kind == "open":
+            period, tasks, i = 1.0 / rate, set(), 0
+            while True:
+                sched = t0 + i * period
+                if sched >= end:
+                    break
+                if cpu0 is None and sched >= t0 + warmup_s:
+                    cpu0 = time.process_time()
+                delay = sched - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                task = asyncio.create_task(one(i, sched, time.monotonic() - sched))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                i += 1
+            cpu1 = time.process_time()
+            if tasks:
+                await asyncio.wait(tasks)
+        else:
+            async def worker(w: int) -> None:
+                nonlocal cpu0
+                k = w
+                while (now := time.monotonic()) < end:
+                    if cpu0 is None and now >= t0 + warmup_s:
+                        cpu0 = time.process_time()
+                    await one(k, now, 0.0)
+                    k += concurrency
+            await asyncio.gather(*(worker(w) for w in range(concurrency)))
+            cpu1 = time.process_time()
+        conn.send({"samples": samples, "errors": errors, "degraded": degraded,
+                   "cpu_s": (cpu1 - cpu0) if cpu0 is not None else 0.0})
+    for ch in chans:
+        await ch.close()
+
+
+class LoadGenerator:
+    """`processes` generator processes (spawned: no forked gRPC state), each with `channels` channels."""
+
+    def __init__(self, port: int, pools: dict[int, list[bytes]], processes: int, channels: int, timeout_s: float):
+        ctx = mp.get_context("spawn")
+        self.conns, self.procs = [], []
+        for _ in range(processes):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_generator_main, args=(child, port, pools, channels, timeout_s), daemon=True)
+            p.start()
+            self.conns.append(parent)
+            self.procs.append(p)
+        for c in self.conns:
+            if c.recv() != "ready":
+                raise RuntimeError("load generator failed to start")
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def run(self, kind: str, n: int, rate: float | None, concurrency: int, warmup_s: float, seconds: float,
+            seed: int) -> dict:
+        """One phase on every process; open loop: process j sends requests j, j+P, ... of one schedule."""
+        P = len(self.conns)
+        t0 = time.monotonic() + 0.5
+        for j, c in enumerate(self.conns):
+            if kind == "open":
+                # Interleave the processes' schedules: together they send at `rate`, evenly spaced.
+                cmd = (kind, n, rate / P, 0, t0 + j / rate, warmup_s, seconds, seed * 100 + j)
+            else:
+                cmd = (kind, n, None, max(1, concurrency // P + (j < concurrency % P)), t0, warmup_s, seconds, seed * 100 + j)
+            c.send(cmd)
+        parts = [c.recv() for c in self.conns]
+        return {"t0": t0, "parts": parts}
+
+    def close(self) -> None:
+        for c in self.conns:
+            try:
+                c.send(None)
+            except OSError:
+                pass
+        for p in self.procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+
+
+def summarize(kind: str, n: int, rate: float | None, raw: dict, warmup_s: float, seconds: float) -> dict:
+    t_measure = raw["t0"] + warmup_s
+    samples = [s for part in raw["parts"] for s in part["samples"] if s[0] >= t_measure]
+    ok = np.array([(s[1] - s[0]) for s in samples if s[3] == 0]) * 1e3
+    lags = np.array([s[2] for s in samples]) * 1e3
+    errors = sum(1 for s in samples if s[3] != 0)
+    if kind == "open":
+        # Responses to the requests scheduled in the window, over the time until the last came back.
+        span = max((s[1] for s in samples), default=t_measure + seconds) - t_measure
+        achieved = len(ok) / max(span, seconds)
+    else:
+        achieved = sum(1 for s in samples if s[3] == 0 and s[1] <= t_measure + seconds) / seconds
+    pct = (lambda q: round(float(np.percentile(ok, q)), 3)) if len(ok) else (lambda q: None)
+    codes: dict[str, int] = {}
+    for part in raw["parts"]:
+        for k, v in part["errors"].items():
+            codes[k] = codes.get(k, 0) + v
+    return {
+        "candidates": n,
+        "offered_rps": rate if kind == "open" else "saturation",
+        "achieved_rps": round(achieved, 1),
+        "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99),
+        "errors": errors,
+        "error_codes": codes,
+        "degraded": sum(part["degraded"] for part in raw["parts"]),
+        "requests": len(samples),
+        "send_lag_p99_ms": round(float(np.percentile(lags, 99)), 3) if kind == "open" and len(lags) else None,
+        "client_cpu_cores": round(sum(part["cpu_s"] for part in raw["parts"]) / seconds, 3),
+    }

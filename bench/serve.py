@@ -1,0 +1,442 @@
+"""Rank service latency and throughput: a real server and Triton, a load generator in other processes.
+
+    .venv/bin/python bench/serve.py [--work-dir runs/bench-serve] [--seconds 20] [--out-dir DIR]
+
+The bench
+1. makes (or reuses, under --work-dir) a synthetic shop (`training.synth`) and a LightGBM bundle
+   trained on it (`training.ranker_training.train_ranker`);
+2. starts `semrank serve` as a child process (which starts its own Triton encoder worker);
+3. warms the caches: every bench user is ranked once, so their embeddings are cached, and the
+   candidates are catalog items, whose embeddings the server computed at start-up;
+4. for 100, 300 and 1000 candidates, drives the server from load-generator processes
+   (asyncio grpc.aio, several channels each, requests serialised in advance):
+   - open loop at a fixed offered rate (default 200 requests/s): requests leave on a fixed
+     schedule and latency is counted from the *scheduled* send time, so a generator or a server
+     that falls behind shows up as latency instead of being hidden (coordinated omission);
+   - closed loop at saturation: a fixed number of requests always in flight;
+5. measures, in this process and with the server idle, `RankingEngine.rank` on an engine built
+   from the same data, bundle and cached embeddings (feature gather + LightGBM, no gRPC): the
+   in-process cost, so service overhead is a ratio measured in the same run.
+
+The client shares the machine's CPUs with the server: every row reports the CPU the generator
+and the server (with its Triton child) used, in cores, and the open-loop rows the generator's
+send lag (how late requests left against their schedule): when the lag stays well under the
+latency and the generator uses a fraction of a core, the generator is not the bottleneck.
+
+Prints one JSON object: {"results": [...], "hardware": {...}, "load_avg": {...}, ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+
+from loadgen import RANK_METHOD, LoadGenerator, serialize, summarize  # bench/ is sys.path[0]
+from serve_report import LoadAvg, check_targets, generator_verdict, hardware, plot
+
+log = logging.getLogger("bench.serve")
+
+DATA_VERSION = 1  # bump when the synthetic shop or the bundle recipe changes
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    work_dir: Path = Path("runs/bench-serve")
+    n_users: int = 3000
+    n_items: int = 2000
+    n_days: int = 28
+    seed: int = 11
+    candidates: tuple[int, ...] = (100, 300, 1000)
+    offered_rps: float = 200.0
+    seconds: float = 20.0  # per measured phase
+    warmup_s: float = 3.0  # untimed load before each phase
+    bench_users: int = 500
+    requests_per_size: int = 400  # distinct pre-serialised requests per candidate count
+    top_k: int = 10
+    processes: int = 1  # load-generator processes
+    channels: int = 4  # gRPC channels per generator process
+    saturation_concurrency: tuple[int, ...] = (4, 16)  # requests in flight (all processes together), one row each
+    inprocess_reps: int = 300
+    timeout_s: float = 5.0  # per-request deadline
+    # Triton deadline on the server's request path. Only the warm-up needs the encoder (one history
+    # text per bench user); on 2 busy cores a cold encode can take longer than the 250 ms default,
+    # and a degraded warm-up answer caches nothing. The measured phases must not call it at all
+    # (each row counts degraded answers).
+    encoder_timeout_ms: float = 5000.0
+
+
+# ---------------------------------------------------------------- data
+
+
+def prepare(cfg: BenchConfig) -> tuple[Path, Path]:
+    """The shop and the bundle under work_dir, made once and reused while the recipe is the same."""
+    from featurizer.schema import read_dataset
+    from ranker.encoder import TextEncoder
+    from training.ranker_training import RankerTrainConfig, train_ranker
+    from training.synth import SynthConfig, synthesize
+
+    wd = cfg.work_dir
+    shop, bundle, stamp = wd / "shop", wd / "bundle", wd / "recipe.json"
+    recipe = {"version": DATA_VERSION, "n_users": cfg.n_users, "n_items": cfg.n_items, "n_days": cfg.n_days, "seed": cfg.seed}
+    if stamp.exists() and json.loads(stamp.read_text()).get("recipe") == recipe and (bundle / "manifest.json").exists():
+        return shop, bundle
+    log.info("making the shop and the bundle under %s (once; later runs reuse them)", wd)
+    for p in (shop, bundle, wd / "state"):
+        shutil.rmtree(p, ignore_errors=True)
+    wd.mkdir(parents=True, exist_ok=True)
+    # Events end today, so the windowed features at serving time see recent activity.
+    today = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    synthesize(shop, seed=cfg.seed, config=SynthConfig(n_users=cfg.n_users, n_items=cfg.n_items, n_days=cfg.n_days,
+                                                       start=today - timedelta(days=cfg.n_days)))
+    train_ranker(read_dataset(shop), bundle, RankerTrainConfig(seed=0), TextEncoder(max_length=128),
+                 data_source=str(shop.resolve()))
+    stamp.write_text(json.dumps({"recipe": recipe, "made_at": datetime.now(timezone.utc).isoformat()}) + "\n")
+    return shop, bundle
+
+
+
+def online_snapshot(state_dir: Path, shop: Path) -> Path:
+    """The server's feature snapshot, built here once from the shop's events (what the server
+    would do at its first start), so the server starts fast and this process can load the same state."""
+    from featurizer.online_features import OnlineFeatures
+    from featurizer.online_store import InProcessConfig, InProcessStore
+    from featurizer.schema import read_dataset
+
+    path = state_dir / "online-store.bin"
+    if not path.exists():
+        t0 = time.monotonic()
+        ds = read_dataset(shop)
+        store = InProcessStore(InProcessConfig(path=str(path)))
+        OnlineFeatures(store, ds.items).apply(ds.events)
+        store.close()
+        log.info("online feature snapshot built from %d events in %.1f s", ds.events.height, time.monotonic() - t0)
+    return path
+
+
+def bench_requests(cfg: BenchConfig, shop: Path) -> tuple[list[str], list[str], dict[int, list[tuple[str, list[str]]]]]:
+    """Seeded: the bench users, the catalog, and per candidate count a pool of (user, candidate ids)."""
+    from featurizer.schema import read_dataset
+
+    ds = read_dataset(shop)
+    rng = random.Random(cfg.seed)
+    users = sorted(set(ds.events["user_id"].unique().to_list()))
+    users = rng.sample(users, min(cfg.bench_users, len(users)))
+    items = ds.items["item_id"].to_list()
+    pools = {n: [(rng.choice(users), rng.sample(items, n)) for _ in range(cfg.requests_per_size)] for n in cfg.candidates}
+    return users, items, pools
+
+
+# ---------------------------------------------------------------- processes and CPU
+
+
+def _proc_stat(pid: int) -> tuple[int, float] | None:
+    """(parent pid, CPU seconds used) from /proc/<pid>/stat."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_tree(root: int) -> list[int]:
+    parents: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and (st := _proc_stat(int(d.name))) is not None:
+            parents.setdefault(st[0], []).append(int(d.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(parents.get(pid, []))
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    return sum(st[1] for pid in pids if (st := _proc_stat(pid)) is not None)
+
+
+class ServerProcess:
+    """`semrank serve` in a child process (it starts its own Triton worker); stopped with SIGTERM."""
+
+    def __init__(self, bundle: Path, shop: Path, state_dir: Path, log_path: Path, max_concurrent_rpcs: int,
+                 encoder_timeout_ms: float):
+        self.argv = [
+            sys.executable, "-m", "semrank.cli", "serve", "--bundle", str(bundle), "--data", str(shop),
+            "--state-dir", str(state_dir), "--port", "0", "--reload-poll-s", "0", "--log-level", "WARNING",
+            "--max-concurrent-rpcs", str(max_concurrent_rpcs), "--encoder-timeout-ms", str(encoder_timeout_ms),
+        ]
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+
+    def start(self, timeout_s: float = 600.0) -> int:
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=self._log, text=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"semrank serve exited ({self.proc.wait()}); see {self.log_path}")
+            if line.startswith("semrank serving on "):
+                self.port = int(line.split()[3].rsplit(":", 1)[1].rstrip(","))
+                return self.port
+        raise RuntimeError(f"semrank serve not ready after {timeout_s:.0f} s; see {self.log_path}")
+
+    def triton_pids(self) -> list[int]:
+        return [p for p in process_tree(self.proc.pid) if p != self.proc.pid]
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            log.warning("semrank serve did not stop in 90 s: killing it")
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+# ---------------------------------------------------------------- in-process baseline
+
+
+class LocalEncoder:
+    """The bundle's text encoder in this process (for the baseline engine's user embeddings)."""
+
+    def __init__(self, model_dir: str, max_length: int):
+        import torch
+
+        from ranker.encoder import TextEncoder
+
+        torch.set_num_threads(1)
+        self.enc = TextEncoder(model_dir, max_length=max_length)
+
+    async def encode(self, texts: list[str], timeout_s: float | None = None) -> np.ndarray:
+        return self.enc.encode(texts)
+
+    async def encode_bulk(self, texts: list[str]) -> np.ndarray:
+        return self.enc.encode(texts)
+
+
+def inprocess_engine(bundle_dir: Path, shop: Path, state_dir: Path, snapshot: Path):
+    """A RankingEngine like the server's: same items, feature state, bundle and item embeddings."""
+    from featurizer.online_features import OnlineFeatures
+    from featurizer.online_store import InProcessConfig, InProcessStore
+    from featurizer.schema import read_dataset
+    from ranker.bundle import load_bundle
+    from serving.item_store import ItemStore, encoder_key
+    from serving.ranking import BundleRuntime, RankingEngine
+
+    ds = read_dataset(shop)
+    items = ItemStore(ds.items, state_dir)  # the server's persisted embeddings
+    copy = state_dir.parent / "inprocess-store.bin"  # a copy: this store must never write the server's file
+    shutil.copyfile(snapshot, copy)
+    online = OnlineFeatures(InProcessStore(InProcessConfig(path=str(copy))), items.items)  # (loaded at init)
+    copy.unlink()
+    bundle = load_bundle(bundle_dir)
+    ref = bundle.encoder
+    key = encoder_key(ref.resolve(bundle.path), ref.max_length)
+    enc = LocalEncoder(ref.resolve(bundle.path), ref.max_length)
+    embedded = asyncio.run(items.ensure_embeddings(key, enc.encode_bulk, enc.enc.dim))
+    if embedded:
+        log.warning("in-process engine: %d item embeddings were not on disk and were computed here", embedded)
+    return RankingEngine(items=items, online=online), BundleRuntime(bundle, key, enc)
+
+
+def measure_inprocess(engine, rt, pools: dict[int, list[tuple[str, list[str]]]], users: list[str], reps: int) -> dict[int, dict]:
+    """engine.rank per request, sizes interleaved; after one untimed rank per bench user."""
+    from serving.ranking import Candidate
+
+    cands = {n: [(u, [Candidate(item_id=i) for i in ids]) for u, ids in pool] for n, pool in pools.items()}
+    times: dict[int, list[float]] = {n: [] for n in pools}
+
+    async def run() -> None:
+        any_ids = next(iter(cands.values()))[0][1]
+        for u in users:
+            await engine.rank(rt, u, any_ids)
+        for r in range(reps):
+            for n, pool in cands.items():
+                u, cs = pool[r % len(pool)]
+                t = time.perf_counter()
+                await engine.rank(rt, u, cs)
+                times[n].append(time.perf_counter() - t)
+
+    asyncio.run(run())
+    return {n: {"p50_ms": round(float(np.median(ts)) * 1e3, 3), "p99_ms": round(float(np.percentile(ts, 99)) * 1e3, 3)}
+            for n, ts in times.items()}
+
+
+# ---------------------------------------------------------------- run
+
+
+def warm_server(port: int, users: list[str], items: list[str], concurrency: int = 4, rounds: int = 3) -> dict:
+    """Rank every bench user once, so Triton embeds their history and the server caches it; users
+    whose answer came back degraded (encoder busy) are tried again, after the breaker's pause."""
+    import grpc
+
+    from semrank.ranking.v1 import ranking_service_pb2 as pb
+
+    async def run(todo: list[str]) -> list[str]:
+        degraded: list[str] = []
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            call = ch.unary_unary(RANK_METHOD)
+
+            async def worker() -> None:
+                while todo:
+                    u = todo.pop()
+                    raw = await call(serialize(u, items[:100], 10), timeout=60)
+                    if pb.RankResponse.FromString(raw).degraded:
+                        degraded.append(u)
+
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return degraded
+
+    t = time.monotonic()
+    todo = list(users)
+    for r in range(rounds):
+        todo = asyncio.run(run(todo))
+        if not todo:
+            break
+        log.warning("warm-up round %d: %d degraded answer(s); trying those users again", r + 1, len(todo))
+        time.sleep(3.0)
+    return {"users": len(users), "still_degraded": len(todo), "seconds": round(time.monotonic() - t, 1)}
+
+
+def run(cfg: BenchConfig, out_dir: Path | None) -> dict:
+    t_start = time.monotonic()
+    load = LoadAvg()
+    shop, bundle = prepare(cfg)
+    state_dir = cfg.work_dir / "state"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(state_dir / "exposures", ignore_errors=True)  # the server's exposure log of earlier runs
+    snapshot = online_snapshot(state_dir, shop)
+    users, items, pools = bench_requests(cfg, shop)
+    wire = {n: [serialize(u, ids, cfg.top_k) for u, ids in pool] for n, pool in pools.items()}
+
+    server = ServerProcess(bundle, shop, state_dir, cfg.work_dir / "server.log", max_concurrent_rpcs=1024,
+                           encoder_timeout_ms=cfg.encoder_timeout_ms)
+    t = time.monotonic()
+    port = server.start()
+    log.info("server on port %d after %.1f s", port, time.monotonic() - t)
+    gen = None
+    try:
+        warm = warm_server(port, users, items)
+        log.info("server warm-up: %s", warm)
+        engine, rt = inprocess_engine(bundle, shop, state_dir, snapshot)
+        inproc = measure_inprocess(engine, rt, pools, users, cfg.inprocess_reps)
+        log.info("in-process: %s", inproc)
+        del engine, rt
+        gen = LoadGenerator(port, wire, cfg.processes, cfg.channels, cfg.timeout_s)
+        server_pid, triton = server.proc.pid, server.triton_pids()
+        rows = []
+        phases = [("open", None)] + [("closed", c) for c in cfg.saturation_concurrency]
+        for k, n in enumerate(cfg.candidates):
+            for j, (kind, concurrency) in enumerate(phases):
+                rate = cfg.offered_rps if kind == "open" else None
+                t0, s0, tr0 = time.monotonic(), cpu_seconds([server_pid]), cpu_seconds(triton)
+                raw = gen.run(kind, n, rate, concurrency or 0, cfg.warmup_s, cfg.seconds, seed=10 * k + j)
+                wall = time.monotonic() - t0  # (CPU over the whole phase: warm-up and tail included)
+                row = summarize(kind, n, rate, raw, cfg.warmup_s, cfg.seconds)
+                row["server_cpu_cores"] = round((cpu_seconds([server_pid]) - s0) / wall, 3)
+                row["triton_cpu_cores"] = round((cpu_seconds(triton) - tr0) / wall, 3)
+                row["concurrency"] = concurrency
+                row["inprocess_p50_ms"] = inproc[n]["p50_ms"]
+                row["inprocess_p99_ms"] = inproc[n]["p99_ms"]
+                row["overhead_ratio_p50"] = round(row["p50_ms"] / inproc[n]["p50_ms"], 2) if row["p50_ms"] else None
+                log.info("%s", row)
+                rows.append(row)
+    finally:
+        if gen is not None:
+            gen.close()
+        server.stop()
+    required = ("candidates", "offered_rps", "achieved_rps", "p50_ms", "p95_ms", "p99_ms", "errors", "inprocess_p50_ms")
+    results = [{**{k: r[k] for k in required}, **{k: v for k, v in r.items() if k not in required}} for r in rows]
+    report = {
+        "results": results,
+        "hardware": hardware(),
+        "load_avg": load.report(),
+        "targets": check_targets(rows),
+        "generator": {
+            "processes": cfg.processes, "channels_per_process": cfg.channels,
+            "client": "asyncio grpc.aio, requests serialised in advance, responses parsed (degraded counted)",
+            "open_loop": "fixed schedule; latency from the scheduled send time (includes any send lag)",
+            "saturation": f"closed loop, {list(cfg.saturation_concurrency)} requests in flight (one row each)",
+            "max_client_cpu_cores_per_process": round(max(r["client_cpu_cores"] for r in rows) / cfg.processes, 3),
+            "max_send_lag_p99_ms": max((r["send_lag_p99_ms"] for r in rows if r["send_lag_p99_ms"] is not None), default=None),
+            "verdict": generator_verdict(rows, cfg.processes),
+        },
+        "warmup": warm,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "data": {"users": cfg.n_users, "items": cfg.n_items, "days": cfg.n_days, "bundle": str(bundle),
+                 "bundle_trees": _trees(bundle)},
+        "wall_s": round(time.monotonic() - t_start, 1),
+    }
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        plot(rows, out_dir / "serve_latency.png")
+        (out_dir / "serve.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _trees(bundle: Path) -> int | None:
+    try:
+        return sum(1 for line in open(bundle / "ranker.txt") if line.startswith("Tree="))
+    except OSError:
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    d = BenchConfig()
+    p.add_argument("--work-dir", type=Path, default=d.work_dir, help="shop, bundle and server state (reused)")
+    p.add_argument("--out-dir", type=Path, default=None, help="also write serve.json and serve_latency.png here")
+    p.add_argument("--seconds", type=float, default=d.seconds, help="measured seconds per phase")
+    p.add_argument("--warmup-s", type=float, default=d.warmup_s, help="untimed load before each phase")
+    p.add_argument("--candidates", type=int, nargs="+", default=list(d.candidates))
+    p.add_argument("--rps", type=float, default=d.offered_rps, help="offered load of the open-loop phases")
+    p.add_argument("--concurrency", type=int, nargs="+", default=list(d.saturation_concurrency),
+                   help="requests in flight at saturation; one row per value")
+    p.add_argument("--processes", type=int, default=d.processes, help="load-generator processes")
+    p.add_argument("--channels", type=int, default=d.channels, help="gRPC channels per generator process")
+    p.add_argument("--bench-users", type=int, default=d.bench_users)
+    p.add_argument("--inprocess-reps", type=int, default=d.inprocess_reps)
+    p.add_argument("--users", type=int, default=d.n_users, help="synthetic shop size")
+    p.add_argument("--items", type=int, default=d.n_items)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--prepare-only", action="store_true", help="make the shop, bundle and snapshot, then exit")
+    a = p.parse_args(argv)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (see bench/encoder.py)
+    # SIGTERM unwinds like Ctrl-C, so the server (and its Triton) and the generators are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = BenchConfig(
+        work_dir=a.work_dir, seconds=a.seconds, warmup_s=a.warmup_s, candidates=tuple(a.candidates), offered_rps=a.rps,
+        saturation_concurrency=tuple(a.concurrency), processes=a.processes, channels=a.channels, bench_users=a.bench_users,
+        inprocess_reps=a.inprocess_reps, n_users=a.users, n_items=a.items, seed=a.seed,
+    )
+    if a.prepare_only:
+        shop, _ = prepare(cfg)
+        online_snapshot(cfg.work_dir / "state", shop)
+        return 0
+    print(json.dumps(run(cfg, a.out_dir), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

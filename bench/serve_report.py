@@ -1,0 +1,130 @@
+"""The serve bench's report: hardware, load average, targets, and the latency plot."""
+
+from __future__ import annotations
+
+import os
+import platform
+import threading
+from pathlib import Path
+
+import numpy as np
+
+
+def hardware() -> dict:
+    import grpc
+    import lightgbm
+
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gb = None
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal"):
+                mem_gb = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return {
+        "cpu_model": cpu, "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
+        "memory_gb": mem_gb, "python": platform.python_version(), "platform": platform.platform(),
+        "grpcio": grpc.__version__, "lightgbm": lightgbm.__version__, "numpy": np.__version__,
+        "note": "client, server and Triton share these CPUs (and whatever else runs on the machine)",
+    }
+
+
+class LoadAvg:
+    """os.getloadavg() sampled in the background through the run."""
+
+    def __init__(self, every_s: float = 2.0):
+        self.samples: list[tuple[float, float, float]] = []
+        self.start = os.getloadavg()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, args=(every_s,), daemon=True)
+        self._t.start()
+
+    def _run(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            self.samples.append(os.getloadavg())
+
+    def report(self) -> dict:
+        self._stop.set()
+        one = [s[0] for s in self.samples] or [self.start[0]]
+        return {"start": [round(x, 2) for x in self.start], "end": [round(x, 2) for x in os.getloadavg()],
+                "during_1m": {"min": round(min(one), 2), "mean": round(float(np.mean(one)), 2), "max": round(max(one), 2)}}
+
+
+TARGETS = {  # (candidates, offered rps or "saturation") -> what the row should reach on 2 cores
+    (100, 200.0): {"p99_ms_max": 5.0},
+    (300, 200.0): {"p99_ms_max": 12.0},
+    (1000, 200.0): {"p99_ms_max": 25.0},
+    (100, "saturation"): {"achieved_rps_min": 400.0, "p99_ms_max": 20.0},
+}
+
+
+def check_targets(rows: list[dict]) -> list[dict]:
+    """Each target against its rows (at saturation: met by any concurrency that reaches it)."""
+    out = []
+    for (n, offered), t in TARGETS.items():
+        mine = [r for r in rows if r["candidates"] == n and r["offered_rps"] == offered]
+        if not mine:
+            continue
+
+        def meets(row: dict) -> bool:
+            return row["errors"] == 0 and all(
+                row["p99_ms"] is not None and row["p99_ms"] <= v if k == "p99_ms_max" else row["achieved_rps"] >= v
+                for k, v in t.items()
+            )
+
+        hit = next((r for r in mine if meets(r)), None)
+        out.append({"candidates": n, "offered_rps": offered, **t, "met": hit is not None,
+                    "got": [{k: r[k] for k in ("concurrency", "achieved_rps", "p99_ms")} for r in mine]})
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    open_rows = sorted((r for r in rows if r["offered_rps"] != "saturation"), key=lambda r: r["candidates"])
+    sat_rows = sorted((r for r in rows if r["offered_rps"] == "saturation"), key=lambda r: r["candidates"])
+    xs = [r["candidates"] for r in open_rows]
+    if open_rows:
+        rate = open_rows[0]["offered_rps"]
+        for q, style in (("p50", "-o"), ("p95", "--o"), ("p99", ":o")):
+            ax.plot(xs, [r[f"{q}_ms"] for r in open_rows], style, label=f"{q}, {rate:g} req/s offered")
+        ax.plot(xs, [r["inprocess_p50_ms"] for r in open_rows], "-s", color="grey", label="in-process p50 (no gRPC)")
+    for c in sorted({r["concurrency"] for r in sat_rows}):
+        mine = [r for r in sat_rows if r["concurrency"] == c]
+        ax.plot([r["candidates"] for r in mine], [r["p50_ms"] for r in mine], "-^",
+                label=f"p50 at saturation, {c} in flight (" + ", ".join(f"{r['achieved_rps']:.0f}" for r in mine) + " req/s)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(xs or [100, 300, 1000])
+    ax.set_xticklabels([str(x) for x in (xs or [100, 300, 1000])])
+    ax.set_xlabel("candidates per request")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title("Rank latency vs candidates")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def generator_verdict(rows: list[dict], processes: int) -> str:
+    """Whether the load generator, not the server, could have limited a row."""
+    busy = [r for r in rows if r["client_cpu_cores"] > 0.5 * processes]
+    late = [r for r in rows if r["send_lag_p99_ms"] is not None and r["p50_ms"] and r["send_lag_p99_ms"] > r["p50_ms"]]
+    if busy or late:
+        return (f"the generator may limit {len(busy) + len(late)} row(s) (over half a core per process, or send lag "
+                "above the median latency): rerun with more --processes")
+    return ("not the bottleneck: under half a core per generator process and send lag below the median latency; "
+            "it still takes that CPU from the server on a small machine (client_cpu_cores)")
