@@ -15,6 +15,10 @@ processes write to it) nothing is kept and every read decodes.
 - `UserItemIndex(store)`: per user, the items it has a user x item state for, so a request looks
   up the few candidates a user has seen instead of probing the (large) table for every candidate.
 
+Memory, bounded: a decoded user state is about 6 KB, a co-occurrence state about 3.5 KB (40
+partners), an item row about 250 B; OnlineFeatures keeps up to 20k users, 20k co-occurrence
+states and 500k items (about 120 + 70 + 150 MB at most), and the index holds every user x item key.
+
 Not thread-safe with respect to each other's calls (one caller at a time, as OnlineFeatures).
 """
 
@@ -43,7 +47,7 @@ _NO_KEY = int(np.iinfo(np.int64).min)  # window counts not computed (or invalida
 
 
 class DecodedCache:
-    def __init__(self, store: OnlineStore, entity: str, decode: Callable[[Any], Any], capacity: int = 100_000):
+    def __init__(self, store: OnlineStore, entity: str, decode: Callable[[Any], Any], capacity: int = 20_000):
         self.store, self.entity, self.decode, self.capacity = store, entity, decode, capacity
         self._d: OrderedDict[str, Any] = OrderedDict()
         self._version: int | None = None
@@ -88,7 +92,7 @@ class DecodedCache:
 class ItemPartsCache:
     """Rows of item parts, one per item id asked for (also ids the store does not hold)."""
 
-    def __init__(self, store: OnlineStore, max_items: int = 2_000_000):
+    def __init__(self, store: OnlineStore, max_items: int = 500_000):
         self.store, self.max_items = store, max_items
         self._version: int | None = None
         self._reset(1024)

@@ -11,7 +11,7 @@ from featurizer.definitions import FeatureParams
 from featurizer.incremental import WINDOW_KEY_US, UserState, user_item_key
 from featurizer.online_features import OnlineFeatures, to_us
 from featurizer.online_store import InProcessStore, OnlineStore
-from featurizer.state_cache import DecodedCache
+from featurizer.state_cache import DecodedCache, ItemPartsCache
 from featurizer.schema import EVENT_TYPES
 from tests.featurizer.test_feature_definitions import CANDIDATES, D, H, ITEMS, USERS, at, event_rows, make_events
 
@@ -108,6 +108,16 @@ def test_item_window_counts_follow_the_tile_of_t():
         assert to_us(t) // WINDOW_KEY_US >= 0
         np.testing.assert_array_equal(online.features("u0", ["i0"], t), reference(store).features("u0", ["i0"], t))
     assert col  # (the first read exercised the delta at the latest instant)
+
+
+def test_item_cache_past_its_size_starts_over_and_stays_exact():
+    ev = make_events([(0, "u0", "i0", "click"), (1, "u1", "i2", "click"), (2, "u0", "i4", "purchase")])
+    store = InProcessStore()
+    online = OnlineFeatures(store, ITEMS, PARAMS)
+    online.apply(ev)
+    online._item_parts = ItemPartsCache(store, max_items=3)
+    for items in (["i0", "i1"], CANDIDATES, ["i4", "i0", "x", "y"], CANDIDATES):
+        np.testing.assert_array_equal(online.features("u0", items, at(9)), reference(store).features("u0", items, at(9)))
 
 
 def test_store_lists_changed_keys_since_a_version():
