@@ -74,7 +74,9 @@ class JsonFormatter(logging.Formatter):
         }
         out.update(request_context.get().fields())
         for key, value in vars(record).items():
-            if key not in _RECORD_ATTRS and key not in out:
+            # Private attributes are other libraries' bookkeeping (Ray's record factory adds
+            # `_ray_timestamp_ns` to every record once it is imported), not extra= fields.
+            if key not in _RECORD_ATTRS and key not in out and not key.startswith("_"):
                 out[key] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
