@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -35,23 +34,15 @@ from pathlib import Path
 
 import numpy as np
 
+from machine import machine  # bench/ is sys.path[0]
+
 ROOT = Path(__file__).resolve().parents[1]
 REQUESTS_PER_SLICE = 10_000
 ROW_GROUP = 100_000
 
 
 def hardware() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"cpu_model": cpu, "usable_cpus": len(os.sched_getaffinity(0)), "memory_gb": round(mem_gb, 1),
-            "python": platform.python_version(), "platform": platform.platform()}
+    return machine()
 
 
 def setup(work: Path, users: int, items: int, days: int, seed: int) -> dict:

@@ -23,12 +23,13 @@ import asyncio
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+from machine import machine  # bench/ is sys.path[0]
 
 log = logging.getLogger(__name__)
 
@@ -98,22 +99,10 @@ def percentiles_ms(seconds: list[float]) -> tuple[float, float]:
 def hardware() -> dict:
     import torch
 
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
-        "cpu_model": cpu,
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)),
+        **machine(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
         "loadavg_1m_start": round(os.getloadavg()[0], 2),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
     }

@@ -3,35 +3,20 @@
 from __future__ import annotations
 
 import os
-import platform
 import threading
 from pathlib import Path
 
 import numpy as np
+
+from machine import machine  # bench/ is sys.path[0]
 
 
 def hardware() -> dict:
     import grpc
     import lightgbm
 
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gb = None
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal"):
-                mem_gb = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
     return {
-        "cpu_model": cpu, "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
-        "memory_gb": mem_gb, "python": platform.python_version(), "platform": platform.platform(),
+        **machine(),
         "grpcio": grpc.__version__, "lightgbm": lightgbm.__version__, "numpy": np.__version__,
         "note": "client, server and Triton share these CPUs (and whatever else runs on the machine)",
     }
