@@ -42,7 +42,7 @@ from serving.ranking import RankingEngine, utc_now
 from serving.registry import BundleRegistry, EncoderHandle, EncoderPool
 from serving.security import AuthInterceptor, TlsConfig, TokenAuth
 from serving.service import RankingService, ServingState
-from serving.state import build_engine
+from serving.state import build_engine, close_all
 from serving.triton_worker import TritonProcess
 from serving.validation import Limits
 
@@ -219,11 +219,7 @@ class RankingServer:
             await self._registry.close()
             self._registry = None
         self.metrics.stop_http()
-        for close in self._closers:
-            try:
-                close()
-            except Exception:  # noqa: BLE001 - close the rest anyway
-                log.exception("closing %s", close)
+        close_all(self._closers)
         self._closers = []
         if self._tmp is not None:
             self._tmp.cleanup()

@@ -50,12 +50,17 @@ class BuiltEngine:
     closers: list[Callable[[], None]] = field(default_factory=list)  # in order: event log, store
 
     def close(self) -> None:
-        for close in self.closers:
-            try:
-                close()
-            except Exception:  # noqa: BLE001 - close the rest anyway
-                log.exception("closing %s", close)
+        close_all(self.closers)
         self.closers = []
+
+
+def close_all(closers: list[Callable[[], None]]) -> None:
+    """Call each closer in order; one that fails is logged and the rest still run."""
+    for close in closers:
+        try:
+            close()
+        except Exception:  # noqa: BLE001 - close the rest anyway
+            log.exception("closing %s", close)
 
 
 def default_store(state_dir: Path) -> InProcessConfig:

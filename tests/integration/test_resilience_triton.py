@@ -19,6 +19,7 @@ from serving.encoder_client import EncoderClient, EncoderUnavailable
 from serving.resilience import BreakerState, CircuitBreaker, CircuitOpenError, ResilientEncoder
 from serving.triton_worker import TritonProcess, TritonWorkerConfig, free_port, port_in_use
 from tests.integration.test_triton_encoder import TEXTS, live_tritonserver_processes
+from tests.serving.test_resilience import RecordingObserver
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -36,18 +37,6 @@ class CountingEncoderClient(EncoderClient):
     async def encode(self, texts, timeout_s=None, max_in_flight=None):
         self.calls += 1
         return await super().encode(texts, timeout_s=timeout_s, max_in_flight=max_in_flight)
-
-
-class RecordingObserver:
-    def __init__(self):
-        self.calls: list[tuple[bool, float, str | None]] = []
-        self.states: list[str] = []
-
-    def on_call(self, ok, seconds, error):
-        self.calls.append((ok, seconds, error))
-
-    def on_breaker(self, state):
-        self.states.append(state)
 
 
 def tritonserver_pids(tp: TritonProcess) -> list[int]:
