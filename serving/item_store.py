@@ -100,6 +100,7 @@ class ItemStore:
         self._set_items(merged)
         self._emb: dict[str, np.ndarray] = {}
         self._emb_hash: dict[str, np.ndarray] = {}  # text hash each row was embedded from (0 = none)
+        self._current: dict[str, np.ndarray] = {}  # _emb_hash == text_hash, kept in step (read per request)
 
     # ------------------------------------------------------------ item data
 
@@ -140,6 +141,7 @@ class ItemStore:
             if grow:
                 self._emb[key] = np.vstack([emb, np.zeros((grow, emb.shape[1]), dtype=np.float32)])
                 self._emb_hash[key] = np.append(self._emb_hash[key], np.zeros(grow, dtype=np.int64))
+        self._refresh_current()
 
     # ------------------------------------------------------------ embeddings
 
@@ -148,12 +150,16 @@ class ItemStore:
 
     def embeddings(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """(n_items, dim) unit rows and the mask of rows that are current (embedded from today's text)."""
-        return self._emb[key], self._emb_hash[key] == self.text_hash
+        return self._emb[key], self._current[key]
+
+    def _refresh_current(self, *keys: str) -> None:
+        for key in keys or list(self._emb_hash):
+            self._current[key] = self._emb_hash[key] == self.text_hash
 
     def stale_rows(self, key: str) -> np.ndarray:
         if key not in self._emb:
             return np.arange(len(self.item_ids))
-        return np.flatnonzero(self._emb_hash[key] != self.text_hash)
+        return np.flatnonzero(~self._current[key])
 
     def _load_embeddings(self, key: str, dim: int) -> None:
         emb = np.zeros((len(self.item_ids), dim), dtype=np.float32)
@@ -173,6 +179,7 @@ class ItemStore:
                 emb[rows[ok]] = t["embedding"][ok]
                 hashes[rows[ok]] = t["text_hash"][ok]
         self._emb[key], self._emb_hash[key] = emb, hashes
+        self._refresh_current(key)
 
     async def ensure_embeddings(self, key: str, encode_bulk: BulkEncodeFn, dim: int, only: np.ndarray | None = None) -> int:
         """Embed the rows of `key` that are missing or stale (or only those in `only`); returns how many."""
@@ -196,4 +203,5 @@ class ItemStore:
             _write_atomic(path, lambda p: save_file({"embedding": vectors, "text_hash": hashes}, str(p), metadata=meta))
         self._emb[key][stale] = vectors
         self._emb_hash[key][stale] = hashes
+        self._refresh_current(key)
         return int(stale.size)
