@@ -207,20 +207,22 @@ def cooccurrence_pairs(touches: pl.LazyFrame, window_us: int) -> pl.LazyFrame:
 
 
 def cooccurrence_scores(ev: pl.LazyFrame, q: pl.LazyFrame, params: FeatureParams) -> pl.LazyFrame:
-    """q (__q, user_id, item_id, __t) -> __q, cooc_max, cooc_sum over the user's recent items (rows with history only)."""
+    """q (__q, user_id, item_id, __t, __ti) -> __q, cooc_max, cooc_sum over the user's recent items (rows with
+    history only). The recent items are the user's own, before __t; the pair and user counts are every
+    user's, before __ti (see `offline_features`' `resolution_us`)."""
     hist = recent_items(ev, q.select("user_id", "__t").unique(), params.history_items)
     touches = first_touches(ev)
     pair_cum = cumulative(cooccurrence_pairs(touches, params.cooc_window_us), ["item_id", "__h"], {"c": _ONE})
     users_cum = cumulative(touches, ["item_id"], {"n": _ONE})
     qh = (
-        q.select("__q", "user_id", "item_id", "__t")
+        q.select("__q", "user_id", "item_id", "__t", "__ti")
         .join(hist, on=["user_id", "__t"], how="inner")
         .explode("__hist", empty_as_null=False)
         .filter(pl.col("__hist").is_not_null())
     )
-    qh = asof_before(qh, pair_cum, ["item_id", "__hist"], ["item_id", "__h"], "__t", ["c"], "")
-    qh = asof_before(qh, users_cum, ["item_id"], ["item_id"], "__t", ["n"], "_i")
-    qh = asof_before(qh, users_cum.rename({"item_id": "__h"}), ["__hist"], ["__h"], "__t", ["n"], "_h")
+    qh = asof_before(qh, pair_cum, ["item_id", "__hist"], ["item_id", "__h"], "__ti", ["c"], "")
+    qh = asof_before(qh, users_cum, ["item_id"], ["item_id"], "__ti", ["n"], "_i")
+    qh = asof_before(qh, users_cum.rename({"item_id": "__h"}), ["__hist"], ["__h"], "__ti", ["n"], "_h")
     z = lambda c: pl.col(c).fill_null(0)  # noqa: E731
     cos = cooc_cosine(z("c"), z("n_i"), z("n_h"), POLARS)
     return qh.group_by("__q").agg(cos.max().alias("cooc_max"), cos.sum().alias("cooc_sum"))
@@ -243,22 +245,37 @@ def _check_queries(names: list[str]) -> None:
 
 
 def offline_features(
-    events: pl.LazyFrame, items: pl.LazyFrame, queries: pl.LazyFrame, params: FeatureParams = FeatureParams()
+    events: pl.LazyFrame, items: pl.LazyFrame, queries: pl.LazyFrame, params: FeatureParams = FeatureParams(),
+    resolution_us: int = 1,
 ) -> pl.LazyFrame:
     """Every feature of `FEATURES` for each query row (user_id, item_id, ts), from events strictly before ts.
 
     Rows and their order are preserved. Query columns pass through, followed by the features in
     FEATURES order (an `interest_score` query column is moved there, as Float64; without one it is NaN).
+
+    `resolution_us` is the time resolution of the log (1: exact times, as the service logs them). With a
+    coarser one, e.g. reviews stamped by day whose per-user order is known and written into the µs
+    below the day (`training.loo.loo_data`), the user's own aggregates (history, user and user x item
+    counts) still read the events strictly before ts, while what counts other users' events (item
+    aggregates, co-occurrence pairs and users) reads only the ticks before ts's tick: the order of two
+    users' same-day events is unknown, so neither may see the other's.
     """
+    if resolution_us < 1:
+        raise ValueError(f"resolution_us must be >= 1, got {resolution_us}")
     names = queries.collect_schema().names()
     _check_queries(names)
     ev = prepare_events(events, items)
     meta = catalog(items).select("item_id", pl.col("category").alias("__category"), pl.col("brand").alias("__brand"), pl.col("price").alias("__price"))
-    q = queries.with_row_index("__q").with_columns(pl.col("ts").dt.epoch("us").alias("__t")).join(meta, on="item_id", how="left")
-    keys_i = q.select("item_id", "__t").unique()
+    t = pl.col("ts").dt.epoch("us")
+    q = (
+        queries.with_row_index("__q")
+        .with_columns(t.alias("__t"), ((t // resolution_us) * resolution_us).alias("__ti"))
+        .join(meta, on="item_id", how="left")
+    )
+    keys_i = q.select("item_id", pl.col("__ti").alias("__t")).unique()
     keys_u = q.select("user_id", "__t").unique()
     parts = [
-        (item_aggregates(ev, keys_i), ["item_id", "__t"]),
+        (item_aggregates(ev, keys_i).rename({"__t": "__ti"}), ["item_id", "__ti"]),
         (user_aggregates(ev, keys_u), ["user_id", "__t"]),
         (user_group_counts(ev, q.select("user_id", "__category", "__t").unique(), "category", "__category", "user_cat_n"), ["user_id", "__category", "__t"]),
         (user_group_counts(ev, q.select("user_id", "__brand", "__t").unique(), "brand", "__brand", "user_brand_n"), ["user_id", "__brand", "__t"]),

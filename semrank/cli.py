@@ -222,7 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = s.add_argument_group("data without impression lists (leave-one-out targets + sampled negatives)")
     g.add_argument("--variant", choices=("full", "behavioural"), default="full",
                    help="full: every feature; behavioural: no text features (no interest_score)")
-    g.add_argument("--negatives", type=int, default=30, help="negatives per group (default 30)")
+    g.add_argument("--negatives", type=int, default=16,
+                   help="popularity-weighted and uniform negatives per group (default 16)")
+    g.add_argument("--hard-negatives", type=int, default=16,
+                   help="negatives per group from the first stage's top --hard-k (encoder+cooc; default 16, 0: none)")
+    g.add_argument("--hard-k", type=int, default=200, help="first-stage items hard negatives are drawn from (default 200)")
     g.add_argument("--popularity-share", type=float, default=0.5,
                    help="share of the negatives drawn in proportion to popularity, the rest uniform (default 0.5)")
     g.add_argument("--max-users", type=int, default=20000, help="seeded sample of users (default 20000)")

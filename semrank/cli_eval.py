@@ -165,7 +165,7 @@ def run_eval(args) -> int:
     from featurizer.text import item_text_expr
     from training.eval_report import build_report, markdown, write_report
     from training.evaluation import PROTOCOLS, EvalConfig, evaluate
-    from training.loo import loo_split
+    from training.loo import loo_data
 
     t0 = time.perf_counter()
     machine = machine_note()
@@ -173,8 +173,7 @@ def run_eval(args) -> int:
     config = EvalConfig(protocols=protocols, users=args.users, seed=args.seed, batch_size=args.batch_size,
                         bootstrap=args.bootstrap)
     dataset, data_dir = _dataset_dir(args)
-    ds = read_dataset(data_dir)
-    split = loo_split(ds)
+    ds, split = loo_data(read_dataset(data_dir))
     log.info("%s: %d items, %d users with a test target, %d short users (training only)", dataset,
              len(split.item_ids), len(split.users), len(split.train_only))
     item_texts = ds.items.select(item_text_expr())["item_text"].to_list()
@@ -189,7 +188,7 @@ def run_eval(args) -> int:
             run = merge(run, extra)
             notes += extra.notes
         subset, subset_lines = subset_notes(run, ~ranker_runs[0].same_day,
-                                            "users whose test and validation items differ in timestamp")
+                                            "users whose test and validation items fall in different clock ticks")
         notes += subset_lines
     seconds = time.perf_counter() - t0
     for protocol in protocols:

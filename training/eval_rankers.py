@@ -13,10 +13,11 @@ whole catalog costs about 8 µs a row, so bundles (`--ranker NAME=BUNDLE`) take 
   first stage (the share of test targets that reach LightGBM at all).
 
 Features are computed as in training (`training.ranker_loo`): `offline_features` at the test
-item's timestamp, from events strictly before it; the user text from the items engaged
-strictly before it. With day-resolution timestamps the user's same-day items (often the
-validation item) are invisible to the ranker, unlike the matrix models, which see
-seq[:-1]; the report counts those users and gives every model's metrics without them.
+item's time, from events strictly before it; the user text from the items engaged strictly
+before it. The data comes from `training.loo.loo_data`, so a user's own events of one clock
+tick (one day on Amazon) are ordered by the sequence and the ranker sees seq[:-1] as the
+matrix models do; other users' events count only from earlier ticks. The report still gives
+every model's metrics on the users whose test and validation items fall in different ticks.
 
 Ranks follow the evaluation's pessimistic tie rule (ties count against the target), in float64.
 """
@@ -33,21 +34,18 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from featurizer.definitions import FeatureParams
 from featurizer.offline import offline_features
 from featurizer.schema import Dataset
 from ranker.bundle import Bundle, load_bundle
+from training.first_stage import (
+    COOC_ITEMS, DEFAULT_FIRST_STAGE, DEFAULT_RERANK_K, FIRST_STAGES, RRF_K, FirstStage, top_k,
+)
 from training.evaluation import FULL, SAMPLED, EvalConfig, EvalRun, negatives_matrix, rank_metrics, sample_users
 from training.loo import LooSplit
 from training.ranker_loo import encode_user_texts, sequence_times, user_histories
 
 log = logging.getLogger(__name__)
 
-FIRST_STAGES = ("encoder", "encoder+cooc", "encoder+popularity")
-DEFAULT_FIRST_STAGE = "encoder+cooc"
-DEFAULT_RERANK_K = 200
-RRF_K = 60
-COOC_ITEMS = FeatureParams().history_items  # recent items the co-occurrence first stage sums over
 
 
 def parse_ranker_arg(arg: str) -> tuple[str, Path]:
@@ -89,76 +87,6 @@ class TextSide:
     history_items: int
 
 
-# --------------------------------------------------------------------------- first stage
-
-
-def ordinal_ranks(scores: np.ndarray) -> np.ndarray:
-    """1-based rank of every entry of each row, best first; ties by item index (stable)."""
-    order = np.argsort(-scores, axis=1, kind="stable")
-    ranks = np.empty_like(order)
-    np.put_along_axis(ranks, order, np.arange(1, scores.shape[1] + 1)[None, :], axis=1)
-    return ranks
-
-
-class FirstStage:
-    """Cheap scores over the whole catalog; popularity and co-occurrence count the part before `target`."""
-
-    def __init__(self, split: LooSplit, target: str = "test"):
-        from scipy import sparse
-
-        cut = 1 if target == "test" else 2
-        seqs = [s[:-cut] for s in split.sequences] + list(split.train_only)
-        n = len(split.item_ids)
-        self.n_items = n
-        self.popularity = np.bincount(np.concatenate(seqs), minlength=n).astype(np.float64) if seqs else np.zeros(n)
-        rows = np.repeat(np.arange(len(seqs)), [s.size for s in seqs])
-        x = sparse.csr_matrix((np.ones(rows.size), (rows, np.concatenate(seqs))), shape=(len(seqs), n))
-        x.data[:] = 1.0
-        c = (x.T @ x).tocsr()
-        inv = 1.0 / np.sqrt(np.maximum(c.diagonal(), 1.0))
-        c.setdiag(0.0)
-        c.eliminate_zeros()
-        self.cooc = (sparse.diags(inv) @ c @ sparse.diags(inv)).tocsr()  # cosine c_ij / sqrt(n_i n_j)
-
-    def cooccurrence(self, recent: Sequence[np.ndarray]) -> np.ndarray:
-        from scipy import sparse
-
-        rows = np.repeat(np.arange(len(recent)), [r.size for r in recent])
-        cols = np.concatenate(recent) if len(recent) else np.zeros(0, np.int64)
-        h = sparse.csr_matrix((np.ones(rows.size), (rows, cols)), shape=(len(recent), self.n_items))
-        return (h @ self.cooc).toarray()
-
-    def scores(self, kinds: Sequence[str], cos: np.ndarray, recent: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
-        """kind -> (batch, n_items) float64; `cos` NaN rows (no history) count as 0."""
-        enc = np.nan_to_num(cos.astype(np.float64), nan=0.0)
-        out = {}
-        enc_rrf = 1.0 / (RRF_K + ordinal_ranks(enc)) if set(kinds) - {"encoder"} else None
-        for kind in kinds:
-            if kind == "encoder":
-                out[kind] = enc
-                continue
-            if kind == "encoder+cooc":
-                other = self.cooccurrence(recent)
-            elif kind == "encoder+popularity":
-                other = np.broadcast_to(self.popularity, enc.shape)
-            else:
-                raise ValueError(f"unknown first stage {kind!r}; choose from {', '.join(FIRST_STAGES)}")
-            out[kind] = enc_rrf + np.where(other > 0, 1.0 / (RRF_K + ordinal_ranks(other)), 0.0)
-        return out
-
-
-def top_k(scores: np.ndarray, masked: Sequence[np.ndarray], k: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Scores with the masked items at -inf, and per row the best min(k, unmasked) items."""
-    s = scores.copy()
-    for r, m in enumerate(masked):
-        s[r, m] = -np.inf
-    out = []
-    for r in range(s.shape[0]):
-        kk = min(k, int(np.isfinite(s[r]).sum()))
-        out.append(np.argpartition(-s[r], kk - 1)[:kk] if kk else np.zeros(0, np.int64))
-    return s, out
-
-
 def two_stage_rank(first: np.ndarray, top: np.ndarray, top_scores: np.ndarray, target: int) -> int:
     """Pessimistic 1-based rank: the top items by their re-ranker score, then the rest by `first`
     (masked items at -inf are never ranked)."""
@@ -183,10 +111,11 @@ class RankerRun:
     same_day: np.ndarray | None = None  # per evaluated user: test item at the validation item's timestamp
 
 
-def _features(ds: Dataset, users: list[str], ts_us: np.ndarray, items: list[str], interest: np.ndarray) -> pl.DataFrame:
+def _features(ds: Dataset, users: list[str], ts_us: np.ndarray, items: list[str], interest: np.ndarray,
+              resolution_us: int) -> pl.DataFrame:
     q = pl.DataFrame({"user_id": pl.Series(users, dtype=pl.Utf8), "item_id": pl.Series(items, dtype=pl.Utf8),
                       "ts": pl.Series(ts_us).cast(pl.Datetime("us", "UTC")), "interest_score": interest})
-    return offline_features(ds.events.lazy(), ds.items.lazy(), q.lazy()).collect()
+    return offline_features(ds.events.lazy(), ds.items.lazy(), q.lazy(), resolution_us=resolution_us).collect()
 
 
 def evaluate_rankers(ds: Dataset, split: LooSplit, rankers: Sequence[RankerModel], text: TextSide,
@@ -205,7 +134,8 @@ def evaluate_rankers(ds: Dataset, split: LooSplit, rankers: Sequence[RankerModel
     negatives = negatives_matrix(split, users, config.n_negatives, config.seed)[0] if SAMPLED in config.protocols else None
     times = sequence_times(ds, split)
     t_test = np.array([times[u][-1] for u in users], dtype=np.int64)
-    same_day = np.array([times[u][-1] == times[u][-2] for u in users])
+    res = split.resolution_us
+    same_day = np.array([times[u][-1] // res == times[u][-2] // res for u in users])
     user_ids = [split.users[u] for u in users]
     keys = pl.DataFrame({"user_id": user_ids, "ts": pl.Series(t_test).cast(pl.Datetime("us", "UTC"))})
     n_recent = max(text.history_items, COOC_ITEMS)
@@ -239,7 +169,8 @@ def evaluate_rankers(ds: Dataset, split: LooSplit, rankers: Sequence[RankerModel
         row_item = np.concatenate(cands)
         t0 = time.perf_counter()
         feats = _features(ds, [user_ids[r] for r in rows[row_user]], t_test[rows[row_user]],
-                          [split.item_ids[i] for i in row_item], cos[row_user, row_item].astype(np.float64))
+                          [split.item_ids[i] for i in row_item], cos[row_user, row_item].astype(np.float64),
+                          split.resolution_us)
         t_features += time.perf_counter() - t0
         offsets = np.r_[0, np.cumsum([c.size for c in cands])]
         for ranker in rankers:
@@ -261,10 +192,12 @@ def evaluate_rankers(ds: Dataset, split: LooSplit, rankers: Sequence[RankerModel
                     descriptions={r.name: r.description(k, first_stage) for r in rankers}, same_day=same_day)
     empty = sum(r.size == 0 for r in recent)
     run.notes.append(
-        f"rankers ({', '.join(r.name for r in rankers)}): features at the test item's timestamp, strictly before it; "
-        f"{int(same_day.sum())} of {users.size} users ({same_day.mean():.0%}) have their validation item at the same "
-        f"timestamp as the test item, so the rankers do not see it (the matrix models do); {empty} users have no "
-        f"engagement strictly before the test timestamp; shared cost {shared:.1f} s (features {t_features:.1f} s)")
+        f"rankers ({', '.join(r.name for r in rankers)}): features at the test item's time, strictly before it; the "
+        f"clock ticks every {res} µs and {int(same_day.sum())} of {users.size} users ({same_day.mean():.0%}) have their "
+        f"validation item in the test item's tick: the user's own events of a tick are ordered by the sequence "
+        f"(`training.loo.loo_data`), so the rankers see that item as the matrix models do, while other users' events "
+        f"count only from earlier ticks; {empty} users have no engagement before the test item; shared cost "
+        f"{shared:.1f} s (features {t_features:.1f} s)")
     if stage is not None:
         recall = {kind: round(h / users.size, 4) for kind, h in hits.items()}
         run.two_stage = {"k": k, "first_stage": first_stage, f"first_stage_recall@{k}": recall[first_stage],

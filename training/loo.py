@@ -8,6 +8,14 @@ has it and by file order otherwise:
   the rest          -> training history.
 Users with fewer than 3 distinct items have no test target and only contribute
 training interactions.
+
+`loo_data` also makes the events' clock agree with that order. The public sets
+are stamped by day (Amazon) or second (MovieLens), and about half the Amazon
+users reviewed their last two items on one day: read "strictly before the test
+item's time", their history would lack the validation item, which the
+sequence models (given seq[:-1]) do see. So each user's events of one tick are
+moved apart by 1 µs each, in sequence order, and the features read other
+users' events only up to the previous tick (`offline_features(resolution_us=)`).
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ import polars as pl
 from featurizer.schema import ENGAGEMENTS, Dataset
 
 MIN_SEQUENCE = 3
+# Candidate clock resolutions, coarsest first (µs).
+RESOLUTIONS_US = (86_400_000_000, 3_600_000_000, 60_000_000, 1_000_000, 1_000, 1)
 
 
 @dataclass
@@ -30,6 +40,7 @@ class LooSplit:
     users: list[str]  # users with a test target
     sequences: list[np.ndarray]  # per user in `users`: item indices, oldest first
     train_only: list[np.ndarray]  # sequences of users too short to evaluate (all training)
+    resolution_us: int = 1  # the events' clock resolution before `loo_data` broke the ties (1: exact)
 
     def history(self, u: int, target: str) -> np.ndarray:
         """Items before the target, oldest first: `valid` -> seq[:-2], `test` -> seq[:-1]."""
@@ -75,3 +86,40 @@ def loo_split(ds: Dataset) -> LooSplit:
         else:
             short.append(arr)
     return LooSplit(item_ids=item_ids, item_index=index, titles=items["title"].to_list(), users=users, sequences=seqs, train_only=short)
+
+
+def clock_resolution_us(events: pl.DataFrame) -> int:
+    """The coarsest of `RESOLUTIONS_US` that divides every event timestamp (1 day for the Amazon sets)."""
+    t = events["ts"].dt.epoch("us")
+    for r in RESOLUTIONS_US:
+        if t.is_empty() or bool(((t % r) == 0).all()):
+            return r
+    return 1
+
+
+def break_ties(events: pl.DataFrame, resolution_us: int) -> pl.DataFrame:
+    """Each user's events of one tick, in (seq_pos, file) order, get +0, +1, +2 ... µs; rows keep their order.
+
+    Raises if a user has `resolution_us` or more events in one tick (they would spill into the next)."""
+    if resolution_us <= 1:
+        return events
+    order = ["user_id", "ts", "seq_pos", "_row"] if "seq_pos" in events.columns else ["user_id", "ts", "_row"]
+    ranked = (
+        events.with_row_index("_row")
+        .sort(order, nulls_last=True)
+        .with_columns(pl.int_range(pl.len()).over("user_id", "ts").alias("_tie"))
+        .sort("_row")
+    )
+    if ranked.height and int(ranked["_tie"].max()) >= resolution_us:
+        raise ValueError(f"a user has more than {resolution_us} events in one tick of {resolution_us} µs; cannot order them")
+    return ranked.with_columns((pl.col("ts") + pl.duration(microseconds=pl.col("_tie"))).alias("ts")).drop("_row", "_tie")
+
+
+def loo_data(ds: Dataset) -> tuple[Dataset, LooSplit]:
+    """The dataset with each user's same-tick events ordered 1 µs apart (see the module doc) and its split,
+    which records the original resolution for `offline_features(resolution_us=split.resolution_us)`."""
+    resolution = clock_resolution_us(ds.events)
+    seq = Dataset(items=ds.items, events=break_ties(ds.events, resolution), report=ds.report)
+    split = loo_split(seq)
+    split.resolution_us = resolution
+    return seq, split

@@ -10,13 +10,20 @@ negatives, all scored at the target's time t.
   validation item (one group per sampled user) early-stops on NDCG@10. The test
   item is never a target; it only appears as an event at its own time, which is
   after every training and validation t of its user.
-- Negatives: `round(M * popularity_share)` drawn in proportion to the item's
-  interaction count in the training part (`LooSplit.train_item_counts("valid")`),
-  the rest uniformly; distinct, never an item of the user's sequence.
-- Features: `featurizer.offline.offline_features` from events strictly before t.
-  With day-resolution timestamps (Amazon) the user's events of t's day are not
-  before t, so a target reviewed on the same day as the previous item does not
-  see that item (`same_instant_previous` in the manifest counts how often).
+- Negatives, distinct and never an item of the user's sequence:
+  - `hard_negatives` drawn uniformly from the top `hard_k` of the first stage
+    that `semrank eval` (and a service) runs before LightGBM
+    (`training.first_stage`, encoder+cooc, counted over seq[:-2]) for the user at
+    t: under full ranking LightGBM only ever orders such items, and negatives
+    that popularity alone tells apart teach it nothing about them;
+  - of the other `negatives`, `round(M * popularity_share)` in proportion to the
+    item's interaction count in the training part
+    (`LooSplit.train_item_counts("valid")`), the rest uniformly (the sampled-100
+    protocol's negatives are uniform).
+- Features: `featurizer.offline.offline_features` from events strictly before t,
+  on `training.loo.loo_data`'s clock: a user's own same-day items are ordered by
+  the sequence, other users' events count from earlier days only. Computed in
+  chunks of groups, so memory follows the chunk, not the data.
   Text: the cosine of the user's history text (`user_recent_items` before t,
   titles, `history_text`) and the item text; NaN when there is no history.
 - Variants: `full` (every feature of `featurizer.definitions.NAMES`) and
@@ -49,7 +56,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "full": NAMES,
     "behavioural": tuple(n for n in NAMES if FAMILY[n] != "text"),
 }
-SOURCE_TARGET, SOURCE_POPULAR, SOURCE_UNIFORM = 0, 1, 2
+SOURCE_TARGET, SOURCE_POPULAR, SOURCE_UNIFORM, SOURCE_HARD = 0, 1, 2, 3
 
 
 class Encoder(Protocol):
@@ -62,8 +69,11 @@ class LooRankerConfig:
     max_users: int | None = 20_000  # None: every user with a validation target
     positions_per_user: int = 3
     recency_decay: float = 0.7  # P(position k) ∝ decay ** (last training position - k)
-    negatives: int = 30
+    negatives: int = 16  # popularity-weighted and uniform
     popularity_share: float = 0.5
+    hard_negatives: int = 16  # from the first stage's top `hard_k` (0: none, and no encoder needed for them)
+    hard_k: int = 200
+    feature_chunk_rows: int = 250_000  # rows featurized at once
     history_items: int = 5  # titles in the user text
     max_length: int = 128
     encoder_dir: str = "base"  # "base" or a directory relative to the bundle
@@ -80,8 +90,10 @@ class LooRankerConfig:
             raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         if self.max_users is not None and self.max_users < 1:
             raise ValueError(f"max_users must be >= 1 (or None for all), got {self.max_users}")
-        if self.positions_per_user < 1 or self.negatives < 1 or self.history_items < 1:
-            raise ValueError(f"positions_per_user, negatives and history_items must be >= 1: {self}")
+        if self.positions_per_user < 1 or self.negatives < 0 or self.hard_negatives < 0 or self.history_items < 1:
+            raise ValueError(f"positions_per_user and history_items must be >= 1, negatives >= 0: {self}")
+        if self.negatives + self.hard_negatives < 1 or self.hard_k < 1 or self.feature_chunk_rows < 1:
+            raise ValueError(f"a group needs >= 1 negative, and hard_k and feature_chunk_rows must be >= 1: {self}")
         if not 0.0 <= self.popularity_share <= 1.0 or not 0.0 < self.recency_decay <= 1.0:
             raise ValueError(f"popularity_share must be in [0, 1] and recency_decay in (0, 1]: {self}")
 
@@ -92,6 +104,10 @@ class LooRankerConfig:
     @property
     def n_popular(self) -> int:
         return int(round(self.negatives * self.popularity_share))
+
+    @property
+    def needs_encoder(self) -> bool:
+        return "interest_score" in self.feature_names or self.hard_negatives > 0
 
 
 def has_impression_lists(events: pl.DataFrame) -> bool:
@@ -159,35 +175,78 @@ class NegativeSampler:
         return items, source
 
 
-def build_groups(split: LooSplit, times: list[np.ndarray], cfg: LooRankerConfig) -> pl.DataFrame:
-    """One row per (group, candidate): group, part (train | valid), user_id, item_id, ts, label, source, pos.
-
-    Rows of a group are contiguous and in seeded random order (the target is not always first).
-    """
+def group_keys(split: LooSplit, times: list[np.ndarray], cfg: LooRankerConfig) -> pl.DataFrame:
+    """One row per group, in group order: u (index into split.users), pos k, valid (bool), user_id, ts."""
     n_users = len(split.users)
     users = np.arange(n_users)
     if cfg.max_users is not None and cfg.max_users < n_users:
         users = np.sort(np.random.default_rng([cfg.seed, 10]).choice(n_users, size=cfg.max_users, replace=False))
+    rows: list[tuple[int, int, bool]] = []
+    for u in users.tolist():
+        seq = split.sequences[u]
+        positions = sample_positions(seq.size, cfg.positions_per_user, cfg.recency_decay, np.random.default_rng([cfg.seed, 11, u]))
+        rows += [(u, int(k), False) for k in positions]
+        rows.append((u, seq.size - 2, True))
+    if not rows:
+        raise ValueError("no user has a validation target; the ranker needs users with >= 3 engaged items")
+    u, k, valid = (np.array(c) for c in zip(*rows))
+    user_ids = np.asarray(split.users, dtype=object)
+    return pl.DataFrame({
+        "u": u.astype(np.int64), "pos": k.astype(np.int32), "valid": valid.astype(bool),
+        "user_id": pl.Series(user_ids[u], dtype=pl.Utf8),
+        "ts": pl.Series(np.array([times[a][b] for a, b in zip(u, k)], dtype=np.int64)).cast(pl.Datetime("us", "UTC")),
+    })
+
+
+def hard_pools(split: LooSplit, keys: pl.DataFrame, user_emb: np.ndarray, item_embeddings: np.ndarray,
+               recent: list[np.ndarray], k: int, chunk: int = 1000) -> list[np.ndarray]:
+    """Per group: the top `k` items of the encoder+cooc first stage (counts over seq[:-2]) for the user at
+    the group's time, the user's whole sequence excluded."""
+    from training.first_stage import COOC_ITEMS, FirstStage, top_k
+
+    stage = FirstStage(split, "valid")
+    us = keys["u"].to_numpy()
+    out: list[np.ndarray] = []
+    for start in range(0, keys.height, chunk):
+        rows = np.arange(start, min(start + chunk, keys.height))
+        e = user_emb[rows]
+        cos = np.full((rows.size, item_embeddings.shape[0]), np.nan, np.float32) if e.shape[1] != item_embeddings.shape[1] else e @ item_embeddings.T
+        s = stage.scores(["encoder+cooc"], cos, [recent[r][:COOC_ITEMS] for r in rows])["encoder+cooc"]
+        out += top_k(s, [split.sequences[us[r]] for r in rows], k)[1]
+    return out
+
+
+def build_groups(split: LooSplit, keys: pl.DataFrame, cfg: LooRankerConfig,
+                 pools: list[np.ndarray] | None = None) -> pl.DataFrame:
+    """One row per (group, candidate): group, part (train | valid), user_id, item_id, ts, label, source, pos.
+
+    `keys` is `group_keys`' table; `pools` the first-stage top items per group for the hard negatives
+    (required when `cfg.hard_negatives` > 0). Rows of a group are contiguous and in seeded random order
+    (the target is not always first)."""
+    if cfg.hard_negatives and pools is None:
+        raise ValueError("hard negatives need the first stage's pools (hard_pools), or set hard_negatives=0")
     sampler = NegativeSampler(split.train_item_counts("valid"), cfg.negatives, cfg.n_popular)
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("group", "part", "user", "item", "ts", "label", "source", "pos")}
-    group = 0
-    for u in users.tolist():
-        seq, ts = split.sequences[u], times[u]
-        positions = sample_positions(seq.size, cfg.positions_per_user, cfg.recency_decay, np.random.default_rng([cfg.seed, 11, u]))
-        for part, k in [*(("train", int(k)) for k in positions), ("valid", seq.size - 2)]:
-            neg, src = sampler.sample(seq, np.random.default_rng([cfg.seed, 12, u, k]))
-            n = neg.size + 1
-            cols["group"].append(np.full(n, group, dtype=np.int64))
-            cols["part"].append(np.full(n, part == "valid"))
-            cols["user"].append(np.full(n, u, dtype=np.int64))
-            cols["item"].append(np.concatenate([[seq[k]], neg]))
-            cols["ts"].append(np.full(n, ts[k], dtype=np.int64))
-            cols["label"].append(np.r_[1, np.zeros(neg.size, dtype=np.int32)].astype(np.int32))
-            cols["source"].append(np.concatenate([[SOURCE_TARGET], src]).astype(np.int8))
-            cols["pos"].append(np.full(n, k, dtype=np.int32))
-            group += 1
-    if not group:
-        raise ValueError("no user has a validation target; the ranker needs users with >= 3 engaged items")
+    ts_us = keys["ts"].dt.epoch("us").to_numpy()
+    for group, (u, k, valid) in enumerate(zip(keys["u"].to_list(), keys["pos"].to_list(), keys["valid"].to_list())):
+        seq = split.sequences[u]
+        rng = np.random.default_rng([cfg.seed, 12, u, k])
+        hard = np.zeros(0, np.int64)
+        if cfg.hard_negatives:
+            pool = pools[group]
+            hard = rng.choice(pool, size=min(cfg.hard_negatives, pool.size), replace=False).astype(np.int64)
+        neg, src = sampler.sample(np.concatenate([seq, hard]), rng) if cfg.negatives else (np.zeros(0, np.int64), np.zeros(0, np.int8))
+        neg = np.concatenate([hard, neg])
+        src = np.concatenate([np.full(hard.size, SOURCE_HARD, np.int8), src])
+        n = neg.size + 1
+        cols["group"].append(np.full(n, group, dtype=np.int64))
+        cols["part"].append(np.full(n, valid))
+        cols["user"].append(np.full(n, u, dtype=np.int64))
+        cols["item"].append(np.concatenate([[seq[k]], neg]))
+        cols["ts"].append(np.full(n, ts_us[group], dtype=np.int64))
+        cols["label"].append(np.r_[1, np.zeros(neg.size, dtype=np.int32)].astype(np.int32))
+        cols["source"].append(np.concatenate([[SOURCE_TARGET], src]).astype(np.int8))
+        cols["pos"].append(np.full(n, k, dtype=np.int32))
     c = {k: np.concatenate(v) for k, v in cols.items()}
     shuffle = np.random.default_rng([cfg.seed, 13]).random(c["group"].size)
     order = np.lexsort((shuffle, c["group"]))
@@ -229,34 +288,47 @@ def encode_user_texts(encoder: Encoder, histories: list[list[str]], titles: dict
     return out
 
 
-def interest_scores(rows: pl.DataFrame, ds: Dataset, split: LooSplit, encoder: Encoder, item_embeddings: np.ndarray,
-                    history_items: int, progress: bool = True) -> np.ndarray:
-    """Cosine of the user text at (user_id, ts) and each row's item text; NaN without history."""
-    keys = rows.select("user_id", "ts").unique(maintain_order=True)
-    titles = dict(zip(split.item_ids, split.titles))
-    user_emb = encode_user_texts(encoder, user_histories(ds, keys, history_items), titles, history_items, progress)
-    key_row = rows.join(keys.with_row_index("_k"), on=["user_id", "ts"], how="left")["_k"].to_numpy()
-    items = np.fromiter((split.item_index[i] for i in rows["item_id"].to_list()), dtype=np.int64, count=rows.height)
-    if user_emb.shape[1] != item_embeddings.shape[1]:  # no user had any history
-        return np.full(rows.height, np.nan, dtype=np.float32)
-    return np.einsum("ij,ij->i", user_emb[key_row], item_embeddings[items]).astype(np.float32)
-
-
-# --------------------------------------------------------------------------- training
-
-
 def build_examples(ds: Dataset, split: LooSplit, cfg: LooRankerConfig, encoder: Encoder | None = None,
                    item_embeddings: np.ndarray | None = None, times: list[np.ndarray] | None = None,
                    progress: bool = True) -> pl.DataFrame:
-    """Groups with point-in-time features (and the interest score for the `full` variant)."""
-    groups = build_groups(split, sequence_times(ds, split) if times is None else times, cfg)
-    if "interest_score" in cfg.feature_names:
+    """Groups with point-in-time features (and the interest score for the `full` variant).
+
+    `ds` and `split` should come from `training.loo.loo_data` (the features read its clock)."""
+    from tqdm import tqdm
+
+    from training.first_stage import COOC_ITEMS
+
+    keys = group_keys(split, sequence_times(ds, split) if times is None else times, cfg)
+    user_emb, pools = None, None
+    if cfg.needs_encoder:
         if encoder is None or item_embeddings is None:
-            raise ValueError("the 'full' variant needs an encoder and item embeddings (or use variant 'behavioural')")
-        groups = groups.with_columns(pl.Series("interest_score", interest_scores(
-            groups, ds, split, encoder, item_embeddings, cfg.history_items, progress)))
-    log.info("computing features for %d rows in %d groups", groups.height, groups["group"].n_unique())
-    return offline_features(ds.events.lazy(), ds.items.lazy(), groups.lazy()).collect()
+            raise ValueError("the 'full' variant and hard negatives need an encoder and item embeddings "
+                             "(or use variant 'behavioural' with hard_negatives=0)")
+        hist = user_histories(ds, keys.select("user_id", "ts"), max(cfg.history_items, COOC_ITEMS))
+        titles = dict(zip(split.item_ids, split.titles))
+        user_emb = encode_user_texts(encoder, [h[: cfg.history_items] for h in hist], titles, cfg.history_items, progress)
+        if cfg.hard_negatives:
+            recent = [np.array([split.item_index[i] for i in h], dtype=np.int64) for h in hist]
+            pools = hard_pools(split, keys, user_emb, item_embeddings, recent, cfg.hard_k)
+    groups = build_groups(split, keys, cfg, pools)
+    if "interest_score" in cfg.feature_names:
+        items = np.fromiter((split.item_index[i] for i in groups["item_id"].to_list()), dtype=np.int64, count=groups.height)
+        g = groups["group"].to_numpy()
+        score = (np.einsum("ij,ij->i", user_emb[g], item_embeddings[items]).astype(np.float32)
+                 if user_emb.shape[1] == item_embeddings.shape[1] else np.full(groups.height, np.nan, np.float32))
+        groups = groups.with_columns(pl.Series("interest_score", score))
+    log.info("computing features for %d rows in %d groups", groups.height, keys.height)
+    # Chunks end on group boundaries (groups are contiguous); each reads the whole log, holds only its rows.
+    g = groups["group"].to_numpy()
+    first = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+    per_chunk = max(1, cfg.feature_chunk_rows * keys.height // groups.height)
+    starts = np.r_[first[::per_chunk], groups.height].tolist()
+    events, items_lf = ds.events.lazy(), ds.items.lazy()
+    parts = [
+        offline_features(events, items_lf, groups.slice(a, b - a).lazy(), resolution_us=split.resolution_us).collect()
+        for a, b in tqdm(list(zip(starts[:-1], starts[1:])), desc="features", unit="chunk", disable=not progress, leave=False)
+    ]
+    return pl.concat(parts)
 
 
 def _train_config(cfg: LooRankerConfig):
@@ -281,14 +353,16 @@ def validation_metrics(valid: pl.DataFrame, booster, feature_names: list[str]) -
     return {k: mean_metrics(s, labels, sizes) for k, s in scores.items()}
 
 
-def _same_instant_previous(examples: pl.DataFrame, split: LooSplit, times: list[np.ndarray]) -> dict[str, float]:
-    """Share of targets whose previous sequence item has the same timestamp (invisible to the features)."""
+def _same_tick_previous(examples: pl.DataFrame, split: LooSplit, times: list[np.ndarray]) -> dict[str, float]:
+    """Share of targets whose previous sequence item is in the same clock tick (visible to the features
+    only through `loo_data`'s per-user ordering)."""
     index = {u: k for k, u in enumerate(split.users)}
     targets = examples.filter(pl.col("label") == 1).select("part", "user_id", "pos")
     out = {}
     for part in ("train", "valid"):
         t = targets.filter(pl.col("part") == part)
-        same = [times[index[u]][k] == times[index[u]][k - 1] for u, k in zip(t["user_id"].to_list(), t["pos"].to_list())]
+        res = split.resolution_us
+        same = [times[index[u]][k] // res == times[index[u]][k - 1] // res for u, k in zip(t["user_id"].to_list(), t["pos"].to_list())]
         out[part] = round(float(np.mean(same)), 4) if same else float("nan")
     return out
 
@@ -315,7 +389,10 @@ def train_loo_ranker(ds: Dataset, split: LooSplit, out_dir: str | Path, cfg: Loo
         "training_mode": TRAINING_MODE,
         "variant": cfg.variant,
         "negative_sampling": {
-            "negatives_per_group": cfg.negatives, "popular": cfg.n_popular, "uniform": cfg.negatives - cfg.n_popular,
+            "negatives_per_group": cfg.negatives + cfg.hard_negatives, "popular": cfg.n_popular,
+            "uniform": cfg.negatives - cfg.n_popular, "hard": cfg.hard_negatives,
+            "hard_from": f"uniform draws from the top {cfg.hard_k} of the encoder+cooc first stage at t (co-occurrence "
+                         "over seq[:-2]), the user's sequence excluded",
             "popularity_weights": "interaction counts of the training part (LooSplit.train_item_counts('valid'): "
                                   "no validation or test item counted)",
             "excluded": "every item of the user's sequence (validation and test items included)",
@@ -329,9 +406,11 @@ def train_loo_ranker(ds: Dataset, split: LooSplit, out_dir: str | Path, cfg: Loo
             "rows": {"train": train.height, "valid": valid.height},
             "targets": "train: positions k >= 1 of seq[:-2] (before the validation item); valid: the validation "
                        "item; the test item is never a target",
-            "same_instant_previous_item": _same_instant_previous(examples, split, times),
-            "point_in_time": "features from events strictly before the target's timestamp; with day-resolution "
-                             "timestamps the user's same-day items are not visible",
+            "clock_resolution_us": split.resolution_us,
+            "same_tick_previous_item": _same_tick_previous(examples, split, times),
+            "point_in_time": "features from events strictly before the target's time; the user's own events of one "
+                             "clock tick are ordered by the sequence (training.loo.loo_data), other users' events "
+                             "count only from earlier ticks",
         },
         "hyper_parameters": {**params, "num_boost_round": cfg.num_boost_round, "best_iteration": booster.best_iteration},
         "train_config": asdict(cfg),
@@ -372,17 +451,18 @@ def load_text_side(ds: Dataset, bundle_dir: str | Path, cfg: LooRankerConfig, ca
 
 def train_from_args(args, ds: Dataset, encoder_dir: str) -> int:
     """`semrank train ranker` on data without impression lists (called by `semrank.cli.cmd_train_ranker`)."""
-    from training.loo import loo_split
+    from training.loo import loo_data
     from training.ranker_training import format_table
 
     cfg = LooRankerConfig(variant=args.variant, max_users=args.max_users, positions_per_user=args.positions_per_user,
-                          negatives=args.negatives, popularity_share=args.popularity_share, seed=args.seed,
+                          negatives=args.negatives, popularity_share=args.popularity_share,
+                          hard_negatives=args.hard_negatives, hard_k=args.hard_k, seed=args.seed,
                           encoder_dir=encoder_dir)
-    split = loo_split(ds)
+    ds, split = loo_data(ds)
     log.info("no impression lists: %s training (%s variant) on %d users with a leave-one-out split",
              TRAINING_MODE, cfg.variant, len(split.users))
     encoder = item_emb = None
-    if "interest_score" in cfg.feature_names:
+    if cfg.needs_encoder:
         encoder, item_emb = load_text_side(ds, args.out, cfg, args.embedding_cache, Path(args.data).resolve().name)
     extra = train_loo_ranker(ds, split, args.out, cfg, encoder, item_emb, data_source=str(args.data))
     best = extra["hyper_parameters"]["best_iteration"]

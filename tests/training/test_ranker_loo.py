@@ -13,9 +13,11 @@ from featurizer.definitions import NAMES
 from featurizer.offline import offline_features
 from featurizer.schema import Dataset, catalog_report, read_dataset, validate_events, validate_items, write_dataset
 from ranker.bundle import load_bundle
-from training.eval_rankers import FirstStage, ordinal_ranks, top_k, two_stage_rank
-from training.loo import loo_split
+from training.eval_rankers import two_stage_rank
+from training.first_stage import FirstStage, ordinal_ranks, top_k
+from training.loo import break_ties, clock_resolution_us, loo_data, loo_split
 from training.ranker_loo import (
+    SOURCE_HARD,
     SOURCE_POPULAR,
     SOURCE_TARGET,
     SOURCE_UNIFORM,
@@ -24,12 +26,16 @@ from training.ranker_loo import (
     NegativeSampler,
     build_examples,
     build_groups,
+    group_keys,
+    encode_user_texts,
+    hard_pools,
     has_impression_lists,
     sequence_times,
     train_loo_ranker,
+    user_histories,
 )
 
-FAST = dict(negatives=8, min_data_in_leaf=5, num_boost_round=30, early_stopping_rounds=10)
+FAST = dict(negatives=8, hard_negatives=0, min_data_in_leaf=5, num_boost_round=30, early_stopping_rounds=10)
 
 
 class HashEncoder:
@@ -60,8 +66,7 @@ def loo_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data(loo_dir):
-    ds = read_dataset(loo_dir)
-    split = loo_split(ds)
+    ds, split = loo_data(read_dataset(loo_dir))
     return ds, split, sequence_times(ds, split)
 
 
@@ -71,7 +76,8 @@ def test_interaction_data_has_no_impression_lists(data):
 
 def test_groups_target_only_positions_before_the_validation_item(data):
     ds, split, times = data
-    groups = build_groups(split, times, LooRankerConfig(**FAST))
+    cfg = LooRankerConfig(**FAST)
+    groups = build_groups(split, group_keys(split, times, cfg), cfg)
     index = {u: k for k, u in enumerate(split.users)}
     targets = groups.filter(pl.col("label") == 1)
     assert targets.height == groups["group"].n_unique()  # exactly one positive per group
@@ -90,7 +96,7 @@ def test_groups_target_only_positions_before_the_validation_item(data):
 def test_negatives_exclude_the_users_items_and_follow_the_mix(data):
     ds, split, times = data
     cfg = LooRankerConfig(**FAST)
-    groups = build_groups(split, times, cfg)
+    groups = build_groups(split, group_keys(split, times, cfg), cfg)
     index = {u: k for k, u in enumerate(split.users)}
     for (g,), rows in groups.group_by(["group"]):
         seq = split.sequences[index[rows["user_id"][0]]]
@@ -100,6 +106,28 @@ def test_negatives_exclude_the_users_items_and_follow_the_mix(data):
         if len(split.item_ids) - seq.size >= cfg.negatives:
             assert (neg["source"] == SOURCE_POPULAR).sum() == cfg.n_popular
             assert (neg["source"] == SOURCE_UNIFORM).sum() == cfg.negatives - cfg.n_popular
+
+
+def test_hard_negatives_come_from_the_first_stage_top_k(data):
+    ds, split, times = data
+    cfg = LooRankerConfig(**{**FAST, "hard_negatives": 4, "hard_k": 10})
+    enc = HashEncoder()
+    emb = enc.encode(split.titles)
+    ex = build_examples(ds, split, cfg, enc, emb, times, progress=False)
+    keys = group_keys(split, times, cfg)
+    hist = user_histories(ds, keys.select("user_id", "ts"), 10)
+    titles = dict(zip(split.item_ids, split.titles))
+    user_emb = encode_user_texts(enc, [h[: cfg.history_items] for h in hist], titles, cfg.history_items, progress=False)
+    pools = hard_pools(split, keys, user_emb, emb, [np.array([split.item_index[i] for i in h]) for h in hist], cfg.hard_k)
+    index = {u: k for k, u in enumerate(split.users)}
+    for (g,), rows in ex.group_by(["group"]):
+        seq = split.sequences[index[rows["user_id"][0]]]
+        hard = np.array([split.item_index[i] for i in rows.filter(pl.col("source") == SOURCE_HARD)["item_id"]])
+        assert hard.size == min(4, pools[g].size) and np.isin(hard, pools[g]).all() and not np.isin(hard, seq).any()
+        assert pools[g].size == min(10, len(split.item_ids) - seq.size)
+    mean = ex.group_by("source").agg(pl.col("interest_score").mean())
+    by = dict(zip(mean["source"], mean["interest_score"]))
+    assert by[SOURCE_HARD] > by[SOURCE_UNIFORM]  # the first stage ranks them higher, so they look more like targets
 
 
 def test_negative_sampler_weights_by_popularity():
@@ -121,9 +149,13 @@ def test_negative_sampler_weights_by_popularity():
 
 def test_groups_are_deterministic_per_seed(data):
     _, split, times = data
-    a = build_groups(split, times, LooRankerConfig(**FAST, seed=1))
-    assert a.equals(build_groups(split, times, LooRankerConfig(**FAST, seed=1)))
-    assert not a.equals(build_groups(split, times, LooRankerConfig(**FAST, seed=2)))
+    def groups(seed):
+        cfg = LooRankerConfig(**FAST, seed=seed)
+        return build_groups(split, group_keys(split, times, cfg), cfg)
+
+    a = groups(1)
+    assert a.equals(groups(1))
+    assert not a.equals(groups(2))
 
 
 def test_features_use_only_events_strictly_before_the_group_time(data):
@@ -134,7 +166,8 @@ def test_features_use_only_events_strictly_before_the_group_time(data):
         rows = ex.filter(pl.col("group") == g)
         t = rows["ts"][0]
         past = ds.events.filter(pl.col("ts") < t)
-        again = offline_features(past.lazy(), ds.items.lazy(), rows.select("user_id", "item_id", "ts").lazy()).collect()
+        again = offline_features(past.lazy(), ds.items.lazy(), rows.select("user_id", "item_id", "ts").lazy(),
+                                 resolution_us=split.resolution_us).collect()
         assert np.allclose(rows.select(NAMES[1:]).to_numpy(), again.select(NAMES[1:]).to_numpy(), equal_nan=True)
 
 
@@ -149,16 +182,35 @@ def _day_dataset() -> Dataset:
     return Dataset(items=items, events=events, report=catalog_report(events, items))
 
 
-def test_same_day_events_are_not_before_t():
-    ds = _day_dataset()
-    split = loo_split(ds)
-    cfg = LooRankerConfig(negatives=3, positions_per_user=2)
+def test_same_day_events_own_ones_by_sequence_others_not_before_t():
+    raw = _day_dataset()
+    assert clock_resolution_us(raw.events) == 86_400_000_000
+    ds, split = loo_data(raw)
+    assert split.resolution_us == 86_400_000_000
+    assert [s.tolist() for s in split.sequences] == [s.tolist() for s in loo_split(raw).sequences]
+    cfg = LooRankerConfig(negatives=3, hard_negatives=2, hard_k=5, positions_per_user=2)
     ex = build_examples(ds, split, cfg, HashEncoder(), HashEncoder().encode(split.titles), progress=False)
     tgt = {k: r for k, r in zip(ex["pos"], ex.iter_rows(named=True)) if r["label"] == 1 and r["user_id"] == "a"}
     assert set(tgt) == {1, 2, 3}  # train k = 1, 2; valid k = 3 (i3); the test item i4 is never a target
-    assert tgt[2]["item_id"] == "i2" and tgt[2]["user_engagements_all"] == 1  # i1 (same day) is not before t
-    assert tgt[2]["item_purchases_all"] == 0  # b's same-day purchase of i2 is not before t either
+    # i1, bought the same day just before i2 (seq_pos), is the user's own history at i2's time ...
+    assert tgt[2]["item_id"] == "i2" and tgt[2]["user_engagements_all"] == 2
+    assert tgt[2]["user_hours_since_last_engagement"] < 1e-6  # i1, not i0 a day earlier
+    assert tgt[2]["item_purchases_all"] == 0  # ... but b's same-day purchase of i2 is not before t
     assert tgt[3]["user_engagements_all"] == 3
+    assert tgt[3]["item_purchases_all"] == 0  # i3 was never bought before
+
+
+def test_break_ties_orders_a_users_tick_by_seq_pos_and_keeps_rows():
+    raw = _day_dataset()
+    out = break_ties(raw.events, 86_400_000_000)
+    assert out.select("user_id", "item_id", "seq_pos").equals(raw.events.select("user_id", "item_id", "seq_pos"))
+    shift = (out["ts"] - raw.events["ts"]).dt.total_microseconds().to_list()
+    by = dict(zip(zip(raw.events["user_id"], raw.events["item_id"]), shift))
+    assert by[("a", "i1")] == 0 and by[("a", "i2")] == 1 and by[("b", "i2")] == 0 and by[("a", "i0")] == 0
+    assert break_ties(raw.events, 1) is raw.events
+    crowded = pl.concat([raw.events, raw.events.filter(pl.col("item_id") == "i2").with_columns(pl.lit("i7").alias("item_id"))])
+    with pytest.raises(ValueError, match="more than 2 events in one tick"):
+        break_ties(crowded, 2)  # a has 3 events on day 1: +2 µs would reach the next 2 µs tick
 
 
 def test_bundle_is_written_loadable_and_deterministic(data, tmp_path):
@@ -179,7 +231,7 @@ def test_bundle_is_written_loadable_and_deterministic(data, tmp_path):
     assert list(m["feature_importance_gain"]) == list(NAMES)
     assert m["metrics"]["valid"]["lightgbm"]["groups"] > 0
     assert m["training_data"]["groups"]["valid"] > 0
-    with pytest.raises(ValueError, match="needs an encoder"):
+    with pytest.raises(ValueError, match="need an encoder"):
         train_loo_ranker(ds, split, tmp_path / "x", LooRankerConfig(**FAST), None, None, progress=False)
 
 
