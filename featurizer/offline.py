@@ -12,6 +12,7 @@ cost one lookup.
 
 from __future__ import annotations
 
+import numpy as np
 import polars as pl
 
 from featurizer.definitions import (
@@ -21,6 +22,7 @@ from featurizer.definitions import (
     EVENT_PLURALS,
     ITEM_WINDOWS,
     NAMES,
+    NUMPY,
     POLARS,
     USER_WINDOWS,
     WINDOWS,
@@ -30,6 +32,9 @@ from featurizer.definitions import (
 )
 
 QUERY_REQUIRED = ("user_id", "item_id", "ts")
+COOC_METHODS = ("auto", "pairs", "dense")
+# "auto" sweeps a dense item x item matrix (4 bytes a cell) up to this many items, else joins pairs.
+DENSE_COOC_MAX_ITEMS = 8192
 NAN = float("nan")
 _CODES = range(len(EVENT_PLURALS))
 _ONE = pl.col("__t").is_not_null().cast(pl.Int64)  # 1 per row (a literal would not be summed per group)
@@ -228,6 +233,68 @@ def cooccurrence_scores(ev: pl.LazyFrame, q: pl.LazyFrame, params: FeatureParams
     return qh.group_by("__q").agg(cos.max().alias("cooc_max"), cos.sum().alias("cooc_sum"))
 
 
+def cooccurrence_scores_dense(ev: pl.LazyFrame, q: pl.LazyFrame, params: FeatureParams) -> pl.LazyFrame:
+    """`cooccurrence_scores` by one sweep over the first touches in time order, with a dense item x item
+    count matrix instead of a table of every co-occurring pair.
+
+    The pair table grows with the square of a user's items per window: MovieLens-1M users rate
+    hundreds of films a day, about 4e8 pairs, more memory than the machine has; the matrix costs
+    4 bytes x items². Each touch adds its pairs with the user's earlier touches at most the window
+    before it (the later touch dates the pair, as in `cooccurrence_pairs`); a query at __ti reads the
+    matrix after every touch before __ti. Same formula (`cooc_cosine`); the sum may differ from the
+    pairs path in the last bits (summation order)."""
+    touches = first_touches(ev).collect()
+    qh = (
+        q.select("__q", "user_id", "item_id", "__t", "__ti")
+        .join(recent_items(ev, q.select("user_id", "__t").unique(), params.history_items), on=["user_id", "__t"], how="inner")
+        .filter(pl.col("__hist").list.len() > 0)
+        .select("__q", "item_id", "__ti", "__hist")
+        .collect()
+    )
+    schema = {"__q": pl.UInt32, "cooc_max": pl.Float64, "cooc_sum": pl.Float64}
+    if qh.is_empty():
+        return pl.LazyFrame(schema=schema)
+    code = {i: k for k, i in enumerate(pl.concat([touches["item_id"], qh["item_id"]]).unique().sort().to_list())}
+    # Touches sorted by (user, time, item); `lo`: the first touch of the same user at most the window earlier.
+    tu = touches.with_columns(
+        pl.col("item_id").replace_strict(code, return_dtype=pl.Int64).alias("__i"),
+        pl.col("user_id").rank("dense").cast(pl.Int64).alias("__u"),
+    ).sort(["__u", "__t", "__i"])
+    u, t, items = tu["__u"].to_numpy(), tu["__t"].to_numpy(), tu["__i"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]]) if u.size else np.zeros(0, np.int64)
+    lo = np.empty(u.size, dtype=np.int64)
+    for a, b in zip(starts, np.r_[starts[1:], u.size]):
+        lo[a:b] = a + np.searchsorted(t[a:b], t[a:b] - params.cooc_window_us, side="left")
+    order = np.lexsort((items, u, t))  # application order: time, user, item (a user's earlier rows come first)
+    c = np.zeros((len(code), len(code)), dtype=np.int32)
+    users = np.zeros(len(code), dtype=np.int64)
+    qi = qh["item_id"].replace_strict(code, return_dtype=pl.Int64).to_numpy()
+    qt = qh["__ti"].to_numpy()
+    hist = np.full((qh.height, int(qh["__hist"].list.len().max())), -1, dtype=np.int64)
+    for k, h in enumerate(qh["__hist"].to_list()):
+        hist[k, : len(h)] = [code[x] for x in h]
+    q_order = np.argsort(qt, kind="stable")
+    cuts = np.flatnonzero(np.r_[True, qt[q_order][1:] != qt[q_order][:-1], True])
+    out_max, out_sum = np.zeros(qh.height), np.zeros(qh.height)
+    p = 0
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        rows = q_order[a:b]
+        while p < order.size and t[order[p]] < qt[rows[0]]:
+            r = order[p]
+            others = items[lo[r]: r]
+            c[items[r], others] += 1
+            c[others, items[r]] += 1
+            users[items[r]] += 1
+            p += 1
+        valid = hist[rows] >= 0
+        h = np.where(valid, hist[rows], 0)
+        i = qi[rows][:, None]
+        with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 only where c == 0, which `where` drops
+            cos = NUMPY.where(valid, cooc_cosine(c[i, h], users[i], users[h], NUMPY), 0.0)
+        out_max[rows], out_sum[rows] = cos.max(axis=1), cos.sum(axis=1)
+    return pl.DataFrame({"__q": qh["__q"], "cooc_max": out_max, "cooc_sum": out_sum}, schema=schema).lazy()
+
+
 # ---------------------------------------------------------------- the pipeline
 
 
@@ -246,7 +313,7 @@ def _check_queries(names: list[str]) -> None:
 
 def offline_features(
     events: pl.LazyFrame, items: pl.LazyFrame, queries: pl.LazyFrame, params: FeatureParams = FeatureParams(),
-    resolution_us: int = 1,
+    resolution_us: int = 1, cooc: str = "auto",
 ) -> pl.LazyFrame:
     """Every feature of `FEATURES` for each query row (user_id, item_id, ts), from events strictly before ts.
 
@@ -259,9 +326,19 @@ def offline_features(
     counts) still read the events strictly before ts, while what counts other users' events (item
     aggregates, co-occurrence pairs and users) reads only the ticks before ts's tick: the order of two
     users' same-day events is unknown, so neither may see the other's.
+
+    `cooc` picks how co-occurrence is counted (same values): "pairs" joins a table of every
+    co-occurring pair (`cooccurrence_scores`), "dense" sweeps an item x item matrix
+    (`cooccurrence_scores_dense`), "auto" takes "dense" up to DENSE_COOC_MAX_ITEMS items.
     """
     if resolution_us < 1:
         raise ValueError(f"resolution_us must be >= 1, got {resolution_us}")
+    if cooc not in COOC_METHODS:
+        raise ValueError(f"cooc must be one of {', '.join(COOC_METHODS)}, got {cooc!r}")
+    if cooc == "auto":
+        n_items = items.select(pl.col("item_id").n_unique()).collect().item()
+        cooc = "dense" if n_items <= DENSE_COOC_MAX_ITEMS else "pairs"
+    scores = cooccurrence_scores_dense if cooc == "dense" else cooccurrence_scores
     names = queries.collect_schema().names()
     _check_queries(names)
     ev = prepare_events(events, items)
@@ -280,7 +357,7 @@ def offline_features(
         (user_group_counts(ev, q.select("user_id", "__category", "__t").unique(), "category", "__category", "user_cat_n"), ["user_id", "__category", "__t"]),
         (user_group_counts(ev, q.select("user_id", "__brand", "__t").unique(), "brand", "__brand", "user_brand_n"), ["user_id", "__brand", "__t"]),
         (user_item_aggregates(ev, q.select("user_id", "item_id", "__t").unique()), ["user_id", "item_id", "__t"]),
-        (cooccurrence_scores(ev, q, params), ["__q"]),
+        (scores(ev, q, params), ["__q"]),
     ]
     out = q
     for part, on in parts:
