@@ -47,6 +47,7 @@ from featurizer.schema import ENGAGEMENTS, Dataset
 from featurizer.text import history_text
 from ranker.bundle import EncoderRef, save_bundle
 from training.loo import LooSplit
+from training.ranker_training import LightGBMParams
 from training.metrics import mean_metrics
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class Encoder(Protocol):
 
 
 @dataclass(frozen=True)
-class LooRankerConfig:
+class LooRankerConfig(LightGBMParams):
     variant: str = "full"
     max_users: int | None = 20_000  # None: every user with a validation target
     positions_per_user: int = 3
@@ -77,13 +78,6 @@ class LooRankerConfig:
     history_items: int = 5  # titles in the user text
     max_length: int = 128
     encoder_dir: str = "base"  # "base" or a directory relative to the bundle
-    seed: int = 0
-    num_boost_round: int = 400
-    early_stopping_rounds: int = 40
-    learning_rate: float = 0.05
-    num_leaves: int = 31
-    min_data_in_leaf: int = 50
-    num_threads: int = 2
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -331,15 +325,6 @@ def build_examples(ds: Dataset, split: LooSplit, cfg: LooRankerConfig, encoder: 
     return pl.concat(parts)
 
 
-def _train_config(cfg: LooRankerConfig):
-    from training.ranker_training import RankerTrainConfig
-
-    return RankerTrainConfig(seed=cfg.seed, num_boost_round=cfg.num_boost_round, early_stopping_rounds=cfg.early_stopping_rounds,
-                             learning_rate=cfg.learning_rate, num_leaves=cfg.num_leaves, min_data_in_leaf=cfg.min_data_in_leaf,
-                             num_threads=cfg.num_threads, history_items=cfg.history_items, max_length=cfg.max_length,
-                             encoder_dir=cfg.encoder_dir)
-
-
 def validation_metrics(valid: pl.DataFrame, booster, feature_names: list[str]) -> dict[str, dict[str, float]]:
     """NDCG@10 etc. on the validation groups: the model and single-feature baselines (early-stopping set: optimistic)."""
     sizes = valid.group_by("group", maintain_order=True).len()["len"].to_numpy()
@@ -381,7 +366,7 @@ def train_loo_ranker(ds: Dataset, split: LooSplit, out_dir: str | Path, cfg: Loo
         raise ValueError("no training groups: every sampled user has fewer than 4 engaged items (a target needs "
                          "k >= 1 in seq[:-2]); use more users or data with longer sequences")
     log.info("groups: %d train, %d valid", train["request_id"].n_unique(), valid["request_id"].n_unique())
-    booster, params, evals = train_lambdarank(train, valid, _train_config(cfg), names)
+    booster, params, evals = train_lambdarank(train, valid, cfg.lightgbm_params(), names)
     valid_metrics = validation_metrics(valid.rename({"request_id": "group"}), booster, names)
     gain = booster.feature_importance("gain", iteration=booster.best_iteration or None)
     ts = examples["ts"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import timedelta
 from pathlib import Path
 from typing import Protocol
@@ -36,11 +36,9 @@ class Encoder(Protocol):
 
 
 @dataclass(frozen=True)
-class RankerTrainConfig:
-    test_days: float = 4.0
-    valid_days: float = 3.0
-    history_items: int = 5
-    max_length: int = 128
+class LightGBMParams:
+    """The booster's settings, shared by both training modes (this one and `training.ranker_loo`)."""
+
     seed: int = 0
     num_boost_round: int = 400
     early_stopping_rounds: int = 40
@@ -48,6 +46,18 @@ class RankerTrainConfig:
     num_leaves: int = 31
     min_data_in_leaf: int = 50
     num_threads: int = 2
+
+    def lightgbm_params(self) -> "LightGBMParams":
+        """Just these fields (a subclass config carries more)."""
+        return LightGBMParams(**{f.name: getattr(self, f.name) for f in fields(LightGBMParams)})
+
+
+@dataclass(frozen=True)
+class RankerTrainConfig(LightGBMParams):
+    test_days: float = 4.0
+    valid_days: float = 3.0
+    history_items: int = 5
+    max_length: int = 128
     # "base" (pretrained MiniLM) or a directory relative to the bundle, e.g. "encoder" as
     # written there by `semrank train encoder`.
     encoder_dir: str = "base"
@@ -169,7 +179,7 @@ def _with_positives(df: pl.DataFrame) -> pl.DataFrame:
     return df.filter((pl.col("label") > 0).any().over("request_id"))
 
 
-def train_lambdarank(train: pl.DataFrame, valid: pl.DataFrame, cfg: RankerTrainConfig, feature_names: list[str]):
+def train_lambdarank(train: pl.DataFrame, valid: pl.DataFrame, cfg: LightGBMParams, feature_names: list[str]):
     import lightgbm as lgb
 
     params = {
