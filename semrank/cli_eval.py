@@ -178,6 +178,12 @@ def run_eval(args) -> int:
              len(split.item_ids), len(split.users), len(split.train_only))
     item_texts = ds.items.select(item_text_expr())["item_text"].to_list()
     models = build_models(args, split, item_texts, dataset)
+    if (data_dir / "truth" / "meta.json").is_file():  # a synthetic shop: its ground truth joins the table
+        from training.eval_models import TrueInterestScorer
+        from training.ranker_loo import sequence_times
+
+        test_times = [int(t[-1]) for t in sequence_times(ds, split)]
+        models.append(TrueInterestScorer(data_dir, split, test_times))
     run = evaluate(split, models, config)
     ranker_runs = run_rankers(args, ds, split, models, item_texts, dataset, config) if args.ranker else []
     notes = [machine]

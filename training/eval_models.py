@@ -10,6 +10,10 @@ score for every catalog item. The protocol code then gathers the candidates
 - `EncoderScorer`: cosine between the user's recent-history text and every
   item text, both from one text encoder (pretrained or fine-tuned). Item
   embeddings are computed once and cached on disk as .npy.
+- `TrueInterestScorer` (synthetic shop only): the generative model's true
+  interest of the user in every item on the test item's day. It needs to know
+  the user, so it implements `score_users(users, histories)`, which
+  `evaluate` prefers when a model has it.
 
 LightGBM bundles do not fit the (batch, n_items) interface (too slow over a
 whole catalog); `training.eval_rankers` scores them on candidates only.
@@ -67,6 +71,42 @@ class PopularityScorer:
 
     def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
         return np.broadcast_to(self.counts, (len(histories), self.counts.size))
+
+
+# --------------------------------------------------------------------------- ground truth
+
+
+class TrueInterestScorer:
+    """The synthetic shop's ground truth as a model: `Truth.interest(user, item, day of the test item)`.
+
+    A reference, not a strict ceiling: which item a user clicks next also depends on what the
+    logging policy showed and at which position, which a model of the logs can pick up."""
+
+    def __init__(self, truth_dir_parent: str | Path, split, test_times_us: np.ndarray, name: str = "oracle-true-interest"):
+        from training.synth import DAY_MS, load_truth
+
+        truth, users, items = load_truth(truth_dir_parent)
+        user_index = {u: k for k, u in enumerate(users["user_id"].to_list())}
+        item_index = {i: k for k, i in enumerate(items["item_id"].to_list())}
+        missing = [i for i in split.item_ids if i not in item_index][:3] + [u for u in split.users if u not in user_index][:3]
+        if missing:
+            raise ValueError(f"{truth_dir_parent}: the truth/ tables do not name {missing}; not the shop these events came from")
+        self.truth = truth
+        self.items = np.array([item_index[i] for i in split.item_ids], dtype=np.int64)
+        self.users = np.array([user_index[u] for u in split.users], dtype=np.int64)
+        self.days = (np.asarray(test_times_us, dtype=np.int64) // 1000 - truth.start_ms) // DAY_MS
+        self.name = name
+        self.description = (f"{name}: the synthetic shop's true interest (truth/, `Truth.interest`) of the user in "
+                            "every item on the test item's day; clicks also depend on what was shown, so this is a "
+                            "reference point rather than a strict upper bound")
+
+    def score_users(self, users: np.ndarray, histories: Sequence[np.ndarray]) -> np.ndarray:
+        """(len(users), n_items); `users` index `split.users`."""
+        u = self.users[np.asarray(users, dtype=np.int64)]
+        return self.truth.interest(u[:, None], self.items[None, :], self.days[np.asarray(users)][:, None]).astype(np.float32)
+
+    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        raise TypeError(f"{self.name} scores users, not histories; call score_users")
 
 
 # --------------------------------------------------------------------------- text encoders

@@ -220,7 +220,8 @@ def evaluate(split: LooSplit, models: Sequence[Scorer], config: EvalConfig = Eva
                           disable=not progress, leave=False):
             sl = slice(start, start + config.batch_size)
             hist = histories[sl]
-            scores = np.asarray(model.score(hist))
+            score_users = getattr(model, "score_users", None)  # models that need the user (ground truth)
+            scores = np.asarray(score_users(users[sl], hist) if score_users else model.score(hist))
             if scores.shape != (len(hist), n_items):
                 raise ValueError(f"model {model.name}: score() returned {scores.shape}, expected ({len(hist)}, {n_items})")
             if SAMPLED in ranks:

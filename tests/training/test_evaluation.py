@@ -319,9 +319,37 @@ def test_cli_eval_end_to_end_on_synthetic_shop(tmp_path, capsys):
         report = json.loads((tmp_path / f"r.{protocol}.json").read_text())
         assert report == json.loads((out / f"shop.{protocol}.json").read_text())
         assert report["protocol"] == protocol and 0 < report["users"] <= 50
-        assert set(report["models"]) == {"popularity", "enc-bundle"}  # the frozen encoder, via a bundle dir
+        # the frozen encoder via a bundle dir, and the shop's ground truth
+        assert set(report["models"]) == {"popularity", "enc-bundle", "oracle-true-interest"}
         assert f"### shop — {protocol}" in printed
     assert list((out / "cache" / "embeddings").glob("*.npy"))
     # a bad --encoder is a clear error, not a traceback
     rc = main(["eval", "--data", str(tmp_path / "shop"), "--out-dir", str(out), "--encoder", "x=nowhere"])
     assert rc == 2
+
+
+def test_true_interest_scorer_is_the_shops_truth_at_the_test_day(tmp_path):
+    from featurizer.schema import read_dataset
+    from training.eval_models import TrueInterestScorer
+    from training.loo import loo_data
+    from training.ranker_loo import sequence_times
+    from training.synth import SynthConfig, synthesize, true_interest
+
+    synthesize(tmp_path / "shop", seed=5, config=SynthConfig(n_users=80, n_items=60, n_days=6))
+    ds, split = loo_data(read_dataset(tmp_path / "shop"))
+    test_us = [int(t[-1]) for t in sequence_times(ds, split)]
+    scorer = TrueInterestScorer(tmp_path / "shop", split, test_us)
+    users = np.arange(len(split.users))
+    scores = scorer.score_users(users, [split.history(int(u), "test") for u in users])
+    assert scores.shape == (users.size, len(split.item_ids)) and (scores > 0).all()
+    targets = np.array([split.target(int(u), "test") for u in users])
+    events = pl.DataFrame({
+        "ts": [datetime.fromtimestamp(t / 1e6, timezone.utc) for t in test_us],
+        "user_id": split.users, "item_id": [split.item_ids[i] for i in targets]})
+    np.testing.assert_allclose(scores[users, targets], true_interest(tmp_path / "shop", events), rtol=1e-6)
+    with pytest.raises(TypeError, match="scores users"):
+        scorer.score([split.history(0, "test")])
+    other = tmp_path / "other"
+    synthesize(other, seed=6, config=SynthConfig(n_users=30, n_items=40, n_days=3))
+    with pytest.raises(ValueError, match="do not name"):
+        TrueInterestScorer(other, split, test_us)
