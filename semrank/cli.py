@@ -59,7 +59,8 @@ def cmd_train_ranker(args) -> int:
     from training.ranker_training import RankerTrainConfig, format_table, train_ranker
 
     encoder_dir = args.encoder or ("encoder" if (args.out / "encoder" / "config.json").is_file() else "base")
-    cfg = RankerTrainConfig(seed=args.seed, test_days=args.test_days, valid_days=args.valid_days, encoder_dir=encoder_dir)
+    cfg = RankerTrainConfig(seed=args.seed, test_days=args.test_days, valid_days=args.valid_days, encoder_dir=encoder_dir,
+                            variant=args.variant)
     ds = read_dataset(args.data)
     log.info("data: %s; encoder: %s", ds.report, encoder_dir)
     from training.ranker_loo import has_impression_lists, train_from_args
@@ -219,9 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="encoder directory relative to --out (default: 'encoder' if `semrank train encoder` wrote one there, else the pretrained 'base')",
     )
-    g = s.add_argument_group("data without impression lists (leave-one-out targets + sampled negatives)")
-    g.add_argument("--variant", choices=("full", "behavioural"), default="full",
+    s.add_argument("--variant", choices=("full", "behavioural"), default="full",
                    help="full: every feature; behavioural: no text features (no interest_score)")
+    g = s.add_argument_group("data without impression lists (leave-one-out targets + sampled negatives)")
     g.add_argument("--negatives", type=int, default=16,
                    help="popularity-weighted and uniform negatives per group (default 16)")
     g.add_argument("--hard-negatives", type=int, default=16,

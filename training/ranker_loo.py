@@ -47,16 +47,12 @@ from featurizer.schema import ENGAGEMENTS, Dataset
 from featurizer.text import history_text
 from ranker.bundle import EncoderRef, save_bundle
 from training.loo import LooSplit
-from training.ranker_training import LightGBMParams
+from training.ranker_training import VARIANTS, LightGBMParams
 from training.metrics import mean_metrics
 
 log = logging.getLogger(__name__)
 
 TRAINING_MODE = "loo-sampled-negatives"
-VARIANTS: dict[str, tuple[str, ...]] = {
-    "full": NAMES,
-    "behavioural": tuple(n for n in NAMES if FAMILY[n] != "text"),
-}
 SOURCE_TARGET, SOURCE_POPULAR, SOURCE_UNIFORM, SOURCE_HARD = 0, 1, 2, 3
 
 

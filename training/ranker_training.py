@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 import polars as pl
 
-from featurizer.definitions import CONTEXT_TRAINING_ONLY, NAMES
+from featurizer.definitions import CONTEXT_TRAINING_ONLY, FAMILY, NAMES
 from featurizer.offline import offline_features, user_recent_items
 from featurizer.schema import EVENT_STRENGTH, Dataset
 from featurizer.text import history_text, item_text_expr
@@ -33,6 +33,13 @@ ATTRIBUTION_WINDOW = timedelta(minutes=30)
 
 class Encoder(Protocol):
     def encode(self, texts: list[str]) -> np.ndarray: ...
+
+
+# Feature sets: `full` is every feature, `behavioural` leaves out the text family (no encoder in the model).
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "full": NAMES,
+    "behavioural": tuple(n for n in NAMES if FAMILY[n] != "text"),
+}
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,7 @@ class RankerTrainConfig(LightGBMParams):
     valid_days: float = 3.0
     history_items: int = 5
     max_length: int = 128
+    variant: str = "full"  # a key of VARIANTS
     # "base" (pretrained MiniLM) or a directory relative to the bundle, e.g. "encoder" as
     # written there by `semrank train encoder`.
     encoder_dir: str = "base"
@@ -252,7 +260,9 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
 def train_ranker(ds: Dataset, out_dir: str | Path, cfg: RankerTrainConfig, encoder: Encoder, data_source: str = "") -> dict:
     """Train, evaluate and write a bundle; returns the manifest extras (metrics included)."""
     t0 = time.monotonic()
-    feature_names = [*NAMES, *CONTEXT_TRAINING_ONLY]
+    if cfg.variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {cfg.variant!r}")
+    feature_names = [*VARIANTS[cfg.variant], *CONTEXT_TRAINING_ONLY]
     examples = build_examples(ds, encoder, cfg.history_items, cfg.seed)
     parts = time_split(examples, cfg.test_days, cfg.valid_days)
     log.info("examples: %s", {k: v.height for k, v in parts.items()})
@@ -270,6 +280,7 @@ def train_ranker(ds: Dataset, out_dir: str | Path, cfg: RankerTrainConfig, encod
         },
         "hyper_parameters": {**params, "num_boost_round": cfg.num_boost_round, "best_iteration": booster.best_iteration},
         "train_config": asdict(cfg),
+        "variant": cfg.variant,
         "metrics": {"test": results, "valid_ndcg@10_curve": evals.get("valid", {}).get("ndcg@10", [])},
         "feature_importance_gain": dict(zip(feature_names, map(float, gain))),
         "inference_constants": {k: v for k, v in CONTEXT_TRAINING_ONLY.items() if k in feature_names},
