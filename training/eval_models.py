@@ -223,11 +223,11 @@ def cached_item_embeddings(encoder: TextEncoderLike, item_texts: Sequence[str], 
     if cache_path is not None and cache_path.is_file():
         emb = np.load(cache_path, allow_pickle=False)
         if emb.ndim == 2 and emb.shape[0] == len(item_texts) and emb.dtype == np.float32:
-            log.info("item embeddings from cache %s", cache_path)
+            log.info("%s: embeddings from cache %s", desc, cache_path)
             return emb
-        log.warning("ignoring cache %s: shape %s / dtype %s do not match %d items", cache_path, emb.shape,
+        log.warning("ignoring cache %s: shape %s / dtype %s do not match %d texts", cache_path, emb.shape,
                     emb.dtype, len(item_texts))
-    log.info("encoding %d item texts", len(item_texts))
+    log.info("encoding %d %s", len(item_texts), desc)
     emb = encode_with_progress(encoder, item_texts, desc, progress=progress)
     if cache_path is not None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)

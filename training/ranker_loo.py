@@ -36,6 +36,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -261,15 +262,16 @@ def user_histories(ds: Dataset, keys: pl.DataFrame, n: int) -> list[list[str]]:
 
 
 def encode_user_texts(encoder: Encoder, histories: list[list[str]], titles: dict[str, str], history_items: int,
-                      progress: bool = True) -> np.ndarray:
+                      progress: bool = True, cache: Callable[[list[str]], Path | None] | None = None) -> np.ndarray:
     """(len(histories), dim) unit vectors of the history texts; NaN rows where the history is empty.
 
-    Each distinct text is encoded once."""
-    from training.eval_models import encode_with_progress
+    Each distinct text is encoded once; `cache(distinct texts)` names an .npy file that keeps them
+    (both variants of one training run encode the same texts)."""
+    from training.eval_models import cached_item_embeddings
 
     texts = [history_text([titles[i] for i in h if i in titles], history_items) for h in histories]
     distinct = sorted({t for t in texts if t})
-    emb = encode_with_progress(encoder, distinct, "user texts", progress=progress)
+    emb = cached_item_embeddings(encoder, distinct, cache(distinct) if cache else None, progress, desc="user texts")
     row = {t: k for k, t in enumerate(distinct)}
     out = np.full((len(texts), emb.shape[1] if emb.ndim == 2 and emb.shape[0] else 1), np.nan, dtype=np.float32)
     for k, t in enumerate(texts):
@@ -280,7 +282,7 @@ def encode_user_texts(encoder: Encoder, histories: list[list[str]], titles: dict
 
 def build_examples(ds: Dataset, split: LooSplit, cfg: LooRankerConfig, encoder: Encoder | None = None,
                    item_embeddings: np.ndarray | None = None, times: list[np.ndarray] | None = None,
-                   progress: bool = True) -> pl.DataFrame:
+                   progress: bool = True, text_cache: Callable[[list[str]], Path | None] | None = None) -> pl.DataFrame:
     """Groups with point-in-time features (and the interest score for the `full` variant).
 
     `ds` and `split` should come from `training.loo.loo_data` (the features read its clock)."""
@@ -296,7 +298,8 @@ def build_examples(ds: Dataset, split: LooSplit, cfg: LooRankerConfig, encoder: 
                              "(or use variant 'behavioural' with hard_negatives=0)")
         hist = user_histories(ds, keys.select("user_id", "ts"), max(cfg.history_items, COOC_ITEMS))
         titles = dict(zip(split.item_ids, split.titles))
-        user_emb = encode_user_texts(encoder, [h[: cfg.history_items] for h in hist], titles, cfg.history_items, progress)
+        user_emb = encode_user_texts(encoder, [h[: cfg.history_items] for h in hist], titles, cfg.history_items, progress,
+                                     text_cache)
         if cfg.hard_negatives:
             recent = [np.array([split.item_index[i] for i in h], dtype=np.int64) for h in hist]
             pools = hard_pools(split, keys, user_emb, item_embeddings, recent, cfg.hard_k)
@@ -349,14 +352,15 @@ def _same_tick_previous(examples: pl.DataFrame, split: LooSplit, times: list[np.
 
 
 def train_loo_ranker(ds: Dataset, split: LooSplit, out_dir: str | Path, cfg: LooRankerConfig, encoder: Encoder | None = None,
-                     item_embeddings: np.ndarray | None = None, data_source: str = "", progress: bool = True) -> dict:
+                     item_embeddings: np.ndarray | None = None, data_source: str = "", progress: bool = True,
+                     text_cache: Callable[[list[str]], Path | None] | None = None) -> dict:
     """Build groups and features, train with early stopping, write the bundle; returns the manifest extras."""
     from training.ranker_training import train_lambdarank
 
     t0 = time.monotonic()
     names = cfg.feature_names
     times = sequence_times(ds, split)
-    examples = build_examples(ds, split, cfg, encoder, item_embeddings, times, progress).rename({"group": "request_id"})
+    examples = build_examples(ds, split, cfg, encoder, item_embeddings, times, progress, text_cache).rename({"group": "request_id"})
     train, valid = (examples.filter(pl.col("part") == p) for p in ("train", "valid"))
     if train.is_empty():
         raise ValueError("no training groups: every sampled user has fewer than 4 engaged items (a target needs "
@@ -413,9 +417,10 @@ def train_loo_ranker(ds: Dataset, split: LooSplit, out_dir: str | Path, cfg: Loo
 
 
 def load_text_side(ds: Dataset, bundle_dir: str | Path, cfg: LooRankerConfig, cache_dir: str | Path | None,
-                   dataset_name: str) -> tuple[Encoder, np.ndarray]:
-    """The encoder named by `cfg.encoder_dir` and the item embeddings (from `cache_dir` when cached there,
-    under the same file name `semrank eval` uses, so either command reuses the other's encoding)."""
+                   dataset_name: str) -> tuple[Encoder, np.ndarray, Callable[[list[str]], Path | None]]:
+    """The encoder named by `cfg.encoder_dir`, the item embeddings (from `cache_dir` when cached there,
+    under the same file name `semrank eval` uses, so either command reuses the other's encoding) and
+    where user texts are cached (texts -> file, None without `cache_dir`)."""
     from featurizer.text import item_text_expr
     from ranker.encoder import TextEncoder, resolve_model_dir
     from training.eval_models import EncoderSpec, cached_item_embeddings, embedding_cache_path, model_fingerprint
@@ -423,11 +428,13 @@ def load_text_side(ds: Dataset, bundle_dir: str | Path, cfg: LooRankerConfig, ca
     model_dir = "base" if cfg.encoder_dir == "base" else str(Path(bundle_dir) / cfg.encoder_dir)
     encoder = TextEncoder(model_dir, max_length=cfg.max_length)
     texts = ds.items.select(item_text_expr())["item_text"].to_list()
-    cache = None
-    if cache_dir is not None:
-        spec = EncoderSpec("encoder-frozen" if model_dir == "base" else "encoder", model_dir, cfg.max_length, cfg.history_items)
-        cache = embedding_cache_path(cache_dir, dataset_name, spec, model_fingerprint(resolve_model_dir(model_dir)), texts)
-    return encoder, cached_item_embeddings(encoder, texts, cache, desc="item texts")
+    if cache_dir is None:
+        return encoder, cached_item_embeddings(encoder, texts, None, desc="item texts"), lambda _texts: None
+    spec = EncoderSpec("encoder-frozen" if model_dir == "base" else "encoder", model_dir, cfg.max_length, cfg.history_items)
+    key = model_fingerprint(resolve_model_dir(model_dir))
+    item_emb = cached_item_embeddings(encoder, texts, embedding_cache_path(cache_dir, dataset_name, spec, key, texts),
+                                      desc="item texts")
+    return encoder, item_emb, lambda user_texts: embedding_cache_path(cache_dir, f"{dataset_name}-user-texts", spec, key, user_texts)
 
 
 def train_from_args(args, ds: Dataset, encoder_dir: str) -> int:
@@ -442,10 +449,10 @@ def train_from_args(args, ds: Dataset, encoder_dir: str) -> int:
     ds, split = loo_data(ds)
     log.info("no impression lists: %s training (%s variant) on %d users with a leave-one-out split",
              TRAINING_MODE, cfg.variant, len(split.users))
-    encoder = item_emb = None
+    encoder = item_emb = text_cache = None
     if cfg.needs_encoder:
-        encoder, item_emb = load_text_side(ds, args.out, cfg, args.embedding_cache, Path(args.data).resolve().name)
-    extra = train_loo_ranker(ds, split, args.out, cfg, encoder, item_emb, data_source=str(args.data))
+        encoder, item_emb, text_cache = load_text_side(ds, args.out, cfg, args.embedding_cache, Path(args.data).resolve().name)
+    extra = train_loo_ranker(ds, split, args.out, cfg, encoder, item_emb, data_source=str(args.data), text_cache=text_cache)
     best = extra["hyper_parameters"]["best_iteration"]
     print(f"\nbundle ({TRAINING_MODE}, {cfg.variant}) written to {args.out}; best iteration {best}, "
           f"{extra['train_seconds']:.0f} s\nvalidation groups (the early-stopping set, so optimistic):\n")

@@ -279,7 +279,8 @@ def test_train_and_eval_with_rankers_end_to_end(loo_dir, tmp_path, capsys):
     assert "two_stage" not in sampled
     md = (out / "data.full.md").read_text()
     assert "first-stage recall@15" in md and "ranker-full" in md
-    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1  # training and eval share the item embeddings
+    # training and eval share the item embeddings; both variants share the user texts of training
+    assert sorted(p.name.split("__")[0] for p in (tmp_path / "cache").glob("*.npy")) == ["data", "data-user-texts"]
 
 
 def test_cli_choices_match_the_evaluation_module():
