@@ -307,8 +307,11 @@ def build_examples(ds: Dataset, split: LooSplit, cfg: LooRankerConfig, encoder: 
     if "interest_score" in cfg.feature_names:
         items = np.fromiter((split.item_index[i] for i in groups["item_id"].to_list()), dtype=np.int64, count=groups.height)
         g = groups["group"].to_numpy()
-        score = (np.einsum("ij,ij->i", user_emb[g], item_embeddings[items]).astype(np.float32)
-                 if user_emb.shape[1] == item_embeddings.shape[1] else np.full(groups.height, np.nan, np.float32))
+        score = np.full(groups.height, np.nan, np.float32)
+        if user_emb.shape[1] == item_embeddings.shape[1]:  # else no user had any history
+            for a in range(0, groups.height, 100_000):  # gathered rows cost 2 x 1.5 kB each: chunk them
+                sl = slice(a, a + 100_000)
+                score[sl] = np.einsum("ij,ij->i", user_emb[g[sl]], item_embeddings[items[sl]])
         groups = groups.with_columns(pl.Series("interest_score", score))
     log.info("computing features for %d rows in %d groups", groups.height, keys.height)
     # Chunks end on group boundaries (groups are contiguous); each reads the whole log, holds only its rows.
