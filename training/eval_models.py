@@ -176,14 +176,18 @@ def user_texts(histories: Sequence[np.ndarray], titles: Sequence[str], history_i
 
 
 def model_fingerprint(model_dir: str | Path) -> str:
-    """Identifies the weights: path, plus name, size and mtime of the files in the directory."""
+    """Identifies the weights by content: name, size and sha256 of every file in the directory, so a
+    copy of an encoder (e.g. in each bundle) shares its embedding caches (about 0.1 s for MiniLM)."""
     p = Path(model_dir)
-    parts = [str(p.resolve())]
+    parts = [] if p.is_dir() else [str(p.resolve())]
     if p.is_dir():
         for f in sorted(p.iterdir()):
             if f.is_file():
-                st = f.stat()
-                parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+                h = hashlib.sha256()
+                with f.open("rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(block)
+                parts.append(f"{f.name}:{f.stat().st_size}:{h.hexdigest()}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 

@@ -241,16 +241,19 @@ def subset_notes(run: EvalRun, keep: np.ndarray, label: str) -> tuple[dict[str, 
 
 
 def text_side_for(ranker: RankerModel, models: Sequence[Any], load: Callable[[str, str, int, int], Any]) -> TextSide:
-    """The ranker's encoder and item embeddings: reuse a loaded `EncoderScorer` with the same weights and
-    max_length (e.g. encoder-frozen for "base"), else `load(name, model_dir, max_length, history_items)`."""
+    """The ranker's encoder and item embeddings: reuse a loaded `EncoderScorer` with the same weights (by
+    content, so a bundle's copy of an encoder matches) and max_length (e.g. encoder-frozen for "base"),
+    else `load(name, model_dir, max_length, history_items)`."""
     from ranker.encoder import resolve_model_dir
+    from training.eval_models import model_fingerprint
 
     ref = ranker.bundle.encoder
     model_dir = ref.resolve(ranker.bundle.path)
-    want = resolve_model_dir(model_dir)
+    want = model_fingerprint(resolve_model_dir(model_dir))
     for m in models:
         enc = getattr(m, "encoder", None)
-        if enc is not None and getattr(enc, "model_dir", None) == want and getattr(enc, "max_length", None) == ref.max_length:
+        if (enc is not None and getattr(enc, "max_length", None) == ref.max_length
+                and getattr(enc, "model_dir", None) is not None and model_fingerprint(enc.model_dir) == want):
             return TextSide(enc, m.item_embeddings, ref.history_items)
     name = "encoder-frozen" if model_dir == "base" else f"{ranker.name}-encoder"
     scorer = load(name, model_dir, ref.max_length, ref.history_items)

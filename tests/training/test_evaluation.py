@@ -353,3 +353,19 @@ def test_true_interest_scorer_is_the_shops_truth_at_the_test_day(tmp_path):
     synthesize(other, seed=6, config=SynthConfig(n_users=30, n_items=40, n_days=3))
     with pytest.raises(ValueError, match="do not name"):
         TrueInterestScorer(other, split, test_us)
+
+
+def test_model_fingerprint_follows_content_not_path(tmp_path):
+    import shutil
+
+    from training.eval_models import model_fingerprint
+
+    a = tmp_path / "a"
+    a.mkdir()
+    (a / "config.json").write_text("{}")
+    (a / "model.safetensors").write_bytes(bytes(range(256)) * 10)
+    b = tmp_path / "bundle" / "encoder"
+    shutil.copytree(a, b)  # a bundle's copy of the encoder shares its caches
+    assert model_fingerprint(a) == model_fingerprint(b)
+    (b / "model.safetensors").write_bytes(bytes(range(256)) * 9 + bytes(reversed(range(256))))
+    assert model_fingerprint(a) != model_fingerprint(b)
