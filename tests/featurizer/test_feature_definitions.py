@@ -271,6 +271,27 @@ def test_no_future_leakage(past, future, t):
     np.testing.assert_array_equal(a, b)
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(past=event_rows, future=event_rows, t=st.integers(1, 40 * D), same_tick=event_rows)
+def test_coarse_clock_no_leakage_and_other_users_same_tick_unseen(past, future, t, same_tick):
+    """With a clock of one hour: events at or after t never count, and neither do other users' events
+    earlier in t's hour (their order against t is unknown); the user's own earlier ones do."""
+    res_us = 3_600_000_000
+    start = t - t % H  # first minute of t's hour
+
+    def feats(rows, pairs):
+        q = queries(pairs, at(t))
+        return offline_features(make_events(rows).lazy(), ITEMS.lazy(), q.lazy(), resolution_us=res_us).collect().select(NAMES).to_numpy()
+
+    before = [r for r in past if r[0] < t]
+    a = feats(past, ALL_PAIRS)
+    np.testing.assert_array_equal(a, feats(before + [(t + m, u, i, e) for m, u, i, e in future], ALL_PAIRS))
+    u0_pairs = [p for p in ALL_PAIRS if p[0] == "u0"]
+    others_in_tick = [(start + m % max(t - start, 1), u, i, e) for m, u, i, e in same_tick if u != "u0"]
+    base = [r for r in before if r[0] < start or r[1] == "u0"]
+    np.testing.assert_array_equal(feats(base, u0_pairs), feats(base + [r for r in others_in_tick if r[0] < t], u0_pairs))
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rows=event_rows, times=st.lists(st.integers(0, 40 * D), min_size=1, max_size=12), data=st.data())
 def test_rows_and_order_preserved(rows, times, data):
