@@ -37,10 +37,10 @@ import polars as pl
 from featurizer.offline import offline_features
 from featurizer.schema import Dataset
 from ranker.bundle import Bundle, load_bundle
-from training.first_stage import (
-    COOC_ITEMS, DEFAULT_FIRST_STAGE, DEFAULT_RERANK_K, FIRST_STAGES, RRF_K, FirstStage, top_k,
-)
 from training.evaluation import FULL, SAMPLED, EvalConfig, EvalRun, negatives_matrix, rank_metrics, sample_users
+from training.first_stage import (
+    COOC_ITEMS, DEFAULT_FIRST_STAGE, DEFAULT_RERANK_K, FIRST_STAGES, RRF_K, FirstStage, top_k, user_item_cosines,
+)
 from training.loo import LooSplit
 from training.ranker_loo import encode_user_texts, sequence_times, user_histories
 
@@ -151,8 +151,7 @@ def evaluate_rankers(ds: Dataset, split: LooSplit, rankers: Sequence[RankerModel
     for start in tqdm(range(0, users.size, chunk), desc="rankers", unit="chunk", disable=not progress, leave=False):
         sl = slice(start, min(start + chunk, users.size))
         rows = np.arange(sl.start, sl.stop)
-        cos = (user_emb[sl] @ text.item_embeddings.T if user_emb.shape[1] == text.item_embeddings.shape[1]
-               else np.full((rows.size, text.item_embeddings.shape[0]), np.nan, dtype=np.float32))
+        cos = user_item_cosines(user_emb[sl], text.item_embeddings)
         cands: list[np.ndarray] = [np.zeros(0, np.int64)] * rows.size
         if negatives is not None:
             cands = [np.concatenate([[targets[r]], negatives[r][negatives[r] >= 0]]) for r in rows]

@@ -34,22 +34,21 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
 import polars as pl
 
-from featurizer.definitions import FAMILY, NAMES
 from featurizer.offline import offline_features, user_recent_items
 from featurizer.schema import ENGAGEMENTS, Dataset
 from featurizer.text import history_text
 from ranker.bundle import EncoderRef, save_bundle
 from training.loo import LooSplit
-from training.ranker_training import VARIANTS, LightGBMParams
 from training.metrics import mean_metrics
+from training.ranker_training import VARIANTS, LightGBMParams
 
 log = logging.getLogger(__name__)
 
@@ -193,15 +192,14 @@ def hard_pools(split: LooSplit, keys: pl.DataFrame, user_emb: np.ndarray, item_e
                recent: list[np.ndarray], k: int, chunk: int = 1000) -> list[np.ndarray]:
     """Per group: the top `k` items of the encoder+cooc first stage (counts over seq[:-2]) for the user at
     the group's time, the user's whole sequence excluded."""
-    from training.first_stage import COOC_ITEMS, FirstStage, top_k
+    from training.first_stage import COOC_ITEMS, FirstStage, top_k, user_item_cosines
 
     stage = FirstStage(split, "valid")
     us = keys["u"].to_numpy()
     out: list[np.ndarray] = []
     for start in range(0, keys.height, chunk):
         rows = np.arange(start, min(start + chunk, keys.height))
-        e = user_emb[rows]
-        cos = np.full((rows.size, item_embeddings.shape[0]), np.nan, np.float32) if e.shape[1] != item_embeddings.shape[1] else e @ item_embeddings.T
+        cos = user_item_cosines(user_emb[rows], item_embeddings)
         s = stage.scores(["encoder+cooc"], cos, [recent[r][:COOC_ITEMS] for r in rows])["encoder+cooc"]
         out += top_k(s, [split.sequences[us[r]] for r in rows], k)[1]
     return out
