@@ -29,7 +29,7 @@ services:
 test: setup services
 	$(PY) -m pytest -q
 
-# Regenerate the committed gRPC stubs from protos/ (tests/test_proto_stubs.py fails when they drift).
+# Regenerate the committed gRPC stubs from protos/ (tests/semrank/test_proto_stubs.py fails when they drift).
 proto: setup
 	$(PY) -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. \
 	  protos/semrank/ranking/v1/ranking_service.proto

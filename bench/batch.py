@@ -49,10 +49,10 @@ def setup(work: Path, users: int, items: int, days: int, seed: int) -> dict:
     """Shop, bundle and embedded catalog, built once per workdir."""
     shop, bundle, state = work / "shop", work / "bundle", work / "state"
     if not (bundle / "manifest.json").is_file():
-        from featurizer.schema import read_dataset
+        from featurizer.contracts.schema import read_dataset
         from ranker.encoder import TextEncoder
-        from training.ranker_training import RankerTrainConfig, train_ranker
-        from training.synth import SynthConfig, synthesize
+        from training.lambdarank.impression_lists import RankerTrainConfig, train_ranker
+        from training.data.synth import SynthConfig, synthesize
 
         synthesize(shop, seed=seed, config=SynthConfig(n_users=users, n_items=items, n_days=days))
         train_ranker(read_dataset(shop), bundle, RankerTrainConfig(seed=seed), TextEncoder(max_length=128),
@@ -69,7 +69,7 @@ def make_input(path: Path, shop: Path, rows: int, per_request: int, seed: int) -
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from featurizer.schema import read_dataset
+    from featurizer.contracts.schema import read_dataset
 
     ds = read_dataset(shop)
     users = np.array(ds.events["user_id"].unique().sort().to_list())
@@ -110,8 +110,8 @@ def child(args) -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    from serving.batch import ScoreJob, run_score_job
-    from serving.batch_scorer import ScoreConfig
+    from serving.batch.job import ScoreJob, run_score_job
+    from serving.batch.scorer import ScoreConfig
 
     t0 = time.perf_counter()
     cfg = ScoreConfig(bundle_dir=args.bundle, data_dir=args.data, state_dir=args.state)

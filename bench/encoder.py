@@ -158,8 +158,8 @@ class Bench:
 
 def run(cfg: BenchConfig) -> dict:
     from ranker.encoder import TextEncoder
-    from serving.encoder_client import EncoderClient
-    from serving.triton_worker import TritonProcess, TritonWorkerConfig, free_port
+    from serving.triton.client import EncoderClient
+    from serving.triton.process import TritonProcess, TritonWorkerConfig, free_port
 
     import torch
 

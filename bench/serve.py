@@ -3,8 +3,8 @@
     .venv/bin/python bench/serve.py [--work-dir runs/bench-serve] [--seconds 20] [--out-dir DIR]
 
 The bench
-1. makes (or reuses, under --work-dir) a synthetic shop (`training.synth`) and a LightGBM bundle
-   trained on it (`training.ranker_training.train_ranker`);
+1. makes (or reuses, under --work-dir) a synthetic shop (`training.data.synth`) and a LightGBM bundle
+   trained on it (`training.lambdarank.impression_lists.train_ranker`);
 2. starts `semrank serve` as a child process (which starts its own Triton encoder worker);
 3. warms the caches: every bench user is ranked once, so their embeddings are cached, and the
    candidates are catalog items, whose embeddings the server computed at start-up;
@@ -84,10 +84,10 @@ class BenchConfig:
 
 def prepare(cfg: BenchConfig) -> tuple[Path, Path]:
     """The shop and the bundle under work_dir, made once and reused while the recipe is the same."""
-    from featurizer.schema import read_dataset
+    from featurizer.contracts.schema import read_dataset
     from ranker.encoder import TextEncoder
-    from training.ranker_training import RankerTrainConfig, train_ranker
-    from training.synth import SynthConfig, synthesize
+    from training.lambdarank.impression_lists import RankerTrainConfig, train_ranker
+    from training.data.synth import SynthConfig, synthesize
 
     wd = cfg.work_dir
     shop, bundle, stamp = wd / "shop", wd / "bundle", wd / "recipe.json"
@@ -112,9 +112,9 @@ def prepare(cfg: BenchConfig) -> tuple[Path, Path]:
 def online_snapshot(state_dir: Path, shop: Path) -> Path:
     """The server's feature snapshot, built here once from the shop's events (what the server
     would do at its first start), so the server starts fast and this process can load the same state."""
-    from featurizer.online_features import OnlineFeatures
-    from featurizer.online_store import InProcessConfig, InProcessStore
-    from featurizer.schema import read_dataset
+    from featurizer.online.features import OnlineFeatures
+    from featurizer.store.base import InProcessConfig, InProcessStore
+    from featurizer.contracts.schema import read_dataset
 
     path = state_dir / "online-store.bin"
     if not path.exists():
@@ -129,7 +129,7 @@ def online_snapshot(state_dir: Path, shop: Path) -> Path:
 
 def bench_requests(cfg: BenchConfig, shop: Path) -> tuple[list[str], list[str], dict[int, list[tuple[str, list[str]]]]]:
     """Seeded: the bench users, the catalog, and per candidate count a pool of (user, candidate ids)."""
-    from featurizer.schema import read_dataset
+    from featurizer.contracts.schema import read_dataset
 
     ds = read_dataset(shop)
     rng = random.Random(cfg.seed)
@@ -236,12 +236,12 @@ class LocalEncoder:
 
 def inprocess_engine(bundle_dir: Path, shop: Path, state_dir: Path, snapshot: Path):
     """A RankingEngine like the server's: same items, feature state, bundle and item embeddings."""
-    from featurizer.online_features import OnlineFeatures
-    from featurizer.online_store import InProcessConfig, InProcessStore
-    from featurizer.schema import read_dataset
+    from featurizer.online.features import OnlineFeatures
+    from featurizer.store.base import InProcessConfig, InProcessStore
+    from featurizer.contracts.schema import read_dataset
     from ranker.bundle import load_bundle
-    from serving.item_store import ItemStore, encoder_key
-    from serving.ranking import BundleRuntime, RankingEngine
+    from serving.ranking.item_store import ItemStore, encoder_key
+    from serving.ranking.engine import BundleRuntime, RankingEngine
 
     ds = read_dataset(shop)
     items = ItemStore(ds.items, state_dir)  # the server's persisted embeddings
@@ -261,7 +261,7 @@ def inprocess_engine(bundle_dir: Path, shop: Path, state_dir: Path, snapshot: Pa
 
 def measure_inprocess(engine, rt, pools: dict[int, list[tuple[str, list[str]]]], users: list[str], reps: int) -> dict[int, dict]:
     """engine.rank per request, sizes interleaved; after one untimed rank per bench user."""
-    from serving.ranking import Candidate
+    from serving.ranking.engine import Candidate
 
     cands = {n: [(u, [Candidate(item_id=i) for i in ids]) for u, ids in pool] for n, pool in pools.items()}
     times: dict[int, list[float]] = {n: [] for n in pools}

@@ -4,8 +4,8 @@ Both modes first compute the same *base aggregates* (counts of events in a
 window, ages in microseconds, sums; see `BASE_COUNTS` and `BASE_FLOATS`) for a
 query (user_id, item_id, t), from events strictly before t:
 
-- offline (`featurizer.offline`) with polars as-of joins, as columns;
-- online (`featurizer.online_features`) from incremental state, as numpy arrays.
+- offline (`featurizer.offline.pipeline`) with polars as-of joins, as columns;
+- online (`featurizer.online.features`) from incremental state, as numpy arrays.
 
 `derive` then turns base aggregates into the features of `FEATURES`, with one
 set of formulas that runs on polars expressions and on numpy arrays alike
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from featurizer.schema import ENGAGEMENTS, EVENT_TYPES
+from featurizer.contracts.schema import ENGAGEMENTS, EVENT_TYPES
 
 US_PER_MINUTE = 60_000_000
 US_PER_HOUR = 60 * US_PER_MINUTE

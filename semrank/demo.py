@@ -26,7 +26,7 @@ def _tritonservers_left() -> list[str]:
 
 
 async def _rank_some_users(data_dir: Path, bundle_dir: Path, seed: int) -> None:
-    from featurizer.schema import read_dataset
+    from featurizer.contracts.schema import read_dataset
     from semrank.ranking.v1 import ranking_service_pb2 as pb
     from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
     from serving.server import RankingServer, ServeConfig
@@ -114,11 +114,11 @@ async def _events_then_rank(stub, pb, ds, titles, cats, rng) -> None:
 
 
 def run_demo(workdir: Path, seed: int = 0, users: int = 1500, items: int = 800, days: int = 28) -> int:
-    from featurizer.schema import read_dataset
+    from featurizer.contracts.schema import read_dataset
     from ranker.encoder import TextEncoder
     from semrank.cli import ProgressEncoder
-    from training.ranker_training import RankerTrainConfig, format_table, train_ranker
-    from training.synth import SynthConfig, synthesize
+    from training.lambdarank.impression_lists import RankerTrainConfig, format_table, train_ranker
+    from training.data.synth import SynthConfig, synthesize
 
     t0 = time.monotonic()
     data_dir, bundle_dir = workdir / "data", workdir / "bundle"

@@ -4,7 +4,7 @@
 1. reads the data directory's items (plus items upserted earlier, from the state dir);
 2. restores the online features: from the store's snapshot when it has one, else from the
    data directory's events; then replays the durable event log past the snapshot
-   (steps 1-2: `serving.state.build_engine`, which batch scoring uses too);
+   (steps 1-2: `serving.ingest.restore.build_engine`, which batch scoring uses too);
 3. loads the default bundle and every experiment bundle (each text encoder served by its
    own Triton child process with dynamic batching; catalog embeddings cached on disk);
 4. serves RankingService, grpc.health.v1 and reflection, with auth and metrics
@@ -29,22 +29,22 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from featurizer.online_store import StoreConfig
+from featurizer.store.base import StoreConfig
 from ranker.bundle import EncoderRef
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
-from serving.encoders import TritonEncoderOptions, triton_encoder_factory
-from serving.admission import AdmissionInterceptor
-from serving.experiments import Experiments, load_experiments
-from serving.exposure_log import ExposureLog
-from serving.metrics import Metrics, MetricsInterceptor
-from serving.ranking import RankingEngine, utc_now
-from serving.registry import BundleRegistry, EncoderHandle, EncoderPool
-from serving.security import AuthInterceptor, TlsConfig, TokenAuth
-from serving.service import RankingService, ServingState
-from serving.state import build_engine, close_all
-from serving.triton_worker import TritonProcess
-from serving.validation import Limits
+from serving.encoding.factories import TritonEncoderOptions, triton_encoder_factory
+from serving.api.admission import AdmissionInterceptor
+from featurizer.contracts.experiments import Experiments, load_experiments
+from serving.experiments.exposure_log import ExposureLog
+from serving.observability.metrics import Metrics, MetricsInterceptor
+from serving.ranking.engine import RankingEngine, utc_now
+from serving.ranking.registry import BundleRegistry, EncoderHandle, EncoderPool
+from serving.api.auth import AuthInterceptor, TlsConfig, TokenAuth
+from serving.api.service import RankingService, ServingState
+from serving.ingest.restore import build_engine, close_all
+from serving.triton.process import TritonProcess
+from serving.api.validation import Limits
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class RankingServer:
 
     async def _start_grpc(self) -> None:
         cfg = self.cfg
-        # Metrics first (it sees every outcome, refusals included); auth last (see serving.security).
+        # Metrics first (it sees every outcome, refusals included); auth last (see serving.api.auth).
         self.admission = AdmissionInterceptor(cfg.max_concurrent_rpcs)
         interceptors = [MetricsInterceptor(self.metrics), self.admission]
         if cfg.tokens is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from training.synth import SynthConfig
+from training.data.synth import SynthConfig
 
 SMALL_SHOP = SynthConfig(n_users=300, n_items=160, n_days=14)
 
@@ -18,7 +18,7 @@ def encoder():
 
 @pytest.fixture(scope="session")
 def small_shop(tmp_path_factory):
-    from training.synth import synthesize
+    from training.data.synth import synthesize
 
     out = tmp_path_factory.mktemp("small_shop")
     synthesize(out, seed=7, config=SMALL_SHOP)
@@ -27,8 +27,8 @@ def small_shop(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def small_bundle(tmp_path_factory, small_shop, encoder):
-    from featurizer.schema import read_dataset
-    from training.ranker_training import RankerTrainConfig, train_ranker
+    from featurizer.contracts.schema import read_dataset
+    from training.lambdarank.impression_lists import RankerTrainConfig, train_ranker
 
     out = tmp_path_factory.mktemp("small_bundle")
     extra = train_ranker(

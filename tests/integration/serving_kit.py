@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from serving.server import RankingServer, ServeConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-TRITON_WORKER_MODULE = "serving.triton_worker"
+TRITON_WORKER_MODULE = "serving.triton.process"
 
 
 # -- the server in-process -------------------------------------------------------------------
@@ -149,7 +149,7 @@ def tritonservers_in_group(pgid: int) -> list[int]:
 
 
 def triton_worker_children(parent_pid: int) -> list[int]:
-    """Pids of `python -m serving.triton_worker` processes started by `parent_pid` (each leads its own group)."""
+    """Pids of `python -m serving.triton.process` processes started by `parent_pid` (each leads its own group)."""
     out = []
     for pid in _pids():
         f = _stat_fields(pid)

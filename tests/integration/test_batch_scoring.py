@@ -17,13 +17,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-from featurizer.schema import read_dataset
+from featurizer.contracts.schema import read_dataset
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
-from serving.batch import MANIFEST, OutputMismatch, ScoreJob, part_path, run_score_job
-from serving.batch_input import BatchInputError
-from serving.batch_scorer import BatchScoringError, ScoreConfig
-from serving.catalog_embed import embed_catalog
+from serving.batch.job import MANIFEST, OutputMismatch, ScoreJob, part_path, run_score_job
+from serving.batch.input import BatchInputError
+from serving.batch.scorer import BatchScoringError, ScoreConfig
+from serving.batch.catalog_embed import embed_catalog
 from serving.server import RankingServer, ServeConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]

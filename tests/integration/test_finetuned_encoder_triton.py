@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from featurizer.schema import read_dataset
+from featurizer.contracts.schema import read_dataset
 from ranker.bundle import load_bundle
 from ranker.encoder import EMBEDDING_DIM, TextEncoder
-from serving.encoder_client import EncoderClient
-from serving.triton_worker import TritonProcess, TritonWorkerConfig, free_port
+from serving.triton.client import EncoderClient
+from serving.triton.process import TritonProcess, TritonWorkerConfig, free_port
 from tests.integration.test_triton_encoder import TEXTS, assert_same_embeddings, live_tritonserver_processes
-from training.encoder_training import EncoderTrainConfig, train_encoder
+from training.encoder.train import EncoderTrainConfig, train_encoder
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 

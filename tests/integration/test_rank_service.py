@@ -13,14 +13,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
-from featurizer.offline import offline_features, user_recent_items
-from featurizer.schema import read_dataset
+from featurizer.offline.pipeline import offline_features, user_recent_items
+from featurizer.contracts.schema import read_dataset
 from featurizer.text import history_text, item_text_expr
 from ranker.bundle import load_bundle
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
 from serving.server import SERVICE_NAME, ServeConfig
-from serving.validation import Limits
+from serving.api.validation import Limits
 from tests.integration.serving_kit import ServerThread, tritonservers_in_group
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]

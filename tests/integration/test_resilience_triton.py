@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from ranker.encoder import EMBEDDING_DIM
-from serving.encoder_client import EncoderClient, EncoderUnavailable
-from serving.resilience import BreakerState, CircuitBreaker, CircuitOpenError, ResilientEncoder
-from serving.triton_worker import TritonProcess, TritonWorkerConfig, free_port, port_in_use
+from serving.triton.client import EncoderClient, EncoderUnavailable
+from serving.triton.resilience import BreakerState, CircuitBreaker, CircuitOpenError, ResilientEncoder
+from serving.triton.process import TritonProcess, TritonWorkerConfig, free_port, port_in_use
 from tests.integration.test_triton_encoder import TEXTS, live_tritonserver_processes
-from tests.serving.test_resilience import RecordingObserver
+from tests.serving.triton.test_resilience import RecordingObserver
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 

@@ -25,16 +25,16 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from featurizer.schema import read_dataset
+from featurizer.contracts.schema import read_dataset
 from ranker.bundle import load_bundle
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
-from serving.event_log import EventLog
-from serving.experiments import load_experiments
-from serving.exposure_log import read_exposures
-from serving.security import TlsConfig, TokenAuth, channel_credentials
+from serving.ingest.event_log import EventLog
+from featurizer.contracts.experiments import load_experiments
+from serving.experiments.exposure_log import read_exposures
+from serving.api.auth import TlsConfig, TokenAuth, channel_credentials
 from serving.server import SERVICE_NAME, ServeConfig
-from serving.validation import Limits
+from serving.api.validation import Limits
 from tests.integration.serving_kit import (
     ADMIN_TOKEN,
     CLIENT_TOKEN,

@@ -16,8 +16,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from ranker.encoder import EMBEDDING_DIM, TextEncoder
-from serving.encoder_client import EncoderClient, EncoderUnavailable
-from serving.triton_worker import (
+from serving.triton.client import EncoderClient, EncoderUnavailable
+from serving.triton.process import (
     PortInUseError,
     TritonProcess,
     TritonStartupError,

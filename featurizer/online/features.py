@@ -1,0 +1,280 @@
+"""Online features: incremental state in an `OnlineStore`, read at request time.
+
+    online = OnlineFeatures(store, items)          # items: the catalog (price, category, brand)
+    online.apply(events)                           # any time; events of any chunk size
+    x = online.features(user_id, item_ids, t)      # (len(item_ids), len(FEATURES)), FEATURES order
+
+`features` reads the store once per entity kind (user, items, user x item pairs, co-occurrence of the
+user's recent items), builds the base aggregates as numpy arrays and runs the same `derive` as
+`offline_features`; for events applied in time order it returns the offline values at any
+t >= the latest applied event (see `featurizer.online.state` for what late events do).
+
+Reads of user, item and co-occurrence states go through `featurizer.online.state_cache`: with the
+in-process store, decoded states (and item window counts) are kept until the store reports them
+changed, so a request decodes only what changed since; with Redis every read decodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timezone
+
+import numpy as np
+import polars as pl
+
+from featurizer.definitions import EVENT_CODE, NAMES, NUMPY, FeatureParams, cooc_cosine, derive
+from featurizer.online.state import (
+    NO_TS,
+    CoocState,
+    ItemState,
+    UserItemState,
+    UserState,
+    item_base,
+    item_base_from_parts,
+    user_item_base,
+    user_item_key,
+    user_item_keys,
+)
+from featurizer.offline.pipeline import catalog
+from featurizer.store.base import OnlineStore
+from featurizer.online.state_cache import DecodedCache, ItemPartsCache, UserItemIndex
+
+META_KEY = "state"
+
+
+def _codes(values: list[str | None], names: dict[str, int]) -> np.ndarray:
+    """Code of each value; None -> len(names); one extra entry for items not in the catalog."""
+    none = len(names)
+    return np.array([none if v is None else names[v] for v in values] + [none], dtype=np.int64)
+
+
+CATALOG_COLUMNS = {"item_id": pl.Utf8, "category": pl.Utf8, "brand": pl.Utf8, "price": pl.Float64}
+
+
+def _catalog_columns(items: pl.DataFrame, only_present: bool = False) -> pl.DataFrame:
+    """The item columns features read, typed; absent ones null (or left out with only_present)."""
+    return items.select(
+        (pl.col(c).cast(t) if c in items.columns else pl.lit(None, t)).alias(c)
+        for c, t in CATALOG_COLUMNS.items()
+        if c in items.columns or not only_present
+    )
+
+
+class StaleQueryError(ValueError):
+    """features() was asked about an instant before events already applied."""
+
+
+def to_us(t: datetime) -> int:
+    """µs since the epoch; a naive datetime is taken as UTC."""
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=timezone.utc)
+    delta = t - datetime(1970, 1, 1, tzinfo=timezone.utc)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+class OnlineFeatures:
+    def __init__(self, store: OnlineStore, items: pl.DataFrame, params: FeatureParams = FeatureParams()):
+        self.store, self.params = store, params
+        self._items = _catalog_columns(items)
+        self._set_catalog(self._items)
+        meta = store.read("meta", [META_KEY])[0]
+        if meta is not None and meta.get("fingerprint") != params.fingerprint():
+            raise ValueError(
+                "the online store holds state built with other feature definitions "
+                f"({meta.get('fingerprint')} != {params.fingerprint()}); use a new namespace/path or rebuild it"
+            )
+        self._watermark = NO_TS if meta is None else int(meta["watermark"])
+        self._watermark_dt: tuple[int, datetime | None] = (NO_TS, None)
+        self._users = DecodedCache(store, "user", UserState.from_dict)
+        self._cooc = DecodedCache(store, "cooc", CoocState.from_dict)
+        self._item_parts = ItemPartsCache(store)
+        self._user_items = UserItemIndex(store)
+        self._history_memo: tuple = (None, None, [])  # (user state, t, its whole history at t)
+
+    def _set_catalog(self, items: pl.DataFrame) -> None:
+        cat = catalog(items.lazy()).collect()
+        ids = cat["item_id"].to_list()
+        self._category = dict(zip(ids, cat["category"].to_list()))
+        self._brand = dict(zip(ids, cat["brand"].to_list()))
+        self._log_price = dict(zip(ids, cat["log_price"].to_list()))
+        # Row k of the catalog; row len(ids) stands for any item not in it.
+        self._row = {i: k for k, i in enumerate(ids)}
+        self._price = np.append(cat["price"].fill_null(np.nan).to_numpy(), np.nan)
+        # category (brand) -> code, and the code of each catalog row (+ one row for unknown items)
+        self._cat_names = {g: k for k, g in enumerate(cat["category"].drop_nulls().unique(maintain_order=True))}
+        self._brand_names = {g: k for k, g in enumerate(cat["brand"].drop_nulls().unique(maintain_order=True))}
+        self._cat_code = _codes(cat["category"].to_list(), self._cat_names)
+        self._brand_code = _codes(cat["brand"].to_list(), self._brand_names)
+
+    def upsert_items(self, items: pl.DataFrame) -> None:
+        """Add items to the catalog, or update the price/category/brand of known ones (a null
+        field leaves the known value unchanged).
+
+        Only reads made after the call see them; events already applied keep the category and
+        brand their item had then (as the offline pipeline, which joins the catalog as given)."""
+        if items.is_empty():
+            return
+        new = _catalog_columns(items, only_present=True).unique("item_id", keep="last", maintain_order=True)
+        merged = self._items.update(new, on="item_id", how="full")
+        self._set_catalog(merged)
+        self._items = merged
+
+    @property
+    def watermark(self) -> datetime | None:
+        """The latest applied event's instant (None before any)."""
+        if self._watermark_dt[0] != self._watermark:
+            dt = None if self._watermark == NO_TS else (
+                datetime(1970, 1, 1, tzinfo=timezone.utc) + np.timedelta64(self._watermark, "us").item())
+            self._watermark_dt = (self._watermark, dt)
+        return self._watermark_dt[1]
+
+    # ------------------------------------------------------------ writes
+
+    def apply(self, events: pl.DataFrame) -> None:
+        """Fold events (the contract's ts, user_id, item_id, event) into the state.
+
+        Sorted by ts here (stably). Events older than ones applied earlier are still counted;
+        exact parity with offline holds when calls come in time order (see featurizer.online.state).
+        """
+        if events.is_empty():
+            return
+        ev = events.select(
+            pl.col("ts").dt.epoch("us").alias("t"), pl.col("user_id").cast(pl.Utf8), pl.col("item_id").cast(pl.Utf8),
+            pl.col("event").cast(pl.Utf8).replace_strict(EVENT_CODE, return_dtype=pl.Int8).alias("code"),
+        ).sort("t", maintain_order=True)
+        ts, users, items, codes = (ev[c].to_list() for c in ("t", "user_id", "item_id", "code"))
+        item_ids = list(dict.fromkeys(items))
+        user_ids = list(dict.fromkeys(users))
+        ui_keys = list(dict.fromkeys(user_item_key(u, i) for u, i in zip(users, items)))
+        item_st = {k: ItemState() if v is None else ItemState.from_bytes(v) for k, v in zip(item_ids, self.store.read("item", item_ids))}
+        user_st = {k: UserState() if v is None else UserState.from_dict(v) for k, v in zip(user_ids, self.store.read("user", user_ids))}
+        ui_st = {k: UserItemState() if v is None else UserItemState.from_bytes(v) for k, v in zip(ui_keys, self.store.read("ui", ui_keys))}
+
+        n_hist, window = self.params.history_items, self.params.cooc_window_us
+        cat, brand, lp = self._category, self._brand, self._log_price
+        pairs: list[tuple[str, str, int]] = []
+        for t, u, i, code in zip(ts, users, items, codes):
+            ui = ui_st[user_item_key(u, i)]
+            first_touch = code > 0 and ui.eng[0] == NO_TS
+            ui.add(t, code)
+            item_st[i].add(t, code, first_touch)
+            new = user_st[u].add(t, code, i, cat.get(i), brand.get(i), lp.get(i), first_touch, n_hist, window)
+            if new:
+                pairs.extend(new)
+
+        cooc_ids = list(dict.fromkeys(x for a, b, _ in pairs for x in (a, b)))
+        cooc_st = {k: CoocState() if v is None else CoocState.from_dict(v) for k, v in zip(cooc_ids, self.store.read("cooc", cooc_ids))}
+        for a, b, at in pairs:
+            cooc_st[a].add(b, at)
+            cooc_st[b].add(a, at)
+
+        self.store.write("item", {k: s.to_bytes() for k, s in item_st.items()})
+        self.store.write("ui", {k: s.to_bytes() for k, s in ui_st.items()})
+        self.store.write("user", {k: s.to_dict() for k, s in user_st.items()})
+        if cooc_st:
+            self.store.write("cooc", {k: s.to_dict() for k, s in cooc_st.items()})
+        self._watermark = max(self._watermark, max(ts))
+        self.store.write("meta", {META_KEY: {"watermark": self._watermark, "fingerprint": self.params.fingerprint()}})
+
+    # ------------------------------------------------------------ reads
+
+    def history(self, user_id: str, t: datetime, n: int) -> list[str]:
+        """The user's last n (<= params.history_items) distinct engaged items before t, most recent
+        first, ties by item id: the same as `offline.user_recent_items`."""
+        if n > self.params.history_items:
+            raise ValueError(f"history of {n} items asked; the online state keeps {self.params.history_items}")
+        user = self._users.get([user_id])[0]
+        return [] if user is None else self._history(user, to_us(t))[:n]
+
+    def features(self, user_id: str, item_ids: Sequence[str], t: datetime, interest_score: np.ndarray | None = None) -> np.ndarray:
+        """(len(item_ids), len(FEATURES)) float64 in FEATURES order, from events strictly before t.
+
+        `interest_score` (one per candidate) fills the text column; NaN without it.
+        Raises StaleQueryError when t is before the latest applied event.
+        """
+        t_us = to_us(t)
+        if t_us < self._watermark:
+            raise StaleQueryError(
+                f"t={t.isoformat()} is before the latest applied event ({self.watermark.isoformat()}); "
+                "online features are defined for t >= it (pass max(now, watermark))"
+            )
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self._features(user_id, list(item_ids), t_us, interest_score)
+
+    def _history(self, user: UserState, t_us: int) -> list[str]:
+        """user.history(t_us), remembered for the next call (a request asks twice: for its text
+        and for co-occurrence)."""
+        memo = self._history_memo
+        if memo[0] is not user or memo[1] != t_us:
+            memo = self._history_memo = (user, t_us, user.history(t_us, None))
+        return memo[2]
+
+    def _user_item_states(self, user_id: str, item_ids: list[str]) -> list[bytes | None]:
+        """The stored user x item state of each item (None: none); reads only the items the user
+        has one for when the store can list its keys."""
+        seen = self._user_items.items_of(user_id)
+        if seen is None:
+            return self.store.read("ui", user_item_keys(user_id, item_ids))
+        out: list[bytes | None] = [None] * len(item_ids)
+        hits = [k for k, i in enumerate(item_ids) if i in seen]
+        if hits:
+            for k, blob in zip(hits, self.store.read("ui", user_item_keys(user_id, [item_ids[k] for k in hits]))):
+                out[k] = blob
+        return out
+
+    def _features(self, user_id: str, item_ids: list[str], t_us: int, interest_score: np.ndarray | None) -> np.ndarray:
+        n = len(item_ids)
+        user = self._users.get([user_id])[0]  # shared with other reads: never mutated here
+        if user is None:
+            user = UserState()
+        hist = self._history(user, t_us)[: self.params.history_items]
+
+        parts = self._item_parts.gather(item_ids + hist, t_us)
+        if parts is None:
+            items = item_base(self.store.read("item", item_ids + hist), t_us)
+        else:
+            items = item_base_from_parts(parts, t_us)
+        ui = user_item_base(self._user_item_states(user_id, item_ids), t_us)
+
+        users = items["item_n_users_all"]
+        cos_max, cos_sum = np.zeros(n), np.zeros(n)
+        states = [(k, s) for k, s in enumerate(self._cooc.get(hist)) if s is not None]
+        if states:
+            index = dict(zip(item_ids, range(n)))  # candidate -> position among distinct candidates
+            if len(index) != n:
+                index = {i: k for k, i in enumerate(dict.fromkeys(item_ids))}
+            counts = np.stack([s.counts(index, t_us) for _, s in states])  # (recent items, distinct candidates)
+            if len(index) != n:
+                counts = counts[:, np.fromiter((index[i] for i in item_ids), dtype=np.int64, count=n)]
+            n_h = users[[n + k for k, _ in states]][:, None]
+            cos = cooc_cosine(counts, users[:n], n_h, NUMPY)  # elementwise, as one recent item at a time
+            for row in cos:  # in history order, as offline sums them
+                cos_max = np.maximum(cos_max, row)
+                cos_sum = cos_sum + row
+
+        full = lambda v: np.full(n, v, dtype=np.float64 if isinstance(v, float) else np.int64)  # noqa: E731
+        b = {name: col[:n] for name, col in items.items()}
+        b.update(ui)
+        b.update({name: full(v) for name, v in user.base(t_us).items()})
+        unknown = len(self._price) - 1
+        rows = np.fromiter((self._row.get(i, unknown) for i in item_ids), dtype=np.int64, count=n)
+        for name, kind, names, codes in (("user_cat_n", "category", self._cat_names, self._cat_code),
+                                         ("user_brand_n", "brand", self._brand_names, self._brand_code)):
+            per_code = np.zeros(len(names) + 1)  # the user's engagements per category (brand); last: none
+            per_code[-1] = np.nan
+            for g in user.groups(kind):
+                if g in names:
+                    per_code[names[g]] = user.group_count(t_us, kind, g)
+            b[name] = per_code[codes[rows]]
+        b["item_price"] = self._price[rows]
+        b["cooc_max"], b["cooc_sum"] = cos_max, cos_sum
+        b["t_us"] = full(t_us)
+        if interest_score is None:
+            b["interest_score"] = full(np.nan)
+        else:
+            b["interest_score"] = np.asarray(interest_score, dtype=np.float64).reshape(n)
+        cols = derive(b, NUMPY)
+        out = np.empty((n, len(NAMES)), dtype=np.float64)
+        for k, name in enumerate(NAMES):
+            out[:, k] = cols[name]
+        return out

@@ -1,0 +1,203 @@
+"""Decoded online state kept between reads, for stores that say what changed.
+
+A request reads the same states again and again (the catalog's item states, a user's state,
+the co-occurrence rows of their recent items); decoding them on every read costs more than the
+features computed from them. These caches keep what was decoded and drop an entry as soon as
+the store reports its key written or deleted (`OnlineStore.changes`), so a read returns exactly
+what decoding the store's current value would. With a store that cannot tell (Redis: other
+processes write to it) nothing is kept and every read decodes.
+
+- `DecodedCache(store, entity, decode)`: key -> decoded object (None when missing), LRU-bounded.
+  Objects are shared between reads: callers must not mutate them.
+- `ItemPartsCache(store)`: per item, the `incremental.item_parts` row (scalars and window counts),
+  recomputed when the item changed or t entered another `WINDOW_KEY_US` tile; `gather` returns
+  the parts of many items as arrays, ready for `item_base_from_parts`.
+- `UserItemIndex(store)`: per user, the items it has a user x item state for, so a request looks
+  up the few candidates a user has seen instead of probing the (large) table for every candidate.
+
+Memory, bounded: a decoded user state is about 6 KB, a co-occurrence state about 3.5 KB (40
+partners), an item row about 250 B; OnlineFeatures keeps up to 20k users, 20k co-occurrence
+states and 500k items (about 120 + 70 + 150 MB at most), and the index holds every user x item key.
+
+Not thread-safe with respect to each other's calls (one caller at a time, as OnlineFeatures).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from featurizer.online.state import (
+    EMPTY_ITEM,
+    ITEM_DTYPE,
+    ITEM_PART_FIELDS,
+    ITEM_WINDOWS,
+    N_EVENTS,
+    WINDOW_KEY_US,
+    item_parts,
+    parse_user_item_key,
+)
+from featurizer.store.base import OnlineStore
+
+_MISS = object()
+_NO_KEY = int(np.iinfo(np.int64).min)  # window counts not computed (or invalidated)
+
+
+class DecodedCache:
+    def __init__(self, store: OnlineStore, entity: str, decode: Callable[[Any], Any], capacity: int = 20_000):
+        self.store, self.entity, self.decode, self.capacity = store, entity, decode, capacity
+        self._d: OrderedDict[str, Any] = OrderedDict()
+        self._version: int | None = None
+
+    def _sync(self) -> bool:
+        """Drop what changed in the store; False when the store cannot version (cache nothing)."""
+        version, changed = self.store.changes(self.entity, self._version)
+        if version is None:
+            self._d.clear()
+            return False
+        if changed is None:
+            self._d.clear()
+        else:
+            for key in changed:
+                self._d.pop(key, None)
+        self._version = version
+        return True
+
+    def get(self, keys: Sequence[str]) -> list[Any]:
+        """The decoded value of each key (None when missing), as decoding the store's value would give."""
+        if not self._sync():
+            return [None if v is None else self.decode(v) for v in self.store.read(self.entity, keys)]
+        d = self._d
+        out = [d.get(k, _MISS) for k in keys]
+        missing = list(dict.fromkeys(k for k, v in zip(keys, out) if v is _MISS))
+        if missing:
+            # A write racing this read is listed by the next _sync, which drops what is kept here.
+            fresh = {k: None if v is None else self.decode(v) for k, v in zip(missing, self.store.read(self.entity, missing))}
+            d.update(fresh)
+            while len(d) > self.capacity:
+                d.popitem(last=False)
+            out = [fresh[k] if v is _MISS else v for k, v in zip(keys, out)]
+        for k in keys:
+            if k in d:
+                d.move_to_end(k)
+        return out
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+class ItemPartsCache:
+    """Rows of item parts, one per item id asked for (also ids the store does not hold)."""
+
+    def __init__(self, store: OnlineStore, max_items: int = 500_000):
+        self.store, self.max_items = store, max_items
+        self._version: int | None = None
+        self._reset(1024)
+
+    def _reset(self, capacity: int) -> None:
+        self._row: dict[str, int] = {}
+        self._ids: list[str] = []
+        self._key = np.full(capacity, _NO_KEY, dtype=np.int64)  # the t // WINDOW_KEY_US the row is for
+        template = item_parts(np.frombuffer(EMPTY_ITEM, dtype=ITEM_DTYPE), 0)
+        self._parts = {name: np.zeros((capacity, *template[name].shape[1:]), dtype=np.int64) for name in ITEM_PART_FIELDS}
+        assert self._parts["window"].shape[1:] == (len(ITEM_WINDOWS), N_EVENTS)
+
+    def _grow(self, need: int) -> None:
+        capacity = len(self._key)
+        if need <= capacity:
+            return
+        new = max(need, 2 * capacity)
+        self._key = np.concatenate([self._key, np.full(new - capacity, _NO_KEY, dtype=np.int64)])
+        for name, arr in self._parts.items():
+            self._parts[name] = np.concatenate([arr, np.zeros((new - capacity, *arr.shape[1:]), dtype=arr.dtype)])
+
+    def _sync(self) -> bool:
+        version, changed = self.store.changes("item", self._version)
+        if version is None:
+            return False
+        if changed is None:
+            self._key[:] = _NO_KEY
+        else:
+            for key in changed:
+                r = self._row.get(key)
+                if r is not None:
+                    self._key[r] = _NO_KEY
+        self._version = version
+        return True
+
+    def gather(self, item_ids: list[str], t: int) -> dict[str, np.ndarray] | None:
+        """`item_parts` of each id at t (t >= every applied event); None when the store cannot version."""
+        if not self._sync():
+            return None
+        get = self._row.get
+        rows = np.fromiter((get(i, -1) for i in item_ids), dtype=np.int64, count=len(item_ids))
+        if (rows < 0).any():
+            new = list(dict.fromkeys(i for i, r in zip(item_ids, rows.tolist()) if r < 0))
+            if len(self._ids) + len(new) > self.max_items:
+                self._reset(len(self._key))
+                new = list(dict.fromkeys(item_ids))
+            start = len(self._ids)
+            self._grow(start + len(new))
+            self._row.update(zip(new, range(start, start + len(new))))
+            self._ids.extend(new)
+            rows = np.fromiter((self._row[i] for i in item_ids), dtype=np.int64, count=len(item_ids))
+        key = t // WINDOW_KEY_US
+        stale = rows[self._key[rows] != key]
+        if stale.size:
+            stale = np.unique(stale)
+            blobs = self.store.read("item", [self._ids[r] for r in stale.tolist()])
+            rec = np.frombuffer(b"".join(EMPTY_ITEM if b is None else b for b in blobs), dtype=ITEM_DTYPE)
+            for name, values in item_parts(rec, t).items():
+                self._parts[name][stale] = values
+            self._key[stale] = key
+        return {name: arr[rows] for name, arr in self._parts.items()}
+
+
+class UserItemIndex:
+    """user id -> the item ids of its "ui" keys, from a store that lists keys and says what changed.
+
+    Every written key is added before the next read; a deleted one is removed too, though a stale
+    entry would only cost a read that returns None."""
+
+    def __init__(self, store: OnlineStore, entity: str = "ui"):
+        self.store, self.entity = store, entity
+        self._version: int | None = None
+        self._items: dict[str, set[str]] = {}
+        self._names: dict[str, str] = {}  # one str object per item id, shared by the sets
+
+    def _add(self, key: str) -> None:
+        parsed = parse_user_item_key(key)
+        if parsed is not None:
+            user, item = parsed
+            item = self._names.setdefault(item, item)
+            self._items.setdefault(user, set()).add(item)
+
+    def _sync(self) -> bool:
+        version, changed = self.store.changes(self.entity, self._version)
+        if version is None:
+            return False
+        if changed is None:
+            keys = self.store.keys(self.entity)
+            if keys is None:
+                return False
+            self._items, self._names = {}, {}
+            for key in keys:
+                self._add(key)
+        elif changed:
+            changed = list(changed)
+            for key, value in zip(changed, self.store.read(self.entity, changed)):  # written, or deleted?
+                if value is not None:
+                    self._add(key)
+                elif (parsed := parse_user_item_key(key)) is not None and parsed[0] in self._items:
+                    self._items[parsed[0]].discard(parsed[1])
+        self._version = version
+        return True
+
+    def items_of(self, user_id: str) -> set[str] | None:
+        """The items `user_id` has a state for (empty: none); None when the store cannot tell."""
+        if not self._sync():
+            return None
+        return self._items.get(user_id, set())

@@ -1,0 +1,89 @@
+"""`semrank ab report`: analyse an A/B experiment from exposure logs and events.
+
+    semrank ab report --exposures logs/ --events data/ --experiment encoder-ft-vs-frozen \
+        --experiments experiments.toml --out-dir runs/ab [--window 30m] [--control control] [--fail-on-srm]
+
+See docs/ab_testing.md for attribution and statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+EXIT_INPUT = 2
+EXIT_SRM = 3
+
+
+def register(sub, train_sub) -> None:  # noqa: ARG001 (train_sub: the plugin signature)
+    ab = sub.add_parser("ab", help="A/B experiment analysis").add_subparsers(dest="ab_cmd", required=True)
+    s = ab.add_parser(
+        "report", help="per-variant metrics with 95%% CIs, tests against control and a sample-ratio check",
+        description="Joins Rank exposures (exposures-*.jsonl) to the clicks, add-to-carts and purchases that "
+                    "follow them and compares variants with users as the unit: CTR, add-to-cart and conversion "
+                    "rates per exposure (delta method), shares of users with a click / purchase (two-proportion "
+                    "z-test) and revenue per user (Welch t-test). Writes OUT_DIR/ab-<experiment>.{md,json,png}.")
+    s.add_argument("--exposures", required=True, type=Path, help="an exposures JSONL file or a directory of "
+                                                                 "exposures-*.jsonl files")
+    s.add_argument("--events", required=True, type=Path,
+                   help="events in the data contract: a parquet/CSV file or a data directory (items read too)")
+    s.add_argument("--items", type=Path, default=None, help="items file with prices, for revenue per user")
+    s.add_argument("--experiment", default=None, help="experiment name (default: the only one in the log)")
+    s.add_argument("--window", default="30m", help="attribution window after an exposure, e.g. 30m, 2h, 1d "
+                                                   "(default 30m); events carrying the exposure's request_id "
+                                                   "are attributed without it")
+    s.add_argument("--control", default=None, help='control variant (default "control", else the first variant)')
+    shares = s.add_mutually_exclusive_group()
+    shares.add_argument("--shares", default=None, metavar="NAME=SHARE,...",
+                        help="configured traffic shares for the sample-ratio check, e.g. control=0.5,treatment=0.5 "
+                             "(default: equal shares)")
+    shares.add_argument("--experiments", type=Path, default=None, metavar="FILE",
+                        help="the serving experiments file (TOML/JSON); shares are taken from it")
+    s.add_argument("--fail-on-srm", action="store_true",
+                   help=f"exit with status {EXIT_SRM} when the sample-ratio check fails (p < 0.001)")
+    s.add_argument("--out-dir", required=True, type=Path, help="writes ab-<experiment>.md, .json and .png here")
+    s.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the JSON report here")
+    s.set_defaults(func=cmd_ab_report)
+
+
+def cmd_ab_report(args) -> int:
+    from training.ab.prepare import ExposureLogError
+
+    try:
+        return run_ab_report(args)
+    except (ExposureLogError, ValueError, FileNotFoundError) as e:
+        log.debug("semrank ab report failed", exc_info=True)
+        print(f"semrank ab report: {e}", file=sys.stderr)
+        return EXIT_INPUT
+
+
+def run_ab_report(args) -> int:
+    from training.ab.prepare import (parse_shares, parse_window, prepare, read_exposures, read_outcome_events,
+                                      shares_from_experiments)
+    from training.ab.report import build_report, markdown, write_report
+
+    window = parse_window(args.window)
+    exposures, torn = read_exposures(args.exposures)
+    events, items = read_outcome_events(args.events, args.items)
+    prep = prepare(exposures, events, items, window, args.experiment)
+    if torn:
+        prep.notes.append(f"{torn} torn last line(s) of exposure files skipped (writes cut short by a crash "
+                          "or still in progress; the log names them)")
+    shares, source = None, None
+    if args.shares:
+        shares, source = parse_shares(args.shares), f"--shares {args.shares}"
+    elif args.experiments:
+        shares, source = shares_from_experiments(args.experiments, prep.experiment), str(args.experiments)
+    report = build_report(prep, window, args.control, shares, source)
+    paths = write_report(report, args.out_dir, args.json)
+    print(markdown(report))
+    log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
+    if report["srm"]["flagged"]:
+        banner = "!" * 78
+        print(f"{banner}\nWARNING: {report['warnings'][0]}\n{banner}", file=sys.stderr)
+        if args.fail_on_srm:
+            return EXIT_SRM
+    return 0

@@ -1,0 +1,227 @@
+"""Exposure log writer: one JSON line per Rank, written off the request path; `semrank ab report` reads it.
+
+The format (keys, ts format, file names) and the reader live in `featurizer.contracts.exposures`, the data
+contract shared with training; `read_exposures` and `read_exposures_report` are re-exported here.
+Files are `exposures-<UTC yyyymmddTHHMMSS>-<seq>.jsonl`; a process never appends to a file it did
+not create, so a torn last line (a crash mid-write) stays the last line of its file.
+
+`ExposureLog.record()` only appends to an in-memory buffer under a lock that the writer thread holds
+for a list swap, never across I/O; when the writer is more than `max_backlog` records behind, new
+records are dropped and counted in `dropped` instead of blocking the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Callable, Iterable
+
+from featurizer.contracts.exposures import (  # noqa: F401  (FILE_GLOB, SCHEMA and the reader are re-exported)
+    FILE_GLOB,
+    FILE_PREFIX,
+    FILE_SUFFIX,
+    KEYS,
+    SCHEMA,
+    TS_FORMAT,
+    ExposureLogError,
+    ExposureRead,
+    read_exposures,
+    read_exposures_report,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Exposure:
+    request_id: str
+    user_id: str
+    experiment: str  # "" when the user is in no experiment
+    variant: str
+    bundle_version: str
+    item_ids: tuple[str, ...]  # as returned, best first; a list is copied to a tuple
+    ts: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+
+    def __post_init__(self) -> None:
+        if self.ts.tzinfo is None or self.ts.utcoffset() is None:
+            raise ValueError("Exposure.ts must be timezone-aware (the server's UTC time of the Rank)")
+        object.__setattr__(self, "item_ids", tuple(self.item_ids))
+
+    def to_json(self) -> str:
+        """The log line (without newline). Raises TypeError for a non-string field, so a bad record
+        never reaches the file, where it would break every reader."""
+        strings = (self.request_id, self.user_id, self.experiment, self.variant, self.bundle_version)
+        if not all(type(v) is str for v in strings) or not all(type(i) is str for i in self.item_ids):
+            raise TypeError(f"Exposure fields and item_ids must be strings: {self!r}"[:500])
+        ts = self.ts.astimezone(timezone.utc).strftime(TS_FORMAT)
+        return json.dumps(
+            {"ts": ts, "request_id": self.request_id, "user_id": self.user_id, "experiment": self.experiment,
+             "variant": self.variant, "bundle_version": self.bundle_version, "item_ids": list(self.item_ids)},
+            ensure_ascii=False,
+        )
+
+
+class ExposureLog:
+    """Buffered, rotating JSON Lines writer with a background thread. Use as a context manager or call close()."""
+
+    def __init__(
+        self,
+        directory: Path,
+        flush_interval_s: float = 1.0,
+        max_buffer: int = 1000,
+        segment_bytes: int = 64 << 20,
+        max_backlog: int = 100_000,
+        fault_injection_before_write: Callable[[int], None] | None = None,
+    ):
+        """`fault_injection_before_write(n)` is for tests only: the writer thread calls it before writing
+        each batch of n records, while holding the I/O lock (so it can slow or stall the writer)."""
+        if flush_interval_s <= 0 or max_buffer < 1 or segment_bytes < 1 or max_backlog < 1:
+            raise ValueError("flush_interval_s, max_buffer, segment_bytes and max_backlog must be positive")
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.flush_interval_s = flush_interval_s
+        self.max_buffer = max_buffer
+        self.segment_bytes = segment_bytes
+        self.max_backlog = max_backlog
+        self._fault_injection_before_write = fault_injection_before_write
+        self.dropped = 0  # records refused because the writer was behind, or recorded after close()
+        self.failed = 0  # records lost to write errors (logged)
+        self.written = 0
+        self._buffer: list[Exposure] = []
+        self._in_flight = 0  # taken by the writer, not yet written
+        self._dropping = False
+        self._closed = False
+        self._lock = threading.Lock()  # guards the buffer and counters; never held across I/O
+        self._io_lock = threading.Lock()  # serialises batch writes, so file order is record order
+        self._wake = threading.Event()
+        self._file: IO[bytes] | None = None
+        self._file_bytes = 0
+        self._seq = 0
+        self._thread = threading.Thread(target=self._run, name="exposure-log-writer", daemon=True)
+        self._thread.start()
+
+    def record(self, exposure: Exposure) -> None:
+        """Queue one exposure. Never blocks on the writer; drops (and counts) when it is too far behind."""
+        with self._lock:
+            if self._closed or len(self._buffer) + self._in_flight >= self.max_backlog:
+                self.dropped += 1
+                warn = not self._dropping
+                self._dropping = True
+            else:
+                self._buffer.append(exposure)
+                if len(self._buffer) >= self.max_buffer:
+                    self._wake.set()
+                return
+        if warn:
+            reason = "it is closed" if self._closed else f"the writer is {self.max_backlog} records behind"
+            log.warning("exposure log %s: dropping records because %s (dropped so far: %d)",
+                        self.directory, reason, self.dropped)
+
+    def flush(self) -> None:
+        """Write everything recorded so far and fsync it. Blocks; don't call it from the event loop."""
+        with self._io_lock:
+            self._write_pending()
+            if self._file is not None:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        """Stop the writer, then write, fsync and close everything recorded. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._wake.set()
+        self._thread.join()
+        with self._io_lock:
+            self._write_pending()
+            self._close_segment()
+
+    def __enter__(self) -> ExposureLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait(self.flush_interval_s)
+            self._wake.clear()
+            with self._io_lock:
+                self._write_pending()
+
+    def _write_pending(self) -> None:
+        """Write the buffered batch; caller holds _io_lock."""
+        with self._lock:
+            batch, self._buffer = self._buffer, []
+            self._in_flight = len(batch)
+        lines: list[bytes] = []
+        try:
+            for exp in batch:
+                try:
+                    lines.append(exp.to_json().encode("utf-8") + b"\n")
+                except (TypeError, ValueError):
+                    self.failed += 1
+                    log.exception("exposure log %s: skipping a record that cannot be written", self.directory)
+            if lines:
+                if self._fault_injection_before_write is not None:
+                    self._fault_injection_before_write(len(lines))
+                self._write_lines(lines)
+                self.written += len(lines)
+        except Exception:
+            log.exception("exposure log %s: failed to write %d records; starting a new segment",
+                          self.directory, len(lines))
+            self.failed += len(lines)
+            self._close_segment(quiet=True)
+        finally:
+            with self._lock:
+                self._in_flight = 0
+                caught_up = self._dropping and not self._closed and len(self._buffer) < self.max_backlog // 2
+                if caught_up:
+                    self._dropping = False
+            if caught_up:
+                log.warning("exposure log %s: caught up; dropped %d records so far", self.directory, self.dropped)
+
+    def _write_lines(self, lines: Iterable[bytes]) -> None:
+        chunk: list[bytes] = []
+        for line in lines:
+            if self._file is not None and self._file_bytes + len(line) > self.segment_bytes and self._file_bytes > 0:
+                self._file.write(b"".join(chunk))
+                chunk = []
+                self._close_segment()
+            if self._file is None:
+                self._open_segment()
+            chunk.append(line)
+            self._file_bytes += len(line)
+        if chunk:
+            self._file.write(b"".join(chunk))  # type: ignore[union-attr]
+            self._file.flush()  # type: ignore[union-attr]  # visible to readers; fsync on flush/rotate/close
+
+    def _open_segment(self) -> None:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        while True:
+            self._seq += 1
+            path = self.directory / f"{FILE_PREFIX}{stamp}-{self._seq:06d}{FILE_SUFFIX}"
+            try:
+                self._file = path.open("xb")  # never append to another process's (or run's) file
+                break
+            except FileExistsError:
+                continue
+        self._file_bytes = 0
+
+    def _close_segment(self, quiet: bool = False) -> None:
+        f, self._file, self._file_bytes = self._file, None, 0
+        if f is None:
+            return
+        try:
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        except OSError:
+            if not quiet:
+                raise

@@ -1,0 +1,134 @@
+"""The state a RankingEngine reads, built one way for the service and for batch jobs.
+
+    built = build_engine(data_dir, state_dir, store_cfg, clock)                   # semrank serve
+    built = build_engine(data_dir, state_dir, None, clock, read_only=True)       # semrank score
+    built.engine.rank(...); built.close()
+
+In start-up order (serving.server's):
+1. the data directory's items, then the items upserted since (`state_dir/items`);
+2. the online features: the store's snapshot when it has one, else the data directory's
+   events; then the durable event log (`state_dir/events`) past what the snapshot holds;
+3. a `RankingEngine` over both, reading features at `clock()`.
+
+`read_only` is for jobs that read a state directory a server may be using: the event log is
+read without its writer lock (a record being written is left out) and the in-process snapshot
+is loaded but never written back. Item embeddings are still added to `state_dir/embeddings`
+(append-only files, as the server adds them).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+
+import polars as pl
+
+from featurizer.online.features import OnlineFeatures
+from featurizer.store.base import InProcessConfig, OnlineStore, StoreConfig, store_from_config
+from featurizer.contracts.schema import read_dataset
+from serving.ingest.event_log import EventLog, LoggedEvent, read_log
+from serving.ranking.item_store import ItemStore
+from serving.ranking.engine import RankingEngine, utc_now
+from serving.api.service import LOG_SEQ_KEY, apply_logged
+
+log = logging.getLogger(__name__)
+
+REPLAY_CHUNK = 50_000
+
+
+class ReadOnlyStateError(ValueError):
+    """A read-only job was pointed at state it would have to modify."""
+
+
+@dataclass
+class BuiltEngine:
+    engine: RankingEngine
+    event_log: EventLog | None  # the open writer; None when read_only
+    closers: list[Callable[[], None]] = field(default_factory=list)  # in order: event log, store
+
+    def close(self) -> None:
+        close_all(self.closers)
+        self.closers = []
+
+
+def close_all(closers: list[Callable[[], None]]) -> None:
+    """Call each closer in order; one that fails is logged and the rest still run."""
+    for close in closers:
+        try:
+            close()
+        except Exception:  # noqa: BLE001 - close the rest anyway
+            log.exception("closing %s", close)
+
+
+def default_store(state_dir: Path) -> InProcessConfig:
+    """In-process features, snapshotted to state_dir/online-store.bin."""
+    return InProcessConfig(path=str(state_dir / "online-store.bin"))
+
+
+def restore_online(store: OnlineStore, items: pl.DataFrame, events: pl.DataFrame,
+                   logged: Callable[[int], Iterator[tuple[int, LoggedEvent]]]) -> OnlineFeatures:
+    """Online features from the store's snapshot (or `events` when it has none), then the logged
+    events after the snapshot's seq (`logged(after_seq)` yields them in seq order)."""
+    online = OnlineFeatures(store, items)
+    meta = store.read("meta", [LOG_SEQ_KEY])[0]
+    if online.watermark is None:
+        online.apply(events)
+        after = 0
+        log.info("online features built from %d data-dir events", events.height)
+    else:
+        after = int(meta["seq"]) if meta else 0
+        log.info("online features restored from the store (up to %s, event log seq %d)", online.watermark, after)
+    replayed = 0
+    batch = []
+    for seq, ev in logged(after):
+        batch.append(ev)
+        if len(batch) >= REPLAY_CHUNK:
+            apply_logged(online, batch, seq)
+            replayed += len(batch)
+            batch = []
+    if batch:
+        apply_logged(online, batch, seq)
+        replayed += len(batch)
+    if replayed:
+        log.info("replayed %d event(s) from the event log", replayed)
+    return online
+
+
+def build_engine(data_dir: Path, state_dir: Path, store_cfg: StoreConfig | None = None,
+                 clock: Callable[[], datetime] = utc_now, *, read_only: bool = False,
+                 on_cache: Callable[[str, bool], None] | None = None, **engine_kw) -> BuiltEngine:
+    """Items, online features and the engine over them (see the module docstring).
+
+    `store_cfg` None: in-process, snapshotted to state_dir/online-store.bin. `engine_kw` go to
+    RankingEngine (cache sizes). On failure whatever was opened is closed again."""
+    state_dir = Path(state_dir)
+    cfg = store_cfg or default_store(state_dir)
+    if read_only and not isinstance(cfg, InProcessConfig):
+        raise ReadOnlyStateError(
+            f"a read-only job cannot use a {cfg.type} online store: replaying the event log would write into "
+            "the live store; point it at the state directory's in-process snapshot instead"
+        )
+    ds = read_dataset(data_dir)
+    log.info("data: %s", ds.report)
+    items = ItemStore(ds.items, state_dir)
+    closers: list[Callable[[], None]] = []
+    try:
+        if read_only:
+            event_log = None
+            store = store_from_config(replace(cfg, autoflush=False))  # never flushed nor closed: nothing written
+            logged = lambda after: read_log(state_dir / "events", after)  # noqa: E731
+        else:
+            event_log = EventLog(state_dir / "events")
+            closers.append(event_log.close)
+            store = store_from_config(cfg)
+            closers.append(store.close)
+            logged = event_log.replay
+        online = restore_online(store, items.items, ds.events, logged)
+        engine = RankingEngine(items=items, online=online, clock=clock, on_cache=on_cache, **engine_kw)
+    except BaseException:
+        BuiltEngine(engine=None, event_log=None, closers=closers).close()  # type: ignore[arg-type]
+        raise
+    return BuiltEngine(engine=engine, event_log=event_log, closers=closers)

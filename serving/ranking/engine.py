@@ -1,0 +1,285 @@
+"""The request path: gather features, get embeddings, score with a bundle.
+
+`RankingEngine` holds what every bundle shares: the item store (item data and cached
+item embeddings per encoder), the online features (`featurizer.online.features`, the
+same definitions as training), the user-embedding cache and the clock. A `BundleRuntime`
+is one loaded bundle plus the encoder that serves its text tower. Features are
+gathered and LightGBM scores all candidates of a request in one vectorised call.
+
+When the encoder is unavailable the engine still answers: a cached user embedding
+(even one computed from an older history) is used if there is one, otherwise the
+text features are missing (NaN, which LightGBM routes as trained); the outcome then
+says `degraded` and why.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Protocol
+
+import numpy as np
+
+from featurizer.definitions import NAMES
+from featurizer.online.features import OnlineFeatures
+from featurizer.text import history_text, item_text
+from ranker.bundle import Bundle
+from ranker.explain import explain as explain_scores
+from serving.triton.client import EncoderUnavailable
+from serving.ranking.item_store import ItemStore
+
+log = logging.getLogger(__name__)
+
+
+class Encoder(Protocol):
+    async def encode(self, texts: list[str], timeout_s: float | None = None) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class Candidate:
+    item_id: str
+    title: str = ""
+    description: str = ""
+    category: str = ""
+    brand: str = ""
+    price: float | None = None
+
+    def inline_text(self) -> str | None:
+        if not self.title.strip():
+            return None
+        return item_text(self.title, self.category or None, self.brand or None, self.description or None)
+
+
+@dataclass
+class RankOutcome:
+    item_ids: list[str]  # best first
+    scores: np.ndarray
+    missing_ids: list[str]
+    cold_start_user: bool
+    degraded_reasons: list[str] = field(default_factory=list)
+    contributions: np.ndarray | None = None  # (n, len(FAMILIES)) in item_ids order, with explain
+    bias: np.ndarray | None = None
+
+    @property
+    def degraded(self) -> bool:
+        return bool(self.degraded_reasons)
+
+
+class BundleRuntime:
+    """One bundle ready to score: its column mapping and the encoder of its text tower."""
+
+    def __init__(self, bundle: Bundle, encoder_key: str, encoder: Encoder | None):
+        self.bundle = bundle
+        self.encoder_key = encoder_key
+        self.encoder = encoder
+        names = bundle.feature_names
+        constants = bundle.manifest.get("inference_constants", {})
+        unknown = [n for n in names if n not in NAMES and n not in constants]
+        if unknown:
+            raise ValueError(f"bundle {bundle.version} needs features this server cannot compute: {unknown}")
+        self.uses_text = "interest_score" in names
+        # Model column k takes online column src[k]; training-only context gets the bundle's constant.
+        self._dst = np.array([k for k, n in enumerate(names) if n in NAMES], dtype=np.int64)
+        self._src = np.array([NAMES.index(names[k]) for k in self._dst], dtype=np.int64)
+        self._const_cols = [names.index(n) for n in constants if n in names]
+        self._const_vals = np.array([constants[n] for n in constants if n in names], dtype=np.float32)
+        self.inflight = 0  # requests currently using this runtime (see BundleRegistry)
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
+    def matrix(self, online: np.ndarray) -> np.ndarray:
+        X = np.empty((online.shape[0], len(self.bundle.feature_names)), dtype=np.float32)
+        X[:, self._dst] = online[:, self._src]
+        if self._const_cols:
+            X[:, self._const_cols] = self._const_vals
+        return X
+
+
+class LruCache:
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._d: OrderedDict = OrderedDict()
+
+    def get(self, key):
+        v = self._d.get(key)
+        if v is not None:
+            self._d.move_to_end(key)
+        return v
+
+    def put(self, key, value) -> None:
+        self._d[key] = value
+        self._d.move_to_end(key)
+        if len(self._d) > self.capacity:
+            self._d.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass
+class RankingEngine:
+    items: ItemStore
+    online: OnlineFeatures
+    clock: Callable[[], datetime] = utc_now
+    user_cache_size: int = 200_000
+    inline_cache_size: int = 50_000
+    on_cache: Callable[[str, bool], None] | None = None  # (cache name, hit) -> None, for metrics
+
+    def __post_init__(self) -> None:
+        self._users = LruCache(self.user_cache_size)  # (encoder key, user) -> (history, embedding)
+        self._inline = LruCache(self.inline_cache_size)  # (encoder key, text) -> embedding
+
+    def now(self) -> datetime:
+        """Features are read strictly before this instant (never before the latest applied event)."""
+        now = self.clock()
+        mark = self.online.watermark
+        return now if mark is None or now > mark else mark + timedelta(microseconds=1)
+
+    def _hit(self, cache: str, hit: bool) -> None:
+        if self.on_cache is not None:
+            self.on_cache(cache, hit)
+
+    async def user_embedding(self, rt: BundleRuntime, user_id: str, t: datetime, timeout_s: float | None,
+                             reasons: list[str]) -> np.ndarray | None:
+        """Embedding of the user's recent-history text, cached per user and history; None for a
+        user with no history, or when the encoder is down and nothing is cached."""
+        n = rt.bundle.encoder.history_items
+        history = tuple(self.online.history(user_id, t, n))
+        titles = [x for x in map(self.items.title, history) if x]
+        if not titles:
+            return None
+        key = (rt.encoder_key, user_id)
+        cached = self._users.get(key)
+        if cached is not None and cached[0] == history:
+            self._hit("user_embedding", True)
+            return cached[1]
+        self._hit("user_embedding", False)
+        try:
+            if rt.encoder is None:
+                raise EncoderUnavailable("no encoder for this bundle")
+            emb = (await rt.encoder.encode([history_text(titles, n)], timeout_s=timeout_s))[0]
+        except EncoderUnavailable as e:
+            if cached is not None:
+                reasons.append(f"encoder unavailable ({_short(e)}): user embedding from an older history")
+                return cached[1]
+            reasons.append(f"encoder unavailable ({_short(e)}): ranked without text features")
+            return None
+        self._users.put(key, (history, emb))
+        return emb
+
+    async def prefetch_user_embeddings(self, rt: BundleRuntime, user_ids: list[str]) -> int:
+        """Embed the history texts of many users in one bulk encoder call and cache them as
+        `user_embedding` would, so that `rank` for these users (at the same `now()`) hits the
+        cache. For batch scoring; returns how many texts were encoded. Encoder errors propagate."""
+        if not rt.uses_text or rt.encoder is None:
+            return 0
+        t = self.now()
+        n = rt.bundle.encoder.history_items
+        todo: dict[str, tuple[tuple[str, ...], str]] = {}
+        for user_id in dict.fromkeys(user_ids):
+            history = tuple(self.online.history(user_id, t, n))
+            titles = [x for x in map(self.items.title, history) if x]
+            if not titles:
+                continue
+            cached = self._users.get((rt.encoder_key, user_id))
+            if cached is None or cached[0] != history:
+                todo[user_id] = (history, history_text(titles, n))
+        if not todo:
+            return 0
+        texts = list(dict.fromkeys(text for _, text in todo.values()))
+        vectors = dict(zip(texts, await rt.encoder.encode_bulk(texts)))
+        for user_id, (history, text) in todo.items():
+            self._users.put((rt.encoder_key, user_id), (history, vectors[text]))
+        return len(texts)
+
+    async def item_embeddings(self, rt: BundleRuntime, candidates: list[Candidate], rows: np.ndarray,
+                              timeout_s: float | None, reasons: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """(embeddings, has-embedding mask, ids with no catalog entry and no inline text)."""
+        table, current = self.items.embeddings(rt.encoder_key)
+        known = rows >= 0
+        has = known.copy()
+        has[known] = current[rows[known]]
+        if len(table):
+            emb = table[np.where(has, rows, 0)]  # one gather; rows without a current embedding zeroed below
+            if not has.all():
+                emb[~has] = 0.0
+        else:
+            emb = np.zeros((len(candidates), table.shape[1]), dtype=np.float32)
+        missing: list[str] = []
+        todo_rows, todo_texts = [], []
+        for k in np.flatnonzero(~has):
+            c = candidates[k]
+            text = c.inline_text() or (self.items.texts[rows[k]] if rows[k] >= 0 else None)
+            if text is None:
+                missing.append(c.item_id)
+                continue
+            hit = self._inline.get((rt.encoder_key, text))
+            if hit is not None:
+                emb[k], has[k] = hit, True
+            else:
+                todo_rows.append(k)
+                todo_texts.append(text)
+        if todo_texts:
+            try:
+                if rt.encoder is None:
+                    raise EncoderUnavailable("no encoder for this bundle")
+                vectors = await rt.encoder.encode(todo_texts, timeout_s=timeout_s)
+            except EncoderUnavailable as e:
+                reasons.append(f"encoder unavailable ({_short(e)}): {len(todo_texts)} item(s) without text features")
+            else:
+                emb[todo_rows], has[todo_rows] = vectors, True
+                for text, v in zip(todo_texts, vectors):
+                    self._inline.put((rt.encoder_key, text), v)
+        self._hit("item_embedding", not todo_texts)  # per request: every embedding came from a cache
+        return emb, has, missing
+
+    async def rank(self, rt: BundleRuntime, user_id: str, candidates: list[Candidate], explain: bool = False,
+                   timeout_s: float | None = None) -> RankOutcome:
+        ids = [c.item_id for c in candidates]
+        t = self.now()
+        rows = self.items.rows(ids)
+        reasons: list[str] = []
+        missing = [ids[k] for k in np.flatnonzero(rows < 0) if not candidates[k].title.strip()]
+        user = None
+        interest = None
+        if rt.uses_text:
+            user = await self.user_embedding(rt, user_id, t, timeout_s, reasons)
+            if user is not None:
+                emb, has, missing = await self.item_embeddings(rt, candidates, rows, timeout_s, reasons)
+                # einsum, not `emb @ user`: BLAS gemv wakes OpenBLAS's second thread on every request,
+                # which then spins (about half a core on 2 cores at 200 requests/s); einsum also
+                # rounds exactly as training computes the score (ranker_training.interest_scores).
+                interest = np.einsum("ij,j->i", emb, user).astype(np.float64)
+                interest[~has] = np.nan
+        online = self.online.features(user_id, ids, t, interest_score=interest)
+        X = rt.matrix(online)
+        scores = rt.bundle.score(X)
+        order = np.argsort(-scores, kind="stable")
+        out = RankOutcome(
+            item_ids=[ids[k] for k in order.tolist()], scores=scores[order], missing_ids=missing,
+            cold_start_user=user is None and not reasons, degraded_reasons=reasons,
+        )
+        if explain:
+            contrib, bias = explain_scores(rt.bundle, X[order])
+            out.contributions, out.bias = contrib, bias
+        return out
+
+
+def holdout(candidates: list[Candidate]) -> RankOutcome:
+    """A holdout variant's answer: the caller's order, unscored."""
+    ids = [c.item_id for c in candidates]
+    return RankOutcome(item_ids=ids, scores=np.zeros(len(ids)), missing_ids=[], cold_start_user=False)
+
+
+def _short(e: BaseException, n: int = 120) -> str:
+    s = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return s if len(s) <= n else s[: n - 1] + "…"

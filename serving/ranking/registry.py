@@ -1,0 +1,230 @@
+"""Serving bundles: load, validate, swap atomically, retire; one encoder per distinct text tower.
+
+- `EncoderPool` keeps one encoder service (a Triton process and its resilient client) per
+  encoder key (weights + token budget, `serving.ranking.item_store.encoder_key`), shared by every
+  bundle that uses the same encoder and stopped when the last such bundle is retired.
+- `BundleRegistry.load(path)` loads a bundle, checks that this server can compute its
+  features, starts (or shares) its encoder, embeds the catalog items it lacks, and scores
+  a probe batch; any failure raises `BundleRejected` with the reason and changes nothing.
+- `reload(path)` swaps the default bundle with one assignment: requests that already
+  hold the old runtime finish on it; it is retired (encoder released) once they are done.
+- `watch(poll_s)` reloads when the bundle directory (or the symlink pointing at it) changes;
+  a rejected version is not retried until its files change again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from ranker.bundle import MANIFEST, Bundle, BundleError, EncoderRef, load_bundle
+from serving.ranking.item_store import encoder_key
+from serving.ranking.engine import BundleRuntime, Encoder, RankingEngine
+
+log = logging.getLogger(__name__)
+
+PROBE_ITEMS = 16
+
+
+class BundleRejected(RuntimeError):
+    """A bundle that cannot serve; the message says why. The serving bundle stays."""
+
+
+@dataclass
+class EncoderHandle:
+    key: str
+    encoder: Encoder
+    close: Callable[[], Awaitable[None]]
+    dim: int = 384
+    users: int = 0
+
+
+EncoderFactory = Callable[[EncoderRef, Path, str], Awaitable[EncoderHandle]]
+
+
+class EncoderPool:
+    def __init__(self, factory: EncoderFactory):
+        self._factory = factory
+        self._handles: dict[str, EncoderHandle] = {}
+        self._lock = asyncio.Lock()
+
+    async def acquire(self, ref: EncoderRef, bundle_path: Path) -> EncoderHandle:
+        key = encoder_key(ref.resolve(bundle_path), ref.max_length)
+        async with self._lock:
+            h = self._handles.get(key)
+            if h is None:
+                h = await self._factory(ref, bundle_path, key)
+                self._handles[key] = h
+            h.users += 1
+            return h
+
+    async def release(self, h: EncoderHandle) -> None:
+        async with self._lock:
+            h.users -= 1
+            if h.users <= 0 and self._handles.get(h.key) is h:
+                del self._handles[h.key]
+                log.info("encoder %s no longer used: stopping it", h.key)
+                await h.close()
+
+    def handles(self) -> list[EncoderHandle]:
+        return list(self._handles.values())
+
+    async def close(self) -> None:
+        async with self._lock:
+            for h in self._handles.values():
+                await h.close()
+            self._handles.clear()
+
+
+def bundle_fingerprint(path: Path) -> tuple:
+    """What the watcher compares: the resolved directory and its files' mtimes and sizes."""
+    real = path.resolve()
+    parts: list = [str(real)]
+    for name in (MANIFEST, "ranker.txt"):
+        try:
+            st = os.stat(real / name)
+            parts.append((name, st.st_mtime_ns, st.st_size))
+        except FileNotFoundError:
+            parts.append((name, None, None))
+    return tuple(parts)
+
+
+@dataclass
+class Loaded:
+    runtime: BundleRuntime
+    handle: EncoderHandle | None
+    path: Path
+    fingerprint: tuple
+    loaded_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+
+
+class BundleRegistry:
+    def __init__(self, engine: RankingEngine, pool: EncoderPool, on_reload: Callable[[str, str], None] | None = None):
+        self.engine = engine
+        self.pool = pool
+        self.default: Loaded | None = None
+        self.variants: dict[Path, Loaded] = {}  # experiment bundles by resolved path
+        self.default_path: Path | None = None
+        self._rejected: tuple | None = None
+        self._reload_lock = asyncio.Lock()
+        self._retiring: set[asyncio.Task] = set()
+        self._on_reload = on_reload  # (result, version) -> None, for metrics
+
+    # ------------------------------------------------------------ loading
+
+    async def load(self, path: Path) -> Loaded:
+        fp = bundle_fingerprint(path)
+        try:
+            bundle = load_bundle(path)
+        except BundleError as e:
+            raise BundleRejected(str(e)) from e
+        except Exception as e:  # noqa: BLE001 - anything unreadable is a rejected bundle
+            raise BundleRejected(f"{path}: cannot load ({type(e).__name__}: {e})") from e
+        handle = None
+        try:
+            needs_text = "interest_score" in bundle.feature_names
+            if needs_text:
+                try:
+                    handle = await self.pool.acquire(bundle.encoder, bundle.path)
+                except Exception as e:  # noqa: BLE001
+                    raise BundleRejected(f"{path}: encoder {bundle.encoder.model_dir!r} cannot be served ({e})") from e
+            try:
+                rt = BundleRuntime(bundle, handle.key if handle else "", handle.encoder if handle else None)
+            except ValueError as e:
+                raise BundleRejected(f"{path}: {e}") from e
+            if handle is not None:
+                n = await self.engine.items.ensure_embeddings(handle.key, handle.encoder.encode_bulk, handle.dim)
+                if n:
+                    log.info("embedded %d catalog item(s) with encoder %s", n, handle.key)
+            self._probe(rt)
+        except BaseException:
+            if handle is not None:
+                await self.pool.release(handle)
+            raise
+        return Loaded(runtime=rt, handle=handle, path=path, fingerprint=fp)
+
+    def _probe(self, rt: BundleRuntime) -> None:
+        """Score a few catalog items for an unknown user: the model must give finite scores."""
+        items = self.engine.items.item_ids[:PROBE_ITEMS] or ["__probe_item__"]
+        online = self.engine.online.features("__semrank_probe__", items, self.engine.now())
+        try:
+            scores = rt.bundle.score(rt.matrix(online))
+        except Exception as e:  # noqa: BLE001
+            raise BundleRejected(f"{rt.bundle.path}: scoring a probe batch failed ({type(e).__name__}: {e})") from e
+        if not np.isfinite(scores).all():
+            raise BundleRejected(f"{rt.bundle.path}: the model gives non-finite scores on a probe batch")
+
+    async def start(self, default_path: Path, variant_paths: list[Path] = ()) -> None:
+        self.default_path = default_path
+        self.default = await self.load(default_path)
+        for p in variant_paths:
+            real = p.resolve()
+            if real not in self.variants:
+                self.variants[real] = await self.load(p)
+
+    def variant(self, path: Path | None) -> Loaded:
+        return self.default if path is None else self.variants[path.resolve()]
+
+    # ------------------------------------------------------------ hot reload
+
+    async def reload(self, path: Path | None = None) -> tuple[bool, str, str]:
+        """(reloaded, version, message). A rejected bundle leaves the serving one in place."""
+        async with self._reload_lock:
+            path = Path(path) if path else self.default_path
+            old = self.default
+            fp = bundle_fingerprint(path)
+            if old is not None and fp == old.fingerprint:
+                return False, old.runtime.version, "unchanged"
+            try:
+                new = await self.load(path)
+            except BundleRejected as e:
+                self._rejected = fp
+                log.error("bundle rejected, still serving %s: %s", old.runtime.version if old else None, e)
+                self._notify("rejected", "")
+                return False, old.runtime.version if old else "", str(e)
+            self.default, self.default_path = new, path
+            self._rejected = None
+            log.info("bundle %s now serving (was %s)", new.runtime.version, old.runtime.version if old else None)
+            self._notify("ok", new.runtime.version)
+            if old is not None:
+                task = asyncio.create_task(self._retire(old))
+                self._retiring.add(task)
+                task.add_done_callback(self._retiring.discard)
+            return True, new.runtime.version, "reloaded"
+
+    def _notify(self, result: str, version: str) -> None:
+        if self._on_reload is not None:
+            self._on_reload(result, version)
+
+    async def _retire(self, old: Loaded, poll_s: float = 0.01, max_wait_s: float = 60.0) -> None:
+        waited = 0.0
+        while old.runtime.inflight > 0 and waited < max_wait_s:
+            await asyncio.sleep(poll_s)
+            waited += poll_s
+        if old.handle is not None:
+            await self.pool.release(old.handle)
+
+    async def watch(self, poll_s: float) -> None:
+        """Poll the default bundle path; reload when its files change (until cancelled)."""
+        while True:
+            await asyncio.sleep(poll_s)
+            try:
+                fp = bundle_fingerprint(self.default_path)
+                if fp != self.default.fingerprint and fp != self._rejected:
+                    await self.reload()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the watcher must survive anything
+                log.exception("bundle watcher")
+
+    async def close(self) -> None:
+        for t in list(self._retiring):
+            await t
+        await self.pool.close()

@@ -1,0 +1,180 @@
+"""Caches of decoded online state: a read through them equals decoding the store's current values,
+whatever was written in between (by this reader's apply, another reader's, or a delete)."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from featurizer.definitions import FeatureParams
+from featurizer.online.state import WINDOW_KEY_US, UserState, user_item_key
+from featurizer.online.features import OnlineFeatures, to_us
+from featurizer.store.base import InProcessStore, OnlineStore
+from featurizer.online.state_cache import DecodedCache, ItemPartsCache
+from featurizer.contracts.schema import EVENT_TYPES
+from tests.featurizer.test_feature_definitions import CANDIDATES, D, H, ITEMS, USERS, at, event_rows, make_events
+
+PARAMS = FeatureParams(history_items=2, cooc_window_s=2 * 24 * 3600)
+# Events a few minutes apart: reads between applies then often fall in the tile of a cached read.
+dense_rows = st.lists(
+    st.tuples(st.integers(0, 20), st.sampled_from(USERS), st.sampled_from(CANDIDATES), st.sampled_from(EVENT_TYPES)),
+    max_size=30,
+)
+
+
+class Unversioned(OnlineStore):
+    """The same data, seen through a store that cannot say what changed (as Redis): no caching."""
+
+    def __init__(self, inner: InProcessStore):
+        self.inner = inner
+
+    def write(self, entity, rows):
+        self.inner.write(entity, rows)
+
+    def read(self, entity, keys):
+        return self.inner.read(entity, keys)
+
+    def delete(self, entity, keys):
+        self.inner.delete(entity, keys)
+
+    def close(self):
+        pass
+
+
+def reference(store: InProcessStore) -> OnlineFeatures:
+    return OnlineFeatures(Unversioned(store), ITEMS, PARAMS)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.one_of(dense_rows, event_rows), cuts=st.lists(st.integers(1, 25), min_size=1, max_size=4),
+       later=st.lists(st.sampled_from([0, 1, 2, 4, 5, 6, H, H + 5, D, 7 * D + 3, 31 * D]), min_size=1, max_size=4))
+def test_interleaved_applies_and_reads_equal_uncached_reads(rows, cuts, later):
+    ev = make_events(sorted(rows, key=lambda r: r[0]))
+    bounds = [0, *sorted(min(c, ev.height) for c in cuts), ev.height]
+    store = InProcessStore()
+    online = OnlineFeatures(store, ITEMS, PARAMS)
+    other = OnlineFeatures(store, ITEMS, PARAMS)  # reads what `online` writes (a foreign writer to its caches)
+    for a, b in zip(bounds, bounds[1:]):
+        online.apply(ev.slice(a, b - a))
+        mark = online.watermark or at(0)
+        ref = reference(store)
+        for minutes in later:  # at the latest event (its delta is left out), within its tile, in later tiles
+            t = at((mark - at(0)).total_seconds() / 60 + minutes)
+            for u in [*USERS, "new-user"]:
+                want = ref.features(u, CANDIDATES + ["i0"], t)
+                for reader in (online, other, online):  # twice: the second read is served from the caches
+                    np.testing.assert_array_equal(reader.features(u, CANDIDATES + ["i0"], t), want)
+                    assert reader.history(u, t, 2) == ref.history(u, t, 2)
+
+
+def test_events_applied_after_a_read_are_seen_by_the_next_read_in_the_same_tile():
+    ev = make_events([(0, "u0", "i0", "click"), (1, "u1", "i0", "click"), (1, "u0", "i1", "click"), (2, "u1", "i1", "click")])
+    store = InProcessStore()
+    online = OnlineFeatures(store, ITEMS, PARAMS)
+    online.apply(ev.slice(0, 1))
+    online.features("u0", CANDIDATES, at(1))  # cached for the tile of minutes 0-4
+    online.apply(ev.slice(1, 3))
+    np.testing.assert_array_equal(online.features("u0", CANDIDATES, at(2)), reference(store).features("u0", CANDIDATES, at(2)))
+    online.apply(ev.slice(3, 1))  # i1's co-occurrence with i0 and u1's history change
+    np.testing.assert_array_equal(online.features("u1", CANDIDATES, at(3)), reference(store).features("u1", CANDIDATES, at(3)))
+
+
+def test_deleted_and_rewritten_states_are_read_fresh():
+    ev = make_events([(0, "u0", "i0", "click"), (1, "u0", "i1", "click"), (2, "u1", "i0", "purchase")])
+    store = InProcessStore()
+    online = OnlineFeatures(store, ITEMS, PARAMS)
+    online.apply(ev)
+    t = at(10)
+    before = online.features("u0", CANDIDATES, t)
+    store.delete("item", ["i0"])
+    store.delete("user", ["u0"])
+    store.delete("ui", [user_item_key("u0", "i1")])
+    after = online.features("u0", CANDIDATES, t)
+    np.testing.assert_array_equal(after, reference(store).features("u0", CANDIDATES, t))
+    assert not np.array_equal(before, after, equal_nan=True)
+    assert online.history("u0", t, 2) == []
+
+
+def test_item_window_counts_follow_the_tile_of_t():
+    ev = make_events([(0, "u0", "i0", "click"), (3, "u1", "i0", "click")])
+    store = InProcessStore()
+    online = OnlineFeatures(store, ITEMS, PARAMS)
+    online.apply(ev)
+    assert WINDOW_KEY_US == 5 * 60 * 1_000_000
+    col = list(online.features("u0", ["i0"], at(3))[0])  # warm the caches at the latest event
+    for minutes in (3, 4, 59, 60, 61, 64, 65, 66, 24 * 60 + 1, 24 * 60 + 6):
+        t = at(minutes)
+        assert to_us(t) // WINDOW_KEY_US >= 0
+        np.testing.assert_array_equal(online.features("u0", ["i0"], t), reference(store).features("u0", ["i0"], t))
+    assert col  # (the first read exercised the delta at the latest instant)
+
+
+def test_item_cache_past_its_size_starts_over_and_stays_exact():
+    ev = make_events([(0, "u0", "i0", "click"), (1, "u1", "i2", "click"), (2, "u0", "i4", "purchase")])
+    store = InProcessStore()
+    online = OnlineFeatures(store, ITEMS, PARAMS)
+    online.apply(ev)
+    online._item_parts = ItemPartsCache(store, max_items=3)
+    for items in (["i0", "i1"], CANDIDATES, ["i4", "i0", "x", "y"], CANDIDATES):
+        np.testing.assert_array_equal(online.features("u0", items, at(9)), reference(store).features("u0", items, at(9)))
+
+
+def test_store_lists_changed_keys_since_a_version():
+    store = InProcessStore()
+    assert store.changes("item", None) == (0, None)  # nothing known yet: everything may have changed
+    store.write("item", {"a": b"1", "b": b"2"})
+    v1, keys = store.changes("item", 0)
+    assert (v1, keys) == (1, frozenset({"a", "b"}))
+    store.write("item", {"c": b"3"})
+    store.delete("item", ["a", "zz"])
+    store.write("user", {"u": {"x": 1}})
+    assert store.changes("item", v1) == (3, frozenset({"c", "a", "zz"}))
+    assert store.changes("item", 3) == (3, frozenset())
+    assert store.changes("item", 99)[1] is None  # a version this store never had
+
+
+def test_store_change_log_is_bounded(monkeypatch):
+    monkeypatch.setattr(InProcessStore, "_CHANGE_LOG", 3)  # writes
+    monkeypatch.setattr(InProcessStore, "_CHANGE_KEYS", 2)  # keys of one write
+    store = InProcessStore()
+    store.changes("item", None)
+    for k in range(5):
+        store.write("item", {f"k{k}": b"x"})
+    assert store.changes("item", 4) == (5, frozenset({"k4"}))
+    assert store.changes("item", 2) == (5, frozenset({"k2", "k3", "k4"}))
+    assert store.changes("item", 1)[1] is None  # older than the last 3 writes
+    store.write("item", {"a": b"x", "b": b"y", "c": b"z"})  # too many keys to list
+    assert store.changes("item", 5)[1] is None
+
+    monkeypatch.setattr(InProcessStore, "_CHANGE_LOG", 100)
+    monkeypatch.setattr(InProcessStore, "_CHANGE_LOG_KEYS", 4)  # keys of all logged writes
+    store = InProcessStore()
+    store.changes("item", None)
+    store.write("item", {"a": b"x", "b": b"y"})
+    store.write("item", {"c": b"x"})
+    store.write("item", {"d": b"x", "e": b"y"})  # 5 keys logged: the first write is dropped
+    assert store.changes("item", 1) == (3, frozenset({"c", "d", "e"}))
+    assert store.changes("item", 0)[1] is None
+
+
+def test_decoded_cache_is_bounded_and_decodes_only_what_changed():
+    store = InProcessStore()
+    store.write("user", {f"u{k}": UserState().to_dict() for k in range(5)})
+    decoded = []
+
+    def decode(raw):
+        decoded.append(raw)
+        return UserState.from_dict(raw)
+
+    cache = DecodedCache(store, "user", decode, capacity=3)
+    first = cache.get(["u0", "u1", "missing", "u0"])
+    assert first[0] is first[3] and first[2] is None and len(decoded) == 2
+    assert cache.get(["u1"])[0] is first[1] and len(decoded) == 2
+    store.write("user", {"u1": UserState().to_dict()})
+    assert cache.get(["u1"])[0] is not first[1] and len(decoded) == 3
+    cache.get(["u2", "u3", "u4"])
+    assert len(cache) == 3
+    unversioned = DecodedCache(Unversioned(store), "user", UserState.from_dict)
+    a, b = unversioned.get(["u0"])[0], unversioned.get(["u0"])[0]
+    assert a is not b and len(unversioned) == 0

@@ -1,0 +1,291 @@
+"""The ranker on interactions without impression lists (`training.lambdarank.leave_one_out`) and its evaluation
+(`training.evaluation.rankers`): leakage, negatives, determinism, bundle, `semrank eval --ranker`."""
+
+import hashlib
+import json
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import polars as pl
+import pytest
+
+from featurizer.definitions import NAMES
+from featurizer.offline.pipeline import offline_features
+from featurizer.contracts.schema import Dataset, catalog_report, read_dataset, validate_events, validate_items, write_dataset
+from ranker.bundle import load_bundle
+from training.evaluation.rankers import two_stage_rank
+from training.lambdarank.first_stage import FirstStage, ordinal_ranks, top_k
+from training.data.loo import break_ties, clock_resolution_us, loo_data, loo_split
+from training.lambdarank.leave_one_out import (
+    SOURCE_HARD,
+    SOURCE_POPULAR,
+    SOURCE_TARGET,
+    SOURCE_UNIFORM,
+    TRAINING_MODE,
+    LooRankerConfig,
+    NegativeSampler,
+    build_examples,
+    build_groups,
+    group_keys,
+    encode_user_texts,
+    hard_pools,
+    has_impression_lists,
+    sequence_times,
+    train_loo_ranker,
+    user_histories,
+)
+
+FAST = dict(negatives=8, hard_negatives=0, min_data_in_leaf=5, num_boost_round=30, early_stopping_rounds=10)
+
+
+class HashEncoder:
+    """Deterministic unit vectors from a text hash: fast stand-in for the text encoder."""
+
+    def encode(self, texts):
+        out = np.zeros((len(texts), 16), dtype=np.float32)
+        for k, t in enumerate(texts):
+            v = np.random.default_rng(int(hashlib.md5(t.encode()).hexdigest()[:8], 16)).standard_normal(16)
+            out[k] = v / np.linalg.norm(v)
+        return out
+
+
+@pytest.fixture(scope="module")
+def loo_dir(tmp_path_factory):
+    """The synthetic shop as purchases only (no impressions, no request_id): an interaction dataset."""
+    from training.data.synth import SynthConfig, synthesize
+
+    root = tmp_path_factory.mktemp("loo")
+    synthesize(root / "synth", seed=3, config=SynthConfig(n_users=150, n_items=80, n_days=7), progress=False)
+    ds = read_dataset(root / "synth")
+    assert has_impression_lists(ds.events)
+    ev = ds.events.filter(pl.col("event") != "impression").with_columns(
+        pl.lit("purchase").alias("event"), pl.lit(None, pl.Utf8).alias("request_id"), pl.lit(None, pl.Int32).alias("position"))
+    write_dataset(root / "data", ds.items, ev)
+    return root / "data"
+
+
+@pytest.fixture(scope="module")
+def data(loo_dir):
+    ds, split = loo_data(read_dataset(loo_dir))
+    return ds, split, sequence_times(ds, split)
+
+
+def test_interaction_data_has_no_impression_lists(data):
+    assert not has_impression_lists(data[0].events)
+
+
+def test_groups_target_only_positions_before_the_validation_item(data):
+    ds, split, times = data
+    cfg = LooRankerConfig(**FAST)
+    groups = build_groups(split, group_keys(split, times, cfg), cfg)
+    index = {u: k for k, u in enumerate(split.users)}
+    targets = groups.filter(pl.col("label") == 1)
+    assert targets.height == groups["group"].n_unique()  # exactly one positive per group
+    assert (targets["source"] == SOURCE_TARGET).all()
+    for part, user, item, k, ts in targets.select("part", "user_id", "item_id", "pos", "ts").iter_rows():
+        seq, u_times = split.sequences[index[user]], times[index[user]]
+        assert split.item_index[item] == seq[k] and ts == datetime.fromtimestamp(u_times[k] / 1e6, timezone.utc)
+        if part == "train":
+            assert 1 <= k <= seq.size - 3  # seq[:-2], never the validation or test item
+        else:
+            assert k == seq.size - 2
+        assert split.item_index[item] != seq[-1]  # the test item is never a target
+    assert set(groups["part"]) == {"train", "valid"}
+
+
+def test_negatives_exclude_the_users_items_and_follow_the_mix(data):
+    ds, split, times = data
+    cfg = LooRankerConfig(**FAST)
+    groups = build_groups(split, group_keys(split, times, cfg), cfg)
+    index = {u: k for k, u in enumerate(split.users)}
+    for (g,), rows in groups.group_by(["group"]):
+        seq = split.sequences[index[rows["user_id"][0]]]
+        neg = rows.filter(pl.col("label") == 0)
+        idx = np.array([split.item_index[i] for i in neg["item_id"]])
+        assert not np.isin(idx, seq).any() and np.unique(idx).size == idx.size
+        if len(split.item_ids) - seq.size >= cfg.negatives:
+            assert (neg["source"] == SOURCE_POPULAR).sum() == cfg.n_popular
+            assert (neg["source"] == SOURCE_UNIFORM).sum() == cfg.negatives - cfg.n_popular
+
+
+def test_hard_negatives_come_from_the_first_stage_top_k(data):
+    ds, split, times = data
+    cfg = LooRankerConfig(**{**FAST, "hard_negatives": 4, "hard_k": 10})
+    enc = HashEncoder()
+    emb = enc.encode(split.titles)
+    ex = build_examples(ds, split, cfg, enc, emb, times, progress=False)
+    keys = group_keys(split, times, cfg)
+    hist = user_histories(ds, keys.select("user_id", "ts"), 10)
+    titles = dict(zip(split.item_ids, split.titles))
+    user_emb = encode_user_texts(enc, [h[: cfg.history_items] for h in hist], titles, cfg.history_items, progress=False)
+    pools = hard_pools(split, keys, user_emb, emb, [np.array([split.item_index[i] for i in h]) for h in hist], cfg.hard_k)
+    index = {u: k for k, u in enumerate(split.users)}
+    for (g,), rows in ex.group_by(["group"]):
+        seq = split.sequences[index[rows["user_id"][0]]]
+        hard = np.array([split.item_index[i] for i in rows.filter(pl.col("source") == SOURCE_HARD)["item_id"]])
+        assert hard.size == min(4, pools[g].size) and np.isin(hard, pools[g]).all() and not np.isin(hard, seq).any()
+        assert pools[g].size == min(10, len(split.item_ids) - seq.size)
+    mean = ex.group_by("source").agg(pl.col("interest_score").mean())
+    by = dict(zip(mean["source"], mean["interest_score"]))
+    assert by[SOURCE_HARD] > by[SOURCE_UNIFORM]  # the first stage ranks them higher, so they look more like targets
+
+
+def test_negative_sampler_weights_by_popularity():
+    counts = np.zeros(1000)
+    counts[:20] = 100.0  # only 20 items were ever bought
+    sampler = NegativeSampler(counts, n=10, n_popular=5)
+    exclude = np.array([0, 1, 500])
+    pop, uni = [], []
+    for s in range(200):
+        items, src = sampler.sample(exclude, np.random.default_rng(s))
+        assert not np.isin(items, exclude).any() and np.unique(items).size == 10
+        pop.append(items[src == SOURCE_POPULAR])
+        uni.append(items[src == SOURCE_UNIFORM])
+    assert (np.concatenate(pop) < 20).all()  # popularity draws only bought items
+    assert (np.concatenate(uni) >= 20).mean() > 0.9  # uniform draws spread over the catalog
+    short = NegativeSampler(counts, n=10, n_popular=10).sample(np.arange(15), np.random.default_rng(0))
+    assert (short[1] == SOURCE_POPULAR).sum() == 5 and short[0].size == 10  # 5 bought items left; uniform fills
+
+
+def test_groups_are_deterministic_per_seed(data):
+    _, split, times = data
+    def groups(seed):
+        cfg = LooRankerConfig(**FAST, seed=seed)
+        return build_groups(split, group_keys(split, times, cfg), cfg)
+
+    a = groups(1)
+    assert a.equals(groups(1))
+    assert not a.equals(groups(2))
+
+
+def test_features_use_only_events_strictly_before_the_group_time(data):
+    ds, split, _ = data
+    ex = build_examples(ds, split, LooRankerConfig(**FAST, variant="behavioural"), progress=False)
+    rng = np.random.default_rng(0)
+    for g in rng.choice(ex["group"].unique().to_numpy(), size=6, replace=False):
+        rows = ex.filter(pl.col("group") == g)
+        t = rows["ts"][0]
+        past = ds.events.filter(pl.col("ts") < t)
+        again = offline_features(past.lazy(), ds.items.lazy(), rows.select("user_id", "item_id", "ts").lazy(),
+                                 resolution_us=split.resolution_us).collect()
+        assert np.allclose(rows.select(NAMES[1:]).to_numpy(), again.select(NAMES[1:]).to_numpy(), equal_nan=True)
+
+
+def _day_dataset() -> Dataset:
+    """Day-resolution timestamps: user a buys i1 and i2 on the same day."""
+    day = lambda d: datetime(2024, 1, 1, tzinfo=timezone.utc) + timedelta(days=d)  # noqa: E731
+    rows = [(day(0), "a", "i0", 0), (day(1), "a", "i1", 1), (day(1), "a", "i2", 2), (day(2), "a", "i3", 3),
+            (day(3), "a", "i4", 4), (day(0), "b", "i5", 0), (day(1), "b", "i2", 1), (day(2), "b", "i6", 2)]
+    items = validate_items(pl.DataFrame({"item_id": [f"i{k}" for k in range(12)], "title": [f"thing {k}" for k in range(12)]}))
+    events = validate_events(pl.DataFrame({"ts": [r[0] for r in rows], "user_id": [r[1] for r in rows], "item_id": [r[2] for r in rows],
+                                           "event": ["purchase"] * len(rows), "seq_pos": [r[3] for r in rows]}))
+    return Dataset(items=items, events=events, report=catalog_report(events, items))
+
+
+def test_same_day_events_own_ones_by_sequence_others_not_before_t():
+    raw = _day_dataset()
+    assert clock_resolution_us(raw.events) == 86_400_000_000
+    ds, split = loo_data(raw)
+    assert split.resolution_us == 86_400_000_000
+    assert [s.tolist() for s in split.sequences] == [s.tolist() for s in loo_split(raw).sequences]
+    cfg = LooRankerConfig(negatives=3, hard_negatives=2, hard_k=5, positions_per_user=2)
+    ex = build_examples(ds, split, cfg, HashEncoder(), HashEncoder().encode(split.titles), progress=False)
+    tgt = {k: r for k, r in zip(ex["pos"], ex.iter_rows(named=True)) if r["label"] == 1 and r["user_id"] == "a"}
+    assert set(tgt) == {1, 2, 3}  # train k = 1, 2; valid k = 3 (i3); the test item i4 is never a target
+    # i1, bought the same day just before i2 (seq_pos), is the user's own history at i2's time ...
+    assert tgt[2]["item_id"] == "i2" and tgt[2]["user_engagements_all"] == 2
+    assert tgt[2]["user_hours_since_last_engagement"] < 1e-6  # i1, not i0 a day earlier
+    assert tgt[2]["item_purchases_all"] == 0  # ... but b's same-day purchase of i2 is not before t
+    assert tgt[3]["user_engagements_all"] == 3
+    assert tgt[3]["item_purchases_all"] == 0  # i3 was never bought before
+
+
+def test_break_ties_orders_a_users_tick_by_seq_pos_and_keeps_rows():
+    raw = _day_dataset()
+    out = break_ties(raw.events, 86_400_000_000)
+    assert out.select("user_id", "item_id", "seq_pos").equals(raw.events.select("user_id", "item_id", "seq_pos"))
+    shift = (out["ts"] - raw.events["ts"]).dt.total_microseconds().to_list()
+    by = dict(zip(zip(raw.events["user_id"], raw.events["item_id"]), shift))
+    assert by[("a", "i1")] == 0 and by[("a", "i2")] == 1 and by[("b", "i2")] == 0 and by[("a", "i0")] == 0
+    assert break_ties(raw.events, 1) is raw.events
+    crowded = pl.concat([raw.events, raw.events.filter(pl.col("item_id") == "i2").with_columns(pl.lit("i7").alias("item_id"))])
+    with pytest.raises(ValueError, match="more than 2 events in one tick"):
+        break_ties(crowded, 2)  # a has 3 events on day 1: +2 µs would reach the next 2 µs tick
+
+
+def test_bundle_is_written_loadable_and_deterministic(data, tmp_path):
+    ds, split, _ = data
+    enc = HashEncoder()
+    emb = enc.encode(split.titles)
+    extras = {}
+    for name, variant in (("full", "full"), ("full-again", "full"), ("behavioural", "behavioural")):
+        extras[name] = train_loo_ranker(ds, split, tmp_path / name, LooRankerConfig(**FAST, variant=variant), enc, emb, progress=False)
+    full, beh = load_bundle(tmp_path / "full"), load_bundle(tmp_path / "behavioural")
+    assert full.feature_names == list(NAMES)
+    assert beh.feature_names == [n for n in NAMES if n != "interest_score"]
+    assert (tmp_path / "full" / "ranker.txt").read_text() == (tmp_path / "full-again" / "ranker.txt").read_text()
+    m = full.manifest
+    assert m["training_mode"] == TRAINING_MODE and m["variant"] == "full"
+    assert m["negative_sampling"]["negatives_per_group"] == FAST["negatives"]
+    assert {"learning_rate", "num_leaves", "best_iteration"} <= set(m["hyper_parameters"])
+    assert list(m["feature_importance_gain"]) == list(NAMES)
+    assert m["metrics"]["valid"]["lightgbm"]["groups"] > 0
+    assert m["training_data"]["groups"]["valid"] > 0
+    with pytest.raises(ValueError, match="need an encoder"):
+        train_loo_ranker(ds, split, tmp_path / "x", LooRankerConfig(**FAST), None, None, progress=False)
+
+
+def test_two_stage_rank_is_pessimistic():
+    first = np.array([0.9, 0.8, 0.7, 0.7, -np.inf, 0.1])
+    top = np.array([0, 1])
+    assert two_stage_rank(first, top, np.array([0.5, 0.5]), 1) == 2  # tie in the re-ranked top: counts against
+    assert two_stage_rank(first, top, np.array([0.5, 0.2]), 0) == 1
+    assert two_stage_rank(first, top, np.array([0.5, 0.2]), 2) == 4  # below the top 2, tied with item 3
+    assert two_stage_rank(first, top, np.array([0.5, 0.2]), 5) == 5  # item 4 is masked
+    s, tops = top_k(np.array([[3.0, 2.0, 1.0, 0.0]]), [np.array([0])], 2)
+    assert sorted(tops[0]) == [1, 2] and s[0, 0] == -np.inf
+    assert ordinal_ranks(np.array([[0.1, 0.3, 0.3]])).tolist() == [[3, 1, 2]]
+
+
+def test_first_stage_counts_only_the_training_part(data):
+    _, split, _ = data
+    assert np.array_equal(FirstStage(split, "test").popularity, split.train_item_counts("test"))
+    assert np.array_equal(FirstStage(split, "valid").popularity, split.train_item_counts("valid"))
+    day = loo_split(_day_dataset())  # a's test item i4 was bought by nobody else
+    stage = FirstStage(day, "test")
+    i4, i3 = day.item_index["i4"], day.item_index["i3"]
+    assert stage.popularity[i4] == 0 and stage.cooc[i4].nnz == 0 and stage.cooc[:, i4].nnz == 0
+    assert stage.cooc[i3].nnz > 0  # the validation item is part of the training part
+
+
+def test_train_and_eval_with_rankers_end_to_end(loo_dir, tmp_path, capsys):
+    from semrank.cli import main
+
+    for variant in ("behavioural", "full"):
+        assert main(["train", "ranker", "--data", str(loo_dir), "--out", str(tmp_path / variant), "--variant", variant,
+                     "--negatives", "8", "--embedding-cache", str(tmp_path / "cache")]) == 0
+    assert load_bundle(tmp_path / "full").manifest["training_mode"] == TRAINING_MODE
+    out = tmp_path / "eval"
+    assert main(["eval", "--data", str(loo_dir), "--out-dir", str(out), "--users", "40", "--bootstrap", "50",
+                 "--cache-dir", str(tmp_path / "cache"), "--rerank-k", "15",
+                 "--ranker", f"ranker-behavioural={tmp_path / 'behavioural'}", "--ranker", f"ranker-full={tmp_path / 'full'}"]) == 0
+    full = json.loads((out / "data.full.json").read_text())
+    sampled = json.loads((out / "data.sampled-100.json").read_text())
+    for report in (full, sampled):
+        assert {"ranker-behavioural", "ranker-full", "popularity", "encoder-frozen"} <= set(report["models"])
+    (stage,) = full["two_stage"]
+    assert stage["k"] == 15 and 0.0 <= stage["first_stage_recall@15"] <= 1.0
+    assert set(stage["recall@15_by_first_stage"]) == {"encoder", "encoder+cooc", "encoder+popularity"}
+    assert "two_stage" not in sampled
+    md = (out / "data.full.md").read_text()
+    assert "first-stage recall@15" in md and "ranker-full" in md
+    # training and eval share the item embeddings; both variants share the user texts of training
+    assert sorted(p.name.split("__")[0] for p in (tmp_path / "cache").glob("*.npy")) == ["data", "data-user-texts"]
+
+
+def test_cli_choices_match_the_evaluation_module():
+    from semrank.cli import evaluate as cli_eval
+    from training.evaluation import rankers as eval_rankers
+
+    assert cli_eval.FIRST_STAGES == eval_rankers.FIRST_STAGES
+    assert (cli_eval.DEFAULT_FIRST_STAGE, cli_eval.DEFAULT_RERANK_K) == (eval_rankers.DEFAULT_FIRST_STAGE, eval_rankers.DEFAULT_RERANK_K)

@@ -1,0 +1,264 @@
+"""The A/B report: metrics per variant with 95% intervals, tests against control, SRM check.
+
+    {"experiment", "window", "control", "alpha", "primary_metric", "time_range", "users", "exposures",
+     "variants": {NAME: {"users", "exposures", "bundle_versions", "metrics": {METRIC: {"value", "ci"}}}},
+     "comparisons": {NAME: {METRIC: {"test", "diff", "diff_ci", "lift", "lift_ci", "statistic", "p_value",
+                                     "mde", "significant"}}},
+     "srm": {"observed", "expected", "shares", "source", "chi2", "df", "p_value", "flagged"},
+     "metric_definitions", "warnings", "notes"}
+
+Written as OUT_DIR/ab-<experiment>.{json,md,png}. docs/ab_testing.md explains the choices.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from training.ab import stats as ab_stats
+from training.ab.prepare import Prepared, format_window
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    kind: str  # ab_stats estimate kind
+    column: str  # per-user column (numerator of a ratio, the successes of a proportion, the value of a mean)
+    definition: str
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("ctr", "CTR", "ratio", "click_exposures",
+           "exposures with >= 1 attributed click / exposures; per-user sums, delta-method variance, z-test"),
+    Metric("add_to_cart_rate", "add-to-cart rate", "ratio", "cart_exposures",
+           "exposures with >= 1 attributed add_to_cart / exposures; as CTR"),
+    Metric("conversion_rate", "conversion rate", "ratio", "purchase_exposures",
+           "exposures with >= 1 attributed purchase / exposures; as CTR"),
+    Metric("users_with_click", "users with a click", "proportion", "click_exposures",
+           "share of exposed users with >= 1 attributed click; Wilson interval, pooled two-proportion z-test"),
+    Metric("users_with_purchase", "users with a purchase", "proportion", "purchase_exposures",
+           "share of exposed users with >= 1 attributed purchase; as users with a click"),
+    Metric("revenue_per_user", "revenue per user", "mean", "revenue",
+           "sum of item prices of attributed purchases per exposed user (0 when none); t interval, Welch t-test"),
+    Metric("exposures_per_user", "exposures per user", "mean", "exposures",
+           "Rank answers per exposed user; a guardrail: the rates above divide by exposures, so a variant that "
+           "changes how often users come back changes their denominator; t interval, Welch t-test"),
+)
+PRIMARY_METRIC = "ctr"
+SMALL_VARIANT = 100  # users; below it the normal approximations are rough
+
+
+def _estimate(metric: Metric, users: pl.DataFrame, alpha: float) -> ab_stats.Estimate:
+    col = users[metric.column].to_numpy().astype(float)
+    if metric.kind == "ratio":
+        return ab_stats.ratio(col, users["exposures"].to_numpy(), alpha)
+    if metric.kind == "proportion":
+        return ab_stats.proportion(int((col > 0).sum()), users.height, alpha)
+    return ab_stats.mean(col, alpha)
+
+
+def resolve_control(variants: list[str], control: str | None) -> str:
+    """`control` if given (must have users), else a variant named "control", else the first variant."""
+    if control is not None:
+        if control not in variants:
+            raise ValueError(f"--control {control!r} has no users; variants: {', '.join(variants)}")
+        return control
+    return "control" if "control" in variants else variants[0]
+
+
+def build_report(prep: Prepared, window: timedelta, control: str | None = None,
+                 shares: dict[str, float] | None = None, shares_source: str | None = None,
+                 alpha: float = ab_stats.ALPHA) -> dict[str, Any]:
+    users = prep.users
+    observed = dict(users.group_by("variant").len().iter_rows())
+    order = [v for v in (shares or {}) if v in observed] + sorted(v for v in observed if v not in (shares or {}))
+    if shares is None:
+        shares, shares_source = {v: 1.0 for v in order}, "equal shares (no --shares or --experiments given)"
+    srm = ab_stats.sample_ratio_mismatch(observed, shares)
+    control = resolve_control(order, control)
+    order = [control] + [v for v in order if v != control]
+    metrics = [m for m in METRICS if m.key != "revenue_per_user" or prep.prices]
+    warnings, notes = list(prep.warnings), list(prep.notes)
+    if srm.flagged:
+        warnings.insert(0, srm_message(srm, shares_source))
+    if len(order) < 2:
+        warnings.append(f"only one variant ({control}) has users; nothing to compare")
+    variants: dict[str, Any] = {}
+    estimates: dict[str, dict[str, ab_stats.Estimate]] = {}
+    for v in order:
+        part = users.filter(pl.col("variant") == v)
+        if part.height < SMALL_VARIANT:
+            warnings.append(f"variant {v} has {part.height} users; intervals and p-values rely on normal "
+                            "approximations that need more")
+        if part.height >= 2:
+            estimates[v] = {m.key: _estimate(m, part, alpha) for m in metrics}
+        variants[v] = {
+            "users": part.height, "exposures": int(part["exposures"].sum()),
+            "bundle_versions": prep.bundle_versions.get(v, []),
+            "metrics": {k: {"value": e.value, "ci": list(e.ci)} for k, e in estimates.get(v, {}).items()},
+        }
+    comparisons = {}
+    for v in order[1:]:
+        if v in estimates and control in estimates:
+            comparisons[v] = {m.key: _comparison_json(ab_stats.compare(estimates[v][m.key], estimates[control][m.key],
+                                                                       alpha)) for m in metrics}
+    if len(order) > 2:
+        notes.append(f"{len(order) - 1} variants against one control: p-values are per comparison, "
+                          "not corrected for multiple comparisons")
+    if not prep.prices:
+        notes.append("no item prices (pass --items or a data directory with items), so no revenue metric")
+    return {
+        "experiment": prep.experiment, "window": format_window(window), "window_seconds": window.total_seconds(),
+        "control": control, "alpha": alpha, "primary_metric": PRIMARY_METRIC,
+        "time_range": list(prep.time_range), "users": users.height, "exposures": prep.exposures,
+        "variants": variants, "comparisons": comparisons,
+        "srm": {**asdict(srm), "source": shares_source, "alpha": ab_stats.SRM_ALPHA},
+        "metric_definitions": {m.key: m.definition for m in metrics},
+        "warnings": warnings, "notes": notes,
+    }
+
+
+def _comparison_json(c: ab_stats.Comparison) -> dict[str, Any]:
+    d = asdict(c)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+
+def srm_message(srm: ab_stats.SampleRatio, source: str | None) -> str:
+    parts = ", ".join(f"{v} {srm.observed[v]} (expected {srm.expected[v]:.0f})" for v in srm.observed)
+    return (f"SAMPLE-RATIO MISMATCH: users per variant {parts} do not match the shares of {source} "
+            f"(chi-square {srm.chi2:.1f}, df {srm.df}, p = {srm.p_value:.2g} < {ab_stats.SRM_ALPHA}). Assignment, "
+            "exposure logging or filtering is broken; the comparisons below are not trustworthy until it is explained.")
+
+
+# --------------------------------------------------------------------------- Markdown
+
+
+def _fmt_value(kind: str, x: float) -> str:
+    return f"{x:.2f}" if kind == "mean" else f"{x:.4f}"
+
+
+def _pct(x: float) -> str:
+    return f"{x:+.1%}"
+
+
+def _fmt_p(p: float) -> str:
+    return "<1e-6" if p < 1e-6 else f"{p:.3g}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"# A/B report: {report['experiment']}", ""]
+    if report["srm"]["flagged"]:
+        lines += [f"> **WARNING — {report['warnings'][0]}**", ""]
+    lines += [f"Exposures {report['time_range'][0]} to {report['time_range'][1]}; {report['users']} users, "
+              f"{report['exposures']} exposures; attribution window {report['window']}; control "
+              f"**{report['control']}**; 95% intervals; users are the unit of analysis.", "",
+              "| variant | users | exposures | bundle versions |", "|---|---:|---:|---|"]
+    for v, d in report["variants"].items():
+        lines.append(f"| {v} | {d['users']} | {d['exposures']} | {', '.join(d['bundle_versions']) or '(holdout)'} |")
+    lines += ["", "| metric | variant | value [95% CI] | lift vs control [95% CI] | p | MDE (80% power) | test |",
+              "|---|---|---:|---:|---:|---:|---|"]
+    kinds = {m.key: m for m in METRICS}
+    for key in report["metric_definitions"]:
+        m = kinds[key]
+        for v, d in report["variants"].items():
+            est = d["metrics"].get(key)
+            if est is None:
+                continue
+            cell = f"{_fmt_value(m.kind, est['value'])} [{_fmt_value(m.kind, est['ci'][0])}, {_fmt_value(m.kind, est['ci'][1])}]"
+            c = report["comparisons"].get(v, {}).get(key)
+            if c is None:
+                lines.append(f"| {m.label} | {v} | {cell} | (control) | | | |")
+                continue
+            lift = "—" if c["lift"] is None else _pct(c["lift"])
+            if c["lift_ci"] is not None:
+                lift += f" [{_pct(c['lift_ci'][0])}, {_pct(c['lift_ci'][1])}]"
+            base = report["variants"][report["control"]]["metrics"][key]["value"]
+            mde = f"±{c['mde'] / base:.1%}" if base > 0 else _fmt_value(m.kind, c["mde"])
+            p = _fmt_p(c["p_value"])
+            if c["significant"]:
+                lift, p = f"**{lift}**", f"**{p}**"
+            lines.append(f"| {m.label} | {v} | {cell} | {lift} | {p} | {mde} | {c['test']} |")
+    srm = report["srm"]
+    verdict = "**MISMATCH**" if srm["flagged"] else "ok"
+    lines += ["", f"**Sample ratio** ({srm['source']}): " + ", ".join(
+        f"{v} {srm['observed'][v]} vs {srm['expected'][v]:.0f} expected" for v in srm["observed"])
+        + f"; chi-square {srm['chi2']:.2f}, p = {_fmt_p(srm['p_value'])} → {verdict} (flagged below p {srm['alpha']}).",
+        "", "Bold: p < 0.05 on the difference. MDE: the relative change each test would detect with 80% power at "
+        "these sample sizes; a non-significant result says little about smaller effects.", ""]
+    if report["warnings"]:
+        lines += ["Warnings:"] + [f"- {w}" for w in report["warnings"]] + [""]
+    lines += ["Metrics:"] + [f"- `{k}`: {d}" for k, d in report["metric_definitions"].items()]
+    lines += ["", "Notes:"] + [f"- {n}" for n in report["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- chart and files
+
+
+def plot(report: dict[str, Any], path: str | Path) -> Path:
+    """One panel per metric: a bar per variant with its 95% interval; the control in grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(report["metric_definitions"])
+    names = list(report["variants"])
+    labels = {m.key: m.label for m in METRICS}
+    cols = min(3, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 3.3 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        have = [n for n in names if key in report["variants"][n]["metrics"]]
+        vals = np.array([report["variants"][n]["metrics"][key]["value"] for n in have])
+        ci = np.array([report["variants"][n]["metrics"][key]["ci"] for n in have]).reshape(-1, 2)
+        err = np.clip(np.stack([vals - ci[:, 0], ci[:, 1] - vals]), 0, None)
+        colours = ["tab:gray" if n == report["control"] else
+                   ("tab:green" if report["comparisons"].get(n, {}).get(key, {}).get("significant") else "tab:blue")
+                   for n in have]
+        ax.bar(range(len(have)), vals, yerr=err, capsize=4, color=colours, alpha=0.85)
+        ax.set_xticks(range(len(have)), have, rotation=15, ha="right")
+        ax.set_title(labels[key], fontsize=10)
+        ax.set_ylim(bottom=0)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    title = f"{report['experiment']}: 95% CI per variant (green: p < 0.05 vs {report['control']})"
+    if report["srm"]["flagged"]:
+        title = "SAMPLE-RATIO MISMATCH — " + title
+    fig.suptitle(title, color="red" if report["srm"]["flagged"] else "black", fontsize=11)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def report_stem(experiment: str) -> str:
+    return "ab-" + (re.sub(r"[^A-Za-z0-9._-]+", "_", experiment) or "experiment")
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path, json_out: str | Path | None = None) -> dict[str, Path]:
+    """OUT_DIR/ab-<experiment>.{json,md,png} (and --json OUT); returns the paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = report_stem(report["experiment"])
+    text = json.dumps(report, indent=2) + "\n"
+    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md", "png": out_dir / f"{stem}.png"}
+    paths["json"].write_text(text)
+    paths["md"].write_text(markdown(report))
+    plot(report, paths["png"])
+    if json_out is not None:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(text)
+        paths["json_out"] = Path(json_out)
+    return paths

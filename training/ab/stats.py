@@ -1,0 +1,217 @@
+"""Statistics of A/B reports: estimates with 95% intervals, tests against control, sample-ratio mismatch.
+
+Users are the randomisation unit, so every estimate here takes per-user aggregates and treats users
+as independent. A user's exposures are not independent of each other (the same person, the same
+tastes), so a rate per exposure is a ratio of two per-user sums; its variance comes from the delta
+method (Deng, Lu & Litz, "Applying the Delta Method in Metric Analytics", KDD 2018). A naive
+two-proportion z-test over exposures ignores that clustering and rejects a true null too often
+(tests/training/ab/test_prepare.py measures by how much).
+
+- `ratio`:      sum(num) / sum(den) over users, delta-method variance (rates per exposure).
+- `proportion`: a share of users, Wilson interval; compared with the pooled two-proportion z-test.
+- `mean`:       a mean per user, t interval; compared with Welch's t-test (revenue per user).
+
+Relative lift is (treatment / control - 1); its interval is the delta-method interval of the log
+ratio, exponentiated, so it is asymmetric and never below -100%. The p-value tests the difference,
+so in rare borderline cases it and the lift interval can disagree about significance.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+ALPHA = 0.05
+SRM_ALPHA = 0.001  # a sample-ratio mismatch is flagged below this p-value
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A metric in one variant: value, the variance of that value, 95% interval."""
+
+    kind: str  # "ratio" | "proportion" | "mean"
+    value: float
+    var: float  # variance of the estimate (not of the per-user values)
+    ci: tuple[float, float]
+    n: int  # users
+    count: float = math.nan  # proportion: successes
+    df: float = math.inf  # mean: degrees of freedom of var (n - 1)
+    sample_var: float = math.nan  # mean: variance of the per-user values
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Treatment against control for one metric."""
+
+    test: str
+    diff: float
+    diff_ci: tuple[float, float]
+    lift: float | None  # relative, None when the control value is 0
+    lift_ci: tuple[float, float] | None
+    statistic: float
+    p_value: float
+    mde: float  # absolute difference detectable with 80% power at ALPHA, at these sizes
+    significant: bool
+
+
+def _z(alpha: float) -> float:
+    return float(stats.norm.ppf(1.0 - alpha / 2.0))
+
+
+def ratio(num: np.ndarray, den: np.ndarray, alpha: float = ALPHA, bounds: tuple[float, float] | None = (0.0, 1.0)) -> Estimate:
+    """sum(num) / sum(den) over users with the delta-method variance; `bounds` clip the interval."""
+    num, den = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
+    n = num.size
+    if n < 2 or den.sum() <= 0:
+        raise ValueError(f"a ratio needs at least 2 users and a positive denominator (got {n} users)")
+    r = num.sum() / den.sum()
+    resid = num - r * den  # per-user linearisation of the ratio
+    var = float(resid.var(ddof=1) / (n * den.mean() ** 2))
+    half = _z(alpha) * math.sqrt(var)
+    lo, hi = r - half, r + half
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return Estimate("ratio", float(r), var, (float(lo), float(hi)), n)
+
+
+def proportion(successes: int, n: int, alpha: float = ALPHA) -> Estimate:
+    """A share of users with its Wilson interval (sound near 0 and 1, unlike Wald's)."""
+    if n < 1:
+        raise ValueError("a proportion needs at least one user")
+    p = successes / n
+    z = _z(alpha)
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return Estimate("proportion", p, p * (1 - p) / n, (centre - half, centre + half), n, count=float(successes))
+
+
+def mean(values: np.ndarray, alpha: float = ALPHA) -> Estimate:
+    """A mean per user with its t interval."""
+    x = np.asarray(values, dtype=float)
+    n = x.size
+    if n < 2:
+        raise ValueError(f"a mean with an interval needs at least 2 users (got {n})")
+    s2 = float(x.var(ddof=1))
+    var = s2 / n
+    half = float(stats.t.ppf(1 - alpha / 2, n - 1)) * math.sqrt(var)
+    m = float(x.mean())
+    return Estimate("mean", m, var, (m - half, m + half), n, df=n - 1, sample_var=s2)
+
+
+def _log_lift(t: Estimate, c: Estimate, alpha: float) -> tuple[float | None, tuple[float, float] | None]:
+    if c.value <= 0:
+        return None, None
+    lift = t.value / c.value - 1.0
+    if t.value <= 0:
+        return lift, None
+    se = math.sqrt(t.var / t.value**2 + c.var / c.value**2)
+    z = _z(alpha)
+    return lift, (math.exp(math.log(t.value / c.value) - z * se) - 1.0, math.exp(math.log(t.value / c.value) + z * se) - 1.0)
+
+
+def minimum_detectable_effect(se: float, alpha: float = ALPHA, power: float = 0.8) -> float:
+    """Smallest absolute difference a two-sided z-test with this standard error detects with `power`."""
+    return (_z(alpha) + float(stats.norm.ppf(power))) * se
+
+
+def z_test_power(delta: float, se: float, alpha: float = ALPHA) -> float:
+    """Power of a two-sided z-test at level alpha when the true difference is `delta`."""
+    if se <= 0:
+        raise ValueError("se must be positive")
+    z, shift = _z(alpha), abs(delta) / se
+    return float(stats.norm.cdf(shift - z) + stats.norm.cdf(-shift - z))
+
+
+def _compare(test: str, t: Estimate, c: Estimate, se: float, statistic: float, p: float, crit: float,
+             alpha: float) -> Comparison:
+    diff = t.value - c.value
+    lift, lift_ci = _log_lift(t, c, alpha)
+    mde = minimum_detectable_effect(math.sqrt(t.var + c.var), alpha)
+    return Comparison(test, diff, (diff - crit * se, diff + crit * se), lift, lift_ci, statistic, p, mde,
+                      bool(p < alpha))
+
+
+def compare_ratios(t: Estimate, c: Estimate, alpha: float = ALPHA) -> Comparison:
+    """z-test of the difference of two delta-method ratios (users independent between variants)."""
+    se = math.sqrt(t.var + c.var)
+    z = (t.value - c.value) / se if se > 0 else 0.0
+    p = float(2 * stats.norm.sf(abs(z)))
+    return _compare("delta-method z-test", t, c, se, z, p, _z(alpha), alpha)
+
+
+def two_proportion_ztest(x_t: float, n_t: int, x_c: float, n_c: int) -> tuple[float, float]:
+    """Pooled two-proportion z-test: (z, two-sided p)."""
+    pooled = (x_t + x_c) / (n_t + n_c)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / n_t + 1 / n_c))
+    if se == 0:
+        return 0.0, 1.0
+    z = (x_t / n_t - x_c / n_c) / se
+    return z, float(2 * stats.norm.sf(abs(z)))
+
+
+def compare_proportions(t: Estimate, c: Estimate, alpha: float = ALPHA) -> Comparison:
+    """Pooled two-proportion z-test; the interval of the difference is Wald's (unpooled)."""
+    z, p = two_proportion_ztest(t.count, t.n, c.count, c.n)
+    return _compare("two-proportion z-test", t, c, math.sqrt(t.var + c.var), z, p, _z(alpha), alpha)
+
+
+def welch_ttest(t: Estimate, c: Estimate) -> tuple[float, float, float]:
+    """Welch's t-test on two `mean` estimates: (t, Welch-Satterthwaite df, two-sided p)."""
+    se2 = t.var + c.var
+    if se2 == 0:
+        return 0.0, math.inf, 1.0
+    stat = (t.value - c.value) / math.sqrt(se2)
+    df = se2**2 / (t.var**2 / t.df + c.var**2 / c.df)
+    return stat, df, float(2 * stats.t.sf(abs(stat), df))
+
+
+def compare_means(t: Estimate, c: Estimate, alpha: float = ALPHA) -> Comparison:
+    stat, df, p = welch_ttest(t, c)
+    crit = float(stats.t.ppf(1 - alpha / 2, df)) if math.isfinite(df) else _z(alpha)
+    return _compare("Welch t-test", t, c, math.sqrt(t.var + c.var), stat, p, crit, alpha)
+
+
+def compare(t: Estimate, c: Estimate, alpha: float = ALPHA) -> Comparison:
+    if t.kind != c.kind:
+        raise ValueError(f"cannot compare a {t.kind} with a {c.kind}")
+    return {"ratio": compare_ratios, "proportion": compare_proportions, "mean": compare_means}[t.kind](t, c, alpha)
+
+
+@dataclass(frozen=True)
+class SampleRatio:
+    """Chi-square goodness of fit of users per variant against the configured shares."""
+
+    observed: dict[str, int]
+    expected: dict[str, float]
+    shares: dict[str, float]  # normalised to sum to 1
+    chi2: float
+    df: int
+    p_value: float
+    flagged: bool
+
+
+def sample_ratio_mismatch(observed: dict[str, int], shares: dict[str, float], alpha: float = SRM_ALPHA) -> SampleRatio:
+    """Users per variant against `shares` (normalised); flagged when p < alpha.
+
+    Every variant in `observed` must have a share; a configured variant with no users counts as 0
+    observed (which is itself a mismatch)."""
+    unknown = sorted(set(observed) - set(shares))
+    if unknown:
+        raise ValueError(f"variant(s) {', '.join(unknown)} have users but no configured share "
+                         f"(configured: {', '.join(shares)}); fix --shares or the experiments file")
+    if any(s <= 0 for s in shares.values()):
+        raise ValueError(f"shares must be positive: {shares}")
+    total_share = sum(shares.values())
+    norm = {k: v / total_share for k, v in shares.items()}
+    n = sum(observed.values())
+    obs = {k: int(observed.get(k, 0)) for k in norm}
+    exp = {k: n * s for k, s in norm.items()}
+    if len(norm) < 2 or n == 0:
+        return SampleRatio(obs, exp, norm, 0.0, 0, 1.0, False)
+    chi2 = float(sum((obs[k] - exp[k]) ** 2 / exp[k] for k in norm))
+    df = len(norm) - 1
+    p = float(stats.chi2.sf(chi2, df))
+    return SampleRatio(obs, exp, norm, chi2, df, p, bool(p < alpha))

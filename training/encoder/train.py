@@ -1,0 +1,386 @@
+"""Two-tower contrastive fine-tuning of the text encoder (all-MiniLM-L6-v2).
+
+One shared MiniLM embeds both sides: the user text (titles of recent
+interactions, `featurizer.text.history_text`) and the item text
+(`featurizer.text.item_text_expr`). The loss is InfoNCE / multiple-negatives
+ranking loss over in-batch items plus hard negatives (`contrastive_loss`).
+Pairs and splits come from `training.encoder.pairs`.
+
+The training loop is capped by wall time (`max_minutes`, periodic validation
+included), validates with sampled-100 NDCG@10 / HR@10 at the start (the frozen
+baseline), every `eval_every` steps and at the end, and keeps the best model
+(by validation NDCG@10) in `OUT/encoder/` as a plain BertModel (safetensors),
+loadable by `ranker.encoder.TextEncoder`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from featurizer.contracts.schema import Dataset
+from ranker.bundle import MANIFEST, EncoderRef
+from ranker.encoder import BASE_MODEL, base_model_path, mean_pool
+from training.encoder.pairs import (
+    EncoderData,
+    SampledEvaluator,
+    has_impression_lists,
+    impression_pairs,
+    length_batches,
+    loo_pairs,
+    sample_epoch,
+)
+from training.encoder.lora import ATTENTION_QV, apply_lora, lora_modules, merge_lora
+
+log = logging.getLogger(__name__)
+
+ENCODER_DIR = "encoder"
+TRAINING_JSON = "training.json"
+CURVES = "encoder_curves"
+METHODS = ("full", "lora")
+DEFAULT_METHOD = "full"
+DEFAULT_LR = {"full": 5e-5, "lora": 5e-4}
+
+
+@dataclass(frozen=True)
+class EncoderTrainConfig:
+    method: str = DEFAULT_METHOD
+    seed: int = 0
+    max_minutes: float = 25.0
+    max_steps: int | None = None
+    batch_size: int = 64
+    lr: float | None = None  # None: DEFAULT_LR[method]
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # linear decay to this fraction of lr at the end of the budget
+    weight_decay: float = 0.01
+    scale: float = 20.0  # inverse temperature of the InfoNCE softmax
+    history_items: int = 5
+    max_length_user: int = 96
+    max_length_item: int = 48
+    pairs_per_user: int = 2  # per epoch
+    recency_half_life: float = 3.0  # positions; a pair 3 positions older is half as likely
+    hard_negatives: int = 1  # per pair, where impression lists exist
+    val_users: int = 1000
+    val_negatives: int = 100
+    val_negative_pool: int | None = 3000  # negatives come from a fixed random slice of the catalog
+    eval_every: int = 40  # steps
+    test_days: float = 4.0  # impression data: the ranker's held-out days, never read
+    valid_days: float = 3.0
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ATTENTION_QV
+    num_threads: int = 2
+    bf16: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.batch_size < 2:
+            raise ValueError("batch_size must be >= 2 (in-batch negatives)")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+
+
+def contrastive_loss(
+    user_emb: torch.Tensor,
+    item_emb: torch.Tensor,
+    weights: torch.Tensor,
+    hard_neg_emb: torch.Tensor | None = None,
+    scale: float = 20.0,
+    exclude: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Weighted InfoNCE (multiple-negatives ranking loss) over cosine similarities.
+
+    Row i of `user_emb` (B, d) should match row i of `item_emb` (B, d); every other
+    item of the batch and every row of `hard_neg_emb` (H, d) is a negative for it.
+    `exclude` (B, B + H) bool marks candidates that are not negatives (other known
+    positives of the user); the diagonal is never excluded. Returns
+    sum_i w_i * CE_i / sum_i w_i.
+    """
+    if user_emb.shape != item_emb.shape:
+        raise ValueError(f"user_emb {tuple(user_emb.shape)} and item_emb {tuple(item_emb.shape)} must have the same shape")
+    n = user_emb.shape[0]
+    if weights.shape != (n,):
+        raise ValueError(f"weights must have shape ({n},), got {tuple(weights.shape)}")
+    cands = item_emb if hard_neg_emb is None else torch.cat([item_emb, hard_neg_emb])
+    logits = scale * F.normalize(user_emb, dim=-1) @ F.normalize(cands, dim=-1).T
+    diag = torch.arange(n, device=logits.device)
+    if exclude is not None:
+        if exclude.shape != logits.shape:
+            raise ValueError(f"exclude must have shape {tuple(logits.shape)}, got {tuple(exclude.shape)}")
+        exclude = exclude.clone()
+        exclude[diag, diag] = False
+        logits = logits.masked_fill(exclude, float("-inf"))
+    ce = F.cross_entropy(logits, diag, reduction="none")
+    w = weights.to(ce.dtype)
+    return (w * ce).sum() / w.sum().clamp_min(1e-12)
+
+
+class TwoTower(nn.Module):
+    """One shared transformer for users and items; `forward` returns the loss."""
+
+    def __init__(self, encoder: nn.Module, scale: float):
+        super().__init__()
+        self.encoder, self.scale = encoder, scale
+
+    def embed(self, batch: dict) -> torch.Tensor:
+        hidden = self.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        return mean_pool(hidden.float(), batch["attention_mask"])
+
+    def forward(self, users: dict, items: dict, weights: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+        u, it = self.embed(users), self.embed(items)
+        n = u.shape[0]
+        with torch.autocast("cpu", enabled=False):
+            return contrastive_loss(u, it[:n], weights, it[n:] if it.shape[0] > n else None, self.scale, exclude)
+
+
+def build_data(ds: Dataset, cfg: EncoderTrainConfig) -> EncoderData:
+    common = dict(history_items=cfg.history_items, val_users=cfg.val_users, n_negatives=cfg.val_negatives,
+                  negative_pool=cfg.val_negative_pool, seed=cfg.seed)
+    if has_impression_lists(ds):
+        return impression_pairs(ds, test_days=cfg.test_days, valid_days=cfg.valid_days, **common)
+    return loo_pairs(ds, **common)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_base(cfg: EncoderTrainConfig):
+    from transformers import AutoModel, AutoTokenizer
+
+    path = base_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True)
+    if cfg.method == "lora":
+        apply_lora(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha)
+    return tokenizer, model.train()
+
+
+def save_encoder(model: nn.Module, tokenizer, enc_dir: Path, training: dict) -> None:
+    """Write a plain BertModel (LoRA merged) + tokenizer + training.json, replacing `enc_dir` at the end."""
+    tmp, old = enc_dir.with_name(f".{enc_dir.name}.tmp"), enc_dir.with_name(f".{enc_dir.name}.old")
+    for d in (tmp, old):
+        shutil.rmtree(d, ignore_errors=True)
+    plain = merge_lora(copy.deepcopy(model)) if lora_modules(model) else model
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if not (tmp / "model.safetensors").is_file():
+        raise RuntimeError(f"{tmp}: save_pretrained wrote no model.safetensors")
+    (tmp / TRAINING_JSON).write_text(json.dumps(training, indent=2, default=str) + "\n")
+    if enc_dir.exists():
+        enc_dir.rename(old)
+    tmp.rename(enc_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class _Batcher:
+    """Tokenized batches: user texts, target item texts (+ hard negatives), weights, exclusion mask."""
+
+    def __init__(self, data: EncoderData, tokenizer, cfg: EncoderTrainConfig):
+        self.data, self.tok, self.cfg = data, tokenizer, cfg
+        self.rng = np.random.default_rng(cfg.seed + 1)
+        self.user_text_len = np.array([len(data.user_text(h, cfg.history_items)) for h in data.pairs.history])
+
+    def epochs(self):
+        epoch = 0
+        while True:
+            chosen = sample_epoch(self.data.pairs, self.rng, self.cfg.pairs_per_user, self.cfg.recency_half_life)
+            batches = length_batches(chosen, self.user_text_len, self.cfg.batch_size, self.rng)
+            if not batches:
+                raise ValueError(f"{chosen.size} training pairs per epoch is less than one batch of {self.cfg.batch_size}; lower --batch-size")
+            for b in batches:
+                yield epoch, self.make(b)
+            epoch += 1
+
+    def make(self, rows: np.ndarray) -> dict:
+        d, c, p = self.data, self.cfg, self.data.pairs
+        targets = p.target[rows]
+        hard = []
+        if c.hard_negatives and p.hard_negatives:
+            for r in rows:
+                negs = p.hard_negatives[r]
+                if negs.size:
+                    hard.extend(self.rng.choice(negs, min(c.hard_negatives, negs.size), replace=False).tolist())
+        cands = np.concatenate([targets, np.asarray(hard, dtype=np.int64)])
+        exclude = np.stack([np.isin(cands, d.known[p.user[r]]) | (cands == p.target[r]) for r in rows])
+        tok = lambda texts, n: self.tok(texts, padding=True, truncation=True, max_length=n, return_tensors="pt")  # noqa: E731
+        return {
+            "users": tok([d.user_text(p.history[r], c.history_items) for r in rows], c.max_length_user),
+            "items": tok([d.item_texts[i] for i in cands], c.max_length_item),
+            "weights": torch.from_numpy(p.weight[rows].astype(np.float32)),
+            "exclude": torch.from_numpy(exclude),
+        }
+
+
+def _lr_factor(step: int, elapsed: float, cfg: EncoderTrainConfig, budget_s: float) -> float:
+    warm = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+    progress = elapsed / budget_s
+    if cfg.max_steps:
+        progress = max(progress, step / cfg.max_steps)
+    return warm * max(cfg.min_lr_ratio, 1.0 - (1.0 - cfg.min_lr_ratio) * min(progress, 1.0))
+
+
+def train_encoder(ds: Dataset, out_dir: str | Path, cfg: EncoderTrainConfig, data_source: str = "") -> dict:
+    """Fine-tune, keep the best model in OUT/encoder/, write curves; returns the training summary."""
+    from tqdm import tqdm
+
+    t_start = time.monotonic()
+    torch.set_num_threads(cfg.num_threads)
+    _seed_everything(cfg.seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    enc_dir = out / ENCODER_DIR
+    data = build_data(ds, cfg)
+    log.info("split %s: %d candidate pairs, %d validation users", data.split["kind"], len(data.pairs), len(data.valid.target))
+    tokenizer, model = load_base(cfg)
+    tower = TwoTower(model, cfg.scale)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
+    evaluate = SampledEvaluator(data, tokenizer, cfg)
+    budget_s = cfg.max_minutes * 60.0
+    summary = {
+        "base_model": BASE_MODEL,
+        "method": cfg.method,
+        "status": "running",
+        "data": {"source": data_source, "items": len(data.item_ids), "events": ds.events.height, "split": data.split,
+                 "candidate_pairs": len(data.pairs), "validation_users": len(data.valid.target)},
+        "hyper_parameters": {**asdict(cfg), "learning_rate": cfg.learning_rate, "trainable_parameters": sum(p.numel() for p in params)},
+        "lora": {"layers": lora_modules(model), "merged_on_save": True} if cfg.method == "lora" else None,
+        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
+        # Wall-time numbers depend on what else runs on the machine: record the load.
+        "host": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "loadavg_start": os.getloadavg()},
+        "created_at": datetime.now(timezone.utc).isoformat(),
+    }
+    curves: dict[str, list] = {"loss": [], "valid": []}
+
+    t0 = time.monotonic()  # the budget covers the loop, periodic validation included
+    frozen = evaluate(model)
+    eval_s = time.monotonic() - t0
+    curves["valid"].append({"step": 0, "elapsed_s": round(eval_s, 1), **frozen})
+    best = {**frozen, "step": 0}
+    log.info("frozen baseline: ndcg@10 %.4f hr@10 %.4f (%.0f s)", frozen["ndcg@10"], frozen["hr@10"], eval_s)
+    summary["metrics"] = {"frozen": frozen, "best": best}
+    save_encoder(model, tokenizer, enc_dir, summary)
+
+    step, seen, epoch, train_s, status = 0, 0, 0, 0.0, "finished"
+    bar = tqdm(total=cfg.max_steps, unit="step", desc=f"encoder {cfg.method}", dynamic_ncols=True)
+    batches = _Batcher(data, tokenizer, cfg).epochs()
+    try:
+        while not (cfg.max_steps and step >= cfg.max_steps):
+            elapsed = time.monotonic() - t0
+            step_s = train_s / step if step else 0.0
+            if elapsed + step_s + 1.1 * eval_s > budget_s:
+                break
+            epoch, b = next(batches)
+            for g in opt.param_groups:
+                g["lr"] = cfg.learning_rate * _lr_factor(step, elapsed, cfg, budget_s)
+            ts = time.monotonic()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss = tower(b["users"], b["items"], b["weights"], b["exclude"])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            train_s += time.monotonic() - ts
+            step += 1
+            seen += len(b["weights"])
+            curves["loss"].append({"step": step, "elapsed_s": round(time.monotonic() - t0, 1), "loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"]})
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", ex_s=f"{seen / train_s:.1f}", best=f"{best['ndcg@10']:.4f}")
+            if step % cfg.eval_every == 0:
+                best, eval_s = _validate(model, tokenizer, evaluate, step, t0, curves, best, summary, enc_dir)
+    except KeyboardInterrupt:
+        status = "interrupted"
+        log.warning("interrupted at step %d; the best model so far is in %s", step, enc_dir)
+    bar.close()
+    if not curves["valid"] or curves["valid"][-1]["step"] != step:
+        best, eval_s = _validate(model, tokenizer, evaluate, step, t0, curves, best, summary, enc_dir)
+    loop_s = time.monotonic() - t0
+    summary.update(
+        status=status, steps=step, examples_seen=seen, epochs_started=epoch + (1 if step else 0),
+        train_loop_seconds=round(loop_s, 1), train_step_seconds=round(train_s, 1), wall_seconds=round(time.monotonic() - t_start, 1),
+        steps_per_second=round(step / train_s, 4) if train_s else None,
+        examples_per_second=round(seen / train_s, 2) if train_s else None,
+    )
+    summary["host"]["loadavg_end"] = os.getloadavg()
+    summary["metrics"] = {"frozen": frozen, "final": {k: v for k, v in curves["valid"][-1].items() if k not in ("step", "elapsed_s")}, "best": best}
+    (enc_dir / TRAINING_JSON).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    save_curves(out / CURVES, curves, title=f"{cfg.method} fine-tuning ({data_source or 'data'})")
+    ref = EncoderRef(model_dir=ENCODER_DIR, base_model=BASE_MODEL, max_length=cfg.max_length_user, history_items=cfg.history_items)
+    update_manifest(out / MANIFEST, ref, summary)
+    return summary
+
+
+def _validate(model, tokenizer, evaluate, step, t0, curves, best, summary, enc_dir):
+    ts = time.monotonic()
+    m = evaluate(model)
+    curves["valid"].append({"step": step, "elapsed_s": round(time.monotonic() - t0, 1), **m})
+    log.info("step %d: valid ndcg@10 %.4f hr@10 %.4f (best %.4f at step %d)", step, m["ndcg@10"], m["hr@10"], best["ndcg@10"], best["step"])
+    if m["ndcg@10"] > best["ndcg@10"]:
+        best = {**m, "step": step}
+        summary["metrics"]["best"] = best
+        save_encoder(model, tokenizer, enc_dir, summary)
+    return best, time.monotonic() - ts
+
+
+def save_curves(stem: Path, curves: dict, title: str) -> None:
+    """`stem.json` (loss per step, validation metrics per evaluation) and `stem.png`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stem.with_suffix(".json").write_text(json.dumps(curves, indent=1) + "\n")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    if curves["loss"]:
+        steps = np.array([r["step"] for r in curves["loss"]])
+        loss = np.array([r["loss"] for r in curves["loss"]])
+        ax1.plot(steps, loss, alpha=0.35, label="batch loss")
+        w = max(1, min(20, loss.size // 5))
+        ax1.plot(steps[w - 1 :], np.convolve(loss, np.ones(w) / w, mode="valid"), label=f"mean of {w}")
+        ax1.legend()
+    ax1.set(xlabel="step", ylabel="InfoNCE loss", title="training loss")
+    steps = [r["step"] for r in curves["valid"]]
+    for key in ("ndcg@10", "hr@10"):
+        ax2.plot(steps, [r[key] for r in curves["valid"]], marker="o", label=key)
+    ax2.set(xlabel="step", ylabel="sampled-100 metric", title="validation (step 0 = frozen)")
+    ax2.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(stem.with_suffix(".png"), dpi=100)
+    plt.close(fig)
+
+
+def update_manifest(path: Path, ref: EncoderRef, summary: dict) -> bool:
+    """Point an existing bundle manifest at the fine-tuned encoder; returns False when there is none."""
+    if not path.is_file():
+        log.info("no %s yet: `semrank train ranker` should reference %s/ when it writes the bundle", path, ref.model_dir)
+        return False
+    manifest = json.loads(path.read_text())
+    manifest["encoder"] = asdict(ref)
+    manifest["encoder_training"] = {
+        k: summary.get(k) for k in ("base_model", "method", "status", "steps", "train_loop_seconds", "metrics", "created_at")
+    } | {"details": f"{ref.model_dir}/{TRAINING_JSON}"}
+    if "feature_names" in manifest:
+        log.warning("%s: the ranker in this bundle was trained on interest scores of the previous encoder; retrain it", path)
+        manifest["encoder_training"]["note"] = "ranker.txt predates this encoder; retrain the ranker with it"
+    path.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    return True

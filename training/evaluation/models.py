@@ -1,0 +1,287 @@
+"""Models for the offline leave-one-out evaluation (`training.evaluation.protocol`).
+
+A model is anything with a `name`, a one-line `description` and
+`score(histories) -> (batch, n_items)`: given a batch of users, each an array
+of item indices (oldest first, the test target never included), it returns a
+score for every catalog item. The protocol code then gathers the candidates
+(sampled-100) or masks the history (full). Higher is better; NaN counts as -inf.
+
+- `PopularityScorer`: interaction counts of the training part only.
+- `EncoderScorer`: cosine between the user's recent-history text and every
+  item text, both from one text encoder (pretrained or fine-tuned). Item
+  embeddings are computed once and cached on disk as .npy.
+- `TrueInterestScorer` (synthetic shop only): the generative model's true
+  interest of the user in every item on the test item's day. It needs to know
+  the user, so it implements `score_users(users, histories)`, which
+  `evaluate` prefers when a model has it.
+
+LightGBM bundles do not fit the (batch, n_items) interface (too slow over a
+whole catalog); `training.evaluation.rankers` scores them on candidates only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from featurizer.text import HISTORY_ITEMS, history_text
+from ranker.bundle import MANIFEST, EncoderRef
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_LENGTH = 128
+ITEM_ENCODE_CHUNK = 256
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    name: str
+    description: str
+
+    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        """(len(histories), n_items) scores; row k is user k's score for every catalog item."""
+        ...
+
+
+class TextEncoderLike(Protocol):
+    def encode(self, texts: list[str]) -> np.ndarray: ...
+
+
+# --------------------------------------------------------------------------- popularity
+
+
+class PopularityScorer:
+    """Every user gets the same scores: the item's interaction count in the training part."""
+
+    def __init__(self, train_item_counts: np.ndarray, name: str = "popularity"):
+        self.name = name
+        self.counts = np.asarray(train_item_counts, dtype=np.float32)
+        self.description = (
+            f"{name}: interaction counts per item over the training part only (every sequence without "
+            "its test item; LooSplit.train_item_counts), so no test target contributes to its own count"
+        )
+
+    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        return np.broadcast_to(self.counts, (len(histories), self.counts.size))
+
+
+# --------------------------------------------------------------------------- ground truth
+
+
+class TrueInterestScorer:
+    """The synthetic shop's ground truth as a model: `Truth.interest(user, item, day of the test item)`.
+
+    A reference, not a strict ceiling: which item a user clicks next also depends on what the
+    logging policy showed and at which position, which a model of the logs can pick up."""
+
+    def __init__(self, truth_dir_parent: str | Path, split, test_times_us: np.ndarray, name: str = "oracle-true-interest"):
+        from training.data.synth import DAY_MS, load_truth
+
+        truth, users, items = load_truth(truth_dir_parent)
+        user_index = {u: k for k, u in enumerate(users["user_id"].to_list())}
+        item_index = {i: k for k, i in enumerate(items["item_id"].to_list())}
+        missing = [i for i in split.item_ids if i not in item_index][:3] + [u for u in split.users if u not in user_index][:3]
+        if missing:
+            raise ValueError(f"{truth_dir_parent}: the truth/ tables do not name {missing}; not the shop these events came from")
+        self.truth = truth
+        self.items = np.array([item_index[i] for i in split.item_ids], dtype=np.int64)
+        self.users = np.array([user_index[u] for u in split.users], dtype=np.int64)
+        self.days = (np.asarray(test_times_us, dtype=np.int64) // 1000 - truth.start_ms) // DAY_MS
+        self.name = name
+        self.description = (f"{name}: the synthetic shop's true interest (truth/, `Truth.interest`) of the user in "
+                            "every item on the test item's day; clicks also depend on what was shown, so this is a "
+                            "reference point rather than a strict upper bound")
+
+    def score_users(self, users: np.ndarray, histories: Sequence[np.ndarray]) -> np.ndarray:
+        """(len(users), n_items); `users` index `split.users`."""
+        u = self.users[np.asarray(users, dtype=np.int64)]
+        return self.truth.interest(u[:, None], self.items[None, :], self.days[np.asarray(users)][:, None]).astype(np.float32)
+
+    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        raise TypeError(f"{self.name} scores users, not histories; call score_users")
+
+
+# --------------------------------------------------------------------------- text encoders
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Which encoder to load and how the user text is built."""
+
+    name: str
+    model_dir: str  # "base" or a directory with config.json
+    max_length: int = DEFAULT_MAX_LENGTH
+    history_items: int = HISTORY_ITEMS
+    source: str = "base"  # what the user gave (a repo-relative path or "base"), for the report
+
+
+def parse_encoder_arg(arg: str) -> tuple[str, Path]:
+    """`NAME=DIR` -> (NAME, DIR)."""
+    name, sep, path = arg.partition("=")
+    name, path = name.strip(), path.strip()
+    if not sep or not name or not path:
+        raise ValueError(f"--encoder expects NAME=DIR (e.g. encoder-finetuned=runs/beauty/bundle/encoder), got {arg!r}")
+    return name, Path(path)
+
+
+def resolve_encoder_spec(name: str, path: str | Path, history_items: int = HISTORY_ITEMS,
+                         max_length: int = DEFAULT_MAX_LENGTH) -> EncoderSpec:
+    """A transformers model directory, or a bundle directory whose manifest names its encoder.
+
+    A bundle's own `max_length` and `history_items` (its EncoderRef) are used, since that is how
+    its encoder is served; a plain model directory gets the given defaults.
+    """
+    path = Path(path)
+    manifest = path / MANIFEST
+    if manifest.is_file():
+        try:
+            entry = json.loads(manifest.read_text())["encoder"]
+            known = {f.name for f in dataclasses.fields(EncoderRef)}
+            ref = EncoderRef(**{k: v for k, v in entry.items() if k in known})
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{manifest}: no usable 'encoder' entry ({e}); expected a semrank bundle manifest") from e
+        model_dir = ref.resolve(path)
+        if model_dir != "base" and not (Path(model_dir) / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{manifest}: encoder.model_dir {ref.model_dir!r} resolves to {model_dir}, which has no config.json"
+            )
+        return EncoderSpec(name, model_dir, ref.max_length, ref.history_items, source=display_path(path))
+    if (path / "config.json").is_file():
+        return EncoderSpec(name, str(path), max_length, history_items, source=display_path(path))
+    raise FileNotFoundError(
+        f"--encoder {name}={path}: neither a bundle ({MANIFEST}) nor a transformers model directory (config.json)"
+    )
+
+
+def display_path(path: str | Path) -> str:
+    """The path relative to the working directory when it lies below it (reports carry no machine paths)."""
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def user_texts(histories: Sequence[np.ndarray], titles: Sequence[str], history_items: int) -> list[str]:
+    """`history_text` of the titles of each user's last `history_items` items, most recent first."""
+    return [history_text([titles[i] for i in h[::-1][:history_items]], history_items) for h in histories]
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """Identifies the weights by content: name, size and sha256 of every file in the directory, so a
+    copy of an encoder (e.g. in each bundle) shares its embedding caches (about 0.1 s for MiniLM)."""
+    p = Path(model_dir)
+    parts = [] if p.is_dir() else [str(p.resolve())]
+    if p.is_dir():
+        for f in sorted(p.iterdir()):
+            if f.is_file():
+                h = hashlib.sha256()
+                with f.open("rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(block)
+                parts.append(f"{f.name}:{f.stat().st_size}:{h.hexdigest()}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def embedding_cache_path(cache_dir: str | Path, dataset: str, spec: EncoderSpec, model_key: str,
+                         item_texts: Sequence[str]) -> Path:
+    """`CACHE/<dataset>__<model>__<hash>.npy`; the hash covers weights, max_length and the item texts."""
+    h = hashlib.sha256()
+    h.update(f"{model_key}\n{spec.max_length}\n{len(item_texts)}\n".encode())
+    for t in item_texts:
+        h.update(t.encode())
+        h.update(b"\x00")
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{dataset}__{spec.name}")
+    return Path(cache_dir) / f"{safe}__{h.hexdigest()[:16]}.npy"
+
+
+def encode_with_progress(encoder: TextEncoderLike, texts: Sequence[str], desc: str,
+                         chunk: int = ITEM_ENCODE_CHUNK, progress: bool = True) -> np.ndarray:
+    """Encode in chunks of similar length (sorted globally, so padding stays small), with a progress bar."""
+    from tqdm import tqdm
+
+    if not texts:
+        return np.asarray(encoder.encode([]), dtype=np.float32)
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    out: np.ndarray | None = None
+    for start in tqdm(range(0, len(texts), chunk), desc=desc, unit="chunk", disable=not progress, leave=False):
+        idx = order[start : start + chunk]
+        emb = np.asarray(encoder.encode([texts[i] for i in idx]), dtype=np.float32)
+        if out is None:
+            out = np.empty((len(texts), emb.shape[1]), dtype=np.float32)
+        out[idx] = emb
+    return out
+
+
+def cached_item_embeddings(encoder: TextEncoderLike, item_texts: Sequence[str], cache_path: Path | None,
+                           progress: bool = True, desc: str = "item texts") -> np.ndarray:
+    """Load `cache_path` if it holds (len(item_texts), dim) float32, else encode and save it there."""
+    if cache_path is not None and cache_path.is_file():
+        emb = np.load(cache_path, allow_pickle=False)
+        if emb.ndim == 2 and emb.shape[0] == len(item_texts) and emb.dtype == np.float32:
+            log.info("%s: embeddings from cache %s", desc, cache_path)
+            return emb
+        log.warning("ignoring cache %s: shape %s / dtype %s do not match %d texts", cache_path, emb.shape,
+                    emb.dtype, len(item_texts))
+    log.info("encoding %d %s", len(item_texts), desc)
+    emb = encode_with_progress(encoder, item_texts, desc, progress=progress)
+    if cache_path is not None:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_suffix(".tmp.npy")
+        np.save(tmp, emb, allow_pickle=False)
+        tmp.replace(cache_path)
+    return emb
+
+
+class EncoderScorer:
+    """score = cosine(user-history text, item text) = dot product of unit vectors."""
+
+    def __init__(self, name: str, encoder: TextEncoderLike, item_embeddings: np.ndarray, titles: Sequence[str],
+                 history_items: int = HISTORY_ITEMS, description: str = ""):
+        if item_embeddings.shape[0] != len(titles):
+            raise ValueError(f"{name}: {item_embeddings.shape[0]} item embeddings for {len(titles)} catalog items")
+        if history_items < 1:
+            raise ValueError(f"{name}: history_items must be >= 1, got {history_items}")
+        self.name = name
+        self.encoder = encoder
+        self.item_embeddings = np.ascontiguousarray(item_embeddings, dtype=np.float32)
+        self.titles = list(titles)
+        self.history_items = history_items
+        self.description = description or f"{name}: cosine of last-{history_items}-titles user text and item text"
+
+    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        texts = user_texts(histories, self.titles, self.history_items)
+        users = np.asarray(self.encoder.encode(texts), dtype=np.float32)
+        return users @ self.item_embeddings.T
+
+
+def load_encoder_scorer(spec: EncoderSpec, item_texts: Sequence[str], titles: Sequence[str], dataset: str,
+                        cache_dir: str | Path | None, progress: bool = True,
+                        encoder_factory: Callable[[EncoderSpec], TextEncoderLike] | None = None) -> EncoderScorer:
+    """Load the encoder, get (cached) item embeddings, return the scorer."""
+    from ranker.encoder import TextEncoder, resolve_model_dir
+
+    if encoder_factory is None:
+        def encoder_factory(s: EncoderSpec) -> TextEncoderLike:
+            return TextEncoder(s.model_dir, max_length=s.max_length)
+
+    encoder = encoder_factory(spec)
+    cache = None
+    if cache_dir is not None:
+        cache = embedding_cache_path(cache_dir, dataset, spec, model_fingerprint(resolve_model_dir(spec.model_dir)),
+                                     item_texts)
+    emb = cached_item_embeddings(encoder, item_texts, cache, progress=progress, desc=f"{spec.name} items")
+    what = "pretrained all-MiniLM-L6-v2" if spec.model_dir == "base" else f"encoder from {spec.source}"
+    description = (
+        f"{spec.name}: {what}; user text = titles of the last {spec.history_items} history items, most recent "
+        f"first (history_text); item text = item_text_expr; score = cosine; max_length {spec.max_length}"
+    )
+    return EncoderScorer(spec.name, encoder, emb, titles, spec.history_items, description)

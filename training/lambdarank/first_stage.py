@@ -1,0 +1,99 @@
+"""The cheap first stage of a two-stage ranking over the whole catalog, on a leave-one-out split.
+
+`encoder` (cosine of user text and item text), `encoder+cooc` or `encoder+popularity`:
+reciprocal-rank fusion (k = 60) of the encoder rank and the rank by item co-occurrence with
+the user's recent items / by popularity, both counted over the part of the split before the
+target. `semrank eval` re-orders its top K with LightGBM (`training.evaluation.rankers`);
+`semrank train ranker` draws hard negatives from it (`training.lambdarank.leave_one_out`), so the ranker
+learns to order what it will be given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from featurizer.definitions import FeatureParams
+from training.data.loo import LooSplit
+
+FIRST_STAGES = ("encoder", "encoder+cooc", "encoder+popularity")
+DEFAULT_FIRST_STAGE = "encoder+cooc"
+DEFAULT_RERANK_K = 200
+RRF_K = 60
+COOC_ITEMS = FeatureParams().history_items  # recent items the co-occurrence first stage sums over
+
+
+def user_item_cosines(user_emb: np.ndarray, item_embeddings: np.ndarray) -> np.ndarray:
+    """(users, items) cosines of unit vectors; all NaN when no user had a history (`encode_user_texts`
+    then returns a one-column NaN matrix), which `FirstStage.scores` counts as 0."""
+    if user_emb.shape[1] != item_embeddings.shape[1]:
+        return np.full((user_emb.shape[0], item_embeddings.shape[0]), np.nan, dtype=np.float32)
+    return user_emb @ item_embeddings.T
+
+
+def ordinal_ranks(scores: np.ndarray) -> np.ndarray:
+    """1-based rank of every entry of each row, best first; ties by item index (stable)."""
+    order = np.argsort(-scores, axis=1, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(1, scores.shape[1] + 1)[None, :], axis=1)
+    return ranks
+
+
+class FirstStage:
+    """Cheap scores over the whole catalog; popularity and co-occurrence count the part before `target`."""
+
+    def __init__(self, split: LooSplit, target: str = "test"):
+        from scipy import sparse
+
+        cut = 1 if target == "test" else 2
+        seqs = [s[:-cut] for s in split.sequences] + list(split.train_only)
+        n = len(split.item_ids)
+        self.n_items = n
+        self.popularity = np.bincount(np.concatenate(seqs), minlength=n).astype(np.float64) if seqs else np.zeros(n)
+        rows = np.repeat(np.arange(len(seqs)), [s.size for s in seqs])
+        x = sparse.csr_matrix((np.ones(rows.size), (rows, np.concatenate(seqs))), shape=(len(seqs), n))
+        x.data[:] = 1.0
+        c = (x.T @ x).tocsr()
+        inv = 1.0 / np.sqrt(np.maximum(c.diagonal(), 1.0))
+        c.setdiag(0.0)
+        c.eliminate_zeros()
+        self.cooc = (sparse.diags(inv) @ c @ sparse.diags(inv)).tocsr()  # cosine c_ij / sqrt(n_i n_j)
+
+    def cooccurrence(self, recent: Sequence[np.ndarray]) -> np.ndarray:
+        from scipy import sparse
+
+        rows = np.repeat(np.arange(len(recent)), [r.size for r in recent])
+        cols = np.concatenate(recent) if len(recent) else np.zeros(0, np.int64)
+        h = sparse.csr_matrix((np.ones(rows.size), (rows, cols)), shape=(len(recent), self.n_items))
+        return (h @ self.cooc).toarray()
+
+    def scores(self, kinds: Sequence[str], cos: np.ndarray, recent: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        """kind -> (batch, n_items) float64; `cos` NaN rows (no history) count as 0."""
+        enc = np.nan_to_num(cos.astype(np.float64), nan=0.0)
+        out = {}
+        enc_rrf = 1.0 / (RRF_K + ordinal_ranks(enc)) if set(kinds) - {"encoder"} else None
+        for kind in kinds:
+            if kind == "encoder":
+                out[kind] = enc
+                continue
+            if kind == "encoder+cooc":
+                other = self.cooccurrence(recent)
+            elif kind == "encoder+popularity":
+                other = np.broadcast_to(self.popularity, enc.shape)
+            else:
+                raise ValueError(f"unknown first stage {kind!r}; choose from {', '.join(FIRST_STAGES)}")
+            out[kind] = enc_rrf + np.where(other > 0, 1.0 / (RRF_K + ordinal_ranks(other)), 0.0)
+        return out
+
+
+def top_k(scores: np.ndarray, masked: Sequence[np.ndarray], k: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Scores with the masked items at -inf, and per row the best min(k, unmasked) items."""
+    s = scores.copy()
+    for r, m in enumerate(masked):
+        s[r, m] = -np.inf
+    out = []
+    for r in range(s.shape[0]):
+        kk = min(k, int(np.isfinite(s[r]).sum()))
+        out.append(np.argpartition(-s[r], kk - 1)[:kk] if kk else np.zeros(0, np.int64))
+    return s, out
