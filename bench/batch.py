@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from machine import machine  # bench/ is sys.path[0]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,8 +50,9 @@ def setup(work: Path, users: int, items: int, days: int, seed: int) -> dict:
     if not (bundle / "manifest.json").is_file():
         from featurizer.contracts.schema import read_dataset
         from ranker.encoder import TextEncoder
-        from training.lambdarank.impression_lists import RankerTrainConfig, train_ranker
         from training.data.synth import SynthConfig, synthesize
+        from training.lambdarank.impression_lists import train_ranker
+        from training.lambdarank.params import RankerTrainConfig
 
         synthesize(shop, seed=seed, config=SynthConfig(n_users=users, n_items=items, n_days=days))
         train_ranker(read_dataset(shop), bundle, RankerTrainConfig(seed=seed), TextEncoder(max_length=128),

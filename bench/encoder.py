@@ -28,7 +28,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
-
 from machine import machine  # bench/ is sys.path[0]
 
 log = logging.getLogger(__name__)
@@ -157,11 +156,11 @@ class Bench:
 
 
 def run(cfg: BenchConfig) -> dict:
+    import torch
+
     from ranker.encoder import TextEncoder
     from serving.triton.client import EncoderClient
     from serving.triton.process import TritonProcess, TritonWorkerConfig, free_port
-
-    import torch
 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)

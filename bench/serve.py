@@ -44,8 +44,12 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
-
-from loadgen import RANK_METHOD, LoadGenerator, serialize, summarize  # bench/ is sys.path[0]
+from loadgen import (  # bench/ is sys.path[0]
+    RANK_METHOD,
+    LoadGenerator,
+    serialize,
+    summarize,
+)
 from serve_report import LoadAvg, check_targets, generator_verdict, hardware, plot
 
 log = logging.getLogger("bench.serve")
@@ -86,8 +90,9 @@ def prepare(cfg: BenchConfig) -> tuple[Path, Path]:
     """The shop and the bundle under work_dir, made once and reused while the recipe is the same."""
     from featurizer.contracts.schema import read_dataset
     from ranker.encoder import TextEncoder
-    from training.lambdarank.impression_lists import RankerTrainConfig, train_ranker
     from training.data.synth import SynthConfig, synthesize
+    from training.lambdarank.impression_lists import train_ranker
+    from training.lambdarank.params import RankerTrainConfig
 
     wd = cfg.work_dir
     shop, bundle, stamp = wd / "shop", wd / "bundle", wd / "recipe.json"
@@ -112,9 +117,10 @@ def prepare(cfg: BenchConfig) -> tuple[Path, Path]:
 def online_snapshot(state_dir: Path, shop: Path) -> Path:
     """The server's feature snapshot, built here once from the shop's events (what the server
     would do at its first start), so the server starts fast and this process can load the same state."""
-    from featurizer.online.features import OnlineFeatures
-    from featurizer.store.base import InProcessConfig, InProcessStore
     from featurizer.contracts.schema import read_dataset
+    from featurizer.online.features import OnlineFeatures
+    from featurizer.store.config import InProcessConfig
+    from featurizer.store.in_process import InProcessStore
 
     path = state_dir / "online-store.bin"
     if not path.exists():
@@ -236,12 +242,14 @@ class LocalEncoder:
 
 def inprocess_engine(bundle_dir: Path, shop: Path, state_dir: Path, snapshot: Path):
     """A RankingEngine like the server's: same items, feature state, bundle and item embeddings."""
-    from featurizer.online.features import OnlineFeatures
-    from featurizer.store.base import InProcessConfig, InProcessStore
     from featurizer.contracts.schema import read_dataset
+    from featurizer.online.features import OnlineFeatures
+    from featurizer.store.config import InProcessConfig
+    from featurizer.store.in_process import InProcessStore
     from ranker.bundle import load_bundle
-    from serving.ranking.item_store import ItemStore, encoder_key
+    from ranker.encoder import encoder_key
     from serving.ranking.engine import BundleRuntime, RankingEngine
+    from serving.ranking.item_store import ItemStore
 
     ds = read_dataset(shop)
     items = ItemStore(ds.items, state_dir)  # the server's persisted embeddings

@@ -7,7 +7,6 @@ import threading
 from pathlib import Path
 
 import numpy as np
-
 from machine import machine  # bench/ is sys.path[0]
 
 

@@ -12,7 +12,7 @@ import polars as pl
 
 # Default budgets; the encoder truncates by tokens as well.
 MAX_DESCRIPTION_CHARS = 200
-HISTORY_ITEMS = 5
+HISTORY_ITEMS = 5  # titles in the user text unless a bundle says otherwise (EncoderRef.history_items)
 
 
 def item_text(
@@ -48,8 +48,11 @@ def item_text_expr(max_description_chars: int = MAX_DESCRIPTION_CHARS) -> pl.Exp
     ).alias("item_text")
 
 
-def history_text(titles_most_recent_first: Sequence[str], max_items: int = HISTORY_ITEMS) -> str:
-    """The user-side text: the titles of recent interactions, most recent first."""
+def history_text(titles_most_recent_first: Sequence[str], max_items: int) -> str:
+    """The user-side text: the titles of the `max_items` most recent interactions, most recent first.
+
+    `max_items` has no default: it is the bundle's `history_items` (`ranker.feature_matrix.BundleInputs`),
+    and training and serving must pass the same."""
     return " | ".join(t for t in titles_most_recent_first[:max_items])
 
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from featurizer.errors import SemrankError
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -28,8 +30,11 @@ MANIFEST = "manifest.json"
 MODEL_FILE = "ranker.txt"
 
 
-class BundleError(ValueError):
+class BundleError(SemrankError, ValueError):
     """A bundle directory that cannot be served; the message says what is wrong and where."""
+
+    grpc_code = "FAILED_PRECONDITION"
+    reason = "BUNDLE_INVALID"
 
 
 @dataclass(frozen=True)

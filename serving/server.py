@@ -21,7 +21,6 @@ import asyncio
 import logging
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -29,52 +28,28 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from featurizer.store.base import StoreConfig
+from featurizer.contracts.experiments import Experiments, load_experiments
 from ranker.bundle import EncoderRef
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
-from serving.encoding.factories import TritonEncoderOptions, triton_encoder_factory
-from serving.api.admission import AdmissionInterceptor
-from featurizer.contracts.experiments import Experiments, load_experiments
-from serving.experiments.exposure_log import ExposureLog
-from serving.observability.metrics import Metrics, MetricsInterceptor
-from serving.ranking.engine import RankingEngine, utc_now
-from serving.ranking.registry import BundleRegistry, EncoderHandle, EncoderPool
-from serving.api.auth import AuthInterceptor, TlsConfig, TokenAuth
+from serving.api.auth import AuthInterceptor
+from serving.api.errors import ErrorInterceptor
+from serving.api.interceptors import AdmissionInterceptor, MetricsInterceptor
 from serving.api.service import RankingService, ServingState
+from serving.config import ServeConfig
+from serving.encoding.factories import TritonEncoderOptions, triton_encoder_factory
+from serving.encoding.pool import EncoderHandle, EncoderPool
+from serving.experiments.exposure_log import ExposureLog
+from serving.ingest.apply import EventIngest
 from serving.ingest.restore import build_engine, close_all
+from serving.observability.metrics import Metrics
+from serving.ranking.engine import RankingEngine, utc_now
+from serving.ranking.registry import BundleRegistry
 from serving.triton.process import TritonProcess
-from serving.api.validation import Limits
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RankingService"].full_name
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    bundle_dir: Path  # watched: replace its files (or repoint a symlink) to hot-reload
-    data_dir: Path  # items + events the online state starts from
-    state_dir: Path | None = None  # event log, exposures, embeddings, feature snapshot; None: a temp dir
-    host: str = "127.0.0.1"
-    port: int = 50051  # 0 picks a free port
-    experiments_file: Path | None = None
-    store: StoreConfig | None = None  # None: in-process, snapshotted to state_dir/online-store.bin
-    metrics_port: int | None = None  # None: no /metrics endpoint; 0: a free port
-    metrics_host: str = "127.0.0.1"
-    tls: TlsConfig | None = None
-    tokens: TokenAuth | None = None
-    reload_poll_s: float = 2.0  # 0: no watcher (ReloadBundle still works)
-    max_concurrent_rpcs: int = 128  # beyond it: RESOURCE_EXHAUSTED
-    snapshot_interval_s: float = 30.0
-    encoder_timeout_s: float = 0.25  # Triton deadline on the request path
-    encoder_retries: int = 1
-    breaker_failures: int = 5
-    breaker_open_s: float = 2.0
-    triton_max_queue_delay_us: int = 2000
-    triton_supervise_s: float = 2.0  # restart a dead or unresponsive Triton; 0: never (tests of outages)
-    grace_s: float = 5.0
-    limits: Limits = field(default_factory=Limits)
 
 
 class RankingServer:
@@ -141,7 +116,8 @@ class RankingServer:
             exposures = ExposureLog(state_dir / "exposures")
             self._closers.insert(0, exposures.close)
             self.state = ServingState(
-                engine=engine, registry=registry, event_log=event_log, exposures=exposures, metrics=self.metrics,
+                engine=engine, registry=registry, ingest=EventIngest(event_log, engine.online), exposures=exposures,
+                metrics=self.metrics,
                 limits=cfg.limits, experiments=experiments, encoder_timeout_s=cfg.encoder_timeout_s,
             )
             await self._start_grpc()
@@ -168,9 +144,10 @@ class RankingServer:
 
     async def _start_grpc(self) -> None:
         cfg = self.cfg
-        # Metrics first (it sees every outcome, refusals included); auth last (see serving.api.auth).
+        # Metrics first (it sees every outcome, refusals included), then errors (every exception
+        # below it becomes a status), admission, and auth last (see serving.api.interceptors).
         self.admission = AdmissionInterceptor(cfg.max_concurrent_rpcs)
-        interceptors = [MetricsInterceptor(self.metrics), self.admission]
+        interceptors = [MetricsInterceptor(self.metrics), ErrorInterceptor(), self.admission]
         if cfg.tokens is not None:
             interceptors.append(AuthInterceptor(cfg.tokens))
         options = [
@@ -200,7 +177,7 @@ class RankingServer:
             await asyncio.sleep(every_s)
             try:
                 # Under the apply lock: a snapshot never holds half a batch, nor a batch without its seq.
-                async with self.state.applied_lock:
+                async with self.state.ingest.applied_lock:
                     await asyncio.to_thread(self.state.online.store.flush)
             except Exception:  # noqa: BLE001 - the event log still holds everything
                 log.exception("feature snapshot failed")

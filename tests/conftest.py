@@ -28,7 +28,8 @@ def small_shop(tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_bundle(tmp_path_factory, small_shop, encoder):
     from featurizer.contracts.schema import read_dataset
-    from training.lambdarank.impression_lists import RankerTrainConfig, train_ranker
+    from training.lambdarank.impression_lists import train_ranker
+    from training.lambdarank.params import RankerTrainConfig
 
     out = tmp_path_factory.mktemp("small_bundle")
     extra = train_ranker(

@@ -34,12 +34,14 @@ from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from featurizer.errors import ConfigError
+
 _EXPERIMENT_KEYS = {"name", "salt", "start", "end", "variant"}
 _VARIANT_KEYS = {"name", "share", "bundle", "holdout"}
 SHARE_SUM_TOLERANCE = 1e-9
 
 
-class ExperimentConfigError(ValueError):
+class ExperimentConfigError(ConfigError):
     """The experiments file is invalid; each line names the file and the field path."""
 
     def __init__(self, path: Path | str, violations: list[str]):
@@ -102,6 +104,14 @@ class Experiments:
         v = exp.variant_for(user_id)
         return Assignment(experiment=exp.name, variant=v.name, bundle=v.bundle, holdout=v.holdout)
 
+    def named(self, name: str) -> Experiment:
+        """The experiment called `name`; ExperimentConfigError listing the names when there is none."""
+        for e in self.experiments:
+            if e.name == name:
+                return e
+        names = ", ".join(e.name for e in self.experiments) or "none"
+        raise ExperimentConfigError(self.source or "<experiments>", [f"no experiment named {name!r} (found: {names})"])
+
     def bundles(self) -> set[Path]:
         return {v.bundle for e in self.experiments for v in e.variants if v.bundle is not None}
 
@@ -118,8 +128,11 @@ def _aware(now: datetime) -> datetime:
     return now
 
 
-def load_experiments(path: Path | str) -> Experiments:
-    """Read and validate an experiments file (.toml or .json); raise ExperimentConfigError naming every bad field."""
+def load_experiments(path: Path | str, check_bundles: bool = True) -> Experiments:
+    """Read and validate an experiments file (.toml or .json); raise ExperimentConfigError naming every bad field.
+
+    `check_bundles` False: bundle paths are resolved but need not exist (the A/B analysis reads the
+    file on a machine without the bundles)."""
     path = Path(path)
     raw = _parse(path)
     errors: list[str] = []
@@ -132,7 +145,7 @@ def load_experiments(path: Path | str) -> Experiments:
         errors.append("experiment: must be an array of tables ([[experiment]])")
         items = []
     for i, item in enumerate(items):
-        exp = _experiment(item, f"experiment[{i}]", path.parent, errors)
+        exp = _experiment(item, f"experiment[{i}]", path.parent, errors, check_bundles)
         if exp is not None:
             experiments.append((i, exp))
     _check_across(experiments, errors)
@@ -186,7 +199,7 @@ def _time(table: dict, key: str, where: str, errors: list[str]) -> datetime | No
     return value.astimezone(timezone.utc)
 
 
-def _experiment(item: Any, where: str, base: Path, errors: list[str]) -> Experiment | None:
+def _experiment(item: Any, where: str, base: Path, errors: list[str], check_bundles: bool) -> Experiment | None:
     if not isinstance(item, dict):
         errors.append(f"{where}: must be a table")
         return None
@@ -205,7 +218,7 @@ def _experiment(item: Any, where: str, base: Path, errors: list[str]) -> Experim
         raw_variants = []
     seen: dict[str, int] = {}
     for j, raw in enumerate(raw_variants):
-        v = _variant(raw, f"{where}.variant[{j}]", base, errors)
+        v = _variant(raw, f"{where}.variant[{j}]", base, errors, check_bundles)
         if v is None:
             continue
         if v.name in seen:
@@ -222,7 +235,7 @@ def _experiment(item: Any, where: str, base: Path, errors: list[str]) -> Experim
     return Experiment(name, salt, start, end, tuple(variants))  # type: ignore[arg-type]
 
 
-def _variant(raw: Any, where: str, base: Path, errors: list[str]) -> Variant | None:
+def _variant(raw: Any, where: str, base: Path, errors: list[str], check_bundles: bool) -> Variant | None:
     if not isinstance(raw, dict):
         errors.append(f"{where}: must be a table")
         return None
@@ -246,7 +259,7 @@ def _variant(raw: Any, where: str, base: Path, errors: list[str]) -> Variant | N
             errors.append(f"{where}.bundle: must be a non-empty path string")
         else:
             bundle = (base / bundle_raw).resolve()
-            if not bundle.exists():
+            if check_bundles and not bundle.exists():
                 errors.append(
                     f"{where}.bundle: {bundle_raw!r} does not exist (resolved to {bundle}; "
                     "paths are relative to the experiments file's directory)"

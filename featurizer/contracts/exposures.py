@@ -28,6 +28,8 @@ from pathlib import Path
 
 import polars as pl
 
+from featurizer.errors import SemrankError
+
 log = logging.getLogger(__name__)
 
 FILE_PREFIX = "exposures-"
@@ -52,8 +54,11 @@ SCHEMA = pl.Schema(
 )
 
 
-class ExposureLogError(ValueError):
+class ExposureLogError(SemrankError, ValueError):
     """A line of an exposure file is not a valid exposure record; the message names file:line."""
+
+    grpc_code = "INVALID_ARGUMENT"
+    reason = "EXPOSURE_LOG_INVALID"
 
 
 @dataclass(frozen=True)

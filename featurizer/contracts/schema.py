@@ -19,6 +19,8 @@ from pathlib import Path
 
 import polars as pl
 
+from featurizer.errors import SemrankError
+
 EVENT_TYPES: tuple[str, ...] = ("impression", "click", "add_to_cart", "purchase")
 # Event strength, used for graded labels and for the weight of a training pair.
 EVENT_STRENGTH: dict[str, int] = {"impression": 0, "click": 1, "add_to_cart": 2, "purchase": 3}
@@ -33,8 +35,11 @@ ITEMS_FILE = "items"
 EVENTS_FILE = "events"
 
 
-class DataContractError(ValueError):
+class DataContractError(SemrankError, ValueError):
     """Input data breaks the contract. The message names file, column and row."""
+
+    grpc_code = "INVALID_ARGUMENT"
+    reason = "DATA_CONTRACT_VIOLATION"
 
     def __init__(self, path: str | Path, column: str, row: int | None, problem: str):
         self.path, self.column, self.row, self.problem = str(path), column, row, problem
@@ -42,6 +47,10 @@ class DataContractError(ValueError):
         if row is not None:
             where += f", row {row}"
         super().__init__(f"{where}: {problem}")
+
+    def field_violations(self) -> list[tuple[str, str]]:
+        row = "" if self.row is None else f"[{self.row}]"
+        return [(f"{self.column}{row}", self.problem)]
 
 
 @dataclass(frozen=True)
@@ -196,6 +205,12 @@ def read_items(path: str | Path) -> pl.DataFrame:
 def read_events(path: str | Path) -> pl.DataFrame:
     path = Path(path)
     return validate_events(_read_raw(path), path)
+
+
+def has_impression_lists(events: pl.DataFrame) -> bool:
+    """True when some impression carries a request_id: the events hold ranked lists that were shown
+    (ranker training then learns from them; without them it uses leave-one-out targets)."""
+    return events.filter((pl.col("event") == "impression") & pl.col("request_id").is_not_null()).height > 0
 
 
 def catalog_report(events: pl.DataFrame, items: pl.DataFrame) -> CatalogReport:

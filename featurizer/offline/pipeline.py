@@ -12,7 +12,6 @@ cost one lookup.
 
 from __future__ import annotations
 
-import numpy as np
 import polars as pl
 
 from featurizer.definitions import (
@@ -22,13 +21,22 @@ from featurizer.definitions import (
     EVENT_PLURALS,
     ITEM_WINDOWS,
     NAMES,
-    NUMPY,
     POLARS,
     USER_WINDOWS,
     WINDOWS,
     FeatureParams,
-    cooc_cosine,
     derive,
+)
+from featurizer.offline.cooccurrence import (
+    cooccurrence_scores,
+    cooccurrence_scores_dense,
+)
+from featurizer.offline.point_in_time import (
+    ONE,
+    asof_before,
+    cumulative,
+    first_touches,
+    recent_items,
 )
 
 QUERY_REQUIRED = ("user_id", "item_id", "ts")
@@ -37,7 +45,6 @@ COOC_METHODS = ("auto", "pairs", "dense")
 DENSE_COOC_MAX_ITEMS = 8192
 NAN = float("nan")
 _CODES = range(len(EVENT_PLURALS))
-_ONE = pl.col("__t").is_not_null().cast(pl.Int64)  # 1 per row (a literal would not be summed per group)
 
 
 def catalog(items: pl.LazyFrame) -> pl.LazyFrame:
@@ -66,37 +73,6 @@ def prepare_events(events: pl.LazyFrame, items: pl.LazyFrame) -> pl.LazyFrame:
         .with_columns(pl.when(pl.col("__eng")).then(pl.col("log_price")).alias("__logprice"))
         .drop("log_price")
     )
-
-
-# ---------------------------------------------------------------- point-in-time building blocks
-
-
-def cumulative(ev: pl.LazyFrame, keys: list[str], sums: dict[str, pl.Expr], lasts: dict[str, pl.Expr] | None = None) -> pl.LazyFrame:
-    """Per key and instant __t: running sums of `sums` up to and including the instant, and for each
-    condition in `lasts` the latest instant so far where it held (null before the first).
-
-    Events of one instant are summed first, so an as-of read never sees half an instant.
-    """
-    lasts = lasts or {}
-    t = pl.col("__t")
-    return (
-        ev.group_by([*keys, "__t"])
-        .agg(*(e.sum().alias(n) for n, e in sums.items()), *(t.filter(c).max().alias(n) for n, c in lasts.items()))
-        .sort([*keys, "__t"])
-        .with_columns(*(pl.col(n).cum_sum().over(keys) for n in sums), *(pl.col(n).forward_fill().over(keys) for n in lasts))
-    )
-
-
-def asof_before(left: pl.LazyFrame, cum: pl.LazyFrame, by_left: list[str], by_right: list[str], on: str, cols: list[str], suffix: str) -> pl.LazyFrame:
-    """Attach to each left row `cols` of the latest `cum` row with the same keys and __t < left[on].
-
-    No such row: nulls. Left row order is not kept; join the result back by key.
-    """
-    right = cum.select(*by_right, pl.col("__t").alias("__rt"), *(pl.col(c).alias(c + suffix) for c in cols))
-    return left.sort(on).join_asof(
-        right.sort("__rt"), left_on=on, right_on="__rt", by_left=by_left, by_right=by_right,
-        strategy="backward", allow_exact_matches=False, check_sortedness=False,
-    ).drop("__rt")
 
 
 def _age(last: str) -> pl.Expr:
@@ -128,7 +104,7 @@ def item_aggregates(ev: pl.LazyFrame, keys: pl.LazyFrame) -> pl.LazyFrame:
     """keys (item_id, __t) -> item_n_* counts, item_n_users_all and item_first_age_us."""
     out = _windowed_counts(keys, cumulative(ev, ["item_id"], _code_sums()), ["item_id"], ITEM_WINDOWS, "item_n")
     first = ev.group_by("item_id").agg(pl.col("__t").min().alias("__first"))
-    users = asof_before(keys, cumulative(first_touches(ev), ["item_id"], {"n": _ONE}), ["item_id"], ["item_id"], "__t", ["n"], "")
+    users = asof_before(keys, cumulative(first_touches(ev), ["item_id"], {"n": ONE}), ["item_id"], ["item_id"], "__t", ["n"], "")
     return (
         out.join(first, on="item_id", how="left")
         .join(users.select("item_id", "__t", pl.col("n").fill_null(0).alias("item_n_users_all")), on=["item_id", "__t"], how="left")
@@ -157,7 +133,7 @@ def user_aggregates(ev: pl.LazyFrame, keys: pl.LazyFrame) -> pl.LazyFrame:
 def user_group_counts(ev: pl.LazyFrame, keys: pl.LazyFrame, column: str, key_col: str, name: str) -> pl.LazyFrame:
     """keys (user_id, key_col, __t) -> `name`: the user's engagements on items whose `column` equals key_col."""
     eng = ev.filter(pl.col("__eng") & pl.col(column).is_not_null())
-    cum = cumulative(eng, ["user_id", column], {"n": _ONE})
+    cum = cumulative(eng, ["user_id", column], {"n": ONE})
     out = asof_before(keys, cum, ["user_id", key_col], ["user_id", column], "__t", ["n"], "")
     value = pl.when(pl.col(key_col).is_null()).then(NAN).otherwise(pl.col("n").fill_null(0).cast(pl.Float64))
     return out.select("user_id", key_col, "__t", value.alias(name))
@@ -173,126 +149,6 @@ def user_item_aggregates(ev: pl.LazyFrame, keys: pl.LazyFrame) -> pl.LazyFrame:
         *(pl.col(f"c{k}").fill_null(0).alias(f"ui_n_{p}_all") for k, p in enumerate(EVENT_PLURALS)),
         _age("last_imp").alias("ui_imp_age_us"), _age("last_eng").alias("ui_eng_age_us"),
     )
-
-
-def recent_items(ev: pl.LazyFrame, keys: pl.LazyFrame, n: int) -> pl.LazyFrame:
-    """keys (user_id, __t) -> __hist: the user's last `n` distinct engaged items before __t, ranked by
-    their latest engagement before __t, most recent first, ties by item_id ascending."""
-    eng = (
-        ev.filter(pl.col("__eng"))
-        .select("user_id", "item_id", "__t")
-        .unique()
-        .sort(["user_id", "__t", "item_id"], descending=[False, False, True])
-        .with_columns(pl.int_range(1, pl.len() + 1).over("user_id").alias("__k"))
-    )
-    upto = eng.group_by("user_id", "__t").agg(pl.col("__k").max())  # engagements up to and including __t
-    seqs = eng.group_by("user_id").agg(pl.col("item_id").sort_by("__k").alias("__seq"))
-    hist = pl.col("__seq").list.slice(0, pl.col("__k")).list.reverse().list.unique(maintain_order=True).list.head(n)
-    return (
-        asof_before(keys, upto, ["user_id"], ["user_id"], "__t", ["__k"], "")
-        .join(seqs, on="user_id", how="left")
-        .select("user_id", "__t", pl.when(pl.col("__k") > 0).then(hist).otherwise(pl.lit([], pl.List(pl.Utf8))).alias("__hist"))
-    )
-
-
-def first_touches(ev: pl.LazyFrame) -> pl.LazyFrame:
-    """user_id, item_id, __t: each user's first engagement with each item."""
-    return ev.filter(pl.col("__eng")).group_by("user_id", "item_id").agg(pl.col("__t").min())
-
-
-def cooccurrence_pairs(touches: pl.LazyFrame, window_us: int) -> pl.LazyFrame:
-    """Every pair of one user's first touches of distinct items at most `window_us` apart, once per
-    order: item_id, __h (the other item), __t = the later of the two instants (when the pair is known)."""
-    other = touches.select("user_id", pl.col("item_id").alias("__h"), pl.col("__t").alias("__th"))
-    return (
-        touches.join(other, on="user_id")
-        .filter((pl.col("item_id") != pl.col("__h")) & ((pl.col("__t") - pl.col("__th")).abs() <= window_us))
-        .select("item_id", "__h", pl.max_horizontal("__t", "__th").alias("__t"))
-    )
-
-
-def cooccurrence_scores(ev: pl.LazyFrame, q: pl.LazyFrame, params: FeatureParams) -> pl.LazyFrame:
-    """q (__q, user_id, item_id, __t, __ti) -> __q, cooc_max, cooc_sum over the user's recent items (rows with
-    history only). The recent items are the user's own, before __t; the pair and user counts are every
-    user's, before __ti (see `offline_features`' `resolution_us`)."""
-    hist = recent_items(ev, q.select("user_id", "__t").unique(), params.history_items)
-    touches = first_touches(ev)
-    pair_cum = cumulative(cooccurrence_pairs(touches, params.cooc_window_us), ["item_id", "__h"], {"c": _ONE})
-    users_cum = cumulative(touches, ["item_id"], {"n": _ONE})
-    qh = (
-        q.select("__q", "user_id", "item_id", "__t", "__ti")
-        .join(hist, on=["user_id", "__t"], how="inner")
-        .explode("__hist", empty_as_null=False)
-        .filter(pl.col("__hist").is_not_null())
-    )
-    qh = asof_before(qh, pair_cum, ["item_id", "__hist"], ["item_id", "__h"], "__ti", ["c"], "")
-    qh = asof_before(qh, users_cum, ["item_id"], ["item_id"], "__ti", ["n"], "_i")
-    qh = asof_before(qh, users_cum.rename({"item_id": "__h"}), ["__hist"], ["__h"], "__ti", ["n"], "_h")
-    z = lambda c: pl.col(c).fill_null(0)  # noqa: E731
-    cos = cooc_cosine(z("c"), z("n_i"), z("n_h"), POLARS)
-    return qh.group_by("__q").agg(cos.max().alias("cooc_max"), cos.sum().alias("cooc_sum"))
-
-
-def cooccurrence_scores_dense(ev: pl.LazyFrame, q: pl.LazyFrame, params: FeatureParams) -> pl.LazyFrame:
-    """`cooccurrence_scores` by one sweep over the first touches in time order, with a dense item x item
-    count matrix instead of a table of every co-occurring pair.
-
-    The pair table grows with the square of a user's items per window: MovieLens-1M users rate
-    hundreds of films a day, about 4e8 pairs, more memory than the machine has; the matrix costs
-    4 bytes x items². Each touch adds its pairs with the user's earlier touches at most the window
-    before it (the later touch dates the pair, as in `cooccurrence_pairs`); a query at __ti reads the
-    matrix after every touch before __ti. Same formula (`cooc_cosine`); the sum may differ from the
-    pairs path in the last bits (summation order)."""
-    touches = first_touches(ev).collect()
-    qh = (
-        q.select("__q", "user_id", "item_id", "__t", "__ti")
-        .join(recent_items(ev, q.select("user_id", "__t").unique(), params.history_items), on=["user_id", "__t"], how="inner")
-        .filter(pl.col("__hist").list.len() > 0)
-        .select("__q", "item_id", "__ti", "__hist")
-        .collect()
-    )
-    schema = {"__q": pl.UInt32, "cooc_max": pl.Float64, "cooc_sum": pl.Float64}
-    if qh.is_empty():
-        return pl.LazyFrame(schema=schema)
-    code = {i: k for k, i in enumerate(pl.concat([touches["item_id"], qh["item_id"]]).unique().sort().to_list())}
-    # Touches sorted by (user, time, item); `lo`: the first touch of the same user at most the window earlier.
-    tu = touches.with_columns(
-        pl.col("item_id").replace_strict(code, return_dtype=pl.Int64).alias("__i"),
-        pl.col("user_id").rank("dense").cast(pl.Int64).alias("__u"),
-    ).sort(["__u", "__t", "__i"])
-    u, t, items = tu["__u"].to_numpy(), tu["__t"].to_numpy(), tu["__i"].to_numpy()
-    starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]]) if u.size else np.zeros(0, np.int64)
-    lo = np.empty(u.size, dtype=np.int64)
-    for a, b in zip(starts, np.r_[starts[1:], u.size]):
-        lo[a:b] = a + np.searchsorted(t[a:b], t[a:b] - params.cooc_window_us, side="left")
-    order = np.lexsort((items, u, t))  # application order: time, user, item (a user's earlier rows come first)
-    c = np.zeros((len(code), len(code)), dtype=np.int32)
-    users = np.zeros(len(code), dtype=np.int64)
-    qi = qh["item_id"].replace_strict(code, return_dtype=pl.Int64).to_numpy()
-    qt = qh["__ti"].to_numpy()
-    hist = np.full((qh.height, int(qh["__hist"].list.len().max())), -1, dtype=np.int64)
-    for k, h in enumerate(qh["__hist"].to_list()):
-        hist[k, : len(h)] = [code[x] for x in h]
-    q_order = np.argsort(qt, kind="stable")
-    cuts = np.flatnonzero(np.r_[True, qt[q_order][1:] != qt[q_order][:-1], True])
-    out_max, out_sum = np.zeros(qh.height), np.zeros(qh.height)
-    p = 0
-    for a, b in zip(cuts[:-1], cuts[1:]):
-        rows = q_order[a:b]
-        while p < order.size and t[order[p]] < qt[rows[0]]:
-            r = order[p]
-            others = items[lo[r]: r]
-            c[items[r], others] += 1
-            c[others, items[r]] += 1
-            users[items[r]] += 1
-            p += 1
-        valid = hist[rows] >= 0
-        h = np.where(valid, hist[rows], 0)
-        i = qi[rows][:, None]
-        with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 only where c == 0, which `where` drops
-            cos = NUMPY.where(valid, cooc_cosine(c[i, h], users[i], users[h], NUMPY), 0.0)
-        out_max[rows], out_sum[rows] = cos.max(axis=1), cos.sum(axis=1)
-    return pl.DataFrame({"__q": qh["__q"], "cooc_max": out_max, "cooc_sum": out_sum}, schema=schema).lazy()
 
 
 # ---------------------------------------------------------------- the pipeline

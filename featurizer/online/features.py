@@ -16,28 +16,35 @@ changed, so a request decodes only what changed since; with Redis every read dec
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 
 import numpy as np
 import polars as pl
 
-from featurizer.definitions import EVENT_CODE, NAMES, NUMPY, FeatureParams, cooc_cosine, derive
+from featurizer.definitions import (
+    EVENT_CODE,
+    NAMES,
+    NUMPY,
+    FeatureParams,
+    cooc_cosine,
+    derive,
+)
+from featurizer.errors import SemrankError
+from featurizer.offline.pipeline import catalog
 from featurizer.online.state import (
     NO_TS,
-    CoocState,
     ItemState,
     UserItemState,
-    UserState,
     item_base,
     item_base_from_parts,
     user_item_base,
     user_item_key,
     user_item_keys,
 )
-from featurizer.offline.pipeline import catalog
-from featurizer.store.base import OnlineStore
 from featurizer.online.state_cache import DecodedCache, ItemPartsCache, UserItemIndex
+from featurizer.online.user_state import CoocState, UserState
+from featurizer.store.base import OnlineStore, Value
 
 META_KEY = "state"
 
@@ -60,8 +67,18 @@ def _catalog_columns(items: pl.DataFrame, only_present: bool = False) -> pl.Data
     )
 
 
-class StaleQueryError(ValueError):
+class StaleQueryError(SemrankError, ValueError):
     """features() was asked about an instant before events already applied."""
+
+    grpc_code = "FAILED_PRECONDITION"
+    reason = "STALE_FEATURE_QUERY"
+
+
+class StateMismatchError(SemrankError, ValueError):
+    """The store holds online state built with other feature definitions."""
+
+    grpc_code = "FAILED_PRECONDITION"
+    reason = "ONLINE_STATE_MISMATCH"
 
 
 def to_us(t: datetime) -> int:
@@ -79,7 +96,7 @@ class OnlineFeatures:
         self._set_catalog(self._items)
         meta = store.read("meta", [META_KEY])[0]
         if meta is not None and meta.get("fingerprint") != params.fingerprint():
-            raise ValueError(
+            raise StateMismatchError(
                 "the online store holds state built with other feature definitions "
                 f"({meta.get('fingerprint')} != {params.fingerprint()}); use a new namespace/path or rebuild it"
             )
@@ -130,13 +147,17 @@ class OnlineFeatures:
 
     # ------------------------------------------------------------ writes
 
-    def apply(self, events: pl.DataFrame) -> None:
+    def apply(self, events: pl.DataFrame, meta: Mapping[str, Value] | None = None) -> None:
         """Fold events (the contract's ts, user_id, item_id, event) into the state.
 
         Sorted by ts here (stably). Events older than ones applied earlier are still counted;
         exact parity with offline holds when calls come in time order (see featurizer.online.state).
+        Every state the events change, and the `meta` rows given (e.g. how far a durable event log
+        is applied), are committed in one atomic `write_batch`: a crash leaves all or none of them.
         """
         if events.is_empty():
+            if meta:
+                self.store.write("meta", meta)
             return
         ev = events.select(
             pl.col("ts").dt.epoch("us").alias("t"), pl.col("user_id").cast(pl.Utf8), pl.col("item_id").cast(pl.Utf8),
@@ -168,13 +189,15 @@ class OnlineFeatures:
             cooc_st[a].add(b, at)
             cooc_st[b].add(a, at)
 
-        self.store.write("item", {k: s.to_bytes() for k, s in item_st.items()})
-        self.store.write("ui", {k: s.to_bytes() for k, s in ui_st.items()})
-        self.store.write("user", {k: s.to_dict() for k, s in user_st.items()})
-        if cooc_st:
-            self.store.write("cooc", {k: s.to_dict() for k, s in cooc_st.items()})
-        self._watermark = max(self._watermark, max(ts))
-        self.store.write("meta", {META_KEY: {"watermark": self._watermark, "fingerprint": self.params.fingerprint()}})
+        watermark = max(self._watermark, max(ts))
+        self.store.write_batch({
+            "item": {k: s.to_bytes() for k, s in item_st.items()},
+            "ui": {k: s.to_bytes() for k, s in ui_st.items()},
+            "user": {k: s.to_dict() for k, s in user_st.items()},
+            "cooc": {k: s.to_dict() for k, s in cooc_st.items()},
+            "meta": {**(meta or {}), META_KEY: {"watermark": watermark, "fingerprint": self.params.fingerprint()}},
+        })
+        self._watermark = watermark
 
     # ------------------------------------------------------------ reads
 

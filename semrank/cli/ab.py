@@ -14,11 +14,10 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-EXIT_INPUT = 2
 EXIT_SRM = 3
 
 
-def register(sub, train_sub) -> None:  # noqa: ARG001 (train_sub: the plugin signature)
+def register(sub) -> None:
     ab = sub.add_parser("ab", help="A/B experiment analysis").add_subparsers(dest="ab_cmd", required=True)
     s = ab.add_parser(
         "report", help="per-variant metrics with 95%% CIs, tests against control and a sample-ratio check",
@@ -50,19 +49,14 @@ def register(sub, train_sub) -> None:  # noqa: ARG001 (train_sub: the plugin sig
 
 
 def cmd_ab_report(args) -> int:
-    from training.ab.prepare import ExposureLogError
-
-    try:
-        return run_ab_report(args)
-    except (ExposureLogError, ValueError, FileNotFoundError) as e:
-        log.debug("semrank ab report failed", exc_info=True)
-        print(f"semrank ab report: {e}", file=sys.stderr)
-        return EXIT_INPUT
-
-
-def run_ab_report(args) -> int:
-    from training.ab.prepare import (parse_shares, parse_window, prepare, read_exposures, read_outcome_events,
-                                      shares_from_experiments)
+    from training.ab.prepare import (
+        parse_shares,
+        parse_window,
+        prepare,
+        read_exposures,
+        read_outcome_events,
+        shares_from_experiments,
+    )
     from training.ab.report import build_report, markdown, write_report
 
     window = parse_window(args.window)

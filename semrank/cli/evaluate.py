@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def register(sub, train_sub) -> None:  # noqa: ARG001 (train_sub: the plugin signature)
+def register(sub) -> None:
     s = sub.add_parser("eval", help="offline leave-one-out evaluation (sampled-100 / full ranking) with bootstrap CIs",
                        description="Rank each user's last item (leave-one-out) against 100 sampled negatives "
                                    "and/or the full catalog; HR@10, NDCG@10, NDCG@5, MRR with 95% bootstrap CIs.")
@@ -85,8 +84,13 @@ def _dataset_dir(args) -> tuple[str, Path]:
 
 
 def build_models(args, split, item_texts: list[str], dataset: str) -> list:
-    from training.evaluation.models import (EncoderSpec, PopularityScorer, load_encoder_scorer, parse_encoder_arg,
-                                      resolve_encoder_spec)
+    from training.evaluation.models import (
+        EncoderSpec,
+        PopularityScorer,
+        load_encoder_scorer,
+        parse_encoder_arg,
+        resolve_encoder_spec,
+    )
 
     specs = [] if args.no_frozen else [EncoderSpec("encoder-frozen", "base", history_items=args.history_items)]
     for arg in args.encoder:
@@ -109,8 +113,17 @@ def _cache_dir(args) -> Path:
 
 def run_rankers(args, ds, split, models: list, item_texts: list[str], dataset: str, config):
     """Evaluate the --ranker bundles (grouped by encoder) on the users of `evaluate`; a list of RankerRun."""
-    from training.evaluation.models import EncoderSpec, display_path, load_encoder_scorer
-    from training.evaluation.rankers import evaluate_rankers, load_ranker, parse_ranker_arg, text_side_for
+    from training.evaluation.models import (
+        EncoderSpec,
+        display_path,
+        load_encoder_scorer,
+    )
+    from training.evaluation.rankers import (
+        evaluate_rankers,
+        load_ranker,
+        parse_ranker_arg,
+        text_side_for,
+    )
 
     rankers = []
     for arg in args.ranker:
@@ -152,20 +165,11 @@ def machine_note() -> str:
 
 
 def cmd_eval(args) -> int:
-    try:
-        return run_eval(args)
-    except (ValueError, FileNotFoundError) as e:
-        log.debug("semrank eval failed", exc_info=True)  # the traceback with -v
-        print(f"semrank eval: {e}", file=sys.stderr)
-        return 2
-
-
-def run_eval(args) -> int:
     from featurizer.contracts.schema import read_dataset
     from featurizer.text import item_text_expr
-    from training.evaluation.report import build_report, markdown, write_report
-    from training.evaluation.protocol import PROTOCOLS, EvalConfig, evaluate
     from training.data.loo import loo_data
+    from training.evaluation.protocol import PROTOCOLS, EvalConfig, evaluate
+    from training.evaluation.report import build_report, markdown, write_report
 
     t0 = time.perf_counter()
     machine = machine_note()

@@ -5,41 +5,37 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
+
+from featurizer.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
 def cmd_export_triton(args) -> int:
-    from serving.triton.export import ExportConfig, ExportError, export_bundle, export_triton_repo
+    from serving.triton.export import ExportConfig, export_bundle, export_triton_repo
 
     # The ONNX exporter's optimiser logs every folded initializer at INFO.
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)
     if args.bundle is not None and args.max_length is not None:
-        print("semrank export triton: --max-length goes with --encoder; a bundle's encoder uses its own max_length", file=sys.stderr)
-        return 2
-    try:
-        cfg = ExportConfig(
-            name=args.name,
-            max_batch_size=args.max_batch_size,
-            fp16=args.fp16,
-            opset=args.opset,
-            exporter=args.exporter,
-            preferred_batch_sizes=tuple(args.preferred_batch_size or ()),
-            max_queue_delay_us=args.max_queue_delay_us,
-            cpu_variant=not args.no_cpu_variant,
-            verify=not args.no_verify,
-            overwrite=args.overwrite,
-            **({"max_length": args.max_length} if args.max_length is not None else {}),
-        )
-        if args.bundle is not None:
-            result = export_bundle(args.bundle, args.out, cfg)
-        else:
-            result = export_triton_repo(args.encoder, args.out, cfg)
-    except (ExportError, ValueError, FileNotFoundError) as e:
-        print(f"semrank export triton: {e}", file=sys.stderr)
-        return 2
+        raise ConfigError("--max-length goes with --encoder; a bundle's encoder uses its own max_length")
+    cfg = ExportConfig(
+        name=args.name,
+        max_batch_size=args.max_batch_size,
+        fp16=args.fp16,
+        opset=args.opset,
+        exporter=args.exporter,
+        preferred_batch_sizes=tuple(args.preferred_batch_size or ()),
+        max_queue_delay_us=args.max_queue_delay_us,
+        cpu_variant=not args.no_cpu_variant,
+        verify=not args.no_verify,
+        overwrite=args.overwrite,
+        **({"max_length": args.max_length} if args.max_length is not None else {}),
+    )
+    if args.bundle is not None:
+        result = export_bundle(args.bundle, args.out, cfg)
+    else:
+        result = export_triton_repo(args.encoder, args.out, cfg)
     summary = {
         "repo": str(result.repo),
         "models": [p.name for p in result.model_dirs],
@@ -52,7 +48,7 @@ def cmd_export_triton(args) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction, train_sub: argparse._SubParsersAction) -> None:  # noqa: ARG001
+def register(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser("export", help="export models for other runtimes").add_subparsers(dest="export_cmd", required=True)
     s = export.add_parser(
         "triton",

@@ -12,26 +12,12 @@ import argparse
 import asyncio
 import json
 import logging
-import sys
 from datetime import datetime
 from pathlib import Path
 
+from semrank.cli.common import data_dir
+
 log = logging.getLogger(__name__)
-
-EXIT_INPUT = 2
-
-
-def _data_dir(args, prog: str) -> Path | None:
-    if args.data is not None:
-        return args.data
-    from ranker.bundle import load_bundle
-
-    source = load_bundle(args.bundle).manifest.get("training_data", {}).get("source")
-    if not source:
-        print(f"semrank {prog}: --data is required (the bundle does not name its training data)", file=sys.stderr)
-        return None
-    return Path(source)
-
 
 def _as_of(text: str) -> datetime:
     try:
@@ -41,15 +27,10 @@ def _as_of(text: str) -> datetime:
 
 
 def cmd_score(args) -> int:
-    from ranker.bundle import BundleError
     from serving.batch.job import ScoreJob, run_score_job
-    from serving.batch.input import BatchInputError
-    from serving.batch.scorer import BatchScoringError, ScoreConfig
-    from serving.ranking.registry import BundleRejected
+    from serving.batch.scorer import ScoreConfig
 
-    data = _data_dir(args, "score")
-    if data is None:
-        return EXIT_INPUT
+    data = data_dir(args)
     job = ScoreJob(
         score=ScoreConfig(bundle_dir=args.bundle, data_dir=data, state_dir=args.state_dir, as_of=args.as_of,
                           encoder=args.encoder, threads=args.threads),
@@ -57,32 +38,18 @@ def cmd_score(args) -> int:
         overwrite=args.overwrite, progress=not args.no_progress, ray_address=args.ray_address,
         ray_actors=args.ray_actors, ray_cpus_per_actor=args.ray_cpus_per_actor,
     )
-    try:
-        summary = run_score_job(job)
-    except (BatchInputError, BatchScoringError, BundleError, BundleRejected, FileNotFoundError) as e:
-        log.debug("semrank score failed", exc_info=True)
-        print(f"semrank score: {e}", file=sys.stderr)
-        return EXIT_INPUT
+    summary = run_score_job(job)
     summary["computed"] = len(summary["computed"])
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def cmd_embed_catalog(args) -> int:
-    from ranker.bundle import BundleError
     from serving.batch.catalog_embed import embed_catalog
 
-    data = _data_dir(args, "embed-catalog")
-    if data is None:
-        return EXIT_INPUT
-    try:
-        summary = asyncio.run(embed_catalog(args.bundle, data, args.state_dir, encoder=args.encoder,
-                                            chunk_size=args.chunk_size, progress=not args.no_progress,
-                                            threads=args.threads))
-    except (BundleError, FileNotFoundError, ValueError) as e:
-        log.debug("semrank embed-catalog failed", exc_info=True)
-        print(f"semrank embed-catalog: {e}", file=sys.stderr)
-        return EXIT_INPUT
+    summary = asyncio.run(embed_catalog(args.bundle, data_dir(args), args.state_dir, encoder=args.encoder,
+                                        chunk_size=args.chunk_size, progress=not args.no_progress,
+                                        threads=args.threads))
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -100,7 +67,7 @@ def _common(s: argparse.ArgumentParser) -> None:
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def register(sub: argparse._SubParsersAction, train_sub: argparse._SubParsersAction) -> None:  # noqa: ARG001
+def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser(
         "score", help="batch-score a parquet file of candidates with the service's features and model",
         description="Scores requests from a parquet file with the same engine as `semrank serve` (features read "

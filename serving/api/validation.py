@@ -1,35 +1,24 @@
-"""Request validation and its gRPC error shape.
+"""Validation of what arrives over gRPC, against the configured `serving.config.Limits`.
 
-A bad request is answered with INVALID_ARGUMENT as a google.rpc.Status whose
-details carry a google.rpc.BadRequest listing every field violation, e.g.
-`candidates[3].item_id: must not be empty`. The status message repeats the
-violations so that clients without rich-status support still see the field.
+- A bad `RankRequest` raises `InvalidRequest` naming every bad field (up to MAX_VIOLATIONS), e.g.
+  `candidates[3].item_id: must not be empty`; the error interceptor answers INVALID_ARGUMENT with
+  a google.rpc.BadRequest, and the message repeats the violations for clients without
+  rich-status support.
+- `LogEvents` and `UpsertItems` accept what is valid and reject the rest one by one
+  (`event_problem`, `item_problem` give the reason, naming the field), so a bad event never costs
+  the good ones in the same stream.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
-import grpc
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
-
+from featurizer.errors import SemrankError
 from semrank.ranking.v1 import ranking_service_pb2 as pb
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Explicit, configurable request limits."""
-
-    max_candidates: int = 2000
-    max_item_id_chars: int = 256
-    max_user_id_chars: int = 256
-    max_text_chars: int = 4096  # per inline title/description/category/brand field
-    max_top_k: int = 2000
-    max_event_clock_skew_s: float = 300.0  # events stamped further in the future are rejected
-    max_rejections_listed: int = 100  # per LogEvents/UpsertItems response; the counts cover all
-    max_message_bytes: int = 4 * 1024 * 1024  # per gRPC message, both directions
+from serving.api.convert import EPOCH, EVENT_NAMES, OLDEST_EVENT
+from serving.config import Limits
 
 
 @dataclass(frozen=True)
@@ -41,26 +30,18 @@ class FieldViolation:
         return f"{self.field}: {self.description}"
 
 
-class InvalidRequest(Exception):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+class InvalidRequest(SemrankError):
+    """A request with bad fields; the message lists them, and so do the BadRequest details."""
 
-    def __init__(self, violations: list[FieldViolation]):
+    grpc_code = "INVALID_ARGUMENT"
+    reason = "INVALID_REQUEST"
+
+    def __init__(self, violations: list[FieldViolation], what: str = "RankRequest"):
         self.violations = violations
-        super().__init__("; ".join(map(str, violations)))
+        super().__init__(f"invalid {what}: " + "; ".join(map(str, violations)))
 
-    def to_status(self) -> grpc.Status:
-        detail = any_pb2.Any()
-        detail.Pack(
-            error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                    for v in self.violations
-                ]
-            )
-        )
-        return rpc_status.to_status(
-            status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=f"invalid RankRequest: {self}", details=[detail])
-        )
+    def field_violations(self) -> list[tuple[str, str]]:
+        return [(v.field, v.description) for v in self.violations]
 
 
 MAX_VIOLATIONS = 20  # report at most this many, so a huge bad request gets a small error
@@ -105,3 +86,46 @@ def validate_rank_request(req: pb.RankRequest, limits: Limits) -> None:
                     v.append(FieldViolation(f"candidates[{k}].{name}", f"longer than {limits.max_text_chars} characters"))
     if v:
         raise InvalidRequest(v[:MAX_VIOLATIONS])
+
+
+def event_problem(ev: pb.Event, limits: Limits, now: datetime) -> str | None:
+    """Why the event is rejected ("field: reason"), or None when it is valid."""
+    for name, limit in (("user_id", limits.max_user_id_chars), ("item_id", limits.max_item_id_chars)):
+        value = getattr(ev, name)
+        if not value.strip():
+            return f"{name}: must not be empty"
+        if len(value) > limit:
+            return f"{name}: longer than {limit} characters"
+    if ev.type not in EVENT_NAMES:
+        return f"type: must be one of {', '.join(pb.EventType.Name(k) for k in EVENT_NAMES)}"
+    if not ev.HasField("ts"):
+        return "ts: must be set (the UTC time of the event)"
+    if not 0 <= ev.ts.nanos < 1_000_000_000:
+        return "ts: nanos out of range"
+    ts = EPOCH + timedelta(seconds=ev.ts.seconds, microseconds=ev.ts.nanos // 1000)
+    if ts < OLDEST_EVENT:
+        return f"ts: {ts.isoformat()} is before {OLDEST_EVENT.date()}"
+    if ts > now + timedelta(seconds=limits.max_event_clock_skew_s):
+        return f"ts: {ts.isoformat()} is more than {limits.max_event_clock_skew_s:g} s in the future"
+    if len(ev.request_id) > limits.max_item_id_chars:
+        return f"request_id: longer than {limits.max_item_id_chars} characters"
+    if len(ev.event_id) > limits.max_item_id_chars:
+        return f"event_id: longer than {limits.max_item_id_chars} characters"
+    if ev.position < 0:
+        return "position: must be >= 0 (0 = not shown in a ranked list)"
+    return None
+
+
+def item_problem(item: pb.RankCandidate, limits: Limits, known: bool) -> str | None:
+    if not item.item_id.strip():
+        return "item_id: must not be empty"
+    if len(item.item_id) > limits.max_item_id_chars:
+        return f"item_id: longer than {limits.max_item_id_chars} characters"
+    if not known and not item.title.strip():
+        return "title: required for a new item (the text it is ranked by)"
+    for name in ("title", "description", "category", "brand"):
+        if len(getattr(item, name)) > limits.max_text_chars:
+            return f"{name}: longer than {limits.max_text_chars} characters"
+    if item.HasField("price") and not (math.isfinite(item.price) and item.price >= 0):
+        return "price: must be a finite number >= 0"
+    return None

@@ -26,9 +26,10 @@ async def embed_catalog(bundle_dir: Path, data_dir: Path, state_dir: Path, encod
     """Embed what is missing or stale; returns {"items", "embedded", "chunks", "encoder_key", "seconds"}."""
     from featurizer.contracts.schema import read_dataset
     from ranker.bundle import load_bundle
+    from ranker.encoder import encoder_key
     from serving.batch.scorer import BATCH_TRITON
     from serving.encoding.factories import encoder_factory
-    from serving.ranking.item_store import ItemStore, encoder_key
+    from serving.ranking.item_store import ItemStore
 
     if chunk_size < 1:
         raise ValueError(f"--chunk-size {chunk_size} must be >= 1")

@@ -26,14 +26,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from featurizer.errors import SemrankError
+
 SCAN_BATCH_ROWS = 1 << 20  # rows per batch of the planning scan (one column)
 READ_BATCH_ROWS = 1 << 16
 INLINE_COLUMNS = ("title", "description", "category", "brand", "price")
 OUTPUT_COLUMNS = ("score", "rank")
 
 
-class BatchInputError(ValueError):
+class BatchInputError(SemrankError, ValueError):
     """The input cannot be scored as given; the message names the file, column or row and the fix."""
+
+    grpc_code = "INVALID_ARGUMENT"
+    reason = "BATCH_INPUT_INVALID"
 
 
 @dataclass(frozen=True)

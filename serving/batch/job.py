@@ -20,29 +20,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from serving.batch.input import BatchInputError, InputLayout, ParquetInput, plan_chunks
-from serving.batch.scorer import BatchScoringError, ScoreConfig, Scorer, resolve_as_of
+from featurizer.errors import ConfigError
+from serving.batch.input import InputLayout, ParquetInput, plan_chunks
+from serving.batch.output import MANIFEST, part_path, prepare_output, progress_bar, write_json_atomic, write_part
+from serving.batch.scorer import ScoreConfig, Scorer, resolve_as_of
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "_manifest.json"
-MANIFEST_FORMAT = 1
-PART = "part-{:06d}.parquet"
-IDENTITY = ("bundle_version", "as_of", "input_fingerprint", "layout", "key", "chunk_candidates", "n_chunks")
-
-
-class OutputMismatch(BatchScoringError):
-    """OUT holds parts of another job (other bundle, as-of, input or chunking)."""
-
 
 @dataclass(frozen=True)
 class ScoreJob:
@@ -56,27 +44,6 @@ class ScoreJob:
     ray_address: str | None = None  # None: the running Ray (ray.init() by the caller), else a local one
     ray_actors: int = 2
     ray_cpus_per_actor: float = 1.0
-
-
-def part_path(out: Path, k: int) -> Path:
-    return out / PART.format(k)
-
-
-def write_part(out: Path, k: int, table: pa.Table) -> Path:
-    """Write `table` as part k atomically: a reader (or a resumed job) sees the whole file or none."""
-    path = part_path(out, k)
-    tmp = out / f".{path.name}.{os.getpid()}.tmp"
-    pq.write_table(table, tmp)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
-
-
-def _write_json_atomic(path: Path, doc: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _bundle_version(bundle_dir: Path) -> str:
@@ -96,35 +63,6 @@ def _state_as_of(cfg: ScoreConfig) -> datetime:
         built.close()
 
 
-def _prepare_output(job: ScoreJob, identity: dict) -> None:
-    out = job.output
-    mf = out / MANIFEST
-    if out.exists() and not out.is_dir():
-        raise BatchInputError(f"{out}: exists and is not a directory; the output is a directory of parts")
-    if mf.is_file():
-        old = json.loads(mf.read_text())
-        changed = [k for k in IDENTITY if old.get(k) != identity[k]]
-        if changed and not job.overwrite:
-            detail = "; ".join(f"{k}: {old.get(k)!r} -> {identity[k]!r}" for k in changed)
-            raise OutputMismatch(f"{out} holds scores of another job ({detail}). Use a new output directory, or "
-                                 "--overwrite to delete its parts and start over")
-        if changed:
-            _clear(out)
-    elif out.is_dir() and any(out.iterdir()):
-        if not job.overwrite:
-            raise OutputMismatch(f"{out}: not empty and has no {MANIFEST}; refusing to write into it "
-                                 "(use a new directory, or --overwrite to delete its part files)")
-        _clear(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(mf, {"format": MANIFEST_FORMAT, **identity, "complete": False})
-
-
-def _clear(out: Path) -> None:
-    for p in list(out.glob("part-*.parquet")) + list(out.glob(".part-*.tmp")) + [out / MANIFEST]:
-        p.unlink(missing_ok=True)
-    log.info("cleared earlier parts in %s", out)
-
-
 def run_score_job(job: ScoreJob) -> dict:
     """Score `job.input` into `job.output` (see the module docstring); returns a summary."""
     t0 = time.perf_counter()
@@ -140,14 +78,14 @@ def run_score_job(job: ScoreJob) -> dict:
     elif job.engine == "ray":
         as_of, version = _state_as_of(job.score), _bundle_version(job.score.bundle_dir)
     else:
-        raise ValueError(f"engine {job.engine!r}: expected 'local' or 'ray'")
+        raise ConfigError(f"engine {job.engine!r}: expected 'local' or 'ray'")
     try:
         identity = {
             "bundle_version": version, "as_of": as_of.isoformat(), "input_fingerprint": inp.fingerprint(),
             "layout": layout.kind, "key": layout.key, "chunk_candidates": job.chunk_candidates,
             "n_chunks": len(chunks),
         }
-        _prepare_output(job, identity)
+        prepare_output(job.output, identity, job.overwrite)
         todo = [k for k in range(len(chunks)) if not part_path(job.output, k).exists()]
         log.info("%d chunk(s) to score, %d already done", len(todo), len(chunks) - len(todo))
         cfg = replace(job.score, as_of=as_of)
@@ -171,21 +109,15 @@ def run_score_job(job: ScoreJob) -> dict:
         "rows_scored": rows, "seconds": round(seconds, 3), "score_seconds": round(score_seconds, 3), **extra,
     }
     mf = job.output / MANIFEST
-    _write_json_atomic(mf, {**json.loads(mf.read_text()), "complete": True, "rows": inp.num_rows,
+    write_json_atomic(mf, {**json.loads(mf.read_text()), "complete": True, "rows": inp.num_rows,
                             "finished_at": datetime.now(timezone.utc).isoformat(), "engine": job.engine,
                             "encoder": job.score.encoder})
     return summary
 
 
-def _progress(job: ScoreJob, total: int):
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="row", unit_scale=True, desc="score", disable=not job.progress)
-
-
 def _run_local(scorer: Scorer, inp: ParquetInput, layout: InputLayout, chunks: list[tuple[int, int]],
                todo: list[int], job: ScoreJob) -> None:
-    with _progress(job, sum(chunks[k][1] - chunks[k][0] for k in todo)) as bar:
+    with progress_bar(sum(chunks[k][1] - chunks[k][0] for k in todo), job.progress) as bar:
         for k in todo:
             start, stop = chunks[k]
             table = inp.read_rows(start, stop)

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.batch.output import progress_bar, write_part
+
 log = logging.getLogger(__name__)
 
 
@@ -44,8 +46,6 @@ class ChunkScorer:
         self.layout = layout
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from serving.batch.job import write_part
-
         rows, seconds = [], []
         for k, start, stop in zip(batch["chunk"].tolist(), batch["start"].tolist(), batch["stop"].tolist()):
             t0 = time.perf_counter()
@@ -75,8 +75,6 @@ def run_ray(cfg, inp, layout, chunks: list[tuple[int, int]], todo: list[int], jo
     returns {"actor_peak_rss_mb": the largest peak RSS an actor reported}."""
     import ray
 
-    from serving.batch.job import _progress
-
     if not todo:
         return {}
     started = False
@@ -104,7 +102,7 @@ def run_ray(cfg, inp, layout, chunks: list[tuple[int, int]], todo: list[int], jo
             fn_constructor_kwargs={"cfg": cfg, "input_path": str(Path(inp.path).resolve()),
                                    "output": str(Path(job.output).resolve()), "layout": layout},
         )
-        with _progress(job, sum(chunks[k][1] - chunks[k][0] for k in todo)) as bar:
+        with progress_bar(sum(chunks[k][1] - chunks[k][0] for k in todo), job.progress) as bar:
             for out in scored.iter_batches(batch_size=None, batch_format="numpy"):
                 bar.update(int(out["rows"].sum()))
                 peak_kb = max(peak_kb, int(out["peak_rss_kb"].max()))

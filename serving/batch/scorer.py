@@ -28,11 +28,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from featurizer.errors import SemrankError
 from serving.batch.input import INLINE_COLUMNS, BatchInputError, InputLayout, key_breaks
 from serving.encoding.factories import TritonEncoderOptions, encoder_factory
-from serving.ranking.engine import Candidate
-from serving.ranking.registry import BundleRegistry, EncoderPool
+from serving.encoding.pool import EncoderPool
 from serving.ingest.restore import build_engine
+from serving.ranking.engine import Candidate
+from serving.ranking.registry import BundleRegistry
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +47,11 @@ BATCH_TRITON = TritonEncoderOptions(deadline_s=60.0, retries=2, breaker_failures
 USER_CACHE = 50_000
 
 
-class BatchScoringError(RuntimeError):
+class BatchScoringError(SemrankError, RuntimeError):
     """The job cannot produce the scores the service would; the message says why and what to do."""
+
+    grpc_code = "FAILED_PRECONDITION"
+    reason = "BATCH_SCORING_FAILED"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Encoder factories for `serving.ranking.registry.EncoderPool`: what serves a bundle's text tower.
+"""Encoder factories for `serving.encoding.pool.EncoderPool`: what serves a bundle's text tower.
 
     factory = triton_encoder_factory(TritonEncoderOptions(...))   # the service: a Triton child process
     factory = inprocess_encoder_factory()                          # batch jobs: TextEncoder in this process
@@ -16,32 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from ranker.bundle import EncoderRef
-from serving.ranking.registry import EncoderFactory, EncoderHandle
+from serving.encoding.pool import EncoderFactory, EncoderHandle, InProcessEncoder
 
 log = logging.getLogger(__name__)
 
 PROBE_TEXT = "semrank start-up probe"
-
-
-class InProcessEncoder:
-    """`ranker.encoder.TextEncoder` behind the async interface of the Triton client.
-
-    The model runs in a worker thread, so the event loop stays free; `timeout_s` is accepted and
-    ignored (there is no remote call to time out)."""
-
-    def __init__(self, encoder, batch_size: int = 64):
-        self.encoder = encoder
-        self.batch_size = batch_size
-        self.dim = int(encoder.dim)
-
-    async def encode(self, texts: list[str], timeout_s: float | None = None) -> np.ndarray:  # noqa: ARG002
-        return await asyncio.to_thread(self.encoder.encode, list(texts), self.batch_size)
-
-    async def encode_bulk(self, texts: list[str], max_in_flight: int | None = None) -> np.ndarray:  # noqa: ARG002
-        return await self.encode(texts)
 
 
 def inprocess_encoder_factory(threads: int | None = None) -> EncoderFactory:
@@ -99,8 +79,8 @@ def triton_encoder_factory(opts: TritonEncoderOptions, observer=None,
 
     async def factory(ref: EncoderRef, bundle_path: Path, key: str) -> EncoderHandle:
         from serving.triton.client import EncoderClient
-        from serving.triton.resilience import CircuitBreaker, ResilientEncoder
         from serving.triton.process import TritonProcess, TritonWorkerConfig, free_port
+        from serving.triton.resilience import CircuitBreaker, ResilientEncoder
 
         triton = TritonProcess(TritonWorkerConfig(
             model_dir=ref.resolve(bundle_path), max_length=ref.max_length, grpc_port=free_port(),

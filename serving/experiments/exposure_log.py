@@ -21,18 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Callable, Iterable
 
-from featurizer.contracts.exposures import (  # noqa: F401  (FILE_GLOB, SCHEMA and the reader are re-exported)
-    FILE_GLOB,
-    FILE_PREFIX,
-    FILE_SUFFIX,
-    KEYS,
-    SCHEMA,
-    TS_FORMAT,
-    ExposureLogError,
-    ExposureRead,
-    read_exposures,
-    read_exposures_report,
-)
+from featurizer.contracts.exposures import FILE_PREFIX, FILE_SUFFIX, TS_FORMAT
 
 log = logging.getLogger(__name__)
 

@@ -26,21 +26,28 @@ from pathlib import Path
 
 import polars as pl
 
-from featurizer.online.features import OnlineFeatures
-from featurizer.store.base import InProcessConfig, OnlineStore, StoreConfig, store_from_config
 from featurizer.contracts.schema import read_dataset
-from serving.ingest.event_log import EventLog, LoggedEvent, read_log
-from serving.ranking.item_store import ItemStore
+from featurizer.errors import SemrankError
+from featurizer.online.features import OnlineFeatures
+from featurizer.store.base import OnlineStore
+from featurizer.store.config import InProcessConfig, StoreConfig
+from featurizer.store.factory import store_from_config
+from serving.ingest.apply import apply_logged, applied_seq
+from serving.ingest.event_log import EventLog
+from serving.ingest.log_format import LoggedEvent, read_log
 from serving.ranking.engine import RankingEngine, utc_now
-from serving.api.service import LOG_SEQ_KEY, apply_logged
+from serving.ranking.item_store import ItemStore
 
 log = logging.getLogger(__name__)
 
 REPLAY_CHUNK = 50_000
 
 
-class ReadOnlyStateError(ValueError):
+class ReadOnlyStateError(SemrankError, ValueError):
     """A read-only job was pointed at state it would have to modify."""
+
+    grpc_code = "FAILED_PRECONDITION"
+    reason = "READ_ONLY_STATE"
 
 
 @dataclass
@@ -73,13 +80,12 @@ def restore_online(store: OnlineStore, items: pl.DataFrame, events: pl.DataFrame
     """Online features from the store's snapshot (or `events` when it has none), then the logged
     events after the snapshot's seq (`logged(after_seq)` yields them in seq order)."""
     online = OnlineFeatures(store, items)
-    meta = store.read("meta", [LOG_SEQ_KEY])[0]
     if online.watermark is None:
         online.apply(events)
         after = 0
         log.info("online features built from %d data-dir events", events.height)
     else:
-        after = int(meta["seq"]) if meta else 0
+        after = applied_seq(online)
         log.info("online features restored from the store (up to %s, event log seq %d)", online.watermark, after)
     replayed = 0
     batch = []

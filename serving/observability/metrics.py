@@ -1,4 +1,4 @@
-"""Prometheus metrics for the serving process, and a grpc.aio interceptor that records every RPC.
+"""Prometheus metrics for the serving process (`serving.api.interceptors.MetricsInterceptor` records every RPC).
 
 Each `Metrics` owns its own `CollectorRegistry`, so tests and several servers in one
 process never collide. Exported names carry the `semrank_` prefix
@@ -16,18 +16,21 @@ calls that never set it are labelled variant="none".
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import threading
-import time
 from contextvars import ContextVar
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    start_http_server,
+)
 
-from serving.api.handler_wrap import wrap_handler
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 CANDIDATE_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
@@ -47,11 +50,18 @@ NOT_SENT_KINDS = frozenset({"circuit_open"})
 
 
 @dataclass
-class _CallState:
+class CallState:
     variant: str = "none"
 
 
-_call_state: ContextVar[_CallState | None] = ContextVar("semrank_call_state", default=None)
+_call_state: ContextVar[CallState | None] = ContextVar("semrank_call_state", default=None)
+
+
+def begin_call() -> CallState:
+    """Start the labels of the current RPC (the metrics interceptor calls it); `set_variant` fills them."""
+    state = CallState()
+    _call_state.set(state)
+    return state
 
 
 def set_variant(name: str) -> None:
@@ -169,90 +179,3 @@ class TritonObserver:
         if state not in BREAKER_STATES:
             raise ValueError(f"unknown breaker state {state!r}: use one of {sorted(BREAKER_STATES)}")
         self._m.triton_breaker_state.set(BREAKER_STATES[state])
-
-
-# -- the interceptor ---------------------------------------------------------------------------
-
-
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Times every async RPC (unary and streaming) by method, variant and final status code.
-
-    Counts calls ending in RESOURCE_EXHAUSTED / INVALID_ARGUMENT / UNAUTHENTICATED /
-    PERMISSION_DENIED in rejected_total, so handlers must not count those themselves.
-    Unknown methods (UNIMPLEMENTED) are not recorded, so clients cannot grow the label set.
-    Synchronous handlers are passed through unrecorded: the aio server runs them in a thread pool.
-    """
-
-    def __init__(self, metrics: Metrics):
-        self.metrics = metrics
-
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method.rsplit("/", 1)[-1]
-        return wrap_handler(handler, lambda behavior: self._instrument(behavior, method))
-
-    def _instrument(self, behavior, method: str):
-        m = self.metrics
-
-        def begin() -> tuple[float, _CallState]:
-            m.inflight_requests.inc()
-            state = _CallState()
-            _call_state.set(state)
-            return time.perf_counter(), state
-
-        def end(t0: float, state: _CallState, context, exc: BaseException | None) -> None:
-            code = _final_code(context, exc)
-            m.inflight_requests.dec()
-            m.rpc_latency_seconds.labels(method=method, variant=state.variant, code=code.name).observe(
-                time.perf_counter() - t0
-            )
-            if code in REJECT_CODES:
-                m.rejected_total.labels(reason=REJECT_CODES[code]).inc()
-
-        if inspect.isasyncgenfunction(behavior):
-
-            async def stream_wrapper(request_or_iterator, context):
-                t0, state = begin()
-                exc = None
-                try:
-                    async for response in behavior(request_or_iterator, context):
-                        yield response
-                except BaseException as e:
-                    exc = e
-                    raise
-                finally:
-                    end(t0, state, context, exc)
-
-            return stream_wrapper
-        if not inspect.iscoroutinefunction(behavior):
-            return behavior
-
-        async def wrapper(request_or_iterator, context):
-            t0, state = begin()
-            exc = None
-            try:
-                return await behavior(request_or_iterator, context)
-            except BaseException as e:
-                exc = e
-                raise
-            finally:
-                end(t0, state, context, exc)
-
-        return wrapper
-
-
-def _final_code(context: grpc.aio.ServicerContext, exc: BaseException | None) -> grpc.StatusCode:
-    code = context.code()  # set by abort() / set_code(); None otherwise
-    if isinstance(code, grpc.StatusCode):
-        return code
-    if exc is None:
-        return grpc.StatusCode.OK
-    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):  # client cancel, deadline, server stop
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
-            return grpc.StatusCode.DEADLINE_EXCEEDED
-        return grpc.StatusCode.CANCELLED
-    return grpc.StatusCode.UNKNOWN  # what the aio server answers for an unhandled exception
-

@@ -19,23 +19,20 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Protocol
 
 import numpy as np
 
-from featurizer.definitions import NAMES
 from featurizer.online.features import OnlineFeatures
-from featurizer.text import history_text, item_text
+from featurizer.text import item_text
 from ranker.bundle import Bundle
 from ranker.explain import explain as explain_scores
-from serving.triton.client import EncoderUnavailable
+from ranker.feature_matrix import BundleInputs
+from ranker.interest import interest_scores
+from serving.encoding.pool import EncoderService
 from serving.ranking.item_store import ItemStore
+from serving.triton.client import EncoderUnavailable
 
 log = logging.getLogger(__name__)
-
-
-class Encoder(Protocol):
-    async def encode(self, texts: list[str], timeout_s: float | None = None) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -69,35 +66,23 @@ class RankOutcome:
 
 
 class BundleRuntime:
-    """One bundle ready to score: its column mapping and the encoder of its text tower."""
+    """One bundle ready to score: its inputs (`ranker.feature_matrix.BundleInputs`) and the encoder of
+    its text tower (None for a bundle without text features)."""
 
-    def __init__(self, bundle: Bundle, encoder_key: str, encoder: Encoder | None):
+    def __init__(self, bundle: Bundle, encoder_key: str, encoder: EncoderService | None):
         self.bundle = bundle
         self.encoder_key = encoder_key
         self.encoder = encoder
-        names = bundle.feature_names
-        constants = bundle.manifest.get("inference_constants", {})
-        unknown = [n for n in names if n not in NAMES and n not in constants]
-        if unknown:
-            raise ValueError(f"bundle {bundle.version} needs features this server cannot compute: {unknown}")
-        self.uses_text = "interest_score" in names
-        # Model column k takes online column src[k]; training-only context gets the bundle's constant.
-        self._dst = np.array([k for k, n in enumerate(names) if n in NAMES], dtype=np.int64)
-        self._src = np.array([NAMES.index(names[k]) for k in self._dst], dtype=np.int64)
-        self._const_cols = [names.index(n) for n in constants if n in names]
-        self._const_vals = np.array([constants[n] for n in constants if n in names], dtype=np.float32)
+        self.inputs = BundleInputs.of(bundle)  # BundleError when this server cannot compute its features
         self.inflight = 0  # requests currently using this runtime (see BundleRegistry)
 
     @property
     def version(self) -> str:
         return self.bundle.version
 
-    def matrix(self, online: np.ndarray) -> np.ndarray:
-        X = np.empty((online.shape[0], len(self.bundle.feature_names)), dtype=np.float32)
-        X[:, self._dst] = online[:, self._src]
-        if self._const_cols:
-            X[:, self._const_cols] = self._const_vals
-        return X
+    @property
+    def uses_text(self) -> bool:
+        return self.inputs.uses_text
 
 
 class LruCache:
@@ -152,8 +137,7 @@ class RankingEngine:
                              reasons: list[str]) -> np.ndarray | None:
         """Embedding of the user's recent-history text, cached per user and history; None for a
         user with no history, or when the encoder is down and nothing is cached."""
-        n = rt.bundle.encoder.history_items
-        history = tuple(self.online.history(user_id, t, n))
+        history = tuple(self.online.history(user_id, t, rt.inputs.history_items))
         titles = [x for x in map(self.items.title, history) if x]
         if not titles:
             return None
@@ -166,7 +150,7 @@ class RankingEngine:
         try:
             if rt.encoder is None:
                 raise EncoderUnavailable("no encoder for this bundle")
-            emb = (await rt.encoder.encode([history_text(titles, n)], timeout_s=timeout_s))[0]
+            emb = (await rt.encoder.encode([rt.inputs.user_text(titles)], timeout_s=timeout_s))[0]
         except EncoderUnavailable as e:
             if cached is not None:
                 reasons.append(f"encoder unavailable ({_short(e)}): user embedding from an older history")
@@ -183,16 +167,15 @@ class RankingEngine:
         if not rt.uses_text or rt.encoder is None:
             return 0
         t = self.now()
-        n = rt.bundle.encoder.history_items
         todo: dict[str, tuple[tuple[str, ...], str]] = {}
         for user_id in dict.fromkeys(user_ids):
-            history = tuple(self.online.history(user_id, t, n))
+            history = tuple(self.online.history(user_id, t, rt.inputs.history_items))
             titles = [x for x in map(self.items.title, history) if x]
             if not titles:
                 continue
             cached = self._users.get((rt.encoder_key, user_id))
             if cached is None or cached[0] != history:
-                todo[user_id] = (history, history_text(titles, n))
+                todo[user_id] = (history, rt.inputs.user_text(titles))
         if not todo:
             return 0
         texts = list(dict.fromkeys(text for _, text in todo.values()))
@@ -203,17 +186,18 @@ class RankingEngine:
 
     async def item_embeddings(self, rt: BundleRuntime, candidates: list[Candidate], rows: np.ndarray,
                               timeout_s: float | None, reasons: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """(embeddings, has-embedding mask, ids with no catalog entry and no inline text)."""
+        """(embeddings with NaN rows where there is none, has-embedding mask, ids with no catalog entry
+        and no inline text)."""
         table, current = self.items.embeddings(rt.encoder_key)
         known = rows >= 0
         has = known.copy()
         has[known] = current[rows[known]]
         if len(table):
-            emb = table[np.where(has, rows, 0)]  # one gather; rows without a current embedding zeroed below
+            emb = table[np.where(has, rows, 0)]  # one gather; rows without a current embedding: NaN below
             if not has.all():
-                emb[~has] = 0.0
+                emb[~has] = np.nan
         else:
-            emb = np.zeros((len(candidates), table.shape[1]), dtype=np.float32)
+            emb = np.full((len(candidates), table.shape[1]), np.nan, dtype=np.float32)
         missing: list[str] = []
         todo_rows, todo_texts = [], []
         for k in np.flatnonzero(~has):
@@ -254,14 +238,12 @@ class RankingEngine:
         if rt.uses_text:
             user = await self.user_embedding(rt, user_id, t, timeout_s, reasons)
             if user is not None:
-                emb, has, missing = await self.item_embeddings(rt, candidates, rows, timeout_s, reasons)
-                # einsum, not `emb @ user`: BLAS gemv wakes OpenBLAS's second thread on every request,
-                # which then spins (about half a core on 2 cores at 200 requests/s); einsum also
-                # rounds exactly as training computes the score (ranker_training.interest_scores).
-                interest = np.einsum("ij,j->i", emb, user).astype(np.float64)
-                interest[~has] = np.nan
+                emb, _, missing = await self.item_embeddings(rt, candidates, rows, timeout_s, reasons)
+                # Pairs by einsum, never BLAS gemv: gemv woke OpenBLAS's second thread on every request,
+                # which then spun (about half a core on 2 cores at 200 requests/s).
+                interest = interest_scores(user[None, :], emb, (0, None))
         online = self.online.features(user_id, ids, t, interest_score=interest)
-        X = rt.matrix(online)
+        X = rt.inputs.matrix(online)
         scores = rt.bundle.score(X)
         order = np.argsort(-scores, kind="stable")
         out = RankOutcome(

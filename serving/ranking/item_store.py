@@ -30,25 +30,11 @@ import numpy as np
 import polars as pl
 
 from featurizer.text import item_text_expr
-from ranker.encoder import resolve_model_dir
 
 log = logging.getLogger(__name__)
 
 ITEM_COLUMNS = {"item_id": pl.Utf8, "title": pl.Utf8, "description": pl.Utf8, "category": pl.Utf8, "brand": pl.Utf8, "price": pl.Float64}
 BulkEncodeFn = Callable[[list[str]], Awaitable[np.ndarray]]
-
-
-def encoder_key(model_dir: str | Path, max_length: int) -> str:
-    """Identifies what an item embedding depends on: the encoder weights and the token budget."""
-    path = resolve_model_dir(model_dir)
-    h = hashlib.sha256()
-    for name in ("config.json", "model.safetensors"):
-        f = path / name
-        if f.is_file():
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-    return f"{h.hexdigest()[:16]}-L{max_length}"
 
 
 def normalize_items(items: pl.DataFrame) -> pl.DataFrame:
@@ -165,8 +151,8 @@ class ItemStore:
         emb = np.zeros((len(self.item_ids), dim), dtype=np.float32)
         hashes = np.zeros(len(self.item_ids), dtype=np.int64)
         if self.state_dir is not None:
-            from safetensors.numpy import load_file
             from safetensors import safe_open
+            from safetensors.numpy import load_file
 
             for p in sorted((self.state_dir / "embeddings" / key).glob("emb-*.safetensors")):
                 with safe_open(str(p), framework="numpy") as f:

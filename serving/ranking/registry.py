@@ -1,8 +1,7 @@
-"""Serving bundles: load, validate, swap atomically, retire; one encoder per distinct text tower.
+"""Serving bundles: load, validate, swap atomically, retire.
 
-- `EncoderPool` keeps one encoder service (a Triton process and its resilient client) per
-  encoder key (weights + token budget, `serving.ranking.item_store.encoder_key`), shared by every
-  bundle that uses the same encoder and stopped when the last such bundle is retired.
+- Each bundle's text tower is served by an encoder from `serving.encoding.pool.EncoderPool`
+  (one per distinct encoder key, shared between bundles).
 - `BundleRegistry.load(path)` loads a bundle, checks that this server can compute its
   features, starts (or shares) its encoder, embeds the catalog items it lacks, and scores
   a probe batch; any failure raises `BundleRejected` with the reason and changes nothing.
@@ -17,70 +16,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from ranker.bundle import MANIFEST, Bundle, BundleError, EncoderRef, load_bundle
-from serving.ranking.item_store import encoder_key
-from serving.ranking.engine import BundleRuntime, Encoder, RankingEngine
+from featurizer.errors import SemrankError
+from ranker.bundle import MANIFEST, BundleError, load_bundle
+from ranker.feature_matrix import BundleInputs
+from serving.encoding.pool import EncoderHandle, EncoderPool
+from serving.ranking.engine import BundleRuntime, RankingEngine
 
 log = logging.getLogger(__name__)
 
 PROBE_ITEMS = 16
 
 
-class BundleRejected(RuntimeError):
+class BundleRejected(SemrankError, RuntimeError):
     """A bundle that cannot serve; the message says why. The serving bundle stays."""
 
-
-@dataclass
-class EncoderHandle:
-    key: str
-    encoder: Encoder
-    close: Callable[[], Awaitable[None]]
-    dim: int = 384
-    users: int = 0
-
-
-EncoderFactory = Callable[[EncoderRef, Path, str], Awaitable[EncoderHandle]]
-
-
-class EncoderPool:
-    def __init__(self, factory: EncoderFactory):
-        self._factory = factory
-        self._handles: dict[str, EncoderHandle] = {}
-        self._lock = asyncio.Lock()
-
-    async def acquire(self, ref: EncoderRef, bundle_path: Path) -> EncoderHandle:
-        key = encoder_key(ref.resolve(bundle_path), ref.max_length)
-        async with self._lock:
-            h = self._handles.get(key)
-            if h is None:
-                h = await self._factory(ref, bundle_path, key)
-                self._handles[key] = h
-            h.users += 1
-            return h
-
-    async def release(self, h: EncoderHandle) -> None:
-        async with self._lock:
-            h.users -= 1
-            if h.users <= 0 and self._handles.get(h.key) is h:
-                del self._handles[h.key]
-                log.info("encoder %s no longer used: stopping it", h.key)
-                await h.close()
-
-    def handles(self) -> list[EncoderHandle]:
-        return list(self._handles.values())
-
-    async def close(self) -> None:
-        async with self._lock:
-            for h in self._handles.values():
-                await h.close()
-            self._handles.clear()
+    grpc_code = "FAILED_PRECONDITION"
+    reason = "BUNDLE_REJECTED"
 
 
 def bundle_fingerprint(path: Path) -> tuple:
@@ -123,6 +81,7 @@ class BundleRegistry:
         fp = bundle_fingerprint(path)
         try:
             bundle = load_bundle(path)
+            BundleInputs.of(bundle)  # can this server compute its features? (before starting an encoder)
         except BundleError as e:
             raise BundleRejected(str(e)) from e
         except Exception as e:  # noqa: BLE001 - anything unreadable is a rejected bundle
@@ -135,10 +94,7 @@ class BundleRegistry:
                     handle = await self.pool.acquire(bundle.encoder, bundle.path)
                 except Exception as e:  # noqa: BLE001
                     raise BundleRejected(f"{path}: encoder {bundle.encoder.model_dir!r} cannot be served ({e})") from e
-            try:
-                rt = BundleRuntime(bundle, handle.key if handle else "", handle.encoder if handle else None)
-            except ValueError as e:
-                raise BundleRejected(f"{path}: {e}") from e
+            rt = BundleRuntime(bundle, handle.key if handle else "", handle.encoder if handle else None)
             if handle is not None:
                 n = await self.engine.items.ensure_embeddings(handle.key, handle.encoder.encode_bulk, handle.dim)
                 if n:
@@ -155,7 +111,7 @@ class BundleRegistry:
         items = self.engine.items.item_ids[:PROBE_ITEMS] or ["__probe_item__"]
         online = self.engine.online.features("__semrank_probe__", items, self.engine.now())
         try:
-            scores = rt.bundle.score(rt.matrix(online))
+            scores = rt.bundle.score(rt.inputs.matrix(online))
         except Exception as e:  # noqa: BLE001
             raise BundleRejected(f"{rt.bundle.path}: scoring a probe batch failed ({type(e).__name__}: {e})") from e
         if not np.isfinite(scores).all():

@@ -1,4 +1,4 @@
-"""Async client for the Triton-served text encoder (see serving/triton/process.py).
+"""Async client for the Triton-served text encoder (served by serving/triton/worker.py).
 
 Texts go in as a BYTES tensor "texts" of shape [n, 1]; unit-norm float32 rows come back
 in "embedding". Large lists are split into max_batch_size requests that are sent
@@ -11,6 +11,8 @@ import asyncio
 import logging
 
 import numpy as np
+
+from featurizer.errors import SemrankError
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +32,16 @@ CHANNEL_ARGS = [
 TRANSIENT_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
 
 
-class EncoderUnavailable(RuntimeError):
+class EncoderUnavailable(SemrankError, RuntimeError):
     """Triton could not produce embeddings (down, model not loaded, timed out, or rejected the request).
 
     `code` is the gRPC status name ("UNAVAILABLE", "DEADLINE_EXCEEDED", "NOT_FOUND", ...) or None
     when there was none (e.g. a reply of the wrong shape); `transient` is True when retrying the
     same request could succeed (server unreachable, connection refused or reset, deadline hit).
     """
+
+    grpc_code = "UNAVAILABLE"
+    reason = "ENCODER_UNAVAILABLE"
 
     def __init__(self, message: str, code: str | None = None, transient: bool | None = None):
         super().__init__(message)
@@ -91,7 +96,7 @@ class EncoderClient:
         code = grpc_code_name(err)
         return EncoderUnavailable(
             f"{what} failed for Triton model {self.model_name!r} at {self.url}: {err}. "
-            f"Check that the Triton worker is running there (python -m serving.triton.process ...) "
+            f"Check that the Triton worker is running there (python -m serving.triton.worker ...) "
             f"and that model {self.model_name!r} is loaded.",
             code=code,
         )

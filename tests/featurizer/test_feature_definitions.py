@@ -16,12 +16,22 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from featurizer.definitions import FAMILIES, FEATURES, NAMES, FeatureParams, family_columns, smoothed_rate
-from featurizer.online.state import UserState
-from featurizer.offline.pipeline import offline_features, prepare_events, recent_items
-from featurizer.online.features import OnlineFeatures, StaleQueryError
-from featurizer.store.base import InProcessConfig, InProcessStore, RedisConfig, RedisStore
 from featurizer.contracts.schema import EVENT_TYPES, validate_events, validate_items
+from featurizer.definitions import (
+    FAMILIES,
+    FEATURES,
+    NAMES,
+    FeatureParams,
+    family_columns,
+    smoothed_rate,
+)
+from featurizer.offline.pipeline import offline_features, prepare_events
+from featurizer.offline.point_in_time import recent_items
+from featurizer.online.features import OnlineFeatures, StaleQueryError
+from featurizer.online.user_state import UserState
+from featurizer.store.config import InProcessConfig, RedisConfig
+from featurizer.store.in_process import InProcessStore
+from featurizer.store.redis import RedisStore
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)  # a Thursday

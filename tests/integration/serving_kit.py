@@ -23,16 +23,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.server import RankingServer, ServeConfig
+from serving.config import ServeConfig
+from serving.server import RankingServer
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-TRITON_WORKER_MODULE = "serving.triton.process"
+TRITON_WORKER_MODULE = "serving.triton.worker"
 
 
 # -- the server in-process -------------------------------------------------------------------
@@ -149,7 +153,7 @@ def tritonservers_in_group(pgid: int) -> list[int]:
 
 
 def triton_worker_children(parent_pid: int) -> list[int]:
-    """Pids of `python -m serving.triton.process` processes started by `parent_pid` (each leads its own group)."""
+    """Pids of `python -m serving.triton.worker` processes started by `parent_pid` (each leads its own group)."""
     out = []
     for pid in _pids():
         f = _stat_fields(pid)
@@ -306,3 +310,14 @@ def copy_bundle(src: Path, dst: Path, version: str | None = None) -> Path:
         manifest["bundle_version"] = version
         mf.write_text(json.dumps(manifest, indent=2) + "\n")
     return dst
+
+
+def bad_request_fields(err: grpc.RpcError) -> list[str]:
+    """The fields of an INVALID_ARGUMENT error's google.rpc.BadRequest detail (after its ErrorInfo,
+    as serving.api.errors.to_status sends them)."""
+    status = rpc_status.from_call(err)
+    assert status is not None, f"no rich status in {err}"
+    info, br = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
+    assert len(status.details) == 2 and status.details[0].Unpack(info) and status.details[1].Unpack(br), status
+    assert (info.reason, info.domain) == ("INVALID_REQUEST", "semrank"), info
+    return [v.field for v in br.field_violations]

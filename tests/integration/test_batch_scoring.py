@@ -20,11 +20,13 @@ import pytest
 from featurizer.contracts.schema import read_dataset
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
-from serving.batch.job import MANIFEST, OutputMismatch, ScoreJob, part_path, run_score_job
-from serving.batch.input import BatchInputError
-from serving.batch.scorer import BatchScoringError, ScoreConfig
 from serving.batch.catalog_embed import embed_catalog
-from serving.server import RankingServer, ServeConfig
+from serving.batch.input import BatchInputError
+from serving.batch.job import ScoreJob, run_score_job
+from serving.batch.output import MANIFEST, OutputMismatch, part_path
+from serving.batch.scorer import BatchScoringError, ScoreConfig
+from serving.config import ServeConfig
+from serving.server import RankingServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 

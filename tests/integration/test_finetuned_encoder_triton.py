@@ -22,7 +22,11 @@ from ranker.bundle import load_bundle
 from ranker.encoder import EMBEDDING_DIM, TextEncoder
 from serving.triton.client import EncoderClient
 from serving.triton.process import TritonProcess, TritonWorkerConfig, free_port
-from tests.integration.test_triton_encoder import TEXTS, assert_same_embeddings, live_tritonserver_processes
+from tests.integration.test_triton_encoder import (
+    TEXTS,
+    assert_same_embeddings,
+    live_tritonserver_processes,
+)
 from training.encoder.train import EncoderTrainConfig, train_encoder
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]

@@ -2,26 +2,23 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-
 import grpc
 import numpy as np
 import polars as pl
 import pytest
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from grpc_status import rpc_status
 
-from featurizer.offline.pipeline import offline_features, user_recent_items
 from featurizer.contracts.schema import read_dataset
-from featurizer.text import history_text, item_text_expr
+from featurizer.offline.pipeline import offline_features, user_recent_items
+from featurizer.text import item_text_expr
 from ranker.bundle import load_bundle
+from ranker.feature_matrix import BundleInputs
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
-from serving.server import SERVICE_NAME, ServeConfig
-from serving.api.validation import Limits
-from tests.integration.serving_kit import ServerThread, tritonservers_in_group
+from serving.config import Limits, ServeConfig
+from serving.server import SERVICE_NAME
+from tests.integration.serving_kit import ServerThread, bad_request_fields, tritonservers_in_group
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -53,13 +50,6 @@ def active_user(shop) -> str:
 
 def rank(channel, **kw) -> pb.RankResponse:
     return pb_grpc.RankingServiceStub(channel).Rank(pb.RankRequest(**kw), timeout=60)
-
-
-def bad_request_fields(err: grpc.RpcError) -> list[str]:
-    status = rpc_status.from_call(err)
-    br = error_details_pb2.BadRequest()
-    assert status is not None and status.details[0].Unpack(br)
-    return [v.field for v in br.field_violations]
 
 
 def test_health_and_reflection(service):
@@ -101,14 +91,13 @@ def test_scores_equal_offline_computation(service, shop, small_bundle, encoder):
     )
     hist = user_recent_items(shop.events.lazy(), shop.items.lazy(), q.head(1).lazy(), bundle.encoder.history_items).collect()
     titles = dict(zip(shop.items["item_id"], shop.items["title"]))
-    user_emb = encoder.encode([history_text([titles[i] for i in hist["history"][0]])])[0]
+    inputs = BundleInputs.of(bundle)
+    user_emb = encoder.encode([inputs.user_text([titles[i] for i in hist["history"][0]])])[0]
     texts = shop.items.select("item_id", item_text_expr()).filter(pl.col("item_id").is_in(ids))
     item_emb = dict(zip(texts["item_id"], encoder.encode(texts["item_text"].to_list())))
     q = q.with_columns(interest_score=pl.Series([float(item_emb[i] @ user_emb) for i in ids]))
     feats = offline_features(shop.events.lazy(), shop.items.lazy(), q.lazy()).collect()
-    X = feats.with_columns(**{k: pl.lit(v) for k, v in bundle.manifest["inference_constants"].items()})
-    X = X.select(bundle.feature_names).to_numpy().astype(np.float32)
-    want = bundle.score(X)
+    want = bundle.score(inputs.frame_matrix(feats))
     np.testing.assert_allclose([got[i] for i in ids], want, rtol=1e-4, atol=1e-4)
 
 

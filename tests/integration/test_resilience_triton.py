@@ -16,8 +16,18 @@ import pytest
 
 from ranker.encoder import EMBEDDING_DIM
 from serving.triton.client import EncoderClient, EncoderUnavailable
-from serving.triton.resilience import BreakerState, CircuitBreaker, CircuitOpenError, ResilientEncoder
-from serving.triton.process import TritonProcess, TritonWorkerConfig, free_port, port_in_use
+from serving.triton.process import (
+    TritonProcess,
+    TritonWorkerConfig,
+    free_port,
+    port_in_use,
+)
+from serving.triton.resilience import (
+    BreakerState,
+    CircuitBreaker,
+    CircuitOpenError,
+    ResilientEncoder,
+)
 from tests.integration.test_triton_encoder import TEXTS, live_tritonserver_processes
 from tests.serving.triton.test_resilience import RecordingObserver
 

@@ -18,16 +18,14 @@ the statistics work on these per-user sums.
 
 from __future__ import annotations
 
-import json
 import re
-import tomllib
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
 import polars as pl
 
-from featurizer.contracts.exposures import ExposureLogError  # noqa: F401  (raised by read_exposures; re-exported)
+from featurizer.contracts.experiments import load_experiments
 from featurizer.contracts.exposures import FILE_GLOB, read_exposures_report
 from featurizer.contracts.schema import read_dataset, read_events, read_items
 
@@ -110,18 +108,10 @@ def parse_shares(text: str) -> dict[str, float]:
 
 
 def shares_from_experiments(path: str | Path, experiment: str) -> dict[str, float]:
-    """Variant shares of one experiment in an experiments file (TOML or JSON, serving's format), file order."""
-    path = Path(path)
-    with path.open("rb") as f:
-        raw = tomllib.load(f) if path.suffix.lower() == ".toml" else json.load(f)
-    for exp in raw.get("experiment", []):
-        if exp.get("name") == experiment:
-            try:
-                return {str(v["name"]): float(v["share"]) for v in exp.get("variant", [])}
-            except (KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{path}: experiment {experiment!r}: every variant needs a name and a share") from e
-    names = ", ".join(str(e.get("name")) for e in raw.get("experiment", []))
-    raise ValueError(f"{path}: no experiment named {experiment!r} (found: {names or 'none'})")
+    """Variant shares of one experiment in an experiments file, in file order. The file is read by the
+    one parser of the format (`featurizer.contracts.experiments`), without requiring its bundles."""
+    exp = load_experiments(path, check_bundles=False).named(experiment)
+    return {v.name: v.share for v in exp.variants}
 
 
 # --------------------------------------------------------------------------- events

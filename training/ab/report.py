@@ -25,6 +25,7 @@ import polars as pl
 
 from training.ab import stats as ab_stats
 from training.ab.prepare import Prepared, format_window
+from training.figures import pyplot, save_figure
 
 
 @dataclass(frozen=True)
@@ -206,10 +207,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 def plot(report: dict[str, Any], path: str | Path) -> Path:
     """One panel per metric: a bar per variant with its 95% interval; the control in grey."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     keys = list(report["metric_definitions"])
     names = list(report["variants"])
@@ -235,12 +233,7 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
     if report["srm"]["flagged"]:
         title = "SAMPLE-RATIO MISMATCH — " + title
     fig.suptitle(title, color="red" if report["srm"]["flagged"] else "black", fontsize=11)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def report_stem(experiment: str) -> str:

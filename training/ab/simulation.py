@@ -25,8 +25,17 @@ import numpy as np
 import polars as pl
 
 from featurizer.contracts.schema import read_dataset, write_dataset
-from training.data.synth import (CART_BASE, DAY_MS, PURCHASE_BASE, TIER_FACTOR, SynthConfig, click_probability,
-                            load_truth, squash, synthesize)
+from training.data.synth import (
+    CART_BASE,
+    DAY_MS,
+    PURCHASE_BASE,
+    TIER_FACTOR,
+    SynthConfig,
+    click_probability,
+    load_truth,
+    squash,
+    synthesize,
+)
 
 
 @dataclass(frozen=True)

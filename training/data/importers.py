@@ -22,7 +22,13 @@ from pathlib import Path
 
 import polars as pl
 
-from featurizer.contracts.schema import EVENTS_FILE, ITEMS_FILE, catalog_report, validate_events, validate_items
+from featurizer.contracts.schema import (
+    EVENTS_FILE,
+    ITEMS_FILE,
+    catalog_report,
+    validate_events,
+    validate_items,
+)
 
 DATASETS = ("amazon-beauty-2014", "amazon-toys-2014", "movielens-1m", "movielens-latest-small")
 _SEQUENCE_DATASETS = ("amazon-beauty-2014", "amazon-toys-2014", "movielens-1m")

@@ -41,22 +41,16 @@ import polars as pl
 from tqdm import tqdm
 
 from featurizer.contracts.schema import EVENT_TYPES, write_dataset
-from training.data.synth_vocab import ATTRIBUTES, CATEGORIES, SHARED_SENTENCES, TIERS, Category
+from training.data.synth_catalog import DAY_MS, MAX_KINDS, make_catalog, make_users
+from training.data.synth_vocab import ATTRIBUTES, CATEGORIES, TIERS
 
-_ATTR_INDEX = {a: k for k, a in enumerate(ATTRIBUTES)}
-_MAX_KINDS = max(len(c.attributes) for c in CATEGORIES)
 
 # --------------------------------------------------------------------------- model constants
 
-TIER_PRICE_FACTOR = np.array([0.55, 1.0, 2.1])
-PRICE_SIGMA = 0.3
-BRAND_TIER_KEEP = 0.75  # else the item is one tier off its brand's
 # Rows: user's preferred tier; columns: item tier.
 TIER_FACTOR = np.array([[1.0, 0.6, 0.25], [0.7, 1.0, 0.7], [0.3, 0.65, 1.0]])
-USER_TIER_P = np.array([0.35, 0.45, 0.20])
 ATTRIBUTE_BONUS = 0.8
 LAUNCH_DECAY_DAYS = 7.0
-NEW_ITEM_SHARE = 0.3
 POSITION_BIAS_EXP = 0.8
 INTEREST_SCALE = 0.12  # squash(x) = x^g / (x^g + scale^g)
 INTEREST_POWER = 1.5
@@ -72,7 +66,6 @@ POLICY_EXPLORE = 0.15
 POP_DECAY_PER_DAY = 0.8
 HOUR_WEIGHTS = np.array([0.5, 0.3, 0.2, 0.2, 0.2, 0.3, 0.6, 1.0, 1.2, 1.1, 1.0, 1.1,
                          1.3, 1.2, 1.0, 1.0, 1.1, 1.3, 1.6, 2.0, 2.2, 2.0, 1.5, 0.9])
-DAY_MS = 86_400_000
 _POLICY_CHUNK_CELLS = 4_000_000  # sessions x items per policy batch, bounds memory
 
 
@@ -109,7 +102,7 @@ class Truth:
     user_attr: np.ndarray  # users x ATTRIBUTES, bool
     item_category: np.ndarray  # items
     item_tier: np.ndarray  # items
-    item_attr: np.ndarray  # items x _MAX_KINDS attribute indices, -1 = none
+    item_attr: np.ndarray  # items x MAX_KINDS attribute indices, -1 = none
     base_quality: np.ndarray
     drift_slope: np.ndarray  # per day, log scale
     launch_boost: np.ndarray  # 0 for items that existed before the period
@@ -144,121 +137,6 @@ def click_probability(position: np.ndarray, interest: np.ndarray) -> np.ndarray:
 def squash(interest: np.ndarray) -> np.ndarray:
     x = np.power(interest, INTEREST_POWER)
     return x / (x + INTEREST_SCALE**INTEREST_POWER)
-
-
-# --------------------------------------------------------------------------- catalog and users
-
-
-def _title_case(text: str) -> str:
-    keep = {"g", "kg", "and", "for", "of", "with", "the"}
-    return " ".join(w if w in keep else w[:1].upper() + w[1:] for w in text.split(" "))
-
-
-def _text_fields(cat: Category, brand: str, noun: str, adj: str, feature: str, values: list[str],
-                 rng: np.random.Generator) -> dict[str, str]:
-    fields = {kind.replace(" ", "_"): v for (kind, _), v in zip(cat.attributes, values)}
-    fields.update(brand=brand, noun=noun, noun_l=noun.lower(), adj=adj, adj_l=adj.lower(), feature=feature,
-                  feature_l=feature.lower(), hours=str(int(rng.integers(8, 61))), years=str(int(rng.integers(1, 6))))
-    return fields
-
-
-def _item_text(cat: Category, brand: str, values: list[str], rng: np.random.Generator) -> tuple[str, str]:
-    noun = cat.nouns[rng.integers(len(cat.nouns))]
-    adj = cat.adjectives[rng.integers(len(cat.adjectives))]
-    feature = cat.features[rng.integers(len(cat.features))]
-    words = [brand] + ([adj] if rng.random() < 0.7 else []) + ([feature] if rng.random() < 0.6 else []) + [noun]
-    title = " ".join(words) + ", " + ", ".join(_title_case(v) for v in values[: 1 + int(rng.random() < 0.4)])
-    fields = _text_fields(cat, brand, noun, adj, feature, values, rng)
-    n_sentences = int(rng.choice([1, 2, 3], p=[0.25, 0.45, 0.30]))
-    chosen = [cat.sentences[k] for k in rng.permutation(len(cat.sentences))[:n_sentences]]
-    if n_sentences > 1 and rng.random() < 0.35:
-        chosen[-1] = SHARED_SENTENCES[rng.integers(len(SHARED_SENTENCES))]
-    sentences = [s.format(**fields) for s in chosen]
-    return title, " ".join(s[:1].upper() + s[1:] for s in sentences)
-
-
-@dataclass(frozen=True)
-class _Catalog:
-    items: pl.DataFrame  # the contract's items table
-    truth: pl.DataFrame  # truth/items.parquet
-    category: np.ndarray
-    tier: np.ndarray
-    attr: np.ndarray
-    base_quality: np.ndarray
-    drift_slope: np.ndarray
-    launch_boost: np.ndarray
-    created_ms: np.ndarray
-
-
-def _make_catalog(rng: np.random.Generator, config: SynthConfig, start_ms: int) -> _Catalog:
-    n, k = config.n_items, len(CATEGORIES)
-    share = rng.dirichlet(np.full(k, 6.0))
-    category = np.concatenate([np.arange(min(k, n)), rng.choice(k, size=max(n - k, 0), p=share)])
-    category = rng.permutation(category)
-    # Popularity drift: a fifth trend up, a fifth fade, the rest drift a little.
-    trend = rng.choice(3, size=n, p=[0.2, 0.2, 0.6])
-    slope = np.choose(trend, [rng.normal(0.05, 0.015, n), rng.normal(-0.05, 0.015, n), rng.normal(0.0, 0.005, n)])
-    base_quality = rng.lognormal(0.0, 0.45, n)
-    n_new = min(int(round(NEW_ITEM_SHARE * n)), n - config.list_size)
-    is_new = np.zeros(n, dtype=bool)
-    is_new[rng.choice(n, size=n_new, replace=False)] = True
-    created_ms = np.where(
-        is_new,
-        start_ms + rng.integers(0, config.n_days * DAY_MS, n),
-        start_ms - rng.integers(DAY_MS, 365 * DAY_MS, n),
-    )
-    launch_boost = np.where(is_new, rng.uniform(0.5, 2.0, n), 0.0)
-
-    rows: dict[str, list] = {c: [] for c in ("title", "description", "brand", "tier", "price", "attributes")}
-    attr = np.full((n, _MAX_KINDS), -1, dtype=np.int64)
-    for i in range(n):
-        cat = CATEGORIES[category[i]]
-        brand, brand_tier = cat.brands[rng.integers(len(cat.brands))]
-        tier = brand_tier if rng.random() < BRAND_TIER_KEEP else int(np.clip(brand_tier + rng.choice([-1, 1]), 0, 2))
-        values = [vals[rng.integers(len(vals))] for _, vals in cat.attributes]
-        attr[i, : len(values)] = [_ATTR_INDEX[v] for v in values]
-        price = cat.median_price * TIER_PRICE_FACTOR[tier] * rng.lognormal(0.0, PRICE_SIGMA)
-        title, description = _item_text(cat, brand, values, rng)
-        for col, v in zip(rows, (title, description, brand, tier, max(round(price) - 0.01, 0.99), values)):
-            rows[col].append(v)
-
-    item_id = pl.Series("item_id", [f"i{i:06d}" for i in range(n)])
-    cat_names = [CATEGORIES[c].name for c in category]
-    created_at = pl.from_epoch(pl.Series(created_ms), time_unit="ms").dt.replace_time_zone("UTC")
-    items = pl.DataFrame({
-        "item_id": item_id, "title": rows["title"], "description": rows["description"], "category": cat_names,
-        "brand": rows["brand"], "price": rows["price"], "created_at": created_at,
-    })
-    truth = pl.DataFrame({
-        "item_id": item_id, "category": cat_names, "brand": rows["brand"],
-        "price_tier": [TIERS[t] for t in rows["tier"]],
-        "attributes": pl.Series(rows["attributes"], dtype=pl.List(pl.Utf8)),
-        "base_quality": base_quality, "drift_slope": slope,
-        "trend": [("up", "fade", "stable")[t] for t in trend], "launch_boost": launch_boost,
-        "created_day": (created_ms - start_ms) / DAY_MS,
-    })
-    return _Catalog(items, truth, category, np.array(rows["tier"]), attr, base_quality, slope, launch_boost, created_ms)
-
-
-def _make_users(rng: np.random.Generator, n_users: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Category affinity (Dirichlet, concentrated on 1-4 categories), preferred tier, preferred attributes."""
-    k = len(CATEGORIES)
-    cat_pop = rng.dirichlet(np.full(k, 4.0))
-    n_focus = rng.choice([1, 2, 3, 4], size=n_users, p=[0.1, 0.35, 0.35, 0.2])
-    affinity = np.empty((n_users, k))
-    user_attr = np.zeros((n_users, len(ATTRIBUTES)), dtype=bool)
-    for u in range(n_users):
-        focus = rng.choice(k, size=n_focus[u], replace=False, p=cat_pop)
-        alpha = np.full(k, 0.05)
-        alpha[focus] += 2.0
-        a = np.maximum(rng.dirichlet(alpha), 1e-4)
-        affinity[u] = a / a.sum()
-        for _ in range(1 + int(rng.random() < 0.5)):
-            cat = CATEGORIES[rng.choice(k, p=affinity[u])]
-            _, values = cat.attributes[rng.integers(len(cat.attributes))]
-            user_attr[u, _ATTR_INDEX[values[rng.integers(len(values))]]] = True
-    user_tier = rng.choice(3, size=n_users, p=USER_TIER_P)
-    return affinity, user_tier, user_attr
 
 
 # --------------------------------------------------------------------------- simulation
@@ -366,8 +244,8 @@ def synthesize(out_dir: str | Path, seed: int = 0, config: SynthConfig = SynthCo
     out_dir = Path(out_dir)
     start_ms = int(config.start.timestamp() * 1000)
     rng_items, rng_users, rng_sessions = np.random.default_rng(seed).spawn(3)
-    catalog = _make_catalog(rng_items, config, start_ms)
-    affinity, user_tier, user_attr = _make_users(rng_users, config.n_users)
+    catalog = make_catalog(rng_items, config.n_items, config.n_days, config.list_size, start_ms)
+    affinity, user_tier, user_attr = make_users(rng_users, config.n_users)
     truth = Truth(start_ms, affinity, user_tier, user_attr, catalog.category, catalog.tier, catalog.attr,
                   catalog.base_quality, catalog.drift_slope, catalog.launch_boost,
                   (catalog.created_ms - start_ms) / DAY_MS)
@@ -473,7 +351,7 @@ def load_truth(out_dir: str | Path) -> tuple[Truth, pl.DataFrame, pl.DataFrame]:
     user_attr = np.zeros((users.height, len(attr_index)), dtype=bool)
     for u, prefs in enumerate(users["preferred_attributes"].to_list()):
         user_attr[u, [attr_index[a] for a in prefs]] = True
-    item_attr = np.full((items.height, _MAX_KINDS), -1, dtype=np.int64)
+    item_attr = np.full((items.height, MAX_KINDS), -1, dtype=np.int64)
     for i, values in enumerate(items["attributes"].to_list()):
         item_attr[i, : len(values)] = [attr_index[a] for a in values]
     truth = Truth(

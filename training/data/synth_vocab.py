@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 TIERS: tuple[str, ...] = ("budget", "mid", "premium")
 BUDGET, MID, PREMIUM = range(3)
 

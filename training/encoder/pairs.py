@@ -38,10 +38,11 @@ import numpy as np
 import polars as pl
 import torch
 
-from featurizer.offline.pipeline import user_recent_items
 from featurizer.contracts.schema import ENGAGEMENTS, EVENT_STRENGTH, Dataset
+from featurizer.offline.pipeline import user_recent_items
 from featurizer.text import history_text, item_text_expr
 from ranker.encoder import mean_pool
+from ranker.interest import interest_scores
 from training.data.loo import loo_split
 from training.lambdarank.impression_lists import impression_lists
 
@@ -88,10 +89,6 @@ class EncoderData:
 
     def user_text(self, history_row: np.ndarray, history_items: int) -> str:
         return history_text([self.titles[i] for i in history_row if i != NO_ITEM], history_items)
-
-
-def has_impression_lists(ds: Dataset) -> bool:
-    return bool(ds.events.filter((pl.col("event") == "impression") & pl.col("request_id").is_not_null()).height)
 
 
 def _catalog(ds: Dataset) -> tuple[list[str], list[str], list[str]]:
@@ -362,4 +359,6 @@ class SampledEvaluator:
         c = self.cfg
         users = embed_texts(model, self.tokenizer, self.user_texts, c.max_length_user, bf16=c.bf16)
         items = embed_texts(model, self.tokenizer, self.item_texts, c.max_length_item, bf16=c.bf16)
-        return sampled_metrics(np.einsum("md,mcd->mc", users, items[self.cand_rows]))
+        m, c = self.cand_rows.shape
+        scores = interest_scores(users, items, (np.repeat(np.arange(m), c), self.cand_rows.ravel()))
+        return sampled_metrics(scores.reshape(m, c))

@@ -31,19 +31,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featurizer.contracts.schema import Dataset
+from featurizer.contracts.schema import Dataset, has_impression_lists
 from ranker.bundle import MANIFEST, EncoderRef
 from ranker.encoder import BASE_MODEL, base_model_path, mean_pool
+from training.encoder.lora import ATTENTION_QV, apply_lora, lora_modules, merge_lora
 from training.encoder.pairs import (
     EncoderData,
     SampledEvaluator,
-    has_impression_lists,
     impression_pairs,
     length_batches,
     loo_pairs,
     sample_epoch,
 )
-from training.encoder.lora import ATTENTION_QV, apply_lora, lora_modules, merge_lora
+from training.figures import pyplot, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class TwoTower(nn.Module):
 def build_data(ds: Dataset, cfg: EncoderTrainConfig) -> EncoderData:
     common = dict(history_items=cfg.history_items, val_users=cfg.val_users, n_negatives=cfg.val_negatives,
                   negative_pool=cfg.val_negative_pool, seed=cfg.seed)
-    if has_impression_lists(ds):
+    if has_impression_lists(ds.events):
         return impression_pairs(ds, test_days=cfg.test_days, valid_days=cfg.valid_days, **common)
     return loo_pairs(ds, **common)
 
@@ -343,10 +343,7 @@ def _validate(model, tokenizer, evaluate, step, t0, curves, best, summary, enc_d
 
 def save_curves(stem: Path, curves: dict, title: str) -> None:
     """`stem.json` (loss per step, validation metrics per evaluation) and `stem.png`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     stem.with_suffix(".json").write_text(json.dumps(curves, indent=1) + "\n")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -364,9 +361,7 @@ def save_curves(stem: Path, curves: dict, title: str) -> None:
     ax2.set(xlabel="step", ylabel="sampled-100 metric", title="validation (step 0 = frozen)")
     ax2.legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(stem.with_suffix(".png"), dpi=100)
-    plt.close(fig)
+    save_figure(fig, stem.with_suffix(".png"), dpi=100)
 
 
 def update_manifest(path: Path, ref: EncoderRef, summary: dict) -> bool:

@@ -34,6 +34,8 @@ import numpy as np
 
 from featurizer.text import HISTORY_ITEMS, history_text
 from ranker.bundle import MANIFEST, EncoderRef
+from ranker.encoder import Encoder, encode_in_chunks, encoder_key
+from ranker.interest import interest_scores
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +51,6 @@ class Scorer(Protocol):
     def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
         """(len(histories), n_items) scores; row k is user k's score for every catalog item."""
         ...
-
-
-class TextEncoderLike(Protocol):
-    def encode(self, texts: list[str]) -> np.ndarray: ...
 
 
 # --------------------------------------------------------------------------- popularity
@@ -175,25 +173,10 @@ def user_texts(histories: Sequence[np.ndarray], titles: Sequence[str], history_i
     return [history_text([titles[i] for i in h[::-1][:history_items]], history_items) for h in histories]
 
 
-def model_fingerprint(model_dir: str | Path) -> str:
-    """Identifies the weights by content: name, size and sha256 of every file in the directory, so a
-    copy of an encoder (e.g. in each bundle) shares its embedding caches (about 0.1 s for MiniLM)."""
-    p = Path(model_dir)
-    parts = [] if p.is_dir() else [str(p.resolve())]
-    if p.is_dir():
-        for f in sorted(p.iterdir()):
-            if f.is_file():
-                h = hashlib.sha256()
-                with f.open("rb") as fh:
-                    for block in iter(lambda: fh.read(1 << 20), b""):
-                        h.update(block)
-                parts.append(f"{f.name}:{f.stat().st_size}:{h.hexdigest()}")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
-
-
 def embedding_cache_path(cache_dir: str | Path, dataset: str, spec: EncoderSpec, model_key: str,
                          item_texts: Sequence[str]) -> Path:
-    """`CACHE/<dataset>__<model>__<hash>.npy`; the hash covers weights, max_length and the item texts."""
+    """`CACHE/<dataset>__<model>__<hash>.npy`; the hash covers the encoder key (`ranker.encoder.encoder_key`: weights
+    and max_length) and the item texts."""
     h = hashlib.sha256()
     h.update(f"{model_key}\n{spec.max_length}\n{len(item_texts)}\n".encode())
     for t in item_texts:
@@ -203,25 +186,7 @@ def embedding_cache_path(cache_dir: str | Path, dataset: str, spec: EncoderSpec,
     return Path(cache_dir) / f"{safe}__{h.hexdigest()[:16]}.npy"
 
 
-def encode_with_progress(encoder: TextEncoderLike, texts: Sequence[str], desc: str,
-                         chunk: int = ITEM_ENCODE_CHUNK, progress: bool = True) -> np.ndarray:
-    """Encode in chunks of similar length (sorted globally, so padding stays small), with a progress bar."""
-    from tqdm import tqdm
-
-    if not texts:
-        return np.asarray(encoder.encode([]), dtype=np.float32)
-    order = np.argsort([len(t) for t in texts], kind="stable")
-    out: np.ndarray | None = None
-    for start in tqdm(range(0, len(texts), chunk), desc=desc, unit="chunk", disable=not progress, leave=False):
-        idx = order[start : start + chunk]
-        emb = np.asarray(encoder.encode([texts[i] for i in idx]), dtype=np.float32)
-        if out is None:
-            out = np.empty((len(texts), emb.shape[1]), dtype=np.float32)
-        out[idx] = emb
-    return out
-
-
-def cached_item_embeddings(encoder: TextEncoderLike, item_texts: Sequence[str], cache_path: Path | None,
+def cached_item_embeddings(encoder: Encoder, item_texts: Sequence[str], cache_path: Path | None,
                            progress: bool = True, desc: str = "item texts") -> np.ndarray:
     """Load `cache_path` if it holds (len(item_texts), dim) float32, else encode and save it there."""
     if cache_path is not None and cache_path.is_file():
@@ -232,7 +197,7 @@ def cached_item_embeddings(encoder: TextEncoderLike, item_texts: Sequence[str], 
         log.warning("ignoring cache %s: shape %s / dtype %s do not match %d texts", cache_path, emb.shape,
                     emb.dtype, len(item_texts))
     log.info("encoding %d %s", len(item_texts), desc)
-    emb = encode_with_progress(encoder, item_texts, desc, progress=progress)
+    emb = encode_in_chunks(encoder, item_texts, desc, ITEM_ENCODE_CHUNK, progress)
     if cache_path is not None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_path.with_suffix(".tmp.npy")
@@ -244,7 +209,7 @@ def cached_item_embeddings(encoder: TextEncoderLike, item_texts: Sequence[str], 
 class EncoderScorer:
     """score = cosine(user-history text, item text) = dot product of unit vectors."""
 
-    def __init__(self, name: str, encoder: TextEncoderLike, item_embeddings: np.ndarray, titles: Sequence[str],
+    def __init__(self, name: str, encoder: Encoder, item_embeddings: np.ndarray, titles: Sequence[str],
                  history_items: int = HISTORY_ITEMS, description: str = ""):
         if item_embeddings.shape[0] != len(titles):
             raise ValueError(f"{name}: {item_embeddings.shape[0]} item embeddings for {len(titles)} catalog items")
@@ -259,24 +224,23 @@ class EncoderScorer:
 
     def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
         texts = user_texts(histories, self.titles, self.history_items)
-        users = np.asarray(self.encoder.encode(texts), dtype=np.float32)
-        return users @ self.item_embeddings.T
+        return interest_scores(np.asarray(self.encoder.encode(texts), dtype=np.float32), self.item_embeddings)
 
 
 def load_encoder_scorer(spec: EncoderSpec, item_texts: Sequence[str], titles: Sequence[str], dataset: str,
                         cache_dir: str | Path | None, progress: bool = True,
-                        encoder_factory: Callable[[EncoderSpec], TextEncoderLike] | None = None) -> EncoderScorer:
+                        encoder_factory: Callable[[EncoderSpec], Encoder] | None = None) -> EncoderScorer:
     """Load the encoder, get (cached) item embeddings, return the scorer."""
-    from ranker.encoder import TextEncoder, resolve_model_dir
+    from ranker.encoder import TextEncoder
 
     if encoder_factory is None:
-        def encoder_factory(s: EncoderSpec) -> TextEncoderLike:
+        def encoder_factory(s: EncoderSpec) -> Encoder:
             return TextEncoder(s.model_dir, max_length=s.max_length)
 
     encoder = encoder_factory(spec)
     cache = None
     if cache_dir is not None:
-        cache = embedding_cache_path(cache_dir, dataset, spec, model_fingerprint(resolve_model_dir(spec.model_dir)),
+        cache = embedding_cache_path(cache_dir, dataset, spec, encoder_key(spec.model_dir, spec.max_length),
                                      item_texts)
     emb = cached_item_embeddings(encoder, item_texts, cache, progress=progress, desc=f"{spec.name} items")
     what = "pretrained all-MiniLM-L6-v2" if spec.model_dir == "base" else f"encoder from {spec.source}"

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from training.evaluation.models import Scorer
 from training.data.loo import LooSplit
+from training.evaluation.models import Scorer
 
 log = logging.getLogger(__name__)
 

@@ -34,15 +34,35 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from featurizer.offline.pipeline import offline_features
 from featurizer.contracts.schema import Dataset
+from featurizer.offline.pipeline import offline_features
 from ranker.bundle import Bundle, load_bundle
-from training.evaluation.protocol import FULL, SAMPLED, EvalConfig, EvalRun, negatives_matrix, rank_metrics, sample_users
-from training.lambdarank.first_stage import (
-    COOC_ITEMS, DEFAULT_FIRST_STAGE, DEFAULT_RERANK_K, FIRST_STAGES, RRF_K, FirstStage, top_k, user_item_cosines,
-)
+from ranker.feature_matrix import BundleInputs
+from ranker.interest import interest_scores
 from training.data.loo import LooSplit
-from training.lambdarank.leave_one_out import encode_user_texts, sequence_times, user_histories
+from training.evaluation.protocol import (
+    FULL,
+    SAMPLED,
+    EvalConfig,
+    EvalRun,
+    negatives_matrix,
+    rank_metrics,
+    sample_users,
+)
+from training.lambdarank.first_stage import (
+    COOC_ITEMS,
+    DEFAULT_FIRST_STAGE,
+    DEFAULT_RERANK_K,
+    FIRST_STAGES,
+    RRF_K,
+    FirstStage,
+    top_k,
+)
+from training.lambdarank.leave_one_out import (
+    encode_user_texts,
+    sequence_times,
+    user_histories,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +81,9 @@ class RankerModel:
     name: str
     bundle: Bundle
     source: str  # the path as given, for the report
+
+    def __post_init__(self) -> None:
+        self.inputs = BundleInputs.of(self.bundle)
 
     @property
     def uses_text(self) -> bool:
@@ -142,7 +165,8 @@ def evaluate_rankers(ds: Dataset, split: LooSplit, rankers: Sequence[RankerModel
     recent = [np.array([split.item_index[i] for i in h], dtype=np.int64) for h in user_histories(ds, keys, n_recent)]
     titles = dict(zip(split.item_ids, split.titles))
     hist_ids = [[split.item_ids[i] for i in r[: text.history_items]] for r in recent]
-    user_emb = encode_user_texts(text.encoder, hist_ids, titles, text.history_items, progress)
+    user_emb = encode_user_texts(text.encoder, hist_ids, titles, text.history_items, text.item_embeddings.shape[1],
+                                 progress)
     stage = FirstStage(split, "test") if FULL in config.protocols else None
     ranks = {p: {r.name: np.zeros(users.size, dtype=np.int64) for r in rankers} for p in config.protocols}
     own = {r.name: 0.0 for r in rankers}
@@ -151,7 +175,7 @@ def evaluate_rankers(ds: Dataset, split: LooSplit, rankers: Sequence[RankerModel
     for start in tqdm(range(0, users.size, chunk), desc="rankers", unit="chunk", disable=not progress, leave=False):
         sl = slice(start, min(start + chunk, users.size))
         rows = np.arange(sl.start, sl.stop)
-        cos = user_item_cosines(user_emb[sl], text.item_embeddings)
+        cos = interest_scores(user_emb[sl], text.item_embeddings)  # the whole catalog: the first stage
         cands: list[np.ndarray] = [np.zeros(0, np.int64)] * rows.size
         if negatives is not None:
             cands = [np.concatenate([[targets[r]], negatives[r][negatives[r] >= 0]]) for r in rows]
@@ -167,16 +191,14 @@ def evaluate_rankers(ds: Dataset, split: LooSplit, rankers: Sequence[RankerModel
         row_user = np.repeat(np.arange(rows.size), [c.size for c in cands])
         row_item = np.concatenate(cands)
         t0 = time.perf_counter()
+        interest = interest_scores(user_emb[sl], text.item_embeddings, (row_user, row_item))  # the feature: as served
         feats = _features(ds, [user_ids[r] for r in rows[row_user]], t_test[rows[row_user]],
-                          [split.item_ids[i] for i in row_item], cos[row_user, row_item].astype(np.float64),
-                          split.resolution_us)
+                          [split.item_ids[i] for i in row_item], interest, split.resolution_us)
         t_features += time.perf_counter() - t0
         offsets = np.r_[0, np.cumsum([c.size for c in cands])]
         for ranker in rankers:
             t0 = time.perf_counter()
-            consts = ranker.bundle.manifest.get("inference_constants", {})  # e.g. `position` of list-trained bundles
-            X = feats.with_columns(pl.lit(v, dtype=pl.Float64).alias(c) for c, v in consts.items())
-            scores = ranker.bundle.score(X.select(ranker.bundle.feature_names).to_numpy().astype(np.float32))
+            scores = ranker.bundle.score(ranker.inputs.frame_matrix(feats))  # constants such as `position` applied
             own[ranker.name] += time.perf_counter() - t0
             for j, r in enumerate(rows):
                 s, c = scores[offsets[j]: offsets[j + 1]], cands[j]
@@ -243,16 +265,15 @@ def text_side_for(ranker: RankerModel, models: Sequence[Any], load: Callable[[st
     """The ranker's encoder and item embeddings: reuse a loaded `EncoderScorer` with the same weights (by
     content, so a bundle's copy of an encoder matches) and max_length (e.g. encoder-frozen for "base"),
     else `load(name, model_dir, max_length, history_items)`."""
-    from ranker.encoder import resolve_model_dir
-    from training.evaluation.models import model_fingerprint
+    from ranker.encoder import encoder_key
 
     ref = ranker.bundle.encoder
     model_dir = ref.resolve(ranker.bundle.path)
-    want = model_fingerprint(resolve_model_dir(model_dir))
+    want = encoder_key(model_dir, ref.max_length)
     for m in models:
         enc = getattr(m, "encoder", None)
-        if (enc is not None and getattr(enc, "max_length", None) == ref.max_length
-                and getattr(enc, "model_dir", None) is not None and model_fingerprint(enc.model_dir) == want):
+        if (enc is not None and getattr(enc, "model_dir", None) is not None
+                and encoder_key(enc.model_dir, getattr(enc, "max_length", -1)) == want):
             return TextSide(enc, m.item_embeddings, ref.history_items)
     name = "encoder-frozen" if model_dir == "base" else f"{ranker.name}-encoder"
     scorer = load(name, model_dir, ref.max_length, ref.history_items)

@@ -12,7 +12,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from training.evaluation.protocol import FULL, METRICS, SAMPLED, TIE_RULE, EvalRun, summarize
+from training.evaluation.protocol import (
+    FULL,
+    METRICS,
+    SAMPLED,
+    TIE_RULE,
+    EvalRun,
+    summarize,
+)
+from training.figures import pyplot, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -150,10 +158,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 def plot(report: dict[str, Any], path: str | Path) -> Path:
     """Bar chart of NDCG@10 and HR@10 per model with CI error bars; published SASRec/TIGER as lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     names = list(report["models"])
@@ -173,12 +178,7 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.suptitle(f"{report['dataset']} — {report['protocol']} ({report['users']} users, 95% bootstrap CI)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def json_path_for(json_out: str | Path, protocol: str, several: bool) -> Path:

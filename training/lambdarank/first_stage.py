@@ -24,14 +24,6 @@ RRF_K = 60
 COOC_ITEMS = FeatureParams().history_items  # recent items the co-occurrence first stage sums over
 
 
-def user_item_cosines(user_emb: np.ndarray, item_embeddings: np.ndarray) -> np.ndarray:
-    """(users, items) cosines of unit vectors; all NaN when no user had a history (`encode_user_texts`
-    then returns a one-column NaN matrix), which `FirstStage.scores` counts as 0."""
-    if user_emb.shape[1] != item_embeddings.shape[1]:
-        return np.full((user_emb.shape[0], item_embeddings.shape[0]), np.nan, dtype=np.float32)
-    return user_emb @ item_embeddings.T
-
-
 def ordinal_ranks(scores: np.ndarray) -> np.ndarray:
     """1-based rank of every entry of each row, best first; ties by item index (stable)."""
     order = np.argsort(-scores, axis=1, kind="stable")

@@ -10,19 +10,29 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import polars as pl
 
-from featurizer.definitions import CONTEXT_TRAINING_ONLY, FAMILY, NAMES
-from featurizer.offline.pipeline import offline_features, user_recent_items
 from featurizer.contracts.schema import EVENT_STRENGTH, Dataset
-from featurizer.text import history_text, item_text_expr
+from featurizer.definitions import CONTEXT_TRAINING_ONLY, NAMES
+from featurizer.errors import SemrankError
+from featurizer.offline.pipeline import offline_features, user_recent_items
+from featurizer.text import item_text_expr
 from ranker.bundle import EncoderRef, save_bundle
+from ranker.encoder import Encoder
+from ranker.feature_matrix import BundleInputs
+from ranker.interest import interest_scores
+from training.lambdarank.booster import (
+    group_sizes,
+    train_lambdarank,
+    truncate,
+    with_positives,
+)
+from training.lambdarank.params import VARIANTS, RankerTrainConfig
 from training.ranking_metrics import mean_metrics
 
 log = logging.getLogger(__name__)
@@ -31,48 +41,11 @@ log = logging.getLogger(__name__)
 ATTRIBUTION_WINDOW = timedelta(minutes=30)
 
 
-class Encoder(Protocol):
-    def encode(self, texts: list[str]) -> np.ndarray: ...
+class NoImpressionListsError(SemrankError, ValueError):
+    """The events hold no shown lists to train on; the message says what to log."""
 
-
-# Feature sets: `full` is every feature, `behavioural` leaves out the text family (no encoder in the model).
-VARIANTS: dict[str, tuple[str, ...]] = {
-    "full": NAMES,
-    "behavioural": tuple(n for n in NAMES if FAMILY[n] != "text"),
-}
-
-
-@dataclass(frozen=True)
-class LightGBMParams:
-    """The booster's settings, shared by both training modes (this one and `training.lambdarank.leave_one_out`)."""
-
-    seed: int = 0
-    num_boost_round: int = 400
-    early_stopping_rounds: int = 40
-    learning_rate: float = 0.05
-    num_leaves: int = 31
-    min_data_in_leaf: int = 50
-    num_threads: int = 2
-
-    def lightgbm_params(self) -> "LightGBMParams":
-        """Just these fields (a subclass config carries more)."""
-        return LightGBMParams(**{f.name: getattr(self, f.name) for f in fields(LightGBMParams)})
-
-
-@dataclass(frozen=True)
-class RankerTrainConfig(LightGBMParams):
-    test_days: float = 4.0
-    valid_days: float = 3.0
-    history_items: int = 5
-    max_length: int = 128
-    variant: str = "full"  # a key of VARIANTS
-    # "base" (pretrained MiniLM) or a directory relative to the bundle, e.g. "encoder" as
-    # written there by `semrank train encoder`.
-    encoder_dir: str = "base"
-
-
-class NoImpressionListsError(ValueError):
-    pass
+    grpc_code = "FAILED_PRECONDITION"
+    reason = "NO_IMPRESSION_LISTS"
 
 
 def impression_lists(events: pl.DataFrame) -> pl.DataFrame:
@@ -112,10 +85,10 @@ def impression_lists(events: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def interest_scores(
-    encoder: Encoder, items: pl.DataFrame, rows: pl.DataFrame, events: pl.DataFrame, history_items: int
-) -> np.ndarray:
-    """Cosine between the user's recent-history text (strictly before the list) and the item text."""
+def list_interest_scores(encoder: Encoder, items: pl.DataFrame, rows: pl.DataFrame, events: pl.DataFrame,
+                         inputs: BundleInputs) -> np.ndarray:
+    """The interest score of each shown (list, item) row: the user's history text strictly before the
+    list (`inputs.user_text`, as the service builds it) against the item text, float32."""
     texts = items.select("item_id", "title", item_text_expr())
     item_row = {i: k for k, i in enumerate(texts["item_id"].to_list())}
     titles = dict(zip(texts["item_id"].to_list(), texts["title"].to_list()))
@@ -123,24 +96,19 @@ def interest_scores(
     item_emb = encoder.encode(texts["item_text"].to_list())
 
     lists = rows.select("request_id", "user_id", "ts").unique("request_id", maintain_order=True)
-    hist = user_recent_items(events.lazy(), items.lazy(), lists.lazy(), history_items).collect()
-    hist_texts = [history_text([titles[i] for i in h if i in titles]) for h in hist["history"].to_list()]
+    hist = user_recent_items(events.lazy(), items.lazy(), lists.lazy(), inputs.history_items).collect()
+    hist_texts = [inputs.user_text([titles[i] for i in h if i in titles]) for h in hist["history"].to_list()]
     distinct = sorted({t for t in hist_texts if t})
     log.info("encoding %d distinct user-history texts for %d lists", len(distinct), lists.height)
-    user_emb = encoder.encode(distinct)
+    user_emb = encoder.encode(distinct) if distinct else np.zeros((0, item_emb.shape[1]), np.float32)
     text_row = {t: k for k, t in enumerate(distinct)}
-    list_user = {
-        r: (text_row[t] if t else -1) for r, t in zip(hist["request_id"].to_list(), hist_texts)
-    }
+    list_user = {r: (text_row[t] if t else -1) for r, t in zip(hist["request_id"].to_list(), hist_texts)}
     u = np.fromiter((list_user[r] for r in rows["request_id"].to_list()), dtype=np.int64, count=rows.height)
     it = np.fromiter((item_row.get(i, -1) for i in rows["item_id"].to_list()), dtype=np.int64, count=rows.height)
-    ok = (u >= 0) & (it >= 0)
-    out = np.full(rows.height, np.nan, dtype=np.float32)
-    out[ok] = np.einsum("ij,ij->i", user_emb[u[ok]], item_emb[it[ok]])
-    return out
+    return interest_scores(user_emb, item_emb, (u, it))
 
 
-def build_examples(ds: Dataset, encoder: Encoder, history_items: int, seed: int = 0) -> pl.DataFrame:
+def build_examples(ds: Dataset, encoder: Encoder | None, inputs: BundleInputs, seed: int = 0) -> pl.DataFrame:
     """Impression-list rows with labels, the features of `featurizer.definitions` and position.
 
     Rows of a list are shuffled (seeded): the shown order is the logging policy's, and
@@ -148,7 +116,8 @@ def build_examples(ds: Dataset, encoder: Encoder, history_items: int, seed: int 
     (in LightGBM's evaluation or ours, ties keep the row order).
     """
     rows = impression_lists(ds.events)
-    rows = rows.with_columns(pl.Series("interest_score", interest_scores(encoder, ds.items, rows, ds.events, history_items)))
+    if encoder is not None:  # also for a bundle without text: the encoder is a baseline of the table
+        rows = rows.with_columns(pl.Series("interest_score", list_interest_scores(encoder, ds.items, rows, ds.events, inputs)))
     log.info("computing %d features for %d rows", len(NAMES), rows.height)
     feats = offline_features(ds.events.lazy(), ds.items.lazy(), rows.lazy()).collect()
     shuffle = np.random.default_rng(seed).random(feats.height)
@@ -178,68 +147,13 @@ def time_split(examples: pl.DataFrame, test_days: float, valid_days: float) -> d
     return parts
 
 
-def _group_sizes(df: pl.DataFrame) -> np.ndarray:
-    # rows are sorted by (ts, request_id, ...): consecutive runs of request_id are groups
-    return df.group_by("request_id", maintain_order=True).len()["len"].to_numpy()
-
-
-def _with_positives(df: pl.DataFrame) -> pl.DataFrame:
-    return df.filter((pl.col("label") > 0).any().over("request_id"))
-
-
-def train_lambdarank(train: pl.DataFrame, valid: pl.DataFrame, cfg: LightGBMParams, feature_names: list[str]):
-    import lightgbm as lgb
-
-    params = {
-        "objective": "lambdarank",
-        "metric": "ndcg",
-        "eval_at": [10],
-        "learning_rate": cfg.learning_rate,
-        "num_leaves": cfg.num_leaves,
-        "min_data_in_leaf": cfg.min_data_in_leaf,
-        "feature_fraction": 0.9,
-        "bagging_fraction": 0.8,
-        "bagging_freq": 1,
-        "lambdarank_truncation_level": 20,
-        "seed": cfg.seed,
-        "deterministic": True,
-        "force_row_wise": True,
-        "num_threads": cfg.num_threads,
-        "verbosity": -1,
-    }
-    train, valid = _with_positives(train), _with_positives(valid)
-
-    def dataset(df, ref=None):
-        return lgb.Dataset(
-            df.select(feature_names).to_numpy().astype(np.float32),
-            label=df["label"].to_numpy(),
-            group=_group_sizes(df),
-            feature_name=feature_names,
-            reference=ref,
-            free_raw_data=False,
-        )
-
-    dtrain = dataset(train)
-    dvalid = dataset(valid, dtrain)
-    evals: dict = {}
-    booster = lgb.train(
-        params,
-        dtrain,
-        num_boost_round=cfg.num_boost_round,
-        valid_sets=[dvalid],
-        valid_names=["valid"],
-        callbacks=[lgb.early_stopping(cfg.early_stopping_rounds, verbose=False), lgb.record_evaluation(evals), lgb.log_evaluation(50)],
-    )
-    return booster, params, evals
-
-
-def evaluate_models(test: pl.DataFrame, booster, feature_names: list[str]) -> dict[str, dict[str, float]]:
-    """Held-out metrics of the bundle and its baselines on the same test lists."""
-    test = _with_positives(test)
+def evaluate_models(test: pl.DataFrame, booster, inputs: BundleInputs) -> dict[str, dict[str, float]]:
+    """Held-out metrics of the bundle (served inputs: the context at its constant) and its baselines
+    on the same test lists."""
+    test = with_positives(test)
     labels = test["label"].to_numpy().astype(np.float64)
-    sizes = _group_sizes(test)
-    X = test.with_columns(pl.lit(v, dtype=pl.Float32).alias(k) for k, v in CONTEXT_TRAINING_ONLY.items()).select(feature_names)
-    X = X.to_numpy().astype(np.float32)
+    sizes = group_sizes(test)
+    X = inputs.frame_matrix(test)
     candidates = {
         "logged-order": -test["position"].to_numpy().astype(np.float64),
         "popularity": test["item_clicks_7d"].to_numpy().astype(np.float64),
@@ -249,25 +163,19 @@ def evaluate_models(test: pl.DataFrame, booster, feature_names: list[str]) -> di
     return {name: mean_metrics(s, labels, sizes) for name, s in candidates.items()}
 
 
-def format_table(results: dict[str, dict[str, float]]) -> str:
-    cols = ["ndcg@10", "hr@10", "ndcg@5", "mrr", "auc"]
-    lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
-    for name, m in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{m[c]:.4f}" for c in cols) + " |")
-    return "\n".join(lines)
-
-
 def train_ranker(ds: Dataset, out_dir: str | Path, cfg: RankerTrainConfig, encoder: Encoder, data_source: str = "") -> dict:
     """Train, evaluate and write a bundle; returns the manifest extras (metrics included)."""
     t0 = time.monotonic()
     if cfg.variant not in VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {cfg.variant!r}")
     feature_names = [*VARIANTS[cfg.variant], *CONTEXT_TRAINING_ONLY]
-    examples = build_examples(ds, encoder, cfg.history_items, cfg.seed)
+    constants = {k: v for k, v in CONTEXT_TRAINING_ONLY.items() if k in feature_names}
+    inputs = BundleInputs(feature_names, constants, cfg.history_items, source="ranker training")
+    examples = build_examples(ds, encoder, inputs, cfg.seed)
     parts = time_split(examples, cfg.test_days, cfg.valid_days)
     log.info("examples: %s", {k: v.height for k, v in parts.items()})
-    booster, params, evals = train_lambdarank(parts["train"], parts["valid"], cfg, feature_names)
-    results = evaluate_models(parts["test"], booster, feature_names)
+    booster, params, evals = train_lambdarank(parts["train"], parts["valid"], cfg, inputs)
+    results = evaluate_models(parts["test"], booster, inputs)
     gain = booster.feature_importance("gain", iteration=booster.best_iteration or None)
     extra = {
         "training_data": {
@@ -283,18 +191,11 @@ def train_ranker(ds: Dataset, out_dir: str | Path, cfg: RankerTrainConfig, encod
         "variant": cfg.variant,
         "metrics": {"test": results, "valid_ndcg@10_curve": evals.get("valid", {}).get("ndcg@10", [])},
         "feature_importance_gain": dict(zip(feature_names, map(float, gain))),
-        "inference_constants": {k: v for k, v in CONTEXT_TRAINING_ONLY.items() if k in feature_names},
+        "inference_constants": constants,
         "train_seconds": round(time.monotonic() - t0, 1),
     }
     if booster.best_iteration:
-        booster = _truncate(booster)
+        booster = truncate(booster)
     encoder_ref = EncoderRef(model_dir=cfg.encoder_dir, max_length=cfg.max_length, history_items=cfg.history_items)
     save_bundle(out_dir, booster, feature_names, encoder_ref, extra)
     return extra
-
-
-def _truncate(booster):
-    """Keep only the trees up to the early-stopping best iteration."""
-    import lightgbm as lgb
-
-    return lgb.Booster(model_str=booster.model_to_string(num_iteration=booster.best_iteration))

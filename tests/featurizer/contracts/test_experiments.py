@@ -10,7 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from featurizer.contracts.experiments import ExperimentConfigError, Experiments, assignment_unit, load_experiments
+from featurizer.contracts.experiments import (
+    ExperimentConfigError,
+    Experiments,
+    assignment_unit,
+    load_experiments,
+)
 
 UTC = timezone.utc
 T0 = datetime(2026, 12, 1, tzinfo=UTC)
@@ -109,7 +114,7 @@ def test_assignment_is_identical_in_another_process(root):
     script = (
         "import json, sys\nfrom datetime import datetime, timezone\nfrom featurizer.contracts.experiments import load_experiments\n"
         "e = load_experiments(sys.argv[1]); now = datetime(2026, 12, 2, tzinfo=timezone.utc)\n"
-        f"print(json.dumps([e.assign(f'user-{{i}}', now).variant for i in range(1000)]))\n"
+        "print(json.dumps([e.assign(f'user-{i}', now).variant for i in range(1000)]))\n"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, env=env, check=True)

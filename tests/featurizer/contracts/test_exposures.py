@@ -9,8 +9,15 @@ from datetime import datetime, timezone
 import polars as pl
 import pytest
 
-from featurizer.contracts.exposures import (FILE_GLOB, KEYS, SCHEMA, ExposureLogError, exposure_files, read_exposures,
-                                  read_exposures_report)
+from featurizer.contracts.exposures import (
+    FILE_GLOB,
+    KEYS,
+    SCHEMA,
+    ExposureLogError,
+    exposure_files,
+    read_exposures,
+    read_exposures_report,
+)
 
 TS = "2026-12-01T10:00:00.123456Z"
 

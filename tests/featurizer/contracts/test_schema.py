@@ -3,7 +3,14 @@ from datetime import datetime, timezone
 import polars as pl
 import pytest
 
-from featurizer.contracts.schema import DataContractError, catalog_report, read_dataset, read_events, read_items, write_dataset
+from featurizer.contracts.schema import (
+    DataContractError,
+    catalog_report,
+    read_dataset,
+    read_events,
+    read_items,
+    write_dataset,
+)
 
 
 def _write_csv(path, text):

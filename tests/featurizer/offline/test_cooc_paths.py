@@ -10,9 +10,9 @@ import numpy as np
 import polars as pl
 import pytest
 
+from featurizer.contracts.schema import EVENT_TYPES, validate_events, validate_items
 from featurizer.definitions import NAMES, FeatureParams
 from featurizer.offline.pipeline import offline_features
-from featurizer.contracts.schema import EVENT_TYPES, validate_events, validate_items
 
 T0 = datetime(2026, 3, 2, tzinfo=timezone.utc)
 ITEMS = validate_items(pl.DataFrame({"item_id": [f"i{k}" for k in range(12)], "title": [f"t{k}" for k in range(12)]}))

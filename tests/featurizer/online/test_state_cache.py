@@ -7,13 +7,24 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from featurizer.definitions import FeatureParams
-from featurizer.online.state import WINDOW_KEY_US, UserState, user_item_key
-from featurizer.online.features import OnlineFeatures, to_us
-from featurizer.store.base import InProcessStore, OnlineStore
-from featurizer.online.state_cache import DecodedCache, ItemPartsCache
 from featurizer.contracts.schema import EVENT_TYPES
-from tests.featurizer.test_feature_definitions import CANDIDATES, D, H, ITEMS, USERS, at, event_rows, make_events
+from featurizer.definitions import FeatureParams
+from featurizer.online.features import OnlineFeatures, to_us
+from featurizer.online.state import WINDOW_KEY_US, user_item_key
+from featurizer.online.state_cache import DecodedCache, ItemPartsCache
+from featurizer.online.user_state import UserState
+from featurizer.store.base import OnlineStore
+from featurizer.store.in_process import InProcessStore
+from tests.featurizer.test_feature_definitions import (
+    CANDIDATES,
+    ITEMS,
+    USERS,
+    D,
+    H,
+    at,
+    event_rows,
+    make_events,
+)
 
 PARAMS = FeatureParams(history_items=2, cooc_window_s=2 * 24 * 3600)
 # Events a few minutes apart: reads between applies then often fall in the tile of a cached read.
@@ -29,8 +40,8 @@ class Unversioned(OnlineStore):
     def __init__(self, inner: InProcessStore):
         self.inner = inner
 
-    def write(self, entity, rows):
-        self.inner.write(entity, rows)
+    def write_batch(self, rows):
+        self.inner.write_batch(rows)
 
     def read(self, entity, keys):
         return self.inner.read(entity, keys)

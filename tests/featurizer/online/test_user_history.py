@@ -12,10 +12,10 @@ import polars as pl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from featurizer.contracts.schema import EVENT_TYPES, validate_events, validate_items
 from featurizer.offline.pipeline import user_recent_items
 from featurizer.online.features import OnlineFeatures
-from featurizer.store.base import InProcessStore
-from featurizer.contracts.schema import EVENT_TYPES, validate_events, validate_items
+from featurizer.store.in_process import InProcessStore
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 USERS = ["u0", "u1", "u2"]

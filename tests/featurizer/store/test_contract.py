@@ -12,16 +12,16 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from featurizer.store.base import (
+from featurizer.store.base import OnlineStoreError
+from featurizer.store.config import (
     InProcessConfig,
-    InProcessStore,
-    OnlineStoreError,
     RedisConfig,
-    RedisStore,
     StoreConfigError,
     store_config,
-    store_from_config,
 )
+from featurizer.store.factory import store_from_config
+from featurizer.store.in_process import InProcessStore
+from featurizer.store.redis import RedisStore
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 

@@ -15,8 +15,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
-from serving.observability.request_logging import bind_request, update_request
 from serving.observability.metrics import set_variant
+from serving.observability.request_logging import bind_request, update_request
 
 log = logging.getLogger("tests.serving.api.grpc_testkit")
 

@@ -20,8 +20,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
-from serving.observability.metrics import Metrics, MetricsInterceptor
-from serving.api.auth import AuthInterceptor, TlsConfig, TokenAuth, channel_credentials
+from serving.api.auth import AuthInterceptor
+from serving.config import TlsConfig, TokenAuth, channel_credentials
+from serving.api.errors import ErrorInterceptor
+from serving.api.interceptors import MetricsInterceptor
+from serving.observability.metrics import Metrics
 from tests.serving.api.grpc_testkit import call_code, events_stream, rank_request, serve
 
 OK, UNAUTH, DENIED = grpc.StatusCode.OK, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED
@@ -195,7 +198,7 @@ def test_token_matrix_over_public_unary_streaming_and_admin_methods(auth):
     methods = ("health", "unary", "client_stream", "admin")
 
     async def run():
-        async with serve([AuthInterceptor(auth)]) as (port, _):
+        async with serve([ErrorInterceptor(), AuthInterceptor(auth)]) as (port, _):
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
                 errors = {(t, m): await _call(ch, m, md) for t, md in tokens.items() for m in methods}
         return errors
@@ -227,7 +230,7 @@ def test_rejected_calls_never_reach_the_servicer_and_are_counted_by_metrics(auth
     m = Metrics()
 
     async def run():
-        async with serve([MetricsInterceptor(m), AuthInterceptor(auth)]) as (port, servicer):
+        async with serve([MetricsInterceptor(m), ErrorInterceptor(), AuthInterceptor(auth)]) as (port, servicer):
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
                 await _call(ch, "unary", _md(None))
                 await _call(ch, "client_stream", _md("wrong-token"))
@@ -248,7 +251,7 @@ def test_standard_access_token_credentials_over_tls(pki, auth):
     server_creds = TlsConfig(pki.server_cert, pki.server_key).server_credentials()
 
     async def run():
-        async with serve([AuthInterceptor(auth)], credentials=server_creds) as (port, _):
+        async with serve([ErrorInterceptor(), AuthInterceptor(auth)], credentials=server_creds) as (port, _):
             results = []
             for token in (ADMIN_TOKEN, CLIENT_TOKEN):
                 creds = grpc.composite_channel_credentials(

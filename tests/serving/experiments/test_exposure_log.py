@@ -8,7 +8,8 @@ from datetime import datetime, timezone
 import polars as pl
 import pytest
 
-from serving.experiments.exposure_log import KEYS, Exposure, ExposureLog, read_exposures, read_exposures_report
+from featurizer.contracts.exposures import KEYS, read_exposures, read_exposures_report
+from serving.experiments.exposure_log import Exposure, ExposureLog
 
 TS = datetime(2026, 12, 1, 10, 0, 0, 123456, tzinfo=timezone.utc)
 NAME = re.compile(r"exposures-\d{8}T\d{6}-\d{6}\.jsonl")
@@ -136,14 +137,6 @@ def test_torn_last_line_is_skipped_and_counted(tmp_path, caplog):
     assert report.frame["request_id"].to_list() == ["r0", "r1", "r2"]
     assert report.torn_lines == [(older, 2), (newest, 2)]
     assert "2 torn" in caplog.text
-
-
-def test_the_reader_is_the_shared_contract_reader():
-    import featurizer.contracts.exposures as contract
-    import serving.experiments.exposure_log as writer
-
-    assert writer.read_exposures is contract.read_exposures and writer.KEYS is contract.KEYS
-    assert writer.read_exposures_report is contract.read_exposures_report
 
 
 def test_concurrent_records_lose_nothing(tmp_path):

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from featurizer.contracts.schema import EVENT_TYPES
-from serving.ingest.event_log import EventLog, LoggedEvent
+from serving.ingest.event_log import EventLog
+from serving.ingest.log_format import LoggedEvent
 
 
 def event_for(event_id: str) -> LoggedEvent:

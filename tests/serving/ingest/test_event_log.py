@@ -18,12 +18,12 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from featurizer.online.features import OnlineFeatures
-from featurizer.store.base import InProcessStore
 from featurizer.contracts.schema import validate_events, validate_items
-from serving.ingest.event_log import (
+from featurizer.online.features import OnlineFeatures
+from featurizer.store.in_process import InProcessStore
+from serving.ingest.event_log import EventLog
+from serving.ingest.log_format import (
     SEGMENT_HEADER,
-    EventLog,
     EventLogCorrupt,
     EventLogError,
     EventLogLocked,

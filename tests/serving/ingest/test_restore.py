@@ -8,10 +8,11 @@ from datetime import timedelta
 import numpy as np
 import pytest
 
-from featurizer.store.base import RedisConfig
 from featurizer.contracts.schema import read_dataset
-from serving.ingest.event_log import EventLog, EventLogCorrupt, LoggedEvent, read_log
-from serving.api.service import apply_logged
+from featurizer.store.config import RedisConfig
+from serving.ingest.apply import apply_logged
+from serving.ingest.event_log import EventLog
+from serving.ingest.log_format import EventLogCorrupt, LoggedEvent, read_log
 from serving.ingest.restore import ReadOnlyStateError, build_engine
 
 T0_US = 1_767_225_600_000_000  # 2026-01-01 UTC

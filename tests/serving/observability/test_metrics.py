@@ -10,7 +10,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
-from serving.observability.metrics import MAX_ERROR_KINDS, Metrics, MetricsInterceptor, set_variant
+from serving.api.interceptors import MetricsInterceptor
+from serving.observability.metrics import MAX_ERROR_KINDS, Metrics, set_variant
 from tests.serving.api.grpc_testkit import call_code, events_stream, rank_request, serve
 
 

@@ -13,7 +13,13 @@ import grpc
 import pytest
 
 from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
-from serving.observability.request_logging import JsonFormatter, bind_request, configure_logging, request_context, update_request
+from serving.observability.request_logging import (
+    JsonFormatter,
+    bind_request,
+    configure_logging,
+    request_context,
+    update_request,
+)
 from tests.serving.api.grpc_testkit import rank_request, serve
 
 ISO_UTC_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")

@@ -25,10 +25,9 @@ from serving.triton.export import (
     MODEL_FILE,
     ExportConfig,
     ExportError,
-    _rename_output,
     export_triton_repo,
-    onnx_embed,
 )
+from serving.triton.onnx_graph import _rename_output, onnx_embed
 
 pytestmark = pytest.mark.timeout(300)
 

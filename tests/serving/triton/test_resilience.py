@@ -11,8 +11,14 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from serving.triton.client import EncoderClient, EncoderUnavailable, grpc_code_name
-from serving.triton.resilience import CIRCUIT_OPEN, BreakerState, CircuitBreaker, CircuitOpenError, ResilientEncoder
 from serving.triton.process import free_port
+from serving.triton.resilience import (
+    CIRCUIT_OPEN,
+    BreakerState,
+    CircuitBreaker,
+    CircuitOpenError,
+    ResilientEncoder,
+)
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
 DIM = 4

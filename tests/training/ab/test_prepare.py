@@ -20,11 +20,27 @@ from scipy import stats
 
 from featurizer.contracts.schema import validate_events
 from training.ab import stats as ab_stats
-from training.ab.prepare import (ExposureLogError, attribute_events, parse_shares, parse_window, prepare,
-                                  read_exposures, read_outcome_events, select_experiment, shares_from_experiments)
+from featurizer.contracts.exposures import ExposureLogError
+from training.ab.prepare import (
+    attribute_events,
+    parse_shares,
+    parse_window,
+    prepare,
+    read_exposures,
+    read_outcome_events,
+    select_experiment,
+    shares_from_experiments,
+)
 from training.ab.report import build_report, markdown, write_report
-from training.ab.simulation import (click_multiplier, ctr_moments, draw_responses, per_user, population_from_shop,
-                                    split_users, write_experiment)
+from training.ab.simulation import (
+    click_multiplier,
+    ctr_moments,
+    draw_responses,
+    per_user,
+    population_from_shop,
+    split_users,
+    write_experiment,
+)
 from training.data.synth import SynthConfig, synthesize
 
 T0 = datetime(2026, 12, 1, 10, 0, 0, tzinfo=timezone.utc)

@@ -5,7 +5,12 @@ import polars as pl
 import pytest
 
 from featurizer.contracts.schema import read_dataset
-from training.data.importers import DATASETS, SHARED_DATA_ENV, default_shared_data_dir, import_dataset
+from training.data.importers import (
+    DATASETS,
+    SHARED_DATA_ENV,
+    default_shared_data_dir,
+    import_dataset,
+)
 
 SHARED = default_shared_data_dir()
 # (events, users, items) from shared/data/README.md

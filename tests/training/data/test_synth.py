@@ -7,7 +7,13 @@ import polars as pl
 import pytest
 
 from featurizer.contracts.schema import EVENT_TYPES, read_dataset
-from training.data.synth import CATEGORIES, SynthConfig, load_truth, synthesize, true_interest
+from training.data.synth import (
+    CATEGORIES,
+    SynthConfig,
+    load_truth,
+    synthesize,
+    true_interest,
+)
 
 SMALL = SynthConfig(n_users=200, n_items=120, n_days=7)
 TABLES = ("items.parquet", "events.parquet", "truth/users.parquet", "truth/items.parquet")

@@ -10,10 +10,27 @@ import polars as pl
 import pytest
 import torch
 
-from featurizer.contracts.schema import Dataset, catalog_report, validate_events, validate_items
-from training.encoder.pairs import NO_ITEM, embed_texts, impression_pairs, loo_pairs, sample_epoch, sampled_metrics
-from training.encoder.train import EncoderTrainConfig, contrastive_loss, save_encoder, train_encoder
+from featurizer.contracts.schema import (
+    Dataset,
+    catalog_report,
+    validate_events,
+    validate_items,
+)
 from training.encoder.lora import LoRALinear, apply_lora, lora_modules, merge_lora
+from training.encoder.pairs import (
+    NO_ITEM,
+    embed_texts,
+    impression_pairs,
+    loo_pairs,
+    sample_epoch,
+    sampled_metrics,
+)
+from training.encoder.train import (
+    EncoderTrainConfig,
+    contrastive_loss,
+    save_encoder,
+    train_encoder,
+)
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:

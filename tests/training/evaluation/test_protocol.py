@@ -5,7 +5,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-from featurizer.contracts.schema import Dataset, catalog_report, validate_events, validate_items
+from featurizer.contracts.schema import (
+    Dataset,
+    catalog_report,
+    validate_events,
+    validate_items,
+)
+from training.data.loo import loo_split
 from training.evaluation.models import (
     EncoderScorer,
     PopularityScorer,
@@ -14,7 +20,6 @@ from training.evaluation.models import (
     resolve_encoder_spec,
     user_texts,
 )
-from training.evaluation.report import PUBLISHED, build_report, json_path_for, markdown
 from training.evaluation.protocol import (
     FULL,
     METRICS,
@@ -30,7 +35,7 @@ from training.evaluation.protocol import (
     sampled_ranks,
     summarize,
 )
-from training.data.loo import loo_split
+from training.evaluation.report import PUBLISHED, build_report, json_path_for, markdown
 
 # --------------------------------------------------------------------------- helpers
 
@@ -330,10 +335,10 @@ def test_cli_eval_end_to_end_on_synthetic_shop(tmp_path, capsys):
 
 def test_true_interest_scorer_is_the_shops_truth_at_the_test_day(tmp_path):
     from featurizer.contracts.schema import read_dataset
-    from training.evaluation.models import TrueInterestScorer
     from training.data.loo import loo_data
-    from training.lambdarank.leave_one_out import sequence_times
     from training.data.synth import SynthConfig, synthesize, true_interest
+    from training.evaluation.models import TrueInterestScorer
+    from training.lambdarank.leave_one_out import sequence_times
 
     synthesize(tmp_path / "shop", seed=5, config=SynthConfig(n_users=80, n_items=60, n_days=6))
     ds, split = loo_data(read_dataset(tmp_path / "shop"))
@@ -353,19 +358,3 @@ def test_true_interest_scorer_is_the_shops_truth_at_the_test_day(tmp_path):
     synthesize(other, seed=6, config=SynthConfig(n_users=30, n_items=40, n_days=3))
     with pytest.raises(ValueError, match="do not name"):
         TrueInterestScorer(other, split, test_us)
-
-
-def test_model_fingerprint_follows_content_not_path(tmp_path):
-    import shutil
-
-    from training.evaluation.models import model_fingerprint
-
-    a = tmp_path / "a"
-    a.mkdir()
-    (a / "config.json").write_text("{}")
-    (a / "model.safetensors").write_bytes(bytes(range(256)) * 10)
-    b = tmp_path / "bundle" / "encoder"
-    shutil.copytree(a, b)  # a bundle's copy of the encoder shares its caches
-    assert model_fingerprint(a) == model_fingerprint(b)
-    (b / "model.safetensors").write_bytes(bytes(range(256)) * 9 + bytes(reversed(range(256))))
-    assert model_fingerprint(a) != model_fingerprint(b)

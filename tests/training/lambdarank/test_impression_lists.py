@@ -2,10 +2,11 @@
 
 import pytest
 
-from featurizer.definitions import CONTEXT_TRAINING_ONLY, NAMES
 from featurizer.contracts.schema import read_dataset
+from featurizer.definitions import CONTEXT_TRAINING_ONLY, NAMES
 from ranker.bundle import load_bundle
-from training.lambdarank.impression_lists import RankerTrainConfig, train_ranker
+from training.lambdarank.impression_lists import train_ranker
+from training.lambdarank.params import RankerTrainConfig
 
 
 def test_behavioural_variant_drops_the_text_family(small_shop, encoder, tmp_path):

@@ -1,7 +1,6 @@
 """The ranker on interactions without impression lists (`training.lambdarank.leave_one_out`) and its evaluation
 (`training.evaluation.rankers`): leakage, negatives, determinism, bundle, `semrank eval --ranker`."""
 
-import hashlib
 import json
 from datetime import datetime, timedelta, timezone
 
@@ -9,44 +8,43 @@ import numpy as np
 import polars as pl
 import pytest
 
+from featurizer.contracts.schema import (
+    Dataset,
+    catalog_report,
+    has_impression_lists,
+    read_dataset,
+    validate_events,
+    validate_items,
+    write_dataset,
+)
 from featurizer.definitions import NAMES
 from featurizer.offline.pipeline import offline_features
-from featurizer.contracts.schema import Dataset, catalog_report, read_dataset, validate_events, validate_items, write_dataset
 from ranker.bundle import load_bundle
+from tests.fakes import HashEncoder
+from training.data.loo import break_ties, clock_resolution_us, loo_data, loo_split
 from training.evaluation.rankers import two_stage_rank
 from training.lambdarank.first_stage import FirstStage, ordinal_ranks, top_k
-from training.data.loo import break_ties, clock_resolution_us, loo_data, loo_split
 from training.lambdarank.leave_one_out import (
-    SOURCE_HARD,
-    SOURCE_POPULAR,
-    SOURCE_TARGET,
-    SOURCE_UNIFORM,
     TRAINING_MODE,
-    LooRankerConfig,
-    NegativeSampler,
     build_examples,
-    build_groups,
-    group_keys,
     encode_user_texts,
-    hard_pools,
-    has_impression_lists,
     sequence_times,
     train_loo_ranker,
     user_histories,
 )
+from training.lambdarank.negatives import (
+    SOURCE_HARD,
+    SOURCE_POPULAR,
+    SOURCE_TARGET,
+    SOURCE_UNIFORM,
+    NegativeSampler,
+    build_groups,
+    group_keys,
+    hard_pools,
+)
+from training.lambdarank.params import LooRankerConfig
 
 FAST = dict(negatives=8, hard_negatives=0, min_data_in_leaf=5, num_boost_round=30, early_stopping_rounds=10)
-
-
-class HashEncoder:
-    """Deterministic unit vectors from a text hash: fast stand-in for the text encoder."""
-
-    def encode(self, texts):
-        out = np.zeros((len(texts), 16), dtype=np.float32)
-        for k, t in enumerate(texts):
-            v = np.random.default_rng(int(hashlib.md5(t.encode()).hexdigest()[:8], 16)).standard_normal(16)
-            out[k] = v / np.linalg.norm(v)
-        return out
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +115,7 @@ def test_hard_negatives_come_from_the_first_stage_top_k(data):
     keys = group_keys(split, times, cfg)
     hist = user_histories(ds, keys.select("user_id", "ts"), 10)
     titles = dict(zip(split.item_ids, split.titles))
-    user_emb = encode_user_texts(enc, [h[: cfg.history_items] for h in hist], titles, cfg.history_items, progress=False)
+    user_emb = encode_user_texts(enc, [h[: cfg.history_items] for h in hist], titles, cfg.history_items, emb.shape[1], progress=False)
     pools = hard_pools(split, keys, user_emb, emb, [np.array([split.item_index[i] for i in h]) for h in hist], cfg.hard_k)
     index = {u: k for k, u in enumerate(split.users)}
     for (g,), rows in ex.group_by(["group"]):

@@ -1,0 +1,183 @@
+"""Incremental state of a user and of an item's co-occurrences (see `featurizer.online.state` for the
+layout of every state and what reads at t >= the latest event guarantee).
+
+- `UserState` (entity "user", JSON): counters with a day ring, the last two distinct engagement
+  instants, engagements per category and brand, log-price sums, the recent items and the first
+  touches to pair new ones with;
+- `CoocState` (entity "cooc", JSON, per item i): c(i, j) for every j, and the delta at the latest
+  pair instant.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from featurizer.definitions import (
+    ENGAGEMENT_CODES,
+    EVENT_PLURALS,
+    USER_WINDOWS,
+    WINDOWS,
+)
+from featurizer.online.state import (
+    N_EVENTS,
+    NO_TS,
+    USER_RINGS,
+    Counts,
+    instant_before,
+    push_instant,
+    window_counts_one,
+)
+
+# ---------------------------------------------------------------- user
+
+
+class UserState:
+    """JSON-able per-user state."""
+
+    __slots__ = ("counts", "eng", "cat", "d_cat", "brand", "d_brand", "lp", "d_lp", "recent", "buf")
+
+    def __init__(self) -> None:
+        self.counts = Counts(USER_RINGS)
+        self.eng = [NO_TS, NO_TS]
+        self.cat: dict[str, int] = {}
+        self.d_cat: dict[str, int] = {}
+        self.brand: dict[str, int] = {}
+        self.d_brand: dict[str, int] = {}
+        self.lp = [0.0, 0]  # sum of log prices, count
+        self.d_lp = [0.0, 0]
+        self.recent: dict[str, list[int]] = {}  # item -> [last, previous] engagement instants
+        self.buf: list[list] = []  # [instant, item] of first touches within the pairing window of the latest
+
+    def add(self, ts: int, code: int, item: str, category: str | None, brand: str | None, log_price: float | None,
+            first_touch: bool, history_items: int, cooc_window_us: int) -> list[tuple[str, str, int]]:
+        """Count one event; returns the co-occurrence pairs (item, other, instant) a first touch creates."""
+        if ts > self.counts.last:
+            self.d_cat, self.d_brand, self.d_lp = {}, {}, [0.0, 0]
+        at_last = self.counts.add(ts, code)
+        if code not in ENGAGEMENT_CODES:
+            return []
+        push_instant(self.eng, ts)
+        for key, total, delta in ((category, self.cat, self.d_cat), (brand, self.brand, self.d_brand)):
+            if key is not None:
+                total[key] = total.get(key, 0) + 1
+                if at_last:
+                    delta[key] = delta.get(key, 0) + 1
+        if log_price is not None:
+            self.lp[0] += log_price
+            self.lp[1] += 1
+            if at_last:
+                self.d_lp[0] += log_price
+                self.d_lp[1] += 1
+        push_instant(self.recent.setdefault(item, [NO_TS, NO_TS]), ts)
+        self._prune_recent(history_items)
+        if not first_touch:
+            return []
+        pairs = [(item, other, max(ts, t2)) for t2, other in self.buf if abs(ts - t2) <= cooc_window_us]
+        self.buf.append([ts, item])
+        latest = max(e[0] for e in self.buf)
+        self.buf = [e for e in self.buf if e[0] >= latest - cooc_window_us]
+        return pairs
+
+    def _prune_recent(self, n: int) -> None:
+        """Keep the n + |items engaged at the latest instant| most recent items: a read at the latest
+        instant drops or demotes only those, and every kept item still outranks every pruned one."""
+        latest = self.eng[0]
+        keep = n + sum(1 for pair in self.recent.values() if pair[0] == latest)
+        if len(self.recent) > keep:
+            ranked = sorted(self.recent.items(), key=lambda kv: (-kv[1][0], kv[0]))
+            self.recent = dict(ranked[:keep])
+
+    # -- reads at t (t >= last)
+
+    def history(self, t: int, n: int | None) -> list[str]:
+        """The last n (None: all kept) distinct engaged items before t, most recent first, ties by item id."""
+        ranked = sorted((-instant_before(p[0], p[1], t), item) for item, p in self.recent.items())
+        return [item for neg, item in ranked if -neg != NO_TS][:n]
+
+    def base(self, t: int) -> dict[str, float]:
+        c = self.counts
+        at_t = c.last == t
+        delta = c.delta if at_t else [0] * N_EVENTS
+        out: dict[str, float] = {}
+        for k, p in enumerate(EVENT_PLURALS):
+            out[f"user_n_{p}_all"] = c.tot[k] - delta[k]
+        for w in USER_WINDOWS:
+            tile = WINDOWS[w].tile_us
+            counts = window_counts_one(c.rings[tile], c.last, t, tile, w)
+            for k, p in enumerate(EVENT_PLURALS):
+                out[f"user_n_{p}_{w}"] = counts[k] - delta[k]
+        before = instant_before(self.eng[0], self.eng[1], t)
+        out["user_eng_age_us"] = np.nan if before == NO_TS else float(t - before)
+        d_lp = self.d_lp if at_t else [0.0, 0]
+        out["user_logprice_sum"] = self.lp[0] - d_lp[0]
+        out["user_logprice_n"] = self.lp[1] - d_lp[1]
+        return out
+
+    def groups(self, kind: str) -> list[str]:
+        """The categories (kind "category") or brands the user engaged with."""
+        return list(self.cat if kind == "category" else self.brand)
+
+    def group_count(self, t: int, kind: str, key: str | None) -> float:
+        """Engagements before t on items of category / brand `key` (NaN for no key)."""
+        if key is None:
+            return np.nan
+        total, delta = (self.cat, self.d_cat) if kind == "category" else (self.brand, self.d_brand)
+        return total.get(key, 0) - (delta.get(key, 0) if self.counts.last == t else 0)
+
+    def to_dict(self) -> dict:
+        c = self.counts
+        return {"last": c.last, "tot": c.tot, "delta": c.delta, "rings": {str(k): v for k, v in c.rings.items()},
+                **{name: getattr(self, name) for name in self.__slots__ if name != "counts"}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> UserState:
+        s = cls()
+        s.counts.last, s.counts.tot, s.counts.delta = d["last"], d["tot"], d["delta"]
+        s.counts.rings = {int(k): v for k, v in d["rings"].items()}
+        for name in cls.__slots__:
+            if name != "counts":
+                setattr(s, name, d[name])
+        return s
+
+
+# ---------------------------------------------------------------- co-occurrence
+
+
+class CoocState:
+    """c(i, j) for one item i, with the delta at the latest pair instant."""
+
+    __slots__ = ("n", "last", "d")
+
+    def __init__(self) -> None:
+        self.n: dict[str, int] = {}
+        self.last = NO_TS
+        self.d: dict[str, int] = {}
+
+    def add(self, other: str, at: int) -> None:
+        if at > self.last:
+            self.last, self.d = at, {}
+        self.n[other] = self.n.get(other, 0) + 1
+        if at == self.last:
+            self.d[other] = self.d.get(other, 0) + 1
+
+    def counts(self, index: dict[str, int], t: int) -> np.ndarray:
+        """c(i, j) before t for each j of `index` (item -> position), walking the smaller side."""
+        out = np.zeros(len(index), dtype=np.int64)
+        for counts, sign in ((self.n, 1), (self.d if self.last == t else {}, -1)):
+            if len(counts) < len(index):
+                for j, c in counts.items():
+                    k = index.get(j)
+                    if k is not None:
+                        out[k] += sign * c
+            elif counts:
+                out += sign * np.fromiter((counts.get(j, 0) for j in index), dtype=np.int64, count=len(index))
+        return out
+
+    def to_dict(self) -> dict:
+        return {"n": self.n, "last": self.last, "d": self.d}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CoocState:
+        s = cls()
+        s.n, s.last, s.d = d["n"], d["last"], d["d"]
+        return s

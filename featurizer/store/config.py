@@ -1,0 +1,63 @@
+"""Typed configs of the online-store backends, and parsing them from a mapping (a config file).
+
+    store_config({"type": "redis", "url": "redis://127.0.0.1:6379/0"})  -> RedisConfig(...)
+
+Unknown fields and wrong types fail at load, naming the field (as feast's `extra="forbid"`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal, Union
+
+from featurizer.errors import ConfigError
+
+
+class StoreConfigError(ConfigError):
+    """A store config is malformed; the message names the field and the choices."""
+
+@dataclass(frozen=True)
+class InProcessConfig:
+    type: Literal["inprocess"] = "inprocess"
+    path: str | None = None  # None: memory only
+    autoflush: bool = False  # persist after every write/delete (else at flush/close)
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    type: Literal["redis"] = "redis"
+    url: str = "redis://127.0.0.1:6379/0"
+    namespace: str = "semrank"
+    batch_size: int = 1000  # keys per MSET/MGET/DEL command inside one pipeline
+    socket_timeout_s: float = 5.0
+
+
+StoreConfig = Union[InProcessConfig, RedisConfig]
+_CONFIGS: dict[str, type] = {"inprocess": InProcessConfig, "redis": RedisConfig}
+_FIELD_TYPES: dict[str, dict[str, tuple[type, ...]]] = {
+    "inprocess": {"path": (str, type(None)), "autoflush": (bool,)},
+    "redis": {"url": (str,), "namespace": (str,), "batch_size": (int,), "socket_timeout_s": (int, float)},
+}
+
+
+def store_config(raw: Mapping[str, Any] | StoreConfig) -> StoreConfig:
+    """A typed config from a mapping such as {"type": "redis", "url": ...}; unknown fields are errors."""
+    if isinstance(raw, (InProcessConfig, RedisConfig)):
+        return raw
+    if not isinstance(raw, Mapping):
+        raise StoreConfigError(f"online store config must be a mapping, got {type(raw).__name__}")
+    kind = raw.get("type")
+    if kind not in _CONFIGS:
+        raise StoreConfigError(f"online store config: type {kind!r} is not one of {sorted(_CONFIGS)}")
+    cls = _CONFIGS[kind]
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise StoreConfigError(f"online store config ({kind}): unknown field(s) {unknown}; known fields: {known}")
+    for name, value in raw.items():
+        expected = _FIELD_TYPES[kind].get(name)
+        if expected and not (isinstance(value, expected) and not (isinstance(value, bool) and bool not in expected)):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in expected)
+            raise StoreConfigError(f"online store config ({kind}): field '{name}' must be {names}, got {value!r}")
+    return cls(**raw)

@@ -1,0 +1,199 @@
+"""The embedded online store: dicts in memory, optionally persisted to one file.
+
+With a path it loads the file on start and persists atomically (temp file, fsync, rename, fsync
+of the directory) at `flush()` / `close()`, or after every write with `autoflush=True`. The file
+is an uncompressed .npz of byte arrays (no pickle); its layout is `_FILE_FORMAT`, unchanged since
+semrank's first state directories (tests/fixtures/compat_v1 holds one). A snapshot is taken under
+the same lock as writes, so it never holds part of a `write_batch`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from featurizer.store.base import (
+    OnlineStore,
+    OnlineStoreError,
+    Value,
+    check_name,
+    decode_value,
+    encode_value,
+)
+from featurizer.store.config import InProcessConfig, StoreConfigError
+
+_FILE_FORMAT = 1
+
+
+class InProcessStore(OnlineStore):
+    """Dicts in memory (encoded values, so reads never alias writes); optionally persisted to `path`."""
+
+    def __init__(self, config: InProcessConfig = InProcessConfig()):
+        if not isinstance(config, InProcessConfig):
+            raise StoreConfigError(f"InProcessStore needs an InProcessConfig, got {type(config).__name__}")
+        self.config = config
+        self._path = Path(config.path) if config.path else None
+        self._data: dict[str, dict[str, bytes]] = {}
+        self._lock = threading.RLock()
+        # Per entity: a write counter and, once a reader asked for `changes`, the keys of the
+        # latest writes (None for a write too large to list: readers then drop everything).
+        self._versions: dict[str, int] = {}
+        self._written: dict[str, deque[tuple[int, frozenset[str] | None]]] = {}
+        self._written_keys: dict[str, int] = {}  # keys listed in _written[entity], all writes together
+        self._dirty = False
+        self._closed = False
+        if self._path is not None and self._path.exists():
+            self._data = _load(self._path)
+
+    def _table(self, entity: str) -> dict[str, bytes]:
+        if self._closed:
+            raise OnlineStoreError("the in-process store is closed")
+        check_name("entity", entity)
+        return self._data.setdefault(entity, {})
+
+    def write_batch(self, rows: Mapping[str, Mapping[str, Value]]) -> None:
+        encoded = {entity: {str(k): encode_value(v) for k, v in part.items()} for entity, part in rows.items() if part}
+        if not encoded:
+            return
+        with self._lock:  # one critical section: a read or a snapshot sees every entity's rows or none
+            tables = {entity: self._table(entity) for entity in encoded}
+            for entity, part in encoded.items():
+                tables[entity].update(part)
+                self._bump(entity, part.keys())
+            self._changed()
+
+    def read(self, entity: str, keys: Sequence[str]) -> list[Value | None]:
+        with self._lock:
+            table = self._table(entity)
+            blobs = [table.get(k) for k in keys]
+        return [None if b is None else decode_value(b) for b in blobs]
+
+    def keys(self, entity: str) -> list[str]:
+        with self._lock:
+            return list(self._table(entity))
+
+    def delete(self, entity: str, keys: Iterable[str]) -> None:
+        with self._lock:
+            table = self._table(entity)
+            keys = list(keys)
+            for k in keys:
+                table.pop(k, None)
+            self._bump(entity, keys)
+            self._changed()
+
+    # How far back `changes` can list keys, per entity: the latest writes, up to these many writes
+    # and keys. A reader further behind sees "everything may have changed" (and rebuilds what it
+    # keeps), as it does after a single write of more than _CHANGE_KEYS keys.
+    _CHANGE_LOG = 4096
+    _CHANGE_LOG_KEYS = 500_000
+    _CHANGE_KEYS = 100_000
+
+    def _bump(self, entity: str, keys) -> None:
+        version = self._versions.get(entity, 0) + 1
+        self._versions[entity] = version
+        log = self._written.get(entity)
+        if log is None:
+            return
+        listed = frozenset(keys) if len(keys) <= self._CHANGE_KEYS else None
+        log.append((version, listed))
+        total = self._written_keys[entity] + (len(listed) if listed is not None else 0)
+        while len(log) > self._CHANGE_LOG or total > self._CHANGE_LOG_KEYS:
+            _, dropped = log.popleft()
+            total -= len(dropped) if dropped is not None else 0
+        self._written_keys[entity] = total
+
+    def changes(self, entity: str, since: int | None) -> tuple[int | None, frozenset[str] | None]:
+        with self._lock:
+            version = self._versions.get(entity, 0)
+            log = self._written.get(entity)
+            if log is None:  # first question about this entity: start listing its writes
+                log = self._written[entity] = deque()
+                self._written_keys[entity] = 0
+            if since == version:
+                return version, frozenset()
+            if since is None or since > version or not log or log[0][0] > since + 1:
+                return version, None
+            keys: set[str] = set()
+            for v, written in reversed(log):
+                if v <= since:
+                    break
+                if written is None:
+                    return version, None
+                keys |= written
+            return version, frozenset(keys)
+
+    def _changed(self) -> None:
+        self._dirty = True
+        if self.config.autoflush:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._path is not None and self._dirty and not self._closed:
+                _save_atomic(self._path, self._data)
+            self._dirty = False
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self.flush()
+                self._closed = True
+
+
+def _pack(blobs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    offsets = np.zeros(len(blobs) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in blobs], out=offsets[1:])
+    return np.frombuffer(b"".join(blobs), dtype=np.uint8), offsets
+
+
+def _unpack(data: np.ndarray, offsets: np.ndarray) -> list[bytes]:
+    raw = data.tobytes()
+    o = offsets.tolist()
+    return [raw[o[k] : o[k + 1]] for k in range(len(o) - 1)]
+
+
+def _save_atomic(path: Path, data: dict[str, dict[str, bytes]]) -> None:
+    """Write to a temp file beside `path`, fsync, rename over it, fsync the directory."""
+    arrays: dict[str, np.ndarray] = {"format": np.array([_FILE_FORMAT], dtype=np.int64)}
+    for k, (entity, table) in enumerate(sorted(data.items())):
+        arrays[f"e{k}_name"] = np.frombuffer(entity.encode(), dtype=np.uint8)
+        arrays[f"e{k}_keys"], arrays[f"e{k}_key_offsets"] = _pack([key.encode() for key in table])
+        arrays[f"e{k}_values"], arrays[f"e{k}_value_offsets"] = _pack(list(table.values()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _load(path: Path) -> dict[str, dict[str, bytes]]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if int(z["format"][0]) != _FILE_FORMAT:
+                raise OnlineStoreError(f"{path}: store file format {int(z['format'][0])}, expected {_FILE_FORMAT}")
+            out: dict[str, dict[str, bytes]] = {}
+            k = 0
+            while f"e{k}_name" in z.files:
+                keys = [b.decode() for b in _unpack(z[f"e{k}_keys"], z[f"e{k}_key_offsets"])]
+                out[z[f"e{k}_name"].tobytes().decode()] = dict(zip(keys, _unpack(z[f"e{k}_values"], z[f"e{k}_value_offsets"])))
+                k += 1
+            return out
+    except (OSError, ValueError, KeyError) as e:
+        raise OnlineStoreError(f"{path}: cannot load the in-process store file ({e}); delete it to start empty") from e

@@ -1,0 +1,104 @@
+"""The Redis online store: one Redis string per key, `{namespace}:{entity}:{key}`.
+
+Reads and deletes are pipelines of MGET / DEL of `batch_size` keys, one round trip each. A
+`write_batch` is one MULTI/EXEC transaction of MSETs, so other readers (and a crash of this
+process) see every row of it or none: the online features of a batch of events and the event-log
+sequence they were applied up to are committed together (`serving.ingest.apply`).
+
+Redis errors (connection refused, timeouts, a server that answers errors) raise
+`OnlineStoreError` (UNAVAILABLE); its message names the kind of failure, never the server's
+address. The full error is logged here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TypeVar
+
+from featurizer.store.base import (
+    OnlineStore,
+    OnlineStoreError,
+    Value,
+    check_name,
+    decode_value,
+    encode_value,
+)
+from featurizer.store.config import RedisConfig, StoreConfigError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class RedisStore(OnlineStore):
+    """Redis strings under `{namespace}:{entity}:{key}`; every batch is one pipelined round trip."""
+
+    def __init__(self, config: RedisConfig = RedisConfig()):
+        import redis
+
+        if not isinstance(config, RedisConfig):
+            raise StoreConfigError(f"RedisStore needs a RedisConfig, got {type(config).__name__}")
+        check_name("namespace", config.namespace)
+        if config.batch_size < 1:
+            raise StoreConfigError(f"RedisConfig.batch_size must be >= 1, got {config.batch_size}")
+        self.config = config
+        self._redis_error = redis.RedisError
+        self._client = redis.Redis.from_url(config.url, socket_timeout=config.socket_timeout_s)
+        self._prefix = f"{config.namespace}:"
+        self._closed = False
+
+    def _keys(self, entity: str, keys: Iterable[str]) -> list[str]:
+        if self._closed:
+            raise OnlineStoreError("the Redis store is closed")
+        check_name("entity", entity)
+        p = f"{self._prefix}{entity}:"
+        return [p + k for k in keys]
+
+    def _chunks(self, seq: list) -> Iterable[list]:
+        n = self.config.batch_size
+        return (seq[i : i + n] for i in range(0, len(seq), n))
+
+    def _run(self, what: str, call: Callable[[], T]) -> T:
+        try:
+            return call()
+        except self._redis_error as e:
+            log.warning("Redis %s failed: %s", what, e)
+            raise OnlineStoreError(f"the online store (Redis) failed to {what} ({type(e).__name__}); "
+                                   "check that Redis is up and reachable from the server") from e
+
+    def write_batch(self, rows: Mapping[str, Mapping[str, Value]]) -> None:
+        items: list[tuple[str, bytes]] = []
+        for entity, part in rows.items():
+            full = self._keys(entity, (str(k) for k in part))
+            items.extend(zip(full, (encode_value(v) for v in part.values())))
+        if not items:
+            return
+        pipe = self._client.pipeline(transaction=True)  # MULTI ... EXEC: all or nothing
+        for chunk in self._chunks(items):
+            pipe.mset(dict(chunk))
+        self._run("write", pipe.execute)
+
+    def read(self, entity: str, keys: Sequence[str]) -> list[Value | None]:
+        if not len(keys):
+            return []
+        full = self._keys(entity, keys)
+        pipe = self._client.pipeline(transaction=False)
+        for chunk in self._chunks(full):
+            pipe.mget(chunk)
+        blobs = [b for part in self._run("read", pipe.execute) for b in part]
+        return [None if b is None else decode_value(b) for b in blobs]
+
+    def delete(self, entity: str, keys: Iterable[str]) -> None:
+        full = self._keys(entity, keys)
+        if not full:
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for chunk in self._chunks(full):
+            pipe.delete(*chunk)
+        self._run("delete", pipe.execute)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._client.close()

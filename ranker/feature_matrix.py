@@ -1,0 +1,75 @@
+"""A bundle's inputs: its ordered feature columns, filled from the featurizer's features, and its user text.
+
+    inputs = BundleInputs.of(bundle)                       # or BundleInputs(names, constants, history_items)
+    X = inputs.matrix(online_features)                     # (n, len(NAMES)) in NAMES order -> (n, len(names)) float32
+    X = inputs.frame_matrix(offline_frame)                 # the same from a frame with NAMES columns
+    text = inputs.user_text(titles_most_recent_first)      # what the encoder embeds for the user
+
+The service (`serving.ranking.engine`), training (`training.lambdarank`) and the evaluation
+(`training.evaluation.rankers`) all build a bundle's matrix here, so the columns, the float32
+rounding and the training-only context constants (`inference_constants` in the manifest, e.g.
+`position`) are applied in one place. Training fits on the observed context instead
+(`frame_matrix(..., observed_context=True)`); at inference every candidate gets the constant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import polars as pl
+
+from featurizer.definitions import NAMES
+from featurizer.text import history_text
+from ranker.bundle import Bundle, BundleError
+
+_COLUMN = {name: k for k, name in enumerate(NAMES)}
+
+
+class BundleInputs:
+    """How a bundle's columns are filled: from the features of `featurizer.definitions.NAMES`, or a constant."""
+
+    def __init__(self, feature_names: Sequence[str], constants: Mapping[str, float], history_items: int, source: str = "bundle"):
+        names = list(feature_names)
+        unknown = [n for n in names if n not in _COLUMN and n not in constants]
+        if unknown:
+            raise BundleError(f"{source} needs features this version of semrank cannot compute: {unknown}")
+        if history_items < 1:
+            raise BundleError(f"{source}: history_items must be >= 1, got {history_items}")
+        self.feature_names = names
+        self.constants = {n: float(v) for n, v in constants.items() if n in names}
+        self.history_items = history_items
+        self.uses_text = "interest_score" in names
+        # Model column k takes feature column src[k]; a constant column takes its value.
+        self._dst = np.array([k for k, n in enumerate(names) if n not in self.constants], dtype=np.int64)
+        self._src = np.array([_COLUMN[names[k]] for k in self._dst], dtype=np.int64)
+        self._const_cols = np.array([names.index(n) for n in self.constants], dtype=np.int64)
+        self._const_vals = np.array(list(self.constants.values()), dtype=np.float32)
+
+    @classmethod
+    def of(cls, bundle: Bundle) -> BundleInputs:
+        return cls(bundle.feature_names, bundle.manifest.get("inference_constants", {}), bundle.encoder.history_items,
+                   source=f"bundle {bundle.version}")
+
+    def matrix(self, features: np.ndarray) -> np.ndarray:
+        """(n, len(feature_names)) float32 from (n, len(NAMES)) features in NAMES order; NaN stays missing."""
+        if features.ndim != 2 or features.shape[1] != len(NAMES):
+            raise ValueError(f"expected (n, {len(NAMES)}) features in NAMES order, got {features.shape}")
+        X = np.empty((features.shape[0], len(self.feature_names)), dtype=np.float32)
+        X[:, self._dst] = features[:, self._src]
+        if self._const_cols.size:
+            X[:, self._const_cols] = self._const_vals
+        return X
+
+    def frame_matrix(self, frame: pl.DataFrame, observed_context: bool = False) -> np.ndarray:
+        """`matrix` of a frame with the NAMES columns (offline features). With `observed_context`
+        (training), the constant columns are read from the frame instead (e.g. the logged position)."""
+        X = self.matrix(frame.select(NAMES).to_numpy().astype(np.float64, copy=False))
+        if observed_context and self._const_cols.size:
+            observed = list(self.constants)
+            X[:, self._const_cols] = frame.select(observed).to_numpy().astype(np.float32)
+        return X
+
+    def user_text(self, titles_most_recent_first: Sequence[str]) -> str:
+        """The user-side text of this bundle's interest score: its last `history_items` titles."""
+        return history_text(titles_most_recent_first, self.history_items)

@@ -1,0 +1,95 @@
+"""`semrank serve`: the gRPC service with its Triton encoder, until SIGINT / SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+
+from featurizer.errors import ConfigError
+from semrank.cli.common import data_dir
+
+log = logging.getLogger("semrank")
+
+
+def cmd_serve(args) -> int:
+    from featurizer.store.config import RedisConfig
+    from serving.config import Limits, ServeConfig, TlsConfig, TokenAuth
+    from serving.observability.request_logging import configure_logging
+    from serving.server import RankingServer
+
+    for h in list(logging.getLogger().handlers):  # replace main()'s plain handler
+        logging.getLogger().removeHandler(h)
+    configure_logging(args.log_level, json=args.log_json)
+    data = data_dir(args)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    tokens = None
+    if args.tokens_file:
+        tokens = TokenAuth.from_file(args.tokens_file)
+    elif args.tokens_env:
+        spec = os.environ.get(args.tokens_env)
+        if not spec:
+            raise ConfigError(f"--tokens-env {args.tokens_env}: the variable is not set")
+        tokens = TokenAuth.from_spec(spec, source=f"${args.tokens_env}")
+    store = RedisConfig(url=args.redis_url) if args.redis_url else None
+    cfg = ServeConfig(
+        bundle_dir=Path(args.bundle),
+        data_dir=Path(data),
+        state_dir=args.state_dir,
+        host=args.host,
+        port=args.port,
+        experiments_file=args.experiments,
+        store=store,
+        metrics_port=args.metrics_port,
+        tls=TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
+        tokens=tokens,
+        reload_poll_s=args.reload_poll_s,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
+        encoder_timeout_s=args.encoder_timeout_ms / 1000,
+        limits=Limits(max_candidates=args.max_candidates, max_text_chars=args.max_text_chars,
+                      max_message_bytes=args.max_message_bytes),
+    )
+    async def run() -> None:
+        server = RankingServer(cfg)
+        await server.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        print(f"semrank serving on {cfg.host}:{server.port}" + (f", metrics on :{server.metrics_port}" if server.metrics_port else ""), flush=True)
+        await stop.wait()
+        log.info("shutting down: draining calls, flushing logs, stopping Triton")
+        await server.stop()
+
+    asyncio.run(run())
+    return 0
+
+
+def register(sub) -> None:
+    s = sub.add_parser("serve", help="serve RankingService over gRPC with a Triton encoder")
+    s.add_argument("--bundle", required=True, type=Path, help="bundle directory (watched: hot-reloads when its files change)")
+    s.add_argument("--data", type=Path, default=None, help="items/events the online state starts from (default: the bundle's training data)")
+    s.add_argument("--state-dir", type=Path, default=Path("semrank-state"),
+                   help="event log, exposure log, item embeddings, feature snapshot (default: ./semrank-state)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=50051)
+    s.add_argument("--experiments", type=Path, default=None, help="A/B experiments file (TOML or JSON)")
+    s.add_argument("--redis-url", default=None, help="keep the online features in Redis (default: in-process, snapshotted)")
+    s.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port (0: a free one)")
+    s.add_argument("--tls-cert", type=Path, default=None)
+    s.add_argument("--tls-key", type=Path, default=None)
+    s.add_argument("--tls-client-ca", type=Path, default=None, help="require client certificates signed by this CA (mutual TLS)")
+    s.add_argument("--tokens-file", type=Path, default=None, help='bearer tokens: {"tokens": [{"token", "role", "name"}]}')
+    s.add_argument("--tokens-env", default=None, help="name of an environment variable holding tok:role,tok:role")
+    s.add_argument("--reload-poll-s", type=float, default=2.0, help="bundle watcher period; 0 turns it off")
+    s.add_argument("--max-concurrent-rpcs", type=int, default=128, help="beyond it calls get RESOURCE_EXHAUSTED")
+    s.add_argument("--encoder-timeout-ms", type=float, default=250.0, help="Triton deadline on the request path")
+    s.add_argument("--max-candidates", type=int, default=2000)
+    s.add_argument("--max-text-chars", type=int, default=4096)
+    s.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024)
+    s.add_argument("--log-level", default="INFO")
+    s.add_argument("--log-json", action="store_true", help="JSON log lines (with request_id)")
+    s.set_defaults(func=cmd_serve)

@@ -1,0 +1,155 @@
+"""`semrank train ranker` and `semrank train encoder`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def cmd_train_ranker(args) -> int:
+    from featurizer.contracts.schema import has_impression_lists, read_dataset
+
+    encoder_dir = args.encoder or ("encoder" if (args.out / "encoder" / "config.json").is_file() else "base")
+    ds = read_dataset(args.data)
+    log.info("data: %s; encoder: %s", ds.report, encoder_dir)
+    if not has_impression_lists(ds.events):  # interactions only: target + sampled negatives per group
+        return _train_leave_one_out(args, ds, encoder_dir)
+    from ranker.encoder import ProgressEncoder, TextEncoder
+    from training.lambdarank.booster import format_table
+    from training.lambdarank.impression_lists import train_ranker
+    from training.lambdarank.params import RankerTrainConfig
+
+    cfg = RankerTrainConfig(seed=args.seed, test_days=args.test_days, valid_days=args.valid_days, encoder_dir=encoder_dir,
+                            variant=args.variant)
+    model_dir = "base" if encoder_dir == "base" else args.out / encoder_dir
+    encoder = ProgressEncoder(TextEncoder(model_dir, max_length=cfg.max_length))
+    extra = train_ranker(ds, args.out, cfg, encoder, data_source=str(args.data))
+    print(f"\nbundle written to {args.out}\nheld-out lists (last {cfg.test_days:g} days):\n")
+    print(format_table(extra["metrics"]["test"]))
+    return 0
+
+
+def _train_leave_one_out(args, ds, encoder_dir: str) -> int:
+    """`semrank train ranker` on data without impression lists."""
+    from training.data.loo import loo_data
+    from training.lambdarank.booster import format_table
+    from training.lambdarank.leave_one_out import (
+        TRAINING_MODE,
+        load_text_side,
+        train_loo_ranker,
+    )
+    from training.lambdarank.params import LooRankerConfig
+
+    cfg = LooRankerConfig(variant=args.variant, max_users=args.max_users, positions_per_user=args.positions_per_user,
+                          negatives=args.negatives, popularity_share=args.popularity_share,
+                          hard_negatives=args.hard_negatives, hard_k=args.hard_k, seed=args.seed,
+                          encoder_dir=encoder_dir)
+    ds, split = loo_data(ds)
+    log.info("no impression lists: %s training (%s variant) on %d users with a leave-one-out split",
+             TRAINING_MODE, cfg.variant, len(split.users))
+    encoder = item_emb = text_cache = None
+    if cfg.needs_encoder:
+        encoder, item_emb, text_cache = load_text_side(ds, args.out, cfg, args.embedding_cache, Path(args.data).resolve().name)
+    extra = train_loo_ranker(ds, split, args.out, cfg, encoder, item_emb, data_source=str(args.data), text_cache=text_cache)
+    best = extra["hyper_parameters"]["best_iteration"]
+    print(f"\nbundle ({TRAINING_MODE}, {cfg.variant}) written to {args.out}; best iteration {best}, "
+          f"{extra['train_seconds']:.0f} s\nvalidation groups (the early-stopping set, so optimistic):\n")
+    print(format_table(extra["metrics"]["valid"]))
+    return 0
+
+
+def cmd_train_encoder(args: argparse.Namespace) -> int:
+    from featurizer.contracts.schema import read_dataset
+    from training.encoder.train import EncoderTrainConfig, train_encoder
+
+    cfg = EncoderTrainConfig(
+        method=args.method,
+        seed=args.seed,
+        max_minutes=args.max_minutes,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        history_items=args.history_items,
+        max_length_user=args.max_length_user,
+        max_length_item=args.max_length_item,
+        val_users=args.val_users,
+        eval_every=args.eval_every,
+        test_days=args.test_days,
+        valid_days=args.valid_days,
+    )
+    ds = read_dataset(args.data)
+    log.info("data: %s", ds.report)
+    s = train_encoder(ds, args.out, cfg, data_source=str(args.data))
+    m = s["metrics"]
+    print(f"\nencoder written to {Path(args.out) / 'encoder'} ({s['method']}, {s['steps']} steps, "
+          f"{s['train_loop_seconds']:.0f} s, {s['examples_per_second']} examples/s)")
+    print(f"validation, sampled-{cfg.val_negatives} ({m['frozen']['users']} users):")
+    print("| model | ndcg@10 | hr@10 |\n|---|---:|---:|")
+    for name, key in (("frozen", "frozen"), ("final", "final"), (f"best (step {m['best']['step']})", "best")):
+        print(f"| {name} | {m[key]['ndcg@10']:.4f} | {m[key]['hr@10']:.4f} |")
+    return 0
+
+
+def register(sub) -> None:
+    from training.encoder.train import DEFAULT_METHOD, METHODS, EncoderTrainConfig
+
+    train_sub = sub.add_parser("train", help="train models").add_subparsers(dest="train_cmd", required=True)
+    _register_ranker(train_sub)
+    d = EncoderTrainConfig()
+    s = train_sub.add_parser(
+        "encoder",
+        help="fine-tune the text encoder (two-tower contrastive, from all-MiniLM-L6-v2)",
+        description="Writes OUT/encoder/ (safetensors BertModel + tokenizer + training.json) and loss/validation "
+        "curves; updates OUT/manifest.json when the bundle has one.",
+    )
+    s.add_argument("--data", required=True, type=Path, help="data directory (items + events)")
+    s.add_argument("--out", required=True, type=Path, help="bundle directory; the encoder goes to OUT/encoder/")
+    s.add_argument("--max-minutes", type=float, default=d.max_minutes, help="wall-time cap of the training loop, validation included")
+    s.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: time only)")
+    s.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD, help="full fine-tuning or LoRA adapters (merged on save)")
+    s.add_argument("--seed", type=int, default=d.seed)
+    s.add_argument("--batch-size", type=int, default=d.batch_size)
+    s.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 5e-5 full, 5e-4 lora)")
+    s.add_argument("--history-items", type=int, default=d.history_items, help="recent items in the user text")
+    s.add_argument("--max-length-user", type=int, default=d.max_length_user, help="token budget of the user text")
+    s.add_argument("--max-length-item", type=int, default=d.max_length_item, help="token budget of the item text")
+    s.add_argument("--val-users", type=int, default=d.val_users, help="validation users (fixed, seeded subset)")
+    s.add_argument("--eval-every", type=int, default=d.eval_every, help="validate every this many steps")
+    s.add_argument("--test-days", type=float, default=d.test_days, help="impression data: last days never read (the ranker's test)")
+    s.add_argument("--valid-days", type=float, default=d.valid_days, help="impression data: days before the test days, for validation")
+    s.set_defaults(func=cmd_train_encoder)
+
+
+def _register_ranker(train_sub) -> None:
+    s = train_sub.add_parser("ranker", help="train the LightGBM lambdarank bundle on impression lists",
+                         description="Trains on shown impression lists; on data without them (interactions only, "
+                                     "e.g. imported datasets) on leave-one-out targets plus sampled negatives.")
+    s.add_argument("--data", required=True, type=Path)
+    s.add_argument("--out", required=True, type=Path, help="bundle directory to write")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--test-days", type=float, default=4.0, help="last days held out for the test table")
+    s.add_argument("--valid-days", type=float, default=3.0, help="days before the test days, for early stopping")
+    s.add_argument(
+        "--encoder",
+        default=None,
+        help="encoder directory relative to --out (default: 'encoder' if `semrank train encoder` wrote one there, else the pretrained 'base')",
+    )
+    s.add_argument("--variant", choices=("full", "behavioural"), default="full",
+                   help="full: every feature; behavioural: no text features (no interest_score)")
+    g = s.add_argument_group("data without impression lists (leave-one-out targets + sampled negatives)")
+    g.add_argument("--negatives", type=int, default=16,
+                   help="popularity-weighted and uniform negatives per group (default 16)")
+    g.add_argument("--hard-negatives", type=int, default=16,
+                   help="negatives per group from the first stage's top --hard-k (encoder+cooc; default 16, 0: none)")
+    g.add_argument("--hard-k", type=int, default=200, help="first-stage items hard negatives are drawn from (default 200)")
+    g.add_argument("--popularity-share", type=float, default=0.5,
+                   help="share of the negatives drawn in proportion to popularity, the rest uniform (default 0.5)")
+    g.add_argument("--max-users", type=int, default=20000, help="seeded sample of users (default 20000)")
+    g.add_argument("--positions-per-user", type=int, default=3,
+                   help="training targets per user before the validation item, recent ones favoured (default 3)")
+    g.add_argument("--embedding-cache", type=Path, default=None, metavar="DIR",
+                   help="item-embedding cache, e.g. runs/eval/NAME/cache/embeddings of `semrank eval`")
+    s.set_defaults(func=cmd_train_ranker)

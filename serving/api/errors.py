@@ -1,0 +1,107 @@
+"""The one place where errors become gRPC statuses.
+
+`ErrorInterceptor` wraps every RankingService method (and the admission and auth checks placed
+after it). When a call raises:
+
+- a `featurizer.errors.SemrankError`: its `grpc_code`, its message, and as details a
+  `google.rpc.ErrorInfo` (reason, domain "semrank", `error_metadata()`), plus a
+  `google.rpc.BadRequest` when it names `field_violations()`;
+- anything else (a bug, a library error nobody translated): INTERNAL with a generic message
+  naming the request id, never the exception's text (it may hold internal addresses), and the
+  traceback in the server's log;
+- a call already aborted, or cancelled, passes through untouched.
+
+Handlers therefore raise; they never call `context.abort` themselves. The table of which error
+gives which status is `tests/serving/api/test_errors.py`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import uuid
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from featurizer.errors import SemrankError
+from serving.api.interceptors import wrap_handler
+
+log = logging.getLogger(__name__)
+
+DOMAIN = "semrank"
+INTERNAL_REASON = "INTERNAL"
+
+
+def to_status(error: BaseException, request_id: str = "") -> grpc.Status:
+    """The status a call that raised `error` is answered with (see the module docstring)."""
+    if isinstance(error, SemrankError):
+        code, reason, message = error.grpc_code, error.reason, str(error) or type(error).__name__
+        metadata = dict(error.error_metadata())
+        violations = error.field_violations()
+    else:
+        code, reason, violations = "INTERNAL", INTERNAL_REASON, []
+        message = f"internal error ({type(error).__name__}); the server logged it" + (
+            f" with request id {request_id}" if request_id else "")
+        metadata = {}
+    if request_id:
+        metadata.setdefault("request_id", request_id)
+    details = [_pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata))]
+    if violations:
+        details.append(_pack(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in violations])))
+    return rpc_status.to_status(status_pb2.Status(code=code_pb2.Code.Value(code), message=message, details=details))
+
+
+def _pack(message) -> any_pb2.Any:
+    out = any_pb2.Any()
+    out.Pack(message)
+    return out
+
+
+def _request_id(request) -> str:
+    return getattr(request, "request_id", "") or ""
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, service_prefix: str = "/semrank."):
+        self.service_prefix = service_prefix
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(self.service_prefix):
+            return handler
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        return wrap_handler(handler, lambda behavior: self._guard(behavior, method))
+
+    def _guard(self, behavior, method: str):
+        if inspect.isasyncgenfunction(behavior):
+
+            async def stream(request_or_iterator, context):
+                try:
+                    async for response in behavior(request_or_iterator, context):
+                        yield response
+                except Exception as e:  # noqa: BLE001 - every error gets a status
+                    await self._abort(context, e, method, _request_id(request_or_iterator))
+
+            return stream
+
+        async def unary(request_or_iterator, context):
+            try:
+                return await behavior(request_or_iterator, context)
+            except Exception as e:  # noqa: BLE001 - every error gets a status
+                await self._abort(context, e, method, _request_id(request_or_iterator))
+
+        return unary
+
+    async def _abort(self, context: grpc.aio.ServicerContext, error: Exception, method: str, request_id: str) -> None:
+        if isinstance(error, grpc.aio.AbortError) or context.code() is not None:
+            raise error  # already answered (context.abort)
+        if isinstance(error, SemrankError):
+            log.info("%s failed: %s %s: %s", method, error.grpc_code, error.reason, error)
+        else:
+            request_id = request_id or uuid.uuid4().hex
+            log.error("%s failed with an unexpected error (request id %s)", method, request_id, exc_info=error)
+        await context.abort_with_status(to_status(error, request_id))

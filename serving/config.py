@@ -1,0 +1,195 @@
+"""The serving process's configuration, loaded once at start-up and passed down explicitly.
+
+- `ServeConfig`: everything `semrank serve` is told (paths, ports, store, timeouts, limits);
+- `Limits`: the explicit, configurable request limits (validated in `serving.api.validation`);
+- `TlsConfig` / `channel_credentials`: TLS and mutual TLS, server and client side;
+- `TokenAuth`: bearer tokens -> `Principal` (role client or admin), kept as SHA-256 digests only
+  and compared with hmac.compare_digest; `serving.api.auth.AuthInterceptor` enforces them.
+
+Files are read when the config is built, so a bad path fails at start-up, not at the first call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from featurizer.errors import ConfigError
+from featurizer.store.config import StoreConfig
+
+log = logging.getLogger(__name__)
+
+ROLES = ("client", "admin")
+MIN_TOKEN_CHARS = 16  # shorter tokens load, with a warning
+DEFAULT_ADMIN_METHODS = frozenset({"/semrank.ranking.v1.RankingService/ReloadBundle"})
+DEFAULT_PUBLIC_METHODS = frozenset(
+    {
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Explicit, configurable request limits."""
+
+    max_candidates: int = 2000
+    max_item_id_chars: int = 256
+    max_user_id_chars: int = 256
+    max_text_chars: int = 4096  # per inline title/description/category/brand field
+    max_top_k: int = 2000
+    max_event_clock_skew_s: float = 300.0  # events stamped further in the future are rejected
+    max_rejections_listed: int = 100  # per LogEvents/UpsertItems response; the counts cover all
+    max_message_bytes: int = 4 * 1024 * 1024  # per gRPC message, both directions
+
+
+def _read_pem(path: str | Path | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"TLS {what} file not found: {p} (check the path in the serving config)")
+    data = p.read_bytes()
+    if b"-----BEGIN " not in data:
+        raise ConfigError(f"TLS {what} file {p} is not PEM (expected a '-----BEGIN ...' block)")
+    return data
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert_file: str | Path
+    key_file: str | Path
+    client_ca_file: str | Path | None = None  # set: mutual TLS, clients must present a cert signed by this CA
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """Read the files now (fail at startup, not at the first handshake)."""
+        key = _read_pem(self.key_file, "private key")
+        cert = _read_pem(self.cert_file, "certificate")
+        client_ca = _read_pem(self.client_ca_file, "client CA")
+        return grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+        )
+
+
+def channel_credentials(
+    ca_file: str | Path | None, cert_file: str | Path | None = None, key_file: str | Path | None = None
+) -> grpc.ChannelCredentials:
+    """Client TLS credentials: trust `ca_file` (None: the system roots); cert + key for mutual TLS."""
+    if (cert_file is None) != (key_file is None):
+        raise ConfigError("mutual TLS needs both cert_file and key_file (or neither for server-only TLS)")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read_pem(ca_file, "CA"),
+        private_key=_read_pem(key_file, "private key"),
+        certificate_chain=_read_pem(cert_file, "certificate"),
+    )
+
+
+@dataclass(frozen=True)
+class Principal:
+    name: str
+    role: str  # "client" | "admin"
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+class TokenAuth:
+    """Bearer tokens -> Principal. Holds SHA-256 digests only, never the tokens."""
+
+    def __init__(self, tokens: Iterable[tuple[str, str, str]], source: str = "tokens"):
+        """`tokens`: (token, role, name) triples; `source` names where they came from, for error messages."""
+        self._entries: list[tuple[bytes, Principal]] = []
+        seen: set[bytes] = set()
+        for i, (token, role, name) in enumerate(tokens):
+            name = name or f"token[{i}]"
+            if not isinstance(token, str) or not token or token != token.strip():
+                raise ConfigError(f"{source}: {name} has an empty token or one with surrounding spaces")
+            if role not in ROLES:
+                raise ConfigError(f"{source}: {name} has role {role!r}; use one of {ROLES}")
+            d = _digest(token)
+            if d in seen:
+                raise ConfigError(f"{source}: {name} repeats an earlier token; each token must be unique")
+            seen.add(d)
+            if len(token) < MIN_TOKEN_CHARS:
+                log.warning("%s: token %s is shorter than %d characters; use a long random token", source, name, MIN_TOKEN_CHARS)
+            self._entries.append((d, Principal(name=name, role=role)))
+        if not self._entries:
+            raise ConfigError(f"{source}: no tokens configured; every call would be rejected")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TokenAuth:
+        """JSON `{"tokens": [{"token": "...", "role": "client" | "admin", "name": "..."}]}`."""
+        p = Path(path)
+        try:
+            doc = json.loads(p.read_text())
+            items = doc["tokens"]
+            triples = [(t["token"], t["role"], t.get("name", "")) for t in items]
+        except FileNotFoundError:
+            raise FileNotFoundError(f"token file not found: {p}") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(
+                f'token file {p} is malformed ({type(e).__name__}: {e}); expected {{"tokens": [{{"token": "...", '
+                f'"role": "client" | "admin", "name": "..."}}]}}'
+            ) from None
+        return cls(triples, source=str(p))
+
+    @classmethod
+    def from_spec(cls, spec: str, source: str = "token spec") -> TokenAuth:
+        """`"tok1:admin,tok2:client"` (e.g. the value of $SEMRANK_TOKENS, read by the entry point)."""
+        triples = []
+        for i, part in enumerate(p.strip() for p in spec.split(",")):
+            if not part:
+                continue
+            token, sep, role = part.rpartition(":")
+            if not sep:
+                raise ConfigError(f"{source}: entry {i} has no role; write it as <token>:client or <token>:admin")
+            triples.append((token, role, f"{source}[{i}]"))
+        return cls(triples, source=source)
+
+    def authenticate(self, token: str) -> Principal | None:
+        d = _digest(token)
+        found = None
+        for digest, principal in self._entries:  # no early exit: the time does not depend on which matched
+            if hmac.compare_digest(digest, d):
+                found = principal
+        return found
+
+    def __repr__(self) -> str:
+        return f"TokenAuth({len(self._entries)} tokens)"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    bundle_dir: Path  # watched: replace its files (or repoint a symlink) to hot-reload
+    data_dir: Path  # items + events the online state starts from
+    state_dir: Path | None = None  # event log, exposures, embeddings, feature snapshot; None: a temp dir
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 picks a free port
+    experiments_file: Path | None = None
+    store: StoreConfig | None = None  # None: in-process, snapshotted to state_dir/online-store.bin
+    metrics_port: int | None = None  # None: no /metrics endpoint; 0: a free port
+    metrics_host: str = "127.0.0.1"
+    tls: TlsConfig | None = None
+    tokens: TokenAuth | None = None
+    reload_poll_s: float = 2.0  # 0: no watcher (ReloadBundle still works)
+    max_concurrent_rpcs: int = 128  # beyond it: RESOURCE_EXHAUSTED
+    snapshot_interval_s: float = 30.0
+    encoder_timeout_s: float = 0.25  # Triton deadline on the request path
+    encoder_retries: int = 1
+    breaker_failures: int = 5
+    breaker_open_s: float = 2.0
+    triton_max_queue_delay_us: int = 2000
+    triton_supervise_s: float = 2.0  # restart a dead or unresponsive Triton; 0: never (tests of outages)
+    grace_s: float = 5.0
+    limits: Limits = field(default_factory=Limits)

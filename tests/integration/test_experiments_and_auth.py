@@ -1,0 +1,127 @@
+"""A/B assignment in the request path (holdout, shares, exposure records) and TLS with bearer tokens,
+end to end.
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import datetime, timedelta, timezone
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+
+from featurizer.contracts.experiments import load_experiments
+from featurizer.contracts.exposures import read_exposures
+from semrank.ranking.v1 import ranking_service_pb2 as pb
+from serving.config import ServeConfig, TlsConfig, TokenAuth, channel_credentials
+from tests.integration.production_kit import (
+    RPC_TIMEOUT_S,
+    health_status,
+    stub,
+)
+from tests.integration.serving_kit import (
+    ADMIN_TOKEN,
+    CLIENT_TOKEN,
+    TOKEN_SPEC,
+    ServerThread,
+    copy_bundle,
+    make_server_pki,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+
+# -- 4. A/B in the request path ---------------------------------------------------------------------
+
+
+def test_ab_assignment_holdout_shares_and_exposures(small_shop, small_bundle, catalog, tmp_path):
+    bundles = tmp_path / "bundles"
+    copy_bundle(small_bundle[0], bundles / "control", version="ab-control-v1")
+    copy_bundle(small_bundle[0], bundles / "treatment", version="ab-treatment-v2")
+    now = datetime.now(timezone.utc)
+    shares = {"control": 0.45, "treatment": 0.45, "holdout": 0.10}
+    exp_file = tmp_path / "experiments.toml"
+    exp_file.write_text(
+        f'[[experiment]]\nname = "prod-ab"\nsalt = "prod-ab-salt"\n'
+        f"start = {(now - timedelta(days=1)).strftime('%Y-%m-%dT%H:%M:%SZ')}\n"
+        f"end = {(now + timedelta(days=1)).strftime('%Y-%m-%dT%H:%M:%SZ')}\n"
+        '  [[experiment.variant]]\n  name = "control"\n  share = 0.45\n  bundle = "bundles/control"\n'
+        '  [[experiment.variant]]\n  name = "treatment"\n  share = 0.45\n  bundle = "bundles/treatment"\n'
+        '  [[experiment.variant]]\n  name = "holdout"\n  share = 0.10\n  holdout = true\n'
+    )
+    experiments = load_experiments(exp_file)
+    versions = {"control": "ab-control-v1", "treatment": "ab-treatment-v2", "holdout": ""}
+    state = tmp_path / "state"
+    cfg = ServeConfig(bundle_dir=bundles / "control", data_dir=small_shop, state_dir=state, port=0, reload_poll_s=0,
+                      experiments_file=exp_file)
+    rng = random.Random(11)
+    requests = []
+    for k in range(2000):
+        ids = rng.sample(catalog, 8)
+        requests.append(pb.RankRequest(request_id=f"ab-{k}", user_id=f"ab-user-{k}",
+                                       candidates=[pb.RankCandidate(item_id=i) for i in ids]))
+    with ServerThread(cfg) as st, grpc.insecure_channel(f"127.0.0.1:{st.port}") as channel:
+        info = stub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=RPC_TIMEOUT_S)
+        (exp,) = info.experiments
+        assert exp.active and {v.name: v.bundle_version for v in exp.variants} == versions
+        responses = []
+        for start in range(0, len(requests), 16):
+            futures = [stub(channel).Rank.future(r, timeout=RPC_TIMEOUT_S) for r in requests[start : start + 16]]
+            responses += [f.result() for f in futures]
+        st.stop()  # flushes the exposure log
+    counts = dict.fromkeys(shares, 0)
+    for req, resp in zip(requests, responses):
+        a = experiments.assign(req.user_id, datetime.now(timezone.utc))
+        assert (resp.experiment, resp.variant) == ("prod-ab", a.variant), req.user_id
+        assert resp.model_version == versions[a.variant]
+        if a.holdout:
+            assert [it.item_id for it in resp.items] == [c.item_id for c in req.candidates]
+        counts[a.variant] += 1
+    n = len(requests)
+    for name, p in shares.items():
+        assert abs(counts[name] - n * p) <= 4.5 * (n * p * (1 - p)) ** 0.5, counts
+
+    exposures = read_exposures(state / "exposures")
+    assert exposures.height == n and exposures["request_id"].n_unique() == n
+    by_id = {row["request_id"]: row for row in exposures.iter_rows(named=True)}
+    for req, resp in zip(requests, responses):
+        row = by_id[req.request_id]
+        assert (row["user_id"], row["experiment"], row["variant"], row["bundle_version"]) == (
+            req.user_id, "prod-ab", resp.variant, resp.model_version)
+        assert row["item_ids"] == [it.item_id for it in resp.items]
+
+
+
+# -- 7. security -------------------------------------------------------------------------------------
+
+
+def test_tls_and_tokens_end_to_end(small_shop, small_bundle, catalog, tmp_path):
+    pki = make_server_pki(tmp_path / "pki")
+    cfg = ServeConfig(bundle_dir=small_bundle[0], data_dir=small_shop, state_dir=tmp_path / "state", port=0,
+                      reload_poll_s=0, tls=TlsConfig(pki.server_cert, pki.server_key),
+                      tokens=TokenAuth.from_spec(TOKEN_SPEC, source="test tokens"))
+    request = pb.RankRequest(user_id="sec-user", candidates=[pb.RankCandidate(item_id=i) for i in catalog[:5]])
+
+    def code(call, req, token: str | None) -> grpc.StatusCode:
+        md = [("authorization", f"Bearer {token}")] if token else None
+        try:
+            call(req, timeout=RPC_TIMEOUT_S, metadata=md)
+        except grpc.RpcError as e:
+            return e.code()
+        return grpc.StatusCode.OK
+
+    with ServerThread(cfg) as st:
+        with grpc.secure_channel(f"127.0.0.1:{st.port}", channel_credentials(pki.ca)) as channel:
+            s = stub(channel)
+            assert code(s.Rank, request, CLIENT_TOKEN) == grpc.StatusCode.OK
+            assert code(s.Rank, request, None) == grpc.StatusCode.UNAUTHENTICATED
+            assert code(s.Rank, request, "not-a-token-0123456789") == grpc.StatusCode.UNAUTHENTICATED
+            assert code(s.LogEvents, iter([pb.LogEventsRequest()]), None) == grpc.StatusCode.UNAUTHENTICATED
+            assert code(s.ReloadBundle, pb.ReloadBundleRequest(), CLIENT_TOKEN) == grpc.StatusCode.PERMISSION_DENIED
+            assert code(s.ReloadBundle, pb.ReloadBundleRequest(), ADMIN_TOKEN) == grpc.StatusCode.OK
+            assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING  # no token needed
+        with grpc.insecure_channel(f"127.0.0.1:{st.port}") as plain:  # plaintext to the TLS port
+            with pytest.raises(grpc.RpcError) as e:
+                health_status(plain)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -1,0 +1,254 @@
+"""One shared server with small limits: bad and oversized requests fail alone, events and items are
+visible at once, broken bundles are refused while the old one serves, overload is shed.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+
+from semrank.ranking.v1 import ranking_service_pb2 as pb
+from serving.config import Limits, ServeConfig
+from tests.integration.production_kit import (
+    MAIN_MAX_CANDIDATES,
+    MAIN_MAX_MESSAGE_BYTES,
+    RPC_TIMEOUT_S,
+    GoodTraffic,
+    atomic_write,
+    contributions,
+    engaged_users,
+    health_status,
+    rank,
+    stub,
+    timestamp,
+)
+from tests.integration.serving_kit import (
+    ServerThread,
+    bad_request_fields,
+    copy_bundle,
+    metric,
+    scrape_metrics,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+
+@pytest.fixture(scope="module")
+def main_server(small_shop, small_bundle, tmp_path_factory):
+    """Serves a copy of the bundle (the reload test rewrites its files) with small limits."""
+    root = tmp_path_factory.mktemp("main")
+    bundle = copy_bundle(small_bundle[0], root / "bundle")
+    cfg = ServeConfig(
+        bundle_dir=bundle, data_dir=small_shop, state_dir=root / "state", port=0, metrics_port=0, reload_poll_s=0.2,
+        encoder_timeout_s=5.0,
+        limits=Limits(max_candidates=MAIN_MAX_CANDIDATES, max_message_bytes=MAIN_MAX_MESSAGE_BYTES),
+    )
+    with ServerThread(cfg) as st, grpc.insecure_channel(f"127.0.0.1:{st.port}") as channel:
+        yield st, channel, bundle
+
+
+
+def test_malformed_and_oversized_requests_fail_alone_while_good_ones_are_served(main_server, shop, catalog):
+    st, channel, _ = main_server
+    ok = [pb.RankCandidate(item_id=catalog[0])]
+    bad = [
+        (dict(candidates=[pb.RankCandidate(item_id=f"i{k}") for k in range(MAIN_MAX_CANDIDATES + 1)]), ["candidates"]),
+        (dict(candidates=[]), ["candidates"]),
+        (dict(candidates=[*ok, pb.RankCandidate(item_id="  ")]), ["candidates[1].item_id"]),
+        (dict(candidates=[*ok, pb.RankCandidate(item_id="x"), pb.RankCandidate(item_id=catalog[0])]),
+         ["candidates[2].item_id"]),  # a duplicate
+        (dict(candidates=ok, context=pb.RankContext(query="q" * 5000)), ["context.query"]),
+        (dict(candidates=ok, top_k=-1), ["top_k"]),
+        (dict(candidates=[pb.RankCandidate(item_id="")], top_k=-2), ["top_k", "candidates[0].item_id"]),
+    ]
+    before = scrape_metrics(st.server.metrics_port)
+    with GoodTraffic(channel, engaged_users(shop)[:5], catalog[:20]) as good:
+        for kw, fields in bad:
+            with pytest.raises(grpc.RpcError) as e:
+                stub(channel).Rank(pb.RankRequest(user_id="u-bad", **kw), timeout=RPC_TIMEOUT_S)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
+            assert bad_request_fields(e.value) == fields
+            assert all(f in e.value.details() for f in fields)  # readable without rich-status support
+        # A message over max_message_bytes: gRPC itself refuses it before any handler runs.
+        huge = pb.RankCandidate(item_id="huge", title="t", description="d" * (2 * MAIN_MAX_MESSAGE_BYTES))
+        with pytest.raises(grpc.RpcError) as e:
+            stub(channel).Rank(pb.RankRequest(user_id="u-bad", candidates=[huge]), timeout=RPC_TIMEOUT_S)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value
+        n_before_last = len(good.results)
+        wait_until(lambda: len(good.results) > n_before_last + 2, 120, "good Ranks after the bad ones")
+    assert good.errors() == []
+    assert all(len(r.items) == 20 for r in good.results)
+    after = scrape_metrics(st.server.metrics_port)
+    invalid = [metric(m, "semrank_rejected_total", reason="invalid_argument") for m in (before, after)]
+    assert invalid[1] - invalid[0] == len(bad)
+    assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_rank_right_after_log_events_sees_them_and_bad_events_are_listed(main_server, catalog):
+    _, channel, _ = main_server
+    user, items = "fresh-user-6", catalog[:10]
+    before = rank(channel, user, items, explain=True)
+    now = datetime.now(timezone.utc)
+
+    def ev(**kw) -> pb.Event:
+        base = dict(ts=timestamp(now - timedelta(seconds=5)), user_id=user, item_id=items[0], type=pb.EVENT_TYPE_CLICK)
+        return pb.Event(**{**base, **kw})
+
+    future = pb.Event(ts=timestamp(now + timedelta(hours=1)), user_id=user, item_id=items[1], type=pb.EVENT_TYPE_CLICK)
+    no_ts = pb.Event(user_id=user, item_id=items[1], type=pb.EVENT_TYPE_CLICK, event_id="e-no-ts")
+    stream = [
+        pb.LogEventsRequest(events=[ev(event_id="e-click"), ev(user_id="", event_id="e-no-user")]),
+        pb.LogEventsRequest(events=[
+            ev(type=pb.EVENT_TYPE_UNSPECIFIED, event_id="e-no-type"),
+            ev(item_id=items[1], type=pb.EVENT_TYPE_PURCHASE, event_id="e-buy"),
+            no_ts,
+            future,
+        ]),
+    ]
+    resp = stub(channel).LogEvents(iter(stream), timeout=RPC_TIMEOUT_S)
+    assert (resp.accepted, resp.rejected) == (2, 4)
+    got = [(r.index, r.event_id, r.reason.split(":")[0]) for r in resp.rejections]
+    assert got == [(1, "e-no-user", "user_id"), (2, "e-no-type", "type"), (4, "e-no-ts", "ts"), (5, "", "ts")]
+    assert "future" in resp.rejections[3].reason
+
+    after = rank(channel, user, items, explain=True)  # no wait: the acknowledgement means applied
+    control = rank(channel, "never-seen-user-6", items, explain=True)
+    # Personal features depend on the user's own events only: a never-seen user ranked at the same
+    # moment gets exactly the cold-start personal contributions, and so would this user had the
+    # events not been applied. Before the events the two users were indistinguishable.
+    mine, cold = contributions(after, "personal"), contributions(control, "personal")
+    for item in items[:2]:  # the clicked and the bought item (user_item_* features)
+        assert abs(mine[item] - cold[item]) > 1e-6, (item, mine[item], cold[item])
+    assert contributions(before, "personal") != mine
+    assert not after.degraded
+
+
+def test_upserted_item_is_rankable_by_id_with_a_stored_embedding(main_server, shop, catalog):
+    st, channel, _ = main_server
+    info0 = stub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=RPC_TIMEOUT_S)
+    msgs = [pb.UpsertItemsRequest(items=[
+        pb.RankCandidate(item_id="sku-upserted", title="Bamboo Cutting Board Set", category="Kitchen", price=29.0),
+        pb.RankCandidate(item_id="sku-nameless"),
+    ])]
+    resp = stub(channel).UpsertItems(iter(msgs), timeout=RPC_TIMEOUT_S)
+    assert (resp.accepted, resp.rejected) == (1, 1)
+    assert (resp.rejections[0].index, resp.rejections[0].item_id) == (1, "sku-nameless")
+    assert resp.rejections[0].reason.startswith("title:")
+
+    r = rank(channel, engaged_users(shop)[0], ["sku-upserted", *catalog[:5]], explain=True)
+    assert "sku-upserted" not in r.missing_ids and not r.degraded
+    info = stub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=RPC_TIMEOUT_S)
+    assert info.items == info0.items + 1
+
+    from safetensors import safe_open
+
+    stored = set()
+    for p in (st.server.cfg.state_dir / "embeddings").glob("*/emb-*.safetensors"):
+        with safe_open(str(p), framework="numpy") as f:
+            stored |= set(json.loads(f.metadata()["item_ids"]))
+    assert "sku-upserted" in stored and "sku-nameless" not in stored
+
+
+def test_broken_bundles_are_rejected_and_the_old_one_keeps_serving(main_server, small_bundle, shop, catalog, tmp_path):
+    st, channel, bundle = main_server
+    admin = stub(channel)
+    user, items = engaged_users(shop)[0], catalog[:10]
+    v0 = admin.GetModelInfo(pb.GetModelInfoRequest(), timeout=RPC_TIMEOUT_S).bundle.version
+    originals = {name: (bundle / name).read_bytes() for name in ("manifest.json", "ranker.txt")}
+    renamed = "user_clicks_7d"
+
+    def unknown_feature(d: Path) -> None:  # model and manifest agree, but the server cannot compute it
+        atomic_write(d / "ranker.txt", originals["ranker.txt"].decode().replace(renamed, "user_clicks_7d_v9"))
+        atomic_write(d / "manifest.json", originals["manifest.json"].decode().replace(renamed, "user_clicks_7d_v9"))
+
+    cases = [
+        ("ranker.txt garbage", lambda d: atomic_write(d / "ranker.txt", "not a LightGBM model\n"), "ranker.txt"),
+        ("manifest not JSON", lambda d: atomic_write(d / "manifest.json", "{\"format_version\": 1,"), "not valid JSON"),
+        ("unknown feature", unknown_feature, "user_clicks_7d_v9"),
+    ]
+
+    def reloads(result: str) -> float:
+        return metric(scrape_metrics(st.server.metrics_port), "semrank_bundle_reloads_total", result=result)
+
+    for name, corrupt, problem in cases:
+        rejected, ok = reloads("rejected"), reloads("ok")
+        corrupt(bundle)
+        wait_until(lambda: reloads("rejected") > rejected, 60, f"the watcher to reject the bundle ({name})")
+        assert rank(channel, user, items).model_version == v0, name
+        assert admin.GetModelInfo(pb.GetModelInfoRequest(), timeout=RPC_TIMEOUT_S).bundle.version == v0, name
+        resp = admin.ReloadBundle(pb.ReloadBundleRequest(), timeout=RPC_TIMEOUT_S)
+        assert (resp.reloaded, resp.version) == (False, v0), (name, resp)
+        assert problem in resp.message, (name, resp.message)
+        for file, data in originals.items():
+            atomic_write(bundle / file, data)
+        wait_until(lambda: reloads("ok") > ok, 60, f"the watcher to load the restored bundle ({name})")
+        assert rank(channel, user, items).model_version == v0
+
+    # (b) A valid new bundle (same model, new version) in the watched directory is picked up.
+    v1 = f"{v0}-next"
+    manifest = json.loads(originals["manifest.json"])
+    atomic_write(bundle / "manifest.json", json.dumps({**manifest, "bundle_version": v1}, indent=2))
+    wait_until(lambda: rank(channel, user, items).model_version == v1, 60, "the watcher to serve the new version")
+    assert admin.GetModelInfo(pb.GetModelInfoRequest(), timeout=RPC_TIMEOUT_S).bundle.version == v1
+
+    # (c) Swaps under load: every Rank succeeds, on one of the two bundles.
+    other = copy_bundle(small_bundle[0], tmp_path / "other", version=f"{v0}-other")
+    with GoodTraffic(channel, engaged_users(shop)[:5], items, threads=3) as good:
+        for k in range(10):
+            path = other if k % 2 == 0 else bundle
+            resp = admin.ReloadBundle(pb.ReloadBundleRequest(path=str(path)), timeout=RPC_TIMEOUT_S)
+            assert resp.reloaded, resp
+            n = len(good.results)
+            wait_until(lambda: len(good.results) > n, 60, "a Rank between swaps")
+    assert good.errors() == []
+    assert {r.model_version for r in good.results} <= {v1, f"{v0}-other"}
+    assert len(st.server.tritons) == 1  # every bundle shares one encoder: the swaps started no Triton
+    assert rank(channel, user, items).model_version == v1
+
+
+
+# -- 5b. overload -----------------------------------------------------------------------------------
+
+
+def test_overload_is_shed_with_resource_exhausted_and_the_server_recovers(small_shop, small_bundle, shop, catalog,
+                                                                          tmp_path):
+    cfg = ServeConfig(bundle_dir=small_bundle[0], data_dir=small_shop, state_dir=tmp_path / "state", port=0,
+                      metrics_port=0, reload_poll_s=0, max_concurrent_rpcs=2, encoder_timeout_s=30.0)
+    user = engaged_users(shop)[0]
+
+    def slow_request(k: int) -> pb.RankRequest:
+        # 1000 candidates, 20 of them never seen with inline text: a user with history needs their
+        # embeddings, so each call waits on Triton (in flight, holding a slot) instead of finishing
+        # in one slice of the event loop.
+        cands = [pb.RankCandidate(item_id=f"load-{k}-{j}") for j in range(980)] + [
+            pb.RankCandidate(item_id=f"load-{k}-text-{j}", title=f"Overload tote bag {k}-{j}", category="Bags")
+            for j in range(20)
+        ]
+        return pb.RankRequest(user_id=user, candidates=cands)
+
+    with ServerThread(cfg) as st, grpc.insecure_channel(f"127.0.0.1:{st.port}") as channel:
+        codes: list[grpc.StatusCode] = []
+        for round_ in range(10):  # rounds of 16 simultaneous calls, until the limit has been hit
+            batch = [slow_request(16 * round_ + k) for k in range(16)]
+            futures = [stub(channel).Rank.future(r, timeout=RPC_TIMEOUT_S) for r in batch]
+            for f in futures:
+                try:
+                    r = f.result()
+                    assert len(r.items) == 1000 and not r.degraded, r.degraded_reason
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as e:
+                    codes.append(e.code())
+            if grpc.StatusCode.RESOURCE_EXHAUSTED in codes:
+                break
+        assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+        shed = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+        m = scrape_metrics(st.server.metrics_port)
+        assert metric(m, "semrank_rejected_total", reason="resource_exhausted") == shed  # refusals are counted
+        assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
+        assert len(rank(channel, user, catalog[:5]).items) == 5

@@ -1,0 +1,90 @@
+"""Settings of ranker training: the feature sets and the configs of both training modes.
+
+- `VARIANTS`: `full` (every feature) and `behavioural` (no text family, so no encoder in the model);
+- `LightGBMParams`: the booster's settings, shared by both modes;
+- `RankerTrainConfig`: training on shown impression lists (`training.lambdarank.impression_lists`);
+- `LooRankerConfig`: training on leave-one-out targets with sampled negatives
+  (`training.lambdarank.leave_one_out`, groups from `training.lambdarank.negatives`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from featurizer.definitions import FAMILY, NAMES
+from featurizer.errors import ConfigError
+
+# Feature sets: `full` is every feature, `behavioural` leaves out the text family (no encoder in the model).
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "full": NAMES,
+    "behavioural": tuple(n for n in NAMES if FAMILY[n] != "text"),
+}
+
+
+@dataclass(frozen=True)
+class LightGBMParams:
+    """The booster's settings, shared by both training modes (this one and `training.lambdarank.leave_one_out`)."""
+
+    seed: int = 0
+    num_boost_round: int = 400
+    early_stopping_rounds: int = 40
+    learning_rate: float = 0.05
+    num_leaves: int = 31
+    min_data_in_leaf: int = 50
+    num_threads: int = 2
+
+    def lightgbm_params(self) -> "LightGBMParams":
+        """Just these fields (a subclass config carries more)."""
+        return LightGBMParams(**{f.name: getattr(self, f.name) for f in fields(LightGBMParams)})
+
+
+@dataclass(frozen=True)
+class RankerTrainConfig(LightGBMParams):
+    test_days: float = 4.0
+    valid_days: float = 3.0
+    history_items: int = 5
+    max_length: int = 128
+    variant: str = "full"  # a key of VARIANTS
+    # "base" (pretrained MiniLM) or a directory relative to the bundle, e.g. "encoder" as
+    # written there by `semrank train encoder`.
+    encoder_dir: str = "base"
+
+
+@dataclass(frozen=True)
+class LooRankerConfig(LightGBMParams):
+    variant: str = "full"
+    max_users: int | None = 20_000  # None: every user with a validation target
+    positions_per_user: int = 3
+    recency_decay: float = 0.7  # P(position k) ∝ decay ** (last training position - k)
+    negatives: int = 16  # popularity-weighted and uniform
+    popularity_share: float = 0.5
+    hard_negatives: int = 16  # from the first stage's top `hard_k` (0: none, and no encoder needed for them)
+    hard_k: int = 200
+    feature_chunk_rows: int = 250_000  # rows featurized at once
+    history_items: int = 5  # titles in the user text
+    max_length: int = 128
+    encoder_dir: str = "base"  # "base" or a directory relative to the bundle
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if self.max_users is not None and self.max_users < 1:
+            raise ConfigError(f"max_users must be >= 1 (or None for all), got {self.max_users}")
+        if self.positions_per_user < 1 or self.negatives < 0 or self.hard_negatives < 0 or self.history_items < 1:
+            raise ConfigError(f"positions_per_user and history_items must be >= 1, negatives >= 0: {self}")
+        if self.negatives + self.hard_negatives < 1 or self.hard_k < 1 or self.feature_chunk_rows < 1:
+            raise ConfigError(f"a group needs >= 1 negative, and hard_k and feature_chunk_rows must be >= 1: {self}")
+        if not 0.0 <= self.popularity_share <= 1.0 or not 0.0 < self.recency_decay <= 1.0:
+            raise ConfigError(f"popularity_share must be in [0, 1] and recency_decay in (0, 1]: {self}")
+
+    @property
+    def feature_names(self) -> list[str]:
+        return list(VARIANTS[self.variant])
+
+    @property
+    def n_popular(self) -> int:
+        return int(round(self.negatives * self.popularity_share))
+
+    @property
+    def needs_encoder(self) -> bool:
+        return "interest_score" in self.feature_names or self.hard_negatives > 0
