@@ -1,0 +1,214 @@
+"""The one table of which error gives which gRPC status, through `serving.api.errors.ErrorInterceptor`.
+
+Every error class semrank defines under featurizer/, ranker/ and serving/ is a row here (the
+completeness test fails when a new one is not), and each row is raised by a handler of a real
+grpc.aio server and read back by a real channel: the status code, the message, the
+`google.rpc.ErrorInfo` (reason, domain, metadata) and, where the error names fields, the
+`google.rpc.BadRequest`. `RaisingService` is a fault-injection stand-in: its handlers raise
+whatever the test gives them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import pkgutil
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+import featurizer
+import ranker
+import serving
+from featurizer.contracts.experiments import ExperimentConfigError
+from featurizer.contracts.exposures import ExposureLogError
+from featurizer.contracts.schema import DataContractError
+from featurizer.errors import ConfigError, SemrankError
+from featurizer.online.features import StaleQueryError, StateMismatchError
+from featurizer.store.base import OnlineStoreError
+from featurizer.store.config import StoreConfigError
+from ranker.bundle import BundleError
+from semrank.ranking.v1 import ranking_service_pb2 as pb
+from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
+from serving.api.auth import PermissionDenied, Unauthenticated
+from serving.api.errors import DOMAIN, ErrorInterceptor
+from serving.api.interceptors import Overloaded
+from serving.api.service import DeadlinePassed
+from serving.api.validation import FieldViolation, InvalidRequest
+from serving.batch.input import BatchInputError
+from serving.batch.output import OutputMismatch
+from serving.batch.scorer import BatchScoringError
+from serving.ingest.apply import EventsNotApplied, EventsNotStored
+from serving.ingest.log_format import EventLogCorrupt, EventLogError, EventLogLocked
+from serving.ingest.items import ItemsNotEmbedded
+from serving.ingest.restore import ReadOnlyStateError
+from serving.ranking.registry import BundleRejected
+from serving.triton.client import EncoderUnavailable
+from serving.triton.onnx_graph import ExportError
+from serving.triton.resilience import CircuitOpenError
+from serving.triton.process import PortInUseError, TritonStartupError
+
+C = grpc.StatusCode
+
+# error raised by a handler -> (status code, ErrorInfo.reason, ErrorInfo.metadata it must carry, BadRequest fields)
+TABLE: list[tuple[Exception, C, str, dict[str, str], list[str]]] = [
+    (InvalidRequest([FieldViolation("user_id", "must be set"), FieldViolation("candidates", "must not be empty")]),
+     C.INVALID_ARGUMENT, "INVALID_REQUEST", {}, ["user_id", "candidates"]),
+    (DataContractError("items.parquet", "title", 3, "must not be empty"),
+     C.INVALID_ARGUMENT, "DATA_CONTRACT_VIOLATION", {}, ["title[3]"]),
+    (ConfigError("--data is required"), C.INVALID_ARGUMENT, "INVALID_CONFIG", {}, []),
+    (StoreConfigError("store.kind must be one of ..."), C.INVALID_ARGUMENT, "INVALID_CONFIG", {}, []),
+    (ExperimentConfigError("experiments.json", ["experiments[0].variants: shares sum to 0.9"]),
+     C.INVALID_ARGUMENT, "INVALID_CONFIG", {}, []),
+    (ExposureLogError("exposures: bad row"), C.INVALID_ARGUMENT, "EXPOSURE_LOG_INVALID", {}, []),
+    (BatchInputError("input.parquet: no user_id column"), C.INVALID_ARGUMENT, "BATCH_INPUT_INVALID", {}, []),
+    (DeadlinePassed("the deadline passed before ranking started"), C.DEADLINE_EXCEEDED, "DEADLINE_PASSED", {}, []),
+    (Overloaded("too many requests in flight"), C.RESOURCE_EXHAUSTED, "OVERLOADED", {}, []),
+    (Unauthenticated("missing bearer token"), C.UNAUTHENTICATED, "UNAUTHENTICATED", {}, []),
+    (PermissionDenied("ReloadBundle needs an admin token"), C.PERMISSION_DENIED, "ADMIN_REQUIRED", {}, []),
+    (EventsNotStored("event log write failed", stored_before=7), C.UNAVAILABLE, "EVENTS_NOT_STORED",
+     {"stored_before": "7"}, []),
+    (EventsNotApplied("online store down", stored=5), C.UNAVAILABLE, "EVENTS_STORED_NOT_APPLIED", {"stored": "5"}, []),
+    (ItemsNotEmbedded("encoder down", stored=3), C.UNAVAILABLE, "ITEMS_NOT_EMBEDDED", {"stored": "3"}, []),
+    (OnlineStoreError("redis: connection refused"), C.UNAVAILABLE, "ONLINE_STORE_UNAVAILABLE", {}, []),
+    (EncoderUnavailable("triton: connection refused", code="UNAVAILABLE"), C.UNAVAILABLE, "ENCODER_UNAVAILABLE", {}, []),
+    (CircuitOpenError("triton failed recently; not sent"), C.UNAVAILABLE, "ENCODER_UNAVAILABLE", {}, []),
+    (EventLogError("event log is closed"), C.UNAVAILABLE, "EVENT_LOG_UNAVAILABLE", {}, []),
+    (EventLogLocked("another process holds the log"), C.FAILED_PRECONDITION, "EVENT_LOG_LOCKED", {}, []),
+    (EventLogCorrupt(Path("seg-000001.log"), 128, "bad checksum"), C.DATA_LOSS, "EVENT_LOG_CORRUPT", {}, []),
+    (PortInUseError("port 8001 in use"), C.UNAVAILABLE, "PORT_IN_USE", {}, []),
+    (TritonStartupError("triton exited"), C.UNAVAILABLE, "TRITON_NOT_READY", {}, []),
+    (StaleQueryError("as_of before the store's watermark"), C.FAILED_PRECONDITION, "STALE_FEATURE_QUERY", {}, []),
+    (StateMismatchError("state built with other definitions"), C.FAILED_PRECONDITION, "ONLINE_STATE_MISMATCH", {}, []),
+    (BundleError("bundle.json: missing"), C.FAILED_PRECONDITION, "BUNDLE_INVALID", {}, []),
+    (BundleRejected("feature names differ"), C.FAILED_PRECONDITION, "BUNDLE_REJECTED", {}, []),
+    (ReadOnlyStateError("state dir is read-only"), C.FAILED_PRECONDITION, "READ_ONLY_STATE", {}, []),
+    (ExportError("onnx differs from torch"), C.FAILED_PRECONDITION, "EXPORT_FAILED", {}, []),
+    (BatchScoringError("bundle has no catalog"), C.FAILED_PRECONDITION, "BATCH_SCORING_FAILED", {}, []),
+    (OutputMismatch("OUT holds another job"), C.FAILED_PRECONDITION, "BATCH_OUTPUT_MISMATCH", {}, []),
+    (SemrankError("an error nobody classified"), C.INTERNAL, "INTERNAL", {}, []),
+]
+
+
+class RaisingService(pb_grpc.RankingServiceServicer):
+    """Fault injection: Rank (unary-unary) and LogEvents (stream-unary) raise `self.error`."""
+
+    error: BaseException = RuntimeError("unset")
+
+    async def Rank(self, request, context):
+        raise self.error
+
+    async def LogEvents(self, request_iterator, context):
+        async for _ in request_iterator:
+            raise self.error
+        return pb.LogEventsResponse()
+
+    async def ReloadBundle(self, request, context):
+        await context.abort(C.NOT_FOUND, "aborted by the handler itself")
+
+
+UNEXPECTED = KeyError("redis://10.0.0.3:6379 secret-internal-detail")
+RANK_REQUEST = pb.RankRequest(request_id="req-7", user_id="u1")
+
+
+async def _call(stub, method: str) -> grpc.aio.AioRpcError:
+    try:
+        if method == "Rank":
+            await stub.Rank(RANK_REQUEST, timeout=10)
+        elif method == "LogEvents":
+            await stub.LogEvents(iter([pb.LogEventsRequest(events=[pb.Event(user_id="u1", item_id="i1")])]), timeout=10)
+        else:
+            await stub.ReloadBundle(pb.ReloadBundleRequest(), timeout=10)
+    except grpc.aio.AioRpcError as e:
+        return e
+    raise AssertionError(f"{method} succeeded")
+
+
+@pytest.fixture(scope="module")
+def answers() -> dict:
+    """{(row or name, method): the AioRpcError a real channel got}, from one server."""
+
+    async def run():
+        server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+        service = RaisingService()
+        pb_grpc.add_RankingServiceServicer_to_server(service, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        out = {}
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.RankingServiceStub(channel)
+                for k, (error, *_) in enumerate(TABLE):
+                    service.error = error
+                    for method in ("Rank", "LogEvents"):
+                        out[k, method] = await _call(stub, method)
+                service.error = UNEXPECTED
+                out["unexpected", "Rank"] = await _call(stub, "Rank")
+                out["abort", "ReloadBundle"] = await _call(stub, "ReloadBundle")
+        finally:
+            await server.stop(None)
+        return out
+
+    return asyncio.run(run())
+
+
+def _details(err: grpc.aio.AioRpcError):
+    status = rpc_status.from_call(err)
+    assert status is not None, "no google.rpc.Status in the trailers"
+    info, bad = error_details_pb2.ErrorInfo(), None
+    assert status.details[0].Unpack(info)
+    for d in status.details[1:]:
+        if d.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            d.Unpack(bad)
+    return info, bad
+
+
+@pytest.mark.parametrize("method", ["Rank", "LogEvents"])
+@pytest.mark.parametrize("row", range(len(TABLE)), ids=[type(r[0]).__name__ for r in TABLE])
+def test_every_error_maps_to_its_status(answers, row, method):
+    error, code, reason, metadata, fields = TABLE[row]
+    got = answers[row, method]
+    assert got.code() == code
+    assert got.details() == str(error)
+    info, bad = _details(got)
+    assert (info.reason, info.domain) == (reason, DOMAIN)
+    assert metadata.items() <= dict(info.metadata).items()
+    if method == "Rank":
+        assert info.metadata["request_id"] == "req-7"
+    assert ([v.field for v in bad.field_violations] if bad else []) == fields
+
+
+def test_an_unexpected_error_is_internal_without_its_text(answers):
+    got = answers["unexpected", "Rank"]
+    assert got.code() == C.INTERNAL
+    assert "secret-internal-detail" not in got.details() and "req-7" in got.details()
+    info, _ = _details(got)
+    assert info.reason == "INTERNAL" and info.metadata["request_id"] == "req-7"
+
+
+def test_a_handler_abort_passes_through(answers):
+    got = answers["abort", "ReloadBundle"]
+    assert (got.code(), got.details()) == (C.NOT_FOUND, "aborted by the handler itself")
+
+
+def _all_error_classes() -> set[type]:
+    for package in (featurizer, ranker, serving):
+        for m in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+            importlib.import_module(m.name)
+    found, todo = set(), [SemrankError]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if cls.__module__.split(".")[0] in {"featurizer", "ranker", "serving"}:
+            found.add(cls)
+    return found
+
+
+def test_the_table_lists_every_error_class():
+    listed = {type(error) for error, *_ in TABLE}
+    missing = sorted(c.__qualname__ for c in _all_error_classes() - listed)
+    assert not missing, f"add these SemrankError classes to the table: {missing}"

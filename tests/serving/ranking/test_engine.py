@@ -1,0 +1,139 @@
+"""The request-path engine (serving/ranking/engine.py) without gRPC or Triton: ordering, unknown and
+inline items, cold starts, the user-embedding cache, degraded answers when the encoder is down,
+the clock, explanations and holdouts."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import numpy as np
+import polars as pl
+import pytest
+
+from featurizer.contracts.schema import read_dataset
+from featurizer.online.features import OnlineFeatures
+from featurizer.store.in_process import InProcessStore
+from serving.encoding.pool import InProcessEncoder
+from serving.ranking.engine import BundleRuntime, Candidate, RankingEngine, holdout
+from serving.ranking.item_store import ItemStore
+from tests.fakes import DIM, FailingEncoderService, HashEncoder
+from tests.serving.ranking.ranking_kit import write_bundle
+
+KEY = "hash-encoder-L128"
+
+
+@pytest.fixture(scope="module")
+def ds(small_shop):
+    return read_dataset(small_shop)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return write_bundle(tmp_path_factory.mktemp("engine-bundle"))
+
+
+@pytest.fixture
+def engine(ds):
+    online = OnlineFeatures(InProcessStore(), ds.items)
+    online.apply(ds.events)
+    items = ItemStore(ds.items)
+    asyncio.run(items.ensure_embeddings(KEY, InProcessEncoder(HashEncoder()).encode_bulk, DIM))
+    hits: list[tuple[str, bool]] = []
+    eng = RankingEngine(items=items, online=online, clock=lambda: online.watermark + timedelta(hours=1),
+                        on_cache=lambda name, hit: hits.append((name, hit)))
+    eng.cache_hits = hits
+    return eng
+
+
+def engaged_user(ds) -> str:
+    eng = ds.events.filter(pl.col("event") != "impression").group_by("user_id").len().sort(["len", "user_id"])
+    return eng["user_id"][-1]
+
+
+def rank(engine, rt, user, candidates, **kw):
+    return asyncio.run(engine.rank(rt, user, candidates, **kw))
+
+
+def test_every_candidate_comes_back_best_first_and_unknown_ids_are_reported(engine, bundle, ds):
+    rt = BundleRuntime(bundle, KEY, InProcessEncoder(HashEncoder()))
+    ids = ds.items["item_id"].head(12).to_list()
+    cands = [Candidate(i) for i in ids] + [Candidate("inline-lamp", title="Brass desk lamp", category="Home"),
+                                           Candidate("ghost")]
+    out = rank(engine, rt, engaged_user(ds), cands)
+    assert sorted(out.item_ids) == sorted([*ids, "inline-lamp", "ghost"])
+    assert np.all(np.diff(out.scores) <= 0) and np.isfinite(out.scores).all()
+    assert out.missing_ids == ["ghost"]  # no catalog entry and no title: ranked without item data
+    assert not out.degraded and not out.cold_start_user
+
+
+def test_the_scores_are_the_bundle_on_the_online_features_and_interest(engine, bundle, ds):
+    enc = HashEncoder()
+    rt = BundleRuntime(bundle, KEY, InProcessEncoder(enc))
+    user, ids = engaged_user(ds), ds.items["item_id"].head(8).to_list()
+    out = rank(engine, rt, user, [Candidate(i) for i in ids])
+    t = engine.now()
+    titles = [engine.items.title(i) for i in engine.online.history(user, t, rt.inputs.history_items)]
+    u = enc.encode([rt.inputs.user_text(titles)])[0]
+    items = enc.encode([engine.items.texts[k] for k in engine.items.rows(ids)])
+    X = rt.inputs.matrix(engine.online.features(user, ids, t, interest_score=items @ u))
+    want = dict(zip(ids, bundle.score(X)))
+    np.testing.assert_allclose(out.scores, [want[i] for i in out.item_ids], rtol=1e-6)
+
+
+def test_a_user_without_history_is_a_cold_start_not_a_degraded_answer(engine, bundle, ds):
+    rt = BundleRuntime(bundle, KEY, InProcessEncoder(HashEncoder()))
+    out = rank(engine, rt, "never-seen-user", [Candidate(i) for i in ds.items["item_id"].head(5)])
+    assert out.cold_start_user and not out.degraded and len(out.item_ids) == 5
+
+
+def test_the_user_embedding_is_cached_until_the_history_changes(engine, bundle, ds):
+    rt = BundleRuntime(bundle, KEY, InProcessEncoder(HashEncoder()))
+    user, cands = engaged_user(ds), [Candidate(i) for i in ds.items["item_id"].head(5)]
+    rank(engine, rt, user, cands)
+    rank(engine, rt, user, cands)
+    assert [h for name, h in engine.cache_hits if name == "user_embedding"] == [False, True]
+    item = ds.items["item_id"][-1]
+    engine.online.apply(pl.DataFrame({"ts": [engine.online.watermark + timedelta(seconds=1)], "user_id": [user],
+                                      "item_id": [item], "event": ["purchase"]}))
+    rank(engine, rt, user, cands)
+    assert [h for name, h in engine.cache_hits if name == "user_embedding"] == [False, True, False]
+
+
+def test_with_the_encoder_down_the_answer_is_degraded_and_says_why(engine, bundle, ds):
+    down = FailingEncoderService()
+    rt = BundleRuntime(bundle, KEY, down)
+    ids = ds.items["item_id"].head(6).to_list()
+    out = rank(engine, rt, engaged_user(ds), [Candidate(i) for i in ids] + [Candidate("inline-x", title="Oak chair")])
+    assert down.calls == 1 and out.degraded
+    assert out.degraded_reasons == ["encoder unavailable (fault injection: the encoder is down): ranked without text features"]
+    assert sorted(out.item_ids) == sorted([*ids, "inline-x"]) and np.isfinite(out.scores).all()
+
+
+def test_with_the_encoder_down_a_cached_user_embedding_is_used_and_flagged(engine, bundle, ds):
+    user, cands = engaged_user(ds), [Candidate(i) for i in ds.items["item_id"].head(6)]
+    up = BundleRuntime(bundle, KEY, InProcessEncoder(HashEncoder()))
+    fresh = rank(engine, up, user, cands)
+    engine.online.apply(pl.DataFrame({"ts": [engine.online.watermark + timedelta(seconds=1)], "user_id": [user],
+                                      "item_id": [ds.items["item_id"][-1]], "event": ["click"]}))
+    out = rank(engine, BundleRuntime(bundle, KEY, FailingEncoderService()), user, cands)
+    assert out.degraded and "user embedding from an older history" in out.degraded_reasons[0]
+    assert set(out.item_ids) == set(fresh.item_ids)
+
+
+def test_now_is_never_before_the_latest_applied_event(ds):
+    online = OnlineFeatures(InProcessStore(), ds.items)
+    online.apply(ds.events)
+    engine = RankingEngine(items=ItemStore(ds.items), online=online, clock=lambda: online.watermark - timedelta(days=1))
+    assert engine.now() == online.watermark + timedelta(microseconds=1)
+
+
+def test_explanations_sum_to_the_score(engine, bundle, ds):
+    rt = BundleRuntime(bundle, KEY, InProcessEncoder(HashEncoder()))
+    out = rank(engine, rt, engaged_user(ds), [Candidate(i) for i in ds.items["item_id"].head(7)], explain=True)
+    np.testing.assert_allclose(out.contributions.sum(axis=1) + out.bias, out.scores, rtol=1e-6, atol=1e-9)
+
+
+def test_a_holdout_keeps_the_callers_order_unscored():
+    out = holdout([Candidate("b"), Candidate("a"), Candidate("c")])
+    assert out.item_ids == ["b", "a", "c"] and not out.scores.any() and not out.degraded

@@ -1,0 +1,124 @@
+"""The bundle registry (serving/ranking/registry.py) without gRPC or Triton: loading embeds the
+catalog, broken bundles are rejected and change nothing, a reload swaps atomically and retires the
+old runtime only after its last request, encoders are shared per encoder key."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+
+import pytest
+
+from featurizer.contracts.schema import read_dataset
+from featurizer.online.features import OnlineFeatures
+from featurizer.store.in_process import InProcessStore
+from ranker.bundle import MANIFEST
+from serving.ranking.engine import RankingEngine
+from serving.ranking.item_store import ItemStore
+from serving.ranking.registry import BundleRegistry, BundleRejected
+from tests.serving.ranking.ranking_kit import FEATURES, HashEncoderPool, write_bundle
+
+
+@pytest.fixture(scope="module")
+def ds(small_shop):
+    return read_dataset(small_shop)
+
+
+@pytest.fixture
+def registry(ds):
+    online = OnlineFeatures(InProcessStore(), ds.items)
+    online.apply(ds.events)
+    pool = HashEncoderPool()
+    reloads: list[tuple[str, str]] = []
+    reg = BundleRegistry(RankingEngine(items=ItemStore(ds.items), online=online), pool,
+                         on_reload=lambda result, version: reloads.append((result, version)))
+    reg.reloads = reloads
+    return reg
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_loading_a_bundle_starts_its_encoder_and_embeds_the_catalog(registry, tmp_path):
+    bundle = write_bundle(tmp_path / "b1")
+    run(registry.start(tmp_path / "b1"))
+    loaded = registry.default
+    assert loaded.runtime.version == bundle.version and registry.pool.started == 1
+    table, current = registry.engine.items.embeddings(loaded.handle.key)
+    assert current.all() and table.shape == (len(registry.engine.items), 16)
+
+
+def test_a_bundle_without_text_features_needs_no_encoder(registry, tmp_path):
+    write_bundle(tmp_path / "behavioural", feature_names=[f for f in FEATURES if f != "interest_score"])
+    run(registry.start(tmp_path / "behavioural"))
+    assert registry.default.handle is None and registry.pool.started == 0 and not registry.default.runtime.uses_text
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("manifest_garbage", "not valid JSON"),
+    ("model_missing", "ranker.txt"),
+    ("unknown_feature", "cannot compute: \\['feature_from_the_future'\\]"),
+])
+def test_a_broken_bundle_is_rejected_and_the_serving_one_stays(registry, tmp_path, damage, message):
+    good = write_bundle(tmp_path / "good")
+    run(registry.start(tmp_path / "good"))
+    bad = tmp_path / "bad"
+    if damage == "unknown_feature":  # a bundle from a newer semrank
+        write_bundle(bad, feature_names=[*FEATURES, "feature_from_the_future"])
+    else:
+        shutil.copytree(tmp_path / "good", bad)
+        if damage == "manifest_garbage":
+            (bad / MANIFEST).write_text("{ not json")
+        else:
+            (bad / "ranker.txt").unlink()
+    with pytest.raises(BundleRejected, match=message):
+        run(registry.load(bad))
+    ok, version, why = run(registry.reload(bad))
+    assert (ok, version) == (False, good.version) and re.search(message, why)
+    assert registry.default.runtime.version == good.version and registry.reloads == [("rejected", "")]
+    assert registry.pool.started == 1 and registry.pool.stopped == 0  # the rejected load released what it took
+
+
+def test_a_reload_swaps_and_retires_the_old_runtime_after_its_last_request(registry, tmp_path):
+    old = write_bundle(tmp_path / "live", seed=1)
+
+    async def scenario():
+        await registry.start(tmp_path / "live")
+        first = registry.default
+        first.runtime.inflight = 1  # a request still ranking on the old bundle
+        assert await registry.reload() == (False, old.version, "unchanged")
+        new = write_bundle(tmp_path / "live", seed=2)  # same path, new files (what a deploy does)
+        assert await registry.reload() == (True, new.version, "reloaded")
+        assert registry.default.runtime.version == new.version
+        await asyncio.sleep(0.05)
+        shared = first.handle is registry.default.handle  # one encoder key: one encoder for both
+        assert shared and first.handle.users == 2  # the old runtime still holds it
+        first.runtime.inflight = 0
+        await asyncio.sleep(0.05)
+        assert first.handle.users == 1 and registry.pool.stopped == 0
+        await registry.close()
+        return new
+
+    new = run(scenario())
+    assert registry.reloads == [("ok", new.version)] and registry.pool.started == 1 and registry.pool.stopped == 1
+
+
+def test_the_watcher_reloads_when_the_files_change(registry, tmp_path):
+    write_bundle(tmp_path / "watched", seed=3)
+
+    async def scenario():
+        await registry.start(tmp_path / "watched")
+        task = asyncio.create_task(registry.watch(0.01))
+        new = write_bundle(tmp_path / "watched", seed=4)
+        for _ in range(500):
+            if registry.default.runtime.version == new.version:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await registry.close()
+        return new
+
+    new = run(scenario())
+    assert registry.default.runtime.version == new.version
