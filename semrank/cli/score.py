@@ -19,6 +19,7 @@ from semrank.cli.common import data_dir
 
 log = logging.getLogger(__name__)
 
+
 def _as_of(text: str) -> datetime:
     try:
         return datetime.fromisoformat(text.replace("Z", "+00:00"))

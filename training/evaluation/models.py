@@ -44,7 +44,9 @@ ITEM_ENCODE_CHUNK = 256
 
 
 @runtime_checkable
-class Scorer(Protocol):
+class CatalogScorer(Protocol):
+    """An evaluated model: scores every catalog item for each user history (full ranking)."""
+
     name: str
     description: str
 

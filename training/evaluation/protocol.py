@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from training.data.loo import LooSplit
-from training.evaluation.models import Scorer
+from training.evaluation.models import CatalogScorer
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ def summarize(ranks: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict[str,
 # --------------------------------------------------------------------------- driver
 
 
-def evaluate(split: LooSplit, models: Sequence[Scorer], config: EvalConfig = EvalConfig(),
+def evaluate(split: LooSplit, models: Sequence[CatalogScorer], config: EvalConfig = EvalConfig(),
              progress: bool = True) -> EvalRun:
     """Score a seeded sample of users with every model, batch by batch, under every protocol."""
     from tqdm import tqdm
