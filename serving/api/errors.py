@@ -11,6 +11,12 @@ after it). When a call raises:
   traceback in the server's log;
 - a call already aborted, or cancelled, passes through untouched.
 
+It also decodes requests: a message that is not a valid protobuf of the method's request type
+(truncated bytes, invalid UTF-8 in a string field, a wrong wire type) never reaches a handler as
+an exception inside grpc (which would answer UNKNOWN and log a traceback); it becomes
+`MalformedMessage`, INVALID_ARGUMENT. In a request stream, the messages before it were handled;
+LogEvents says how many of its events were stored (`stored_before`).
+
 Handlers therefore raise; they never call `context.abort` themselves. The table of which error
 gives which status is `tests/serving/api/test_errors.py`.
 """
@@ -33,6 +39,56 @@ log = logging.getLogger(__name__)
 
 DOMAIN = "semrank"
 INTERNAL_REASON = "INTERNAL"
+
+
+class MalformedMessage(SemrankError):
+    """A request message that does not decode as the method's request type."""
+
+    grpc_code = "INVALID_ARGUMENT"
+    reason = "MALFORMED_MESSAGE"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.stored_before: int | None = None  # set by a streaming handler: its items stored before this message
+
+    def error_metadata(self) -> dict[str, str]:
+        return {} if self.stored_before is None else {"stored_before": str(self.stored_before)}
+
+
+class _Undecodable:
+    """What the request deserializer hands on instead of raising: the bytes did not decode."""
+
+    __slots__ = ("what", "error")
+
+    def __init__(self, what: str, error: Exception):
+        self.what, self.error = what, error
+
+    def raise_(self, index: int | None = None) -> None:
+        where = "" if index is None else f" (message {index} of the stream)"
+        raise MalformedMessage(f"the request{where} is not a valid {self.what} message: "
+                               f"{type(self.error).__name__}: {str(self.error)[:200]}")
+
+
+def _safe_deserializer(deserialize, what: str):
+    if deserialize is None:
+        return None
+
+    def safe(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception as e:  # noqa: BLE001 - DecodeError, UnicodeDecodeError, ...
+            return _Undecodable(what, e)
+
+    return safe
+
+
+async def _checked(request_iterator):
+    index = 0
+    async for message in request_iterator:
+        if isinstance(message, _Undecodable):
+            message.raise_(index)
+        yield message
+        index += 1
 
 
 def to_status(error: BaseException, request_id: str = "") -> grpc.Status:
@@ -74,14 +130,23 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not handler_call_details.method.startswith(self.service_prefix):
             return handler
         method = handler_call_details.method.rsplit("/", 1)[-1]
-        return wrap_handler(handler, lambda behavior: self._guard(behavior, method))
+        what = f"{method} request"
+        guarded = wrap_handler(handler, lambda behavior: self._guard(behavior, method, handler.request_streaming))
+        return guarded._replace(request_deserializer=_safe_deserializer(handler.request_deserializer, what))
 
-    def _guard(self, behavior, method: str):
+    def _guard(self, behavior, method: str, request_streaming: bool):
+        def checked(request_or_iterator):
+            if request_streaming:
+                return _checked(request_or_iterator)
+            if isinstance(request_or_iterator, _Undecodable):
+                request_or_iterator.raise_()
+            return request_or_iterator
+
         if inspect.isasyncgenfunction(behavior):
 
             async def stream(request_or_iterator, context):
                 try:
-                    async for response in behavior(request_or_iterator, context):
+                    async for response in behavior(checked(request_or_iterator), context):
                         yield response
                 except Exception as e:  # noqa: BLE001 - every error gets a status
                     await self._abort(context, e, method, _request_id(request_or_iterator))
@@ -90,7 +155,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
         async def unary(request_or_iterator, context):
             try:
-                return await behavior(request_or_iterator, context)
+                return await behavior(checked(request_or_iterator), context)
             except Exception as e:  # noqa: BLE001 - every error gets a status
                 await self._abort(context, e, method, _request_id(request_or_iterator))
 

@@ -25,6 +25,7 @@ from featurizer.online.features import OnlineFeatures
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
 from serving.api.convert import candidates_from_proto, items_frame, timestamp, to_logged
+from serving.api.errors import MalformedMessage
 from serving.api.validation import event_problem, item_problem, validate_rank_request
 from serving.config import Limits
 from serving.experiments.exposure_log import Exposure, ExposureLog
@@ -133,6 +134,9 @@ class RankingService(pb_grpc.RankingServiceServicer):
                 if batch:
                     await s.ingest.log_events(batch, stored_before=resp.accepted)
                     resp.accepted += len(batch)
+        except MalformedMessage as e:  # a message of the stream did not decode; the ones before it are stored
+            e.stored_before = resp.accepted
+            raise
         finally:
             s.metrics.events_total.labels("accepted").inc(resp.accepted)
             s.metrics.events_total.labels("rejected").inc(resp.rejected)
@@ -144,26 +148,34 @@ class RankingService(pb_grpc.RankingServiceServicer):
         """Item data is stored (persisted) and embedded with every serving encoder before the
         acknowledgement. If an encoder is down the call fails with UNAVAILABLE
         (`serving.ingest.items.ItemsNotEmbedded`); the data stays stored and a retry embeds what is missing."""
-        s = self.s
         resp = pb.UpsertItemsResponse()
         index = 0
-        async for msg in request_iterator:
-            good = []
-            seen: set[str] = set()
-            for item in msg.items:
-                problem = item_problem(item, s.limits, known=item.item_id in s.engine.items.index or item.item_id in seen)
-                if problem is None:
-                    good.append(item)
-                    seen.add(item.item_id)
-                else:
-                    resp.rejected += 1
-                    if len(resp.rejections) < s.limits.max_rejections_listed:
-                        resp.rejections.append(pb.ItemRejection(index=index, item_id=item.item_id, reason=problem))
-                index += 1
-            if good:
-                await upsert_items(s.engine, s.registry.pool, items_frame(good), stored_before=resp.accepted)
-                resp.accepted += len(good)
+        try:
+            async for msg in request_iterator:
+                await self._upsert_message(msg, resp, index)
+                index += len(msg.items)
+        except MalformedMessage as e:
+            e.stored_before = resp.accepted
+            raise
         return resp
+
+    async def _upsert_message(self, msg: pb.UpsertItemsRequest, resp: pb.UpsertItemsResponse, index: int) -> None:
+        """Validate one message's items (`index`: the stream position of its first), store and embed the good ones."""
+        s = self.s
+        good = []
+        seen: set[str] = set()
+        for k, item in enumerate(msg.items, start=index):
+            problem = item_problem(item, s.limits, known=item.item_id in s.engine.items.index or item.item_id in seen)
+            if problem is None:
+                good.append(item)
+                seen.add(item.item_id)
+            else:
+                resp.rejected += 1
+                if len(resp.rejections) < s.limits.max_rejections_listed:
+                    resp.rejections.append(pb.ItemRejection(index=k, item_id=item.item_id, reason=problem))
+        if good:
+            await upsert_items(s.engine, s.registry.pool, items_frame(good), stored_before=resp.accepted)
+            resp.accepted += len(good)
 
     # ------------------------------------------------------------ info and admin
 

@@ -44,6 +44,17 @@ class InvalidRequest(SemrankError):
         return [(v.field, v.description) for v in self.violations]
 
 
+OLDEST_EVENT_S = int((OLDEST_EVENT - EPOCH).total_seconds())
+DATETIME_RANGE_S = (-62_135_596_800, 253_402_300_799)  # 0001-01-01 .. 9999-12-31T23:59:59 UTC
+
+
+def _describe(seconds: int) -> str:
+    """A Timestamp's seconds as an ISO time when datetime can hold it, else as a number."""
+    if DATETIME_RANGE_S[0] <= seconds <= DATETIME_RANGE_S[1]:
+        return (EPOCH + timedelta(seconds=seconds)).isoformat()
+    return f"{seconds} s since 1970-01-01"
+
+
 MAX_VIOLATIONS = 20  # report at most this many, so a huge bad request gets a small error
 
 
@@ -84,6 +95,8 @@ def validate_rank_request(req: pb.RankRequest, limits: Limits) -> None:
             for name in ("title", "description", "category", "brand"):
                 if len(getattr(c, name)) > limits.max_text_chars:
                     v.append(FieldViolation(f"candidates[{k}].{name}", f"longer than {limits.max_text_chars} characters"))
+            if c.HasField("price") and not (math.isfinite(c.price) and c.price >= 0):
+                v.append(FieldViolation(f"candidates[{k}].price", f"{c.price} is not a finite number >= 0"))
     if v:
         raise InvalidRequest(v[:MAX_VIOLATIONS])
 
@@ -102,11 +115,12 @@ def event_problem(ev: pb.Event, limits: Limits, now: datetime) -> str | None:
         return "ts: must be set (the UTC time of the event)"
     if not 0 <= ev.ts.nanos < 1_000_000_000:
         return "ts: nanos out of range"
-    ts = EPOCH + timedelta(seconds=ev.ts.seconds, microseconds=ev.ts.nanos // 1000)
-    if ts < OLDEST_EVENT:
-        return f"ts: {ts.isoformat()} is before {OLDEST_EVENT.date()}"
-    if ts > now + timedelta(seconds=limits.max_event_clock_skew_s):
-        return f"ts: {ts.isoformat()} is more than {limits.max_event_clock_skew_s:g} s in the future"
+    # Compared in whole seconds first: a Timestamp may hold any int64, far outside what datetime holds.
+    latest_s = (now - EPOCH).total_seconds() + limits.max_event_clock_skew_s
+    if ev.ts.seconds < OLDEST_EVENT_S:
+        return f"ts: {_describe(ev.ts.seconds)} is before {OLDEST_EVENT.date()}"
+    if ev.ts.seconds > latest_s:
+        return f"ts: {_describe(ev.ts.seconds)} is more than {limits.max_event_clock_skew_s:g} s in the future"
     if len(ev.request_id) > limits.max_item_id_chars:
         return f"request_id: longer than {limits.max_item_id_chars} characters"
     if len(ev.event_id) > limits.max_item_id_chars:

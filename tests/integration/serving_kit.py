@@ -321,3 +321,13 @@ def bad_request_fields(err: grpc.RpcError) -> list[str]:
     assert len(status.details) == 2 and status.details[0].Unpack(info) and status.details[1].Unpack(br), status
     assert (info.reason, info.domain) == ("INVALID_REQUEST", "semrank"), info
     return [v.field for v in br.field_violations]
+
+
+def error_info(err: grpc.RpcError) -> error_details_pb2.ErrorInfo:
+    """The google.rpc.ErrorInfo detail every semrank error carries first."""
+    status = rpc_status.from_call(err)
+    assert status is not None, f"no rich status in {err}"
+    info = error_details_pb2.ErrorInfo()
+    assert status.details and status.details[0].Unpack(info), status
+    assert info.domain == "semrank", info
+    return info

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2
 
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from serving.config import Limits, ServeConfig
+from serving.server import SERVICE_NAME
 from tests.integration.production_kit import (
     MAIN_MAX_CANDIDATES,
     MAIN_MAX_MESSAGE_BYTES,
@@ -31,6 +33,7 @@ from tests.integration.serving_kit import (
     ServerThread,
     bad_request_fields,
     copy_bundle,
+    error_info,
     metric,
     scrape_metrics,
     wait_until,
@@ -66,6 +69,9 @@ def test_malformed_and_oversized_requests_fail_alone_while_good_ones_are_served(
         (dict(candidates=ok, context=pb.RankContext(query="q" * 5000)), ["context.query"]),
         (dict(candidates=ok, top_k=-1), ["top_k"]),
         (dict(candidates=[pb.RankCandidate(item_id="")], top_k=-2), ["top_k", "candidates[0].item_id"]),
+        # issue 14, problem 10: an inline price is a feature of the item; NaN, infinities and negatives are refused
+        *[(dict(candidates=[*ok, pb.RankCandidate(item_id="inline-p", title="Lamp", price=p)]), ["candidates[1].price"])
+          for p in (float("nan"), float("inf"), float("-inf"), -1.0)],
     ]
     before = scrape_metrics(st.server.metrics_port)
     with GoodTraffic(channel, engaged_users(shop)[:5], catalog[:20]) as good:
@@ -88,6 +94,47 @@ def test_malformed_and_oversized_requests_fail_alone_while_good_ones_are_served(
     invalid = [metric(m, "semrank_rejected_total", reason="invalid_argument") for m in (before, after)]
     assert invalid[1] - invalid[0] == len(bad)
     assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_undecodable_bytes_are_invalid_argument_and_earlier_messages_of_the_stream_count(main_server, catalog):
+    """Issue 14, problem 9: bytes that are not a valid request message (truncated, invalid UTF-8)
+    get INVALID_ARGUMENT with ErrorInfo MALFORMED_MESSAGE, never UNKNOWN; in a LogEvents stream
+    the error says how many events of the call were stored before it."""
+    st, channel, _ = main_server
+    rank_raw = channel.unary_unary(f"/{SERVICE_NAME}/Rank")
+    log_raw = channel.stream_unary(f"/{SERVICE_NAME}/LogEvents", response_deserializer=pb.LogEventsResponse.FromString)
+    truncated = b"\x0a\xff\xff\xff\x0f\x01"
+    bad_utf8 = pb.RankRequest(request_id="ab", user_id="cd", candidates=[pb.RankCandidate(item_id=catalog[0])])
+    for data in (truncated, bad_utf8.SerializeToString().replace(b"cd", b"\xff\xfe")):
+        with pytest.raises(grpc.RpcError) as e:
+            rank_raw(data, timeout=RPC_TIMEOUT_S)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
+        assert error_info(e.value).reason == "MALFORMED_MESSAGE"
+    now = datetime.now(timezone.utc)
+    good = pb.LogEventsRequest(events=[pb.Event(ts=timestamp(now - timedelta(seconds=1)), user_id="u-malformed",
+                                                item_id=catalog[0], type=pb.EVENT_TYPE_CLICK, event_id="e-m1")])
+    with pytest.raises(grpc.RpcError) as e:
+        log_raw(iter([good.SerializeToString(), truncated]), timeout=RPC_TIMEOUT_S)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
+    info = error_info(e.value)
+    assert info.reason == "MALFORMED_MESSAGE" and info.metadata["stored_before"] == "1"
+    assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
+    assert rank(channel, "u-malformed", catalog[:5]).items
+
+
+def test_an_event_time_out_of_range_is_rejected_alone(main_server, catalog):
+    """Issue 14, problem 8: a Timestamp past year 9999 (or far before 1970) is one rejected event,
+    not an OverflowError that kills the stream after earlier messages were stored."""
+    _, channel, _ = main_server
+    now = datetime.now(timezone.utc)
+    ok = pb.Event(ts=timestamp(now - timedelta(seconds=1)), user_id="u-range", item_id=catalog[0], type=pb.EVENT_TYPE_CLICK)
+    far = [pb.Event(ts=Timestamp(seconds=s), user_id="u-range", item_id=catalog[1], type=pb.EVENT_TYPE_CLICK,
+                    event_id=f"e-far-{k}") for k, s in enumerate((10**15, 253402300800, -10**15))]
+    resp = stub(channel).LogEvents(iter([pb.LogEventsRequest(events=[ok]), pb.LogEventsRequest(events=[*far, ok])]),
+                                   timeout=RPC_TIMEOUT_S)
+    assert (resp.accepted, resp.rejected) == (2, 3)
+    assert [r.event_id for r in resp.rejections] == ["e-far-0", "e-far-1", "e-far-2"]
+    assert all(r.reason.startswith("ts: ") for r in resp.rejections), resp.rejections
 
 
 def test_rank_right_after_log_events_sees_them_and_bad_events_are_listed(main_server, catalog):

@@ -34,7 +34,7 @@ from ranker.bundle import BundleError
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
 from serving.api.auth import PermissionDenied, Unauthenticated
-from serving.api.errors import DOMAIN, ErrorInterceptor
+from serving.api.errors import DOMAIN, ErrorInterceptor, MalformedMessage
 from serving.api.interceptors import Overloaded
 from serving.api.service import DeadlinePassed
 from serving.api.validation import FieldViolation, InvalidRequest
@@ -89,22 +89,29 @@ TABLE: list[tuple[Exception, C, str, dict[str, str], list[str]]] = [
     (ExportError("onnx differs from torch"), C.FAILED_PRECONDITION, "EXPORT_FAILED", {}, []),
     (BatchScoringError("bundle has no catalog"), C.FAILED_PRECONDITION, "BATCH_SCORING_FAILED", {}, []),
     (OutputMismatch("OUT holds another job"), C.FAILED_PRECONDITION, "BATCH_OUTPUT_MISMATCH", {}, []),
+    (MalformedMessage("the request is not a valid Rank request message"), C.INVALID_ARGUMENT, "MALFORMED_MESSAGE", {}, []),
     (SemrankError("an error nobody classified"), C.INTERNAL, "INTERNAL", {}, []),
 ]
 
 
 class RaisingService(pb_grpc.RankingServiceServicer):
-    """Fault injection: Rank (unary-unary) and LogEvents (stream-unary) raise `self.error`."""
+    """Fault injection: Rank (unary-unary) and LogEvents (stream-unary) raise `self.error`; with
+    `error` None they answer (LogEvents: the number of events it read)."""
 
-    error: BaseException = RuntimeError("unset")
+    error: BaseException | None = None
 
     async def Rank(self, request, context):
+        if self.error is None:
+            return pb.RankResponse(request_id=request.request_id)
         raise self.error
 
     async def LogEvents(self, request_iterator, context):
-        async for _ in request_iterator:
-            raise self.error
-        return pb.LogEventsResponse()
+        n = 0
+        async for msg in request_iterator:
+            if self.error is not None:
+                raise self.error
+            n += len(msg.events)
+        return pb.LogEventsResponse(accepted=n)
 
     async def ReloadBundle(self, request, context):
         await context.abort(C.NOT_FOUND, "aborted by the handler itself")
@@ -112,6 +119,14 @@ class RaisingService(pb_grpc.RankingServiceServicer):
 
 UNEXPECTED = KeyError("redis://10.0.0.3:6379 secret-internal-detail")
 RANK_REQUEST = pb.RankRequest(request_id="req-7", user_id="u1")
+RANK_METHOD = "/semrank.ranking.v1.RankingService/Rank"
+LOG_EVENTS_METHOD = "/semrank.ranking.v1.RankingService/LogEvents"
+EVENTS = pb.LogEventsRequest(events=[pb.Event(user_id="u1", item_id="i1")]).SerializeToString()
+MALFORMED = {  # raw request bytes that are not a valid message of the method's type
+    "truncated": b"\x0a\xff\xff\xff\x0f\x01",  # field 1, a length far past the end
+    "invalid utf-8": pb.RankRequest(request_id="ab", user_id="cd").SerializeToString().replace(b"cd", b"\xff\xfe"),
+    "varint too long": b"\x08" + b"\xff" * 11,  # field 1 as a varint of more than 10 bytes
+}
 
 
 async def _call(stub, method: str) -> grpc.aio.AioRpcError:
@@ -125,6 +140,14 @@ async def _call(stub, method: str) -> grpc.aio.AioRpcError:
     except grpc.aio.AioRpcError as e:
         return e
     raise AssertionError(f"{method} succeeded")
+
+
+async def _raw(call) -> grpc.aio.AioRpcError:
+    try:
+        await call
+    except grpc.aio.AioRpcError as e:
+        return e
+    raise AssertionError("a malformed request succeeded")
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +171,13 @@ def answers() -> dict:
                 service.error = UNEXPECTED
                 out["unexpected", "Rank"] = await _call(stub, "Rank")
                 out["abort", "ReloadBundle"] = await _call(stub, "ReloadBundle")
+                service.error = None
+                raw_rank = channel.unary_unary(RANK_METHOD)
+                raw_log = channel.stream_unary(LOG_EVENTS_METHOD, response_deserializer=pb.LogEventsResponse.FromString)
+                for name, data in MALFORMED.items():
+                    out["malformed", name] = await _raw(raw_rank(data, timeout=10))
+                out["malformed", "stream"] = await _raw(raw_log(iter([EVENTS, EVENTS, MALFORMED["truncated"]]), timeout=10))
+                out["well-formed", "stream"] = await raw_log(iter([EVENTS, EVENTS]), timeout=10)
         finally:
             await server.stop(None)
         return out
@@ -193,6 +223,22 @@ def test_an_unexpected_error_is_internal_without_its_text(answers):
 def test_a_handler_abort_passes_through(answers):
     got = answers["abort", "ReloadBundle"]
     assert (got.code(), got.details()) == (C.NOT_FOUND, "aborted by the handler itself")
+
+
+@pytest.mark.parametrize("name", MALFORMED)
+def test_a_malformed_message_is_invalid_argument(answers, name):
+    got = answers["malformed", name]
+    assert got.code() == C.INVALID_ARGUMENT, got
+    assert "is not a valid Rank request message" in got.details()
+    info, bad = _details(got)
+    assert info.reason == "MALFORMED_MESSAGE" and bad is None
+
+
+def test_a_malformed_message_in_a_stream_fails_the_call_after_the_messages_before_it(answers):
+    got = answers["malformed", "stream"]
+    assert got.code() == C.INVALID_ARGUMENT and "(message 2 of the stream)" in got.details()
+    assert _details(got)[0].reason == "MALFORMED_MESSAGE"
+    assert answers["well-formed", "stream"].accepted == 2  # the checking costs a well-formed stream nothing
 
 
 def _all_error_classes() -> set[type]:

@@ -1,7 +1,10 @@
+from datetime import datetime, timezone
+
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from semrank.ranking.v1 import ranking_service_pb2 as pb
-from serving.api.validation import InvalidRequest, validate_rank_request
+from serving.api.validation import InvalidRequest, event_problem, validate_rank_request
 from serving.config import Limits
 
 
@@ -51,3 +54,31 @@ def test_violations_become_bad_request_details():
     assert e.value.grpc_code == "INVALID_ARGUMENT"
     assert "user_id" in str(e.value) and "candidates" in str(e.value)
     assert [f for f, _ in e.value.field_violations()] == ["user_id", "candidates"]
+
+NOW = datetime(2026, 12, 3, 12, 0, tzinfo=timezone.utc)
+
+
+def event(seconds: int, nanos: int = 0) -> pb.Event:
+    return pb.Event(ts=Timestamp(seconds=seconds, nanos=nanos), user_id="u1", item_id="i1", type=pb.EVENT_TYPE_CLICK)
+
+
+@pytest.mark.parametrize("seconds, reason", [
+    (10**15, "ts: 1000000000000000 s since 1970-01-01 is more than 300 s in the future"),
+    (253_402_300_800, "ts: 253402300800 s since 1970-01-01 is more than 300 s in the future"),  # 10000-01-01
+    (-10**15, "ts: -1000000000000000 s since 1970-01-01 is before 2000-01-01"),
+    (0, "ts: 1970-01-01T00:00:00+00:00 is before 2000-01-01"),
+    (int(NOW.timestamp()) + 3600, "ts: 2026-12-03T13:00:00+00:00 is more than 300 s in the future"),
+])
+def test_an_event_time_out_of_range_is_a_reason_never_an_overflow(seconds, reason):
+    assert event_problem(event(seconds), Limits(max_event_clock_skew_s=300), NOW) == reason
+
+
+def test_an_event_time_within_the_skew_is_accepted():
+    assert event_problem(event(int(NOW.timestamp()) + 299, 999_999_999), Limits(max_event_clock_skew_s=300), NOW) is None
+
+
+@pytest.mark.parametrize("price", [float("nan"), float("inf"), float("-inf"), -0.5])
+def test_an_inline_price_must_be_finite_and_not_negative(price):
+    r = req(candidates=[pb.RankCandidate(item_id="i1", title="Lamp", price=price)])
+    assert fields(r) == ["candidates[0].price"]
+    validate_rank_request(req(candidates=[pb.RankCandidate(item_id="i1", title="Lamp", price=0.0)]), Limits())
