@@ -26,9 +26,15 @@ from featurizer.store.config import StoreConfig
 
 log = logging.getLogger(__name__)
 
-ROLES = ("client", "admin")
+# Roles, each allowed what the ones before it are: client (Rank, GetModelInfo), writer (+ LogEvents,
+# UpsertItems), admin (+ ReloadBundle).
+ROLES = ("client", "writer", "admin")
 MIN_TOKEN_CHARS = 16  # shorter tokens load, with a warning
 DEFAULT_ADMIN_METHODS = frozenset({"/semrank.ranking.v1.RankingService/ReloadBundle"})
+DEFAULT_WRITE_METHODS = frozenset({
+    "/semrank.ranking.v1.RankingService/LogEvents",
+    "/semrank.ranking.v1.RankingService/UpsertItems",
+})
 DEFAULT_PUBLIC_METHODS = frozenset(
     {
         "/grpc.health.v1.Health/Check",
@@ -47,6 +53,7 @@ class Limits:
     max_item_id_chars: int = 256
     max_user_id_chars: int = 256
     max_text_chars: int = 4096  # per inline title/description/category/brand field
+    max_inline_encodes: int = 64  # item texts one Rank may send to the encoder; the rest rank without text
     max_top_k: int = 2000
     max_event_clock_skew_s: float = 300.0  # events stamped further in the future are rejected
     max_rejections_listed: int = 100  # per LogEvents/UpsertItems response; the counts cover all
@@ -97,7 +104,11 @@ def channel_credentials(
 @dataclass(frozen=True)
 class Principal:
     name: str
-    role: str  # "client" | "admin"
+    role: str  # one of ROLES
+
+    def may(self, role: str) -> bool:
+        """True when this principal has `role` or a higher one (ROLES order)."""
+        return ROLES.index(self.role) >= ROLES.index(role)
 
 
 def _digest(token: str) -> bytes:
@@ -129,7 +140,7 @@ class TokenAuth:
 
     @classmethod
     def from_file(cls, path: str | Path) -> TokenAuth:
-        """JSON `{"tokens": [{"token": "...", "role": "client" | "admin", "name": "..."}]}`."""
+        """JSON `{"tokens": [{"token": "...", "role": "client" | "writer" | "admin", "name": "..."}]}`."""
         p = Path(path)
         try:
             doc = json.loads(p.read_text())
@@ -140,20 +151,20 @@ class TokenAuth:
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(
                 f'token file {p} is malformed ({type(e).__name__}: {e}); expected {{"tokens": [{{"token": "...", '
-                f'"role": "client" | "admin", "name": "..."}}]}}'
+                f'"role": "client" | "writer" | "admin", "name": "..."}}]}}'
             ) from None
         return cls(triples, source=str(p))
 
     @classmethod
     def from_spec(cls, spec: str, source: str = "token spec") -> TokenAuth:
-        """`"tok1:admin,tok2:client"` (e.g. the value of $SEMRANK_TOKENS, read by the entry point)."""
+        """`"tok1:admin,tok2:writer,tok3:client"` (e.g. the value of $SEMRANK_TOKENS, read by the entry point)."""
         triples = []
         for i, part in enumerate(p.strip() for p in spec.split(",")):
             if not part:
                 continue
             token, sep, role = part.rpartition(":")
             if not sep:
-                raise ConfigError(f"{source}: entry {i} has no role; write it as <token>:client or <token>:admin")
+                raise ConfigError(f"{source}: entry {i} has no role; write it as <token>:client, <token>:writer or <token>:admin")
             triples.append((token, role, f"{source}[{i}]"))
         return cls(triples, source=source)
 
@@ -181,7 +192,9 @@ class ServeConfig:
     metrics_port: int | None = None  # None: no /metrics endpoint; 0: a free port
     metrics_host: str = "127.0.0.1"
     tls: TlsConfig | None = None
-    tokens: TokenAuth | None = None
+    tokens: TokenAuth | None = None  # None: no authentication; admin RPCs off unless open_admin
+    open_admin: bool = False  # admin RPCs without a token: only with a loopback host (checked at start)
+    bundle_roots: tuple[Path, ...] = ()  # ReloadBundle paths must lie under one; (): bundle_dir's parent
     reload_poll_s: float = 2.0  # 0: no watcher (ReloadBundle still works)
     max_concurrent_rpcs: int = 128  # beyond it: RESOURCE_EXHAUSTED
     snapshot_interval_s: float = 30.0
@@ -189,6 +202,7 @@ class ServeConfig:
     encoder_retries: int = 1
     breaker_failures: int = 5
     breaker_open_s: float = 2.0
+    breaker_min_timeout_s: float = 0.05  # a timeout counts as Triton's failure only when the call had this budget
     triton_max_queue_delay_us: int = 2000
     triton_supervise_s: float = 2.0  # restart a dead or unresponsive Triton; 0: never (tests of outages)
     grace_s: float = 5.0

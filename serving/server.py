@@ -18,6 +18,7 @@ feature snapshot, closes the event log and stops Triton, leaving no process behi
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import tempfile
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from featurizer.contracts.experiments import Experiments, load_experiments
+from featurizer.errors import ConfigError
 from ranker.bundle import EncoderRef
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
@@ -48,6 +50,17 @@ from serving.ranking.registry import BundleRegistry
 from serving.triton.process import TritonProcess
 
 log = logging.getLogger(__name__)
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RankingService"].full_name
 
@@ -81,6 +94,7 @@ class RankingServer:
         factory = triton_encoder_factory(
             TritonEncoderOptions(deadline_s=cfg.encoder_timeout_s, retries=cfg.encoder_retries,
                                  breaker_failures=cfg.breaker_failures, breaker_open_s=cfg.breaker_open_s,
+                                 breaker_min_timeout_s=cfg.breaker_min_timeout_s,
                                  max_queue_delay_us=cfg.triton_max_queue_delay_us,
                                  supervise_s=cfg.triton_supervise_s),
             observer=self.metrics.triton_observer(),
@@ -99,13 +113,30 @@ class RankingServer:
         log.warning("no state dir: events, exposures and embeddings go to %s and are lost at exit", self._tmp.name)
         return Path(self._tmp.name)
 
+    def _check_access(self) -> None:
+        """Refuse an open admin API off loopback; say at start-up what is open."""
+        cfg = self.cfg
+        if cfg.open_admin and not is_loopback(cfg.host):
+            raise ConfigError(f"open_admin (--open-admin) needs a loopback host, not {cfg.host!r}: configure a token "
+                              "with role admin to call admin RPCs from other machines")
+        if cfg.tokens is None:
+            log.warning("no tokens configured: Rank, LogEvents and UpsertItems accept any caller that reaches %s "
+                        "(writes are open); configure tokens with roles client / writer / admin to restrict them",
+                        cfg.host)
+            if cfg.open_admin:
+                log.warning("open_admin: admin RPCs (ReloadBundle) accept any caller on %s", cfg.host)
+            else:
+                log.info("admin RPCs are off (no admin token configured)")
+
     async def start(self) -> int:
         cfg = self.cfg
+        self._check_access()
         try:
             state_dir = self._state_dir()
             experiments = load_experiments(cfg.experiments_file) if cfg.experiments_file else Experiments()
             built = build_engine(cfg.data_dir, state_dir, cfg.store, self.clock,
-                                 on_cache=lambda c, hit: self.metrics.record_cache(c, int(hit), int(not hit)))
+                                 on_cache=lambda c, hit: self.metrics.record_cache(c, int(hit), int(not hit)),
+                                 max_inline_encodes=cfg.limits.max_inline_encodes)
             self._closers.extend(built.closers)  # the event log, then the online store
             engine, event_log, items = built.engine, built.event_log, built.engine.items
             registry = BundleRegistry(engine, EncoderPool(self._encoder_factory),
@@ -119,6 +150,7 @@ class RankingServer:
                 engine=engine, registry=registry, ingest=EventIngest(event_log, engine.online), exposures=exposures,
                 metrics=self.metrics,
                 limits=cfg.limits, experiments=experiments, encoder_timeout_s=cfg.encoder_timeout_s,
+                bundle_roots=list(cfg.bundle_roots) or [Path(cfg.bundle_dir).resolve().parent],
             )
             await self._start_grpc()
             if cfg.metrics_port is not None:
@@ -147,9 +179,8 @@ class RankingServer:
         # Metrics first (it sees every outcome, refusals included), then errors (every exception
         # below it becomes a status), admission, and auth last (see serving.api.interceptors).
         self.admission = AdmissionInterceptor(cfg.max_concurrent_rpcs)
-        interceptors = [MetricsInterceptor(self.metrics), ErrorInterceptor(), self.admission]
-        if cfg.tokens is not None:
-            interceptors.append(AuthInterceptor(cfg.tokens))
+        interceptors = [MetricsInterceptor(self.metrics), ErrorInterceptor(), self.admission,
+                        AuthInterceptor(cfg.tokens, open_admin=cfg.open_admin)]
         options = [
             ("grpc.max_receive_message_length", cfg.limits.max_message_bytes),
             ("grpc.max_send_message_length", cfg.limits.max_message_bytes),

@@ -46,6 +46,8 @@ def cmd_serve(args) -> int:
         metrics_port=args.metrics_port,
         tls=TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
         tokens=tokens,
+        open_admin=args.open_admin,
+        bundle_roots=tuple(args.bundle_root),
         reload_poll_s=args.reload_poll_s,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         encoder_timeout_s=args.encoder_timeout_ms / 1000,
@@ -82,8 +84,12 @@ def register(sub) -> None:
     s.add_argument("--tls-cert", type=Path, default=None)
     s.add_argument("--tls-key", type=Path, default=None)
     s.add_argument("--tls-client-ca", type=Path, default=None, help="require client certificates signed by this CA (mutual TLS)")
-    s.add_argument("--tokens-file", type=Path, default=None, help='bearer tokens: {"tokens": [{"token", "role", "name"}]}')
+    s.add_argument("--tokens-file", type=Path, default=None, help='bearer tokens: {"tokens": [{"token", "role": client|writer|admin, "name"}]}')
     s.add_argument("--tokens-env", default=None, help="name of an environment variable holding tok:role,tok:role")
+    s.add_argument("--open-admin", action="store_true",
+                   help="without tokens, allow admin RPCs (ReloadBundle) from any caller; loopback hosts only")
+    s.add_argument("--bundle-root", type=Path, action="append", default=[],
+                   help="ReloadBundle may load bundles under this directory (repeatable; default: the bundle's parent)")
     s.add_argument("--reload-poll-s", type=float, default=2.0, help="bundle watcher period; 0 turns it off")
     s.add_argument("--max-concurrent-rpcs", type=int, default=128, help="beyond it calls get RESOURCE_EXHAUSTED")
     s.add_argument("--encoder-timeout-ms", type=float, default=250.0, help="Triton deadline on the request path")

@@ -15,6 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
 import grpc
 
@@ -33,8 +34,8 @@ from serving.ingest.apply import EventIngest
 from serving.ingest.items import upsert_items
 from serving.observability.metrics import Metrics, set_variant
 from serving.observability.request_logging import bind_request
-from serving.ranking.engine import RankingEngine, RankOutcome, holdout
-from serving.ranking.registry import BundleRegistry, Loaded
+from serving.ranking.engine import RankingEngine, RankOutcome, degraded_code, holdout
+from serving.ranking.registry import BundleRegistry, Loaded, allowed_bundle_path
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class ServingState:
     limits: Limits = field(default_factory=Limits)
     experiments: Experiments = field(default_factory=Experiments)
     encoder_timeout_s: float = 0.25  # per Triton call on the request path (further capped by the deadline)
+    bundle_roots: list[Path] = field(default_factory=list)  # where ReloadBundle may load from
 
     @property
     def online(self) -> OnlineFeatures:
@@ -98,7 +100,7 @@ class RankingService(pb_grpc.RankingServiceServicer):
                 version = rt.version
             resp = _rank_response(request, request_id, outcome, version, experiment, variant)
             for reason in outcome.degraded_reasons:
-                s.metrics.degraded_total.labels(reason.split(":")[0]).inc()
+                s.metrics.degraded_total.labels(degraded_code(reason)).inc()
             if outcome.degraded:
                 log.warning("degraded answer: %s", "; ".join(outcome.degraded_reasons))
             s.exposures.record(Exposure(
@@ -199,7 +201,10 @@ class RankingService(pb_grpc.RankingServiceServicer):
         )
 
     async def ReloadBundle(self, request: pb.ReloadBundleRequest, context: grpc.aio.ServicerContext) -> pb.ReloadBundleResponse:
-        ok, version, message = await self.s.registry.reload(request.path or None)
+        """Reload the serving bundle, from `path` when given: a bundle directory under the server's
+        allowed roots (`ServingState.bundle_roots`), else INVALID_ARGUMENT with one message."""
+        path = allowed_bundle_path(request.path, self.s.bundle_roots) if request.path else None
+        ok, version, message = await self.s.registry.reload(path)
         return pb.ReloadBundleResponse(reloaded=ok, version=version, message=message)
 
 

@@ -53,6 +53,7 @@ class TritonEncoderOptions:
     breaker_open_s: float = 2.0
     max_queue_delay_us: int = 2000
     bulk_timeout_s: float = 300.0  # per chunk of encode_bulk (start-up and batch jobs)
+    breaker_min_timeout_s: float = 0.05  # timeouts of calls with a smaller budget do not count in the breaker
     supervise_s: float = 2.0  # health-check period of the Triton process; 0: never restart it
     restart_after_failed_checks: int = 3  # consecutive failed checks (dead worker or model not ready)
 
@@ -90,7 +91,8 @@ def triton_encoder_factory(opts: TritonEncoderOptions, observer=None,
         client = EncoderClient(triton.grpc_url)
         breaker = CircuitBreaker(failure_threshold=opts.breaker_failures, open_s=opts.breaker_open_s)
         encoder = ResilientEncoder(client, breaker, deadline_s=opts.deadline_s, retries=opts.retries,
-                                   observer=observer, bulk_timeout_s=opts.bulk_timeout_s)
+                                   observer=observer, bulk_timeout_s=opts.bulk_timeout_s,
+                                   min_counted_timeout_s=opts.breaker_min_timeout_s)
         if started is not None:
             started(key, triton)
         current = {"triton": triton}

@@ -93,7 +93,7 @@ class Metrics:
         self.cache_requests_total = Counter(
             "cache_requests", "Embedding cache lookups", ("cache", "result"), namespace=ns, registry=r
         )
-        self.degraded_total = Counter("degraded", "Responses served degraded, by reason", ("reason",), namespace=ns, registry=r)
+        self.degraded_total = Counter("degraded", "Responses served degraded, by reason code (serving.ranking.engine.DEGRADED_CODES, or other)", ("reason",), namespace=ns, registry=r)
         self.rejected_total = Counter("rejected", "Requests rejected, by reason", ("reason",), namespace=ns, registry=r)
         self.inflight_requests = Gauge("inflight_requests", "RPCs currently being handled", namespace=ns, registry=r)
         self.events_total = Counter("events", "Logged events by result", ("result",), namespace=ns, registry=r)

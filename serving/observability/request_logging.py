@@ -38,6 +38,16 @@ class RequestContext:
 
 request_context: ContextVar[RequestContext] = ContextVar("semrank_request_context", default=RequestContext())
 
+MAX_LOGGED_CHARS = 128  # a caller's value longer than this is logged cut short, with its length
+
+
+def clip(value: str | None, limit: int = MAX_LOGGED_CHARS) -> str | None:
+    """`value` for a log line: as is when short, else its first `limit` characters and its length,
+    so that a rejected 10,000-character id neither floods the logs nor hides that it was long."""
+    if value is None or len(value) <= limit:
+        return value
+    return f"{value[:limit]}...({len(value)} chars)"
+
 
 @contextmanager
 def bind_request(**fields: str | None) -> Iterator[RequestContext]:
@@ -45,7 +55,7 @@ def bind_request(**fields: str | None) -> Iterator[RequestContext]:
 
     Unknown field names raise TypeError, so a typo fails in tests rather than vanishing from logs.
     """
-    ctx = replace(request_context.get(), **fields)
+    ctx = replace(request_context.get(), **{k: clip(v) for k, v in fields.items()})
     token = request_context.set(ctx)
     try:
         yield ctx
@@ -55,7 +65,7 @@ def bind_request(**fields: str | None) -> Iterator[RequestContext]:
 
 def update_request(**fields: str | None) -> None:
     """Set more fields on the current request (e.g. variant once assigned); undone when the bind ends."""
-    request_context.set(replace(request_context.get(), **fields))
+    request_context.set(replace(request_context.get(), **{k: clip(v) for k, v in fields.items()}))
 
 
 # LogRecord attributes that are not `extra=` fields.

@@ -106,6 +106,19 @@ class LruCache:
         return len(self._d)
 
 
+# Why an answer is degraded: each reason starts with one of these codes and a colon (then free
+# text for people); metrics label by the code, so their label values stay a small fixed set.
+ENCODER_UNAVAILABLE = "encoder_unavailable"
+INLINE_ITEM_LIMIT = "inline_item_limit"
+DEGRADED_CODES = (ENCODER_UNAVAILABLE, INLINE_ITEM_LIMIT)
+
+
+def degraded_code(reason: str) -> str:
+    """The code a degraded reason starts with ("other" for one that does not)."""
+    code = reason.split(":", 1)[0]
+    return code if code in DEGRADED_CODES else "other"
+
+
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -117,6 +130,7 @@ class RankingEngine:
     clock: Callable[[], datetime] = utc_now
     user_cache_size: int = 200_000
     inline_cache_size: int = 50_000
+    max_inline_encodes: int = 64  # texts one request may send to the encoder; the rest rank without text
     on_cache: Callable[[str, bool], None] | None = None  # (cache name, hit) -> None, for metrics
 
     def __post_init__(self) -> None:
@@ -153,9 +167,9 @@ class RankingEngine:
             emb = (await rt.encoder.encode([rt.inputs.user_text(titles)], timeout_s=timeout_s))[0]
         except EncoderUnavailable as e:
             if cached is not None:
-                reasons.append(f"encoder unavailable ({_short(e)}): user embedding from an older history")
+                reasons.append(f"{ENCODER_UNAVAILABLE}: user embedding from an older history ({_short(e)})")
                 return cached[1]
-            reasons.append(f"encoder unavailable ({_short(e)}): ranked without text features")
+            reasons.append(f"{ENCODER_UNAVAILABLE}: ranked without text features ({_short(e)})")
             return None
         self._users.put(key, (history, emb))
         return emb
@@ -212,13 +226,18 @@ class RankingEngine:
             else:
                 todo_rows.append(k)
                 todo_texts.append(text)
+        if len(todo_texts) > self.max_inline_encodes:  # bounded work per request (Limits.max_inline_encodes)
+            over = len(todo_texts) - self.max_inline_encodes
+            reasons.append(f"{INLINE_ITEM_LIMIT}: {over} item(s) over the {self.max_inline_encodes} this request may "
+                           "embed ranked without text features (upsert them with UpsertItems)")
+            todo_rows, todo_texts = todo_rows[: self.max_inline_encodes], todo_texts[: self.max_inline_encodes]
         if todo_texts:
             try:
                 if rt.encoder is None:
                     raise EncoderUnavailable("no encoder for this bundle")
                 vectors = await rt.encoder.encode(todo_texts, timeout_s=timeout_s)
             except EncoderUnavailable as e:
-                reasons.append(f"encoder unavailable ({_short(e)}): {len(todo_texts)} item(s) without text features")
+                reasons.append(f"{ENCODER_UNAVAILABLE}: {len(todo_texts)} item(s) without text features ({_short(e)})")
             else:
                 emb[todo_rows], has[todo_rows] = vectors, True
                 for text, v in zip(todo_texts, vectors):

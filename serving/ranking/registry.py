@@ -5,6 +5,8 @@
 - `BundleRegistry.load(path)` loads a bundle, checks that this server can compute its
   features, starts (or shares) its encoder, embeds the catalog items it lacks, and scores
   a probe batch; any failure raises `BundleRejected` with the reason and changes nothing.
+- `allowed_bundle_path(path, roots)` is what ReloadBundle accepts: a bundle directory under an
+  allowed root, with one refusal message whatever the file system holds.
 - `reload(path)` swaps the default bundle with one assignment: requests that already
   hold the old runtime finish on it; it is retired (encoder released) once they are done.
 - `watch(poll_s)` reloads when the bundle directory (or the symlink pointing at it) changes;
@@ -39,6 +41,41 @@ class BundleRejected(SemrankError, RuntimeError):
 
     grpc_code = "FAILED_PRECONDITION"
     reason = "BUNDLE_REJECTED"
+
+
+class BundlePathRefused(SemrankError):
+    """A ReloadBundle path that is not a bundle directory under an allowed root. One message for
+    every cause (outside the roots, missing, a file, unreadable, malformed), so that callers learn
+    nothing about the server's files."""
+
+    grpc_code = "INVALID_ARGUMENT"
+    reason = "BUNDLE_PATH_REFUSED"
+
+    def field_violations(self) -> list[tuple[str, str]]:
+        return [("path", "not a bundle directory under the allowed roots")]
+
+
+MAX_PATH_CHARS = 4096
+
+
+def allowed_bundle_path(raw: str, roots: list[Path]) -> Path:
+    """`raw` as a Path when it names a bundle directory (with a manifest) under one of `roots`: the
+    path itself (`..` folded), or what its symlinks resolve to; else `BundlePathRefused`. Callers
+    cannot create symlinks; ones an operator made under a root are trusted."""
+    shown = raw if len(raw) <= 200 else raw[:200] + "..."
+    refused = BundlePathRefused(f"path {shown!r} is not a bundle directory under the server's allowed bundle roots")
+    if not raw or "\0" in raw or len(raw) > MAX_PATH_CHARS:
+        raise refused
+    try:
+        given, real = Path(os.path.normpath(os.path.abspath(raw))), Path(os.path.realpath(raw))
+        bases = [Path(os.path.normpath(os.path.abspath(r))) for r in roots] + [Path(os.path.realpath(r)) for r in roots]
+        # Lexically under a root (a symlink an operator put there may point anywhere), or resolving into one.
+        inside = any(p == b or b in p.parents for p in (given, real) for b in bases)
+        if not inside or not (real / MANIFEST).is_file():
+            raise refused
+    except (OSError, ValueError):
+        raise refused from None
+    return Path(raw)
 
 
 def bundle_fingerprint(path: Path) -> tuple:
@@ -80,7 +117,7 @@ class BundleRegistry:
     async def load(self, path: Path) -> Loaded:
         fp = bundle_fingerprint(path)
         try:
-            bundle = load_bundle(path)
+            bundle = await asyncio.to_thread(load_bundle, path)  # file reads and parsing: off the event loop
             BundleInputs.of(bundle)  # can this server compute its features? (before starting an encoder)
         except BundleError as e:
             raise BundleRejected(str(e)) from e

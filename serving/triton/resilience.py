@@ -27,6 +27,7 @@ from serving.triton.client import EncoderClient, EncoderUnavailable
 log = logging.getLogger(__name__)
 
 CIRCUIT_OPEN = "CIRCUIT_OPEN"  # the `code` of CircuitOpenError and the `error` reported to observers
+CALLER_DEADLINE = "CALLER_DEADLINE"  # reported for a timeout the breaker does not count (budget below the floor)
 # The attempt's own gRPC deadline normally fires first; this local timeout only guards
 # against a call that would otherwise hang (it cancels the attempt).
 _LOCAL_TIMEOUT_SLACK_S = 0.01
@@ -206,9 +207,12 @@ class ResilientEncoder:
     left time for another try; with the defaults it is not. Permanent errors (model not found,
     a reply of the wrong shape) are not retried.
 
-    The breaker sees one outcome per call (not per attempt): a call that ends in
-    `EncoderUnavailable` is a failure; a caller's mistake (TypeError) or a cancellation is
-    neither. While the breaker is open, calls raise `CircuitOpenError` without touching the
+    The breaker sees one outcome per call (not per attempt), and counts only Triton's own
+    failures: an error status from Triton, or a timeout of a call whose budget was at least
+    `min_counted_timeout_s`. A timeout of a call with less (the caller's own short deadline,
+    e.g. little left of its gRPC deadline) says nothing about Triton and is not counted, nor
+    is a caller's mistake (TypeError) or a cancellation. So no caller can open the breaker for
+    the others by sending short deadlines. While the breaker is open, calls raise `CircuitOpenError` without touching the
     client. An empty list returns (0, dim) without a call, whatever the breaker says.
     """
 
@@ -223,6 +227,7 @@ class ResilientEncoder:
         attempt_timeout_s: float | None = None,
         bulk_timeout_s: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
+        min_counted_timeout_s: float = 0.05,
     ):
         if deadline_s <= 0 or bulk_timeout_s <= 0:
             raise ValueError(f"deadline_s={deadline_s} and bulk_timeout_s={bulk_timeout_s} must be > 0")
@@ -237,6 +242,7 @@ class ResilientEncoder:
         self.backoff_s = backoff_s
         self.attempt_timeout_s = attempt_timeout_s or deadline_s
         self.bulk_timeout_s = bulk_timeout_s
+        self.min_counted_timeout_s = min_counted_timeout_s
         self.observer = observer
         self.clock = clock
         if observer is not None:
@@ -265,7 +271,7 @@ class ResilientEncoder:
                 if deadline - self.clock() < MIN_ATTEMPT_S:  # the back-off overran (busy event loop)
                     raise last
 
-        return await self._guarded(texts, attempts)
+        return await self._guarded(texts, attempts, timeouts_count=budget >= self.min_counted_timeout_s)
 
     async def encode_bulk(self, texts: list[str], max_in_flight: int = 2) -> np.ndarray:
         """Start-up and batch jobs: `client.encode_bulk` with `bulk_timeout_s` per chunk and no
@@ -286,7 +292,8 @@ class ResilientEncoder:
                 code="DEADLINE_EXCEEDED",
             ) from e
 
-    async def _guarded(self, texts: list[str], call: Callable[[], Awaitable[np.ndarray]]) -> np.ndarray:
+    async def _guarded(self, texts: list[str], call: Callable[[], Awaitable[np.ndarray]],
+                       timeouts_count: bool = True) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.client.dim), dtype=np.float32)
         if not self.breaker.allow():
@@ -300,6 +307,11 @@ class ResilientEncoder:
         try:
             out = await call()
         except EncoderUnavailable as e:
+            if e.code == "DEADLINE_EXCEEDED" and not timeouts_count:  # the caller's budget was too short to judge
+                if probe:
+                    self.breaker.release()
+                self._report(False, self.clock() - t0, CALLER_DEADLINE)
+                raise
             self.breaker.record_failure()
             self._report(False, self.clock() - t0, e.code or type(e).__name__)
             raise

@@ -247,7 +247,8 @@ class ServeProcess:
 
 CLIENT_TOKEN = "client-token-0123456789abcdef"
 ADMIN_TOKEN = "admin-token-0123456789abcdef"
-TOKEN_SPEC = f"{CLIENT_TOKEN}:client,{ADMIN_TOKEN}:admin"
+WRITER_TOKEN = "writer-token-0123456789abcdef"
+TOKEN_SPEC = f"{CLIENT_TOKEN}:client,{WRITER_TOKEN}:writer,{ADMIN_TOKEN}:admin"
 
 
 @dataclass(frozen=True)
@@ -312,14 +313,14 @@ def copy_bundle(src: Path, dst: Path, version: str | None = None) -> Path:
     return dst
 
 
-def bad_request_fields(err: grpc.RpcError) -> list[str]:
+def bad_request_fields(err: grpc.RpcError, reason: str = "INVALID_REQUEST") -> list[str]:
     """The fields of an INVALID_ARGUMENT error's google.rpc.BadRequest detail (after its ErrorInfo,
     as serving.api.errors.to_status sends them)."""
     status = rpc_status.from_call(err)
     assert status is not None, f"no rich status in {err}"
     info, br = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
     assert len(status.details) == 2 and status.details[0].Unpack(info) and status.details[1].Unpack(br), status
-    assert (info.reason, info.domain) == ("INVALID_REQUEST", "semrank"), info
+    assert (info.reason, info.domain) == (reason, "semrank"), info
     return [v.field for v in br.field_violations]
 
 

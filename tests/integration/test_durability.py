@@ -13,7 +13,7 @@ import pytest
 
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from featurizer.contracts.exposures import read_exposures
-from serving.config import ServeConfig
+from serving.config import Limits, ServeConfig
 from serving.ingest.event_log import EventLog
 from tests.integration.production_kit import (
     RPC_TIMEOUT_S,
@@ -132,7 +132,8 @@ def test_acknowledged_events_and_items_survive_sigkill_of_the_whole_server(small
 def test_stop_drains_in_flight_ranks_flushes_exposures_and_stops_triton(small_shop, small_bundle, tmp_path):
     state = tmp_path / "state"
     cfg = ServeConfig(bundle_dir=small_bundle[0], data_dir=small_shop, state_dir=state, port=0, metrics_port=0,
-                      reload_poll_s=0, encoder_timeout_s=30.0, grace_s=60.0)
+                      reload_poll_s=0, encoder_timeout_s=30.0, grace_s=60.0,
+                      limits=Limits(max_inline_encodes=200))  # every inline item is embedded: the slow part
 
     def slow_request(k: int) -> pb.RankRequest:
         # 200 never-seen inline items: each call waits for Triton to embed them (the slow part).

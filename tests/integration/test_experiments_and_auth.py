@@ -24,6 +24,7 @@ from tests.integration.serving_kit import (
     ADMIN_TOKEN,
     CLIENT_TOKEN,
     TOKEN_SPEC,
+    WRITER_TOKEN,
     ServerThread,
     copy_bundle,
     make_server_pki,
@@ -118,6 +119,11 @@ def test_tls_and_tokens_end_to_end(small_shop, small_bundle, catalog, tmp_path):
             assert code(s.Rank, request, None) == grpc.StatusCode.UNAUTHENTICATED
             assert code(s.Rank, request, "not-a-token-0123456789") == grpc.StatusCode.UNAUTHENTICATED
             assert code(s.LogEvents, iter([pb.LogEventsRequest()]), None) == grpc.StatusCode.UNAUTHENTICATED
+            # issue 14, problem 1: writes need a writer (or admin) token
+            assert code(s.LogEvents, iter([pb.LogEventsRequest()]), CLIENT_TOKEN) == grpc.StatusCode.PERMISSION_DENIED
+            assert code(s.UpsertItems, iter([pb.UpsertItemsRequest()]), CLIENT_TOKEN) == grpc.StatusCode.PERMISSION_DENIED
+            assert code(s.LogEvents, iter([pb.LogEventsRequest()]), WRITER_TOKEN) == grpc.StatusCode.OK
+            assert code(s.ReloadBundle, pb.ReloadBundleRequest(), WRITER_TOKEN) == grpc.StatusCode.PERMISSION_DENIED
             assert code(s.ReloadBundle, pb.ReloadBundleRequest(), CLIENT_TOKEN) == grpc.StatusCode.PERMISSION_DENIED
             assert code(s.ReloadBundle, pb.ReloadBundleRequest(), ADMIN_TOKEN) == grpc.StatusCode.OK
             assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING  # no token needed

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import numpy as np
 import polars as pl
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -18,7 +21,7 @@ from semrank.ranking.v1 import ranking_service_pb2 as pb
 from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
 from serving.config import Limits, ServeConfig
 from serving.server import SERVICE_NAME
-from tests.integration.serving_kit import ServerThread, bad_request_fields, tritonservers_in_group
+from tests.integration.serving_kit import ServerThread, bad_request_fields, error_info, tritonservers_in_group
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -134,3 +137,21 @@ def test_malformed_requests_get_invalid_argument_and_server_keeps_serving(servic
     assert fields[0].split("[")[0] in e.value.details()
     ok = rank(channel, user_id="u1", candidates=[pb.RankCandidate(item_id=shop.items["item_id"][0])])
     assert len(ok.items) == 1
+
+
+def test_without_tokens_admin_rpcs_are_off_and_writes_are_open(service, shop):
+    """Issue 14, problem 1: a server started without tokens (and without --open-admin) refuses
+    ReloadBundle with PERMISSION_DENIED / ADMIN_DISABLED, whatever path it names; writes stay open."""
+    _, channel = service
+    stub = pb_grpc.RankingServiceStub(channel)
+    messages = set()
+    for path in ("", "/etc", "/nonexistent/bundle"):
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ReloadBundle(pb.ReloadBundleRequest(path=path), timeout=60)
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED, e.value
+        assert error_info(e.value).reason == "ADMIN_DISABLED"
+        messages.add(e.value.details())
+    assert len(messages) == 1 and "admin RPCs are off" in messages.pop()
+    event = pb.Event(ts=Timestamp(seconds=int(time.time()) - 5), user_id="u-open",
+                     item_id=shop.items["item_id"][0], type=pb.EVENT_TYPE_CLICK)
+    assert stub.LogEvents(iter([pb.LogEventsRequest(events=[event])]), timeout=60).accepted == 1

@@ -49,7 +49,7 @@ def main_server(small_shop, small_bundle, tmp_path_factory):
     bundle = copy_bundle(small_bundle[0], root / "bundle")
     cfg = ServeConfig(
         bundle_dir=bundle, data_dir=small_shop, state_dir=root / "state", port=0, metrics_port=0, reload_poll_s=0.2,
-        encoder_timeout_s=5.0,
+        encoder_timeout_s=5.0, open_admin=True, bundle_roots=(tmp_path_factory.getbasetemp(),),
         limits=Limits(max_candidates=MAIN_MAX_CANDIDATES, max_message_bytes=MAIN_MAX_MESSAGE_BYTES),
     )
     with ServerThread(cfg) as st, grpc.insecure_channel(f"127.0.0.1:{st.port}") as channel:
@@ -120,6 +120,27 @@ def test_undecodable_bytes_are_invalid_argument_and_earlier_messages_of_the_stre
     assert info.reason == "MALFORMED_MESSAGE" and info.metadata["stored_before"] == "1"
     assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
     assert rank(channel, "u-malformed", catalog[:5]).items
+
+
+def test_reload_bundle_refuses_every_path_outside_the_roots_with_one_message(main_server, tmp_path):
+    """Issue 14, problem 1: ReloadBundle loads only bundle directories under the allowed roots, and
+    its refusal is the same whether the path is outside them, missing, a file, or not a path at all,
+    so that it tells a caller nothing about the server's files. The serving bundle stays."""
+    st, channel, bundle = main_server
+    version = stub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=RPC_TIMEOUT_S).bundle.version
+    (tmp_path / "empty-dir").mkdir()
+    paths = ["/etc", "/", "/nonexistent/bundle", str(bundle / "manifest.json"), str(tmp_path / "missing"),
+             str(tmp_path / "empty-dir"), "a\0b", "x" * 5000, str(bundle / ".." / ".." / ".." / "etc")]
+    answers = set()
+    for path in paths:
+        with pytest.raises(grpc.RpcError) as e:
+            stub(channel).ReloadBundle(pb.ReloadBundleRequest(path=path), timeout=RPC_TIMEOUT_S)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (path, e.value)
+        assert error_info(e.value).reason == "BUNDLE_PATH_REFUSED" and bad_request_fields(e.value, "BUNDLE_PATH_REFUSED") == ["path"]
+        shown = path if len(path) <= 200 else path[:200] + "..."
+        answers.add(e.value.details().replace(repr(shown), "<path>"))
+    assert len(answers) == 1, answers
+    assert stub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=RPC_TIMEOUT_S).bundle.version == version
 
 
 def test_an_event_time_out_of_range_is_rejected_alone(main_server, catalog):

@@ -16,7 +16,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
@@ -162,9 +164,12 @@ def test_tls_config_errors_say_what_to_fix(tmp_path, pki):
 # -- tokens --------------------------------------------------------------------------------------
 
 
+WRITER_TOKEN = "writer-token-0123456789abcdef"
+
+
 @pytest.fixture
 def auth() -> TokenAuth:
-    return TokenAuth.from_spec(f"{CLIENT_TOKEN}:client,{ADMIN_TOKEN}:admin")
+    return TokenAuth.from_spec(f"{CLIENT_TOKEN}:client,{WRITER_TOKEN}:writer,{ADMIN_TOKEN}:admin")
 
 
 def _md(token: str | None, scheme: str = "Bearer"):
@@ -192,10 +197,11 @@ def test_token_matrix_over_public_unary_streaming_and_admin_methods(auth):
         "wrong": _md("not-a-real-token-0123456789"),
         "basic scheme": _md(CLIENT_TOKEN, scheme="Basic"),
         "client": _md(CLIENT_TOKEN),
+        "writer": _md(WRITER_TOKEN),
         "admin": _md(ADMIN_TOKEN),
         "admin, lower-case scheme": _md(ADMIN_TOKEN, scheme="bearer"),
     }
-    methods = ("health", "unary", "client_stream", "admin")
+    methods = ("health", "unary", "client_stream", "admin")  # Rank, LogEvents (a write), ReloadBundle
 
     async def run():
         async with serve([ErrorInterceptor(), AuthInterceptor(auth)]) as (port, _):
@@ -212,7 +218,7 @@ def test_token_matrix_over_public_unary_streaming_and_admin_methods(auth):
                 want[t, m] = OK
             elif t in ("none", "wrong", "basic scheme"):
                 want[t, m] = UNAUTH
-            elif m == "admin" and t == "client":
+            elif (m == "admin" and t in ("client", "writer")) or (m == "client_stream" and t == "client"):
                 want[t, m] = DENIED
             else:
                 want[t, m] = OK
@@ -220,10 +226,37 @@ def test_token_matrix_over_public_unary_streaming_and_admin_methods(auth):
     for (t, m), e in errors.items():
         if e is not None:  # every rejection says how to fix it and never echoes a token
             assert CLIENT_TOKEN not in e.details() and "not-a-real-token" not in e.details()
-            assert ("authorization: Bearer <token>" in e.details()) or ("needs an admin token" in e.details())
+            assert any(hint in e.details() for hint in ("authorization: Bearer <token>", "needs an admin token",
+                                                        "needs a writer (or admin) token"))
     assert "missing credentials" in errors["none", "unary"].details()
     assert "malformed" in errors["basic scheme", "client_stream"].details()
-    assert "ReloadBundle needs an admin token" in errors["client", "admin"].details()
+    assert "ReloadBundle needs an admin token" in errors["writer", "admin"].details()
+    assert "LogEvents needs a writer (or admin) token" in errors["client", "client_stream"].details()
+
+
+def _reason(e: grpc.aio.AioRpcError) -> str:
+    info = error_details_pb2.ErrorInfo()
+    assert rpc_status.from_call(e).details[0].Unpack(info)
+    return info.reason
+
+
+@pytest.mark.parametrize("open_admin", [False, True])
+def test_without_tokens_writes_are_open_and_admin_only_with_open_admin(open_admin):
+    async def run():
+        async with serve([ErrorInterceptor(), AuthInterceptor(None, open_admin=open_admin)]) as (port, servicer):
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                errors = {m: await _call(ch, m, ()) for m in ("health", "unary", "client_stream", "admin")}
+            return errors, servicer.entered
+
+    errors, entered = asyncio.run(run())
+    assert errors["health"] is None and errors["unary"] is None and errors["client_stream"] is None
+    assert entered == 1  # Rank reached the servicer
+    if open_admin:
+        assert errors["admin"] is None
+    else:
+        e = errors["admin"]
+        assert e.code() == DENIED and _reason(e) == "ADMIN_DISABLED"
+        assert "admin RPCs are off" in e.details() and "--open-admin" in e.details()
 
 
 def test_rejected_calls_never_reach_the_servicer_and_are_counted_by_metrics(auth):
@@ -304,6 +337,16 @@ def test_bad_token_file_fails_at_load(tmp_path):
         TokenAuth.from_file(bad)
 
 
-def test_admin_and_public_sets_must_not_overlap(auth):
+def test_method_sets_must_not_overlap(auth):
     with pytest.raises(ValueError, match="both public and admin"):
         AuthInterceptor(auth, admin_methods={"/grpc.health.v1.Health/Check"})
+    with pytest.raises(ValueError, match="both admin and write"):
+        AuthInterceptor(auth, write_methods={"/semrank.ranking.v1.RankingService/ReloadBundle"})
+
+
+def test_roles_are_ordered():
+    from serving.config import Principal
+
+    assert Principal("w", "writer").may("client") and Principal("w", "writer").may("writer")
+    assert not Principal("w", "writer").may("admin") and not Principal("c", "client").may("writer")
+    assert Principal("a", "admin").may("writer")

@@ -33,7 +33,7 @@ from featurizer.store.config import StoreConfigError
 from ranker.bundle import BundleError
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
-from serving.api.auth import PermissionDenied, Unauthenticated
+from serving.api.auth import AdminDisabled, AdminRequired, PermissionDenied, Unauthenticated, WriterRequired
 from serving.api.errors import DOMAIN, ErrorInterceptor, MalformedMessage
 from serving.api.interceptors import Overloaded
 from serving.api.service import DeadlinePassed
@@ -45,7 +45,7 @@ from serving.ingest.apply import EventsNotApplied, EventsNotStored
 from serving.ingest.log_format import EventLogCorrupt, EventLogError, EventLogLocked
 from serving.ingest.items import ItemsNotEmbedded
 from serving.ingest.restore import ReadOnlyStateError
-from serving.ranking.registry import BundleRejected
+from serving.ranking.registry import BundlePathRefused, BundleRejected
 from serving.triton.client import EncoderUnavailable
 from serving.triton.onnx_graph import ExportError
 from serving.triton.resilience import CircuitOpenError
@@ -68,7 +68,12 @@ TABLE: list[tuple[Exception, C, str, dict[str, str], list[str]]] = [
     (DeadlinePassed("the deadline passed before ranking started"), C.DEADLINE_EXCEEDED, "DEADLINE_PASSED", {}, []),
     (Overloaded("too many requests in flight"), C.RESOURCE_EXHAUSTED, "OVERLOADED", {}, []),
     (Unauthenticated("missing bearer token"), C.UNAUTHENTICATED, "UNAUTHENTICATED", {}, []),
-    (PermissionDenied("ReloadBundle needs an admin token"), C.PERMISSION_DENIED, "ADMIN_REQUIRED", {}, []),
+    (PermissionDenied("not allowed"), C.PERMISSION_DENIED, "PERMISSION_DENIED", {}, []),
+    (AdminRequired("ReloadBundle needs an admin token"), C.PERMISSION_DENIED, "ADMIN_REQUIRED", {}, []),
+    (WriterRequired("LogEvents needs a writer (or admin) token"), C.PERMISSION_DENIED, "WRITER_REQUIRED", {}, []),
+    (AdminDisabled("admin RPCs are off"), C.PERMISSION_DENIED, "ADMIN_DISABLED", {}, []),
+    (BundlePathRefused("path '/etc' is not an allowed bundle directory"), C.INVALID_ARGUMENT, "BUNDLE_PATH_REFUSED",
+     {}, ["path"]),
     (EventsNotStored("event log write failed", stored_before=7), C.UNAVAILABLE, "EVENTS_NOT_STORED",
      {"stored_before": "7"}, []),
     (EventsNotApplied("online store down", stored=5), C.UNAVAILABLE, "EVENTS_STORED_NOT_APPLIED", {"stored": "5"}, []),

@@ -14,8 +14,10 @@ import pytest
 
 from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
 from serving.observability.request_logging import (
+    MAX_LOGGED_CHARS,
     JsonFormatter,
     bind_request,
+    clip,
     configure_logging,
     request_context,
     update_request,
@@ -62,6 +64,18 @@ def test_line_has_base_fields_and_only_the_bound_request_fields():
     assert "variant" not in bound and "model_version" not in bound
     assert updated["model_version"] == "v7"
     assert "request_id" not in after  # the bind (and updates inside it) end with the block
+
+
+def test_a_long_value_from_a_caller_is_logged_cut_short_with_its_length():
+    """Issue 14, problem 11: a rejected 10,000-character user_id was logged in full."""
+    log = logging.getLogger("semrank.test.logs")
+    with json_lines(log.name) as lines:
+        with bind_request(request_id="r" * 300, user_id="u" * 10_000):
+            log.info("bound")
+    (line,) = lines
+    assert line["user_id"] == "u" * MAX_LOGGED_CHARS + "...(10000 chars)"
+    assert line["request_id"] == "r" * MAX_LOGGED_CHARS + "...(300 chars)"
+    assert clip("short") == "short" and clip(None) is None
 
 
 def test_nested_binds_merge_and_unknown_fields_fail():

@@ -15,7 +15,7 @@ from featurizer.contracts.schema import read_dataset
 from featurizer.online.features import OnlineFeatures
 from featurizer.store.in_process import InProcessStore
 from serving.encoding.pool import InProcessEncoder
-from serving.ranking.engine import BundleRuntime, Candidate, RankingEngine, holdout
+from serving.ranking.engine import BundleRuntime, Candidate, RankingEngine, degraded_code, holdout
 from serving.ranking.item_store import ItemStore
 from tests.fakes import DIM, FailingEncoderService, HashEncoder
 from tests.serving.ranking.ranking_kit import write_bundle
@@ -106,7 +106,8 @@ def test_with_the_encoder_down_the_answer_is_degraded_and_says_why(engine, bundl
     ids = ds.items["item_id"].head(6).to_list()
     out = rank(engine, rt, engaged_user(ds), [Candidate(i) for i in ids] + [Candidate("inline-x", title="Oak chair")])
     assert down.calls == 1 and out.degraded
-    assert out.degraded_reasons == ["encoder unavailable (fault injection: the encoder is down): ranked without text features"]
+    assert out.degraded_reasons == ["encoder_unavailable: ranked without text features (fault injection: the encoder is down)"]
+    assert degraded_code(out.degraded_reasons[0]) == "encoder_unavailable"
     assert sorted(out.item_ids) == sorted([*ids, "inline-x"]) and np.isfinite(out.scores).all()
 
 
@@ -137,3 +138,29 @@ def test_explanations_sum_to_the_score(engine, bundle, ds):
 def test_a_holdout_keeps_the_callers_order_unscored():
     out = holdout([Candidate("b"), Candidate("a"), Candidate("c")])
     assert out.item_ids == ["b", "a", "c"] and not out.scores.any() and not out.degraded
+
+
+def test_inline_texts_one_request_may_embed_are_bounded(ds, bundle):
+    """Issue 14, problem 6: per-request encoding work is bounded; the items over the limit rank without text."""
+    online = OnlineFeatures(InProcessStore(), ds.items)
+    online.apply(ds.events)
+    items = ItemStore(ds.items)
+    asyncio.run(items.ensure_embeddings(KEY, InProcessEncoder(HashEncoder()).encode_bulk, DIM))
+    engine = RankingEngine(items=items, online=online, max_inline_encodes=3)
+    counting = CountingEncoderService()
+    rt = BundleRuntime(bundle, KEY, counting)
+    cands = [Candidate(f"inline-{k}", title=f"Inline item number {k}") for k in range(8)]
+    out = rank(engine, rt, engaged_user(ds), cands)
+    assert counting.texts == 1 + 3  # the user's history text, then three of the eight items
+    assert out.degraded and degraded_code(out.degraded_reasons[0]) == "inline_item_limit"
+    assert "5 item(s) over the 3" in out.degraded_reasons[0] and len(out.item_ids) == 8
+
+
+class CountingEncoderService(InProcessEncoder):
+    def __init__(self):
+        super().__init__(HashEncoder())
+        self.texts = 0
+
+    async def encode(self, texts, timeout_s=None):
+        self.texts += len(texts)
+        return await super().encode(texts, timeout_s)

@@ -16,7 +16,7 @@ from featurizer.store.in_process import InProcessStore
 from ranker.bundle import MANIFEST
 from serving.ranking.engine import RankingEngine
 from serving.ranking.item_store import ItemStore
-from serving.ranking.registry import BundleRegistry, BundleRejected
+from serving.ranking.registry import BundlePathRefused, BundleRegistry, BundleRejected, allowed_bundle_path
 from tests.serving.ranking.ranking_kit import FEATURES, HashEncoderPool, write_bundle
 
 
@@ -122,3 +122,48 @@ def test_the_watcher_reloads_when_the_files_change(registry, tmp_path):
 
     new = run(scenario())
     assert registry.default.runtime.version == new.version
+
+
+def test_bundles_are_read_off_the_event_loop(registry, tmp_path, monkeypatch):
+    """Issue 14, problem 1: reading and parsing a bundle ran on the event loop and stalled every Rank."""
+    import threading
+
+    import serving.ranking.registry as registry_module
+
+    threads = []
+    load = registry_module.load_bundle
+
+    def recording_load(path):  # a spy around the real loader
+        threads.append(threading.current_thread())
+        return load(path)
+
+    monkeypatch.setattr(registry_module, "load_bundle", recording_load)
+    write_bundle(tmp_path / "b")
+    run(registry.start(tmp_path / "b"))
+    assert threads and all(t is not threading.main_thread() for t in threads)
+
+
+@pytest.mark.parametrize("path", ["", "/etc", "a\0b", "x" * 5000, "{root}/missing", "{root}/b/manifest.json",
+                                  "{root}/not-a-bundle", "{root}/../elsewhere"])
+def test_only_bundle_directories_under_a_root_are_allowed(tmp_path, path):
+    root = tmp_path / "bundles"
+    write_bundle(root / "b")
+    (root / "not-a-bundle").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    write_bundle(tmp_path / "elsewhere" / "x")
+    with pytest.raises(BundlePathRefused) as e:
+        allowed_bundle_path(path.format(root=root), [root])
+    assert "is not a bundle directory under the server's allowed bundle roots" in str(e.value)
+    assert allowed_bundle_path(str(root / "b"), [root]) == root / "b"
+
+
+def test_a_symlink_into_a_root_is_allowed_and_kept_as_given(tmp_path):
+    root = tmp_path / "bundles"
+    write_bundle(root / "v1")
+    (root / "current").symlink_to(root / "v1")
+    assert allowed_bundle_path(str(root / "current"), [root]) == root / "current"  # the watcher follows the link
+    (tmp_path / "outside").symlink_to(root / "v1")
+    assert allowed_bundle_path(str(tmp_path / "outside"), [root]) == tmp_path / "outside"  # resolves inside the root
+    write_bundle(tmp_path / "elsewhere")
+    (root / "deployed").symlink_to(tmp_path / "elsewhere")  # an operator's link from the root to a bundle elsewhere
+    assert allowed_bundle_path(str(root / "deployed"), [root]) == root / "deployed"

@@ -447,3 +447,31 @@ def test_a_failing_observer_does_not_fail_the_call():
 def test_encoder_rejects_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ResilientEncoder(FaultInjectingEncoderFake(), CircuitBreaker(), **kwargs)
+
+
+def test_timeouts_of_calls_with_a_short_budget_never_open_the_breaker():
+    """Issue 14, problem 6: five calls with a 6 ms deadline opened the shared breaker for every caller."""
+    fake = FaultInjectingEncoderFake(*[("slow", 10.0)] * 7)
+    enc, breaker, obs = make(fake, deadline_s=0.06, min_counted_timeout_s=0.05, retries=0)
+    for _ in range(5):
+        with pytest.raises(EncoderUnavailable) as info:
+            run(enc.encode(["a"], timeout_s=0.006))  # what is left of a caller's short gRPC deadline
+        assert info.value.code == "DEADLINE_EXCEEDED"
+    assert breaker.state is CLOSED and [c[2] for c in obs.calls] == ["CALLER_DEADLINE"] * 5
+    for _ in range(2):  # a full budget that times out is Triton's failure
+        with pytest.raises(EncoderUnavailable):
+            run(enc.encode(["a"]))
+    assert breaker.state is OPEN and [c[2] for c in obs.calls][5:] == ["DEADLINE_EXCEEDED"] * 2
+
+
+def test_a_short_budget_probe_frees_the_half_open_breaker_for_the_next_caller():
+    clock = FakeClock()
+    breaker = CircuitBreaker(failure_threshold=1, open_s=1.0, clock=clock)
+    fake = FaultInjectingEncoderFake(("slow", 10.0))
+    enc, _, _ = make(fake, breaker, deadline_s=0.06, min_counted_timeout_s=0.05, retries=0)
+    breaker.record_failure()
+    clock.advance(1.0)
+    with pytest.raises(EncoderUnavailable):
+        run(enc.encode(["a"], timeout_s=0.006))
+    assert breaker.state is HALF_OPEN and breaker.opened_count == 1
+    assert run(enc.encode(["a"])).shape == (1, DIM) and breaker.state is CLOSED

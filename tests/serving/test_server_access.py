@@ -1,0 +1,44 @@
+"""What `serving.server.RankingServer` checks before it opens anything: an open admin API only on
+loopback, and a start-up log line that says what is open."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from featurizer.errors import ConfigError
+from serving.config import ServeConfig, TokenAuth
+from serving.server import RankingServer, is_loopback
+
+
+def cfg(**kw) -> ServeConfig:
+    return ServeConfig(bundle_dir=Path("bundle"), data_dir=Path("data"), **kw)
+
+
+@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("127.8.9.1", True), ("localhost", True),
+                                            ("::1", True), ("[::1]", True), ("0.0.0.0", False), ("::", False),
+                                            ("10.0.0.5", False), ("example.com", False)])
+def test_loopback_hosts(host, loopback):
+    assert is_loopback(host) is loopback
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.0.0.5", "::"])
+def test_an_open_admin_api_off_loopback_is_refused_at_start(host):
+    with pytest.raises(ConfigError, match="needs a loopback host"):
+        RankingServer(cfg(host=host, open_admin=True))._check_access()
+
+
+def test_start_up_says_that_writes_are_open_without_tokens(caplog):
+    with caplog.at_level(logging.INFO, logger="serving.server"):
+        RankingServer(cfg())._check_access()
+    assert "writes are open" in caplog.text and "admin RPCs are off" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="serving.server"):
+        RankingServer(cfg(open_admin=True))._check_access()
+    assert "admin RPCs (ReloadBundle) accept any caller" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="serving.server"):
+        RankingServer(cfg(host="0.0.0.0", tokens=TokenAuth.from_spec("t-0123456789abcdef:admin")))._check_access()
+    assert "open" not in caplog.text
