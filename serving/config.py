@@ -198,6 +198,7 @@ class ServeConfig:
     reload_poll_s: float = 2.0  # 0: no watcher (ReloadBundle still works)
     max_concurrent_rpcs: int = 128  # beyond it: RESOURCE_EXHAUSTED
     snapshot_interval_s: float = 30.0
+    readiness_interval_s: float = 1.0  # how often the readiness health status checks the dependencies
     encoder_timeout_s: float = 0.25  # Triton deadline on the request path
     encoder_retries: int = 1
     breaker_failures: int = 5

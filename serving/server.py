@@ -63,6 +63,11 @@ def is_loopback(host: str) -> bool:
 
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RankingService"].full_name
+# The health name a load balancer probes for "all dependencies up": SERVING only while the online
+# store answers and the encoder's circuit breaker is closed. "" and SERVICE_NAME stay SERVING while
+# Rank can answer at all (degraded answers included), so probing them never takes a server out
+# because Redis or Triton is down.
+READINESS = "semrank.readiness"
 
 
 class RankingServer:
@@ -81,6 +86,8 @@ class RankingServer:
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._tasks: list[asyncio.Task] = []
         self._closers: list[Callable] = []
+        self.ready = False  # the READINESS health status
+        self._not_ready_why: str | None = None
 
     @property
     def engine(self) -> RankingEngine:
@@ -164,6 +171,11 @@ class RankingServer:
             raise
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.ready = await self._check_ready()
+        await self.health.set(READINESS, health_pb2.HealthCheckResponse.SERVING if self.ready
+                              else health_pb2.HealthCheckResponse.NOT_SERVING)
+        if cfg.readiness_interval_s > 0:
+            self._tasks.append(asyncio.create_task(self._readiness(cfg.readiness_interval_s)))
         log.info("serving %s on %s:%d (bundle %s, %d items, %d experiment(s), metrics port %s)", SERVICE_NAME,
                  cfg.host, self.port, registry.default.runtime.version, len(items), len(experiments.experiments),
                  self.metrics_port)
@@ -212,6 +224,42 @@ class RankingServer:
                     await asyncio.to_thread(self.state.online.store.flush)
             except Exception:  # noqa: BLE001 - the event log still holds everything
                 log.exception("feature snapshot failed")
+
+    async def _check_ready(self) -> bool:
+        """The online store answers a ping (off the event loop, within 2 s) and no encoder's breaker
+        is open. When the store is back, stored events it missed are applied first."""
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self.state.online.store.ping), timeout=2.0)
+        except Exception as e:  # noqa: BLE001 - any failure means not ready
+            why = f"online store: {type(e).__name__}"
+            if self._not_ready_why != why:
+                log.warning("not ready: %s", why)
+            self._not_ready_why = why
+            return False
+        if self.state.ingest.behind:
+            await self.state.ingest.catch_up()
+        for h in self._registry.pool.handles():
+            breaker = getattr(h.encoder, "breaker", None)
+            if breaker is not None and breaker.state == "open":
+                self._not_ready_why = "encoder breaker open"
+                return False
+        if self._not_ready_why:
+            log.info("ready again (was: %s)", self._not_ready_why)
+        self._not_ready_why = None
+        return True
+
+    async def _readiness(self, every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                ready = await self._check_ready()
+            except Exception:  # noqa: BLE001 - the probe must survive anything
+                log.exception("readiness check")
+                ready = False
+            if ready != self.ready:
+                self.ready = ready
+                await self.health.set(READINESS, health_pb2.HealthCheckResponse.SERVING if ready
+                                      else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def stop(self) -> None:
         """Stop accepting, drain in-flight calls, flush logs and the snapshot, stop Triton."""

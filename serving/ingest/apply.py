@@ -11,6 +11,11 @@
   lock). A crash before the commit leaves neither, and the restart replays the batch; after it,
   both, and the restart skips it. Nothing is counted twice (tests/serving/ingest/test_atomic_apply.py
   kills a process at both points).
+- When applying fails (the online store is down), the batch stays stored and the call says so
+  (`EventsNotApplied`: do not resend). The store's features then lag the log: `committed_seq` <
+  `applied_seq`. The next batch first applies that backlog, read back from the event log, in the
+  same commit; `catch_up()` (the server calls it periodically) does it without new events. A
+  restart replays it too. So stored events always reach the features, once.
 - `applied_lock` is held while applying; the server takes it to snapshot the store between batches.
 """
 
@@ -75,8 +80,35 @@ class EventIngest:
     def __init__(self, event_log: EventLog, online: OnlineFeatures):
         self.event_log = event_log
         self.online = online
-        self.applied_seq = event_log.last_seq
+        self.applied_seq = event_log.last_seq  # the last seq whose apply has been attempted, in order
+        self.committed_seq = event_log.last_seq  # the last seq the store's features hold (restore applied the log)
         self.applied_lock = asyncio.Condition()  # held while applying (and while snapshotting)
+
+    @property
+    def behind(self) -> int:
+        """Stored events whose features are not committed yet (the store failed; see the module docstring)."""
+        return self.applied_seq - self.committed_seq
+
+    def _backlog(self, before: int) -> list[LoggedEvent]:
+        """The stored events after `committed_seq` and before seq `before`, read back from the log."""
+        return [e for s, e in self.event_log.replay(self.committed_seq) if s < before]
+
+    async def catch_up(self) -> int:
+        """Apply the backlog, if any; returns how many events it committed (0 when none, or when the
+        store still fails: the next call or batch tries again)."""
+        async with self.applied_lock:
+            if self.committed_seq >= self.applied_seq:
+                return 0
+            backlog = self._backlog(self.applied_seq + 1)
+            try:
+                apply_logged(self.online, backlog, self.applied_seq)
+            except Exception as e:  # noqa: BLE001 - still down; logged, retried later
+                log.warning("online store still failing; %d stored event(s) wait to be applied (%s)", len(backlog),
+                            type(e).__name__)
+                return 0
+            self.committed_seq = self.applied_seq
+            log.info("applied %d stored event(s) the online store had missed", len(backlog))
+            return len(backlog)
 
     async def log_events(self, batch: Sequence[LoggedEvent], stored_before: int = 0) -> int:
         """Durably append, then apply in log order; returns the batch's last seq. Shielded: once
@@ -96,13 +128,16 @@ class EventIngest:
         async with self.applied_lock:
             await self.applied_lock.wait_for(lambda: self.applied_seq == first - 1)
             try:
-                apply_logged(self.online, batch, seq)
+                backlog = self._backlog(first) if self.committed_seq < first - 1 else []
+                apply_logged(self.online, backlog + batch, seq)
+                self.committed_seq = seq
             except Exception as e:
-                log.exception("applying events %d-%d to the online features failed", first, seq)
+                log.warning("applying events %d-%d to the online features failed (%s: %s)", first, seq,
+                            type(e).__name__, e)
                 raise EventsNotApplied(
                     f"{len(batch)} event(s) were stored in the event log (do not resend them), but applying them "
-                    f"to the online features failed ({type(e).__name__}); rankings do not reflect them yet",
-                    stored_before + len(batch)) from e
+                    f"to the online features failed ({type(e).__name__}); they are applied when the online store "
+                    "is back, and rankings do not reflect them until then", stored_before + len(batch)) from e
             finally:
                 # Even if applying failed, the events are in the log; don't block every later batch behind this one.
                 self.applied_seq = seq

@@ -22,7 +22,9 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 
+from featurizer.definitions import NAMES
 from featurizer.online.features import OnlineFeatures
+from featurizer.store.base import OnlineStoreError
 from featurizer.text import item_text
 from ranker.bundle import Bundle
 from ranker.explain import explain as explain_scores
@@ -110,7 +112,8 @@ class LruCache:
 # text for people); metrics label by the code, so their label values stay a small fixed set.
 ENCODER_UNAVAILABLE = "encoder_unavailable"
 INLINE_ITEM_LIMIT = "inline_item_limit"
-DEGRADED_CODES = (ENCODER_UNAVAILABLE, INLINE_ITEM_LIMIT)
+STORE_UNAVAILABLE = "online_store_unavailable"
+DEGRADED_CODES = (ENCODER_UNAVAILABLE, INLINE_ITEM_LIMIT, STORE_UNAVAILABLE)
 
 
 def degraded_code(reason: str) -> str:
@@ -151,11 +154,17 @@ class RankingEngine:
                              reasons: list[str]) -> np.ndarray | None:
         """Embedding of the user's recent-history text, cached per user and history; None for a
         user with no history, or when the encoder is down and nothing is cached."""
-        history = tuple(self.online.history(user_id, t, rt.inputs.history_items))
+        key = (rt.encoder_key, user_id)
+        try:
+            history = tuple(self.online.history(user_id, t, rt.inputs.history_items))
+        except OnlineStoreError as e:
+            cached = self._users.get(key)
+            reasons.append(f"{STORE_UNAVAILABLE}: the user's history is unknown; "
+                           f"{'the last user embedding used' if cached else 'ranked without text features'} ({_short(e)})")
+            return None if cached is None else cached[1]
         titles = [x for x in map(self.items.title, history) if x]
         if not titles:
             return None
-        key = (rt.encoder_key, user_id)
         cached = self._users.get(key)
         if cached is not None and cached[0] == history:
             self._hit("user_embedding", True)
@@ -261,7 +270,13 @@ class RankingEngine:
                 # Pairs by einsum, never BLAS gemv: gemv woke OpenBLAS's second thread on every request,
                 # which then spun (about half a core on 2 cores at 200 requests/s).
                 interest = interest_scores(user[None, :], emb, (0, None))
-        online = self.online.features(user_id, ids, t, interest_score=interest)
+        try:
+            online = self.online.features(user_id, ids, t, interest_score=interest)
+        except OnlineStoreError as e:  # answer from what is known: the text feature, behavioural ones missing
+            reasons.append(f"{STORE_UNAVAILABLE}: ranked without behavioural features ({_short(e)})")
+            online = np.full((len(ids), len(NAMES)), np.nan)
+            if interest is not None:
+                online[:, NAMES.index("interest_score")] = interest
         X = rt.inputs.matrix(online)
         scores = rt.bundle.score(X)
         order = np.argsort(-scores, kind="stable")

@@ -332,3 +332,49 @@ def error_info(err: grpc.RpcError) -> error_details_pb2.ErrorInfo:
     assert status.details and status.details[0].Unpack(info), status
     assert info.domain == "semrank", info
     return info
+
+
+# -- a Redis of the test's own -------------------------------------------------------------------
+
+
+class RedisProcess:
+    """A `redis-server` on a free loopback port, started and killed by the test (never the machine's
+    own server). Append-only file with fsync always, so a restart on the same port keeps the data."""
+
+    def __init__(self, directory: Path):
+        from serving.triton.process import free_port
+
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisProcess:
+        import redis
+
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+             "--appendfsync", "always", "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis.from_url(self.url, socket_timeout=1)
+
+        def up() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.RedisError:
+                return False
+
+        wait_until(up, 30, f"redis-server on port {self.port}")
+        client.close()
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        self.proc = None

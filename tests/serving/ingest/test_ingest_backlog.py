@@ -1,0 +1,63 @@
+"""EventIngest when the online store fails: the batch stays stored (EventsNotApplied, with the count),
+and the backlog reaches the features once, by the next batch or by catch_up()."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from featurizer.online.features import OnlineFeatures
+from featurizer.store.base import OnlineStoreError
+from featurizer.store.in_process import InProcessStore
+from serving.ingest.apply import EventIngest, EventsNotApplied, applied_seq
+from serving.ingest.event_log import EventLog
+from serving.ingest.log_format import events_frame
+from tests.serving.ingest.apply_crash_child import ITEMS, batch
+
+
+class FlakyStore(InProcessStore):
+    """Fault injection: an in-process store whose writes fail while `down` is set."""
+
+    down = False
+
+    def write_batch(self, rows):
+        if self.down:
+            raise OnlineStoreError("fault injection: the store is down")
+        super().write_batch(rows)
+
+
+def features(online: OnlineFeatures) -> np.ndarray:
+    at = online.watermark
+    return np.stack([online.features(f"u{k}", ITEMS["item_id"].to_list(), at) for k in range(5)])
+
+
+@pytest.mark.parametrize("recover_by", ["next batch", "catch_up"])
+def test_events_stored_while_the_store_is_down_are_applied_once_when_it_is_back(tmp_path, recover_by):
+    store = FlakyStore()
+    online = OnlineFeatures(store, ITEMS)
+
+    async def scenario():
+        with EventLog(tmp_path / "events") as log:
+            ingest = EventIngest(log, online)
+            await ingest.log_events(batch(0))
+            store.down = True
+            for k in (1, 2):
+                with pytest.raises(EventsNotApplied) as e:
+                    await ingest.log_events(batch(k), stored_before=4)
+                assert e.value.error_metadata() == {"stored": str(4 + len(batch(k)))}
+            assert ingest.behind == 2 * len(batch(1))
+            assert await ingest.catch_up() == 0  # still down: nothing committed, nothing lost
+            store.down = False
+            if recover_by == "next batch":
+                await ingest.log_events(batch(3))
+            else:
+                assert await ingest.catch_up() == 2 * len(batch(1))
+                await ingest.log_events(batch(3))
+            assert ingest.behind == 0 and applied_seq(online) == log.last_seq
+
+    asyncio.run(scenario())
+    want = OnlineFeatures(InProcessStore(), ITEMS)
+    want.apply(events_frame([e for k in range(4) for e in batch(k)]))
+    np.testing.assert_array_equal(features(online), features(want))
