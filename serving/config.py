@@ -56,6 +56,7 @@ class Limits:
     max_inline_encodes: int = 64  # item texts one Rank may send to the encoder; the rest rank without text
     max_top_k: int = 2000
     max_event_clock_skew_s: float = 300.0  # events stamped further in the future are rejected
+    dedup_window_s: float = 86_400.0  # events with an event_id stored within this much event time are not stored again; 0: off
     max_rejections_listed: int = 100  # per LogEvents/UpsertItems response; the counts cover all
     max_message_bytes: int = 4 * 1024 * 1024  # per gRPC message, both directions
 

@@ -43,6 +43,7 @@ from serving.encoding.factories import TritonEncoderOptions, triton_encoder_fact
 from serving.encoding.pool import EncoderHandle, EncoderPool
 from serving.experiments.exposure_log import ExposureLog
 from serving.ingest.apply import EventIngest
+from serving.ingest.dedup import EventDedup
 from serving.ingest.restore import build_engine, close_all
 from serving.observability.metrics import Metrics
 from serving.ranking.engine import RankingEngine, utc_now
@@ -154,7 +155,8 @@ class RankingServer:
             exposures = ExposureLog(state_dir / "exposures")
             self._closers.insert(0, exposures.close)
             self.state = ServingState(
-                engine=engine, registry=registry, ingest=EventIngest(event_log, engine.online), exposures=exposures,
+                engine=engine, registry=registry, exposures=exposures,
+                ingest=EventIngest(event_log, engine.online, EventDedup(cfg.limits.dedup_window_s)),
                 metrics=self.metrics,
                 limits=cfg.limits, experiments=experiments, encoder_timeout_s=cfg.encoder_timeout_s,
                 bundle_roots=list(cfg.bundle_roots) or [Path(cfg.bundle_dir).resolve().parent],

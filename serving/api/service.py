@@ -134,14 +134,16 @@ class RankingService(pb_grpc.RankingServiceServicer):
                             resp.rejections.append(pb.EventRejection(index=index, event_id=ev.event_id, reason=problem))
                     index += 1
                 if batch:
-                    await s.ingest.log_events(batch, stored_before=resp.accepted)
-                    resp.accepted += len(batch)
+                    logged = await s.ingest.log_events(batch, stored_before=resp.accepted)
+                    resp.accepted += logged.stored
+                    resp.duplicates += logged.duplicates
         except MalformedMessage as e:  # a message of the stream did not decode; the ones before it are stored
             e.stored_before = resp.accepted
             raise
         finally:
             s.metrics.events_total.labels("accepted").inc(resp.accepted)
             s.metrics.events_total.labels("rejected").inc(resp.rejected)
+            s.metrics.events_total.labels("duplicate").inc(resp.duplicates)
         return resp
 
     # ------------------------------------------------------------ UpsertItems

@@ -1,7 +1,7 @@
 """Events in: append to the durable event log, then apply to the online features in log order, atomically.
 
     ingest = EventIngest(event_log, online)
-    last_seq = await ingest.log_events(batch)     # returns once the batch is durable and applied
+    logged = await ingest.log_events(batch)   # Logged(stored, duplicates, last_seq), once durable and applied
 
 - Appends run concurrently; the event log group-commits them (one fsync for all waiting batches).
 - Applying goes strictly in sequence order, so the sequence the store records never runs ahead
@@ -16,6 +16,9 @@
   `applied_seq`. The next batch first applies that backlog, read back from the event log, in the
   same commit; `catch_up()` (the server calls it periodically) does it without new events. A
   restart replays it too. So stored events always reach the features, once.
+- Events with an `event_id` already stored within the window are dropped before the append
+  (`serving.ingest.dedup.EventDedup`; the set is rebuilt from the event log at start-up), and
+  counted as duplicates: stored once, whatever the client retries.
 - `applied_lock` is held while applying; the server takes it to snapshot the store between batches.
 """
 
@@ -24,9 +27,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
 
 from featurizer.errors import SemrankError
 from featurizer.online.features import OnlineFeatures
+from serving.ingest.dedup import EventDedup
 from serving.ingest.event_log import EventLog
 from serving.ingest.log_format import LoggedEvent, events_frame
 
@@ -74,12 +80,32 @@ def applied_seq(online: OnlineFeatures) -> int:
     return int(meta["seq"]) if meta else 0
 
 
-class EventIngest:
-    """Durable append, then ordered atomic apply; see the module docstring."""
+@dataclass(frozen=True)
+class Logged:
+    """What `EventIngest.log_events` did with a batch."""
 
-    def __init__(self, event_log: EventLog, online: OnlineFeatures):
+    stored: int  # events appended and applied now
+    duplicates: int  # events whose id was already stored (not stored again)
+    last_seq: int  # the event log's seq of the last stored event (0: none stored by this batch)
+
+
+def _now_us() -> int:
+    return int(datetime.now(timezone.utc).timestamp() * 1e6)
+
+
+class EventIngest:
+    """Deduplicate, durably append, then apply in order, atomically; see the module docstring."""
+
+    def __init__(self, event_log: EventLog, online: OnlineFeatures, dedup: EventDedup | None = None,
+                 clock_us=_now_us):
         self.event_log = event_log
         self.online = online
+        self.dedup = dedup if dedup is not None else EventDedup(0)  # (an empty one is falsy: it has a len)
+        self._clock_us = clock_us
+        if self.dedup.enabled:  # the ids of the window, from the log (the only record of them)
+            now = clock_us()
+            n = self.dedup.rebuild(event_log.events_since(now - self.dedup.window_us), now)
+            log.info("deduplication window: %d event id(s) from the event log", n)
         self.applied_seq = event_log.last_seq  # the last seq whose apply has been attempted, in order
         self.committed_seq = event_log.last_seq  # the last seq the store's features hold (restore applied the log)
         self.applied_lock = asyncio.Condition()  # held while applying (and while snapshotting)
@@ -110,16 +136,21 @@ class EventIngest:
             log.info("applied %d stored event(s) the online store had missed", len(backlog))
             return len(backlog)
 
-    async def log_events(self, batch: Sequence[LoggedEvent], stored_before: int = 0) -> int:
-        """Durably append, then apply in log order; returns the batch's last seq. Shielded: once
+    async def log_events(self, batch: Sequence[LoggedEvent], stored_before: int = 0) -> Logged:
+        """Drop the duplicates, durably append the rest, then apply in log order. Shielded: once
         appended, a batch is applied even if its caller goes away (later batches wait for it).
         `stored_before` (events of the same call stored earlier) goes into the error's details."""
-        return await asyncio.shield(asyncio.ensure_future(self._log_events(list(batch), stored_before)))
+        fresh, duplicates = self.dedup.reserve(batch, self._clock_us())  # claimed at once: no await before
+        if not fresh:
+            return Logged(0, duplicates, 0)
+        seq = await asyncio.shield(asyncio.ensure_future(self._log_events(fresh, stored_before)))
+        return Logged(len(fresh), duplicates, seq)
 
     async def _log_events(self, batch: list[LoggedEvent], stored_before: int) -> int:
         try:
             seq = await self.event_log.append_async(batch)
         except Exception as e:
+            self.dedup.release(batch)  # not stored: a resend must be accepted
             log.exception("event log append failed")
             raise EventsNotStored(
                 f"the event log could not store {len(batch)} event(s) ({type(e).__name__}); none of them were "

@@ -259,6 +259,32 @@ class EventLog:
             except TornRecord as t:
                 raise EventLogCorrupt(path, t.offset, t.problem) from None
 
+    def events_since(self, ts_us: int) -> list[LoggedEvent]:
+        """The acknowledged events with event time >= `ts_us`, reading segments from the newest
+        back until one holds only older events (events arrive roughly in time order; a segment
+        with a late-arriving old event is read whole). For rebuilding a time window at start-up."""
+        with self._lock:
+            segments, last = list(self._segments), self._last_seq
+        out: list[LoggedEvent] = []
+        for first in reversed(segments):
+            if first > last:
+                continue
+            path = segment_path(self.directory, first)
+            newest = None
+            try:
+                for rec_seq, count, payload, _ in iter_records(path, first, stop_after=last):
+                    for seq, row in enumerate(json.loads(payload), start=rec_seq):
+                        if seq <= last:
+                            e = LoggedEvent(*row)
+                            newest = e.ts_us if newest is None else max(newest, e.ts_us)
+                            if e.ts_us >= ts_us:
+                                out.append(e)
+            except TornRecord as t:
+                raise EventLogCorrupt(path, t.offset, t.problem) from None
+            if newest is not None and newest < ts_us:
+                break
+        return out
+
     def frame(self, after_seq: int = 0) -> pl.DataFrame:
         """`events_frame` of the events after `after_seq`, in seq order."""
         return events_frame([e for _, e in self.replay(after_seq)])

@@ -108,6 +108,14 @@ def test_acknowledged_events_and_items_survive_sigkill_of_the_whole_server(small
                 # user_item_engagements_all > 0 on the items this user engaged with).
                 mine, cold = contributions(r, "personal"), contributions(control, "personal")
                 assert not np.allclose([mine[i] for i in candidates], [cold[i] for i in candidates], atol=1e-6), user
+            # Issue 14, problem 7: a client that did not see the acknowledgements resends everything,
+            # with the same event ids, to the restarted server: nothing is stored or counted twice.
+            before = rank(channel, users[0], candidates, explain=True)
+            msgs = [pb.LogEventsRequest(events=acknowledged[k : k + 50]) for k in range(0, len(acknowledged), 50)]
+            resp = stub(channel).LogEvents(iter(msgs), timeout=RPC_TIMEOUT_S)
+            assert (resp.accepted, resp.duplicates, resp.rejected) == (0, len(acknowledged), 0), resp
+            again = rank(channel, users[0], candidates, explain=True)
+            assert contributions(again, "personal") == contributions(before, "personal")
             # The item upserted before the kill: known by id, with its stored embedding.
             r = rank(channel, users[0], ["sku-durable", *catalog[:5]])
             assert "sku-durable" not in r.missing_ids and not r.degraded, r

@@ -13,6 +13,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2
 
+from featurizer.definitions import NAMES
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from serving.config import Limits, ServeConfig
 from serving.server import SERVICE_NAME
@@ -141,6 +142,27 @@ def test_reload_bundle_refuses_every_path_outside_the_roots_with_one_message(mai
         answers.add(e.value.details().replace(repr(shown), "<path>"))
     assert len(answers) == 1, answers
     assert stub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=RPC_TIMEOUT_S).bundle.version == version
+
+
+def test_a_retried_call_stores_nothing_twice_and_events_without_ids_are_not_deduplicated(main_server, catalog):
+    """Issue 14, problem 7: event_id deduplication; the retry of a whole call after any failure
+    (here: the client never saw the first answer) is harmless."""
+    st, channel, _ = main_server
+    now = datetime.now(timezone.utc)
+
+    def ev(k: int, event_id: str) -> pb.Event:
+        return pb.Event(ts=timestamp(now - timedelta(seconds=10 - k)), user_id="u-retry", item_id=catalog[k],
+                        type=pb.EVENT_TYPE_CLICK, event_id=event_id)
+
+    call = [pb.LogEventsRequest(events=[ev(0, "r-0"), ev(1, "r-1")]), pb.LogEventsRequest(events=[ev(2, "r-2"), ev(3, "")])]
+    first = stub(channel).LogEvents(iter(call), timeout=RPC_TIMEOUT_S)
+    assert (first.accepted, first.duplicates) == (4, 0)
+    clicks = lambda: st.server.engine.online.features("u-retry", catalog[:1], st.server.engine.now())[  # noqa: E731
+        0, NAMES.index("user_clicks_7d")]
+    assert clicks() == 4
+    retry = stub(channel).LogEvents(iter(call), timeout=RPC_TIMEOUT_S)
+    assert (retry.accepted, retry.duplicates, retry.rejected) == (1, 3, 0)  # the event without an id is stored again
+    assert clicks() == 5
 
 
 def test_an_event_time_out_of_range_is_rejected_alone(main_server, catalog):
