@@ -1,6 +1,6 @@
 # semrank: one entry point for set-up, demo and tests.
 #   make demo   - create .venv, install everything, run the end-to-end demo
-#   make test   - create .venv, install everything, run the test suite
+#   make test   - create .venv, install everything (the Node client's packages too), run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -26,7 +26,12 @@ services:
 	  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no --dir /tmp/semrank-redis --logfile /tmp/semrank-redis/redis.log; \
 	  for i in 1 2 3 4 5 6 7 8 9 10; do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 0.5; done; }
 
-test: setup services
+# The Node.js client's dependencies, from its lock file (tests/clients/test_node_client.py runs it).
+NODE_CLIENT := clients/node
+$(NODE_CLIENT)/node_modules/.package-lock.json: $(NODE_CLIENT)/package-lock.json
+	cd $(NODE_CLIENT) && npm ci --no-audit --no-fund --loglevel=error
+
+test: setup services $(NODE_CLIENT)/node_modules/.package-lock.json
 	$(PY) -m pytest -q
 
 # Regenerate the committed gRPC stubs from protos/ (tests/semrank/test_proto_stubs.py fails when they drift).
@@ -35,4 +40,4 @@ proto: setup
 	  protos/semrank/ranking/v1/ranking_service.proto
 
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache
+	rm -rf $(VENV) demo-out .pytest_cache $(NODE_CLIENT)/node_modules

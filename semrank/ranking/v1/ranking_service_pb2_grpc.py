@@ -29,10 +29,13 @@ class RankingServiceStub:
     """Ranks candidate items for a user by learned interest, takes the events that teach it,
     and the item data it ranks by.
 
-    Errors are returned as google.rpc.Status with google.rpc.BadRequest details
-    naming the offending field (for example `candidates[3].item_id`).
-    Overload is RESOURCE_EXHAUSTED; a missing or wrong bearer token is UNAUTHENTICATED,
-    a non-admin token on an admin call PERMISSION_DENIED.
+    Errors are returned as google.rpc.Status in the grpc-status-details-bin trailer: first a
+    google.rpc.ErrorInfo (domain "semrank", a stable reason such as INVALID_REQUEST,
+    MALFORMED_MESSAGE, OVERLOADED, EVENTS_STORED_NOT_APPLIED, and metadata such as stored_before),
+    then, for field errors, a google.rpc.BadRequest naming the offending field (for example
+    `candidates[3].item_id`). Overload is RESOURCE_EXHAUSTED / OVERLOADED; a missing or wrong bearer
+    token is UNAUTHENTICATED; a token whose role is too low PERMISSION_DENIED (WRITER_REQUIRED,
+    ADMIN_REQUIRED); admin calls on a server without tokens PERMISSION_DENIED / ADMIN_DISABLED.
     """
 
     def __init__(self, channel):
@@ -72,10 +75,13 @@ class RankingServiceServicer:
     """Ranks candidate items for a user by learned interest, takes the events that teach it,
     and the item data it ranks by.
 
-    Errors are returned as google.rpc.Status with google.rpc.BadRequest details
-    naming the offending field (for example `candidates[3].item_id`).
-    Overload is RESOURCE_EXHAUSTED; a missing or wrong bearer token is UNAUTHENTICATED,
-    a non-admin token on an admin call PERMISSION_DENIED.
+    Errors are returned as google.rpc.Status in the grpc-status-details-bin trailer: first a
+    google.rpc.ErrorInfo (domain "semrank", a stable reason such as INVALID_REQUEST,
+    MALFORMED_MESSAGE, OVERLOADED, EVENTS_STORED_NOT_APPLIED, and metadata such as stored_before),
+    then, for field errors, a google.rpc.BadRequest naming the offending field (for example
+    `candidates[3].item_id`). Overload is RESOURCE_EXHAUSTED / OVERLOADED; a missing or wrong bearer
+    token is UNAUTHENTICATED; a token whose role is too low PERMISSION_DENIED (WRITER_REQUIRED,
+    ADMIN_REQUIRED); admin calls on a server without tokens PERMISSION_DENIED / ADMIN_DISABLED.
     """
 
     def Rank(self, request, context):
@@ -156,10 +162,13 @@ class RankingService:
     """Ranks candidate items for a user by learned interest, takes the events that teach it,
     and the item data it ranks by.
 
-    Errors are returned as google.rpc.Status with google.rpc.BadRequest details
-    naming the offending field (for example `candidates[3].item_id`).
-    Overload is RESOURCE_EXHAUSTED; a missing or wrong bearer token is UNAUTHENTICATED,
-    a non-admin token on an admin call PERMISSION_DENIED.
+    Errors are returned as google.rpc.Status in the grpc-status-details-bin trailer: first a
+    google.rpc.ErrorInfo (domain "semrank", a stable reason such as INVALID_REQUEST,
+    MALFORMED_MESSAGE, OVERLOADED, EVENTS_STORED_NOT_APPLIED, and metadata such as stored_before),
+    then, for field errors, a google.rpc.BadRequest naming the offending field (for example
+    `candidates[3].item_id`). Overload is RESOURCE_EXHAUSTED / OVERLOADED; a missing or wrong bearer
+    token is UNAUTHENTICATED; a token whose role is too low PERMISSION_DENIED (WRITER_REQUIRED,
+    ADMIN_REQUIRED); admin calls on a server without tokens PERMISSION_DENIED / ADMIN_DISABLED.
     """
 
     @staticmethod
