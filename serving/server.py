@@ -35,7 +35,7 @@ from ranker.bundle import EncoderRef
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
 from serving.api.auth import AuthInterceptor
-from serving.api.errors import ErrorInterceptor
+from serving.api.errors import ErrorInterceptor, too_large_backstop
 from serving.api.interceptors import AdmissionInterceptor, MetricsInterceptor
 from serving.api.service import RankingService, ServingState
 from serving.config import ServeConfig
@@ -193,10 +193,11 @@ class RankingServer:
         # Metrics first (it sees every outcome, refusals included), then errors (every exception
         # below it becomes a status), admission, and auth last (see serving.api.interceptors).
         self.admission = AdmissionInterceptor(cfg.max_concurrent_rpcs)
-        interceptors = [MetricsInterceptor(self.metrics), ErrorInterceptor(), self.admission,
-                        AuthInterceptor(cfg.tokens, open_admin=cfg.open_admin)]
+        interceptors = [MetricsInterceptor(self.metrics), ErrorInterceptor(max_message_bytes=cfg.limits.max_message_bytes),
+                        self.admission, AuthInterceptor(cfg.tokens, open_admin=cfg.open_admin)]
         options = [
-            ("grpc.max_receive_message_length", cfg.limits.max_message_bytes),
+            # The error interceptor refuses messages over the limit with details; grpc's own check is a backstop.
+            ("grpc.max_receive_message_length", too_large_backstop(cfg.limits.max_message_bytes)),
             ("grpc.max_send_message_length", cfg.limits.max_message_bytes),
         ]
         # grpc's own cap is only a backstop for what the admission interceptor does not see.

@@ -11,7 +11,11 @@ after it). When a call raises:
   traceback in the server's log;
 - a call already aborted, or cancelled, passes through untouched.
 
-It also decodes requests: a message that is not a valid protobuf of the method's request type
+It also reads every request message first: one over `max_message_bytes` is `MessageTooLarge`
+(RESOURCE_EXHAUSTED, ErrorInfo MESSAGE_TOO_LARGE: never retry it as is), told apart from overload
+(RESOURCE_EXHAUSTED, OVERLOADED: retry with back-off). gRPC's own limit is set higher
+(`too_large_backstop`), so only messages far over the limit get grpc's bare RESOURCE_EXHAUSTED.
+And it decodes requests: a message that is not a valid protobuf of the method's request type
 (truncated bytes, invalid UTF-8 in a string field, a wrong wire type) never reaches a handler as
 an exception inside grpc (which would answer UNKNOWN and log a traceback); it becomes
 `MalformedMessage`, INVALID_ARGUMENT. In a request stream, the messages before it were handled;
@@ -55,6 +59,39 @@ class MalformedMessage(SemrankError):
         return {} if self.stored_before is None else {"stored_before": str(self.stored_before)}
 
 
+class MessageTooLarge(SemrankError):
+    """A request message over the server's limit; send smaller messages (split a stream's batches)."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+    reason = "MESSAGE_TOO_LARGE"
+
+    def __init__(self, message: str, size: int, limit: int):
+        super().__init__(message)
+        self.size, self.limit = size, limit
+
+    def error_metadata(self) -> dict[str, str]:
+        return {"bytes": str(self.size), "max_bytes": str(self.limit)}
+
+
+def too_large_backstop(max_message_bytes: int) -> int:
+    """gRPC's own receive limit for a server whose limit is `max_message_bytes`: high enough that
+    messages up to about twice the limit are refused by the interceptor, with details."""
+    return max_message_bytes + max(max_message_bytes, 1 << 20)
+
+
+class _TooLarge:
+    __slots__ = ("what", "size", "limit")
+
+    def __init__(self, what: str, size: int, limit: int):
+        self.what, self.size, self.limit = what, size, limit
+
+    def raise_(self, index: int | None = None) -> None:
+        where = "" if index is None else f" (message {index} of the stream)"
+        raise MessageTooLarge(f"the {self.what} message{where} is {self.size} bytes, over the server's limit of "
+                              f"{self.limit}; send smaller messages (fewer candidates or events per message)",
+                              self.size, self.limit)
+
+
 class _Undecodable:
     """What the request deserializer hands on instead of raising: the bytes did not decode."""
 
@@ -69,11 +106,13 @@ class _Undecodable:
                                f"{type(self.error).__name__}: {str(self.error)[:200]}")
 
 
-def _safe_deserializer(deserialize, what: str):
+def _safe_deserializer(deserialize, what: str, max_bytes: int | None):
     if deserialize is None:
         return None
 
     def safe(data: bytes):
+        if max_bytes is not None and len(data) > max_bytes:
+            return _TooLarge(what, len(data), max_bytes)
         try:
             return deserialize(data)
         except Exception as e:  # noqa: BLE001 - DecodeError, UnicodeDecodeError, ...
@@ -85,7 +124,7 @@ def _safe_deserializer(deserialize, what: str):
 async def _checked(request_iterator):
     index = 0
     async for message in request_iterator:
-        if isinstance(message, _Undecodable):
+        if isinstance(message, (_Undecodable, _TooLarge)):
             message.raise_(index)
         yield message
         index += 1
@@ -122,8 +161,9 @@ def _request_id(request) -> str:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, service_prefix: str = "/semrank."):
+    def __init__(self, service_prefix: str = "/semrank.", max_message_bytes: int | None = None):
         self.service_prefix = service_prefix
+        self.max_message_bytes = max_message_bytes
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -132,13 +172,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method.rsplit("/", 1)[-1]
         what = f"{method} request"
         guarded = wrap_handler(handler, lambda behavior: self._guard(behavior, method, handler.request_streaming))
-        return guarded._replace(request_deserializer=_safe_deserializer(handler.request_deserializer, what))
+        return guarded._replace(request_deserializer=_safe_deserializer(handler.request_deserializer, what,
+                                                                        self.max_message_bytes))
 
     def _guard(self, behavior, method: str, request_streaming: bool):
         def checked(request_or_iterator):
             if request_streaming:
                 return _checked(request_or_iterator)
-            if isinstance(request_or_iterator, _Undecodable):
+            if isinstance(request_or_iterator, (_Undecodable, _TooLarge)):
                 request_or_iterator.raise_()
             return request_or_iterator
 

@@ -70,7 +70,7 @@ class LoggedEvent:
     item_id: str
     event: str  # one of featurizer.contracts.schema.EVENT_TYPES
     request_id: str = ""
-    position: int = 0  # 0 = none
+    position: int = 0  # as on the wire (Event.position): 1-based slot in the ranked list, 0 = not shown
     event_id: str = ""
 
 
@@ -102,7 +102,11 @@ def segment_path(directory: Path, first_seq: int) -> Path:
 
 def events_frame(events: Sequence[LoggedEvent]) -> pl.DataFrame:
     """The contract's events columns, in the given order (OnlineFeatures.apply takes it): ts (UTC, µs),
-    user_id, item_id, event (Enum of EVENT_TYPES), request_id (Utf8) and position (Int64), null for ""/0."""
+    user_id, item_id, event (Enum of EVENT_TYPES), request_id (Utf8, null for "") and position (Int64).
+
+    Position is converted here, the one place logged events become the data contract: the API's
+    1-based slot (0 = not shown) becomes the contract's 0-based one (null = not shown), so events
+    logged over gRPC and events in a data file mean the same slot (tests/serving/ingest/test_event_log.py)."""
     return pl.DataFrame(
         {
             "ts": [e.ts_us for e in events],
@@ -110,7 +114,7 @@ def events_frame(events: Sequence[LoggedEvent]) -> pl.DataFrame:
             "item_id": [e.item_id for e in events],
             "event": [e.event for e in events],
             "request_id": [e.request_id or None for e in events],
-            "position": [e.position or None for e in events],
+            "position": [e.position - 1 if e.position > 0 else None for e in events],
         },
         schema={"ts": pl.Int64, "user_id": pl.Utf8, "item_id": pl.Utf8, "event": pl.Enum(list(EVENT_TYPES)),
                 "request_id": pl.Utf8, "position": pl.Int64},

@@ -82,11 +82,13 @@ def test_malformed_and_oversized_requests_fail_alone_while_good_ones_are_served(
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
             assert bad_request_fields(e.value) == fields
             assert all(f in e.value.details() for f in fields)  # readable without rich-status support
-        # A message over max_message_bytes: gRPC itself refuses it before any handler runs.
+        # A message over max_message_bytes: refused before it is decoded, RESOURCE_EXHAUSTED with the
+        # reason MESSAGE_TOO_LARGE (issue 14, problem 12: told apart from OVERLOADED).
         huge = pb.RankCandidate(item_id="huge", title="t", description="d" * (2 * MAIN_MAX_MESSAGE_BYTES))
         with pytest.raises(grpc.RpcError) as e:
             stub(channel).Rank(pb.RankRequest(user_id="u-bad", candidates=[huge]), timeout=RPC_TIMEOUT_S)
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value
+        assert error_info(e.value).reason == "MESSAGE_TOO_LARGE"
         n_before_last = len(good.results)
         wait_until(lambda: len(good.results) > n_before_last + 2, 120, "good Ranks after the bad ones")
     assert good.errors() == []

@@ -34,7 +34,7 @@ from ranker.bundle import BundleError
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
 from serving.api.auth import AdminDisabled, AdminRequired, PermissionDenied, Unauthenticated, WriterRequired
-from serving.api.errors import DOMAIN, ErrorInterceptor, MalformedMessage
+from serving.api.errors import DOMAIN, ErrorInterceptor, MalformedMessage, MessageTooLarge, too_large_backstop
 from serving.api.interceptors import Overloaded
 from serving.api.service import DeadlinePassed
 from serving.api.validation import FieldViolation, InvalidRequest
@@ -95,6 +95,8 @@ TABLE: list[tuple[Exception, C, str, dict[str, str], list[str]]] = [
     (BatchScoringError("bundle has no catalog"), C.FAILED_PRECONDITION, "BATCH_SCORING_FAILED", {}, []),
     (OutputMismatch("OUT holds another job"), C.FAILED_PRECONDITION, "BATCH_OUTPUT_MISMATCH", {}, []),
     (MalformedMessage("the request is not a valid Rank request message"), C.INVALID_ARGUMENT, "MALFORMED_MESSAGE", {}, []),
+    (MessageTooLarge("the Rank request message is 9000 bytes", 9000, 4096), C.RESOURCE_EXHAUSTED, "MESSAGE_TOO_LARGE",
+     {"bytes": "9000", "max_bytes": "4096"}, []),
     (SemrankError("an error nobody classified"), C.INTERNAL, "INTERNAL", {}, []),
 ]
 
@@ -147,6 +149,17 @@ async def _call(stub, method: str) -> grpc.aio.AioRpcError:
     raise AssertionError(f"{method} succeeded")
 
 
+LIMIT = 64 * 1024
+
+
+async def _call_request(call) -> grpc.aio.AioRpcError:
+    try:
+        await call
+    except grpc.aio.AioRpcError as e:
+        return e
+    raise AssertionError("an oversized request succeeded")
+
+
 async def _raw(call) -> grpc.aio.AioRpcError:
     try:
         await call
@@ -160,7 +173,8 @@ def answers() -> dict:
     """{(row or name, method): the AioRpcError a real channel got}, from one server."""
 
     async def run():
-        server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+        server = grpc.aio.server(interceptors=[ErrorInterceptor(max_message_bytes=LIMIT)],
+                                 options=[("grpc.max_receive_message_length", too_large_backstop(LIMIT))])
         service = RaisingService()
         pb_grpc.add_RankingServiceServicer_to_server(service, server)
         port = server.add_insecure_port("127.0.0.1:0")
@@ -183,6 +197,11 @@ def answers() -> dict:
                     out["malformed", name] = await _raw(raw_rank(data, timeout=10))
                 out["malformed", "stream"] = await _raw(raw_log(iter([EVENTS, EVENTS, MALFORMED["truncated"]]), timeout=10))
                 out["well-formed", "stream"] = await raw_log(iter([EVENTS, EVENTS]), timeout=10)
+                big = pb.RankRequest(user_id="u1", candidates=[pb.RankCandidate(item_id="i", title="t" * 2 * LIMIT)])
+                out["too large", "Rank"] = await _call_request(stub.Rank(big, timeout=10))
+                out["too large", "stream"] = await _raw(raw_log(iter([EVENTS, b"\x0a" + b"\x00" * (LIMIT + 10)]), timeout=10))
+                huge = pb.RankRequest(user_id="u1", candidates=[pb.RankCandidate(item_id="i", title="t" * 3 * (1 << 20))])
+                out["far too large", "Rank"] = await _call_request(stub.Rank(huge, timeout=10))
         finally:
             await server.stop(None)
         return out
@@ -244,6 +263,18 @@ def test_a_malformed_message_in_a_stream_fails_the_call_after_the_messages_befor
     assert got.code() == C.INVALID_ARGUMENT and "(message 2 of the stream)" in got.details()
     assert _details(got)[0].reason == "MALFORMED_MESSAGE"
     assert answers["well-formed", "stream"].accepted == 2  # the checking costs a well-formed stream nothing
+
+
+def test_a_message_over_the_limit_is_told_apart_from_overload(answers):
+    """Issue 14, problem 12: both are RESOURCE_EXHAUSTED; the reason says which (never retry this one)."""
+    for key in ("Rank", "stream"):
+        got = answers["too large", key]
+        assert got.code() == C.RESOURCE_EXHAUSTED, got
+        info, _ = _details(got)
+        assert info.reason == "MESSAGE_TOO_LARGE" and info.metadata["max_bytes"] == str(LIMIT)
+    assert "(message 1 of the stream)" in answers["too large", "stream"].details()
+    far = answers["far too large", "Rank"]  # beyond grpc's backstop: grpc's own answer, no details
+    assert far.code() == C.RESOURCE_EXHAUSTED and rpc_status.from_call(far) is None
 
 
 def _all_error_classes() -> set[type]:

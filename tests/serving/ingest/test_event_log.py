@@ -17,6 +17,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from featurizer.contracts.schema import validate_events, validate_items
 from featurizer.online.features import OnlineFeatures
@@ -194,7 +195,7 @@ def test_frame_feeds_online_features(tmp_path):
          "request_id": pl.Utf8, "position": pl.Int64}
     )
     assert frame["request_id"].to_list() == ["r1", "r1", "r1", None]
-    assert frame["position"].to_list() == [1, 2, 2, None]
+    assert frame["position"].to_list() == [0, 1, 1, None]  # wire slots 1, 2 are the contract's 0, 1
     assert frame["ts"].dt.epoch("us").to_list() == [e.ts_us for e in batch]
     assert validate_events(frame).drop("seq_pos").with_columns(pl.col("position").cast(pl.Int64)).equals(frame)
     assert tail["user_id"].to_list() == ["u2"]
@@ -259,3 +260,16 @@ def test_sigkill_loses_no_acknowledged_event(tmp_path, seed, mode):
         ids = ids.split(",")
         seqs = range(int(last) - len(ids) + 1, int(last) + 1)
         assert [got.get(s) for s in seqs] == [event_for(i) for i in ids]
+
+
+def test_a_logged_position_means_the_same_slot_as_in_a_data_file():
+    """Issue 14, problem 12: Event.position is 1-based on the wire (0 = not shown); the data contract,
+    which training reads, is 0-based (null = not shown). The conversion happens in events_frame."""
+    from semrank.ranking.v1 import ranking_service_pb2 as pb
+    from serving.api.convert import to_logged
+
+    wire = [pb.Event(ts=Timestamp(seconds=1_767_225_600 + k), user_id="u1", item_id=f"i{k}", type=pb.EVENT_TYPE_IMPRESSION,
+                     request_id="r1", position=p) for k, p in enumerate((1, 2, 3, 0))]
+    frame = events_frame([to_logged(e) for e in wire])
+    assert frame["position"].to_list() == [0, 1, 2, None]  # the first slot of list r1 is position 0, as in synth data
+    validate_events(frame, "logged events")
