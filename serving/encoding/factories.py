@@ -70,6 +70,17 @@ def _model_ready(triton, timeout_s: float = 2.0) -> bool:
         client.close()
 
 
+def _report(observer, method: str, *args) -> None:
+    """Tell the observer (metrics), if it listens for this; an observer must never break supervision."""
+    fn = getattr(observer, method, None)
+    if fn is None:
+        return
+    try:
+        fn(*args)
+    except Exception:  # noqa: BLE001
+        log.exception("observer %s failed", method)
+
+
 def triton_encoder_factory(opts: TritonEncoderOptions, observer=None,
                            started: Callable[[str, object], None] | None = None,
                            stopped: Callable[[str], None] | None = None) -> EncoderFactory:
@@ -95,6 +106,7 @@ def triton_encoder_factory(opts: TritonEncoderOptions, observer=None,
                                    min_counted_timeout_s=opts.breaker_min_timeout_s)
         if started is not None:
             started(key, triton)
+        _report(observer, "on_triton", key, True)
         current = {"triton": triton}
 
         async def supervise() -> None:
@@ -105,6 +117,7 @@ def triton_encoder_factory(opts: TritonEncoderOptions, observer=None,
                 await asyncio.sleep(opts.supervise_s)
                 t = current["triton"]
                 ok = t.is_running() and await asyncio.to_thread(_model_ready, t)
+                _report(observer, "on_triton", key, ok)
                 failed = 0 if ok else failed + 1
                 if failed < opts.restart_after_failed_checks:
                     continue
@@ -118,6 +131,8 @@ def triton_encoder_factory(opts: TritonEncoderOptions, observer=None,
                     await asyncio.to_thread(fresh.stop)
                     continue
                 current["triton"], failed = fresh, 0
+                _report(observer, "on_triton_restart", key)
+                _report(observer, "on_triton", key, True)
                 if started is not None:
                     started(key, fresh)
 

@@ -87,6 +87,10 @@ class Metrics:
             namespace=ns, registry=r, buckets=LATENCY_BUCKETS_S,
         )
         self.triton_errors_total = Counter("triton_errors", "Failed Triton calls by kind", ("kind",), namespace=ns, registry=r)
+        self.triton_up = Gauge("triton_up", "1 while the supervisor's last check of this encoder's Triton passed",
+                               ("encoder",), namespace=ns, registry=r)
+        self.triton_restarts_total = Counter("triton_restarts", "Triton processes the supervisor restarted",
+                                             ("encoder",), namespace=ns, registry=r)
         self.triton_breaker_state = Gauge(
             "triton_breaker_state", "Triton circuit breaker: 0 closed, 1 half_open, 2 open", namespace=ns, registry=r
         )
@@ -174,6 +178,13 @@ class TritonObserver:
             self._m.triton_latency_seconds.observe(seconds)
         if kind is not None:
             self._m.triton_errors_total.labels(kind=kind).inc()
+
+    def on_triton(self, encoder: str, up: bool) -> None:
+        """The supervisor's check of one encoder's Triton (process alive and model ready)."""
+        self._m.triton_up.labels(encoder=encoder).set(1 if up else 0)
+
+    def on_triton_restart(self, encoder: str) -> None:
+        self._m.triton_restarts_total.labels(encoder=encoder).inc()
 
     def on_breaker(self, state: str) -> None:
         if state not in BREAKER_STATES:

@@ -143,7 +143,8 @@ def test_dead_triton_is_restarted_and_answers_recover(small_shop, small_bundle, 
     """The supervisor notices the killed Triton, starts a new one on the same ports, and the client
     (short reconnect back-off, breaker half-open probe) finds it: new users get full answers again."""
     cfg = ServeConfig(bundle_dir=small_bundle[0], data_dir=small_shop, state_dir=tmp_path / "state", port=0,
-                      reload_poll_s=0, encoder_timeout_s=5.0, triton_supervise_s=0.5, breaker_open_s=0.5)
+                      metrics_port=0, reload_poll_s=0, encoder_timeout_s=5.0, triton_supervise_s=0.5,
+                      breaker_open_s=0.5)
     users = engaged_users(shop)
     with ServerThread(cfg) as st, grpc.insecure_channel(f"127.0.0.1:{st.port}") as channel:
         kill_tritons(st)
@@ -157,4 +158,9 @@ def test_dead_triton_is_restarted_and_answers_recover(small_shop, small_bundle, 
         wait_until(recovered, 240, "a restarted Triton answering", poll_s=1.0)
         assert len(st.server.tritons) == 1
         restarted = [t.pid for t in st.server.tritons.values()]
+        # issue 14, problem 11: the restart and the state are visible in /metrics
+        (key,) = st.server.tritons
+        scraped = scrape_metrics(st.server.metrics_port)
+        assert metric(scraped, "semrank_triton_restarts_total", encoder=key) >= 1
+        assert metric(scraped, "semrank_triton_up", encoder=key) == 1
     wait_triton_groups_gone(restarted, "after stop (the restarted Triton too)")

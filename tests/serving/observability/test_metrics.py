@@ -174,3 +174,14 @@ def test_http_server_start_stop():
     with pytest.raises(OSError):
         scrape(port)
     m.stop_http()  # idempotent
+
+
+def test_triton_up_and_restarts_are_counted_per_encoder():
+    m = Metrics()
+    obs = m.triton_observer()
+    obs.on_triton("enc-a", True)
+    obs.on_triton("enc-a", False)
+    obs.on_triton_restart("enc-a")
+    obs.on_triton("enc-a", True)
+    assert m.registry.get_sample_value("semrank_triton_up", {"encoder": "enc-a"}) == 1
+    assert m.registry.get_sample_value("semrank_triton_restarts_total", {"encoder": "enc-a"}) == 1
