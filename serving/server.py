@@ -71,6 +71,26 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RankingService"].full_name
 READINESS = "semrank.readiness"
 
 
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _enable_reflection(server: grpc.aio.Server) -> None:
+    """Server reflection under both names: grpc.reflection.v1 (what grpcurl and current clients ask
+    first) and v1alpha. grpcio-reflection implements only v1alpha; the two protocols' messages are
+    the same, field for field, so v1 is served by the same servicer with v1alpha's codecs."""
+    from grpc_reflection.v1alpha.reflection import aio as reflection_aio
+    from grpc_reflection.v1alpha import reflection_pb2 as rpb
+
+    names = [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME,
+             REFLECTION_V1]
+    servicer = reflection_aio.ReflectionServicer(names)
+    handler = grpc.stream_stream_rpc_method_handler(servicer.ServerReflectionInfo,
+                                                    request_deserializer=rpb.ServerReflectionRequest.FromString,
+                                                    response_serializer=rpb.ServerReflectionResponse.SerializeToString)
+    for service in (reflection.SERVICE_NAME, REFLECTION_V1):
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, {"ServerReflectionInfo": handler}),))
+
+
 class RankingServer:
     def __init__(self, cfg: ServeConfig, clock: Callable[[], datetime] = utc_now,
                  encoder_factory: Callable | None = None):
@@ -205,10 +225,7 @@ class RankingServer:
                                       maximum_concurrent_rpcs=2 * cfg.max_concurrent_rpcs + 16)
         pb_grpc.add_RankingServiceServicer_to_server(RankingService(self.state), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            self.server,
-        )
+        _enable_reflection(self.server)
         address = f"{cfg.host}:{cfg.port}"
         if cfg.tls is not None:
             self.port = self.server.add_secure_port(address, cfg.tls.server_credentials())

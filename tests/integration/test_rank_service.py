@@ -64,6 +64,14 @@ def test_health_and_reflection(service):
     resp = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
     names = {s.name for s in resp.list_services_response.service}
     assert {SERVICE_NAME, "grpc.health.v1.Health"} <= names
+    # issue 14, problem 12: grpc.reflection.v1 too (same messages as v1alpha, field for field)
+    v1 = channel.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                               request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                               response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+    resp = next(v1(iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE_NAME)]), timeout=60))
+    assert resp.file_descriptor_response.file_descriptor_proto  # the service's proto, for grpcurl
+    resp = next(v1(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=60))
+    assert {SERVICE_NAME, "grpc.reflection.v1.ServerReflection"} <= {s.name for s in resp.list_services_response.service}
 
 
 def test_rank_returns_every_candidate_best_first(service, shop, small_bundle):
