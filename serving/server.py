@@ -30,6 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from featurizer.contracts.experiments import Experiments, load_experiments
+from featurizer.contracts.schema import read_dataset
 from featurizer.errors import ConfigError
 from ranker.bundle import EncoderRef
 from semrank.ranking.v1 import ranking_service_pb2 as pb
@@ -256,6 +257,9 @@ class RankingServer:
                 log.warning("not ready: %s", why)
             self._not_ready_why = why
             return False
+        if await asyncio.to_thread(self.state.online.store_lost_state):
+            await self._rebuild_store()
+            return False
         if self.state.ingest.behind:
             await self.state.ingest.catch_up()
         for h in self._registry.pool.handles():
@@ -267,6 +271,23 @@ class RankingServer:
             log.info("ready again (was: %s)", self._not_ready_why)
         self._not_ready_why = None
         return True
+
+    async def _rebuild_store(self) -> None:
+        """The store lost its state (issue 14, problem 5): answers are marked degraded while this
+        process, the single writer, refills it from the data directory and the event log."""
+        engine = self.state.engine
+        log.error("the online store lost its data (its state row is gone): rebuilding it from %s and the event log",
+                  self.cfg.data_dir)
+        engine.store_rebuilding = True
+        self.metrics.store_rebuilds_total.inc()
+        self.ready = False
+        await self.health.set(READINESS, health_pb2.HealthCheckResponse.NOT_SERVING)
+        try:
+            events = (await asyncio.to_thread(read_dataset, self.cfg.data_dir)).events
+            n = await self.state.ingest.rebuild(events)
+            log.warning("online store rebuilt: %d event(s) applied", n)
+        finally:
+            engine.store_rebuilding = False
 
     async def _readiness(self, every_s: float) -> None:
         while True:

@@ -136,6 +136,12 @@ class OnlineFeatures:
         self._set_catalog(merged)
         self._items = merged
 
+    def store_lost_state(self) -> bool:
+        """True when this process applied events but the store no longer holds their state (its meta
+        row is gone: a flush, an empty replica after failover). Raises OnlineStoreError when the store
+        cannot be read."""
+        return self._watermark != NO_TS and self.store.read("meta", [META_KEY])[0] is None
+
     @property
     def watermark(self) -> datetime | None:
         """The latest applied event's instant (None before any)."""

@@ -119,6 +119,21 @@ class EventIngest:
         """The stored events after `committed_seq` and before seq `before`, read back from the log."""
         return [e for s, e in self.event_log.replay(self.committed_seq) if s < before]
 
+    async def rebuild(self, data_events) -> int:
+        """Refill a store that lost its state: the data directory's events, then the whole event log,
+        committed with the log's last seq; off the event loop, under the apply lock (batches wait).
+        Returns how many events it applied."""
+        async with self.applied_lock:
+            logged = [e for _, e in self.event_log.replay(0)]
+
+            def refill() -> None:
+                self.online.apply(data_events)
+                apply_logged(self.online, logged, self.applied_seq)
+
+            await asyncio.to_thread(refill)
+            self.committed_seq = self.applied_seq
+            return data_events.height + len(logged)
+
     async def catch_up(self) -> int:
         """Apply the backlog, if any; returns how many events it committed (0 when none, or when the
         store still fails: the next call or batch tries again)."""

@@ -87,6 +87,8 @@ class Metrics:
             namespace=ns, registry=r, buckets=LATENCY_BUCKETS_S,
         )
         self.triton_errors_total = Counter("triton_errors", "Failed Triton calls by kind", ("kind",), namespace=ns, registry=r)
+        self.store_rebuilds_total = Counter("store_rebuilds", "Times the online store had lost its data and was refilled",
+                                            namespace=ns, registry=r)
         self.triton_up = Gauge("triton_up", "1 while the supervisor's last check of this encoder's Triton passed",
                                ("encoder",), namespace=ns, registry=r)
         self.triton_restarts_total = Counter("triton_restarts", "Triton processes the supervisor restarted",

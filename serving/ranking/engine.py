@@ -113,7 +113,8 @@ class LruCache:
 ENCODER_UNAVAILABLE = "encoder_unavailable"
 INLINE_ITEM_LIMIT = "inline_item_limit"
 STORE_UNAVAILABLE = "online_store_unavailable"
-DEGRADED_CODES = (ENCODER_UNAVAILABLE, INLINE_ITEM_LIMIT, STORE_UNAVAILABLE)
+STORE_REBUILDING = "online_store_rebuilding"
+DEGRADED_CODES = (ENCODER_UNAVAILABLE, INLINE_ITEM_LIMIT, STORE_UNAVAILABLE, STORE_REBUILDING)
 
 
 def degraded_code(reason: str) -> str:
@@ -134,6 +135,7 @@ class RankingEngine:
     user_cache_size: int = 200_000
     inline_cache_size: int = 50_000
     max_inline_encodes: int = 64  # texts one request may send to the encoder; the rest rank without text
+    store_rebuilding: bool = False  # the store lost its state and is being refilled (set by the server)
     on_cache: Callable[[str, bool], None] | None = None  # (cache name, hit) -> None, for metrics
 
     def __post_init__(self) -> None:
@@ -277,6 +279,9 @@ class RankingEngine:
             online = np.full((len(ids), len(NAMES)), np.nan)
             if interest is not None:
                 online[:, NAMES.index("interest_score")] = interest
+        if self.store_rebuilding:
+            reasons.append(f"{STORE_REBUILDING}: the online store lost its data and is being refilled from the "
+                           "event log; behavioural features may be incomplete")
         X = rt.inputs.matrix(online)
         scores = rt.bundle.score(X)
         order = np.argsort(-scores, kind="stable")

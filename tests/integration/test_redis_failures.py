@@ -14,6 +14,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -83,5 +84,44 @@ def test_redis_down_degrades_ranks_and_log_events_says_what_was_stored(small_sho
             engine = st.server.engine
             feats = engine.online.features("u-redis", items[:1], engine.now())
             assert feats[0, NAMES.index("user_purchases_30d")] == 3  # once each, not twice
+    finally:
+        redis.kill()
+
+
+def test_lost_redis_data_is_noticed_marked_and_rebuilt_from_the_log(small_shop, small_bundle, shop, catalog, tmp_path):
+    """Issue 14, problem 5: a FLUSHALL (or failover to an empty replica) was silent and permanent.
+    Now the readiness probe notices the missing state row, answers are marked degraded while the
+    single writer refills the store from the data directory and the event log, and the features
+    come back as they were."""
+    import redis as redis_py
+
+    redis = RedisProcess(tmp_path / "redis").start()
+    cfg = ServeConfig(bundle_dir=small_bundle[0], data_dir=small_shop, state_dir=tmp_path / "state", port=0,
+                      reload_poll_s=0, encoder_timeout_s=5.0, readiness_interval_s=0.2,
+                      store=RedisConfig(url=redis.url, namespace="redis-loss-test", socket_timeout_s=1.0))
+    user, items = engaged_users(shop)[0], catalog[:10]
+    try:
+        with ServerThread(cfg) as st, grpc.insecure_channel(f"127.0.0.1:{st.port}") as channel:
+            now = datetime.now(timezone.utc)
+            events = [pb.Event(ts=timestamp(now - timedelta(seconds=5 - k)), user_id="u-lost", item_id=items[k],
+                               type=pb.EVENT_TYPE_PURCHASE, event_id=f"e-lost-{k}") for k in range(3)]
+            assert stub(channel).LogEvents(iter([pb.LogEventsRequest(events=events)]), timeout=RPC_TIMEOUT_S).accepted == 3
+            engine = st.server.engine
+            at = engine.now()  # one instant for both reads: recency features move with the clock
+
+            def state():
+                return [engine.online.features(u, items, at) for u in (user, "u-lost")]
+
+            before = state()
+            client = redis_py.Redis.from_url(redis.url)
+            client.flushall()
+            client.close()
+            rebuilds = lambda: st.server.metrics.registry.get_sample_value("semrank_store_rebuilds_total")  # noqa: E731
+            wait_until(lambda: rebuilds() == 1, 60, "the lost store to be noticed")
+            wait_until(lambda: readiness(channel) == health_pb2.HealthCheckResponse.SERVING, 120, "the rebuild")
+            after = state()
+            for a, b in zip(before, after):
+                np.testing.assert_array_equal(a, b)
+            assert not rank(channel, user, items).degraded and rebuilds() == 1
     finally:
         redis.kill()

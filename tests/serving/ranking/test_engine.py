@@ -164,3 +164,10 @@ class CountingEncoderService(InProcessEncoder):
     async def encode(self, texts, timeout_s=None):
         self.texts += len(texts)
         return await super().encode(texts, timeout_s)
+
+
+def test_answers_during_a_store_rebuild_are_marked(engine, bundle, ds):
+    engine.store_rebuilding = True
+    out = rank(engine, BundleRuntime(bundle, KEY, InProcessEncoder(HashEncoder())), engaged_user(ds),
+               [Candidate(i) for i in ds.items["item_id"].head(4)])
+    assert out.degraded and [degraded_code(r) for r in out.degraded_reasons] == ["online_store_rebuilding"]
