@@ -242,6 +242,18 @@ class EventLog:
         with self._lock:
             return self._last_seq
 
+    def _segment_events(self, first: int, last: int, after_seq: int = 0) -> Iterator[tuple[int, LoggedEvent]]:
+        """(seq, event) of segment `first` with after_seq < seq <= last; a bad record is EventLogCorrupt."""
+        path = segment_path(self.directory, first)
+        try:
+            for rec_seq, count, payload, _ in iter_records(path, first, stop_after=last):
+                if rec_seq + count - 1 > after_seq:
+                    for seq, row in enumerate(json.loads(payload), start=rec_seq):
+                        if after_seq < seq <= last:
+                            yield seq, LoggedEvent(*row)
+        except TornRecord as t:
+            raise EventLogCorrupt(path, t.offset, t.problem) from None
+
     def replay(self, after_seq: int = 0) -> Iterator[tuple[int, LoggedEvent]]:
         """(seq, event) for each acknowledged event with seq > after_seq, in seq order."""
         with self._lock:
@@ -249,15 +261,7 @@ class EventLog:
         for k, first in enumerate(segments):
             if first > last or (k + 1 < len(segments) and segments[k + 1] <= after_seq + 1):
                 continue
-            path = segment_path(self.directory, first)
-            try:
-                for rec_seq, count, payload, _ in iter_records(path, first, stop_after=last):
-                    if rec_seq + count - 1 > after_seq:
-                        for seq, row in enumerate(json.loads(payload), start=rec_seq):
-                            if after_seq < seq <= last:
-                                yield seq, LoggedEvent(*row)
-            except TornRecord as t:
-                raise EventLogCorrupt(path, t.offset, t.problem) from None
+            yield from self._segment_events(first, last, after_seq)
 
     def events_since(self, ts_us: int) -> list[LoggedEvent]:
         """The acknowledged events with event time >= `ts_us`, reading segments from the newest
@@ -269,19 +273,9 @@ class EventLog:
         for first in reversed(segments):
             if first > last:
                 continue
-            path = segment_path(self.directory, first)
-            newest = None
-            try:
-                for rec_seq, count, payload, _ in iter_records(path, first, stop_after=last):
-                    for seq, row in enumerate(json.loads(payload), start=rec_seq):
-                        if seq <= last:
-                            e = LoggedEvent(*row)
-                            newest = e.ts_us if newest is None else max(newest, e.ts_us)
-                            if e.ts_us >= ts_us:
-                                out.append(e)
-            except TornRecord as t:
-                raise EventLogCorrupt(path, t.offset, t.problem) from None
-            if newest is not None and newest < ts_us:
+            events = [e for _, e in self._segment_events(first, last)]
+            out += [e for e in events if e.ts_us >= ts_us]
+            if events and max(e.ts_us for e in events) < ts_us:
                 break
         return out
 
