@@ -28,6 +28,7 @@ gives which status is `tests/serving/api/test_errors.py`.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 import logging
 import uuid
 
@@ -79,31 +80,17 @@ def too_large_backstop(max_message_bytes: int) -> int:
     return max_message_bytes + max(max_message_bytes, 1 << 20)
 
 
-class _TooLarge:
-    __slots__ = ("what", "size", "limit")
+class _Refused:
+    """What the request deserializer hands on instead of raising: a message it refused to decode.
+    `error(where)` builds the error; `where` names the message's place in a stream ("" for unary)."""
 
-    def __init__(self, what: str, size: int, limit: int):
-        self.what, self.size, self.limit = what, size, limit
+    __slots__ = ("error",)
 
-    def raise_(self, index: int | None = None) -> None:
-        where = "" if index is None else f" (message {index} of the stream)"
-        raise MessageTooLarge(f"the {self.what} message{where} is {self.size} bytes, over the server's limit of "
-                              f"{self.limit}; send smaller messages (fewer candidates or events per message)",
-                              self.size, self.limit)
-
-
-class _Undecodable:
-    """What the request deserializer hands on instead of raising: the bytes did not decode."""
-
-    __slots__ = ("what", "error")
-
-    def __init__(self, what: str, error: Exception):
-        self.what, self.error = what, error
+    def __init__(self, error: Callable[[str], SemrankError]):
+        self.error = error
 
     def raise_(self, index: int | None = None) -> None:
-        where = "" if index is None else f" (message {index} of the stream)"
-        raise MalformedMessage(f"the request{where} is not a valid {self.what} message: "
-                               f"{type(self.error).__name__}: {str(self.error)[:200]}")
+        raise self.error("" if index is None else f" (message {index} of the stream)")
 
 
 def _safe_deserializer(deserialize, what: str, max_bytes: int | None):
@@ -111,12 +98,16 @@ def _safe_deserializer(deserialize, what: str, max_bytes: int | None):
         return None
 
     def safe(data: bytes):
-        if max_bytes is not None and len(data) > max_bytes:
-            return _TooLarge(what, len(data), max_bytes)
+        size = len(data)
+        if max_bytes is not None and size > max_bytes:
+            return _Refused(lambda where: MessageTooLarge(
+                f"the {what} message{where} is {size} bytes, over the server's limit of {max_bytes}; send smaller "
+                "messages (fewer candidates or events per message)", size, max_bytes))
         try:
             return deserialize(data)
         except Exception as e:  # noqa: BLE001 - DecodeError, UnicodeDecodeError, ...
-            return _Undecodable(what, e)
+            return _Refused(lambda where, e=e: MalformedMessage(
+                f"the request{where} is not a valid {what} message: {type(e).__name__}: {str(e)[:200]}"))
 
     return safe
 
@@ -124,7 +115,7 @@ def _safe_deserializer(deserialize, what: str, max_bytes: int | None):
 async def _checked(request_iterator):
     index = 0
     async for message in request_iterator:
-        if isinstance(message, (_Undecodable, _TooLarge)):
+        if isinstance(message, _Refused):
             message.raise_(index)
         yield message
         index += 1
@@ -179,7 +170,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         def checked(request_or_iterator):
             if request_streaming:
                 return _checked(request_or_iterator)
-            if isinstance(request_or_iterator, (_Undecodable, _TooLarge)):
+            if isinstance(request_or_iterator, _Refused):
                 request_or_iterator.raise_()
             return request_or_iterator
 
