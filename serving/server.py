@@ -66,7 +66,7 @@ def is_loopback(host: str) -> bool:
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RankingService"].full_name
 # The health name a load balancer probes for "all dependencies up": SERVING only while the online
-# store answers and the encoder's circuit breaker is closed. "" and SERVICE_NAME stay SERVING while
+# store answers a read and the encoder's circuit breaker is closed. "" and SERVICE_NAME stay SERVING while
 # Rank can answer at all (degraded answers included), so probing them never takes a server out
 # because Redis or Triton is down.
 READINESS = "semrank.readiness"
@@ -247,17 +247,18 @@ class RankingServer:
                 log.exception("feature snapshot failed")
 
     async def _check_ready(self) -> bool:
-        """The online store answers a ping (off the event loop, within 2 s) and no encoder's breaker
-        is open. When the store is back, stored events it missed are applied first."""
+        """The online store answers a read of its state row (off the event loop, within 2 s) and
+        no encoder's breaker is open. A store that lost its state is rebuilt; when the store is back,
+        stored events it missed are applied first."""
         try:
-            await asyncio.wait_for(asyncio.to_thread(self.state.online.store.ping), timeout=2.0)
+            lost = await asyncio.wait_for(asyncio.to_thread(self.state.online.store_lost_state), timeout=2.0)
         except Exception as e:  # noqa: BLE001 - any failure means not ready
             why = f"online store: {type(e).__name__}"
             if self._not_ready_why != why:
                 log.warning("not ready: %s", why)
             self._not_ready_why = why
             return False
-        if await asyncio.to_thread(self.state.online.store_lost_state):
+        if lost:
             await self._rebuild_store()
             return False
         if self.state.ingest.behind:

@@ -139,8 +139,9 @@ class OnlineFeatures:
     def store_lost_state(self) -> bool:
         """True when this process applied events but the store no longer holds their state (its meta
         row is gone: a flush, an empty replica after failover). Raises OnlineStoreError when the store
-        cannot be read."""
-        return self._watermark != NO_TS and self.store.read("meta", [META_KEY])[0] is None
+        cannot be read (so it is also a readiness probe of the store: it always reads)."""
+        meta = self.store.read("meta", [META_KEY])[0]
+        return self._watermark != NO_TS and meta is None
 
     @property
     def watermark(self) -> datetime | None:

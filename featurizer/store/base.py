@@ -85,10 +85,6 @@ class OnlineStore(ABC):
     def delete(self, entity: str, keys: Iterable[str]) -> None:
         """Remove keys; missing keys are ignored."""
 
-    def ping(self) -> None:
-        """Raise OnlineStoreError when the store cannot serve reads now (a readiness probe)."""
-        self.read("meta", ["__ping__"])
-
     def flush(self) -> None:
         """Make writes durable (where the backend has a notion of it)."""
 

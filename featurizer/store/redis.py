@@ -98,11 +98,6 @@ class RedisStore(OnlineStore):
             pipe.delete(*chunk)
         self._run("delete", pipe.execute)
 
-    def ping(self) -> None:
-        if self._closed:
-            raise OnlineStoreError("the Redis store is closed")
-        self._run("answer a ping", self._client.ping)
-
     def close(self) -> None:
         if not self._closed:
             self._closed = True
