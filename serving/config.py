@@ -59,6 +59,8 @@ class Limits:
     dedup_window_s: float = 86_400.0  # events with an event_id stored within this much event time are not stored again; 0: off
     max_rejections_listed: int = 100  # per LogEvents/UpsertItems response; the counts cover all
     max_message_bytes: int = 4 * 1024 * 1024  # per gRPC message, both directions
+    store_read_timeout_s: float = 0.25  # a read of a remote online store (Redis) waits at most this; then: degraded
+    max_store_waiting: int = 256  # calls queued for a remote online store at most; more: degraded at once
 
 
 def _read_pem(path: str | Path | None, what: str) -> bytes | None:

@@ -165,8 +165,10 @@ class RankingServer:
             experiments = load_experiments(cfg.experiments_file) if cfg.experiments_file else Experiments()
             built = build_engine(cfg.data_dir, state_dir, cfg.store, self.clock,
                                  on_cache=lambda c, hit: self.metrics.record_cache(c, int(hit), int(not hit)),
-                                 max_inline_encodes=cfg.limits.max_inline_encodes)
-            self._closers.extend(built.closers)  # the event log, then the online store
+                                 max_inline_encodes=cfg.limits.max_inline_encodes,
+                                 store_read_timeout_s=cfg.limits.store_read_timeout_s,
+                                 max_store_waiting=cfg.limits.max_store_waiting)
+            self._closers.extend(built.closers)  # the store worker, the event log, then the online store
             engine, event_log, items = built.engine, built.event_log, built.engine.items
             registry = BundleRegistry(engine, EncoderPool(self._encoder_factory),
                                       on_reload=lambda result, v: self._on_reload(result, v))
@@ -177,7 +179,8 @@ class RankingServer:
             self._closers.insert(0, exposures.close)
             self.state = ServingState(
                 engine=engine, registry=registry, exposures=exposures,
-                ingest=EventIngest(event_log, engine.online, EventDedup(cfg.limits.dedup_window_s)),
+                ingest=EventIngest(event_log, engine.online, EventDedup(cfg.limits.dedup_window_s),
+                                   worker=engine.store_worker),
                 metrics=self.metrics,
                 limits=cfg.limits, experiments=experiments, encoder_timeout_s=cfg.encoder_timeout_s,
                 bundle_roots=list(cfg.bundle_roots) or [Path(cfg.bundle_dir).resolve().parent],
@@ -247,11 +250,11 @@ class RankingServer:
                 log.exception("feature snapshot failed")
 
     async def _check_ready(self) -> bool:
-        """The online store answers a read of its state row (off the event loop, within 2 s) and
-        no encoder's breaker is open. A store that lost its state is rebuilt; when the store is back,
-        stored events it missed are applied first."""
+        """The online store answers a read of its state row (through the store worker, within the
+        store read timeout) and no encoder's breaker is open. A store that lost its state is rebuilt;
+        when the store is back, stored events it missed are applied first."""
         try:
-            lost = await asyncio.wait_for(asyncio.to_thread(self.state.online.store_lost_state), timeout=2.0)
+            lost = await self.state.engine.store_worker.read(self.state.online.store_lost_state)
         except Exception as e:  # noqa: BLE001 - any failure means not ready
             why = f"online store: {type(e).__name__}"
             if self._not_ready_why != why:

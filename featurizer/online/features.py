@@ -44,7 +44,7 @@ from featurizer.online.state import (
 )
 from featurizer.online.state_cache import DecodedCache, ItemPartsCache, UserItemIndex
 from featurizer.online.user_state import CoocState, UserState
-from featurizer.store.base import OnlineStore, Value
+from featurizer.store.base import Expect, OnlineStore, Value
 
 META_KEY = "state"
 
@@ -154,17 +154,18 @@ class OnlineFeatures:
 
     # ------------------------------------------------------------ writes
 
-    def apply(self, events: pl.DataFrame, meta: Mapping[str, Value] | None = None) -> None:
+    def apply(self, events: pl.DataFrame, meta: Mapping[str, Value] | None = None, expect: Expect | None = None) -> None:
         """Fold events (the contract's ts, user_id, item_id, event) into the state.
 
         Sorted by ts here (stably). Events older than ones applied earlier are still counted;
         exact parity with offline holds when calls come in time order (see featurizer.online.state).
         Every state the events change, and the `meta` rows given (e.g. how far a durable event log
         is applied), are committed in one atomic `write_batch`: a crash leaves all or none of them.
+        `expect` fences the commit (`OnlineStore.write_batch`): on WriteConflict nothing changed.
         """
         if events.is_empty():
             if meta:
-                self.store.write("meta", meta)
+                self.store.write_batch({"meta": meta}, expect=expect)
             return
         ev = events.select(
             pl.col("ts").dt.epoch("us").alias("t"), pl.col("user_id").cast(pl.Utf8), pl.col("item_id").cast(pl.Utf8),
@@ -203,7 +204,7 @@ class OnlineFeatures:
             "user": {k: s.to_dict() for k, s in user_st.items()},
             "cooc": {k: s.to_dict() for k, s in cooc_st.items()},
             "meta": {**(meta or {}), META_KEY: {"watermark": watermark, "fingerprint": self.params.fingerprint()}},
-        })
+        }, expect=expect)
         self._watermark = watermark
 
     # ------------------------------------------------------------ reads

@@ -1,8 +1,11 @@
 """Online store: batch key-value reads and writes per entity, behind one small interface.
 
 `OnlineStore` is the interface (after feast's OnlineStore): batch `write_batch` that commits the
-rows of several entities as one atomic step, batch `read` that returns one entry per key (None
-when missing), `delete`, `flush`, `close`. A value is a JSON-able dict or raw bytes; a read
+rows of several entities as one atomic step (optionally only if one key still holds the value the
+writer expects: a fence, so that a write reported failed that landed after all is never committed
+twice), batch `read` that returns one entry per key (None when missing), `delete`, `flush`, `close`.
+`remote` says whether a call may wait on the network (callers on an event loop then run it on a
+thread: `serving.ranking.store_worker`). A value is a JSON-able dict or raw bytes; a read
 returns a fresh copy of what was written. Backends take their typed config
 (`featurizer.store.config`) as an argument, one module each:
 
@@ -43,6 +46,15 @@ class OnlineStoreError(SemrankError, RuntimeError):
     reason = "ONLINE_STORE_UNAVAILABLE"
 
 
+class WriteConflict(OnlineStoreError):
+    """A guarded `write_batch` found its guard key holding another value: nothing was written."""
+
+    reason = "ONLINE_STORE_CONFLICT"
+
+
+Expect = tuple[str, str, "Value | None"]  # (entity, key, the value it must hold; None: absent)
+
+
 def encode_value(value: Value) -> bytes:
     if isinstance(value, dict):
         return _TAG_JSON + json.dumps(value, separators=(",", ":")).encode()
@@ -68,10 +80,15 @@ def check_name(kind: str, name: str) -> None:
 class OnlineStore(ABC):
     """Batch key-value access per entity (e.g. "item", "user"). Keys are str."""
 
+    remote = False  # True: calls go over the network and may block up to the backend's timeout
+
     @abstractmethod
-    def write_batch(self, rows: Mapping[str, Mapping[str, Value]]) -> None:
+    def write_batch(self, rows: Mapping[str, Mapping[str, Value]], expect: Expect | None = None) -> None:
         """Insert or overwrite every key of every entity (entity -> key -> value) as one atomic
-        step: readers, snapshots and a crash see all of it or none of it."""
+        step: readers, snapshots and a crash see all of it or none of it.
+
+        `expect` (entity, key, value): commit only if that key holds `value` (None: is absent) at
+        the commit, else raise WriteConflict and write nothing."""
 
     def write(self, entity: str, rows: Mapping[str, Value]) -> None:
         """Insert or overwrite every key of `rows` (one entity; atomic like `write_batch`)."""

@@ -19,9 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from featurizer.store.base import (
+    Expect,
     OnlineStore,
     OnlineStoreError,
     Value,
+    WriteConflict,
     check_name,
     decode_value,
     encode_value,
@@ -57,11 +59,16 @@ class InProcessStore(OnlineStore):
         check_name("entity", entity)
         return self._data.setdefault(entity, {})
 
-    def write_batch(self, rows: Mapping[str, Mapping[str, Value]]) -> None:
+    def write_batch(self, rows: Mapping[str, Mapping[str, Value]], expect: Expect | None = None) -> None:
         encoded = {entity: {str(k): encode_value(v) for k, v in part.items()} for entity, part in rows.items() if part}
         if not encoded:
             return
         with self._lock:  # one critical section: a read or a snapshot sees every entity's rows or none
+            if expect is not None:
+                entity, key, value = expect
+                held = self._table(entity).get(key)
+                if (None if held is None else decode_value(held)) != value:
+                    raise WriteConflict(f"online store write refused: {entity} {key!r} no longer holds the expected value")
             tables = {entity: self._table(entity) for entity in encoded}
             for entity, part in encoded.items():
                 tables[entity].update(part)

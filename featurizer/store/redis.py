@@ -3,7 +3,11 @@
 Reads and deletes are pipelines of MGET / DEL of `batch_size` keys, one round trip each. A
 `write_batch` is one MULTI/EXEC transaction of MSETs, so other readers (and a crash of this
 process) see every row of it or none: the online features of a batch of events and the event-log
-sequence they were applied up to are committed together (`serving.ingest.apply`).
+sequence they were applied up to are committed together (`serving.ingest.apply`). A guarded write
+(`expect`) WATCHes its key, checks it, then runs the transaction, which Redis aborts if the key
+changed in between: a transaction sent on a connection that timed out and landed later (Redis was
+stalled) can never commit on top of a newer write. Calls block up to `socket_timeout_s`: the store
+is `remote`.
 
 Redis errors (connection refused, timeouts, a server that answers errors) raise
 `OnlineStoreError` (UNAVAILABLE); its message names the kind of failure, never the server's
@@ -19,7 +23,9 @@ from typing import TypeVar
 from featurizer.store.base import (
     OnlineStore,
     OnlineStoreError,
+    Expect,
     Value,
+    WriteConflict,
     check_name,
     decode_value,
     encode_value,
@@ -34,6 +40,8 @@ T = TypeVar("T")
 class RedisStore(OnlineStore):
     """Redis strings under `{namespace}:{entity}:{key}`; every batch is one pipelined round trip."""
 
+    remote = True
+
     def __init__(self, config: RedisConfig = RedisConfig()):
         import redis
 
@@ -44,6 +52,7 @@ class RedisStore(OnlineStore):
             raise StoreConfigError(f"RedisConfig.batch_size must be >= 1, got {config.batch_size}")
         self.config = config
         self._redis_error = redis.RedisError
+        self._watch_error = redis.WatchError
         self._client = redis.Redis.from_url(config.url, socket_timeout=config.socket_timeout_s)
         self._prefix = f"{config.namespace}:"
         self._closed = False
@@ -67,17 +76,37 @@ class RedisStore(OnlineStore):
             raise OnlineStoreError(f"the online store (Redis) failed to {what} ({type(e).__name__}); "
                                    "check that Redis is up and reachable from the server") from e
 
-    def write_batch(self, rows: Mapping[str, Mapping[str, Value]]) -> None:
+    def write_batch(self, rows: Mapping[str, Mapping[str, Value]], expect: Expect | None = None) -> None:
         items: list[tuple[str, bytes]] = []
         for entity, part in rows.items():
             full = self._keys(entity, (str(k) for k in part))
             items.extend(zip(full, (encode_value(v) for v in part.values())))
         if not items:
             return
-        pipe = self._client.pipeline(transaction=True)  # MULTI ... EXEC: all or nothing
-        for chunk in self._chunks(items):
-            pipe.mset(dict(chunk))
-        self._run("write", pipe.execute)
+        if expect is None:
+            pipe = self._client.pipeline(transaction=True)  # MULTI ... EXEC: all or nothing
+            for chunk in self._chunks(items):
+                pipe.mset(dict(chunk))
+            self._run("write", pipe.execute)
+            return
+        entity, key, value = expect
+        guard = self._keys(entity, [key])[0]
+
+        def guarded() -> None:
+            with self._client.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(guard)
+                    held = pipe.get(guard)
+                    if (None if held is None else decode_value(held)) != value:
+                        raise WriteConflict(f"online store write refused: {entity} {key!r} no longer holds the expected value")
+                    pipe.multi()
+                    for chunk in self._chunks(items):
+                        pipe.mset(dict(chunk))
+                    pipe.execute()
+                except self._watch_error as e:
+                    raise WriteConflict(f"online store write refused: {entity} {key!r} changed during the write") from e
+
+        self._run("write", guarded)
 
     def read(self, entity: str, keys: Sequence[str]) -> list[Value | None]:
         if not len(keys):

@@ -19,6 +19,12 @@
 - Events with an `event_id` already stored within the window are dropped before the append
   (`serving.ingest.dedup.EventDedup`; the set is rebuilt from the event log at start-up), and
   counted as duplicates: stored once, whatever the client retries.
+- Every apply is fenced: its commit expects the store's `LOG_SEQ_KEY` to hold the seq it applies
+  after (`OnlineStore.write_batch(expect=...)`). A commit reported failed (a Redis timeout) may
+  still land later; then the fence of the next apply fails, the true seq is read back from the
+  store, and only the events after it are applied. So a stalled store never double-counts either.
+- Calls into the online features go through the engine's `StoreWorker` (off the event loop for
+  Redis); applies are writes there: they wait for the store's answer, never a shorter timeout.
 - `applied_lock` is held while applying; the server takes it to snapshot the store between batches.
 """
 
@@ -32,9 +38,11 @@ from datetime import datetime, timezone
 
 from featurizer.errors import SemrankError
 from featurizer.online.features import OnlineFeatures
+from featurizer.store.base import WriteConflict
 from serving.ingest.dedup import EventDedup
 from serving.ingest.event_log import EventLog
 from serving.ingest.log_format import LoggedEvent, events_frame
+from serving.ranking.store_worker import StoreWorker
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +77,19 @@ class EventsNotApplied(SemrankError):
         return {"stored": str(self.stored)}
 
 
-def apply_logged(online: OnlineFeatures, events: Sequence[LoggedEvent], last_seq: int) -> None:
-    """Fold logged events into the online features and record `last_seq` as applied, in one atomic commit."""
-    online.apply(events_frame(events), meta={LOG_SEQ_KEY: {"seq": last_seq}})
+def apply_logged(online: OnlineFeatures, events: Sequence[LoggedEvent], last_seq: int, after_seq: int | None) -> None:
+    """Fold logged events (the seqs after `after_seq`, up to `last_seq`) into the online features and
+    record `last_seq` as applied, in one atomic commit, fenced: only if the store holds `after_seq`
+    (else WriteConflict, nothing written). `after_seq` None: unfenced (a refill of a lost store)."""
+    if last_seq == 0:
+        return  # nothing logged: seq 0 is "no row" (see applied_seq), never written
+    expect = None
+    if after_seq:
+        expect = ("meta", LOG_SEQ_KEY, {"seq": after_seq})
+    elif after_seq == 0:  # no row yet (or the {"seq": 0} that earlier versions wrote for an empty log)
+        held = online.store.read("meta", [LOG_SEQ_KEY])[0]
+        expect = ("meta", LOG_SEQ_KEY, held if held is not None and int(held["seq"]) == 0 else None)
+    online.apply(events_frame(events), meta={LOG_SEQ_KEY: {"seq": last_seq}}, expect=expect)
 
 
 def applied_seq(online: OnlineFeatures) -> int:
@@ -97,10 +115,11 @@ class EventIngest:
     """Deduplicate, durably append, then apply in order, atomically; see the module docstring."""
 
     def __init__(self, event_log: EventLog, online: OnlineFeatures, dedup: EventDedup | None = None,
-                 clock_us=_now_us):
+                 clock_us=_now_us, worker: StoreWorker | None = None):
         self.event_log = event_log
         self.online = online
         self.dedup = dedup if dedup is not None else EventDedup(0)  # (an empty one is falsy: it has a len)
+        self.worker = worker if worker is not None else StoreWorker(online.store.remote)
         self._clock_us = clock_us
         if self.dedup.enabled:  # the ids of the window, from the log (the only record of them)
             now = clock_us()
@@ -115,24 +134,44 @@ class EventIngest:
         """Stored events whose features are not committed yet (the store failed; see the module docstring)."""
         return self.applied_seq - self.committed_seq
 
-    def _backlog(self, before: int) -> list[LoggedEvent]:
-        """The stored events after `committed_seq` and before seq `before`, read back from the log."""
-        return [e for s, e in self.event_log.replay(self.committed_seq) if s < before]
+    def _commit_through(self, last_seq: int, batch: Sequence[LoggedEvent] = ()) -> int:
+        """Apply every stored event after `committed_seq` up to `last_seq` (`batch`: the last of them,
+        in memory; the rest is read back from the log) in one fenced commit. When the fence finds the
+        store further on (a commit reported failed landed after all), the store's seq is taken and
+        only what follows it is applied. On the store thread; returns the events committed."""
+        for attempt in (1, 2):
+            after = self.committed_seq
+            first = last_seq - len(batch) + 1
+            backlog = [e for s, e in self.event_log.replay(after) if s < first] if after < first - 1 else []
+            events = backlog + list(batch[max(0, after + 1 - first):])
+            try:
+                apply_logged(self.online, events, last_seq, after)
+            except WriteConflict:
+                if attempt == 2:
+                    raise
+                self.committed_seq = applied_seq(self.online)
+                log.warning("the online store holds events up to seq %d, not %d (a commit reported failed landed "
+                            "later): applying from there", self.committed_seq, after)
+                if self.committed_seq >= last_seq:
+                    return 0
+                continue
+            self.committed_seq = last_seq
+            return len(events)
+        raise AssertionError("unreachable")
 
     async def rebuild(self, data_events) -> int:
         """Refill a store that lost its state: the data directory's events, then the whole event log,
-        committed with the log's last seq; off the event loop, under the apply lock (batches wait).
+        committed with the log's last seq; on the store thread, under the apply lock (batches wait).
         Returns how many events it applied."""
         async with self.applied_lock:
-            logged = [e for _, e in self.event_log.replay(0)]
-
-            def refill() -> None:
+            def refill() -> int:
+                logged = [e for _, e in self.event_log.replay(0)]
                 self.online.apply(data_events)
-                apply_logged(self.online, logged, self.applied_seq)
+                apply_logged(self.online, logged, self.applied_seq, None)  # unfenced: the store was empty
+                self.committed_seq = self.applied_seq
+                return data_events.height + len(logged)
 
-            await asyncio.to_thread(refill)
-            self.committed_seq = self.applied_seq
-            return data_events.height + len(logged)
+            return await self.worker.write(refill)
 
     async def catch_up(self) -> int:
         """Apply the backlog, if any; returns how many events it committed (0 when none, or when the
@@ -140,16 +179,14 @@ class EventIngest:
         async with self.applied_lock:
             if self.committed_seq >= self.applied_seq:
                 return 0
-            backlog = self._backlog(self.applied_seq + 1)
             try:
-                apply_logged(self.online, backlog, self.applied_seq)
+                n = await self.worker.write(self._commit_through, self.applied_seq)
             except Exception as e:  # noqa: BLE001 - still down; logged, retried later
-                log.warning("online store still failing; %d stored event(s) wait to be applied (%s)", len(backlog),
+                log.warning("online store still failing; %d stored event(s) wait to be applied (%s)", self.behind,
                             type(e).__name__)
                 return 0
-            self.committed_seq = self.applied_seq
-            log.info("applied %d stored event(s) the online store had missed", len(backlog))
-            return len(backlog)
+            log.info("applied %d stored event(s) the online store had missed", n)
+            return n
 
     async def log_events(self, batch: Sequence[LoggedEvent], stored_before: int = 0) -> Logged:
         """Drop the duplicates, durably append the rest, then apply in log order. Shielded: once
@@ -174,9 +211,7 @@ class EventIngest:
         async with self.applied_lock:
             await self.applied_lock.wait_for(lambda: self.applied_seq == first - 1)
             try:
-                backlog = self._backlog(first) if self.committed_seq < first - 1 else []
-                apply_logged(self.online, backlog + batch, seq)
-                self.committed_seq = seq
+                await self.worker.write(self._commit_through, seq, batch)
             except Exception as e:
                 log.warning("applying events %d-%d to the online features failed (%s: %s)", first, seq,
                             type(e).__name__, e)

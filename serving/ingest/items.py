@@ -38,7 +38,7 @@ class ItemsNotEmbedded(SemrankError):
 async def upsert_items(engine: RankingEngine, pool: EncoderPool, items: pl.DataFrame, stored_before: int = 0) -> None:
     """Persist and apply `items` (the item columns; null fields keep known values), then embed them."""
     engine.items.upsert(items)
-    engine.online.upsert_items(items)
+    await engine.store_worker.write(engine.online.upsert_items, items)
     rows = engine.items.rows(items["item_id"].to_list())
     for handle in pool.handles():
         try:

@@ -54,7 +54,7 @@ class ReadOnlyStateError(SemrankError, ValueError):
 class BuiltEngine:
     engine: RankingEngine
     event_log: EventLog | None  # the open writer; None when read_only
-    closers: list[Callable[[], None]] = field(default_factory=list)  # in order: event log, store
+    closers: list[Callable[[], None]] = field(default_factory=list)  # in order: store worker, event log, store
 
     def close(self) -> None:
         close_all(self.closers)
@@ -92,11 +92,10 @@ def restore_online(store: OnlineStore, items: pl.DataFrame, events: pl.DataFrame
     for seq, ev in logged(after):
         batch.append(ev)
         if len(batch) >= REPLAY_CHUNK:
-            apply_logged(online, batch, seq)
-            replayed += len(batch)
-            batch = []
+            apply_logged(online, batch, seq, after)
+            replayed, after, batch = replayed + len(batch), seq, []
     if batch:
-        apply_logged(online, batch, seq)
+        apply_logged(online, batch, seq, after)
         replayed += len(batch)
     if replayed:
         log.info("replayed %d event(s) from the event log", replayed)
@@ -134,6 +133,7 @@ def build_engine(data_dir: Path, state_dir: Path, store_cfg: StoreConfig | None 
             logged = event_log.replay
         online = restore_online(store, items.items, ds.events, logged)
         engine = RankingEngine(items=items, online=online, clock=clock, on_cache=on_cache, **engine_kw)
+        closers.insert(0, engine.store_worker.close)  # no call into the store runs once the log and store close
     except BaseException:
         BuiltEngine(engine=None, event_log=None, closers=closers).close()  # type: ignore[arg-type]
         raise

@@ -32,6 +32,7 @@ from ranker.feature_matrix import BundleInputs
 from ranker.interest import interest_scores
 from serving.encoding.pool import EncoderService
 from serving.ranking.item_store import ItemStore
+from serving.ranking.store_worker import StoreWorker
 from serving.triton.client import EncoderUnavailable
 
 log = logging.getLogger(__name__)
@@ -135,12 +136,16 @@ class RankingEngine:
     user_cache_size: int = 200_000
     inline_cache_size: int = 50_000
     max_inline_encodes: int = 64  # texts one request may send to the encoder; the rest rank without text
+    store_read_timeout_s: float = 0.25  # an online-store read of a Rank waits at most this (then: degraded)
+    max_store_waiting: int = 256  # online-store calls queued at most (a remote store; then: degraded at once)
     store_rebuilding: bool = False  # the store lost its state and is being refilled (set by the server)
     on_cache: Callable[[str, bool], None] | None = None  # (cache name, hit) -> None, for metrics
 
     def __post_init__(self) -> None:
         self._users = LruCache(self.user_cache_size)  # (encoder key, user) -> (history, embedding)
         self._inline = LruCache(self.inline_cache_size)  # (encoder key, text) -> embedding
+        # Every call into self.online goes through it: off the event loop when the store is remote.
+        self.store_worker = StoreWorker(self.online.store.remote, self.store_read_timeout_s, self.max_store_waiting)
 
     def now(self) -> datetime:
         """Features are read strictly before this instant (never before the latest applied event)."""
@@ -158,7 +163,8 @@ class RankingEngine:
         user with no history, or when the encoder is down and nothing is cached."""
         key = (rt.encoder_key, user_id)
         try:
-            history = tuple(self.online.history(user_id, t, rt.inputs.history_items))
+            history = tuple(await self.store_worker.read(self.online.history, user_id, t, rt.inputs.history_items,
+                                                         timeout_s=timeout_s))
         except OnlineStoreError as e:
             cached = self._users.get(key)
             reasons.append(f"{STORE_UNAVAILABLE}: the user's history is unknown; "
@@ -194,7 +200,7 @@ class RankingEngine:
         t = self.now()
         todo: dict[str, tuple[tuple[str, ...], str]] = {}
         for user_id in dict.fromkeys(user_ids):
-            history = tuple(self.online.history(user_id, t, rt.inputs.history_items))
+            history = tuple(await self.store_worker.read(self.online.history, user_id, t, rt.inputs.history_items))
             titles = [x for x in map(self.items.title, history) if x]
             if not titles:
                 continue
@@ -273,7 +279,7 @@ class RankingEngine:
                 # which then spun (about half a core on 2 cores at 200 requests/s).
                 interest = interest_scores(user[None, :], emb, (0, None))
         try:
-            online = self.online.features(user_id, ids, t, interest_score=interest)
+            online = await self.store_worker.read(self.online.features, user_id, ids, t, interest, timeout_s=timeout_s)
         except OnlineStoreError as e:  # answer from what is known: the text feature, behavioural ones missing
             reasons.append(f"{STORE_UNAVAILABLE}: ranked without behavioural features ({_short(e)})")
             online = np.full((len(ids), len(NAMES)), np.nan)

@@ -136,17 +136,18 @@ class BundleRegistry:
                 n = await self.engine.items.ensure_embeddings(handle.key, handle.encoder.encode_bulk, handle.dim)
                 if n:
                     log.info("embedded %d catalog item(s) with encoder %s", n, handle.key)
-            self._probe(rt)
+            await self._probe(rt)
         except BaseException:
             if handle is not None:
                 await self.pool.release(handle)
             raise
         return Loaded(runtime=rt, handle=handle, path=path, fingerprint=fp)
 
-    def _probe(self, rt: BundleRuntime) -> None:
+    async def _probe(self, rt: BundleRuntime) -> None:
         """Score a few catalog items for an unknown user: the model must give finite scores."""
         items = self.engine.items.item_ids[:PROBE_ITEMS] or ["__probe_item__"]
-        online = self.engine.online.features("__semrank_probe__", items, self.engine.now())
+        engine = self.engine
+        online = await engine.store_worker.read(engine.online.features, "__semrank_probe__", items, engine.now())
         try:
             scores = rt.bundle.score(rt.inputs.matrix(online))
         except Exception as e:  # noqa: BLE001

@@ -1,5 +1,5 @@
-"""The service on Redis while Redis fails (issue 14, problems 2 and 4), against a real redis-server
-the test starts and kills on a port of its own.
+"""The service on Redis while Redis fails (issue 14, problems 2 to 5), against a real redis-server
+the test starts, kills, SIGSTOPs and flushes on a port of its own.
 
 - Redis down: Rank answers, degraded (`online_store_unavailable`), never UNKNOWN and never with
   Redis's address; the overall health stays SERVING while the readiness name
@@ -7,10 +7,17 @@ the test starts and kills on a port of its own.
 - LogEvents while Redis is down tells the truth: the events are stored in the event log
   (UNAVAILABLE, ErrorInfo EVENTS_STORED_NOT_APPLIED, `stored` = 3: do not resend), and once
   Redis is back they reach the features, once.
+- A hung Redis (SIGSTOP: connections accepted, nothing answered) never freezes the server: health
+  answers, Ranks come back degraded within their deadline, and a LogEvents waits for the store's
+  answer and then tells the truth.
+- Lost data (FLUSHALL) is noticed, answers are marked, and the store is rebuilt from the log.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
@@ -39,13 +46,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 
 @contextmanager
-def served_on_redis(small_shop, small_bundle, tmp_path, namespace: str):
+def served_on_redis(small_shop, small_bundle, tmp_path, namespace: str, socket_timeout_s: float = 1.0):
     """(redis, server thread, channel): a real server whose online store is a redis-server of the
     test's own, which the test may kill, restart or flush; the Redis is killed at the end."""
     redis = RedisProcess(tmp_path / "redis").start()
     cfg = ServeConfig(bundle_dir=small_bundle[0], data_dir=small_shop, state_dir=tmp_path / "state", port=0,
                       reload_poll_s=0, encoder_timeout_s=5.0, readiness_interval_s=0.2,
-                      store=RedisConfig(url=redis.url, namespace=namespace, socket_timeout_s=1.0))
+                      store=RedisConfig(url=redis.url, namespace=namespace, socket_timeout_s=socket_timeout_s))
     try:
         with ServerThread(cfg) as st, grpc.insecure_channel(f"127.0.0.1:{st.port}") as channel:
             yield redis, st, channel
@@ -127,3 +134,57 @@ def test_lost_redis_data_is_noticed_marked_and_rebuilt_from_the_log(small_shop, 
         for a, b in zip(before, after):
             np.testing.assert_array_equal(a, b)
         assert not rank(channel, user, items).degraded and rebuilds() == 1
+
+
+def test_hung_redis_never_freezes_the_server(small_shop, small_bundle, shop, catalog, tmp_path):
+    """Issue 14, problem 3: the synchronous Redis client ran on the event loop, so a SIGSTOPped
+    Redis froze every call, health checks included, for its socket timeout per call. Each call
+    here has a deadline (2 s) well under that timeout (6 s): a frozen loop misses it."""
+    user, items = engaged_users(shop)[0], catalog[:12]
+    deadline_s = 2.0
+    with served_on_redis(small_shop, small_bundle, tmp_path, "redis-hang-test", socket_timeout_s=6.0) as (
+            redis, st, channel):
+        assert not rank(channel, user, items).degraded
+        now = datetime.now(timezone.utc)
+        events = [pb.Event(ts=timestamp(now - timedelta(seconds=3 - k)), user_id="u-hang", item_id=items[k],
+                           type=pb.EVENT_TYPE_PURCHASE, event_id=f"e-hang-{k}") for k in range(3)]
+        os.kill(redis.proc.pid, signal.SIGSTOP)
+        try:
+            for _ in range(3):  # the first read finds the store silent; the next ones fail at once
+                down = stub(channel).Rank(pb.RankRequest(user_id=user, candidates=[pb.RankCandidate(item_id=i)
+                                                                                    for i in items]), timeout=deadline_s)
+                assert down.degraded and "online_store_unavailable" in down.degraded_reason, down.degraded_reason
+                assert sorted(it.item_id for it in down.items) == sorted(items)
+            outcome = {}
+
+            def log_events():  # waits for the store's answer (its socket timeout), never a guess
+                try:
+                    stub(channel).LogEvents(iter([pb.LogEventsRequest(events=events)]), timeout=RPC_TIMEOUT_S)
+                except grpc.RpcError as e:
+                    outcome["error"] = e
+
+            writer = threading.Thread(target=log_events)
+            writer.start()
+            wait_until(lambda: st.server.state.ingest.applied_seq >= 3 or not writer.is_alive(), 30, "the append")
+            health = health_pb2_grpc.HealthStub(channel)
+            assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=deadline_s).status == \
+                health_pb2.HealthCheckResponse.SERVING  # while the write waits on the hung store
+            assert stub(channel).Rank(pb.RankRequest(user_id=user, candidates=[pb.RankCandidate(item_id=items[0])]),
+                                      timeout=deadline_s).degraded
+            wait_until(lambda: health.Check(health_pb2.HealthCheckRequest(service=READINESS), timeout=deadline_s).status
+                       == health_pb2.HealthCheckResponse.NOT_SERVING, 30, "not ready")
+            writer.join(timeout=60)
+            assert not writer.is_alive()
+        finally:
+            os.kill(redis.proc.pid, signal.SIGCONT)
+        e = outcome["error"]
+        assert e.code() == grpc.StatusCode.UNAVAILABLE, e
+        info = error_info(e)
+        assert info.reason == "EVENTS_STORED_NOT_APPLIED" and info.metadata["stored"] == "3", (info, e.details())
+
+        wait_until(lambda: readiness(channel) == health_pb2.HealthCheckResponse.SERVING, 60, "ready again")
+        assert st.server.state.ingest.behind == 0
+        assert not rank(channel, user, items).degraded
+        engine = st.server.engine
+        feats = engine.online.features("u-hang", items[:1], engine.now())
+        assert feats[0, NAMES.index("user_purchases_30d")] == 3  # once each

@@ -40,8 +40,8 @@ class Unversioned(OnlineStore):
     def __init__(self, inner: InProcessStore):
         self.inner = inner
 
-    def write_batch(self, rows):
-        self.inner.write_batch(rows)
+    def write_batch(self, rows, expect=None):
+        self.inner.write_batch(rows, expect)
 
     def read(self, entity, keys):
         return self.inner.read(entity, keys)

@@ -12,7 +12,7 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from featurizer.store.base import OnlineStoreError
+from featurizer.store.base import OnlineStoreError, WriteConflict
 from featurizer.store.config import (
     InProcessConfig,
     RedisConfig,
@@ -94,6 +94,37 @@ def test_delete(open_store):
     s.delete("item", ["a", "c", "missing"])
     assert s.read("item", ["a", "b", "c"]) == [None, {"x": 2}, None]
     s.delete("item", [])
+
+
+def test_guarded_write_commits_only_on_the_expected_value(open_store):
+    s = open_store()
+    s.write_batch({"meta": {"seq": {"n": 1}}}, expect=("meta", "seq", None))  # None: the key must be absent
+    with pytest.raises(WriteConflict, match="meta 'seq'"):
+        s.write_batch({"item": {"a": {"x": 1}}, "meta": {"seq": {"n": 3}}}, expect=("meta", "seq", {"n": 2}))
+    assert s.read("item", ["a"]) == [None] and s.read("meta", ["seq"]) == [{"n": 1}]  # nothing of it written
+    s.write_batch({"item": {"a": {"x": 1}}, "meta": {"seq": {"n": 2}}}, expect=("meta", "seq", {"n": 1}))
+    assert s.read("item", ["a"]) == [{"x": 1}] and s.read("meta", ["seq"]) == [{"n": 2}]
+    assert isinstance(WriteConflict("x"), OnlineStoreError)
+
+
+def test_redis_guarded_write_aborts_when_the_key_changes_after_the_check(open_store, monkeypatch):
+    """The check and the commit are one WATCHed transaction: another writer in between aborts it."""
+    if open_store.kind != "redis":
+        pytest.skip("a Redis transaction property")
+    s = open_store()
+    s.write("meta", {"seq": {"n": 1}})
+    other = redis.Redis.from_url(REDIS_URL)
+    real_multi = redis.client.Pipeline.multi
+
+    def multi_after_a_rival_write(pipe):  # fault injection: another writer lands between GET and MULTI
+        other.set(f"{s.config.namespace}:meta:seq", b'j{"n":7}')
+        return real_multi(pipe)
+
+    monkeypatch.setattr(redis.client.Pipeline, "multi", multi_after_a_rival_write)
+    with pytest.raises(WriteConflict, match="changed during the write"):
+        s.write_batch({"item": {"a": {"x": 1}}, "meta": {"seq": {"n": 2}}}, expect=("meta", "seq", {"n": 1}))
+    other.close()
+    assert s.read("item", ["a"]) == [None] and s.read("meta", ["seq"]) == [{"n": 7}]
 
 
 def test_values_round_trip_exactly(open_store):

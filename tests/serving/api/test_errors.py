@@ -28,7 +28,7 @@ from featurizer.contracts.exposures import ExposureLogError
 from featurizer.contracts.schema import DataContractError
 from featurizer.errors import ConfigError, SemrankError
 from featurizer.online.features import StaleQueryError, StateMismatchError
-from featurizer.store.base import OnlineStoreError
+from featurizer.store.base import OnlineStoreError, WriteConflict
 from featurizer.store.config import StoreConfigError
 from ranker.bundle import BundleError
 from semrank.ranking.v1 import ranking_service_pb2 as pb
@@ -79,6 +79,7 @@ TABLE: list[tuple[Exception, C, str, dict[str, str], list[str]]] = [
     (EventsNotApplied("online store down", stored=5), C.UNAVAILABLE, "EVENTS_STORED_NOT_APPLIED", {"stored": "5"}, []),
     (ItemsNotEmbedded("encoder down", stored=3), C.UNAVAILABLE, "ITEMS_NOT_EMBEDDED", {"stored": "3"}, []),
     (OnlineStoreError("redis: connection refused"), C.UNAVAILABLE, "ONLINE_STORE_UNAVAILABLE", {}, []),
+    (WriteConflict("meta 'event_log' changed"), C.UNAVAILABLE, "ONLINE_STORE_CONFLICT", {}, []),  # ingest re-reads the seq; at start-up: a second writer
     (EncoderUnavailable("triton: connection refused", code="UNAVAILABLE"), C.UNAVAILABLE, "ENCODER_UNAVAILABLE", {}, []),
     (CircuitOpenError("triton failed recently; not sent"), C.UNAVAILABLE, "ENCODER_UNAVAILABLE", {}, []),
     (EventLogError("event log is closed"), C.UNAVAILABLE, "EVENT_LOG_UNAVAILABLE", {}, []),

@@ -69,8 +69,12 @@ def arm_mid_commit(store) -> None:
         return
     from redis.connection import Connection
 
+    send = Connection.send_packed_command
+
     def send_half_then_die(self, command, check_health=True):
         data = b"".join(bytes(c) for c in ([command] if isinstance(command, (bytes, str)) else command))
+        if b"MULTI" not in data:  # the fence's WATCH and GET go through
+            return send(self, command, check_health)
         self._sock.sendall(data[: len(data) // 2])  # MULTI, part of the MSETs; never EXEC
         die()
 
@@ -93,7 +97,7 @@ def main() -> None:
         if last and kill_at == "nonatomic_between":
             online.apply(events_frame(events))
             die()  # before store.write("meta", {LOG_SEQ_KEY: ...})
-        apply_logged(online, events, seq)
+        apply_logged(online, events, seq, seq - len(events))
         if last and kill_at == "after_commit":
             die()
     raise SystemExit(f"KILL_AT {kill_at!r} never fired")

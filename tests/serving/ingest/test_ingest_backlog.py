@@ -1,5 +1,6 @@
 """EventIngest when the online store fails: the batch stays stored (EventsNotApplied, with the count),
-and the backlog reaches the features once, by the next batch or by catch_up()."""
+and the backlog reaches the features once, by the next batch or by catch_up(); also when a commit
+reported failed had landed after all (the fence)."""
 
 from __future__ import annotations
 
@@ -22,10 +23,10 @@ class FlakyStore(InProcessStore):
 
     down = False
 
-    def write_batch(self, rows):
+    def write_batch(self, rows, expect=None):
         if self.down:
             raise OnlineStoreError("fault injection: the store is down")
-        super().write_batch(rows)
+        super().write_batch(rows, expect)
 
 
 def features(online: OnlineFeatures) -> np.ndarray:
@@ -60,4 +61,43 @@ def test_events_stored_while_the_store_is_down_are_applied_once_when_it_is_back(
     asyncio.run(scenario())
     want = OnlineFeatures(InProcessStore(), ITEMS)
     want.apply(events_frame([e for k in range(4) for e in batch(k)]))
+    np.testing.assert_array_equal(features(online), features(want))
+
+
+class LandsThenFails(InProcessStore):
+    """Fault injection: the next write commits, then reports a failure (as a Redis reply lost to a
+    timeout after the transaction ran)."""
+
+    lie_next = False
+
+    def write_batch(self, rows, expect=None):
+        super().write_batch(rows, expect)
+        if self.lie_next:
+            self.lie_next = False
+            raise OnlineStoreError("fault injection: the reply was lost after the commit")
+
+
+@pytest.mark.parametrize("recover_by", ["next batch", "catch_up"])
+def test_a_commit_reported_failed_that_landed_is_not_applied_twice(tmp_path, recover_by):
+    store = LandsThenFails()
+    online = OnlineFeatures(store, ITEMS)
+
+    async def scenario():
+        with EventLog(tmp_path / "events") as log:
+            ingest = EventIngest(log, online)
+            await ingest.log_events(batch(0))
+            store.lie_next = True
+            with pytest.raises(EventsNotApplied):
+                await ingest.log_events(batch(1))
+            assert ingest.behind == len(batch(1)) and applied_seq(online) == log.last_seq  # it did land
+            if recover_by == "next batch":
+                await ingest.log_events(batch(2))
+            else:
+                assert await ingest.catch_up() == 0  # the fence found the store at the log's end
+                await ingest.log_events(batch(2))
+            assert ingest.behind == 0 and applied_seq(online) == log.last_seq
+
+    asyncio.run(scenario())
+    want = OnlineFeatures(InProcessStore(), ITEMS)
+    want.apply(events_frame([e for k in range(3) for e in batch(k)]))
     np.testing.assert_array_equal(features(online), features(want))

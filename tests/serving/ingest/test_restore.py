@@ -54,7 +54,7 @@ def test_read_only_build_sees_the_log_and_writes_nothing(small_shop, tmp_path):
     last_us = int(shop.events["ts"].max().timestamp() * 1e6)
     built = build_engine(small_shop, state)
     seq = built.event_log.append([LoggedEvent(last_us + 10_000_000, users[0], items[0], "purchase")])
-    apply_logged(built.engine.online, [LoggedEvent(last_us + 10_000_000, users[0], items[0], "purchase")], seq)
+    apply_logged(built.engine.online, [LoggedEvent(last_us + 10_000_000, users[0], items[0], "purchase")], seq, seq - 1)
     built.close()  # snapshot: data + one logged event
     with EventLog(state / "events") as w:  # logged after the snapshot; a live writer holds the lock
         w.append([LoggedEvent(last_us + 20_000_000, users[1], items[1], "click")])
