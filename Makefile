@@ -1,11 +1,11 @@
 # semrank: one entry point for set-up, demo and tests.
 #   make demo   - create .venv, install everything, run the end-to-end demo
-#   make test   - create .venv, install everything (the Node client's packages too), run the test suite
+#   make test   - create .venv, install everything (the Node client's packages, the Go toolchain), run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: setup demo test proto services clean
+.PHONY: setup demo test proto services go-toolchain clean
 
 setup: $(VENV)/.installed
 
@@ -31,7 +31,18 @@ NODE_CLIENT := clients/node
 $(NODE_CLIENT)/node_modules/.package-lock.json: $(NODE_CLIENT)/package-lock.json
 	cd $(NODE_CLIENT) && npm ci --no-audit --no-fund --loglevel=error
 
-test: setup services $(NODE_CLIENT)/node_modules/.package-lock.json
+# The Go client example is built from Debian's Go and gRPC packages (tests/clients/test_go_client.py
+# runs clients/go/build.sh); apt-get installs them when missing.
+GO_DEBS := golang-go golang-google-grpc-dev golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev \
+           protoc-gen-go protoc-gen-go-grpc
+go-toolchain:
+	@command -v go >/dev/null && command -v protoc-gen-go-grpc >/dev/null && [ -f /usr/share/gocode/src/github.com/golang/protobuf/proto/registry.go ] || { \
+	  echo "installing $(GO_DEBS) (Debian packages)"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); export DEBIAN_FRONTEND=noninteractive; \
+	  $$SUDO apt-get install -y -q --no-install-recommends $(GO_DEBS) >/dev/null || { \
+	    $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q --no-install-recommends $(GO_DEBS) >/dev/null; }; }
+
+test: setup services go-toolchain $(NODE_CLIENT)/node_modules/.package-lock.json
 	$(PY) -m pytest -q
 
 # Regenerate the committed gRPC stubs from protos/ (tests/semrank/test_proto_stubs.py fails when they drift).
