@@ -69,6 +69,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RankingService"].full_name
 # store answers a read and the encoder's circuit breaker is closed. "" and SERVICE_NAME stay SERVING while
 # Rank can answer at all (degraded answers included), so probing them never takes a server out
 # because Redis or Triton is down.
+LOOP_LAG_PROBE_S = 0.1  # how often the event-loop lag is sampled (semrank_event_loop_lag_seconds)
 READINESS = "semrank.readiness"
 
 
@@ -192,6 +193,7 @@ class RankingServer:
                 self._tasks.append(asyncio.create_task(registry.watch(cfg.reload_poll_s)))
             if cfg.snapshot_interval_s > 0:
                 self._tasks.append(asyncio.create_task(self._snapshots(cfg.snapshot_interval_s)))
+            self._tasks.append(asyncio.create_task(self._loop_lag(LOOP_LAG_PROBE_S)))
         except BaseException:
             await self.stop()
             raise
@@ -238,6 +240,15 @@ class RankingServer:
         if not self.port:
             raise OSError(f"cannot bind gRPC port {address} (in use?)")
         await self.server.start()
+
+    async def _loop_lag(self, every_s: float) -> None:
+        """Observe how late a sleep of `every_s` wakes: the time any call ready to run waits for the
+        loop (and, for a new call, for gRPC's queue to be drained), which the RPC histogram cannot see."""
+        loop = asyncio.get_running_loop()
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(every_s)
+            self.metrics.event_loop_lag_seconds.observe(max(0.0, loop.time() - t0 - every_s))
 
     async def _snapshots(self, every_s: float) -> None:
         while True:

@@ -39,6 +39,7 @@ from grpc_status import rpc_status
 
 from featurizer.errors import SemrankError
 from serving.api.interceptors import wrap_handler
+from serving.observability.metrics import set_error_reason
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             raise error  # already answered (context.abort)
         if isinstance(error, SemrankError):
             log.info("%s failed: %s %s: %s", method, error.grpc_code, error.reason, error)
+            set_error_reason(error.reason)
         else:
+            set_error_reason(INTERNAL_REASON)
             request_id = request_id or uuid.uuid4().hex
             log.error("%s failed with an unexpected error (request id %s)", method, request_id, exc_info=error)
         await context.abort_with_status(to_status(error, request_id))

@@ -11,7 +11,16 @@ Wiring (metrics outermost, so it also times and counts the calls auth rejects):
     metrics_port = metrics.start_http("127.0.0.1", 9464)
 
 Inside a handler, `metrics.set_variant("treatment")` labels the call's latency sample;
-calls that never set it are labelled variant="none".
+calls that never set it are labelled variant="none". The error interceptor records the ErrorInfo
+reason of the status it answers (`set_error_reason`), so `semrank_errors_total{method, reason}`
+counts failures by a bounded reason: the error classes' reasons, INTERNAL, or the status code's
+name where no reason was given (CANCELLED, DEADLINE_EXCEEDED). Decode failures are
+reason="MALFORMED_MESSAGE"; cancelled streams reason="CANCELLED".
+
+`semrank_rpc_latency_seconds` runs from the moment the handler starts; the time a call waits
+before that (in gRPC's queue, or for a busy event loop) is not visible per call in grpc.aio, so
+`semrank_event_loop_lag_seconds` measures it: how late a probe scheduled every 100 ms runs. A
+client sees about the sum of the two, plus the network.
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ NOT_SENT_KINDS = frozenset({"circuit_open"})
 @dataclass
 class CallState:
     variant: str = "none"
+    reason: str | None = None  # the ErrorInfo reason of the error status the call ended with
 
 
 _call_state: ContextVar[CallState | None] = ContextVar("semrank_call_state", default=None)
@@ -69,6 +79,16 @@ def set_variant(name: str) -> None:
     state = _call_state.get()
     if state is not None:
         state.variant = name
+
+
+def set_error_reason(reason: str) -> None:
+    """Record the ErrorInfo reason the current RPC is answered with; a no-op outside an intercepted call."""
+    state = _call_state.get()
+    if state is not None:
+        state.reason = reason
+
+
+LOOP_LAG_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class Metrics:
@@ -101,6 +121,12 @@ class Metrics:
         )
         self.degraded_total = Counter("degraded", "Responses served degraded, by reason code (serving.ranking.engine.DEGRADED_CODES, or other)", ("reason",), namespace=ns, registry=r)
         self.rejected_total = Counter("rejected", "Requests rejected, by reason", ("reason",), namespace=ns, registry=r)
+        self.errors_total = Counter("errors", "RPCs that ended in an error status, by method and ErrorInfo reason "
+                                    "(or status code name)", ("method", "reason"), namespace=ns, registry=r)
+        self.event_loop_lag_seconds = Histogram(
+            "event_loop_lag_seconds", "How late a probe on the serving event loop ran: the wait of a call ready to run",
+            namespace=ns, registry=r, buckets=LOOP_LAG_BUCKETS_S,
+        )
         self.inflight_requests = Gauge("inflight_requests", "RPCs currently being handled", namespace=ns, registry=r)
         self.events_total = Counter("events", "Logged events by result", ("result",), namespace=ns, registry=r)
         self.bundle_info = Info("bundle", "The model bundle being served", namespace=ns, registry=r)

@@ -5,6 +5,8 @@ visible at once, broken bundles are refused while the old one serves, overload i
 from __future__ import annotations
 
 import json
+import threading
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -104,6 +106,9 @@ def test_undecodable_bytes_are_invalid_argument_and_earlier_messages_of_the_stre
     get INVALID_ARGUMENT with ErrorInfo MALFORMED_MESSAGE, never UNKNOWN; in a LogEvents stream
     the error says how many events of the call were stored before it."""
     st, channel, _ = main_server
+    errors = lambda method: st.server.metrics.registry.get_sample_value(  # noqa: E731
+        "semrank_errors_total", {"method": method, "reason": "MALFORMED_MESSAGE"}) or 0.0
+    before = errors("Rank"), errors("LogEvents")
     rank_raw = channel.unary_unary(f"/{SERVICE_NAME}/Rank")
     log_raw = channel.stream_unary(f"/{SERVICE_NAME}/LogEvents", response_deserializer=pb.LogEventsResponse.FromString)
     truncated = b"\x0a\xff\xff\xff\x0f\x01"
@@ -123,6 +128,62 @@ def test_undecodable_bytes_are_invalid_argument_and_earlier_messages_of_the_stre
     assert info.reason == "MALFORMED_MESSAGE" and info.metadata["stored_before"] == "1"
     assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
     assert rank(channel, "u-malformed", catalog[:5]).items
+    assert (errors("Rank") - before[0], errors("LogEvents") - before[1]) == (2, 1)  # decode failures, counted
+
+
+def test_log_events_streams_cut_short_are_counted_as_such(main_server, catalog):
+    """Issue 14, problem 11: grpc.aio ends the request stream of a timed-out or cancelled call as
+    if the client had half-closed it, so such LogEvents calls were counted as OK. A timed-out one
+    now counts as DEADLINE_EXCEEDED (semrank_errors_total and the latency histogram's code label);
+    the events they carried are stored, and a resend comes back as duplicates."""
+    st, channel, _ = main_server
+    registry = st.server.metrics.registry
+    sample = lambda name, **labels: registry.get_sample_value(name, labels) or 0.0  # noqa: E731
+    errors = lambda reason: sample("semrank_errors_total", method="LogEvents", reason=reason)  # noqa: E731
+    accepted = lambda: sample("semrank_events_total", result="accepted")  # noqa: E731
+
+    def one_event_then_wait(event_id: str, release: threading.Event):
+        now = datetime.now(timezone.utc)
+        yield pb.LogEventsRequest(events=[pb.Event(ts=timestamp(now - timedelta(seconds=1)), user_id="u-cut",
+                                                   item_id=catalog[0], type=pb.EVENT_TYPE_CLICK, event_id=event_id)])
+        release.wait(30)
+
+    deadline_before = errors("DEADLINE_EXCEEDED")
+    release = threading.Event()
+    with pytest.raises(grpc.RpcError) as e:
+        stub(channel).LogEvents(one_event_then_wait("e-cut-deadline", release), timeout=1.0)
+    release.set()
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_until(lambda: errors("DEADLINE_EXCEEDED") > deadline_before, 30, "the timed-out stream to be counted")
+
+    # A client's cancel: grpc.aio delivers it to the handler 10-50 ms after it ended the request
+    # stream (measured here), usually after the handler answered; such a call counts as OK, and one
+    # whose cancel arrived in time as CANCELLED. Either way the event is stored and a resend is a duplicate.
+    codes = lambda: {c: sample("semrank_rpc_latency_seconds_count", method="LogEvents", variant="none", code=c)  # noqa: E731
+                     for c in ("OK", "CANCELLED", "UNKNOWN")}
+    release, stored, before = threading.Event(), accepted(), codes()
+    call = stub(channel).LogEvents.future(one_event_then_wait("e-cut-cancel-0", release), timeout=RPC_TIMEOUT_S)
+    wait_until(lambda: accepted() > stored, 30, "the first message to be stored")
+    call.cancel()  # the request generator stays blocked: no half-close reaches the server first
+    wait_until(lambda: sum(codes().values()) > sum(before.values()), 30, "the cancelled stream to be counted")
+    release.set()
+    assert codes()["UNKNOWN"] == before["UNKNOWN"]
+    resend = stub(channel).LogEvents(iter([pb.LogEventsRequest(events=[pb.Event(
+        ts=timestamp(datetime.now(timezone.utc) - timedelta(seconds=1)), user_id="u-cut", item_id=catalog[0],
+        type=pb.EVENT_TYPE_CLICK, event_id="e-cut-cancel-0")])]), timeout=RPC_TIMEOUT_S)
+    assert (resend.accepted, resend.duplicates) == (0, 1)
+
+
+def test_the_event_loop_lag_histogram_sees_a_blocked_loop(main_server):
+    """The RPC histogram starts with the handler; the wait before it shows in
+    semrank_event_loop_lag_seconds. Fault injection: block the server's loop for 0.3 s."""
+    st, _, _ = main_server
+    registry = st.server.metrics.registry
+    slow = lambda: registry.get_sample_value("semrank_event_loop_lag_seconds_count") - (  # noqa: E731
+        registry.get_sample_value("semrank_event_loop_lag_seconds_bucket", {"le": "0.25"}))
+    before = slow()
+    st.loop.call_soon_threadsafe(time.sleep, 0.3)
+    wait_until(lambda: slow() > before, 30, "a lag sample over 0.25 s")
 
 
 def test_reload_bundle_refuses_every_path_outside_the_roots_with_one_message(main_server, tmp_path):
@@ -344,3 +405,21 @@ def test_overload_is_shed_with_resource_exhausted_and_the_server_recovers(small_
         assert metric(m, "semrank_rejected_total", reason="resource_exhausted") == shed  # refusals are counted
         assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
         assert len(rank(channel, user, catalog[:5]).items) == 5
+
+
+def test_the_triton_access_token_is_never_logged_and_triton_listens_on_loopback(main_server):
+    """Issue 14, problem 11 (the part within reach): pytriton hands tritonserver its random
+    per-start access token on the command line (Triton takes its API restrictions only as flags,
+    so it stays visible to local users in ps: see docs/serving.md, Security). What semrank
+    controls: the token is in no log it writes, and Triton's ports are bound to loopback."""
+    from serving.triton.process import _group_members
+
+    st, _, _ = main_server
+    for tp in st.server.tritons.values():
+        cmdlines = [Path("/proc", str(pid), "cmdline").read_bytes().split(b"\0") for pid in _group_members(tp.pid)]
+        server = next(args for args in cmdlines if args and args[0].endswith(b"tritonserver"))
+        flags = dict(zip(server[1::2], server[2::2]))
+        tokens = {v.split(b"triton-access-token=", 1)[1] for v in flags.values() if b"triton-access-token=" in v}
+        assert len(tokens) == 1 and len(next(iter(tokens))) >= 32  # the restricted APIs are guarded
+        assert flags[b"--http-address"] == flags[b"--grpc-address"] == flags[b"--metrics-address"] == b"127.0.0.1"
+        assert next(iter(tokens)) not in tp.log_path.read_bytes()
