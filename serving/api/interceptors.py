@@ -155,6 +155,11 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         return wrapper
 
 
+# A request stream that "ended" this close to its deadline was ended by it: the client's cancel at
+# its own deadline reaches the server a little before the server's copy of that deadline passes.
+STREAM_DEADLINE_SLACK_S = 0.05
+
+
 def _final_code(context: grpc.aio.ServicerContext, exc: BaseException | None,
                 request_streaming: bool = False) -> grpc.StatusCode:
     code = context.code()  # set by abort() / set_code(); None otherwise
@@ -162,7 +167,7 @@ def _final_code(context: grpc.aio.ServicerContext, exc: BaseException | None,
         return code
     if exc is None:
         remaining = context.time_remaining()
-        if request_streaming and remaining is not None and remaining <= 0:
+        if request_streaming and remaining is not None and remaining <= STREAM_DEADLINE_SLACK_S:
             return grpc.StatusCode.DEADLINE_EXCEEDED  # the stream "ended" because its deadline passed
         return grpc.StatusCode.OK
     if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):  # client cancel, deadline, server stop
