@@ -34,6 +34,13 @@ def features(online: OnlineFeatures) -> np.ndarray:
     return np.stack([online.features(f"u{k}", ITEMS["item_id"].to_list(), at) for k in range(5)])
 
 
+def assert_counted_once(online: OnlineFeatures, batches: int) -> None:
+    """The features equal those of batches 0..batches-1 applied once each, in one go."""
+    want = OnlineFeatures(InProcessStore(), ITEMS)
+    want.apply(events_frame([e for k in range(batches) for e in batch(k)]))
+    np.testing.assert_array_equal(features(online), features(want))
+
+
 @pytest.mark.parametrize("recover_by", ["next batch", "catch_up"])
 def test_events_stored_while_the_store_is_down_are_applied_once_when_it_is_back(tmp_path, recover_by):
     store = FlakyStore()
@@ -59,9 +66,7 @@ def test_events_stored_while_the_store_is_down_are_applied_once_when_it_is_back(
             assert ingest.behind == 0 and applied_seq(online) == log.last_seq
 
     asyncio.run(scenario())
-    want = OnlineFeatures(InProcessStore(), ITEMS)
-    want.apply(events_frame([e for k in range(4) for e in batch(k)]))
-    np.testing.assert_array_equal(features(online), features(want))
+    assert_counted_once(online, 4)
 
 
 class LandsThenFails(InProcessStore):
@@ -98,6 +103,4 @@ def test_a_commit_reported_failed_that_landed_is_not_applied_twice(tmp_path, rec
             assert ingest.behind == 0 and applied_seq(online) == log.last_seq
 
     asyncio.run(scenario())
-    want = OnlineFeatures(InProcessStore(), ITEMS)
-    want.apply(events_frame([e for k in range(3) for e in batch(k)]))
-    np.testing.assert_array_equal(features(online), features(want))
+    assert_counted_once(online, 3)
