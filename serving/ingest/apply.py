@@ -23,6 +23,8 @@
   after (`OnlineStore.write_batch(expect=...)`). A commit reported failed (a Redis timeout) may
   still land later; then the fence of the next apply fails, the true seq is read back from the
   store, and only the events after it are applied. So a stalled store never double-counts either.
+  A store whose seq is *behind* lost data (a flush, an empty replica): nothing is written on top of
+  it (which would also hide the loss from the readiness probe); the batch waits for the refill.
 - Calls into the online features go through the engine's `StoreWorker` (off the event loop for
   Redis); applies are writes there: they wait for the store's answer, never a shorter timeout.
 - `applied_lock` is held while applying; the server takes it to snapshot the store between batches.
@@ -38,7 +40,7 @@ from datetime import datetime, timezone
 
 from featurizer.errors import SemrankError
 from featurizer.online.features import OnlineFeatures
-from featurizer.store.base import WriteConflict
+from featurizer.store.base import OnlineStoreError, WriteConflict
 from serving.ingest.dedup import EventDedup
 from serving.ingest.event_log import EventLog
 from serving.ingest.log_format import LoggedEvent, events_frame
@@ -147,9 +149,13 @@ class EventIngest:
             try:
                 apply_logged(self.online, events, last_seq, after)
             except WriteConflict:
+                store_seq = applied_seq(self.online)
+                if store_seq < after:  # a flush, an empty replica: the refill (server._rebuild_store) applies it all
+                    raise OnlineStoreError(f"the online store holds events up to seq {store_seq}, not {after}: it lost "
+                                           "data and is refilled from the event log") from None
                 if attempt == 2:
                     raise
-                self.committed_seq = applied_seq(self.online)
+                self.committed_seq = store_seq
                 log.warning("the online store holds events up to seq %d, not %d (a commit reported failed landed "
                             "later): applying from there", self.committed_seq, after)
                 if self.committed_seq >= last_seq:

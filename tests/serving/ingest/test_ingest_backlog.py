@@ -104,3 +104,27 @@ def test_a_commit_reported_failed_that_landed_is_not_applied_twice(tmp_path, rec
 
     asyncio.run(scenario())
     assert_counted_once(online, 3)
+
+
+def test_nothing_is_written_on_top_of_a_store_that_lost_its_data(tmp_path):
+    """A batch after a flush must not recreate the state rows (that would hide the loss from the
+    readiness probe and leave the features without the earlier events): the fence finds the store's
+    seq behind, the batch is stored but not applied, and the store stays visibly lost."""
+    store = InProcessStore()
+    online = OnlineFeatures(store, ITEMS)
+
+    async def scenario():
+        with EventLog(tmp_path / "events") as log:
+            ingest = EventIngest(log, online)
+            await ingest.log_events(batch(0))
+            for entity in ("meta", "item", "user", "ui", "cooc"):  # fault injection: FLUSHALL
+                store.delete(entity, store.keys(entity))
+            with pytest.raises(EventsNotApplied) as e:
+                await ingest.log_events(batch(1))
+            assert "lost data" in str(e.value.__cause__)
+            assert online.store_lost_state() and store.keys("item") == []
+            assert await ingest.rebuild(events_frame([])) == len(batch(0)) + len(batch(1))
+            assert ingest.behind == 0 and not online.store_lost_state()
+
+    asyncio.run(scenario())
+    assert_counted_once(online, 2)
