@@ -18,13 +18,19 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/semrank demo
 
-# Redis is used for real by the online-store tests; start one on loopback if none answers.
+# Redis and NATS (JetStream) are used for real by the store and event-stream tests; start each on
+# loopback if none answers (the machine's own are used when they run).
 services:
 	@redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || { \
 	  echo "starting redis-server on 127.0.0.1:6379"; \
 	  mkdir -p /tmp/semrank-redis; \
 	  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no --dir /tmp/semrank-redis --logfile /tmp/semrank-redis/redis.log; \
 	  for i in 1 2 3 4 5 6 7 8 9 10; do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 0.5; done; }
+	@$(PYTHON) -c "import socket; socket.create_connection(('127.0.0.1', 4222), timeout=1).close()" 2>/dev/null || { \
+	  echo "starting nats-server -js on 127.0.0.1:4222"; \
+	  mkdir -p /tmp/semrank-nats; \
+	  setsid nohup nats-server -js -a 127.0.0.1 -p 4222 -sd /tmp/semrank-nats > /tmp/semrank-nats/nats.log 2>&1 < /dev/null & \
+	  for i in 1 2 3 4 5 6 7 8 9 10; do $(PYTHON) -c "import socket; socket.create_connection(('127.0.0.1', 4222), timeout=1).close()" 2>/dev/null && break; sleep 0.5; done; }
 
 # The Node.js client's dependencies, from its lock file (tests/clients/test_node_client.py runs it).
 NODE_CLIENT := clients/node

@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,7 @@ class Limits:
     max_message_bytes: int = 4 * 1024 * 1024  # per gRPC message, both directions
     store_read_timeout_s: float = 0.25  # a read of a remote online store (Redis) waits at most this; then: degraded
     max_store_waiting: int = 256  # calls queued for a remote online store at most; more: degraded at once
+    max_sequence_wait_s: float = 1.0  # a Rank's min_sequence waits at most this (and half its deadline); then: degraded
 
 
 def _read_pem(path: str | Path | None, what: str) -> bytes | None:
@@ -184,6 +186,34 @@ class TokenAuth:
 
 
 @dataclass(frozen=True)
+class JetStreamConfig:
+    """Events on a NATS JetStream stream instead of the local event log (docs/scaling.md)."""
+
+    url: str = "nats://127.0.0.1:4222"  # one or more, comma-separated (a cluster's seeds)
+    stream: str = "SEMRANK_EVENTS"
+    subject_prefix: str = "semrank.events"  # events go to <prefix>.u.<user key> (docs/scaling.md)
+    replicas: int = 1  # stream replicas in a NATS cluster (1, 3 or 5)
+    max_age_s: float = 0.0  # retention by age; 0: keep everything (a rebuild needs the stream back to the oldest snapshot)
+    max_bytes: int = -1  # retention by size; -1: no limit
+    publish_timeout_s: float = 2.0  # per LogEvents batch: JetStream's acknowledgements within this
+    apply_timeout_s: float = 5.0  # a LogEvents waits this long for its events to be folded, then EVENTS_STORED_NOT_APPLIED
+    connect_timeout_s: float = 2.0
+
+    def __post_init__(self):
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.stream):
+            raise ConfigError(f"stream {self.stream!r}: use 1-64 letters, digits, '_' or '-'")
+        if not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", self.subject_prefix):
+            raise ConfigError(f"subject_prefix {self.subject_prefix!r}: dot-separated tokens of letters, digits, '_' or '-'")
+        if self.replicas not in (1, 2, 3, 4, 5):
+            raise ConfigError(f"replicas={self.replicas}: JetStream allows 1 to 5")
+        for name in ("publish_timeout_s", "apply_timeout_s", "connect_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be > 0")
+        if self.max_age_s < 0:
+            raise ConfigError(f"max_age_s={self.max_age_s} must be >= 0 (0: no age limit)")
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     bundle_dir: Path  # watched: replace its files (or repoint a symlink) to hot-reload
     data_dir: Path  # items + events the online state starts from
@@ -192,6 +222,7 @@ class ServeConfig:
     port: int = 50051  # 0 picks a free port
     experiments_file: Path | None = None
     store: StoreConfig | None = None  # None: in-process, snapshotted to state_dir/online-store.bin
+    events: JetStreamConfig | None = None  # None: the local event log in state_dir/events (one process)
     metrics_port: int | None = None  # None: no /metrics endpoint; 0: a free port
     metrics_host: str = "127.0.0.1"
     tls: TlsConfig | None = None

@@ -45,6 +45,7 @@ from serving.encoding.pool import EncoderHandle, EncoderPool
 from serving.experiments.exposure_log import ExposureLog
 from serving.ingest.apply import EventIngest
 from serving.ingest.dedup import EventDedup
+from serving.ingest.jetstream import StreamIngest
 from serving.ingest.restore import build_engine, close_all
 from serving.observability.metrics import Metrics
 from serving.ranking.engine import RankingEngine, utc_now
@@ -111,6 +112,7 @@ class RankingServer:
         self._closers: list[Callable] = []
         self.ready = False  # the READINESS health status
         self._not_ready_why: str | None = None
+        self._stream_ingest: StreamIngest | None = None
 
     @property
     def engine(self) -> RankingEngine:
@@ -164,7 +166,7 @@ class RankingServer:
         try:
             state_dir = self._state_dir()
             experiments = load_experiments(cfg.experiments_file) if cfg.experiments_file else Experiments()
-            built = build_engine(cfg.data_dir, state_dir, cfg.store, self.clock,
+            built = build_engine(cfg.data_dir, state_dir, cfg.store, self.clock, local_log=cfg.events is None,
                                  on_cache=lambda c, hit: self.metrics.record_cache(c, int(hit), int(not hit)),
                                  max_inline_encodes=cfg.limits.max_inline_encodes,
                                  store_read_timeout_s=cfg.limits.store_read_timeout_s,
@@ -178,10 +180,14 @@ class RankingServer:
             self._on_reload("ok", registry.default.runtime.version)
             exposures = ExposureLog(state_dir / "exposures")
             self._closers.insert(0, exposures.close)
+            if cfg.events is not None:  # JetStream: fold the stream up to its end before serving
+                ingest = self._stream_ingest = await StreamIngest.open(
+                    cfg.events, engine.online, engine.store_worker, cfg.limits.dedup_window_s)
+            else:
+                ingest = EventIngest(event_log, engine.online, EventDedup(cfg.limits.dedup_window_s),
+                                     worker=engine.store_worker)
             self.state = ServingState(
-                engine=engine, registry=registry, exposures=exposures,
-                ingest=EventIngest(event_log, engine.online, EventDedup(cfg.limits.dedup_window_s),
-                                   worker=engine.store_worker),
+                engine=engine, registry=registry, exposures=exposures, ingest=ingest,
                 metrics=self.metrics,
                 limits=cfg.limits, experiments=experiments, encoder_timeout_s=cfg.encoder_timeout_s,
                 bundle_roots=list(cfg.bundle_roots) or [Path(cfg.bundle_dir).resolve().parent],
@@ -277,6 +283,12 @@ class RankingServer:
             return False
         if self.state.ingest.behind:
             await self.state.ingest.catch_up()
+        problem = self.state.ingest.problem()
+        if problem is not None:
+            if self._not_ready_why != problem:
+                log.warning("not ready: %s", problem)
+            self._not_ready_why = problem
+            return False
         for h in self._registry.pool.handles():
             breaker = getattr(h.encoder, "breaker", None)
             if breaker is not None and breaker.state == "open":
@@ -330,6 +342,9 @@ class RankingServer:
         if getattr(self, "_registry", None) is not None:
             await self._registry.close()
             self._registry = None
+        if self._stream_ingest is not None:  # before the store worker and the store close
+            await self._stream_ingest.close()
+            self._stream_ingest = None
         self.metrics.stop_http()
         close_all(self._closers)
         self._closers = []

@@ -13,10 +13,13 @@ from semrank.cli.common import data_dir
 
 log = logging.getLogger("semrank")
 
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+DEFAULT_STREAM = "SEMRANK_EVENTS"
+
 
 def cmd_serve(args) -> int:
     from featurizer.store.config import RedisConfig
-    from serving.config import Limits, ServeConfig, TlsConfig, TokenAuth
+    from serving.config import JetStreamConfig, Limits, ServeConfig, TlsConfig, TokenAuth
     from serving.observability.request_logging import configure_logging
     from serving.server import RankingServer
 
@@ -35,6 +38,12 @@ def cmd_serve(args) -> int:
             raise ConfigError(f"--tokens-env {args.tokens_env}: the variable is not set")
         tokens = TokenAuth.from_spec(spec, source=f"${args.tokens_env}")
     store = RedisConfig(url=args.redis_url) if args.redis_url else None
+    events = None
+    if args.events == "jetstream":
+        events = JetStreamConfig(url=args.nats_url, stream=args.stream, subject_prefix=args.subject_prefix,
+                                 replicas=args.stream_replicas, max_age_s=args.stream_max_age_h * 3600)
+    elif args.nats_url != DEFAULT_NATS_URL or args.stream != DEFAULT_STREAM:
+        raise ConfigError("--nats-url and --stream need --events jetstream")
     cfg = ServeConfig(
         bundle_dir=Path(args.bundle),
         data_dir=Path(data),
@@ -43,6 +52,7 @@ def cmd_serve(args) -> int:
         port=args.port,
         experiments_file=args.experiments,
         store=store,
+        events=events,
         metrics_port=args.metrics_port,
         tls=TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
         tokens=tokens,
@@ -80,6 +90,15 @@ def register(sub) -> None:
     s.add_argument("--port", type=int, default=50051)
     s.add_argument("--experiments", type=Path, default=None, help="A/B experiments file (TOML or JSON)")
     s.add_argument("--redis-url", default=None, help="keep the online features in Redis (default: in-process, snapshotted)")
+    s.add_argument("--events", choices=("local", "jetstream"), default="local",
+                   help="where LogEvents stores events: the local event log in --state-dir (one process), or a NATS "
+                        "JetStream stream that every replica folds (docs/scaling.md)")
+    s.add_argument("--nats-url", default=DEFAULT_NATS_URL, help="NATS server(s), comma-separated (with --events jetstream)")
+    s.add_argument("--stream", default=DEFAULT_STREAM, help="JetStream stream name (created if missing)")
+    s.add_argument("--subject-prefix", default="semrank.events", help="events go to <prefix>.u.<user key>")
+    s.add_argument("--stream-replicas", type=int, default=1, help="stream replicas in a NATS cluster (1-5)")
+    s.add_argument("--stream-max-age-h", type=float, default=0.0,
+                   help="stream retention in hours; 0: keep everything (a rebuild needs the stream back to the oldest snapshot)")
     s.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port (0: a free one)")
     s.add_argument("--tls-cert", type=Path, default=None)
     s.add_argument("--tls-key", type=Path, default=None)

@@ -31,10 +31,11 @@ from serving.api.validation import event_problem, item_problem, validate_rank_re
 from serving.config import Limits
 from serving.experiments.exposure_log import Exposure, ExposureLog
 from serving.ingest.apply import EventIngest
+from serving.ingest.jetstream import StreamIngest
 from serving.ingest.items import upsert_items
 from serving.observability.metrics import Metrics, set_variant
 from serving.observability.request_logging import bind_request
-from serving.ranking.engine import RankingEngine, RankOutcome, degraded_code, holdout
+from serving.ranking.engine import STALE_FEATURES, RankingEngine, RankOutcome, degraded_code, holdout
 from serving.ranking.registry import BundleRegistry, Loaded, allowed_bundle_path
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class ServingState:
 
     engine: RankingEngine
     registry: BundleRegistry
-    ingest: EventIngest
+    ingest: EventIngest | StreamIngest  # the local event log, or JetStream
     exposures: ExposureLog
     metrics: Metrics
     limits: Limits = field(default_factory=Limits)
@@ -87,6 +88,13 @@ class RankingService(pb_grpc.RankingServiceServicer):
             set_variant(variant or "none")
             s.metrics.rank_candidates.observe(len(request.candidates))
             candidates = candidates_from_proto(request)
+            stale = None
+            if request.min_sequence:  # read-your-writes: wait for this replica to hold the caller's events
+                wait_s = s.limits.max_sequence_wait_s if remaining is None else min(s.limits.max_sequence_wait_s,
+                                                                                     remaining * 0.5)
+                if not await s.ingest.wait_folded(request.min_sequence, wait_s):
+                    stale = (f"{STALE_FEATURES}: this replica's features hold events up to sequence "
+                             f"{s.ingest.committed_seq}, not {request.min_sequence} (waited {wait_s * 1e3:.0f} ms)")
             if assignment is not None and assignment.holdout:
                 outcome, version = holdout(candidates), ""
             else:
@@ -98,6 +106,8 @@ class RankingService(pb_grpc.RankingServiceServicer):
                 finally:
                     rt.inflight -= 1
                 version = rt.version
+            if stale is not None and version:  # (a holdout's answer uses no features)
+                outcome.degraded_reasons.append(stale)
             resp = _rank_response(request, request_id, outcome, version, experiment, variant)
             for reason in outcome.degraded_reasons:
                 s.metrics.degraded_total.labels(degraded_code(reason)).inc()
@@ -137,6 +147,7 @@ class RankingService(pb_grpc.RankingServiceServicer):
                     logged = await s.ingest.log_events(batch, stored_before=resp.accepted)
                     resp.accepted += logged.stored
                     resp.duplicates += logged.duplicates
+                    resp.sequence = max(resp.sequence, logged.last_seq)
         except MalformedMessage as e:  # a message of the stream did not decode; the ones before it are stored
             e.stored_before = resp.accepted
             raise

@@ -77,6 +77,8 @@ def validate_rank_request(req: pb.RankRequest, limits: Limits) -> None:
     for name in ("query", "page"):
         if len(getattr(req.context, name)) > limits.max_text_chars:
             v.append(FieldViolation(f"context.{name}", f"longer than {limits.max_text_chars} characters"))
+    if req.min_sequence < 0:
+        v.append(FieldViolation("min_sequence", "must be >= 0 (a LogEventsResponse.sequence, or 0)"))
     if req.context.device not in pb.Device.values():
         v.append(FieldViolation("context.device", f"unknown value {req.context.device}"))
     if n <= limits.max_candidates:

@@ -79,24 +79,26 @@ class EventsNotApplied(SemrankError):
         return {"stored": str(self.stored)}
 
 
-def apply_logged(online: OnlineFeatures, events: Sequence[LoggedEvent], last_seq: int, after_seq: int | None) -> None:
+def apply_logged(online: OnlineFeatures, events: Sequence[LoggedEvent], last_seq: int, after_seq: int | None,
+                 key: str = LOG_SEQ_KEY) -> None:
     """Fold logged events (the seqs after `after_seq`, up to `last_seq`) into the online features and
-    record `last_seq` as applied, in one atomic commit, fenced: only if the store holds `after_seq`
-    (else WriteConflict, nothing written). `after_seq` None: unfenced (a refill of a lost store)."""
+    record `last_seq` as applied (meta row `key`), in one atomic commit, fenced: only if the store
+    holds `after_seq` (else WriteConflict, nothing written). `after_seq` None: unfenced (a refill of
+    a lost store). The JetStream fold uses its own `key` (serving.ingest.jetstream.seq_key)."""
     if last_seq == 0:
         return  # nothing logged: seq 0 is "no row" (see applied_seq), never written
     expect = None
     if after_seq:
-        expect = ("meta", LOG_SEQ_KEY, {"seq": after_seq})
+        expect = ("meta", key, {"seq": after_seq})
     elif after_seq == 0:  # no row yet (or the {"seq": 0} that earlier versions wrote for an empty log)
-        held = online.store.read("meta", [LOG_SEQ_KEY])[0]
-        expect = ("meta", LOG_SEQ_KEY, held if held is not None and int(held["seq"]) == 0 else None)
-    online.apply(events_frame(events), meta={LOG_SEQ_KEY: {"seq": last_seq}}, expect=expect)
+        held = online.store.read("meta", [key])[0]
+        expect = ("meta", key, held if held is not None and int(held["seq"]) == 0 else None)
+    online.apply(events_frame(events), meta={key: {"seq": last_seq}}, expect=expect)
 
 
-def applied_seq(online: OnlineFeatures) -> int:
-    """The last event-log seq the store's features hold (0: none)."""
-    meta = online.store.read("meta", [LOG_SEQ_KEY])[0]
+def applied_seq(online: OnlineFeatures, key: str = LOG_SEQ_KEY) -> int:
+    """The last event-log (or stream) seq the store's features hold (0: none)."""
+    meta = online.store.read("meta", [key])[0]
     return int(meta["seq"]) if meta else 0
 
 
@@ -135,6 +137,21 @@ class EventIngest:
     def behind(self) -> int:
         """Stored events whose features are not committed yet (the store failed; see the module docstring)."""
         return self.applied_seq - self.committed_seq
+
+    def problem(self) -> str | None:
+        """Why events cannot be taken now (for readiness): the local log has none of its own to report."""
+        return None
+
+    async def wait_folded(self, seq: int, timeout_s: float) -> bool:
+        """Wait until the store's features hold log seq `seq` (a LogEvents token), at most `timeout_s`."""
+        if self.committed_seq >= seq:
+            return True
+        async with self.applied_lock:
+            try:
+                await asyncio.wait_for(self.applied_lock.wait_for(lambda: self.committed_seq >= seq), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+        return self.committed_seq >= seq
 
     def _commit_through(self, last_seq: int, batch: Sequence[LoggedEvent] = ()) -> int:
         """Apply every stored event after `committed_seq` up to `last_seq` (`batch`: the last of them,
@@ -177,7 +194,9 @@ class EventIngest:
                 self.committed_seq = self.applied_seq
                 return data_events.height + len(logged)
 
-            return await self.worker.write(refill)
+            n = await self.worker.write(refill)
+            self.applied_lock.notify_all()
+            return n
 
     async def catch_up(self) -> int:
         """Apply the backlog, if any; returns how many events it committed (0 when none, or when the
@@ -191,6 +210,7 @@ class EventIngest:
                 log.warning("online store still failing; %d stored event(s) wait to be applied (%s)", self.behind,
                             type(e).__name__)
                 return 0
+            self.applied_lock.notify_all()  # Ranks waiting for a token
             log.info("applied %d stored event(s) the online store had missed", n)
             return n
 

@@ -53,7 +53,7 @@ class ReadOnlyStateError(SemrankError, ValueError):
 @dataclass
 class BuiltEngine:
     engine: RankingEngine
-    event_log: EventLog | None  # the open writer; None when read_only
+    event_log: EventLog | None  # the open writer; None when read_only or on JetStream
     closers: list[Callable[[], None]] = field(default_factory=list)  # in order: store worker, event log, store
 
     def close(self) -> None:
@@ -103,12 +103,14 @@ def restore_online(store: OnlineStore, items: pl.DataFrame, events: pl.DataFrame
 
 
 def build_engine(data_dir: Path, state_dir: Path, store_cfg: StoreConfig | None = None,
-                 clock: Callable[[], datetime] = utc_now, *, read_only: bool = False,
+                 clock: Callable[[], datetime] = utc_now, *, read_only: bool = False, local_log: bool = True,
                  on_cache: Callable[[str, bool], None] | None = None, **engine_kw) -> BuiltEngine:
     """Items, online features and the engine over them (see the module docstring).
 
-    `store_cfg` None: in-process, snapshotted to state_dir/online-store.bin. `engine_kw` go to
-    RankingEngine (cache sizes). On failure whatever was opened is closed again."""
+    `store_cfg` None: in-process, snapshotted to state_dir/online-store.bin. `local_log` False:
+    events come from JetStream, which the server folds after this (serving.ingest.jetstream); no
+    local event log is opened or replayed. `engine_kw` go to RankingEngine (cache sizes). On
+    failure whatever was opened is closed again."""
     state_dir = Path(state_dir)
     cfg = store_cfg or default_store(state_dir)
     if read_only and not isinstance(cfg, InProcessConfig):
@@ -125,6 +127,11 @@ def build_engine(data_dir: Path, state_dir: Path, store_cfg: StoreConfig | None 
             event_log = None
             store = store_from_config(replace(cfg, autoflush=False))  # never flushed nor closed: nothing written
             logged = lambda after: read_log(state_dir / "events", after)  # noqa: E731
+        elif not local_log:
+            event_log = None
+            store = store_from_config(cfg)
+            closers.append(store.close)
+            logged = lambda after: iter(())  # noqa: E731 - the stream is folded by the server
         else:
             event_log = EventLog(state_dir / "events")
             closers.append(event_log.close)

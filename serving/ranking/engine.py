@@ -115,7 +115,8 @@ ENCODER_UNAVAILABLE = "encoder_unavailable"
 INLINE_ITEM_LIMIT = "inline_item_limit"
 STORE_UNAVAILABLE = "online_store_unavailable"
 STORE_REBUILDING = "online_store_rebuilding"
-DEGRADED_CODES = (ENCODER_UNAVAILABLE, INLINE_ITEM_LIMIT, STORE_UNAVAILABLE, STORE_REBUILDING)
+STALE_FEATURES = "stale_features"  # a Rank's min_sequence was not applied within its wait
+DEGRADED_CODES = (ENCODER_UNAVAILABLE, INLINE_ITEM_LIMIT, STORE_UNAVAILABLE, STORE_REBUILDING, STALE_FEATURES)
 
 
 def degraded_code(reason: str) -> str:

@@ -82,6 +82,55 @@ class ServerThread:
             self._close_loop()
 
 
+class ReplicaSet:
+    """Several RankingServers (replicas, each with its own state, store and port) on one event loop
+    in a thread, sharing one Triton: the first replica starts it and the others use its encoder, as
+    the replicas of one host share one Triton. Stopped in reverse order; the Triton with the first."""
+
+    def __init__(self, cfgs: list[ServeConfig]):
+        self.thread = ServerThread(cfgs[0])
+        self.servers = [self.thread.server] + [RankingServer(c, encoder_factory=self._shared) for c in cfgs[1:]]
+        self.ports: list[int] = []
+
+    async def _shared(self, ref, bundle_path, key):
+        from serving.encoding.pool import EncoderHandle
+
+        first = self.servers[0]._registry.pool
+        handle = await first.acquire(ref, bundle_path)  # the first replica's Triton, one more user of it
+
+        async def close() -> None:
+            await first.release(handle)
+
+        return EncoderHandle(key=key, encoder=handle.encoder, close=close, dim=handle.dim)
+
+    def run(self, coro, timeout: float = 120):
+        return self.thread.run(coro, timeout)
+
+    def __enter__(self) -> ReplicaSet:
+        self.thread.__enter__()
+        self.ports = [self.thread.port]
+        try:
+            for server in self.servers[1:]:
+                self.ports.append(self.run(server.start(), timeout=600))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def stop(self, k: int) -> None:
+        """Stop replica k (drain, flush); the Triton stays with replica 0."""
+        if k == 0:
+            raise ValueError("replica 0 holds the shared Triton: stop the others first")
+        self.run(self.servers[k].stop())
+
+    def __exit__(self, *exc) -> None:
+        try:
+            for server in reversed(self.servers[1:]):
+                self.run(server.stop())
+        finally:
+            self.thread.__exit__()
+
+
 def wait_until(predicate: Callable[[], object], timeout_s: float, what: str, poll_s: float = 0.05):
     """Poll until predicate() is truthy and return its value; after timeout_s (a liveness bound)
     raise AssertionError naming `what`."""
@@ -377,4 +426,54 @@ class RedisProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=30)
+        self.proc = None
+
+
+# -- a NATS of the test's own ----------------------------------------------------------------------
+
+MACHINE_NATS = "nats://127.0.0.1:4222"  # the machine's NATS with JetStream (.ci/run starts it if it is down)
+
+
+class NatsProcess:
+    """A `nats-server -js` on a free loopback port with its own store directory, started, stopped
+    and restarted by the test (never the machine's own server). A restart keeps the streams."""
+
+    def __init__(self, directory: Path):
+        from serving.triton.process import free_port
+
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> NatsProcess:
+        import socket
+
+        self.proc = subprocess.Popen(
+            ["nats-server", "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.directory)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+
+        def up() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    return s.recv(4).startswith(b"INFO")
+            except OSError:
+                return False
+
+        wait_until(up, 30, f"nats-server on port {self.port}")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=15)
         self.proc = None

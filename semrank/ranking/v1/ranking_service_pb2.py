@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(semrank/ranking/v1/ranking_service.proto\x12\x12semrank.ranking.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x83\x01\n\rRankCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x04 \x01(\t\x12\x12\n\x05price\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05\x62rand\x18\x06 \x01(\tB\x08\n\x06_price\"\x87\x01\n\x0bRankContext\x12\r\n\x05query\x18\x01 \x01(\t\x12\x0c\n\x04page\x18\x02 \x01(\t\x12*\n\x06\x64\x65vice\x18\x03 \x01(\x0e\x32\x1a.semrank.ranking.v1.Device\x12/\n\x0b\x63lient_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbb\x01\n\x0bRankRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x35\n\ncandidates\x18\x03 \x03(\x0b\x32!.semrank.ranking.v1.RankCandidate\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x30\n\x07\x63ontext\x18\x05 \x01(\x0b\x32\x1f.semrank.ranking.v1.RankContext\x12\x0f\n\x07\x65xplain\x18\x06 \x01(\x08\":\n\x12\x46\x61milyContribution\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontribution\x18\x02 \x01(\x01\"y\n\nRankedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12=\n\rcontributions\x18\x04 \x03(\x0b\x32&.semrank.ranking.v1.FamilyContribution\"\xcd\x01\n\x0cRankResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x05items\x18\x02 \x03(\x0b\x32\x1e.semrank.ranking.v1.RankedItem\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x13\n\x0bmissing_ids\x18\x04 \x03(\t\x12\x12\n\nexperiment\x18\x05 \x01(\t\x12\x0f\n\x07variant\x18\x06 \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x07 \x01(\x08\x12\x17\n\x0f\x64\x65graded_reason\x18\x08 \x01(\t\"\xb6\x01\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12&\n\x02ts\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x0f\n\x07item_id\x18\x04 \x01(\t\x12+\n\x04type\x18\x05 \x01(\x0e\x32\x1d.semrank.ranking.v1.EventType\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x10\n\x08position\x18\x07 \x01(\x05\"=\n\x10LogEventsRequest\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.semrank.ranking.v1.Event\"A\n\x0e\x45ventRejection\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x83\x01\n\x11LogEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x03\x12\x10\n\x08rejected\x18\x02 \x01(\x03\x12\x36\n\nrejections\x18\x03 \x03(\x0b\x32\".semrank.ranking.v1.EventRejection\x12\x12\n\nduplicates\x18\x04 \x01(\x03\"F\n\x12UpsertItemsRequest\x12\x30\n\x05items\x18\x01 \x03(\x0b\x32!.semrank.ranking.v1.RankCandidate\"?\n\rItemRejection\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"p\n\x13UpsertItemsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x03\x12\x10\n\x08rejected\x18\x02 \x01(\x03\x12\x35\n\nrejections\x18\x03 \x03(\x0b\x32!.semrank.ranking.v1.ItemRejection\"\x15\n\x13GetModelInfoRequest\"\x99\x01\n\nBundleInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12-\n\tloaded_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x65ncoder\x18\x04 \x01(\t\x12\x15\n\rfeature_names\x18\x05 \x03(\t\x12\x15\n\rmanifest_json\x18\x06 \x01(\t\"B\n\x0bVariantInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05share\x18\x02 \x01(\x01\x12\x16\n\x0e\x62undle_version\x18\x03 \x01(\t\"\xb5\x01\n\x0e\x45xperimentInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x31\n\x08variants\x18\x02 \x03(\x0b\x32\x1f.semrank.ranking.v1.VariantInfo\x12)\n\x05start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61\x63tive\x18\x05 \x01(\x08\"\xf7\x01\n\x14GetModelInfoResponse\x12.\n\x06\x62undle\x18\x01 \x01(\x0b\x32\x1e.semrank.ranking.v1.BundleInfo\x12\x37\n\x0fvariant_bundles\x18\x02 \x03(\x0b\x32\x1e.semrank.ranking.v1.BundleInfo\x12\x37\n\x0b\x65xperiments\x18\x03 \x03(\x0b\x32\".semrank.ranking.v1.ExperimentInfo\x12\x16\n\x0emax_candidates\x18\x04 \x01(\x05\x12\x16\n\x0emax_text_chars\x18\x05 \x01(\x05\x12\r\n\x05items\x18\x06 \x01(\x03\"#\n\x13ReloadBundleRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"J\n\x14ReloadBundleResponse\x12\x10\n\x08reloaded\x18\x01 \x01(\x08\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t*j\n\x06\x44\x65vice\x12\x16\n\x12\x44\x45VICE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45VICE_DESKTOP\x10\x01\x12\x11\n\rDEVICE_MOBILE\x10\x02\x12\x11\n\rDEVICE_TABLET\x10\x03\x12\x0e\n\nDEVICE_APP\x10\x04*\x8d\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45VENT_TYPE_IMPRESSION\x10\x01\x12\x14\n\x10\x45VENT_TYPE_CLICK\x10\x02\x12\x1a\n\x16\x45VENT_TYPE_ADD_TO_CART\x10\x03\x12\x17\n\x13\x45VENT_TYPE_PURCHASE\x10\x04\x32\xdf\x03\n\x0eRankingService\x12I\n\x04Rank\x12\x1f.semrank.ranking.v1.RankRequest\x1a .semrank.ranking.v1.RankResponse\x12Z\n\tLogEvents\x12$.semrank.ranking.v1.LogEventsRequest\x1a%.semrank.ranking.v1.LogEventsResponse(\x01\x12`\n\x0bUpsertItems\x12&.semrank.ranking.v1.UpsertItemsRequest\x1a\'.semrank.ranking.v1.UpsertItemsResponse(\x01\x12\x61\n\x0cGetModelInfo\x12\'.semrank.ranking.v1.GetModelInfoRequest\x1a(.semrank.ranking.v1.GetModelInfoResponse\x12\x61\n\x0cReloadBundle\x12\'.semrank.ranking.v1.ReloadBundleRequest\x1a(.semrank.ranking.v1.ReloadBundleResponseB\x84\x01\n\x16\x64\x65v.semrank.ranking.v1B\x13RankingServiceProtoP\x01Z>github.com/semrank/semrank/gen/go/semrank/ranking/v1;rankingv1\xaa\x02\x12Semrank.Ranking.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(semrank/ranking/v1/ranking_service.proto\x12\x12semrank.ranking.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x83\x01\n\rRankCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x04 \x01(\t\x12\x12\n\x05price\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05\x62rand\x18\x06 \x01(\tB\x08\n\x06_price\"\x87\x01\n\x0bRankContext\x12\r\n\x05query\x18\x01 \x01(\t\x12\x0c\n\x04page\x18\x02 \x01(\t\x12*\n\x06\x64\x65vice\x18\x03 \x01(\x0e\x32\x1a.semrank.ranking.v1.Device\x12/\n\x0b\x63lient_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd1\x01\n\x0bRankRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x35\n\ncandidates\x18\x03 \x03(\x0b\x32!.semrank.ranking.v1.RankCandidate\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x30\n\x07\x63ontext\x18\x05 \x01(\x0b\x32\x1f.semrank.ranking.v1.RankContext\x12\x0f\n\x07\x65xplain\x18\x06 \x01(\x08\x12\x14\n\x0cmin_sequence\x18\x07 \x01(\x03\":\n\x12\x46\x61milyContribution\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontribution\x18\x02 \x01(\x01\"y\n\nRankedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12=\n\rcontributions\x18\x04 \x03(\x0b\x32&.semrank.ranking.v1.FamilyContribution\"\xcd\x01\n\x0cRankResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x05items\x18\x02 \x03(\x0b\x32\x1e.semrank.ranking.v1.RankedItem\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x13\n\x0bmissing_ids\x18\x04 \x03(\t\x12\x12\n\nexperiment\x18\x05 \x01(\t\x12\x0f\n\x07variant\x18\x06 \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x07 \x01(\x08\x12\x17\n\x0f\x64\x65graded_reason\x18\x08 \x01(\t\"\xb6\x01\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12&\n\x02ts\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x0f\n\x07item_id\x18\x04 \x01(\t\x12+\n\x04type\x18\x05 \x01(\x0e\x32\x1d.semrank.ranking.v1.EventType\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x10\n\x08position\x18\x07 \x01(\x05\"=\n\x10LogEventsRequest\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.semrank.ranking.v1.Event\"A\n\x0e\x45ventRejection\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x95\x01\n\x11LogEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x03\x12\x10\n\x08rejected\x18\x02 \x01(\x03\x12\x36\n\nrejections\x18\x03 \x03(\x0b\x32\".semrank.ranking.v1.EventRejection\x12\x12\n\nduplicates\x18\x04 \x01(\x03\x12\x10\n\x08sequence\x18\x05 \x01(\x03\"F\n\x12UpsertItemsRequest\x12\x30\n\x05items\x18\x01 \x03(\x0b\x32!.semrank.ranking.v1.RankCandidate\"?\n\rItemRejection\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"p\n\x13UpsertItemsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x03\x12\x10\n\x08rejected\x18\x02 \x01(\x03\x12\x35\n\nrejections\x18\x03 \x03(\x0b\x32!.semrank.ranking.v1.ItemRejection\"\x15\n\x13GetModelInfoRequest\"\x99\x01\n\nBundleInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12-\n\tloaded_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x65ncoder\x18\x04 \x01(\t\x12\x15\n\rfeature_names\x18\x05 \x03(\t\x12\x15\n\rmanifest_json\x18\x06 \x01(\t\"B\n\x0bVariantInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05share\x18\x02 \x01(\x01\x12\x16\n\x0e\x62undle_version\x18\x03 \x01(\t\"\xb5\x01\n\x0e\x45xperimentInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x31\n\x08variants\x18\x02 \x03(\x0b\x32\x1f.semrank.ranking.v1.VariantInfo\x12)\n\x05start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61\x63tive\x18\x05 \x01(\x08\"\xf7\x01\n\x14GetModelInfoResponse\x12.\n\x06\x62undle\x18\x01 \x01(\x0b\x32\x1e.semrank.ranking.v1.BundleInfo\x12\x37\n\x0fvariant_bundles\x18\x02 \x03(\x0b\x32\x1e.semrank.ranking.v1.BundleInfo\x12\x37\n\x0b\x65xperiments\x18\x03 \x03(\x0b\x32\".semrank.ranking.v1.ExperimentInfo\x12\x16\n\x0emax_candidates\x18\x04 \x01(\x05\x12\x16\n\x0emax_text_chars\x18\x05 \x01(\x05\x12\r\n\x05items\x18\x06 \x01(\x03\"#\n\x13ReloadBundleRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"J\n\x14ReloadBundleResponse\x12\x10\n\x08reloaded\x18\x01 \x01(\x08\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t*j\n\x06\x44\x65vice\x12\x16\n\x12\x44\x45VICE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45VICE_DESKTOP\x10\x01\x12\x11\n\rDEVICE_MOBILE\x10\x02\x12\x11\n\rDEVICE_TABLET\x10\x03\x12\x0e\n\nDEVICE_APP\x10\x04*\x8d\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45VENT_TYPE_IMPRESSION\x10\x01\x12\x14\n\x10\x45VENT_TYPE_CLICK\x10\x02\x12\x1a\n\x16\x45VENT_TYPE_ADD_TO_CART\x10\x03\x12\x17\n\x13\x45VENT_TYPE_PURCHASE\x10\x04\x32\xdf\x03\n\x0eRankingService\x12I\n\x04Rank\x12\x1f.semrank.ranking.v1.RankRequest\x1a .semrank.ranking.v1.RankResponse\x12Z\n\tLogEvents\x12$.semrank.ranking.v1.LogEventsRequest\x1a%.semrank.ranking.v1.LogEventsResponse(\x01\x12`\n\x0bUpsertItems\x12&.semrank.ranking.v1.UpsertItemsRequest\x1a\'.semrank.ranking.v1.UpsertItemsResponse(\x01\x12\x61\n\x0cGetModelInfo\x12\'.semrank.ranking.v1.GetModelInfoRequest\x1a(.semrank.ranking.v1.GetModelInfoResponse\x12\x61\n\x0cReloadBundle\x12\'.semrank.ranking.v1.ReloadBundleRequest\x1a(.semrank.ranking.v1.ReloadBundleResponseB\x84\x01\n\x16\x64\x65v.semrank.ranking.v1B\x13RankingServiceProtoP\x01Z>github.com/semrank/semrank/gen/go/semrank/ranking/v1;rankingv1\xaa\x02\x12Semrank.Ranking.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,50 +33,50 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'semrank.ranking.v1.ranking_
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\026dev.semrank.ranking.v1B\023RankingServiceProtoP\001Z>github.com/semrank/semrank/gen/go/semrank/ranking/v1;rankingv1\252\002\022Semrank.Ranking.V1'
-  _globals['_DEVICE']._serialized_start=2444
-  _globals['_DEVICE']._serialized_end=2550
-  _globals['_EVENTTYPE']._serialized_start=2553
-  _globals['_EVENTTYPE']._serialized_end=2694
+  _globals['_DEVICE']._serialized_start=2484
+  _globals['_DEVICE']._serialized_end=2590
+  _globals['_EVENTTYPE']._serialized_start=2593
+  _globals['_EVENTTYPE']._serialized_end=2734
   _globals['_RANKCANDIDATE']._serialized_start=98
   _globals['_RANKCANDIDATE']._serialized_end=229
   _globals['_RANKCONTEXT']._serialized_start=232
   _globals['_RANKCONTEXT']._serialized_end=367
   _globals['_RANKREQUEST']._serialized_start=370
-  _globals['_RANKREQUEST']._serialized_end=557
-  _globals['_FAMILYCONTRIBUTION']._serialized_start=559
-  _globals['_FAMILYCONTRIBUTION']._serialized_end=617
-  _globals['_RANKEDITEM']._serialized_start=619
-  _globals['_RANKEDITEM']._serialized_end=740
-  _globals['_RANKRESPONSE']._serialized_start=743
-  _globals['_RANKRESPONSE']._serialized_end=948
-  _globals['_EVENT']._serialized_start=951
-  _globals['_EVENT']._serialized_end=1133
-  _globals['_LOGEVENTSREQUEST']._serialized_start=1135
-  _globals['_LOGEVENTSREQUEST']._serialized_end=1196
-  _globals['_EVENTREJECTION']._serialized_start=1198
-  _globals['_EVENTREJECTION']._serialized_end=1263
-  _globals['_LOGEVENTSRESPONSE']._serialized_start=1266
-  _globals['_LOGEVENTSRESPONSE']._serialized_end=1397
-  _globals['_UPSERTITEMSREQUEST']._serialized_start=1399
-  _globals['_UPSERTITEMSREQUEST']._serialized_end=1469
-  _globals['_ITEMREJECTION']._serialized_start=1471
-  _globals['_ITEMREJECTION']._serialized_end=1534
-  _globals['_UPSERTITEMSRESPONSE']._serialized_start=1536
-  _globals['_UPSERTITEMSRESPONSE']._serialized_end=1648
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1650
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1671
-  _globals['_BUNDLEINFO']._serialized_start=1674
-  _globals['_BUNDLEINFO']._serialized_end=1827
-  _globals['_VARIANTINFO']._serialized_start=1829
-  _globals['_VARIANTINFO']._serialized_end=1895
-  _globals['_EXPERIMENTINFO']._serialized_start=1898
-  _globals['_EXPERIMENTINFO']._serialized_end=2079
-  _globals['_GETMODELINFORESPONSE']._serialized_start=2082
-  _globals['_GETMODELINFORESPONSE']._serialized_end=2329
-  _globals['_RELOADBUNDLEREQUEST']._serialized_start=2331
-  _globals['_RELOADBUNDLEREQUEST']._serialized_end=2366
-  _globals['_RELOADBUNDLERESPONSE']._serialized_start=2368
-  _globals['_RELOADBUNDLERESPONSE']._serialized_end=2442
-  _globals['_RANKINGSERVICE']._serialized_start=2697
-  _globals['_RANKINGSERVICE']._serialized_end=3176
+  _globals['_RANKREQUEST']._serialized_end=579
+  _globals['_FAMILYCONTRIBUTION']._serialized_start=581
+  _globals['_FAMILYCONTRIBUTION']._serialized_end=639
+  _globals['_RANKEDITEM']._serialized_start=641
+  _globals['_RANKEDITEM']._serialized_end=762
+  _globals['_RANKRESPONSE']._serialized_start=765
+  _globals['_RANKRESPONSE']._serialized_end=970
+  _globals['_EVENT']._serialized_start=973
+  _globals['_EVENT']._serialized_end=1155
+  _globals['_LOGEVENTSREQUEST']._serialized_start=1157
+  _globals['_LOGEVENTSREQUEST']._serialized_end=1218
+  _globals['_EVENTREJECTION']._serialized_start=1220
+  _globals['_EVENTREJECTION']._serialized_end=1285
+  _globals['_LOGEVENTSRESPONSE']._serialized_start=1288
+  _globals['_LOGEVENTSRESPONSE']._serialized_end=1437
+  _globals['_UPSERTITEMSREQUEST']._serialized_start=1439
+  _globals['_UPSERTITEMSREQUEST']._serialized_end=1509
+  _globals['_ITEMREJECTION']._serialized_start=1511
+  _globals['_ITEMREJECTION']._serialized_end=1574
+  _globals['_UPSERTITEMSRESPONSE']._serialized_start=1576
+  _globals['_UPSERTITEMSRESPONSE']._serialized_end=1688
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1690
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1711
+  _globals['_BUNDLEINFO']._serialized_start=1714
+  _globals['_BUNDLEINFO']._serialized_end=1867
+  _globals['_VARIANTINFO']._serialized_start=1869
+  _globals['_VARIANTINFO']._serialized_end=1935
+  _globals['_EXPERIMENTINFO']._serialized_start=1938
+  _globals['_EXPERIMENTINFO']._serialized_end=2119
+  _globals['_GETMODELINFORESPONSE']._serialized_start=2122
+  _globals['_GETMODELINFORESPONSE']._serialized_end=2369
+  _globals['_RELOADBUNDLEREQUEST']._serialized_start=2371
+  _globals['_RELOADBUNDLEREQUEST']._serialized_end=2406
+  _globals['_RELOADBUNDLERESPONSE']._serialized_start=2408
+  _globals['_RELOADBUNDLERESPONSE']._serialized_end=2482
+  _globals['_RANKINGSERVICE']._serialized_start=2737
+  _globals['_RANKINGSERVICE']._serialized_end=3216
 # @@protoc_insertion_point(module_scope)

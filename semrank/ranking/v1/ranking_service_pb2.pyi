@@ -65,20 +65,22 @@ class RankContext(_message.Message):
     def __init__(self, query: _Optional[str] = ..., page: _Optional[str] = ..., device: _Optional[_Union[Device, str]] = ..., client_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class RankRequest(_message.Message):
-    __slots__ = ("request_id", "user_id", "candidates", "top_k", "context", "explain")
+    __slots__ = ("request_id", "user_id", "candidates", "top_k", "context", "explain", "min_sequence")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_FIELD_NUMBER: _ClassVar[int]
+    MIN_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     user_id: str
     candidates: _containers.RepeatedCompositeFieldContainer[RankCandidate]
     top_k: int
     context: RankContext
     explain: bool
-    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[RankCandidate, _Mapping]]] = ..., top_k: _Optional[int] = ..., context: _Optional[_Union[RankContext, _Mapping]] = ..., explain: _Optional[bool] = ...) -> None: ...
+    min_sequence: int
+    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[RankCandidate, _Mapping]]] = ..., top_k: _Optional[int] = ..., context: _Optional[_Union[RankContext, _Mapping]] = ..., explain: _Optional[bool] = ..., min_sequence: _Optional[int] = ...) -> None: ...
 
 class FamilyContribution(_message.Message):
     __slots__ = ("family", "contribution")
@@ -155,16 +157,18 @@ class EventRejection(_message.Message):
     def __init__(self, index: _Optional[int] = ..., event_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class LogEventsResponse(_message.Message):
-    __slots__ = ("accepted", "rejected", "rejections", "duplicates")
+    __slots__ = ("accepted", "rejected", "rejections", "duplicates", "sequence")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
     REJECTIONS_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     accepted: int
     rejected: int
     rejections: _containers.RepeatedCompositeFieldContainer[EventRejection]
     duplicates: int
-    def __init__(self, accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., rejections: _Optional[_Iterable[_Union[EventRejection, _Mapping]]] = ..., duplicates: _Optional[int] = ...) -> None: ...
+    sequence: int
+    def __init__(self, accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., rejections: _Optional[_Iterable[_Union[EventRejection, _Mapping]]] = ..., duplicates: _Optional[int] = ..., sequence: _Optional[int] = ...) -> None: ...
 
 class UpsertItemsRequest(_message.Message):
     __slots__ = ("items",)

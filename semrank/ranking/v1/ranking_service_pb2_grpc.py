@@ -93,7 +93,10 @@ class RankingServiceServicer:
 
     def LogEvents(self, request_iterator, context):
         """Stream behavioural events in; one acknowledgement when the stream ends. Accepted events are
-        durable (fsync'd to the event log) and visible to the next Rank before the acknowledgement.
+        durable (fsync'd to the local event log, or acknowledged by JetStream) and applied to the
+        features of the replica that took the call before the acknowledgement: a Rank on that replica
+        sees them. Other replicas apply them within milliseconds; a Rank that must see them anywhere
+        passes the response's `sequence` as `RankRequest.min_sequence` (read-your-writes).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

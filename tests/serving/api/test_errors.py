@@ -42,6 +42,7 @@ from serving.batch.input import BatchInputError
 from serving.batch.output import OutputMismatch
 from serving.batch.scorer import BatchScoringError
 from serving.ingest.apply import EventsNotApplied, EventsNotStored
+from serving.ingest.jetstream import EventsNotAcknowledged
 from serving.ingest.log_format import EventLogCorrupt, EventLogError, EventLogLocked
 from serving.ingest.items import ItemsNotEmbedded
 from serving.ingest.restore import ReadOnlyStateError
@@ -77,6 +78,8 @@ TABLE: list[tuple[Exception, C, str, dict[str, str], list[str]]] = [
     (EventsNotStored("event log write failed", stored_before=7), C.UNAVAILABLE, "EVENTS_NOT_STORED",
      {"stored_before": "7"}, []),
     (EventsNotApplied("online store down", stored=5), C.UNAVAILABLE, "EVENTS_STORED_NOT_APPLIED", {"stored": "5"}, []),
+    (EventsNotAcknowledged("JetStream acknowledged 2 of 5", 2), C.UNAVAILABLE, "EVENTS_NOT_ACKNOWLEDGED",
+     {"stored_before": "2"}, []),
     (ItemsNotEmbedded("encoder down", stored=3), C.UNAVAILABLE, "ITEMS_NOT_EMBEDDED", {"stored": "3"}, []),
     (OnlineStoreError("redis: connection refused"), C.UNAVAILABLE, "ONLINE_STORE_UNAVAILABLE", {}, []),
     (WriteConflict("meta 'event_log' changed"), C.UNAVAILABLE, "ONLINE_STORE_CONFLICT", {}, []),  # ingest re-reads the seq; at start-up: a second writer

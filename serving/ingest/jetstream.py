@@ -1,0 +1,480 @@
+"""Events on NATS JetStream: LogEvents publishes, every serving process folds the stream.
+
+    ingest = await StreamIngest.open(cfg, online, worker, dedup_window_s=86_400)   # folded up to the stream's end
+    logged = await ingest.log_events(batch)    # Logged(stored, duplicates, last_seq) once acknowledged *and* folded here
+    await ingest.wait_folded(seq, timeout_s)   # read-your-writes: a Rank carrying a token waits for it
+    await ingest.close()
+
+The stream (docs/scaling.md has the subjects, the message format and the topology):
+- one message per event, on `<prefix>.u.<user key>` (the user key: 32 hex digits of a BLAKE2b hash
+  of the user id, so that one user's events can be purged by subject), with a JSON body;
+- file storage, `replicas` copies in a NATS cluster, retention by age and size;
+- `Nats-Msg-Id: <event_id>` on events that carry one, and a duplicate window of
+  `Limits.dedup_window_s`: JetStream stores an id once within the window, whichever replica it
+  came through, and acknowledges the retry as a duplicate with the first one's sequence. This is
+  the exactly-once contract (docs/serving.md) on JetStream; the window is by arrival time at
+  JetStream, not event time, so it also holds for late events. Events without an id are never
+  deduplicated.
+
+LogEvents acknowledges a batch only when JetStream has acknowledged every event of it, and this
+process has folded them into its online features (so the next Rank here sees them). The last
+sequence is the read-your-writes token: a Rank on any replica that carries it waits until that
+replica has folded it (`wait_folded`).
+
+Folding: one pull consumer per process (ephemeral, no acks, from the sequence after the one the
+store holds, under the meta key `jetstream-<stream>`), fetched in batches and applied with the
+same fenced, atomic commit as the local log (`serving.ingest.apply.apply_logged`). A fence that
+finds the store further on (another process sharing a Redis store applied them) skips what the
+store holds; one that finds it behind means the store lost data, and the server refills it
+(`rebuild`). When the store fails, the fetched batch is kept and retried; when NATS goes away the
+consumer is made again from the folded sequence once NATS is back. A message that does not decode
+(another producer's bug) is logged, counted and skipped: one bad message never stops the fold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, StorageType, StreamConfig
+
+from featurizer.contracts.schema import EVENT_TYPES
+from featurizer.errors import ConfigError
+from featurizer.online.features import OnlineFeatures
+from featurizer.store.base import OnlineStoreError, WriteConflict
+from serving.config import JetStreamConfig
+from serving.ingest.apply import EventsNotApplied, EventsNotStored, Logged, apply_logged, applied_seq
+from serving.ingest.log_format import LoggedEvent
+from serving.ranking.store_worker import StoreWorker
+
+log = logging.getLogger(__name__)
+
+FORMAT = "semrank.event.v1"  # the Semrank-Format header of every message
+FOLD_BATCH = 4096  # messages per fetch at most (a fetch returns as soon as one has come)
+FOLD_WAIT_S = 1.0  # a fetch waits this long for a message; then the fold checks the stream and the connection
+RETRY_S = (0.05, 0.2, 0.5, 1.0, 2.0)  # backoff when the store or NATS fails
+
+
+class EventsNotAcknowledged(EventsNotStored):
+    """JetStream did not acknowledge some events in time (NATS went away mid-call): they may or may
+    not be stored. Resending the call with the same event ids is safe (duplicates are dropped)."""
+
+    reason = "EVENTS_NOT_ACKNOWLEDGED"
+
+
+class BadStreamMessage(ValueError):
+    """A stream message that is not a semrank event (wrong format, missing or invalid fields)."""
+
+
+def user_key(user_id: str) -> str:
+    """The subject token of a user: 32 hex digits of BLAKE2b(user_id) (subjects cannot carry any id)."""
+    return hashlib.blake2b(user_id.encode(), digest_size=16).hexdigest()
+
+
+def subject_for(prefix: str, user_id: str) -> str:
+    return f"{prefix}.u.{user_key(user_id)}"
+
+
+def encode_event(e: LoggedEvent) -> bytes:
+    return json.dumps({"ts_us": e.ts_us, "user_id": e.user_id, "item_id": e.item_id, "type": e.event,
+                       "request_id": e.request_id, "position": e.position, "event_id": e.event_id},
+                      ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def decode_event(data: bytes) -> LoggedEvent:
+    """The event a message carries; BadStreamMessage names what is wrong."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadStreamMessage(f"not JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise BadStreamMessage("not a JSON object")
+    ts, user, item, kind = doc.get("ts_us"), doc.get("user_id"), doc.get("item_id"), doc.get("type")
+    if type(ts) is not int:
+        raise BadStreamMessage("ts_us: must be an integer (µs since the epoch, UTC)")
+    for name, v in (("user_id", user), ("item_id", item)):
+        if not isinstance(v, str) or not v:
+            raise BadStreamMessage(f"{name}: must be a non-empty string")
+    if kind not in EVENT_TYPES:
+        raise BadStreamMessage(f"type: {kind!r} is not one of {', '.join(EVENT_TYPES)}")
+    request_id, position, event_id = doc.get("request_id", ""), doc.get("position", 0), doc.get("event_id", "")
+    if not isinstance(request_id, str) or not isinstance(event_id, str):
+        raise BadStreamMessage("request_id and event_id: must be strings")
+    if type(position) is not int or position < 0:
+        raise BadStreamMessage("position: must be an integer >= 0")
+    return LoggedEvent(ts, user, item, kind, request_id, position, event_id)
+
+
+def seq_key(stream: str) -> str:
+    """The online store's meta row holding the last stream sequence folded into the features."""
+    return f"jetstream-{stream}"
+
+
+@dataclass
+class FoldStats:
+    folded: int = 0  # events applied by this process
+    bad_messages: int = 0  # skipped: not a semrank event
+    consumers: int = 0  # consumers made (1 at start; more after NATS came back)
+    store_failures: int = 0  # apply attempts that failed
+
+
+class StreamIngest:
+    """LogEvents on JetStream and the fold of the stream into this process's features; see the module docstring."""
+
+    def __init__(self, cfg: JetStreamConfig, online: OnlineFeatures, worker: StoreWorker, dedup_window_s: float):
+        self.cfg, self.online, self.worker = cfg, online, worker
+        self.dedup_window_s = dedup_window_s
+        self.key = seq_key(cfg.stream)
+        self.committed_seq = 0  # the last stream seq the store's features hold
+        self.known_seq = 0  # the highest stream seq this process knows of (acks, stream info)
+        self.stats = FoldStats()
+        self.applied_lock = asyncio.Lock()  # held while a batch is applied (and by the snapshot)
+        self._folded = asyncio.Condition()  # notified on every commit and every failure
+        self._failure: BaseException | None = None  # why the last apply failed (None: it did not)
+        self._nc: nats.NATS | None = None
+        self._js = None
+        self._sub = None
+        self._task: asyncio.Task | None = None
+        self._restart = asyncio.Event()  # set by rebuild: fold again from the store's seq
+
+    # ------------------------------------------------------------ lifecycle
+
+    @classmethod
+    async def open(cls, cfg: JetStreamConfig, online: OnlineFeatures, worker: StoreWorker,
+                   dedup_window_s: float, ready_timeout_s: float | None = None) -> StreamIngest:
+        """Connect, create (or update) the stream, and fold it up to its end as of now."""
+        self = cls(cfg, online, worker, dedup_window_s)
+        try:
+            await self._connect()
+            self.committed_seq = await worker.read(applied_seq, online, self.key)
+            end = await self.stream_last_seq()
+            self._task = asyncio.create_task(self._fold(), name="jetstream-fold")
+            await self._wait_start(end, ready_timeout_s)
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def _connect(self) -> None:
+        cfg = self.cfg
+        servers = [u.strip() for u in cfg.url.split(",") if u.strip()]
+
+        async def on_disconnect():
+            if self._task is not None:  # (not when this process closes the connection)
+                log.warning("NATS disconnected: LogEvents answers UNAVAILABLE until it is back")
+
+        async def on_reconnect():
+            log.info("NATS reconnected")
+
+        async def on_error(e):
+            log.warning("NATS: %s", e)
+
+        try:
+            self._nc = await nats.connect(servers=servers, connect_timeout=cfg.connect_timeout_s, name="semrank-serve",
+                                          allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                                          pending_size=0, disconnected_cb=on_disconnect,
+                                          reconnected_cb=on_reconnect, error_cb=on_error)
+        except Exception as e:  # noqa: BLE001 - nats raises many kinds; one clear start-up error
+            raise ConfigError(f"cannot connect to NATS at {cfg.url} ({type(e).__name__}: {e}); start it "
+                              "(nats-server -js) or fix --nats-url") from None
+        self._js = self._nc.jetstream(timeout=cfg.publish_timeout_s)
+        await self._ensure_stream()
+
+    def _stream_config(self) -> StreamConfig:
+        cfg = self.cfg
+        window = self.dedup_window_s or 0.001  # 0: deduplication off (JetStream wants a positive window)
+        if cfg.max_age_s:
+            window = min(window, cfg.max_age_s)
+        return StreamConfig(name=cfg.stream, subjects=[f"{cfg.subject_prefix}.>"], storage=StorageType.FILE,
+                            num_replicas=cfg.replicas, max_age=cfg.max_age_s or None, max_bytes=cfg.max_bytes,
+                            discard=DiscardPolicy.OLD, duplicate_window=window,
+                            description="semrank behavioural events (docs/scaling.md)")
+
+    async def _ensure_stream(self) -> None:
+        want = self._stream_config()
+        try:
+            info = await self._js.stream_info(want.name)
+        except nats.js.errors.NotFoundError:
+            await self._js.add_stream(want)
+            log.info("created JetStream stream %s (subjects %s, %d replica(s), duplicate window %.0f s)", want.name,
+                     want.subjects, want.num_replicas, want.duplicate_window)
+            return
+        have = info.config
+        if have.subjects != want.subjects:
+            raise ConfigError(f"JetStream stream {want.name} exists with subjects {have.subjects}, not {want.subjects}: "
+                              "use another --stream or --subject-prefix")
+        changed = [k for k in ("num_replicas", "max_age", "max_bytes", "duplicate_window")
+                   if (getattr(have, k) or 0) != (getattr(want, k) or 0)]
+        if changed:
+            await self._js.update_stream(want)
+            log.warning("updated JetStream stream %s: %s", want.name,
+                        ", ".join(f"{k} {getattr(have, k)} -> {getattr(want, k)}" for k in changed))
+
+    async def _wait_start(self, end: int, timeout_s: float | None) -> None:
+        """Wait until the fold reached `end` (the stream's last seq at start), logging progress."""
+        t0, start = time.monotonic(), self.committed_seq
+        while self.committed_seq < end:
+            if self._task.done():
+                self._task.result()  # raises what stopped it
+            if timeout_s is not None and time.monotonic() - t0 > timeout_s:
+                raise TimeoutError(f"folding the stream did not reach seq {end} within {timeout_s} s "
+                                   f"(at {self.committed_seq})")
+            if not await self.wait_folded(end, 5.0):
+                await asyncio.sleep(0.2)  # (the fold may be failing: wait_folded then returns at once)
+                log.info("folding stream %s: seq %d of %d (%.0f events/s)", self.cfg.stream, self.committed_seq, end,
+                         (self.committed_seq - start) / max(1e-9, time.monotonic() - t0))
+        if end:
+            log.info("folded stream %s up to seq %d in %.1f s", self.cfg.stream, end, time.monotonic() - t0)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            task, self._task = self._task, None
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if self._nc is not None:
+            try:
+                await self._nc.close()
+            except Exception:  # noqa: BLE001 - closing anyway
+                log.debug("closing the NATS connection", exc_info=True)
+            self._nc = None
+
+    # ------------------------------------------------------------ state
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    @property
+    def behind(self) -> int:
+        """Stream events this process knows of but has not folded yet."""
+        return max(0, self.known_seq - self.committed_seq)
+
+    def problem(self) -> str | None:
+        """Why this process cannot take events now (None: it can); for readiness."""
+        if not self.connected:
+            return "NATS disconnected"
+        if self._failure is not None:
+            return f"folding the stream fails ({type(self._failure).__name__})"
+        return None
+
+    async def stream_last_seq(self) -> int:
+        info = await self._js.stream_info(self.cfg.stream)
+        self.known_seq = max(self.known_seq, info.state.last_seq)
+        return info.state.last_seq
+
+    async def wait_folded(self, seq: int, timeout_s: float) -> bool:
+        """Wait until this process folded `seq` (True), the fold failed, or `timeout_s` passed (False)."""
+        if self.committed_seq >= seq:
+            return True
+        async with self._folded:
+            try:
+                await asyncio.wait_for(self._folded.wait_for(
+                    lambda: self.committed_seq >= seq or self._failure is not None), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+        return self.committed_seq >= seq
+
+    async def catch_up(self) -> int:
+        """The fold retries by itself; kept for the server's readiness probe (same as the local log's)."""
+        return 0
+
+    # ------------------------------------------------------------ LogEvents
+
+    async def log_events(self, batch: Sequence[LoggedEvent], stored_before: int = 0) -> Logged:
+        """Publish every event, wait for JetStream's acknowledgements, then for this process's fold."""
+        if not self.connected:
+            raise EventsNotStored(f"NATS is not connected: none of the {len(batch)} event(s) were stored "
+                                  f"({stored_before} earlier event(s) of this call were); resend them", stored_before)
+        futures = []
+        try:
+            for e in batch:
+                headers = {"Nats-Msg-Id": e.event_id} if e.event_id else None
+                futures.append(await self._js.publish_async(subject_for(self.cfg.subject_prefix, e.user_id),
+                                                            encode_event(e), headers=headers))
+        except Exception as e:  # noqa: BLE001 - the connection dropped while publishing
+            log.warning("publishing to JetStream failed after %d of %d event(s): %s", len(futures), len(batch), e)
+        done, pending = await asyncio.wait(futures, timeout=self.cfg.publish_timeout_s) if futures else (set(), set())
+        for f in pending:
+            f.cancel()
+        acks = [f.result() for f in futures if f in done and not f.cancelled() and f.exception() is None]
+        stored = sum(1 for a in acks if not a.duplicate)
+        duplicates = len(acks) - stored
+        if len(acks) < len(batch):
+            errors = {type(f.exception()).__name__ for f in futures if f in done and f.exception() is not None}
+            raise EventsNotAcknowledged(
+                f"JetStream acknowledged {len(acks)} of {len(batch)} event(s) ({stored} new, {duplicates} duplicate); "
+                f"the rest may or may not be stored ({', '.join(sorted(errors)) or 'no answer in time'}): resend the "
+                "call with the same event ids (stored ones come back as duplicates)", stored_before + stored)
+        last = max(a.seq for a in acks)
+        self.known_seq = max(self.known_seq, last)
+        if not await self.wait_folded(last, self.cfg.apply_timeout_s):
+            why = type(self._failure).__name__ if self._failure is not None else f"not within {self.cfg.apply_timeout_s} s"
+            raise EventsNotApplied(
+                f"{stored} event(s) were stored in JetStream (do not resend them), but folding them into this "
+                f"process's online features failed ({why}); they are folded when the store is back, and rankings "
+                "do not reflect them until then", stored_before + stored)
+        return Logged(stored, duplicates, last)
+
+    # ------------------------------------------------------------ the fold
+
+    async def _subscribe(self) -> None:
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception:  # noqa: BLE001 - the old consumer may be gone with the server
+                pass
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self.committed_seq + 1,
+                                ack_policy=AckPolicy.NONE, inactive_threshold=60.0, max_waiting=4,
+                                description="semrank fold")
+        self._sub = await self._js.pull_subscribe(f"{self.cfg.subject_prefix}.>", stream=self.cfg.stream, config=config)
+        self.stats.consumers += 1
+
+    async def _fold(self) -> None:
+        failures = 0
+        while True:
+            try:
+                if self._restart.is_set():
+                    self._restart.clear()
+                    self._sub = None
+                if self._sub is None:
+                    await self._subscribe()
+                try:
+                    msgs = await self._sub.fetch(FOLD_BATCH, timeout=FOLD_WAIT_S)
+                except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                    await self._idle()
+                    continue
+                await self._apply_messages(msgs)
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - NATS or the store failed: back off, make the consumer again
+                failures += 1
+                self._sub = None
+                log.warning("folding stream %s: %s: %s (retrying)", self.cfg.stream, type(e).__name__, e)
+                await asyncio.sleep(RETRY_S[min(failures, len(RETRY_S)) - 1])
+
+    async def _idle(self) -> None:
+        """No message within FOLD_WAIT_S. If the stream ends past what was folded, either the
+        messages in between were deleted (a purge, retention: nothing is pending, so they are
+        recorded as folded) or the consumer is gone (NATS restarted: it is made again)."""
+        if not self.connected:
+            return
+        last = await self.stream_last_seq()
+        if last <= self.committed_seq:
+            return
+        try:
+            info = await self._sub.consumer_info()
+        except Exception:  # noqa: BLE001 - gone with the server
+            info = None
+        if info is not None and info.num_pending == 0 and info.num_ack_pending == 0:
+            await self._apply_pairs([], last)
+            return
+        log.info("stream %s is at seq %d, this process at %d: making its consumer again", self.cfg.stream, last,
+                 self.committed_seq)
+        self._sub = None
+
+    async def _apply_messages(self, msgs) -> None:
+        pairs: list[tuple[int, LoggedEvent]] = []
+        last = self.committed_seq
+        for m in msgs:
+            seq = m.metadata.sequence.stream
+            last = max(last, seq)
+            if seq <= self.committed_seq:
+                continue
+            try:
+                pairs.append((seq, decode_event(m.data)))
+            except BadStreamMessage as e:
+                self.stats.bad_messages += 1
+                log.error("stream %s seq %d (%s) is not a semrank event and is skipped: %s", self.cfg.stream, seq,
+                          m.subject, e)
+        await self._apply_pairs(pairs, last)
+
+    async def _apply_pairs(self, pairs: list[tuple[int, LoggedEvent]], last: int) -> None:
+        """Commit `pairs` up to stream seq `last`, retrying while the store fails."""
+        if last <= self.committed_seq:
+            return
+        failures = 0
+        while True:
+            try:
+                async with self.applied_lock:
+                    if self._restart.is_set():  # the store was refilled: fold again from its seq
+                        return
+                    n = await self.worker.write(self._commit, pairs, last)
+                break
+            except WriteConflict:
+                raise  # unreachable: _commit resolves conflicts
+            except OnlineStoreError as e:
+                self._fail(e)
+            except Exception as e:  # noqa: BLE001 - keep the batch and retry; LogEvents waiting are told
+                self._fail(e)
+            failures += 1
+            self.stats.store_failures += 1
+            await asyncio.sleep(RETRY_S[min(failures, len(RETRY_S)) - 1])
+        self.stats.folded += n
+        async with self._folded:
+            self._failure = None
+            self._folded.notify_all()
+
+    def _fail(self, e: BaseException) -> None:
+        if self._failure is None:
+            log.warning("folding stream %s into the online store failed (%s: %s); retrying", self.cfg.stream,
+                        type(e).__name__, e)
+        self._failure = e
+
+        async def tell():
+            async with self._folded:
+                self._folded.notify_all()
+
+        asyncio.ensure_future(tell())
+
+    def _commit(self, pairs: list[tuple[int, LoggedEvent]], last: int) -> int:
+        """Fold `pairs` (seq, event) up to `last` in one fenced commit; on the store thread. A fence
+        that finds the store further on takes its seq and folds only what follows."""
+        for _ in (1, 2):
+            after = self.committed_seq
+            events = [e for s, e in pairs if s > after]
+            try:
+                apply_logged(self.online, events, last, after, key=self.key)
+            except WriteConflict:
+                store_seq = applied_seq(self.online, self.key)
+                if store_seq < after:
+                    raise OnlineStoreError(f"the online store holds stream seq {store_seq}, not {after}: it lost data "
+                                           "and is refilled") from None
+                log.info("the online store already holds stream seq %d (another process folded it)", store_seq)
+                self.committed_seq = store_seq
+                if store_seq >= last:
+                    return 0
+                continue
+            self.committed_seq = last
+            return len(events)
+        raise OnlineStoreError("the online store's stream seq kept moving under this process's commits")
+
+    async def rebuild(self, data_events) -> int:
+        """Refill a store that lost its state: the data directory's events, then the whole stream
+        again (folded as usual). Returns when the fold is back at the stream's end."""
+        async with self.applied_lock:
+            def refill() -> None:
+                self.online.apply(data_events)
+                self.committed_seq = 0
+
+            self._restart.set()  # under the lock: a batch fetched before the loss is never committed on top
+            await self.worker.write(refill)
+        end = await self.stream_last_seq()
+        info = await self._js.stream_info(self.cfg.stream)
+        if info.state.first_seq > 1:
+            log.error("stream %s starts at seq %d: events before it were dropped by retention and are missing from "
+                      "the refilled store (keep the stream back to the oldest snapshot)", self.cfg.stream,
+                      info.state.first_seq)
+        while not await self.wait_folded(end, 5.0):
+            log.info("refilling from stream %s: seq %d of %d", self.cfg.stream, self.committed_seq, end)
+            await asyncio.sleep(0.2)  # (the fold may be failing: wait_folded then returns at once)
+        return data_events.height + end
+

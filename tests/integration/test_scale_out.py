@@ -1,0 +1,240 @@
+"""Replicas over NATS JetStream (issue 13), end to end: real RankingServers on real gRPC ports,
+sharing one Triton, their events on a stream of the test's own on the machine's NATS (or on a NATS
+of the test's own where the test stops it).
+
+- Read-your-writes: an event logged on replica A is seen by a Rank on replica B that carries A's
+  token (LogEventsResponse.sequence as RankRequest.min_sequence); a token B cannot reach in time
+  gives a degraded answer with `stale_features`, not a hang; a bad token is INVALID_ARGUMENT.
+- Exactly once across replicas: a call retried on another replica counts as duplicates.
+- NATS down: LogEvents answers UNAVAILABLE and acknowledges nothing it has not stored, Rank keeps
+  answering, readiness turns NOT_SERVING; when NATS is back both recover.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import grpc
+import nats
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from semrank.ranking.v1 import ranking_service_pb2 as pb
+from serving.config import JetStreamConfig, ServeConfig
+from serving.server import READINESS
+from tests.integration.production_kit import RPC_TIMEOUT_S, contributions, rank, stub, timestamp
+from tests.integration.serving_kit import (
+    MACHINE_NATS,
+    NatsProcess,
+    ReplicaSet,
+    ServerThread,
+    bad_request_fields,
+    error_info,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+
+@pytest.fixture
+def stream():
+    """(stream name, subject prefix) of the test's own on the machine's NATS; deleted afterwards."""
+    name = f"TEST_{uuid.uuid4().hex[:12]}"
+    yield name, f"test.{name}"
+
+    async def drop():
+        nc = await nats.connect(MACHINE_NATS)
+        try:
+            await nc.jetstream().delete_stream(name)
+        except Exception:  # noqa: BLE001 - the test may not have made it
+            pass
+        await nc.close()
+
+    asyncio.run(drop())
+
+
+def replica_cfg(small_shop, small_bundle, state, events: JetStreamConfig) -> ServeConfig:
+    return ServeConfig(bundle_dir=small_bundle[0], data_dir=small_shop, state_dir=state, port=0, reload_poll_s=0,
+                       encoder_timeout_s=5.0, readiness_interval_s=0.2, events=events)
+
+
+def purchases(user: str, items: list[str], tag: str) -> list[pb.Event]:
+    now = datetime.now(timezone.utc)
+    return [pb.Event(event_id=f"{tag}-{k}", ts=timestamp(now - timedelta(seconds=60 - k)), user_id=user, item_id=i,
+                     type=pb.EVENT_TYPE_PURCHASE) for k, i in enumerate(items)]
+
+
+def readiness(channel) -> int:
+    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=READINESS),
+                                                     timeout=RPC_TIMEOUT_S).status
+
+
+def test_a_token_from_replica_a_makes_replica_b_see_the_events_and_retries_count_once(small_shop, small_bundle,
+                                                                                      catalog, tmp_path, stream):
+    name, prefix = stream
+    events = JetStreamConfig(url=MACHINE_NATS, stream=name, subject_prefix=prefix)
+    cfgs = [replica_cfg(small_shop, small_bundle, tmp_path / f"state-{k}", events) for k in range(2)]
+    user, candidates = "replica-user", catalog[:20]
+    with ReplicaSet(cfgs) as replicas, grpc.insecure_channel(f"127.0.0.1:{replicas.ports[0]}") as a, \
+            grpc.insecure_channel(f"127.0.0.1:{replicas.ports[1]}") as b:
+        assert len(replicas.servers[0].tritons) == 1 and replicas.servers[1].tritons == {}  # one Triton for both
+        control = rank(b, user, candidates, explain=True)
+        sent = purchases(user, candidates[:3], "ryw")
+        ack = stub(a).LogEvents(iter([pb.LogEventsRequest(events=sent)]), timeout=RPC_TIMEOUT_S)
+        assert (ack.accepted, ack.duplicates) == (3, 0) and ack.sequence >= 3, ack
+
+        seen = rank(b, user, candidates, explain=True, min_sequence=ack.sequence)
+        assert not seen.degraded, seen.degraded_reason
+        mine, cold = contributions(seen, "personal"), contributions(control, "personal")
+        assert not np.allclose([mine[i] for i in candidates[:3]], [cold[i] for i in candidates[:3]], atol=1e-6)
+
+        # A token B cannot reach in time: an answer within the deadline, marked.
+        ahead = stub(b).Rank(pb.RankRequest(user_id=user, candidates=[pb.RankCandidate(item_id=i) for i in candidates],
+                                            min_sequence=ack.sequence + 10_000), timeout=2.0)
+        assert ahead.degraded and ahead.degraded_reason.startswith("stale_features:"), ahead.degraded_reason
+        with pytest.raises(grpc.RpcError) as bad:
+            rank(b, user, candidates, min_sequence=-1)
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and bad_request_fields(bad.value) == ["min_sequence"]
+
+        # The client did not see A's acknowledgement and resends the call to B: nothing counts twice.
+        again = stub(b).LogEvents(iter([pb.LogEventsRequest(events=sent)]), timeout=RPC_TIMEOUT_S)
+        assert (again.accepted, again.duplicates, again.sequence) == (0, 3, ack.sequence), again
+        after = rank(a, user, candidates, explain=True, min_sequence=again.sequence)
+        assert contributions(after, "personal") == pytest.approx(
+            contributions(rank(a, user, candidates, explain=True), "personal"))
+        for server in replicas.servers:
+            assert server.state.ingest.committed_seq == ack.sequence
+
+
+def test_nats_down_log_events_is_unavailable_rank_answers_and_both_recover(small_shop, small_bundle, catalog,
+                                                                           tmp_path):
+    own = NatsProcess(tmp_path / "nats").start()
+    events = JetStreamConfig(url=own.url, stream="DOWN", subject_prefix="down", publish_timeout_s=1.0)
+    user, candidates = "nats-down-user", catalog[:15]
+    try:
+        with ServerThread(replica_cfg(small_shop, small_bundle, tmp_path / "state", events)) as st, \
+                grpc.insecure_channel(f"127.0.0.1:{st.port}") as channel:
+            first = stub(channel).LogEvents(iter([pb.LogEventsRequest(events=purchases(user, candidates[:2], "up"))]),
+                                            timeout=RPC_TIMEOUT_S)
+            assert first.accepted == 2
+            wait_until(lambda: readiness(channel) == health_pb2.HealthCheckResponse.SERVING, 30, "ready")
+
+            own.stop()
+            wait_until(lambda: readiness(channel) == health_pb2.HealthCheckResponse.NOT_SERVING, 30, "not ready")
+            cut = purchases(user, candidates[2:5], "down")
+            with pytest.raises(grpc.RpcError) as down:
+                stub(channel).LogEvents(iter([pb.LogEventsRequest(events=cut)]), timeout=RPC_TIMEOUT_S)
+            assert down.value.code() == grpc.StatusCode.UNAVAILABLE, down.value
+            info = error_info(down.value)
+            assert info.reason == "EVENTS_NOT_STORED" and info.metadata["stored_before"] == "0", info
+            r = rank(channel, user, candidates)  # Rank keeps answering from what this replica holds
+            assert sorted(it.item_id for it in r.items) == sorted(candidates)
+
+            own.start()
+            wait_until(lambda: readiness(channel) == health_pb2.HealthCheckResponse.SERVING, 60, "ready again")
+            retry = stub(channel).LogEvents(iter([pb.LogEventsRequest(events=cut)]), timeout=RPC_TIMEOUT_S)
+            assert (retry.accepted, retry.duplicates) == (3, 0), retry  # none of them had been stored
+            assert retry.sequence == first.sequence + 3
+            assert st.server.state.ingest.committed_seq == retry.sequence
+    finally:
+        own.stop()
+
+
+def stream_event_ids(name: str) -> list[str]:
+    """The event_id of every message of the stream, in order (read with a consumer of the test's own)."""
+    from nats.js.api import AckPolicy, ConsumerConfig
+
+    from serving.ingest.jetstream import decode_event
+
+    async def read() -> list[str]:
+        nc = await nats.connect(MACHINE_NATS)
+        js = nc.jetstream()
+        end = (await js.stream_info(name)).state.last_seq
+        sub = await js.pull_subscribe(">", stream=name, config=ConsumerConfig(ack_policy=AckPolicy.NONE))
+        ids: list[str] = []
+        seq = 0
+        while seq < end:
+            for m in await sub.fetch(500, timeout=5):
+                seq = m.metadata.sequence.stream
+                ids.append(decode_event(m.data).event_id)
+        await nc.close()
+        return ids
+
+    return asyncio.run(read())
+
+
+def test_sigkill_of_a_replica_loses_no_acknowledged_event_and_its_retry_counts_once(small_shop, small_bundle,
+                                                                                    catalog, tmp_path, stream):
+    import threading
+    import time
+
+    from tests.integration.serving_kit import ServeProcess
+
+    name, prefix = stream
+    events = JetStreamConfig(url=MACHINE_NATS, stream=name, subject_prefix=prefix)
+    victim = ServeProcess(["--bundle", str(small_bundle[0]), "--data", str(small_shop), "--state-dir",
+                           str(tmp_path / "victim"), "--port", "0", "--reload-poll-s", "0", "--events", "jetstream",
+                           "--nats-url", MACHINE_NATS, "--stream", name, "--subject-prefix", prefix],
+                          tmp_path / "victim.log")
+    acked: list[pb.Event] = []  # events whose call a client saw acknowledged, on either replica
+    with ServerThread(replica_cfg(small_shop, small_bundle, tmp_path / "survivor", events)) as st, \
+            grpc.insecure_channel(f"127.0.0.1:{st.port}") as survivor:
+        victim.start()
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{victim.port}") as v:
+                for call in range(3):  # complete calls on the victim, acknowledged before the kill
+                    sent = purchases(f"kill-user-{call}", catalog[:10], f"victim-{call}")
+                    assert stub(v).LogEvents(iter([pb.LogEventsRequest(events=sent)]), timeout=RPC_TIMEOUT_S).accepted == 10
+                    acked += sent
+
+                stop, errors = threading.Event(), []
+
+                def traffic() -> None:  # another client, on the survivor, all through the kill
+                    k = 0
+                    while not stop.is_set():
+                        sent = purchases(f"other-user-{k % 7}", catalog[k % 30: k % 30 + 5], f"survivor-{k}")
+                        try:
+                            r = stub(survivor).LogEvents(iter([pb.LogEventsRequest(events=sent)]), timeout=RPC_TIMEOUT_S)
+                            assert r.accepted == 5, r
+                            acked.extend(sent)
+                        except Exception as e:  # noqa: BLE001 - reported below
+                            errors.append(e)
+                        k += 1
+
+                background = threading.Thread(target=traffic, daemon=True)
+                background.start()
+                cut = purchases("kill-user-cut", catalog[:40] * 5, "cut")  # 200 events, 5 per message
+                half = threading.Event()
+
+                def slow_stream():
+                    for m in range(40):
+                        if m == 10:
+                            half.set()
+                        yield pb.LogEventsRequest(events=cut[5 * m: 5 * (m + 1)])
+                        time.sleep(0.05)
+
+                killer = threading.Thread(target=lambda: (half.wait(60), time.sleep(0.1), victim.kill()), daemon=True)
+                killer.start()
+                with pytest.raises(grpc.RpcError) as lost:
+                    stub(v).LogEvents(slow_stream(), timeout=RPC_TIMEOUT_S)
+                assert lost.value.code() == grpc.StatusCode.UNAVAILABLE, lost.value
+                killer.join(30)
+                time.sleep(0.5)  # the survivor's client goes on after the kill
+                stop.set()
+                background.join(60)
+                assert not errors, errors[:3]
+        finally:
+            victim.kill()
+
+        # The client of the cut call resends it whole, to the survivor: nothing counts twice.
+        retry = stub(survivor).LogEvents(iter([pb.LogEventsRequest(events=cut[k: k + 50]) for k in range(0, 200, 50)]),
+                                         timeout=RPC_TIMEOUT_S)
+        assert retry.accepted + retry.duplicates == 200 and retry.duplicates > 0, retry
+        ids = stream_event_ids(name)
+        assert len(ids) == len(set(ids)), "an event id is stored twice"
+        missing = {e.event_id for e in acked + cut} - set(ids)
+        assert not missing, f"{len(missing)} acknowledged event(s) lost, e.g. {sorted(missing)[:3]}"
+        assert st.server.state.ingest.committed_seq == retry.sequence == len(ids)

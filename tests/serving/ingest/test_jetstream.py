@@ -1,0 +1,279 @@
+"""Events on JetStream (serving.ingest.jetstream) against a real nats-server: the machine's NATS for
+most tests (a stream and subject prefix of each test's own, deleted after it), and a NATS of the
+test's own where the test stops it.
+
+- LogEvents' path stores, folds and returns the stream sequence; a retry with the same ids is
+  counted as duplicates and applied once;
+- a second process folding the same stream holds the same features, and waits for a token;
+- a restart from a snapshot folds only what follows it; a bad message from another producer is
+  skipped and counted, never stops the fold;
+- two processes folding into one shared Redis store count every event once (the fence);
+- NATS down: nothing is acknowledged that was not stored, and both publishing and folding recover.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import nats
+import numpy as np
+import pytest
+import redis
+
+from featurizer.online.features import OnlineFeatures
+from featurizer.store.config import InProcessConfig, RedisConfig
+from featurizer.store.in_process import InProcessStore
+from featurizer.store.redis import RedisStore
+from serving.config import JetStreamConfig
+from serving.ingest.apply import EventsNotStored, applied_seq
+from serving.ingest.jetstream import (
+    BadStreamMessage,
+    StreamIngest,
+    decode_event,
+    encode_event,
+    seq_key,
+    subject_for,
+)
+from serving.ingest.log_format import LoggedEvent, events_frame
+from serving.ranking.store_worker import StoreWorker
+from tests.integration.serving_kit import MACHINE_NATS, NatsProcess
+from tests.serving.ingest.apply_crash_child import ITEMS, batch
+
+pytestmark = pytest.mark.timeout(300)
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def features(online: OnlineFeatures, at=None) -> np.ndarray:
+    """Every user's features for every item, at `at` (default: the newest event this process folded)."""
+    at = at or online.watermark
+    return np.stack([online.features(f"u{k}", ITEMS["item_id"].to_list(), at) for k in range(5)])
+
+
+def reference(batches: range, at_of: OnlineFeatures | None = None) -> np.ndarray:
+    """The features of `batches` applied once each, in one go (at `at_of`'s watermark, if given)."""
+    want = OnlineFeatures(InProcessStore(), ITEMS)
+    want.apply(events_frame([e for k in batches for e in batch(k)]))
+    return features(want, at_of.watermark if at_of is not None else None)
+
+
+@pytest.fixture
+def stream_cfg():
+    """A stream of the test's own on the machine's NATS; deleted afterwards."""
+    name = f"TEST_{uuid.uuid4().hex[:12]}"
+    cfg = JetStreamConfig(url=MACHINE_NATS, stream=name, subject_prefix=f"test.{name}", publish_timeout_s=2.0,
+                          apply_timeout_s=5.0)
+
+    async def check():
+        try:
+            nc = await nats.connect(MACHINE_NATS, connect_timeout=2, max_reconnect_attempts=0)
+        except Exception as e:  # noqa: BLE001 - a missing server is a failure, not a skip
+            pytest.fail(f"this test needs NATS with JetStream at {MACHINE_NATS} ({e}); `make services` starts one")
+        await nc.close()
+
+    asyncio.run(check())
+    yield cfg
+
+    async def drop():
+        nc = await nats.connect(MACHINE_NATS)
+        try:
+            await nc.jetstream().delete_stream(name)
+        except Exception:  # noqa: BLE001 - the test may not have made it
+            pass
+        await nc.close()
+
+    asyncio.run(drop())
+
+
+async def open_ingest(cfg, store=None, window_s: float = 3600.0) -> tuple[StreamIngest, OnlineFeatures]:
+    online = OnlineFeatures(store if store is not None else InProcessStore(), ITEMS)
+    worker = StoreWorker(online.store.remote)
+    return await StreamIngest.open(cfg, online, worker, dedup_window_s=window_s, ready_timeout_s=60), online
+
+
+def test_the_message_format_round_trips_and_bad_messages_name_the_field():
+    e = LoggedEvent(1_700_000_000_000_000, "user é/1", "i3", "purchase", "r-9", 2, "e-1")
+    assert decode_event(encode_event(e)) == e
+    assert subject_for("semrank.events", "user é/1").startswith("semrank.events.u.")
+    assert subject_for("p", "a") != subject_for("p", "b") and "." not in subject_for("p", "a.b")[4:]
+    for data, field in [(b"{", "not JSON"), (b"[1]", "JSON object"),
+                        (b'{"ts_us": 1.5, "user_id": "u", "item_id": "i", "type": "click"}', "ts_us"),
+                        (b'{"ts_us": 1, "user_id": "", "item_id": "i", "type": "click"}', "user_id"),
+                        (b'{"ts_us": 1, "user_id": "u", "item_id": "i", "type": "view"}', "type"),
+                        (b'{"ts_us": 1, "user_id": "u", "item_id": "i", "type": "click", "position": -1}', "position")]:
+        with pytest.raises(BadStreamMessage, match=field):
+            decode_event(data)
+
+
+def test_log_events_stores_folds_and_a_retry_counts_nothing_twice(stream_cfg):
+    async def scenario():
+        ingest, online = await open_ingest(stream_cfg)
+        try:
+            first = await ingest.log_events(batch(0))
+            assert (first.stored, first.duplicates) == (len(batch(0)), 0)
+            assert first.last_seq == len(batch(0)) and ingest.committed_seq == first.last_seq
+            again = await ingest.log_events(batch(0) + batch(1))  # a client's retry, with one new batch
+            assert (again.stored, again.duplicates) == (len(batch(1)), len(batch(0)))
+            no_ids = [LoggedEvent(e.ts_us, e.user_id, e.item_id, e.event) for e in batch(2)]
+            assert (await ingest.log_events(no_ids)).stored == len(no_ids)
+            assert applied_seq(online, seq_key(stream_cfg.stream)) == ingest.committed_seq
+            return features(online)
+        finally:
+            await ingest.close()
+
+    np.testing.assert_array_equal(asyncio.run(scenario()), reference(range(3)))
+
+
+def test_a_second_process_folds_the_same_stream_and_waits_for_a_token(stream_cfg):
+    async def scenario():
+        a, online_a = await open_ingest(stream_cfg)
+        b, online_b = await open_ingest(stream_cfg)
+        try:
+            for k in range(3):
+                token = (await a.log_events(batch(k))).last_seq
+            assert await b.wait_folded(token, 10.0)
+            assert not await b.wait_folded(token + 1000, 0.2)  # a token from the future: not folded, no hang
+            np.testing.assert_array_equal(features(online_b), features(online_a))
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_restart_folds_only_what_follows_the_snapshot_and_skips_bad_messages(stream_cfg, tmp_path):
+    path = str(tmp_path / "online-store.bin")
+
+    async def scenario():
+        ingest, online = await open_ingest(stream_cfg, InProcessStore(InProcessConfig(path=path)))
+        await ingest.log_events(batch(0))
+        await ingest.log_events(batch(1))
+        online.store.flush()  # the snapshot: holds batches 0-1 and their seq
+        await ingest.close()
+        online.store.close()
+
+        writer, _ = await open_ingest(stream_cfg)  # another replica goes on while this one is down
+        await writer.log_events(batch(2))
+        nc = await nats.connect(MACHINE_NATS)  # another producer's bug, between two good batches
+        await nc.jetstream().publish(f"{stream_cfg.subject_prefix}.u.x", b'{"type": "click"}')
+        await nc.close()
+        last = (await writer.log_events(batch(3))).last_seq
+        await writer.close()
+
+        again, online = await open_ingest(stream_cfg, InProcessStore(InProcessConfig(path=path)))
+        try:
+            assert again.committed_seq == last
+            assert again.stats.folded == 2 * len(batch(0)) and again.stats.bad_messages == 1
+            return features(online)
+        finally:
+            await again.close()
+
+    np.testing.assert_array_equal(asyncio.run(scenario()), reference(range(4)))
+
+
+def test_two_processes_folding_into_one_redis_store_count_each_event_once(stream_cfg):
+    namespace = f"test-js-{uuid.uuid4().hex}"
+    cfg = RedisConfig(url=REDIS_URL, namespace=namespace)
+
+    async def scenario():
+        a, online_a = await open_ingest(stream_cfg, RedisStore(cfg))
+        b, online_b = await open_ingest(stream_cfg, RedisStore(cfg))
+        try:
+            for k in range(4):
+                token = (await (a if k % 2 else b).log_events(batch(k))).last_seq
+            assert await a.wait_folded(token, 10.0) and await b.wait_folded(token, 10.0)
+            assert a.stats.folded + b.stats.folded >= 4 * len(batch(0))  # each folded, the fence skipped repeats
+            want = reference(range(4))
+            at = OnlineFeatures(InProcessStore(), ITEMS)
+            at.apply(events_frame(batch(3)))  # (a process that skipped the last batch knows an older watermark)
+            for online in (online_a, online_b):
+                np.testing.assert_array_equal(features(online, at.watermark), want)
+        finally:
+            await a.close()
+            await b.close()
+            online_a.store.close()
+            online_b.store.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        client = redis.Redis.from_url(REDIS_URL)
+        keys = list(client.scan_iter(match=f"{namespace}:*", count=10_000))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+def test_nats_down_acknowledges_nothing_unstored_and_both_paths_recover(tmp_path):
+    own = NatsProcess(tmp_path / "nats").start()
+    cfg = JetStreamConfig(url=own.url, stream="DOWN", subject_prefix="down", publish_timeout_s=1.0, apply_timeout_s=5.0)
+
+    async def scenario():
+        ingest, online = await open_ingest(cfg)
+        reader, online_r = await open_ingest(cfg)
+        try:
+            await ingest.log_events(batch(0))
+            own.stop()
+            await asyncio.sleep(0.5)
+            assert ingest.problem() == "NATS disconnected"
+            with pytest.raises(EventsNotStored) as e:
+                await ingest.log_events(batch(1), stored_before=2)
+            assert e.value.error_metadata() == {"stored_before": "2"}
+            own.start()
+            for _ in range(100):  # the client reconnects by itself
+                if ingest.connected and reader.connected:
+                    break
+                await asyncio.sleep(0.1)
+            token = (await ingest.log_events(batch(1))).last_seq
+            assert await reader.wait_folded(token, 20.0)  # the reader made its consumer again
+            np.testing.assert_array_equal(features(online_r), features(online))
+            return features(online)
+        finally:
+            await ingest.close()
+            await reader.close()
+
+    try:
+        np.testing.assert_array_equal(asyncio.run(scenario()), reference(range(2)))
+    finally:
+        own.stop()
+
+
+class StallingJetStream:
+    """Fault injection: the real JetStream context, except that publishes after the first `passes`
+    are sent to a subject no stream holds and their acknowledgements never come (as when NATS goes
+    away mid-call)."""
+
+    def __init__(self, js, passes: int):
+        self.js, self.passes = js, passes
+
+    async def publish_async(self, subject, payload, headers=None):
+        if self.passes > 0:
+            self.passes -= 1
+            return await self.js.publish_async(subject, payload, headers=headers)
+        return asyncio.get_running_loop().create_future()  # never answered
+
+    def __getattr__(self, name):
+        return getattr(self.js, name)
+
+
+def test_events_not_acknowledged_in_time_say_how_many_were_and_the_resend_is_harmless(stream_cfg):
+    from dataclasses import replace
+
+    from serving.ingest.jetstream import EventsNotAcknowledged
+
+    async def scenario():
+        ingest, online = await open_ingest(replace(stream_cfg, publish_timeout_s=0.3))
+        try:
+            real, ingest._js = ingest._js, StallingJetStream(ingest._js, passes=3)
+            with pytest.raises(EventsNotAcknowledged) as e:
+                await ingest.log_events(batch(0), stored_before=1)
+            assert e.value.error_metadata() == {"stored_before": str(1 + 3)}
+            assert e.value.grpc_code == "UNAVAILABLE" and "resend" in str(e.value)
+            ingest._js = real
+            again = await ingest.log_events(batch(0))
+            assert (again.stored, again.duplicates) == (len(batch(0)) - 3, 3)
+            return features(online)
+        finally:
+            await ingest.close()
+
+    np.testing.assert_array_equal(asyncio.run(scenario()), reference(range(1)))
