@@ -9,7 +9,10 @@ Measured in one run, on the same synthetic shop (2,000 items, 50,000 users):
 - `time_to_ready`: `--events` events are published to a fresh stream (timed too), then a fresh
   replica (an empty in-process store) opens it and folds it to the end: seconds and events/s,
   against applying the same events straight from memory (`OnlineFeatures.apply` in the fold's
-  batch size: the fold's floor), and against a local-log replay at start-up (`restore_online`).
+  batch size: the fold's floor), and against a local-log replay at start-up (`restore_online`);
+- `from_snapshot`: that replica shares its snapshot (JetStream's object store), 10,000 more events
+  are published, and a replica with an empty state directory downloads the snapshot, loads it and
+  folds the rest: the time to ready that matters in production.
 The stream (and the local log's temporary directory) are deleted at the end. Prints one JSON
 object; progress goes to stderr.
 """
@@ -32,6 +35,7 @@ import polars as pl
 from machine import machine  # bench/ is sys.path[0]
 
 from featurizer.online.features import OnlineFeatures
+from featurizer.store.config import InProcessConfig
 from featurizer.store.in_process import InProcessStore
 from serving.config import JetStreamConfig
 from serving.ingest.apply import EventIngest
@@ -39,6 +43,7 @@ from serving.ingest.event_log import EventLog
 from serving.ingest.jetstream import FOLD_BATCH, StreamIngest, encode_event, subject_for
 from serving.ingest.log_format import LoggedEvent, events_frame
 from serving.ingest.restore import restore_online
+from serving.ingest.snapshots import bucket_name, fetch_snapshot, share_snapshot
 from serving.ranking.store_worker import StoreWorker
 
 KINDS = ("impression", "impression", "impression", "click", "add_to_cart", "purchase")
@@ -114,13 +119,41 @@ async def time_to_ready(items, cfg: JetStreamConfig, n: int) -> dict:
     publish_s = await publish_all(cfg, events)
     out["publish"] = {"seconds": round(publish_s, 1), "events_per_s": round(n / publish_s)}
 
-    online = OnlineFeatures(InProcessStore(), items)
+    tmp = tempfile.TemporaryDirectory()
+    snap = Path(tmp.name) / "a" / "online-store.bin"
+    online = OnlineFeatures(InProcessStore(InProcessConfig(path=str(snap))), items)
     t0 = time.perf_counter()
     ingest = await StreamIngest.open(cfg, online, StoreWorker(False), dedup_window_s=86_400, ready_timeout_s=3600)
     fold_s = time.perf_counter() - t0
     assert ingest.committed_seq >= n, (ingest.committed_seq, n)
-    await ingest.close()
     out["jetstream_fold"] = {"seconds": round(fold_s, 1), "events_per_s": round(n / fold_s)}
+
+    # The replica shares its snapshot; 10,000 more events come; a fresh replica starts from the snapshot.
+    t0 = time.perf_counter()
+    online.store.flush()
+    flush_s = time.perf_counter() - t0
+    with open(snap, "rb") as f:
+        t0 = time.perf_counter()
+        size = await share_snapshot(ingest.js, cfg, f, ingest.committed_seq)
+        share_s = time.perf_counter() - t0
+    await ingest.close()
+    tail = synthetic_events(10_000, seed=4, tag="tail")
+    await publish_all(cfg, tail)
+    fresh = Path(tmp.name) / "b" / "online-store.bin"
+    t0 = time.perf_counter()
+    await fetch_snapshot(cfg, fresh)
+    download_s = time.perf_counter() - t0
+    store = InProcessStore(InProcessConfig(path=str(fresh)))
+    online_b = OnlineFeatures(store, items)
+    load_s = time.perf_counter() - t0 - download_s
+    ingest = await StreamIngest.open(cfg, online_b, StoreWorker(False), dedup_window_s=86_400, ready_timeout_s=3600)
+    ready_s = time.perf_counter() - t0
+    assert ingest.stats.folded == len(tail), ingest.stats
+    await ingest.close()
+    tmp.cleanup()
+    out["from_snapshot"] = {"snapshot_mb": round(size / 1e6, 1), "local_flush_s": round(flush_s, 2),
+                            "share_s": round(share_s, 2), "download_s": round(download_s, 2), "load_s": round(load_s, 2),
+                            "tail_events": len(tail), "time_to_ready_s": round(ready_s, 2)}
 
     online = OnlineFeatures(InProcessStore(), items)
     t0 = time.perf_counter()
@@ -141,10 +174,12 @@ async def time_to_ready(items, cfg: JetStreamConfig, n: int) -> dict:
     return out
 
 
-async def drop(url: str, stream: str) -> None:
+async def drop(url: str, stream: str, bucket: str | None = None) -> None:
     nc = await nats.connect(url)
     try:
         await nc.jetstream().delete_stream(stream)
+        if bucket:
+            await nc.jetstream().delete_object_store(bucket)
     except nats.js.errors.NotFoundError:
         pass
     await nc.close()
@@ -168,7 +203,7 @@ async def main() -> None:
         try:
             result["time_to_ready"] = await time_to_ready(items, ready_cfg, args.events)
         finally:
-            await drop(args.nats_url, ready_cfg.stream)
+            await drop(args.nats_url, ready_cfg.stream, bucket_name(ready_cfg.stream))
     finally:
         await drop(args.nats_url, name)
     print(json.dumps(result, indent=2))

@@ -198,6 +198,8 @@ class JetStreamConfig:
     publish_timeout_s: float = 2.0  # per LogEvents batch: JetStream's acknowledgements within this
     apply_timeout_s: float = 5.0  # a LogEvents waits this long for its events to be folded, then EVENTS_STORED_NOT_APPLIED
     connect_timeout_s: float = 2.0
+    share_snapshot_s: float = 300.0  # share the in-process feature snapshot this often (object store); 0: never
+    control_poll_s: float = 1.0  # how often a replica checks the fleet's bundle (serving.ranking.shared_bundle)
 
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.stream):
@@ -206,9 +208,11 @@ class JetStreamConfig:
             raise ConfigError(f"subject_prefix {self.subject_prefix!r}: dot-separated tokens of letters, digits, '_' or '-'")
         if self.replicas not in (1, 2, 3, 4, 5):
             raise ConfigError(f"replicas={self.replicas}: JetStream allows 1 to 5")
-        for name in ("publish_timeout_s", "apply_timeout_s", "connect_timeout_s"):
+        for name in ("publish_timeout_s", "apply_timeout_s", "connect_timeout_s", "control_poll_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be > 0")
+        if self.share_snapshot_s < 0:
+            raise ConfigError(f"share_snapshot_s={self.share_snapshot_s} must be >= 0 (0: never)")
         if self.max_age_s < 0:
             raise ConfigError(f"max_age_s={self.max_age_s} must be >= 0 (0: no age limit)")
 

@@ -32,6 +32,7 @@ from grpc_reflection.v1alpha import reflection
 from featurizer.contracts.experiments import Experiments, load_experiments
 from featurizer.contracts.schema import read_dataset
 from featurizer.errors import ConfigError
+from featurizer.online.features import StateMismatchError
 from ranker.bundle import EncoderRef
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
@@ -45,11 +46,14 @@ from serving.encoding.pool import EncoderHandle, EncoderPool
 from serving.experiments.exposure_log import ExposureLog
 from serving.ingest.apply import EventIngest
 from serving.ingest.dedup import EventDedup
+from serving.ingest.items import apply_shared_items
 from serving.ingest.jetstream import StreamIngest
-from serving.ingest.restore import build_engine, close_all
+from serving.ingest.snapshots import due, fetch_snapshot, share_snapshot, shared_info
+from serving.ingest.restore import build_engine, close_all, snapshot_file
 from serving.observability.metrics import Metrics
 from serving.ranking.engine import RankingEngine, utc_now
 from serving.ranking.registry import BundleRegistry
+from serving.ranking.shared_bundle import SharedBundle
 from serving.triton.process import TritonProcess
 
 log = logging.getLogger(__name__)
@@ -113,6 +117,8 @@ class RankingServer:
         self.ready = False  # the READINESS health status
         self._not_ready_why: str | None = None
         self._stream_ingest: StreamIngest | None = None
+        self._snapshot_file: Path | None = None  # the in-process store's snapshot (None: Redis)
+        self._shared_bundle: SharedBundle | None = None  # the fleet's bundle (JetStream's KV)
 
     @property
     def engine(self) -> RankingEngine:
@@ -166,11 +172,27 @@ class RankingServer:
         try:
             state_dir = self._state_dir()
             experiments = load_experiments(cfg.experiments_file) if cfg.experiments_file else Experiments()
-            built = build_engine(cfg.data_dir, state_dir, cfg.store, self.clock, local_log=cfg.events is None,
-                                 on_cache=lambda c, hit: self.metrics.record_cache(c, int(hit), int(not hit)),
-                                 max_inline_encodes=cfg.limits.max_inline_encodes,
-                                 store_read_timeout_s=cfg.limits.store_read_timeout_s,
-                                 max_store_waiting=cfg.limits.max_store_waiting)
+            self._snapshot_file = snapshot_file(cfg, state_dir)
+            fetched = None
+            if cfg.events is not None and self._snapshot_file is not None and not self._snapshot_file.exists():
+                fetched = await fetch_snapshot(cfg.events, self._snapshot_file)  # a fresh replica: the shared one
+
+            def build():
+                return build_engine(cfg.data_dir, state_dir, cfg.store, self.clock, local_log=cfg.events is None,
+                                    on_cache=lambda c, hit: self.metrics.record_cache(c, int(hit), int(not hit)),
+                                    max_inline_encodes=cfg.limits.max_inline_encodes,
+                                    store_read_timeout_s=cfg.limits.store_read_timeout_s,
+                                    max_store_waiting=cfg.limits.max_store_waiting)
+
+            try:
+                built = build()
+            except StateMismatchError as e:
+                if fetched is None:
+                    raise
+                log.error("the shared snapshot cannot be used (%s): deleted; folding the stream from the start", e)
+                self._snapshot_file.unlink()
+                fetched = None
+                built = build()
             self._closers.extend(built.closers)  # the store worker, the event log, then the online store
             engine, event_log, items = built.engine, built.event_log, built.engine.items
             registry = BundleRegistry(engine, EncoderPool(self._encoder_factory),
@@ -182,7 +204,11 @@ class RankingServer:
             self._closers.insert(0, exposures.close)
             if cfg.events is not None:  # JetStream: fold the stream up to its end before serving
                 ingest = self._stream_ingest = await StreamIngest.open(
-                    cfg.events, engine.online, engine.store_worker, cfg.limits.dedup_window_s)
+                    cfg.events, engine.online, engine.store_worker, cfg.limits.dedup_window_s,
+                    on_items=lambda shared: apply_shared_items(engine, registry.pool, shared),
+                    items_through=fetched or 0)
+                self._shared_bundle = SharedBundle(ingest.js, cfg.events, registry, ingest.origin)
+                await self._shared_bundle.start()  # the fleet's bundle, if another replica reloaded
             else:
                 ingest = EventIngest(event_log, engine.online, EventDedup(cfg.limits.dedup_window_s),
                                      worker=engine.store_worker)
@@ -200,6 +226,8 @@ class RankingServer:
             if cfg.snapshot_interval_s > 0:
                 self._tasks.append(asyncio.create_task(self._snapshots(cfg.snapshot_interval_s)))
             self._tasks.append(asyncio.create_task(self._loop_lag(LOOP_LAG_PROBE_S)))
+            if self._shared_bundle is not None:
+                self._tasks.append(asyncio.create_task(self._shared_bundle.follow(cfg.events.control_poll_s)))
         except BaseException:
             await self.stop()
             raise
@@ -219,6 +247,8 @@ class RankingServer:
         self.metrics.bundle_reloads_total.labels(result).inc()
         if result == "ok":
             self.metrics.set_bundle(version)
+            if self._shared_bundle is not None:
+                self._shared_bundle.reloaded_here()
 
     async def _start_grpc(self) -> None:
         cfg = self.cfg
@@ -263,8 +293,27 @@ class RankingServer:
                 # Under the apply lock: a snapshot never holds half a batch, nor a batch without its seq.
                 async with self.state.ingest.applied_lock:
                     await asyncio.to_thread(self.state.online.store.flush)
-            except Exception:  # noqa: BLE001 - the event log still holds everything
+                await self._share_snapshot()
+            except Exception:  # noqa: BLE001 - the event log (or stream) still holds everything
                 log.exception("feature snapshot failed")
+
+    async def _share_snapshot(self) -> None:
+        """With JetStream and in-process features: share the snapshot when the shared one is old
+        (serving.ingest.snapshots), so that a fresh replica folds only what follows it."""
+        ingest, path = self._stream_ingest, self._snapshot_file
+        if ingest is None or path is None or self.cfg.events.share_snapshot_s <= 0 or not ingest.connected:
+            return
+        if not due(await shared_info(ingest.js, self.cfg.events), ingest.committed_seq, self.cfg.events.share_snapshot_s):
+            return
+        async with ingest.applied_lock:  # the file and its seq, taken together
+            await asyncio.to_thread(self.state.online.store.flush)
+            if not path.exists():
+                return
+            snapshot, seq = open(path, "rb"), ingest.committed_seq  # noqa: SIM115 - closed below
+        try:
+            await share_snapshot(ingest.js, self.cfg.events, snapshot, seq)
+        finally:
+            snapshot.close()
 
     async def _check_ready(self) -> bool:
         """The online store answers a read of its state row (through the store worker, within the
@@ -342,6 +391,9 @@ class RankingServer:
         if getattr(self, "_registry", None) is not None:
             await self._registry.close()
             self._registry = None
+        if self._shared_bundle is not None:
+            await self._shared_bundle.close()
+            self._shared_bundle = None
         if self._stream_ingest is not None:  # before the store worker and the store close
             await self._stream_ingest.close()
             self._stream_ingest = None

@@ -25,8 +25,9 @@ def register(sub) -> None:
                     "follow them and compares variants with users as the unit: CTR, add-to-cart and conversion "
                     "rates per exposure (delta method), shares of users with a click / purchase (two-proportion "
                     "z-test) and revenue per user (Welch t-test). Writes OUT_DIR/ab-<experiment>.{md,json,png}.")
-    s.add_argument("--exposures", required=True, type=Path, help="an exposures JSONL file or a directory of "
-                                                                 "exposures-*.jsonl files")
+    s.add_argument("--exposures", required=True, type=Path, nargs="+",
+                   help="exposures JSONL files or directories of exposures-*.jsonl files; several (the state "
+                        "directories' exposures/ of every replica) are merged")
     s.add_argument("--events", required=True, type=Path,
                    help="events in the data contract: a parquet/CSV file or a data directory (items read too)")
     s.add_argument("--items", type=Path, default=None, help="items file with prices, for revenue per user")
@@ -60,7 +61,7 @@ def cmd_ab_report(args) -> int:
     from training.ab.report import build_report, markdown, write_report
 
     window = parse_window(args.window)
-    exposures, torn = read_exposures(args.exposures)
+    exposures, torn = read_exposures(list(args.exposures))
     events, items = read_outcome_events(args.events, args.items)
     prep = prepare(exposures, events, items, window, args.experiment)
     if torn:

@@ -189,8 +189,11 @@ class RankingService(pb_grpc.RankingServiceServicer):
                 if len(resp.rejections) < s.limits.max_rejections_listed:
                     resp.rejections.append(pb.ItemRejection(index=k, item_id=item.item_id, reason=problem))
         if good:
-            await upsert_items(s.engine, s.registry.pool, items_frame(good), stored_before=resp.accepted)
+            share = s.ingest.publish_items if isinstance(s.ingest, StreamIngest) else None
+            seq = await upsert_items(s.engine, s.registry.pool, items_frame(good), stored_before=resp.accepted,
+                                     share=share)
             resp.accepted += len(good)
+            resp.sequence = max(resp.sequence, seq)
 
     # ------------------------------------------------------------ info and admin
 

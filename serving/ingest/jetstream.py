@@ -34,15 +34,18 @@ consumer is made again from the folded sequence once NATS is back. A message tha
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import nats
 import nats.errors
+import numpy as np
 import nats.js.errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, StorageType, StreamConfig
 
@@ -57,7 +60,7 @@ from serving.ranking.store_worker import StoreWorker
 
 log = logging.getLogger(__name__)
 
-FORMAT = "semrank.event.v1"  # the Semrank-Format header of every message
+KIND_HEADER, ORIGIN_HEADER = "Semrank-Kind", "Semrank-Origin"  # "item" on item messages (events need none)
 FOLD_BATCH = 4096  # messages per fetch at most (a fetch returns as soon as one has come)
 FOLD_WAIT_S = 1.0  # a fetch waits this long for a message; then the fold checks the stream and the connection
 RETRY_S = (0.05, 0.2, 0.5, 1.0, 2.0)  # backoff when the store or NATS fails
@@ -113,6 +116,50 @@ def decode_event(data: bytes) -> LoggedEvent:
     return LoggedEvent(ts, user, item, kind, request_id, position, event_id)
 
 
+ITEM_FIELDS = ("item_id", "title", "description", "category", "brand", "price")
+
+
+@dataclass(frozen=True)
+class SharedItem:
+    """An UpsertItems row on the stream, with the embeddings the replica that took it computed."""
+
+    row: dict  # ITEM_FIELDS; None leaves a known value unchanged
+    embeddings: dict  # encoder key -> (text hash, float32 vector)
+    origin: str = ""  # the replica that published it (it has applied it already)
+
+
+def item_subject(prefix: str, item_id: str) -> str:
+    return f"{prefix}.items.{user_key(item_id)}"
+
+
+def encode_item(row: dict, embeddings: dict) -> bytes:
+    return json.dumps({"item": {k: row.get(k) for k in ITEM_FIELDS},
+                       "embeddings": {key: {"text_hash": int(h), "vector": base64.b64encode(
+                           np.asarray(v, dtype="<f4").tobytes()).decode()} for key, (h, v) in embeddings.items()}},
+                      ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def decode_item(data: bytes, origin: str = "") -> SharedItem:
+    try:
+        doc = json.loads(data)
+        item = doc["item"]
+        if not isinstance(item, dict) or not isinstance(item.get("item_id"), str) or not item["item_id"]:
+            raise BadStreamMessage("item.item_id: must be a non-empty string")
+        row = {k: item.get(k) for k in ITEM_FIELDS}
+        for k in ITEM_FIELDS[1:5]:
+            if row[k] is not None and not isinstance(row[k], str):
+                raise BadStreamMessage(f"item.{k}: must be a string or null")
+        if row["price"] is not None and not isinstance(row["price"], (int, float)):
+            raise BadStreamMessage("item.price: must be a number or null")
+        embeddings = {key: (int(e["text_hash"]), np.frombuffer(base64.b64decode(e["vector"]), dtype="<f4"))
+                      for key, e in (doc.get("embeddings") or {}).items()}
+    except BadStreamMessage:
+        raise
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise BadStreamMessage(f"not an item message ({type(e).__name__}: {e})") from None
+    return SharedItem(row, embeddings, origin)
+
+
 def seq_key(stream: str) -> str:
     """The online store's meta row holding the last stream sequence folded into the features."""
     return f"jetstream-{stream}"
@@ -144,17 +191,28 @@ class StreamIngest:
         self._sub = None
         self._task: asyncio.Task | None = None
         self._restart = asyncio.Event()  # set by rebuild: fold again from the store's seq
+        self.origin = uuid.uuid4().hex  # this process, on the item messages it publishes
+        # The server's hook for item messages from other replicas (serving.ingest.items.apply_shared_items).
+        self.on_items: Callable[[list[SharedItem]], Awaitable[None]] | None = None
 
     # ------------------------------------------------------------ lifecycle
 
     @classmethod
     async def open(cls, cfg: JetStreamConfig, online: OnlineFeatures, worker: StoreWorker,
-                   dedup_window_s: float, ready_timeout_s: float | None = None) -> StreamIngest:
-        """Connect, create (or update) the stream, and fold it up to its end as of now."""
+                   dedup_window_s: float, ready_timeout_s: float | None = None,
+                   on_items: Callable[[list[SharedItem]], Awaitable[None]] | None = None,
+                   items_through: int = 0) -> StreamIngest:
+        """Connect, create (or update) the stream, and fold it up to its end as of now.
+        `items_through`: the store came from another replica's snapshot (serving.ingest.snapshots)
+        holding seqs up to it, and this process has none of the items upserted before: they are
+        folded first (item messages only), then everything after the snapshot."""
         self = cls(cfg, online, worker, dedup_window_s)
+        self.on_items = on_items
         try:
             await self._connect()
             self.committed_seq = await worker.read(applied_seq, online, self.key)
+            if items_through and on_items is not None:
+                await self._fold_items(min(items_through, self.committed_seq))
             end = await self.stream_last_seq()
             self._task = asyncio.create_task(self._fold(), name="jetstream-fold")
             await self._wait_start(end, ready_timeout_s)
@@ -218,6 +276,33 @@ class StreamIngest:
             log.warning("updated JetStream stream %s: %s", want.name,
                         ", ".join(f"{k} {getattr(have, k)} -> {getattr(want, k)}" for k in changed))
 
+    async def _fold_items(self, through: int) -> None:
+        """Apply the item messages with seq <= `through`, in order (a consumer filtered to them)."""
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, inactive_threshold=60.0,
+                                description="semrank items before a snapshot")
+        sub = await self._js.pull_subscribe(f"{self.cfg.subject_prefix}.items.>", stream=self.cfg.stream, config=config)
+        n = 0
+        try:
+            while True:
+                info = await sub.consumer_info()
+                if info.num_pending == 0 or info.delivered.stream_seq >= through:
+                    break
+                items = []
+                for m in await sub.fetch(FOLD_BATCH, timeout=5.0):
+                    if m.metadata.sequence.stream <= through:
+                        try:
+                            items.append(decode_item(m.data, (m.headers or {}).get(ORIGIN_HEADER, "")))
+                        except BadStreamMessage as e:
+                            self.stats.bad_messages += 1
+                            log.error("stream %s seq %d: a bad item message is skipped: %s", self.cfg.stream,
+                                      m.metadata.sequence.stream, e)
+                if items:
+                    await self.on_items(items)
+                    n += len(items)
+        finally:
+            await sub.unsubscribe()
+        log.info("applied %d item upsert(s) from stream %s that came before the snapshot", n, self.cfg.stream)
+
     async def _wait_start(self, end: int, timeout_s: float | None) -> None:
         """Wait until the fold reached `end` (the stream's last seq at start), logging progress."""
         t0, start = time.monotonic(), self.committed_seq
@@ -247,6 +332,11 @@ class StreamIngest:
             self._nc = None
 
     # ------------------------------------------------------------ state
+
+    @property
+    def js(self):
+        """The JetStream context (for the shared snapshots: serving.ingest.snapshots)."""
+        return self._js
 
     @property
     def connected(self) -> bool:
@@ -382,20 +472,55 @@ class StreamIngest:
         self._sub = None
 
     async def _apply_messages(self, msgs) -> None:
+        """Fold fetched messages in stream order: runs of events in one commit each; an item message
+        first commits the events before it, then goes to `on_items` (its seq is committed with
+        the next events: a crash in between applies it again, which an upsert allows)."""
         pairs: list[tuple[int, LoggedEvent]] = []
         last = self.committed_seq
         for m in msgs:
             seq = m.metadata.sequence.stream
-            last = max(last, seq)
             if seq <= self.committed_seq:
                 continue
+            headers = m.headers or {}
             try:
-                pairs.append((seq, decode_event(m.data)))
+                if headers.get(KIND_HEADER) == "item":
+                    item = decode_item(m.data, headers.get(ORIGIN_HEADER, ""))
+                    await self._apply_pairs(pairs, seq - 1)
+                    pairs = []
+                    if item.origin != self.origin and self.on_items is not None:
+                        await self.on_items([item])
+                else:
+                    pairs.append((seq, decode_event(m.data)))
             except BadStreamMessage as e:
                 self.stats.bad_messages += 1
-                log.error("stream %s seq %d (%s) is not a semrank event and is skipped: %s", self.cfg.stream, seq,
-                          m.subject, e)
+                log.error("stream %s seq %d (%s) is not a semrank event or item and is skipped: %s", self.cfg.stream,
+                          seq, m.subject, e)
+            last = max(last, seq)
         await self._apply_pairs(pairs, last)
+
+    # ------------------------------------------------------------ UpsertItems
+
+    async def publish_items(self, shared: list[tuple[dict, dict]]) -> int:
+        """Publish item rows (with their embeddings) for the other replicas; returns the last seq.
+        Raises ItemsNotShared when JetStream does not acknowledge them all."""
+        from serving.ingest.items import ItemsNotShared
+
+        if not self.connected:
+            raise ItemsNotShared("NATS is not connected")
+        headers = {KIND_HEADER: "item", ORIGIN_HEADER: self.origin}
+        futures = []
+        try:
+            for row, embeddings in shared:
+                futures.append(await self._js.publish_async(item_subject(self.cfg.subject_prefix, row["item_id"]),
+                                                            encode_item(row, embeddings), headers=dict(headers)))
+            acks = await asyncio.wait_for(asyncio.gather(*futures), self.cfg.publish_timeout_s)
+        except Exception as e:  # noqa: BLE001 - NATS went away, or an answer did not come in time
+            for f in futures:
+                f.cancel()
+            raise ItemsNotShared(f"JetStream did not acknowledge them ({type(e).__name__})") from None
+        last = max(a.seq for a in acks)
+        self.known_seq = max(self.known_seq, last)
+        return last
 
     async def _apply_pairs(self, pairs: list[tuple[int, LoggedEvent]], last: int) -> None:
         """Commit `pairs` up to stream seq `last`, retrying while the store fails."""

@@ -75,6 +75,12 @@ def default_store(state_dir: Path) -> InProcessConfig:
     return InProcessConfig(path=str(state_dir / "online-store.bin"))
 
 
+def snapshot_file(cfg, state_dir: Path) -> Path | None:
+    """The in-process store's snapshot file for a ServeConfig (None: Redis, or memory only)."""
+    store = cfg.store or default_store(state_dir)
+    return Path(store.path) if isinstance(store, InProcessConfig) and store.path else None
+
+
 def restore_online(store: OnlineStore, items: pl.DataFrame, events: pl.DataFrame,
                    logged: Callable[[int], Iterator[tuple[int, LoggedEvent]]]) -> OnlineFeatures:
     """Online features from the store's snapshot (or `events` when it has none), then the logged

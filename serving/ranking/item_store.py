@@ -45,7 +45,8 @@ def normalize_items(items: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _text_hash(texts: list[str]) -> np.ndarray:
+def text_hashes(texts: list[str]) -> np.ndarray:
+    """The 64-bit hash of each item text an embedding remembers (to tell when the text changed)."""
     return np.array(
         [int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little", signed=True) for t in texts],
         dtype=np.int64,
@@ -96,7 +97,7 @@ class ItemStore:
         self.index = {i: k for k, i in enumerate(self.item_ids)}
         self.titles: list[str | None] = items["title"].to_list()
         self.texts: list[str] = items.select(item_text_expr())["item_text"].to_list()
-        self.text_hash = _text_hash(self.texts)
+        self.text_hash = text_hashes(self.texts)
 
     def __len__(self) -> int:
         return len(self.item_ids)

@@ -117,6 +117,13 @@ class ReplicaSet:
             raise
         return self
 
+    def add(self, cfg: ServeConfig) -> int:
+        """Start one more replica (sharing the Triton); returns its port."""
+        server = RankingServer(cfg, encoder_factory=self._shared)
+        self.servers.append(server)
+        self.ports.append(self.run(server.start(), timeout=600))
+        return self.ports[-1]
+
     def stop(self, k: int) -> None:
         """Stop replica k (drain, flush); the Triton stays with replica 0."""
         if k == 0:

@@ -41,16 +41,23 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 @pytest.fixture
 def stream():
-    """(stream name, subject prefix) of the test's own on the machine's NATS; deleted afterwards."""
+    """(stream name, subject prefix) of the test's own on the machine's NATS; the stream and the
+    snapshot and control buckets made for it are deleted afterwards."""
     name = f"TEST_{uuid.uuid4().hex[:12]}"
     yield name, f"test.{name}"
 
     async def drop():
+        from serving.ingest.snapshots import bucket_name as snapshots
+        from serving.ranking.shared_bundle import bucket_name as control
+
         nc = await nats.connect(MACHINE_NATS)
-        try:
-            await nc.jetstream().delete_stream(name)
-        except Exception:  # noqa: BLE001 - the test may not have made it
-            pass
+        js = nc.jetstream()
+        for delete, what in ((js.delete_stream, name), (js.delete_object_store, snapshots(name)),
+                             (js.delete_key_value, control(name))):
+            try:
+                await delete(what)
+            except Exception:  # noqa: BLE001 - the test may not have made it
+                pass
         await nc.close()
 
     asyncio.run(drop())
@@ -70,6 +77,15 @@ def purchases(user: str, items: list[str], tag: str) -> list[pb.Event]:
 def readiness(channel) -> int:
     return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=READINESS),
                                                      timeout=RPC_TIMEOUT_S).status
+
+
+def assert_ranked_by_text(server, item_id: str) -> None:
+    """The replica knows the item and holds a current embedding of its text for every encoder."""
+    items = server.state.engine.items
+    row = items.rows([item_id])[0]
+    assert row >= 0, f"{item_id} unknown"
+    for key in items.keys():
+        assert items.embeddings(key)[1][row], f"{item_id}: no current embedding for encoder {key}"
 
 
 def test_a_token_from_replica_a_makes_replica_b_see_the_events_and_retries_count_once(small_shop, small_bundle,
@@ -107,6 +123,19 @@ def test_a_token_from_replica_a_makes_replica_b_see_the_events_and_retries_count
             contributions(rank(a, user, candidates, explain=True), "personal"))
         for server in replicas.servers:
             assert server.state.ingest.committed_seq == ack.sequence
+
+        # An item upserted on A is ranked by its text on B.
+        item = pb.RankCandidate(item_id="sku-replicated", title="Stainless Steel Water Bottle, 750 ml",
+                                category="Outdoor", price=19.0)
+        up = stub(a).UpsertItems(iter([pb.UpsertItemsRequest(items=[item])]), timeout=RPC_TIMEOUT_S)
+        assert up.accepted == 1 and up.sequence == ack.sequence + 1, up
+        r = rank(b, user, ["sku-replicated", *candidates[:5]], min_sequence=up.sequence)
+        assert not r.degraded and "sku-replicated" not in r.missing_ids, r
+        assert_ranked_by_text(replicas.servers[1], "sku-replicated")
+        b_items, a_items = replicas.servers[1].state.engine.items, replicas.servers[0].state.engine.items
+        for key in a_items.keys():  # B took A's embedding (the same vector, no second encode)
+            np.testing.assert_array_equal(b_items.embeddings(key)[0][b_items.rows(["sku-replicated"])[0]],
+                                          a_items.embeddings(key)[0][a_items.rows(["sku-replicated"])[0]])
 
 
 def test_nats_down_log_events_is_unavailable_rank_answers_and_both_recover(small_shop, small_bundle, catalog,
@@ -238,3 +267,76 @@ def test_sigkill_of_a_replica_loses_no_acknowledged_event_and_its_retry_counts_o
         missing = {e.event_id for e in acked + cut} - set(ids)
         assert not missing, f"{len(missing)} acknowledged event(s) lost, e.g. {sorted(missing)[:3]}"
         assert st.server.state.ingest.committed_seq == retry.sequence == len(ids)
+
+
+def test_a_fresh_replica_starts_from_the_shared_snapshot_and_folds_only_the_rest(small_shop, small_bundle, catalog,
+                                                                                 tmp_path, stream):
+    from dataclasses import replace
+
+    from serving.ingest.snapshots import shared_info
+
+    name, prefix = stream
+    events = JetStreamConfig(url=MACHINE_NATS, stream=name, subject_prefix=prefix, share_snapshot_s=3600)
+    cfg_a = replace(replica_cfg(small_shop, small_bundle, tmp_path / "a", events), snapshot_interval_s=0.3)
+
+    async def shared_seq() -> int:
+        nc = await nats.connect(MACHINE_NATS)
+        try:
+            meta = await shared_info(nc.jetstream(), events)
+            return int(meta["seq"]) if meta else 0
+        finally:
+            await nc.close()
+
+    user, candidates = "snapshot-user", catalog[:20]
+    if True:
+        with ReplicaSet([cfg_a]) as replicas, grpc.insecure_channel(f"127.0.0.1:{replicas.ports[0]}") as a:
+            for call in range(3):
+                token = stub(a).LogEvents(iter([pb.LogEventsRequest(events=purchases(user, candidates[call:call + 4],
+                                                                                        f"snap-{call}"))]),
+                                          timeout=RPC_TIMEOUT_S).sequence
+            before = stub(a).UpsertItems(iter([pb.UpsertItemsRequest(items=[pb.RankCandidate(
+                item_id="sku-before", title="Trail Running Shoes, Waterproof", category="Outdoor", price=89.0)])]),
+                timeout=RPC_TIMEOUT_S)
+            assert before.accepted == 1 and before.sequence == token + 1, before
+            shared = wait_until(lambda: asyncio.run(shared_seq()), 30, "a shared snapshot")
+            assert shared == before.sequence  # the first share: nothing was shared before (later ones wait an hour)
+            tail = stub(a).LogEvents(iter([pb.LogEventsRequest(events=purchases(user, candidates[10:13], "tail"))]),
+                                     timeout=RPC_TIMEOUT_S).sequence
+
+            port_b = replicas.add(replica_cfg(small_shop, small_bundle, tmp_path / "b", events))  # an empty state dir
+            b_ingest = replicas.servers[1].state.ingest
+            assert b_ingest.stats.folded == tail - shared, b_ingest.stats  # only what follows the snapshot
+            assert_ranked_by_text(replicas.servers[1], "sku-before")  # upserted before the snapshot: from the stream
+            with grpc.insecure_channel(f"127.0.0.1:{port_b}") as b:
+                on_a = rank(a, user, candidates, explain=True, min_sequence=tail)
+                on_b = rank(b, user, candidates, explain=True, min_sequence=tail)
+                assert not on_b.degraded, on_b.degraded_reason
+                assert contributions(on_b, "personal") == pytest.approx(contributions(on_a, "personal"))
+
+
+def test_a_bundle_reload_on_one_replica_reaches_every_replica_and_a_new_one(small_shop, small_bundle, tmp_path,
+                                                                            stream):
+    from dataclasses import replace
+
+    from tests.integration.serving_kit import copy_bundle
+
+    name, prefix = stream
+    v1 = copy_bundle(small_bundle[0], tmp_path / "bundles" / "v1", version="fleet-v1")
+    v2 = copy_bundle(small_bundle[0], tmp_path / "bundles" / "v2", version="fleet-v2")
+    events = JetStreamConfig(url=MACHINE_NATS, stream=name, subject_prefix=prefix, control_poll_s=0.2)
+    cfgs = [replace(replica_cfg(small_shop, small_bundle, tmp_path / f"state-{k}", events), bundle_dir=v1,
+                    open_admin=True) for k in range(3)]
+
+    def version(port: int) -> str:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            return stub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=RPC_TIMEOUT_S).bundle.version
+
+    with ReplicaSet(cfgs[:2]) as replicas:
+        assert [version(p) for p in replicas.ports] == ["fleet-v1", "fleet-v1"]
+        with grpc.insecure_channel(f"127.0.0.1:{replicas.ports[0]}") as a:
+            r = stub(a).ReloadBundle(pb.ReloadBundleRequest(path=str(v2)), timeout=RPC_TIMEOUT_S)
+        assert r.reloaded and r.version == "fleet-v2", r
+        wait_until(lambda: version(replicas.ports[1]) == "fleet-v2", 30, "replica B on the reloaded bundle")
+        late = replicas.add(cfgs[2])  # configured with v1: adopts the fleet's v2 before it serves
+        assert version(late) == "fleet-v2"
+        assert replicas.servers[2].state.registry.default_path.resolve() == v2.resolve()

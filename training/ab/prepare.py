@@ -58,17 +58,22 @@ def format_window(window: timedelta) -> str:
 # --------------------------------------------------------------------------- exposures
 
 
-def read_exposures(path: str | Path) -> tuple[pl.DataFrame, int]:
-    """All exposures under `path` (a file, or a directory of exposures-*.jsonl), sorted by ts (file
-    order within one instant), and the number of torn last lines skipped (`featurizer.contracts.exposures`).
+def read_exposures(path: str | Path | list[str | Path]) -> tuple[pl.DataFrame, int]:
+    """All exposures under `path` (a file, or a directory of exposures-*.jsonl; or a list of them:
+    the exposure directories of several replicas or workers, merged), sorted by ts (file order
+    within one instant), and the number of torn last lines skipped (`featurizer.contracts.exposures`).
 
     A directory without exposure files raises FileNotFoundError: a report on nothing is a wrong path.
     Repeated request_ids are kept here; `prepare` counts each once."""
-    read = read_exposures_report(path)
-    if not read.files:
-        raise FileNotFoundError(f"{path}: no {FILE_GLOB} files; pass the exposure directory of the server "
-                                "(STATE/exposures) or one exposure file")
-    return read.frame.sort("ts", maintain_order=True), len(read.torn_lines)
+    frames, torn = [], 0
+    for p in path if isinstance(path, list) else [path]:
+        read = read_exposures_report(p)
+        if not read.files:
+            raise FileNotFoundError(f"{p}: no {FILE_GLOB} files; pass the exposure directory of the server "
+                                    "(STATE/exposures) or one exposure file")
+        frames.append(read.frame)
+        torn += len(read.torn_lines)
+    return pl.concat(frames).sort("ts", maintain_order=True), torn
 
 
 def select_experiment(exposures: pl.DataFrame, name: str | None) -> str:

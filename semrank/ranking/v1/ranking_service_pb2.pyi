@@ -187,14 +187,16 @@ class ItemRejection(_message.Message):
     def __init__(self, index: _Optional[int] = ..., item_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class UpsertItemsResponse(_message.Message):
-    __slots__ = ("accepted", "rejected", "rejections")
+    __slots__ = ("accepted", "rejected", "rejections", "sequence")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
     REJECTIONS_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     accepted: int
     rejected: int
     rejections: _containers.RepeatedCompositeFieldContainer[ItemRejection]
-    def __init__(self, accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., rejections: _Optional[_Iterable[_Union[ItemRejection, _Mapping]]] = ...) -> None: ...
+    sequence: int
+    def __init__(self, accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., rejections: _Optional[_Iterable[_Union[ItemRejection, _Mapping]]] = ..., sequence: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()

@@ -44,7 +44,7 @@ from serving.batch.scorer import BatchScoringError
 from serving.ingest.apply import EventsNotApplied, EventsNotStored
 from serving.ingest.jetstream import EventsNotAcknowledged
 from serving.ingest.log_format import EventLogCorrupt, EventLogError, EventLogLocked
-from serving.ingest.items import ItemsNotEmbedded
+from serving.ingest.items import ItemsNotEmbedded, ItemsNotShared
 from serving.ingest.restore import ReadOnlyStateError
 from serving.ranking.registry import BundlePathRefused, BundleRejected
 from serving.triton.client import EncoderUnavailable
@@ -81,6 +81,7 @@ TABLE: list[tuple[Exception, C, str, dict[str, str], list[str]]] = [
     (EventsNotAcknowledged("JetStream acknowledged 2 of 5", 2), C.UNAVAILABLE, "EVENTS_NOT_ACKNOWLEDGED",
      {"stored_before": "2"}, []),
     (ItemsNotEmbedded("encoder down", stored=3), C.UNAVAILABLE, "ITEMS_NOT_EMBEDDED", {"stored": "3"}, []),
+    (ItemsNotShared("not shared", stored=2), C.UNAVAILABLE, "ITEMS_NOT_SHARED", {"stored": "2"}, []),
     (OnlineStoreError("redis: connection refused"), C.UNAVAILABLE, "ONLINE_STORE_UNAVAILABLE", {}, []),
     (WriteConflict("meta 'event_log' changed"), C.UNAVAILABLE, "ONLINE_STORE_CONFLICT", {}, []),  # ingest re-reads the seq; at start-up: a second writer
     (EncoderUnavailable("triton: connection refused", code="UNAVAILABLE"), C.UNAVAILABLE, "ENCODER_UNAVAILABLE", {}, []),

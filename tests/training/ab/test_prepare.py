@@ -156,6 +156,20 @@ def test_read_exposures_sorts_by_ts_and_skips_torn_last_lines_of_any_file(tmp_pa
     assert df.schema["ts"] == pl.Datetime("us", "UTC") and df["item_ids"].to_list() == [["a"], ["a"], ["b"]]
 
 
+def test_read_exposures_merges_the_directories_of_several_replicas(tmp_path):
+    a, b = tmp_path / "replica-a", tmp_path / "replica-b"
+    a.mkdir(), b.mkdir()
+    # The same file name in both (two processes started in the same second): they never collide.
+    _write_jsonl(a / "exposures-20261204T100000-000001.jsonl", [_exposure("r1", "u1", ["a"], T0 + timedelta(seconds=2))])
+    _write_jsonl(b / "exposures-20261204T100000-000001.jsonl", [_exposure("r2", "u2", ["b"], T0 + timedelta(seconds=1)),
+                                                                 _exposure("r3", "u3", ["c"], T0 + timedelta(seconds=3))])
+    df, torn = read_exposures([a, b])
+    assert df["request_id"].to_list() == ["r2", "r1", "r3"] and torn == 0
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty: no exposures"):
+        read_exposures([a, tmp_path / "empty"])  # a wrong path among several is still an error
+
+
 def test_read_exposures_names_file_and_line_of_a_bad_record(tmp_path):
     rec = _exposure("r1", "u1", ["a"], T0)
     bad = dict(rec, request_id="r2")
