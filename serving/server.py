@@ -41,7 +41,7 @@ from serving.api.errors import ErrorInterceptor, too_large_backstop
 from serving.api.interceptors import AdmissionInterceptor, MetricsInterceptor
 from serving.api.service import RankingService, ServingState
 from serving.config import ServeConfig
-from serving.encoding.factories import TritonEncoderOptions, triton_encoder_factory
+from serving.encoding.factories import TritonEncoderOptions, remote_triton_encoder, triton_encoder_factory
 from serving.encoding.pool import EncoderHandle, EncoderPool
 from serving.experiments.exposure_log import ExposureLog
 from serving.ingest.apply import EventIngest
@@ -127,14 +127,19 @@ class RankingServer:
     # ------------------------------------------------------------ encoders
 
     async def _start_encoder(self, ref: EncoderRef, bundle_path: Path, key: str) -> EncoderHandle:
-        """A Triton child process serving this encoder, behind a deadline/retry/breaker client."""
+        """A Triton child process serving this encoder, behind a deadline/retry/breaker client; or,
+        for a worker of `semrank serve --workers N`, the Triton the supervisor started for it."""
         cfg = self.cfg
+        opts = TritonEncoderOptions(deadline_s=cfg.encoder_timeout_s, retries=cfg.encoder_retries,
+                                    breaker_failures=cfg.breaker_failures, breaker_open_s=cfg.breaker_open_s,
+                                    breaker_min_timeout_s=cfg.breaker_min_timeout_s,
+                                    max_queue_delay_us=cfg.triton_max_queue_delay_us,
+                                    supervise_s=cfg.triton_supervise_s)
+        url = dict(cfg.triton_urls).get(key)
+        if url is not None:
+            return await remote_triton_encoder(url, key, opts, observer=self.metrics.triton_observer())
         factory = triton_encoder_factory(
-            TritonEncoderOptions(deadline_s=cfg.encoder_timeout_s, retries=cfg.encoder_retries,
-                                 breaker_failures=cfg.breaker_failures, breaker_open_s=cfg.breaker_open_s,
-                                 breaker_min_timeout_s=cfg.breaker_min_timeout_s,
-                                 max_queue_delay_us=cfg.triton_max_queue_delay_us,
-                                 supervise_s=cfg.triton_supervise_s),
+            opts,
             observer=self.metrics.triton_observer(),
             started=self.tritons.__setitem__,
             stopped=lambda k: self.tritons.pop(k, None),
@@ -179,6 +184,7 @@ class RankingServer:
 
             def build():
                 return build_engine(cfg.data_dir, state_dir, cfg.store, self.clock, local_log=cfg.events is None,
+                                    embeddings_dir=cfg.embeddings_dir,
                                     on_cache=lambda c, hit: self.metrics.record_cache(c, int(hit), int(not hit)),
                                     max_inline_encodes=cfg.limits.max_inline_encodes,
                                     store_read_timeout_s=cfg.limits.store_read_timeout_s,

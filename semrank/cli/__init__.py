@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     # 2-core machines (bench/encoder.py); an explicit setting in the environment wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
+    args.raw_argv = list(argv if argv is not None else sys.argv[1:])  # (serve --workers passes them on)
     _setup_logging(args.verbose)
     try:
         return args.func(args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
@@ -61,9 +62,21 @@ def cmd_serve(args) -> int:
         reload_poll_s=args.reload_poll_s,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         encoder_timeout_s=args.encoder_timeout_ms / 1000,
+        metrics_host=args.metrics_host,
+        embeddings_dir=args.embeddings_dir,
+        triton_urls=tuple(_key_url(spec) for spec in args.worker_triton),
         limits=Limits(max_candidates=args.max_candidates, max_text_chars=args.max_text_chars,
                       max_message_bytes=args.max_message_bytes),
     )
+    if args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: must be >= 1")
+    if args.workers > 1:
+        return _run_supervisor(cfg, args)
+    if args.worker_of:
+        from serving.workers import watch_supervisor
+
+        watch_supervisor(args.worker_of)
+
     async def run() -> None:
         server = RankingServer(cfg)
         await server.start()
@@ -75,6 +88,52 @@ def cmd_serve(args) -> int:
         await stop.wait()
         log.info("shutting down: draining calls, flushing logs, stopping Triton")
         await server.stop()
+
+    asyncio.run(run())
+    return 0
+
+
+def _key_url(spec: str) -> tuple[str, str]:
+    key, sep, url = spec.partition("=")
+    if not sep or not key or not url:
+        raise ConfigError(f"--worker-triton {spec!r}: expected ENCODER_KEY=HOST:PORT")
+    return key, url
+
+
+def _child_args(argv: list[str]) -> list[str]:
+    """`semrank serve`'s own arguments without --workers (the supervisor sets the rest per worker)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--workers":
+            skip = True
+            continue
+        if a.startswith("--workers="):
+            continue
+        out.append(a)
+    return out
+
+
+def _run_supervisor(cfg, args) -> int:
+    from serving.workers import WorkerSupervisor
+
+    raw = getattr(args, "raw_argv", [])
+    argv = raw[raw.index("serve") + 1:] if "serve" in raw else []
+    supervisor = WorkerSupervisor(cfg, args.workers, _child_args(argv))
+
+    async def run() -> None:
+        port = await supervisor.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        metrics = f", metrics on :{supervisor.metrics_port}" if supervisor.metrics_port else ""
+        print(f"semrank serving on {cfg.host}:{port}{metrics} ({args.workers} workers)", flush=True)
+        await stop.wait()
+        log.info("shutting down: stopping the workers, then Triton")
+        await supervisor.stop()
 
     asyncio.run(run())
     return 0
@@ -100,6 +159,13 @@ def register(sub) -> None:
     s.add_argument("--stream-max-age-h", type=float, default=0.0,
                    help="stream retention in hours; 0: keep everything (a rebuild needs the stream back to the oldest snapshot)")
     s.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port (0: a free one)")
+    s.add_argument("--metrics-host", default="127.0.0.1")
+    s.add_argument("--workers", type=int, default=1,
+                   help="serving processes on this host, on one port (SO_REUSEPORT), sharing one Triton; "
+                        "> 1 needs --events jetstream (docs/scaling.md)")
+    s.add_argument("--embeddings-dir", type=Path, default=None, help=argparse.SUPPRESS)  # a worker: the shared embeddings
+    s.add_argument("--worker-triton", action="append", default=[], help=argparse.SUPPRESS)  # a worker: KEY=URL
+    s.add_argument("--worker-of", type=int, default=None, help=argparse.SUPPRESS)  # a worker: the supervisor's pid
     s.add_argument("--tls-cert", type=Path, default=None)
     s.add_argument("--tls-key", type=Path, default=None)
     s.add_argument("--tls-client-ca", type=Path, default=None, help="require client certificates signed by this CA (mutual TLS)")

@@ -157,6 +157,30 @@ def triton_encoder_factory(opts: TritonEncoderOptions, observer=None,
     return factory
 
 
+async def remote_triton_encoder(url: str, key: str, opts: TritonEncoderOptions, observer=None) -> EncoderHandle:
+    """A Triton this process did not start (the one `semrank serve --workers N` started for every
+    worker), behind the same deadline/retry/breaker client. It supervises nothing: its owner does."""
+    from serving.triton.client import EncoderClient
+    from serving.triton.resilience import CircuitBreaker, ResilientEncoder
+
+    client = EncoderClient(url)
+    encoder = ResilientEncoder(client, CircuitBreaker(failure_threshold=opts.breaker_failures, open_s=opts.breaker_open_s),
+                               deadline_s=opts.deadline_s, retries=opts.retries, observer=observer,
+                               bulk_timeout_s=opts.bulk_timeout_s, min_counted_timeout_s=opts.breaker_min_timeout_s)
+
+    async def close() -> None:
+        await client.close()
+
+    try:
+        probe = await encoder.encode_bulk([PROBE_TEXT])
+    except BaseException:
+        await close()
+        raise
+    _report(observer, "on_triton", key, True)
+    log.info("encoder %s served by the Triton at %s (started by the supervisor)", key, url)
+    return EncoderHandle(key=key, encoder=encoder, close=close, dim=int(probe.shape[1]))
+
+
 def encoder_factory(kind: str, *, threads: int | None = None,
                     triton: TritonEncoderOptions | None = None) -> EncoderFactory:
     """'inprocess' or 'triton' (the CLI's --encoder)."""

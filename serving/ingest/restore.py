@@ -110,7 +110,7 @@ def restore_online(store: OnlineStore, items: pl.DataFrame, events: pl.DataFrame
 
 def build_engine(data_dir: Path, state_dir: Path, store_cfg: StoreConfig | None = None,
                  clock: Callable[[], datetime] = utc_now, *, read_only: bool = False, local_log: bool = True,
-                 on_cache: Callable[[str, bool], None] | None = None, **engine_kw) -> BuiltEngine:
+                 embeddings_dir: Path | None = None, on_cache: Callable[[str, bool], None] | None = None, **engine_kw) -> BuiltEngine:
     """Items, online features and the engine over them (see the module docstring).
 
     `store_cfg` None: in-process, snapshotted to state_dir/online-store.bin. `local_log` False:
@@ -126,7 +126,7 @@ def build_engine(data_dir: Path, state_dir: Path, store_cfg: StoreConfig | None 
         )
     ds = read_dataset(data_dir)
     log.info("data: %s", ds.report)
-    items = ItemStore(ds.items, state_dir)
+    items = ItemStore(ds.items, state_dir, embeddings_dir)
     closers: list[Callable[[], None]] = []
     try:
         if read_only:

@@ -13,8 +13,13 @@ whose text changed is embedded again.
 On disk (append-only chunks, written atomically, replayed in order; later rows win):
 
     state_dir/items/items-<seq>.parquet                       upserted item data
-    state_dir/embeddings/<encoder key>/emb-<seq>.safetensors  "embedding" (n, dim) f32,
+    state_dir/embeddings/<encoder key>/emb-<seq>-<writer>.safetensors  "embedding" (n, dim) f32,
                                                               "text_hash" (n,) i64; metadata item_ids
+
+The embeddings directory may be shared by the workers of one host (`embeddings_dir`, serving.workers):
+each process names its files with a writer id of its own, so two that write at once never pick the
+same name; every process reads all of them (sorted by seq, then writer; later rows win, and only
+rows whose text hash matches today's text count).
 """
 
 from __future__ import annotations
@@ -54,7 +59,8 @@ def text_hashes(texts: list[str]) -> np.ndarray:
 
 
 def _next_seq(directory: Path, prefix: str) -> int:
-    seqs = [int(p.stem.split("-")[-1]) for p in directory.glob(f"{prefix}-*") if p.stem.split("-")[-1].isdigit()]
+    """1 + the highest seq among `<prefix>-<seq>[-<writer>]` files (the writer part is optional)."""
+    seqs = [int(t[1]) for p in directory.glob(f"{prefix}-*") if len(t := p.name.split(".")[0].split("-")) > 1 and t[1].isdigit()]
     return max(seqs, default=0) + 1
 
 
@@ -72,8 +78,11 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 
 class ItemStore:
-    def __init__(self, items: pl.DataFrame, state_dir: Path | None = None):
+    def __init__(self, items: pl.DataFrame, state_dir: Path | None = None, embeddings_dir: Path | None = None):
         self.state_dir = state_dir
+        self.embeddings_dir = embeddings_dir if embeddings_dir is not None else (
+            state_dir / "embeddings" if state_dir is not None else None)
+        self._writer = f"{os.getpid():x}{os.urandom(3).hex()}"  # this process's files in a shared embeddings_dir
         frames = [normalize_items(items)]
         if state_dir is not None:
             (state_dir / "items").mkdir(parents=True, exist_ok=True)
@@ -151,11 +160,11 @@ class ItemStore:
     def _load_embeddings(self, key: str, dim: int) -> None:
         emb = np.zeros((len(self.item_ids), dim), dtype=np.float32)
         hashes = np.zeros(len(self.item_ids), dtype=np.int64)
-        if self.state_dir is not None:
+        if self.embeddings_dir is not None:
             from safetensors import safe_open
             from safetensors.numpy import load_file
 
-            for p in sorted((self.state_dir / "embeddings" / key).glob("emb-*.safetensors")):
+            for p in sorted((self.embeddings_dir / key).glob("emb-*.safetensors")):
                 with safe_open(str(p), framework="numpy") as f:
                     ids = json.loads(f.metadata()["item_ids"])
                 t = load_file(str(p))
@@ -180,13 +189,13 @@ class ItemStore:
         texts = [self.texts[k] for k in stale]
         hashes = self.text_hash[stale].copy()
         vectors = np.asarray(await encode_bulk(texts), dtype=np.float32)
-        if self.state_dir is not None:
+        if self.embeddings_dir is not None:
             from safetensors.numpy import save_file
 
-            d = self.state_dir / "embeddings" / key
+            d = self.embeddings_dir / key
             d.mkdir(parents=True, exist_ok=True)
             meta = {"item_ids": json.dumps([self.item_ids[k] for k in stale])}
-            path = d / f"emb-{_next_seq(d, 'emb'):08d}.safetensors"
+            path = d / f"emb-{_next_seq(d, 'emb'):08d}-{self._writer}.safetensors"
             _write_atomic(path, lambda p: save_file({"embedding": vectors, "text_hash": hashes}, str(p), metadata=meta))
         self._emb[key][stale] = vectors
         self._emb_hash[key][stale] = hashes

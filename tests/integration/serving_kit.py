@@ -228,7 +228,7 @@ def kill_group(pgid: int) -> None:
 
 # -- `semrank serve` as a subprocess -----------------------------------------------------------
 
-SERVING_LINE = re.compile(r"semrank serving on ([\w.\-]+):(\d+)")
+SERVING_LINE = re.compile(r"semrank serving on ([\w.\-]+):(\d+)(?:, metrics on :(\d+))?")
 
 
 class ServeProcess:
@@ -244,6 +244,7 @@ class ServeProcess:
         self.env = env
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
+        self.metrics_port: int | None = None
         self._lines: queue.Queue[str | None] = queue.Queue()
 
     def start(self, timeout_s: float = 300) -> ServeProcess:
@@ -267,6 +268,7 @@ class ServeProcess:
                 raise AssertionError(f"`semrank serve` exited with {rc} before serving; log:\n{self.log_tail()}")
             if m := SERVING_LINE.search(line):
                 self.port = int(m[2])
+                self.metrics_port = int(m[3]) if m[3] else None
         return self
 
     def _read_stdout(self) -> None:

@@ -140,7 +140,6 @@ def test_log_events_streams_cut_short_are_counted_as_such(main_server, catalog):
     registry = st.server.metrics.registry
     sample = lambda name, **labels: registry.get_sample_value(name, labels) or 0.0  # noqa: E731
     errors = lambda reason: sample("semrank_errors_total", method="LogEvents", reason=reason)  # noqa: E731
-    accepted = lambda: sample("semrank_events_total", result="accepted")  # noqa: E731
 
     def one_event_then_wait(event_id: str, release: threading.Event):
         now = datetime.now(timezone.utc)
@@ -162,9 +161,11 @@ def test_log_events_streams_cut_short_are_counted_as_such(main_server, catalog):
     # whose cancel arrived in time as CANCELLED. Either way the event is stored and a resend is a duplicate.
     codes = lambda: {c: sample("semrank_rpc_latency_seconds_count", method="LogEvents", variant="none", code=c)  # noqa: E731
                      for c in ("OK", "CANCELLED", "UNKNOWN")}
-    release, stored, before = threading.Event(), accepted(), codes()
+    # (semrank_events_total counts a call's events when it ends: the log's seq shows them stored before that.)
+    ingest = st.server.state.ingest
+    release, stored, before = threading.Event(), ingest.committed_seq, codes()
     call = stub(channel).LogEvents.future(one_event_then_wait("e-cut-cancel-0", release), timeout=RPC_TIMEOUT_S)
-    wait_until(lambda: accepted() > stored, 30, "the first message to be stored")
+    wait_until(lambda: ingest.committed_seq > stored, 30, "the first message to be stored")
     call.cancel()  # the request generator stays blocked: no half-close reaches the server first
     wait_until(lambda: sum(codes().values()) > sum(before.values()), 30, "the cancelled stream to be counted")
     release.set()
