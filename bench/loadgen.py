@@ -31,12 +31,14 @@ def serialize(user: str, ids: list[str], top_k: int) -> bytes:
     return pb.RankRequest(user_id=user, candidates=[pb.RankCandidate(item_id=i) for i in ids], top_k=top_k).SerializeToString()
 
 
-def _generator_main(conn, port: int, pools: dict[int, list[bytes]], channels: int, timeout_s: float) -> None:
+def _generator_main(conn, port: int, pools: dict[int, list[bytes]], channels: int, timeout_s: float,
+                    token: str | None = None) -> None:
     """One load-generator process: runs the phases the parent sends, returns raw samples."""
-    asyncio.run(_generator(conn, port, pools, channels, timeout_s))
+    asyncio.run(_generator(conn, port, pools, channels, timeout_s, token))
 
 
-async def _generator(conn, port: int, pools: dict[int, list[bytes]], channels: int, timeout_s: float) -> None:
+async def _generator(conn, port: int, pools: dict[int, list[bytes]], channels: int, timeout_s: float,
+                     token: str | None = None) -> None:
     import grpc
 
     from semrank.ranking.v1 import ranking_service_pb2 as pb
@@ -44,6 +46,7 @@ async def _generator(conn, port: int, pools: dict[int, list[bytes]], channels: i
     chans = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
              for _ in range(channels)]
     calls = [ch.unary_unary(RANK_METHOD) for ch in chans]  # bytes in, bytes out: no client-side proto work
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
     loop = asyncio.get_running_loop()
     conn.send("ready")
     while True:
@@ -60,7 +63,7 @@ async def _generator(conn, port: int, pools: dict[int, list[bytes]], channels: i
         async def one(k: int, sched: float, lag: float) -> None:
             nonlocal degraded
             try:
-                raw = await calls[k % channels](reqs[rng.randrange(len(reqs))], timeout=timeout_s)
+                raw = await calls[k % channels](reqs[rng.randrange(len(reqs))], timeout=timeout_s, metadata=metadata)
             except grpc.aio.AioRpcError as e:
                 done = time.monotonic()
                 errors[e.code().name] = errors.get(e.code().name, 0) + 1
@@ -113,12 +116,13 @@ async def _generator(conn, port: int, pools: dict[int, list[bytes]], channels: i
 class LoadGenerator:
     """`processes` generator processes (spawned: no forked gRPC state), each with `channels` channels."""
 
-    def __init__(self, port: int, pools: dict[int, list[bytes]], processes: int, channels: int, timeout_s: float):
+    def __init__(self, port: int, pools: dict[int, list[bytes]], processes: int, channels: int, timeout_s: float,
+                 token: str | None = None):
         ctx = mp.get_context("spawn")
         self.conns, self.procs = [], []
         for _ in range(processes):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_generator_main, args=(child, port, pools, channels, timeout_s), daemon=True)
+            p = ctx.Process(target=_generator_main, args=(child, port, pools, channels, timeout_s, token), daemon=True)
             p.start()
             self.conns.append(parent)
             self.procs.append(p)

@@ -38,7 +38,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -81,6 +83,10 @@ class BenchConfig:
     # and a degraded warm-up answer caches nothing. The measured phases must not call it at all
     # (each row counts degraded answers).
     encoder_timeout_ms: float = 5000.0
+    workers: int = 1  # semrank serve --workers
+    events: str = "local"  # semrank serve --events (jetstream: a stream of the run's own, deleted after it)
+    nats_url: str = "nats://127.0.0.1:4222"
+    tokens: bool = False  # bearer tokens on (the generator sends a client token on every call)
 
 
 # ---------------------------------------------------------------- data
@@ -180,31 +186,64 @@ class ServerProcess:
     """`semrank serve` in a child process (it starts its own Triton worker); stopped with SIGTERM."""
 
     def __init__(self, bundle: Path, shop: Path, state_dir: Path, log_path: Path, max_concurrent_rpcs: int,
-                 encoder_timeout_ms: float):
+                 encoder_timeout_ms: float, extra: list[str] = (), env: dict[str, str] | None = None):
         self.argv = [
             sys.executable, "-m", "semrank.cli", "serve", "--bundle", str(bundle), "--data", str(shop),
             "--state-dir", str(state_dir), "--port", "0", "--reload-poll-s", "0", "--log-level", "WARNING",
             "--max-concurrent-rpcs", str(max_concurrent_rpcs), "--encoder-timeout-ms", str(encoder_timeout_ms),
+            "--metrics-port", "0", *extra,
         ]
+        self.env = {**os.environ, **(env or {})}
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
+        self.metrics_port: int | None = None
 
-    def start(self, timeout_s: float = 600.0) -> int:
+    def start(self, timeout_s: float = 900.0) -> int:
+        import re
+
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=self._log, text=True)
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=self._log, text=True, env=self.env)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline()
             if not line:
                 raise RuntimeError(f"semrank serve exited ({self.proc.wait()}); see {self.log_path}")
-            if line.startswith("semrank serving on "):
-                self.port = int(line.split()[3].rsplit(":", 1)[1].rstrip(","))
+            if m := re.search(r"semrank serving on [\w.\-]+:(\d+)(?:, metrics on :(\d+))?", line):
+                self.port, self.metrics_port = int(m[1]), int(m[2]) if m[2] else None
+                threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()  # drain
                 return self.port
         raise RuntimeError(f"semrank serve not ready after {timeout_s:.0f} s; see {self.log_path}")
 
+    def _is_server(self, pid: int) -> bool:
+        """The serving processes (the supervisor and its workers) as opposed to Triton's."""
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return b"semrank.cli" in argv and b"serve" in argv
+
+    def server_pids(self) -> list[int]:
+        return [p for p in process_tree(self.proc.pid) if self._is_server(p)]
+
     def triton_pids(self) -> list[int]:
-        return [p for p in process_tree(self.proc.pid) if p != self.proc.pid]
+        return [p for p in process_tree(self.proc.pid) if not self._is_server(p)]
+
+    def rank_counts(self) -> dict[str, float]:
+        """Rank calls answered so far, per worker ("0" for a server without workers), from /metrics."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        out: dict[str, float] = {}
+        for fam in text_string_to_metric_families(text):
+            for smp in fam.samples:
+                if smp.name == "semrank_rpc_latency_seconds_count" and smp.labels.get("method") == "Rank":
+                    w = smp.labels.get("worker", "0")
+                    out[w] = out.get(w, 0.0) + smp.value
+        return out
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -293,26 +332,37 @@ def measure_inprocess(engine, rt, pools: dict[int, list[tuple[str, list[str]]]],
 # ---------------------------------------------------------------- run
 
 
-def warm_server(port: int, users: list[str], items: list[str], concurrency: int = 4, rounds: int = 3) -> dict:
+def warm_server(port: int, users: list[str], items: list[str], concurrency: int = 4, rounds: int = 3,
+                token: str | None = None, channels: int = 1) -> dict:
     """Rank every bench user once, so Triton embeds their history and the server caches it; users
-    whose answer came back degraded (encoder busy) are tried again, after the breaker's pause."""
+    whose answer came back degraded (encoder busy) are tried again, after the breaker's pause.
+    With workers (each has its own cache), every user is ranked once on each of `channels`
+    separate connections, which SO_REUSEPORT spreads over the workers as it will in the phases."""
     import grpc
 
     from semrank.ranking.v1 import ranking_service_pb2 as pb
 
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
+
     async def run(todo: list[str]) -> list[str]:
         degraded: list[str] = []
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-            call = ch.unary_unary(RANK_METHOD)
+        chans = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
+                 for _ in range(channels)]
+        try:
+            for ch in chans:
+                call, left = ch.unary_unary(RANK_METHOD), list(todo)
 
-            async def worker() -> None:
-                while todo:
-                    u = todo.pop()
-                    raw = await call(serialize(u, items[:100], 10), timeout=60)
-                    if pb.RankResponse.FromString(raw).degraded:
-                        degraded.append(u)
+                async def worker() -> None:
+                    while left:
+                        u = left.pop()
+                        raw = await call(serialize(u, items[:100], 10), timeout=60, metadata=metadata)
+                        if pb.RankResponse.FromString(raw).degraded and u not in degraded:
+                            degraded.append(u)
 
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
+                await asyncio.gather(*(worker() for _ in range(concurrency)))
+        finally:
+            for ch in chans:
+                await ch.close()
         return degraded
 
     t = time.monotonic()
@@ -337,42 +387,69 @@ def run(cfg: BenchConfig, out_dir: Path | None) -> dict:
     users, items, pools = bench_requests(cfg, shop)
     wire = {n: [serialize(u, ids, cfg.top_k) for u, ids in pool] for n, pool in pools.items()}
 
+    extra, env, token, stream = [], {}, None, None
+    if cfg.workers > 1:
+        extra += ["--workers", str(cfg.workers)]
+        for d in (state_dir / "workers").glob("*/exposures"):
+            shutil.rmtree(d, ignore_errors=True)
+    if cfg.events == "jetstream":
+        stream = f"BENCH_{uuid.uuid4().hex[:10]}"
+        extra += ["--events", "jetstream", "--nats-url", cfg.nats_url, "--stream", stream, "--subject-prefix",
+                  f"bench.{stream}"]
+    if cfg.tokens:
+        token = "bench-client-token-" + uuid.uuid4().hex
+        env["SEMRANK_BENCH_TOKENS"] = f"{token}:client,bench-writer-{uuid.uuid4().hex}:writer"
+        extra += ["--tokens-env", "SEMRANK_BENCH_TOKENS"]
     server = ServerProcess(bundle, shop, state_dir, cfg.work_dir / "server.log", max_concurrent_rpcs=1024,
-                           encoder_timeout_ms=cfg.encoder_timeout_ms)
+                           encoder_timeout_ms=cfg.encoder_timeout_ms, extra=extra, env=env)
     t = time.monotonic()
     port = server.start()
-    log.info("server on port %d after %.1f s", port, time.monotonic() - t)
+    ready_s = time.monotonic() - t
+    log.info("server on port %d after %.1f s", port, ready_s)
     gen = None
     try:
-        warm = warm_server(port, users, items)
+        warm = warm_server(port, users, items, token=token, channels=cfg.channels if cfg.workers > 1 else 1)
         log.info("server warm-up: %s", warm)
         engine, rt = inprocess_engine(bundle, shop, state_dir, snapshot)
         inproc = measure_inprocess(engine, rt, pools, users, cfg.inprocess_reps)
         log.info("in-process: %s", inproc)
         del engine, rt
-        gen = LoadGenerator(port, wire, cfg.processes, cfg.channels, cfg.timeout_s)
-        server_pid, triton = server.proc.pid, server.triton_pids()
+        gen = LoadGenerator(port, wire, cfg.processes, cfg.channels, cfg.timeout_s, token=token)
+        server_pids, triton = server.server_pids(), server.triton_pids()
         rows = []
         phases = [("open", None)] + [("closed", c) for c in cfg.saturation_concurrency]
         for k, n in enumerate(cfg.candidates):
             for j, (kind, concurrency) in enumerate(phases):
                 rate = cfg.offered_rps if kind == "open" else None
-                t0, s0, tr0 = time.monotonic(), cpu_seconds([server_pid]), cpu_seconds(triton)
+                counts0 = server.rank_counts()
+                t0, s0, tr0 = time.monotonic(), cpu_seconds(server_pids), cpu_seconds(triton)
                 raw = gen.run(kind, n, rate, concurrency or 0, cfg.warmup_s, cfg.seconds, seed=10 * k + j)
                 wall = time.monotonic() - t0  # (CPU over the whole phase: warm-up and tail included)
                 row = summarize(kind, n, rate, raw, cfg.warmup_s, cfg.seconds)
-                row["server_cpu_cores"] = round((cpu_seconds([server_pid]) - s0) / wall, 3)
+                server_cpu_s = cpu_seconds(server_pids) - s0
+                row["server_cpu_cores"] = round(server_cpu_s / wall, 3)
                 row["triton_cpu_cores"] = round((cpu_seconds(triton) - tr0) / wall, 3)
+                counts1 = server.rank_counts()
+                answered = {w: int(counts1[w] - counts0.get(w, 0)) for w in sorted(counts1)}
+                row["requests_per_worker"] = answered
+                total = sum(answered.values())
+                # Server CPU per Rank (the supervisor and every worker; Triton apart), against the engine.
+                row["server_cpu_ms_per_request"] = round(1e3 * server_cpu_s / total, 3) if total else None
+                row["requests_per_server_core_s"] = round(total / server_cpu_s, 1) if server_cpu_s else None
                 row["concurrency"] = concurrency
                 row["inprocess_p50_ms"] = inproc[n]["p50_ms"]
                 row["inprocess_p99_ms"] = inproc[n]["p99_ms"]
                 row["overhead_ratio_p50"] = round(row["p50_ms"] / inproc[n]["p50_ms"], 2) if row["p50_ms"] else None
+                row["cpu_ratio_to_engine"] = (round(row["server_cpu_ms_per_request"] / inproc[n]["p50_ms"], 2)
+                                              if row["server_cpu_ms_per_request"] else None)
                 log.info("%s", row)
                 rows.append(row)
     finally:
         if gen is not None:
             gen.close()
         server.stop()
+        if stream is not None:
+            asyncio.run(_drop_stream(cfg.nats_url, stream))
     required = ("candidates", "offered_rps", "achieved_rps", "p50_ms", "p95_ms", "p99_ms", "errors", "inprocess_p50_ms")
     results = [{**{k: r[k] for k in required}, **{k: v for k, v in r.items() if k not in required}} for r in rows]
     report = {
@@ -390,6 +467,7 @@ def run(cfg: BenchConfig, out_dir: Path | None) -> dict:
             "verdict": generator_verdict(rows, cfg.processes),
         },
         "warmup": warm,
+        "server": {"workers": cfg.workers, "events": cfg.events, "tokens": cfg.tokens, "ready_s": round(ready_s, 1)},
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         "data": {"users": cfg.n_users, "items": cfg.n_items, "days": cfg.n_days, "bundle": str(bundle),
                  "bundle_trees": _trees(bundle)},
@@ -400,6 +478,20 @@ def run(cfg: BenchConfig, out_dir: Path | None) -> dict:
         plot(rows, out_dir / "serve_latency.png")
         (out_dir / "serve.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+async def _drop_stream(url: str, stream: str) -> None:
+    import nats
+
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    for delete, what in ((js.delete_stream, stream), (js.delete_object_store, f"{stream}_SNAPSHOTS"),
+                         (js.delete_key_value, f"{stream}_CONTROL")):
+        try:
+            await delete(what)
+        except Exception:  # noqa: BLE001 - not made in this run
+            pass
+    await nc.close()
 
 
 def _trees(bundle: Path) -> int | None:
@@ -428,6 +520,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--items", type=int, default=d.n_items)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--prepare-only", action="store_true", help="make the shop, bundle and snapshot, then exit")
+    p.add_argument("--workers", type=int, default=d.workers, help="semrank serve --workers (use --channels >= 16)")
+    p.add_argument("--events", choices=("local", "jetstream"), default=d.events)
+    p.add_argument("--nats-url", default=d.nats_url)
+    p.add_argument("--tokens", action="store_true", help="bearer tokens on (the production configuration)")
     a = p.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (see bench/encoder.py)
     # SIGTERM unwinds like Ctrl-C, so the server (and its Triton) and the generators are stopped.
@@ -437,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         work_dir=a.work_dir, seconds=a.seconds, warmup_s=a.warmup_s, candidates=tuple(a.candidates), offered_rps=a.rps,
         saturation_concurrency=tuple(a.concurrency), processes=a.processes, channels=a.channels, bench_users=a.bench_users,
         inprocess_reps=a.inprocess_reps, n_users=a.users, n_items=a.items, seed=a.seed,
+        workers=a.workers, events=a.events, nats_url=a.nats_url, tokens=a.tokens,
     )
     if a.prepare_only:
         shop, _ = prepare(cfg)

@@ -13,8 +13,10 @@ One asyncio loop uses one core, so a host runs several serving processes. This s
 2. starts one Triton per encoder the bundles use (supervised: restarted on the same port when it
    dies) and gives its address to every worker (`--worker-triton KEY=URL`), so the workers share
    one copy of the model and one dynamic batcher;
-3. embeds the catalog once into `STATE/embeddings`, which every worker reads (and appends to,
-   with file names of its own: serving.ranking.item_store), so no worker embeds it again;
+3. embeds the catalog once into `STATE/embeddings` and consolidates it into one file per encoder
+   (`base.safetensors`), which every worker memory-maps copy-on-write, so the workers share its
+   pages and no worker embeds the catalog again; upserted items' embeddings are appended there
+   with file names of each worker's own (serving.ranking.item_store);
 4. starts the workers on the same port: gRPC servers bind with SO_REUSEPORT (grpc's default on
    Linux), and the kernel spreads new connections over them. Each worker has its own state
    directory, `STATE/workers/<k>` (feature snapshot, upserted item data, exposures): nothing a
@@ -139,6 +141,8 @@ class WorkerSupervisor:
             n = await items.ensure_embeddings(h.key, h.encoder.encode_bulk, h.dim)
             if n:
                 log.info("embedded %d catalog item(s) with encoder %s for the workers", n, h.key)
+            path = await asyncio.to_thread(items.consolidate, h.key)  # one file the workers map and share
+            log.info("the workers map %s", path)
 
     def _argv(self, w: Worker) -> list[str]:
         state = Path(self.cfg.state_dir)

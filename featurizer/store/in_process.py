@@ -43,6 +43,7 @@ class InProcessStore(OnlineStore):
         self._path = Path(config.path) if config.path else None
         self._data: dict[str, dict[str, bytes]] = {}
         self._lock = threading.RLock()
+        self._flush_lock = threading.Lock()  # one flush at a time (taken before _lock, never inside it)
         # Per entity: a write counter and, once a reader asked for `changes`, the keys of the
         # latest writes (None for a write too large to list: readers then drop everything).
         self._versions: dict[str, int] = {}
@@ -73,7 +74,8 @@ class InProcessStore(OnlineStore):
             for entity, part in encoded.items():
                 tables[entity].update(part)
                 self._bump(entity, part.keys())
-            self._changed()
+            self._dirty = True
+        self._autoflush()
 
     def read(self, entity: str, keys: Sequence[str]) -> list[Value | None]:
         with self._lock:
@@ -92,7 +94,8 @@ class InProcessStore(OnlineStore):
             for k in keys:
                 table.pop(k, None)
             self._bump(entity, keys)
-            self._changed()
+            self._dirty = True
+        self._autoflush()
 
     # How far back `changes` can list keys, per entity: the latest writes, up to these many writes
     # and keys. A reader further behind sees "everything may have changed" (and rebuilds what it
@@ -135,22 +138,46 @@ class InProcessStore(OnlineStore):
                 keys |= written
             return version, frozenset(keys)
 
-    def _changed(self) -> None:
-        self._dirty = True
+    def _autoflush(self) -> None:
+        """With autoflush, persist before the write returns (after the store's lock is released:
+        flush takes its own lock first)."""
         if self.config.autoflush:
             self.flush()
 
-    def flush(self) -> None:
-        with self._lock:
-            if self._path is not None and self._dirty and not self._closed:
-                _save_atomic(self._path, self._data)
+    def _copy_if_dirty(self) -> dict[str, dict[str, bytes]] | None:
+        """Under the lock: a consistent copy of the data to persist (values are immutable bytes, so
+        copying the dicts is enough), or None when there is nothing to write."""
+        if self._path is None or not self._dirty or self._closed:
             self._dirty = False
+            return None
+        self._dirty = False
+        return {entity: dict(table) for entity, table in self._data.items()}
+
+    def flush(self) -> None:
+        """Persist atomically. The store's lock is held only while the dicts are copied, not while
+        they are packed and fsynced, so reads and writes on other threads wait milliseconds, not the
+        whole snapshot (bench/snapshot_stall.py). Flushes run one at a time, in order."""
+        with self._flush_lock:
+            with self._lock:
+                data = self._copy_if_dirty()
+            if data is None:
+                return
+            try:
+                _save_atomic(self._path, data)
+            except BaseException:
+                with self._lock:
+                    self._dirty = True  # the next flush writes it again
+                raise
 
     def close(self) -> None:
-        with self._lock:
-            if not self._closed:
-                self.flush()
+        with self._flush_lock:
+            with self._lock:
+                if self._closed:
+                    return
+                data = self._copy_if_dirty()
                 self._closed = True
+            if data is not None:
+                _save_atomic(self._path, data)
 
 
 def _pack(blobs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:

@@ -398,7 +398,8 @@ class StreamIngest:
         stored = sum(1 for a in acks if not a.duplicate)
         duplicates = len(acks) - stored
         if len(acks) < len(batch):
-            errors = {type(f.exception()).__name__ for f in futures if f in done and f.exception() is not None}
+            errors = {type(f.exception()).__name__ for f in futures
+                      if f in done and not f.cancelled() and f.exception() is not None}
             raise EventsNotAcknowledged(
                 f"JetStream acknowledged {len(acks)} of {len(batch)} event(s) ({stored} new, {duplicates} duplicate); "
                 f"the rest may or may not be stored ({', '.join(sorted(errors)) or 'no answer in time'}): resend the "

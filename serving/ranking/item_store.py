@@ -16,6 +16,11 @@ On disk (append-only chunks, written atomically, replayed in order; later rows w
     state_dir/embeddings/<encoder key>/emb-<seq>-<writer>.safetensors  "embedding" (n, dim) f32,
                                                               "text_hash" (n,) i64; metadata item_ids
 
+One more file per encoder, `base.safetensors`, holds the whole catalog's embeddings in row order
+(`consolidate`, which `semrank serve --workers N` runs once). A process maps it copy-on-write
+(`RowTable`): the workers of a host share its pages, and only rows an upsert rewrites become
+private; rows of items added later live in memory beside it.
+
 The embeddings directory may be shared by the workers of one host (`embeddings_dir`, serving.workers):
 each process names its files with a writer id of its own, so two that write at once never pick the
 same name; every process reads all of them (sorted by seq, then writer; later rows win, and only
@@ -58,6 +63,14 @@ def text_hashes(texts: list[str]) -> np.ndarray:
     )
 
 
+BASE_FILE = "base.safetensors"
+
+
+def _file_seq(path: Path) -> int:
+    t = path.name.split(".")[0].split("-")
+    return int(t[1]) if len(t) > 1 and t[1].isdigit() else 0
+
+
 def _next_seq(directory: Path, prefix: str) -> int:
     """1 + the highest seq among `<prefix>-<seq>[-<writer>]` files (the writer part is optional)."""
     seqs = [int(t[1]) for p in directory.glob(f"{prefix}-*") if len(t := p.name.split(".")[0].split("-")) > 1 and t[1].isdigit()]
@@ -75,6 +88,62 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+class RowTable:
+    """An (n, dim) float32 table: `base` (a memory-mapped, copy-on-write array: shared with other
+    processes until a row is written) and rows appended after it in memory. Supports what the
+    engine does with a table: `len`, `.shape`, a gather by an int array, one row by an int, and
+    assignment to rows."""
+
+    def __init__(self, base: np.ndarray, dim: int):
+        self.base, self.dim = base, dim
+        self.extra = np.zeros((0, dim), dtype=np.float32)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.base) + len(self.extra), self.dim)
+
+    def __len__(self) -> int:
+        return len(self.base) + len(self.extra)
+
+    def grow(self, n: int) -> None:
+        self.extra = np.vstack([self.extra, np.zeros((n, self.dim), dtype=np.float32)])
+
+    def __getitem__(self, rows):
+        nb = len(self.base)
+        if np.isscalar(rows):
+            return self.base[rows] if rows < nb else self.extra[rows - nb]
+        rows = np.asarray(rows)
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        inb = rows < nb
+        out[inb] = self.base[rows[inb]]
+        out[~inb] = self.extra[rows[~inb] - nb]
+        return out
+
+    def __setitem__(self, rows, values) -> None:
+        nb = len(self.base)
+        rows, values = np.atleast_1d(np.asarray(rows)), np.asarray(values, dtype=np.float32).reshape(-1, self.dim)
+        inb = rows < nb
+        if inb.any():
+            self.base[rows[inb]] = values[inb]
+        if (~inb).any():
+            self.extra[rows[~inb] - nb] = values[~inb]
+
+
+def _ids_digest(item_ids: list[str]) -> str:
+    return hashlib.blake2b("\n".join(item_ids).encode(), digest_size=16).hexdigest()
+
+
+def map_safetensor(path: Path, name: str) -> np.ndarray:
+    """Tensor `name` of a safetensors file as a copy-on-write memory map (F32 or I64)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    t = header[name]
+    dtype = {"F32": "<f4", "I64": "<i8"}[t["dtype"]]
+    start, _ = t["data_offsets"]
+    return np.memmap(path, dtype=dtype, mode="c", offset=8 + n + start, shape=tuple(t["shape"]))
 
 
 class ItemStore:
@@ -135,7 +204,7 @@ class ItemStore:
         grow = len(self.item_ids) - old_n
         for key, emb in self._emb.items():
             if grow:
-                self._emb[key] = np.vstack([emb, np.zeros((grow, emb.shape[1]), dtype=np.float32)])
+                emb.grow(grow)
                 self._emb_hash[key] = np.append(self._emb_hash[key], np.zeros(grow, dtype=np.int64))
         self._refresh_current()
 
@@ -158,13 +227,24 @@ class ItemStore:
         return np.flatnonzero(~self._current[key])
 
     def _load_embeddings(self, key: str, dim: int) -> None:
-        emb = np.zeros((len(self.item_ids), dim), dtype=np.float32)
-        hashes = np.zeros(len(self.item_ids), dtype=np.int64)
-        if self.embeddings_dir is not None:
+        n = len(self.item_ids)
+        base, hashes, through = None, np.zeros(n, dtype=np.int64), 0
+        d = self.embeddings_dir / key if self.embeddings_dir is not None else None
+        if d is not None and (d / BASE_FILE).exists():
+            base, hashes, through = self._map_base(d / BASE_FILE, dim)
+        if base is None:
+            base = np.zeros((n, dim), dtype=np.float32)
+        table = RowTable(base, dim)
+        if len(base) < n:
+            table.grow(n - len(base))
+            hashes = np.append(hashes, np.zeros(n - len(hashes), dtype=np.int64))
+        if d is not None:
             from safetensors import safe_open
             from safetensors.numpy import load_file
 
-            for p in sorted((self.embeddings_dir / key).glob("emb-*.safetensors")):
+            for p in sorted(d.glob("emb-*.safetensors")):
+                if _file_seq(p) <= through:
+                    continue  # in the base file already
                 with safe_open(str(p), framework="numpy") as f:
                     ids = json.loads(f.metadata()["item_ids"])
                 t = load_file(str(p))
@@ -172,10 +252,52 @@ class ItemStore:
                 ok = rows >= 0
                 if t["embedding"].shape[1] != dim:
                     raise ValueError(f"{p}: embedding dim {t['embedding'].shape[1]} != {dim}")
-                emb[rows[ok]] = t["embedding"][ok]
-                hashes[rows[ok]] = t["text_hash"][ok]
-        self._emb[key], self._emb_hash[key] = emb, hashes
+                fresh = ok.copy()  # only rows whose text differs from what the table holds (keeps base pages shared)
+                fresh[ok] = hashes[rows[ok]] != t["text_hash"][ok]
+                if fresh.any():
+                    table[rows[fresh]] = t["embedding"][fresh]
+                    hashes[rows[fresh]] = t["text_hash"][fresh]
+        self._emb[key], self._emb_hash[key] = table, hashes
         self._refresh_current(key)
+
+    def _map_base(self, path: Path, dim: int) -> tuple[np.ndarray | None, np.ndarray, int]:
+        """The base file mapped, if it was made for this catalog's first rows (else None)."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata()
+        rows = int(meta["rows"])
+        if rows > len(self.item_ids) or meta["item_ids_digest"] != _ids_digest(self.item_ids[:rows]):
+            log.warning("%s was made for another catalog: not used (its embeddings load from the chunk files)", path)
+            return None, np.zeros(len(self.item_ids), dtype=np.int64), 0
+        emb = map_safetensor(path, "embedding")
+        if emb.shape[1] != dim:
+            raise ValueError(f"{path}: embedding dim {emb.shape[1]} != {dim}")
+        return emb, np.array(map_safetensor(path, "text_hash")), int(meta["through_seq"])
+
+    def consolidate(self, key: str) -> Path | None:
+        """Write `base.safetensors` for `key`: every row's embedding in row order, through the
+        newest chunk file (after `ensure_embeddings`). Processes that load after it map it."""
+        if self.embeddings_dir is None or key not in self._emb:
+            return None
+        from safetensors.numpy import save_file
+
+        d = self.embeddings_dir / key
+        through = max((_file_seq(p) for p in d.glob("emb-*.safetensors")), default=0)
+        if (d / BASE_FILE).exists():
+            from safetensors import safe_open
+
+            with safe_open(str(d / BASE_FILE), framework="numpy") as f:
+                meta = f.metadata()
+            if (int(meta["through_seq"]) == through and meta["rows"] == str(len(self.item_ids))
+                    and meta["item_ids_digest"] == _ids_digest(self.item_ids)):
+                return d / BASE_FILE  # current already
+        table = self._emb[key]
+        emb = table[np.arange(len(table))]
+        meta = {"rows": str(len(table)), "item_ids_digest": _ids_digest(self.item_ids), "through_seq": str(through)}
+        _write_atomic(d / BASE_FILE, lambda p: save_file({"embedding": emb, "text_hash": self._emb_hash[key]}, str(p),
+                                                         metadata=meta))
+        return d / BASE_FILE
 
     async def ensure_embeddings(self, key: str, encode_bulk: BulkEncodeFn, dim: int, only: np.ndarray | None = None) -> int:
         """Embed the rows of `key` that are missing or stale (or only those in `only`); returns how many."""

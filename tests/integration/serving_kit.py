@@ -82,35 +82,63 @@ class ServerThread:
             self._close_loop()
 
 
-class ReplicaSet:
-    """Several RankingServers (replicas, each with its own state, store and port) on one event loop
-    in a thread, sharing one Triton: the first replica starts it and the others use its encoder, as
-    the replicas of one host share one Triton. Stopped in reverse order; the Triton with the first."""
+class SharedTriton:
+    """One Triton per encoder for every replica of a test module, on one event loop in a thread:
+    the replicas of one host share one Triton (as `semrank serve --workers N` does), and the
+    module starts it once. `urls` gives its gRPC address, for a `semrank serve` child
+    (`--worker-triton KEY=URL`)."""
 
-    def __init__(self, cfgs: list[ServeConfig]):
-        self.thread = ServerThread(cfgs[0])
-        self.servers = [self.thread.server] + [RankingServer(c, encoder_factory=self._shared) for c in cfgs[1:]]
-        self.ports: list[int] = []
+    def __init__(self, deadline_s: float = 5.0):
+        from serving.encoding.factories import TritonEncoderOptions, triton_encoder_factory
+        from serving.encoding.pool import EncoderPool
 
-    async def _shared(self, ref, bundle_path, key):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.tritons: dict[str, object] = {}
+        self.pool = EncoderPool(triton_encoder_factory(TritonEncoderOptions(deadline_s=deadline_s),
+                                                       started=self.tritons.__setitem__))
+
+    def run(self, coro, timeout: float = 120):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=timeout)
+
+    async def factory(self, ref, bundle_path, key):
         from serving.encoding.pool import EncoderHandle
 
-        first = self.servers[0]._registry.pool
-        handle = await first.acquire(ref, bundle_path)  # the first replica's Triton, one more user of it
+        handle = await self.pool.acquire(ref, bundle_path)  # held until close(): Triton outlives each test
 
         async def close() -> None:
-            await first.release(handle)
+            return None
 
         return EncoderHandle(key=key, encoder=handle.encoder, close=close, dim=handle.dim)
 
+    @property
+    def urls(self) -> dict[str, str]:
+        return {key: t.grpc_url for key, t in self.tritons.items()}
+
+    def close(self) -> None:
+        try:
+            self.run(self.pool.close())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=10)
+
+
+class ReplicaSet:
+    """Several RankingServers (replicas, each with its own state, store and port) on the shared
+    Triton's event loop, all using that Triton. Stopped in reverse order; the Triton stays."""
+
+    def __init__(self, cfgs: list[ServeConfig], triton: SharedTriton):
+        self.triton = triton
+        self.servers = [RankingServer(c, encoder_factory=triton.factory) for c in cfgs]
+        self.ports: list[int] = []
+
     def run(self, coro, timeout: float = 120):
-        return self.thread.run(coro, timeout)
+        return self.triton.run(coro, timeout)
 
     def __enter__(self) -> ReplicaSet:
-        self.thread.__enter__()
-        self.ports = [self.thread.port]
         try:
-            for server in self.servers[1:]:
+            for server in self.servers:
                 self.ports.append(self.run(server.start(), timeout=600))
         except BaseException:
             self.__exit__()
@@ -118,24 +146,18 @@ class ReplicaSet:
         return self
 
     def add(self, cfg: ServeConfig) -> int:
-        """Start one more replica (sharing the Triton); returns its port."""
-        server = RankingServer(cfg, encoder_factory=self._shared)
+        """Start one more replica; returns its port."""
+        server = RankingServer(cfg, encoder_factory=self.triton.factory)
         self.servers.append(server)
         self.ports.append(self.run(server.start(), timeout=600))
         return self.ports[-1]
 
     def stop(self, k: int) -> None:
-        """Stop replica k (drain, flush); the Triton stays with replica 0."""
-        if k == 0:
-            raise ValueError("replica 0 holds the shared Triton: stop the others first")
         self.run(self.servers[k].stop())
 
     def __exit__(self, *exc) -> None:
-        try:
-            for server in reversed(self.servers[1:]):
-                self.run(server.stop())
-        finally:
-            self.thread.__exit__()
+        for server in reversed(self.servers):
+            self.run(server.stop())
 
 
 def wait_until(predicate: Callable[[], object], timeout_s: float, what: str, poll_s: float = 0.05):

@@ -30,13 +30,21 @@ from tests.integration.serving_kit import (
     MACHINE_NATS,
     NatsProcess,
     ReplicaSet,
-    ServerThread,
+    SharedTriton,
     bad_request_fields,
     error_info,
     wait_until,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+
+@pytest.fixture(scope="module")
+def triton():
+    """One Triton for every replica of this module (serving tests share one Triton)."""
+    shared = SharedTriton()
+    yield shared
+    shared.close()
 
 
 @pytest.fixture
@@ -89,14 +97,15 @@ def assert_ranked_by_text(server, item_id: str) -> None:
 
 
 def test_a_token_from_replica_a_makes_replica_b_see_the_events_and_retries_count_once(small_shop, small_bundle,
-                                                                                      catalog, tmp_path, stream):
+                                                                                      catalog, tmp_path, stream,
+                                                                                      triton):
     name, prefix = stream
     events = JetStreamConfig(url=MACHINE_NATS, stream=name, subject_prefix=prefix)
     cfgs = [replica_cfg(small_shop, small_bundle, tmp_path / f"state-{k}", events) for k in range(2)]
     user, candidates = "replica-user", catalog[:20]
-    with ReplicaSet(cfgs) as replicas, grpc.insecure_channel(f"127.0.0.1:{replicas.ports[0]}") as a, \
+    with ReplicaSet(cfgs, triton) as replicas, grpc.insecure_channel(f"127.0.0.1:{replicas.ports[0]}") as a, \
             grpc.insecure_channel(f"127.0.0.1:{replicas.ports[1]}") as b:
-        assert len(replicas.servers[0].tritons) == 1 and replicas.servers[1].tritons == {}  # one Triton for both
+        assert len(triton.tritons) == 1 and all(s.tritons == {} for s in replicas.servers)  # one Triton for both
         control = rank(b, user, candidates, explain=True)
         sent = purchases(user, candidates[:3], "ryw")
         ack = stub(a).LogEvents(iter([pb.LogEventsRequest(events=sent)]), timeout=RPC_TIMEOUT_S)
@@ -139,13 +148,13 @@ def test_a_token_from_replica_a_makes_replica_b_see_the_events_and_retries_count
 
 
 def test_nats_down_log_events_is_unavailable_rank_answers_and_both_recover(small_shop, small_bundle, catalog,
-                                                                           tmp_path):
+                                                                           tmp_path, triton):
     own = NatsProcess(tmp_path / "nats").start()
     events = JetStreamConfig(url=own.url, stream="DOWN", subject_prefix="down", publish_timeout_s=1.0)
     user, candidates = "nats-down-user", catalog[:15]
     try:
-        with ServerThread(replica_cfg(small_shop, small_bundle, tmp_path / "state", events)) as st, \
-                grpc.insecure_channel(f"127.0.0.1:{st.port}") as channel:
+        with ReplicaSet([replica_cfg(small_shop, small_bundle, tmp_path / "state", events)], triton) as rs, \
+                grpc.insecure_channel(f"127.0.0.1:{rs.ports[0]}") as channel:
             first = stub(channel).LogEvents(iter([pb.LogEventsRequest(events=purchases(user, candidates[:2], "up"))]),
                                             timeout=RPC_TIMEOUT_S)
             assert first.accepted == 2
@@ -167,7 +176,7 @@ def test_nats_down_log_events_is_unavailable_rank_answers_and_both_recover(small
             retry = stub(channel).LogEvents(iter([pb.LogEventsRequest(events=cut)]), timeout=RPC_TIMEOUT_S)
             assert (retry.accepted, retry.duplicates) == (3, 0), retry  # none of them had been stored
             assert retry.sequence == first.sequence + 3
-            assert st.server.state.ingest.committed_seq == retry.sequence
+            assert rs.servers[0].state.ingest.committed_seq == retry.sequence
     finally:
         own.stop()
 
@@ -196,7 +205,8 @@ def stream_event_ids(name: str) -> list[str]:
 
 
 def test_sigkill_of_a_replica_loses_no_acknowledged_event_and_its_retry_counts_once(small_shop, small_bundle,
-                                                                                    catalog, tmp_path, stream):
+                                                                                    catalog, tmp_path, stream,
+                                                                                    triton):
     import threading
     import time
 
@@ -204,13 +214,14 @@ def test_sigkill_of_a_replica_loses_no_acknowledged_event_and_its_retry_counts_o
 
     name, prefix = stream
     events = JetStreamConfig(url=MACHINE_NATS, stream=name, subject_prefix=prefix)
-    victim = ServeProcess(["--bundle", str(small_bundle[0]), "--data", str(small_shop), "--state-dir",
-                           str(tmp_path / "victim"), "--port", "0", "--reload-poll-s", "0", "--events", "jetstream",
-                           "--nats-url", MACHINE_NATS, "--stream", name, "--subject-prefix", prefix],
-                          tmp_path / "victim.log")
     acked: list[pb.Event] = []  # events whose call a client saw acknowledged, on either replica
-    with ServerThread(replica_cfg(small_shop, small_bundle, tmp_path / "survivor", events)) as st, \
-            grpc.insecure_channel(f"127.0.0.1:{st.port}") as survivor:
+    with ReplicaSet([replica_cfg(small_shop, small_bundle, tmp_path / "survivor", events)], triton) as rs, \
+            grpc.insecure_channel(f"127.0.0.1:{rs.ports[0]}") as survivor:
+        victim = ServeProcess(["--bundle", str(small_bundle[0]), "--data", str(small_shop), "--state-dir",
+                               str(tmp_path / "victim"), "--port", "0", "--reload-poll-s", "0", "--events", "jetstream",
+                               "--nats-url", MACHINE_NATS, "--stream", name, "--subject-prefix", prefix,
+                               *[a for key, url in triton.urls.items() for a in ("--worker-triton", f"{key}={url}")]],
+                              tmp_path / "victim.log")  # (the module's Triton: the victim starts none)
         victim.start()
         try:
             with grpc.insecure_channel(f"127.0.0.1:{victim.port}") as v:
@@ -266,11 +277,11 @@ def test_sigkill_of_a_replica_loses_no_acknowledged_event_and_its_retry_counts_o
         assert len(ids) == len(set(ids)), "an event id is stored twice"
         missing = {e.event_id for e in acked + cut} - set(ids)
         assert not missing, f"{len(missing)} acknowledged event(s) lost, e.g. {sorted(missing)[:3]}"
-        assert st.server.state.ingest.committed_seq == retry.sequence == len(ids)
+        assert rs.servers[0].state.ingest.committed_seq == retry.sequence == len(ids)
 
 
 def test_a_fresh_replica_starts_from_the_shared_snapshot_and_folds_only_the_rest(small_shop, small_bundle, catalog,
-                                                                                 tmp_path, stream):
+                                                                                 tmp_path, stream, triton):
     from dataclasses import replace
 
     from serving.ingest.snapshots import shared_info
@@ -288,34 +299,33 @@ def test_a_fresh_replica_starts_from_the_shared_snapshot_and_folds_only_the_rest
             await nc.close()
 
     user, candidates = "snapshot-user", catalog[:20]
-    if True:
-        with ReplicaSet([cfg_a]) as replicas, grpc.insecure_channel(f"127.0.0.1:{replicas.ports[0]}") as a:
-            for call in range(3):
-                token = stub(a).LogEvents(iter([pb.LogEventsRequest(events=purchases(user, candidates[call:call + 4],
-                                                                                        f"snap-{call}"))]),
-                                          timeout=RPC_TIMEOUT_S).sequence
-            before = stub(a).UpsertItems(iter([pb.UpsertItemsRequest(items=[pb.RankCandidate(
-                item_id="sku-before", title="Trail Running Shoes, Waterproof", category="Outdoor", price=89.0)])]),
-                timeout=RPC_TIMEOUT_S)
-            assert before.accepted == 1 and before.sequence == token + 1, before
-            shared = wait_until(lambda: asyncio.run(shared_seq()), 30, "a shared snapshot")
-            assert shared == before.sequence  # the first share: nothing was shared before (later ones wait an hour)
-            tail = stub(a).LogEvents(iter([pb.LogEventsRequest(events=purchases(user, candidates[10:13], "tail"))]),
-                                     timeout=RPC_TIMEOUT_S).sequence
+    with ReplicaSet([cfg_a], triton) as replicas, grpc.insecure_channel(f"127.0.0.1:{replicas.ports[0]}") as a:
+        for call in range(3):
+            token = stub(a).LogEvents(iter([pb.LogEventsRequest(events=purchases(user, candidates[call:call + 4],
+                                                                                    f"snap-{call}"))]),
+                                      timeout=RPC_TIMEOUT_S).sequence
+        before = stub(a).UpsertItems(iter([pb.UpsertItemsRequest(items=[pb.RankCandidate(
+            item_id="sku-before", title="Trail Running Shoes, Waterproof", category="Outdoor", price=89.0)])]),
+            timeout=RPC_TIMEOUT_S)
+        assert before.accepted == 1 and before.sequence == token + 1, before
+        shared = wait_until(lambda: asyncio.run(shared_seq()), 30, "a shared snapshot")
+        assert shared == before.sequence  # the first share: nothing was shared before (later ones wait an hour)
+        tail = stub(a).LogEvents(iter([pb.LogEventsRequest(events=purchases(user, candidates[10:13], "tail"))]),
+                                 timeout=RPC_TIMEOUT_S).sequence
 
-            port_b = replicas.add(replica_cfg(small_shop, small_bundle, tmp_path / "b", events))  # an empty state dir
-            b_ingest = replicas.servers[1].state.ingest
-            assert b_ingest.stats.folded == tail - shared, b_ingest.stats  # only what follows the snapshot
-            assert_ranked_by_text(replicas.servers[1], "sku-before")  # upserted before the snapshot: from the stream
-            with grpc.insecure_channel(f"127.0.0.1:{port_b}") as b:
-                on_a = rank(a, user, candidates, explain=True, min_sequence=tail)
-                on_b = rank(b, user, candidates, explain=True, min_sequence=tail)
-                assert not on_b.degraded, on_b.degraded_reason
-                assert contributions(on_b, "personal") == pytest.approx(contributions(on_a, "personal"))
+        port_b = replicas.add(replica_cfg(small_shop, small_bundle, tmp_path / "b", events))  # an empty state dir
+        b_ingest = replicas.servers[1].state.ingest
+        assert b_ingest.stats.folded == tail - shared, b_ingest.stats  # only what follows the snapshot
+        assert_ranked_by_text(replicas.servers[1], "sku-before")  # upserted before the snapshot: from the stream
+        with grpc.insecure_channel(f"127.0.0.1:{port_b}") as b:
+            on_a = rank(a, user, candidates, explain=True, min_sequence=tail)
+            on_b = rank(b, user, candidates, explain=True, min_sequence=tail)
+            assert not on_b.degraded, on_b.degraded_reason
+            assert contributions(on_b, "personal") == pytest.approx(contributions(on_a, "personal"))
 
 
 def test_a_bundle_reload_on_one_replica_reaches_every_replica_and_a_new_one(small_shop, small_bundle, tmp_path,
-                                                                            stream):
+                                                                            stream, triton):
     from dataclasses import replace
 
     from tests.integration.serving_kit import copy_bundle
@@ -331,7 +341,7 @@ def test_a_bundle_reload_on_one_replica_reaches_every_replica_and_a_new_one(smal
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             return stub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=RPC_TIMEOUT_S).bundle.version
 
-    with ReplicaSet(cfgs[:2]) as replicas:
+    with ReplicaSet(cfgs[:2], triton) as replicas:
         assert [version(p) for p in replicas.ports] == ["fleet-v1", "fleet-v1"]
         with grpc.insecure_channel(f"127.0.0.1:{replicas.ports[0]}") as a:
             r = stub(a).ReloadBundle(pb.ReloadBundleRequest(path=str(v2)), timeout=RPC_TIMEOUT_S)

@@ -76,6 +76,9 @@ def test_two_workers_share_one_port_one_triton_one_embedding_set_and_one_metrics
         key_dirs = list((state / "embeddings").iterdir())
         assert len(key_dirs) == 1 and list(key_dirs[0].glob("emb-*.safetensors")), "the catalog embedded once"
         assert not list((state / "workers").glob("*/embeddings")), "no worker keeps embeddings of its own"
+        base = key_dirs[0] / "base.safetensors"
+        for w in workers:  # both map the one file (copy-on-write: its pages are shared)
+            assert str(base) in Path(f"/proc/{w}/maps").read_text(), f"worker {w} does not map {base}"
 
         channels = [grpc.insecure_channel(f"127.0.0.1:{proc.port}", options=[("grpc.use_local_subchannel_pool", 1)])
                     for _ in range(16)]

@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 
 from serving.encoding.pool import InProcessEncoder
-from serving.ranking.item_store import ItemStore
+from serving.ranking.item_store import ItemStore, map_safetensor
 from tests.fakes import DIM, HashEncoder
 
 KEY = "hash-encoder-L128"
@@ -85,3 +85,33 @@ def test_a_chunk_of_another_dimension_is_refused(tmp_path):
     embed(ItemStore(ITEMS, tmp_path), CountingEncoder())
     with pytest.raises(ValueError, match="embedding dim 16 != 8"):
         asyncio.run(ItemStore(ITEMS, tmp_path).ensure_embeddings(KEY, None, 8))
+
+
+def test_the_consolidated_base_is_memory_mapped_and_upserts_change_only_this_process(tmp_path):
+    """`consolidate` writes one file per encoder that later processes map copy-on-write (the
+    workers of one host share it): they embed nothing, read the same vectors, and an upsert (a
+    changed text, a new item) changes their view, not the file."""
+    first = ItemStore(ITEMS, tmp_path)
+    embed(first, CountingEncoder())
+    base = first.consolidate(KEY)
+    mtime = base.stat().st_mtime_ns
+    assert first.consolidate(KEY) == base and base.stat().st_mtime_ns == mtime  # current: not written again
+    want = first.embeddings(KEY)[0][np.arange(3)]
+
+    enc, other = CountingEncoder(), ItemStore(ITEMS, tmp_path)
+    assert embed(other, enc) == 0 and enc.texts == []
+    table, current = other.embeddings(KEY)
+    assert isinstance(table.base, np.memmap) and str(base) in open("/proc/self/maps").read()
+    np.testing.assert_array_equal(table[np.arange(3)], want)
+    assert current.all()
+
+    other.upsert(pl.DataFrame({"item_id": ["b", "d"], "title": ["Blue kettle, 2 l", "Yellow cup"]}))
+    assert embed(other, enc) == 2 and len(enc.texts) == 2  # the changed text and the new item only
+    table, current = other.embeddings(KEY)
+    assert len(table) == 4 and current.all()
+    assert not np.array_equal(table[1], want[1]) and np.array_equal(table[0], want[0])
+    np.testing.assert_array_equal(map_safetensor(base, "embedding")[1], want[1])  # the file is unchanged
+
+    third = ItemStore(ITEMS, tmp_path)  # a restart: the base, then the chunk files written after it
+    assert embed(third, CountingEncoder()) == 0
+    np.testing.assert_array_equal(third.embeddings(KEY)[0][np.arange(4)], other.embeddings(KEY)[0][np.arange(4)])
