@@ -9,7 +9,6 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from serving.ingest.log_format import LoggedEvent
-from serving.ranking.engine import Candidate
 
 EVENT_NAMES = {
     pb.EVENT_TYPE_IMPRESSION: "impression",
@@ -41,14 +40,6 @@ def items_frame(items: list[pb.RankCandidate]) -> pl.DataFrame:
         },
         schema={"item_id": pl.Utf8, "title": pl.Utf8, "description": pl.Utf8, "category": pl.Utf8, "brand": pl.Utf8, "price": pl.Float64},
     )
-
-
-def candidates_from_proto(req: pb.RankRequest) -> list[Candidate]:
-    return [
-        Candidate(item_id=c.item_id, title=c.title, description=c.description, category=c.category, brand=c.brand,
-                  price=c.price if c.HasField("price") else None)
-        for c in req.candidates
-    ]
 
 
 def timestamp(t: datetime) -> Timestamp:

@@ -25,7 +25,7 @@ from featurizer.errors import SemrankError
 from featurizer.online.features import OnlineFeatures
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
-from serving.api.convert import candidates_from_proto, items_frame, timestamp, to_logged
+from serving.api.convert import items_frame, timestamp, to_logged
 from serving.api.errors import MalformedMessage
 from serving.api.validation import event_problem, item_problem, validate_rank_request
 from serving.config import Limits
@@ -87,7 +87,7 @@ class RankingService(pb_grpc.RankingServiceServicer):
             variant = assignment.variant if assignment else ""
             set_variant(variant or "none")
             s.metrics.rank_candidates.observe(len(request.candidates))
-            candidates = candidates_from_proto(request)
+            candidates = request.candidates  # read in place by the engine: no object per candidate
             stale = None
             if request.min_sequence:  # read-your-writes: wait for this replica to hold the caller's events
                 wait_s = s.limits.max_sequence_wait_s if remaining is None else min(s.limits.max_sequence_wait_s,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
@@ -48,9 +48,15 @@ class Candidate:
     price: float | None = None
 
     def inline_text(self) -> str | None:
-        if not self.title.strip():
-            return None
-        return item_text(self.title, self.category or None, self.brand or None, self.description or None)
+        return inline_text(self)
+
+
+def inline_text(c) -> str | None:
+    """The item text of a candidate's inline fields (a `Candidate`, or the wire's RankCandidate,
+    which the Rank handler passes as it is: no object per candidate), None without a title."""
+    if not c.title.strip():
+        return None
+    return item_text(c.title, c.category or None, c.brand or None, c.description or None)
 
 
 @dataclass
@@ -234,7 +240,7 @@ class RankingEngine:
         todo_rows, todo_texts = [], []
         for k in np.flatnonzero(~has):
             c = candidates[k]
-            text = c.inline_text() or (self.items.texts[rows[k]] if rows[k] >= 0 else None)
+            text = inline_text(c) or (self.items.texts[rows[k]] if rows[k] >= 0 else None)
             if text is None:
                 missing.append(c.item_id)
                 continue
@@ -263,8 +269,10 @@ class RankingEngine:
         self._hit("item_embedding", not todo_texts)  # per request: every embedding came from a cache
         return emb, has, missing
 
-    async def rank(self, rt: BundleRuntime, user_id: str, candidates: list[Candidate], explain: bool = False,
+    async def rank(self, rt: BundleRuntime, user_id: str, candidates: Sequence[Candidate], explain: bool = False,
                    timeout_s: float | None = None) -> RankOutcome:
+        """`candidates`: anything with item_id, title, description, category and brand per item
+        (`Candidate`, or the request's repeated RankCandidate field as it came)."""
         ids = [c.item_id for c in candidates]
         t = self.now()
         rows = self.items.rows(ids)

@@ -417,9 +417,11 @@ def error_info(err: grpc.RpcError) -> error_details_pb2.ErrorInfo:
 # -- a Redis of the test's own -------------------------------------------------------------------
 
 
-class RedisProcess:
-    """A `redis-server` on a free loopback port, started and killed by the test (never the machine's
-    own server). Append-only file with fsync always, so a restart on the same port keeps the data."""
+class OwnServer:
+    """A server process of the test's own on a free loopback port, with its data in `directory`,
+    which the test may stop and start again on the same port (never the machine's own server)."""
+
+    url_format = ""  # e.g. "redis://127.0.0.1:{port}/0"
 
     def __init__(self, directory: Path):
         from serving.triton.process import free_port
@@ -431,7 +433,14 @@ class RedisProcess:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return self.url_format.format(port=self.port)
+
+
+class RedisProcess(OwnServer):
+    """A `redis-server` of the test's own, started and killed by the test. Append-only file with
+    fsync always, so a restart on the same port keeps the data."""
+
+    url_format = "redis://127.0.0.1:{port}/0"
 
     def start(self) -> RedisProcess:
         import redis
@@ -465,21 +474,11 @@ class RedisProcess:
 MACHINE_NATS = "nats://127.0.0.1:4222"  # the machine's NATS with JetStream (.ci/run starts it if it is down)
 
 
-class NatsProcess:
-    """A `nats-server -js` on a free loopback port with its own store directory, started, stopped
-    and restarted by the test (never the machine's own server). A restart keeps the streams."""
+class NatsProcess(OwnServer):
+    """A `nats-server -js` of the test's own with its store directory, started, stopped and
+    restarted by the test. A restart keeps the streams."""
 
-    def __init__(self, directory: Path):
-        from serving.triton.process import free_port
-
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+    url_format = "nats://127.0.0.1:{port}"
 
     def start(self) -> NatsProcess:
         import socket
