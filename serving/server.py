@@ -218,6 +218,7 @@ class RankingServer:
             else:
                 ingest = EventIngest(event_log, engine.online, EventDedup(cfg.limits.dedup_window_s),
                                      worker=engine.store_worker)
+            self.metrics.watch_ingest(ingest)
             self.state = ServingState(
                 engine=engine, registry=registry, exposures=exposures, ingest=ingest,
                 metrics=self.metrics,

@@ -480,6 +480,7 @@ class StreamIngest:
         last = self.committed_seq
         for m in msgs:
             seq = m.metadata.sequence.stream
+            self.known_seq = max(self.known_seq, seq + (m.metadata.num_pending or 0))  # (for the lag metric)
             if seq <= self.committed_seq:
                 continue
             headers = m.headers or {}

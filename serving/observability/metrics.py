@@ -128,6 +128,12 @@ class Metrics:
             namespace=ns, registry=r, buckets=LOOP_LAG_BUCKETS_S,
         )
         self.inflight_requests = Gauge("inflight_requests", "RPCs currently being handled", namespace=ns, registry=r)
+        self.events_applied_seq = Gauge("events_applied_seq", "The last event-log (or JetStream) sequence this "
+                                        "process's online features hold", namespace=ns, registry=r)
+        self.events_lag = Gauge("events_lag", "Stored events this process knows of but has not applied yet (JetStream: "
+                                "not folded yet)", namespace=ns, registry=r)
+        self.stream_bad_messages = Gauge("stream_bad_messages", "JetStream messages skipped by this process's fold: "
+                                         "not a semrank event or item (since start)", namespace=ns, registry=r)
         self.events_total = Counter("events", "Logged events by result", ("result",), namespace=ns, registry=r)
         self.bundle_info = Info("bundle", "The model bundle being served", namespace=ns, registry=r)
         self.bundle_reloads_total = Counter("bundle_reloads", "Bundle reloads by result", ("result",), namespace=ns, registry=r)
@@ -161,6 +167,14 @@ class Metrics:
     def set_bundle(self, version: str, **labels: str) -> None:
         """Replace the bundle_info labels, e.g. set_bundle("2024-06-01", encoder="minilm", ranker="lgbm-3")."""
         self.bundle_info.info({"version": version, **{k: str(v) for k, v in labels.items()}})
+
+    def watch_ingest(self, ingest) -> None:
+        """Read the ingest path's applied seq, lag and (JetStream) skipped messages at each scrape."""
+        self.events_applied_seq.set_function(lambda: ingest.committed_seq)
+        self.events_lag.set_function(lambda: ingest.behind)
+        stats = getattr(ingest, "stats", None)
+        if stats is not None:
+            self.stream_bad_messages.set_function(lambda: stats.bad_messages)
 
     def triton_observer(self) -> TritonObserver:
         return TritonObserver(self)

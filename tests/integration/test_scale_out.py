@@ -132,6 +132,9 @@ def test_a_token_from_replica_a_makes_replica_b_see_the_events_and_retries_count
             contributions(rank(a, user, candidates, explain=True), "personal"))
         for server in replicas.servers:
             assert server.state.ingest.committed_seq == ack.sequence
+            sample = server.metrics.registry.get_sample_value
+            assert sample("semrank_events_applied_seq") == ack.sequence and sample("semrank_events_lag") == 0
+            assert sample("semrank_stream_bad_messages") == 0
 
         # An item upserted on A is ranked by its text on B.
         item = pb.RankCandidate(item_id="sku-replicated", title="Stainless Steel Water Bottle, 750 ml",
