@@ -536,11 +536,7 @@ class StreamIngest:
                         return
                     n = await self.worker.write(self._commit, pairs, last)
                 break
-            except WriteConflict:
-                raise  # unreachable: _commit resolves conflicts
-            except OnlineStoreError as e:
-                self._fail(e)
-            except Exception as e:  # noqa: BLE001 - keep the batch and retry; LogEvents waiting are told
+            except Exception as e:  # noqa: BLE001 - the store failed: keep the batch and retry; LogEvents waiting are told
                 self._fail(e)
             failures += 1
             self.stats.store_failures += 1
