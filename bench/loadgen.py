@@ -7,7 +7,11 @@ not fork: no inherited gRPC state), each with `channels` channels, and keeps the
   interleave one schedule); latency counts from the *scheduled* send time, so when the generator
   or the server falls behind it shows as latency, not as fewer requests (coordinated omission);
   each sample also records the send lag (actual minus scheduled send time);
-- closed loop (`run("closed", n, None, concurrency, ...)`): `concurrency` requests always in flight.
+- closed loop (`run("closed", n, None, concurrency, ...)`): `concurrency` requests always in flight;
+- mixed (`run("mixed", n, rate, ..., events_rate=E)`): the open loop of Ranks, plus LogEvents calls
+  of one click each at E events/s from the same users (a writer token); every Rank of a user who
+  logged an event carries that call's `sequence` as `min_sequence` (read-your-writes). The Rank
+  bytes get the field appended (protobuf: a later field wins), so they stay serialised in advance.
 
 Requests are serialised in advance and sent as bytes (the client does no proto work but parse
 the small response, to count degraded answers). `summarize` turns the raw samples into a row.
@@ -23,6 +27,18 @@ import time
 import numpy as np
 
 RANK_METHOD = "/semrank.ranking.v1.RankingService/Rank"
+LOG_EVENTS_METHOD = "/semrank.ranking.v1.RankingService/LogEvents"
+
+
+def with_min_sequence(request: bytes, seq: int) -> bytes:
+    """A serialised RankRequest with min_sequence (field 7, varint) appended."""
+    out = bytearray(request)
+    out.append(7 << 3)
+    while True:
+        b, seq = seq & 0x7F, seq >> 7
+        out.append(b | (0x80 if seq else 0))
+        if not seq:
+            return bytes(out)
 
 
 def serialize(user: str, ids: list[str], top_k: int) -> bytes:
@@ -32,13 +48,13 @@ def serialize(user: str, ids: list[str], top_k: int) -> bytes:
 
 
 def _generator_main(conn, port: int, pools: dict[int, list[bytes]], channels: int, timeout_s: float,
-                    token: str | None = None) -> None:
+                    token: str | None = None, mixed: dict | None = None) -> None:
     """One load-generator process: runs the phases the parent sends, returns raw samples."""
-    asyncio.run(_generator(conn, port, pools, channels, timeout_s, token))
+    asyncio.run(_generator(conn, port, pools, channels, timeout_s, token, mixed))
 
 
 async def _generator(conn, port: int, pools: dict[int, list[bytes]], channels: int, timeout_s: float,
-                     token: str | None = None) -> None:
+                     token: str | None = None, mixed: dict | None = None) -> None:
     import grpc
 
     from semrank.ranking.v1 import ranking_service_pb2 as pb
@@ -47,23 +63,33 @@ async def _generator(conn, port: int, pools: dict[int, list[bytes]], channels: i
              for _ in range(channels)]
     calls = [ch.unary_unary(RANK_METHOD) for ch in chans]  # bytes in, bytes out: no client-side proto work
     metadata = (("authorization", f"Bearer {token}"),) if token else None
+    mixed = mixed or {}
+    writer_md = (("authorization", f"Bearer {mixed['writer_token']}"),) if mixed.get("writer_token") else None
+    log_events = [ch.stream_unary(LOG_EVENTS_METHOD, request_serializer=pb.LogEventsRequest.SerializeToString,
+                                  response_deserializer=pb.LogEventsResponse.FromString) for ch in chans]
     loop = asyncio.get_running_loop()
     conn.send("ready")
     while True:
         cmd = await loop.run_in_executor(None, conn.recv)
         if cmd is None:
             break
-        kind, n, rate, concurrency, t0, warmup_s, seconds, phase_seed = cmd
+        kind, n, rate, concurrency, t0, warmup_s, seconds, phase_seed, events_rate = cmd
         reqs = pools[n]
         rng = random.Random(phase_seed)
         samples: list[tuple[float, float, float, int]] = []  # (scheduled/sent, done, send lag, status)
+        writes: list[tuple[float, float, int]] = []  # mixed: LogEvents (scheduled, done, status)
+        tokens: dict[str, int] = {}  # mixed: user -> the sequence of their last logged event
         errors: dict[str, int] = {}
-        degraded = 0
+        degraded = stale = tokened = 0
 
         async def one(k: int, sched: float, lag: float) -> None:
-            nonlocal degraded
+            nonlocal degraded, stale, tokened
+            j = rng.randrange(len(reqs))
+            req = reqs[j]
+            if kind == "mixed" and (seq := tokens.get(mixed["users"][n][j])):
+                req, tokened = with_min_sequence(req, seq), tokened + 1
             try:
-                raw = await calls[k % channels](reqs[rng.randrange(len(reqs))], timeout=timeout_s, metadata=metadata)
+                raw = await calls[k % channels](req, timeout=timeout_s, metadata=metadata)
             except grpc.aio.AioRpcError as e:
                 done = time.monotonic()
                 errors[e.code().name] = errors.get(e.code().name, 0) + 1
@@ -72,13 +98,46 @@ async def _generator(conn, port: int, pools: dict[int, list[bytes]], channels: i
             done = time.monotonic()
             resp = pb.RankResponse.FromString(raw)
             degraded += resp.degraded
+            stale += resp.degraded_reason.startswith("stale_features") or "; stale_features" in resp.degraded_reason
             samples.append((sched, done, lag, 0))
+
+        async def write(k: int, sched: float) -> None:
+            from datetime import datetime, timezone
+
+            j = rng.randrange(len(reqs))
+            user, item = mixed["users"][n][j], rng.choice(mixed["items"])
+            ev = pb.Event(event_id=f"bench-{phase_seed}-{k}", user_id=user, item_id=item, type=pb.EVENT_TYPE_CLICK)
+            ev.ts.FromDatetime(datetime.now(timezone.utc).replace(tzinfo=None))
+            try:
+                resp = await log_events[k % channels](iter([pb.LogEventsRequest(events=[ev])]), timeout=timeout_s,
+                                                      metadata=writer_md)
+            except grpc.aio.AioRpcError as e:
+                errors["LogEvents " + e.code().name] = errors.get("LogEvents " + e.code().name, 0) + 1
+                writes.append((sched, time.monotonic(), 1))
+                return
+            writes.append((sched, time.monotonic(), 0))
+            if resp.sequence:
+                tokens[user] = max(tokens.get(user, 0), resp.sequence)
+
+        async def writer() -> None:
+            period, tasks, i = 1.0 / events_rate, set(), 0
+            while (sched := t0 + i * period) < end:
+                delay = sched - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                task = asyncio.create_task(write(i, sched))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                i += 1
+            if tasks:
+                await asyncio.wait(tasks)
 
         end = t0 + warmup_s + seconds
         cpu0 = cpu1 = None
         while time.monotonic() < t0:
             await asyncio.sleep(t0 - time.monotonic())
-        if kind == "open":
+        writing = asyncio.create_task(writer()) if kind == "mixed" else None
+        if kind in ("open", "mixed"):
             period, tasks, i = 1.0 / rate, set(), 0
             while True:
                 sched = t0 + i * period
@@ -107,8 +166,10 @@ async def _generator(conn, port: int, pools: dict[int, list[bytes]], channels: i
                     k += concurrency
             await asyncio.gather(*(worker(w) for w in range(concurrency)))
             cpu1 = time.process_time()
-        conn.send({"samples": samples, "errors": errors, "degraded": degraded,
-                   "cpu_s": (cpu1 - cpu0) if cpu0 is not None else 0.0})
+        if writing is not None:
+            await writing
+        conn.send({"samples": samples, "errors": errors, "degraded": degraded, "stale": stale, "tokened": tokened,
+                   "writes": writes, "cpu_s": (cpu1 - cpu0) if cpu0 is not None else 0.0})
     for ch in chans:
         await ch.close()
 
@@ -117,12 +178,14 @@ class LoadGenerator:
     """`processes` generator processes (spawned: no forked gRPC state), each with `channels` channels."""
 
     def __init__(self, port: int, pools: dict[int, list[bytes]], processes: int, channels: int, timeout_s: float,
-                 token: str | None = None):
+                 token: str | None = None, mixed: dict | None = None):
+        """`mixed`: {"users": {n: the user of each pooled request}, "items": [...], "writer_token": ...}."""
         ctx = mp.get_context("spawn")
         self.conns, self.procs = [], []
         for _ in range(processes):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_generator_main, args=(child, port, pools, channels, timeout_s, token), daemon=True)
+            p = ctx.Process(target=_generator_main, args=(child, port, pools, channels, timeout_s, token, mixed),
+                            daemon=True)
             p.start()
             self.conns.append(parent)
             self.procs.append(p)
@@ -134,16 +197,17 @@ class LoadGenerator:
         return [p.pid for p in self.procs]
 
     def run(self, kind: str, n: int, rate: float | None, concurrency: int, warmup_s: float, seconds: float,
-            seed: int) -> dict:
+            seed: int, events_rate: float = 0.0) -> dict:
         """One phase on every process; open loop: process j sends requests j, j+P, ... of one schedule."""
         P = len(self.conns)
         t0 = time.monotonic() + 0.5
         for j, c in enumerate(self.conns):
-            if kind == "open":
+            if kind in ("open", "mixed"):
                 # Interleave the processes' schedules: together they send at `rate`, evenly spaced.
-                cmd = (kind, n, rate / P, 0, t0 + j / rate, warmup_s, seconds, seed * 100 + j)
+                cmd = (kind, n, rate / P, 0, t0 + j / rate, warmup_s, seconds, seed * 100 + j, events_rate / P)
             else:
-                cmd = (kind, n, None, max(1, concurrency // P + (j < concurrency % P)), t0, warmup_s, seconds, seed * 100 + j)
+                cmd = (kind, n, None, max(1, concurrency // P + (j < concurrency % P)), t0, warmup_s, seconds,
+                       seed * 100 + j, 0.0)
             c.send(cmd)
         parts = [c.recv() for c in self.conns]
         return {"t0": t0, "parts": parts}
@@ -166,7 +230,7 @@ def summarize(kind: str, n: int, rate: float | None, raw: dict, warmup_s: float,
     ok = np.array([(s[1] - s[0]) for s in samples if s[3] == 0]) * 1e3
     lags = np.array([s[2] for s in samples]) * 1e3
     errors = sum(1 for s in samples if s[3] != 0)
-    if kind == "open":
+    if kind in ("open", "mixed"):
         # Responses to the requests scheduled in the window, over the time until the last came back.
         span = max((s[1] for s in samples), default=t_measure + seconds) - t_measure
         achieved = len(ok) / max(span, seconds)
@@ -179,13 +243,24 @@ def summarize(kind: str, n: int, rate: float | None, raw: dict, warmup_s: float,
             codes[k] = codes.get(k, 0) + v
     return {
         "candidates": n,
-        "offered_rps": rate if kind == "open" else "saturation",
+        "offered_rps": rate if kind != "closed" else "saturation",
         "achieved_rps": round(achieved, 1),
         "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99),
         "errors": errors,
         "error_codes": codes,
         "degraded": sum(part["degraded"] for part in raw["parts"]),
         "requests": len(samples),
-        "send_lag_p99_ms": round(float(np.percentile(lags, 99)), 3) if kind == "open" and len(lags) else None,
+        "send_lag_p99_ms": round(float(np.percentile(lags, 99)), 3) if kind != "closed" and len(lags) else None,
         "client_cpu_cores": round(sum(part["cpu_s"] for part in raw["parts"]) / seconds, 3),
+        **(_mixed_summary(raw, t_measure) if kind == "mixed" else {}),
     }
+
+
+def _mixed_summary(raw: dict, t_measure: float) -> dict:
+    writes = [w for part in raw["parts"] for w in part["writes"] if w[0] >= t_measure]
+    ok = np.array([w[1] - w[0] for w in writes if w[2] == 0]) * 1e3
+    pct = (lambda q: round(float(np.percentile(ok, q)), 3)) if len(ok) else (lambda q: None)
+    return {"log_events_calls": len(writes), "log_events_errors": sum(1 for w in writes if w[2]),
+            "log_events_p50_ms": pct(50), "log_events_p99_ms": pct(99),
+            "ranks_with_token": sum(part["tokened"] for part in raw["parts"]),
+            "stale_features": sum(part["stale"] for part in raw["parts"])}

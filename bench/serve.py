@@ -14,6 +14,12 @@ The bench
      schedule and latency is counted from the *scheduled* send time, so a generator or a server
      that falls behind shows up as latency instead of being hidden (coordinated omission);
    - closed loop at saturation: a fixed number of requests always in flight;
+   then the mixed phase (`--mixed-candidates`, default 100): the open loop of Ranks plus LogEvents
+   at `--events-rate` (50 events/s) from the same users, each Rank of a user who logged carrying
+   that call's `sequence` as `min_sequence`; it reports Rank and LogEvents p50/p99, the Ranks that
+   came back `stale_features`, the share of Ranks that needed the encoder (user-embedding cache
+   misses) and the encoder's share of the Ranks' time (Triton latency over Rank latency, from the
+   server's metrics);
 5. measures, in this process and with the server idle, `RankingEngine.rank` on an engine built
    from the same data, bundle and cached embeddings (feature gather + LightGBM, no gRPC): the
    in-process cost, so service overhead is a ratio measured in the same run.
@@ -87,6 +93,8 @@ class BenchConfig:
     events: str = "local"  # semrank serve --events (jetstream: a stream of the run's own, deleted after it)
     nats_url: str = "nats://127.0.0.1:4222"
     tokens: bool = False  # bearer tokens on (the generator sends a client token on every call)
+    mixed_candidates: tuple[int, ...] = (100,)  # the mixed phase's sizes (empty: no mixed phase)
+    mixed_events_rate: float = 50.0  # LogEvents events/s beside the offered Ranks/s in the mixed phase
 
 
 # ---------------------------------------------------------------- data
@@ -231,18 +239,33 @@ class ServerProcess:
 
     def rank_counts(self) -> dict[str, float]:
         """Rank calls answered so far, per worker ("0" for a server without workers), from /metrics."""
+        return self.scrape()["ranks_per_worker"]
+
+    def scrape(self) -> dict:
+        """From /metrics (every worker summed): Ranks per worker, Rank and Triton latency sums, and
+        user-embedding cache misses (each one a Triton call for the user's history text)."""
         import urllib.request
 
         from prometheus_client.parser import text_string_to_metric_families
 
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
             text = r.read().decode()
-        out: dict[str, float] = {}
+        out = {"ranks_per_worker": {}, "rank_s": 0.0, "triton_s": 0.0, "triton_calls": 0.0, "user_misses": 0.0}
         for fam in text_string_to_metric_families(text):
             for smp in fam.samples:
-                if smp.name == "semrank_rpc_latency_seconds_count" and smp.labels.get("method") == "Rank":
-                    w = smp.labels.get("worker", "0")
-                    out[w] = out.get(w, 0.0) + smp.value
+                labels = smp.labels
+                if smp.name == "semrank_rpc_latency_seconds_count" and labels.get("method") == "Rank":
+                    w = labels.get("worker", "0")
+                    out["ranks_per_worker"][w] = out["ranks_per_worker"].get(w, 0.0) + smp.value
+                elif smp.name == "semrank_rpc_latency_seconds_sum" and labels.get("method") == "Rank":
+                    out["rank_s"] += smp.value
+                elif smp.name == "semrank_triton_latency_seconds_sum":
+                    out["triton_s"] += smp.value
+                elif smp.name == "semrank_triton_latency_seconds_count":
+                    out["triton_calls"] += smp.value
+                elif (smp.name == "semrank_cache_requests_total" and labels.get("cache") == "user_embedding"
+                      and labels.get("result") == "miss"):
+                    out["user_misses"] += smp.value
         return out
 
     def stop(self) -> None:
@@ -387,7 +410,7 @@ def run(cfg: BenchConfig, out_dir: Path | None) -> dict:
     users, items, pools = bench_requests(cfg, shop)
     wire = {n: [serialize(u, ids, cfg.top_k) for u, ids in pool] for n, pool in pools.items()}
 
-    extra, env, token, stream = [], {}, None, None
+    extra, env, token, writer_token, stream = [], {}, None, None, None
     if cfg.workers > 1:
         extra += ["--workers", str(cfg.workers)]
         for d in (state_dir / "workers").glob("*/exposures"):
@@ -397,8 +420,8 @@ def run(cfg: BenchConfig, out_dir: Path | None) -> dict:
         extra += ["--events", "jetstream", "--nats-url", cfg.nats_url, "--stream", stream, "--subject-prefix",
                   f"bench.{stream}"]
     if cfg.tokens:
-        token = "bench-client-token-" + uuid.uuid4().hex
-        env["SEMRANK_BENCH_TOKENS"] = f"{token}:client,bench-writer-{uuid.uuid4().hex}:writer"
+        token, writer_token = "bench-client-token-" + uuid.uuid4().hex, "bench-writer-token-" + uuid.uuid4().hex
+        env["SEMRANK_BENCH_TOKENS"] = f"{token}:client,{writer_token}:writer"
         extra += ["--tokens-env", "SEMRANK_BENCH_TOKENS"]
     server = ServerProcess(bundle, shop, state_dir, cfg.work_dir / "server.log", max_concurrent_rpcs=1024,
                            encoder_timeout_ms=cfg.encoder_timeout_ms, extra=extra, env=env)
@@ -414,9 +437,11 @@ def run(cfg: BenchConfig, out_dir: Path | None) -> dict:
         inproc = measure_inprocess(engine, rt, pools, users, cfg.inprocess_reps)
         log.info("in-process: %s", inproc)
         del engine, rt
-        gen = LoadGenerator(port, wire, cfg.processes, cfg.channels, cfg.timeout_s, token=token)
+        mixed = {"users": {n: [u for u, _ in pool] for n, pool in pools.items()}, "items": items,
+                 "writer_token": writer_token}
+        gen = LoadGenerator(port, wire, cfg.processes, cfg.channels, cfg.timeout_s, token=token, mixed=mixed)
         server_pids, triton = server.server_pids(), server.triton_pids()
-        rows = []
+        rows, mixed_rows = [], []
         phases = [("open", None)] + [("closed", c) for c in cfg.saturation_concurrency]
         for k, n in enumerate(cfg.candidates):
             for j, (kind, concurrency) in enumerate(phases):
@@ -444,6 +469,27 @@ def run(cfg: BenchConfig, out_dir: Path | None) -> dict:
                                               if row["server_cpu_ms_per_request"] else None)
                 log.info("%s", row)
                 rows.append(row)
+        for k, n in enumerate(cfg.mixed_candidates):
+            m0, s0, tr0, t0 = server.scrape(), cpu_seconds(server_pids), cpu_seconds(triton), time.monotonic()
+            raw = gen.run("mixed", n, cfg.offered_rps, 0, cfg.warmup_s, cfg.seconds, seed=900 + k,
+                          events_rate=cfg.mixed_events_rate)
+            wall, m1 = time.monotonic() - t0, server.scrape()
+            row = summarize("mixed", n, cfg.offered_rps, raw, cfg.warmup_s, cfg.seconds)
+            ranks = sum(m1["ranks_per_worker"].values()) - sum(m0["ranks_per_worker"].values())
+            row.update({
+                "phase": "mixed", "events_per_s": cfg.mixed_events_rate,
+                "server_cpu_cores": round((cpu_seconds(server_pids) - s0) / wall, 3),
+                "triton_cpu_cores": round((cpu_seconds(triton) - tr0) / wall, 3),
+                # Over the whole phase (warm-up included): Ranks whose user embedding was not cached,
+                # and the encoder's time against the Ranks' time, both from the server's metrics.
+                "ranks_needing_encoder": round((m1["user_misses"] - m0["user_misses"]) / ranks, 4) if ranks else None,
+                "triton_calls": int(m1["triton_calls"] - m0["triton_calls"]),
+                "encoder_share_of_rank_time": (round((m1["triton_s"] - m0["triton_s"]) / (m1["rank_s"] - m0["rank_s"]), 4)
+                                               if m1["rank_s"] > m0["rank_s"] else None),
+                "inprocess_p50_ms": inproc[n]["p50_ms"] if n in inproc else None,
+            })
+            log.info("mixed: %s", row)
+            mixed_rows.append(row)
     finally:
         if gen is not None:
             gen.close()
@@ -466,6 +512,7 @@ def run(cfg: BenchConfig, out_dir: Path | None) -> dict:
             "max_send_lag_p99_ms": max((r["send_lag_p99_ms"] for r in rows if r["send_lag_p99_ms"] is not None), default=None),
             "verdict": generator_verdict(rows, cfg.processes),
         },
+        "mixed": mixed_rows,
         "warmup": warm,
         "server": {"workers": cfg.workers, "events": cfg.events, "tokens": cfg.tokens, "ready_s": round(ready_s, 1)},
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
@@ -524,6 +571,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--events", choices=("local", "jetstream"), default=d.events)
     p.add_argument("--nats-url", default=d.nats_url)
     p.add_argument("--tokens", action="store_true", help="bearer tokens on (the production configuration)")
+    p.add_argument("--mixed-candidates", type=int, nargs="*", default=list(d.mixed_candidates),
+                   help="sizes of the mixed phase (Ranks with tokens + LogEvents); none: skip it")
+    p.add_argument("--events-rate", type=float, default=d.mixed_events_rate, help="LogEvents events/s in the mixed phase")
     a = p.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (see bench/encoder.py)
     # SIGTERM unwinds like Ctrl-C, so the server (and its Triton) and the generators are stopped.
@@ -534,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
         saturation_concurrency=tuple(a.concurrency), processes=a.processes, channels=a.channels, bench_users=a.bench_users,
         inprocess_reps=a.inprocess_reps, n_users=a.users, n_items=a.items, seed=a.seed,
         workers=a.workers, events=a.events, nats_url=a.nats_url, tokens=a.tokens,
+        mixed_candidates=tuple(a.mixed_candidates), mixed_events_rate=a.events_rate,
     )
     if a.prepare_only:
         shop, _ = prepare(cfg)

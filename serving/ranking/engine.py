@@ -23,7 +23,7 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 
 from featurizer.definitions import NAMES
-from featurizer.online.features import OnlineFeatures
+from featurizer.online.features import OnlineFeatures, StaleQueryError
 from featurizer.store.base import OnlineStoreError
 from featurizer.text import item_text
 from ranker.bundle import Bundle
@@ -269,6 +269,20 @@ class RankingEngine:
         self._hit("item_embedding", not todo_texts)  # per request: every embedding came from a cache
         return emb, has, missing
 
+    async def _features(self, user_id: str, ids: list[str], t: datetime, interest, timeout_s: float | None):
+        """The online features at `t`, or later: events applied while this Rank awaited the encoder
+        (a LogEvents, the JetStream fold) may be newer than its start, and features are defined only
+        from the latest applied event on. The read is at the newest of both; a fold that lands
+        between that and a remote store's read gets one more try."""
+        for attempt in (1, 2):
+            try:
+                return await self.store_worker.read(self.online.features, user_id, ids, max(t, self.now()), interest,
+                                                    timeout_s=timeout_s)
+            except StaleQueryError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
     async def rank(self, rt: BundleRuntime, user_id: str, candidates: Sequence[Candidate], explain: bool = False,
                    timeout_s: float | None = None) -> RankOutcome:
         """`candidates`: anything with item_id, title, description, category and brand per item
@@ -288,7 +302,7 @@ class RankingEngine:
                 # which then spun (about half a core on 2 cores at 200 requests/s).
                 interest = interest_scores(user[None, :], emb, (0, None))
         try:
-            online = await self.store_worker.read(self.online.features, user_id, ids, t, interest, timeout_s=timeout_s)
+            online = await self._features(user_id, ids, t, interest, timeout_s)
         except OnlineStoreError as e:  # answer from what is known: the text feature, behavioural ones missing
             reasons.append(f"{STORE_UNAVAILABLE}: ranked without behavioural features ({_short(e)})")
             online = np.full((len(ids), len(NAMES)), np.nan)

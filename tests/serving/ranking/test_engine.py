@@ -171,3 +171,36 @@ def test_answers_during_a_store_rebuild_are_marked(engine, bundle, ds):
     out = rank(engine, BundleRuntime(bundle, KEY, InProcessEncoder(HashEncoder())), engaged_user(ds),
                [Candidate(i) for i in ds.items["item_id"].head(4)])
     assert out.degraded and [degraded_code(r) for r in out.degraded_reasons] == ["online_store_rebuilding"]
+
+
+class ApplyingWhileEncoding(InProcessEncoder):
+    """Fault injection: while the Rank awaits the user's embedding, events newer than the Rank's
+    start are applied (as a LogEvents or the JetStream fold does on the same loop)."""
+
+    def __init__(self, online, events):
+        super().__init__(HashEncoder())
+        self.online, self.events = online, events
+
+    async def encode(self, texts, timeout_s=None):
+        if self.events is not None:
+            self.online.apply(self.events)
+            self.events = None
+        return await super().encode(texts, timeout_s)
+
+
+def test_events_applied_while_a_rank_awaits_the_encoder_never_fail_it(ds, bundle):
+    """Found by the bench's mixed phase: the Rank took its instant, awaited Triton, and the events
+    applied meanwhile (stamped later) made the feature read raise StaleQueryError:
+    FAILED_PRECONDITION for the caller. The read now happens at the newest of both."""
+    online = OnlineFeatures(InProcessStore(), ds.items)
+    online.apply(ds.events)
+    items = ItemStore(ds.items)
+    asyncio.run(items.ensure_embeddings(KEY, InProcessEncoder(HashEncoder()).encode_bulk, DIM))
+    clock = {"t": online.watermark + timedelta(seconds=1)}
+    engine = RankingEngine(items=items, online=online, clock=lambda: clock["t"])
+    user, item = engaged_user(ds), ds.items["item_id"][-1]
+    newer = pl.DataFrame({"ts": [clock["t"] + timedelta(seconds=5)], "user_id": [user], "item_id": [item],
+                          "event": ["purchase"]})
+    rt = BundleRuntime(bundle, KEY, ApplyingWhileEncoding(online, newer))
+    out = rank(engine, rt, user, [Candidate(i) for i in ds.items["item_id"].head(5)])
+    assert len(out.item_ids) == 5 and not out.degraded
