@@ -40,7 +40,8 @@ from featurizer.store.in_process import InProcessStore
 from serving.config import JetStreamConfig
 from serving.ingest.apply import EventIngest
 from serving.ingest.event_log import EventLog
-from serving.ingest.jetstream import FOLD_BATCH, StreamIngest, encode_event, subject_for
+from serving.ingest.jetstream import FOLD_BATCH, StreamIngest
+from serving.ingest.stream_format import encode_event, subject_for
 from serving.ingest.log_format import LoggedEvent, events_frame
 from serving.ingest.restore import restore_online
 from serving.ingest.snapshots import bucket_name, fetch_snapshot, share_snapshot

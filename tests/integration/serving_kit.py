@@ -152,9 +152,6 @@ class ReplicaSet:
         self.ports.append(self.run(server.start(), timeout=600))
         return self.ports[-1]
 
-    def stop(self, k: int) -> None:
-        self.run(self.servers[k].stop())
-
     def __exit__(self, *exc) -> None:
         for server in reversed(self.servers):
             self.run(server.stop())

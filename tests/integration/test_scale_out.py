@@ -188,7 +188,7 @@ def stream_event_ids(name: str) -> list[str]:
     """The event_id of every message of the stream, in order (read with a consumer of the test's own)."""
     from nats.js.api import AckPolicy, ConsumerConfig
 
-    from serving.ingest.jetstream import decode_event
+    from serving.ingest.stream_format import decode_event
 
     async def read() -> list[str]:
         nc = await nats.connect(MACHINE_NATS)

@@ -27,14 +27,8 @@ from featurizer.store.in_process import InProcessStore
 from featurizer.store.redis import RedisStore
 from serving.config import JetStreamConfig
 from serving.ingest.apply import EventsNotStored, applied_seq
-from serving.ingest.jetstream import (
-    BadStreamMessage,
-    StreamIngest,
-    decode_event,
-    encode_event,
-    seq_key,
-    subject_for,
-)
+from serving.ingest.jetstream import StreamIngest, seq_key
+from serving.ingest.stream_format import BadStreamMessage, decode_event, encode_event, subject_for
 from serving.ingest.log_format import LoggedEvent, events_frame
 from serving.ranking.store_worker import StoreWorker
 from tests.integration.serving_kit import MACHINE_NATS, NatsProcess

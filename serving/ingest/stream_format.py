@@ -1,0 +1,108 @@
+"""The messages of the event stream on JetStream, as any producer writes them (docs/scaling.md):
+the subjects, an event's JSON body, and the item messages UpsertItems shares between replicas.
+The local event log's own format is serving/ingest/log_format.py.
+
+    subject_for("semrank.events", "u1")      # "semrank.events.u.<32 hex digits>"
+    decode_event(encode_event(e)) == e       # BadStreamMessage names a bad field
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from featurizer.contracts.schema import EVENT_TYPES
+from serving.ingest.log_format import LoggedEvent
+
+KIND_HEADER, ORIGIN_HEADER = "Semrank-Kind", "Semrank-Origin"  # "item" on item messages (events need none)
+
+
+class BadStreamMessage(ValueError):
+    """A stream message that is not a semrank event (wrong format, missing or invalid fields)."""
+
+
+def user_key(user_id: str) -> str:
+    """The subject token of a user: 32 hex digits of BLAKE2b(user_id) (subjects cannot carry any id)."""
+    return hashlib.blake2b(user_id.encode(), digest_size=16).hexdigest()
+
+
+def subject_for(prefix: str, user_id: str) -> str:
+    return f"{prefix}.u.{user_key(user_id)}"
+
+
+def encode_event(e: LoggedEvent) -> bytes:
+    return json.dumps({"ts_us": e.ts_us, "user_id": e.user_id, "item_id": e.item_id, "type": e.event,
+                       "request_id": e.request_id, "position": e.position, "event_id": e.event_id},
+                      ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def decode_event(data: bytes) -> LoggedEvent:
+    """The event a message carries; BadStreamMessage names what is wrong."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadStreamMessage(f"not JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise BadStreamMessage("not a JSON object")
+    ts, user, item, kind = doc.get("ts_us"), doc.get("user_id"), doc.get("item_id"), doc.get("type")
+    if type(ts) is not int:
+        raise BadStreamMessage("ts_us: must be an integer (µs since the epoch, UTC)")
+    for name, v in (("user_id", user), ("item_id", item)):
+        if not isinstance(v, str) or not v:
+            raise BadStreamMessage(f"{name}: must be a non-empty string")
+    if kind not in EVENT_TYPES:
+        raise BadStreamMessage(f"type: {kind!r} is not one of {', '.join(EVENT_TYPES)}")
+    request_id, position, event_id = doc.get("request_id", ""), doc.get("position", 0), doc.get("event_id", "")
+    if not isinstance(request_id, str) or not isinstance(event_id, str):
+        raise BadStreamMessage("request_id and event_id: must be strings")
+    if type(position) is not int or position < 0:
+        raise BadStreamMessage("position: must be an integer >= 0")
+    return LoggedEvent(ts, user, item, kind, request_id, position, event_id)
+
+
+ITEM_FIELDS = ("item_id", "title", "description", "category", "brand", "price")
+
+
+@dataclass(frozen=True)
+class SharedItem:
+    """An UpsertItems row on the stream, with the embeddings the replica that took it computed."""
+
+    row: dict  # ITEM_FIELDS; None leaves a known value unchanged
+    embeddings: dict  # encoder key -> (text hash, float32 vector)
+    origin: str = ""  # the replica that published it (it has applied it already)
+
+
+def item_subject(prefix: str, item_id: str) -> str:
+    return f"{prefix}.items.{user_key(item_id)}"
+
+
+def encode_item(row: dict, embeddings: dict) -> bytes:
+    return json.dumps({"item": {k: row.get(k) for k in ITEM_FIELDS},
+                       "embeddings": {key: {"text_hash": int(h), "vector": base64.b64encode(
+                           np.asarray(v, dtype="<f4").tobytes()).decode()} for key, (h, v) in embeddings.items()}},
+                      ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def decode_item(data: bytes, origin: str = "") -> SharedItem:
+    try:
+        doc = json.loads(data)
+        item = doc["item"]
+        if not isinstance(item, dict) or not isinstance(item.get("item_id"), str) or not item["item_id"]:
+            raise BadStreamMessage("item.item_id: must be a non-empty string")
+        row = {k: item.get(k) for k in ITEM_FIELDS}
+        for k in ITEM_FIELDS[1:5]:
+            if row[k] is not None and not isinstance(row[k], str):
+                raise BadStreamMessage(f"item.{k}: must be a string or null")
+        if row["price"] is not None and not isinstance(row["price"], (int, float)):
+            raise BadStreamMessage("item.price: must be a number or null")
+        embeddings = {key: (int(e["text_hash"]), np.frombuffer(base64.b64decode(e["vector"]), dtype="<f4"))
+                      for key, e in (doc.get("embeddings") or {}).items()}
+    except BadStreamMessage:
+        raise
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise BadStreamMessage(f"not an item message ({type(e).__name__}: {e})") from None
+    return SharedItem(row, embeddings, origin)
