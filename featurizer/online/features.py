@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
+from itertools import repeat
 
 import numpy as np
 import polars as pl
@@ -32,18 +33,21 @@ from featurizer.definitions import (
 )
 from featurizer.errors import SemrankError
 from featurizer.offline.pipeline import catalog
+from featurizer.online.item_index import ItemIndex
 from featurizer.online.state import (
     NO_TS,
     ItemState,
     UserItemState,
+    empty_user_item_records,
     item_base,
     item_base_from_parts,
-    user_item_base,
+    user_item_base_from_records,
     user_item_key,
     user_item_keys,
+    user_item_records,
 )
 from featurizer.online.state_cache import DecodedCache, ItemPartsCache, UserItemIndex
-from featurizer.online.user_state import CoocState, UserState
+from featurizer.online.user_state import CoocState, UserState, cooc_counts
 from featurizer.store.base import Expect, OnlineStore, Value
 
 META_KEY = "state"
@@ -90,9 +94,12 @@ def to_us(t: datetime) -> int:
 
 
 class OnlineFeatures:
-    def __init__(self, store: OnlineStore, items: pl.DataFrame, params: FeatureParams = FeatureParams()):
+    def __init__(self, store: OnlineStore, items: pl.DataFrame, params: FeatureParams = FeatureParams(),
+                 max_items: int = 500_000):
+        """`max_items` bounds the ids the per-item arrays hold (`ItemIndex`); past it they start over."""
         self.store, self.params = store, params
         self._items = _catalog_columns(items)
+        self._index = ItemIndex(max_items)  # item id -> row of every per-item array below
         self._set_catalog(self._items)
         meta = store.read("meta", [META_KEY])[0]
         if meta is not None and meta.get("fingerprint") != params.fingerprint():
@@ -104,7 +111,7 @@ class OnlineFeatures:
         self._watermark_dt: tuple[int, datetime | None] = (NO_TS, None)
         self._users = DecodedCache(store, "user", UserState.from_dict)
         self._cooc = DecodedCache(store, "cooc", CoocState.from_dict)
-        self._item_parts = ItemPartsCache(store)
+        self._item_parts = ItemPartsCache(store, self._index)
         self._user_items = UserItemIndex(store)
         self._history_memo: tuple = (None, None, [])  # (user state, t, its whole history at t)
 
@@ -122,6 +129,21 @@ class OnlineFeatures:
         self._brand_names = {g: k for k, g in enumerate(cat["brand"].drop_nulls().unique(maintain_order=True))}
         self._cat_code = _codes(cat["category"].to_list(), self._cat_names)
         self._brand_code = _codes(cat["brand"].to_list(), self._brand_names)
+        if len(ids) <= self._index.max_items // 2:
+            self._index.rows(ids)  # the catalog's ids first: later requests add only unknown ones
+        self._catalog_rows = (-1, np.zeros(0, dtype=np.int64))  # (index epoch, catalog row per index row)
+
+    def _catalog_row(self, rows: np.ndarray) -> np.ndarray:
+        """The catalog row of the items at index `rows` (len(catalog): not in it)."""
+        epoch, known = self._catalog_rows
+        if epoch != self._index.epoch or len(known) < len(self._index):
+            start = len(known) if epoch == self._index.epoch else 0
+            new = self._index.ids[start:]
+            unknown = len(self._price) - 1
+            more = np.fromiter(map(self._row.get, new, repeat(unknown)), dtype=np.int64, count=len(new))
+            known = more if start == 0 else np.concatenate([known, more])
+            self._catalog_rows = (self._index.epoch, known)
+        return known[rows]
 
     def upsert_items(self, items: pl.DataFrame) -> None:
         """Add items to the catalog, or update the price/category/brand of known ones (a null
@@ -240,18 +262,19 @@ class OnlineFeatures:
             memo = self._history_memo = (user, t_us, user.history(t_us, None))
         return memo[2]
 
-    def _user_item_states(self, user_id: str, item_ids: list[str]) -> list[bytes | None]:
-        """The stored user x item state of each item (None: none); reads only the items the user
-        has one for when the store can list its keys."""
+    def _user_item_records(self, user_id: str, item_ids: list[str], rows: np.ndarray) -> np.ndarray:
+        """The stored user x item state of each item (`user_item_records`); reads only the items the
+        user has one for when the store can list its keys."""
         seen = self._user_items.items_of(user_id)
         if seen is None:
-            return self.store.read("ui", user_item_keys(user_id, item_ids))
-        out: list[bytes | None] = [None] * len(item_ids)
-        hits = [k for k, i in enumerate(item_ids) if i in seen]
-        if hits:
-            for k, blob in zip(hits, self.store.read("ui", user_item_keys(user_id, [item_ids[k] for k in hits]))):
-                out[k] = blob
-        return out
+            return user_item_records(self.store.read("ui", user_item_keys(user_id, item_ids)))
+        rec = empty_user_item_records(len(item_ids))
+        if seen:
+            seen_rows = self._index.known(list(seen))  # an item not in the index is no candidate
+            hits = np.flatnonzero(np.isin(rows, seen_rows[seen_rows >= 0])).tolist()
+            if hits:
+                rec[hits] = user_item_records(self.store.read("ui", user_item_keys(user_id, [item_ids[k] for k in hits])))
+        return rec
 
     def _features(self, user_id: str, item_ids: list[str], t_us: int, interest_score: np.ndarray | None) -> np.ndarray:
         n = len(item_ids)
@@ -260,23 +283,20 @@ class OnlineFeatures:
             user = UserState()
         hist = self._history(user, t_us)[: self.params.history_items]
 
-        parts = self._item_parts.gather(item_ids + hist, t_us)
+        all_rows = self._index.rows(item_ids + hist)  # the one pass over the ids; the rest is numpy
+        rows = all_rows[:n]
+        parts = self._item_parts.gather(all_rows, t_us)
         if parts is None:
             items = item_base(self.store.read("item", item_ids + hist), t_us)
         else:
             items = item_base_from_parts(parts, t_us)
-        ui = user_item_base(self._user_item_states(user_id, item_ids), t_us)
+        ui = user_item_base_from_records(self._user_item_records(user_id, item_ids, rows), t_us)
 
         users = items["item_n_users_all"]
         cos_max, cos_sum = np.zeros(n), np.zeros(n)
         states = [(k, s) for k, s in enumerate(self._cooc.get(hist)) if s is not None]
         if states:
-            index = dict(zip(item_ids, range(n)))  # candidate -> position among distinct candidates
-            if len(index) != n:
-                index = {i: k for k, i in enumerate(dict.fromkeys(item_ids))}
-            counts = np.stack([s.counts(index, t_us) for _, s in states])  # (recent items, distinct candidates)
-            if len(index) != n:
-                counts = counts[:, np.fromiter((index[i] for i in item_ids), dtype=np.int64, count=n)]
+            counts = cooc_counts([s for _, s in states], self._index, rows, t_us)  # (recent items, candidates)
             n_h = users[[n + k for k, _ in states]][:, None]
             cos = cooc_cosine(counts, users[:n], n_h, NUMPY)  # elementwise, as one recent item at a time
             for row in cos:  # in history order, as offline sums them
@@ -287,8 +307,7 @@ class OnlineFeatures:
         b = {name: col[:n] for name, col in items.items()}
         b.update(ui)
         b.update({name: full(v) for name, v in user.base(t_us).items()})
-        unknown = len(self._price) - 1
-        rows = np.fromiter((self._row.get(i, unknown) for i in item_ids), dtype=np.int64, count=n)
+        rows = self._catalog_row(rows)
         for name, kind, names, codes in (("user_cat_n", "category", self._cat_names, self._cat_code),
                                          ("user_brand_n", "brand", self._brand_names, self._brand_code)):
             per_code = np.zeros(len(names) + 1)  # the user's engagements per category (brand); last: none

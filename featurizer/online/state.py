@@ -269,8 +269,17 @@ def parse_user_item_key(key: str) -> tuple[str, str] | None:
     return rest[:n], rest[n + 1 :]
 
 
-def user_item_base(blobs: list[bytes | None], t: int) -> dict[str, np.ndarray]:
-    rec = np.frombuffer(b"".join(EMPTY_UI if b is None else b for b in blobs), dtype=UI_DTYPE)
+def user_item_records(blobs: list[bytes | None]) -> np.ndarray:
+    """Packed user x item states (None: never seen), writable."""
+    return np.frombuffer(b"".join(EMPTY_UI if b is None else b for b in blobs), dtype=UI_DTYPE).copy()
+
+
+def empty_user_item_records(n: int) -> np.ndarray:
+    """n never-seen user x item states, writable."""
+    return np.repeat(np.frombuffer(EMPTY_UI, dtype=UI_DTYPE), n)
+
+
+def user_item_base_from_records(rec: np.ndarray, t: int) -> dict[str, np.ndarray]:
     counts = rec["tot"] - rec["delta"] * (rec["last"] == t)[:, None]
     out = {f"ui_n_{p}_all": counts[:, k] for k, p in enumerate(EVENT_PLURALS)}
     for name, col in (("ui_imp_age_us", "imp"), ("ui_eng_age_us", "eng")):

@@ -9,15 +9,17 @@ processes write to it) nothing is kept and every read decodes.
 
 - `DecodedCache(store, entity, decode)`: key -> decoded object (None when missing), LRU-bounded.
   Objects are shared between reads: callers must not mutate them.
-- `ItemPartsCache(store)`: per item, the `incremental.item_parts` row (scalars and window counts),
-  recomputed when the item changed or t entered another `WINDOW_KEY_US` tile; `gather` returns
-  the parts of many items as arrays, ready for `item_base_from_parts`.
+- `ItemPartsCache(store, index)`: per row of an `ItemIndex`, the item's `item_parts` (scalars and
+  window counts), recomputed when the item changed, t entered another `WINDOW_KEY_US` tile or the
+  index started over; `gather` returns the parts of many rows as arrays, ready for
+  `item_base_from_parts`.
 - `UserItemIndex(store)`: per user, the items it has a user x item state for, so a request looks
   up the few candidates a user has seen instead of probing the (large) table for every candidate.
 
 Memory, bounded: a decoded user state is about 6 KB, a co-occurrence state about 3.5 KB (40
 partners), an item row about 250 B; OnlineFeatures keeps up to 20k users, 20k co-occurrence
-states and 500k items (about 120 + 70 + 150 MB at most), and the index holds every user x item key.
+states and 500k items (`OnlineFeatures(max_items=)`; about 120 + 70 + 125 MB at most, plus about
+50 MB for the `ItemIndex` of their ids), and the index holds every user x item key.
 
 Not thread-safe with respect to each other's calls (one caller at a time, as OnlineFeatures).
 """
@@ -30,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from featurizer.online.item_index import ItemIndex
 from featurizer.online.state import (
     EMPTY_ITEM,
     ITEM_DTYPE,
@@ -90,26 +93,22 @@ class DecodedCache:
 
 
 class ItemPartsCache:
-    """Rows of item parts, one per item id asked for (also ids the store does not hold)."""
+    """Rows of item parts, one per row of an `ItemIndex` (also ids the store does not hold)."""
 
-    def __init__(self, store: OnlineStore, max_items: int = 500_000):
-        self.store, self.max_items = store, max_items
+    def __init__(self, store: OnlineStore, index: ItemIndex):
+        self.store, self.index = store, index
         self._version: int | None = None
-        self._reset(1024)
-
-    def _reset(self, capacity: int) -> None:
-        self._row: dict[str, int] = {}
-        self._ids: list[str] = []
-        self._key = np.full(capacity, _NO_KEY, dtype=np.int64)  # the t // WINDOW_KEY_US the row is for
+        self._epoch = index.epoch
+        self._key = np.full(0, _NO_KEY, dtype=np.int64)  # per row: the t // WINDOW_KEY_US its parts are for
         template = item_parts(np.frombuffer(EMPTY_ITEM, dtype=ITEM_DTYPE), 0)
-        self._parts = {name: np.zeros((capacity, *template[name].shape[1:]), dtype=np.int64) for name in ITEM_PART_FIELDS}
+        self._parts = {name: np.zeros((0, *template[name].shape[1:]), dtype=np.int64) for name in ITEM_PART_FIELDS}
         assert self._parts["window"].shape[1:] == (len(ITEM_WINDOWS), N_EVENTS)
 
     def _grow(self, need: int) -> None:
         capacity = len(self._key)
         if need <= capacity:
             return
-        new = max(need, 2 * capacity)
+        new = max(need, 2 * capacity, 1024)
         self._key = np.concatenate([self._key, np.full(new - capacity, _NO_KEY, dtype=np.int64)])
         for name, arr in self._parts.items():
             self._parts[name] = np.concatenate([arr, np.zeros((new - capacity, *arr.shape[1:]), dtype=arr.dtype)])
@@ -118,37 +117,29 @@ class ItemPartsCache:
         version, changed = self.store.changes("item", self._version)
         if version is None:
             return False
-        if changed is None:
+        if changed is None or self._epoch != self.index.epoch:
             self._key[:] = _NO_KEY
-        else:
+            self._epoch = self.index.epoch
+        if changed is not None:
             for key in changed:
-                r = self._row.get(key)
-                if r is not None:
+                r = self.index.get(key)
+                if r is not None and r < len(self._key):
                     self._key[r] = _NO_KEY
         self._version = version
         return True
 
-    def gather(self, item_ids: list[str], t: int) -> dict[str, np.ndarray] | None:
-        """`item_parts` of each id at t (t >= every applied event); None when the store cannot version."""
+    def gather(self, rows: np.ndarray, t: int) -> dict[str, np.ndarray] | None:
+        """`item_parts` at t (t >= every applied event) of the items at `rows` of the index (from
+        a `rows` call made since the last gather); None when the store cannot version."""
         if not self._sync():
             return None
-        get = self._row.get
-        rows = np.fromiter((get(i, -1) for i in item_ids), dtype=np.int64, count=len(item_ids))
-        if (rows < 0).any():
-            new = list(dict.fromkeys(i for i, r in zip(item_ids, rows.tolist()) if r < 0))
-            if len(self._ids) + len(new) > self.max_items:
-                self._reset(len(self._key))
-                new = list(dict.fromkeys(item_ids))
-            start = len(self._ids)
-            self._grow(start + len(new))
-            self._row.update(zip(new, range(start, start + len(new))))
-            self._ids.extend(new)
-            rows = np.fromiter((self._row[i] for i in item_ids), dtype=np.int64, count=len(item_ids))
+        self._grow(len(self.index))
         key = t // WINDOW_KEY_US
         stale = rows[self._key[rows] != key]
         if stale.size:
             stale = np.unique(stale)
-            blobs = self.store.read("item", [self._ids[r] for r in stale.tolist()])
+            ids = self.index.ids
+            blobs = self.store.read("item", [ids[r] for r in stale.tolist()])
             rec = np.frombuffer(b"".join(EMPTY_ITEM if b is None else b for b in blobs), dtype=ITEM_DTYPE)
             for name, values in item_parts(rec, t).items():
                 self._parts[name][stale] = values

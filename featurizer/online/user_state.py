@@ -18,6 +18,7 @@ from featurizer.definitions import (
     USER_WINDOWS,
     WINDOWS,
 )
+from featurizer.online.item_index import ItemIndex
 from featurizer.online.state import (
     N_EVENTS,
     NO_TS,
@@ -144,14 +145,18 @@ class UserState:
 
 
 class CoocState:
-    """c(i, j) for one item i, with the delta at the latest pair instant."""
+    """c(i, j) for one item i, with the delta at the latest pair instant.
 
-    __slots__ = ("n", "last", "d")
+    `cooc_counts` reads it through arrays over an `ItemIndex`'s rows (`indexed`), built on first
+    use and kept until the state changes or the index no longer matches them."""
+
+    __slots__ = ("n", "last", "d", "_arrays")
 
     def __init__(self) -> None:
         self.n: dict[str, int] = {}
         self.last = NO_TS
         self.d: dict[str, int] = {}
+        self._arrays: tuple | None = None
 
     def add(self, other: str, at: int) -> None:
         if at > self.last:
@@ -159,19 +164,23 @@ class CoocState:
         self.n[other] = self.n.get(other, 0) + 1
         if at == self.last:
             self.d[other] = self.d.get(other, 0) + 1
+        self._arrays = None
 
-    def counts(self, index: dict[str, int], t: int) -> np.ndarray:
-        """c(i, j) before t for each j of `index` (item -> position), walking the smaller side."""
-        out = np.zeros(len(index), dtype=np.int64)
-        for counts, sign in ((self.n, 1), (self.d if self.last == t else {}, -1)):
-            if len(counts) < len(index):
-                for j, c in counts.items():
-                    k = index.get(j)
-                    if k is not None:
-                        out[k] += sign * c
-            elif counts:
-                out += sign * np.fromiter((counts.get(j, 0) for j in index), dtype=np.int64, count=len(index))
-        return out
+    def indexed(self, index: ItemIndex) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(the rows of the partners j that `index` holds, c(i, j), the delta at `last`), kept while
+        the index keeps its epoch and, if some partner was not in it, its size."""
+        a = self._arrays
+        if a is not None and a[0] == index.epoch and (a[1] or a[2] == len(index)):
+            return a[3]
+        partners = list(self.n)
+        rows = index.known(partners)
+        held = rows >= 0
+        n = np.fromiter(self.n.values(), dtype=np.int64, count=len(partners))
+        d = np.fromiter((self.d.get(j, 0) for j in partners), dtype=np.int64, count=len(partners)) \
+            if self.d else np.zeros(len(partners), dtype=np.int64)
+        arrays = (rows[held], n[held], d[held])
+        self._arrays = (index.epoch, bool(held.all()), len(index), arrays)
+        return arrays
 
     def to_dict(self) -> dict:
         return {"n": self.n, "last": self.last, "d": self.d}
@@ -181,3 +190,24 @@ class CoocState:
         s = cls()
         s.n, s.last, s.d = d["n"], d["last"], d["d"]
         return s
+
+
+def cooc_counts(states: list[CoocState], index: ItemIndex, rows: np.ndarray, t: int) -> np.ndarray:
+    """(len(states), len(rows)): c(i, j) before t of each state's item i and the item j at each of
+    `rows` (rows of `index`, repeats allowed); one scatter over all the states' partners."""
+    out = np.zeros((len(states), len(rows)), dtype=np.int64)
+    if not states or not len(rows):
+        return out
+    arrays = [s.indexed(index) for s in states]
+    partners = np.concatenate([a[0] for a in arrays])
+    if not partners.size:
+        return out
+    # position of each row among the candidates: the last one for a repeated row, spread back below
+    slot = np.full(max(int(rows.max()), int(partners.max())) + 1, -1, dtype=np.int64)
+    slot[rows] = np.arange(len(rows))
+    at = slot[partners]
+    hit = at >= 0
+    state = np.repeat(np.arange(len(states)), [len(a[0]) for a in arrays])
+    c = np.concatenate([a[1] - a[2] if s.last == t else a[1] for s, a in zip(states, arrays)])
+    out[state[hit], at[hit]] = c[hit]
+    return out[:, slot[rows]]

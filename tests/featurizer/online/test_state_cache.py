@@ -8,11 +8,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from featurizer.contracts.schema import EVENT_TYPES
-from featurizer.definitions import FeatureParams
+from featurizer.definitions import NAMES, FeatureParams
 from featurizer.online.features import OnlineFeatures, to_us
 from featurizer.online.state import WINDOW_KEY_US, user_item_key
-from featurizer.online.state_cache import DecodedCache, ItemPartsCache
-from featurizer.online.user_state import UserState
+from featurizer.online.item_index import ItemIndex
+from featurizer.online.state_cache import DecodedCache
+from featurizer.online.user_state import CoocState, UserState, cooc_counts
 from featurizer.store.base import OnlineStore
 from featurizer.store.in_process import InProcessStore
 from tests.featurizer.test_feature_definitions import (
@@ -126,9 +127,27 @@ def test_item_cache_past_its_size_starts_over_and_stays_exact():
     store = InProcessStore()
     online = OnlineFeatures(store, ITEMS, PARAMS)
     online.apply(ev)
-    online._item_parts = ItemPartsCache(store, max_items=3)
-    for items in (["i0", "i1"], CANDIDATES, ["i4", "i0", "x", "y"], CANDIDATES):
+    online._index.max_items = 3  # the catalog's 4 ids are in it already: the next new id starts it over
+    epochs = []
+    for items in (["i0", "i1"], CANDIDATES, ["i4", "i0", "x", "y"], CANDIDATES, ["i3", "i3", "i4"]):
         np.testing.assert_array_equal(online.features("u0", items, at(9)), reference(store).features("u0", items, at(9)))
+        epochs.append(online._index.epoch)
+    assert epochs[-1] >= 2, epochs  # it did start over, more than once
+
+
+def test_cooc_counts_follow_partners_the_index_learns_later():
+    """i4 is not in the catalog: the first read's co-occurrence arrays of i0 cannot hold it; once a
+    read asks for i4, the index holds it and the counts must include it."""
+    ev = make_events([(0, "u1", "i0", "click"), (1, "u1", "i4", "click"), (2, "u1", "i1", "click"),
+                      (3, "u0", "i0", "click"), (4, "u2", "i4", "purchase"), (5, "u2", "i0", "click")])
+    store = InProcessStore()
+    online = OnlineFeatures(store, ITEMS, PARAMS)
+    online.apply(ev)
+    for items in (["i1", "i2"], ["i4", "i1", "i4"], CANDIDATES, ["i0", "i4"]):
+        for t in (at(5), at(9)):  # at the latest pair instant (its delta left out) and after it
+            np.testing.assert_array_equal(online.features("u0", items, t), reference(store).features("u0", items, t))
+    cooc = online.features("u0", ["i4", "i1"], at(9))[:, NAMES.index("cooc_cosine_max_recent")]
+    assert (cooc > 0).all(), cooc  # u0's recent item i0 co-occurred with both
 
 
 def test_store_lists_changed_keys_since_a_version():
@@ -189,3 +208,18 @@ def test_decoded_cache_is_bounded_and_decodes_only_what_changed():
     unversioned = DecodedCache(Unversioned(store), "user", UserState.from_dict)
     a, b = unversioned.get(["u0"])[0], unversioned.get(["u0"])[0]
     assert a is not b and len(unversioned) == 0
+
+
+def test_cooc_arrays_are_rebuilt_when_the_index_starts_over():
+    index = ItemIndex(max_items=4)
+    s = CoocState()
+    for other, at_us in (("a", 1), ("b", 2), ("b", 3), ("c", 3)):
+        s.add(other, at_us)
+    rows = index.rows(["b", "a", "b", "c"])  # every partner in the index: the arrays are complete
+    np.testing.assert_array_equal(cooc_counts([s], index, rows, 9), [[2, 1, 2, 1]])
+    np.testing.assert_array_equal(cooc_counts([s], index, rows, 3), [[1, 1, 1, 0]])  # the delta at 3 left out
+    rows = index.rows(["c", "x", "y", "a"])  # past max_items: every id gets a new row, "b"'s is now "c"'s
+    assert index.epoch == 1 and rows.tolist() == [0, 1, 2, 3]
+    np.testing.assert_array_equal(cooc_counts([s], index, rows, 9), [[1, 0, 0, 1]])
+    s.add("x", 10)  # a change drops the arrays
+    np.testing.assert_array_equal(cooc_counts([s, CoocState()], index, rows, 11), [[1, 1, 0, 1], [0, 0, 0, 0]])
