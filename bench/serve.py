@@ -16,10 +16,12 @@ The bench
    - closed loop at saturation: a fixed number of requests always in flight;
    then the mixed phase (`--mixed-candidates`, default 100): the open loop of Ranks plus LogEvents
    at `--events-rate` (50 events/s) from the same users, each Rank of a user who logged carrying
-   that call's `sequence` as `min_sequence`; it reports Rank and LogEvents p50/p99, the Ranks that
-   came back `stale_features`, the share of Ranks that needed the encoder (user-embedding cache
-   misses) and the encoder's share of the Ranks' time (Triton latency over Rank latency, from the
-   server's metrics);
+   that call's `sequence` as `min_sequence`; it reports Rank and LogEvents p50/p99 beside the warm
+   phase's p99 at the same size, and from the server's metrics the encoder calls Rank issued by
+   cause (`semrank_rank_encoder_calls_total`), degraded answers by reason, history items the
+   pooled tower left out, and the encoder's share of the Ranks' time; `mixed_targets` checks them.
+   Then the heavy mixes (`--heavy-mix`, default 500 events/s from 2,000 users of their own): the
+   same row, no target;
 5. measures, in this process and with the server idle, `RankingEngine.rank` on an engine built
    from the same data, bundle and cached embeddings (feature gather + LightGBM, no gRPC): the
    in-process cost, so service overhead is a ratio measured in the same run.
@@ -58,11 +60,11 @@ from loadgen import (  # bench/ is sys.path[0]
     serialize,
     summarize,
 )
-from serve_report import LoadAvg, check_targets, generator_verdict, hardware, plot
+from serve_report import LoadAvg, check_mixed_targets, check_targets, generator_verdict, hardware, plot
 
 log = logging.getLogger("bench.serve")
 
-DATA_VERSION = 1  # bump when the synthetic shop or the bundle recipe changes
+DATA_VERSION = 2  # bump when the synthetic shop or the bundle recipe changes (2: the pooled user tower)
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,8 @@ class BenchConfig:
     tokens: bool = False  # bearer tokens on (the generator sends a client token on every call)
     mixed_candidates: tuple[int, ...] = (100,)  # the mixed phase's sizes (empty: no mixed phase)
     mixed_events_rate: float = 50.0  # LogEvents events/s beside the offered Ranks/s in the mixed phase
+    # Heavier mixes, measured rows with no target: (events/s, distinct users), each over its own users.
+    heavy_mixes: tuple[tuple[float, int], ...] = ((500.0, 2000),)
 
 
 # ---------------------------------------------------------------- data
@@ -147,8 +151,9 @@ def online_snapshot(state_dir: Path, shop: Path) -> Path:
     return path
 
 
-def bench_requests(cfg: BenchConfig, shop: Path) -> tuple[list[str], list[str], dict[int, list[tuple[str, list[str]]]]]:
-    """Seeded: the bench users, the catalog, and per candidate count a pool of (user, candidate ids)."""
+def bench_requests(cfg: BenchConfig, shop: Path) -> tuple[list[str], list[str], dict]:
+    """Seeded: the bench users, the catalog, and per candidate count a pool of (user, candidate ids);
+    the heavy mixes' pools under `heavy_key`."""
     from featurizer.contracts.schema import read_dataset
 
     ds = read_dataset(shop)
@@ -156,8 +161,19 @@ def bench_requests(cfg: BenchConfig, shop: Path) -> tuple[list[str], list[str], 
     users = sorted(set(ds.events["user_id"].unique().to_list()))
     users = rng.sample(users, min(cfg.bench_users, len(users)))
     items = ds.items["item_id"].to_list()
-    pools = {n: [(rng.choice(users), rng.sample(items, n)) for _ in range(cfg.requests_per_size)] for n in cfg.candidates}
+    pools: dict = {n: [(rng.choice(users), rng.sample(items, n)) for _ in range(cfg.requests_per_size)]
+                   for n in cfg.candidates}
+    everyone = sorted(set(ds.events["user_id"].unique().to_list()))
+    for n in cfg.mixed_candidates:  # a heavy mix's pool: one request per user of its own, uniformly drawn
+        for rate, n_users in cfg.heavy_mixes:
+            mix_users = rng.sample(everyone, min(n_users, len(everyone)))
+            pools[heavy_key(n, n_users)] = [(u, rng.sample(items, n)) for u in mix_users]
     return users, items, pools
+
+
+def heavy_key(n: int, users: int) -> str:
+    """The request pool of a heavy mix at n candidates over `users` users."""
+    return f"{n}c-{users}u"
 
 
 # ---------------------------------------------------------------- processes and CPU
@@ -242,15 +258,17 @@ class ServerProcess:
         return self.scrape()["ranks_per_worker"]
 
     def scrape(self) -> dict:
-        """From /metrics (every worker summed): Ranks per worker, Rank and Triton latency sums, and
-        user-embedding cache misses (each one a Triton call for the user's history text)."""
+        """From /metrics (every worker summed): Ranks per worker, Rank and Triton latency sums, user-embedding
+        cache misses (a text tower's Triton calls), the encoder calls Rank issued by cause, degraded
+        answers by reason, and history items the pooled tower left out."""
         import urllib.request
 
         from prometheus_client.parser import text_string_to_metric_families
 
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
             text = r.read().decode()
-        out = {"ranks_per_worker": {}, "rank_s": 0.0, "triton_s": 0.0, "triton_calls": 0.0, "user_misses": 0.0}
+        out = {"ranks_per_worker": {}, "rank_s": 0.0, "triton_s": 0.0, "triton_calls": 0.0, "user_misses": 0.0,
+               "rank_encoder_calls": {}, "degraded": {}, "history_skipped": 0.0}
         for fam in text_string_to_metric_families(text):
             for smp in fam.samples:
                 labels = smp.labels
@@ -266,6 +284,14 @@ class ServerProcess:
                 elif (smp.name == "semrank_cache_requests_total" and labels.get("cache") == "user_embedding"
                       and labels.get("result") == "miss"):
                     out["user_misses"] += smp.value
+                elif smp.name == "semrank_rank_encoder_calls_total":
+                    c = labels.get("cause", "?")
+                    out["rank_encoder_calls"][c] = out["rank_encoder_calls"].get(c, 0.0) + smp.value
+                elif smp.name == "semrank_degraded_total":
+                    c = labels.get("reason", "?")
+                    out["degraded"][c] = out["degraded"].get(c, 0.0) + smp.value
+                elif smp.name == "semrank_user_history_items_skipped_total":
+                    out["history_skipped"] += smp.value
         return out
 
     def stop(self) -> None:
@@ -434,7 +460,8 @@ def run(cfg: BenchConfig, out_dir: Path | None) -> dict:
         warm = warm_server(port, users, items, token=token, channels=cfg.channels if cfg.workers > 1 else 1)
         log.info("server warm-up: %s", warm)
         engine, rt = inprocess_engine(bundle, shop, state_dir, snapshot)
-        inproc = measure_inprocess(engine, rt, pools, users, cfg.inprocess_reps)
+        inproc = measure_inprocess(engine, rt, {n: pool for n, pool in pools.items() if n in cfg.candidates}, users,
+                                   cfg.inprocess_reps)
         log.info("in-process: %s", inproc)
         del engine, rt
         mixed = {"users": {n: [u for u, _ in pool] for n, pool in pools.items()}, "items": items,
@@ -469,25 +496,15 @@ def run(cfg: BenchConfig, out_dir: Path | None) -> dict:
                                               if row["server_cpu_ms_per_request"] else None)
                 log.info("%s", row)
                 rows.append(row)
-        for k, n in enumerate(cfg.mixed_candidates):
-            m0, s0, tr0, t0 = server.scrape(), cpu_seconds(server_pids), cpu_seconds(triton), time.monotonic()
-            raw = gen.run("mixed", n, cfg.offered_rps, 0, cfg.warmup_s, cfg.seconds, seed=900 + k,
-                          events_rate=cfg.mixed_events_rate)
-            wall, m1 = time.monotonic() - t0, server.scrape()
-            row = summarize("mixed", n, cfg.offered_rps, raw, cfg.warmup_s, cfg.seconds)
-            ranks = sum(m1["ranks_per_worker"].values()) - sum(m0["ranks_per_worker"].values())
-            row.update({
-                "phase": "mixed", "events_per_s": cfg.mixed_events_rate,
-                "server_cpu_cores": round((cpu_seconds(server_pids) - s0) / wall, 3),
-                "triton_cpu_cores": round((cpu_seconds(triton) - tr0) / wall, 3),
-                # Over the whole phase (warm-up included): Ranks whose user embedding was not cached,
-                # and the encoder's time against the Ranks' time, both from the server's metrics.
-                "ranks_needing_encoder": round((m1["user_misses"] - m0["user_misses"]) / ranks, 4) if ranks else None,
-                "triton_calls": int(m1["triton_calls"] - m0["triton_calls"]),
-                "encoder_share_of_rank_time": (round((m1["triton_s"] - m0["triton_s"]) / (m1["rank_s"] - m0["rank_s"]), 4)
-                                               if m1["rank_s"] > m0["rank_s"] else None),
-                "inprocess_p50_ms": inproc[n]["p50_ms"] if n in inproc else None,
-            })
+        warm_p99 = {r["candidates"]: r["p99_ms"] for r in rows if r["offered_rps"] == cfg.offered_rps}
+        mixes = [(n, n, cfg.mixed_events_rate, len(users)) for n in cfg.mixed_candidates]
+        mixes += [(n, heavy_key(n, u), rate, u) for n in cfg.mixed_candidates for rate, u in cfg.heavy_mixes]
+        for k, (n, key, events_rate, n_users) in enumerate(mixes):
+            row = mixed_phase(gen, server, server_pids, triton, cfg, n, key, events_rate, seed=900 + k)
+            row.update({"users": n_users, "heavy": key != n, "inprocess_p50_ms": inproc[n]["p50_ms"] if n in inproc else None,
+                        "warm_p99_ms": warm_p99.get(n)})
+            row["p99_over_warm_p99"] = (round(row["p99_ms"] / row["warm_p99_ms"], 2)
+                                        if row["warm_p99_ms"] and row["p99_ms"] is not None else None)
             log.info("mixed: %s", row)
             mixed_rows.append(row)
     finally:
@@ -513,6 +530,7 @@ def run(cfg: BenchConfig, out_dir: Path | None) -> dict:
             "verdict": generator_verdict(rows, cfg.processes),
         },
         "mixed": mixed_rows,
+        "mixed_targets": check_mixed_targets(mixed_rows),
         "warmup": warm,
         "server": {"workers": cfg.workers, "events": cfg.events, "tokens": cfg.tokens, "ready_s": round(ready_s, 1)},
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
@@ -525,6 +543,35 @@ def run(cfg: BenchConfig, out_dir: Path | None) -> dict:
         plot(rows, out_dir / "serve_latency.png")
         (out_dir / "serve.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def mixed_phase(gen, server, server_pids: list[int], triton: list[int], cfg: BenchConfig, n: int, key, events_rate: float,
+                seed: int) -> dict:
+    """One mixed phase: Ranks at the offered rate beside LogEvents at `events_rate` from the users of pool
+    `key`; the Rank and LogEvents latencies, and from the server's metrics over the phase (warm-up
+    included) the encoder calls Rank issued by cause, degraded answers by reason, history items the
+    pooled tower left out, and the encoder's share of the Ranks' time."""
+    m0, s0, tr0, t0 = server.scrape(), cpu_seconds(server_pids), cpu_seconds(triton), time.monotonic()
+    raw = gen.run("mixed", key, cfg.offered_rps, 0, cfg.warmup_s, cfg.seconds, seed=seed, events_rate=events_rate)
+    wall, m1 = time.monotonic() - t0, server.scrape()
+    row = summarize("mixed", n, cfg.offered_rps, raw, cfg.warmup_s, cfg.seconds)
+    ranks = sum(m1["ranks_per_worker"].values()) - sum(m0["ranks_per_worker"].values())
+    delta = lambda name: {c: int(v - m0[name].get(c, 0)) for c, v in m1[name].items() if v - m0[name].get(c, 0)}  # noqa: E731
+    calls, degraded = delta("rank_encoder_calls"), delta("degraded")
+    row.update({
+        "phase": "mixed", "events_per_s": events_rate, "ranks_counted_by_server": int(ranks),
+        "server_cpu_cores": round((cpu_seconds(server_pids) - s0) / wall, 3),
+        "triton_cpu_cores": round((cpu_seconds(triton) - tr0) / wall, 3),
+        "rank_encoder_calls": sum(calls.values()), "rank_encoder_calls_by_cause": calls,
+        "degraded_by_reason": degraded,
+        "degraded_share": round(sum(degraded.values()) / ranks, 5) if ranks else None,
+        "history_items_skipped": int(m1["history_skipped"] - m0["history_skipped"]),
+        "ranks_needing_encoder": round(calls.get("user_text", 0) / ranks, 4) if ranks else None,
+        "triton_calls": int(m1["triton_calls"] - m0["triton_calls"]),
+        "encoder_share_of_rank_time": (round((m1["triton_s"] - m0["triton_s"]) / (m1["rank_s"] - m0["rank_s"]), 4)
+                                       if m1["rank_s"] > m0["rank_s"] else None),
+    })
+    return row
 
 
 async def _drop_stream(url: str, stream: str) -> None:
@@ -574,7 +621,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mixed-candidates", type=int, nargs="*", default=list(d.mixed_candidates),
                    help="sizes of the mixed phase (Ranks with tokens + LogEvents); none: skip it")
     p.add_argument("--events-rate", type=float, default=d.mixed_events_rate, help="LogEvents events/s in the mixed phase")
+    p.add_argument("--heavy-mix", nargs=2, type=float, action="append", default=None, metavar=("EVENTS_PER_S", "USERS"),
+                   help="a heavier mixed phase, no target (repeatable; default 500 events/s from 2000 users; "
+                        "--heavy-mix 0 0: none)")
     a = p.parse_args(argv)
+    heavy = d.heavy_mixes if a.heavy_mix is None else tuple((r, int(u)) for r, u in a.heavy_mix if r > 0 and u > 0)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (see bench/encoder.py)
     # SIGTERM unwinds like Ctrl-C, so the server (and its Triton) and the generators are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -584,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
         saturation_concurrency=tuple(a.concurrency), processes=a.processes, channels=a.channels, bench_users=a.bench_users,
         inprocess_reps=a.inprocess_reps, n_users=a.users, n_items=a.items, seed=a.seed,
         workers=a.workers, events=a.events, nats_url=a.nats_url, tokens=a.tokens,
-        mixed_candidates=tuple(a.mixed_candidates), mixed_events_rate=a.events_rate,
+        mixed_candidates=tuple(a.mixed_candidates), mixed_events_rate=a.events_rate, heavy_mixes=heavy,
     )
     if a.prepare_only:
         shop, _ = prepare(cfg)

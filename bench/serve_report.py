@@ -70,6 +70,24 @@ def check_targets(rows: list[dict]) -> list[dict]:
     return out
 
 
+def check_mixed_targets(mixed_rows: list[dict]) -> list[dict]:
+    """Issue 28's targets on each mixed row that has them (not the heavy mixes): no encoder call
+    issued by Rank (every bench candidate is a catalog item), at most 0.5% of Ranks degraded, and
+    Rank p99 at most 2x the warm phase's p99 at the same candidate count, same run."""
+    out = []
+    for r in mixed_rows:
+        if r.get("heavy"):
+            continue
+        checks = {
+            "rank_encoder_calls_0": r["rank_encoder_calls"] == 0,
+            "degraded_at_most_0.5%": r["degraded_share"] is not None and r["degraded_share"] <= 0.005,
+            "p99_at_most_2x_warm": r["p99_over_warm_p99"] is not None and r["p99_over_warm_p99"] <= 2.0,
+        }
+        out.append({"candidates": r["candidates"], "events_per_s": r["events_per_s"], **checks, "met": all(checks.values()),
+                    "got": {k: r[k] for k in ("rank_encoder_calls", "degraded_share", "p99_ms", "warm_p99_ms")}})
+    return out
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 

@@ -1,11 +1,12 @@
 """A versioned, self-describing model bundle.
 
     BUNDLE/
-      manifest.json   versions, ordered feature names, encoder reference,
+      manifest.json   versions, ordered feature names, encoder reference, user tower,
                       training data range, hyper-parameters, metrics
       ranker.txt      the LightGBM model in its text format
+      user_tower.safetensors   the pooled user tower's weights (ranker.user_tower)
 
-Only JSON and LightGBM text are read: no pickle anywhere. `load_bundle`
+Only JSON, LightGBM text and safetensors are read: no pickle anywhere. `load_bundle`
 checks that the model and the manifest agree before anything is served.
 """
 
@@ -21,20 +22,16 @@ from typing import Any
 
 import numpy as np
 
-from featurizer.errors import SemrankError
+from ranker.errors import BundleError
+from ranker.user_tower import UserTower
+
+__all__ = ["Bundle", "BundleError", "EncoderRef", "UserTower", "load_bundle", "save_bundle"]
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MODEL_FILE = "ranker.txt"
-
-
-class BundleError(SemrankError, ValueError):
-    """A bundle directory that cannot be served; the message says what is wrong and where."""
-
-    grpc_code = "FAILED_PRECONDITION"
-    reason = "BUNDLE_INVALID"
 
 
 @dataclass(frozen=True)
@@ -62,6 +59,7 @@ class Bundle:
     feature_names: list[str]
     encoder: EncoderRef
     booster: Any  # lightgbm.Booster
+    tower: UserTower  # the user side of the interest score (ranker.user_tower)
 
     def score(self, features: np.ndarray) -> np.ndarray:
         """Scores for a (n, len(feature_names)) float matrix; NaN means missing."""
@@ -93,14 +91,17 @@ def save_bundle(
     encoder: EncoderRef,
     extra: dict[str, Any],
     created_at: datetime | None = None,
+    tower: UserTower | None = None,
 ) -> Path:
-    """Write ranker.txt and manifest.json; returns the bundle path."""
+    """Write ranker.txt, manifest.json and the user tower's weights; returns the bundle path.
+    `tower` None: the text tower over the encoder's `history_items` (what older bundles hold)."""
     import lightgbm
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if list(booster.feature_name()) != list(feature_names):
         raise BundleError(f"model features {booster.feature_name()} differ from {feature_names}")
+    tower = tower or UserTower.text(encoder.history_items)
     model_text = booster.model_to_string()
     created_at = created_at or datetime.now(timezone.utc)
     manifest = {
@@ -111,6 +112,7 @@ def save_bundle(
         "lightgbm_version": lightgbm.__version__,
         "feature_names": list(feature_names),
         "encoder": encoder.__dict__,
+        "user_tower": tower.save(out),
         "model_file": MODEL_FILE,
         **extra,
     }
@@ -150,5 +152,7 @@ def load_bundle(path: str | Path) -> Bundle:
         encoder = EncoderRef(**manifest["encoder"])
     except TypeError as e:
         raise BundleError(f"{mf}: bad 'encoder' entry ({e})") from e
-    log.info("loaded bundle %s from %s", manifest["bundle_version"], path)
-    return Bundle(path=path, version=manifest["bundle_version"], manifest=manifest, feature_names=names, encoder=encoder, booster=booster)
+    tower = UserTower.from_manifest(manifest, path)
+    log.info("loaded bundle %s from %s (%s)", manifest["bundle_version"], path, tower.describe())
+    return Bundle(path=path, version=manifest["bundle_version"], manifest=manifest, feature_names=names, encoder=encoder,
+                  booster=booster, tower=tower)

@@ -1,9 +1,9 @@
-"""A bundle's inputs: its ordered feature columns, filled from the featurizer's features, and its user text.
+"""A bundle's inputs: its ordered feature columns, filled from the featurizer's features, and its user tower.
 
-    inputs = BundleInputs.of(bundle)                       # or BundleInputs(names, constants, history_items)
+    inputs = BundleInputs.of(bundle)                       # or BundleInputs(names, constants, tower)
     X = inputs.matrix(online_features)                     # (n, len(NAMES)) in NAMES order -> (n, len(names)) float32
     X = inputs.frame_matrix(offline_frame)                 # the same from a frame with NAMES columns
-    text = inputs.user_text(titles_most_recent_first)      # what the encoder embeds for the user
+    inputs.tower                                           # the user side of interest_score (ranker.user_tower)
 
 The service (`serving.ranking.engine`), training (`training.lambdarank`) and the evaluation
 (`training.evaluation.rankers`) all build a bundle's matrix here, so the columns, the float32
@@ -20,8 +20,8 @@ import numpy as np
 import polars as pl
 
 from featurizer.definitions import NAMES
-from featurizer.text import history_text
 from ranker.bundle import Bundle, BundleError
+from ranker.user_tower import UserTower
 
 _COLUMN = {name: k for k, name in enumerate(NAMES)}
 
@@ -29,16 +29,16 @@ _COLUMN = {name: k for k, name in enumerate(NAMES)}
 class BundleInputs:
     """How a bundle's columns are filled: from the features of `featurizer.definitions.NAMES`, or a constant."""
 
-    def __init__(self, feature_names: Sequence[str], constants: Mapping[str, float], history_items: int, source: str = "bundle"):
+    def __init__(self, feature_names: Sequence[str], constants: Mapping[str, float], tower: UserTower, source: str = "bundle"):
         names = list(feature_names)
         unknown = [n for n in names if n not in _COLUMN and n not in constants]
         if unknown:
             raise BundleError(f"{source} needs features this version of semrank cannot compute: {unknown}")
-        if history_items < 1:
-            raise BundleError(f"{source}: history_items must be >= 1, got {history_items}")
+        if not isinstance(tower, UserTower):
+            raise TypeError(f"{source}: tower must be a ranker.user_tower.UserTower, got {type(tower).__name__}")
         self.feature_names = names
         self.constants = {n: float(v) for n, v in constants.items() if n in names}
-        self.history_items = history_items
+        self.tower = tower
         self.uses_text = "interest_score" in names
         # Model column k takes feature column src[k]; a constant column takes its value.
         self._dst = np.array([k for k, n in enumerate(names) if n not in self.constants], dtype=np.int64)
@@ -48,7 +48,7 @@ class BundleInputs:
 
     @classmethod
     def of(cls, bundle: Bundle) -> BundleInputs:
-        return cls(bundle.feature_names, bundle.manifest.get("inference_constants", {}), bundle.encoder.history_items,
+        return cls(bundle.feature_names, bundle.manifest.get("inference_constants", {}), bundle.tower,
                    source=f"bundle {bundle.version}")
 
     def matrix(self, features: np.ndarray) -> np.ndarray:
@@ -70,6 +70,7 @@ class BundleInputs:
             X[:, self._const_cols] = frame.select(observed).to_numpy().astype(np.float32)
         return X
 
-    def user_text(self, titles_most_recent_first: Sequence[str]) -> str:
-        """The user-side text of this bundle's interest score: its last `history_items` titles."""
-        return history_text(titles_most_recent_first, self.history_items)
+    @property
+    def history_items(self) -> int:
+        """The recent items the user side reads (the tower's)."""
+        return self.tower.history_items

@@ -186,6 +186,8 @@ class RankingServer:
                 return build_engine(cfg.data_dir, state_dir, cfg.store, self.clock, local_log=cfg.events is None,
                                     embeddings_dir=cfg.embeddings_dir,
                                     on_cache=lambda c, hit: self.metrics.record_cache(c, int(hit), int(not hit)),
+                                    on_encode=self.metrics.record_rank_encode,
+                                    on_history_skipped=self.metrics.user_history_skipped_total.inc,
                                     max_inline_encodes=cfg.limits.max_inline_encodes,
                                     store_read_timeout_s=cfg.limits.store_read_timeout_s,
                                     max_store_waiting=cfg.limits.max_store_waiting)

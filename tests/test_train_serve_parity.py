@@ -26,6 +26,7 @@ from featurizer.online.features import OnlineFeatures
 from featurizer.store.in_process import InProcessStore
 from ranker.bundle import EncoderRef, load_bundle, save_bundle
 from ranker.feature_matrix import BundleInputs
+from ranker.user_tower import UserTower
 from serving.encoding.pool import InProcessEncoder
 from serving.ranking.engine import BundleRuntime, Candidate, RankingEngine
 from serving.ranking.item_store import ItemStore
@@ -36,10 +37,12 @@ LISTS = 4  # impression lists compared per case, spread over the last days
 
 
 CASES = {
-    "history 1, position 0": (1, {"position": 0.0}),
-    "history 3, position 4": (3, {"position": 4.0}),
-    "history 10, position 1": (10, {"position": 1.0}),
-    "history 5, no constants": (5, {}),
+    "text tower, history 1, position 0": (UserTower.text(1), {"position": 0.0}),
+    "text tower, history 3, position 4": (UserTower.text(3), {"position": 4.0}),
+    "text tower, history 10, position 1": (UserTower.text(10), {"position": 1.0}),
+    "text tower, history 5, no constants": (UserTower.text(5), {}),
+    "pooled tower, decay 0.5 over 10": (UserTower.pooled(10, 0.5), {"position": 0.0}),
+    "pooled tower, learned-like weights over 4": (UserTower("pooled", 4, np.array([1.0, 0.9, 0.2, 0.05])), {}),
 }
 
 
@@ -77,27 +80,31 @@ def train_bundle(path, examples: pl.DataFrame, inputs: BundleInputs):
     booster = lgb.train({"objective": "lambdarank", "num_leaves": 7, "min_data_in_leaf": 5, "verbose": -1, "seed": 0},
                         lgb.Dataset(X, labels, group=sizes, feature_name=inputs.feature_names), num_boost_round=15)
     ref = EncoderRef(model_dir="base", max_length=128, history_items=inputs.history_items)
-    save_bundle(path, booster, inputs.feature_names, ref, {"inference_constants": inputs.constants})
+    save_bundle(path, booster, inputs.feature_names, ref, {"inference_constants": inputs.constants}, tower=inputs.tower)
     return load_bundle(path)
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_training_and_serving_build_the_same_matrix_and_scores(tmp_path, ds, lists, online_at, case):
-    history_items, constants = CASES[case]
+    tower, constants = CASES[case]
     names = [*NAMES, *constants]
-    inputs = BundleInputs(names, constants, history_items, source="parity test")
+    inputs = BundleInputs(names, constants, tower, source="parity test")
     encoder = HashEncoder()
     examples = build_examples(ds, encoder, inputs, seed=0)
     bundle = train_bundle(tmp_path / "bundle", examples, inputs)
-    assert BundleInputs.of(bundle).constants == inputs.constants and bundle.encoder.history_items == history_items
+    assert BundleInputs.of(bundle).constants == inputs.constants and bundle.tower == tower
 
     seen = []
     score = bundle.score
     bundle.score = lambda X: (seen.append(X.copy()), score(X))[1]  # a spy: the matrix the engine scores
     service = InProcessEncoder(encoder)
+    texts = []
+    encode = service.encode
+    service.encode = lambda batch, timeout_s=None: (texts.extend(batch), encode(batch, timeout_s))[1]
     runtime = BundleRuntime(bundle, "parity-hash-encoder", service)
     items = ItemStore(ds.items)
     asyncio.run(items.ensure_embeddings(runtime.encoder_key, service.encode_bulk, DIM))  # as the server starts
+    texts.clear()
     compared = 0
     for rid, user, ts in zip(lists["request_id"], lists["user_id"], lists["ts"]):
         rows = examples.filter(pl.col("request_id") == rid)
@@ -117,17 +124,21 @@ def test_training_and_serving_build_the_same_matrix_and_scores(tmp_path, ds, lis
         assert not np.isnan(serve_X[:, names.index("interest_score")]).all(), "the text feature was compared"
         compared += len(ids)
     assert compared >= LISTS * 5
+    assert bool(texts) == tower.uses_encoder  # a pooled tower ranks catalog items with no encoder call
 
 
 def test_a_changed_history_length_changes_the_text_feature(ds, lists):
-    """The check above is not blind to the skew this issue found (history_text without max_items)."""
+    """The check above is not blind to the skew this issue found (history_text without max_items), nor
+    to a tower's weights."""
     encoder = HashEncoder()
-    short = build_examples(ds, encoder, BundleInputs(NAMES, {}, 1, source="parity test"), seed=0)
-    long = build_examples(ds, encoder, BundleInputs(NAMES, {}, 10, source="parity test"), seed=0)
     rid = lists["request_id"][-1]
-    a = short.filter(pl.col("request_id") == rid).sort("item_id")["interest_score"].to_numpy()
-    b = long.filter(pl.col("request_id") == rid).sort("item_id")["interest_score"].to_numpy()
-    assert not np.allclose(a, b, equal_nan=True)
+
+    def scores(tower):
+        ex = build_examples(ds, encoder, BundleInputs(NAMES, {}, tower, source="parity test"), seed=0)
+        return ex.filter(pl.col("request_id") == rid).sort("item_id")["interest_score"].to_numpy()
+
+    assert not np.allclose(scores(UserTower.text(1)), scores(UserTower.text(10)), equal_nan=True)
+    assert not np.allclose(scores(UserTower.pooled(10, 0.5)), scores(UserTower.pooled(10, 0.9)), equal_nan=True)
 
 
 def test_the_engine_reads_only_events_before_the_list(ds, lists, online_at):

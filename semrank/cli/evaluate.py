@@ -43,8 +43,15 @@ def register(sub) -> None:
     s.add_argument("--users", type=_positive_int, default=5000,
                    help="evaluate a seeded random sample of this many users (all if fewer); default 5000")
     s.add_argument("--seed", type=int, default=0, help="seed of the user sample, negatives and bootstrap")
-    s.add_argument("--history-items", type=_positive_int, default=5,
-                   help="titles in the user text of encoder models, most recent first (a bundle's own value wins)")
+    s.add_argument("--tower", choices=("pooled", "text"), action="append", default=None,
+                   help="user tower(s) of the pretrained encoder-frozen model and of --encoder directories that "
+                        "record none (repeatable; default pooled): pooled item vectors or the history text "
+                        "(ranker.user_tower; a bundle's or a fine-tuned encoder's own tower wins)")
+    s.add_argument("--history-items", type=_positive_int, default=None,
+                   help="recent items of those towers (default: 10 pooled, 5 text)")
+    s.add_argument("--compare", action="append", default=[], metavar="A:B",
+                   help="a paired bootstrap of model A's NDCG@10 against model B's on the same users "
+                        "(relative difference with its 95%% interval; repeatable)")
     s.add_argument("--encoder", action="append", default=[], metavar="NAME=DIR",
                    help="an extra encoder model: a transformers model dir or a bundle dir (repeatable)")
     s.add_argument("--no-frozen", action="store_true", help="skip the pretrained encoder-frozen model")
@@ -92,19 +99,31 @@ def build_models(args, split, item_texts: list[str], dataset: str) -> list:
         resolve_encoder_spec,
     )
 
-    specs = [] if args.no_frozen else [EncoderSpec("encoder-frozen", "base", history_items=args.history_items)]
+    towers = default_towers(args)
+    specs = [] if args.no_frozen else [
+        EncoderSpec("encoder-frozen" if len(towers) == 1 else f"encoder-frozen-{t.kind}", "base", tower=t) for t in towers]
     for arg in args.encoder:
         name, path = parse_encoder_arg(arg)
-        specs.append(resolve_encoder_spec(name, path, history_items=args.history_items))
+        specs.append(resolve_encoder_spec(name, path, tower=towers[0]))
     names = ["popularity"] + [s.name for s in specs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ValueError(f"model name(s) used twice: {', '.join(dupes)}; give each --encoder a distinct NAME")
     models = [PopularityScorer(split.train_item_counts("test"))]
+    loaded: dict = {}  # one encoder and its item embeddings for the specs that differ only in the tower
     for spec in specs:
         log.info("loading %s (%s)", spec.name, spec.source)
-        models.append(load_encoder_scorer(spec, item_texts, split.titles, dataset, _cache_dir(args)))
+        models.append(load_encoder_scorer(spec, item_texts, split.titles, dataset, _cache_dir(args), loaded=loaded))
     return models
+
+
+def default_towers(args) -> list:
+    """The towers of --tower (default pooled), each with --history-items or its kind's default."""
+    from ranker.user_tower import UserTower
+
+    kinds = list(dict.fromkeys(args.tower or ["pooled"]))
+    return [UserTower.text(args.history_items or 5) if k == "text" else UserTower.pooled(args.history_items or 10)
+            for k in kinds]
 
 
 def _cache_dir(args) -> Path:
@@ -135,19 +154,27 @@ def run_rankers(args, ds, split, models: list, item_texts: list[str], dataset: s
         raise ValueError(f"model name(s) used twice: {', '.join(dupes)}; give each --encoder / --ranker a distinct NAME")
     loaded: dict[str, object] = {}
 
-    def load(name: str, model_dir: str, max_length: int, history_items: int):
+    def load(name: str, model_dir: str, max_length: int):
         if name not in loaded:
-            spec = EncoderSpec(name, model_dir, max_length, history_items, source=display_path(model_dir))
+            spec = EncoderSpec(name, model_dir, max_length, source=display_path(model_dir))
             loaded[name] = load_encoder_scorer(spec, item_texts, split.titles, dataset, _cache_dir(args))
         return loaded[name]
 
     groups: dict[tuple, tuple] = {}
     for r in rankers:
         side = text_side_for(r, models, load)
-        key = (id(side.encoder), side.history_items)
+        key = (id(side.encoder), side.tower.key)
         groups.setdefault(key, (side, []))[1].append(r)
     return [evaluate_rankers(ds, split, group, side, config, args.first_stage, args.rerank_k)
             for side, group in groups.values()]
+
+
+def parse_compare_arg(arg: str) -> tuple[str, str]:
+    """`A:B` -> (A, B)."""
+    a, sep, b = arg.partition(":")
+    if not sep or not a.strip() or not b.strip():
+        raise ValueError(f"--compare expects A:B, two model names of the run (e.g. ranker-pooled:ranker-text), got {arg!r}")
+    return a.strip(), b.strip()
 
 
 def _note_applies(note: str, protocol: str) -> bool:
@@ -188,8 +215,11 @@ def cmd_eval(args) -> int:
 
         test_times = [int(t[-1]) for t in sequence_times(ds, split)]
         models.append(TrueInterestScorer(data_dir, split, test_times))
+    compare = [parse_compare_arg(a) for a in args.compare]
     run = evaluate(split, models, config)
     ranker_runs = run_rankers(args, ds, split, models, item_texts, dataset, config) if args.ranker else []
+    towers = {m.name: m.tower.describe() for m in models if getattr(m, "tower", None) is not None}
+    towers |= {name: desc for extra in ranker_runs for name, desc in extra.towers.items()}
     notes = [machine]
     if ranker_runs:
         from training.evaluation.rankers import merge, subset_notes
@@ -202,9 +232,9 @@ def cmd_eval(args) -> int:
         notes += subset_lines
     seconds = time.perf_counter() - t0
     for protocol in protocols:
-        report = build_report(dataset, protocol, run, len(split.users), args.seed, args.history_items, seconds,
+        report = build_report(dataset, protocol, run, len(split.users), args.seed, towers, seconds,
                               n_negatives=config.n_negatives, n_boot=config.bootstrap,
-                              extra_notes=[n for n in notes if _note_applies(n, protocol)])
+                              extra_notes=[n for n in notes if _note_applies(n, protocol)], compare=compare)
         if ranker_runs:
             report["different_timestamp_subset"] = subset.get(protocol, {})
             if protocol == "full":

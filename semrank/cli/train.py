@@ -9,14 +9,33 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+def ranker_tower(args, encoder_dir: str):
+    """The bundle's user tower: --tower when given, else the one the encoder was fine-tuned with
+    (`training.encoder.tower.encoder_tower`), else the pooled default."""
+    from ranker.user_tower import UserTower
+    from training.encoder.tower import encoder_tower
+
+    trained = None if encoder_dir == "base" else encoder_tower(args.out / encoder_dir)
+    if trained is not None and args.tower in (None, trained.kind) and args.history_items in (None, trained.history_items):
+        return trained
+    kind = args.tower or "pooled"
+    tower = UserTower.text(args.history_items or 5) if kind == "text" else UserTower.pooled(args.history_items or 10,
+                                                                                           args.tower_decay)
+    if trained is not None and trained != tower:
+        log.warning("the encoder was fine-tuned with another user tower (%s); the bundle uses %s",
+                    trained.describe(), tower.describe())
+    return tower
+
+
 def cmd_train_ranker(args) -> int:
     from featurizer.contracts.schema import has_impression_lists, read_dataset
 
     encoder_dir = args.encoder or ("encoder" if (args.out / "encoder" / "config.json").is_file() else "base")
     ds = read_dataset(args.data)
-    log.info("data: %s; encoder: %s", ds.report, encoder_dir)
+    tower = ranker_tower(args, encoder_dir)
+    log.info("data: %s; encoder: %s; %s", ds.report, encoder_dir, tower.describe())
     if not has_impression_lists(ds.events):  # interactions only: target + sampled negatives per group
-        return _train_leave_one_out(args, ds, encoder_dir)
+        return _train_leave_one_out(args, ds, encoder_dir, tower)
     from ranker.encoder import ProgressEncoder, TextEncoder
     from training.lambdarank.booster import format_table
     from training.lambdarank.impression_lists import train_ranker
@@ -26,13 +45,13 @@ def cmd_train_ranker(args) -> int:
                             variant=args.variant)
     model_dir = "base" if encoder_dir == "base" else args.out / encoder_dir
     encoder = ProgressEncoder(TextEncoder(model_dir, max_length=cfg.max_length))
-    extra = train_ranker(ds, args.out, cfg, encoder, data_source=str(args.data))
+    extra = train_ranker(ds, args.out, cfg, encoder, data_source=str(args.data), tower=tower)
     print(f"\nbundle written to {args.out}\nheld-out lists (last {cfg.test_days:g} days):\n")
     print(format_table(extra["metrics"]["test"]))
     return 0
 
 
-def _train_leave_one_out(args, ds, encoder_dir: str) -> int:
+def _train_leave_one_out(args, ds, encoder_dir: str, tower) -> int:
     """`semrank train ranker` on data without impression lists."""
     from training.data.loo import loo_data
     from training.lambdarank.booster import format_table
@@ -53,7 +72,8 @@ def _train_leave_one_out(args, ds, encoder_dir: str) -> int:
     encoder = item_emb = text_cache = None
     if cfg.needs_encoder:
         encoder, item_emb, text_cache = load_text_side(ds, args.out, cfg, args.embedding_cache, Path(args.data).resolve().name)
-    extra = train_loo_ranker(ds, split, args.out, cfg, encoder, item_emb, data_source=str(args.data), text_cache=text_cache)
+    extra = train_loo_ranker(ds, split, args.out, cfg, encoder, item_emb, data_source=str(args.data), text_cache=text_cache,
+                             tower=tower)
     best = extra["hyper_parameters"]["best_iteration"]
     print(f"\nbundle ({TRAINING_MODE}, {cfg.variant}) written to {args.out}; best iteration {best}, "
           f"{extra['train_seconds']:.0f} s\nvalidation groups (the early-stopping set, so optimistic):\n")
@@ -72,7 +92,11 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
         batch_size=args.batch_size,
         lr=args.lr,
+        tower=args.tower,
         history_items=args.history_items,
+        tower_decay=args.tower_decay,
+        learn_tower=not args.fixed_tower,
+        history_grad=args.history_grad,
         max_length_user=args.max_length_user,
         max_length_item=args.max_length_item,
         val_users=args.val_users,
@@ -113,7 +137,16 @@ def register(sub) -> None:
     s.add_argument("--seed", type=int, default=d.seed)
     s.add_argument("--batch-size", type=int, default=d.batch_size)
     s.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 5e-5 full, 5e-4 lora)")
-    s.add_argument("--history-items", type=int, default=d.history_items, help="recent items in the user text")
+    s.add_argument("--tower", choices=("pooled", "text"), default=d.tower,
+                   help="the user tower trained through (ranker.user_tower; recorded in OUT/encoder/ for `semrank "
+                        "train ranker`): pooled item vectors (default) or the history text")
+    s.add_argument("--history-items", type=int, default=None, help="recent items of the tower (default: 10 pooled, 5 text)")
+    s.add_argument("--tower-decay", type=float, default=d.tower_decay,
+                   help="pooled: initial weight decay^i of the i-th most recent item (default 0.5)")
+    s.add_argument("--fixed-tower", action="store_true", help="pooled: keep the position weights fixed (not trained)")
+    s.add_argument("--history-grad", type=int, default=None,
+                   help="pooled: history positions whose item vectors get gradients (default all); the others come from "
+                        f"every item's vector, re-embedded every {d.history_cache_steps} steps")
     s.add_argument("--max-length-user", type=int, default=d.max_length_user, help="token budget of the user text")
     s.add_argument("--max-length-item", type=int, default=d.max_length_item, help="token budget of the item text")
     s.add_argument("--val-users", type=int, default=d.val_users, help="validation users (fixed, seeded subset)")
@@ -139,6 +172,11 @@ def _register_ranker(train_sub) -> None:
     )
     s.add_argument("--variant", choices=("full", "behavioural"), default="full",
                    help="full: every feature; behavioural: no text features (no interest_score)")
+    s.add_argument("--tower", choices=("pooled", "text"), default=None,
+                   help="user side of the interest score (ranker.user_tower): pooled item vectors (no encoder call "
+                        "per event) or the history text; default: the tower the encoder was fine-tuned with, else pooled")
+    s.add_argument("--history-items", type=int, default=None, help="recent items of the tower (default: 10 pooled, 5 text)")
+    s.add_argument("--tower-decay", type=float, default=0.5, help="the pooled tower's recency weight per position (default 0.5)")
     g = s.add_argument_group("data without impression lists (leave-one-out targets + sampled negatives)")
     g.add_argument("--negatives", type=int, default=16,
                    help="popularity-weighted and uniform negatives per group (default 16)")

@@ -10,9 +10,10 @@ data and state directories, read-only. Features are read at one instant, `as_of`
 state's latest event + 1 µs, so a rerun on the same state gives the same scores).
 
 Each request goes through `RankingEngine.rank`, the code behind the Rank RPC. The only batch
-addition: before ranking a group of requests, the history texts of their users are embedded in
-one bulk encoder call (`prefetch_user_embeddings`) and cached as `rank` would cache them; `rank`
-then finds them there. A degraded answer (encoder unavailable) fails the job instead of writing
+addition, for a bundle with a text user tower: before ranking a group of requests, the history
+texts of their users are embedded in one bulk encoder call (`prefetch_user_embeddings`) and cached
+as `rank` would cache them; `rank` then finds them there. A pooled tower needs no prefetch: its
+user vectors come from the item vectors. A degraded answer (encoder unavailable) fails the job instead of writing
 scores without the text features.
 """
 

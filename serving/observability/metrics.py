@@ -40,6 +40,8 @@ from prometheus_client import (
     start_http_server,
 )
 
+from serving.ranking.engine import ENCODE_CAUSES
+
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 CANDIDATE_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
@@ -119,6 +121,17 @@ class Metrics:
         self.cache_requests_total = Counter(
             "cache_requests", "Embedding cache lookups", ("cache", "result"), namespace=ns, registry=r
         )
+        self.rank_encoder_calls_total = Counter(
+            "rank_encoder_calls", "Encoder (Triton) calls issued by Rank, by cause: user_text (a text user tower), "
+            "inline_item (an inline candidate the item store does not know), stale_item (a known item whose text "
+            "changed and is not re-embedded yet); a call with texts of two causes counts under both",
+            ("cause",), namespace=ns, registry=r)
+        self.rank_encoder_texts_total = Counter(
+            "rank_encoder_texts", "Texts Rank sent to the encoder, by cause (as rank_encoder_calls)", ("cause",),
+            namespace=ns, registry=r)
+        self.user_history_skipped_total = Counter(
+            "user_history_items_skipped", "History items a pooled user tower left out: no current item vector (an id "
+            "never upserted, or a text not re-embedded yet)", namespace=ns, registry=r)
         self.degraded_total = Counter("degraded", "Responses served degraded, by reason code (serving.ranking.engine.DEGRADED_CODES, or other)", ("reason",), namespace=ns, registry=r)
         self.rejected_total = Counter("rejected", "Requests rejected, by reason", ("reason",), namespace=ns, registry=r)
         self.errors_total = Counter("errors", "RPCs that ended in an error status, by method and ErrorInfo reason "
@@ -143,6 +156,9 @@ class Metrics:
                 self.cache_requests_total.labels(cache=cache, result=result)
         for reason in REJECT_CODES.values():
             self.rejected_total.labels(reason=reason)
+        for cause in ENCODE_CAUSES:
+            self.rank_encoder_calls_total.labels(cause=cause)
+            self.rank_encoder_texts_total.labels(cause=cause)
         for result in ("accepted", "rejected"):
             self.events_total.labels(result=result)
         for result in ("ok", "rejected"):
@@ -159,6 +175,13 @@ class Metrics:
             raise ValueError(f"unknown cache {cache!r}: use one of {CACHES}")
         self.cache_requests_total.labels(cache=cache, result="hit").inc(hits)
         self.cache_requests_total.labels(cache=cache, result="miss").inc(misses)
+
+    def record_rank_encode(self, cause: str, texts: int) -> None:
+        """One encoder call a Rank issued for `texts` texts of `cause` (serving.ranking.engine.ENCODE_CAUSES)."""
+        if cause not in ENCODE_CAUSES:
+            raise ValueError(f"unknown encode cause {cause!r}: use one of {ENCODE_CAUSES}")
+        self.rank_encoder_calls_total.labels(cause=cause).inc()
+        self.rank_encoder_texts_total.labels(cause=cause).inc(texts)
 
     def record_events(self, accepted: int, rejected: int) -> None:
         self.events_total.labels(result="accepted").inc(accepted)

@@ -2,12 +2,19 @@
 
 `RankingEngine` holds what every bundle shares: the item store (item data and cached
 item embeddings per encoder), the online features (`featurizer.online.features`, the
-same definitions as training), the user-embedding cache and the clock. A `BundleRuntime`
-is one loaded bundle plus the encoder that serves its text tower. Features are
+same definitions as training), the user-vector cache and the clock. A `BundleRuntime`
+is one loaded bundle plus the encoder that serves its item texts. Features are
 gathered and LightGBM scores all candidates of a request in one vectorised call.
 
-When the encoder is unavailable the engine still answers: a cached user embedding
-(even one computed from an older history) is used if there is one, otherwise the
+The user side of the interest score is the bundle's user tower (`ranker.user_tower`). The
+pooled tower pools the item store's vectors of the user's recent items on every Rank, with
+no encoder call: a Rank over known items never waits on the encoder. The encoder is called
+only for text the item store has no current vector of (inline unknown items, items whose
+text changed), and by a text tower after the user's history changed; each call is reported
+by cause (`on_encode`, `ENCODE_CAUSES`).
+
+When the encoder is unavailable the engine still answers: a text tower's cached user
+embedding (even one computed from an older history) is used if there is one, otherwise the
 text features are missing (NaN, which LightGBM routes as trained); the outcome then
 says `degraded` and why.
 """
@@ -125,6 +132,14 @@ STALE_FEATURES = "stale_features"  # a Rank's min_sequence was not applied withi
 DEGRADED_CODES = (ENCODER_UNAVAILABLE, INLINE_ITEM_LIMIT, STORE_UNAVAILABLE, STORE_REBUILDING, STALE_FEATURES)
 
 
+# Why a Rank calls the encoder (the label of semrank_rank_encoder_calls_total). With a pooled user
+# tower only the item causes remain, and only for text the item store has no current vector of.
+USER_TEXT = "user_text"  # a text tower's user side, after the user's history changed
+INLINE_ITEM = "inline_item"  # an inline candidate the item store does not know
+STALE_ITEM = "stale_item"  # a known item whose text changed and is not re-embedded yet
+ENCODE_CAUSES = (USER_TEXT, INLINE_ITEM, STALE_ITEM)
+
+
 def degraded_code(reason: str) -> str:
     """The code a degraded reason starts with ("other" for one that does not)."""
     code = reason.split(":", 1)[0]
@@ -147,9 +162,11 @@ class RankingEngine:
     max_store_waiting: int = 256  # online-store calls queued at most (a remote store; then: degraded at once)
     store_rebuilding: bool = False  # the store lost its state and is being refilled (set by the server)
     on_cache: Callable[[str, bool], None] | None = None  # (cache name, hit) -> None, for metrics
+    on_encode: Callable[[str, int], None] | None = None  # (cause, texts) per encoder call a Rank issues, for metrics
+    on_history_skipped: Callable[[int], None] | None = None  # history items without a vector (pooled tower)
 
     def __post_init__(self) -> None:
-        self._users = LruCache(self.user_cache_size)  # (encoder key, user) -> (history, embedding)
+        self._users = LruCache(self.user_cache_size)  # (encoder key, tower key, user) -> (history, embedding)
         self._inline = LruCache(self.inline_cache_size)  # (encoder key, text) -> embedding
         # Every call into self.online goes through it: off the event loop when the store is remote.
         self.store_worker = StoreWorker(self.online.store.remote, self.store_read_timeout_s, self.max_store_waiting)
@@ -160,23 +177,39 @@ class RankingEngine:
         mark = self.online.watermark
         return now if mark is None or now > mark else mark + timedelta(microseconds=1)
 
+    def _encode_call(self, cause: str, texts: int) -> None:
+        if self.on_encode is not None:
+            self.on_encode(cause, texts)
+
     def _hit(self, cache: str, hit: bool) -> None:
         if self.on_cache is not None:
             self.on_cache(cache, hit)
 
     async def user_embedding(self, rt: BundleRuntime, user_id: str, t: datetime, timeout_s: float | None,
                              reasons: list[str]) -> np.ndarray | None:
-        """Embedding of the user's recent-history text, cached per user and history; None for a
-        user with no history, or when the encoder is down and nothing is cached."""
-        key = (rt.encoder_key, user_id)
+        """The user side of the interest score, by the bundle's tower (`ranker.user_tower`); None for
+        a user with no history (or no history item with a vector), or when it cannot be computed and
+        nothing is cached.
+
+        - pooled: from the item vectors of the user's recent items, which the item store holds; no
+          encoder call, computed on every request (microseconds), so it follows every event at once.
+        - text: the encoder over the history text, cached per user and history."""
+        tower = rt.inputs.tower
+        key = (rt.encoder_key, tower.key, user_id)
         try:
-            history = tuple(await self.store_worker.read(self.online.history, user_id, t, rt.inputs.history_items,
+            history = tuple(await self.store_worker.read(self.online.history, user_id, t, tower.history_items,
                                                          timeout_s=timeout_s))
         except OnlineStoreError as e:
             cached = self._users.get(key)
             reasons.append(f"{STORE_UNAVAILABLE}: the user's history is unknown; "
                            f"{'the last user embedding used' if cached else 'ranked without text features'} ({_short(e)})")
             return None if cached is None else cached[1]
+        if not tower.uses_encoder:
+            emb = self.pooled_user_vectors(rt, [history])[0]
+            if np.isnan(emb[0]):
+                return None
+            self._users.put(key, (history, emb))  # only read when the store cannot give the history
+            return emb
         titles = [x for x in map(self.items.title, history) if x]
         if not titles:
             return None
@@ -188,7 +221,8 @@ class RankingEngine:
         try:
             if rt.encoder is None:
                 raise EncoderUnavailable("no encoder for this bundle")
-            emb = (await rt.encoder.encode([rt.inputs.user_text(titles)], timeout_s=timeout_s))[0]
+            self._encode_call(USER_TEXT, 1)
+            emb = (await rt.encoder.encode([tower.user_text(titles)], timeout_s=timeout_s))[0]
         except EncoderUnavailable as e:
             if cached is not None:
                 reasons.append(f"{ENCODER_UNAVAILABLE}: user embedding from an older history ({_short(e)})")
@@ -198,28 +232,41 @@ class RankingEngine:
         self._users.put(key, (history, emb))
         return emb
 
+    def pooled_user_vectors(self, rt: BundleRuntime, histories: Sequence[Sequence[str]]) -> np.ndarray:
+        """(len(histories), dim) pooled-tower user vectors from the item store's current vectors
+        (NaN rows: no history item has one). History items without a current vector (never
+        upserted, or a text not yet re-embedded) are left out and counted."""
+        table, current = self.items.embeddings(rt.encoder_key)
+        rows = [self.items.rows(list(h)) for h in histories]
+        skipped = sum(int((r < 0).sum() + (~current[r[r >= 0]]).sum()) for r in rows)
+        if skipped and self.on_history_skipped is not None:
+            self.on_history_skipped(skipped)
+        return rt.inputs.tower.pool_rows(rows, table, current)
+
     async def prefetch_user_embeddings(self, rt: BundleRuntime, user_ids: list[str]) -> int:
         """Embed the history texts of many users in one bulk encoder call and cache them as
         `user_embedding` would, so that `rank` for these users (at the same `now()`) hits the
-        cache. For batch scoring; returns how many texts were encoded. Encoder errors propagate."""
-        if not rt.uses_text or rt.encoder is None:
+        cache. For batch scoring with a text tower (a pooled tower needs nothing: 0); returns how
+        many texts were encoded. Encoder errors propagate."""
+        tower = rt.inputs.tower
+        if not rt.uses_text or rt.encoder is None or not tower.uses_encoder:
             return 0
         t = self.now()
         todo: dict[str, tuple[tuple[str, ...], str]] = {}
         for user_id in dict.fromkeys(user_ids):
-            history = tuple(await self.store_worker.read(self.online.history, user_id, t, rt.inputs.history_items))
+            history = tuple(await self.store_worker.read(self.online.history, user_id, t, tower.history_items))
             titles = [x for x in map(self.items.title, history) if x]
             if not titles:
                 continue
-            cached = self._users.get((rt.encoder_key, user_id))
+            cached = self._users.get((rt.encoder_key, tower.key, user_id))
             if cached is None or cached[0] != history:
-                todo[user_id] = (history, rt.inputs.user_text(titles))
+                todo[user_id] = (history, tower.user_text(titles))
         if not todo:
             return 0
         texts = list(dict.fromkeys(text for _, text in todo.values()))
         vectors = dict(zip(texts, await rt.encoder.encode_bulk(texts)))
         for user_id, (history, text) in todo.items():
-            self._users.put((rt.encoder_key, user_id), (history, vectors[text]))
+            self._users.put((rt.encoder_key, tower.key, user_id), (history, vectors[text]))
         return len(texts)
 
     async def item_embeddings(self, rt: BundleRuntime, candidates: list[Candidate], rows: np.ndarray,
@@ -238,6 +285,7 @@ class RankingEngine:
             emb = np.full((len(candidates), table.shape[1]), np.nan, dtype=np.float32)
         missing: list[str] = []
         todo_rows, todo_texts = [], []
+        stale = 0  # known items whose text changed and is not re-embedded yet (the rest: inline, unknown ids)
         for k in np.flatnonzero(~has):
             c = candidates[k]
             text = inline_text(c) or (self.items.texts[rows[k]] if rows[k] >= 0 else None)
@@ -250,15 +298,21 @@ class RankingEngine:
             else:
                 todo_rows.append(k)
                 todo_texts.append(text)
+                stale += int(rows[k] >= 0)
         if len(todo_texts) > self.max_inline_encodes:  # bounded work per request (Limits.max_inline_encodes)
             over = len(todo_texts) - self.max_inline_encodes
             reasons.append(f"{INLINE_ITEM_LIMIT}: {over} item(s) over the {self.max_inline_encodes} this request may "
                            "embed ranked without text features (upsert them with UpsertItems)")
             todo_rows, todo_texts = todo_rows[: self.max_inline_encodes], todo_texts[: self.max_inline_encodes]
+            stale = int((rows[todo_rows] >= 0).sum())
         if todo_texts:
             try:
                 if rt.encoder is None:
                     raise EncoderUnavailable("no encoder for this bundle")
+                if stale:
+                    self._encode_call(STALE_ITEM, stale)
+                if len(todo_texts) > stale:
+                    self._encode_call(INLINE_ITEM, len(todo_texts) - stale)
                 vectors = await rt.encoder.encode(todo_texts, timeout_s=timeout_s)
             except EncoderUnavailable as e:
                 reasons.append(f"{ENCODER_UNAVAILABLE}: {len(todo_texts)} item(s) without text features ({_short(e)})")

@@ -28,6 +28,7 @@ import numpy as np
 from featurizer.errors import SemrankError
 from ranker.bundle import MANIFEST, BundleError, load_bundle
 from ranker.feature_matrix import BundleInputs
+from ranker.user_tower import WEIGHTS_FILE
 from serving.encoding.pool import EncoderHandle, EncoderPool
 from serving.ranking.engine import BundleRuntime, RankingEngine
 
@@ -82,7 +83,7 @@ def bundle_fingerprint(path: Path) -> tuple:
     """What the watcher compares: the resolved directory and its files' mtimes and sizes."""
     real = path.resolve()
     parts: list = [str(real)]
-    for name in (MANIFEST, "ranker.txt"):
+    for name in (MANIFEST, "ranker.txt", WEIGHTS_FILE):
         try:
             st = os.stat(real / name)
             parts.append((name, st.st_mtime_ns, st.st_size))

@@ -17,11 +17,19 @@ from featurizer.offline.pipeline import offline_features, user_recent_items
 from featurizer.text import item_text_expr
 from ranker.bundle import load_bundle
 from ranker.feature_matrix import BundleInputs
+from ranker.user_tower import user_vectors
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
 from serving.config import Limits, ServeConfig
 from serving.server import SERVICE_NAME
-from tests.integration.serving_kit import ServerThread, bad_request_fields, error_info, tritonservers_in_group
+from tests.integration.serving_kit import (
+    ServerThread,
+    bad_request_fields,
+    error_info,
+    metric,
+    scrape_metrics,
+    tritonservers_in_group,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -31,7 +39,8 @@ MAX_CANDIDATES = 50
 @pytest.fixture(scope="module")
 def service(small_shop, small_bundle):
     bundle_dir, _ = small_bundle
-    cfg = ServeConfig(bundle_dir=bundle_dir, data_dir=small_shop, port=0, limits=Limits(max_candidates=MAX_CANDIDATES))
+    cfg = ServeConfig(bundle_dir=bundle_dir, data_dir=small_shop, port=0, metrics_port=0,
+                      limits=Limits(max_candidates=MAX_CANDIDATES))
     with ServerThread(cfg) as st:
         groups = [t.pid for t in st.server.tritons.values()]  # each Triton worker leads its own process group
         assert groups, "the server started no Triton"
@@ -100,12 +109,14 @@ def test_scores_equal_offline_computation(service, shop, small_bundle, encoder):
     q = pl.DataFrame({"user_id": [user] * len(ids), "item_id": ids, "ts": [t] * len(ids)}).with_columns(
         pl.col("ts").cast(pl.Datetime("us", "UTC"))
     )
-    hist = user_recent_items(shop.events.lazy(), shop.items.lazy(), q.head(1).lazy(), bundle.encoder.history_items).collect()
-    titles = dict(zip(shop.items["item_id"], shop.items["title"]))
     inputs = BundleInputs.of(bundle)
-    user_emb = encoder.encode([inputs.user_text([titles[i] for i in hist["history"][0]])])[0]
-    texts = shop.items.select("item_id", item_text_expr()).filter(pl.col("item_id").is_in(ids))
-    item_emb = dict(zip(texts["item_id"], encoder.encode(texts["item_text"].to_list())))
+    hist = user_recent_items(shop.events.lazy(), shop.items.lazy(), q.head(1).lazy(), inputs.history_items).collect()
+    texts = shop.items.select("item_id", "title", item_text_expr())
+    all_emb = encoder.encode(texts["item_text"].to_list())
+    row = {i: k for k, i in enumerate(texts["item_id"])}
+    user_emb = user_vectors(inputs.tower, [[row[i] for i in hist["history"][0]]], all_emb, texts["title"].to_list(),
+                            encoder.encode)[0]
+    item_emb = {i: all_emb[row[i]] for i in ids}
     q = q.with_columns(interest_score=pl.Series([float(item_emb[i] @ user_emb) for i in ids]))
     feats = offline_features(shop.events.lazy(), shop.items.lazy(), q.lazy()).collect()
     want = bundle.score(inputs.frame_matrix(feats))
@@ -163,3 +174,60 @@ def test_without_tokens_admin_rpcs_are_off_and_writes_are_open(service, shop):
     event = pb.Event(ts=Timestamp(seconds=int(time.time()) - 5), user_id="u-open",
                      item_id=shop.items["item_id"][0], type=pb.EVENT_TYPE_CLICK)
     assert stub.LogEvents(iter([pb.LogEventsRequest(events=[event])]), timeout=60).accepted == 1
+
+
+# --------------------------------------------------------------------------- the pooled user tower (issue 28)
+
+
+def _encoder_calls(st) -> tuple[float, dict[str, float]]:
+    """(Triton calls so far, Rank's encoder calls by cause) from /metrics."""
+    m = scrape_metrics(st.server.metrics_port)
+    causes = {c: metric(m, "semrank_rank_encoder_calls_total", cause=c) for c in ("user_text", "inline_item", "stale_item")}
+    return metric(m, "semrank_triton_latency_seconds_count"), causes
+
+
+def _text_contributions(resp: pb.RankResponse) -> dict[str, float]:
+    return {it.item_id: next(c.contribution for c in it.contributions if c.family == "text") for it in resp.items}
+
+
+def test_a_rank_after_log_events_calls_no_encoder_and_its_user_vector_has_the_event(service, shop):
+    """The next Rank after an event reflects it in the user vector (the text family's contribution
+    for the same candidates moves), and neither Rank calls Triton: the pooled tower reads the item
+    vectors the server holds."""
+    st, channel = service
+    assert load_bundle(st.server.cfg.bundle_dir).tower.kind == "pooled"
+    user = active_user(shop)
+    ids = shop.items["item_id"].head(20).to_list()
+    before = rank(channel, user_id=user, candidates=[pb.RankCandidate(item_id=i) for i in ids], explain=True)
+    calls0 = _encoder_calls(st)
+    # a purchase of an item from far down the catalog: the user's most recent item from now on
+    item = shop.items["item_id"][-3]
+    event = pb.Event(event_id=f"tower-{time.time_ns()}", ts=Timestamp(seconds=int(time.time()) - 1), user_id=user,
+                     item_id=item, type=pb.EVENT_TYPE_PURCHASE)
+    stub = pb_grpc.RankingServiceStub(channel)
+    ack = stub.LogEvents(iter([pb.LogEventsRequest(events=[event])]), timeout=60)
+    assert ack.accepted == 1
+    after = rank(channel, user_id=user, candidates=[pb.RankCandidate(item_id=i) for i in ids], explain=True,
+                 min_sequence=ack.sequence)
+    assert not before.degraded and not after.degraded
+    assert _encoder_calls(st) == calls0  # no Triton call at all, by Rank or anyone
+    b, a = _text_contributions(before), _text_contributions(after)
+    assert max(abs(a[i] - b[i]) for i in ids) > 1e-6, "the event did not reach the user vector"
+
+
+def test_an_inline_unseen_item_is_still_embedded(service, shop):
+    st, channel = service
+    user = active_user(shop)
+    ids = shop.items["item_id"].head(5).to_list()
+    triton0, causes0 = _encoder_calls(st)
+    title = f"Bamboo cutting board with juice groove {time.time_ns()}"  # a text nobody embedded yet
+    cands = [pb.RankCandidate(item_id=i) for i in ids] + [pb.RankCandidate(item_id="inline-board", title=title,
+                                                                            category="Kitchen")]
+    resp = rank(channel, user_id=user, candidates=cands, explain=True)
+    triton1, causes1 = _encoder_calls(st)
+    assert not resp.degraded
+    assert causes1["inline_item"] == causes0["inline_item"] + 1 and causes1["user_text"] == causes0["user_text"]
+    assert triton1 == triton0 + 1  # that one call, for the inline text only
+    assert _text_contributions(resp)["inline-board"] != 0.0  # it has the text feature
+    rank(channel, user_id=user, candidates=cands)  # its vector is cached by text now
+    assert _encoder_calls(st) == (triton1, causes1)

@@ -1,5 +1,8 @@
 """The service while its Triton dies: degraded answers only where needed, upserts refused but kept,
 and the supervisor restarting a dead Triton. Faults: SIGKILL of the Triton process group.
+
+The bundle has the pooled user tower (the default): a Rank over items the store knows needs no
+encoder, for any user, so only text never embedded (a new inline item) needs Triton.
 """
 
 from __future__ import annotations
@@ -54,29 +57,37 @@ INLINE_ITEMS = [
 ]
 
 
+def fresh_inline(k: int) -> pb.RankCandidate:
+    """An inline item whose text nobody embedded before: only Triton can give its vector."""
+    return pb.RankCandidate(item_id=f"inline-fresh-{k}", title=f"Handmade ceramic planter, series {k}", category="Garden")
+
+
 def test_triton_killed_mid_run_every_rank_answers_degraded_only_where_needed(kill_server, shop, catalog):
     st, channel = kill_server
+    assert load_bundle(st.server.cfg.bundle_dir).tower.kind == "pooled"
     users = engaged_users(shop)
-    cached, uncached = users[:6], users[6:36]
+    seen, new = users[:6], users[6:36]
     items = catalog[:20]
     version = load_bundle(st.server.cfg.bundle_dir).version
-    results: list[tuple[bool, str, object]] = []  # (sent after the kill, user, response or RpcError)
+    # (sent after the kill, user, a fresh inline item asked, response or RpcError)
+    results: list[tuple[bool, str, bool, object]] = []
     warm, killed = threading.Event(), threading.Event()
 
     def loop() -> None:
         k = 0
-        # Before the kill: only the cached users, over and over (their user embeddings and the
-        # inline items' embeddings are cached after the first round).
+        # Before the kill: the first users, over and over (the inline items' embeddings are cached
+        # after the first round).
         while not killed.is_set():
-            user = cached[k % len(cached)]
-            results.append((False, user, _rank_or_error(channel, user, items)))
+            user = seen[k % len(seen)]
+            results.append((False, user, False, _rank_or_error(channel, user, items)))
             k += 1
-            if k >= 2 * len(cached):
+            if k >= 2 * len(seen):
                 warm.set()
-        # After the kill: users never ranked before (need Triton) between cached ones.
-        for j, user in enumerate(uncached):
-            for u in (user, cached[j % len(cached)]):
-                results.append((True, u, _rank_or_error(channel, u, items)))
+        # After the kill: users never ranked before, over known items and the cached inline ones
+        # (no encoder needed: the pooled tower), then with an inline item nobody embedded (needs it).
+        for j, user in enumerate(new):
+            results.append((True, user, False, _rank_or_error(channel, user, items)))
+            results.append((True, user, True, _rank_or_error(channel, user, items, [fresh_inline(j)])))
 
     thread = threading.Thread(target=loop, daemon=True)
     thread.start()
@@ -89,18 +100,19 @@ def test_triton_killed_mid_run_every_rank_answers_degraded_only_where_needed(kil
         thread.join(timeout=300)
     assert not thread.is_alive(), "the Rank loop hung after Triton died"
 
-    errors = [(u, r) for _, u, r in results if isinstance(r, grpc.RpcError)]
+    errors = [(u, r) for *_, u, _, r in results if isinstance(r, grpc.RpcError)]
     assert errors == [], f"Ranks failed: {errors[:3]}"
-    for after, user, r in results:
-        assert sorted(it.item_id for it in r.items) == sorted(items + [c.item_id for c in INLINE_ITEMS])
+    for after, user, fresh, r in results:
+        assert len(r.items) == len(items) + len(INLINE_ITEMS) + fresh
         assert r.model_version == version and not r.missing_ids
-        if not after or user in cached:
-            # Pre-kill answers, and cached users after it: every embedding was in a cache.
+        if not fresh:
+            # Every vector is known (the catalog's, the cached inline texts'), and the user side
+            # pools them: no encoder needed, for users never ranked before as for the others.
             assert not r.degraded, (after, user, r.degraded_reason)
         else:
-            assert r.degraded and "encoder" in r.degraded_reason, (user, r.degraded_reason)
-    n_degraded = sum(1 for after, u, _ in results if after and u not in cached)
-    assert n_degraded == len(uncached)
+            assert r.degraded and "encoder_unavailable: 1 item(s)" in r.degraded_reason, (user, r.degraded_reason)
+    n_degraded = sum(1 for *_, fresh, _ in results if fresh)
+    assert n_degraded == len(new)
 
     m = scrape_metrics(st.server.metrics_port)
     assert metric(m, "semrank_degraded_total") >= n_degraded
@@ -112,9 +124,9 @@ def test_triton_killed_mid_run_every_rank_answers_degraded_only_where_needed(kil
     assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
 
 
-def _rank_or_error(channel, user: str, items: list[str]):
+def _rank_or_error(channel, user: str, items: list[str], more: list = ()):
     try:
-        return rank(channel, user, items, extra=INLINE_ITEMS)
+        return rank(channel, user, items, extra=[*INLINE_ITEMS, *more])
     except grpc.RpcError as e:
         return e
 
@@ -141,19 +153,20 @@ def test_upsert_while_triton_is_dead_is_unavailable_and_the_data_is_kept(kill_se
 
 def test_dead_triton_is_restarted_and_answers_recover(small_shop, small_bundle, shop, catalog, tmp_path):
     """The supervisor notices the killed Triton, starts a new one on the same ports, and the client
-    (short reconnect back-off, breaker half-open probe) finds it: new users get full answers again."""
+    (short reconnect back-off, breaker half-open probe) finds it: new inline texts get full answers again."""
     cfg = ServeConfig(bundle_dir=small_bundle[0], data_dir=small_shop, state_dir=tmp_path / "state", port=0,
                       metrics_port=0, reload_poll_s=0, encoder_timeout_s=5.0, triton_supervise_s=0.5,
                       breaker_open_s=0.5)
     users = engaged_users(shop)
     with ServerThread(cfg) as st, grpc.insecure_channel(f"127.0.0.1:{st.port}") as channel:
         kill_tritons(st)
-        first = rank(channel, users[0], catalog[:10])
+        assert not rank(channel, users[0], catalog[:10]).degraded  # known items: no encoder needed
+        first = rank(channel, users[0], catalog[:10], extra=[fresh_inline(0)])
         assert first.degraded and "encoder" in first.degraded_reason
-        fresh = iter(users[1:])
+        fresh = iter(range(1, 10_000))
 
-        def recovered() -> bool:
-            return not rank(channel, next(fresh), catalog[:10]).degraded  # a new user: needs Triton
+        def recovered() -> bool:  # a new inline text: needs Triton
+            return not rank(channel, users[0], catalog[:10], extra=[fresh_inline(next(fresh))]).degraded
 
         wait_until(recovered, 240, "a restarted Triton answering", poll_s=1.0)
         assert len(st.server.tritons) == 1

@@ -43,6 +43,7 @@ from featurizer.offline.pipeline import user_recent_items
 from featurizer.text import history_text, item_text_expr
 from ranker.encoder import mean_pool
 from ranker.interest import interest_scores
+from ranker.user_tower import UserTower, user_vectors
 from training.data.loo import loo_split
 from training.lambdarank.impression_lists import impression_lists
 
@@ -344,21 +345,29 @@ def sampled_metrics(scores: np.ndarray, k: int = 10) -> dict[str, float]:
 
 
 class SampledEvaluator:
-    """Validation users' targets against their sampled negatives, with the current model."""
+    """Validation users' targets against their sampled negatives, with the current model and user
+    tower (`ranker.user_tower`): the text tower embeds the history texts, the pooled one pools the
+    history items' vectors, as the service would."""
 
     def __init__(self, data: EncoderData, tokenizer, cfg):  # cfg: EncoderTrainConfig
         v = data.valid
-        self.tokenizer, self.cfg = tokenizer, cfg
-        self.user_texts = [data.user_text(h, cfg.history_items) for h in v.history]
+        self.data, self.tokenizer, self.cfg = data, tokenizer, cfg
         cand = np.concatenate([v.target[:, None], v.negatives], axis=1)
-        self.items, inverse = np.unique(cand, return_inverse=True)
-        self.cand_rows = inverse.reshape(cand.shape)
+        needed = [cand.ravel()] if cfg.tower == "text" else [cand.ravel(), v.history[v.history != NO_ITEM]]
+        self.items, inverse = np.unique(np.concatenate(needed), return_inverse=True)
+        self.cand_rows = inverse[: cand.size].reshape(cand.shape)
+        row = {int(i): k for k, i in enumerate(self.items)}
+        self.history_rows = [[row[int(i)] for i in h if i != NO_ITEM] for h in v.history]
         self.item_texts = [data.item_texts[i] for i in self.items]
 
-    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+    def __call__(self, model: torch.nn.Module, tower: UserTower) -> dict[str, float]:
         c = self.cfg
-        users = embed_texts(model, self.tokenizer, self.user_texts, c.max_length_user, bf16=c.bf16)
         items = embed_texts(model, self.tokenizer, self.item_texts, c.max_length_item, bf16=c.bf16)
-        m, c = self.cand_rows.shape
-        scores = interest_scores(users, items, (np.repeat(np.arange(m), c), self.cand_rows.ravel()))
-        return sampled_metrics(scores.reshape(m, c))
+        if tower.kind == "text":
+            texts = [self.data.user_text(h, tower.history_items) for h in self.data.valid.history]
+            users = embed_texts(model, self.tokenizer, texts, c.max_length_user, bf16=c.bf16)
+        else:
+            users = user_vectors(tower, self.history_rows, items)
+        m, n = self.cand_rows.shape
+        scores = interest_scores(users, items, (np.repeat(np.arange(m), n), self.cand_rows.ravel()))
+        return sampled_metrics(scores.reshape(m, n))

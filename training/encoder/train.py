@@ -34,21 +34,24 @@ from torch import nn
 from featurizer.contracts.schema import Dataset, has_impression_lists
 from ranker.bundle import MANIFEST, EncoderRef
 from ranker.encoder import BASE_MODEL, base_model_path, mean_pool
+from ranker.user_tower import UserTower, pool_torch
 from training.encoder.lora import ATTENTION_QV, apply_lora, lora_modules, merge_lora
 from training.encoder.pairs import (
+    NO_ITEM,
     EncoderData,
     SampledEvaluator,
+    embed_texts,
     impression_pairs,
     length_batches,
     loo_pairs,
     sample_epoch,
 )
+from training.encoder.tower import TRAINING_JSON, record_tower
 from training.figures import pyplot, save_figure
 
 log = logging.getLogger(__name__)
 
 ENCODER_DIR = "encoder"
-TRAINING_JSON = "training.json"
 CURVES = "encoder_curves"
 METHODS = ("full", "lora")
 DEFAULT_METHOD = "full"
@@ -67,7 +70,14 @@ class EncoderTrainConfig:
     min_lr_ratio: float = 0.1  # linear decay to this fraction of lr at the end of the budget
     weight_decay: float = 0.01
     scale: float = 20.0  # inverse temperature of the InfoNCE softmax
-    history_items: int = 5
+    tower: str = "pooled"  # the user tower trained through (ranker.user_tower): pooled item vectors or text
+    history_items: int | None = None  # None: 10 pooled, 5 text
+    tower_decay: float = 0.5  # the pooled tower's initial weight decay^i per position
+    learn_tower: bool = True  # train the pooled tower's position weights with the encoder
+    tower_lr: float = 1e-2  # their learning rate (log weights)
+    history_grad: int | None = None  # pooled: positions whose item vectors get gradients (None: all); the
+    # others come from a table of every item's vector, re-embedded every `history_cache_steps` steps
+    history_cache_steps: int = 200
     max_length_user: int = 96
     max_length_item: int = 48
     pairs_per_user: int = 2  # per epoch
@@ -90,6 +100,25 @@ class EncoderTrainConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.batch_size < 2:
             raise ValueError("batch_size must be >= 2 (in-batch negatives)")
+        self.initial_tower()  # a bad tower is an error now, not after the split
+        if self.history_grad is not None and self.history_grad < 0 or self.history_cache_steps < 1:
+            raise ValueError(f"history_grad must be >= 0 and history_cache_steps >= 1: {self}")
+
+    @property
+    def n_history(self) -> int:
+        return self.history_items or (10 if self.tower == "pooled" else 5)
+
+    def initial_tower(self) -> UserTower:
+        if self.tower == "text":
+            return UserTower.text(self.n_history)
+        if self.tower != "pooled":
+            raise ValueError(f"tower must be pooled or text, got {self.tower!r}")
+        return UserTower.pooled(self.n_history, self.tower_decay)
+
+    @property
+    def grad_positions(self) -> int:
+        """Pooled: the history positions whose item vectors get gradients."""
+        return self.n_history if self.history_grad is None else min(self.history_grad, self.n_history)
 
     @property
     def learning_rate(self) -> float:
@@ -132,25 +161,52 @@ def contrastive_loss(
 
 
 class TwoTower(nn.Module):
-    """One shared transformer for users and items; `forward` returns the loss."""
+    """One shared transformer for users and items; `forward` returns the loss.
 
-    def __init__(self, encoder: nn.Module, scale: float):
+    Text tower: the user side is the transformer over the history text. Pooled tower: the user side
+    is `ranker.user_tower.pool_torch` over the item vectors of the history, the same function the
+    service runs, with the position weights as parameters (log scale) when they are learned."""
+
+    def __init__(self, encoder: nn.Module, scale: float, tower: UserTower, learn_tower: bool = False):
         super().__init__()
-        self.encoder, self.scale = encoder, scale
+        self.encoder, self.scale, self.kind = encoder, scale, tower.kind
+        if tower.kind == "pooled":
+            log_w = torch.log(torch.from_numpy(tower.position_weights.astype(np.float64)).clamp_min(1e-12))
+            self.log_weights = nn.Parameter(log_w.float(), requires_grad=learn_tower)
+
+    def tower(self) -> UserTower:
+        """The user tower as it stands (the learned weights, normalised to a first weight of 1)."""
+        if self.kind == "text":
+            raise ValueError("a text tower has no weights; use the config's")
+        w = torch.exp(self.log_weights.detach().double())
+        return UserTower("pooled", int(w.numel()), (w / w[0]).numpy())
 
     def embed(self, batch: dict) -> torch.Tensor:
         hidden = self.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         return mean_pool(hidden.float(), batch["attention_mask"])
 
-    def forward(self, users: dict, items: dict, weights: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
-        u, it = self.embed(users), self.embed(items)
-        n = u.shape[0]
+    def users(self, it: torch.Tensor, b: dict) -> torch.Tensor:
+        """The pooled user vectors of batch `b` from the embedded items `it`: the positions with gradients
+        gather rows of `it`, the others come from the batch's cached vectors."""
+        pos = b["history_pos"]  # (B, g) rows of `it`, -1 none
+        vectors, mask = it[pos.clamp_min(0)], pos >= 0
+        if b.get("history_cached") is not None:
+            vectors = torch.cat([vectors, b["history_cached"]], dim=1)
+            mask = torch.cat([mask, b["history_cached_mask"]], dim=1)
         with torch.autocast("cpu", enabled=False):
-            return contrastive_loss(u, it[:n], weights, it[n:] if it.shape[0] > n else None, self.scale, exclude)
+            return pool_torch(vectors.float(), mask, torch.exp(self.log_weights))
+
+    def forward(self, b: dict) -> torch.Tensor:
+        it = self.embed(b["items"])
+        n = b["weights"].shape[0]
+        u = self.users(it, b) if self.kind == "pooled" else self.embed(b["users"])
+        c = b["n_candidates"]
+        with torch.autocast("cpu", enabled=False):
+            return contrastive_loss(u, it[:n], b["weights"], it[n:c] if c > n else None, self.scale, b["exclude"])
 
 
 def build_data(ds: Dataset, cfg: EncoderTrainConfig) -> EncoderData:
-    common = dict(history_items=cfg.history_items, val_users=cfg.val_users, n_negatives=cfg.val_negatives,
+    common = dict(history_items=cfg.n_history, val_users=cfg.val_users, n_negatives=cfg.val_negatives,
                   negative_pool=cfg.val_negative_pool, seed=cfg.seed)
     if has_impression_lists(ds.events):
         return impression_pairs(ds, test_days=cfg.test_days, valid_days=cfg.valid_days, **common)
@@ -174,8 +230,9 @@ def load_base(cfg: EncoderTrainConfig):
     return tokenizer, model.train()
 
 
-def save_encoder(model: nn.Module, tokenizer, enc_dir: Path, training: dict) -> None:
-    """Write a plain BertModel (LoRA merged) + tokenizer + training.json, replacing `enc_dir` at the end."""
+def save_encoder(model: nn.Module, tokenizer, enc_dir: Path, training: dict, tower: UserTower) -> None:
+    """Write a plain BertModel (LoRA merged) + tokenizer + the user tower it was trained with
+    (`training.encoder.tower`) + training.json, replacing `enc_dir` at the end."""
     tmp, old = enc_dir.with_name(f".{enc_dir.name}.tmp"), enc_dir.with_name(f".{enc_dir.name}.old")
     for d in (tmp, old):
         shutil.rmtree(d, ignore_errors=True)
@@ -184,6 +241,7 @@ def save_encoder(model: nn.Module, tokenizer, enc_dir: Path, training: dict) -> 
     tokenizer.save_pretrained(tmp)
     if not (tmp / "model.safetensors").is_file():
         raise RuntimeError(f"{tmp}: save_pretrained wrote no model.safetensors")
+    training["user_tower"] = record_tower(tmp, tower)
     (tmp / TRAINING_JSON).write_text(json.dumps(training, indent=2, default=str) + "\n")
     if enc_dir.exists():
         enc_dir.rename(old)
@@ -192,12 +250,17 @@ def save_encoder(model: nn.Module, tokenizer, enc_dir: Path, training: dict) -> 
 
 
 class _Batcher:
-    """Tokenized batches: user texts, target item texts (+ hard negatives), weights, exclusion mask."""
+    """Tokenized batches: the target item texts (+ hard negatives, + the pooled tower's history items),
+    the text tower's user texts, weights, exclusion mask."""
 
     def __init__(self, data: EncoderData, tokenizer, cfg: EncoderTrainConfig):
         self.data, self.tok, self.cfg = data, tokenizer, cfg
         self.rng = np.random.default_rng(cfg.seed + 1)
-        self.user_text_len = np.array([len(data.user_text(h, cfg.history_items)) for h in data.pairs.history])
+        self.cache: torch.Tensor | None = None  # pooled, history_grad < history_items: every item's vector
+        if cfg.tower == "text":
+            self.user_text_len = np.array([len(data.user_text(h, cfg.n_history)) for h in data.pairs.history])
+        else:  # batches of similar history size: less padding among their item texts
+            self.user_text_len = (data.pairs.history != NO_ITEM).sum(axis=1)
 
     def epochs(self):
         epoch = 0
@@ -222,12 +285,38 @@ class _Batcher:
         cands = np.concatenate([targets, np.asarray(hard, dtype=np.int64)])
         exclude = np.stack([np.isin(cands, d.known[p.user[r]]) | (cands == p.target[r]) for r in rows])
         tok = lambda texts, n: self.tok(texts, padding=True, truncation=True, max_length=n, return_tensors="pt")  # noqa: E731
-        return {
-            "users": tok([d.user_text(p.history[r], c.history_items) for r in rows], c.max_length_user),
-            "items": tok([d.item_texts[i] for i in cands], c.max_length_item),
-            "weights": torch.from_numpy(p.weight[rows].astype(np.float32)),
-            "exclude": torch.from_numpy(exclude),
-        }
+        out = {"weights": torch.from_numpy(p.weight[rows].astype(np.float32)), "exclude": torch.from_numpy(exclude),
+               "n_candidates": int(cands.size)}
+        encoded = cands
+        if c.tower == "text":
+            out["users"] = tok([d.user_text(p.history[r], c.n_history) for r in rows], c.max_length_user)
+        else:
+            hist = p.history[rows]
+            g = c.grad_positions
+            grad = hist[:, :g]
+            extra = np.setdiff1d(grad[grad != NO_ITEM], cands)  # history items not among the candidates
+            encoded = np.concatenate([cands, extra])
+            pos_of: dict[int, int] = {}
+            for k, i in enumerate(encoded.tolist()):
+                pos_of.setdefault(i, k)
+            pos = [pos_of.get(i, -1) for i in grad.ravel().tolist()]  # NO_ITEM: -1
+            out["history_pos"] = torch.tensor(pos, dtype=torch.int64).reshape(grad.shape)
+            if g < hist.shape[1]:
+                if self.cache is None:
+                    raise RuntimeError("the history cache is not built; call refresh_cache first")
+                rest = hist[:, g:]
+                out["history_cached"] = self.cache[torch.from_numpy(np.where(rest == NO_ITEM, 0, rest))]
+                out["history_cached_mask"] = torch.from_numpy(rest != NO_ITEM)
+        out["items"] = tok([d.item_texts[i] for i in encoded], c.max_length_item)
+        return out
+
+    def refresh_cache(self, model: nn.Module) -> float:
+        """Re-embed every catalog item (no gradients) for the history positions past `history_grad`;
+        returns the seconds it took."""
+        t = time.monotonic()
+        self.cache = torch.from_numpy(embed_texts(model, self.tok, self.data.item_texts, self.cfg.max_length_item,
+                                                  bf16=self.cfg.bf16))
+        return time.monotonic() - t
 
 
 def _lr_factor(step: int, elapsed: float, cfg: EncoderTrainConfig, budget_s: float) -> float:
@@ -251,10 +340,16 @@ def train_encoder(ds: Dataset, out_dir: str | Path, cfg: EncoderTrainConfig, dat
     data = build_data(ds, cfg)
     log.info("split %s: %d candidate pairs, %d validation users", data.split["kind"], len(data.pairs), len(data.valid.target))
     tokenizer, model = load_base(cfg)
-    tower = TwoTower(model, cfg.scale)
+    two = TwoTower(model, cfg.scale, cfg.initial_tower(), cfg.learn_tower)
+    current_tower = (lambda: two.tower()) if cfg.tower == "pooled" else cfg.initial_tower  # noqa: E731
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
+    groups = [{"params": params, "lr": cfg.learning_rate}]
+    if cfg.tower == "pooled" and cfg.learn_tower:
+        groups.append({"params": [two.log_weights], "lr": cfg.tower_lr, "weight_decay": 0.0, "base_lr": cfg.tower_lr})
+    opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
     evaluate = SampledEvaluator(data, tokenizer, cfg)
+    batcher = _Batcher(data, tokenizer, cfg)
+    cache_s: list[float] = []
     budget_s = cfg.max_minutes * 60.0
     summary = {
         "base_model": BASE_MODEL,
@@ -262,7 +357,8 @@ def train_encoder(ds: Dataset, out_dir: str | Path, cfg: EncoderTrainConfig, dat
         "status": "running",
         "data": {"source": data_source, "items": len(data.item_ids), "events": ds.events.height, "split": data.split,
                  "candidate_pairs": len(data.pairs), "validation_users": len(data.valid.target)},
-        "hyper_parameters": {**asdict(cfg), "learning_rate": cfg.learning_rate, "trainable_parameters": sum(p.numel() for p in params)},
+        "hyper_parameters": {**asdict(cfg), "learning_rate": cfg.learning_rate,
+                             "trainable_parameters": sum(p.numel() for g in groups for p in g["params"])},
         "lora": {"layers": lora_modules(model), "merged_on_save": True} if cfg.method == "lora" else None,
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
         # Wall-time numbers depend on what else runs on the machine: record the load.
@@ -272,29 +368,34 @@ def train_encoder(ds: Dataset, out_dir: str | Path, cfg: EncoderTrainConfig, dat
     curves: dict[str, list] = {"loss": [], "valid": []}
 
     t0 = time.monotonic()  # the budget covers the loop, periodic validation included
-    frozen = evaluate(model)
+    frozen = evaluate(model, current_tower())
     eval_s = time.monotonic() - t0
     curves["valid"].append({"step": 0, "elapsed_s": round(eval_s, 1), **frozen})
     best = {**frozen, "step": 0}
     log.info("frozen baseline: ndcg@10 %.4f hr@10 %.4f (%.0f s)", frozen["ndcg@10"], frozen["hr@10"], eval_s)
     summary["metrics"] = {"frozen": frozen, "best": best}
-    save_encoder(model, tokenizer, enc_dir, summary)
+    save_encoder(model, tokenizer, enc_dir, summary, current_tower())
+    validate = lambda step, best: _validate(model, tokenizer, evaluate, step, t0, curves, best, summary, enc_dir,  # noqa: E731
+                                            current_tower())
 
     step, seen, epoch, train_s, status = 0, 0, 0, 0.0, "finished"
     bar = tqdm(total=cfg.max_steps, unit="step", desc=f"encoder {cfg.method}", dynamic_ncols=True)
-    batches = _Batcher(data, tokenizer, cfg).epochs()
+    batches = batcher.epochs()
+    uses_cache = cfg.tower == "pooled" and cfg.grad_positions < cfg.n_history
     try:
         while not (cfg.max_steps and step >= cfg.max_steps):
             elapsed = time.monotonic() - t0
             step_s = train_s / step if step else 0.0
             if elapsed + step_s + 1.1 * eval_s > budget_s:
                 break
+            if uses_cache and step % cfg.history_cache_steps == 0:
+                cache_s.append(batcher.refresh_cache(model))
             epoch, b = next(batches)
             for g in opt.param_groups:
-                g["lr"] = cfg.learning_rate * _lr_factor(step, elapsed, cfg, budget_s)
+                g["lr"] = g.get("base_lr", cfg.learning_rate) * _lr_factor(step, elapsed, cfg, budget_s)
             ts = time.monotonic()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss = tower(b["users"], b["items"], b["weights"], b["exclude"])
+                loss = two(b)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -306,38 +407,40 @@ def train_encoder(ds: Dataset, out_dir: str | Path, cfg: EncoderTrainConfig, dat
             bar.update(1)
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", ex_s=f"{seen / train_s:.1f}", best=f"{best['ndcg@10']:.4f}")
             if step % cfg.eval_every == 0:
-                best, eval_s = _validate(model, tokenizer, evaluate, step, t0, curves, best, summary, enc_dir)
+                best, eval_s = validate(step, best)
     except KeyboardInterrupt:
         status = "interrupted"
         log.warning("interrupted at step %d; the best model so far is in %s", step, enc_dir)
     bar.close()
     if not curves["valid"] or curves["valid"][-1]["step"] != step:
-        best, eval_s = _validate(model, tokenizer, evaluate, step, t0, curves, best, summary, enc_dir)
+        best, eval_s = validate(step, best)
     loop_s = time.monotonic() - t0
     summary.update(
         status=status, steps=step, examples_seen=seen, epochs_started=epoch + (1 if step else 0),
         train_loop_seconds=round(loop_s, 1), train_step_seconds=round(train_s, 1), wall_seconds=round(time.monotonic() - t_start, 1),
         steps_per_second=round(step / train_s, 4) if train_s else None,
         examples_per_second=round(seen / train_s, 2) if train_s else None,
+        history_cache={"refreshes": len(cache_s), "seconds": round(sum(cache_s), 1)} if uses_cache else None,
+        final_tower=current_tower().manifest_entry(),
     )
     summary["host"]["loadavg_end"] = os.getloadavg()
     summary["metrics"] = {"frozen": frozen, "final": {k: v for k, v in curves["valid"][-1].items() if k not in ("step", "elapsed_s")}, "best": best}
     (enc_dir / TRAINING_JSON).write_text(json.dumps(summary, indent=2, default=str) + "\n")
     save_curves(out / CURVES, curves, title=f"{cfg.method} fine-tuning ({data_source or 'data'})")
-    ref = EncoderRef(model_dir=ENCODER_DIR, base_model=BASE_MODEL, max_length=cfg.max_length_user, history_items=cfg.history_items)
+    ref = EncoderRef(model_dir=ENCODER_DIR, base_model=BASE_MODEL, max_length=cfg.max_length_user, history_items=cfg.n_history)
     update_manifest(out / MANIFEST, ref, summary)
     return summary
 
 
-def _validate(model, tokenizer, evaluate, step, t0, curves, best, summary, enc_dir):
+def _validate(model, tokenizer, evaluate, step, t0, curves, best, summary, enc_dir, tower: UserTower):
     ts = time.monotonic()
-    m = evaluate(model)
+    m = evaluate(model, tower)
     curves["valid"].append({"step": step, "elapsed_s": round(time.monotonic() - t0, 1), **m})
     log.info("step %d: valid ndcg@10 %.4f hr@10 %.4f (best %.4f at step %d)", step, m["ndcg@10"], m["hr@10"], best["ndcg@10"], best["step"])
     if m["ndcg@10"] > best["ndcg@10"]:
         best = {**m, "step": step}
         summary["metrics"]["best"] = best
-        save_encoder(model, tokenizer, enc_dir, summary)
+        save_encoder(model, tokenizer, enc_dir, summary, tower)
     return best, time.monotonic() - ts
 
 

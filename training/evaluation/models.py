@@ -7,8 +7,9 @@ score for every catalog item. The protocol code then gathers the candidates
 (sampled-100) or masks the history (full). Higher is better; NaN counts as -inf.
 
 - `PopularityScorer`: interaction counts of the training part only.
-- `EncoderScorer`: cosine between the user's recent-history text and every
-  item text, both from one text encoder (pretrained or fine-tuned). Item
+- `EncoderScorer`: cosine between the user vector (a user tower,
+  `ranker.user_tower`: pooled item vectors or the history text) and every
+  item text's vector, from one text encoder (pretrained or fine-tuned). Item
   embeddings are computed once and cached on disk as .npy.
 - `TrueInterestScorer` (synthetic shop only): the generative model's true
   interest of the user in every item on the test item's day. It needs to know
@@ -26,16 +27,16 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from featurizer.text import HISTORY_ITEMS, history_text
 from ranker.bundle import MANIFEST, EncoderRef
 from ranker.encoder import Encoder, encode_in_chunks, encoder_key
 from ranker.interest import interest_scores
+from ranker.user_tower import UserTower, user_vectors
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +115,12 @@ class TrueInterestScorer:
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    """Which encoder to load and how the user text is built."""
+    """Which encoder to load and the user tower it is scored with."""
 
     name: str
     model_dir: str  # "base" or a directory with config.json
     max_length: int = DEFAULT_MAX_LENGTH
-    history_items: int = HISTORY_ITEMS
+    tower: UserTower = field(default_factory=UserTower.pooled)
     source: str = "base"  # what the user gave (a repo-relative path or "base"), for the report
 
 
@@ -132,18 +133,22 @@ def parse_encoder_arg(arg: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
-def resolve_encoder_spec(name: str, path: str | Path, history_items: int = HISTORY_ITEMS,
+def resolve_encoder_spec(name: str, path: str | Path, tower: UserTower | None = None,
                          max_length: int = DEFAULT_MAX_LENGTH) -> EncoderSpec:
     """A transformers model directory, or a bundle directory whose manifest names its encoder.
 
-    A bundle's own `max_length` and `history_items` (its EncoderRef) are used, since that is how
-    its encoder is served; a plain model directory gets the given defaults.
+    A bundle's own `max_length` and user tower are used, since that is how its encoder is served;
+    a plain model directory gets the tower it was fine-tuned with (`encoder_tower`), else `tower`
+    (None: the pooled default), and the given `max_length`.
     """
+    from training.encoder.tower import encoder_tower
+
     path = Path(path)
     manifest = path / MANIFEST
     if manifest.is_file():
         try:
-            entry = json.loads(manifest.read_text())["encoder"]
+            data = json.loads(manifest.read_text())
+            entry = data["encoder"]
             known = {f.name for f in dataclasses.fields(EncoderRef)}
             ref = EncoderRef(**{k: v for k, v in entry.items() if k in known})
         except (json.JSONDecodeError, KeyError, TypeError) as e:
@@ -153,9 +158,10 @@ def resolve_encoder_spec(name: str, path: str | Path, history_items: int = HISTO
             raise FileNotFoundError(
                 f"{manifest}: encoder.model_dir {ref.model_dir!r} resolves to {model_dir}, which has no config.json"
             )
-        return EncoderSpec(name, model_dir, ref.max_length, ref.history_items, source=display_path(path))
+        return EncoderSpec(name, model_dir, ref.max_length, UserTower.from_manifest(data, path), source=display_path(path))
     if (path / "config.json").is_file():
-        return EncoderSpec(name, str(path), max_length, history_items, source=display_path(path))
+        own = encoder_tower(path)
+        return EncoderSpec(name, str(path), max_length, own or tower or UserTower.pooled(), source=display_path(path))
     raise FileNotFoundError(
         f"--encoder {name}={path}: neither a bundle ({MANIFEST}) nor a transformers model directory (config.json)"
     )
@@ -168,11 +174,6 @@ def display_path(path: str | Path) -> str:
         return str(p.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
-
-
-def user_texts(histories: Sequence[np.ndarray], titles: Sequence[str], history_items: int) -> list[str]:
-    """`history_text` of the titles of each user's last `history_items` items, most recent first."""
-    return [history_text([titles[i] for i in h[::-1][:history_items]], history_items) for h in histories]
 
 
 def embedding_cache_path(cache_dir: str | Path, dataset: str, spec: EncoderSpec, model_key: str,
@@ -209,32 +210,46 @@ def cached_item_embeddings(encoder: Encoder, item_texts: Sequence[str], cache_pa
 
 
 class EncoderScorer:
-    """score = cosine(user-history text, item text) = dot product of unit vectors."""
+    """score = cosine(user vector by `tower`, item text's vector) = dot product of unit vectors."""
 
     def __init__(self, name: str, encoder: Encoder, item_embeddings: np.ndarray, titles: Sequence[str],
-                 history_items: int = HISTORY_ITEMS, description: str = ""):
+                 tower: UserTower | None = None, description: str = ""):
         if item_embeddings.shape[0] != len(titles):
             raise ValueError(f"{name}: {item_embeddings.shape[0]} item embeddings for {len(titles)} catalog items")
-        if history_items < 1:
-            raise ValueError(f"{name}: history_items must be >= 1, got {history_items}")
         self.name = name
         self.encoder = encoder
         self.item_embeddings = np.ascontiguousarray(item_embeddings, dtype=np.float32)
         self.titles = list(titles)
-        self.history_items = history_items
-        self.description = description or f"{name}: cosine of last-{history_items}-titles user text and item text"
+        self.tower = tower or UserTower.pooled()
+        self.description = description or f"{name}: cosine of the user vector ({self.tower.describe()}) and the item text's"
+
+    def user_vectors(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        """The tower's user vectors of histories given oldest first (the protocol's order)."""
+        return user_vectors(self.tower, [np.asarray(h)[::-1] for h in histories], self.item_embeddings, self.titles,
+                            self.encoder.encode)
 
     def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
-        texts = user_texts(histories, self.titles, self.history_items)
-        return interest_scores(np.asarray(self.encoder.encode(texts), dtype=np.float32), self.item_embeddings)
+        return interest_scores(self.user_vectors(histories), self.item_embeddings)
 
 
 def load_encoder_scorer(spec: EncoderSpec, item_texts: Sequence[str], titles: Sequence[str], dataset: str,
                         cache_dir: str | Path | None, progress: bool = True,
-                        encoder_factory: Callable[[EncoderSpec], Encoder] | None = None) -> EncoderScorer:
-    """Load the encoder, get (cached) item embeddings, return the scorer."""
+                        encoder_factory: Callable[[EncoderSpec], Encoder] | None = None,
+                        loaded: dict[tuple[str, int], EncoderScorer] | None = None) -> EncoderScorer:
+    """Load the encoder, get (cached) item embeddings, return the scorer. `loaded` (kept by the
+    caller) shares one encoder and its item embeddings among specs that differ only in the tower;
+    the pretrained model's embeddings are cached under the name "encoder-frozen" whatever the
+    model is called, so `semrank train ranker --embedding-cache` and the evaluation share them."""
     from ranker.encoder import TextEncoder
 
+    what = "pretrained all-MiniLM-L6-v2" if spec.model_dir == "base" else f"encoder from {spec.source}"
+    description = (
+        f"{spec.name}: {what}; user side = {spec.tower.describe()}; item text = item_text_expr; score = cosine; "
+        f"max_length {spec.max_length}"
+    )
+    same = None if loaded is None else loaded.get((spec.model_dir, spec.max_length))
+    if same is not None:
+        return EncoderScorer(spec.name, same.encoder, same.item_embeddings, titles, spec.tower, description)
     if encoder_factory is None:
         def encoder_factory(s: EncoderSpec) -> Encoder:
             return TextEncoder(s.model_dir, max_length=s.max_length)
@@ -242,12 +257,11 @@ def load_encoder_scorer(spec: EncoderSpec, item_texts: Sequence[str], titles: Se
     encoder = encoder_factory(spec)
     cache = None
     if cache_dir is not None:
-        cache = embedding_cache_path(cache_dir, dataset, spec, encoder_key(spec.model_dir, spec.max_length),
+        named = dataclasses.replace(spec, name="encoder-frozen") if spec.model_dir == "base" else spec
+        cache = embedding_cache_path(cache_dir, dataset, named, encoder_key(spec.model_dir, spec.max_length),
                                      item_texts)
     emb = cached_item_embeddings(encoder, item_texts, cache, progress=progress, desc=f"{spec.name} items")
-    what = "pretrained all-MiniLM-L6-v2" if spec.model_dir == "base" else f"encoder from {spec.source}"
-    description = (
-        f"{spec.name}: {what}; user text = titles of the last {spec.history_items} history items, most recent "
-        f"first (history_text); item text = item_text_expr; score = cosine; max_length {spec.max_length}"
-    )
-    return EncoderScorer(spec.name, encoder, emb, titles, spec.history_items, description)
+    scorer = EncoderScorer(spec.name, encoder, emb, titles, spec.tower, description)
+    if loaded is not None:
+        loaded[(spec.model_dir, spec.max_length)] = scorer
+    return scorer

@@ -39,6 +39,7 @@ from featurizer.offline.pipeline import offline_features
 from ranker.bundle import Bundle, load_bundle
 from ranker.feature_matrix import BundleInputs
 from ranker.interest import interest_scores
+from ranker.user_tower import UserTower
 from training.data.loo import LooSplit
 from training.evaluation.protocol import (
     FULL,
@@ -59,8 +60,8 @@ from training.lambdarank.first_stage import (
     top_k,
 )
 from training.lambdarank.leave_one_out import (
-    encode_user_texts,
     sequence_times,
+    tower_user_vectors,
     user_histories,
 )
 
@@ -103,11 +104,11 @@ def load_ranker(name: str, path: str | Path, source: str | None = None) -> Ranke
 
 @dataclass
 class TextSide:
-    """A ranker's encoder with item embeddings in catalog order and its user-text length."""
+    """A ranker's encoder with item embeddings in catalog order, and its user tower."""
 
     encoder: Any
     item_embeddings: np.ndarray
-    history_items: int
+    tower: UserTower
 
 
 def two_stage_rank(first: np.ndarray, top: np.ndarray, top_scores: np.ndarray, target: int) -> int:
@@ -132,6 +133,7 @@ class RankerRun:
     two_stage: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     same_day: np.ndarray | None = None  # per evaluated user: test item at the validation item's timestamp
+    towers: dict[str, str] = field(default_factory=dict)  # ranker name -> its user tower (describe())
 
 
 def _features(ds: Dataset, users: list[str], ts_us: np.ndarray, items: list[str], interest: np.ndarray,
@@ -161,12 +163,10 @@ def evaluate_rankers(ds: Dataset, split: LooSplit, rankers: Sequence[RankerModel
     same_day = np.array([times[u][-1] // res == times[u][-2] // res for u in users])
     user_ids = [split.users[u] for u in users]
     keys = pl.DataFrame({"user_id": user_ids, "ts": pl.Series(t_test).cast(pl.Datetime("us", "UTC"))})
-    n_recent = max(text.history_items, COOC_ITEMS)
-    recent = [np.array([split.item_index[i] for i in h], dtype=np.int64) for h in user_histories(ds, keys, n_recent)]
-    titles = dict(zip(split.item_ids, split.titles))
-    hist_ids = [[split.item_ids[i] for i in r[: text.history_items]] for r in recent]
-    user_emb = encode_user_texts(text.encoder, hist_ids, titles, text.history_items, text.item_embeddings.shape[1],
-                                 progress)
+    n_recent = max(text.tower.history_items, COOC_ITEMS)
+    hist_ids = user_histories(ds, keys, n_recent)
+    recent = [np.array([split.item_index[i] for i in h], dtype=np.int64) for h in hist_ids]
+    user_emb = tower_user_vectors(text.tower, text.encoder, hist_ids, split, text.item_embeddings, progress)
     stage = FirstStage(split, "test") if FULL in config.protocols else None
     ranks = {p: {r.name: np.zeros(users.size, dtype=np.int64) for r in rankers} for p in config.protocols}
     own = {r.name: 0.0 for r in rankers}
@@ -210,7 +210,8 @@ def evaluate_rankers(ds: Dataset, split: LooSplit, rankers: Sequence[RankerModel
                     ranks[FULL][ranker.name][r] = two_stage_rank(first[j], tops[j], s[np.searchsorted(c, tops[j])], int(targets[r]))
     shared = time.perf_counter() - t_start - sum(own.values())
     run = RankerRun(ranks=ranks, seconds={n: shared + v for n, v in own.items()},
-                    descriptions={r.name: r.description(k, first_stage) for r in rankers}, same_day=same_day)
+                    descriptions={r.name: r.description(k, first_stage) for r in rankers}, same_day=same_day,
+                    towers={r.name: text.tower.describe() for r in rankers})
     empty = sum(r.size == 0 for r in recent)
     run.notes.append(
         f"rankers ({', '.join(r.name for r in rankers)}): features at the test item's time, strictly before it; the "
@@ -261,10 +262,10 @@ def subset_notes(run: EvalRun, keep: np.ndarray, label: str) -> tuple[dict[str, 
     return out, notes
 
 
-def text_side_for(ranker: RankerModel, models: Sequence[Any], load: Callable[[str, str, int, int], Any]) -> TextSide:
-    """The ranker's encoder and item embeddings: reuse a loaded `EncoderScorer` with the same weights (by
-    content, so a bundle's copy of an encoder matches) and max_length (e.g. encoder-frozen for "base"),
-    else `load(name, model_dir, max_length, history_items)`."""
+def text_side_for(ranker: RankerModel, models: Sequence[Any], load: Callable[[str, str, int], Any]) -> TextSide:
+    """The ranker's encoder and item embeddings, with the bundle's own tower: reuse a loaded
+    `EncoderScorer` with the same weights (by content, so a bundle's copy of an encoder matches) and
+    max_length (e.g. encoder-frozen for "base"), else `load(name, model_dir, max_length)`."""
     from ranker.encoder import encoder_key
 
     ref = ranker.bundle.encoder
@@ -274,7 +275,7 @@ def text_side_for(ranker: RankerModel, models: Sequence[Any], load: Callable[[st
         enc = getattr(m, "encoder", None)
         if (enc is not None and getattr(enc, "model_dir", None) is not None
                 and encoder_key(enc.model_dir, getattr(enc, "max_length", -1)) == want):
-            return TextSide(enc, m.item_embeddings, ref.history_items)
+            return TextSide(enc, m.item_embeddings, ranker.bundle.tower)
     name = "encoder-frozen" if model_dir == "base" else f"{ranker.name}-encoder"
-    scorer = load(name, model_dir, ref.max_length, ref.history_items)
-    return TextSide(scorer.encoder, scorer.item_embeddings, ref.history_items)
+    scorer = load(name, model_dir, ref.max_length)
+    return TextSide(scorer.encoder, scorer.item_embeddings, ranker.bundle.tower)

@@ -2,7 +2,8 @@
 
 One report per (dataset, protocol):
     {"dataset", "protocol", "users", "models": {NAME: {"hr@10", "hr@10_ci", "ndcg@10", ...}},
-     "seed", "tie_rule", "history_items", "seconds", "notes"}
+     "comparisons": [{"a", "b", "metric", "relative", "relative_ci", ...}], "seed", "tie_rule",
+     "user_towers": {NAME: description}, "seconds", "notes"}
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from training.evaluation.protocol import (
     SAMPLED,
     TIE_RULE,
     EvalRun,
+    paired_difference,
     summarize,
 )
 from training.figures import pyplot, save_figure
@@ -104,13 +106,19 @@ def protocol_notes(protocol: str, n_users: int, n_total: int, seed: int, n_negat
     return notes
 
 
-def build_report(dataset: str, protocol: str, run: EvalRun, n_total_users: int, seed: int, history_items: int,
-                 seconds: float, n_negatives: int = 100, n_boot: int = 1000,
-                 extra_notes: list[str] | None = None) -> dict[str, Any]:
-    """The JSON report of one protocol of an `EvalRun`."""
+def build_report(dataset: str, protocol: str, run: EvalRun, n_total_users: int, seed: int,
+                 user_towers: dict[str, str], seconds: float, n_negatives: int = 100, n_boot: int = 1000,
+                 extra_notes: list[str] | None = None, compare: list[tuple[str, str]] = ()) -> dict[str, Any]:
+    """The JSON report of one protocol of an `EvalRun`; `compare` (A, B) pairs get a paired
+    bootstrap of A's NDCG@10 against B's."""
     if protocol not in run.ranks:
         raise ValueError(f"protocol {protocol!r} was not evaluated (have {', '.join(run.ranks)})")
-    models = {name: summarize(r, n_boot=n_boot, seed=seed) for name, r in run.ranks[protocol].items()}
+    ranks = run.ranks[protocol]
+    unknown = sorted({n for pair in compare for n in pair if n not in ranks})
+    if unknown:
+        raise ValueError(f"--compare names model(s) not in the run: {', '.join(unknown)} (have {', '.join(ranks)})")
+    models = {name: summarize(r, n_boot=n_boot, seed=seed) for name, r in ranks.items()}
+    comparisons = [{"a": a, "b": b, **paired_difference(ranks[a], ranks[b], n_boot, seed)} for a, b in compare]
     notes = protocol_notes(protocol, int(run.users.size), n_total_users, seed, n_negatives)
     if n_boot != 1000:
         notes.append(f"bootstrap resamples: {n_boot}")
@@ -122,8 +130,8 @@ def build_report(dataset: str, protocol: str, run: EvalRun, n_total_users: int, 
                  + ", ".join(f"{k} {v:.1f}" for k, v in run.seconds.items()))
     notes += list(extra_notes or [])
     return {"dataset": dataset, "protocol": protocol, "users": int(run.users.size), "models": models,
-            "seed": seed, "tie_rule": TIE_RULE, "history_items": history_items, "seconds": round(seconds, 1),
-            "notes": notes}
+            "comparisons": comparisons, "seed": seed, "tie_rule": TIE_RULE, "user_towers": user_towers,
+            "seconds": round(seconds, 1), "notes": notes}
 
 
 def _fmt(x: float | None) -> str:
@@ -138,6 +146,13 @@ def markdown(report: dict[str, Any]) -> str:
     for name, m in report["models"].items():
         cells = [f"{m[k]:.4f} [{m[k + '_ci'][0]:.4f}, {m[k + '_ci'][1]:.4f}]" for k in METRICS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if report.get("comparisons"):
+        lines += ["", "| paired comparison (same users) | A | B | (A - B) / B [95% paired bootstrap] |",
+                  "|---|---:|---:|---:|"]
+        for c in report["comparisons"]:
+            lo, hi = c["relative_ci"]
+            lines.append(f"| {c['a']} vs {c['b']}, {METRIC_LABELS[c['metric']]} | {c['mean_a']:.4f} | {c['mean_b']:.4f} "
+                         f"| {c['relative']:+.1%} [{lo:+.1%}, {hi:+.1%}] |")
     pub = PUBLISHED.get((report["dataset"], report["protocol"]))
     lines.append("")
     if pub:

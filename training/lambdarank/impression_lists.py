@@ -26,6 +26,7 @@ from ranker.bundle import EncoderRef, save_bundle
 from ranker.encoder import Encoder
 from ranker.feature_matrix import BundleInputs
 from ranker.interest import interest_scores
+from ranker.user_tower import UserTower, user_vectors
 from training.lambdarank.booster import (
     group_sizes,
     train_lambdarank,
@@ -87,22 +88,21 @@ def impression_lists(events: pl.DataFrame) -> pl.DataFrame:
 
 def list_interest_scores(encoder: Encoder, items: pl.DataFrame, rows: pl.DataFrame, events: pl.DataFrame,
                          inputs: BundleInputs) -> np.ndarray:
-    """The interest score of each shown (list, item) row: the user's history text strictly before the
-    list (`inputs.user_text`, as the service builds it) against the item text, float32."""
+    """The interest score of each shown (list, item) row: the user vector of the history strictly
+    before the list, by the bundle's tower (`ranker.user_tower`, as the service builds it), against
+    the item text's vector, float32."""
     texts = items.select("item_id", "title", item_text_expr())
     item_row = {i: k for k, i in enumerate(texts["item_id"].to_list())}
-    titles = dict(zip(texts["item_id"].to_list(), texts["title"].to_list()))
     log.info("encoding %d item texts", texts.height)
     item_emb = encoder.encode(texts["item_text"].to_list())
 
+    tower = inputs.tower
     lists = rows.select("request_id", "user_id", "ts").unique("request_id", maintain_order=True)
-    hist = user_recent_items(events.lazy(), items.lazy(), lists.lazy(), inputs.history_items).collect()
-    hist_texts = [inputs.user_text([titles[i] for i in h if i in titles]) for h in hist["history"].to_list()]
-    distinct = sorted({t for t in hist_texts if t})
-    log.info("encoding %d distinct user-history texts for %d lists", len(distinct), lists.height)
-    user_emb = encoder.encode(distinct) if distinct else np.zeros((0, item_emb.shape[1]), np.float32)
-    text_row = {t: k for k, t in enumerate(distinct)}
-    list_user = {r: (text_row[t] if t else -1) for r, t in zip(hist["request_id"].to_list(), hist_texts)}
+    hist = user_recent_items(events.lazy(), items.lazy(), lists.lazy(), tower.history_items).collect()
+    histories = [[item_row.get(i, -1) for i in h] for h in hist["history"].to_list()]
+    log.info("user vectors (%s) for %d lists", tower.describe(), lists.height)
+    user_emb = user_vectors(tower, histories, item_emb, texts["title"].to_list(), encoder.encode)
+    list_user = dict(zip(hist["request_id"].to_list(), range(len(histories))))
     u = np.fromiter((list_user[r] for r in rows["request_id"].to_list()), dtype=np.int64, count=rows.height)
     it = np.fromiter((item_row.get(i, -1) for i in rows["item_id"].to_list()), dtype=np.int64, count=rows.height)
     return interest_scores(user_emb, item_emb, (u, it))
@@ -163,14 +163,17 @@ def evaluate_models(test: pl.DataFrame, booster, inputs: BundleInputs) -> dict[s
     return {name: mean_metrics(s, labels, sizes) for name, s in candidates.items()}
 
 
-def train_ranker(ds: Dataset, out_dir: str | Path, cfg: RankerTrainConfig, encoder: Encoder, data_source: str = "") -> dict:
-    """Train, evaluate and write a bundle; returns the manifest extras (metrics included)."""
+def train_ranker(ds: Dataset, out_dir: str | Path, cfg: RankerTrainConfig, encoder: Encoder, data_source: str = "",
+                 tower: UserTower | None = None) -> dict:
+    """Train, evaluate and write a bundle; returns the manifest extras (metrics included). `tower`:
+    the user side of the interest score (None: `cfg.user_tower()`)."""
+    tower = tower or cfg.user_tower()
     t0 = time.monotonic()
     if cfg.variant not in VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {cfg.variant!r}")
     feature_names = [*VARIANTS[cfg.variant], *CONTEXT_TRAINING_ONLY]
     constants = {k: v for k, v in CONTEXT_TRAINING_ONLY.items() if k in feature_names}
-    inputs = BundleInputs(feature_names, constants, cfg.history_items, source="ranker training")
+    inputs = BundleInputs(feature_names, constants, tower, source="ranker training")
     examples = build_examples(ds, encoder, inputs, cfg.seed)
     parts = time_split(examples, cfg.test_days, cfg.valid_days)
     log.info("examples: %s", {k: v.height for k, v in parts.items()})
@@ -196,6 +199,6 @@ def train_ranker(ds: Dataset, out_dir: str | Path, cfg: RankerTrainConfig, encod
     }
     if booster.best_iteration:
         booster = truncate(booster)
-    encoder_ref = EncoderRef(model_dir=cfg.encoder_dir, max_length=cfg.max_length, history_items=cfg.history_items)
-    save_bundle(out_dir, booster, feature_names, encoder_ref, extra)
+    encoder_ref = EncoderRef(model_dir=cfg.encoder_dir, max_length=cfg.max_length, history_items=tower.history_items)
+    save_bundle(out_dir, booster, feature_names, encoder_ref, extra, tower=tower)
     return extra

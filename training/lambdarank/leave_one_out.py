@@ -24,8 +24,8 @@ negatives, all scored at the target's time t.
   on `training.data.loo.loo_data`'s clock: a user's own same-day items are ordered by
   the sequence, other users' events count from earlier days only. Computed in
   chunks of groups, so memory follows the chunk, not the data.
-  Text: the cosine of the user's history text (`user_recent_items` before t,
-  titles, `history_text`) and the item text; NaN when there is no history.
+  Text: the cosine of the user vector (the bundle's tower, `ranker.user_tower`, over
+  `user_recent_items` before t) and the item text's vector; NaN when there is no history.
 - Variants: `full` (every feature of `featurizer.definitions.NAMES`) and
   `behavioural` (no text family, so no encoder at all).
 """
@@ -43,11 +43,11 @@ import polars as pl
 
 from featurizer.contracts.schema import ENGAGEMENTS, Dataset
 from featurizer.offline.pipeline import offline_features, user_recent_items
-from featurizer.text import history_text
 from ranker.bundle import EncoderRef, save_bundle
 from ranker.encoder import Encoder
 from ranker.feature_matrix import BundleInputs
 from ranker.interest import interest_scores
+from ranker.user_tower import UserTower, user_vectors
 from training.data.loo import LooSplit
 from training.lambdarank.booster import train_lambdarank, truncate
 from training.lambdarank.negatives import build_groups, group_keys, hard_pools
@@ -89,34 +89,32 @@ def user_histories(ds: Dataset, keys: pl.DataFrame, n: int) -> list[list[str]]:
     return hist["history"].to_list()
 
 
-def encode_user_texts(encoder: Encoder, histories: list[list[str]], titles: dict[str, str], history_items: int,
-                      dim: int, progress: bool = True,
-                      cache: Callable[[list[str]], Path | None] | None = None) -> np.ndarray:
-    """(len(histories), dim) unit vectors of the history texts; NaN rows where the history is empty.
-
-    Each distinct text is encoded once; `cache(distinct texts)` names an .npy file that keeps them
-    (both variants of one training run encode the same texts)."""
+def tower_user_vectors(tower: UserTower, encoder: Encoder | None, histories: list[list[str]], split: LooSplit,
+                       item_embeddings: np.ndarray, progress: bool = True,
+                       cache: Callable[[list[str]], Path | None] | None = None) -> np.ndarray:
+    """(len(histories), dim) user vectors by `tower` (`ranker.user_tower.user_vectors`) of each
+    history (item ids, most recent first); NaN rows where there is none. A text tower encodes each
+    distinct text once; `cache(distinct texts)` names an .npy file that keeps them (both variants
+    of one training run encode the same texts)."""
     from training.evaluation.models import cached_item_embeddings
 
-    texts = [history_text([titles[i] for i in h if i in titles], history_items) for h in histories]
-    distinct = sorted({t for t in texts if t})
-    out = np.full((len(texts), dim), np.nan, dtype=np.float32)
-    if not distinct:
-        return out
-    emb = cached_item_embeddings(encoder, distinct, cache(distinct) if cache else None, progress, desc="user texts")
-    row = {t: k for k, t in enumerate(distinct)}
-    for k, t in enumerate(texts):
-        if t:
-            out[k] = emb[row[t]]
-    return out
+    rows = [[split.item_index.get(i, -1) for i in h] for h in histories]
+
+    def encode(texts: list[str]) -> np.ndarray:
+        return cached_item_embeddings(encoder, texts, cache(texts) if cache else None, progress, desc="user texts")
+
+    return user_vectors(tower, rows, item_embeddings, split.titles, encode)
 
 
 def build_examples(ds: Dataset, split: LooSplit, cfg: LooRankerConfig, encoder: Encoder | None = None,
                    item_embeddings: np.ndarray | None = None, times: list[np.ndarray] | None = None,
-                   progress: bool = True, text_cache: Callable[[list[str]], Path | None] | None = None) -> pl.DataFrame:
+                   progress: bool = True, text_cache: Callable[[list[str]], Path | None] | None = None,
+                   tower: UserTower | None = None) -> pl.DataFrame:
     """Groups with point-in-time features (and the interest score for the `full` variant).
 
-    `ds` and `split` should come from `training.data.loo.loo_data` (the features read its clock)."""
+    `ds` and `split` should come from `training.data.loo.loo_data` (the features read its clock);
+    `tower` (None: `cfg.user_tower()`) builds the user vectors of the interest score and of the
+    hard negatives' first stage."""
     from tqdm import tqdm
 
     from training.lambdarank.first_stage import COOC_ITEMS
@@ -127,10 +125,9 @@ def build_examples(ds: Dataset, split: LooSplit, cfg: LooRankerConfig, encoder: 
         if encoder is None or item_embeddings is None:
             raise ValueError("the 'full' variant and hard negatives need an encoder and item embeddings "
                              "(or use variant 'behavioural' with hard_negatives=0)")
-        hist = user_histories(ds, keys.select("user_id", "ts"), max(cfg.history_items, COOC_ITEMS))
-        titles = dict(zip(split.item_ids, split.titles))
-        user_emb = encode_user_texts(encoder, [h[: cfg.history_items] for h in hist], titles, cfg.history_items,
-                                     item_embeddings.shape[1], progress, text_cache)
+        tower = tower or cfg.user_tower()
+        hist = user_histories(ds, keys.select("user_id", "ts"), max(tower.history_items, COOC_ITEMS))
+        user_emb = tower_user_vectors(tower, encoder, hist, split, item_embeddings, progress, text_cache)
         if cfg.hard_negatives:
             recent = [np.array([split.item_index[i] for i in h], dtype=np.int64) for h in hist]
             pools = hard_pools(split, keys, user_emb, item_embeddings, recent, cfg.hard_k)
@@ -181,18 +178,21 @@ def _same_tick_previous(examples: pl.DataFrame, split: LooSplit, times: list[np.
 
 def train_loo_ranker(ds: Dataset, split: LooSplit, out_dir: str | Path, cfg: LooRankerConfig, encoder: Encoder | None = None,
                      item_embeddings: np.ndarray | None = None, data_source: str = "", progress: bool = True,
-                     text_cache: Callable[[list[str]], Path | None] | None = None) -> dict:
-    """Build groups and features, train with early stopping, write the bundle; returns the manifest extras."""
+                     text_cache: Callable[[list[str]], Path | None] | None = None, tower: UserTower | None = None) -> dict:
+    """Build groups and features, train with early stopping, write the bundle; returns the manifest extras.
+    `tower`: the bundle's user tower (None: `cfg.user_tower()`)."""
     t0 = time.monotonic()
     names = cfg.feature_names
+    tower = tower or cfg.user_tower()
     times = sequence_times(ds, split)
-    examples = build_examples(ds, split, cfg, encoder, item_embeddings, times, progress, text_cache).rename({"group": "request_id"})
+    examples = build_examples(ds, split, cfg, encoder, item_embeddings, times, progress, text_cache,
+                              tower).rename({"group": "request_id"})
     train, valid = (examples.filter(pl.col("part") == p) for p in ("train", "valid"))
     if train.is_empty():
         raise ValueError("no training groups: every sampled user has fewer than 4 engaged items (a target needs "
                          "k >= 1 in seq[:-2]); use more users or data with longer sequences")
     log.info("groups: %d train, %d valid", train["request_id"].n_unique(), valid["request_id"].n_unique())
-    inputs = BundleInputs(names, {}, cfg.history_items, source="ranker training")
+    inputs = BundleInputs(names, {}, tower, source="ranker training")
     booster, params, evals = train_lambdarank(train, valid, cfg.lightgbm_params(), inputs)
     valid_metrics = validation_metrics(valid.rename({"request_id": "group"}), booster, inputs)
     gain = booster.feature_importance("gain", iteration=booster.best_iteration or None)
@@ -233,8 +233,8 @@ def train_loo_ranker(ds: Dataset, split: LooSplit, out_dir: str | Path, cfg: Loo
     }
     if booster.best_iteration:
         booster = truncate(booster)
-    ref = EncoderRef(model_dir=cfg.encoder_dir, max_length=cfg.max_length, history_items=cfg.history_items)
-    save_bundle(out_dir, booster, names, ref, extra)
+    ref = EncoderRef(model_dir=cfg.encoder_dir, max_length=cfg.max_length, history_items=tower.history_items)
+    save_bundle(out_dir, booster, names, ref, extra, tower=tower)
     return extra
 
 
@@ -259,7 +259,7 @@ def load_text_side(ds: Dataset, bundle_dir: str | Path, cfg: LooRankerConfig, ca
     texts = ds.items.select(item_text_expr())["item_text"].to_list()
     if cache_dir is None:
         return encoder, cached_item_embeddings(encoder, texts, None, desc="item texts"), lambda _texts: None
-    spec = EncoderSpec("encoder-frozen" if model_dir == "base" else "encoder", model_dir, cfg.max_length, cfg.history_items)
+    spec = EncoderSpec("encoder-frozen" if model_dir == "base" else "encoder", model_dir, cfg.max_length)
     key = encoder_key(model_dir, cfg.max_length)
     item_emb = cached_item_embeddings(encoder, texts, embedding_cache_path(cache_dir, dataset_name, spec, key, texts),
                                       desc="item texts")

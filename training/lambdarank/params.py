@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 
 from featurizer.definitions import FAMILY, NAMES
 from featurizer.errors import ConfigError
+from ranker.user_tower import DEFAULT_DECAY, KINDS, UserTower
 
 # Feature sets: `full` is every feature, `behavioural` leaves out the text family (no encoder in the model).
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -39,10 +40,31 @@ class LightGBMParams:
 
 
 @dataclass(frozen=True)
-class RankerTrainConfig(LightGBMParams):
+class TowerParams:
+    """The user tower of a bundle trained without one given (`ranker.user_tower`): `tower` pooled
+    or text, `history_items` None for the kind's default (10 pooled, 5 text), `tower_decay` the
+    pooled tower's recency weight. A tower the encoder was fine-tuned with is passed instead
+    (`training.encoder.tower.encoder_tower`)."""
+
+    tower: str = "pooled"
+    history_items: int | None = None
+    tower_decay: float = DEFAULT_DECAY
+
+    def user_tower(self) -> UserTower:
+        if self.tower not in KINDS:
+            raise ConfigError(f"tower must be one of {', '.join(KINDS)}, got {self.tower!r}")
+        try:
+            if self.tower == "text":
+                return UserTower.text(self.history_items or 5)
+            return UserTower.pooled(self.history_items or 10, self.tower_decay)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+
+
+@dataclass(frozen=True)
+class RankerTrainConfig(TowerParams, LightGBMParams):
     test_days: float = 4.0
     valid_days: float = 3.0
-    history_items: int = 5
     max_length: int = 128
     variant: str = "full"  # a key of VARIANTS
     # "base" (pretrained MiniLM) or a directory relative to the bundle, e.g. "encoder" as
@@ -51,7 +73,7 @@ class RankerTrainConfig(LightGBMParams):
 
 
 @dataclass(frozen=True)
-class LooRankerConfig(LightGBMParams):
+class LooRankerConfig(TowerParams, LightGBMParams):
     variant: str = "full"
     max_users: int | None = 20_000  # None: every user with a validation target
     positions_per_user: int = 3
@@ -61,7 +83,6 @@ class LooRankerConfig(LightGBMParams):
     hard_negatives: int = 16  # from the first stage's top `hard_k` (0: none, and no encoder needed for them)
     hard_k: int = 200
     feature_chunk_rows: int = 250_000  # rows featurized at once
-    history_items: int = 5  # titles in the user text
     max_length: int = 128
     encoder_dir: str = "base"  # "base" or a directory relative to the bundle
 
@@ -70,8 +91,9 @@ class LooRankerConfig(LightGBMParams):
             raise ConfigError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         if self.max_users is not None and self.max_users < 1:
             raise ConfigError(f"max_users must be >= 1 (or None for all), got {self.max_users}")
-        if self.positions_per_user < 1 or self.negatives < 0 or self.hard_negatives < 0 or self.history_items < 1:
-            raise ConfigError(f"positions_per_user and history_items must be >= 1, negatives >= 0: {self}")
+        if self.positions_per_user < 1 or self.negatives < 0 or self.hard_negatives < 0:
+            raise ConfigError(f"positions_per_user must be >= 1, negatives >= 0: {self}")
+        self.user_tower()  # a ConfigError now rather than after the features
         if self.negatives + self.hard_negatives < 1 or self.hard_k < 1 or self.feature_chunk_rows < 1:
             raise ConfigError(f"a group needs >= 1 negative, and hard_k and feature_chunk_rows must be >= 1: {self}")
         if not 0.0 <= self.popularity_share <= 1.0 or not 0.0 < self.recency_decay <= 1.0:

@@ -10,6 +10,7 @@ import numpy as np
 
 from featurizer.definitions import NAMES
 from ranker.bundle import EncoderRef, load_bundle, save_bundle
+from ranker.user_tower import UserTower
 from serving.encoding.pool import EncoderHandle, EncoderPool, InProcessEncoder
 from tests.fakes import DIM, HashEncoder
 
@@ -17,9 +18,11 @@ FEATURES = [*NAMES, "position"]
 CONSTANTS = {"position": 0.0}
 
 
-def write_bundle(path: Path, seed: int = 0, feature_names: list[str] = FEATURES, history_items: int = 5):
+def write_bundle(path: Path, seed: int = 0, feature_names: list[str] = FEATURES, history_items: int = 5,
+                 tower: UserTower | None = None):
     """A LightGBM lambdarank bundle whose scores depend on its first three features (the interest score
-    first when it has it), trained on random rows with a label built from them."""
+    first when it has it), trained on random rows with a label built from them. `tower` None: the
+    text tower over `history_items` (as bundles made before the pooled tower)."""
     rng = np.random.default_rng(seed)
     X = rng.standard_normal((600, len(feature_names)))
     y = (X[:, 0] + 0.5 * X[:, 1] > 0.3).astype(int) + (X[:, 2] > 1).astype(int)
@@ -28,7 +31,7 @@ def write_bundle(path: Path, seed: int = 0, feature_names: list[str] = FEATURES,
     constants = {k: v for k, v in CONSTANTS.items() if k in feature_names}
     save_bundle(path, booster, list(feature_names), EncoderRef(model_dir="base", max_length=128,
                                                                history_items=history_items),
-                {"inference_constants": constants})
+                {"inference_constants": constants}, tower=tower)
     return load_bundle(path)
 
 

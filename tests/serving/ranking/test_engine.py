@@ -12,8 +12,10 @@ import polars as pl
 import pytest
 
 from featurizer.contracts.schema import read_dataset
+from featurizer.definitions import FAMILIES
 from featurizer.online.features import OnlineFeatures
 from featurizer.store.in_process import InProcessStore
+from ranker.user_tower import UserTower
 from serving.encoding.pool import InProcessEncoder
 from serving.ranking.engine import BundleRuntime, Candidate, RankingEngine, degraded_code, holdout
 from serving.ranking.item_store import ItemStore
@@ -74,7 +76,7 @@ def test_the_scores_are_the_bundle_on_the_online_features_and_interest(engine, b
     out = rank(engine, rt, user, [Candidate(i) for i in ids])
     t = engine.now()
     titles = [engine.items.title(i) for i in engine.online.history(user, t, rt.inputs.history_items)]
-    u = enc.encode([rt.inputs.user_text(titles)])[0]
+    u = enc.encode([rt.inputs.tower.user_text(titles)])[0]
     items = enc.encode([engine.items.texts[k] for k in engine.items.rows(ids)])
     X = rt.inputs.matrix(engine.online.features(user, ids, t, interest_score=items @ u))
     want = dict(zip(ids, bundle.score(X)))
@@ -204,3 +206,96 @@ def test_events_applied_while_a_rank_awaits_the_encoder_never_fail_it(ds, bundle
     rt = BundleRuntime(bundle, KEY, ApplyingWhileEncoding(online, newer))
     out = rank(engine, rt, user, [Candidate(i) for i in ds.items["item_id"].head(5)])
     assert len(out.item_ids) == 5 and not out.degraded
+
+
+# --------------------------------------------------------------------------- the pooled user tower
+
+
+@pytest.fixture(scope="module")
+def pooled_bundle(tmp_path_factory):
+    return write_bundle(tmp_path_factory.mktemp("pooled-bundle"), tower=UserTower.pooled(10, 0.5))
+
+
+def counting_engine(ds, **kw):
+    """An engine like `engine`'s with the encode and skipped-history callbacks recorded."""
+    online = OnlineFeatures(InProcessStore(), ds.items)
+    online.apply(ds.events)
+    items = ItemStore(ds.items)
+    asyncio.run(items.ensure_embeddings(KEY, InProcessEncoder(HashEncoder()).encode_bulk, DIM))
+    calls, skipped = [], []
+    eng = RankingEngine(items=items, online=online, clock=lambda: online.watermark + timedelta(hours=1),
+                        on_encode=lambda cause, n: calls.append((cause, n)), on_history_skipped=skipped.append, **kw)
+    eng.encode_calls, eng.skipped = calls, skipped
+    return eng
+
+
+def test_pooled_tower_scores_over_item_vectors_with_no_encoder_call(ds, pooled_bundle):
+    engine = counting_engine(ds)
+    counting = CountingEncoderService()
+    rt = BundleRuntime(pooled_bundle, KEY, counting)
+    user, ids = engaged_user(ds), ds.items["item_id"].head(8).to_list()
+    out = rank(engine, rt, user, [Candidate(i) for i in ids])
+    assert counting.texts == 0 and engine.encode_calls == [] and not out.degraded
+    t = engine.now()
+    table, _ = engine.items.embeddings(KEY)
+    hist = engine.items.rows(engine.online.history(user, t, 10))
+    u = pooled_bundle.tower.pool(table[hist][None])[0]
+    X = rt.inputs.matrix(engine.online.features(user, ids, t, interest_score=table[engine.items.rows(ids)] @ u))
+    want = dict(zip(ids, pooled_bundle.score(X)))
+    np.testing.assert_allclose(out.scores, [want[i] for i in out.item_ids], rtol=1e-6)
+
+
+def test_pooled_tower_follows_an_event_at_once(ds, pooled_bundle):
+    """The next Rank after an event has the event in its user vector: the text family's contribution moves."""
+    engine = counting_engine(ds)
+    rt = BundleRuntime(pooled_bundle, KEY, CountingEncoderService())
+    user, cands = engaged_user(ds), [Candidate(i) for i in ds.items["item_id"].head(6)]
+    before = rank(engine, rt, user, cands, explain=True)
+    item = ds.items["item_id"][-1]
+    engine.online.apply(pl.DataFrame({"ts": [engine.online.watermark + timedelta(seconds=1)], "user_id": [user],
+                                      "item_id": [item], "event": ["purchase"]}))
+    after = rank(engine, rt, user, cands, explain=True)
+    text = FAMILIES.index("text")
+    b = dict(zip(before.item_ids, before.contributions[:, text]))
+    a = dict(zip(after.item_ids, after.contributions[:, text]))
+    assert any(abs(a[i] - b[i]) > 1e-9 for i in a), "the event did not reach the user vector"
+    assert engine.encode_calls == []
+
+
+def test_pooled_tower_with_the_encoder_down_is_not_degraded_for_known_items(ds, pooled_bundle):
+    engine = counting_engine(ds)
+    down = FailingEncoderService()
+    rt = BundleRuntime(pooled_bundle, KEY, down)
+    ids = ds.items["item_id"].head(6).to_list()
+    out = rank(engine, rt, engaged_user(ds), [Candidate(i) for i in ids])
+    assert down.calls == 0 and not out.degraded and np.isfinite(out.scores).all()
+    # an inline item the store does not know still needs the encoder: that answer says so
+    out = rank(engine, rt, engaged_user(ds), [Candidate(i) for i in ids] + [Candidate("inline-x", title="Oak chair")])
+    assert down.calls == 1 and [degraded_code(r) for r in out.degraded_reasons] == ["encoder_unavailable"]
+    assert engine.encode_calls == [("inline_item", 1)]
+
+
+def test_pooled_tower_counts_encoder_calls_by_cause_and_skipped_history(ds, pooled_bundle):
+    engine = counting_engine(ds)
+    rt = BundleRuntime(pooled_bundle, KEY, CountingEncoderService())
+    user = engaged_user(ds)
+    hist = engine.online.history(user, engine.now(), 10)
+    stale = hist[0]  # the user's latest item gets a new title: its vector is stale until re-embedded
+    engine.items.upsert(pl.DataFrame({"item_id": [stale], "title": ["A title never embedded"]}))
+    cands = [Candidate(i) for i in [stale, *ds.items["item_id"].head(3)]] + [Candidate("inline-y", title="Teak desk")]
+    out = rank(engine, rt, user, cands)
+    assert sorted(engine.encode_calls) == [("inline_item", 1), ("stale_item", 1)] and not out.degraded
+    assert engine.skipped == [1]  # the stale history item was left out of the user vector
+    engine.encode_calls.clear()
+    rank(engine, rt, user, cands)  # both texts' vectors are cached now
+    assert engine.encode_calls == []
+
+
+def test_user_vectors_are_cached_per_tower(ds, bundle, pooled_bundle):
+    """Two bundles with other towers never share a cached user vector (A/B arms)."""
+    engine = counting_engine(ds)
+    user, cands = engaged_user(ds), [Candidate(i) for i in ds.items["item_id"].head(4)]
+    rank(engine, BundleRuntime(pooled_bundle, KEY, CountingEncoderService()), user, cands)
+    text = CountingEncoderService()
+    rank(engine, BundleRuntime(bundle, KEY, text), user, cands)
+    assert text.texts == 1 and engine.encode_calls == [("user_text", 1)]  # the pooled entry was not taken

@@ -25,6 +25,8 @@ from training.encoder.pairs import (
     sample_epoch,
     sampled_metrics,
 )
+from ranker.user_tower import UserTower
+from training.encoder.tower import encoder_tower
 from training.encoder.train import (
     EncoderTrainConfig,
     contrastive_loss,
@@ -159,7 +161,7 @@ def test_saved_encoder_loads_in_text_encoder_with_the_same_embeddings(tmp_path):
     with torch.no_grad():
         for n in lora_modules(model):
             model.get_submodule(n).lora_b.normal_(0, 0.02)
-    save_encoder(model, tok, tmp_path / "encoder", {"method": "lora"})
+    save_encoder(model, tok, tmp_path / "encoder", {"method": "lora"}, UserTower.text(5))
     assert (tmp_path / "encoder" / "model.safetensors").is_file()
     assert json.loads((tmp_path / "encoder" / "training.json").read_text())["method"] == "lora"
     texts = ["Argan oil shampoo", "Matte lipstick | Nail polish remover | Eyeliner pencil"]
@@ -304,6 +306,73 @@ def test_tiny_end_to_end_run_writes_encoder_curves_and_manifest(tiny_shop, tmp_p
     assert ref.model_dir == "encoder" and ref.max_length == 32
     assert manifest["encoder_training"]["method"] == summary["method"]
     assert TextEncoder(model_dir=ref.resolve(tmp_path)).encode(["hello"]).shape == (1, 384)
+    # the tower it trained through is recorded beside it (the best checkpoint's): pooled by default,
+    # with its weights learned (they moved in 2 steps)
+    tower = encoder_tower(enc)
+    assert tower.kind == "pooled" and tower.history_items == 10 and tower.position_weights[0] == 1.0
+    assert saved["user_tower"] == tower.manifest_entry()
+    final = summary["final_tower"]["position_weights"]
+    assert final[0] == 1.0 and not np.allclose(final, UserTower.pooled().position_weights, rtol=1e-6)
+
+
+@pytest.mark.parametrize("history_grad", [None, 1])
+def test_pooled_tower_training_runs_with_and_without_the_history_cache(tmp_path, history_grad):
+    """With `history_grad` 1 the history past the first position comes from the re-embedded cache,
+    and the run records its refreshes."""
+    ds, _ = _sequence_dataset(n_users=30, seed=5)
+    cfg = EncoderTrainConfig(max_steps=2, batch_size=4, val_users=10, val_negatives=5, eval_every=5, history_items=4,
+                             max_length_item=8, max_minutes=5, history_grad=history_grad, history_cache_steps=1,
+                             learn_tower=False)
+    summary = train_encoder(ds, tmp_path, cfg)
+    assert summary["steps"] == 2 and summary["hyper_parameters"]["tower"] == "pooled"
+    assert (summary["history_cache"] or {}).get("refreshes") == (2 if history_grad == 1 else None)
+    tower = encoder_tower(tmp_path / "encoder")
+    assert tower == UserTower.pooled(4, 0.5)  # fixed weights: the initial ones
+
+
+def test_the_loss_reaches_the_history_items_through_the_pooled_tower():
+    """The user side is differentiable in the embedded history items (and the position weights)."""
+    from training.encoder.train import TwoTower
+
+    two = TwoTower(torch.nn.Identity(), 20.0, UserTower.pooled(3, 0.5), learn_tower=True)
+    it = torch.nn.functional.normalize(torch.randn(6, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    it.requires_grad_()
+    b = {"history_pos": torch.tensor([[4, 5, -1], [5, 0, 4]]), "weights": torch.ones(2)}
+    u = two.users(it, b)
+    loss = contrastive_loss(u, it[:2], b["weights"])
+    loss.backward()
+    assert it.grad[4].abs().sum() > 0 and it.grad[5].abs().sum() > 0  # history-only rows get gradients
+    assert two.log_weights.grad is not None and two.log_weights.grad[:2].abs().sum() > 0
+    np.testing.assert_allclose(u.detach().numpy(), UserTower.pooled(3, 0.5).pool(
+        it.detach().numpy()[[[4, 5, 0], [5, 0, 4]]], np.array([[True, True, False], [True, True, True]])), rtol=1e-6)
+
+
+def test_pooled_batches_embed_each_history_item_once_with_the_candidates(tmp_path):
+    from transformers import AutoTokenizer
+
+    from ranker.encoder import base_model_path
+    from training.encoder.train import _Batcher, build_data
+
+    ds, _ = _sequence_dataset(n_users=30, seed=5)
+    cfg = EncoderTrainConfig(batch_size=4, val_users=10, val_negatives=5, history_items=4, history_grad=2)
+    data = build_data(ds, cfg)
+    batcher = _Batcher(data, AutoTokenizer.from_pretrained(base_model_path()), cfg)
+    batcher.cache = torch.arange(len(data.item_ids), dtype=torch.float32)[:, None].repeat(1, 3)  # row k = k
+    rows = np.arange(4)
+    b = batcher.make(rows)
+    n = b["n_candidates"]
+    hist = data.pairs.history[rows]
+    texts = batcher.tok.batch_decode(b["items"]["input_ids"], skip_special_tokens=True)
+    assert n == 4 and len(texts) == len(set(texts[n:])) + n
+    for r in range(4):
+        for g in range(2):
+            pos = int(b["history_pos"][r, g])
+            assert (pos < 0) == (hist[r, g] == NO_ITEM)
+            if pos >= 0:
+                assert texts[pos] == data.item_texts[hist[r, g]].lower()
+        cached = b["history_cached"][r, :, 0].numpy()
+        np.testing.assert_array_equal(b["history_cached_mask"][r].numpy(), hist[r, 2:] != NO_ITEM)
+        np.testing.assert_array_equal(cached[hist[r, 2:] != NO_ITEM], hist[r, 2:][hist[r, 2:] != NO_ITEM])
 
 
 def test_tiny_lora_run_on_sequence_data(tmp_path):
@@ -326,5 +395,6 @@ def test_cli_registers_train_encoder():
     out = subprocess.run([sys.executable, "-m", "semrank.cli", "train", "encoder", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     for flag in ("--data", "--out", "--max-minutes", "--method", "--seed", "--batch-size", "--lr", "--history-items",
-                 "--max-length-user", "--max-length-item", "--val-users", "--eval-every"):
+                 "--max-length-user", "--max-length-item", "--val-users", "--eval-every", "--tower", "--history-grad",
+                 "--fixed-tower", "--tower-decay"):
         assert flag in out.stdout

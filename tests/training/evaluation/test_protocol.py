@@ -11,6 +11,7 @@ from featurizer.contracts.schema import (
     validate_events,
     validate_items,
 )
+from ranker.user_tower import UserTower
 from training.data.loo import loo_split
 from training.evaluation.models import (
     EncoderScorer,
@@ -18,7 +19,6 @@ from training.evaluation.models import (
     cached_item_embeddings,
     parse_encoder_arg,
     resolve_encoder_spec,
-    user_texts,
 )
 from training.evaluation.protocol import (
     FULL,
@@ -215,7 +215,24 @@ def test_popularity_counts_training_interactions_only():
 
 def test_user_text_is_last_titles_most_recent_first():
     titles = [f"t{k}" for k in range(10)]
-    assert user_texts([np.array([1, 2, 3, 4])], titles, 2) == ["t4 | t3"]
+    enc = FakeEncoder(dim=10)
+    seen = []
+    scorer = EncoderScorer("e", enc, np.eye(10, dtype=np.float32), titles, UserTower.text(2))
+    scorer.encoder = type("Spy", (), {"encode": lambda self, texts: seen.extend(texts) or enc.encode(texts)})()
+    scorer.user_vectors([np.array([1, 2, 3, 4])])  # oldest first, as the protocol gives histories
+    assert seen == ["t4 | t3"]
+
+
+def test_pooled_encoder_scorer_needs_no_encoder_call():
+    """The pooled tower's user vector is the recency-weighted mean of the history's item vectors."""
+    emb = np.eye(6, dtype=np.float32)
+    enc = FakeEncoder()
+    scorer = EncoderScorer("e", enc, emb, [f"t{k}" for k in range(6)], UserTower.pooled(3, 0.5))
+    s = scorer.score([np.array([0, 1, 2, 4])])  # most recent: 4, then 2, then 1 (0 is past 3 items)
+    calls = enc.calls
+    assert calls == 0
+    w = np.array([0.0, 0.25, 0.5, 0.0, 1.0, 0.0])
+    np.testing.assert_allclose(s[0], w / np.linalg.norm(w), rtol=1e-6)
 
 
 def test_encoder_scorer_cosine_and_embedding_cache(tmp_path):
@@ -226,7 +243,7 @@ def test_encoder_scorer_cosine_and_embedding_cache(tmp_path):
     calls = enc.calls
     again = cached_item_embeddings(enc, texts, cache, progress=False)
     assert enc.calls == calls and np.array_equal(emb, again)
-    scorer = EncoderScorer("e", enc, emb, titles=texts, history_items=1)
+    scorer = EncoderScorer("e", enc, emb, titles=texts, tower=UserTower.text(1))
     s = scorer.score([np.array([0, 3])])
     # history "item 3" alone is the user text, so item 3 has cosine 1
     assert s.shape == (1, 7) and int(np.argmax(s[0])) == 3 and s[0, 3] == pytest.approx(1.0, abs=1e-5)
@@ -239,9 +256,14 @@ def test_encoder_dir_or_bundle_dir(tmp_path):
         {"encoder": {"model_dir": "enc", "max_length": 64, "history_items": 3}}))
     spec = resolve_encoder_spec("ft", tmp_path / "b")
     assert spec.model_dir == str((tmp_path / "b" / "enc").resolve()) and spec.max_length == 64
-    assert spec.history_items == 3
-    plain = resolve_encoder_spec("ft", tmp_path / "b" / "enc", history_items=7)
-    assert plain.model_dir == str(tmp_path / "b" / "enc") and plain.history_items == 7
+    assert spec.tower == UserTower.text(3)  # a bundle from before towers: its text tower
+    plain = resolve_encoder_spec("ft", tmp_path / "b" / "enc", tower=UserTower.pooled(7))
+    assert plain.model_dir == str(tmp_path / "b" / "enc") and plain.tower == UserTower.pooled(7)
+    # an encoder that records the tower it was fine-tuned with is scored with it
+    own = UserTower("pooled", 4, np.array([1.0, 0.7, 0.2, 0.1]))
+    entry = own.save(tmp_path / "b" / "enc")
+    (tmp_path / "b" / "enc" / "training.json").write_text(json.dumps({"user_tower": entry}))
+    assert resolve_encoder_spec("ft", tmp_path / "b" / "enc", tower=UserTower.text(5)).tower == own
     with pytest.raises(FileNotFoundError, match="neither a bundle"):
         resolve_encoder_spec("x", tmp_path)
     assert parse_encoder_arg("a=runs/x") == ("a", __import__("pathlib").Path("runs/x"))
@@ -262,11 +284,16 @@ def test_evaluate_oracle_and_constant_and_report_schema():
     assert (run.ranks[SAMPLED]["constant"] == 101).all()
     hist = np.array([split.sequences[u].size - 1 for u in run.users])
     np.testing.assert_array_equal(run.ranks[FULL]["constant"], n_items - hist)
-    report = build_report("toy", FULL, run, len(split.users), 1, 5, 1.5, n_boot=100)
+    report = build_report("toy", FULL, run, len(split.users), 1, {}, 1.5, n_boot=100,
+                          compare=[("oracle", "constant")])
     report = json.loads(json.dumps(report))
     assert {"dataset", "protocol", "users", "models"} <= set(report)
     assert set(report) <= {"dataset", "protocol", "users", "models", "seed", "notes", "seconds", "tie_rule",
-                           "history_items"}
+                           "user_towers", "comparisons"}
+    (c,) = report["comparisons"]
+    assert (c["a"], c["b"], c["mean_a"]) == ("oracle", "constant", 1.0) and c["difference"] == 1.0
+    with pytest.raises(ValueError, match="not in the run: nobody"):
+        build_report("toy", FULL, run, len(split.users), 1, {}, 1.5, n_boot=10, compare=[("oracle", "nobody")])
     assert report["users"] == 25 and set(report["models"]) == {"oracle", "constant"}
     for m in report["models"].values():
         assert set(m) == {"hr@10", "hr@10_ci", "ndcg@10", "ndcg@10_ci", "ndcg@5", "ndcg@5_ci", "mrr", "mrr_ci"}
@@ -297,7 +324,7 @@ def test_published_markdown_and_json_path():
     assert str(json_path_for("runs/beauty.json", SAMPLED, False)) == "runs/beauty.json"
     split = random_split(n_users=12)
     run = evaluate(split, [ConstantScorer(len(split.item_ids))], EvalConfig(users=10, bootstrap=50), progress=False)
-    text = markdown(build_report("amazon-beauty-2014", SAMPLED, run, 12, 0, 5, 1.0, n_boot=50))
+    text = markdown(build_report("amazon-beauty-2014", SAMPLED, run, 12, 0, {}, 1.0, n_boot=50))
     assert "SASRec (published)" in text and "0.4854" in text and "Protocol differences" in text
 
 

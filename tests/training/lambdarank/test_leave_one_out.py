@@ -20,6 +20,7 @@ from featurizer.contracts.schema import (
 from featurizer.definitions import NAMES
 from featurizer.offline.pipeline import offline_features
 from ranker.bundle import load_bundle
+from ranker.user_tower import UserTower
 from tests.fakes import HashEncoder
 from training.data.loo import break_ties, clock_resolution_us, loo_data, loo_split
 from training.evaluation.rankers import two_stage_rank
@@ -27,8 +28,8 @@ from training.lambdarank.first_stage import FirstStage, ordinal_ranks, top_k
 from training.lambdarank.leave_one_out import (
     TRAINING_MODE,
     build_examples,
-    encode_user_texts,
     sequence_times,
+    tower_user_vectors,
     train_loo_ranker,
     user_histories,
 )
@@ -114,8 +115,7 @@ def test_hard_negatives_come_from_the_first_stage_top_k(data):
     ex = build_examples(ds, split, cfg, enc, emb, times, progress=False)
     keys = group_keys(split, times, cfg)
     hist = user_histories(ds, keys.select("user_id", "ts"), 10)
-    titles = dict(zip(split.item_ids, split.titles))
-    user_emb = encode_user_texts(enc, [h[: cfg.history_items] for h in hist], titles, cfg.history_items, emb.shape[1], progress=False)
+    user_emb = tower_user_vectors(cfg.user_tower(), enc, hist, split, emb, progress=False)
     pools = hard_pools(split, keys, user_emb, emb, [np.array([split.item_index[i] for i in h]) for h in hist], cfg.hard_k)
     index = {u: k for k, u in enumerate(split.users)}
     for (g,), rows in ex.group_by(["group"]):
@@ -259,25 +259,37 @@ def test_first_stage_counts_only_the_training_part(data):
 def test_train_and_eval_with_rankers_end_to_end(loo_dir, tmp_path, capsys):
     from semrank.cli import main
 
-    for variant in ("behavioural", "full"):
-        assert main(["train", "ranker", "--data", str(loo_dir), "--out", str(tmp_path / variant), "--variant", variant,
-                     "--negatives", "8", "--embedding-cache", str(tmp_path / "cache")]) == 0
-    assert load_bundle(tmp_path / "full").manifest["training_mode"] == TRAINING_MODE
+    for variant, tower in (("behavioural", "pooled"), ("full", "pooled"), ("full", "text")):
+        assert main(["train", "ranker", "--data", str(loo_dir), "--out", str(tmp_path / f"{variant}-{tower}"),
+                     "--variant", variant, "--tower", tower, "--negatives", "8",
+                     "--embedding-cache", str(tmp_path / "cache")]) == 0
+    full_pooled = load_bundle(tmp_path / "full-pooled")
+    assert full_pooled.manifest["training_mode"] == TRAINING_MODE
+    assert full_pooled.tower == UserTower.pooled() and load_bundle(tmp_path / "full-text").tower == UserTower.text()
     out = tmp_path / "eval"
     assert main(["eval", "--data", str(loo_dir), "--out-dir", str(out), "--users", "40", "--bootstrap", "50",
-                 "--cache-dir", str(tmp_path / "cache"), "--rerank-k", "15",
-                 "--ranker", f"ranker-behavioural={tmp_path / 'behavioural'}", "--ranker", f"ranker-full={tmp_path / 'full'}"]) == 0
+                 "--cache-dir", str(tmp_path / "cache"), "--rerank-k", "15", "--tower", "pooled", "--tower", "text",
+                 "--ranker", f"ranker-behavioural={tmp_path / 'behavioural-pooled'}",
+                 "--ranker", f"ranker-full={tmp_path / 'full-pooled'}", "--ranker", f"ranker-text={tmp_path / 'full-text'}",
+                 "--compare", "ranker-full:ranker-text"]) == 0
     full = json.loads((out / "data.full.json").read_text())
     sampled = json.loads((out / "data.sampled-100.json").read_text())
     for report in (full, sampled):
-        assert {"ranker-behavioural", "ranker-full", "popularity", "encoder-frozen"} <= set(report["models"])
-    (stage,) = full["two_stage"]
+        assert {"ranker-behavioural", "ranker-full", "ranker-text", "popularity", "encoder-frozen-pooled",
+                "encoder-frozen-text"} <= set(report["models"])
+        assert report["user_towers"]["ranker-text"].startswith("text tower")
+        assert report["user_towers"]["ranker-full"].startswith("pooled tower")
+        (c,) = report["comparisons"]
+        assert (c["a"], c["b"]) == ("ranker-full", "ranker-text") and len(c["relative_ci"]) == 2
+    # the two towers' rankers are evaluated in two groups, each with the first stage of its own tower
+    stage = next(s for s in full["two_stage"] if s["rankers"] == ["ranker-behavioural", "ranker-full"])
     assert stage["k"] == 15 and 0.0 <= stage["first_stage_recall@15"] <= 1.0
     assert set(stage["recall@15_by_first_stage"]) == {"encoder", "encoder+cooc", "encoder+popularity"}
     assert "two_stage" not in sampled
     md = (out / "data.full.md").read_text()
     assert "first-stage recall@15" in md and "ranker-full" in md
-    # training and eval share the item embeddings; both variants share the user texts of training
+    assert "ranker-full vs ranker-text, NDCG@10" in md
+    # training and eval share the item embeddings; only the text tower encodes user texts
     assert sorted(p.name.split("__")[0] for p in (tmp_path / "cache").glob("*.npy")) == ["data", "data-user-texts"]
 
 
