@@ -99,13 +99,16 @@ class BenchConfig:
     mixed_events_rate: float = 50.0  # LogEvents events/s beside the offered Ranks/s in the mixed phase
     # Heavier mixes, measured rows with no target: (events/s, distinct users), each over its own users.
     heavy_mixes: tuple[tuple[float, int], ...] = ((500.0, 2000),)
+    tower: str = "pooled"  # the bench bundle's user tower (ranker.user_tower): pooled, or text (before issue 28)
 
 
 # ---------------------------------------------------------------- data
 
 
 def prepare(cfg: BenchConfig) -> tuple[Path, Path]:
-    """The shop and the bundle under work_dir, made once and reused while the recipe is the same."""
+    """The shop and the bundle of `cfg.tower` under work_dir, made once and reused while the recipe is
+    the same (`bundle/` for the pooled tower, `bundle-text/` for the text tower, both trained on the
+    same shop)."""
     from featurizer.contracts.schema import read_dataset
     from ranker.encoder import TextEncoder
     from training.data.synth import SynthConfig, synthesize
@@ -113,23 +116,24 @@ def prepare(cfg: BenchConfig) -> tuple[Path, Path]:
     from training.lambdarank.params import RankerTrainConfig
 
     wd = cfg.work_dir
-    shop, bundle, stamp = wd / "shop", wd / "bundle", wd / "recipe.json"
+    shop, stamp = wd / "shop", wd / "recipe.json"
+    bundle = wd / ("bundle" if cfg.tower == "pooled" else f"bundle-{cfg.tower}")
     recipe = {"version": DATA_VERSION, "n_users": cfg.n_users, "n_items": cfg.n_items, "n_days": cfg.n_days, "seed": cfg.seed}
-    if stamp.exists() and json.loads(stamp.read_text()).get("recipe") == recipe and (bundle / "manifest.json").exists():
-        return shop, bundle
-    log.info("making the shop and the bundle under %s (once; later runs reuse them)", wd)
-    for p in (shop, bundle, wd / "state"):
-        shutil.rmtree(p, ignore_errors=True)
-    wd.mkdir(parents=True, exist_ok=True)
-    # Events end today, so the windowed features at serving time see recent activity.
-    today = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
-    synthesize(shop, seed=cfg.seed, config=SynthConfig(n_users=cfg.n_users, n_items=cfg.n_items, n_days=cfg.n_days,
-                                                       start=today - timedelta(days=cfg.n_days)))
-    train_ranker(read_dataset(shop), bundle, RankerTrainConfig(seed=0), TextEncoder(max_length=128),
-                 data_source=str(shop.resolve()))
-    stamp.write_text(json.dumps({"recipe": recipe, "made_at": datetime.now(timezone.utc).isoformat()}) + "\n")
+    if not (stamp.exists() and json.loads(stamp.read_text()).get("recipe") == recipe):
+        log.info("making the shop under %s (once; later runs reuse it)", wd)
+        for p in (shop, wd / "state", *wd.glob("bundle*")):
+            shutil.rmtree(p, ignore_errors=True)
+        wd.mkdir(parents=True, exist_ok=True)
+        # Events end today, so the windowed features at serving time see recent activity.
+        today = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+        synthesize(shop, seed=cfg.seed, config=SynthConfig(n_users=cfg.n_users, n_items=cfg.n_items, n_days=cfg.n_days,
+                                                           start=today - timedelta(days=cfg.n_days)))
+        stamp.write_text(json.dumps({"recipe": recipe, "made_at": datetime.now(timezone.utc).isoformat()}) + "\n")
+    if not (bundle / "manifest.json").exists():
+        log.info("training the bundle (%s user tower) under %s (once)", cfg.tower, bundle)
+        train_ranker(read_dataset(shop), bundle, RankerTrainConfig(seed=0, tower=cfg.tower), TextEncoder(max_length=128),
+                     data_source=str(shop.resolve()))
     return shop, bundle
-
 
 
 def online_snapshot(state_dir: Path, shop: Path) -> Path:
@@ -621,6 +625,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mixed-candidates", type=int, nargs="*", default=list(d.mixed_candidates),
                    help="sizes of the mixed phase (Ranks with tokens + LogEvents); none: skip it")
     p.add_argument("--events-rate", type=float, default=d.mixed_events_rate, help="LogEvents events/s in the mixed phase")
+    p.add_argument("--tower", choices=("pooled", "text"), default=d.tower,
+                   help="the bench bundle's user tower (text: every event makes the next Rank call Triton)")
     p.add_argument("--heavy-mix", nargs=2, type=float, action="append", default=None, metavar=("EVENTS_PER_S", "USERS"),
                    help="a heavier mixed phase, no target (repeatable; default 500 events/s from 2000 users; "
                         "--heavy-mix 0 0: none)")
@@ -635,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
         saturation_concurrency=tuple(a.concurrency), processes=a.processes, channels=a.channels, bench_users=a.bench_users,
         inprocess_reps=a.inprocess_reps, n_users=a.users, n_items=a.items, seed=a.seed,
         workers=a.workers, events=a.events, nats_url=a.nats_url, tokens=a.tokens,
-        mixed_candidates=tuple(a.mixed_candidates), mixed_events_rate=a.events_rate, heavy_mixes=heavy,
+        mixed_candidates=tuple(a.mixed_candidates), mixed_events_rate=a.events_rate, heavy_mixes=heavy, tower=a.tower,
     )
     if a.prepare_only:
         shop, _ = prepare(cfg)

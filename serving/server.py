@@ -299,9 +299,13 @@ class RankingServer:
         while True:
             await asyncio.sleep(every_s)
             try:
-                # Under the apply lock: a snapshot never holds half a batch, nor a batch without its seq.
+                # The copy under the apply lock: a snapshot never holds half a batch, nor a batch
+                # without its seq. Packing and fsyncing it (hundreds of ms for a large state) happen
+                # after: a LogEvents, and a Rank waiting for its token, never wait for the disk.
                 async with self.state.ingest.applied_lock:
-                    await asyncio.to_thread(self.state.online.store.flush)
+                    write = await asyncio.to_thread(self.state.online.store.freeze)
+                if write is not None:
+                    await asyncio.to_thread(write)
                 await self._share_snapshot()
             except Exception:  # noqa: BLE001 - the event log (or stream) still holds everything
                 log.exception("feature snapshot failed")

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Union
 
 from featurizer.errors import SemrankError
@@ -104,6 +104,14 @@ class OnlineStore(ABC):
 
     def flush(self) -> None:
         """Make writes durable (where the backend has a notion of it)."""
+
+    def freeze(self) -> Callable[[], None] | None:
+        """`flush` in two steps: take a consistent copy now, return the function that persists it
+        (None: nothing to persist). A caller holding a lock for consistency runs the function after
+        releasing it. This default flushes at once and returns None; a backend whose flush is slow
+        (the in-process store's file) overrides it."""
+        self.flush()
+        return None
 
     def changes(self, entity: str, since: int | None) -> tuple[int | None, frozenset[str] | None]:
         """(version of `entity` now, keys written or deleted after version `since`).

@@ -13,7 +13,7 @@ import os
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,8 @@ class InProcessStore(OnlineStore):
         self._written_keys: dict[str, int] = {}  # keys listed in _written[entity], all writes together
         self._dirty = False
         self._closed = False
+        self._frozen = 0  # copies taken by `freeze`
+        self._saved = 0  # the newest of them on disk
         if self._path is not None and self._path.exists():
             self._data = _load(self._path)
 
@@ -154,20 +156,38 @@ class InProcessStore(OnlineStore):
         return {entity: dict(table) for entity, table in self._data.items()}
 
     def flush(self) -> None:
-        """Persist atomically. The store's lock is held only while the dicts are copied, not while
-        they are packed and fsynced, so reads and writes on other threads wait milliseconds, not the
-        whole snapshot (bench/snapshot_stall.py). Flushes run one at a time, in order."""
-        with self._flush_lock:
-            with self._lock:
-                data = self._copy_if_dirty()
+        """Persist atomically (`freeze` and its write at once)."""
+        write = self.freeze()
+        if write is not None:
+            write()
+
+    def freeze(self) -> Callable[[], None] | None:
+        """Copy what to persist now (the dicts; milliseconds under the store's lock) and return the
+        function that packs and fsyncs that copy (the slow part), to run later, outside the caller's
+        locks; None when nothing changed. So a caller that must snapshot a consistent state (the
+        server, under its apply lock) holds its lock only for the copy, and writes never wait for
+        the disk (bench/snapshot_stall.py). Writes run one at a time; one whose copy is older than
+        the copy on disk writes nothing."""
+        with self._lock:
+            data = self._copy_if_dirty()
             if data is None:
-                return
-            try:
-                _save_atomic(self._path, data)
-            except BaseException:
-                with self._lock:
-                    self._dirty = True  # the next flush writes it again
-                raise
+                return None
+            self._frozen += 1
+            generation = self._frozen
+
+        def write() -> None:
+            with self._flush_lock:
+                if generation <= self._saved:
+                    return  # a newer copy is on disk already
+                try:
+                    _save_atomic(self._path, data)
+                except BaseException:
+                    with self._lock:
+                        self._dirty = True  # the next flush writes it again
+                    raise
+                self._saved = generation
+
+        return write
 
     def close(self) -> None:
         with self._flush_lock:
@@ -175,7 +195,11 @@ class InProcessStore(OnlineStore):
                 if self._closed:
                     return
                 data = self._copy_if_dirty()
+                if data is None and self._saved < self._frozen and self._path is not None:
+                    data = {entity: dict(table) for entity, table in self._data.items()}  # a copy not written yet
                 self._closed = True
+                self._frozen += 1
+                self._saved = self._frozen  # an older frozen copy never writes over this one
             if data is not None:
                 _save_atomic(self._path, data)
 
