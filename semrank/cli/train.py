@@ -144,9 +144,9 @@ def register(sub) -> None:
     s.add_argument("--tower-decay", type=float, default=d.tower_decay,
                    help="pooled: initial weight decay^i of the i-th most recent item (default 0.5)")
     s.add_argument("--fixed-tower", action="store_true", help="pooled: keep the position weights fixed (not trained)")
-    s.add_argument("--history-grad", type=int, default=None,
-                   help="pooled: history positions whose item vectors get gradients (default all); the others come from "
-                        f"every item's vector, re-embedded every {d.history_cache_steps} steps")
+    s.add_argument("--history-grad", type=int, default=d.history_grad,
+                   help=f"pooled: history positions whose item vectors get gradients (default {d.history_grad}; 0 none, "
+                        f"10 all); the others come from every item's vector, re-embedded every {d.history_cache_steps} steps")
     s.add_argument("--max-length-user", type=int, default=d.max_length_user, help="token budget of the user text")
     s.add_argument("--max-length-item", type=int, default=d.max_length_item, help="token budget of the item text")
     s.add_argument("--val-users", type=int, default=d.val_users, help="validation users (fixed, seeded subset)")

@@ -357,7 +357,7 @@ class SampledEvaluator:
         self.items, inverse = np.unique(np.concatenate(needed), return_inverse=True)
         self.cand_rows = inverse[: cand.size].reshape(cand.shape)
         row = {int(i): k for k, i in enumerate(self.items)}
-        self.history_rows = [[row[int(i)] for i in h if i != NO_ITEM] for h in v.history]
+        self.history_rows = [[row[int(i)] for i in h if i != NO_ITEM] for h in v.history] if cfg.tower != "text" else []
         self.item_texts = [data.item_texts[i] for i in self.items]
 
     def __call__(self, model: torch.nn.Module, tower: UserTower) -> dict[str, float]:

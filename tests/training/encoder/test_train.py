@@ -375,13 +375,15 @@ def test_pooled_batches_embed_each_history_item_once_with_the_candidates(tmp_pat
         np.testing.assert_array_equal(cached[hist[r, 2:] != NO_ITEM], hist[r, 2:][hist[r, 2:] != NO_ITEM])
 
 
-def test_tiny_lora_run_on_sequence_data(tmp_path):
+@pytest.mark.parametrize("tower", ["pooled", "text"])
+def test_tiny_lora_run_on_sequence_data(tmp_path, tower):
     ds, _ = _sequence_dataset(n_users=30, seed=5)
     cfg = EncoderTrainConfig(method="lora", max_steps=1, batch_size=4, val_users=10, val_negatives=5, eval_every=5,
-                             max_length_user=16, max_length_item=8, max_minutes=5)
+                             max_length_user=16, max_length_item=8, max_minutes=5, tower=tower)
     summary = train_encoder(ds, tmp_path, cfg)
     assert summary["data"]["split"]["kind"] == "leave-one-out" and summary["steps"] == 1
     assert summary["lora"]["layers"] and not (tmp_path / "manifest.json").exists()
+    assert encoder_tower(tmp_path / "encoder").kind == tower
     from safetensors import safe_open
 
     with safe_open(tmp_path / "encoder" / "model.safetensors", "pt") as f:
