@@ -80,7 +80,7 @@ async def _generator(conn, port: int, pools: dict[int, list[bytes]], channels: i
         writes: list[tuple[float, float, int]] = []  # mixed: LogEvents (scheduled, done, status)
         tokens: dict[str, int] = {}  # mixed: user -> the sequence of their last logged event
         errors: dict[str, int] = {}
-        degraded = stale = tokened = 0
+        degraded = stale = tokened = accepted = duplicates = 0
 
         async def one(k: int, sched: float, lag: float) -> None:
             nonlocal degraded, stale, tokened
@@ -104,9 +104,13 @@ async def _generator(conn, port: int, pools: dict[int, list[bytes]], channels: i
         async def write(k: int, sched: float) -> None:
             from datetime import datetime, timezone
 
+            nonlocal accepted, duplicates
             j = rng.randrange(len(reqs))
             user, item = mixed["users"][n][j], rng.choice(mixed["items"])
-            ev = pb.Event(event_id=f"bench-{phase_seed}-{k}", user_id=user, item_id=item, type=pb.EVENT_TYPE_CLICK)
+            # Ids of this run only: the server keeps event ids (exactly once, 24 h), and a rerun on the same
+            # state would send duplicates, which are neither stored nor applied and return no sequence.
+            ev = pb.Event(event_id=f"bench-{mixed['run']}-{phase_seed}-{k}", user_id=user, item_id=item,
+                          type=pb.EVENT_TYPE_CLICK)
             ev.ts.FromDatetime(datetime.now(timezone.utc).replace(tzinfo=None))
             try:
                 resp = await log_events[k % channels](iter([pb.LogEventsRequest(events=[ev])]), timeout=timeout_s,
@@ -116,6 +120,7 @@ async def _generator(conn, port: int, pools: dict[int, list[bytes]], channels: i
                 writes.append((sched, time.monotonic(), 1))
                 return
             writes.append((sched, time.monotonic(), 0))
+            accepted, duplicates = accepted + resp.accepted, duplicates + resp.duplicates
             if resp.sequence:
                 tokens[user] = max(tokens.get(user, 0), resp.sequence)
 
@@ -169,6 +174,7 @@ async def _generator(conn, port: int, pools: dict[int, list[bytes]], channels: i
         if writing is not None:
             await writing
         conn.send({"samples": samples, "errors": errors, "degraded": degraded, "stale": stale, "tokened": tokened,
+                   "accepted": accepted, "duplicates": duplicates,
                    "writes": writes, "cpu_s": (cpu1 - cpu0) if cpu0 is not None else 0.0})
     for ch in chans:
         await ch.close()
@@ -179,7 +185,8 @@ class LoadGenerator:
 
     def __init__(self, port: int, pools: dict[int, list[bytes]], processes: int, channels: int, timeout_s: float,
                  token: str | None = None, mixed: dict | None = None):
-        """`mixed`: {"users": {n: the user of each pooled request}, "items": [...], "writer_token": ...}."""
+        """`mixed`: {"users": {n: the user of each pooled request}, "items": [...], "writer_token": ...,
+        "run": an id of this run, in every event id}."""
         ctx = mp.get_context("spawn")
         self.conns, self.procs = [], []
         for _ in range(processes):
@@ -263,4 +270,7 @@ def _mixed_summary(raw: dict, t_measure: float) -> dict:
     return {"log_events_calls": len(writes), "log_events_errors": sum(1 for w in writes if w[2]),
             "log_events_p50_ms": pct(50), "log_events_p99_ms": pct(99),
             "ranks_with_token": sum(part["tokened"] for part in raw["parts"]),
+            # events stored and applied, and events the server had already (over the whole phase)
+            "events_accepted": sum(part["accepted"] for part in raw["parts"]),
+            "events_duplicate": sum(part["duplicates"] for part in raw["parts"]),
             "stale_features": sum(part["stale"] for part in raw["parts"])}

@@ -469,7 +469,7 @@ def run(cfg: BenchConfig, out_dir: Path | None) -> dict:
         log.info("in-process: %s", inproc)
         del engine, rt
         mixed = {"users": {n: [u for u, _ in pool] for n, pool in pools.items()}, "items": items,
-                 "writer_token": writer_token}
+                 "writer_token": writer_token, "run": uuid.uuid4().hex[:12]}
         gen = LoadGenerator(port, wire, cfg.processes, cfg.channels, cfg.timeout_s, token=token, mixed=mixed)
         server_pids, triton = server.server_pids(), server.triton_pids()
         rows, mixed_rows = [], []

@@ -318,11 +318,17 @@ class RankingServer:
             return
         if not due(await shared_info(ingest.js, self.cfg.events), ingest.committed_seq, self.cfg.events.share_snapshot_s):
             return
-        async with ingest.applied_lock:  # the file and its seq, taken together
-            await asyncio.to_thread(self.state.online.store.flush)
-            if not path.exists():
-                return
-            snapshot, seq = open(path, "rb"), ingest.committed_seq  # noqa: SIM115 - closed below
+        async with ingest.applied_lock:  # the state and its seq, taken together
+            write = await asyncio.to_thread(self.state.online.store.freeze)
+            seq = ingest.committed_seq
+        # Written after the lock is released (the fold and LogEvents go on meanwhile). The file is then
+        # this copy: only this loop (`_snapshots`, which calls this) and close write it, one at a time;
+        # no copy (None) means nothing changed since the last one, which the loop has written.
+        if write is not None:
+            await asyncio.to_thread(write)
+        if not path.exists():
+            return
+        snapshot = open(path, "rb")  # noqa: SIM115 - closed below
         try:
             await share_snapshot(ingest.js, self.cfg.events, snapshot, seq)
         finally:
