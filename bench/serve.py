@@ -272,7 +272,8 @@ class ServerProcess:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
             text = r.read().decode()
         out = {"ranks_per_worker": {}, "rank_s": 0.0, "triton_s": 0.0, "triton_calls": 0.0, "user_misses": 0.0,
-               "rank_encoder_calls": {}, "degraded": {}, "history_skipped": 0.0}
+               "rank_encoder_calls": {}, "degraded": {}, "history_skipped": 0.0, "gc_count": {}, "gc_s": {},
+               "gc_over_100ms": {}, "loop_lag_over_100ms": 0.0}
         for fam in text_string_to_metric_families(text):
             for smp in fam.samples:
                 labels = smp.labels
@@ -296,6 +297,18 @@ class ServerProcess:
                     out["degraded"][c] = out["degraded"].get(c, 0.0) + smp.value
                 elif smp.name == "semrank_user_history_items_skipped_total":
                     out["history_skipped"] += smp.value
+                elif smp.name.startswith("semrank_gc_pause_seconds"):
+                    g = labels.get("generation", "?")
+                    if smp.name.endswith("_count"):
+                        out["gc_count"][g] = out["gc_count"].get(g, 0.0) + smp.value
+                    elif smp.name.endswith("_sum"):
+                        out["gc_s"][g] = out["gc_s"].get(g, 0.0) + smp.value
+                    elif smp.name.endswith("_bucket") and labels.get("le") == "0.1":
+                        out["gc_over_100ms"][g] = out["gc_over_100ms"].get(g, 0.0) - smp.value
+                    elif smp.name.endswith("_bucket") and labels.get("le") == "+Inf":
+                        out["gc_over_100ms"][g] = out["gc_over_100ms"].get(g, 0.0) + smp.value
+                elif smp.name == "semrank_event_loop_lag_seconds_bucket" and labels.get("le") in ("0.1", "+Inf"):
+                    out["loop_lag_over_100ms"] += smp.value if labels["le"] == "+Inf" else -smp.value
         return out
 
     def stop(self) -> None:
@@ -562,6 +575,8 @@ def mixed_phase(gen, server, server_pids: list[int], triton: list[int], cfg: Ben
     ranks = sum(m1["ranks_per_worker"].values()) - sum(m0["ranks_per_worker"].values())
     delta = lambda name: {c: int(v - m0[name].get(c, 0)) for c, v in m1[name].items() if v - m0[name].get(c, 0)}  # noqa: E731
     calls, degraded = delta("rank_encoder_calls"), delta("degraded")
+    gc_count, gc_over = delta("gc_count"), delta("gc_over_100ms")
+    gc_s = {g: round(v - m0["gc_s"].get(g, 0.0), 3) for g, v in m1["gc_s"].items()}
     row.update({
         "phase": "mixed", "events_per_s": events_rate, "ranks_counted_by_server": int(ranks),
         "server_cpu_cores": round((cpu_seconds(server_pids) - s0) / wall, 3),
@@ -570,6 +585,10 @@ def mixed_phase(gen, server, server_pids: list[int], triton: list[int], cfg: Ben
         "degraded_by_reason": degraded,
         "degraded_share": round(sum(degraded.values()) / ranks, 5) if ranks else None,
         "history_items_skipped": int(m1["history_skipped"] - m0["history_skipped"]),
+        # the server's garbage collections in the phase (every worker), by generation, and the event-loop
+        # probes that ran over 100 ms late (semrank_event_loop_lag_seconds)
+        "gc_collections": gc_count, "gc_seconds": gc_s, "gc_over_100ms": gc_over,
+        "loop_lag_over_100ms": int(m1["loop_lag_over_100ms"] - m0["loop_lag_over_100ms"]),
         "ranks_needing_encoder": round(calls.get("user_text", 0) / ranks, 4) if ranks else None,
         "triton_calls": int(m1["triton_calls"] - m0["triton_calls"]),
         "encoder_share_of_rank_time": (round((m1["triton_s"] - m0["triton_s"]) / (m1["rank_s"] - m0["rank_s"]), 4)

@@ -228,6 +228,7 @@ class RankingServer:
                 bundle_roots=list(cfg.bundle_roots) or [Path(cfg.bundle_dir).resolve().parent],
             )
             await self._start_grpc()
+            self.metrics.watch_gc()
             if cfg.metrics_port is not None:
                 self.metrics_port = self.metrics.start_http(cfg.metrics_host, cfg.metrics_port)
             if cfg.reload_poll_s > 0:
@@ -399,6 +400,7 @@ class RankingServer:
 
     async def stop(self) -> None:
         """Stop accepting, drain in-flight calls, flush logs and the snapshot, stop Triton."""
+        self.metrics.unwatch_gc()
         if self.server is not None:
             await self.health.enter_graceful_shutdown()
             await self.server.stop(self.cfg.grace_s)

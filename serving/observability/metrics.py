@@ -25,7 +25,9 @@ client sees about the sum of the two, plus the network.
 
 from __future__ import annotations
 
+import gc
 import threading
+import time
 from contextvars import ContextVar
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
@@ -140,6 +142,10 @@ class Metrics:
             "event_loop_lag_seconds", "How late a probe on the serving event loop ran: the wait of a call ready to run",
             namespace=ns, registry=r, buckets=LOOP_LAG_BUCKETS_S,
         )
+        self.gc_pause_seconds = Histogram(
+            "gc_pause_seconds", "Python garbage collections of this process, by generation: every thread (the event "
+            "loop included) stops for their duration", ("generation",), namespace=ns, registry=r,
+            buckets=LOOP_LAG_BUCKETS_S)
         self.inflight_requests = Gauge("inflight_requests", "RPCs currently being handled", namespace=ns, registry=r)
         self.events_applied_seq = Gauge("events_applied_seq", "The last event-log (or JetStream) sequence this "
                                         "process's online features hold", namespace=ns, registry=r)
@@ -165,6 +171,24 @@ class Metrics:
             self.bundle_reloads_total.labels(result=result)
         self._error_kinds: set[str] = set()
         self._http: tuple[WSGIServer, threading.Thread] | None = None
+        self._gc_started: float | None = None
+
+    def watch_gc(self) -> None:
+        """Time every garbage collection of this process into gc_pause_seconds (`unwatch_gc` stops it)."""
+        if self._gc_callback not in gc.callbacks:
+            gc.callbacks.append(self._gc_callback)
+
+    def unwatch_gc(self) -> None:
+        if self._gc_callback in gc.callbacks:
+            gc.callbacks.remove(self._gc_callback)
+
+    def _gc_callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        elif self._gc_started is not None:
+            self.gc_pause_seconds.labels(generation=str(info.get("generation", "?"))).observe(
+                time.perf_counter() - self._gc_started)
+            self._gc_started = None
 
     # -- thin recording helpers -------------------------------------------------------------
     set_variant = staticmethod(set_variant)
