@@ -22,6 +22,7 @@ from pathlib import Path
 
 import grpc
 
+from featurizer.contracts.event_rules import EventRules
 from featurizer.errors import ConfigError
 from featurizer.store.config import StoreConfig
 
@@ -63,6 +64,11 @@ class Limits:
     store_read_timeout_s: float = 0.25  # a read of a remote online store (Redis) waits at most this; then: degraded
     max_store_waiting: int = 256  # calls queued for a remote online store at most; more: degraded at once
     max_sequence_wait_s: float = 1.0  # a Rank's min_sequence waits at most this (and half its deadline); then: degraded
+
+    @property
+    def event_rules(self) -> EventRules:
+        """The event rules of these limits, shared by LogEvents and the JetStream fold."""
+        return EventRules(self.max_user_id_chars, self.max_item_id_chars, self.max_event_clock_skew_s)
 
 
 def _read_pem(path: str | Path | None, what: str) -> bytes | None:

@@ -16,8 +16,6 @@ EVENT_NAMES = {
     pb.EVENT_TYPE_ADD_TO_CART: "add_to_cart",
     pb.EVENT_TYPE_PURCHASE: "purchase",
 }
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-OLDEST_EVENT = datetime(2000, 1, 1, tzinfo=timezone.utc)
 
 
 def to_logged(ev: pb.Event) -> LoggedEvent:
@@ -25,6 +23,11 @@ def to_logged(ev: pb.Event) -> LoggedEvent:
         ts_us=ev.ts.seconds * 1_000_000 + ev.ts.nanos // 1000, user_id=ev.user_id, item_id=ev.item_id,
         event=EVENT_NAMES[ev.type], request_id=ev.request_id, position=ev.position, event_id=ev.event_id,
     )
+
+
+def to_us(t: datetime) -> int:
+    """An aware datetime as µs since the epoch (what LoggedEvent.ts_us and the event rules use)."""
+    return round(t.timestamp() * 1_000_000)
 
 
 def items_frame(items: list[pb.RankCandidate]) -> pl.DataFrame:

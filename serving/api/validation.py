@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from featurizer.errors import SemrankError
 from semrank.ranking.v1 import ranking_service_pb2 as pb
-from serving.api.convert import EPOCH, EVENT_NAMES, OLDEST_EVENT
+from serving.api.convert import EVENT_NAMES, to_logged, to_us
 from serving.config import Limits
 
 
@@ -42,17 +42,6 @@ class InvalidRequest(SemrankError):
 
     def field_violations(self) -> list[tuple[str, str]]:
         return [(v.field, v.description) for v in self.violations]
-
-
-OLDEST_EVENT_S = int((OLDEST_EVENT - EPOCH).total_seconds())
-DATETIME_RANGE_S = (-62_135_596_800, 253_402_300_799)  # 0001-01-01 .. 9999-12-31T23:59:59 UTC
-
-
-def _describe(seconds: int) -> str:
-    """A Timestamp's seconds as an ISO time when datetime can hold it, else as a number."""
-    if DATETIME_RANGE_S[0] <= seconds <= DATETIME_RANGE_S[1]:
-        return (EPOCH + timedelta(seconds=seconds)).isoformat()
-    return f"{seconds} s since 1970-01-01"
 
 
 MAX_VIOLATIONS = 20  # report at most this many, so a huge bad request gets a small error
@@ -104,32 +93,16 @@ def validate_rank_request(req: pb.RankRequest, limits: Limits) -> None:
 
 
 def event_problem(ev: pb.Event, limits: Limits, now: datetime) -> str | None:
-    """Why the event is rejected ("field: reason"), or None when it is valid."""
-    for name, limit in (("user_id", limits.max_user_id_chars), ("item_id", limits.max_item_id_chars)):
-        value = getattr(ev, name)
-        if not value.strip():
-            return f"{name}: must not be empty"
-        if len(value) > limit:
-            return f"{name}: longer than {limit} characters"
+    """Why the event is rejected ("field: reason"), or None when it is valid: the wire's own checks
+    (a set timestamp, nanos in range, a known type), then the rules every entry point shares
+    (`featurizer.contracts.event_rules`, which the JetStream fold applies to every message)."""
     if ev.type not in EVENT_NAMES:
         return f"type: must be one of {', '.join(pb.EventType.Name(k) for k in EVENT_NAMES)}"
     if not ev.HasField("ts"):
         return "ts: must be set (the UTC time of the event)"
     if not 0 <= ev.ts.nanos < 1_000_000_000:
         return "ts: nanos out of range"
-    # Compared in whole seconds first: a Timestamp may hold any int64, far outside what datetime holds.
-    latest_s = (now - EPOCH).total_seconds() + limits.max_event_clock_skew_s
-    if ev.ts.seconds < OLDEST_EVENT_S:
-        return f"ts: {_describe(ev.ts.seconds)} is before {OLDEST_EVENT.date()}"
-    if ev.ts.seconds > latest_s:
-        return f"ts: {_describe(ev.ts.seconds)} is more than {limits.max_event_clock_skew_s:g} s in the future"
-    if len(ev.request_id) > limits.max_item_id_chars:
-        return f"request_id: longer than {limits.max_item_id_chars} characters"
-    if len(ev.event_id) > limits.max_item_id_chars:
-        return f"event_id: longer than {limits.max_item_id_chars} characters"
-    if ev.position < 0:
-        return "position: must be >= 0 (0 = not shown in a ranked list)"
-    return None
+    return limits.event_rules.problem(to_logged(ev), to_us(now))
 
 
 def item_problem(item: pb.RankCandidate, limits: Limits, known: bool) -> str | None:

@@ -39,13 +39,14 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import nats
 import nats.errors
 import nats.js.errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, StorageType, StreamConfig
 
+from featurizer.contracts.event_rules import EventRules, problem_field
 from featurizer.errors import ConfigError
 from featurizer.online.features import OnlineFeatures
 from featurizer.store.base import OnlineStoreError, WriteConflict
@@ -88,7 +89,8 @@ def seq_key(stream: str) -> str:
 @dataclass
 class FoldStats:
     folded: int = 0  # events applied by this process
-    bad_messages: int = 0  # skipped: not a semrank event
+    bad_messages: int = 0  # skipped: not a semrank event, or one the event rules refuse
+    refused: dict[str, int] = field(default_factory=dict)  # of those, by the field the rules named
     consumers: int = 0  # consumers made (1 at start; more after NATS came back)
     store_failures: int = 0  # apply attempts that failed
 
@@ -96,8 +98,10 @@ class FoldStats:
 class StreamIngest:
     """LogEvents on JetStream and the fold of the stream into this process's features; see the module docstring."""
 
-    def __init__(self, cfg: JetStreamConfig, online: OnlineFeatures, worker: StoreWorker, dedup_window_s: float):
+    def __init__(self, cfg: JetStreamConfig, online: OnlineFeatures, worker: StoreWorker, dedup_window_s: float,
+                 rules: EventRules = EventRules()):
         self.cfg, self.online, self.worker = cfg, online, worker
+        self.rules = rules  # what LogEvents accepts: the fold applies nothing else, whoever published it
         self.dedup_window_s = dedup_window_s
         self.key = seq_key(cfg.stream)
         self.committed_seq = 0  # the last stream seq the store's features hold
@@ -121,12 +125,12 @@ class StreamIngest:
     async def open(cls, cfg: JetStreamConfig, online: OnlineFeatures, worker: StoreWorker,
                    dedup_window_s: float, ready_timeout_s: float | None = None,
                    on_items: Callable[[list[SharedItem]], Awaitable[None]] | None = None,
-                   items_through: int = 0) -> StreamIngest:
+                   items_through: int = 0, rules: EventRules = EventRules()) -> StreamIngest:
         """Connect, create (or update) the stream, and fold it up to its end as of now.
         `items_through`: the store came from another replica's snapshot (serving.ingest.snapshots)
         holding seqs up to it, and this process has none of the items upserted before: they are
         folded first (item messages only), then everything after the snapshot."""
-        self = cls(cfg, online, worker, dedup_window_s)
+        self = cls(cfg, online, worker, dedup_window_s, rules)
         self.on_items = on_items
         try:
             await self._connect()
@@ -412,13 +416,26 @@ class StreamIngest:
                     if item.origin != self.origin and self.on_items is not None:
                         await self.on_items([item])
                 else:
-                    pairs.append((seq, decode_event(m.data)))
+                    pairs.append((seq, self._valid_event(m)))
             except BadStreamMessage as e:
                 self.stats.bad_messages += 1
                 log.error("stream %s seq %d (%s) is not a semrank event or item and is skipped: %s", self.cfg.stream,
                           seq, m.subject, e)
             last = max(last, seq)
         await self._apply_pairs(pairs, last)
+
+    def _valid_event(self, m) -> LoggedEvent:
+        """The event of message `m` if the event rules accept it at the message's JetStream time (the
+        same instant for every replica, so all make the same decision); else BadStreamMessage."""
+        event = decode_event(m.data)
+        stamped = m.metadata.timestamp
+        now_us = round(stamped.timestamp() * 1_000_000) if stamped is not None else 0
+        problem = self.rules.problem(event, now_us)
+        if problem is not None:
+            reason = problem_field(problem)
+            self.stats.refused[reason] = self.stats.refused.get(reason, 0) + 1
+            raise BadStreamMessage(f"refused by the event rules: {problem}")
+        return event
 
     # ------------------------------------------------------------ UpsertItems
 

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import redis
 
+from featurizer.contracts.event_rules import EventRules
 from featurizer.online.features import OnlineFeatures
 from featurizer.store.config import InProcessConfig, RedisConfig
 from featurizer.store.in_process import InProcessStore
@@ -32,7 +33,7 @@ from serving.ingest.stream_format import BadStreamMessage, decode_event, encode_
 from serving.ingest.log_format import LoggedEvent, events_frame
 from serving.ranking.store_worker import StoreWorker
 from tests.integration.serving_kit import MACHINE_NATS, NatsProcess
-from tests.serving.ingest.apply_crash_child import ITEMS, batch
+from tests.serving.ingest.apply_crash_child import ITEMS, T0_US, batch
 
 pytestmark = pytest.mark.timeout(300)
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -90,13 +91,17 @@ def test_the_message_format_round_trips_and_bad_messages_name_the_field():
     assert decode_event(encode_event(e)) == e
     assert subject_for("semrank.events", "user é/1").startswith("semrank.events.u.")
     assert subject_for("p", "a") != subject_for("p", "b") and "." not in subject_for("p", "a.b")[4:]
-    for data, field in [(b"{", "not JSON"), (b"[1]", "JSON object"),
-                        (b'{"ts_us": 1.5, "user_id": "u", "item_id": "i", "type": "click"}', "ts_us"),
-                        (b'{"ts_us": 1, "user_id": "", "item_id": "i", "type": "click"}', "user_id"),
-                        (b'{"ts_us": 1, "user_id": "u", "item_id": "i", "type": "view"}', "type"),
-                        (b'{"ts_us": 1, "user_id": "u", "item_id": "i", "type": "click", "position": -1}', "position")]:
-        with pytest.raises(BadStreamMessage, match=field):
+    for data, what in [(b"{", "not JSON"), (b"[1]", "JSON object"), (b"[" * 100_000, "not JSON")]:
+        with pytest.raises(BadStreamMessage, match=what):
             decode_event(data)
+    rules, now = EventRules(), T0_US
+    for data, field in [(b'{"ts_us": 1.5e15, "user_id": "u", "item_id": "i", "type": "click"}', "ts"),
+                        (b'{"ts_us": 1767225600000000, "user_id": "", "item_id": "i", "type": "click"}', "user_id"),
+                        (b'{"ts_us": 1767225600000000, "user_id": "u", "item_id": "i", "type": "view"}', "type"),
+                        (b'{"ts_us": 1767225600000000, "user_id": "u", "item_id": "i", "type": "click", "position": -1}',
+                         "position"),
+                        (b'{"user_id": "u", "item_id": "i", "type": "click"}', "ts")]:
+        assert rules.problem(decode_event(data), now).startswith(f"{field}:"), data  # the rules name the field
 
 
 def test_log_events_stores_folds_and_a_retry_counts_nothing_twice(stream_cfg):
@@ -271,3 +276,49 @@ def test_events_not_acknowledged_in_time_say_how_many_were_and_the_resend_is_har
             await ingest.close()
 
     np.testing.assert_array_equal(asyncio.run(scenario()), reference(range(1)))
+
+
+POISON = [  # what the outside probe sent, and kin: each refused by the rules LogEvents applies
+    ({"ts_us": 10**17}, "ts"),  # past year 9999 as a datetime: every Rank failed INTERNAL before
+    ({"ts_us": 4_102_444_800_000_000}, "ts"),  # 2100-01-01: moved every replica's feature clock before
+    ({"ts_us": 2**63}, "ts"),  # past int64: stopped the fold for good before
+    ({"position": 2**63}, "position"),
+    ({"user_id": "x" * 100_000}, "user_id"),
+    ({"item_id": " "}, "item_id"),
+    ({"event_id": 7}, "event_id"),
+    ({"ts_us": 10**15}, "ts"),  # 2001 is fine; 10**15 µs is 2001-09-09: accepted (a control)
+]
+
+
+def test_the_fold_refuses_what_log_events_refuses_and_goes_on(stream_cfg):
+    """Issue 30: the stream is an input too. Messages from another producer that LogEvents would
+    refuse are skipped and counted by the field the rules name, on every replica the same way
+    (their future bound is the message's JetStream time); the fold goes on with the next good
+    events, and the feature clock moves only with accepted ones."""
+    import json
+
+    async def scenario():
+        writer, _ = await open_ingest(stream_cfg)
+        await writer.log_events(batch(0))
+        nc = await nats.connect(MACHINE_NATS)
+        good = json.loads(encode_event(batch(1)[0]))
+        for change, _ in POISON:
+            await nc.jetstream().publish(f"{stream_cfg.subject_prefix}.u.x", json.dumps({**good, **change}).encode())
+        await nc.close()
+        last = (await writer.log_events(batch(1))).last_seq
+        await writer.close()
+        folded = []
+        for _ in range(2):  # two replicas folding the same stream decide alike
+            ingest, online = await open_ingest(stream_cfg)
+            try:
+                assert ingest.committed_seq == last
+                folded.append((dict(ingest.stats.refused), ingest.stats.bad_messages, online.watermark, features(online)))
+            finally:
+                await ingest.close()
+        return folded
+
+    (refused, bad, clock, got), (refused2, _, clock2, got2) = asyncio.run(scenario())
+    assert refused == refused2 == {"ts": 3, "position": 1, "user_id": 1, "item_id": 1, "event_id": 1}
+    assert bad == len(POISON) - 1  # the control was applied
+    assert clock == clock2 and clock.timestamp() * 1e6 == max(e.ts_us for e in batch(1))  # the clock: good events only
+    np.testing.assert_array_equal(got, got2)
