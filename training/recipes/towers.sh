@@ -4,7 +4,9 @@
 #   training/recipes/towers.sh amazon-beauty-2014 [RUNS_DIR]
 #
 # For the pooled tower (the default) and the text tower, each with seed 0 and the same budget:
-# fine-tune the encoder through that tower (25 min), train the full ranker on it, then one
+# fine-tune the encoder through that tower (ENCODER_STEPS steps of 64 pairs, default 550: about
+# 25 min on 2 quiet cores; a step budget, so that other work on the machine changes the wall time
+# and not the result), train the full ranker on it, then one
 # evaluation of everything on the same 5,000 users (both protocols), with a paired bootstrap of
 # ranker-full-pooled against ranker-full-text. Steps whose output exists are skipped, so a cut run
 # resumes. Writes RUNS_DIR/towers-NAME/ (default RUNS_DIR: runs); the report is
@@ -13,7 +15,7 @@ set -euo pipefail
 name=${1:?usage: towers.sh DATASET [RUNS_DIR]}
 runs=${2:-runs}
 semrank=${SEMRANK:-.venv/bin/semrank}
-minutes=${ENCODER_MINUTES:-25}
+steps=${ENCODER_STEPS:-550}
 out=$runs/towers-$name
 data=$runs/data/$name
 mkdir -p "$out"
@@ -22,8 +24,9 @@ log() { echo "[$(date -u +%H:%M:%S)] $name: $*"; }
 [ -f "$data/summary.json" ] || { log "import"; $semrank data import "$name" --out "$data"; }
 for tower in pooled text; do
   if [ ! -f "$out/enc-$tower/encoder/training.json" ] || ! grep -q '"status": "finished"' "$out/enc-$tower/encoder/training.json"; then
-    log "encoder through the $tower tower ($minutes min)"
-    $semrank train encoder --data "$data" --out "$out/enc-$tower" --tower "$tower" --max-minutes "$minutes" --seed 0
+    log "encoder through the $tower tower ($steps steps)"
+    $semrank train encoder --data "$data" --out "$out/enc-$tower" --tower "$tower" --max-steps "$steps" \
+        --max-minutes 120 --seed 0
   fi
   if [ ! -f "$out/rank-$tower/ranker.txt" ]; then
     log "full ranker on the $tower tower"
