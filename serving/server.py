@@ -204,6 +204,8 @@ class RankingServer:
                 built = build()
             self._closers.extend(built.closers)  # the store worker, the event log, then the online store
             engine, event_log, items = built.engine, built.event_log, built.engine.items
+            # Where a bundle may be loaded from after start-up (ReloadBundle, the fleet's KV key).
+            bundle_roots = list(cfg.bundle_roots) or [Path(cfg.bundle_dir).resolve().parent]
             registry = BundleRegistry(engine, EncoderPool(self._encoder_factory),
                                       on_reload=lambda result, v: self._on_reload(result, v))
             self._registry = registry
@@ -216,7 +218,7 @@ class RankingServer:
                     cfg.events, engine.online, engine.store_worker, cfg.limits.dedup_window_s,
                     on_items=lambda shared: apply_shared_items(engine, registry.pool, shared),
                     items_through=fetched or 0, rules=cfg.limits.event_rules)
-                self._shared_bundle = SharedBundle(ingest.js, cfg.events, registry, ingest.origin)
+                self._shared_bundle = SharedBundle(ingest.js, cfg.events, registry, ingest.origin, bundle_roots)
                 await self._shared_bundle.start()  # the fleet's bundle, if another replica reloaded
             else:
                 ingest = EventIngest(event_log, engine.online, EventDedup(cfg.limits.dedup_window_s),
@@ -226,7 +228,7 @@ class RankingServer:
                 engine=engine, registry=registry, exposures=exposures, ingest=ingest,
                 metrics=self.metrics,
                 limits=cfg.limits, experiments=experiments, encoder_timeout_s=cfg.encoder_timeout_s,
-                bundle_roots=list(cfg.bundle_roots) or [Path(cfg.bundle_dir).resolve().parent],
+                bundle_roots=bundle_roots,
             )
             await self._start_grpc()
             self.metrics.watch_gc()

@@ -9,8 +9,10 @@ With `--events jetstream`, bucket `<stream>_CONTROL`, key `bundle`, holds the fl
 JSON: `{"path": ..., "version": ..., "origin": <replica>, "at": <unix time>}`. A replica that
 reloads (ReloadBundle, or its watcher seeing the bundle directory change) puts it; every replica
 polls the key and reloads to each new revision once, from the same path, which must be the same
-bundle on every host (a shared volume, or the same deployment path). A replica where that path
-fails to load keeps serving its bundle and logs why (the fleet then serves two versions, which
+bundle on every host (a shared volume, or the same deployment path). The key obeys the rules of
+ReloadBundle: a path that is not a bundle directory under the replica's `--bundle-root` is refused
+and logged (a writer of the bucket cannot make replicas load from anywhere). A replica where that
+path fails to load keeps serving its bundle and logs why (the fleet then serves two versions, which
 `semrank_bundle_info` shows per replica); one that starts later adopts the fleet's bundle before it
 answers.
 """
@@ -27,7 +29,7 @@ import nats.js.errors
 from nats.js.api import KeyValueConfig, StorageType
 
 from serving.config import JetStreamConfig
-from serving.ranking.registry import BundleRegistry
+from serving.ranking.registry import BundlePathRefused, BundleRegistry, allowed_bundle_path
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +41,10 @@ def bucket_name(stream: str) -> str:
 
 
 class SharedBundle:
-    def __init__(self, js, cfg: JetStreamConfig, registry: BundleRegistry, origin: str):
+    def __init__(self, js, cfg: JetStreamConfig, registry: BundleRegistry, origin: str, bundle_roots: list[Path]):
         self.js, self.cfg, self.registry, self.origin = js, cfg, registry, origin
+        self.bundle_roots = bundle_roots  # what the key may name: the roots ReloadBundle accepts (--bundle-root)
+        self.refused = 0  # revisions refused for a path outside them
         self._kv = None
         self._acted = 0  # the last revision of the key this replica acted on (or put itself)
         self._puts: set[asyncio.Task] = set()
@@ -86,8 +90,16 @@ class SharedBundle:
         path, version = want.get("path"), want.get("version")
         if not path or (path, version) == self._local():
             return False
-        log.info("the fleet's bundle is %s at %s (set by another replica): reloading", version, path)
-        ok, now, message = await self.registry.reload(Path(path))
+        try:
+            allowed = allowed_bundle_path(path if isinstance(path, str) else "", self.bundle_roots)
+        except BundlePathRefused:
+            self.refused += 1
+            log.error("the fleet's bundle key (revision %d) names %r, which is not a bundle directory under this "
+                      "replica's --bundle-root; refused, still serving %s", rev, str(path)[:200],
+                      self.registry.default.runtime.version)
+            return False
+        log.info("the fleet's bundle is %s at %s (set by another replica): reloading", version, allowed)
+        ok, now, message = await self.registry.reload(allowed)
         if not ok:
             log.error("shared bundle %s at %s was not loaded here (%s): still serving %s", version, path, message,
                       self.registry.default.runtime.version)

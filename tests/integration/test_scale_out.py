@@ -353,3 +353,43 @@ def test_a_bundle_reload_on_one_replica_reaches_every_replica_and_a_new_one(smal
         late = replicas.add(cfgs[2])  # configured with v1: adopts the fleet's v2 before it serves
         assert version(late) == "fleet-v2"
         assert replicas.servers[2].state.registry.default_path.resolve() == v2.resolve()
+
+
+def test_the_fleet_bundle_key_obeys_the_bundle_roots(small_shop, small_bundle, tmp_path, stream, triton):
+    """Issue 30: whoever can write the control bucket cannot make a replica load a directory outside
+    its --bundle-root: the key is refused and logged, the replica keeps its bundle; a key naming a
+    bundle under the root is adopted."""
+    import json
+    from dataclasses import replace
+
+    from serving.ranking.shared_bundle import KEY
+    from serving.ranking.shared_bundle import bucket_name as control
+    from tests.integration.serving_kit import copy_bundle
+
+    name, prefix = stream
+    v1 = copy_bundle(small_bundle[0], tmp_path / "bundles" / "v1", version="roots-v1")
+    v2 = copy_bundle(small_bundle[0], tmp_path / "bundles" / "v2", version="roots-v2")
+    outside = copy_bundle(small_bundle[0], tmp_path / "elsewhere" / "evil", version="roots-evil")
+    events = JetStreamConfig(url=MACHINE_NATS, stream=name, subject_prefix=prefix, control_poll_s=0.2)
+    cfg = replace(replica_cfg(small_shop, small_bundle, tmp_path / "state", events), bundle_dir=v1,
+                  bundle_roots=(tmp_path / "bundles",))
+
+    async def put(path) -> None:
+        nc = await nats.connect(MACHINE_NATS)
+        kv = await nc.jetstream().key_value(control(name))
+        await kv.put(KEY, json.dumps({"path": str(path), "version": "x", "origin": "someone", "at": 0}).encode())
+        await nc.close()
+
+    def version(port: int) -> str:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            return stub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=RPC_TIMEOUT_S).bundle.version
+
+    with ReplicaSet([cfg], triton) as replicas:
+        shared = replicas.servers[0]._shared_bundle
+        for bad in (outside, tmp_path / "bundles" / ".." / "elsewhere" / "evil", "/etc", 17):
+            before = shared.refused
+            asyncio.run(put(bad))
+            wait_until(lambda b=before: shared.refused == b + 1, 30, f"the key naming {bad!r} refused")
+            assert version(replicas.ports[0]) == "roots-v1"
+        asyncio.run(put(v2))
+        wait_until(lambda: version(replicas.ports[0]) == "roots-v2", 30, "the replica on the bundle under its root")
