@@ -279,6 +279,9 @@ class RankingServer:
             # The error interceptor refuses messages over the limit with details; grpc's own check is a backstop.
             ("grpc.max_receive_message_length", too_large_backstop(cfg.limits.max_message_bytes)),
             ("grpc.max_send_message_length", cfg.limits.max_message_bytes),
+            # grpc binds with SO_REUSEPORT by default on Linux: a second server on a port in use would
+            # bind silently and take part of the connections. Only the workers of one supervisor share.
+            ("grpc.so_reuseport", 1 if cfg.share_port else 0),
         ]
         # grpc's own cap is only a backstop for what the admission interceptor does not see.
         self.server = grpc.aio.server(interceptors=interceptors, options=options,
@@ -287,12 +290,16 @@ class RankingServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         _enable_reflection(self.server)
         address = f"{cfg.host}:{cfg.port}"
-        if cfg.tls is not None:
-            self.port = self.server.add_secure_port(address, cfg.tls.server_credentials())
-        else:
-            self.port = self.server.add_insecure_port(address)
+        try:
+            if cfg.tls is not None:
+                self.port = self.server.add_secure_port(address, cfg.tls.server_credentials())
+            else:
+                self.port = self.server.add_insecure_port(address)
+        except RuntimeError:  # grpc raises when the bind fails
+            self.port = 0
         if not self.port:
-            raise OSError(f"cannot bind gRPC port {address} (in use?)")
+            raise ConfigError(f"cannot listen on {address}: the port is in use (another semrank serve?) or the address "
+                              "is not this host's; pick another --port or stop the other server")
         await self.server.start()
 
     async def _loop_lag(self, every_s: float) -> None:

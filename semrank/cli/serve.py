@@ -65,6 +65,7 @@ def cmd_serve(args) -> int:
         metrics_host=args.metrics_host,
         embeddings_dir=args.embeddings_dir,
         triton_urls=tuple(_key_url(spec) for spec in args.worker_triton),
+        share_port=args.worker_of is not None,  # the workers of one supervisor share its port; nobody else
         limits=Limits(max_candidates=args.max_candidates, max_text_chars=args.max_text_chars,
                       max_message_bytes=args.max_message_bytes),
     )

@@ -426,3 +426,19 @@ def test_the_triton_access_token_is_never_logged_and_triton_listens_on_loopback(
         assert len(tokens) == 1 and len(next(iter(tokens))) >= 32  # the restricted APIs are guarded
         assert flags[b"--http-address"] == flags[b"--grpc-address"] == flags[b"--metrics-address"] == b"127.0.0.1"
         assert next(iter(tokens)) not in tp.log_path.read_bytes()
+
+
+def test_a_second_server_on_a_port_in_use_is_a_config_error(main_server, small_shop, small_bundle, tmp_path):
+    """Issue 30: grpc binds with SO_REUSEPORT by default, so a second `semrank serve` on an occupied
+    port used to bind silently and take part of the connections. Only the workers of one supervisor
+    share a port (`share_port`); anyone else gets a ConfigError naming the address."""
+    from featurizer.errors import ConfigError
+
+    st, channel, _ = main_server
+    cfg = ServeConfig(bundle_dir=small_bundle[0], data_dir=small_shop, state_dir=tmp_path / "state", port=st.port,
+                      reload_poll_s=0)
+    with pytest.raises(ConfigError, match=f"127.0.0.1:{st.port}: the port is in use"):
+        with ServerThread(cfg):
+            pass
+    health = health_status(channel)
+    assert health == health_pb2.HealthCheckResponse.SERVING  # the first one is untouched
