@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -115,6 +115,20 @@ def _now_us() -> int:
     return int(datetime.now(timezone.utc).timestamp() * 1e6)
 
 
+async def wait_on(cond: asyncio.Condition, predicate: Callable[[], bool], timeout_s: float) -> None:
+    """Wait until `predicate()` holds under `cond`, at most `timeout_s` in all: acquiring the
+    condition's lock (which an apply may hold for a while) is inside the bound."""
+
+    async def wait() -> None:
+        async with cond:
+            await cond.wait_for(predicate)
+
+    try:
+        await asyncio.wait_for(wait(), timeout_s)
+    except asyncio.TimeoutError:
+        pass
+
+
 class EventIngest:
     """Deduplicate, durably append, then apply in order, atomically; see the module docstring."""
 
@@ -143,14 +157,11 @@ class EventIngest:
         return None
 
     async def wait_folded(self, seq: int, timeout_s: float) -> bool:
-        """Wait until the store's features hold log seq `seq` (a LogEvents token), at most `timeout_s`."""
+        """Wait until the store's features hold log seq `seq` (a LogEvents token), at most `timeout_s`:
+        taking the lock counts too (an apply holds it), so the wait never outlasts the caller's deadline."""
         if self.committed_seq >= seq:
             return True
-        async with self.applied_lock:
-            try:
-                await asyncio.wait_for(self.applied_lock.wait_for(lambda: self.committed_seq >= seq), timeout_s)
-            except asyncio.TimeoutError:
-                pass
+        await wait_on(self.applied_lock, lambda: self.committed_seq >= seq, timeout_s)
         return self.committed_seq >= seq
 
     def _commit_through(self, last_seq: int, batch: Sequence[LoggedEvent] = ()) -> int:

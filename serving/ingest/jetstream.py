@@ -51,7 +51,7 @@ from featurizer.errors import ConfigError
 from featurizer.online.features import OnlineFeatures
 from featurizer.store.base import OnlineStoreError, WriteConflict
 from serving.config import JetStreamConfig
-from serving.ingest.apply import EventsNotApplied, EventsNotStored, Logged, apply_logged, applied_seq
+from serving.ingest.apply import EventsNotApplied, EventsNotStored, Logged, apply_logged, applied_seq, wait_on
 from serving.ingest.log_format import LoggedEvent
 from serving.ingest.stream_format import (
     KIND_HEADER,
@@ -288,12 +288,7 @@ class StreamIngest:
         """Wait until this process folded `seq` (True), the fold failed, or `timeout_s` passed (False)."""
         if self.committed_seq >= seq:
             return True
-        async with self._folded:
-            try:
-                await asyncio.wait_for(self._folded.wait_for(
-                    lambda: self.committed_seq >= seq or self._failure is not None), timeout_s)
-            except asyncio.TimeoutError:
-                pass
+        await wait_on(self._folded, lambda: self.committed_seq >= seq or self._failure is not None, timeout_s)
         return self.committed_seq >= seq
 
     async def catch_up(self) -> int:

@@ -127,3 +127,18 @@ def test_events_since_reads_back_only_the_recent_segments(tmp_path):
         cutoff = batch(25)[0].ts_us
         got = log.events_since(cutoff)
     assert sorted(e.event_id for e in got) == sorted(e.event_id for k in range(25, 30) for e in batch(k))
+
+
+def test_a_token_wait_honours_its_timeout_while_an_apply_holds_the_lock(tmp_path):
+    """Issue 30: a Rank's min_sequence wait took the apply lock before its timeout started, so a long
+    apply (or a snapshot copy) made it miss the caller's deadline. Taking the lock is inside it now."""
+    online = OnlineFeatures(InProcessStore(), ITEMS)
+
+    async def scenario():
+        with EventLog(tmp_path / "events") as log:
+            ingest = EventIngest(log, online, EventDedup(0), clock_us=lambda: T0_US)
+            async with ingest.applied_lock:  # a write that holds the lock until the wait has given up
+                # (the outer bound only turns a regression, which waits for the lock forever, into a failure)
+                return await asyncio.wait_for(ingest.wait_folded(ingest.committed_seq + 1, 0.2), 30)
+
+    assert asyncio.run(scenario()) is False  # not applied, and answered within its own bound
