@@ -206,6 +206,7 @@ class JetStreamConfig:
     connect_timeout_s: float = 2.0
     share_snapshot_s: float = 300.0  # share the in-process feature snapshot this often (object store); 0: never
     control_poll_s: float = 1.0  # how often a replica checks the fleet's bundle (serving.ranking.shared_bundle)
+    probe_timeout_s: float = 1.0  # readiness: NATS must answer a PING within this (a hung server keeps its socket)
 
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.stream):

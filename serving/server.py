@@ -367,7 +367,7 @@ class RankingServer:
             return False
         if self.state.ingest.behind:
             await self.state.ingest.catch_up()
-        problem = self.state.ingest.problem()
+        problem = await self.state.ingest.probe()
         if problem is not None:
             if self._not_ready_why != problem:
                 log.warning("not ready: %s", problem)

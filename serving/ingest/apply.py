@@ -156,6 +156,10 @@ class EventIngest:
         """Why events cannot be taken now (for readiness): the local log has none of its own to report."""
         return None
 
+    async def probe(self) -> str | None:
+        """`problem`, after asking what events depend on (for the local log: nothing remote)."""
+        return self.problem()
+
     async def wait_folded(self, seq: int, timeout_s: float) -> bool:
         """Wait until the store's features hold log seq `seq` (a LogEvents token), at most `timeout_s`:
         taking the lock counts too (an apply holds it), so the wait never outlasts the caller's deadline."""

@@ -279,6 +279,19 @@ class StreamIngest:
             return f"folding the stream fails ({type(self._failure).__name__})"
         return None
 
+    async def probe(self) -> str | None:
+        """A round trip to NATS (PING/PONG) within `JetStreamConfig.probe_timeout_s`: a hung server keeps
+        the TCP connection up, so `connected` alone does not see it. Why events cannot be taken (None:
+        they can); for readiness."""
+        problem = self.problem()
+        if problem is not None:
+            return problem
+        try:
+            await self._nc.flush(timeout=max(self.cfg.probe_timeout_s, 0.01))
+        except Exception as e:  # noqa: BLE001 - a timeout, or the connection went away meanwhile
+            return f"NATS does not answer ({type(e).__name__})"
+        return None
+
     async def stream_last_seq(self) -> int:
         info = await self._js.stream_info(self.cfg.stream)
         self.known_seq = max(self.known_seq, info.state.last_seq)

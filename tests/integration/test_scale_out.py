@@ -393,3 +393,27 @@ def test_the_fleet_bundle_key_obeys_the_bundle_roots(small_shop, small_bundle, t
             assert version(replicas.ports[0]) == "roots-v1"
         asyncio.run(put(v2))
         wait_until(lambda: version(replicas.ports[0]) == "roots-v2", 30, "the replica on the bundle under its root")
+
+
+def test_a_hung_nats_takes_readiness_down_and_back(small_shop, small_bundle, tmp_path, triton):
+    """Issue 30: a NATS that stops answering (SIGSTOP: its socket stays open) used to leave readiness
+    SERVING. The readiness probe now asks NATS for a round trip within `probe_timeout_s`."""
+    import os
+    import signal
+
+    own = NatsProcess(tmp_path / "nats").start()
+    events = JetStreamConfig(url=own.url, stream="HUNG", subject_prefix="hung", publish_timeout_s=1.0,
+                             probe_timeout_s=0.3)
+    try:
+        with ReplicaSet([replica_cfg(small_shop, small_bundle, tmp_path / "state", events)], triton) as rs, \
+                grpc.insecure_channel(f"127.0.0.1:{rs.ports[0]}") as channel:
+            wait_until(lambda: readiness(channel) == health_pb2.HealthCheckResponse.SERVING, 30, "ready")
+            os.kill(own.proc.pid, signal.SIGSTOP)
+            try:
+                wait_until(lambda: readiness(channel) == health_pb2.HealthCheckResponse.NOT_SERVING, 30,
+                           "not ready while NATS hangs")
+            finally:
+                os.kill(own.proc.pid, signal.SIGCONT)
+            wait_until(lambda: readiness(channel) == health_pb2.HealthCheckResponse.SERVING, 60, "ready again")
+    finally:
+        own.stop()
