@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from ranker.compiled_trees import CompiledTrees
+from ranker.compiled_trees import compile_trees as compile_model
 from ranker.errors import BundleError
 from ranker.user_tower import UserTower
 
@@ -60,13 +62,17 @@ class Bundle:
     encoder: EncoderRef
     booster: Any  # lightgbm.Booster
     tower: UserTower  # the user side of the interest score (ranker.user_tower)
+    compiled: CompiledTrees | None = None  # the trees as native code (ranker.compiled_trees); None: LightGBM
 
     def score(self, features: np.ndarray) -> np.ndarray:
-        """Scores for a (n, len(feature_names)) float matrix; NaN means missing."""
+        """Scores for a (n, len(feature_names)) float matrix; NaN means missing. The compiled trees
+        when the bundle has them (the same scores, several times faster), else LightGBM."""
         if features.ndim != 2 or features.shape[1] != len(self.feature_names):
             raise ValueError(f"expected a (n, {len(self.feature_names)}) matrix, got {features.shape}")
         if features.shape[0] == 0:
             return np.zeros(0, dtype=np.float64)
+        if self.compiled is not None:
+            return self.compiled.predict(features)
         return self.booster.predict(features, num_threads=1)
 
 
@@ -121,8 +127,10 @@ def save_bundle(
     return out
 
 
-def load_bundle(path: str | Path) -> Bundle:
-    """Load and check a bundle; raises BundleError naming the file and the problem."""
+def load_bundle(path: str | Path, compile_trees: bool = True) -> Bundle:
+    """Load and check a bundle; raises BundleError naming the file and the problem. `compile_trees`:
+    compile the LightGBM trees to native code for `score` (`ranker.compiled_trees`; skipped quietly
+    where that cannot be done)."""
     import lightgbm
 
     path = Path(path)
@@ -141,8 +149,9 @@ def load_bundle(path: str | Path) -> Bundle:
     model_path = path / manifest.get("model_file", MODEL_FILE)
     if not model_path.is_file():
         raise BundleError(f"{model_path}: missing LightGBM model file")
+    model_text = model_path.read_text()
     try:
-        booster = lightgbm.Booster(model_str=model_path.read_text())
+        booster = lightgbm.Booster(model_str=model_text)
     except lightgbm.basic.LightGBMError as e:
         raise BundleError(f"{model_path}: not a LightGBM text model ({e})") from e
     names = list(manifest["feature_names"])
@@ -153,6 +162,8 @@ def load_bundle(path: str | Path) -> Bundle:
     except TypeError as e:
         raise BundleError(f"{mf}: bad 'encoder' entry ({e})") from e
     tower = UserTower.from_manifest(manifest, path)
-    log.info("loaded bundle %s from %s (%s)", manifest["bundle_version"], path, tower.describe())
+    compiled = compile_model(model_path, model_text) if compile_trees else None
+    log.info("loaded bundle %s from %s (%s; trees %s)", manifest["bundle_version"], path, tower.describe(),
+             "compiled" if compiled is not None else "scored by LightGBM")
     return Bundle(path=path, version=manifest["bundle_version"], manifest=manifest, feature_names=names, encoder=encoder,
-                  booster=booster, tower=tower)
+                  booster=booster, tower=tower, compiled=compiled)
