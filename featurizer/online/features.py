@@ -262,7 +262,7 @@ class OnlineFeatures:
             memo = self._history_memo = (user, t_us, user.history(t_us, None))
         return memo[2]
 
-    def _user_item_records(self, user_id: str, item_ids: list[str], rows: np.ndarray) -> np.ndarray:
+    def _user_item_records(self, user_id: str, item_ids: list[str]) -> np.ndarray:
         """The stored user x item state of each item (`user_item_records`); reads only the items the
         user has one for when the store can list its keys."""
         seen = self._user_items.items_of(user_id)
@@ -270,8 +270,7 @@ class OnlineFeatures:
             return user_item_records(self.store.read("ui", user_item_keys(user_id, item_ids)))
         rec = empty_user_item_records(len(item_ids))
         if seen:
-            seen_rows = self._index.known(list(seen))  # an item not in the index is no candidate
-            hits = np.flatnonzero(np.isin(rows, seen_rows[seen_rows >= 0])).tolist()
+            hits = np.flatnonzero(np.fromiter(map(seen.__contains__, item_ids), dtype=bool, count=len(item_ids))).tolist()
             if hits:
                 rec[hits] = user_item_records(self.store.read("ui", user_item_keys(user_id, [item_ids[k] for k in hits])))
         return rec
@@ -290,7 +289,7 @@ class OnlineFeatures:
             items = item_base(self.store.read("item", item_ids + hist), t_us)
         else:
             items = item_base_from_parts(parts, t_us)
-        ui = user_item_base_from_records(self._user_item_records(user_id, item_ids, rows), t_us)
+        ui = user_item_base_from_records(self._user_item_records(user_id, item_ids), t_us)
 
         users = items["item_n_users_all"]
         cos_max, cos_sum = np.zeros(n), np.zeros(n)

@@ -34,6 +34,7 @@ import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +98,9 @@ class RowTable:
     assignment to rows."""
 
     def __init__(self, base: np.ndarray, dim: int):
-        self.base, self.dim = base, dim
+        # A plain ndarray view of the map (the same pages): numpy.memmap's own indexing builds a
+        # memmap object per gather, a cost per request for nothing.
+        self.base, self.dim = np.asarray(base), dim
         self.extra = np.zeros((0, dim), dtype=np.float32)
 
     @property
@@ -115,6 +118,8 @@ class RowTable:
         if np.isscalar(rows):
             return self.base[rows] if rows < nb else self.extra[rows - nb]
         rows = np.asarray(rows)
+        if not len(self.extra) or (rows.size and rows.max() < nb):  # (the usual case: one gather)
+            return self.base[rows]
         out = np.empty((len(rows), self.dim), dtype=np.float32)
         inb = rows < nb
         out[inb] = self.base[rows[inb]]
@@ -185,8 +190,7 @@ class ItemStore:
         return None if k is None else self.titles[k]
 
     def rows(self, item_ids: list[str]) -> np.ndarray:
-        get = self.index.get
-        return np.fromiter((get(i, -1) for i in item_ids), dtype=np.int64, count=len(item_ids))
+        return np.fromiter(map(self.index.get, item_ids, repeat(-1)), dtype=np.int64, count=len(item_ids))
 
     def upsert(self, items: pl.DataFrame) -> None:
         """Add items or update known ones in place (persisted first when the store has a state dir).
