@@ -100,6 +100,7 @@ class BenchConfig:
     # Heavier mixes, measured rows with no target: (events/s, distinct users), each over its own users.
     heavy_mixes: tuple[tuple[float, int], ...] = ((500.0, 2000),)
     tower: str = "pooled"  # the bench bundle's user tower (ranker.user_tower): pooled, or text (before issue 28)
+    null_service: bool = True  # after the real phases, the same ones against `semrank serve --null-service`
 
 
 # ---------------------------------------------------------------- data
@@ -378,6 +379,7 @@ def measure_inprocess(engine, rt, pools: dict[int, list[tuple[str, list[str]]]],
 
     cands = {n: [(u, [Candidate(item_id=i) for i in ids]) for u, ids in pool] for n, pool in pools.items()}
     times: dict[int, list[float]] = {n: [] for n in pools}
+    cpu: dict[int, list[float]] = {n: [] for n in pools}
 
     async def run() -> None:
         any_ids = next(iter(cands.values()))[0][1]
@@ -386,12 +388,14 @@ def measure_inprocess(engine, rt, pools: dict[int, list[tuple[str, list[str]]]],
         for r in range(reps):
             for n, pool in cands.items():
                 u, cs = pool[r % len(pool)]
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 await engine.rank(rt, u, cs)
                 times[n].append(time.perf_counter() - t)
+                cpu[n].append(time.process_time() - c)
 
     asyncio.run(run())
-    return {n: {"p50_ms": round(float(np.median(ts)) * 1e3, 3), "p99_ms": round(float(np.percentile(ts, 99)) * 1e3, 3)}
+    return {n: {"p50_ms": round(float(np.median(ts)) * 1e3, 3), "p99_ms": round(float(np.percentile(ts, 99)) * 1e3, 3),
+                "cpu_ms": round(float(np.mean(cpu[n])) * 1e3, 3)}  # (process time ticks coarsely: the mean)
             for n, ts in times.items()}
 
 
@@ -485,34 +489,8 @@ def run(cfg: BenchConfig, out_dir: Path | None) -> dict:
                  "writer_token": writer_token, "run": uuid.uuid4().hex[:12]}
         gen = LoadGenerator(port, wire, cfg.processes, cfg.channels, cfg.timeout_s, token=token, mixed=mixed)
         server_pids, triton = server.server_pids(), server.triton_pids()
-        rows, mixed_rows = [], []
-        phases = [("open", None)] + [("closed", c) for c in cfg.saturation_concurrency]
-        for k, n in enumerate(cfg.candidates):
-            for j, (kind, concurrency) in enumerate(phases):
-                rate = cfg.offered_rps if kind == "open" else None
-                counts0 = server.rank_counts()
-                t0, s0, tr0 = time.monotonic(), cpu_seconds(server_pids), cpu_seconds(triton)
-                raw = gen.run(kind, n, rate, concurrency or 0, cfg.warmup_s, cfg.seconds, seed=10 * k + j)
-                wall = time.monotonic() - t0  # (CPU over the whole phase: warm-up and tail included)
-                row = summarize(kind, n, rate, raw, cfg.warmup_s, cfg.seconds)
-                server_cpu_s = cpu_seconds(server_pids) - s0
-                row["server_cpu_cores"] = round(server_cpu_s / wall, 3)
-                row["triton_cpu_cores"] = round((cpu_seconds(triton) - tr0) / wall, 3)
-                counts1 = server.rank_counts()
-                answered = {w: int(counts1[w] - counts0.get(w, 0)) for w in sorted(counts1)}
-                row["requests_per_worker"] = answered
-                total = sum(answered.values())
-                # Server CPU per Rank (the supervisor and every worker; Triton apart), against the engine.
-                row["server_cpu_ms_per_request"] = round(1e3 * server_cpu_s / total, 3) if total else None
-                row["requests_per_server_core_s"] = round(total / server_cpu_s, 1) if server_cpu_s else None
-                row["concurrency"] = concurrency
-                row["inprocess_p50_ms"] = inproc[n]["p50_ms"]
-                row["inprocess_p99_ms"] = inproc[n]["p99_ms"]
-                row["overhead_ratio_p50"] = round(row["p50_ms"] / inproc[n]["p50_ms"], 2) if row["p50_ms"] else None
-                row["cpu_ratio_to_engine"] = (round(row["server_cpu_ms_per_request"] / inproc[n]["p50_ms"], 2)
-                                              if row["server_cpu_ms_per_request"] else None)
-                log.info("%s", row)
-                rows.append(row)
+        mixed_rows = []
+        rows = rank_phases(gen, server, server_pids, triton, cfg, inproc)
         warm_p99 = {r["candidates"]: r["p99_ms"] for r in rows if r["offered_rps"] == cfg.offered_rps}
         mixes = [(n, n, cfg.mixed_events_rate, len(users)) for n in cfg.mixed_candidates]
         mixes += [(n, heavy_key(n, u), rate, u) for n in cfg.mixed_candidates for rate, u in cfg.heavy_mixes]
@@ -524,6 +502,24 @@ def run(cfg: BenchConfig, out_dir: Path | None) -> dict:
                                         if row["warm_p99_ms"] and row["p99_ms"] is not None else None)
             log.info("mixed: %s", row)
             mixed_rows.append(row)
+        gen.close()
+        gen = None
+        server.stop()
+        if cfg.null_service:  # the floor: the same server with a Rank that does no work, same load
+            server = ServerProcess(bundle, shop, state_dir, cfg.work_dir / "server-null.log", max_concurrent_rpcs=1024,
+                                   encoder_timeout_ms=cfg.encoder_timeout_ms,
+                                   extra=[*extra, "--null-service", str(cfg.top_k)], env=env)
+            port = server.start()
+            gen = LoadGenerator(port, wire, cfg.processes, cfg.channels, cfg.timeout_s, token=token, mixed=mixed)
+            null_rows = rank_phases(gen, server, server.server_pids(), server.triton_pids(), cfg, None)
+            for row, null in zip(rows, null_rows):
+                engine_cpu = inproc[row["candidates"]]["cpu_ms"]
+                row.update({"null_p50_ms": null["p50_ms"], "null_p99_ms": null["p99_ms"],
+                            "null_achieved_rps": null["achieved_rps"],
+                            "null_cpu_ms_per_call": null["server_cpu_ms_per_request"], "engine_cpu_ms": engine_cpu})
+                floor = (engine_cpu + null["server_cpu_ms_per_request"]) if null["server_cpu_ms_per_request"] else None
+                row["cpu_ratio_to_engine_plus_null"] = (round(row["server_cpu_ms_per_request"] / floor, 2)
+                                                        if floor and row["server_cpu_ms_per_request"] else None)
     finally:
         if gen is not None:
             gen.close()
@@ -560,6 +556,42 @@ def run(cfg: BenchConfig, out_dir: Path | None) -> dict:
         plot(rows, out_dir / "serve_latency.png")
         (out_dir / "serve.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def rank_phases(gen, server, server_pids: list[int], triton: list[int], cfg: BenchConfig,
+                inproc: dict[int, dict] | None) -> list[dict]:
+    """The Rank phases at every candidate count: the open loop at the offered rate, then saturation at
+    each concurrency. Each row: latency, throughput, errors, server CPU per Rank (the supervisor and
+    every worker; Triton apart) and, given the in-process engine's figures, their ratios."""
+    rows = []
+    phases = [("open", None)] + [("closed", c) for c in cfg.saturation_concurrency]
+    for k, n in enumerate(cfg.candidates):
+        for j, (kind, concurrency) in enumerate(phases):
+            rate = cfg.offered_rps if kind == "open" else None
+            counts0 = server.rank_counts()
+            t0, s0, tr0 = time.monotonic(), cpu_seconds(server_pids), cpu_seconds(triton)
+            raw = gen.run(kind, n, rate, concurrency or 0, cfg.warmup_s, cfg.seconds, seed=10 * k + j)
+            wall = time.monotonic() - t0  # (CPU over the whole phase: warm-up and tail included)
+            row = summarize(kind, n, rate, raw, cfg.warmup_s, cfg.seconds)
+            server_cpu_s = cpu_seconds(server_pids) - s0
+            row["server_cpu_cores"] = round(server_cpu_s / wall, 3)
+            row["triton_cpu_cores"] = round((cpu_seconds(triton) - tr0) / wall, 3)
+            counts1 = server.rank_counts()
+            answered = {w: int(counts1[w] - counts0.get(w, 0)) for w in sorted(counts1)}
+            row["requests_per_worker"] = answered
+            total = sum(answered.values())
+            row["server_cpu_ms_per_request"] = round(1e3 * server_cpu_s / total, 3) if total else None
+            row["requests_per_server_core_s"] = round(total / server_cpu_s, 1) if server_cpu_s else None
+            row["concurrency"] = concurrency
+            if inproc is not None:
+                row["inprocess_p50_ms"] = inproc[n]["p50_ms"]
+                row["inprocess_p99_ms"] = inproc[n]["p99_ms"]
+                row["overhead_ratio_p50"] = round(row["p50_ms"] / inproc[n]["p50_ms"], 2) if row["p50_ms"] else None
+                row["cpu_ratio_to_engine"] = (round(row["server_cpu_ms_per_request"] / inproc[n]["p50_ms"], 2)
+                                              if row["server_cpu_ms_per_request"] else None)
+            log.info("%s%s", "null service: " if inproc is None else "", row)
+            rows.append(row)
+    return rows
 
 
 def mixed_phase(gen, server, server_pids: list[int], triton: list[int], cfg: BenchConfig, n: int, key, events_rate: float,
@@ -644,6 +676,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mixed-candidates", type=int, nargs="*", default=list(d.mixed_candidates),
                    help="sizes of the mixed phase (Ranks with tokens + LogEvents); none: skip it")
     p.add_argument("--events-rate", type=float, default=d.mixed_events_rate, help="LogEvents events/s in the mixed phase")
+    p.add_argument("--no-null-service", action="store_true", help="skip the null-service floor (half the phases)")
     p.add_argument("--tower", choices=("pooled", "text"), default=d.tower,
                    help="the bench bundle's user tower (text: every event makes the next Rank call Triton)")
     p.add_argument("--heavy-mix", nargs=2, type=float, action="append", default=None, metavar=("EVENTS_PER_S", "USERS"),
@@ -661,6 +694,7 @@ def main(argv: list[str] | None = None) -> int:
         inprocess_reps=a.inprocess_reps, n_users=a.users, n_items=a.items, seed=a.seed,
         workers=a.workers, events=a.events, nats_url=a.nats_url, tokens=a.tokens,
         mixed_candidates=tuple(a.mixed_candidates), mixed_events_rate=a.events_rate, heavy_mixes=heavy, tower=a.tower,
+        null_service=not a.no_null_service,
     )
     if a.prepare_only:
         shop, _ = prepare(cfg)

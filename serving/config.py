@@ -237,6 +237,7 @@ class ServeConfig:
     embeddings_dir: Path | None = None  # item embeddings; None: state_dir/embeddings (workers of one host share one)
     triton_urls: tuple[tuple[str, str], ...] = ()  # (encoder key, gRPC url) of Tritons started for this process (workers)
     share_port: bool = False  # bind with SO_REUSEPORT (the workers of one supervisor); else a port in use is an error
+    null_service_top_k: int = 0  # > 0: the bench's null service (Rank answers a reply of this many items built in advance)
     metrics_port: int | None = None  # None: no /metrics endpoint; 0: a free port
     metrics_host: str = "127.0.0.1"
     tls: TlsConfig | None = None

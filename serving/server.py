@@ -40,7 +40,7 @@ from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
 from serving.api.auth import AuthInterceptor
 from serving.api.errors import ErrorInterceptor, too_large_backstop
 from serving.api.interceptors import AdmissionInterceptor, MetricsInterceptor
-from serving.api.service import RankingService, ServingState
+from serving.api.service import RankingService, ServingState, null_reply
 from serving.config import ServeConfig
 from serving.encoding.factories import TritonEncoderOptions, remote_triton_encoder, triton_encoder_factory
 from serving.encoding.pool import EncoderHandle, EncoderPool
@@ -229,6 +229,8 @@ class RankingServer:
                 metrics=self.metrics,
                 limits=cfg.limits, experiments=experiments, encoder_timeout_s=cfg.encoder_timeout_s,
                 bundle_roots=bundle_roots,
+                null_reply=(null_reply(engine.items.item_ids, registry.default.runtime.version, cfg.null_service_top_k)
+                            if cfg.null_service_top_k else None),
             )
             await self._start_grpc()
             self.metrics.watch_gc()

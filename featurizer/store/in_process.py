@@ -4,7 +4,9 @@ With a path it loads the file on start and persists atomically (temp file, fsync
 of the directory) at `flush()` / `close()`, or after every write with `autoflush=True`. The file
 is an uncompressed .npz of byte arrays (no pickle); its layout is `_FILE_FORMAT`, unchanged since
 semrank's first state directories (tests/fixtures/compat_v1 holds one). A snapshot is taken under
-the same lock as writes, so it never holds part of a `write_batch`.
+the same lock as writes, so it never holds part of a `write_batch`; `freeze` takes it in a forked
+child (copy-on-write pages), which then packs and writes it, so this process does not spend the
+GIL on packing while it serves (`InProcessConfig.fork_snapshots`).
 """
 
 from __future__ import annotations
@@ -162,25 +164,36 @@ class InProcessStore(OnlineStore):
             write()
 
     def freeze(self) -> Callable[[], None] | None:
-        """Copy what to persist now (the dicts; milliseconds under the store's lock) and return the
-        function that packs and fsyncs that copy (the slow part), to run later, outside the caller's
-        locks; None when nothing changed. So a caller that must snapshot a consistent state (the
-        server, under its apply lock) holds its lock only for the copy, and writes never wait for
-        the disk (bench/snapshot_stall.py). Writes run one at a time; one whose copy is older than
-        the copy on disk writes nothing."""
+        """Take what to persist now and return the function that writes it (the slow part), to run
+        later, outside the caller's locks; None when nothing changed. So a caller that must snapshot
+        a consistent state (the server, under its apply lock) holds its lock only for the taking, and
+        writes never wait for the disk (bench/snapshot_stall.py). Writes run one at a time; one
+        whose state is older than the state on disk writes nothing.
+
+        Taking it: with `fork_snapshots` (where os.fork exists), a forked child holds the state in
+        its copy-on-write pages and writes it; the parent pays the fork and never the packing, which
+        would otherwise hold the GIL for hundreds of ms and slow every other thread (the event
+        loop's requests) while it runs. Else a copy of the dicts (milliseconds under the lock)."""
         with self._lock:
-            data = self._copy_if_dirty()
-            if data is None:
+            if self._path is None or not self._dirty or self._closed:
                 return None
             self._frozen += 1
             generation = self._frozen
+            child = self._fork_writer() if self.config.fork_snapshots and hasattr(os, "fork") else None
+            data = None if child is not None else self._copy_if_dirty()
+            self._dirty = False
 
         def write() -> None:
             with self._flush_lock:
                 if generation <= self._saved:
-                    return  # a newer copy is on disk already
+                    if child is not None:
+                        child.discard()
+                    return  # a newer state is on disk already
                 try:
-                    _save_atomic(self._path, data)
+                    if child is not None:
+                        child.wait()
+                    else:
+                        _save_atomic(self._path, data)
                 except BaseException:
                     with self._lock:
                         self._dirty = True  # the next flush writes it again
@@ -188,6 +201,22 @@ class InProcessStore(OnlineStore):
                 self._saved = generation
 
         return write
+
+    def _fork_writer(self) -> _ForkedWrite | None:
+        """Under the lock: a child process that writes the state as it is now (None: fork failed)."""
+        tmp = self._path.with_name(f".{self._path.name}.{os.getpid()}.{self._frozen}.tmp")
+        try:
+            pid = os.fork()
+        except OSError:
+            return None
+        if pid == 0:  # the child: its memory is the snapshot; write it and leave without any cleanup
+            code = 1
+            try:
+                _save_atomic(self._path, self._data, tmp=tmp, replace=False)
+                code = 0
+            finally:
+                os._exit(code)
+        return _ForkedWrite(pid, tmp, self._path)
 
     def close(self) -> None:
         with self._flush_lock:
@@ -216,24 +245,56 @@ def _unpack(data: np.ndarray, offsets: np.ndarray) -> list[bytes]:
     return [raw[o[k] : o[k + 1]] for k in range(len(o) - 1)]
 
 
-def _save_atomic(path: Path, data: dict[str, dict[str, bytes]]) -> None:
-    """Write to a temp file beside `path`, fsync, rename over it, fsync the directory."""
+class _ForkedWrite:
+    """A child process writing a snapshot to `tmp`; `wait` puts it in place once the child is done."""
+
+    def __init__(self, pid: int, tmp: Path, path: Path):
+        self.pid, self.tmp, self.path = pid, tmp, path
+
+    def _reap(self) -> int:
+        _, status = os.waitpid(self.pid, 0)
+        return os.waitstatus_to_exitcode(status)
+
+    def wait(self) -> None:
+        code = self._reap()
+        if code != 0:
+            self.tmp.unlink(missing_ok=True)
+            raise OnlineStoreError(f"the snapshot child process failed (exit code {code}); {self.path} is unchanged")
+        _replace_and_sync(self.tmp, self.path)
+
+    def discard(self) -> None:
+        self._reap()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _save_atomic(path: Path, data: dict[str, dict[str, bytes]], tmp: Path | None = None, replace: bool = True) -> None:
+    """Write to a temp file beside `path` (`tmp`, or a fresh name), fsync, and with `replace` rename
+    it over `path` and fsync the directory."""
     arrays: dict[str, np.ndarray] = {"format": np.array([_FILE_FORMAT], dtype=np.int64)}
     for k, (entity, table) in enumerate(sorted(data.items())):
         arrays[f"e{k}_name"] = np.frombuffer(entity.encode(), dtype=np.uint8)
         arrays[f"e{k}_keys"], arrays[f"e{k}_key_offsets"] = _pack([key.encode() for key in table])
         arrays[f"e{k}_values"], arrays[f"e{k}_value_offsets"] = _pack(list(table.values()))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    if tmp is None:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp = Path(name)
+    else:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as fh:
             np.savez(fh, **arrays)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        if replace:
+            _replace_and_sync(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def _replace_and_sync(tmp: Path, path: Path) -> None:
+    os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

@@ -66,6 +66,7 @@ def cmd_serve(args) -> int:
         embeddings_dir=args.embeddings_dir,
         triton_urls=tuple(_key_url(spec) for spec in args.worker_triton),
         share_port=args.worker_of is not None,  # the workers of one supervisor share its port; nobody else
+        null_service_top_k=args.null_service,
         limits=Limits(max_candidates=args.max_candidates, max_text_chars=args.max_text_chars,
                       max_message_bytes=args.max_message_bytes),
     )
@@ -167,6 +168,9 @@ def register(sub) -> None:
     s.add_argument("--embeddings-dir", type=Path, default=None, help=argparse.SUPPRESS)  # a worker: the shared embeddings
     s.add_argument("--worker-triton", action="append", default=[], help=argparse.SUPPRESS)  # a worker: KEY=URL
     s.add_argument("--worker-of", type=int, default=None, help=argparse.SUPPRESS)  # a worker: the supervisor's pid
+    s.add_argument("--null-service", type=int, default=0, metavar="TOP_K",
+                   help="bench only: Rank answers a reply of TOP_K items built in advance, doing no work (the floor "
+                        "a gRPC service pays; bench/serve.py runs it beside the real one); the rest is as configured")
     s.add_argument("--tls-cert", type=Path, default=None)
     s.add_argument("--tls-key", type=Path, default=None)
     s.add_argument("--tls-client-ca", type=Path, default=None, help="require client certificates signed by this CA (mutual TLS)")

@@ -189,23 +189,26 @@ def test_stop_drains_in_flight_ranks_flushes_exposures_and_stops_triton(small_sh
 
 def test_log_events_and_tokened_ranks_never_wait_for_a_snapshot_on_disk(small_shop, small_bundle, catalog, tmp_path,
                                                                          monkeypatch):
-    """The periodic snapshot copies the state under the apply lock and writes it after releasing it.
-    Before, the apply lock was held while the copy was packed and fsynced (hundreds of ms on the
+    """The periodic snapshot takes the state under the apply lock (a forked child's memory) and writes
+    it after releasing it. Before, the apply lock was held while the copy was packed and fsynced (hundreds of ms on the
     bench's state): every LogEvents, and every Rank waiting for its token, waited that long (the
     mixed phase's p99 of 404 ms with one worker). Fault injection: a disk that blocks the write
     until the test releases it; meanwhile a LogEvents is acknowledged and a Rank with its token
     sees the event."""
-    import threading
+    import time
 
     import featurizer.store.in_process as in_process
 
-    entered, release = threading.Event(), threading.Event()
+    # Files, not threading events: the snapshot is written by a forked child (fork_snapshots).
+    entered, release = tmp_path / "snapshot-entered", tmp_path / "snapshot-release"
     real_save = in_process._save_atomic
 
-    def blocking_save(p, data):
-        entered.set()
-        release.wait(60)
-        real_save(p, data)
+    def blocking_save(p, data, **kw):
+        entered.touch()
+        deadline = time.monotonic() + 60
+        while not release.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        real_save(p, data, **kw)
 
     monkeypatch.setattr(in_process, "_save_atomic", blocking_save)
     cfg = ServeConfig(bundle_dir=small_bundle[0], data_dir=small_shop, state_dir=tmp_path / "state", port=0,
@@ -215,14 +218,14 @@ def test_log_events_and_tokened_ranks_never_wait_for_a_snapshot_on_disk(small_sh
             ev = pb.Event(event_id="before-snapshot", ts=timestamp(datetime.now(timezone.utc) - timedelta(seconds=5)),
                           user_id="snap-user", item_id=catalog[0], type=pb.EVENT_TYPE_CLICK)
             stub(channel).LogEvents(iter([pb.LogEventsRequest(events=[ev])]), timeout=RPC_TIMEOUT_S)  # state dirty
-            assert entered.wait(30), "no snapshot was taken"
+            wait_until(entered.exists, 30, "a snapshot being written")
             ev = pb.Event(event_id="during-snapshot", ts=timestamp(datetime.now(timezone.utc) - timedelta(seconds=1)),
                           user_id="snap-user", item_id=catalog[1], type=pb.EVENT_TYPE_PURCHASE)
             ack = stub(channel).LogEvents(iter([pb.LogEventsRequest(events=[ev])]), timeout=5)
             assert ack.accepted == 1
             r = rank(channel, "snap-user", catalog[:5], min_sequence=ack.sequence)
             assert not r.degraded, r.degraded_reason
-            assert not release.is_set()  # all of it while the snapshot was still on its way to the disk
-            release.set()
+            assert not release.exists()  # all of it while the snapshot was still on its way to the disk
+            release.touch()
     finally:
-        release.set()
+        release.touch()
