@@ -60,7 +60,15 @@ from loadgen import (  # bench/ is sys.path[0]
     serialize,
     summarize,
 )
-from serve_report import LoadAvg, check_mixed_targets, check_targets, generator_verdict, hardware, plot
+from serve_report import (
+    LoadAvg,
+    check_mixed_targets,
+    check_targets,
+    generator_verdict,
+    hardware,
+    plot,
+    plot_timeline,
+)
 
 log = logging.getLogger("bench.serve")
 
@@ -274,7 +282,7 @@ class ServerProcess:
             text = r.read().decode()
         out = {"ranks_per_worker": {}, "rank_s": 0.0, "triton_s": 0.0, "triton_calls": 0.0, "user_misses": 0.0,
                "rank_encoder_calls": {}, "degraded": {}, "history_skipped": 0.0, "gc_count": {}, "gc_s": {},
-               "gc_over_100ms": {}, "loop_lag_over_100ms": 0.0}
+               "gc_over_100ms": {}, "loop_lag_over_100ms": 0.0, "engine_s": 0.0, "engine_n": 0.0}
         for fam in text_string_to_metric_families(text):
             for smp in fam.samples:
                 labels = smp.labels
@@ -308,6 +316,10 @@ class ServerProcess:
                         out["gc_over_100ms"][g] = out["gc_over_100ms"].get(g, 0.0) - smp.value
                     elif smp.name.endswith("_bucket") and labels.get("le") == "+Inf":
                         out["gc_over_100ms"][g] = out["gc_over_100ms"].get(g, 0.0) + smp.value
+                elif smp.name == "semrank_rank_engine_seconds_sum":
+                    out["engine_s"] += smp.value
+                elif smp.name == "semrank_rank_engine_seconds_count":
+                    out["engine_n"] += smp.value
                 elif smp.name == "semrank_event_loop_lag_seconds_bucket" and labels.get("le") in ("0.1", "+Inf"):
                     out["loop_lag_over_100ms"] += smp.value if labels["le"] == "+Inf" else -smp.value
         return out
@@ -489,13 +501,14 @@ def run(cfg: BenchConfig, out_dir: Path | None) -> dict:
                  "writer_token": writer_token, "run": uuid.uuid4().hex[:12]}
         gen = LoadGenerator(port, wire, cfg.processes, cfg.channels, cfg.timeout_s, token=token, mixed=mixed)
         server_pids, triton = server.server_pids(), server.triton_pids()
-        mixed_rows = []
-        rows = rank_phases(gen, server, server_pids, triton, cfg, inproc)
+        mixed_rows, timelines = [], []  # (phase name, raw samples) for the latency-over-time plot
+        rows = rank_phases(gen, server, server_pids, triton, cfg, inproc, timelines)
         warm_p99 = {r["candidates"]: r["p99_ms"] for r in rows if r["offered_rps"] == cfg.offered_rps}
         mixes = [(n, n, cfg.mixed_events_rate, len(users)) for n in cfg.mixed_candidates]
         mixes += [(n, heavy_key(n, u), rate, u) for n in cfg.mixed_candidates for rate, u in cfg.heavy_mixes]
         for k, (n, key, events_rate, n_users) in enumerate(mixes):
-            row = mixed_phase(gen, server, server_pids, triton, cfg, n, key, events_rate, seed=900 + k)
+            row = mixed_phase(gen, server, server_pids, triton, cfg, n, key, events_rate, seed=900 + k,
+                              timelines=timelines)
             row.update({"users": n_users, "heavy": key != n, "inprocess_p50_ms": inproc[n]["p50_ms"] if n in inproc else None,
                         "warm_p99_ms": warm_p99.get(n)})
             row["p99_over_warm_p99"] = (round(row["p99_ms"] / row["warm_p99_ms"], 2)
@@ -511,7 +524,7 @@ def run(cfg: BenchConfig, out_dir: Path | None) -> dict:
                                    extra=[*extra, "--null-service", str(cfg.top_k)], env=env)
             port = server.start()
             gen = LoadGenerator(port, wire, cfg.processes, cfg.channels, cfg.timeout_s, token=token, mixed=mixed)
-            null_rows = rank_phases(gen, server, server.server_pids(), server.triton_pids(), cfg, None)
+            null_rows = rank_phases(gen, server, server.server_pids(), server.triton_pids(), cfg, None, timelines)
             for row, null in zip(rows, null_rows):
                 engine_cpu = inproc[row["candidates"]]["cpu_ms"]
                 row.update({"null_p50_ms": null["p50_ms"], "null_p99_ms": null["p99_ms"],
@@ -554,12 +567,13 @@ def run(cfg: BenchConfig, out_dir: Path | None) -> dict:
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         plot(rows, out_dir / "serve_latency.png")
+        plot_timeline(timelines, cfg.warmup_s, out_dir / "serve_timeline.png")
         (out_dir / "serve.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
 def rank_phases(gen, server, server_pids: list[int], triton: list[int], cfg: BenchConfig,
-                inproc: dict[int, dict] | None) -> list[dict]:
+                inproc: dict[int, dict] | None, timelines: list) -> list[dict]:
     """The Rank phases at every candidate count: the open loop at the offered rate, then saturation at
     each concurrency. Each row: latency, throughput, errors, server CPU per Rank (the supervisor and
     every worker; Triton apart) and, given the in-process engine's figures, their ratios."""
@@ -568,16 +582,22 @@ def rank_phases(gen, server, server_pids: list[int], triton: list[int], cfg: Ben
     for k, n in enumerate(cfg.candidates):
         for j, (kind, concurrency) in enumerate(phases):
             rate = cfg.offered_rps if kind == "open" else None
-            counts0 = server.rank_counts()
+            m0 = server.scrape()
+            counts0 = m0["ranks_per_worker"]
             t0, s0, tr0 = time.monotonic(), cpu_seconds(server_pids), cpu_seconds(triton)
             raw = gen.run(kind, n, rate, concurrency or 0, cfg.warmup_s, cfg.seconds, seed=10 * k + j)
+            timelines.append((f"{'null ' if inproc is None else ''}{kind} {n} c" + (f" @{rate:g}/s" if rate else
+                              f" x{concurrency}"), raw))
             wall = time.monotonic() - t0  # (CPU over the whole phase: warm-up and tail included)
             row = summarize(kind, n, rate, raw, cfg.warmup_s, cfg.seconds)
             server_cpu_s = cpu_seconds(server_pids) - s0
             row["server_cpu_cores"] = round(server_cpu_s / wall, 3)
             row["triton_cpu_cores"] = round((cpu_seconds(triton) - tr0) / wall, 3)
-            counts1 = server.rank_counts()
+            m1 = server.scrape()
+            counts1 = m1["ranks_per_worker"]
             answered = {w: int(counts1[w] - counts0.get(w, 0)) for w in sorted(counts1)}
+            row["server_engine_mean_ms"] = (round(1e3 * (m1["engine_s"] - m0["engine_s"]) / (m1["engine_n"] - m0["engine_n"]), 3)
+                                            if m1["engine_n"] > m0["engine_n"] else None)
             row["requests_per_worker"] = answered
             total = sum(answered.values())
             row["server_cpu_ms_per_request"] = round(1e3 * server_cpu_s / total, 3) if total else None
@@ -595,13 +615,14 @@ def rank_phases(gen, server, server_pids: list[int], triton: list[int], cfg: Ben
 
 
 def mixed_phase(gen, server, server_pids: list[int], triton: list[int], cfg: BenchConfig, n: int, key, events_rate: float,
-                seed: int) -> dict:
+                seed: int, timelines: list) -> dict:
     """One mixed phase: Ranks at the offered rate beside LogEvents at `events_rate` from the users of pool
     `key`; the Rank and LogEvents latencies, and from the server's metrics over the phase (warm-up
     included) the encoder calls Rank issued by cause, degraded answers by reason, history items the
     pooled tower left out, and the encoder's share of the Ranks' time."""
     m0, s0, tr0, t0 = server.scrape(), cpu_seconds(server_pids), cpu_seconds(triton), time.monotonic()
     raw = gen.run("mixed", key, cfg.offered_rps, 0, cfg.warmup_s, cfg.seconds, seed=seed, events_rate=events_rate)
+    timelines.append((f"mixed {n} c @{cfg.offered_rps:g}/s + {events_rate:g} events/s", raw))
     wall, m1 = time.monotonic() - t0, server.scrape()
     row = summarize("mixed", n, cfg.offered_rps, raw, cfg.warmup_s, cfg.seconds)
     ranks = sum(m1["ranks_per_worker"].values()) - sum(m0["ranks_per_worker"].values())
@@ -620,6 +641,9 @@ def mixed_phase(gen, server, server_pids: list[int], triton: list[int], cfg: Ben
         # the server's garbage collections in the phase (every worker), by generation, and the event-loop
         # probes that ran over 100 ms late (semrank_event_loop_lag_seconds)
         "gc_collections": gc_count, "gc_seconds": gc_s, "gc_over_100ms": gc_over,
+        # the engine inside the server during this phase (semrank_rank_engine_seconds), beside the warm figure
+        "server_engine_mean_ms": (round(1e3 * (m1["engine_s"] - m0["engine_s"]) / (m1["engine_n"] - m0["engine_n"]), 3)
+                                  if m1["engine_n"] > m0["engine_n"] else None),
         "loop_lag_over_100ms": int(m1["loop_lag_over_100ms"] - m0["loop_lag_over_100ms"]),
         "ranks_needing_encoder": round(calls.get("user_text", 0) / ranks, 4) if ranks else None,
         "triton_calls": int(m1["triton_calls"] - m0["triton_calls"]),

@@ -130,3 +130,36 @@ def generator_verdict(rows: list[dict], processes: int) -> str:
                 "above the median latency): rerun with more --processes")
     return ("not the bottleneck: under half a core per generator process and send lag below the median latency; "
             "it still takes that CPU from the server on a small machine (client_cpu_cores)")
+
+
+def plot_timeline(timelines: list[tuple[str, dict]], warmup_s: float, path: Path) -> None:
+    """Every request's latency against the time it was sent, one panel per phase (the measured
+    window; errors in red): a stall shows as a column of slow requests at one moment."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if not timelines:
+        return
+    cols = 3
+    rows = (len(timelines) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 2.6 * rows), squeeze=False)
+    for ax, (name, raw) in zip(axes.flat, timelines):
+        t_measure = raw["t0"] + warmup_s
+        samples = np.array([s[:2] + (s[3],) for part in raw["parts"] for s in part["samples"] if s[0] >= t_measure])
+        if samples.size:
+            t, lat, err = samples[:, 0] - t_measure, (samples[:, 1] - samples[:, 0]) * 1e3, samples[:, 2] != 0
+            ax.scatter(t[~err], lat[~err], s=2, alpha=0.4)
+            if err.any():
+                ax.scatter(t[err], lat[err], s=4, color="red", label="error")
+            ax.set_yscale("log")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("s into the phase", fontsize=8)
+        ax.set_ylabel("latency ms", fontsize=8)
+    for ax in list(axes.flat)[len(timelines):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -115,10 +115,12 @@ class RankingService(pb_grpc.RankingServiceServicer):
                 loaded: Loaded = s.registry.variant(assignment.bundle if assignment else None)
                 rt = loaded.runtime  # this request finishes on this bundle, whatever a reload does
                 rt.inflight += 1
+                t_engine = time.perf_counter()
                 try:
                     outcome = await s.engine.rank(rt, request.user_id, candidates, explain=request.explain, timeout_s=timeout)
                 finally:
                     rt.inflight -= 1
+                s.metrics.rank_engine_seconds.observe(time.perf_counter() - t_engine)
                 version = rt.version
             if stale is not None and version:  # (a holdout's answer uses no features)
                 outcome.degraded_reasons.append(stale)

@@ -124,6 +124,10 @@ class Metrics:
         self.cache_requests_total = Counter(
             "cache_requests", "Embedding cache lookups", ("cache", "result"), namespace=ns, registry=r
         )
+        self.rank_engine_seconds = Histogram(
+            "rank_engine_seconds", "Time a Rank spends in the ranking engine (features, user vector, encoder calls "
+            "it makes, scoring): the rest of rpc_latency_seconds is validation, waits and the response",
+            namespace=ns, registry=r, buckets=LATENCY_BUCKETS_S)
         self.rank_encoder_calls_total = Counter(
             "rank_encoder_calls", "Encoder (Triton) calls issued by Rank, by cause: user_text (a text user tower), "
             "inline_item (an inline candidate the item store does not know), stale_item (a known item whose text "
