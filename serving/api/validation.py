@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+from operator import attrgetter
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -70,7 +71,7 @@ def validate_rank_request(req: pb.RankRequest, limits: Limits) -> None:
         v.append(FieldViolation("min_sequence", "must be >= 0 (a LogEventsResponse.sequence, or 0)"))
     if req.context.device not in pb.Device.values():
         v.append(FieldViolation("context.device", f"unknown value {req.context.device}"))
-    if n <= limits.max_candidates:
+    if n <= limits.max_candidates and not _candidates_valid(req.candidates, limits):
         first_seen: dict[str, int] = {}
         for k, c in enumerate(req.candidates):
             if len(v) >= MAX_VIOLATIONS:
@@ -90,6 +91,26 @@ def validate_rank_request(req: pb.RankRequest, limits: Limits) -> None:
                 v.append(FieldViolation(f"candidates[{k}].price", f"{c.price} is not a finite number >= 0"))
     if v:
         raise InvalidRequest(v[:MAX_VIOLATIONS])
+
+
+def _candidates_valid(candidates, limits: Limits) -> bool:
+    """Whether every candidate passes the per-candidate checks below, in a few passes of C-level
+    maps (the usual case: 0.9 ms at 1000 candidates as a Python loop). False sends the request to the
+    loop, which names each bad field. A candidate's serialized size bounds each of its texts: one no
+    larger than `max_text_chars` bytes has no text field over that many characters. An unset price
+    reads 0.0, which passes."""
+    if not candidates:
+        return True
+    ids = list(map(_ITEM_ID, candidates))
+    if not (len(set(ids)) == len(ids) and max(map(len, ids)) <= limits.max_item_id_chars and all(map(str.strip, ids))):
+        return False
+    if max(map(pb.RankCandidate.ByteSize, candidates)) > limits.max_text_chars:
+        return False
+    prices = list(map(_PRICE, candidates))
+    return all(map(math.isfinite, prices)) and min(prices) >= 0.0
+
+
+_ITEM_ID, _PRICE = attrgetter("item_id"), attrgetter("price")
 
 
 def event_problem(ev: pb.Event, limits: Limits, now: datetime) -> str | None:
