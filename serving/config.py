@@ -48,6 +48,32 @@ DEFAULT_PUBLIC_METHODS = frozenset(
 
 
 @dataclass(frozen=True)
+class Budgets:
+    """Calls in flight, by class (`serving.api.interceptors.AdmissionInterceptor`): no class can take
+    the others' room. Beyond its budget a call gets RESOURCE_EXHAUSTED at once; budgets at their
+    limit show in `semrank_admission_refused_total{budget}`, never in readiness (or anyone who can
+    fill one could take the fleet out of rotation)."""
+
+    ranks: int = 128  # Rank, GetModelInfo (`ServeConfig.max_concurrent_rpcs` sets it)
+    writes: int = 32  # LogEvents, UpsertItems
+    writes_per_caller: int = 8  # of those, per bearer token (or per client address without tokens)
+    admin: int = 4  # ReloadBundle and the other admin calls
+    watches: int = 64  # Health/Watch and reflection streams (idle by design), in total
+    watches_per_caller: int = 4  # of those, per client address
+    health_checks: int = 16  # Health/Check: a room of its own that no other call can fill
+    stream_idle_s: float = 30.0  # a client stream (LogEvents, UpsertItems) waits at most this for its next message
+
+    def __post_init__(self) -> None:
+        small = {k: v for k, v in self.__dict__.items() if v < 1 and k != "stream_idle_s"}
+        if small or self.stream_idle_s <= 0:
+            raise ConfigError(f"admission budgets must be >= 1 and stream_idle_s > 0, got {small or self}")
+
+    @property
+    def total(self) -> int:
+        return self.ranks + self.writes + self.admin + self.watches + self.health_checks
+
+
+@dataclass(frozen=True)
 class Limits:
     """Explicit, configurable request limits."""
 
@@ -245,7 +271,8 @@ class ServeConfig:
     open_admin: bool = False  # admin RPCs without a token: only with a loopback host (checked at start)
     bundle_roots: tuple[Path, ...] = ()  # ReloadBundle paths must lie under one; (): bundle_dir's parent
     reload_poll_s: float = 2.0  # 0: no watcher (ReloadBundle still works)
-    max_concurrent_rpcs: int = 128  # beyond it: RESOURCE_EXHAUSTED
+    max_concurrent_rpcs: int = 128  # Ranks in flight; beyond it: RESOURCE_EXHAUSTED (Budgets.ranks)
+    budgets: Budgets = field(default_factory=Budgets)  # the other classes of calls (writes, watches, ...)
     snapshot_interval_s: float = 30.0
     readiness_interval_s: float = 1.0  # how often the readiness health status checks the dependencies
     encoder_timeout_s: float = 0.25  # Triton deadline on the request path

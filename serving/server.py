@@ -23,6 +23,7 @@ import ipaddress
 import logging
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -274,8 +275,11 @@ class RankingServer:
         cfg = self.cfg
         # Metrics first (it sees every outcome, refusals included), then errors (every exception
         # below it becomes a status), admission, and auth last (see serving.api.interceptors).
-        self.admission = AdmissionInterceptor(cfg.max_concurrent_rpcs)
-        interceptors = [MetricsInterceptor(self.metrics), ErrorInterceptor(max_message_bytes=cfg.limits.max_message_bytes),
+        budgets = replace(cfg.budgets, ranks=cfg.max_concurrent_rpcs)
+        self.admission = AdmissionInterceptor(budgets, by_token=bool(cfg.tokens),
+                                              on_refuse=lambda kind: self.metrics.admission_refused_total.labels(kind).inc())
+        interceptors = [MetricsInterceptor(self.metrics), ErrorInterceptor(max_message_bytes=cfg.limits.max_message_bytes,
+                                                                      stream_idle_s=budgets.stream_idle_s),
                         self.admission, AuthInterceptor(cfg.tokens, open_admin=cfg.open_admin)]
         options = [
             # The error interceptor refuses messages over the limit with details; grpc's own check is a backstop.
@@ -287,7 +291,7 @@ class RankingServer:
         ]
         # grpc's own cap is only a backstop for what the admission interceptor does not see.
         self.server = grpc.aio.server(interceptors=interceptors, options=options,
-                                      maximum_concurrent_rpcs=2 * cfg.max_concurrent_rpcs + 16)
+                                      maximum_concurrent_rpcs=budgets.total + 16)
         pb_grpc.add_RankingServiceServicer_to_server(RankingService(self.state), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         _enable_reflection(self.server)

@@ -27,6 +27,7 @@ gives which status is `tests/serving/api/test_errors.py`.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Callable
 import logging
@@ -47,18 +48,29 @@ DOMAIN = "semrank"
 INTERNAL_REASON = "INTERNAL"
 
 
-class MalformedMessage(SemrankError):
+class StreamCutShort(Exception):
+    """Mixed into the errors that end a request stream before the client finished it: the streaming
+    handler sets `stored_before` (what of the call was stored), which the status carries."""
+
+    stored_before: int | None = None  # set by a streaming handler: its items stored before the error
+
+    def error_metadata(self) -> dict[str, str]:
+        return {} if self.stored_before is None else {"stored_before": str(self.stored_before)}
+
+
+class MalformedMessage(StreamCutShort, SemrankError):
     """A request message that does not decode as the method's request type."""
 
     grpc_code = "INVALID_ARGUMENT"
     reason = "MALFORMED_MESSAGE"
 
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.stored_before: int | None = None  # set by a streaming handler: its items stored before this message
 
-    def error_metadata(self) -> dict[str, str]:
-        return {} if self.stored_before is None else {"stored_before": str(self.stored_before)}
+class StreamIdle(StreamCutShort, SemrankError):
+    """A client stream (LogEvents, UpsertItems) that sent nothing for `Budgets.stream_idle_s`: it is
+    closed, so that idle streams cannot hold the writes budget."""
+
+    grpc_code = "DEADLINE_EXCEEDED"
+    reason = "STREAM_IDLE"
 
 
 class MessageTooLarge(SemrankError):
@@ -113,9 +125,19 @@ def _safe_deserializer(deserialize, what: str, max_bytes: int | None):
     return safe
 
 
-async def _checked(request_iterator):
+async def _checked(request_iterator, idle_s: float | None = None):
+    """The stream's messages; an undecodable one raises MalformedMessage, and waiting over `idle_s`
+    for the next one raises StreamIdle."""
     index = 0
-    async for message in request_iterator:
+    it = request_iterator.__aiter__()
+    while True:
+        try:
+            message = await (it.__anext__() if idle_s is None else asyncio.wait_for(it.__anext__(), idle_s))
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise StreamIdle(f"no message for {idle_s:g} s after message {index}: the stream was closed "
+                             "(send the rest in a new call)") from None
         if isinstance(message, _Refused):
             message.raise_(index)
         yield message
@@ -153,9 +175,11 @@ def _request_id(request) -> str:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, service_prefix: str = "/semrank.", max_message_bytes: int | None = None):
+    def __init__(self, service_prefix: str = "/semrank.", max_message_bytes: int | None = None,
+                 stream_idle_s: float | None = None):
         self.service_prefix = service_prefix
         self.max_message_bytes = max_message_bytes
+        self.stream_idle_s = stream_idle_s  # a client stream's longest wait for its next message (None: any)
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -170,7 +194,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     def _guard(self, behavior, method: str, request_streaming: bool):
         def checked(request_or_iterator):
             if request_streaming:
-                return _checked(request_or_iterator)
+                return _checked(request_or_iterator, self.stream_idle_s)
             if isinstance(request_or_iterator, _Refused):
                 request_or_iterator.raise_()
             return request_or_iterator

@@ -5,16 +5,18 @@ Order on the server (`serving.server`): metrics (sees every outcome), errors
 
 - `MetricsInterceptor` times every async RPC by method, variant and final status code, and counts
   error statuses by ErrorInfo reason (`semrank_errors_total`).
-- `AdmissionInterceptor` bounds concurrency: beyond `max_inflight` calls of the service, a call
-  raises `Overloaded` (RESOURCE_EXHAUSTED) at once, with a message, and is counted like any other
-  answer. Health checks and reflection are never refused: probes must get through an overloaded
-  server. (grpc's own `maximum_concurrent_rpcs` is only a backstop.)
+- `AdmissionInterceptor` bounds concurrency by class of call (`serving.config.Budgets`: Ranks,
+  writes, admin calls, watch and reflection streams, health checks) and, for writes and watches,
+  per caller: a class at its limit refuses its next call with `Overloaded` (RESOURCE_EXHAUSTED) at
+  once, with a message, and leaves the other classes alone. Health checks have a room of their own.
+  (grpc's own `maximum_concurrent_rpcs` is set above the sum: a backstop only.)
 - `wrap_handler` rebuilds a method handler around a wrapped behavior.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
 import time
 from collections.abc import Callable
@@ -22,6 +24,7 @@ from collections.abc import Callable
 import grpc
 
 from featurizer.errors import SemrankError
+from serving.config import Budgets
 from serving.observability.metrics import REJECT_CODES, CallState, Metrics, begin_call
 
 
@@ -47,33 +50,124 @@ def wrap_handler(handler: grpc.RpcMethodHandler, wrap: Callable) -> grpc.RpcMeth
     return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary), **codecs)
 
 
+SERVICE = "/semrank.ranking.v1.RankingService/"
+HEALTH = "/grpc.health.v1.Health/"
+REFLECTION = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
+# The class of each call (a budget of `serving.config.Budgets`); service methods not named here are admin.
+CLASS_OF = {f"{SERVICE}Rank": "ranks", f"{SERVICE}GetModelInfo": "ranks", f"{SERVICE}LogEvents": "writes",
+            f"{SERVICE}UpsertItems": "writes", f"{HEALTH}Check": "health_checks", f"{HEALTH}Watch": "watches"}
+PER_CALLER = {"writes": "writes_per_caller", "watches": "watches_per_caller"}
+
+
+def call_class(method: str) -> str | None:
+    """The budget a method counts against (None: not admitted here)."""
+    if method in CLASS_OF:
+        return CLASS_OF[method]
+    if method.startswith(REFLECTION):
+        return "watches"  # a reflection stream, like a watch, may stay open doing nothing
+    if method.startswith(SERVICE):
+        return "admin"
+    return None
+
+
+def caller_of(context: grpc.aio.ServicerContext, by_token: bool) -> str:
+    """Who a per-caller budget counts: the bearer token (hashed; auth checks it after admission), else
+    the client's address without its port."""
+    if by_token:
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                return "token:" + hashlib.blake2b(value.encode(), digest_size=8).hexdigest()
+    peer = context.peer() or ""
+    return "peer:" + peer.rsplit(":", 1)[0]
+
+
 class AdmissionInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, max_inflight: int, service_prefix: str = "/semrank."):
-        if max_inflight < 1:
-            raise ValueError(f"max_inflight={max_inflight} must be >= 1")
-        self.max_inflight = max_inflight
-        self.service_prefix = service_prefix
-        self.inflight = 0
-        self.refused = 0
+    """One budget of calls in flight per class (`serving.config.Budgets`), and per caller for writes
+    and watches: a class at its limit refuses its next call with `Overloaded` (RESOURCE_EXHAUSTED) at
+    once and leaves the others alone, so idle streams cannot take the room of Ranks, and health
+    checks always get through. `refused` counts refusals by class; `on_refuse(class)` reports them."""
+
+    def __init__(self, budgets: Budgets, by_token: bool = False, on_refuse: Callable[[str], None] | None = None):
+        self.budgets, self.by_token, self.on_refuse = budgets, by_token, on_refuse
+        self.inflight: dict[str, int] = {}
+        self.per_caller: dict[tuple[str, str], int] = {}
+        self.refused: dict[str, int] = {}
+
+    @property
+    def max_inflight(self) -> int:
+        return self.budgets.ranks
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(self.service_prefix):
+        kind = None if handler is None else call_class(handler_call_details.method)
+        if kind is None:
             return handler
-        if handler.response_streaming:  # none in RankingService; keep the wrapper simple
-            return handler
-        return wrap_handler(handler, self._guard)
+        service_call = handler_call_details.method.startswith(SERVICE)
+        return wrap_handler(handler, lambda behavior: self._guard(behavior, kind, service_call))
 
-    def _guard(self, behavior):
-        async def guarded(request_or_iterator, context):
-            if self.inflight >= self.max_inflight:
-                self.refused += 1
-                raise Overloaded(f"the server is at its limit of {self.max_inflight} concurrent calls; retry with back-off")
-            self.inflight += 1
+    def _enter(self, kind: str, context) -> tuple[str, str] | None:
+        """Take a slot of `kind` (and of its caller's share), or raise Overloaded."""
+        limit = getattr(self.budgets, kind)
+        who = None
+        if kind in PER_CALLER:
+            who = (kind, caller_of(context, self.by_token))
+            share = getattr(self.budgets, PER_CALLER[kind])
+            if self.per_caller.get(who, 0) >= share:
+                self._refuse(kind, f"this caller has {share} {kind.replace('_', ' ')} open, the most one caller "
+                                   "may; close one, or retry with back-off")
+        if self.inflight.get(kind, 0) >= limit:
+            self._refuse(kind, f"the server is at its limit of {limit} concurrent {kind.replace('_', ' ')}; "
+                               "retry with back-off")
+        self.inflight[kind] = self.inflight.get(kind, 0) + 1
+        if who is not None:
+            self.per_caller[who] = self.per_caller.get(who, 0) + 1
+        return who
+
+    def _leave(self, kind: str, who: tuple[str, str] | None) -> None:
+        self.inflight[kind] -= 1
+        if who is not None:
+            left = self.per_caller[who] - 1
+            if left:
+                self.per_caller[who] = left
+            else:
+                del self.per_caller[who]
+
+    def _refuse(self, kind: str, message: str) -> None:
+        self.refused[kind] = self.refused.get(kind, 0) + 1
+        if self.on_refuse is not None:
+            self.on_refuse(kind)
+        raise Overloaded(message)
+
+    async def _admit(self, kind: str, context, service_call: bool) -> tuple[str, str] | None:
+        """`_enter`; a refusal of a call outside the service (health, reflection), which the error
+        interceptor does not see, is answered here."""
+        try:
+            return self._enter(kind, context)
+        except Overloaded as e:
+            if service_call:
+                raise
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            raise  # (abort raises)
+
+    def _guard(self, behavior, kind: str, service_call: bool):
+        if inspect.isasyncgenfunction(behavior):  # a response stream (reflection)
+
+            async def streamed(request_or_iterator, context):
+                who = await self._admit(kind, context, service_call)
+                try:
+                    async for response in behavior(request_or_iterator, context):
+                        yield response
+                finally:
+                    self._leave(kind, who)
+
+            return streamed
+
+        async def guarded(request_or_iterator, context):  # unary answers, and streams written with context.write
+            who = await self._admit(kind, context, service_call)
             try:
                 return await behavior(request_or_iterator, context)
             finally:
-                self.inflight -= 1
+                self._leave(kind, who)
 
         return guarded
 

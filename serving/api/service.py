@@ -26,7 +26,7 @@ from featurizer.online.features import OnlineFeatures
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
 from serving.api.convert import items_frame, timestamp, to_logged
-from serving.api.errors import MalformedMessage
+from serving.api.errors import StreamCutShort
 from serving.api.validation import event_problem, item_problem, validate_rank_request
 from serving.config import Limits
 from serving.experiments.exposure_log import Exposure, ExposureLog
@@ -164,7 +164,7 @@ class RankingService(pb_grpc.RankingServiceServicer):
                     resp.accepted += logged.stored
                     resp.duplicates += logged.duplicates
                     resp.sequence = max(resp.sequence, logged.last_seq)
-        except MalformedMessage as e:  # a message of the stream did not decode; the ones before it are stored
+        except StreamCutShort as e:  # a message did not decode, or none came in time; the ones before are stored
             e.stored_before = resp.accepted
             raise
         finally:
@@ -185,7 +185,7 @@ class RankingService(pb_grpc.RankingServiceServicer):
             async for msg in request_iterator:
                 await self._upsert_message(msg, resp, index)
                 index += len(msg.items)
-        except MalformedMessage as e:
+        except StreamCutShort as e:
             e.stored_before = resp.accepted
             raise
         return resp

@@ -140,6 +140,10 @@ class Metrics:
             "user_history_items_skipped", "History items a pooled user tower left out: no current item vector (an id "
             "never upserted, or a text not re-embedded yet)", namespace=ns, registry=r)
         self.degraded_total = Counter("degraded", "Responses served degraded, by reason code (serving.ranking.engine.DEGRADED_CODES, or other)", ("reason",), namespace=ns, registry=r)
+        self.admission_refused_total = Counter(
+            "admission_refused", "Calls refused because their budget of calls in flight was full (serving.config.Budgets: "
+            "ranks, writes, admin, watches, health_checks; a caller's share of writes or watches counts here too)",
+            ("budget",), namespace=ns, registry=r)
         self.rejected_total = Counter("rejected", "Requests rejected, by reason", ("reason",), namespace=ns, registry=r)
         self.errors_total = Counter("errors", "RPCs that ended in an error status, by method and ErrorInfo reason "
                                     "(or status code name)", ("method", "reason"), namespace=ns, registry=r)
@@ -170,6 +174,8 @@ class Metrics:
                 self.cache_requests_total.labels(cache=cache, result=result)
         for reason in REJECT_CODES.values():
             self.rejected_total.labels(reason=reason)
+        for budget in ("ranks", "writes", "admin", "watches", "health_checks"):
+            self.admission_refused_total.labels(budget=budget)
         for cause in ENCODE_CAUSES:
             self.rank_encoder_calls_total.labels(cause=cause)
             self.rank_encoder_texts_total.labels(cause=cause)

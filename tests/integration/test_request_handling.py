@@ -442,3 +442,73 @@ def test_a_second_server_on_a_port_in_use_is_a_config_error(main_server, small_s
             pass
     health = health_status(channel)
     assert health == health_pb2.HealthCheckResponse.SERVING  # the first one is untouched
+
+
+def test_no_stream_can_starve_the_service(small_shop, small_bundle, shop, catalog, tmp_path):
+    """Issue 30: idle client streams (LogEvents), idle Health/Watch and reflection streams each count
+    against a budget of their own, with a share per caller, so filling one never refuses a Rank or a
+    health check; an idle client stream is closed after `stream_idle_s` with what it stored."""
+    import queue
+    import threading
+
+    from grpc_health.v1 import health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    from serving.config import Budgets
+
+    budgets = Budgets(writes=4, writes_per_caller=3, watches=6, watches_per_caller=6, health_checks=2,
+                      stream_idle_s=2.0)
+    cfg = ServeConfig(bundle_dir=small_bundle[0], data_dir=small_shop, state_dir=tmp_path / "state", port=0,
+                      metrics_port=0, reload_poll_s=0, budgets=budgets)
+    user = engaged_users(shop)[0]
+    with ServerThread(cfg) as st, grpc.insecure_channel(f"127.0.0.1:{st.port}") as channel:
+        # Idle LogEvents streams: one event each, then nothing. The caller's share is 3: the 4th is refused.
+        feeds = [queue.Queue() for _ in range(4)]
+        calls = []
+        for k, q in enumerate(feeds):
+            q.put(pb.LogEventsRequest(events=[pb.Event(event_id=f"idle-{k}", ts=Timestamp(seconds=int(time.time()) - 5),
+                                                       user_id=user, item_id=catalog[k], type=pb.EVENT_TYPE_CLICK)]))
+            calls.append(stub(channel).LogEvents.future(iter(q.get, None), timeout=60))
+        # Idle watches (they stream nothing after the first status) and idle reflection streams.
+        watches = [health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                                                             timeout=60) for _ in range(7)]
+        firsts = []
+        for w in watches[:6]:
+            firsts.append(next(w).status)
+        with pytest.raises(grpc.RpcError) as refused_watch:
+            next(watches[6])
+        assert refused_watch.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert firsts == [health_pb2.HealthCheckResponse.SERVING] * 6
+        reflection_stop = threading.Event()
+
+        def reflection_requests():
+            yield reflection_pb2.ServerReflectionRequest(list_services="")
+            reflection_stop.wait(60)
+
+        with pytest.raises(grpc.RpcError) as refused_reflection:  # the watches took the room of idle streams
+            list(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(reflection_requests(),
+                                                                                        timeout=10))
+        assert refused_reflection.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # Meanwhile Ranks and health checks are answered.
+        assert len(rank(channel, user, catalog[:5]).items) == 5
+        assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
+        # The 4th LogEvents was refused at once; the 3 idle ones are closed after 2 s with what they stored.
+        outcomes = []
+        for c in calls:
+            try:
+                c.result(timeout=30)
+                outcomes.append(("ok", None))
+            except grpc.RpcError as e:
+                outcomes.append((e.code(), error_info(e).metadata.get("stored_before")))
+        assert sorted(outcomes, key=str) == sorted([(grpc.StatusCode.DEADLINE_EXCEEDED, "1")] * 3
+                                                   + [(grpc.StatusCode.RESOURCE_EXHAUSTED, None)], key=str), outcomes
+        for q in feeds:
+            q.put(None)
+        for w in watches[:6]:
+            w.cancel()
+        reflection_stop.set()
+        m = scrape_metrics(st.server.metrics_port)
+        assert metric(m, "semrank_admission_refused_total", budget="writes") == 1
+        assert metric(m, "semrank_admission_refused_total", budget="watches") == 2
+        wait_until(lambda: st.server.admission.inflight.get("watches") == 0, 30, "the watches closed")
+        assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING

@@ -34,7 +34,14 @@ from ranker.bundle import BundleError
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
 from serving.api.auth import AdminDisabled, AdminRequired, PermissionDenied, Unauthenticated, WriterRequired
-from serving.api.errors import DOMAIN, ErrorInterceptor, MalformedMessage, MessageTooLarge, too_large_backstop
+from serving.api.errors import (
+    DOMAIN,
+    ErrorInterceptor,
+    MalformedMessage,
+    MessageTooLarge,
+    StreamIdle,
+    too_large_backstop,
+)
 from serving.api.interceptors import Overloaded
 from serving.api.service import DeadlinePassed
 from serving.api.validation import FieldViolation, InvalidRequest
@@ -100,6 +107,7 @@ TABLE: list[tuple[Exception, C, str, dict[str, str], list[str]]] = [
     (BatchScoringError("bundle has no catalog"), C.FAILED_PRECONDITION, "BATCH_SCORING_FAILED", {}, []),
     (OutputMismatch("OUT holds another job"), C.FAILED_PRECONDITION, "BATCH_OUTPUT_MISMATCH", {}, []),
     (MalformedMessage("the request is not a valid Rank request message"), C.INVALID_ARGUMENT, "MALFORMED_MESSAGE", {}, []),
+    (StreamIdle("no message for 30 s after message 3"), C.DEADLINE_EXCEEDED, "STREAM_IDLE", {}, []),
     (MessageTooLarge("the Rank request message is 9000 bytes", 9000, 4096), C.RESOURCE_EXHAUSTED, "MESSAGE_TOO_LARGE",
      {"bytes": "9000", "max_bytes": "4096"}, []),
     (SemrankError("an error nobody classified"), C.INTERNAL, "INTERNAL", {}, []),
