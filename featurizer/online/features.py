@@ -239,10 +239,14 @@ class OnlineFeatures:
         user = self._users.get([user_id])[0]
         return [] if user is None else self._history(user, to_us(t))[:n]
 
-    def features(self, user_id: str, item_ids: Sequence[str], t: datetime, interest_score: np.ndarray | None = None) -> np.ndarray:
+    def features(self, user_id: str, item_ids: Sequence[str], t: datetime, interest_score: np.ndarray | None = None,
+                 inline: Mapping[str, Sequence] | None = None) -> np.ndarray:
         """(len(item_ids), len(FEATURES)) float64 in FEATURES order, from events strictly before t.
 
-        `interest_score` (one per candidate) fills the text column; NaN without it.
+        `interest_score` (one per candidate) fills the text column; NaN without it. `inline`: item data
+        the request carried, one entry per candidate ("price": float, NaN for none; "category",
+        "brand": str or None), used for candidates the catalog does not hold (as the API promises:
+        inline data is for items the service has not seen).
         Raises StaleQueryError when t is before the latest applied event.
         """
         t_us = to_us(t)
@@ -252,7 +256,7 @@ class OnlineFeatures:
                 "online features are defined for t >= it (pass max(now, watermark))"
             )
         with np.errstate(divide="ignore", invalid="ignore"):
-            return self._features(user_id, list(item_ids), t_us, interest_score)
+            return self._features(user_id, list(item_ids), t_us, interest_score, inline)
 
     def _history(self, user: UserState, t_us: int) -> list[str]:
         """user.history(t_us), remembered for the next call (a request asks twice: for its text
@@ -275,7 +279,8 @@ class OnlineFeatures:
                 rec[hits] = user_item_records(self.store.read("ui", user_item_keys(user_id, [item_ids[k] for k in hits])))
         return rec
 
-    def _features(self, user_id: str, item_ids: list[str], t_us: int, interest_score: np.ndarray | None) -> np.ndarray:
+    def _features(self, user_id: str, item_ids: list[str], t_us: int, interest_score: np.ndarray | None,
+                  inline: Mapping[str, Sequence] | None = None) -> np.ndarray:
         n = len(item_ids)
         user = self._users.get([user_id])[0]  # shared with other reads: never mutated here
         if user is None:
@@ -307,6 +312,7 @@ class OnlineFeatures:
         b.update(ui)
         b.update({name: full(v) for name, v in user.base(t_us).items()})
         rows = self._catalog_row(rows)
+        unknown = np.flatnonzero(rows == len(self._price) - 1) if inline else np.zeros(0, dtype=np.int64)
         for name, kind, names, codes in (("user_cat_n", "category", self._cat_names, self._cat_code),
                                          ("user_brand_n", "brand", self._brand_names, self._brand_code)):
             per_code = np.zeros(len(names) + 1)  # the user's engagements per category (brand); last: none
@@ -314,8 +320,14 @@ class OnlineFeatures:
             for g in user.groups(kind):
                 if g in names:
                     per_code[names[g]] = user.group_count(t_us, kind, g)
-            b[name] = per_code[codes[rows]]
+            item_codes = codes[rows]
+            if unknown.size and inline.get(kind) is not None:  # an unseen item's inline category (brand)
+                given = inline[kind]
+                item_codes[unknown] = [names.get(given[k], len(names)) if given[k] else len(names) for k in unknown]
+            b[name] = per_code[item_codes]
         b["item_price"] = self._price[rows]
+        if unknown.size and inline.get("price") is not None:  # an unseen item's inline price
+            b["item_price"][unknown] = np.asarray(inline["price"], dtype=np.float64)[unknown]
         b["cooc_max"], b["cooc_sum"] = cos_max, cos_sum
         b["t_us"] = full(t_us)
         if interest_score is None:

@@ -58,6 +58,27 @@ class Candidate:
         return inline_text(self)
 
 
+def inline_data(candidates, rows: np.ndarray) -> dict | None:
+    """The inline price, category and brand of the candidates the item store does not know (rows < 0),
+    one entry per candidate, for their price and affinity features; None when none carries any."""
+    unknown = np.flatnonzero(rows < 0)
+    if not unknown.size:
+        return None
+    n = len(rows)
+    price = np.full(n, np.nan)
+    category: list[str | None] = [None] * n
+    brand: list[str | None] = [None] * n
+    for k in unknown.tolist():
+        c = candidates[k]
+        has_price = c.HasField("price") if hasattr(c, "HasField") else c.price is not None
+        if has_price:
+            price[k] = c.price
+        category[k], brand[k] = c.category or None, c.brand or None
+    if np.isnan(price).all() and not any(category) and not any(brand):
+        return None
+    return {"price": price, "category": category, "brand": brand}
+
+
 def inline_text(c) -> str | None:
     """The item text of a candidate's inline fields (a `Candidate`, or the wire's RankCandidate,
     which the Rank handler passes as it is: no object per candidate), None without a title."""
@@ -323,7 +344,8 @@ class RankingEngine:
         self._hit("item_embedding", not todo_texts)  # per request: every embedding came from a cache
         return emb, has, missing
 
-    async def _features(self, user_id: str, ids: list[str], t: datetime, interest, timeout_s: float | None):
+    async def _features(self, user_id: str, ids: list[str], t: datetime, interest, timeout_s: float | None,
+                        inline: dict | None = None):
         """The online features at `t`, or later: events applied while this Rank awaited the encoder
         (a LogEvents, the JetStream fold) may be newer than its start, and features are defined only
         from the latest applied event on. The read is at the newest of both; a fold that lands
@@ -331,7 +353,7 @@ class RankingEngine:
         for attempt in (1, 2):
             try:
                 return await self.store_worker.read(self.online.features, user_id, ids, max(t, self.now()), interest,
-                                                    timeout_s=timeout_s)
+                                                    inline, timeout_s=timeout_s)
             except StaleQueryError:
                 if attempt == 2:
                     raise
@@ -356,7 +378,7 @@ class RankingEngine:
                 # which then spun (about half a core on 2 cores at 200 requests/s).
                 interest = interest_scores(user[None, :], emb, (0, None))
         try:
-            online = await self._features(user_id, ids, t, interest, timeout_s)
+            online = await self._features(user_id, ids, t, interest, timeout_s, inline_data(candidates, rows))
         except OnlineStoreError as e:  # answer from what is known: the text feature, behavioural ones missing
             reasons.append(f"{STORE_UNAVAILABLE}: ranked without behavioural features ({_short(e)})")
             online = np.full((len(ids), len(NAMES)), np.nan)

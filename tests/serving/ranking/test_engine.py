@@ -12,9 +12,10 @@ import polars as pl
 import pytest
 
 from featurizer.contracts.schema import read_dataset
-from featurizer.definitions import FAMILIES
+from featurizer.definitions import FAMILIES, NAMES
 from featurizer.online.features import OnlineFeatures
 from featurizer.store.in_process import InProcessStore
+from ranker.bundle import load_bundle
 from ranker.user_tower import UserTower
 from serving.encoding.pool import InProcessEncoder
 from serving.ranking.engine import BundleRuntime, Candidate, RankingEngine, degraded_code, holdout
@@ -299,3 +300,34 @@ def test_user_vectors_are_cached_per_tower(ds, bundle, pooled_bundle):
     text = CountingEncoderService()
     rank(engine, BundleRuntime(bundle, KEY, text), user, cands)
     assert text.texts == 1 and engine.encode_calls == [("user_text", 1)]  # the pooled entry was not taken
+
+
+def test_an_unseen_inline_items_price_feeds_its_price_features(ds, small_bundle):
+    """Issue 30: the proto promises that an unseen item's inline data is used; its price now feeds
+    item_price and item_price_rel_user_all (it was NaN), and so the score, as its category feeds the
+    user's category share. A known item keeps its catalog price whatever the request says."""
+    online = OnlineFeatures(InProcessStore(), ds.items)
+    online.apply(ds.events)
+    items = ItemStore(ds.items)
+    asyncio.run(items.ensure_embeddings(KEY, InProcessEncoder(HashEncoder()).encode_bulk, DIM))
+    seen = []
+    engine = RankingEngine(items=items, online=online, clock=lambda: online.watermark + timedelta(hours=1))
+    features = online.features
+    online.features = lambda *a, **kw: (seen.append(features(*a, **kw)), seen[-1])[1]  # a spy
+    rt = BundleRuntime(load_bundle(small_bundle[0]), KEY, InProcessEncoder(HashEncoder()))  # trained on these features
+    user, known = engaged_user(ds), ds.items["item_id"][0]
+    category = ds.items["category"].drop_nulls()[0]
+    col = {n: NAMES.index(n) for n in ("item_price", "item_price_rel_user_all", "user_category_share_all")}
+    scores = {}
+    for price in (5.0, 500.0, None):
+        new = Candidate("inline-new", title="Walnut serving board", category=category, price=price)
+        out = rank(engine, rt, user, [new, Candidate(known, price=123.0)])
+        X = seen[-1]
+        if price is None:
+            assert np.isnan(X[0, col["item_price"]])
+        else:
+            assert X[0, col["item_price"]] == price and np.isfinite(X[0, col["item_price_rel_user_all"]])
+        assert X[1, col["item_price"]] == ds.items["price"][0]  # the catalog's, not the request's
+        assert np.isfinite(X[0, col["user_category_share_all"]])
+        scores[price] = dict(zip(out.item_ids, out.scores))["inline-new"]
+    assert len({scores[5.0], scores[500.0], scores[None]}) > 1, scores  # the price moves the score
