@@ -81,6 +81,9 @@ class EventsNotAcknowledged(EventsNotStored):
     reason = "EVENTS_NOT_ACKNOWLEDGED"
 
 
+DEAD_SEQ_HEADER, DEAD_SUBJECT_HEADER, DEAD_REASON_HEADER = "Semrank-Dead-Seq", "Semrank-Dead-Subject", "Semrank-Dead-Reason"
+
+
 def seq_key(stream: str) -> str:
     """The online store's meta row holding the last stream sequence folded into the features."""
     return f"jetstream-{stream}"
@@ -91,6 +94,7 @@ class FoldStats:
     folded: int = 0  # events applied by this process
     bad_messages: int = 0  # skipped: not a semrank event, or one the event rules refuse
     refused: dict[str, int] = field(default_factory=dict)  # of those, by the field the rules named
+    dead_letters: int = 0  # copies of skipped messages this process published to <prefix>.dead.<seq>
     consumers: int = 0  # consumers made (1 at start; more after NATS came back)
     store_failures: int = 0  # apply attempts that failed
 
@@ -102,6 +106,8 @@ class StreamIngest:
                  rules: EventRules = EventRules()):
         self.cfg, self.online, self.worker = cfg, online, worker
         self.rules = rules  # what LogEvents accepts: the fold applies nothing else, whoever published it
+        self._dead_prefix = f"{cfg.subject_prefix}.dead."  # skipped messages, copied for operators
+        self._dead_tasks: set[asyncio.Task] = set()
         self.dedup_window_s = dedup_window_s
         self.key = seq_key(cfg.stream)
         self.committed_seq = 0  # the last stream seq the store's features hold
@@ -248,6 +254,8 @@ class StreamIngest:
             task, self._task = self._task, None
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        if self._dead_tasks:  # let the dead letters in flight finish (each bounded by publish_timeout_s)
+            await asyncio.gather(*self._dead_tasks, return_exceptions=True)
         if self._nc is not None:
             try:
                 await self._nc.close()
@@ -415,6 +423,9 @@ class StreamIngest:
             self.known_seq = max(self.known_seq, seq + (m.metadata.num_pending or 0))  # (for the lag metric)
             if seq <= self.committed_seq:
                 continue
+            if m.subject.startswith(self._dead_prefix):  # a dead letter (below): for operators, never folded
+                last = max(last, seq)
+                continue
             headers = m.headers or {}
             try:
                 if headers.get(KIND_HEADER) == "item":
@@ -429,8 +440,29 @@ class StreamIngest:
                 self.stats.bad_messages += 1
                 log.error("stream %s seq %d (%s) is not a semrank event or item and is skipped: %s", self.cfg.stream,
                           seq, m.subject, e)
+                self._dead_letter(m, seq, str(e))
             last = max(last, seq)
         await self._apply_pairs(pairs, last)
+
+    def _dead_letter(self, m, seq: int, reason: str) -> None:
+        """Copy a skipped message to `<prefix>.dead.<seq>` for operators, once for the fleet: every
+        replica that skips it publishes the copy with message id `dead-<seq>`, which JetStream's
+        duplicate window keeps once. Not awaited: the fold never waits on it (a failure is logged)."""
+        headers = {"Nats-Msg-Id": f"dead-{seq}", DEAD_SEQ_HEADER: str(seq), DEAD_SUBJECT_HEADER: m.subject,
+                   DEAD_REASON_HEADER: reason[:500]}
+
+        async def publish() -> None:
+            try:
+                await self._js.publish(f"{self._dead_prefix}{seq}", m.data, headers=headers,
+                                       timeout=self.cfg.publish_timeout_s)
+                self.stats.dead_letters += 1
+            except Exception as e:  # noqa: BLE001 - NATS gone, or not allowed: the skip is logged above
+                log.warning("stream %s seq %d: the dead letter was not published (%s)", self.cfg.stream, seq,
+                            type(e).__name__)
+
+        task = asyncio.get_running_loop().create_task(publish())
+        self._dead_tasks.add(task)
+        task.add_done_callback(self._dead_tasks.discard)
 
     def _valid_event(self, m) -> LoggedEvent:
         """The event of message `m` if the event rules accept it at the message's JetStream time (the
