@@ -22,7 +22,7 @@ from pathlib import Path
 
 import grpc
 
-from featurizer.contracts.event_rules import EventRules
+from featurizer.contracts.event_rules import EventRules, ItemRules
 from featurizer.errors import ConfigError
 from featurizer.store.config import StoreConfig
 
@@ -90,6 +90,11 @@ class Limits:
     store_read_timeout_s: float = 0.25  # a read of a remote online store (Redis) waits at most this; then: degraded
     max_store_waiting: int = 256  # calls queued for a remote online store at most; more: degraded at once
     max_sequence_wait_s: float = 1.0  # a Rank's min_sequence waits at most this (and half its deadline); then: degraded
+
+    @property
+    def item_rules(self) -> ItemRules:
+        """The item rules of these limits, shared by UpsertItems and the JetStream fold."""
+        return ItemRules(self.max_item_id_chars, self.max_text_chars)
 
     @property
     def event_rules(self) -> EventRules:

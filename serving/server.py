@@ -218,7 +218,8 @@ class RankingServer:
                 ingest = self._stream_ingest = await StreamIngest.open(
                     cfg.events, engine.online, engine.store_worker, cfg.limits.dedup_window_s,
                     on_items=lambda shared: apply_shared_items(engine, registry.pool, shared),
-                    items_through=fetched or 0, rules=cfg.limits.event_rules)
+                    items_through=fetched or 0, rules=cfg.limits.event_rules, item_rules=cfg.limits.item_rules,
+                    item_known=engine.items.index.__contains__)
                 self._shared_bundle = SharedBundle(ingest.js, cfg.events, registry, ingest.origin, bundle_roots)
                 await self._shared_bundle.start()  # the fleet's bundle, if another replica reloaded
             else:

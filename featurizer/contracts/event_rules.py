@@ -1,8 +1,9 @@
-"""What a valid event is: one definition for every way an event enters semrank.
+"""What a valid event and a valid item are: one definition for every way they enter semrank.
 
     rules = EventRules(max_user_id_chars=256, max_item_id_chars=256, max_event_clock_skew_s=300)
     rules.problem(event, now_us)     # "field: reason", or None for a valid event
     problem_field(problem)           # "ts": the bounded reason code metrics count by
+    ItemRules(256, 4096).problem(row, known)   # an item row (UpsertItems, the stream's item messages)
 
 `event` is anything with the fields of a logged event (`ts_us`, `user_id`, `item_id`, `event`,
 `request_id`, `position`, `event_id`): the API checks a `LogEvents` event with it after the
@@ -22,6 +23,8 @@ are strings, the time and position integers (not booleans), the position a non-n
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -93,4 +96,43 @@ class EventRules:
         position = getattr(e, "position", 0)
         if not _is_int(position) or not 0 <= position <= MAX_POSITION:
             return f"position: must be an integer from 0 to {MAX_POSITION} (0 = not shown in a ranked list)"
+        return None
+
+
+ITEM_TEXT_FIELDS = ("title", "description", "category", "brand")
+
+
+@dataclass(frozen=True)
+class ItemRules:
+    """A valid item row (`item_id`, the text fields, `price`; a None field leaves a known item's value
+    unchanged): UpsertItems checks each item with it, and the JetStream fold each item message."""
+
+    max_item_id_chars: int = 256
+    max_text_chars: int = 4096  # per text field
+
+    def problem(self, row: Mapping[str, object], known: bool) -> str | None:
+        """Why the row is refused ("field: reason"), or None; `known`: the item is in the catalog
+        (a new one needs a title, the text it is ranked by)."""
+        item_id = row.get("item_id")
+        if not isinstance(item_id, str):
+            return "item_id: must be a string"
+        if not item_id.strip():
+            return "item_id: must not be empty"
+        if len(item_id) > self.max_item_id_chars:
+            return f"item_id: longer than {self.max_item_id_chars} characters"
+        for name in ITEM_TEXT_FIELDS:
+            value = row.get(name)
+            if value is not None and not isinstance(value, str):
+                return f"{name}: must be a string"
+        title = row.get("title")
+        if not known and not (title and title.strip()):
+            return "title: required for a new item (the text it is ranked by)"
+        for name in ITEM_TEXT_FIELDS:
+            value = row.get(name)
+            if value is not None and len(value) > self.max_text_chars:
+                return f"{name}: longer than {self.max_text_chars} characters"
+        price = row.get("price")
+        if price is not None and (isinstance(price, bool) or not isinstance(price, (int, float))
+                                  or not math.isfinite(price) or price < 0):
+            return "price: must be a finite number >= 0"
         return None

@@ -16,6 +16,7 @@ from operator import attrgetter
 from dataclasses import dataclass
 from datetime import datetime
 
+from featurizer.contracts.event_rules import ITEM_TEXT_FIELDS
 from featurizer.errors import SemrankError
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from serving.api.convert import EVENT_NAMES, to_logged, to_us
@@ -127,15 +128,8 @@ def event_problem(ev: pb.Event, limits: Limits, now: datetime) -> str | None:
 
 
 def item_problem(item: pb.RankCandidate, limits: Limits, known: bool) -> str | None:
-    if not item.item_id.strip():
-        return "item_id: must not be empty"
-    if len(item.item_id) > limits.max_item_id_chars:
-        return f"item_id: longer than {limits.max_item_id_chars} characters"
-    if not known and not item.title.strip():
-        return "title: required for a new item (the text it is ranked by)"
-    for name in ("title", "description", "category", "brand"):
-        if len(getattr(item, name)) > limits.max_text_chars:
-            return f"{name}: longer than {limits.max_text_chars} characters"
-    if item.HasField("price") and not (math.isfinite(item.price) and item.price >= 0):
-        return "price: must be a finite number >= 0"
-    return None
+    """Why an upserted item is rejected ("field: reason"), or None: the rules the JetStream fold
+    applies to item messages too (`featurizer.contracts.event_rules.ItemRules`)."""
+    row = {"item_id": item.item_id, "price": item.price if item.HasField("price") else None,
+           **{name: getattr(item, name) or None for name in ITEM_TEXT_FIELDS}}
+    return limits.item_rules.problem(row, known)

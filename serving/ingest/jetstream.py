@@ -46,7 +46,7 @@ import nats.errors
 import nats.js.errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, StorageType, StreamConfig
 
-from featurizer.contracts.event_rules import EventRules, problem_field
+from featurizer.contracts.event_rules import EventRules, ItemRules, problem_field
 from featurizer.errors import ConfigError
 from featurizer.online.features import OnlineFeatures
 from featurizer.store.base import OnlineStoreError, WriteConflict
@@ -103,9 +103,11 @@ class StreamIngest:
     """LogEvents on JetStream and the fold of the stream into this process's features; see the module docstring."""
 
     def __init__(self, cfg: JetStreamConfig, online: OnlineFeatures, worker: StoreWorker, dedup_window_s: float,
-                 rules: EventRules = EventRules()):
+                 rules: EventRules = EventRules(), item_rules: ItemRules = ItemRules()):
         self.cfg, self.online, self.worker = cfg, online, worker
         self.rules = rules  # what LogEvents accepts: the fold applies nothing else, whoever published it
+        self.item_rules = item_rules  # what UpsertItems accepts, for item messages
+        self.item_known: Callable[[str], bool] | None = None  # the server's catalog (a new item needs a title)
         self._dead_prefix = f"{cfg.subject_prefix}.dead."  # skipped messages, copied for operators
         self._dead_tasks: set[asyncio.Task] = set()
         self.dedup_window_s = dedup_window_s
@@ -131,13 +133,14 @@ class StreamIngest:
     async def open(cls, cfg: JetStreamConfig, online: OnlineFeatures, worker: StoreWorker,
                    dedup_window_s: float, ready_timeout_s: float | None = None,
                    on_items: Callable[[list[SharedItem]], Awaitable[None]] | None = None,
-                   items_through: int = 0, rules: EventRules = EventRules()) -> StreamIngest:
+                   items_through: int = 0, rules: EventRules = EventRules(), item_rules: ItemRules = ItemRules(),
+                   item_known: Callable[[str], bool] | None = None) -> StreamIngest:
         """Connect, create (or update) the stream, and fold it up to its end as of now.
         `items_through`: the store came from another replica's snapshot (serving.ingest.snapshots)
         holding seqs up to it, and this process has none of the items upserted before: they are
         folded first (item messages only), then everything after the snapshot."""
-        self = cls(cfg, online, worker, dedup_window_s, rules)
-        self.on_items = on_items
+        self = cls(cfg, online, worker, dedup_window_s, rules, item_rules)
+        self.on_items, self.item_known = on_items, item_known
         try:
             await self._connect()
             self.committed_seq = await worker.read(applied_seq, online, self.key)
@@ -221,7 +224,7 @@ class StreamIngest:
                 for m in await sub.fetch(FOLD_BATCH, timeout=5.0):
                     if m.metadata.sequence.stream <= through:
                         try:
-                            items.append(decode_item(m.data, (m.headers or {}).get(ORIGIN_HEADER, "")))
+                            items.append(self._valid_item(m, m.headers or {}))
                         except BadStreamMessage as e:
                             self.stats.bad_messages += 1
                             log.error("stream %s seq %d: a bad item message is skipped: %s", self.cfg.stream,
@@ -429,7 +432,7 @@ class StreamIngest:
             headers = m.headers or {}
             try:
                 if headers.get(KIND_HEADER) == "item":
-                    item = decode_item(m.data, headers.get(ORIGIN_HEADER, ""))
+                    item = self._valid_item(m, headers)
                     await self._apply_pairs(pairs, seq - 1)
                     pairs = []
                     if item.origin != self.origin and self.on_items is not None:
@@ -443,6 +446,17 @@ class StreamIngest:
                 self._dead_letter(m, seq, str(e))
             last = max(last, seq)
         await self._apply_pairs(pairs, last)
+
+    def _valid_item(self, m, headers) -> SharedItem:
+        """The item row of message `m` if the item rules (UpsertItems') accept it; else BadStreamMessage."""
+        item = decode_item(m.data, headers.get(ORIGIN_HEADER, ""))
+        item_id = item.row.get("item_id")
+        known = self.item_known is None or (isinstance(item_id, str) and self.item_known(item_id))
+        problem = self.item_rules.problem(item.row, known)
+        if problem is not None:
+            self.stats.refused["item"] = self.stats.refused.get("item", 0) + 1
+            raise BadStreamMessage(f"refused by the item rules: {problem}")
+        return item
 
     def _dead_letter(self, m, seq: int, reason: str) -> None:
         """Copy a skipped message to `<prefix>.dead.<seq>` for operators, once for the fleet: every

@@ -161,7 +161,8 @@ class Metrics:
         self.events_lag = Gauge("events_lag", "Stored events this process knows of but has not applied yet (JetStream: "
                                 "not folded yet)", namespace=ns, registry=r)
         self.stream_refused_events = Gauge("stream_refused_events", "JetStream events this process's fold refused "
-                                           "(since start): the event rules LogEvents applies, by the field they named",
+                                           "(since start): the event rules LogEvents applies, by the field they named (item: an item message the "
+                                           "item rules refused)",
                                            ("reason",), namespace=ns, registry=r)
         self.stream_bad_messages = Gauge("stream_bad_messages", "JetStream messages skipped by this process's fold: "
                                          "not a semrank event or item (since start)", namespace=ns, registry=r)
@@ -236,7 +237,7 @@ class Metrics:
         stats = getattr(ingest, "stats", None)
         if stats is not None:
             self.stream_bad_messages.set_function(lambda: stats.bad_messages)
-            for reason in (*EVENT_FIELDS, "other"):
+            for reason in (*EVENT_FIELDS, "item", "other"):
                 self.stream_refused_events.labels(reason=reason).set_function(lambda r=reason: stats.refused.get(r, 0))
 
     def triton_observer(self) -> TritonObserver:

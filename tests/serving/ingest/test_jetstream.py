@@ -345,3 +345,43 @@ def test_the_fold_refuses_what_log_events_refuses_and_goes_on(stream_cfg):
     assert bad == len(POISON) - 1  # the control was applied
     assert clock == clock2 and clock.timestamp() * 1e6 == max(e.ts_us for e in batch(1))  # the clock: good events only
     np.testing.assert_array_equal(got, got2)
+
+
+def test_item_messages_obey_the_item_rules_of_upsert_items(stream_cfg):
+    """The outside probe got 100 KB ids, NaN prices and untitled items in through the stream's item
+    messages. The fold checks them with the rules UpsertItems applies; refused ones are skipped,
+    counted (reason "item") and dead-lettered, and the good ones reach the catalog hook."""
+    import json
+
+    from serving.ingest.stream_format import KIND_HEADER, encode_item, item_subject
+
+    good = {"item_id": "sku-ok", "title": "Linen apron", "description": None, "category": "Kitchen", "brand": None,
+            "price": 19.5}
+    bad = [{**good, "item_id": "x" * 100_000}, {**good, "item_id": "sku-nan", "price": float("nan")},
+           {**good, "item_id": "sku-untitled", "title": None}, {**good, "item_id": "sku-neg", "price": -1.0},
+           {**good, "item_id": "sku-num-title", "title": 7}]
+
+    async def scenario():
+        nc = await nats.connect(MACHINE_NATS)
+        writer, _ = await open_ingest(stream_cfg)  # makes the stream
+        await writer.close()
+        for row in [*bad, good]:
+            data = json.dumps({"item": row, "embeddings": {}}).encode() if row["title"] == 7 else encode_item(row, {})
+            await nc.jetstream().publish(item_subject(stream_cfg.subject_prefix, str(row["item_id"])[:50]), data,
+                                         headers={KIND_HEADER: "item"})
+        await nc.close()
+        got = []
+        online = OnlineFeatures(InProcessStore(), ITEMS)
+
+        async def on_items(items):
+            got.extend(i.row["item_id"] for i in items)
+
+        ingest = await StreamIngest.open(stream_cfg, online, StoreWorker(online.store.remote), dedup_window_s=3600,
+                                         ready_timeout_s=60, on_items=on_items, item_known=lambda i: False)
+        try:
+            return got, dict(ingest.stats.refused), ingest.stats.bad_messages
+        finally:
+            await ingest.close()
+
+    got, refused, bad_count = asyncio.run(scenario())
+    assert got == ["sku-ok"] and refused == {"item": len(bad)} and bad_count == len(bad)
