@@ -186,7 +186,7 @@ class RankingServer:
 
             def build():
                 return build_engine(cfg.data_dir, state_dir, cfg.store, self.clock, local_log=cfg.events is None,
-                                    embeddings_dir=cfg.embeddings_dir,
+                                    embeddings_dir=cfg.embeddings_dir, rules=cfg.limits.event_rules,
                                     on_cache=lambda c, hit: self.metrics.record_cache(c, int(hit), int(not hit)),
                                     on_encode=self.metrics.record_rank_encode,
                                     on_history_skipped=self.metrics.user_history_skipped_total.inc,

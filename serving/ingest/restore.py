@@ -19,6 +19,7 @@ is loaded but never written back. Item embeddings are still added to `state_dir/
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import polars as pl
 
+from featurizer.contracts.event_rules import EventRules
 from featurizer.contracts.schema import read_dataset
 from featurizer.errors import SemrankError
 from featurizer.online.features import OnlineFeatures
@@ -82,9 +84,13 @@ def snapshot_file(cfg, state_dir: Path) -> Path | None:
 
 
 def restore_online(store: OnlineStore, items: pl.DataFrame, events: pl.DataFrame,
-                   logged: Callable[[int], Iterator[tuple[int, LoggedEvent]]]) -> OnlineFeatures:
+                   logged: Callable[[int], Iterator[tuple[int, LoggedEvent]]],
+                   rules: EventRules = EventRules()) -> OnlineFeatures:
     """Online features from the store's snapshot (or `events` when it has none), then the logged
-    events after the snapshot's seq (`logged(after_seq)` yields them in seq order)."""
+    events after the snapshot's seq (`logged(after_seq)` yields them in seq order). A logged event
+    the event rules refuse now (the log was written after LogEvents checked them with the same rules
+    at an earlier clock, so only a damaged or edited log holds one) is skipped and logged: it never
+    reaches the features, nor moves their clock."""
     online = OnlineFeatures(store, items)
     if online.watermark is None:
         online.apply(events)
@@ -93,24 +99,32 @@ def restore_online(store: OnlineStore, items: pl.DataFrame, events: pl.DataFrame
     else:
         after = applied_seq(online)
         log.info("online features restored from the store (up to %s, event log seq %d)", online.watermark, after)
-    replayed = 0
-    batch = []
+    replayed = refused = 0
+    batch: list[LoggedEvent] = []
+    seq = after
+    now_us = round(time.time() * 1_000_000)
     for seq, ev in logged(after):
-        batch.append(ev)
+        problem = rules.problem(ev, now_us)
+        if problem is not None:
+            refused += 1
+            log.error("event log seq %d is skipped: the event rules refuse it (%s)", seq, problem)
+        else:
+            batch.append(ev)
         if len(batch) >= REPLAY_CHUNK:
             apply_logged(online, batch, seq, after)
             replayed, after, batch = replayed + len(batch), seq, []
-    if batch:
+    if seq > after:  # the rest, and the seq past refused events, so the store holds the log's end
         apply_logged(online, batch, seq, after)
         replayed += len(batch)
-    if replayed:
-        log.info("replayed %d event(s) from the event log", replayed)
+    if replayed or refused:
+        log.info("replayed %d event(s) from the event log (%d refused by the event rules)", replayed, refused)
     return online
 
 
 def build_engine(data_dir: Path, state_dir: Path, store_cfg: StoreConfig | None = None,
                  clock: Callable[[], datetime] = utc_now, *, read_only: bool = False, local_log: bool = True,
-                 embeddings_dir: Path | None = None, on_cache: Callable[[str, bool], None] | None = None, **engine_kw) -> BuiltEngine:
+                 embeddings_dir: Path | None = None, on_cache: Callable[[str, bool], None] | None = None,
+                 rules: EventRules = EventRules(), **engine_kw) -> BuiltEngine:
     """Items, online features and the engine over them (see the module docstring).
 
     `store_cfg` None: in-process, snapshotted to state_dir/online-store.bin. `local_log` False:
@@ -144,7 +158,7 @@ def build_engine(data_dir: Path, state_dir: Path, store_cfg: StoreConfig | None 
             store = store_from_config(cfg)
             closers.append(store.close)
             logged = event_log.replay
-        online = restore_online(store, items.items, ds.events, logged)
+        online = restore_online(store, items.items, ds.events, logged, rules)
         engine = RankingEngine(items=items, online=online, clock=clock, on_cache=on_cache, **engine_kw)
         closers.insert(0, engine.store_worker.close)  # no call into the store runs once the log and store close
     except BaseException:
