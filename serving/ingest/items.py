@@ -41,12 +41,18 @@ class ItemsNotEmbedded(SemrankError):
     grpc_code = "UNAVAILABLE"
     reason = "ITEMS_NOT_EMBEDDED"
 
-    def __init__(self, message: str, stored: int):
+    def __init__(self, message: str, stored: int, embedded: int | None = None):
         super().__init__(message)
-        self.stored = stored
+        self.stored, self.embedded = stored, embedded
 
     def error_metadata(self) -> dict[str, str]:
-        return {"stored": str(self.stored)}
+        out = {"stored": str(self.stored)}
+        if self.embedded is not None:
+            out["embedded"] = str(self.embedded)
+        return out
+
+
+EMBED_CHUNK = 256  # items embedded (and persisted) at a time by UpsertItems: a failure keeps what was done
 
 
 class ItemsNotShared(SemrankError):
@@ -74,14 +80,20 @@ async def upsert_items(engine: RankingEngine, pool: EncoderPool, items: pl.DataF
     await engine.store_worker.write(engine.online.upsert_items, items)
     rows = engine.items.rows(items["item_id"].to_list())
     for handle in pool.handles():
+        done = 0  # items of this message embedded (and persisted) with this encoder
         try:
-            await engine.items.ensure_embeddings(handle.key, handle.encoder.encode_bulk, handle.dim, only=rows)
+            for start in range(0, len(rows), EMBED_CHUNK):  # through the encoder's bulk lane: Ranks go first
+                chunk = rows[start : start + EMBED_CHUNK]
+                await engine.items.ensure_embeddings(handle.key, handle.encoder.encode_bulk, handle.dim, only=chunk)
+                done += len(chunk)
         except Exception as e:
-            log.warning("upsert: embedding with encoder %s failed: %s", handle.key, e)
+            log.warning("upsert: embedding with encoder %s failed after %d of %d item(s): %s", handle.key, done,
+                        len(rows), e)
             stored = stored_before + items.height
             raise ItemsNotEmbedded(
-                f"the encoder could not embed the items ({type(e).__name__}); their data is stored ({stored} item(s) "
-                "so far); retry the call to embed them", stored) from e
+                f"the encoder could not embed the items ({type(e).__name__}): every item is stored ({stored} so far "
+                f"in this call), {done} of the {len(rows)} in this message are embedded; retry the call to embed the "
+                "rest (the stored and embedded ones are not redone)", stored, done) from e
     if share is None:
         return 0
     store = engine.items

@@ -245,13 +245,33 @@ class ResilientEncoder:
         self.min_counted_timeout_s = min_counted_timeout_s
         self.observer = observer
         self.clock = clock
+        # The bulk lane (encode_bulk): its chunks wait while calls of the request path are in flight,
+        # so those never queue behind more than the chunks already sent; and a request-path timeout
+        # while bulk chunks were in flight is queueing behind this process's own volume, not Triton
+        # failing: the breaker does not count it.
+        self._interactive = 0
+        self._no_interactive = asyncio.Event()
+        self._no_interactive.set()
+        self._bulk_in_flight = 0
+        self._bulk_active_until = float("-inf")  # clock() when the last bulk chunk finished
         if observer is not None:
             breaker.subscribe(self._on_breaker)
 
     async def encode(self, texts: list[str], timeout_s: float | None = None) -> np.ndarray:
         """float32 (len(texts), dim) within `deadline_s` (or the caller's smaller `timeout_s`, e.g.
         what is left of its gRPC deadline), or EncoderUnavailable (CircuitOpenError when open)."""
+        self._interactive += 1
+        self._no_interactive.clear()
+        try:
+            return await self._encode(texts, timeout_s)
+        finally:
+            self._interactive -= 1
+            if not self._interactive:
+                self._no_interactive.set()
+
+    async def _encode(self, texts: list[str], timeout_s: float | None) -> np.ndarray:
         budget = self.deadline_s if timeout_s is None else min(self.deadline_s, timeout_s)
+        started = self.clock()
 
         async def attempts() -> np.ndarray:
             deadline = self.clock() + budget
@@ -271,15 +291,47 @@ class ResilientEncoder:
                 if deadline - self.clock() < MIN_ATTEMPT_S:  # the back-off overran (busy event loop)
                     raise last
 
-        return await self._guarded(texts, attempts, timeouts_count=budget >= self.min_counted_timeout_s)
+        def counts() -> bool:  # judged when the call failed: did it wait behind this process's bulk work?
+            behind_bulk = self._bulk_in_flight > 0 or self._bulk_active_until >= started
+            return budget >= self.min_counted_timeout_s and not behind_bulk
 
-    async def encode_bulk(self, texts: list[str], max_in_flight: int = 2) -> np.ndarray:
-        """Start-up and batch jobs: `client.encode_bulk` with `bulk_timeout_s` per chunk and no
-        retries, but through the breaker (fails fast when open; its outcome is counted). A bulk
-        call can be the half-open probe; the breaker then waits for it (up to bulk_timeout_s)."""
-        return await self._guarded(
-            texts, lambda: self.client.encode_bulk(texts, timeout_s=self.bulk_timeout_s, max_in_flight=max_in_flight)
-        )
+        return await self._guarded(texts, attempts, timeouts_count=counts)
+
+    async def encode_bulk(self, texts: list[str], max_in_flight: int = 2, max_yield_s: float = 0.5) -> np.ndarray:
+        """Start-up, UpsertItems and batch jobs: chunks of the client's batch size, `max_in_flight` at
+        once, each with `bulk_timeout_s` and no retries, through the breaker (fails fast when open; its
+        outcome is counted). The bulk lane: each chunk first waits (at most `max_yield_s`) until no
+        request-path call is in flight, so Ranks' texts go first. A bulk call can be the half-open
+        probe; the breaker then waits for it (up to bulk_timeout_s)."""
+        size = max(1, getattr(self.client, "max_batch_size", 64))
+        chunks = [texts[i : i + size] for i in range(0, len(texts), size)]
+        gate = asyncio.Semaphore(max_in_flight)
+
+        async def one(chunk: list[str]) -> np.ndarray:
+            async with gate:
+                try:
+                    await asyncio.wait_for(self._no_interactive.wait(), max_yield_s)
+                except asyncio.TimeoutError:
+                    pass  # (a steady request-path load: bulk work still moves, one chunk at a time)
+                self._bulk_in_flight += 1
+                try:
+                    return await self.client.encode_bulk(chunk, timeout_s=self.bulk_timeout_s, max_in_flight=1)
+                finally:
+                    self._bulk_in_flight -= 1
+                    self._bulk_active_until = self.clock()
+
+        async def all_chunks() -> np.ndarray:
+            tasks = [asyncio.ensure_future(one(c)) for c in chunks]
+            try:
+                parts = await asyncio.gather(*tasks)
+            except BaseException:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+            return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+        return await self._guarded(texts, all_chunks)
 
     async def _attempt(self, texts: list[str], timeout: float) -> np.ndarray:
         try:
@@ -293,7 +345,7 @@ class ResilientEncoder:
             ) from e
 
     async def _guarded(self, texts: list[str], call: Callable[[], Awaitable[np.ndarray]],
-                       timeouts_count: bool = True) -> np.ndarray:
+                       timeouts_count: Callable[[], bool] = lambda: True) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.client.dim), dtype=np.float32)
         if not self.breaker.allow():
@@ -307,7 +359,7 @@ class ResilientEncoder:
         try:
             out = await call()
         except EncoderUnavailable as e:
-            if e.code == "DEADLINE_EXCEEDED" and not timeouts_count:  # the caller's budget was too short to judge
+            if e.code == "DEADLINE_EXCEEDED" and not timeouts_count():  # a short budget, or queued behind our bulk work
                 if probe:
                     self.breaker.release()
                 self._report(False, self.clock() - t0, CALLER_DEADLINE)

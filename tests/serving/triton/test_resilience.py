@@ -475,3 +475,67 @@ def test_a_short_budget_probe_frees_the_half_open_breaker_for_the_next_caller():
         run(enc.encode(["a"], timeout_s=0.006))
     assert breaker.state is HALF_OPEN and breaker.opened_count == 1
     assert run(enc.encode(["a"])).shape == (1, DIM) and breaker.state is CLOSED
+
+
+class SingleInstanceTritonFake:
+    """Fault injection: one model instance, as the CPU Triton: calls are served one at a time, each
+    taking `per_call_s`; a call whose timeout passes while it waits gives DEADLINE_EXCEEDED."""
+
+    url = "fake:single"
+
+    def __init__(self, per_call_s: float):
+        self.per_call_s, self.dim, self.max_batch_size = per_call_s, DIM, 4
+        self._busy = asyncio.Lock()
+        self.order: list[str] = []  # "bulk" or "rank", in the order Triton served them
+
+    async def _serve(self, texts, timeout_s, kind):
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self._busy:
+                    await asyncio.sleep(self.per_call_s)
+                    self.order.append(kind)
+        except TimeoutError:
+            raise unavailable("DEADLINE_EXCEEDED") from None
+        return np.full((len(texts), DIM), 0.5, dtype=np.float32)
+
+    async def encode(self, texts, timeout_s=None, max_in_flight=None):
+        return await self._serve(texts, timeout_s, "rank")
+
+    async def encode_bulk(self, texts, timeout_s=300.0, max_in_flight=2):
+        return await self._serve(texts, timeout_s, "bulk")
+
+
+def test_ranks_texts_go_before_bulk_work_and_never_open_the_breaker():
+    """Issue 30: a bulk upsert's chunks queued ahead of Ranks' inline texts on Triton, their timeouts
+    opened the shared breaker, and 63 of 64 concurrent Ranks came back degraded. Bulk chunks now
+    wait while a Rank's call is in flight, and a Rank's timeout while bulk work ran is not counted."""
+    fake = SingleInstanceTritonFake(per_call_s=0.02)
+    enc, breaker, obs = make(fake, deadline_s=0.2, min_counted_timeout_s=0.05, retries=0, bulk_timeout_s=30.0)
+
+    async def scenario():
+        bulk = asyncio.ensure_future(enc.encode_bulk([f"item {k}" for k in range(200)]))  # 50 chunks: 1 s of work
+        await asyncio.sleep(0.05)
+        ranks = await asyncio.gather(*(enc.encode([f"inline {k}"]) for k in range(8)), return_exceptions=True)
+        await bulk
+        return ranks
+
+    ranks = asyncio.run(scenario())
+    assert not [r for r in ranks if isinstance(r, BaseException)], ranks  # each waited a chunk or two, not the rest
+    first_rank = fake.order.index("rank")
+    assert fake.order[first_rank:first_rank + 8].count("rank") >= 6 and fake.order.count("bulk") == 50
+    assert breaker.state is CLOSED
+
+    # Even when a Rank does time out behind the bulk chunks already sent, the breaker does not count it.
+    slow = SingleInstanceTritonFake(per_call_s=0.1)
+    enc, breaker, obs = make(slow, deadline_s=0.15, min_counted_timeout_s=0.05, retries=0, bulk_timeout_s=30.0)
+
+    async def behind():
+        bulk = asyncio.ensure_future(enc.encode_bulk([f"item {k}" for k in range(40)], max_in_flight=2))
+        await asyncio.sleep(0.01)
+        out = await asyncio.gather(*(enc.encode(["x"]) for _ in range(6)), return_exceptions=True)
+        await bulk
+        return out
+
+    out = asyncio.run(behind())
+    assert any(isinstance(r, EncoderUnavailable) for r in out)  # queued behind 2 chunks of 100 ms each
+    assert breaker.state is CLOSED and "DEADLINE_EXCEEDED" not in [c[2] for c in obs.calls if not c[0]]
