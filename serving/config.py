@@ -289,3 +289,13 @@ class ServeConfig:
     triton_supervise_s: float = 2.0  # restart a dead or unresponsive Triton; 0: never (tests of outages)
     grace_s: float = 5.0
     limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        for name in ("port", "metrics_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 65535:
+                raise ConfigError(f"{name}={value}: a TCP port is 0 to 65535 (0: a free one)")
+        if self.max_concurrent_rpcs < 1:
+            raise ConfigError(f"max_concurrent_rpcs={self.max_concurrent_rpcs} must be >= 1")
+        if self.experiments_file is not None and not Path(self.experiments_file).is_file():
+            raise ConfigError(f"experiments file {self.experiments_file} not found (--experiments)")

@@ -168,11 +168,11 @@ class StreamIngest:
         async def on_error(e):
             log.warning("NATS: %s", e)
 
-        try:
-            self._nc = await nats.connect(servers=servers, connect_timeout=cfg.connect_timeout_s, name="semrank-serve",
-                                          allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-                                          pending_size=0, disconnected_cb=on_disconnect,
-                                          reconnected_cb=on_reconnect, error_cb=on_error)
+        try:  # (nats-py retries a first connection forever with these settings: the start-up bound is ours)
+            self._nc = await asyncio.wait_for(nats.connect(
+                servers=servers, connect_timeout=cfg.connect_timeout_s, name="semrank-serve", allow_reconnect=True,
+                max_reconnect_attempts=-1, reconnect_time_wait=0.5, pending_size=0, disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect, error_cb=on_error), 3 * cfg.connect_timeout_s)
         except Exception as e:  # noqa: BLE001 - nats raises many kinds; one clear start-up error
             raise ConfigError(f"cannot connect to NATS at {cfg.url} ({type(e).__name__}: {e}); start it "
                               "(nats-server -js) or fix --nats-url") from None

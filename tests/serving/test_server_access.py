@@ -42,3 +42,24 @@ def test_start_up_says_that_writes_are_open_without_tokens(caplog):
     with caplog.at_level(logging.INFO, logger="serving.server"):
         RankingServer(cfg(host="0.0.0.0", tokens=TokenAuth.from_spec("t-0123456789abcdef:admin")))._check_access()
     assert "open" not in caplog.text
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"port": 99999}, "port=99999: a TCP port is 0 to 65535"),
+    ({"port": -1}, "port=-1"),
+    ({"metrics_port": 70000}, "metrics_port=70000"),
+    ({"max_concurrent_rpcs": 0}, "max_concurrent_rpcs=0"),
+    ({"experiments_file": Path("/nonexistent/experiments.json")}, "experiments file .* not found"),
+])
+def test_configuration_errors_are_config_errors_naming_the_setting(kw, match):
+    """Issue 30: a bad setting is a ConfigError with a message (the CLI prints it and exits 2), never
+    a traceback, nor (a port past 65535) a server bound to the port grpc wraps it to."""
+    with pytest.raises(ConfigError, match=match):
+        cfg(**kw)
+
+
+def test_a_budget_below_one_is_a_config_error():
+    from serving.config import Budgets
+
+    with pytest.raises(ConfigError, match="admission budgets must be >= 1"):
+        Budgets(writes=0)
