@@ -115,6 +115,9 @@ def _now_us() -> int:
     return int(datetime.now(timezone.utc).timestamp() * 1e6)
 
 
+APPLY_SLICE = 500  # events applied in one commit at most: the event loop is free between commits
+
+
 async def wait_on(cond: asyncio.Condition, predicate: Callable[[], bool], timeout_s: float) -> None:
     """Wait until `predicate()` holds under `cond`, at most `timeout_s` in all: acquiring the
     condition's lock (which an apply may hold for a while) is inside the bound."""
@@ -249,19 +252,27 @@ class EventIngest:
                 f"the event log could not store {len(batch)} event(s) ({type(e).__name__}); none of them were "
                 f"stored ({stored_before} earlier event(s) of this call were); resend them", stored_before) from e
         first = seq - len(batch) + 1
-        async with self.applied_lock:
-            await self.applied_lock.wait_for(lambda: self.applied_seq == first - 1)
-            try:
-                await self.worker.write(self._commit_through, seq, batch)
-            except Exception as e:
-                log.warning("applying events %d-%d to the online features failed (%s: %s)", first, seq,
-                            type(e).__name__, e)
-                raise EventsNotApplied(
-                    f"{len(batch)} event(s) were stored in the event log (do not resend them), but applying them "
-                    f"to the online features failed ({type(e).__name__}); they are applied when the online store "
-                    "is back, and rankings do not reflect them until then", stored_before + len(batch)) from e
-            finally:
-                # Even if applying failed, the events are in the log; don't block every later batch behind this one.
-                self.applied_seq = seq
-                self.applied_lock.notify_all()
+        # Applied in slices of APPLY_SLICE events, in log order, each one commit; the lock is released and
+        # the event loop free between slices, so a large message never holds Ranks up for all of it.
+        for start in range(0, len(batch), APPLY_SLICE):
+            part = batch[start : start + APPLY_SLICE]
+            part_first, part_last = first + start, first + start + len(part) - 1
+            async with self.applied_lock:
+                await self.applied_lock.wait_for(lambda f=part_first: self.applied_seq == f - 1)
+                try:
+                    await self.worker.write(self._commit_through, part_last, part)
+                except Exception as e:
+                    log.warning("applying events %d-%d to the online features failed (%s: %s)", part_first, part_last,
+                                type(e).__name__, e)
+                    self.applied_seq = seq  # the rest of the batch is stored too: the backlog applies it later
+                    raise EventsNotApplied(
+                        f"{len(batch)} event(s) were stored in the event log (do not resend them), but applying them "
+                        f"to the online features failed ({type(e).__name__}); they are applied when the online store "
+                        "is back, and rankings do not reflect them until then", stored_before + len(batch)) from e
+                finally:
+                    # Even if applying failed, the events are in the log; don't block every later batch behind this one.
+                    self.applied_seq = max(self.applied_seq, part_last)
+                    self.applied_lock.notify_all()
+            if start + APPLY_SLICE < len(batch):
+                await asyncio.sleep(0)  # let Ranks run between slices
         return seq

@@ -51,7 +51,15 @@ from featurizer.errors import ConfigError
 from featurizer.online.features import OnlineFeatures
 from featurizer.store.base import OnlineStoreError, WriteConflict
 from serving.config import JetStreamConfig
-from serving.ingest.apply import EventsNotApplied, EventsNotStored, Logged, apply_logged, applied_seq, wait_on
+from serving.ingest.apply import (
+    APPLY_SLICE,
+    EventsNotApplied,
+    EventsNotStored,
+    Logged,
+    apply_logged,
+    applied_seq,
+    wait_on,
+)
 from serving.ingest.log_format import LoggedEvent
 from serving.ingest.stream_format import (
     KIND_HEADER,
@@ -516,6 +524,16 @@ class StreamIngest:
         return last
 
     async def _apply_pairs(self, pairs: list[tuple[int, LoggedEvent]], last: int) -> None:
+        """Commit `pairs` up to stream seq `last`, in slices of APPLY_SLICE events with the event loop
+        free between them (a fetch holds up to FOLD_BATCH events: Ranks must not wait for all of it)."""
+        for start in range(0, max(len(pairs), 1), APPLY_SLICE):
+            part = pairs[start : start + APPLY_SLICE]
+            through = last if start + APPLY_SLICE >= len(pairs) else part[-1][0]
+            await self._apply_slice(part, through)
+            if start + APPLY_SLICE < len(pairs):
+                await asyncio.sleep(0)  # let Ranks run between slices
+
+    async def _apply_slice(self, pairs: list[tuple[int, LoggedEvent]], last: int) -> None:
         """Commit `pairs` up to stream seq `last`, retrying while the store fails."""
         if last <= self.committed_seq:
             return

@@ -142,3 +142,41 @@ def test_a_token_wait_honours_its_timeout_while_an_apply_holds_the_lock(tmp_path
                 return await asyncio.wait_for(ingest.wait_folded(ingest.committed_seq + 1, 0.2), 30)
 
     assert asyncio.run(scenario()) is False  # not applied, and answered within its own bound
+
+
+def test_a_large_batch_is_applied_in_slices_with_the_loop_free_between_them(tmp_path, monkeypatch):
+    """Issue 30 (writes never stall reads): a LogEvents message of 1,200 events is committed in slices
+    of APPLY_SLICE (500) events, and other tasks (a Rank) run between the slices; the features equal
+    those of one apply, and the store holds the batch's last seq."""
+    import serving.ingest.apply as apply_mod
+    from serving.ingest.log_format import LoggedEvent
+
+    events = [LoggedEvent(T0_US + k * 1_000_000, f"u{k % 5}", f"i{k % 11}", "click", event_id=f"big-{k}")
+              for k in range(1200)]
+    commits, ticks = [], []
+    real = apply_mod.apply_logged
+    monkeypatch.setattr(apply_mod, "apply_logged", lambda online, evs, last, after, **kw: (
+        commits.append((len(evs), last, len(ticks))), real(online, evs, last, after, **kw))[1])
+    online = OnlineFeatures(InProcessStore(), ITEMS)
+
+    async def scenario():
+        with EventLog(tmp_path / "events") as log:
+            ingest = EventIngest(log, online, EventDedup(0), clock_us=lambda: T0_US)
+
+            async def other_work():  # stands in for Ranks on the same loop
+                while True:
+                    ticks.append(1)
+                    await asyncio.sleep(0)
+
+            task = asyncio.create_task(other_work())
+            await asyncio.sleep(0)
+            logged = await ingest.log_events(events)
+            task.cancel()
+            return logged
+
+    logged = asyncio.run(scenario())
+    assert [(n, last) for n, last, _ in commits] == [(500, 500), (500, 1000), (200, 1200)] and logged.last_seq == 1200
+    assert commits[1][2] > commits[0][2] and commits[2][2] > commits[1][2]  # the other task ran between slices
+    want = OnlineFeatures(InProcessStore(), ITEMS)
+    want.apply(events_frame(events))
+    np.testing.assert_array_equal(features(online), features(want))
