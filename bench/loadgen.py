@@ -8,8 +8,8 @@ not fork: no inherited gRPC state), each with `channels` channels, and keeps the
   or the server falls behind it shows as latency, not as fewer requests (coordinated omission);
   each sample also records the send lag (actual minus scheduled send time);
 - closed loop (`run("closed", n, None, concurrency, ...)`): `concurrency` requests always in flight;
-- mixed (`run("mixed", n, rate, ..., events_rate=E)`): the open loop of Ranks, plus LogEvents calls
-  of one click each at E events/s from the same users (a writer token); every Rank of a user who
+- mixed (`run("mixed", n, rate, ..., events_rate=E, events_per_call=K)`): the open loop of Ranks, plus
+  LogEvents calls of K clicks each (default 1) at E events/s from the same users (a writer token); every Rank of a user who
   logged an event carries that call's `sequence` as `min_sequence` (read-your-writes). The Rank
   bytes get the field appended (protobuf: a later field wins), so they stay serialised in advance.
 
@@ -73,7 +73,7 @@ async def _generator(conn, port: int, pools: dict[int, list[bytes]], channels: i
         cmd = await loop.run_in_executor(None, conn.recv)
         if cmd is None:
             break
-        kind, n, rate, concurrency, t0, warmup_s, seconds, phase_seed, events_rate = cmd
+        kind, n, rate, concurrency, t0, warmup_s, seconds, phase_seed, events_rate, per_call = cmd
         reqs = pools[n]
         rng = random.Random(phase_seed)
         samples: list[tuple[float, float, float, int]] = []  # (scheduled/sent, done, send lag, status)
@@ -105,15 +105,20 @@ async def _generator(conn, port: int, pools: dict[int, list[bytes]], channels: i
             from datetime import datetime, timezone
 
             nonlocal accepted, duplicates
-            j = rng.randrange(len(reqs))
-            user, item = mixed["users"][n][j], rng.choice(mixed["items"])
-            # Ids of this run only: the server keeps event ids (exactly once, 24 h), and a rerun on the same
-            # state would send duplicates, which are neither stored nor applied and return no sequence.
-            ev = pb.Event(event_id=f"bench-{mixed['run']}-{phase_seed}-{k}", user_id=user, item_id=item,
-                          type=pb.EVENT_TYPE_CLICK)
-            ev.ts.FromDatetime(datetime.now(timezone.utc).replace(tzinfo=None))
+            users, evs = [], []
+            now = datetime.now(timezone.utc).replace(tzinfo=None)
+            for e in range(per_call):
+                j = rng.randrange(len(reqs))
+                user, item = mixed["users"][n][j], rng.choice(mixed["items"])
+                # Ids of this run only: the server keeps event ids (exactly once, 24 h), and a rerun on the same
+                # state would send duplicates, which are neither stored nor applied and return no sequence.
+                ev = pb.Event(event_id=f"bench-{mixed['run']}-{phase_seed}-{k}-{e}", user_id=user, item_id=item,
+                              type=pb.EVENT_TYPE_CLICK)
+                ev.ts.FromDatetime(now)
+                users.append(user)
+                evs.append(ev)
             try:
-                resp = await log_events[k % channels](iter([pb.LogEventsRequest(events=[ev])]), timeout=timeout_s,
+                resp = await log_events[k % channels](iter([pb.LogEventsRequest(events=evs)]), timeout=timeout_s,
                                                       metadata=writer_md)
             except grpc.aio.AioRpcError as e:
                 errors["LogEvents " + e.code().name] = errors.get("LogEvents " + e.code().name, 0) + 1
@@ -122,10 +127,11 @@ async def _generator(conn, port: int, pools: dict[int, list[bytes]], channels: i
             writes.append((sched, time.monotonic(), 0))
             accepted, duplicates = accepted + resp.accepted, duplicates + resp.duplicates
             if resp.sequence:
-                tokens[user] = max(tokens.get(user, 0), resp.sequence)
+                for user in users:
+                    tokens[user] = max(tokens.get(user, 0), resp.sequence)
 
         async def writer() -> None:
-            period, tasks, i = 1.0 / events_rate, set(), 0
+            period, tasks, i = per_call / events_rate, set(), 0
             while (sched := t0 + i * period) < end:
                 delay = sched - time.monotonic()
                 if delay > 0:
@@ -204,17 +210,18 @@ class LoadGenerator:
         return [p.pid for p in self.procs]
 
     def run(self, kind: str, n: int, rate: float | None, concurrency: int, warmup_s: float, seconds: float,
-            seed: int, events_rate: float = 0.0) -> dict:
+            seed: int, events_rate: float = 0.0, events_per_call: int = 1) -> dict:
         """One phase on every process; open loop: process j sends requests j, j+P, ... of one schedule."""
         P = len(self.conns)
         t0 = time.monotonic() + 0.5
         for j, c in enumerate(self.conns):
             if kind in ("open", "mixed"):
                 # Interleave the processes' schedules: together they send at `rate`, evenly spaced.
-                cmd = (kind, n, rate / P, 0, t0 + j / rate, warmup_s, seconds, seed * 100 + j, events_rate / P)
+                cmd = (kind, n, rate / P, 0, t0 + j / rate, warmup_s, seconds, seed * 100 + j, events_rate / P,
+                       events_per_call)
             else:
                 cmd = (kind, n, None, max(1, concurrency // P + (j < concurrency % P)), t0, warmup_s, seconds,
-                       seed * 100 + j, 0.0)
+                       seed * 100 + j, 0.0, 1)
             c.send(cmd)
         parts = [c.recv() for c in self.conns]
         return {"t0": t0, "parts": parts}

@@ -20,8 +20,9 @@ The bench
    phase's p99 at the same size, and from the server's metrics the encoder calls Rank issued by
    cause (`semrank_rank_encoder_calls_total`), degraded answers by reason, history items the
    pooled tower left out, and the encoder's share of the Ranks' time; `mixed_targets` checks them.
-   Then the heavy mixes (`--heavy-mix`, default 500 events/s from 2,000 users of their own): the
-   same row, no target;
+   Then the heavy mixes (`--heavy-mix`, default 1,000 events/s from 2,000 users of their own, 20
+   events per LogEvents call: a writer flood): the same row, no target (issue 30: Rank p99 within 2x
+   the warm phase's under it);
 5. measures, in this process and with the server idle, `RankingEngine.rank` on an engine built
    from the same data, bundle and cached embeddings (feature gather + LightGBM, no gRPC): the
    in-process cost, so service overhead is a ratio measured in the same run.
@@ -106,7 +107,8 @@ class BenchConfig:
     mixed_candidates: tuple[int, ...] = (100,)  # the mixed phase's sizes (empty: no mixed phase)
     mixed_events_rate: float = 50.0  # LogEvents events/s beside the offered Ranks/s in the mixed phase
     # Heavier mixes, measured rows with no target: (events/s, distinct users), each over its own users.
-    heavy_mixes: tuple[tuple[float, int], ...] = ((500.0, 2000),)
+    heavy_mixes: tuple[tuple[float, int], ...] = ((1000.0, 2000),)
+    heavy_events_per_call: int = 20  # a heavy mix's LogEvents carry this many events each (a writer batching)
     tower: str = "pooled"  # the bench bundle's user tower (ranker.user_tower): pooled, or text (before issue 28)
     null_service: bool = True  # after the real phases, the same ones against `semrank serve --null-service`
 
@@ -621,7 +623,9 @@ def mixed_phase(gen, server, server_pids: list[int], triton: list[int], cfg: Ben
     included) the encoder calls Rank issued by cause, degraded answers by reason, history items the
     pooled tower left out, and the encoder's share of the Ranks' time."""
     m0, s0, tr0, t0 = server.scrape(), cpu_seconds(server_pids), cpu_seconds(triton), time.monotonic()
-    raw = gen.run("mixed", key, cfg.offered_rps, 0, cfg.warmup_s, cfg.seconds, seed=seed, events_rate=events_rate)
+    per_call = 1 if key == n else cfg.heavy_events_per_call
+    raw = gen.run("mixed", key, cfg.offered_rps, 0, cfg.warmup_s, cfg.seconds, seed=seed, events_rate=events_rate,
+                  events_per_call=per_call)
     timelines.append((f"mixed {n} c @{cfg.offered_rps:g}/s + {events_rate:g} events/s", raw))
     wall, m1 = time.monotonic() - t0, server.scrape()
     row = summarize("mixed", n, cfg.offered_rps, raw, cfg.warmup_s, cfg.seconds)
@@ -631,7 +635,7 @@ def mixed_phase(gen, server, server_pids: list[int], triton: list[int], cfg: Ben
     gc_count, gc_over = delta("gc_count"), delta("gc_over_100ms")
     gc_s = {g: round(v - m0["gc_s"].get(g, 0.0), 3) for g, v in m1["gc_s"].items()}
     row.update({
-        "phase": "mixed", "events_per_s": events_rate, "ranks_counted_by_server": int(ranks),
+        "phase": "mixed", "events_per_s": events_rate, "events_per_call": per_call, "ranks_counted_by_server": int(ranks),
         "server_cpu_cores": round((cpu_seconds(server_pids) - s0) / wall, 3),
         "triton_cpu_cores": round((cpu_seconds(triton) - tr0) / wall, 3),
         "rank_encoder_calls": sum(calls.values()), "rank_encoder_calls_by_cause": calls,
@@ -704,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tower", choices=("pooled", "text"), default=d.tower,
                    help="the bench bundle's user tower (text: every event makes the next Rank call Triton)")
     p.add_argument("--heavy-mix", nargs=2, type=float, action="append", default=None, metavar=("EVENTS_PER_S", "USERS"),
-                   help="a heavier mixed phase, no target (repeatable; default 500 events/s from 2000 users; "
+                   help="a heavier mixed phase, no target (repeatable; default 1000 events/s from 2000 users, 20 per call; "
                         "--heavy-mix 0 0: none)")
     a = p.parse_args(argv)
     heavy = d.heavy_mixes if a.heavy_mix is None else tuple((r, int(u)) for r, u in a.heavy_mix if r > 0 and u > 0)
