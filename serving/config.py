@@ -17,7 +17,7 @@ import json
 import logging
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import grpc
@@ -55,6 +55,9 @@ class Budgets:
     fill one could take the fleet out of rotation)."""
 
     ranks: int = 128  # Rank, GetModelInfo (`ServeConfig.max_concurrent_rpcs` sets it)
+    # of those, per bearer token where tokens are configured (None: three quarters of `ranks`); without
+    # tokens there is no per-caller share of Ranks, since one backend often sends every Rank from one address
+    ranks_per_caller: int | None = None
     writes: int = 32  # LogEvents, UpsertItems
     writes_per_caller: int = 8  # of those, per bearer token (or per client address without tokens)
     admin: int = 4  # ReloadBundle and the other admin calls
@@ -64,13 +67,37 @@ class Budgets:
     stream_idle_s: float = 30.0  # a client stream (LogEvents, UpsertItems) waits at most this for its next message
 
     def __post_init__(self) -> None:
-        small = {k: v for k, v in self.__dict__.items() if v < 1 and k != "stream_idle_s"}
+        small = {k: v for k, v in self.__dict__.items() if v is not None and v < 1 and k != "stream_idle_s"}
         if small or self.stream_idle_s <= 0:
             raise ConfigError(f"admission budgets must be >= 1 and stream_idle_s > 0, got {small or self}")
 
     @property
     def total(self) -> int:
         return self.ranks + self.writes + self.admin + self.watches + self.health_checks
+
+    @property
+    def rank_share(self) -> int:
+        """Ranks in flight one token may hold."""
+        return self.ranks_per_caller if self.ranks_per_caller is not None else max(1, self.ranks * 3 // 4)
+
+    @classmethod
+    def parse(cls, specs: list[str]) -> Budgets:
+        """Budgets from `NAME=VALUE` settings (`semrank serve --budget writes=64`); the rest keep their
+        defaults. An unknown name or a bad value is a ConfigError naming it."""
+        names = {f.name: f.type for f in fields(cls)}
+        values: dict[str, float | int] = {}
+        for spec in specs:
+            name, sep, raw = spec.partition("=")
+            name = name.strip().replace("-", "_")
+            if not sep or name not in names or name == "ranks":
+                allowed = ", ".join(n for n in names if n != "ranks")
+                raise ConfigError(f"--budget {spec!r}: expected NAME=VALUE with NAME one of {allowed} "
+                                  "(Ranks in flight: --max-concurrent-rpcs)")
+            try:
+                values[name] = float(raw) if name == "stream_idle_s" else int(raw)
+            except ValueError:
+                raise ConfigError(f"--budget {spec!r}: {raw!r} is not a number") from None
+        return cls(**values)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ DEFAULT_STREAM = "SEMRANK_EVENTS"
 
 def cmd_serve(args) -> int:
     from featurizer.store.config import RedisConfig
-    from serving.config import JetStreamConfig, Limits, ServeConfig, TlsConfig, TokenAuth
+    from serving.config import Budgets, JetStreamConfig, Limits, ServeConfig, TlsConfig, TokenAuth
     from serving.observability.request_logging import configure_logging
     from serving.server import RankingServer
 
@@ -61,6 +61,7 @@ def cmd_serve(args) -> int:
         bundle_roots=tuple(args.bundle_root),
         reload_poll_s=args.reload_poll_s,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
+        budgets=Budgets.parse(args.budget),
         encoder_timeout_s=args.encoder_timeout_ms / 1000,
         metrics_host=args.metrics_host,
         embeddings_dir=args.embeddings_dir,
@@ -182,6 +183,9 @@ def register(sub) -> None:
                    help="ReloadBundle may load bundles under this directory (repeatable; default: the bundle's parent)")
     s.add_argument("--reload-poll-s", type=float, default=2.0, help="bundle watcher period; 0 turns it off")
     s.add_argument("--max-concurrent-rpcs", type=int, default=128, help="beyond it calls get RESOURCE_EXHAUSTED")
+    s.add_argument("--budget", action="append", default=[], metavar="NAME=VALUE",
+                   help="an admission budget (repeatable; docs/serving.md \"Limits\"): writes, writes_per_caller, "
+                        "ranks_per_caller, admin, watches, watches_per_caller, health_checks, stream_idle_s")
     s.add_argument("--encoder-timeout-ms", type=float, default=250.0, help="Triton deadline on the request path")
     s.add_argument("--max-candidates", type=int, default=2000)
     s.add_argument("--max-text-chars", type=int, default=4096)

@@ -6,8 +6,8 @@ Order on the server (`serving.server`): metrics (sees every outcome), errors
 - `MetricsInterceptor` times every async RPC by method, variant and final status code, and counts
   error statuses by ErrorInfo reason (`semrank_errors_total`).
 - `AdmissionInterceptor` bounds concurrency by class of call (`serving.config.Budgets`: Ranks,
-  writes, admin calls, watch and reflection streams, health checks) and, for writes and watches,
-  per caller: a class at its limit refuses its next call with `Overloaded` (RESOURCE_EXHAUSTED) at
+  writes, admin calls, watch and reflection streams, health checks) and per caller for writes and
+  watches (and for Ranks per bearer token where tokens are configured): a class at its limit refuses its next call with `Overloaded` (RESOURCE_EXHAUSTED) at
   once, with a message, and leaves the other classes alone. Health checks have a room of their own.
   (grpc's own `maximum_concurrent_rpcs` is set above the sum: a backstop only.)
 - `wrap_handler` rebuilds a method handler around a wrapped behavior.
@@ -83,7 +83,7 @@ def caller_of(context: grpc.aio.ServicerContext, by_token: bool) -> str:
 
 class AdmissionInterceptor(grpc.aio.ServerInterceptor):
     """One budget of calls in flight per class (`serving.config.Budgets`), and per caller for writes
-    and watches: a class at its limit refuses its next call with `Overloaded` (RESOURCE_EXHAUSTED) at
+    and watches, and for Ranks per token: a class at its limit refuses its next call with `Overloaded` (RESOURCE_EXHAUSTED) at
     once and leaves the others alone, so idle streams cannot take the room of Ranks, and health
     checks always get through. `refused` counts refusals by class; `on_refuse(class)` reports them."""
 
@@ -109,9 +109,9 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         """Take a slot of `kind` (and of its caller's share), or raise Overloaded."""
         limit = getattr(self.budgets, kind)
         who = None
-        if kind in PER_CALLER:
+        share = self._share(kind)
+        if share is not None:
             who = (kind, caller_of(context, self.by_token))
-            share = getattr(self.budgets, PER_CALLER[kind])
             if self.per_caller.get(who, 0) >= share:
                 self._refuse(kind, f"this caller has {share} {kind.replace('_', ' ')} open, the most one caller "
                                    "may; close one, or retry with back-off")
@@ -122,6 +122,15 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         if who is not None:
             self.per_caller[who] = self.per_caller.get(who, 0) + 1
         return who
+
+    def _share(self, kind: str) -> int | None:
+        """The most calls of `kind` one caller may have in flight (None: no share). Ranks have a share per
+        bearer token only: without tokens one backend often sends every Rank from one address."""
+        if kind in PER_CALLER:
+            return getattr(self.budgets, PER_CALLER[kind])
+        if kind == "ranks" and self.by_token:
+            return self.budgets.rank_share
+        return None
 
     def _leave(self, kind: str, who: tuple[str, str] | None) -> None:
         self.inflight[kind] -= 1
