@@ -264,7 +264,11 @@ class JetStreamConfig:
     connect_timeout_s: float = 2.0
     share_snapshot_s: float = 300.0  # share the in-process feature snapshot this often (object store); 0: never
     control_poll_s: float = 1.0  # how often a replica checks the fleet's bundle (serving.ranking.shared_bundle)
-    probe_timeout_s: float = 1.0  # readiness: NATS must answer a PING within this (a hung server keeps its socket)
+    probe_timeout_s: float = 1.0  # readiness: JetStream must answer a request within this (a hung server keeps its socket)
+    # the client's own keep-alive: a connection that answers none of `max_outstanding_pings` pings sent every
+    # `ping_interval_s` is dropped and dialled again (nats-py's default, 2 x 120 s, left a dead one for minutes)
+    ping_interval_s: float = 10.0
+    max_outstanding_pings: int = 3
 
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.stream):
@@ -273,7 +277,8 @@ class JetStreamConfig:
             raise ConfigError(f"subject_prefix {self.subject_prefix!r}: dot-separated tokens of letters, digits, '_' or '-'")
         if self.replicas not in (1, 2, 3, 4, 5):
             raise ConfigError(f"replicas={self.replicas}: JetStream allows 1 to 5")
-        for name in ("publish_timeout_s", "apply_timeout_s", "connect_timeout_s", "control_poll_s"):
+        for name in ("publish_timeout_s", "apply_timeout_s", "connect_timeout_s", "control_poll_s", "probe_timeout_s",
+                     "ping_interval_s", "max_outstanding_pings"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be > 0")
         if self.share_snapshot_s < 0:

@@ -35,6 +35,7 @@ consumer is made again from the folded sequence once NATS is back. A message tha
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -179,7 +180,8 @@ class StreamIngest:
         try:  # (nats-py retries a first connection forever with these settings: the start-up bound is ours)
             self._nc = await asyncio.wait_for(nats.connect(
                 servers=servers, connect_timeout=cfg.connect_timeout_s, name="semrank-serve", allow_reconnect=True,
-                max_reconnect_attempts=-1, reconnect_time_wait=0.5, pending_size=0, disconnected_cb=on_disconnect,
+                max_reconnect_attempts=-1, reconnect_time_wait=0.5, pending_size=0, ping_interval=cfg.ping_interval_s,
+                max_outstanding_pings=cfg.max_outstanding_pings, disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect, error_cb=on_error), 3 * cfg.connect_timeout_s)
         except Exception as e:  # noqa: BLE001 - nats raises many kinds; one clear start-up error
             raise ConfigError(f"cannot connect to NATS at {cfg.url} ({type(e).__name__}: {e}); start it "
@@ -299,16 +301,28 @@ class StreamIngest:
         return None
 
     async def probe(self) -> str | None:
-        """A round trip to NATS (PING/PONG) within `JetStreamConfig.probe_timeout_s`: a hung server keeps
-        the TCP connection up, so `connected` alone does not see it. Why events cannot be taken (None:
-        they can); for readiness."""
+        """A round trip to JetStream (`$JS.API.INFO`, request and reply) within
+        `JetStreamConfig.probe_timeout_s`: a hung server keeps the TCP connection up, so `connected` alone
+        does not see it. Why events cannot be taken (None: they can); for readiness.
+
+        Not nats-py's `flush(timeout)`: each of its timeouts leaves a cancelled PONG waiter behind, and the
+        late PONG kills the client's read loop (InvalidStateError in `_process_pong`), after which every
+        publish and fetch times out while `flush` itself, which skips the round trip once the read loop
+        is gone, reports success (tests/integration/test_scale_out.py::test_a_hung_nats_takes_readiness_down_and_back).
+        A request's reply waiter is dropped on timeout and a late reply is ignored."""
         problem = self.problem()
         if problem is not None:
             return problem
         try:
-            await self._nc.flush(timeout=max(self.cfg.probe_timeout_s, 0.01))
-        except Exception as e:  # noqa: BLE001 - a timeout, or the connection went away meanwhile
+            reply = await self._nc.request("$JS.API.INFO", b"", timeout=self.cfg.probe_timeout_s)
+        except Exception as e:  # noqa: BLE001 - a timeout, no responders, or the connection went away meanwhile
             return f"NATS does not answer ({type(e).__name__})"
+        try:
+            error = json.loads(reply.data).get("error")
+        except ValueError:
+            error = None
+        if error:
+            return f"JetStream refuses: {error.get('description', error)}"
         return None
 
     async def stream_last_seq(self) -> int:

@@ -397,9 +397,15 @@ def test_the_fleet_bundle_key_obeys_the_bundle_roots(small_shop, small_bundle, t
         wait_until(lambda: version(replicas.ports[0]) == "roots-v2", 30, "the replica on the bundle under its root")
 
 
-def test_a_hung_nats_takes_readiness_down_and_back(small_shop, small_bundle, tmp_path, triton):
+def test_a_hung_nats_takes_readiness_down_and_back(small_shop, small_bundle, catalog, tmp_path, triton):
     """Issue 30: a NATS that stops answering (SIGSTOP: its socket stays open) used to leave readiness
-    SERVING. The readiness probe now asks NATS for a round trip within `probe_timeout_s`."""
+    SERVING. The readiness probe now asks NATS for a round trip within `probe_timeout_s`.
+
+    And when NATS answers again, events flow again. A probe made of nats-py's `flush(timeout)` left a
+    cancelled PONG waiter behind each timeout; the late PONG then killed the client's read loop
+    (InvalidStateError), and from then on every publish and fetch timed out while `flush` (which skips
+    the round trip once the read loop is gone) reported NATS healthy: readiness SERVING, every
+    LogEvents failing (seen in bench/serve.py's mixed phase after a saturation phase)."""
     import os
     import signal
 
@@ -417,5 +423,12 @@ def test_a_hung_nats_takes_readiness_down_and_back(small_shop, small_bundle, tmp
             finally:
                 os.kill(own.proc.pid, signal.SIGCONT)
             wait_until(lambda: readiness(channel) == health_pb2.HealthCheckResponse.SERVING, 60, "ready again")
+            user, candidates = "hung-nats-user", catalog[:10]
+            ack = stub(channel).LogEvents(iter([pb.LogEventsRequest(events=purchases(user, candidates[:2], "after"))]),
+                                          timeout=RPC_TIMEOUT_S)
+            assert ack.accepted == 2, ack
+            seen = rank(channel, user, candidates, min_sequence=ack.sequence)
+            assert not seen.degraded, seen.degraded_reason
+            assert readiness(channel) == health_pb2.HealthCheckResponse.SERVING
     finally:
         own.stop()
