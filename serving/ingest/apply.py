@@ -149,6 +149,7 @@ class EventIngest:
         self.applied_seq = event_log.last_seq  # the last seq whose apply has been attempted, in order
         self.committed_seq = event_log.last_seq  # the last seq the store's features hold (restore applied the log)
         self.applied_lock = asyncio.Condition()  # held while applying (and while snapshotting)
+        self._waiting: dict[int, list[LoggedEvent]] = {}  # stored, not applied yet: first seq -> its events
 
     @property
     def behind(self) -> int:
@@ -252,27 +253,56 @@ class EventIngest:
                 f"the event log could not store {len(batch)} event(s) ({type(e).__name__}); none of them were "
                 f"stored ({stored_before} earlier event(s) of this call were); resend them", stored_before) from e
         first = seq - len(batch) + 1
-        # Applied in slices of APPLY_SLICE events, in log order, each one commit; the lock is released and
-        # the event loop free between slices, so a large message never holds Ranks up for all of it.
-        for start in range(0, len(batch), APPLY_SLICE):
-            part = batch[start : start + APPLY_SLICE]
-            part_first, part_last = first + start, first + start + len(part) - 1
+        # Applied in order, in commits of at most APPLY_SLICE events, the lock released and the event loop
+        # free between them. A commit takes every stored event waiting in memory from the next seq on,
+        # this call's and the calls' queued behind it: under a flood of small LogEvents calls one commit
+        # applies many calls' events, so the fixed cost of a commit and the reads and writes of the keys
+        # they share are paid once (bench/serve.py's heavy mix), and the queued calls find theirs applied.
+        self._waiting[first] = list(batch)
+        await asyncio.sleep(0)  # the calls whose appends finished with this one register theirs first
+        failure: BaseException | None = None
+        while self.applied_seq < seq:
             async with self.applied_lock:
-                await self.applied_lock.wait_for(lambda f=part_first: self.applied_seq == f - 1)
+                await self.applied_lock.wait_for(lambda: self.applied_seq >= first - 1)
+                if self.applied_seq >= seq:
+                    break  # a commit of an earlier call took this call's events too
+                start = self.applied_seq + 1
+                events = self._take_waiting(start)
+                through = start + len(events) - 1 if events else seq  # (none in memory: read back from the log)
                 try:
-                    await self.worker.write(self._commit_through, part_last, part)
-                except Exception as e:
-                    log.warning("applying events %d-%d to the online features failed (%s: %s)", part_first, part_last,
+                    await self.worker.write(self._commit_through, through, events)
+                except Exception as e:  # noqa: BLE001 - told to every call whose events it held, below
+                    log.warning("applying events %d-%d to the online features failed (%s: %s)", start, through,
                                 type(e).__name__, e)
-                    self.applied_seq = seq  # the rest of the batch is stored too: the backlog applies it later
-                    raise EventsNotApplied(
-                        f"{len(batch)} event(s) were stored in the event log (do not resend them), but applying them "
-                        f"to the online features failed ({type(e).__name__}); they are applied when the online store "
-                        "is back, and rankings do not reflect them until then", stored_before + len(batch)) from e
+                    failure = e
+                    through = max(through, seq)  # the rest of this batch is stored too: the backlog applies it later
+                    for k in [k for k in self._waiting if k <= through]:
+                        del self._waiting[k]
                 finally:
                     # Even if applying failed, the events are in the log; don't block every later batch behind this one.
-                    self.applied_seq = max(self.applied_seq, part_last)
+                    self.applied_seq = max(self.applied_seq, through)
                     self.applied_lock.notify_all()
-            if start + APPLY_SLICE < len(batch):
-                await asyncio.sleep(0)  # let Ranks run between slices
+            if self.applied_seq < seq:
+                await asyncio.sleep(0)  # let Ranks run between commits
+        if self.committed_seq < seq:  # this call's commit, or the one that took its events, failed
+            raise EventsNotApplied(
+                f"{len(batch)} event(s) were stored in the event log (do not resend them), but applying them "
+                f"to the online features failed ({type(failure).__name__ if failure else 'OnlineStoreError'}); "
+                "they are applied when the online store is back, and rankings do not reflect them until then",
+                stored_before + len(batch)) from failure
         return seq
+
+    def _take_waiting(self, start: int) -> list[LoggedEvent]:
+        """Stored events waiting in memory from seq `start` on, in order and without a gap, at most
+        APPLY_SLICE (a batch cut short is put back from its first event not taken)."""
+        events: list[LoggedEvent] = []
+        nxt = start
+        while nxt in self._waiting and len(events) < APPLY_SLICE:
+            part = self._waiting.pop(nxt)
+            room = APPLY_SLICE - len(events)
+            if len(part) > room:
+                self._waiting[nxt + room] = part[room:]
+                part = part[:room]
+            events.extend(part)
+            nxt += len(part)
+        return events

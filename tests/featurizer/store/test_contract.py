@@ -204,6 +204,18 @@ def test_any_json_or_bytes_round_trips(open_store, rows):
     assert s.read("prop", list(rows)) == list(rows.values())
 
 
+def test_non_finite_floats_and_int_keys_read_back_as_written(open_store):
+    """The values go through orjson, which would write NaN and infinities as null: they must not."""
+    import math
+
+    s = open_store()
+    s.write("prop", {"f": {"nan": float("nan"), "inf": [float("inf"), {"x": -float("inf")}], "none": None, "one": 1.5},
+                     "k": {1: "a", "2": [None, 0.1]}})
+    f, k = s.read("prop", ["f", "k"])
+    assert math.isnan(f["nan"]) and f["inf"] == [float("inf"), {"x": -float("inf")}] and f["none"] is None
+    assert f["one"] == 1.5 and k == {"1": "a", "2": [None, 0.1]}  # (non-string keys become strings, as in JSON)
+
+
 # ---------------------------------------------------------------- configs and backend specifics
 
 

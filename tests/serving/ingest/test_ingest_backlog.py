@@ -128,3 +128,71 @@ def test_nothing_is_written_on_top_of_a_store_that_lost_its_data(tmp_path):
 
     asyncio.run(scenario())
     assert_counted_once(online, 2)
+
+
+class CommitCounter(FlakyStore):
+    """The in-process store, counting its commits (and failing them while `down`, as FlakyStore)."""
+
+    commits = 0
+
+    def write_batch(self, rows, expect=None):
+        super().write_batch(rows, expect)
+        self.commits += 1
+
+
+async def queue_calls(ingest: EventIngest, log: EventLog, n: int) -> list[asyncio.Future]:
+    """Start `n` LogEvents batches while the apply lock is held (as a commit or a snapshot holds it),
+    and return once all of them are stored and waiting to be applied."""
+    calls = [asyncio.ensure_future(ingest.log_events(batch(k), stored_before=k)) for k in range(n)]
+    want = sum(len(batch(k)) for k in range(n))
+    while log.last_seq < want or sum(len(b) for b in ingest._waiting.values()) < want:
+        await asyncio.sleep(0.01)
+    return calls
+
+
+def test_batches_queued_behind_a_commit_are_applied_in_one_commit(tmp_path):
+    """Under a flood of small LogEvents calls, one commit applies every stored batch waiting in memory
+    (bench/serve.py's heavy mix: 50 calls/s of 20 events each applied one by one starved the Ranks of
+    the embedded default); each call still answers its own sequence, and every event counts once."""
+    store = CommitCounter()
+    online = OnlineFeatures(store, ITEMS)
+
+    async def scenario():
+        with EventLog(tmp_path / "events") as log:
+            ingest = EventIngest(log, online)
+            async with ingest.applied_lock:
+                calls = await queue_calls(ingest, log, 8)
+                before = store.commits
+            logged = await asyncio.gather(*calls)
+            assert store.commits - before == 1
+            assert sorted(r.last_seq for r in logged) == [sum(len(batch(j)) for j in range(k + 1)) for k in range(8)]
+            assert ingest.behind == 0 and applied_seq(online) == log.last_seq and not ingest._waiting
+
+    asyncio.run(scenario())
+    assert_counted_once(online, 8)
+
+
+def test_every_call_whose_events_a_failed_commit_held_is_told(tmp_path):
+    """A commit that takes several calls' events and fails answers EventsNotApplied to each of them
+    (stored, not applied: never a success for events the features do not hold); the next batch
+    applies them all once."""
+    store = CommitCounter()
+    online = OnlineFeatures(store, ITEMS)
+
+    async def scenario():
+        with EventLog(tmp_path / "events") as log:
+            ingest = EventIngest(log, online)
+            async with ingest.applied_lock:
+                calls = await queue_calls(ingest, log, 4)
+                store.down = True
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            assert all(isinstance(o, EventsNotApplied) for o in outcomes), outcomes
+            assert sorted(o.error_metadata()["stored"] for o in outcomes) == sorted(
+                str(k + len(batch(k))) for k in range(4))
+            assert ingest.behind == sum(len(batch(k)) for k in range(4)) and not ingest._waiting
+            store.down = False
+            await ingest.log_events(batch(4))
+            assert ingest.behind == 0 and applied_seq(online) == log.last_seq
+
+    asyncio.run(scenario())
+    assert_counted_once(online, 5)
