@@ -276,11 +276,12 @@ class EventIngest:
                                 type(e).__name__, e)
                     failure = e
                     through = max(through, seq)  # the rest of this batch is stored too: the backlog applies it later
-                    for k in [k for k in self._waiting if k <= through]:
-                        del self._waiting[k]
                 finally:
                     # Even if applying failed, the events are in the log; don't block every later batch behind this one.
                     self.applied_seq = max(self.applied_seq, through)
+                    if failure is not None or not events:  # what the commit covered without taking it from memory
+                        for k in [k for k in self._waiting if k <= through]:
+                            del self._waiting[k]
                     self.applied_lock.notify_all()
             if self.applied_seq < seq:
                 await asyncio.sleep(0)  # let Ranks run between commits
