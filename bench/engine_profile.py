@@ -1,0 +1,105 @@
+"""Where a Rank's engine time goes: `RankingEngine.rank` in process, under cProfile, on the serve bench's
+shop, bundle and feature state (issue 29: "read `_features` and `derive` again with a profiler").
+
+    .venv/bin/python bench/engine_profile.py [--work-dir runs/bench-serve] [--candidates 100 1000] [--reps 400]
+
+Needs the serve bench's work directory (`bench/serve.py --prepare-only` makes it). For each candidate
+count: the engine's p50 without the profiler, then the same requests under cProfile, and for the
+functions that matter the share of the profiled time spent inside them (cumulative) and in their own
+code. Shares, not times, are what to read on a shared machine: the profiler slows everything alike.
+Prints one JSON object; `--top N` also lists the N functions with the most time of their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import json
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from machine import machine  # bench/ is sys.path[0]
+from serve import BenchConfig, bench_requests, inprocess_engine, online_snapshot, prepare
+
+# (label, function name as cProfile names it, file suffix)
+WATCH = [
+    ("rank", "rank", "serving/ranking/engine.py"),
+    ("features (engine, with its store read)", "_features", "serving/ranking/engine.py"),
+    ("features", "_features", "featurizer/online/features.py"),
+    ("derive", "derive", "featurizer/definitions.py"),
+    ("item parts gather", "gather", "featurizer/online/state_cache.py"),
+    ("user x item records", "_user_item_records", "featurizer/online/features.py"),
+    ("co-occurrence", "cooc_counts", "featurizer/online/user_state.py"),
+    ("user vector", "user_embedding", "serving/ranking/engine.py"),
+    ("item vectors", "item_embeddings", "serving/ranking/engine.py"),
+    ("trees", "predict", "ranker/compiled_trees.py"),
+    ("trees (LightGBM)", "predict", "ranker/bundle.py"),
+]
+
+
+def shares(stats: pstats.Stats, total: float) -> dict[str, dict]:
+    out = {}
+    for (path, _, name), (_, _, tt, ct, _) in stats.stats.items():  # type: ignore[attr-defined]
+        for label, fn, suffix in WATCH:
+            if name == fn and path.endswith(suffix):
+                out[label] = {"cumulative": round(ct / total, 3), "own": round(tt / total, 3)}
+    return out
+
+
+def main() -> int:
+    d = BenchConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work-dir", type=Path, default=d.work_dir)
+    p.add_argument("--candidates", type=int, nargs="+", default=[100, 1000])
+    p.add_argument("--reps", type=int, default=400)
+    p.add_argument("--top", type=int, default=15)
+    a = p.parse_args()
+    cfg = BenchConfig(work_dir=a.work_dir, candidates=tuple(a.candidates))
+    shop, bundle = prepare(cfg)
+    state_dir = cfg.work_dir / "state"
+    snapshot = online_snapshot(state_dir, shop)
+    users, _, pools = bench_requests(cfg, shop)
+    engine, rt = inprocess_engine(bundle, shop, state_dir, snapshot)
+    from serving.ranking.engine import Candidate
+
+    result = {"machine": machine(), "reps": a.reps, "sizes": {}}
+    for n in a.candidates:
+        reqs = [(u, [Candidate(item_id=i) for i in ids]) for u, ids in pools[n]]
+
+        async def ranks(k: int, timed: list[float] | None = None) -> None:
+            for r in range(k):
+                u, cs = reqs[r % len(reqs)]
+                t = time.perf_counter()
+                await engine.rank(rt, u, cs)
+                if timed is not None:
+                    timed.append(time.perf_counter() - t)
+
+        asyncio.run(ranks(len(users) // 4))  # warm: every request's user once, caches filled
+        plain: list[float] = []
+        asyncio.run(ranks(a.reps, plain))
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        prof.enable()
+        asyncio.run(ranks(a.reps))
+        prof.disable()
+        total = time.perf_counter() - t0
+        stats = pstats.Stats(prof)
+        own = sorted(((tt, f"{Path(path).name}:{line} {name}") for (path, line, name), (_, _, tt, _, _)
+                      in stats.stats.items()), reverse=True)[: a.top]  # type: ignore[attr-defined]
+        result["sizes"][n] = {
+            "p50_ms_unprofiled": round(float(np.median(plain)) * 1e3, 3),
+            "profiled_ms_per_rank": round(total / a.reps * 1e3, 3),
+            "shares": shares(stats, total),
+            "top_own": [{"share": round(tt / total, 3), "function": f} for tt, f in own],
+        }
+        print(f"{n} candidates: p50 {result['sizes'][n]['p50_ms_unprofiled']} ms", file=sys.stderr)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
