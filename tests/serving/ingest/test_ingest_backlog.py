@@ -140,13 +140,16 @@ class CommitCounter(FlakyStore):
         self.commits += 1
 
 
-async def queue_calls(ingest: EventIngest, log: EventLog, n: int) -> list[asyncio.Future]:
+async def queue_calls(ingest: EventIngest, log: EventLog, n: int, while_held=lambda: None) -> list[asyncio.Future]:
     """Start `n` LogEvents batches while the apply lock is held (as a commit or a snapshot holds it),
-    and return once all of them are stored and waiting to be applied."""
-    calls = [asyncio.ensure_future(ingest.log_events(batch(k), stored_before=k)) for k in range(n)]
-    want = sum(len(batch(k)) for k in range(n))
-    while log.last_seq < want or sum(len(b) for b in ingest._waiting.values()) < want:
-        await asyncio.sleep(0.01)
+    wait until all of them are stored and waiting to be applied, call `while_held()`, then release the
+    lock and return the calls."""
+    async with ingest.applied_lock:
+        calls = [asyncio.ensure_future(ingest.log_events(batch(k), stored_before=k)) for k in range(n)]
+        want = sum(len(batch(k)) for k in range(n))
+        while log.last_seq < want or sum(len(b) for b in ingest._waiting.values()) < want:
+            await asyncio.sleep(0.01)
+        while_held()
     return calls
 
 
@@ -160,9 +163,9 @@ def test_batches_queued_behind_a_commit_are_applied_in_one_commit(tmp_path):
     async def scenario():
         with EventLog(tmp_path / "events") as log:
             ingest = EventIngest(log, online)
-            async with ingest.applied_lock:
-                calls = await queue_calls(ingest, log, 8)
-                before = store.commits
+            before = store.commits
+            calls = await queue_calls(ingest, log, 8)
+            assert store.commits == before  # (nothing applied while the lock was held)
             logged = await asyncio.gather(*calls)
             assert store.commits - before == 1
             assert sorted(r.last_seq for r in logged) == [sum(len(batch(j)) for j in range(k + 1)) for k in range(8)]
@@ -182,9 +185,7 @@ def test_every_call_whose_events_a_failed_commit_held_is_told(tmp_path):
     async def scenario():
         with EventLog(tmp_path / "events") as log:
             ingest = EventIngest(log, online)
-            async with ingest.applied_lock:
-                calls = await queue_calls(ingest, log, 4)
-                store.down = True
+            calls = await queue_calls(ingest, log, 4, while_held=lambda: setattr(store, "down", True))
             outcomes = await asyncio.gather(*calls, return_exceptions=True)
             assert all(isinstance(o, EventsNotApplied) for o in outcomes), outcomes
             assert sorted(o.error_metadata()["stored"] for o in outcomes) == sorted(
