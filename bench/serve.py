@@ -111,6 +111,7 @@ class BenchConfig:
     heavy_events_per_call: int = 20  # a heavy mix's LogEvents carry this many events each (a writer batching)
     tower: str = "pooled"  # the bench bundle's user tower (ranker.user_tower): pooled, or text (before issue 28)
     null_service: bool = True  # after the real phases, the same ones against `semrank serve --null-service`
+    serve_args: tuple[str, ...] = ()  # more `semrank serve` arguments (an experiment: --snapshot-interval-s 0)
 
 
 # ---------------------------------------------------------------- data
@@ -471,7 +472,7 @@ def run(cfg: BenchConfig, out_dir: Path | None) -> dict:
     users, items, pools = bench_requests(cfg, shop)
     wire = {n: [serialize(u, ids, cfg.top_k) for u, ids in pool] for n, pool in pools.items()}
 
-    extra, env, token, writer_token, stream = [], {}, None, None, None
+    extra, env, token, writer_token, stream = list(cfg.serve_args), {}, None, None, None
     if cfg.workers > 1:
         extra += ["--workers", str(cfg.workers)]
         for d in (state_dir / "workers").glob("*/exposures"):
@@ -687,8 +688,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-s", type=float, default=d.warmup_s, help="untimed load before each phase")
     p.add_argument("--candidates", type=int, nargs="+", default=list(d.candidates))
     p.add_argument("--rps", type=float, default=d.offered_rps, help="offered load of the open-loop phases")
-    p.add_argument("--concurrency", type=int, nargs="+", default=list(d.saturation_concurrency),
-                   help="requests in flight at saturation; one row per value")
+    p.add_argument("--concurrency", type=int, nargs="*", default=list(d.saturation_concurrency),
+                   help="requests in flight at saturation; one row per value (none: no saturation phase)")
     p.add_argument("--processes", type=int, default=d.processes, help="load-generator processes")
     p.add_argument("--channels", type=int, default=d.channels, help="gRPC channels per generator process")
     p.add_argument("--bench-users", type=int, default=d.bench_users)
@@ -710,6 +711,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heavy-mix", nargs=2, type=float, action="append", default=None, metavar=("EVENTS_PER_S", "USERS"),
                    help="a heavier mixed phase, no target (repeatable; default 1000 events/s from 2000 users, 20 per call; "
                         "--heavy-mix 0 0: none)")
+    p.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                   help="one more `semrank serve` argument for the measured server (repeatable; "
+                        "--serve-arg=--snapshot-interval-s --serve-arg=0)")
     a = p.parse_args(argv)
     heavy = d.heavy_mixes if a.heavy_mix is None else tuple((r, int(u)) for r, u in a.heavy_mix if r > 0 and u > 0)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (see bench/encoder.py)
@@ -722,7 +726,7 @@ def main(argv: list[str] | None = None) -> int:
         inprocess_reps=a.inprocess_reps, n_users=a.users, n_items=a.items, seed=a.seed,
         workers=a.workers, events=a.events, nats_url=a.nats_url, tokens=a.tokens,
         mixed_candidates=tuple(a.mixed_candidates), mixed_events_rate=a.events_rate, heavy_mixes=heavy, tower=a.tower,
-        null_service=not a.no_null_service,
+        null_service=not a.no_null_service, serve_args=tuple(a.serve_arg),
     )
     if a.prepare_only:
         shop, _ = prepare(cfg)

@@ -310,7 +310,7 @@ class ServeConfig:
     reload_poll_s: float = 2.0  # 0: no watcher (ReloadBundle still works)
     max_concurrent_rpcs: int = 128  # Ranks in flight; beyond it: RESOURCE_EXHAUSTED (Budgets.ranks)
     budgets: Budgets = field(default_factory=Budgets)  # the other classes of calls (writes, watches, ...)
-    snapshot_interval_s: float = 30.0
+    snapshot_interval_s: float = 30.0  # in-process features: persist a changed state this often; 0: never
     readiness_interval_s: float = 1.0  # how often the readiness health status checks the dependencies
     encoder_timeout_s: float = 0.25  # Triton deadline on the request path
     encoder_retries: int = 1
@@ -329,5 +329,7 @@ class ServeConfig:
                 raise ConfigError(f"{name}={value}: a TCP port is 0 to 65535 (0: a free one)")
         if self.max_concurrent_rpcs < 1:
             raise ConfigError(f"max_concurrent_rpcs={self.max_concurrent_rpcs} must be >= 1")
+        if self.snapshot_interval_s < 0:
+            raise ConfigError(f"snapshot_interval_s={self.snapshot_interval_s} must be >= 0 (0: never)")
         if self.experiments_file is not None and not Path(self.experiments_file).is_file():
             raise ConfigError(f"experiments file {self.experiments_file} not found (--experiments)")

@@ -60,6 +60,7 @@ def cmd_serve(args) -> int:
         open_admin=args.open_admin,
         bundle_roots=tuple(args.bundle_root),
         reload_poll_s=args.reload_poll_s,
+        snapshot_interval_s=args.snapshot_interval_s,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         budgets=Budgets.parse(args.budget),
         encoder_timeout_s=args.encoder_timeout_ms / 1000,
@@ -182,6 +183,9 @@ def register(sub) -> None:
     s.add_argument("--bundle-root", type=Path, action="append", default=[],
                    help="ReloadBundle may load bundles under this directory (repeatable; default: the bundle's parent)")
     s.add_argument("--reload-poll-s", type=float, default=2.0, help="bundle watcher period; 0 turns it off")
+    s.add_argument("--snapshot-interval-s", type=float, default=30.0,
+                   help="in-process features: persist the feature state this often when it changed; 0 turns it off "
+                        "(a restart then folds the whole event log)")
     s.add_argument("--max-concurrent-rpcs", type=int, default=128, help="beyond it calls get RESOURCE_EXHAUSTED")
     s.add_argument("--budget", action="append", default=[], metavar="NAME=VALUE",
                    help="an admission budget (repeatable; docs/serving.md \"Limits\"): writes, writes_per_caller, "

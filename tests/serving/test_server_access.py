@@ -49,6 +49,7 @@ def test_start_up_says_that_writes_are_open_without_tokens(caplog):
     ({"port": -1}, "port=-1"),
     ({"metrics_port": 70000}, "metrics_port=70000"),
     ({"max_concurrent_rpcs": 0}, "max_concurrent_rpcs=0"),
+    ({"snapshot_interval_s": -1.0}, "snapshot_interval_s=-1.0 must be >= 0"),
     ({"experiments_file": Path("/nonexistent/experiments.json")}, "experiments file .* not found"),
 ])
 def test_configuration_errors_are_config_errors_naming_the_setting(kw, match):
