@@ -41,12 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     cfg = serve.BenchConfig(work_dir=a.work_dir)
     wd = cfg.work_dir
-    if not (wd / "bundle" / "manifest.json").exists() or not (wd / "state" / "online-store.bin").exists():
+    snapshot = wd / "features" / "online-store.bin"  # (serve.online_snapshot)
+    if not (wd / "bundle" / "manifest.json").exists() or not snapshot.exists():
         print(f"no bench data under {wd}: run bench/serve.py --prepare-only first", file=sys.stderr)
         return 2
     from serving.ranking.engine import Candidate
 
-    engine, rt = serve.inprocess_engine(wd / "bundle", wd / "shop", wd / "state", wd / "state" / "online-store.bin")
+    engine, rt = serve.inprocess_engine(wd / "bundle", wd / "shop", wd / "state", snapshot)
     users, items, _ = serve.bench_requests(cfg, wd / "shop")
 
     async def rank_everyone() -> None:

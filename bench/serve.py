@@ -133,7 +133,7 @@ def prepare(cfg: BenchConfig) -> tuple[Path, Path]:
     recipe = {"version": DATA_VERSION, "n_users": cfg.n_users, "n_items": cfg.n_items, "n_days": cfg.n_days, "seed": cfg.seed}
     if not (stamp.exists() and json.loads(stamp.read_text()).get("recipe") == recipe):
         log.info("making the shop under %s (once; later runs reuse it)", wd)
-        for p in (shop, wd / "state", *wd.glob("bundle*")):
+        for p in (shop, wd / "state", wd / "features", *wd.glob("bundle*")):
             shutil.rmtree(p, ignore_errors=True)
         wd.mkdir(parents=True, exist_ok=True)
         # Events end today, so the windowed features at serving time see recent activity.
@@ -149,14 +149,15 @@ def prepare(cfg: BenchConfig) -> tuple[Path, Path]:
 
 
 def online_snapshot(state_dir: Path, shop: Path) -> Path:
-    """The server's feature snapshot, built here once from the shop's events (what the server
-    would do at its first start), so the server starts fast and this process can load the same state."""
+    """The feature snapshot of the shop's events, built here once (what the server would do at its
+    first start) beside the server's state directory: every run's server starts from a copy of it
+    (`reset_server_state`), and this process loads the same state."""
     from featurizer.contracts.schema import read_dataset
     from featurizer.online.features import OnlineFeatures
     from featurizer.store.config import InProcessConfig
     from featurizer.store.in_process import InProcessStore
 
-    path = state_dir / "online-store.bin"
+    path = state_dir.parent / "features" / "online-store.bin"
     if not path.exists():
         t0 = time.monotonic()
         ds = read_dataset(shop)
@@ -165,6 +166,20 @@ def online_snapshot(state_dir: Path, shop: Path) -> Path:
         store.close()
         log.info("online feature snapshot built from %d events in %.1f s", ds.events.height, time.monotonic() - t0)
     return path
+
+
+def reset_server_state(state_dir: Path, snapshot: Path) -> None:
+    """Every run's server starts from the same state: the shop's feature snapshot and no event log
+    (earlier runs' events would otherwise pile up in the state it folds and ranks with). The item
+    embeddings stay: they depend on the shop and the bundle only."""
+    from featurizer.store.snapshot_files import delta_path
+
+    for d in (state_dir, *sorted((state_dir / "workers").glob("*"))):
+        if not d.is_dir():
+            continue
+        shutil.rmtree(d / "events", ignore_errors=True)
+        delta_path(d / "online-store.bin").unlink(missing_ok=True)
+        shutil.copyfile(snapshot, d / "online-store.bin")
 
 
 def bench_requests(cfg: BenchConfig, shop: Path) -> tuple[list[str], list[str], dict]:
@@ -374,7 +389,7 @@ def inprocess_engine(bundle_dir: Path, shop: Path, state_dir: Path, snapshot: Pa
 
     ds = read_dataset(shop)
     items = ItemStore(ds.items, state_dir)  # the server's persisted embeddings
-    copy = state_dir.parent / "inprocess-store.bin"  # a copy: this store must never write the server's file
+    copy = state_dir.parent / "inprocess-store.bin"  # a copy: this store must never write the snapshot
     shutil.copyfile(snapshot, copy)
     online = OnlineFeatures(InProcessStore(InProcessConfig(path=str(copy))), items.items)  # (loaded at init)
     copy.unlink()
@@ -469,6 +484,7 @@ def run(cfg: BenchConfig, out_dir: Path | None) -> dict:
     state_dir.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(state_dir / "exposures", ignore_errors=True)  # the server's exposure log of earlier runs
     snapshot = online_snapshot(state_dir, shop)
+    reset_server_state(state_dir, snapshot)
     users, items, pools = bench_requests(cfg, shop)
     wire = {n: [serialize(u, ids, cfg.top_k) for u, ids in pool] for n, pool in pools.items()}
 

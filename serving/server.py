@@ -341,8 +341,8 @@ class RankingServer:
             return
         if not due(await shared_info(ingest.js, self.cfg.events), ingest.committed_seq, self.cfg.events.share_snapshot_s):
             return
-        async with ingest.applied_lock:  # the state and its seq, taken together
-            write = await asyncio.to_thread(self.state.online.store.freeze)
+        async with ingest.applied_lock:  # the state and its seq, taken together, in one file (no delta)
+            write = await asyncio.to_thread(self.state.online.store.freeze, True)
             seq = ingest.committed_seq
         # Written after the lock is released (the fold and LogEvents go on meanwhile). The file is then
         # this copy: only this loop (`_snapshots`, which calls this) and close write it, one at a time;

@@ -130,10 +130,11 @@ class OnlineStore(ABC):
     def flush(self) -> None:
         """Make writes durable (where the backend has a notion of it)."""
 
-    def freeze(self) -> Callable[[], None] | None:
+    def freeze(self, full: bool = False) -> Callable[[], None] | None:
         """`flush` in two steps: take a consistent copy now, return the function that persists it
         (None: nothing to persist). A caller holding a lock for consistency runs the function after
-        releasing it. This default flushes at once and returns None; a backend whose flush is slow
+        releasing it. `full`: the whole state in one file, where a backend writes only changes
+        otherwise. This default flushes at once and returns None; a backend whose flush is slow
         (the in-process store's file) overrides it."""
         self.flush()
         return None

@@ -25,6 +25,16 @@ class InProcessConfig:
     # freeze (the server's periodic snapshot): write from a forked child (copy-on-write pages: the
     # parent pays the fork, ~20 ms for the bench's state, not the packing), where os.fork exists
     fork_snapshots: bool = True
+    # freeze: while the keys changed since the last full snapshot are at most this fraction of all
+    # keys, write only them (a delta file beside the snapshot, `<path>.delta`, replaced each time);
+    # past it, or at 0, write the whole state (and drop the delta). The server's periodic snapshot
+    # then writes kilobytes, not the whole state, while shoppers act.
+    delta_max_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.delta_max_fraction <= 1:
+            raise StoreConfigError(f"inprocess store: delta_max_fraction={self.delta_max_fraction} must be in [0, 1] "
+                                   "(0: always a full snapshot)")
 
 
 @dataclass(frozen=True)
@@ -39,7 +49,8 @@ class RedisConfig:
 StoreConfig = Union[InProcessConfig, RedisConfig]
 _CONFIGS: dict[str, type] = {"inprocess": InProcessConfig, "redis": RedisConfig}
 _FIELD_TYPES: dict[str, dict[str, tuple[type, ...]]] = {
-    "inprocess": {"path": (str, type(None)), "autoflush": (bool,), "fork_snapshots": (bool,)},
+    "inprocess": {"path": (str, type(None)), "autoflush": (bool,), "fork_snapshots": (bool,),
+                  "delta_max_fraction": (int, float)},
     "redis": {"url": (str,), "namespace": (str,), "batch_size": (int,), "socket_timeout_s": (int, float)},
 }
 

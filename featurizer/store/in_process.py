@@ -1,25 +1,31 @@
 """The embedded online store: dicts in memory, optionally persisted to one file.
 
-With a path it loads the file on start and persists atomically (temp file, fsync, rename, fsync
-of the directory) at `flush()` / `close()`, or after every write with `autoflush=True`. The file
-is an uncompressed .npz of byte arrays (no pickle); its layout is `_FILE_FORMAT`, unchanged since
-semrank's first state directories (tests/fixtures/compat_v1 holds one). A snapshot is taken under
-the same lock as writes, so it never holds part of a `write_batch`; `freeze` takes it in a forked
-child (copy-on-write pages), which then packs and writes it, so this process does not spend the
-GIL on packing while it serves (`InProcessConfig.fork_snapshots`).
+With a path it loads the file on start and persists atomically at `flush()` / `close()`, or after
+every write with `autoflush=True` (the files: featurizer.store.snapshot_files). A snapshot is taken
+under the same lock as writes, so it never holds part of a `write_batch`.
+
+Two kinds of snapshot (`freeze`):
+- **full**: the whole state, written by a forked child (copy-on-write pages), which packs and
+  writes it, so this process does not spend the GIL on packing while it serves
+  (`InProcessConfig.fork_snapshots`); it carries a fresh id (`base_id`) and drops the delta;
+- **delta**: only the keys written or deleted since the last full one (`<path>.delta`, naming the
+  id of the full snapshot it applies to, replaced by each newer delta). It is taken while those
+  keys are at most `InProcessConfig.delta_max_fraction` of the state: kilobytes every 30 s while
+  shoppers act, where a full snapshot of the bench's state is about 100 MB and a fork.
+Loading reads the full snapshot, then the delta when it names that snapshot (a delta of another,
+left by a crash between the two renames, is older than the snapshot and ignored).
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
-
+from featurizer.store import snapshot_files as files
 from featurizer.store.base import (
     Expect,
     OnlineStore,
@@ -31,8 +37,6 @@ from featurizer.store.base import (
     encode_value,
 )
 from featurizer.store.config import InProcessConfig, StoreConfigError
-
-_FILE_FORMAT = 1
 
 
 class InProcessStore(OnlineStore):
@@ -55,8 +59,30 @@ class InProcessStore(OnlineStore):
         self._closed = False
         self._frozen = 0  # copies taken by `freeze`
         self._saved = 0  # the newest of them on disk
+        # Delta snapshots: the id of the newest full snapshot taken (on disk once its write is done),
+        # and the keys written or deleted since it, per entity (None: unknown or too many, so the
+        # next snapshot is a full one).
+        self._base_id: str | None = None
+        self._changed: dict[str, set[str]] | None = None
+        self._n_changed = 0
+        self._delta_on_disk = False
+        self._disk_base_id: str | None = None  # the full snapshot on disk
         if self._path is not None and self._path.exists():
-            self._data = _load(self._path)
+            self._data, self._base_id = files.load(self._path)
+            self._disk_base_id = self._base_id
+            delta = files.load_delta(files.delta_path(self._path), self._base_id)
+            if delta is not None:
+                self._changed = {}
+                for entity, (upserts, deleted) in delta.items():
+                    table = self._data.setdefault(entity, {})
+                    table.update(upserts)
+                    for k in deleted:
+                        table.pop(k, None)
+                    self._changed[entity] = set(upserts) | set(deleted)
+                self._n_changed = sum(len(keys) for keys in self._changed.values())
+                self._delta_on_disk = True
+            elif self._base_id is not None:
+                self._changed = {}
 
     def _table(self, entity: str) -> dict[str, bytes]:
         if self._closed:
@@ -109,6 +135,13 @@ class InProcessStore(OnlineStore):
     _CHANGE_KEYS = 100_000
 
     def _bump(self, entity: str, keys) -> None:
+        if self._changed is not None:
+            changed = self._changed.setdefault(entity, set())
+            before = len(changed)
+            changed.update(keys)
+            self._n_changed += len(changed) - before
+            if self._n_changed > self._delta_limit():  # the next snapshot is a full one: stop listing
+                self._changed, self._n_changed = None, 0
         version = self._versions.get(entity, 0) + 1
         self._versions[entity] = version
         log = self._written.get(entity)
@@ -148,40 +181,53 @@ class InProcessStore(OnlineStore):
         if self.config.autoflush:
             self.flush()
 
-    def _copy_if_dirty(self) -> dict[str, dict[str, bytes]] | None:
-        """Under the lock: a consistent copy of the data to persist (values are immutable bytes, so
-        copying the dicts is enough), or None when there is nothing to write."""
-        if self._path is None or not self._dirty or self._closed:
-            self._dirty = False
-            return None
-        self._dirty = False
-        return {entity: dict(table) for entity, table in self._data.items()}
-
     def flush(self) -> None:
         """Persist atomically (`freeze` and its write at once)."""
         write = self.freeze()
         if write is not None:
             write()
 
-    def freeze(self) -> Callable[[], None] | None:
+    def _delta_limit(self) -> float:
+        """Changed keys past which the next snapshot is a full one (none: no path, or deltas off)."""
+        if self._path is None or self.config.delta_max_fraction <= 0:
+            return -1
+        return self.config.delta_max_fraction * sum(len(t) for t in self._data.values())
+
+    def freeze(self, full: bool = False) -> Callable[[], None] | None:
         """Take what to persist now and return the function that writes it (the slow part), to run
         later, outside the caller's locks; None when nothing changed. So a caller that must snapshot
         a consistent state (the server, under its apply lock) holds its lock only for the taking, and
         writes never wait for the disk (bench/snapshot_stall.py). Writes run one at a time; one
         whose state is older than the state on disk writes nothing.
 
-        Taking it: with `fork_snapshots` (where os.fork exists), a forked child holds the state in
-        its copy-on-write pages and writes it; the parent pays the fork and never the packing, which
-        would otherwise hold the GIL for hundreds of ms and slow every other thread (the event
-        loop's requests) while it runs. Else a copy of the dicts (milliseconds under the lock)."""
+        Taking it: a delta (the keys changed since the last full snapshot; a copy of them, under the
+        lock) while there are few enough of them and `full` is False; else the whole state. `full`
+        also folds a delta on disk into a full snapshot when nothing changed since (a caller that
+        needs the state in one file: the shared JetStream snapshot). A full snapshot with
+        `fork_snapshots` (where os.fork exists): a forked child holds the state in its copy-on-write
+        pages and writes it; the parent pays the fork and never the packing, which would otherwise
+        hold the GIL for hundreds of ms and slow every other thread (the event loop's requests)
+        while it runs. Else a copy of the dicts (milliseconds under the lock)."""
         with self._lock:
-            if self._path is None or not self._dirty or self._closed:
+            if self._path is None or self._closed or not (self._dirty or (full and self._delta_on_disk)):
                 return None
             self._frozen += 1
             generation = self._frozen
-            child = self._fork_writer() if self.config.fork_snapshots and hasattr(os, "fork") else None
-            data = None if child is not None else self._copy_if_dirty()
             self._dirty = False
+            if not full and self._changed is not None and self._base_id is not None \
+                    and self._n_changed <= self._delta_limit():
+                base_id = self._base_id
+                delta = {entity: {k: self._data.get(entity, {}).get(k) for k in keys}
+                         for entity, keys in self._changed.items() if keys}
+            else:
+                delta, base_id = None, uuid.uuid4().hex
+                self._base_id, self._changed, self._n_changed = base_id, {}, 0
+            child = data = None
+            if delta is None:
+                if self.config.fork_snapshots and hasattr(os, "fork"):
+                    child = self._fork_writer(base_id)
+                if child is None:
+                    data = {entity: dict(table) for entity, table in self._data.items()}
 
         def write() -> None:
             with self._flush_lock:
@@ -190,19 +236,28 @@ class InProcessStore(OnlineStore):
                         child.discard()
                     return  # a newer state is on disk already
                 try:
-                    if child is not None:
+                    if delta is not None:
+                        if self._disk_base_id != base_id:  # its full snapshot never landed: write a full one next
+                            raise OnlineStoreError(f"{self._path}: the delta's full snapshot is not on disk")
+                        files.save_delta(self._path, delta, base_id)
+                    elif child is not None:
                         child.wait()
                     else:
-                        _save_atomic(self._path, data)
+                        files.save_atomic(self._path, data, base_id=base_id)
                 except BaseException:
-                    with self._lock:
-                        self._dirty = True  # the next flush writes it again
+                    with self._lock:  # the next flush writes it again, as a full snapshot
+                        self._dirty = True
+                        self._changed, self._n_changed = None, 0
                     raise
                 self._saved = generation
+                if delta is None:
+                    self._disk_base_id = base_id
+                    files.delta_path(self._path).unlink(missing_ok=True)  # (a stale one is ignored at load anyway)
+                self._delta_on_disk = delta is not None
 
         return write
 
-    def _fork_writer(self) -> _ForkedWrite | None:
+    def _fork_writer(self, base_id: str) -> files.ForkedWrite | None:
         """Under the lock: a child process that writes the state as it is now (None: fork failed)."""
         tmp = self._path.with_name(f".{self._path.name}.{os.getpid()}.{self._frozen}.tmp")
         try:
@@ -212,107 +267,32 @@ class InProcessStore(OnlineStore):
         if pid == 0:  # the child: its memory is the snapshot; write it and leave without any cleanup
             code = 1
             try:
-                _save_atomic(self._path, self._data, tmp=tmp, replace=False)
+                files.save_atomic(self._path, self._data, tmp=tmp, replace=False, base_id=base_id)
                 code = 0
             finally:
                 os._exit(code)
-        return _ForkedWrite(pid, tmp, self._path)
+        return files.ForkedWrite(pid, tmp, self._path)
 
     def close(self) -> None:
+        """Persist what is not on disk yet (a delta when one is due, else the whole state), then
+        refuse every call."""
         with self._flush_lock:
             with self._lock:
                 if self._closed:
                     return
-                data = self._copy_if_dirty()
-                if data is None and self._saved < self._frozen and self._path is not None:
-                    data = {entity: dict(table) for entity, table in self._data.items()}  # a copy not written yet
+                pending = self._path is not None and (self._dirty or self._saved < self._frozen)
+                delta = data = None
+                if pending and self._changed is not None and self._base_id is not None \
+                        and self._base_id == self._disk_base_id and self._n_changed <= self._delta_limit():
+                    delta = {entity: {k: self._data.get(entity, {}).get(k) for k in keys}
+                             for entity, keys in self._changed.items() if keys}
+                elif pending:
+                    data = {entity: dict(table) for entity, table in self._data.items()}
                 self._closed = True
                 self._frozen += 1
                 self._saved = self._frozen  # an older frozen copy never writes over this one
-            if data is not None:
-                _save_atomic(self._path, data)
-
-
-def _pack(blobs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-    offsets = np.zeros(len(blobs) + 1, dtype=np.int64)
-    np.cumsum([len(b) for b in blobs], out=offsets[1:])
-    return np.frombuffer(b"".join(blobs), dtype=np.uint8), offsets
-
-
-def _unpack(data: np.ndarray, offsets: np.ndarray) -> list[bytes]:
-    raw = data.tobytes()
-    o = offsets.tolist()
-    return [raw[o[k] : o[k + 1]] for k in range(len(o) - 1)]
-
-
-class _ForkedWrite:
-    """A child process writing a snapshot to `tmp`; `wait` puts it in place once the child is done."""
-
-    def __init__(self, pid: int, tmp: Path, path: Path):
-        self.pid, self.tmp, self.path = pid, tmp, path
-
-    def _reap(self) -> int:
-        _, status = os.waitpid(self.pid, 0)
-        return os.waitstatus_to_exitcode(status)
-
-    def wait(self) -> None:
-        code = self._reap()
-        if code != 0:
-            self.tmp.unlink(missing_ok=True)
-            raise OnlineStoreError(f"the snapshot child process failed (exit code {code}); {self.path} is unchanged")
-        _replace_and_sync(self.tmp, self.path)
-
-    def discard(self) -> None:
-        self._reap()
-        self.tmp.unlink(missing_ok=True)
-
-
-def _save_atomic(path: Path, data: dict[str, dict[str, bytes]], tmp: Path | None = None, replace: bool = True) -> None:
-    """Write to a temp file beside `path` (`tmp`, or a fresh name), fsync, and with `replace` rename
-    it over `path` and fsync the directory."""
-    arrays: dict[str, np.ndarray] = {"format": np.array([_FILE_FORMAT], dtype=np.int64)}
-    for k, (entity, table) in enumerate(sorted(data.items())):
-        arrays[f"e{k}_name"] = np.frombuffer(entity.encode(), dtype=np.uint8)
-        arrays[f"e{k}_keys"], arrays[f"e{k}_key_offsets"] = _pack([key.encode() for key in table])
-        arrays[f"e{k}_values"], arrays[f"e{k}_value_offsets"] = _pack(list(table.values()))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if tmp is None:
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        tmp = Path(name)
-    else:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if replace:
-            _replace_and_sync(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _replace_and_sync(tmp: Path, path: Path) -> None:
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _load(path: Path) -> dict[str, dict[str, bytes]]:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if int(z["format"][0]) != _FILE_FORMAT:
-                raise OnlineStoreError(f"{path}: store file format {int(z['format'][0])}, expected {_FILE_FORMAT}")
-            out: dict[str, dict[str, bytes]] = {}
-            k = 0
-            while f"e{k}_name" in z.files:
-                keys = [b.decode() for b in _unpack(z[f"e{k}_keys"], z[f"e{k}_key_offsets"])]
-                out[z[f"e{k}_name"].tobytes().decode()] = dict(zip(keys, _unpack(z[f"e{k}_values"], z[f"e{k}_value_offsets"])))
-                k += 1
-            return out
-    except (OSError, ValueError, KeyError) as e:
-        raise OnlineStoreError(f"{path}: cannot load the in-process store file ({e}); delete it to start empty") from e
+            if delta is not None:
+                files.save_delta(self._path, delta, self._base_id)
+            elif data is not None:
+                files.save_atomic(self._path, data, base_id=uuid.uuid4().hex)
+                files.delta_path(self._path).unlink(missing_ok=True)

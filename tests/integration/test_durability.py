@@ -197,11 +197,11 @@ def test_log_events_and_tokened_ranks_never_wait_for_a_snapshot_on_disk(small_sh
     sees the event."""
     import time
 
-    import featurizer.store.in_process as in_process
+    import featurizer.store.snapshot_files as snapshot_files
 
     # Files, not threading events: the snapshot is written by a forked child (fork_snapshots).
     entered, release = tmp_path / "snapshot-entered", tmp_path / "snapshot-release"
-    real_save = in_process._save_atomic
+    real_save = snapshot_files.save_atomic
 
     def blocking_save(p, data, **kw):
         entered.touch()
@@ -210,7 +210,7 @@ def test_log_events_and_tokened_ranks_never_wait_for_a_snapshot_on_disk(small_sh
             time.sleep(0.01)
         real_save(p, data, **kw)
 
-    monkeypatch.setattr(in_process, "_save_atomic", blocking_save)
+    monkeypatch.setattr(snapshot_files, "save_atomic", blocking_save)
     cfg = ServeConfig(bundle_dir=small_bundle[0], data_dir=small_shop, state_dir=tmp_path / "state", port=0,
                       reload_poll_s=0, snapshot_interval_s=0.2)
     try:
@@ -229,3 +229,47 @@ def test_log_events_and_tokened_ranks_never_wait_for_a_snapshot_on_disk(small_sh
             release.touch()
     finally:
         release.touch()
+
+
+def test_periodic_snapshots_after_the_first_write_only_what_events_changed(small_shop, small_bundle, catalog, tmp_path):
+    """Issue 28's mixed phase: a full snapshot of the bench's state is about 100 MB and a fork, and
+    while it was written every 30 s Ranks slowed for seconds. After the first full snapshot the
+    periodic one writes a delta (the keys events changed; InProcessConfig.delta_max_fraction): the
+    full file stays as it was, and the two files together hold every event the server applied."""
+    from featurizer.store.config import InProcessConfig
+    from featurizer.store.in_process import InProcessStore
+
+    state = tmp_path / "state"
+    full, delta = state / "online-store.bin", state / "online-store.bin.delta"
+    cfg = ServeConfig(bundle_dir=small_bundle[0], data_dir=small_shop, state_dir=state, port=0, reload_poll_s=0,
+                      snapshot_interval_s=0.2)
+
+    def on_disk_seq() -> int:
+        meta = InProcessStore(InProcessConfig(path=str(full))).read("meta", ["event_log"])[0]
+        return int(meta["seq"]) if meta else 0
+
+    def log_one(channel, user: str, item: str) -> int:
+        ev = pb.Event(event_id=f"{user}-{item}", ts=timestamp(datetime.now(timezone.utc) - timedelta(seconds=1)),
+                      user_id=user, item_id=item, type=pb.EVENT_TYPE_CLICK)
+        ack = stub(channel).LogEvents(iter([pb.LogEventsRequest(events=[ev])]), timeout=RPC_TIMEOUT_S)
+        assert ack.accepted == 1, ack
+        return ack.sequence
+
+    with ServerThread(cfg) as st, grpc.insecure_channel(f"127.0.0.1:{st.port}") as channel:
+        first = log_one(channel, "delta-user-1", catalog[0])
+        wait_until(lambda: full.exists() and on_disk_seq() >= first, 30, "the first event on disk")
+        before = full.stat()
+        for k in range(1, 4):
+            seq = log_one(channel, "delta-user-2", catalog[k])
+            wait_until(lambda: delta.exists() and on_disk_seq() >= seq, 30, f"event seq {seq} on disk")
+        after = full.stat()
+        assert (after.st_ino, after.st_mtime_ns, after.st_size) == (before.st_ino, before.st_mtime_ns, before.st_size)
+        assert delta.stat().st_size < before.st_size / 10
+        st.stop()
+    # The restarted store (both files) holds the user's three events: their personal features differ
+    # from a never-seen user's.
+    with ServerThread(cfg) as st, grpc.insecure_channel(f"127.0.0.1:{st.port}") as channel:
+        assert on_disk_seq() >= seq
+        mine = contributions(rank(channel, "delta-user-2", catalog[:20], explain=True), "personal")
+        cold = contributions(rank(channel, "delta-never-seen", catalog[:20], explain=True), "personal")
+        assert not np.allclose([mine[i] for i in catalog[:20]], [cold[i] for i in catalog[:20]], atol=1e-6)

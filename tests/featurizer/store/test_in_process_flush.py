@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-import featurizer.store.in_process as in_process
+import featurizer.store.snapshot_files as snapshot_files
 from featurizer.store.base import OnlineStoreError
 from featurizer.store.config import InProcessConfig
 from featurizer.store.in_process import InProcessStore
@@ -19,14 +19,14 @@ def test_reads_and_writes_go_on_while_a_snapshot_is_written(tmp_path, monkeypatc
     store = InProcessStore(InProcessConfig(path=str(path), fork_snapshots=False))  # the copy path, in this process
     store.write_batch({"user": {"u1": {"n": 1}}})
     entered, release = threading.Event(), threading.Event()
-    real_save = in_process._save_atomic
+    real_save = snapshot_files.save_atomic
 
-    def blocking_save(p, data):  # fault injection: a slow disk, held until the test releases it
+    def blocking_save(p, data, **kw):  # fault injection: a slow disk, held until the test releases it
         entered.set()
         assert release.wait(30)
-        real_save(p, data)
+        real_save(p, data, **kw)
 
-    monkeypatch.setattr(in_process, "_save_atomic", blocking_save)
+    monkeypatch.setattr(snapshot_files, "save_atomic", blocking_save)
     flusher = threading.Thread(target=store.flush)
     flusher.start()
     assert entered.wait(30)
@@ -35,7 +35,7 @@ def test_reads_and_writes_go_on_while_a_snapshot_is_written(tmp_path, monkeypatc
     store.write_batch({"user": {"u2": {"n": 2}}})
     release.set()
     flusher.join(30)
-    monkeypatch.setattr(in_process, "_save_atomic", real_save)
+    monkeypatch.setattr(snapshot_files, "save_atomic", real_save)
 
     assert InProcessStore(InProcessConfig(path=str(path))).read("user", ["u1", "u2"]) == [{"n": 1}, None]
     store.flush()  # the write made during the first snapshot is in the next one
@@ -79,7 +79,7 @@ def test_a_failed_write_of_a_frozen_copy_is_retried_by_the_next_flush(tmp_path, 
     def failing_save(p, data, **_):  # fault injection: a full disk
         raise OSError("no space left on device")
 
-    monkeypatch.setattr(in_process, "_save_atomic", failing_save)  # (before the fork: the child runs it)
+    monkeypatch.setattr(snapshot_files, "save_atomic", failing_save)  # (before the fork: the child runs it)
     write = store.freeze()
     with pytest.raises(OnlineStoreError if fork else OSError):  # the child's exit code, or the error itself
         write()
