@@ -42,9 +42,10 @@ def cmd_serve(args) -> int:
     events = None
     if args.events == "jetstream":
         events = JetStreamConfig(url=args.nats_url, stream=args.stream, subject_prefix=args.subject_prefix,
-                                 replicas=args.stream_replicas, max_age_s=args.stream_max_age_h * 3600)
-    elif args.nats_url != DEFAULT_NATS_URL or args.stream != DEFAULT_STREAM:
-        raise ConfigError("--nats-url and --stream need --events jetstream")
+                                 replicas=args.stream_replicas, max_age_s=args.stream_max_age_h * 3600,
+                                 share_snapshot_s=args.share_snapshot_s)
+    elif args.nats_url != DEFAULT_NATS_URL or args.stream != DEFAULT_STREAM or args.share_snapshot_s != 300.0:
+        raise ConfigError("--nats-url, --stream and --share-snapshot-s need --events jetstream")
     cfg = ServeConfig(
         bundle_dir=Path(args.bundle),
         data_dir=Path(data),
@@ -159,6 +160,9 @@ def register(sub) -> None:
     s.add_argument("--nats-url", default=DEFAULT_NATS_URL, help="NATS server(s), comma-separated (with --events jetstream)")
     s.add_argument("--stream", default=DEFAULT_STREAM, help="JetStream stream name (created if missing)")
     s.add_argument("--subject-prefix", default="semrank.events", help="events go to <prefix>.u.<user key>")
+    s.add_argument("--share-snapshot-s", type=float, default=300.0,
+                   help="with --events jetstream: share the feature snapshot (JetStream object store) when the "
+                        "shared one is this old, so a fresh replica folds only what follows it; 0: never")
     s.add_argument("--stream-replicas", type=int, default=1, help="stream replicas in a NATS cluster (1-5)")
     s.add_argument("--stream-max-age-h", type=float, default=0.0,
                    help="stream retention in hours; 0: keep everything (a rebuild needs the stream back to the oldest snapshot)")
