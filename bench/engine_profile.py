@@ -1,7 +1,7 @@
 """Where a Rank's engine time goes: `RankingEngine.rank` in process, under cProfile, on the serve bench's
 shop, bundle and feature state (issue 29: "read `_features` and `derive` again with a profiler").
 
-    .venv/bin/python bench/engine_profile.py [--work-dir runs/bench-serve] [--candidates 100 1000] [--reps 400]
+    .venv/bin/python bench/engine_profile.py [--work-dir runs/bench-serve] [--candidates 100 1000] [--reps 400] [--events-per-rank 0.25]
 
 Needs the serve bench's work directory (`bench/serve.py --prepare-only` makes it). For each candidate
 count: the engine's p50 without the profiler, then the same requests under cProfile, and for the
@@ -19,9 +19,11 @@ import json
 import pstats
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 from machine import machine  # bench/ is sys.path[0]
 from serve import BenchConfig, bench_requests, inprocess_engine, online_snapshot, prepare
 
@@ -57,6 +59,10 @@ def main() -> int:
     p.add_argument("--candidates", type=int, nargs="+", default=[100, 1000])
     p.add_argument("--reps", type=int, default=400)
     p.add_argument("--top", type=int, default=15)
+    p.add_argument("--events-per-rank", type=float, default=0.0,
+                   help="apply this many click events (the Rank's user on one of its candidates, at now) per Rank, "
+                        "between Ranks and outside the profile: the engine under writes, as in bench/serve.py's mixed "
+                        "phase (0.25: 50 events/s beside 200 Ranks/s)")
     a = p.parse_args()
     cfg = BenchConfig(work_dir=a.work_dir, candidates=tuple(a.candidates))
     shop, bundle = prepare(cfg)
@@ -66,13 +72,25 @@ def main() -> int:
     engine, rt = inprocess_engine(bundle, shop, state_dir, snapshot)
     from serving.ranking.engine import Candidate
 
-    result = {"machine": machine(), "reps": a.reps, "sizes": {}}
+    result = {"machine": machine(), "reps": a.reps, "events_per_rank": a.events_per_rank, "sizes": {}}
     for n in a.candidates:
         reqs = [(u, [Candidate(item_id=i) for i in ids]) for u, ids in pools[n]]
 
-        async def ranks(k: int, timed: list[float] | None = None) -> None:
+        owed = [0.0]
+
+        async def ranks(k: int, timed: list[float] | None = None, prof: cProfile.Profile | None = None) -> None:
             for r in range(k):
                 u, cs = reqs[r % len(reqs)]
+                owed[0] += a.events_per_rank
+                while owed[0] >= 1:  # an event of this user, outside the timing and the profile
+                    owed[0] -= 1
+                    if prof is not None:
+                        prof.disable()
+                    engine.online.apply(pl.DataFrame({
+                        "ts": [datetime.now(timezone.utc)], "user_id": [u], "item_id": [cs[r % len(cs)].item_id],
+                        "event": ["click"]}))
+                    if prof is not None:
+                        prof.enable()
                 t = time.perf_counter()
                 await engine.rank(rt, u, cs)
                 if timed is not None:
@@ -84,7 +102,7 @@ def main() -> int:
         prof = cProfile.Profile()
         t0 = time.perf_counter()
         prof.enable()
-        asyncio.run(ranks(a.reps))
+        asyncio.run(ranks(a.reps, prof=prof))
         prof.disable()
         total = time.perf_counter() - t0
         stats = pstats.Stats(prof)
