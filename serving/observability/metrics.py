@@ -138,7 +138,8 @@ class Metrics:
             namespace=ns, registry=r)
         self.user_history_skipped_total = Counter(
             "user_history_items_skipped", "History items a pooled user tower left out: no current item vector (an id "
-            "never upserted, or a text not re-embedded yet)", namespace=ns, registry=r)
+            "never upserted, or a text not re-embedded yet); counted each time a user vector is computed (it is "
+            "cached until the history or the item vectors change)", namespace=ns, registry=r)
         self.degraded_total = Counter("degraded", "Responses served degraded, by reason code (serving.ranking.engine.DEGRADED_CODES, or other)", ("reason",), namespace=ns, registry=r)
         self.admission_refused_total = Counter(
             "admission_refused", "Calls refused because their budget of calls in flight was full (serving.config.Budgets: "

@@ -7,8 +7,9 @@ is one loaded bundle plus the encoder that serves its item texts. Features are
 gathered and LightGBM scores all candidates of a request in one vectorised call.
 
 The user side of the interest score is the bundle's user tower (`ranker.user_tower`). The
-pooled tower pools the item store's vectors of the user's recent items on every Rank, with
-no encoder call: a Rank over known items never waits on the encoder. The encoder is called
+pooled tower pools the item store's vectors of the user's recent items, with no encoder call
+(cached until the user's history or the item store's vectors change): a Rank over known items
+never waits on the encoder. The encoder is called
 only for text the item store has no current vector of (inline unknown items, items whose
 text changed), and by a text tower after the user's history changed; each call is reported
 by cause (`on_encode`, `ENCODE_CAUSES`).
@@ -213,7 +214,8 @@ class RankingEngine:
         nothing is cached.
 
         - pooled: from the item vectors of the user's recent items, which the item store holds; no
-          encoder call, computed on every request (microseconds), so it follows every event at once.
+          encoder call. Cached per user with the history and the item store's `vectors_version` it
+          was computed from, so it follows every event and every re-embedded item at once.
         - text: the encoder over the history text, cached per user and history."""
         tower = rt.inputs.tower
         key = (rt.encoder_key, tower.key, user_id)
@@ -226,10 +228,16 @@ class RankingEngine:
                            f"{'the last user embedding used' if cached else 'ranked without text features'} ({_short(e)})")
             return None if cached is None else cached[1]
         if not tower.uses_encoder:
+            version = self.items.vectors_version
+            cached = self._users.get(key)
+            if cached is not None and cached[0] == history and cached[2] == version:
+                self._hit("user_embedding", True)
+                return cached[1]
+            self._hit("user_embedding", False)
             emb = self.pooled_user_vectors(rt, [history])[0]
             if np.isnan(emb[0]):
                 return None
-            self._users.put(key, (history, emb))  # only read when the store cannot give the history
+            self._users.put(key, (history, emb, version))
             return emb
         titles = [x for x in map(self.items.title, history) if x]
         if not titles:

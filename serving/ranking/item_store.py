@@ -171,6 +171,9 @@ class ItemStore:
         self._emb: dict[str, np.ndarray] = {}
         self._emb_hash: dict[str, np.ndarray] = {}  # text hash each row was embedded from (0 = none)
         self._current: dict[str, np.ndarray] = {}  # _emb_hash == text_hash, kept in step (read per request)
+        # Bumped whenever any key's vectors or current rows may have changed (every change goes through
+        # _refresh_current): what is computed from them (a pooled user vector) is valid while it holds.
+        self.vectors_version = 0
 
     # ------------------------------------------------------------ item data
 
@@ -224,6 +227,7 @@ class ItemStore:
     def _refresh_current(self, *keys: str) -> None:
         for key in keys or list(self._emb_hash):
             self._current[key] = self._emb_hash[key] == self.text_hash
+        self.vectors_version += 1
 
     def stale_rows(self, key: str) -> np.ndarray:
         if key not in self._emb:

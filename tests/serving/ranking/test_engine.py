@@ -331,3 +331,32 @@ def test_an_unseen_inline_items_price_feeds_its_price_features(ds, small_bundle)
         assert np.isfinite(X[0, col["user_category_share_all"]])
         scores[price] = dict(zip(out.item_ids, out.scores))["inline-new"]
     assert len({scores[5.0], scores[500.0], scores[None]}) > 1, scores  # the price moves the score
+
+
+def test_the_pooled_user_vector_is_cached_until_the_history_or_an_item_vector_changes(ds, pooled_bundle):
+    """Issue 29: the pooled vector is kept per user with the history and the item store's
+    `vectors_version` it came from; a Rank with neither changed reuses it, an event or a
+    re-embedded history item computes it again (and the score follows)."""
+    engine = counting_engine(ds)
+    rt = BundleRuntime(pooled_bundle, KEY, CountingEncoderService())
+    engine.cache_hits = []
+    engine.on_cache = lambda name, hit: engine.cache_hits.append(hit) if name == "user_embedding" else None
+    user, cands = engaged_user(ds), [Candidate(i) for i in ds.items["item_id"].head(6)]
+    first = rank(engine, rt, user, cands)
+    again = rank(engine, rt, user, cands)
+    assert engine.cache_hits == [False, True] and again.scores == pytest.approx(first.scores)
+
+    latest = engine.online.history(user, engine.now(), 10)[0]  # its text changes and is embedded again
+    engine.items.upsert(pl.DataFrame({"item_id": [latest], "title": ["A brand new title for this item"]}))
+    asyncio.run(engine.items.ensure_embeddings(KEY, InProcessEncoder(HashEncoder()).encode_bulk, DIM))
+    t = engine.now()
+    table, _ = engine.items.embeddings(KEY)
+    want = pooled_bundle.tower.pool(table[engine.items.rows(engine.online.history(user, t, 10))][None])[0]
+    got = asyncio.run(engine.user_embedding(rt, user, t, None, []))
+    assert engine.cache_hits == [False, True, False]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+    engine.online.apply(pl.DataFrame({"ts": [engine.online.watermark + timedelta(seconds=1)], "user_id": [user],
+                                      "item_id": [ds.items["item_id"][-1]], "event": ["purchase"]}))
+    asyncio.run(engine.user_embedding(rt, user, engine.now(), None, []))
+    assert engine.cache_hits == [False, True, False, False]
