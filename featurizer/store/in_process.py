@@ -193,6 +193,17 @@ class InProcessStore(OnlineStore):
             return -1
         return self.config.delta_max_fraction * sum(len(t) for t in self._data.values())
 
+    def _delta_copy(self, base_on_disk: bool) -> dict[str, dict[str, bytes | None]] | None:
+        """Under the lock: the current value of every key changed since the last full snapshot (None:
+        deleted), when a delta is due (the changes are known and within `_delta_limit`; with
+        `base_on_disk`, that full snapshot's write has landed too); else None: a full one is due."""
+        if self._changed is None or self._base_id is None or self._n_changed > self._delta_limit():
+            return None
+        if base_on_disk and self._base_id != self._disk_base_id:
+            return None
+        return {entity: {k: self._data.get(entity, {}).get(k) for k in keys}
+                for entity, keys in self._changed.items() if keys}
+
     def freeze(self, full: bool = False) -> Callable[[], None] | None:
         """Take what to persist now and return the function that writes it (the slow part), to run
         later, outside the caller's locks; None when nothing changed. So a caller that must snapshot
@@ -214,13 +225,11 @@ class InProcessStore(OnlineStore):
             self._frozen += 1
             generation = self._frozen
             self._dirty = False
-            if not full and self._changed is not None and self._base_id is not None \
-                    and self._n_changed <= self._delta_limit():
+            delta = None if full else self._delta_copy(base_on_disk=False)
+            if delta is not None:
                 base_id = self._base_id
-                delta = {entity: {k: self._data.get(entity, {}).get(k) for k in keys}
-                         for entity, keys in self._changed.items() if keys}
             else:
-                delta, base_id = None, uuid.uuid4().hex
+                base_id = uuid.uuid4().hex
                 self._base_id, self._changed, self._n_changed = base_id, {}, 0
             child = data = None
             if delta is None:
@@ -281,12 +290,9 @@ class InProcessStore(OnlineStore):
                 if self._closed:
                     return
                 pending = self._path is not None and (self._dirty or self._saved < self._frozen)
-                delta = data = None
-                if pending and self._changed is not None and self._base_id is not None \
-                        and self._base_id == self._disk_base_id and self._n_changed <= self._delta_limit():
-                    delta = {entity: {k: self._data.get(entity, {}).get(k) for k in keys}
-                             for entity, keys in self._changed.items() if keys}
-                elif pending:
+                delta = self._delta_copy(base_on_disk=True) if pending else None
+                data = None
+                if pending and delta is None:
                     data = {entity: dict(table) for entity, table in self._data.items()}
                 self._closed = True
                 self._frozen += 1

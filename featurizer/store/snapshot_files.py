@@ -84,7 +84,8 @@ def save_atomic(path: Path, data: dict[str, dict[str, bytes]], tmp: Path | None 
         arrays[f"e{k}_keys"], arrays[f"e{k}_key_offsets"] = pack([key.encode() for key in table])
         arrays[f"e{k}_values"], arrays[f"e{k}_value_offsets"] = pack(list(table.values()))
         if deleted is not None:
-            arrays[f"e{k}_deleted"], arrays[f"e{k}_deleted_offsets"] = pack([key.encode() for key in deleted.get(entity, [])])
+            gone = [key.encode() for key in deleted.get(entity, [])]
+            arrays[f"e{k}_deleted"], arrays[f"e{k}_deleted_offsets"] = pack(gone)
     path.parent.mkdir(parents=True, exist_ok=True)
     if tmp is None:
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
