@@ -105,6 +105,7 @@ def save_atomic(path: Path, data: dict[str, dict[str, bytes]], tmp: Path | None 
 
 
 def replace_and_sync(tmp: Path, path: Path) -> None:
+    """Rename a written and fsynced `tmp` over `path`, then fsync the directory so the rename is durable."""
     os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from featurizer.store.snapshot_files import replace_and_sync
 from featurizer.text import item_text_expr
 
 log = logging.getLogger(__name__)
@@ -83,12 +84,7 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     write(tmp)
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    replace_and_sync(tmp, path)
 
 
 class RowTable:
