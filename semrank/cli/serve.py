@@ -43,8 +43,8 @@ def cmd_serve(args) -> int:
     if args.events == "jetstream":
         events = JetStreamConfig(url=args.nats_url, stream=args.stream, subject_prefix=args.subject_prefix,
                                  replicas=args.stream_replicas, max_age_s=args.stream_max_age_h * 3600,
-                                 share_snapshot_s=args.share_snapshot_s)
-    elif args.nats_url != DEFAULT_NATS_URL or args.stream != DEFAULT_STREAM or args.share_snapshot_s != 300.0:
+                                 **({} if args.share_snapshot_s is None else {"share_snapshot_s": args.share_snapshot_s}))
+    elif args.nats_url != DEFAULT_NATS_URL or args.stream != DEFAULT_STREAM or args.share_snapshot_s is not None:
         raise ConfigError("--nats-url, --stream and --share-snapshot-s need --events jetstream")
     cfg = ServeConfig(
         bundle_dir=Path(args.bundle),
@@ -160,9 +160,10 @@ def register(sub) -> None:
     s.add_argument("--nats-url", default=DEFAULT_NATS_URL, help="NATS server(s), comma-separated (with --events jetstream)")
     s.add_argument("--stream", default=DEFAULT_STREAM, help="JetStream stream name (created if missing)")
     s.add_argument("--subject-prefix", default="semrank.events", help="events go to <prefix>.u.<user key>")
-    s.add_argument("--share-snapshot-s", type=float, default=300.0,
+    s.add_argument("--share-snapshot-s", type=float, default=None,
                    help="with --events jetstream: share the feature snapshot (JetStream object store) when the "
-                        "shared one is this old, so a fresh replica folds only what follows it; 0: never")
+                        "shared one is this old (default: JetStreamConfig's, 300), so a fresh replica folds only "
+                        "what follows it; 0: never")
     s.add_argument("--stream-replicas", type=int, default=1, help="stream replicas in a NATS cluster (1-5)")
     s.add_argument("--stream-max-age-h", type=float, default=0.0,
                    help="stream retention in hours; 0: keep everything (a rebuild needs the stream back to the oldest snapshot)")
