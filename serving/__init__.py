@@ -12,3 +12,12 @@ Import rules: serving imports featurizer, ranker and the generated gRPC stubs, n
 Inside serving, only `server.py` imports `api/`: the engine, ingest and batch code never depend
 on the gRPC layer. No module circles. tests/test_import_rules.py enforces this.
 """
+
+import os as _os
+import sys as _sys
+
+# Before grpc is imported, unless a caller chose: gRPC runs no fork handlers of its own, so the
+# in-process store's forked snapshot writer never touches the server's connections (see
+# featurizer.store.in_process.fork_is_safe). Where grpc came first, that store copies instead.
+if "grpc" not in _sys.modules:
+    _os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
+# Before any test module imports grpc (serving/__init__.py does the same for the server): gRPC
+# runs no fork handlers, so the in-process store may fork its snapshot writer in this process,
+# where servers and clients run (featurizer.store.in_process.fork_is_safe).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+import pytest  # noqa: E402
 
 from training.data.synth import SynthConfig
 

@@ -18,7 +18,9 @@ left by a crash between the two renames, is older than the snapshot and ignored)
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import threading
 import uuid
 from collections import deque
@@ -37,6 +39,24 @@ from featurizer.store.base import (
     encode_value,
 )
 from featurizer.store.config import InProcessConfig, StoreConfigError
+
+log = logging.getLogger(__name__)
+
+# gRPC's own fork handlers are on in its core and off in its Python layer by default (grpcio >= 1.74;
+# grpc/grpc#41433 calls the mixed state a source of problems): a child forked while calls run can
+# write on the parent's connections, and its peer then reads a broken HTTP/2 stream ("Trailing
+# metadata frame received without an end-of-stream", seen on a LogEvents in CI). With
+# GRPC_ENABLE_FORK_SUPPORT=false set before grpc is imported (serving/__init__.py does), no handler
+# runs in the child, which only writes a file and leaves by os._exit.
+_GRPC_FORK_ENV = "GRPC_ENABLE_FORK_SUPPORT"
+
+
+def fork_is_safe() -> bool:
+    """Whether this process may fork a snapshot writer: os.fork exists, and gRPC, if it is loaded,
+    runs no fork handlers of its own."""
+    if not hasattr(os, "fork"):
+        return False
+    return "grpc" not in sys.modules or os.environ.get(_GRPC_FORK_ENV, "").strip().lower() in ("0", "false", "no")
 
 
 class InProcessStore(OnlineStore):
@@ -67,6 +87,7 @@ class InProcessStore(OnlineStore):
         self._n_changed = 0
         self._delta_on_disk = False
         self._disk_base_id: str | None = None  # the full snapshot on disk
+        self._fork_refused = False  # fork_snapshots asked for, fork_is_safe said no (warned once)
         if self._path is not None and self._path.exists():
             self._data, self._base_id = files.load(self._path)
             self._disk_base_id = self._base_id
@@ -215,7 +236,7 @@ class InProcessStore(OnlineStore):
         lock) while there are few enough of them and `full` is False; else the whole state. `full`
         also folds a delta on disk into a full snapshot when nothing changed since (a caller that
         needs the state in one file: the shared JetStream snapshot). A full snapshot with
-        `fork_snapshots` (where os.fork exists): a forked child holds the state in its copy-on-write
+        `fork_snapshots` (where `fork_is_safe`): a forked child holds the state in its copy-on-write
         pages and writes it; the parent pays the fork and never the packing, which would otherwise
         hold the GIL for hundreds of ms and slow every other thread (the event loop's requests)
         while it runs. Else a copy of the dicts (milliseconds under the lock)."""
@@ -233,7 +254,7 @@ class InProcessStore(OnlineStore):
                 self._base_id, self._changed, self._n_changed = base_id, {}, 0
             child = data = None
             if delta is None:
-                if self.config.fork_snapshots and hasattr(os, "fork"):
+                if self.config.fork_snapshots and self._may_fork():
                     child = self._fork_writer(base_id)
                 if child is None:
                     data = {entity: dict(table) for entity, table in self._data.items()}
@@ -265,6 +286,16 @@ class InProcessStore(OnlineStore):
                 self._delta_on_disk = delta is not None
 
         return write
+
+    def _may_fork(self) -> bool:
+        if fork_is_safe():
+            return True
+        if not self._fork_refused:
+            self._fork_refused = True
+            log.warning("%s: full snapshots are copied in this process, not written by a forked child: grpc was "
+                        "imported with its fork handlers on (set %s=false before importing it)", self._path,
+                        _GRPC_FORK_ENV)
+        return False
 
     def _fork_writer(self, base_id: str) -> files.ForkedWrite | None:
         """Under the lock: a child process that writes the state as it is now (None: fork failed)."""

@@ -88,3 +88,40 @@ def test_a_failed_write_of_a_frozen_copy_is_retried_by_the_next_flush(tmp_path, 
     store.flush()  # the state is dirty again, so this writes it
     assert InProcessStore(InProcessConfig(path=str(path))).read("user", ["u1"]) == [{"n": 1}]
     store.close()
+
+
+_FORK_CHECK = """
+import os, sys
+if sys.argv[1] == "serving-first":
+    import serving  # sets GRPC_ENABLE_FORK_SUPPORT=false while grpc is not loaded yet
+import grpc
+from featurizer.store.config import InProcessConfig
+from featurizer.store.in_process import InProcessStore, fork_is_safe
+
+forks = []
+real_fork = os.fork
+os.fork = lambda: forks.append(1) or real_fork()
+store = InProcessStore(InProcessConfig(path=sys.argv[2]))
+store.write_batch({"user": {"u1": {"n": 1}}})
+store.freeze()()
+store.close()
+print(os.environ.get("GRPC_ENABLE_FORK_SUPPORT"), fork_is_safe(), len(forks))
+"""
+
+
+@pytest.mark.parametrize("order, expected", [("serving-first", "false True 1"), ("grpc-first", "None False 0")])
+def test_the_snapshot_writer_forks_only_where_grpc_runs_no_fork_handlers(tmp_path, order, expected):
+    """gRPC's core fork handlers (on by default in grpcio's build) can write on the parent's
+    connections from the child. Importing serving before grpc turns them off, and the store forks;
+    where grpc came first with them on, the store copies in this process and still writes the file."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_ENABLE_FORK_SUPPORT"}
+    path = tmp_path / "store.bin"
+    out = subprocess.run([sys.executable, "-c", _FORK_CHECK, order, str(path)], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[-2] == expected, out.stdout
+    assert InProcessStore(InProcessConfig(path=str(path))).read("user", ["u1"]) == [{"n": 1}]
