@@ -98,6 +98,7 @@ class OnlineFeatures:
                  max_items: int = 500_000):
         """`max_items` bounds the ids the per-item arrays hold (`ItemIndex`); past it they start over."""
         self.store, self.params = store, params
+        self._fingerprint = params.fingerprint()
         self._items = _catalog_columns(items)
         self._index = ItemIndex(max_items)  # item id -> row of every per-item array below
         self._set_catalog(self._items)
@@ -185,15 +186,23 @@ class OnlineFeatures:
         is applied), are committed in one atomic `write_batch`: a crash leaves all or none of them.
         `expect` fences the commit (`OnlineStore.write_batch`): on WriteConflict nothing changed.
         """
-        if events.is_empty():
-            if meta:
-                self.store.write_batch({"meta": meta}, expect=expect)
-            return
         ev = events.select(
             pl.col("ts").dt.epoch("us").alias("t"), pl.col("user_id").cast(pl.Utf8), pl.col("item_id").cast(pl.Utf8),
             pl.col("event").cast(pl.Utf8).replace_strict(EVENT_CODE, return_dtype=pl.Int8).alias("code"),
-        ).sort("t", maintain_order=True)
-        ts, users, items, codes = (ev[c].to_list() for c in ("t", "user_id", "item_id", "code"))
+        )
+        self.apply_columns(*(ev[c].to_list() for c in ("t", "user_id", "item_id", "code")), meta=meta, expect=expect)
+
+    def apply_columns(self, ts: Sequence[int], users: Sequence[str], items: Sequence[str], codes: Sequence[int],
+                      meta: Mapping[str, Value] | None = None, expect: Expect | None = None) -> None:
+        """`apply` over plain columns, one entry per event: µs since the epoch (UTC), user id, item
+        id, and event code (`featurizer.definitions.EVENT_CODE`). The event log's fold calls it
+        directly: a few events per call, where building a DataFrame cost more than the fold."""
+        if not len(ts):
+            if meta:
+                self.store.write_batch({"meta": meta}, expect=expect)
+            return
+        order = sorted(range(len(ts)), key=ts.__getitem__)  # stable: ties keep their order
+        ts, users, items, codes = ([col[k] for k in order] for col in (ts, users, items, codes))
         item_ids = list(dict.fromkeys(items))
         user_ids = list(dict.fromkeys(users))
         ui_keys = list(dict.fromkeys(user_item_key(u, i) for u, i in zip(users, items)))
@@ -225,7 +234,7 @@ class OnlineFeatures:
             "ui": {k: s.to_bytes() for k, s in ui_st.items()},
             "user": {k: s.to_dict() for k, s in user_st.items()},
             "cooc": {k: s.to_dict() for k, s in cooc_st.items()},
-            "meta": {**(meta or {}), META_KEY: {"watermark": watermark, "fingerprint": self.params.fingerprint()}},
+            "meta": {**(meta or {}), META_KEY: {"watermark": watermark, "fingerprint": self._fingerprint}},
         }, expect=expect)
         self._watermark = watermark
 

@@ -38,12 +38,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from featurizer.definitions import EVENT_CODE
 from featurizer.errors import SemrankError
 from featurizer.online.features import OnlineFeatures
 from featurizer.store.base import OnlineStoreError, WriteConflict
 from serving.ingest.dedup import EventDedup
 from serving.ingest.event_log import EventLog
-from serving.ingest.log_format import LoggedEvent, events_frame
+from serving.ingest.log_format import LoggedEvent
 from serving.ranking.store_worker import StoreWorker
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,8 @@ def apply_logged(online: OnlineFeatures, events: Sequence[LoggedEvent], last_seq
     elif after_seq == 0:  # no row yet (or the {"seq": 0} that earlier versions wrote for an empty log)
         held = online.store.read("meta", [key])[0]
         expect = ("meta", key, held if held is not None and int(held["seq"]) == 0 else None)
-    online.apply(events_frame(events), meta={key: {"seq": last_seq}}, expect=expect)
+    online.apply_columns([e.ts_us for e in events], [e.user_id for e in events], [e.item_id for e in events],
+                         [EVENT_CODE[e.event] for e in events], meta={key: {"seq": last_seq}}, expect=expect)
 
 
 def applied_seq(online: OnlineFeatures, key: str = LOG_SEQ_KEY) -> int:
