@@ -35,6 +35,7 @@ from featurizer.contracts.experiments import Experiments, load_experiments
 from featurizer.contracts.schema import read_dataset
 from featurizer.errors import ConfigError
 from featurizer.online.features import StateMismatchError
+from featurizer.store import snapshot_files
 from ranker.bundle import EncoderRef
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
@@ -50,7 +51,7 @@ from serving.ingest.apply import EventIngest
 from serving.ingest.dedup import EventDedup
 from serving.ingest.items import apply_shared_items
 from serving.ingest.jetstream import StreamIngest
-from serving.ingest.snapshots import due, fetch_snapshot, share_snapshot, shared_info
+from serving.ingest.snapshots import due, fetch_snapshot, open_snapshot, share_snapshot, shared_info
 from serving.ingest.restore import build_engine, close_all, snapshot_file
 from serving.observability.metrics import Metrics
 from serving.ranking.engine import RankingEngine, utc_now
@@ -201,6 +202,7 @@ class RankingServer:
                     raise
                 log.error("the shared snapshot cannot be used (%s): deleted; folding the stream from the start", e)
                 self._snapshot_file.unlink()
+                snapshot_files.delta_path(self._snapshot_file).unlink(missing_ok=True)
                 fetched = None
                 built = build()
             self._closers.extend(built.closers)  # the store worker, the event log, then the online store
@@ -335,27 +337,33 @@ class RankingServer:
 
     async def _share_snapshot(self) -> None:
         """With JetStream and in-process features: share the snapshot when the shared one is old
-        (serving.ingest.snapshots), so that a fresh replica folds only what follows it."""
+        (serving.ingest.snapshots), so that a fresh replica folds only what follows it. What is
+        shared is the store's files as written: its delta (a few MB), and its full snapshot only
+        when the bucket holds another one, never a fresh copy of the whole state."""
         ingest, path = self._stream_ingest, self._snapshot_file
         if ingest is None or path is None or self.cfg.events.share_snapshot_s <= 0 or not ingest.connected:
             return
-        if not due(await shared_info(ingest.js, self.cfg.events), ingest.committed_seq, self.cfg.events.share_snapshot_s):
-            return
-        async with ingest.applied_lock:  # the state and its seq, taken together, in one file (no delta)
-            write = await asyncio.to_thread(self.state.online.store.freeze, True)
-            seq = ingest.committed_seq
-        # Written after the lock is released (the fold and LogEvents go on meanwhile). The file is then
-        # this copy: only this loop (`_snapshots`, which calls this) and close write it, one at a time;
-        # no copy (None) means nothing changed since the last one, which the loop has written.
-        if write is not None:
-            await asyncio.to_thread(write)
         if not path.exists():
             return
-        snapshot = open(path, "rb")  # noqa: SIM115 - closed below
+        base_id = (await asyncio.to_thread(snapshot_files.ids, path))[0]
+        if not due(await shared_info(ingest.js, self.cfg.events), ingest.committed_seq,
+                   self.cfg.events.share_snapshot_s, base_id):
+            return
+        async with ingest.applied_lock:  # the state and its seq, taken together
+            write = await asyncio.to_thread(self.state.online.store.freeze)
+            seq = ingest.committed_seq
+        # Written after the lock is released (the fold and LogEvents go on meanwhile). The files are
+        # then this copy: only this loop (`_snapshots`, which calls this) and close write them, one
+        # at a time; no copy (None) means nothing changed since the last one, which the loop wrote.
+        if write is not None:
+            await asyncio.to_thread(write)
+        full, delta = await asyncio.to_thread(open_snapshot, path)
         try:
-            await share_snapshot(ingest.js, self.cfg.events, snapshot, seq)
+            await share_snapshot(ingest.js, self.cfg.events, full, delta, seq)
         finally:
-            snapshot.close()
+            full.close()
+            if delta is not None:
+                delta.close()
 
     async def _check_ready(self) -> bool:
         """The online store answers a read of its state row (through the store worker, within the

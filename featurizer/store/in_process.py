@@ -22,6 +22,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -235,7 +236,7 @@ class InProcessStore(OnlineStore):
         Taking it: a delta (the keys changed since the last full snapshot; a copy of them, under the
         lock) while there are few enough of them and `full` is False; else the whole state. `full`
         also folds a delta on disk into a full snapshot when nothing changed since (a caller that
-        needs the state in one file: the shared JetStream snapshot). A full snapshot with
+        needs the state in one file, such as a backup). A full snapshot with
         `fork_snapshots` (where `fork_is_safe`): a forked child holds the state in its copy-on-write
         pages and writes it; the parent pays the fork and never the packing, which would otherwise
         hold the GIL for hundreds of ms and slow every other thread (the event loop's requests)
@@ -253,6 +254,7 @@ class InProcessStore(OnlineStore):
                 base_id = uuid.uuid4().hex
                 self._base_id, self._changed, self._n_changed = base_id, {}, 0
             child = data = None
+            taken = time.monotonic()
             if delta is None:
                 if self.config.fork_snapshots and self._may_fork():
                     child = self._fork_writer(base_id)
@@ -284,6 +286,10 @@ class InProcessStore(OnlineStore):
                     self._disk_base_id = base_id
                     files.delta_path(self._path).unlink(missing_ok=True)  # (a stale one is ignored at load anyway)
                 self._delta_on_disk = delta is not None
+                log.info("%s: %s snapshot written in %.0f ms (%s)", self._path.name, "delta" if delta else "full",
+                         (time.monotonic() - taken) * 1000,
+                         f"{sum(map(len, delta.values()))} keys changed" if delta else
+                         "by a forked child" if child is not None else "copied in process")
 
         return write
 

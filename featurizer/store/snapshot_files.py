@@ -152,3 +152,13 @@ def load_delta(path: Path, base_id: str | None) -> dict[str, tuple[dict[str, byt
     except (OSError, ValueError, KeyError) as e:
         raise OnlineStoreError(f"{path}: cannot load the in-process store's delta file ({e}); delete it to start "
                                "from the full snapshot (the event log or stream then folds what it held)") from e
+
+
+def ids(file) -> tuple[str | None, str | None]:
+    """(base_id, delta_of) of a snapshot file (a path or an open binary file, left at its start), read
+    without loading its tables: a full snapshot has the first, a delta the second."""
+    with np.load(file, allow_pickle=False) as z:
+        found = tuple(z[name].tobytes().decode() if name in z.files else None for name in ("base_id", "delta_of"))
+    if hasattr(file, "seek"):
+        file.seek(0)
+    return found

@@ -90,7 +90,7 @@ def test_a_delta_of_another_full_snapshot_is_ignored(tmp_path):
     store.flush()
     shutil.copy(tmp_path / "store.bin.delta", tmp_path / "stale")
     store.write_batch({"user": {"u1": {"n": "newer"}}})
-    store.freeze(full=True)()  # a full snapshot (the shared JetStream snapshot asks for one)
+    store.freeze(full=True)()  # a full snapshot on demand
     assert not (tmp_path / "store.bin.delta").exists()
     shutil.copy(tmp_path / "stale", tmp_path / "store.bin.delta")  # the crash's leftover
     assert _store(path).read("user", ["u1"]) == [{"n": "newer"}]
