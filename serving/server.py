@@ -224,6 +224,10 @@ class RankingServer:
                     item_known=engine.items.index.__contains__)
                 self._shared_bundle = SharedBundle(ingest.js, cfg.events, registry, ingest.origin, bundle_roots)
                 await self._shared_bundle.start()  # the fleet's bundle, if another replica reloaded
+                try:  # the fleet's first snapshot, before serving: the only full upload most fleets make
+                    await self._share_snapshot(first=True)
+                except Exception:  # noqa: BLE001 - the periodic share tries again
+                    log.exception("sharing the feature snapshot at start-up failed")
             else:
                 ingest = EventIngest(event_log, engine.online, EventDedup(cfg.limits.dedup_window_s),
                                      worker=engine.store_worker)
@@ -335,22 +339,27 @@ class RankingServer:
             except Exception:  # noqa: BLE001 - the event log (or stream) still holds everything
                 log.exception("feature snapshot failed")
 
-    async def _share_snapshot(self) -> None:
+    async def _share_snapshot(self, first: bool = False) -> None:
         """With JetStream and in-process features: share the snapshot when the shared one is old
         (serving.ingest.snapshots), so that a fresh replica folds only what follows it. What is
         shared is the store's files as written: its delta (a few MB), and its full snapshot only
-        when the bucket holds another one, never a fresh copy of the whole state."""
+        when the bucket holds another one, never a fresh copy of the whole state. `first` (at
+        start-up, before serving): only when the bucket holds no snapshot at all, whatever the
+        seq, so that the full upload a new fleet needs happens before any Rank can wait for it."""
         ingest, path = self._stream_ingest, self._snapshot_file
         if ingest is None or path is None or self.cfg.events.share_snapshot_s <= 0 or not ingest.connected:
             return
         if not path.exists():
             return
-        base_id = (await asyncio.to_thread(snapshot_files.ids, path))[0]
-        if not due(await shared_info(ingest.js, self.cfg.events), ingest.committed_seq,
-                   self.cfg.events.share_snapshot_s, base_id):
+        shared = await shared_info(ingest.js, self.cfg.events)
+        if first:
+            if shared is not None:
+                return
+        elif not due(shared, ingest.committed_seq, self.cfg.events.share_snapshot_s,
+                     (await asyncio.to_thread(snapshot_files.ids, path))[0]):
             return
         async with ingest.applied_lock:  # the state and its seq, taken together
-            write = await asyncio.to_thread(self.state.online.store.freeze)
+            write = await asyncio.to_thread(ingest.online.store.freeze)
             seq = ingest.committed_seq
         # Written after the lock is released (the fold and LogEvents go on meanwhile). The files are
         # then this copy: only this loop (`_snapshots`, which calls this) and close write them, one

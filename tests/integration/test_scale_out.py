@@ -329,6 +329,43 @@ def test_a_fresh_replica_starts_from_the_shared_snapshot_and_folds_only_the_rest
             assert contributions(on_b, "personal") == pytest.approx(contributions(on_a, "personal"))
 
 
+def test_a_replica_with_a_snapshot_shares_it_at_start_up_when_the_bucket_is_empty(small_shop, small_bundle, catalog,
+                                                                                 tmp_path, stream, triton):
+    """A new fleet's one full upload happens before serving: a replica that starts with a snapshot
+    of its own and finds no shared one uploads it then, not at its first periodic snapshot, where
+    78 MB (the bench's state) would go through the event loop beside Ranks. A replica started next
+    from an empty state directory downloads it."""
+    from dataclasses import replace
+
+    from serving.ingest.snapshots import shared_info
+
+    name, prefix = stream
+    quiet = JetStreamConfig(url=MACHINE_NATS, stream=name, subject_prefix=prefix, share_snapshot_s=0)
+    cfg = replace(replica_cfg(small_shop, small_bundle, tmp_path / "a", quiet), snapshot_interval_s=3600)
+
+    async def shared() -> dict | None:
+        nc = await nats.connect(MACHINE_NATS)
+        try:
+            return await shared_info(nc.jetstream(), quiet)
+        finally:
+            await nc.close()
+
+    with ReplicaSet([cfg], triton) as replicas, grpc.insecure_channel(f"127.0.0.1:{replicas.ports[0]}") as a:
+        token = stub(a).LogEvents(iter([pb.LogEventsRequest(events=purchases("boot-user", catalog[:3], "boot"))]),
+                                  timeout=RPC_TIMEOUT_S).sequence
+    # Sharing off: nothing in the bucket; the snapshot is written at stop.
+    assert (tmp_path / "a" / "online-store.bin").exists() and asyncio.run(shared()) is None
+
+    sharing = replace(quiet, share_snapshot_s=3600)
+    with ReplicaSet([replace(cfg, events=sharing)], triton):
+        meta = asyncio.run(shared())  # start() returned: shared already, with no periodic snapshot yet
+        assert meta is not None and meta["seq"] == token, meta
+    fresh = replace(replica_cfg(small_shop, small_bundle, tmp_path / "b", sharing), snapshot_interval_s=3600)
+    with ReplicaSet([fresh], triton) as replicas:
+        stats = replicas.servers[0].state.ingest.stats
+        assert stats.folded == 0, stats  # all of it came in the snapshot
+
+
 def test_a_bundle_reload_on_one_replica_reaches_every_replica_and_a_new_one(small_shop, small_bundle, tmp_path,
                                                                             stream, triton):
     from dataclasses import replace
