@@ -15,11 +15,17 @@ not fork: no inherited gRPC state), each with `channels` channels, and keeps the
 
 Requests are serialised in advance and sent as bytes (the client does no proto work but parse
 the small response, to count degraded answers). `summarize` turns the raw samples into a row.
+
+The generator must not add latency of its own: its garbage collector is off while a phase runs
+(collected between phases; what set-up made is frozen), and a probe measures how late its event
+loop wakes (`generator_loop_lag_max_ms`): a stall there would show as Rank latency that the server
+never caused.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import multiprocessing as mp
 import random
 import time
@@ -68,11 +74,14 @@ async def _generator(conn, port: int, pools: dict[int, list[bytes]], channels: i
     log_events = [ch.stream_unary(LOG_EVENTS_METHOD, request_serializer=pb.LogEventsRequest.SerializeToString,
                                   response_deserializer=pb.LogEventsResponse.FromString) for ch in chans]
     loop = asyncio.get_running_loop()
+    gc.freeze()  # the pools and channels: never walked by a collection
     conn.send("ready")
     while True:
         cmd = await loop.run_in_executor(None, conn.recv)
         if cmd is None:
             break
+        gc.collect()
+        gc.disable()  # no collection pause inside a phase (between phases: above)
         kind, n, rate, concurrency, t0, warmup_s, seconds, phase_seed, events_rate, per_call = cmd
         reqs = pools[n]
         rng = random.Random(phase_seed)
@@ -145,6 +154,16 @@ async def _generator(conn, port: int, pools: dict[int, list[bytes]], channels: i
 
         end = t0 + warmup_s + seconds
         cpu0 = cpu1 = None
+        lag_max = 0.0  # the generator's own worst event-loop wake-up delay in the measured window
+
+        async def probe(every: float = 0.01) -> None:
+            nonlocal lag_max
+            while (before := time.monotonic()) < end:
+                await asyncio.sleep(every)
+                if before >= t0 + warmup_s:
+                    lag_max = max(lag_max, time.monotonic() - before - every)
+
+        probing = asyncio.create_task(probe())
         while time.monotonic() < t0:
             await asyncio.sleep(t0 - time.monotonic())
         writing = asyncio.create_task(writer()) if kind == "mixed" else None
@@ -179,8 +198,10 @@ async def _generator(conn, port: int, pools: dict[int, list[bytes]], channels: i
             cpu1 = time.process_time()
         if writing is not None:
             await writing
+        await probing
+        gc.enable()
         conn.send({"samples": samples, "errors": errors, "degraded": degraded, "stale": stale, "tokened": tokened,
-                   "accepted": accepted, "duplicates": duplicates,
+                   "accepted": accepted, "duplicates": duplicates, "lag_max_s": lag_max,
                    "writes": writes, "cpu_s": (cpu1 - cpu0) if cpu0 is not None else 0.0})
     for ch in chans:
         await ch.close()
@@ -266,6 +287,7 @@ def summarize(kind: str, n: int, rate: float | None, raw: dict, warmup_s: float,
         "requests": len(samples),
         "send_lag_p99_ms": round(float(np.percentile(lags, 99)), 3) if kind != "closed" and len(lags) else None,
         "client_cpu_cores": round(sum(part["cpu_s"] for part in raw["parts"]) / seconds, 3),
+        "generator_loop_lag_max_ms": round(max(part["lag_max_s"] for part in raw["parts"]) * 1e3, 1),
         **(_mixed_summary(raw, t_measure) if kind == "mixed" else {}),
     }
 

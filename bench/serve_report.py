@@ -125,11 +125,14 @@ def generator_verdict(rows: list[dict], processes: int) -> str:
     """Whether the load generator, not the server, could have limited a row."""
     busy = [r for r in rows if r["client_cpu_cores"] > 0.5 * processes]
     late = [r for r in rows if r["send_lag_p99_ms"] is not None and r["p50_ms"] and r["send_lag_p99_ms"] > r["p50_ms"]]
-    if busy or late:
-        return (f"the generator may limit {len(busy) + len(late)} row(s) (over half a core per process, or send lag "
-                "above the median latency): rerun with more --processes")
-    return ("not the bottleneck: under half a core per generator process and send lag below the median latency; "
-            "it still takes that CPU from the server on a small machine (client_cpu_cores)")
+    stalled = [r for r in rows if r.get("p99_ms") and r.get("generator_loop_lag_max_ms", 0) > r["p99_ms"] / 2]
+    if busy or late or stalled:
+        return (f"the generator may limit {len(busy) + len(late) + len(stalled)} row(s) (over half a core per process, "
+                "send lag above the median latency, or its own event loop stalled for over half the p99): rerun "
+                "with more --processes")
+    return ("not the bottleneck: under half a core per generator process, send lag below the median latency and "
+            "its event loop never stalled for half the p99 (generator_loop_lag_max_ms); it still takes that CPU "
+            "from the server on a small machine (client_cpu_cores)")
 
 
 def plot_timeline(timelines: list[tuple[str, dict]], warmup_s: float, path: Path) -> None:
