@@ -316,10 +316,11 @@ class OnlineFeatures:
                 cos_max = np.maximum(cos_max, row)
                 cos_sum = cos_sum + row
 
-        full = lambda v: np.full(n, v, dtype=np.float64 if isinstance(v, float) else np.int64)  # noqa: E731
+        # The user's aggregates and the instant are one value for every candidate: scalars, which
+        # derive's arithmetic broadcasts (and the matrix below), not arrays of n copies.
         b = {name: col[:n] for name, col in items.items()}
         b.update(ui)
-        b.update({name: full(v) for name, v in user.base(t_us).items()})
+        b.update(user.base(t_us))
         rows = self._catalog_row(rows)
         unknown = np.flatnonzero(rows == len(self._price) - 1) if inline else np.zeros(0, dtype=np.int64)
         for name, kind, names, codes in (("user_cat_n", "category", self._cat_names, self._cat_code),
@@ -338,9 +339,9 @@ class OnlineFeatures:
         if unknown.size and inline.get("price") is not None:  # an unseen item's inline price
             b["item_price"][unknown] = np.asarray(inline["price"], dtype=np.float64)[unknown]
         b["cooc_max"], b["cooc_sum"] = cos_max, cos_sum
-        b["t_us"] = full(t_us)
+        b["t_us"] = t_us
         if interest_score is None:
-            b["interest_score"] = full(np.nan)
+            b["interest_score"] = np.nan
         else:
             b["interest_score"] = np.asarray(interest_score, dtype=np.float64).reshape(n)
         cols = derive(b, NUMPY)
