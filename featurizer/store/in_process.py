@@ -286,9 +286,9 @@ class InProcessStore(OnlineStore):
                     self._disk_base_id = base_id
                     files.delta_path(self._path).unlink(missing_ok=True)  # (a stale one is ignored at load anyway)
                 self._delta_on_disk = delta is not None
-                log.info("%s: %s snapshot written in %.0f ms (%s)", self._path.name, "delta" if delta else "full",
-                         (time.monotonic() - taken) * 1000,
-                         f"{sum(map(len, delta.values()))} keys changed" if delta else
+                log.info("%s: %s snapshot written in %.0f ms (%s)", self._path.name,
+                         "full" if delta is None else "delta", (time.monotonic() - taken) * 1000,
+                         f"{sum(map(len, delta.values()))} keys changed" if delta is not None else
                          "by a forked child" if child is not None else "copied in process")
 
         return write
