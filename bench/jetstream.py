@@ -44,7 +44,7 @@ from serving.ingest.jetstream import FOLD_BATCH, StreamIngest
 from serving.ingest.stream_format import encode_event, subject_for
 from serving.ingest.log_format import LoggedEvent, events_frame
 from serving.ingest.restore import restore_online
-from serving.ingest.snapshots import bucket_name, fetch_snapshot, open_snapshot, share_snapshot
+from serving.ingest.snapshots import bucket_name, fetch_snapshot, share_snapshot
 from serving.ranking.store_worker import StoreWorker
 
 KINDS = ("impression", "impression", "impression", "click", "add_to_cart", "purchase")
@@ -133,15 +133,9 @@ async def time_to_ready(items, cfg: JetStreamConfig, n: int) -> dict:
     t0 = time.perf_counter()
     online.store.flush()
     flush_s = time.perf_counter() - t0
-    full, delta = open_snapshot(snap)
-    try:
-        t0 = time.perf_counter()
-        size = await share_snapshot(ingest.js, cfg, full, delta, ingest.committed_seq)
-        share_s = time.perf_counter() - t0
-    finally:
-        full.close()
-        if delta is not None:
-            delta.close()
+    t0 = time.perf_counter()
+    size = await share_snapshot(ingest.js, cfg, snap, ingest.committed_seq)
+    share_s = time.perf_counter() - t0
     await ingest.close()
     tail = synthetic_events(10_000, seed=4, tag="tail")
     await publish_all(cfg, tail)

@@ -51,7 +51,7 @@ from serving.ingest.apply import EventIngest
 from serving.ingest.dedup import EventDedup
 from serving.ingest.items import apply_shared_items
 from serving.ingest.jetstream import StreamIngest
-from serving.ingest.snapshots import due, fetch_snapshot, open_snapshot, share_snapshot, shared_info
+from serving.ingest.snapshots import due, fetch_snapshot, share_snapshot, shared_info
 from serving.ingest.restore import build_engine, close_all, snapshot_file
 from serving.observability.metrics import Metrics
 from serving.ranking.engine import RankingEngine, utc_now
@@ -366,13 +366,7 @@ class RankingServer:
         # at a time; no copy (None) means nothing changed since the last one, which the loop wrote.
         if write is not None:
             await asyncio.to_thread(write)
-        full, delta = await asyncio.to_thread(open_snapshot, path)
-        try:
-            await share_snapshot(ingest.js, self.cfg.events, full, delta, seq)
-        finally:
-            full.close()
-            if delta is not None:
-                delta.close()
+        await share_snapshot(ingest.js, self.cfg.events, path, seq)
 
     async def _check_ready(self) -> bool:
         """The online store answers a read of its state row (through the store worker, within the

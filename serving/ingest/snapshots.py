@@ -1,8 +1,7 @@
 """The in-process feature snapshot, shared between replicas through JetStream's object store.
 
     seq = await fetch_snapshot(cfg, state_dir / "online-store.bin")   # a fresh replica, before it loads its store
-    full, delta = open_snapshot(path)                                  # a running replica, after a local snapshot
-    await share_snapshot(js, cfg, full, delta, seq)
+    await share_snapshot(js, cfg, path, seq)                            # a running replica, after a local snapshot
 
 With `--events jetstream` each replica folds the whole stream. A replica that starts with no
 snapshot of its own would fold it from the first message (about 6,400 events/s here:
@@ -167,11 +166,10 @@ async def _download(bucket, name: str, path: Path) -> None:
         raise
 
 
-def open_snapshot(path: Path) -> tuple[BinaryIO, BinaryIO | None]:
+def _open_snapshot(path: Path) -> tuple[BinaryIO, BinaryIO | None]:
     """The store's full snapshot file and its delta (None: none, or one of another snapshot), opened
-    together right after the store wrote them, so that later snapshots replacing the files do not
-    change what is shared."""
-    full = open(path, "rb")  # noqa: SIM115 - the caller closes both
+    together, so that later snapshots replacing the files do not change what is shared."""
+    full = open(path, "rb")  # noqa: SIM115 - share_snapshot closes both
     try:
         delta = open(files.delta_path(path), "rb")  # noqa: SIM115
     except FileNotFoundError:
@@ -182,10 +180,22 @@ def open_snapshot(path: Path) -> tuple[BinaryIO, BinaryIO | None]:
     return full, delta
 
 
-async def share_snapshot(js, cfg: JetStreamConfig, full: BinaryIO, delta: BinaryIO | None, seq: int) -> int:
-    """Share the store's snapshot (`open_snapshot`), which holds stream seq `seq`: the full file only
-    when the bucket holds another one (a new full snapshot is rare: the store writes deltas while
-    few keys change), then the delta. Returns the bytes sent."""
+async def share_snapshot(js, cfg: JetStreamConfig, path: Path, seq: int) -> int:
+    """Share the store's snapshot at `path` (the full file and its delta), which holds stream seq
+    `seq`: called right after the store wrote them, and opened here before anything is awaited, so
+    a later snapshot replacing the files changes nothing that is sent. The full file only when the
+    bucket holds another one (a new full snapshot is rare: the store writes deltas while few keys
+    change), then the delta. Returns the bytes sent."""
+    full, delta = _open_snapshot(path)
+    try:
+        return await _upload(js, cfg, full, delta, seq)
+    finally:
+        full.close()
+        if delta is not None:
+            delta.close()
+
+
+async def _upload(js, cfg: JetStreamConfig, full: BinaryIO, delta: BinaryIO | None, seq: int) -> int:
     bucket = await _bucket(js, cfg, create=True)
     base_id = files.ids(full)[0]
     shared_full, _ = await _shared(bucket)

@@ -20,7 +20,6 @@ from serving.ingest.snapshots import (
     bucket_name,
     due,
     fetch_snapshot,
-    open_snapshot,
     share_snapshot,
     shared_info,
 )
@@ -41,13 +40,7 @@ async def _share(cfg, store: InProcessStore, path, seq: int) -> int:
         write()
     nc = await nats.connect(cfg.url)
     try:
-        full, delta = open_snapshot(path)
-        try:
-            return await share_snapshot(nc.jetstream(), cfg, full, delta, seq)
-        finally:
-            full.close()
-            if delta is not None:
-                delta.close()
+        return await share_snapshot(nc.jetstream(), cfg, path, seq)
     finally:
         await nc.close()
 
