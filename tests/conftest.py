@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
-# Before any test module imports grpc (serving/__init__.py does the same for the server): gRPC
-# runs no fork handlers, so the in-process store may fork its snapshot writer in this process,
+# First, before any test module imports grpc: serving's package sets GRPC_ENABLE_FORK_SUPPORT=false
+# while grpc is not loaded, so the in-process store may fork its snapshot writer in this process,
 # where servers and clients run (featurizer.store.in_process.fork_is_safe).
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+import serving  # noqa: F401, I001
 
-import pytest  # noqa: E402
+import pytest
 
 from training.data.synth import SynthConfig
 
