@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 from machine import machine  # bench/ is sys.path[0]
+from profiling import shares, top_own
 from serve import BenchConfig, bench_requests, inprocess_engine, online_snapshot, prepare
 
 # (label, function name as cProfile names it, file suffix)
@@ -41,15 +42,6 @@ WATCH = [
     ("trees", "predict", "ranker/compiled_trees.py"),
     ("trees (LightGBM)", "predict", "ranker/bundle.py"),
 ]
-
-
-def shares(stats: pstats.Stats, total: float) -> dict[str, dict]:
-    out = {}
-    for (path, _, name), (_, _, tt, ct, _) in stats.stats.items():  # type: ignore[attr-defined]
-        for label, fn, suffix in WATCH:
-            if name == fn and path.endswith(suffix):
-                out[label] = {"cumulative": round(ct / total, 3), "own": round(tt / total, 3)}
-    return out
 
 
 def main() -> int:
@@ -106,13 +98,11 @@ def main() -> int:
         prof.disable()
         total = time.perf_counter() - t0
         stats = pstats.Stats(prof)
-        own = sorted(((tt, f"{Path(path).name}:{line} {name}") for (path, line, name), (_, _, tt, _, _)
-                      in stats.stats.items()), reverse=True)[: a.top]  # type: ignore[attr-defined]
         result["sizes"][n] = {
             "p50_ms_unprofiled": round(float(np.median(plain)) * 1e3, 3),
             "profiled_ms_per_rank": round(total / a.reps * 1e3, 3),
-            "shares": shares(stats, total),
-            "top_own": [{"share": round(tt / total, 3), "function": f} for tt, f in own],
+            "shares": shares(stats, total, WATCH),
+            "top_own": top_own(stats, total, a.top),
         }
         print(f"{n} candidates: p50 {result['sizes'][n]['p50_ms_unprofiled']} ms", file=sys.stderr)
     print(json.dumps(result, indent=1))

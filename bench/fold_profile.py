@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 from machine import machine  # bench/ is sys.path[0]
+from profiling import shares, top_own
 from serve import BenchConfig, online_snapshot, prepare
 
 # (label, function name as cProfile names it, file suffix)
@@ -99,18 +100,11 @@ def main() -> int:
         prof.disable()
         total = time.perf_counter() - t0
         stats = pstats.Stats(prof)
-        shares = {}
-        for (path, _, name), (_, _, tt, ct, _) in stats.stats.items():  # type: ignore[attr-defined]
-            for label, fn, suffix in WATCH:
-                if name == fn and path.endswith(suffix):
-                    shares[label] = {"cumulative": round(ct / total, 3), "own": round(tt / total, 3)}
-        own = sorted(((tt, f"{Path(path).name}:{line} {name}") for (path, line, name), (_, _, tt, _, _)
-                      in stats.stats.items()), reverse=True)[: a.top]  # type: ignore[attr-defined]
         median = float(np.median(plain))
         result["per_call"][n] = {
             "us_per_call_p50": round(median * 1e6, 1), "us_per_event_p50": round(median / n * 1e6, 1),
             "us_per_call_p99": round(float(np.percentile(plain, 99)) * 1e6, 1),
-            "shares": shares, "top_own": [{"share": round(tt / total, 3), "function": f} for tt, f in own],
+            "shares": shares(stats, total, WATCH), "top_own": top_own(stats, total, a.top),
         }
         print(f"{n} per call: {result['per_call'][n]['us_per_event_p50']} µs per event", file=sys.stderr)
     print(json.dumps(result, indent=1))
