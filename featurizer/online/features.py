@@ -207,9 +207,25 @@ class OnlineFeatures:
         user_ids = list(dict.fromkeys(users))
         ui_keys = list(dict.fromkeys(user_item_key(u, i) for u, i in zip(users, items)))
         item_st = {k: ItemState() if v is None else ItemState.from_bytes(v) for k, v in zip(item_ids, self.store.read("item", item_ids))}
-        user_st = {k: UserState() if v is None else UserState.from_dict(v) for k, v in zip(user_ids, self.store.read("user", user_ids))}
         ui_st = {k: UserItemState() if v is None else UserItemState.from_bytes(v) for k, v in zip(ui_keys, self.store.read("ui", ui_keys))}
+        # User and co-occurrence states (JSON, kilobytes each) come decoded from the read caches and are
+        # changed in place: kept decoded after the commit, dropped if anything fails before it lands.
+        self._history_memo = (None, None, [])  # it may hold a user state changed below
+        user_st = self._users.for_update(user_ids, UserState)
+        cooc_st: dict[str, CoocState] = {}
+        try:
+            self._fold(ts, users, items, codes, item_st, user_st, ui_st, cooc_st, meta, expect)
+        except BaseException:
+            self._users.discard(user_st)
+            self._cooc.discard(cooc_st)
+            raise
+        self._users.written(user_st)
+        self._cooc.written(cooc_st)
 
+    def _fold(self, ts, users, items, codes, item_st: dict, user_st: dict, ui_st: dict, cooc_st: dict,
+              meta: Mapping[str, Value] | None, expect: Expect | None) -> None:
+        """Count the events (sorted) into the states read for them, read the co-occurrence states
+        their first touches pair (into `cooc_st`), and commit everything in one write."""
         n_hist, window = self.params.history_items, self.params.cooc_window_us
         cat, brand, lp = self._category, self._brand, self._log_price
         pairs: list[tuple[str, str, int]] = []
@@ -223,7 +239,7 @@ class OnlineFeatures:
                 pairs.extend(new)
 
         cooc_ids = list(dict.fromkeys(x for a, b, _ in pairs for x in (a, b)))
-        cooc_st = {k: CoocState() if v is None else CoocState.from_dict(v) for k, v in zip(cooc_ids, self.store.read("cooc", cooc_ids))}
+        cooc_st.update(self._cooc.for_update(cooc_ids, CoocState))
         for a, b, at in pairs:
             cooc_st[a].add(b, at)
             cooc_st[b].add(a, at)

@@ -8,7 +8,9 @@ what decoding the store's current value would. With a store that cannot tell (Re
 processes write to it) nothing is kept and every read decodes.
 
 - `DecodedCache(store, entity, decode)`: key -> decoded object (None when missing), LRU-bounded.
-  Objects are shared between reads: callers must not mutate them.
+  Objects are shared between reads: callers must not mutate them, except the writer that takes
+  them with `for_update` and hands them back with `written` (or `discard`): the fold keeps the
+  states it rewrites decoded instead of decoding them again on its next event and on the next read.
 - `ItemPartsCache(store, index)`: per row of an `ItemIndex`, the item's `item_parts` (scalars and
   window counts), recomputed when the item changed, t entered another `WINDOW_KEY_US` tile or the
   index started over; `gather` returns the parts of many rows as arrays, ready for
@@ -27,7 +29,7 @@ Not thread-safe with respect to each other's calls (one caller at a time, as Onl
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -87,6 +89,38 @@ class DecodedCache:
             if k in d:
                 d.move_to_end(k)
         return out
+
+    def for_update(self, keys: Sequence[str], new: Callable[[], Any]) -> dict[str, Any]:
+        """key -> its decoded value (`new()` where the store holds none), for a writer that changes
+        them in place and commits their encodings: then `written`, or `discard` if the commit (or
+        anything before it) failed. Kept objects are the ones reads share, so the writer changes
+        them only between reads (OnlineFeatures: one caller at a time); a write stops paying
+        for decoding the states it rewrites, and the next read for decoding what it wrote."""
+        return {k: new() if v is None else v for k, v in zip(keys, self.get(keys))}
+
+    def written(self, values: Mapping[str, Any]) -> None:
+        """After a successful commit of `values` (from `for_update`): keep them decoded when that
+        commit was the only write since (the store's version moved by one, over these keys only);
+        else drop whatever changed, as a read would."""
+        version, changed = self.store.changes(self.entity, self._version)
+        if version is None:
+            return
+        if (self._version is None or version != self._version + 1 or changed is None
+                or not changed.issubset(values.keys())):
+            self._sync()  # our keys are among the changed ones: dropped
+            return
+        d = self._d
+        for k, v in values.items():
+            d[k] = v
+            d.move_to_end(k)
+        while len(d) > self.capacity:
+            d.popitem(last=False)
+        self._version = version
+
+    def discard(self, keys) -> None:
+        """Forget these keys (a writer changed their objects and its commit failed)."""
+        for k in keys:
+            self._d.pop(k, None)
 
     def __len__(self) -> int:
         return len(self._d)

@@ -4,6 +4,7 @@ whatever was written in between (by this reader's apply, another reader's, or a 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -14,7 +15,7 @@ from featurizer.online.state import WINDOW_KEY_US, user_item_key
 from featurizer.online.item_index import ItemIndex
 from featurizer.online.state_cache import DecodedCache
 from featurizer.online.user_state import CoocState, UserState, cooc_counts
-from featurizer.store.base import OnlineStore
+from featurizer.store.base import OnlineStore, WriteConflict
 from featurizer.store.in_process import InProcessStore
 from tests.featurizer.test_feature_definitions import (
     CANDIDATES,
@@ -223,3 +224,66 @@ def test_cooc_arrays_are_rebuilt_when_the_index_starts_over():
     np.testing.assert_array_equal(cooc_counts([s], index, rows, 9), [[1, 0, 0, 1]])
     s.add("x", 10)  # a change drops the arrays
     np.testing.assert_array_equal(cooc_counts([s, CoocState()], index, rows, 11), [[1, 1, 0, 1], [0, 0, 0, 0]])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.one_of(dense_rows, event_rows), cuts=st.lists(st.integers(1, 25), min_size=1, max_size=5),
+       writers=st.lists(st.integers(0, 1), min_size=6, max_size=6), refused=st.lists(st.booleans(), min_size=6, max_size=6))
+def test_writers_that_keep_their_states_decoded_still_fold_and_read_what_the_store_holds(rows, cuts, writers, refused):
+    """Two OnlineFeatures over one store take turns folding (each keeps the user and co-occurrence
+    states it rewrites decoded), some folds are refused by their fence (nothing committed, their
+    changed objects dropped), and reads between them by both: every fold counts from the store's
+    state, not from a decoded copy another writer or a refused commit left behind."""
+    ev = make_events(sorted(rows, key=lambda r: r[0]))
+    bounds = [0, *sorted(min(c, ev.height) for c in cuts), ev.height]
+    store, plain = InProcessStore(), InProcessStore()
+    feats = [OnlineFeatures(store, ITEMS, PARAMS), OnlineFeatures(store, ITEMS, PARAMS)]
+    uncached = OnlineFeatures(Unversioned(plain), ITEMS, PARAMS)  # the same folds, nothing kept decoded
+    for k, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        part = ev.slice(a, b - a)
+        writer = feats[writers[k % len(writers)]]
+        if refused[k % len(refused)] and part.height:
+            with pytest.raises(WriteConflict):
+                writer.apply(part, expect=("meta", "fence", {"seq": -1}))
+        writer.apply(part)
+        uncached.apply(part)
+        assert {e: t for e, t in store._data.items() if t} == {e: t for e, t in plain._data.items() if t}
+        t = max((f.watermark for f in feats if f.watermark), default=at(0))
+        for u in [*USERS, "new-user"]:
+            want = uncached.features(u, CANDIDATES + ["i0"], t)
+            for reader in (*feats, writer):
+                np.testing.assert_array_equal(reader.features(u, CANDIDATES + ["i0"], t), want)
+                assert reader.history(u, t, 2) == uncached.history(u, t, 2)
+
+
+def test_a_fold_keeps_what_it_wrote_decoded_and_reads_decode_nothing_after_it():
+    store = InProcessStore()
+    online = OnlineFeatures(store, ITEMS, PARAMS)
+    online.apply(make_events([(0, "u0", "i0", "click"), (1, "u0", "i1", "click")]))
+    decoded = []
+    for cache in (online._users, online._cooc):
+        decode = cache.decode
+        cache.decode = lambda raw, decode=decode: decoded.append(raw) or decode(raw)
+    online.features("u0", CANDIDATES, at(5))
+    online.apply(make_events([(6, "u0", "i2", "click")]))  # rewrites u0, and the co-occurrence of i2 with i1
+    online.features("u0", CANDIDATES, at(9))
+    assert decoded == [], "the fold and the read after it decoded states the fold had just written"
+    store.write("user", {"u0": UserState().to_dict()})  # another writer: the kept state is dropped
+    assert online.history("u0", at(9), 2) == [] and len(decoded) == 1
+
+
+class RacedStore(InProcessStore):
+    """Fault injection: right after a commit that writes user `u0`, another writer replaces it (as a
+    thread could between the fold's commit and its bookkeeping)."""
+
+    def write_batch(self, rows, expect=None):
+        super().write_batch(rows, expect)
+        if "u0" in rows.get("user", {}):
+            super().write_batch({"user": {"u0": UserState().to_dict()}})
+
+
+def test_a_fold_keeps_nothing_decoded_when_another_write_landed_after_its_commit():
+    store = RacedStore()
+    online = OnlineFeatures(store, ITEMS, PARAMS)
+    online.apply(make_events([(0, "u0", "i0", "click"), (1, "u0", "i1", "click")]))
+    assert online.history("u0", at(5), 2) == [] == reference(store).history("u0", at(5), 2)
