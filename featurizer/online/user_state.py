@@ -10,6 +10,8 @@ layout of every state and what reads at t >= the latest event guarantee).
 
 from __future__ import annotations
 
+from itertools import islice
+
 import numpy as np
 
 from featurizer.definitions import (
@@ -148,15 +150,19 @@ class CoocState:
     """c(i, j) for one item i, with the delta at the latest pair instant.
 
     `cooc_counts` reads it through arrays over an `ItemIndex`'s rows (`indexed`), built on first
-    use and kept until the state changes or the index no longer matches them."""
+    use and kept until the state changes or the index no longer matches them. The partners' rows
+    outlive a change: partners only ever join (at the end of `n`, whose order dicts keep), so a
+    change looks up the rows of its new partners only, not of all of them (a write flood changes
+    the states every Rank reads)."""
 
-    __slots__ = ("n", "last", "d", "_arrays")
+    __slots__ = ("n", "last", "d", "_arrays", "_rows")
 
     def __init__(self) -> None:
         self.n: dict[str, int] = {}
         self.last = NO_TS
         self.d: dict[str, int] = {}
         self._arrays: tuple | None = None
+        self._rows: tuple | None = None  # (index epoch, index size, the row of each of the first partners)
 
     def add(self, other: str, at: int) -> None:
         if at > self.last:
@@ -166,21 +172,39 @@ class CoocState:
             self.d[other] = self.d.get(other, 0) + 1
         self._arrays = None
 
-    def indexed(self, index: ItemIndex) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(the rows of the partners j that `index` holds, c(i, j), the delta at `last`), kept while
-        the index keeps its epoch and, if some partner was not in it, its size."""
+    def _partner_rows(self, index: ItemIndex) -> np.ndarray:
+        """The row of every partner in `n`'s order (-1: not in `index`)."""
+        r = self._rows
+        if r is not None and r[0] == index.epoch and (r[1] == len(index) or (r[2] >= 0).all()):
+            rows = r[2]
+            if len(rows) < len(self.n):  # new partners since: theirs only
+                rows = np.concatenate([rows, index.known(list(islice(self.n, len(rows), None)))])
+        else:
+            rows = index.known(list(self.n))
+        self._rows = (index.epoch, len(index), rows)
+        return rows
+
+    def indexed(self, index: ItemIndex) -> tuple[np.ndarray, np.ndarray]:
+        """(the rows of the partners j that `index` holds, c(i, j)), kept while the index keeps
+        its epoch and, if some partner was not in it, its size."""
         a = self._arrays
         if a is not None and a[0] == index.epoch and (a[1] or a[2] == len(index)):
             return a[3]
-        partners = list(self.n)
-        rows = index.known(partners)
+        rows = self._partner_rows(index)
         held = rows >= 0
-        n = np.fromiter(self.n.values(), dtype=np.int64, count=len(partners))
-        d = np.fromiter((self.d.get(j, 0) for j in partners), dtype=np.int64, count=len(partners)) \
-            if self.d else np.zeros(len(partners), dtype=np.int64)
-        arrays = (rows[held], n[held], d[held])
-        self._arrays = (index.epoch, bool(held.all()), len(index), arrays)
+        n = np.fromiter(self.n.values(), dtype=np.int64, count=len(self.n))
+        all_held = bool(held.all())
+        arrays = (rows, n) if all_held else (rows[held], n[held])
+        self._arrays = (index.epoch, all_held, len(index), arrays)
         return arrays
+
+    def indexed_delta(self, index: ItemIndex) -> np.ndarray:
+        """The delta at `last` of each partner `indexed` returns, in its order (a read at exactly
+        `last` leaves it out; rarer than any other read, so never kept)."""
+        rows = self._partner_rows(index)
+        d = np.fromiter((self.d.get(j, 0) for j in self.n), dtype=np.int64, count=len(self.n)) \
+            if self.d else np.zeros(len(self.n), dtype=np.int64)
+        return d[rows >= 0]
 
     def to_dict(self) -> dict:
         return {"n": self.n, "last": self.last, "d": self.d}
@@ -208,6 +232,6 @@ def cooc_counts(states: list[CoocState], index: ItemIndex, rows: np.ndarray, t: 
     at = slot[partners]
     hit = at >= 0
     state = np.repeat(np.arange(len(states)), [len(a[0]) for a in arrays])
-    c = np.concatenate([a[1] - a[2] if s.last == t else a[1] for s, a in zip(states, arrays)])
+    c = np.concatenate([a[1] - s.indexed_delta(index) if s.last == t else a[1] for s, a in zip(states, arrays)])
     out[state[hit], at[hit]] = c[hit]
     return out[:, slot[rows]]

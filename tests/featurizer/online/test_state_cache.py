@@ -287,3 +287,25 @@ def test_a_fold_keeps_nothing_decoded_when_another_write_landed_after_its_commit
     online = OnlineFeatures(store, ITEMS, PARAMS)
     online.apply(make_events([(0, "u0", "i0", "click"), (1, "u0", "i1", "click")]))
     assert online.history("u0", at(5), 2) == [] == reference(store).history("u0", at(5), 2)
+
+
+@settings(max_examples=80, deadline=None)
+@given(steps=st.lists(st.one_of(
+    st.tuples(st.just("add"), st.sampled_from("abcdefg"), st.integers(0, 6)),
+    st.tuples(st.just("read"), st.lists(st.sampled_from("abcdefgxyz"), min_size=1, max_size=6), st.integers(0, 8)),
+), max_size=30), max_items=st.integers(3, 12))
+def test_cooc_arrays_kept_across_changes_equal_arrays_built_afresh(steps, max_items):
+    """A state read, changed (new partners, more counts, a newer instant) and read again gives the
+    counts a state decoded from its JSON gives, while the index learns ids and starts over."""
+    index = ItemIndex(max_items=max_items)
+    kept = CoocState()
+    for step in steps:
+        if step[0] == "add":
+            _, other, at_us = step
+            kept.add(other, max(at_us, kept.last))  # pairs arrive in time order
+            continue
+        _, ids, t = step
+        rows = index.rows(ids)
+        fresh = CoocState.from_dict(kept.to_dict())
+        t = max(t, kept.last)
+        np.testing.assert_array_equal(cooc_counts([kept], index, rows, t), cooc_counts([fresh], index, rows, t))
