@@ -117,6 +117,11 @@ class Limits:
     store_read_timeout_s: float = 0.25  # a read of a remote online store (Redis) waits at most this; then: degraded
     max_store_waiting: int = 256  # calls queued for a remote online store at most; more: degraded at once
     max_sequence_wait_s: float = 1.0  # a Rank's min_sequence waits at most this (and half its deadline); then: degraded
+    apply_slice_ms: float = 4.0  # events fold into the features in commits of about this long; Ranks run between them
+
+    def __post_init__(self):
+        if not self.apply_slice_ms > 0:
+            raise ConfigError(f"apply_slice_ms must be > 0, got {self.apply_slice_ms}")
 
     @property
     def item_rules(self) -> ItemRules:

@@ -47,7 +47,7 @@ from serving.config import ServeConfig
 from serving.encoding.factories import TritonEncoderOptions, remote_triton_encoder, triton_encoder_factory
 from serving.encoding.pool import EncoderHandle, EncoderPool
 from serving.experiments.exposure_log import ExposureLog
-from serving.ingest.apply import EventIngest
+from serving.ingest.apply import ApplySlices, EventIngest
 from serving.ingest.dedup import EventDedup
 from serving.ingest.items import apply_shared_items
 from serving.ingest.jetstream import StreamIngest
@@ -221,7 +221,7 @@ class RankingServer:
                     cfg.events, engine.online, engine.store_worker, cfg.limits.dedup_window_s,
                     on_items=lambda shared: apply_shared_items(engine, registry.pool, shared),
                     items_through=fetched or 0, rules=cfg.limits.event_rules, item_rules=cfg.limits.item_rules,
-                    item_known=engine.items.index.__contains__)
+                    item_known=engine.items.index.__contains__, slices=ApplySlices(cfg.limits.apply_slice_ms))
                 self._shared_bundle = SharedBundle(ingest.js, cfg.events, registry, ingest.origin, bundle_roots)
                 await self._shared_bundle.start()  # the fleet's bundle, if another replica reloaded
                 try:  # the fleet's first snapshot, before serving: the only full upload most fleets make
@@ -230,7 +230,7 @@ class RankingServer:
                     log.exception("sharing the feature snapshot at start-up failed")
             else:
                 ingest = EventIngest(event_log, engine.online, EventDedup(cfg.limits.dedup_window_s),
-                                     worker=engine.store_worker)
+                                     worker=engine.store_worker, slices=ApplySlices(cfg.limits.apply_slice_ms))
             self.metrics.watch_ingest(ingest)
             self.state = ServingState(
                 engine=engine, registry=registry, exposures=exposures, ingest=ingest,

@@ -71,7 +71,7 @@ def cmd_serve(args) -> int:
         share_port=args.worker_of is not None,  # the workers of one supervisor share its port; nobody else
         null_service_top_k=args.null_service,
         limits=Limits(max_candidates=args.max_candidates, max_text_chars=args.max_text_chars,
-                      max_message_bytes=args.max_message_bytes),
+                      max_message_bytes=args.max_message_bytes, apply_slice_ms=args.apply_slice_ms),
     )
     if args.workers < 1:
         raise ConfigError(f"--workers {args.workers}: must be >= 1")
@@ -199,6 +199,8 @@ def register(sub) -> None:
     s.add_argument("--max-candidates", type=int, default=2000)
     s.add_argument("--max-text-chars", type=int, default=4096)
     s.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024)
+    s.add_argument("--apply-slice-ms", type=float, default=4.0,
+                   help="events are folded into the features in commits of about this many ms, Ranks run between them")
     s.add_argument("--log-level", default="INFO")
     s.add_argument("--log-json", action="store_true", help="JSON log lines (with request_id)")
     s.set_defaults(func=cmd_serve)

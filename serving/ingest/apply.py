@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -118,6 +119,35 @@ def _now_us() -> int:
 
 
 APPLY_SLICE = 500  # events applied in one commit at most: the event loop is free between commits
+APPLY_SLICE_MS = 4.0  # the time one commit aims at (`ApplySlices`); Limits.apply_slice_ms sets it
+
+
+class ApplySlices:
+    """How many events the next commit takes: as many as fit `budget_ms` at the recent cost of an
+    event (an exponential average over the commits measured), at least `min_events`, at most
+    `max_events`. The event loop is free between commits, so however long a backlog or a fetch is,
+    a Rank waits for at most about one slice (issue 30: writes never stall reads). The cost is
+    measured, not assumed: it grows with the states an event touches (a flood's co-occurrence
+    states grow as its users click), and a fixed count of 500 took 60-100 ms on the serve bench."""
+
+    def __init__(self, budget_ms: float = APPLY_SLICE_MS, max_events: int = APPLY_SLICE, min_events: int = 8):
+        if budget_ms <= 0 or not 1 <= min_events <= max_events:
+            raise ValueError(f"ApplySlices needs budget_ms > 0 and 1 <= min_events <= max_events, got {budget_ms}, "
+                             f"{min_events}, {max_events}")
+        self.budget_s, self.max_events, self.min_events = budget_ms / 1000, max_events, min_events
+        self._per_event_s: float | None = None  # None: nothing measured yet (the first commit takes min_events)
+
+    def size(self) -> int:
+        if self._per_event_s is None:
+            return self.min_events
+        return max(self.min_events, min(self.max_events, int(self.budget_s / self._per_event_s)))
+
+    def record(self, events: int, seconds: float) -> None:
+        """A commit of `events` took `seconds` (its fixed cost counts too: small commits look dear,
+        which only keeps slices small)."""
+        if events > 0:
+            per = seconds / events
+            self._per_event_s = per if self._per_event_s is None else 0.8 * self._per_event_s + 0.2 * per
 
 
 async def wait_on(cond: asyncio.Condition, predicate: Callable[[], bool], timeout_s: float) -> None:
@@ -138,8 +168,9 @@ class EventIngest:
     """Deduplicate, durably append, then apply in order, atomically; see the module docstring."""
 
     def __init__(self, event_log: EventLog, online: OnlineFeatures, dedup: EventDedup | None = None,
-                 clock_us=_now_us, worker: StoreWorker | None = None):
+                 clock_us=_now_us, worker: StoreWorker | None = None, slices: ApplySlices | None = None):
         self.event_log = event_log
+        self.slices = slices if slices is not None else ApplySlices()
         self.online = online
         self.dedup = dedup if dedup is not None else EventDedup(0)  # (an empty one is falsy: it has a len)
         self.worker = worker if worker is not None else StoreWorker(online.store.remote)
@@ -255,8 +286,8 @@ class EventIngest:
                 f"the event log could not store {len(batch)} event(s) ({type(e).__name__}); none of them were "
                 f"stored ({stored_before} earlier event(s) of this call were); resend them", stored_before) from e
         first = seq - len(batch) + 1
-        # Applied in order, in commits of at most APPLY_SLICE events, the lock released and the event loop
-        # free between them. A commit takes every stored event waiting in memory from the next seq on,
+        # Applied in order, in commits of the events that fit a slice (`ApplySlices`: a few ms), the lock
+        # released and the event loop free between them. A commit takes every stored event waiting in memory from the next seq on,
         # this call's and the calls' queued behind it: under a flood of small LogEvents calls one commit
         # applies many calls' events, so the fixed cost of a commit and the reads and writes of the keys
         # they share are paid once (bench/serve.py's heavy mix), and the queued calls find theirs applied.
@@ -272,7 +303,9 @@ class EventIngest:
                 events = self._take_waiting(start)
                 through = start + len(events) - 1 if events else seq  # (none in memory: read back from the log)
                 try:
-                    await self.worker.write(self._commit_through, through, events)
+                    began = time.perf_counter()
+                    n = await self.worker.write(self._commit_through, through, events)
+                    self.slices.record(n, time.perf_counter() - began)
                 except Exception as e:  # noqa: BLE001 - told to every call whose events it held, below
                     log.warning("applying events %d-%d to the online features failed (%s: %s)", start, through,
                                 type(e).__name__, e)
@@ -296,13 +329,13 @@ class EventIngest:
         return seq
 
     def _take_waiting(self, start: int) -> list[LoggedEvent]:
-        """Stored events waiting in memory from seq `start` on, in order and without a gap, at most
-        APPLY_SLICE (a batch cut short is put back from its first event not taken)."""
+        """Stored events waiting in memory from seq `start` on, in order and without a gap, at most a
+        slice's (`ApplySlices.size`; a batch cut short is put back from its first event not taken)."""
         events: list[LoggedEvent] = []
-        nxt = start
-        while nxt in self._waiting and len(events) < APPLY_SLICE:
+        nxt, size = start, self.slices.size()
+        while nxt in self._waiting and len(events) < size:
             part = self._waiting.pop(nxt)
-            room = APPLY_SLICE - len(events)
+            room = size - len(events)
             if len(part) > room:
                 self._waiting[nxt + room] = part[room:]
                 part = part[:room]

@@ -53,7 +53,7 @@ from featurizer.online.features import OnlineFeatures
 from featurizer.store.base import OnlineStoreError, WriteConflict
 from serving.config import JetStreamConfig
 from serving.ingest.apply import (
-    APPLY_SLICE,
+    ApplySlices,
     EventsNotApplied,
     EventsNotStored,
     Logged,
@@ -112,8 +112,9 @@ class StreamIngest:
     """LogEvents on JetStream and the fold of the stream into this process's features; see the module docstring."""
 
     def __init__(self, cfg: JetStreamConfig, online: OnlineFeatures, worker: StoreWorker, dedup_window_s: float,
-                 rules: EventRules = EventRules(), item_rules: ItemRules = ItemRules()):
+                 rules: EventRules = EventRules(), item_rules: ItemRules = ItemRules(), slices: ApplySlices | None = None):
         self.cfg, self.online, self.worker = cfg, online, worker
+        self.slices = slices if slices is not None else ApplySlices()  # events per commit
         self.rules = rules  # what LogEvents accepts: the fold applies nothing else, whoever published it
         self.item_rules = item_rules  # what UpsertItems accepts, for item messages
         self.item_known: Callable[[str], bool] | None = None  # the server's catalog (a new item needs a title)
@@ -143,12 +144,12 @@ class StreamIngest:
                    dedup_window_s: float, ready_timeout_s: float | None = None,
                    on_items: Callable[[list[SharedItem]], Awaitable[None]] | None = None,
                    items_through: int = 0, rules: EventRules = EventRules(), item_rules: ItemRules = ItemRules(),
-                   item_known: Callable[[str], bool] | None = None) -> StreamIngest:
+                   item_known: Callable[[str], bool] | None = None, slices: ApplySlices | None = None) -> StreamIngest:
         """Connect, create (or update) the stream, and fold it up to its end as of now.
         `items_through`: the store came from another replica's snapshot (serving.ingest.snapshots)
         holding seqs up to it, and this process has none of the items upserted before: they are
         folded first (item messages only), then everything after the snapshot."""
-        self = cls(cfg, online, worker, dedup_window_s, rules, item_rules)
+        self = cls(cfg, online, worker, dedup_window_s, rules, item_rules, slices)
         self.on_items, self.item_known = on_items, item_known
         try:
             await self._connect()
@@ -538,25 +539,33 @@ class StreamIngest:
         return last
 
     async def _apply_pairs(self, pairs: list[tuple[int, LoggedEvent]], last: int) -> None:
-        """Commit `pairs` up to stream seq `last`, in slices of APPLY_SLICE events with the event loop
-        free between them (a fetch holds up to FOLD_BATCH events: Ranks must not wait for all of it)."""
-        for start in range(0, max(len(pairs), 1), APPLY_SLICE):
-            part = pairs[start : start + APPLY_SLICE]
-            through = last if start + APPLY_SLICE >= len(pairs) else part[-1][0]
-            await self._apply_slice(part, through)
-            if start + APPLY_SLICE < len(pairs):
-                await asyncio.sleep(0)  # let Ranks run between slices
+        """Commit `pairs` up to stream seq `last`, in slices (`ApplySlices`: the events that fit a few
+        ms) with the event loop free between them (a fetch holds up to FOLD_BATCH events: Ranks must
+        not wait for all of it)."""
+        start = 0
+        while True:
+            size = self.slices.size()
+            part = pairs[start : start + size]
+            done = start + size >= len(pairs)
+            began = time.perf_counter()
+            n = await self._apply_slice(part, last if done else part[-1][0])
+            self.slices.record(n, time.perf_counter() - began)
+            if done:
+                return
+            start += size
+            await asyncio.sleep(0)  # let Ranks run between slices
 
-    async def _apply_slice(self, pairs: list[tuple[int, LoggedEvent]], last: int) -> None:
-        """Commit `pairs` up to stream seq `last`, retrying while the store fails."""
+    async def _apply_slice(self, pairs: list[tuple[int, LoggedEvent]], last: int) -> int:
+        """Commit `pairs` up to stream seq `last`, retrying while the store fails; returns the events
+        committed."""
         if last <= self.committed_seq:
-            return
+            return 0
         failures = 0
         while True:
             try:
                 async with self.applied_lock:
                     if self._restart.is_set():  # the store was refilled: fold again from its seq
-                        return
+                        return 0
                     n = await self.worker.write(self._commit, pairs, last)
                 break
             except Exception as e:  # noqa: BLE001 - the store failed: keep the batch and retry; LogEvents waiting are told
@@ -568,6 +577,7 @@ class StreamIngest:
         async with self._folded:
             self._failure = None
             self._folded.notify_all()
+        return n
 
     def _fail(self, e: BaseException) -> None:
         if self._failure is None:

@@ -144,10 +144,12 @@ def test_a_token_wait_honours_its_timeout_while_an_apply_holds_the_lock(tmp_path
     assert asyncio.run(scenario()) is False  # not applied, and answered within its own bound
 
 
-def test_a_large_batch_is_applied_in_slices_with_the_loop_free_between_them(tmp_path, monkeypatch):
+@pytest.mark.parametrize("slices", ["fixed", "timed"])
+def test_a_large_batch_is_applied_in_slices_with_the_loop_free_between_them(tmp_path, monkeypatch, slices):
     """Issue 30 (writes never stall reads): a LogEvents message of 1,200 events is committed in slices
-    of APPLY_SLICE (500) events, and other tasks (a Rank) run between the slices; the features equal
-    those of one apply, and the store holds the batch's last seq."""
+    (fixed: 500 events each; timed: the events that fit a few ms at the measured cost), and other
+    tasks (a Rank) run between the slices; the features equal those of one apply, and the store
+    holds the batch's last seq."""
     import serving.ingest.apply as apply_mod
     from serving.ingest.log_format import LoggedEvent
 
@@ -161,7 +163,9 @@ def test_a_large_batch_is_applied_in_slices_with_the_loop_free_between_them(tmp_
 
     async def scenario():
         with EventLog(tmp_path / "events") as log:
-            ingest = EventIngest(log, online, EventDedup(0), clock_us=lambda: T0_US)
+            ingest = EventIngest(log, online, EventDedup(0), clock_us=lambda: T0_US,
+                                 slices=apply_mod.ApplySlices(max_events=500, min_events=500) if slices == "fixed"
+                                 else apply_mod.ApplySlices(budget_ms=2.0))
 
             async def other_work():  # stands in for Ranks on the same loop
                 while True:
@@ -175,8 +179,36 @@ def test_a_large_batch_is_applied_in_slices_with_the_loop_free_between_them(tmp_
             return logged
 
     logged = asyncio.run(scenario())
-    assert [(n, last) for n, last, _ in commits] == [(500, 500), (500, 1000), (200, 1200)] and logged.last_seq == 1200
-    assert commits[1][2] > commits[0][2] and commits[2][2] > commits[1][2]  # the other task ran between slices
+    if slices == "fixed":
+        assert [(n, last) for n, last, _ in commits] == [(500, 500), (500, 1000), (200, 1200)]
+    else:  # the first slice is the smallest (no cost measured yet), then sized by the measured cost
+        assert commits[0][0] == 8 and len(commits) > 3 and all(n <= 500 for n, _, _ in commits), commits
+    assert [last for _, last, _ in commits] == list(np.cumsum([n for n, _, _ in commits])) and logged.last_seq == 1200
+    assert all(b[2] > a[2] for a, b in zip(commits, commits[1:]))  # the other task ran between slices
     want = OnlineFeatures(InProcessStore(), ITEMS)
     want.apply(events_frame(events))
     np.testing.assert_array_equal(features(online), features(want))
+
+
+def test_apply_slices_fit_the_budget_at_the_measured_cost():
+    from serving.ingest.apply import ApplySlices
+
+    slices = ApplySlices(budget_ms=4.0, max_events=500, min_events=8)
+    assert slices.size() == 8  # nothing measured yet
+    slices.record(8, 8 * 100e-6)  # 100 µs per event: 40 fit in 4 ms
+    assert slices.size() == 40
+    for _ in range(50):
+        slices.record(40, 40 * 1e-6)  # cheaper events: larger slices, up to the cap
+    assert slices.size() == 500
+    for _ in range(50):
+        slices.record(10, 10 * 2e-3)  # dear events: never below the floor
+    assert slices.size() == 8
+    slices.record(0, 1.0)  # a commit of nothing measures nothing
+    assert slices.size() == 8
+    with pytest.raises(ValueError, match="budget_ms"):
+        ApplySlices(budget_ms=0)
+    from featurizer.errors import ConfigError
+    from serving.config import Limits
+
+    with pytest.raises(ConfigError, match="apply_slice_ms"):
+        Limits(apply_slice_ms=0)

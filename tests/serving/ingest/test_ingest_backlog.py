@@ -12,7 +12,7 @@ import pytest
 from featurizer.online.features import OnlineFeatures
 from featurizer.store.base import OnlineStoreError
 from featurizer.store.in_process import InProcessStore
-from serving.ingest.apply import EventIngest, EventsNotApplied, applied_seq
+from serving.ingest.apply import ApplySlices, EventIngest, EventsNotApplied, applied_seq
 from serving.ingest.event_log import EventLog
 from serving.ingest.log_format import events_frame
 from tests.serving.ingest.apply_crash_child import ITEMS, batch
@@ -155,14 +155,15 @@ async def queue_calls(ingest: EventIngest, log: EventLog, n: int, while_held=lam
 
 def test_batches_queued_behind_a_commit_are_applied_in_one_commit(tmp_path):
     """Under a flood of small LogEvents calls, one commit applies every stored batch waiting in memory
-    (bench/serve.py's heavy mix: 50 calls/s of 20 events each applied one by one starved the Ranks of
-    the embedded default); each call still answers its own sequence, and every event counts once."""
+    that fits its slice (bench/serve.py's heavy mix: 50 calls/s of 20 events each applied one by one
+    starved the Ranks of the embedded default); each call still answers its own sequence, and every
+    event counts once."""
     store = CommitCounter()
     online = OnlineFeatures(store, ITEMS)
 
     async def scenario():
         with EventLog(tmp_path / "events") as log:
-            ingest = EventIngest(log, online)
+            ingest = EventIngest(log, online, slices=ApplySlices(min_events=64))  # the 8 calls' events fit one slice
             before = store.commits
             calls = await queue_calls(ingest, log, 8)
             assert store.commits == before  # (nothing applied while the lock was held)
