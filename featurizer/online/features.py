@@ -248,8 +248,8 @@ class OnlineFeatures:
         self.store.write_batch({
             "item": {k: s.to_bytes() for k, s in item_st.items()},
             "ui": {k: s.to_bytes() for k, s in ui_st.items()},
-            "user": {k: s.to_dict() for k, s in user_st.items()},
-            "cooc": {k: s.to_dict() for k, s in cooc_st.items()},
+            "user": {k: s.to_owned() for k, s in user_st.items()},  # copies: the states are kept and change later
+            "cooc": {k: s.to_owned() for k, s in cooc_st.items()},
             "meta": {**(meta or {}), META_KEY: {"watermark": watermark, "fingerprint": self._fingerprint}},
         }, expect=expect)
         self._watermark = watermark

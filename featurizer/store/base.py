@@ -58,6 +58,16 @@ class WriteConflict(OnlineStoreError):
 Expect = tuple[str, str, "Value | None"]  # (entity, key, the value it must hold; None: absent)
 
 
+class Owned(dict):
+    """A dict value handed over to the store by `write_batch`: the writer never changes it, nor
+    anything inside it, afterwards. A store in this process may then keep it as it is and encode it
+    only when it must (a read, a snapshot; `featurizer.store.in_process`); any other store encodes
+    it at once, as any dict. The fold hands over copies of the states it changes, so a state
+    rewritten by every event is encoded once per snapshot, not once per event."""
+
+    __slots__ = ()
+
+
 def encode_value(value: Value) -> bytes:
     """A store value as bytes: a dict as compact JSON (orjson: the fold encodes and decodes a few
     co-occurrence and user states per event, and the standard library's json took 60% of the event

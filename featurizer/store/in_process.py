@@ -33,6 +33,7 @@ from featurizer.store.base import (
     Expect,
     OnlineStore,
     OnlineStoreError,
+    Owned,
     Value,
     WriteConflict,
     check_name,
@@ -60,15 +61,24 @@ def fork_is_safe() -> bool:
     return "grpc" not in sys.modules or os.environ.get(_GRPC_FORK_ENV, "").strip().lower() in ("0", "false", "no")
 
 
+def _fresh(value: bytes | Owned) -> Value:
+    """What a read returns for a held value: decoded, never an object the store holds."""
+    return decode_value(value if type(value) is bytes else encode_value(value))
+
+
 class InProcessStore(OnlineStore):
-    """Dicts in memory (encoded values, so reads never alias writes); optionally persisted to `path`."""
+    """Dicts in memory, optionally persisted to `path`. Values are held encoded (so reads never alias
+    writes), except, with a path, `Owned` ones, which the writer handed over: those are held as they
+    are until the next snapshot is written, which encodes them (`_settle`), so a key rewritten by
+    every event of a flood is encoded once per snapshot instead of once per write."""
 
     def __init__(self, config: InProcessConfig = InProcessConfig()):
         if not isinstance(config, InProcessConfig):
             raise StoreConfigError(f"InProcessStore needs an InProcessConfig, got {type(config).__name__}")
         self.config = config
         self._path = Path(config.path) if config.path else None
-        self._data: dict[str, dict[str, bytes]] = {}
+        self._data: dict[str, dict[str, bytes | Owned]] = {}
+        self._owned: dict[str, set[str]] = {}  # per entity: the keys written with an Owned value since the last settle
         self._lock = threading.RLock()
         self._flush_lock = threading.Lock()  # one flush at a time (taken before _lock, never inside it)
         # Per entity: a write counter and, once a reader asked for `changes`, the keys of the
@@ -113,19 +123,24 @@ class InProcessStore(OnlineStore):
         return self._data.setdefault(entity, {})
 
     def write_batch(self, rows: Mapping[str, Mapping[str, Value]], expect: Expect | None = None) -> None:
-        encoded = {entity: {str(k): encode_value(v) for k, v in part.items()} for entity, part in rows.items() if part}
+        keep = self._path is not None  # Owned values are held until a snapshot settles them: only with a file
+        encoded = {entity: {str(k): v if keep and type(v) is Owned else encode_value(v) for k, v in part.items()}
+                   for entity, part in rows.items() if part}
         if not encoded:
             return
+        owned = {entity: [k for k, v in part.items() if type(v) is Owned] for entity, part in encoded.items()}
         with self._lock:  # one critical section: a read or a snapshot sees every entity's rows or none
             if expect is not None:
                 entity, key, value = expect
                 held = self._table(entity).get(key)
-                if (None if held is None else decode_value(held)) != value:
+                if (None if held is None else _fresh(held)) != value:
                     raise WriteConflict(f"online store write refused: {entity} {key!r} no longer holds the expected value")
             tables = {entity: self._table(entity) for entity in encoded}
             for entity, part in encoded.items():
                 tables[entity].update(part)
                 self._bump(entity, part.keys())
+                if owned[entity]:
+                    self._owned.setdefault(entity, set()).update(owned[entity])
             self._dirty = True
         self._autoflush()
 
@@ -133,7 +148,7 @@ class InProcessStore(OnlineStore):
         with self._lock:
             table = self._table(entity)
             blobs = [table.get(k) for k in keys]
-        return [None if b is None else decode_value(b) for b in blobs]
+        return [None if b is None else decode_value(b) if type(b) is bytes else _fresh(b) for b in blobs]
 
     def keys(self, entity: str) -> list[str]:
         with self._lock:
@@ -286,12 +301,32 @@ class InProcessStore(OnlineStore):
                     self._disk_base_id = base_id
                     files.delta_path(self._path).unlink(missing_ok=True)  # (a stale one is ignored at load anyway)
                 self._delta_on_disk = delta is not None
+                settled = self._settle()
                 log.info("%s: %s snapshot written in %.0f ms (%s)", self._path.name,
                          "full" if delta is None else "delta", (time.monotonic() - taken) * 1000,
                          f"{sum(map(len, delta.values()))} keys changed" if delta is not None else
                          "by a forked child" if child is not None else "copied in process")
+                if settled:
+                    log.debug("%s: %d handed-over value(s) encoded after the snapshot", self._path.name, settled)
 
         return write
+
+    def _settle(self) -> int:
+        """Encode the `Owned` values written before now and hold their bytes instead (a dict of a few
+        hundred entries takes several times the memory of its JSON), so that only values written
+        since the last snapshot are held decoded. The encoding runs outside the lock (after a
+        snapshot, on the snapshot's thread); a key written again meanwhile keeps its newer value.
+        Returns how many values it encoded."""
+        with self._lock:
+            owned, self._owned = self._owned, {}
+            taken = [(entity, k, self._data.get(entity, {}).get(k)) for entity, keys in owned.items() for k in keys]
+        encoded = [(entity, k, v, encode_value(v)) for entity, k, v in taken if type(v) is Owned]
+        with self._lock:
+            for entity, k, v, blob in encoded:
+                table = self._data.get(entity)
+                if table is not None and table.get(k) is v:  # the same value, encoded: not a change
+                    table[k] = blob
+        return len(encoded)
 
     def _may_fork(self) -> bool:
         if fork_is_safe():

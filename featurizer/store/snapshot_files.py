@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featurizer.store.base import OnlineStoreError
+from featurizer.store.base import OnlineStoreError, encode_value
 
 FILE_FORMAT = 1
 
@@ -66,7 +66,7 @@ def save_delta(path: Path, delta: dict[str, dict[str, bytes | None]], base_id: s
     save_atomic(delta_path(path), upserts, delta_of=base_id, deleted=deleted)
 
 
-def save_atomic(path: Path, data: dict[str, dict[str, bytes]], tmp: Path | None = None, replace: bool = True, *,
+def save_atomic(path: Path, data: dict[str, dict[str, bytes | dict]], tmp: Path | None = None, replace: bool = True, *,
                  base_id: str | None = None, delta_of: str | None = None,
                  deleted: dict[str, list[str]] | None = None) -> None:
     """Write to a temp file beside `path` (`tmp`, or a fresh name), fsync, and with `replace` rename
@@ -82,7 +82,8 @@ def save_atomic(path: Path, data: dict[str, dict[str, bytes]], tmp: Path | None 
         table = data.get(entity, {})
         arrays[f"e{k}_name"] = np.frombuffer(entity.encode(), dtype=np.uint8)
         arrays[f"e{k}_keys"], arrays[f"e{k}_key_offsets"] = pack([key.encode() for key in table])
-        arrays[f"e{k}_values"], arrays[f"e{k}_value_offsets"] = pack(list(table.values()))
+        arrays[f"e{k}_values"], arrays[f"e{k}_value_offsets"] = pack(  # (an `Owned` value is encoded here)
+            [v if type(v) is bytes else encode_value(v) for v in table.values()])
         if deleted is not None:
             gone = [key.encode() for key in deleted.get(entity, [])]
             arrays[f"e{k}_deleted"], arrays[f"e{k}_deleted_offsets"] = pack(gone)

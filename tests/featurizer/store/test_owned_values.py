@@ -1,0 +1,123 @@
+"""`Owned` values: the fold hands copies of the states it changes to the in-process store, which holds
+them as they are until the next snapshot encodes them. Reads, snapshots (full, forked or copied, and
+delta), fences and restarts see exactly what plain dicts would give; the store never hands out an
+object it holds; a value written again while a snapshot encodes keeps its newer value."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import featurizer.store.in_process as in_process
+from featurizer.contracts.schema import EVENT_TYPES
+from featurizer.definitions import EVENT_CODE
+from featurizer.online.features import OnlineFeatures, to_us
+from featurizer.online.user_state import CoocState, UserState
+from featurizer.store.base import Owned, WriteConflict, encode_value
+from featurizer.store.config import InProcessConfig
+from featurizer.store.in_process import InProcessStore
+from tests.featurizer.online.test_user_history import ITEMS, T0
+
+EVENTS = st.lists(st.tuples(st.integers(0, 30), st.sampled_from(["u0", "u1", "u2"]),
+                            st.sampled_from(["i0", "i1", "i2", "i3", "i4"]), st.sampled_from(EVENT_TYPES)),
+                  min_size=1, max_size=40)
+
+
+def _apply(online: OnlineFeatures, rows) -> None:
+    online.apply_columns([to_us(T0 + timedelta(minutes=m)) for m, *_ in rows], [r[1] for r in rows],
+                         [r[2] for r in rows], [EVENT_CODE[r[3]] for r in rows])
+
+
+@pytest.mark.parametrize("fork", [True, False])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(batches=st.lists(EVENTS, min_size=1, max_size=4), snapshot_after=st.lists(st.booleans(), min_size=4, max_size=4))
+def test_a_store_holding_handed_over_states_reads_snapshots_and_reloads_as_plain_dicts_would(
+        tmp_path_factory, fork, batches, snapshot_after):
+    path = tmp_path_factory.mktemp("owned") / "store.bin"
+    store = InProcessStore(InProcessConfig(path=str(path), fork_snapshots=fork))
+    plain = InProcessStore()  # no file: every value is encoded at once
+    online, reference = OnlineFeatures(store, ITEMS), OnlineFeatures(plain, ITEMS)
+    for rows, snap in zip(batches, snapshot_after):
+        _apply(online, rows)
+        _apply(reference, rows)
+        if snap:
+            store.flush()  # a delta or a full snapshot, then the values written before it are encoded
+    for entity in ("user", "cooc", "item", "ui", "meta"):
+        keys = plain.keys(entity)
+        assert sorted(store.keys(entity)) == sorted(keys)
+        assert store.read(entity, keys) == plain.read(entity, keys)
+    store.close()
+    reloaded = InProcessStore(InProcessConfig(path=str(path)))
+    for entity in ("user", "cooc", "item", "ui", "meta"):
+        keys = plain.keys(entity)
+        assert reloaded.read(entity, keys) == plain.read(entity, keys)
+    assert all(type(v) is bytes for table in plain._data.values() for v in table.values())
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=EVENTS, more=EVENTS)
+def test_a_handed_over_copy_encodes_as_the_state_and_shares_nothing_it_changes(rows, more):
+    store = InProcessStore()
+    online = OnlineFeatures(store, ITEMS)
+    _apply(online, rows)
+    states = [UserState.from_dict(v) for v in store.read("user", store.keys("user"))]
+    states += [CoocState.from_dict(v) for v in store.read("cooc", store.keys("cooc"))]
+    copies = [(s.to_owned(), encode_value(s.to_dict())) for s in states]
+    for (owned, encoded), s in zip(copies, states):
+        assert encode_value(owned) == encoded
+    for (m, _, item, event), s in zip(more * len(states), states):  # change every state
+        t = to_us(T0 + timedelta(minutes=31 + m))
+        if isinstance(s, UserState):
+            s.add(t, EVENT_CODE[event], item, "c", "b", 1.0, True, 10, 10**12)
+        else:
+            s.add(item, t)
+    for owned, encoded in copies:
+        assert encode_value(owned) == encoded  # the copy did not change with its state
+
+
+def test_reads_never_return_a_held_object_and_fences_compare_values(tmp_path):
+    store = InProcessStore(InProcessConfig(path=str(tmp_path / "s.bin")))
+    value = Owned(n={"a": 1}, last=3, d={})
+    store.write_batch({"cooc": {"i0": value}})
+    assert store._data["cooc"]["i0"] is value  # held as handed over
+    got = store.read("cooc", ["i0"])[0]
+    assert got == {"n": {"a": 1}, "last": 3, "d": {}} and got is not value and got["n"] is not value["n"]
+    got["n"]["a"] = 99
+    assert store.read("cooc", ["i0"])[0]["n"] == {"a": 1}
+    store.write_batch({"cooc": {"i1": {"n": {}}}}, expect=("cooc", "i0", {"n": {"a": 1}, "last": 3, "d": {}}))
+    with pytest.raises(WriteConflict):
+        store.write_batch({"cooc": {"i1": {"n": {}}}}, expect=("cooc", "i0", {"n": {"a": 2}, "last": 3, "d": {}}))
+
+
+def test_without_a_file_handed_over_values_are_encoded_at_once():
+    store = InProcessStore()
+    store.write_batch({"cooc": {"i0": Owned(n={"a": 1}, last=3, d={})}})
+    assert type(store._data["cooc"]["i0"]) is bytes
+
+
+def test_a_snapshot_encodes_what_was_handed_over_before_it_and_keeps_what_is_written_during_it(tmp_path, monkeypatch):
+    store = InProcessStore(InProcessConfig(path=str(tmp_path / "s.bin"), fork_snapshots=False))
+    store.write_batch({"cooc": {"i0": Owned(n={"a": 1}, last=1, d={}), "i1": Owned(n={"b": 1}, last=1, d={})}})
+    newer = Owned(n={"a": 2}, last=2, d={})
+    real = in_process.encode_value
+    calls = []
+
+    def racing_encode(v):  # fault injection: a write lands while the snapshot's thread encodes
+        if not calls:
+            store.write_batch({"cooc": {"i0": newer}})
+        calls.append(v)
+        return real(v)
+
+    monkeypatch.setattr(in_process, "encode_value", racing_encode)
+    store.flush()
+    monkeypatch.setattr(in_process, "encode_value", real)
+    assert type(store._data["cooc"]["i1"]) is bytes  # settled
+    assert store._data["cooc"]["i0"] is newer  # the newer write is kept, not the older value's bytes
+    assert store.read("cooc", ["i0", "i1"]) == [{"n": {"a": 2}, "last": 2, "d": {}}, {"n": {"b": 1}, "last": 1, "d": {}}]
+    store.flush()  # the newer one goes out with the next snapshot, and is settled after it
+    assert type(store._data["cooc"]["i0"]) is bytes
+    store.close()
+    assert InProcessStore(InProcessConfig(path=str(tmp_path / "s.bin"))).read("cooc", ["i0"])[0]["n"] == {"a": 2}
