@@ -326,12 +326,18 @@ class ServeConfig:
     triton_supervise_s: float = 2.0  # restart a dead or unresponsive Triton; 0: never (tests of outages)
     grace_s: float = 5.0
     limits: Limits = field(default_factory=Limits)
+    # The collector's thresholds while serving (gc.set_threshold; Python's default is 700, 10, 10). The
+    # decoded feature states and the fold's handed-over copies survive into the oldest generation, and
+    # under bench/serve.py's write flood a full collection (about 66 ms) ran every 2 s at the default.
+    gc_thresholds: tuple[int, int, int] = (7000, 10, 100)
 
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 65535:
                 raise ConfigError(f"{name}={value}: a TCP port is 0 to 65535 (0: a free one)")
+        if len(self.gc_thresholds) != 3 or min(self.gc_thresholds) < 1:
+            raise ConfigError(f"gc_thresholds={self.gc_thresholds}: three collector thresholds, each >= 1")
         if self.max_concurrent_rpcs < 1:
             raise ConfigError(f"max_concurrent_rpcs={self.max_concurrent_rpcs} must be >= 1")
         if self.snapshot_interval_s < 0:

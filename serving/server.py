@@ -106,6 +106,7 @@ class RankingServer:
                  encoder_factory: Callable | None = None):
         self.cfg = cfg
         self.clock = clock
+        self._gc_thresholds: tuple[int, int, int] | None = None  # the process's own, restored at stop
         self.metrics = Metrics()
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
@@ -266,6 +267,8 @@ class RankingServer:
         # (one took 188 ms in the bench's mixed phase before; semrank_gc_pause_seconds shows them).
         gc.collect()
         gc.freeze()
+        self._gc_thresholds = gc.get_threshold()
+        gc.set_threshold(*cfg.gc_thresholds)  # (ServeConfig.gc_thresholds: full collections stay rare)
         log.info("serving %s on %s:%d (bundle %s, %d items, %d experiment(s), metrics port %s)", SERVICE_NAME,
                  cfg.host, self.port, registry.default.runtime.version, len(items), len(experiments.experiments),
                  self.metrics_port)
@@ -435,6 +438,9 @@ class RankingServer:
         """Stop accepting, drain in-flight calls, flush logs and the snapshot, stop Triton."""
         self.metrics.unwatch_gc()
         gc.unfreeze()  # (several servers in one process, as in tests: what start froze is collectable again)
+        if self._gc_thresholds is not None:
+            gc.set_threshold(*self._gc_thresholds)
+            self._gc_thresholds = None
         if self.server is not None:
             await self.health.enter_graceful_shutdown()
             await self.server.stop(self.cfg.grace_s)

@@ -70,6 +70,7 @@ def cmd_serve(args) -> int:
         triton_urls=tuple(_key_url(spec) for spec in args.worker_triton),
         share_port=args.worker_of is not None,  # the workers of one supervisor share its port; nobody else
         null_service_top_k=args.null_service,
+        gc_thresholds=args.gc_thresholds,
         limits=Limits(max_candidates=args.max_candidates, max_text_chars=args.max_text_chars,
                       max_message_bytes=args.max_message_bytes, apply_slice_ms=args.apply_slice_ms),
     )
@@ -96,6 +97,13 @@ def cmd_serve(args) -> int:
 
     asyncio.run(run())
     return 0
+
+
+def _gc_thresholds(spec: str) -> tuple[int, int, int]:
+    parts = spec.split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected three integers >= 1, as 7000,10,100")
+    return tuple(int(p) for p in parts)
 
 
 def _key_url(spec: str) -> tuple[str, str]:
@@ -199,6 +207,8 @@ def register(sub) -> None:
     s.add_argument("--max-candidates", type=int, default=2000)
     s.add_argument("--max-text-chars", type=int, default=4096)
     s.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024)
+    s.add_argument("--gc-thresholds", type=_gc_thresholds, default=(7000, 10, 100), metavar="G0,G1,G2",
+                   help="the garbage collector's thresholds while serving (Python's default: 700,10,10)")
     s.add_argument("--apply-slice-ms", type=float, default=4.0,
                    help="events are folded into the features in commits of about this many ms, Ranks run between them")
     s.add_argument("--log-level", default="INFO")

@@ -239,15 +239,22 @@ def test_what_start_up_loaded_is_out_of_the_collectors_way(service):
     import gc
 
     assert gc.get_freeze_count() > 10_000
+    assert gc.get_threshold() == ServeConfig.gc_thresholds  # and full collections stay rare while serving
 
 
 def test_the_null_service_answers_a_reply_built_in_advance(small_shop, small_bundle, shop):
     """bench/serve.py's floor (`semrank serve --null-service 10`): the same server, whose Rank parses the
     request (grpc) and answers a reply of 10 catalog items built at start, doing no ranking."""
-    cfg = ServeConfig(bundle_dir=small_bundle[0], data_dir=small_shop, port=0, null_service_top_k=10)
+    import gc
+
+    before = gc.get_threshold()
+    cfg = ServeConfig(bundle_dir=small_bundle[0], data_dir=small_shop, port=0, null_service_top_k=10,
+                      gc_thresholds=(1234, 5, 6))
     with ServerThread(cfg) as st, grpc.insecure_channel(f"127.0.0.1:{st.port}") as channel:
+        assert gc.get_threshold() == (1234, 5, 6)
         ids = shop.items["item_id"].tail(50).to_list()
         a = rank(channel, user_id=active_user(shop), candidates=[pb.RankCandidate(item_id=i) for i in ids])
         b = rank(channel, user_id="anyone", candidates=[pb.RankCandidate(item_id="x")])
         assert a == b and len(a.items) == 10 and [it.rank for it in a.items] == list(range(1, 11))
         assert a.model_version == load_bundle(small_bundle[0]).version
+    assert gc.get_threshold() == before  # the process's own thresholds again once the server stopped
