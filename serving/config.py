@@ -328,8 +328,10 @@ class ServeConfig:
     limits: Limits = field(default_factory=Limits)
     # The collector's thresholds while serving (gc.set_threshold; Python's default is 700, 10, 10). The
     # decoded feature states and the fold's handed-over copies survive into the oldest generation, and
-    # under bench/serve.py's write flood a full collection (about 66 ms) ran every 2 s at the default.
-    gc_thresholds: tuple[int, int, int] = (7000, 10, 100)
+    # under bench/serve.py's write flood a full collection (66-83 ms) ran every 2 s at the default; a
+    # tenth as often here. The young generations keep Python's sizes: 7000 objects made a gen-0 pass
+    # take up to 14 ms and a gen-1 pass 45 ms (docs/scaling.md, "The write flood, again").
+    gc_thresholds: tuple[int, int, int] = (700, 10, 100)
 
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port"):

@@ -248,7 +248,10 @@ class OnlineFeatures:
         self.store.write_batch({
             "item": {k: s.to_bytes() for k, s in item_st.items()},
             "ui": {k: s.to_bytes() for k, s in ui_st.items()},
-            "user": {k: s.to_owned() for k, s in user_st.items()},  # copies: the states are kept and change later
+            # Encoded now (a couple of KB, but dozens of small lists: copies held until the snapshot made
+            # the collector run 5x as often); co-occurrence states are handed over as Owned copies (large
+            # dicts of ints, one tracked object each), encoded once per snapshot.
+            "user": {k: s.to_dict() for k, s in user_st.items()},
             "cooc": {k: s.to_owned() for k, s in cooc_st.items()},
             "meta": {**(meta or {}), META_KEY: {"watermark": watermark, "fingerprint": self._fingerprint}},
         }, expect=expect)

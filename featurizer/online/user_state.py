@@ -133,14 +133,6 @@ class UserState:
         return {"last": c.last, "tot": c.tot, "delta": c.delta, "rings": {str(k): v for k, v in c.rings.items()},
                 **{name: getattr(self, name) for name in self.__slots__ if name != "counts"}}
 
-    def to_owned(self) -> Owned:
-        """`to_dict` as an `Owned` copy: every container new, so this state can change after the write."""
-        c = self.counts
-        return Owned(last=c.last, tot=list(c.tot), delta=list(c.delta), rings={str(k): list(v) for k, v in c.rings.items()},
-                     eng=list(self.eng), cat=dict(self.cat), d_cat=dict(self.d_cat), brand=dict(self.brand),
-                     d_brand=dict(self.d_brand), lp=list(self.lp), d_lp=list(self.d_lp),
-                     recent={k: list(v) for k, v in self.recent.items()}, buf=[list(e) for e in self.buf])
-
     @classmethod
     def from_dict(cls, d: dict) -> UserState:
         s = cls()

@@ -102,7 +102,7 @@ def cmd_serve(args) -> int:
 def _gc_thresholds(spec: str) -> tuple[int, int, int]:
     parts = spec.split(",")
     if len(parts) != 3 or not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
-        raise argparse.ArgumentTypeError(f"{spec!r}: expected three integers >= 1, as 7000,10,100")
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected three integers >= 1, as 700,10,100")
     return tuple(int(p) for p in parts)
 
 
@@ -207,7 +207,7 @@ def register(sub) -> None:
     s.add_argument("--max-candidates", type=int, default=2000)
     s.add_argument("--max-text-chars", type=int, default=4096)
     s.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024)
-    s.add_argument("--gc-thresholds", type=_gc_thresholds, default=(7000, 10, 100), metavar="G0,G1,G2",
+    s.add_argument("--gc-thresholds", type=_gc_thresholds, default=(700, 10, 100), metavar="G0,G1,G2",
                    help="the garbage collector's thresholds while serving (Python's default: 700,10,10)")
     s.add_argument("--apply-slice-ms", type=float, default=4.0,
                    help="events are folded into the features in commits of about this many ms, Ranks run between them")

@@ -15,7 +15,7 @@ import featurizer.store.in_process as in_process
 from featurizer.contracts.schema import EVENT_TYPES
 from featurizer.definitions import EVENT_CODE
 from featurizer.online.features import OnlineFeatures, to_us
-from featurizer.online.user_state import CoocState, UserState
+from featurizer.online.user_state import CoocState
 from featurizer.store.base import Owned, WriteConflict, encode_value
 from featurizer.store.config import InProcessConfig
 from featurizer.store.in_process import InProcessStore
@@ -63,17 +63,12 @@ def test_a_handed_over_copy_encodes_as_the_state_and_shares_nothing_it_changes(r
     store = InProcessStore()
     online = OnlineFeatures(store, ITEMS)
     _apply(online, rows)
-    states = [UserState.from_dict(v) for v in store.read("user", store.keys("user"))]
-    states += [CoocState.from_dict(v) for v in store.read("cooc", store.keys("cooc"))]
+    states = [CoocState.from_dict(v) for v in store.read("cooc", store.keys("cooc"))]
     copies = [(s.to_owned(), encode_value(s.to_dict())) for s in states]
     for (owned, encoded), s in zip(copies, states):
         assert encode_value(owned) == encoded
-    for (m, _, item, event), s in zip(more * len(states), states):  # change every state
-        t = to_us(T0 + timedelta(minutes=31 + m))
-        if isinstance(s, UserState):
-            s.add(t, EVENT_CODE[event], item, "c", "b", 1.0, True, 10, 10**12)
-        else:
-            s.add(item, t)
+    for (m, _, item, _), s in zip(more * len(states), states):  # change every state
+        s.add(item, to_us(T0 + timedelta(minutes=31 + m)))
     for owned, encoded in copies:
         assert encode_value(owned) == encoded  # the copy did not change with its state
 
