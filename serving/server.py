@@ -21,6 +21,7 @@ import asyncio
 import gc
 import ipaddress
 import logging
+import random
 import tempfile
 from collections.abc import Callable
 from dataclasses import replace
@@ -328,8 +329,12 @@ class RankingServer:
             self.metrics.event_loop_lag_seconds.observe(max(0.0, loop.time() - t0 - every_s))
 
     async def _snapshots(self, every_s: float) -> None:
+        # The first one after a random part of the interval: the workers of one host (started together)
+        # then write and share theirs at different moments, not both at once on the same cores.
+        wait = every_s * random.uniform(0.5, 1.0)
         while True:
-            await asyncio.sleep(every_s)
+            await asyncio.sleep(wait)
+            wait = every_s
             try:
                 # The copy under the apply lock: a snapshot never holds half a batch, nor a batch
                 # without its seq. Packing and fsyncing it (hundreds of ms for a large state) happen

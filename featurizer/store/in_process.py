@@ -66,6 +66,12 @@ def _fresh(value: bytes | Owned) -> Value:
     return decode_value(value if type(value) is bytes else encode_value(value))
 
 
+def _known(known: Mapping[int, tuple[Owned, bytes]], value: Owned) -> bytes | None:
+    """The encoding of `value` in `known` (keyed by id; the value kept beside it, so an id is never another's)."""
+    held = known.get(id(value))
+    return held[1] if held is not None and held[0] is value else None
+
+
 class InProcessStore(OnlineStore):
     """Dicts in memory, optionally persisted to `path`. Values are held encoded (so reads never alias
     writes), except, with a path, `Owned` ones, which the writer handed over: those are held as they
@@ -282,10 +288,15 @@ class InProcessStore(OnlineStore):
                     if child is not None:
                         child.discard()
                     return  # a newer state is on disk already
+                encoded: dict[int, tuple[Owned, bytes]] = {}  # id of an Owned value the delta held -> it, its encoding
                 try:
                     if delta is not None:
                         if self._disk_base_id != base_id:  # its full snapshot never landed: write a full one next
                             raise OnlineStoreError(f"{self._path}: the delta's full snapshot is not on disk")
+                        for part in delta.values():  # encoded once: for the file, and for the store (_settle)
+                            for k, v in part.items():
+                                if type(v) is Owned:
+                                    part[k] = encoded.setdefault(id(v), (v, encode_value(v)))[1]
                         files.save_delta(self._path, delta, base_id)
                     elif child is not None:
                         child.wait()
@@ -301,7 +312,7 @@ class InProcessStore(OnlineStore):
                     self._disk_base_id = base_id
                     files.delta_path(self._path).unlink(missing_ok=True)  # (a stale one is ignored at load anyway)
                 self._delta_on_disk = delta is not None
-                settled = self._settle()
+                settled = self._settle(encoded)
                 log.info("%s: %s snapshot written in %.0f ms (%s)", self._path.name,
                          "full" if delta is None else "delta", (time.monotonic() - taken) * 1000,
                          f"{sum(map(len, delta.values()))} keys changed" if delta is not None else
@@ -311,16 +322,18 @@ class InProcessStore(OnlineStore):
 
         return write
 
-    def _settle(self) -> int:
+    def _settle(self, known: Mapping[int, tuple[Owned, bytes]]) -> int:
         """Encode the `Owned` values written before now and hold their bytes instead (a dict of a few
         hundred entries takes several times the memory of its JSON), so that only values written
-        since the last snapshot are held decoded. The encoding runs outside the lock (after a
+        since the last snapshot are held decoded. `known`: encodings the snapshot made already, by
+        id of the value (a delta holds every value written since the last settle; after a forked
+        full snapshot they are encoded here). The encoding runs outside the lock (after a
         snapshot, on the snapshot's thread); a key written again meanwhile keeps its newer value.
-        Returns how many values it encoded."""
+        Returns how many values it settled."""
         with self._lock:
             owned, self._owned = self._owned, {}
             taken = [(entity, k, self._data.get(entity, {}).get(k)) for entity, keys in owned.items() for k in keys]
-        encoded = [(entity, k, v, encode_value(v)) for entity, k, v in taken if type(v) is Owned]
+        encoded = [(entity, k, v, _known(known, v) or encode_value(v)) for entity, k, v in taken if type(v) is Owned]
         with self._lock:
             for entity, k, v, blob in encoded:
                 table = self._data.get(entity)

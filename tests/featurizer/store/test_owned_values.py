@@ -116,3 +116,19 @@ def test_a_snapshot_encodes_what_was_handed_over_before_it_and_keeps_what_is_wri
     assert type(store._data["cooc"]["i0"]) is bytes
     store.close()
     assert InProcessStore(InProcessConfig(path=str(tmp_path / "s.bin"))).read("cooc", ["i0"])[0]["n"] == {"a": 2}
+
+
+def test_a_delta_snapshot_encodes_each_handed_over_value_once(tmp_path, monkeypatch):
+    store = InProcessStore(InProcessConfig(path=str(tmp_path / "s.bin"), fork_snapshots=False))
+    store.write_batch({"cooc": {"i0": Owned(n={"a": 1}, last=1, d={})}, "ui": {f"k{j}": b"x" for j in range(40)}})
+    store.flush()  # the full snapshot
+    calls = []
+    real = in_process.encode_value
+    monkeypatch.setattr(in_process, "encode_value", lambda v: calls.append(v) or real(v))
+    store.write_batch({"cooc": {"i1": Owned(n={"b": 1}, last=2, d={}), "i2": Owned(n={"c": 1}, last=2, d={})}})
+    store.flush()  # a delta: it encodes the two values for its file, and the store keeps those bytes
+    assert (tmp_path / "s.bin.delta").exists()
+    assert len(calls) == 2 and all(type(v) is bytes for v in store._data["cooc"].values())
+    store.close()
+    reloaded = InProcessStore(InProcessConfig(path=str(tmp_path / "s.bin")))
+    assert [v["n"] for v in reloaded.read("cooc", ["i0", "i1", "i2"])] == [{"a": 1}, {"b": 1}, {"c": 1}]
