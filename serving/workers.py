@@ -280,6 +280,17 @@ def _with_label(sample: str, name: str, value: str) -> str:
     return f'{metric}{{{name}="{value}"}} {tail}'
 
 
+def pin_worker(index: int) -> int:
+    """Pin this process (its threads started from now on too) to one CPU: the `index`-th of the CPUs
+    it may use, wrapping around. Returns that CPU. Called first thing in a worker, before its
+    threads start (`semrank serve --workers N --pin-workers`)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    cpu = cpus[index % len(cpus)]
+    os.sched_setaffinity(0, {cpu})
+    log.info("worker %d pinned to CPU %d", index, cpu)
+    return cpu
+
+
 def watch_supervisor(pid: int, period_s: float = 1.0) -> None:
     """In a worker: SIGTERM ourselves (a graceful stop) once the supervisor `pid` is gone."""
     def loop() -> None:

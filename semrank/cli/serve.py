@@ -79,8 +79,10 @@ def cmd_serve(args) -> int:
     if args.workers > 1:
         return _run_supervisor(cfg, args)
     if args.worker_of:
-        from serving.workers import watch_supervisor
+        from serving.workers import pin_worker, watch_supervisor
 
+        if args.pin_workers:  # before any thread starts: threads take their creator's CPUs
+            pin_worker(int(os.environ.get("SEMRANK_WORKER", "0")))
         watch_supervisor(args.worker_of)
 
     async def run() -> None:
@@ -183,6 +185,9 @@ def register(sub) -> None:
     s.add_argument("--embeddings-dir", type=Path, default=None, help=argparse.SUPPRESS)  # a worker: the shared embeddings
     s.add_argument("--worker-triton", action="append", default=[], help=argparse.SUPPRESS)  # a worker: KEY=URL
     s.add_argument("--worker-of", type=int, default=None, help=argparse.SUPPRESS)  # a worker: the supervisor's pid
+    s.add_argument("--pin-workers", action="store_true",
+                   help="with --workers: pin worker i to CPU i (mod the CPUs this process may use); off by default, "
+                        "docs/scaling.md has what it did to the tail")
     s.add_argument("--null-service", type=int, default=0, metavar="TOP_K",
                    help="bench only: Rank answers a reply of TOP_K items built in advance, doing no work (the floor "
                         "a gRPC service pays; bench/serve.py runs it beside the real one); the rest is as configured")
