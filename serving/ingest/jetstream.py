@@ -547,26 +547,25 @@ class StreamIngest:
             size = self.slices.size()
             part = pairs[start : start + size]
             done = start + size >= len(pairs)
-            began = time.perf_counter()
-            n = await self._apply_slice(part, last if done else part[-1][0])
-            self.slices.record(n, time.perf_counter() - began)
+            await self._apply_slice(part, last if done else part[-1][0])
             if done:
                 return
             start += size
             await asyncio.sleep(0)  # let Ranks run between slices
 
-    async def _apply_slice(self, pairs: list[tuple[int, LoggedEvent]], last: int) -> int:
-        """Commit `pairs` up to stream seq `last`, retrying while the store fails; returns the events
-        committed."""
+    async def _apply_slice(self, pairs: list[tuple[int, LoggedEvent]], last: int) -> None:
+        """Commit `pairs` up to stream seq `last`, retrying while the store fails."""
         if last <= self.committed_seq:
-            return 0
+            return
         failures = 0
         while True:
             try:
                 async with self.applied_lock:
                     if self._restart.is_set():  # the store was refilled: fold again from its seq
-                        return 0
+                        return
+                    began = time.perf_counter()  # the commit alone: not the lock's wait, nor the retries
                     n = await self.worker.write(self._commit, pairs, last)
+                    self.slices.record(n, time.perf_counter() - began)
                 break
             except Exception as e:  # noqa: BLE001 - the store failed: keep the batch and retry; LogEvents waiting are told
                 self._fail(e)
@@ -577,7 +576,6 @@ class StreamIngest:
         async with self._folded:
             self._failure = None
             self._folded.notify_all()
-        return n
 
     def _fail(self, e: BaseException) -> None:
         if self._failure is None:
