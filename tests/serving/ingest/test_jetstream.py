@@ -385,3 +385,42 @@ def test_item_messages_obey_the_item_rules_of_upsert_items(stream_cfg):
 
     got, refused, bad_count = asyncio.run(scenario())
     assert got == ["sku-ok"] and refused == {"item": len(bad)} and bad_count == len(bad)
+
+
+def test_a_fetch_is_folded_in_time_slices_with_the_loop_free_between_them(monkeypatch):
+    """Issue 30 (writes never stall reads): the events of one fetch are committed in slices sized by
+    `ApplySlices` (here a fixed 7), each with its stream seq, other tasks (a Rank) running between
+    them; the features equal one apply of them all."""
+    import serving.ingest.jetstream as js_mod
+    from serving.ingest.apply import ApplySlices
+
+    events = [e for k in range(4) for e in batch(k)]
+    pairs = list(enumerate(events, start=1))
+    commits, ticks = [], []
+    real = js_mod.apply_logged
+    monkeypatch.setattr(js_mod, "apply_logged", lambda online, evs, last, after, **kw: (
+        commits.append((len(evs), last, len(ticks))), real(online, evs, last, after, **kw))[1])
+    online = OnlineFeatures(InProcessStore(), ITEMS)
+    ingest = StreamIngest(JetStreamConfig(stream="slices-" + uuid.uuid4().hex[:8]), online, StoreWorker(False), 0,
+                          slices=ApplySlices(max_events=7, min_events=7))
+
+    async def scenario():
+        async def other_work():
+            while True:
+                ticks.append(1)
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(other_work())
+        await asyncio.sleep(0)
+        await ingest._apply_pairs(pairs, len(pairs) + 2)  # (the fetch ended on two non-event messages)
+        task.cancel()
+
+    asyncio.run(scenario())
+    sizes = [n for n, _, _ in commits]
+    assert sizes == [7] * (len(events) // 7) + ([len(events) % 7] if len(events) % 7 else []), sizes
+    assert [last for _, last, _ in commits[:-1]] == [7 * (k + 1) for k in range(len(commits) - 1)]
+    assert commits[-1][1] == len(pairs) + 2 == ingest.committed_seq
+    assert all(b[2] > a[2] for a, b in zip(commits, commits[1:]))  # the other task ran between slices
+    want = OnlineFeatures(InProcessStore(), ITEMS)
+    want.apply(events_frame(events))
+    np.testing.assert_array_equal(features(online), features(want))
