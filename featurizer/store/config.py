@@ -30,11 +30,16 @@ class InProcessConfig:
     # past it, or at 0, write the whole state (and drop the delta). The server's periodic snapshot
     # then writes kilobytes, not the whole state, while shoppers act.
     delta_max_fraction: float = 0.1
+    # Handed-over (`Owned`) values held decoded at most: a snapshot encodes them all; past this many
+    # (no snapshot for a long while, or none at all), each write encodes the oldest ones first.
+    max_owned: int = 50_000
 
     def __post_init__(self) -> None:
         if not 0 <= self.delta_max_fraction <= 1:
             raise StoreConfigError(f"inprocess store: delta_max_fraction={self.delta_max_fraction} must be in [0, 1] "
                                    "(0: always a full snapshot)")
+        if self.max_owned < 0:
+            raise StoreConfigError(f"inprocess store: max_owned={self.max_owned} must be >= 0 (0: encode at every write)")
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import islice
 from pathlib import Path
 
 from featurizer.store import snapshot_files as files
@@ -84,7 +85,8 @@ class InProcessStore(OnlineStore):
         self.config = config
         self._path = Path(config.path) if config.path else None
         self._data: dict[str, dict[str, bytes | Owned]] = {}
-        self._owned: dict[str, set[str]] = {}  # per entity: the keys written with an Owned value since the last settle
+        # (entity, key) of each value written as Owned since the last settle, oldest first
+        self._owned: dict[tuple[str, str], None] = {}
         self._lock = threading.RLock()
         self._flush_lock = threading.Lock()  # one flush at a time (taken before _lock, never inside it)
         # Per entity: a write counter and, once a reader asked for `changes`, the keys of the
@@ -129,7 +131,8 @@ class InProcessStore(OnlineStore):
         return self._data.setdefault(entity, {})
 
     def write_batch(self, rows: Mapping[str, Mapping[str, Value]], expect: Expect | None = None) -> None:
-        keep = self._path is not None  # Owned values are held until a snapshot settles them: only with a file
+        # Owned values are held until a snapshot settles them: only with a file, and at most max_owned
+        keep = self._path is not None and self.config.max_owned > 0
         encoded = {entity: {str(k): v if keep and type(v) is Owned else encode_value(v) for k, v in part.items()}
                    for entity, part in rows.items() if part}
         if not encoded:
@@ -145,9 +148,13 @@ class InProcessStore(OnlineStore):
             for entity, part in encoded.items():
                 tables[entity].update(part)
                 self._bump(entity, part.keys())
-                if owned[entity]:
-                    self._owned.setdefault(entity, set()).update(owned[entity])
+                for k in owned[entity]:  # to the end: the newest
+                    self._owned.pop((entity, k), None)
+                    self._owned[(entity, k)] = None
             self._dirty = True
+            over = len(self._owned) - self.config.max_owned
+        if over > 0:
+            self._settle({}, oldest=over)
         self._autoflush()
 
     def read(self, entity: str, keys: Sequence[str]) -> list[Value | None]:
@@ -322,17 +329,22 @@ class InProcessStore(OnlineStore):
 
         return write
 
-    def _settle(self, known: Mapping[int, tuple[Owned, bytes]]) -> int:
+    def _settle(self, known: Mapping[int, tuple[Owned, bytes]], oldest: int | None = None) -> int:
         """Encode the `Owned` values written before now and hold their bytes instead (a dict of a few
         hundred entries takes several times the memory of its JSON), so that only values written
         since the last snapshot are held decoded. `known`: encodings the snapshot made already, by
         id of the value (a delta holds every value written since the last settle; after a forked
         full snapshot they are encoded here). The encoding runs outside the lock (after a
         snapshot, on the snapshot's thread); a key written again meanwhile keeps its newer value.
-        Returns how many values it settled."""
+        `oldest`: only that many, the oldest (a store past `max_owned`). Returns how many it settled."""
         with self._lock:
-            owned, self._owned = self._owned, {}
-            taken = [(entity, k, self._data.get(entity, {}).get(k)) for entity, keys in owned.items() for k in keys]
+            if oldest is None:
+                keys, self._owned = list(self._owned), {}
+            else:
+                keys = list(islice(self._owned, oldest))
+                for key in keys:
+                    del self._owned[key]
+            taken = [(entity, k, self._data.get(entity, {}).get(k)) for entity, k in keys]
         encoded = [(entity, k, v, _known(known, v) or encode_value(v)) for entity, k, v in taken if type(v) is Owned]
         with self._lock:
             for entity, k, v, blob in encoded:

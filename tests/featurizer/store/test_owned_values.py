@@ -132,3 +132,17 @@ def test_a_delta_snapshot_encodes_each_handed_over_value_once(tmp_path, monkeypa
     store.close()
     reloaded = InProcessStore(InProcessConfig(path=str(tmp_path / "s.bin")))
     assert [v["n"] for v in reloaded.read("cooc", ["i0", "i1", "i2"])] == [{"a": 1}, {"b": 1}, {"c": 1}]
+
+
+def test_without_snapshots_at_most_max_owned_values_stay_decoded(tmp_path):
+    """A store with a file whose snapshots never come (the server's interval at 0) still holds at
+    most `max_owned` handed-over values decoded: each write past it encodes the oldest."""
+    store = InProcessStore(InProcessConfig(path=str(tmp_path / "s.bin"), max_owned=2))
+    for k in range(5):
+        store.write_batch({"cooc": {f"i{k}": Owned(n={"a": k}, last=k, d={})}})
+    store.write_batch({"cooc": {"i3": Owned(n={"a": 33}, last=3, d={})}})  # rewritten: the newest again
+    held = {k for k, v in store._data["cooc"].items() if type(v) is Owned}
+    assert held == {"i4", "i3"}
+    assert [v["n"]["a"] for v in store.read("cooc", [f"i{k}" for k in range(5)])] == [0, 1, 2, 33, 4]
+    with pytest.raises(Exception, match="max_owned"):
+        InProcessConfig(max_owned=-1)
