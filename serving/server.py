@@ -329,9 +329,9 @@ class RankingServer:
             self.metrics.event_loop_lag_seconds.observe(max(0.0, loop.time() - t0 - every_s))
 
     async def _snapshots(self, every_s: float) -> None:
-        # The first one after a random part of the interval: the workers of one host (started together)
-        # then write and share theirs at different moments, not both at once on the same cores.
-        wait = every_s * random.uniform(0.5, 1.0)
+        # The first one after the interval plus a random part of it: the workers of one host (started
+        # together) then write and share theirs at different moments, not both at once on the same cores.
+        wait = every_s * random.uniform(1.0, 1.5)
         while True:
             await asyncio.sleep(wait)
             wait = every_s
