@@ -510,7 +510,9 @@ def test_ranks_texts_go_before_bulk_work_and_never_open_the_breaker():
     opened the shared breaker, and 63 of 64 concurrent Ranks came back degraded. Bulk chunks now
     wait while a Rank's call is in flight, and a Rank's timeout while bulk work ran is not counted."""
     fake = SingleInstanceTritonFake(per_call_s=0.02)
-    enc, breaker, obs = make(fake, deadline_s=0.2, min_counted_timeout_s=0.05, retries=0, bulk_timeout_s=30.0)
+    # A Rank behind every chunk would wait 1 s; behind a chunk or two, 20-40 ms. The deadline sits between,
+    # with room for a loaded CI machine (at 0.2 s one Rank timed out there once).
+    enc, breaker, obs = make(fake, deadline_s=0.5, min_counted_timeout_s=0.05, retries=0, bulk_timeout_s=30.0)
 
     async def scenario():
         bulk = asyncio.ensure_future(enc.encode_bulk([f"item {k}" for k in range(200)]))  # 50 chunks: 1 s of work
