@@ -128,7 +128,8 @@ class ApplySlices:
     `max_events`. The event loop is free between commits, so however long a backlog or a fetch is,
     a Rank waits for at most about one slice (issue 30: writes never stall reads). The cost is
     measured, not assumed: it grows with the states an event touches (a flood's co-occurrence
-    states grow as its users click), and a fixed count of 500 took 60-100 ms on the serve bench."""
+    states grow as its users click): a fixed 500 held the loop 60-100 ms at the 120-200 µs an event
+    cost under the serve bench's flood (bench/fold_profile.py)."""
 
     def __init__(self, budget_ms: float = APPLY_SLICE_MS, max_events: int = APPLY_SLICE, min_events: int = 8):
         if budget_ms <= 0 or not 1 <= min_events <= max_events:
@@ -286,8 +287,9 @@ class EventIngest:
                 f"the event log could not store {len(batch)} event(s) ({type(e).__name__}); none of them were "
                 f"stored ({stored_before} earlier event(s) of this call were); resend them", stored_before) from e
         first = seq - len(batch) + 1
-        # Applied in order, in commits of the events that fit a slice (`ApplySlices`: a few ms), the lock
-        # released and the event loop free between them. A commit takes every stored event waiting in memory from the next seq on,
+        # Applied in order, in commits of the events that fit a slice (`ApplySlices`: a few ms), the
+        # lock released and the event loop free between them. A commit takes every stored event
+        # waiting in memory from the next seq on,
         # this call's and the calls' queued behind it: under a flood of small LogEvents calls one commit
         # applies many calls' events, so the fixed cost of a commit and the reads and writes of the keys
         # they share are paid once (bench/serve.py's heavy mix), and the queued calls find theirs applied.
