@@ -128,7 +128,7 @@ class ApplySlices:
     `max_events`. The event loop is free between commits, so however long a backlog or a fetch is,
     a Rank waits for at most about one slice (issue 30: writes never stall reads). The cost is
     measured, not assumed: it grows with the states an event touches (a flood's co-occurrence
-    states grow as its users click): a fixed 500 held the loop 60-100 ms at the 120-200 µs an event
+    states grow as its users click): a fixed 500 would hold the loop 60-100 ms at the 120-200 µs an event
     cost under the serve bench's flood (bench/fold_profile.py)."""
 
     def __init__(self, budget_ms: float = APPLY_SLICE_MS, max_events: int = APPLY_SLICE, min_events: int = 8):
