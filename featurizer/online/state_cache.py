@@ -82,8 +82,7 @@ class DecodedCache:
             # A write racing this read is listed by the next _sync, which drops what is kept here.
             fresh = {k: None if v is None else self.decode(v) for k, v in zip(missing, self.store.read(self.entity, missing))}
             d.update(fresh)
-            while len(d) > self.capacity:
-                d.popitem(last=False)
+            self._trim()
             out = [fresh[k] if v is _MISS else v for k, v in zip(keys, out)]
         for k in keys:
             if k in d:
@@ -113,9 +112,13 @@ class DecodedCache:
         for k, v in values.items():
             d[k] = v
             d.move_to_end(k)
-        while len(d) > self.capacity:
-            d.popitem(last=False)
+        self._trim()
         self._version = version
+
+    def _trim(self) -> None:
+        """Drop the least recently used entries past `capacity`."""
+        while len(self._d) > self.capacity:
+            self._d.popitem(last=False)
 
     def discard(self, keys) -> None:
         """Forget these keys (a writer changed their objects and its commit failed)."""

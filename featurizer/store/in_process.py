@@ -67,12 +67,6 @@ def _fresh(value: bytes | Owned) -> Value:
     return decode_value(value if type(value) is bytes else encode_value(value))
 
 
-def _known(known: Mapping[int, tuple[Owned, bytes]], value: Owned) -> bytes | None:
-    """The encoding of `value` in `known` (keyed by id; the value kept beside it, so an id is never another's)."""
-    held = known.get(id(value))
-    return held[1] if held is not None and held[0] is value else None
-
-
 class InProcessStore(OnlineStore):
     """Dicts in memory, optionally persisted to `path`. Values are held encoded (so reads never alias
     writes), except, with a path, `Owned` ones, which the writer handed over: those are held as they
@@ -137,7 +131,7 @@ class InProcessStore(OnlineStore):
                    for entity, part in rows.items() if part}
         if not encoded:
             return
-        owned = {entity: [k for k, v in part.items() if type(v) is Owned] for entity, part in encoded.items()}
+        owned = {entity: [k for k, v in part.items() if type(v) is Owned] for entity, part in encoded.items()} if keep else {}
         with self._lock:  # one critical section: a read or a snapshot sees every entity's rows or none
             if expect is not None:
                 entity, key, value = expect
@@ -148,7 +142,7 @@ class InProcessStore(OnlineStore):
             for entity, part in encoded.items():
                 tables[entity].update(part)
                 self._bump(entity, part.keys())
-                for k in owned[entity]:  # to the end: the newest
+                for k in owned.get(entity, ()):  # to the end: the newest
                     self._owned.pop((entity, k), None)
                     self._owned[(entity, k)] = None
             self._dirty = True
@@ -295,15 +289,16 @@ class InProcessStore(OnlineStore):
                     if child is not None:
                         child.discard()
                     return  # a newer state is on disk already
-                encoded: dict[int, tuple[Owned, bytes]] = {}  # id of an Owned value the delta held -> it, its encoding
+                encoded: dict[tuple[str, str], tuple[Owned, bytes]] = {}  # the delta's Owned values and their encodings
                 try:
                     if delta is not None:
                         if self._disk_base_id != base_id:  # its full snapshot never landed: write a full one next
                             raise OnlineStoreError(f"{self._path}: the delta's full snapshot is not on disk")
-                        for part in delta.values():  # encoded once: for the file, and for the store (_settle)
+                        for entity, part in delta.items():  # encoded once: for the file, and for the store (_settle)
                             for k, v in part.items():
                                 if type(v) is Owned:
-                                    part[k] = encoded.setdefault(id(v), (v, encode_value(v)))[1]
+                                    encoded[(entity, k)] = (v, encode_value(v))
+                                    part[k] = encoded[(entity, k)][1]
                         files.save_delta(self._path, delta, base_id)
                     elif child is not None:
                         child.wait()
@@ -329,11 +324,11 @@ class InProcessStore(OnlineStore):
 
         return write
 
-    def _settle(self, known: Mapping[int, tuple[Owned, bytes]], oldest: int | None = None) -> int:
+    def _settle(self, known: Mapping[tuple[str, str], tuple[Owned, bytes]], oldest: int | None = None) -> int:
         """Encode the `Owned` values written before now and hold their bytes instead (a dict of a few
         hundred entries takes several times the memory of its JSON), so that only values written
-        since the last snapshot are held decoded. `known`: encodings the snapshot made already, by
-        id of the value (a delta holds every value written since the last settle; after a forked
+        since the last snapshot are held decoded. `known`: (entity, key) -> (value, its encoding)
+        that the snapshot made already (a delta holds every value written since the last settle; after a forked
         full snapshot they are encoded here). The encoding runs outside the lock (after a
         snapshot, on the snapshot's thread); a key written again meanwhile keeps its newer value.
         `oldest`: only that many, the oldest (a store past `max_owned`). Returns how many it settled."""
@@ -345,7 +340,11 @@ class InProcessStore(OnlineStore):
                 for key in keys:
                     del self._owned[key]
             taken = [(entity, k, self._data.get(entity, {}).get(k)) for entity, k in keys]
-        encoded = [(entity, k, v, _known(known, v) or encode_value(v)) for entity, k, v in taken if type(v) is Owned]
+        encoded = []
+        for entity, k, v in taken:
+            if type(v) is Owned:
+                done = known.get((entity, k))
+                encoded.append((entity, k, v, done[1] if done is not None and done[0] is v else encode_value(v)))
         with self._lock:
             for entity, k, v, blob in encoded:
                 table = self._data.get(entity)

@@ -70,9 +70,10 @@ def cmd_serve(args) -> int:
         triton_urls=tuple(_key_url(spec) for spec in args.worker_triton),
         share_port=args.worker_of is not None,  # the workers of one supervisor share its port; nobody else
         null_service_top_k=args.null_service,
-        gc_thresholds=args.gc_thresholds,
+        **({"gc_thresholds": args.gc_thresholds} if args.gc_thresholds is not None else {}),
         limits=Limits(max_candidates=args.max_candidates, max_text_chars=args.max_text_chars,
-                      max_message_bytes=args.max_message_bytes, apply_slice_ms=args.apply_slice_ms),
+                      max_message_bytes=args.max_message_bytes,
+                      **({"apply_slice_ms": args.apply_slice_ms} if args.apply_slice_ms is not None else {})),
     )
     if args.workers < 1:
         raise ConfigError(f"--workers {args.workers}: must be >= 1")
@@ -212,10 +213,12 @@ def register(sub) -> None:
     s.add_argument("--max-candidates", type=int, default=2000)
     s.add_argument("--max-text-chars", type=int, default=4096)
     s.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024)
-    s.add_argument("--gc-thresholds", type=_gc_thresholds, default=(700, 10, 100), metavar="G0,G1,G2",
-                   help="the garbage collector's thresholds while serving (Python's default: 700,10,10)")
-    s.add_argument("--apply-slice-ms", type=float, default=4.0,
-                   help="events are folded into the features in commits of about this many ms, Ranks run between them")
+    s.add_argument("--gc-thresholds", type=_gc_thresholds, default=None, metavar="G0,G1,G2",
+                   help="the garbage collector's thresholds while serving (default: ServeConfig.gc_thresholds, "
+                        "700,10,100; Python's own: 700,10,10)")
+    s.add_argument("--apply-slice-ms", type=float, default=None,
+                   help="events are folded into the features in commits of about this many ms, Ranks run between "
+                        "them (default: Limits.apply_slice_ms, 4)")
     s.add_argument("--log-level", default="INFO")
     s.add_argument("--log-json", action="store_true", help="JSON log lines (with request_id)")
     s.set_defaults(func=cmd_serve)

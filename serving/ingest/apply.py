@@ -43,6 +43,7 @@ from featurizer.definitions import EVENT_CODE
 from featurizer.errors import SemrankError
 from featurizer.online.features import OnlineFeatures
 from featurizer.store.base import OnlineStoreError, WriteConflict
+from serving.config import Limits
 from serving.ingest.dedup import EventDedup
 from serving.ingest.event_log import EventLog
 from serving.ingest.log_format import LoggedEvent
@@ -119,7 +120,6 @@ def _now_us() -> int:
 
 
 APPLY_SLICE = 500  # events applied in one commit at most: the event loop is free between commits
-APPLY_SLICE_MS = 4.0  # the time one commit aims at (`ApplySlices`); Limits.apply_slice_ms sets it
 
 
 class ApplySlices:
@@ -131,7 +131,7 @@ class ApplySlices:
     states grow as its users click): a fixed 500 would hold the loop 60-100 ms at the 120-200 µs an event
     cost under the serve bench's flood (bench/fold_profile.py)."""
 
-    def __init__(self, budget_ms: float = APPLY_SLICE_MS, max_events: int = APPLY_SLICE, min_events: int = 8):
+    def __init__(self, budget_ms: float = Limits.apply_slice_ms, max_events: int = APPLY_SLICE, min_events: int = 8):
         if budget_ms <= 0 or not 1 <= min_events <= max_events:
             raise ValueError(f"ApplySlices needs budget_ms > 0 and 1 <= min_events <= max_events, got {budget_ms}, "
                              f"{min_events}, {max_events}")
