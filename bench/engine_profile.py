@@ -35,7 +35,7 @@ WATCH = [
     ("features", "_features", "featurizer/online/features.py"),
     ("derive", "derive", "featurizer/definitions.py"),
     ("item parts gather", "gather", "featurizer/online/state_cache.py"),
-    ("user x item records", "_user_item_records", "featurizer/online/features.py"),
+    ("user x item state", "_user_item_base", "featurizer/online/features.py"),
     ("co-occurrence", "cooc_counts", "featurizer/online/user_state.py"),
     ("user vector", "user_embedding", "serving/ranking/engine.py"),
     ("item vectors", "item_embeddings", "serving/ranking/engine.py"),

@@ -261,13 +261,23 @@ def cooc_cosine(c, n_i, n_h, ops):
 
 
 def derive(b: Mapping[str, Any], ops) -> dict[str, Any]:
-    """Every feature of FEATURES from base aggregates `b` (polars expressions or numpy arrays).
+    """Every feature of FEATURES from base aggregates `b` (polars expressions or numpy arrays), in
+    NAMES order: `derive_item_counts` and `derive_rest`, the one definition of each.
 
     Constants multiply, never divide: polars divides by a scalar through its reciprocal and numpy
     does not, which would differ in the last bit.
     """
+    out = {**derive_item_counts(b, ops), **derive_rest(b, ops)}
+    assert set(out) == set(NAMES), "derive() and FEATURES disagree"
+    return {name: out[name] for name in NAMES}
+
+
+def derive_item_counts(b: Mapping[str, Any], ops) -> dict[str, Any]:
+    """The features of ITEM_COUNT_NAMES: functions of an item's event counts (`item_n_*`) alone, so
+    one value per item for every t whose windows hold the same counts (the online features keep
+    them per item, `featurizer.online.state_cache.ItemPartsCache`)."""
     f = ops.f
-    out: dict[str, Any] = {"interest_score": f(b["interest_score"])}
+    out: dict[str, Any] = {}
     item = lambda p, w: f(b[f"item_n_{p}_{w}"])  # noqa: E731
     for w in (*ITEM_WINDOWS, "all"):
         for p in EVENT_PLURALS:
@@ -280,6 +290,14 @@ def derive(b: Mapping[str, Any], ops) -> dict[str, Any]:
     out["item_click_trend_7d_30d"] = (item("clicks", "7d") * (1 / 7) + k) / (item("clicks", "30d") * (1 / 30) + k)
     out["item_ctr_trend_7d_30d"] = out["item_ctr_7d"] / out["item_ctr_30d"]
     out["item_users_engaged_all"] = f(b["item_n_users_all"])
+    return out
+
+
+def derive_rest(b: Mapping[str, Any], ops) -> dict[str, Any]:
+    """The features not in ITEM_COUNT_NAMES: the text score, the item's age and price, the user's,
+    the user x item pair's, co-occurrence and the instant's."""
+    f = ops.f
+    out: dict[str, Any] = {"interest_score": f(b["interest_score"])}
     out["item_hours_since_first_seen"] = f(b["item_first_age_us"]) * HOURS_PER_US
 
     user = lambda p, w: f(b[f"user_n_{p}_{w}"])  # noqa: E731
@@ -311,8 +329,18 @@ def derive(b: Mapping[str, Any], ops) -> dict[str, Any]:
     t = b["t_us"]
     out["hour_of_day_utc"] = f((t // US_PER_HOUR) % 24)
     out["day_of_week_utc"] = f((t // US_PER_DAY + 3) % 7)  # 1970-01-01 was a Thursday
-    assert set(out) == set(NAMES), "derive() and FEATURES disagree"
-    return {name: out[name] for name in NAMES}
+    return out
+
+
+class _AnyBase(dict):
+    def __missing__(self, key):
+        return 1
+
+
+# The features of `derive_item_counts`, in NAMES order.
+ITEM_COUNT_NAMES: tuple[str, ...] = tuple(n for n in NAMES if n in derive_item_counts(_AnyBase(), NUMPY))
+assert not set(ITEM_COUNT_NAMES) & set(derive_rest(_AnyBase(), NUMPY)), "a feature is defined twice"
+
 
 # Context known only for logged lists. `position` debiases training on clicks (which follow
 # position); at inference every candidate gets the same constant. Not in FEATURES: the ranker

@@ -25,11 +25,13 @@ import polars as pl
 
 from featurizer.definitions import (
     EVENT_CODE,
+    ITEM_COUNT_NAMES,
     NAMES,
     NUMPY,
     FeatureParams,
     cooc_cosine,
     derive,
+    derive_rest,
 )
 from featurizer.errors import SemrankError
 from featurizer.offline.pipeline import catalog
@@ -38,9 +40,9 @@ from featurizer.online.state import (
     NO_TS,
     ItemState,
     UserItemState,
-    empty_user_item_records,
     item_base,
     item_base_from_parts,
+    item_first_age,
     user_item_base_from_records,
     user_item_key,
     user_item_keys,
@@ -51,6 +53,11 @@ from featurizer.online.user_state import CoocState, UserState, cooc_counts
 from featurizer.store.base import Expect, OnlineStore, Value
 
 META_KEY = "state"
+ITEM_COUNT_COLUMNS = np.array([NAMES.index(name) for name in ITEM_COUNT_NAMES])
+REST_COLUMNS = tuple((k, name) for k, name in enumerate(NAMES) if name not in ITEM_COUNT_NAMES)
+# The user x item base aggregates of a pair with no state (no event): the same at any t.
+UNSEEN_USER_ITEM: dict[str, float] = {
+    name: col.item() for name, col in user_item_base_from_records(user_item_records([None]), 0).items()}
 
 
 def _codes(values: list[str | None], names: dict[str, int]) -> np.ndarray:
@@ -294,18 +301,24 @@ class OnlineFeatures:
             memo = self._history_memo = (user, t_us, user.history(t_us, None))
         return memo[2]
 
-    def _user_item_records(self, user_id: str, item_ids: list[str]) -> np.ndarray:
-        """The stored user x item state of each item (`user_item_records`); reads only the items the
-        user has one for when the store can list its keys."""
+    def _user_item_base(self, user_id: str, item_ids: list[str], t_us: int) -> dict:
+        """`user_item_base_from_records` of the stored user x item state of each item. When the store
+        can list a user's keys, only the items the user has a state for are read and computed; the
+        rest take the never-seen values, as scalars when no candidate has a state (derive broadcasts
+        them, as it does the user's aggregates)."""
         seen = self._user_items.items_of(user_id)
         if seen is None:
-            return user_item_records(self.store.read("ui", user_item_keys(user_id, item_ids)))
-        rec = empty_user_item_records(len(item_ids))
-        if seen:
-            hits = np.flatnonzero(np.fromiter(map(seen.__contains__, item_ids), dtype=bool, count=len(item_ids))).tolist()
-            if hits:
-                rec[hits] = user_item_records(self.store.read("ui", user_item_keys(user_id, [item_ids[k] for k in hits])))
-        return rec
+            return user_item_base_from_records(user_item_records(self.store.read("ui", user_item_keys(user_id, item_ids))), t_us)
+        hits = [k for k, i in enumerate(item_ids) if i in seen] if seen else []
+        if not hits:
+            return dict(UNSEEN_USER_ITEM)
+        rec = user_item_records(self.store.read("ui", user_item_keys(user_id, [item_ids[k] for k in hits])))
+        out = {}
+        for name, col in user_item_base_from_records(rec, t_us).items():
+            full = np.full(len(item_ids), UNSEEN_USER_ITEM[name], dtype=col.dtype)
+            full[hits] = col
+            out[name] = full
+        return out
 
     def _features(self, user_id: str, item_ids: list[str], t_us: int, interest_score: np.ndarray | None,
                   inline: Mapping[str, Sequence] | None = None) -> np.ndarray:
@@ -317,14 +330,21 @@ class OnlineFeatures:
 
         all_rows = self._index.rows(item_ids + hist)  # the one pass over the ids; the rest is numpy
         rows = all_rows[:n]
-        parts = self._item_parts.gather(all_rows, t_us)
-        if parts is None:
-            items = item_base(self.store.read("item", item_ids + hist), t_us)
+        # The item-count features come per item from the cache (computed when the item changed), for a t
+        # after every item's latest instant (always, when serving: t > the watermark); else derived here.
+        kept = self._item_parts.gather_counts(all_rows, t_us)
+        if kept is not None and not (kept["last"] == t_us).any():
+            item_counts = kept["counts"][:n]
+            users = kept["users"]
+            b = {"item_first_age_us": item_first_age(kept["first"][:n], t_us)}
         else:
-            items = item_base_from_parts(parts, t_us)
-        ui = user_item_base_from_records(self._user_item_records(user_id, item_ids), t_us)
+            parts = None if kept is None else self._item_parts.gather(all_rows, t_us)
+            items = item_base(self.store.read("item", item_ids + hist), t_us) if parts is None else item_base_from_parts(parts, t_us)
+            item_counts = None
+            users = items["item_n_users_all"]
+            b = {name: col[:n] for name, col in items.items()}
+        ui = self._user_item_base(user_id, item_ids, t_us)
 
-        users = items["item_n_users_all"]
         cos_max, cos_sum = np.zeros(n), np.zeros(n)
         states = [(k, s) for k, s in enumerate(self._cooc.get(hist)) if s is not None]
         if states:
@@ -337,7 +357,6 @@ class OnlineFeatures:
 
         # The user's aggregates and the instant are one value for every candidate: scalars, which
         # derive's arithmetic broadcasts (and the matrix below), not arrays of n copies.
-        b = {name: col[:n] for name, col in items.items()}
         b.update(ui)
         b.update(user.base(t_us))
         rows = self._catalog_row(rows)
@@ -363,8 +382,14 @@ class OnlineFeatures:
             b["interest_score"] = np.nan
         else:
             b["interest_score"] = np.asarray(interest_score, dtype=np.float64).reshape(n)
-        cols = derive(b, NUMPY)
         out = np.empty((n, len(NAMES)), dtype=np.float64)
-        for k, name in enumerate(NAMES):
-            out[:, k] = cols[name]
+        if item_counts is None:
+            cols = derive(b, NUMPY)
+            for k, name in enumerate(NAMES):
+                out[:, k] = cols[name]
+        else:
+            out[:, ITEM_COUNT_COLUMNS] = item_counts
+            cols = derive_rest(b, NUMPY)
+            for k, name in REST_COLUMNS:
+                out[:, k] = cols[name]
         return out

@@ -204,19 +204,35 @@ def item_parts(rec: np.ndarray, t: int) -> dict[str, np.ndarray]:
 
 def item_base_from_parts(parts: dict[str, np.ndarray], t: int) -> dict[str, np.ndarray]:
     """item_base from `item_parts` (computed at t, or at any t' with the same t' // WINDOW_KEY_US)."""
-    at = parts["last"] == t
-    at_t = parts["delta"] * at[:, None]
-    out = {"item_n_users_all": parts["users"] - parts["d_users"] * at}
-    cols = {"all": parts["tot"] - at_t}
-    for k, w in enumerate(ITEM_WINDOWS):
-        cols[w] = parts["window"][:, k] - at_t
+    out = item_counts_from_parts(parts, parts["last"] == t)
+    out["item_first_age_us"] = item_first_age(parts["first"], t)
+    return out
+
+
+def item_counts_from_parts(parts: dict[str, np.ndarray], at: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """item_n_users_all and item_n_{event}_{window|all} from `item_parts`; `at`: the items whose latest
+    instant is t (their delta is left out), None for a t after every item's latest instant."""
+    if at is None:
+        out = {"item_n_users_all": parts["users"]}
+        cols = {"all": parts["tot"]}
+        for k, w in enumerate(ITEM_WINDOWS):
+            cols[w] = parts["window"][:, k]
+    else:
+        at_t = parts["delta"] * at[:, None]
+        out = {"item_n_users_all": parts["users"] - parts["d_users"] * at}
+        cols = {"all": parts["tot"] - at_t}
+        for k, w in enumerate(ITEM_WINDOWS):
+            cols[w] = parts["window"][:, k] - at_t
     for w, counts in cols.items():
         for k, p in enumerate(EVENT_PLURALS):
             out[f"item_n_{p}_{w}"] = counts[:, k]
-    first = parts["first"]
-    seen = first < t
-    out["item_first_age_us"] = np.where(seen, (t - np.where(seen, first, t)).astype(np.float64), np.nan)
     return out
+
+
+def item_first_age(first: np.ndarray, t: int) -> np.ndarray:
+    """item_first_age_us: t - the item's first instant (NaN for none before t)."""
+    seen = first < t
+    return np.where(seen, (t - np.where(seen, first, t)).astype(np.float64), np.nan)
 
 
 # ---------------------------------------------------------------- user x item
@@ -272,11 +288,6 @@ def parse_user_item_key(key: str) -> tuple[str, str] | None:
 def user_item_records(blobs: list[bytes | None]) -> np.ndarray:
     """Packed user x item states (None: never seen), writable."""
     return np.frombuffer(b"".join(EMPTY_UI if b is None else b for b in blobs), dtype=UI_DTYPE).copy()
-
-
-def empty_user_item_records(n: int) -> np.ndarray:
-    """n never-seen user x item states, writable."""
-    return np.repeat(np.frombuffer(EMPTY_UI, dtype=UI_DTYPE), n)
 
 
 def user_item_base_from_records(rec: np.ndarray, t: int) -> dict[str, np.ndarray]:

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from featurizer.definitions import ITEM_COUNT_NAMES, NUMPY, derive_item_counts
 from featurizer.online.item_index import ItemIndex
 from featurizer.online.state import (
     EMPTY_ITEM,
@@ -42,6 +43,7 @@ from featurizer.online.state import (
     ITEM_WINDOWS,
     N_EVENTS,
     WINDOW_KEY_US,
+    item_counts_from_parts,
     item_parts,
     parse_user_item_key,
 )
@@ -130,7 +132,8 @@ class DecodedCache:
 
 
 class ItemPartsCache:
-    """Rows of item parts, one per row of an `ItemIndex` (also ids the store does not hold)."""
+    """Rows of item parts, one per row of an `ItemIndex` (also ids the store does not hold), and of
+    the features `derive_item_counts` makes of them."""
 
     def __init__(self, store: OnlineStore, index: ItemIndex):
         self.store, self.index = store, index
@@ -140,6 +143,8 @@ class ItemPartsCache:
         template = item_parts(np.frombuffer(EMPTY_ITEM, dtype=ITEM_DTYPE), 0)
         self._parts = {name: np.zeros((0, *template[name].shape[1:]), dtype=np.int64) for name in ITEM_PART_FIELDS}
         assert self._parts["window"].shape[1:] == (len(ITEM_WINDOWS), N_EVENTS)
+        # Per row: derive_item_counts of its parts for a t after its latest instant (ITEM_COUNT_NAMES order).
+        self._counts = np.zeros((0, len(ITEM_COUNT_NAMES)), dtype=np.float64)
 
     def _grow(self, need: int) -> None:
         capacity = len(self._key)
@@ -149,6 +154,7 @@ class ItemPartsCache:
         self._key = np.concatenate([self._key, np.full(new - capacity, _NO_KEY, dtype=np.int64)])
         for name, arr in self._parts.items():
             self._parts[name] = np.concatenate([arr, np.zeros((new - capacity, *arr.shape[1:]), dtype=arr.dtype)])
+        self._counts = np.concatenate([self._counts, np.zeros((new - capacity, self._counts.shape[1]))])
 
     def _sync(self) -> bool:
         version, changed = self.store.changes("item", self._version)
@@ -165,11 +171,11 @@ class ItemPartsCache:
         self._version = version
         return True
 
-    def gather(self, rows: np.ndarray, t: int) -> dict[str, np.ndarray] | None:
-        """`item_parts` at t (t >= every applied event) of the items at `rows` of the index (from
-        a `rows` call made since the last gather); None when the store cannot version."""
+    def _refresh(self, rows: np.ndarray, t: int) -> bool:
+        """Recompute the rows whose item changed or whose parts are for another t // WINDOW_KEY_US;
+        False when the store cannot version (nothing is kept)."""
         if not self._sync():
-            return None
+            return False
         self._grow(len(self.index))
         key = t // WINDOW_KEY_US
         stale = rows[self._key[rows] != key]
@@ -178,10 +184,30 @@ class ItemPartsCache:
             ids = self.index.ids
             blobs = self.store.read("item", [ids[r] for r in stale.tolist()])
             rec = np.frombuffer(b"".join(EMPTY_ITEM if b is None else b for b in blobs), dtype=ITEM_DTYPE)
-            for name, values in item_parts(rec, t).items():
+            parts = item_parts(rec, t)
+            for name, values in parts.items():
                 self._parts[name][stale] = values
+            counts = derive_item_counts(item_counts_from_parts(parts), NUMPY)
+            self._counts[stale] = np.column_stack([np.broadcast_to(counts[name], len(stale)) for name in ITEM_COUNT_NAMES])
             self._key[stale] = key
+        return True
+
+    def gather(self, rows: np.ndarray, t: int) -> dict[str, np.ndarray] | None:
+        """`item_parts` at t (t >= every applied event) of the items at `rows` of the index (from
+        a `rows` call made since the last gather); None when the store cannot version."""
+        if not self._refresh(rows, t):
+            return None
         return {name: arr[rows] for name, arr in self._parts.items()}
+
+    def gather_counts(self, rows: np.ndarray, t: int) -> dict[str, np.ndarray] | None:
+        """As `gather`, but only "last", "first" and "users" of the parts, and "counts": the
+        `derive_item_counts` features of each row (len(rows), len(ITEM_COUNT_NAMES)), which hold for
+        a t after the item's latest instant (for a row with last == t, use `gather`)."""
+        if not self._refresh(rows, t):
+            return None
+        parts = self._parts
+        return {"last": parts["last"][rows], "first": parts["first"][rows], "users": parts["users"][rows],
+                "counts": self._counts[rows]}
 
 
 class UserItemIndex:
