@@ -44,6 +44,10 @@ class BundleInputs:
         self._dst = np.array([k for k, n in enumerate(names) if n not in self.constants], dtype=np.int64)
         self._src = np.array([_COLUMN[names[k]] for k in self._dst], dtype=np.int64)
         self._const_cols = np.array([names.index(n) for n in self.constants], dtype=np.int64)
+        # The usual layout: the features in NAMES order, then the constants; one strided copy, which
+        # costs a tenth of the fancy-indexed one at 1000 candidates.
+        self._runs = (slice(self._dst[0], self._dst[-1] + 1), slice(self._src[0], self._src[-1] + 1)) if (
+            self._dst.size and _is_run(self._dst) and _is_run(self._src)) else None
         self._const_vals = np.array(list(self.constants.values()), dtype=np.float32)
 
     @classmethod
@@ -56,7 +60,10 @@ class BundleInputs:
         if features.ndim != 2 or features.shape[1] != len(NAMES):
             raise ValueError(f"expected (n, {len(NAMES)}) features in NAMES order, got {features.shape}")
         X = np.empty((features.shape[0], len(self.feature_names)), dtype=np.float32)
-        X[:, self._dst] = features[:, self._src]
+        if self._runs is not None:
+            X[:, self._runs[0]] = features[:, self._runs[1]]
+        else:
+            X[:, self._dst] = features[:, self._src]
         if self._const_cols.size:
             X[:, self._const_cols] = self._const_vals
         return X
@@ -74,3 +81,8 @@ class BundleInputs:
     def history_items(self) -> int:
         """The recent items the user side reads (the tower's)."""
         return self.tower.history_items
+
+
+def _is_run(idx: np.ndarray) -> bool:
+    """Consecutive ascending integers."""
+    return bool((np.diff(idx) == 1).all())

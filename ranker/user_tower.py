@@ -38,6 +38,7 @@ import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -94,10 +95,11 @@ class UserTower:
         """Whether the user side calls the encoder (after every event of the user)."""
         return self.kind == "text"
 
-    @property
+    @cached_property
     def key(self) -> str:
         """What a user vector depends on besides the history and the item vectors: kind, size and
-        weights. Caches of user vectors are keyed by it, so two bundles never share an entry."""
+        weights. Caches of user vectors are keyed by it, so two bundles never share an entry.
+        Computed once (every Rank asks)."""
         h = hashlib.sha256(f"{self.kind}/{self.history_items}/".encode())
         if self.position_weights is not None:
             h.update(self.position_weights.tobytes())

@@ -38,12 +38,14 @@ from featurizer.offline.pipeline import catalog
 from featurizer.online.item_index import ItemIndex
 from featurizer.online.state import (
     NO_TS,
+    UI_BASE_NAMES,
     ItemState,
     UserItemState,
     item_base,
     item_base_from_parts,
     item_first_age,
     user_item_base_from_records,
+    user_item_block,
     user_item_key,
     user_item_keys,
     user_item_records,
@@ -55,9 +57,8 @@ from featurizer.store.base import Expect, OnlineStore, Value
 META_KEY = "state"
 ITEM_COUNT_COLUMNS = np.array([NAMES.index(name) for name in ITEM_COUNT_NAMES])
 REST_COLUMNS = tuple((k, name) for k, name in enumerate(NAMES) if name not in ITEM_COUNT_NAMES)
-# The user x item base aggregates of a pair with no state (no event): the same at any t.
-UNSEEN_USER_ITEM: dict[str, float] = {
-    name: col.item() for name, col in user_item_base_from_records(user_item_records([None]), 0).items()}
+# The user x item base aggregates (UI_BASE_NAMES) of a pair with no state (no event): the same at any t.
+UNSEEN_USER_ITEM = user_item_block(user_item_records([None]), 0)[:, 0]
 
 
 def _codes(values: list[str | None], names: dict[str, int]) -> np.ndarray:
@@ -311,14 +312,12 @@ class OnlineFeatures:
             return user_item_base_from_records(user_item_records(self.store.read("ui", user_item_keys(user_id, item_ids))), t_us)
         hits = [k for k, i in enumerate(item_ids) if i in seen] if seen else []
         if not hits:
-            return dict(UNSEEN_USER_ITEM)
+            return dict(zip(UI_BASE_NAMES, UNSEEN_USER_ITEM))
+        block = np.empty((len(UI_BASE_NAMES), len(item_ids)))
+        block[:] = UNSEEN_USER_ITEM[:, None]
         rec = user_item_records(self.store.read("ui", user_item_keys(user_id, [item_ids[k] for k in hits])))
-        out = {}
-        for name, col in user_item_base_from_records(rec, t_us).items():
-            full = np.full(len(item_ids), UNSEEN_USER_ITEM[name], dtype=col.dtype)
-            full[hits] = col
-            out[name] = full
-        return out
+        block[:, hits] = user_item_block(rec, t_us)
+        return dict(zip(UI_BASE_NAMES, block))
 
     def _features(self, user_id: str, item_ids: list[str], t_us: int, interest_score: np.ndarray | None,
                   inline: Mapping[str, Sequence] | None = None) -> np.ndarray:
@@ -351,9 +350,10 @@ class OnlineFeatures:
             counts = cooc_counts([s for _, s in states], self._index, rows, t_us)  # (recent items, candidates)
             n_h = users[[n + k for k, _ in states]][:, None]
             cos = cooc_cosine(counts, users[:n], n_h, NUMPY)  # elementwise, as one recent item at a time
-            for row in cos:  # in history order, as offline sums them
-                cos_max = np.maximum(cos_max, row)
-                cos_sum = cos_sum + row
+            # Summed in history order, as offline sums them: a reduction over axis 0 of a C-ordered
+            # array adds row after row (numpy sums pairwise only along the contiguous axis).
+            cos_max = np.maximum.reduce(cos, axis=0, initial=0.0)
+            cos_sum = cos.sum(axis=0)
 
         # The user's aggregates and the instant are one value for every candidate: scalars, which
         # derive's arithmetic broadcasts (and the matrix below), not arrays of n copies.

@@ -120,17 +120,18 @@ def window_counts(ring: np.ndarray, last: np.ndarray, t: int, tile: int, window:
 
 def window_counts_one(ring: list[int], last: int, t: int, tile: int, window: str) -> list[int]:
     """`window_counts` of one flat ring (size * N_EVENTS ints), in plain Python (one state: numpy's
-    per-call overhead would dominate)."""
+    per-call overhead would dominate). The slots in the window hold the tiles from the window's
+    start (or the oldest the ring holds) to last's: one circular run of slots, summed by slices."""
     size = len(ring) // N_EVENTS
     head = last // tile
-    start = WINDOWS[window].start_us(t) // tile
-    out = [0] * N_EVENTS
-    for slot in range(size):
-        if head - (head - slot) % size >= start:  # the tile this slot holds is in the window
-            base = slot * N_EVENTS
-            for k in range(N_EVENTS):
-                out[k] += ring[base + k]
-    return out
+    m = min(head - WINDOWS[window].start_us(t) // tile + 1, size)  # tiles in the window that the ring holds
+    if m <= 0:
+        return [0] * N_EVENTS
+    lo = (head - m + 1) % size
+    run = ring[lo * N_EVENTS : (lo + m) * N_EVENTS]
+    if lo + m > size:  # it wraps around
+        run += ring[: (lo + m - size) * N_EVENTS]
+    return [sum(run[k::N_EVENTS]) for k in range(N_EVENTS)]
 
 
 # ---------------------------------------------------------------- item
@@ -290,11 +291,26 @@ def user_item_records(blobs: list[bytes | None]) -> np.ndarray:
     return np.frombuffer(b"".join(EMPTY_UI if b is None else b for b in blobs), dtype=UI_DTYPE).copy()
 
 
-def user_item_base_from_records(rec: np.ndarray, t: int) -> dict[str, np.ndarray]:
-    counts = rec["tot"] - rec["delta"] * (rec["last"] == t)[:, None]
-    out = {f"ui_n_{p}_all": counts[:, k] for k, p in enumerate(EVENT_PLURALS)}
-    for name, col in (("ui_imp_age_us", "imp"), ("ui_eng_age_us", "eng")):
-        before = instant_before(rec[col][:, 0], rec[col][:, 1], t)
-        none = before == NO_TS
-        out[name] = np.where(none, np.nan, (t - np.where(none, t, before)).astype(np.float64))
+# The user x item base aggregates, in the row order of `user_item_block`.
+UI_BASE_NAMES: tuple[str, ...] = (*(f"ui_n_{p}_all" for p in EVENT_PLURALS), "ui_imp_age_us", "ui_eng_age_us")
+# user_item_block reads UI_DTYPE as int64 words: last, tot, delta, imp, eng
+assert [UI_DTYPE.fields[f][1] // 8 for f in UI_DTYPE.names] == [0, 1, 1 + N_EVENTS, 1 + 2 * N_EVENTS, 3 + 2 * N_EVENTS]
+
+
+def user_item_block(rec: np.ndarray, t: int) -> np.ndarray:
+    """(len(UI_BASE_NAMES), len(rec)) float64: the base aggregates of packed user x item states at t
+    (counts before t; hours-to-be in µs since the latest impression / engagement before t, NaN for
+    none), computed over the records as one int64 matrix."""
+    m = np.ascontiguousarray(rec).view("<i8").reshape(len(rec), UI_DTYPE.itemsize // 8)
+    n = N_EVENTS
+    out = np.empty((len(UI_BASE_NAMES), len(rec)))
+    out[:n] = (m[:, 1 : 1 + n] - m[:, 1 + n : 1 + 2 * n] * (m[:, :1] == t)).T
+    instants = m[:, 1 + 2 * n :].reshape(len(rec), 2, 2)  # imp [latest, previous], eng [latest, previous]
+    before = instant_before(instants[:, :, 0], instants[:, :, 1], t)
+    none = before == NO_TS
+    out[n:] = np.where(none, np.nan, (t - np.where(none, t, before)).astype(np.float64)).T
     return out
+
+
+def user_item_base_from_records(rec: np.ndarray, t: int) -> dict[str, np.ndarray]:
+    return dict(zip(UI_BASE_NAMES, user_item_block(rec, t)))

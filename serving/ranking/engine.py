@@ -356,11 +356,14 @@ class RankingEngine:
                         inline: dict | None = None):
         """The online features at `t`, or later: events applied while this Rank awaited the encoder
         (a LogEvents, the JetStream fold) may be newer than its start, and features are defined only
-        from the latest applied event on. The read is at the newest of both; a fold that lands
+        from the latest applied event on. The read is at `t` while it is after that event (the
+        instant the user's history was read at: read once for both), else at now; a fold that lands
         between that and a remote store's read gets one more try."""
         for attempt in (1, 2):
+            mark = self.online.watermark
+            at = t if mark is None or t > mark else max(t, self.now())
             try:
-                return await self.store_worker.read(self.online.features, user_id, ids, max(t, self.now()), interest,
+                return await self.store_worker.read(self.online.features, user_id, ids, at, interest,
                                                     inline, timeout_s=timeout_s)
             except StaleQueryError:
                 if attempt == 2:
