@@ -19,9 +19,10 @@ processes write to it) nothing is kept and every read decodes.
   up the few candidates a user has seen instead of probing the (large) table for every candidate.
 
 Memory, bounded: a decoded user state is about 6 KB, a co-occurrence state about 3.5 KB (40
-partners), an item row about 250 B; OnlineFeatures keeps up to 20k users, 20k co-occurrence
-states and 500k items (`OnlineFeatures(max_items=)`; about 120 + 70 + 125 MB at most, plus about
-50 MB for the `ItemIndex` of their ids), and the index holds every user x item key.
+partners), an item row about 250 B of parts and 224 B of count features (28 float64);
+OnlineFeatures keeps up to 20k users, 20k co-occurrence states and 500k items
+(`OnlineFeatures(max_items=)`; about 120 + 70 + 240 MB at most, plus about 50 MB for the
+`ItemIndex` of their ids), and the index holds every user x item key.
 
 Not thread-safe with respect to each other's calls (one caller at a time, as OnlineFeatures).
 """
