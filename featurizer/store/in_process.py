@@ -11,7 +11,10 @@ Two kinds of snapshot (`freeze`):
 - **delta**: only the keys written or deleted since the last full one (`<path>.delta`, naming the
   id of the full snapshot it applies to, replaced by each newer delta). It is taken while those
   keys are at most `InProcessConfig.delta_max_fraction` of the state: kilobytes every 30 s while
-  shoppers act, where a full snapshot of the bench's state is about 100 MB and a fork.
+  shoppers act, where a full snapshot of the bench's state is about 100 MB. With
+  `fork_snapshots` a forked child writes it too: it encodes the handed-over values (`Owned`,
+  JSON of co-occurrence counts: hundreds of ms of the GIL under a write flood), and this process
+  takes their bytes back from the file it wrote.
 Loading reads the full snapshot, then the delta when it names that snapshot (a delta of another,
 left by a crash between the two renames, is older than the snapshot and ignored).
 """
@@ -258,11 +261,12 @@ class InProcessStore(OnlineStore):
         Taking it: a delta (the keys changed since the last full snapshot; a copy of them, under the
         lock) while there are few enough of them and `full` is False; else the whole state. `full`
         also folds a delta on disk into a full snapshot when nothing changed since (a caller that
-        needs the state in one file, such as a backup). A full snapshot with
-        `fork_snapshots` (where `fork_is_safe`): a forked child holds the state in its copy-on-write
-        pages and writes it; the parent pays the fork and never the packing, which would otherwise
-        hold the GIL for hundreds of ms and slow every other thread (the event loop's requests)
-        while it runs. Else a copy of the dicts (milliseconds under the lock)."""
+        needs the state in one file, such as a backup). With `fork_snapshots` (where
+        `fork_is_safe`), either kind: a forked child holds the state in its copy-on-write pages and
+        writes it; the parent pays the fork and never the packing or the encoding, which would
+        otherwise hold the GIL for hundreds of ms and slow every other thread (the event loop's
+        requests) while it runs. Else a copy of the dicts for a full one (milliseconds under the
+        lock), and the delta's values encoded on the writing thread."""
         with self._lock:
             if self._path is None or self._closed or not (self._dirty or (full and self._delta_on_disk)):
                 return None
@@ -277,11 +281,10 @@ class InProcessStore(OnlineStore):
                 self._base_id, self._changed, self._n_changed = base_id, {}, 0
             child = data = None
             taken = time.monotonic()
-            if delta is None:
-                if self.config.fork_snapshots and self._may_fork():
-                    child = self._fork_writer(base_id)
-                if child is None:
-                    data = {entity: dict(table) for entity, table in self._data.items()}
+            if self.config.fork_snapshots and self._may_fork():
+                child = self._fork_writer(base_id, delta)
+            if delta is None and child is None:
+                data = {entity: dict(table) for entity, table in self._data.items()}
 
         def write() -> None:
             with self._flush_lock:
@@ -293,13 +296,19 @@ class InProcessStore(OnlineStore):
                 try:
                     if delta is not None:
                         if self._disk_base_id != base_id:  # its full snapshot never landed: write a full one next
+                            if child is not None:
+                                child.discard()
                             raise OnlineStoreError(f"{self._path}: the delta's full snapshot is not on disk")
-                        for entity, part in delta.items():  # encoded once: for the file, and for the store (_settle)
-                            for k, v in part.items():
-                                if type(v) is Owned:
-                                    encoded[(entity, k)] = (v, encode_value(v))
-                                    part[k] = encoded[(entity, k)][1]
-                        files.save_delta(self._path, delta, base_id)
+                        if child is not None:  # the child encoded them: the store takes their bytes from its file
+                            child.wait()
+                            encoded = self._encoded_in(delta, base_id)
+                        else:
+                            for entity, part in delta.items():  # encoded once: for the file, and for the store (_settle)
+                                for k, v in part.items():
+                                    if type(v) is Owned:
+                                        encoded[(entity, k)] = (v, encode_value(v))
+                                        part[k] = encoded[(entity, k)][1]
+                            files.save_delta(self._path, delta, base_id)
                     elif child is not None:
                         child.wait()
                     else:
@@ -315,10 +324,11 @@ class InProcessStore(OnlineStore):
                     files.delta_path(self._path).unlink(missing_ok=True)  # (a stale one is ignored at load anyway)
                 self._delta_on_disk = delta is not None
                 settled = self._settle(encoded)
-                log.info("%s: %s snapshot written in %.0f ms (%s)", self._path.name,
+                log.info("%s: %s snapshot written in %.0f ms (%s%s)", self._path.name,
                          "full" if delta is None else "delta", (time.monotonic() - taken) * 1000,
-                         f"{sum(map(len, delta.values()))} keys changed" if delta is not None else
-                         "by a forked child" if child is not None else "copied in process")
+                         f"{sum(map(len, delta.values()))} keys changed" if delta is not None else "",
+                         ("by a forked child" if child is not None else "copied in process") if delta is None else
+                         (", by a forked child" if child is not None else ""))
                 if settled:
                     log.debug("%s: %d handed-over value(s) encoded after the snapshot", self._path.name, settled)
 
@@ -362,9 +372,12 @@ class InProcessStore(OnlineStore):
                         _GRPC_FORK_ENV)
         return False
 
-    def _fork_writer(self, base_id: str) -> files.ForkedWrite | None:
-        """Under the lock: a child process that writes the state as it is now (None: fork failed)."""
-        tmp = self._path.with_name(f".{self._path.name}.{os.getpid()}.{self._frozen}.tmp")
+    def _fork_writer(self, base_id: str, delta: dict[str, dict[str, Value | None]] | None = None) -> files.ForkedWrite | None:
+        """Under the lock: a child process that writes the state as it is now, or `delta` (the keys
+        changed since the full snapshot `base_id`: the child encodes its handed-over values, the
+        slow part of a delta), to a temp file that `ForkedWrite.wait` puts in place (None: fork failed)."""
+        target = self._path if delta is None else files.delta_path(self._path)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{self._frozen}.tmp")
         try:
             pid = os.fork()
         except OSError:
@@ -372,11 +385,25 @@ class InProcessStore(OnlineStore):
         if pid == 0:  # the child: its memory is the snapshot; write it and leave without any cleanup
             code = 1
             try:
-                files.save_atomic(self._path, self._data, tmp=tmp, replace=False, base_id=base_id)
+                if delta is None:
+                    files.save_atomic(self._path, self._data, tmp=tmp, replace=False, base_id=base_id)
+                else:
+                    files.save_delta(self._path, delta, base_id, tmp=tmp, replace=False)
                 code = 0
             finally:
                 os._exit(code)
-        return files.ForkedWrite(pid, tmp, self._path)
+        return files.ForkedWrite(pid, tmp, target)
+
+    def _encoded_in(self, delta: Mapping[str, Mapping[str, Value | None]], base_id: str) -> dict[tuple[str, str], tuple[Owned, bytes]]:
+        """(entity, key) -> (value, its encoding) of the handed-over values of a delta that a child
+        wrote, read back from its file; {} when unreadable (then `_settle` encodes them here)."""
+        owned = {(entity, k): v for entity, part in delta.items() for k, v in part.items() if type(v) is Owned}
+        try:
+            blobs = files.delta_values(self._path, base_id, owned) if owned else {}
+        except OnlineStoreError as e:
+            log.warning("%s: the delta a child wrote cannot be read back (%s); its values are encoded here", self._path, e)
+            return {}
+        return {key: (owned[key], blob) for key, blob in blobs.items()}
 
     def close(self) -> None:
         """Persist what is not on disk yet (a delta when one is due, else the whole state), then

@@ -59,11 +59,13 @@ def delta_path(path: Path) -> Path:
     return path.with_name(path.name + ".delta")
 
 
-def save_delta(path: Path, delta: dict[str, dict[str, bytes | None]], base_id: str) -> None:
-    """The keys changed since the full snapshot `base_id` (None: deleted), atomically as `<path>.delta`."""
+def save_delta(path: Path, delta: dict[str, dict[str, bytes | dict | None]], base_id: str, tmp: Path | None = None,
+               replace: bool = True) -> None:
+    """The keys changed since the full snapshot `base_id` (None: deleted), atomically as `<path>.delta`
+    (`tmp` and `replace` as for `save_atomic`)."""
     upserts = {entity: {k: v for k, v in part.items() if v is not None} for entity, part in delta.items()}
     deleted = {entity: [k for k, v in part.items() if v is None] for entity, part in delta.items()}
-    save_atomic(delta_path(path), upserts, delta_of=base_id, deleted=deleted)
+    save_atomic(delta_path(path), upserts, tmp=tmp, replace=replace, delta_of=base_id, deleted=deleted)
 
 
 def save_atomic(path: Path, data: dict[str, dict[str, bytes | dict]], tmp: Path | None = None, replace: bool = True, *,
@@ -153,6 +155,19 @@ def load_delta(path: Path, base_id: str | None) -> dict[str, tuple[dict[str, byt
     except (OSError, ValueError, KeyError) as e:
         raise OnlineStoreError(f"{path}: cannot load the in-process store's delta file ({e}); delete it to start "
                                "from the full snapshot (the event log or stream then folds what it held)") from e
+
+
+def delta_values(path: Path, base_id: str, keys) -> dict[tuple[str, str], bytes]:
+    """The stored bytes of `keys` ((entity, key) pairs) in the delta of the store at `path`, when it
+    applies to `base_id` (those it holds; {} for another snapshot's): the encodings a forked writer
+    made, copied rather than made again."""
+    tables = load_delta(delta_path(path), base_id) or {}
+    out = {}
+    for entity, key in keys:
+        blob = tables.get(entity, ({}, []))[0].get(key)
+        if blob is not None:
+            out[(entity, key)] = blob
+    return out
 
 
 def ids(file) -> tuple[str | None, str | None]:

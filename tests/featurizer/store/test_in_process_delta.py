@@ -11,6 +11,7 @@ import shutil
 import pytest
 
 import featurizer.store.snapshot_files as snapshot_files
+from featurizer.store.base import OnlineStoreError
 from featurizer.store.config import InProcessConfig, StoreConfigError, store_config
 from featurizer.store.in_process import InProcessStore
 
@@ -128,18 +129,20 @@ def test_close_writes_a_delta_when_one_is_due(tmp_path):
     assert _store(path).read("user", ["u1", "u2"]) == [{"n": -1}, {"n": -2}]
 
 
-def test_a_failed_delta_write_leaves_the_disk_consistent_and_the_next_snapshot_is_full(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fork", [True, False])
+def test_a_failed_delta_write_leaves_the_disk_consistent_and_the_next_snapshot_is_full(tmp_path, monkeypatch, fork):
     path = tmp_path / "store.bin"
-    store = _seeded(path)
+    store = _seeded(path, fork_snapshots=fork)
     store.write_batch({"user": {"u1": {"n": -1}}})
 
-    def failing_save(p, data, **_):  # fault injection: a full disk
+    def failing_save(p, data, **_):  # fault injection: a full disk (in the forked child, when it writes)
         raise OSError("no space left on device")
 
     monkeypatch.setattr(snapshot_files, "save_atomic", failing_save)
     write = store.freeze()
-    with pytest.raises(OSError):
+    with pytest.raises(OnlineStoreError if fork else OSError):  # forked: the child failed, and says so
         write()
+    assert not list(tmp_path.glob(".*.tmp"))  # the child's temp file is gone
     monkeypatch.undo()
     assert _store(path).read("user", ["u1"]) == [{"n": 1}]  # the last snapshot that landed
     full_bytes = path.read_bytes()

@@ -134,6 +134,29 @@ def test_a_delta_snapshot_encodes_each_handed_over_value_once(tmp_path, monkeypa
     assert [v["n"] for v in reloaded.read("cooc", ["i0", "i1", "i2"])] == [{"a": 1}, {"b": 1}, {"c": 1}]
 
 
+def test_a_forked_delta_encodes_in_its_child_and_the_store_takes_the_bytes_from_its_file(tmp_path, monkeypatch):
+    """The JSON of handed-over values is the slow part of a delta under a write flood: a forked child
+    encodes them for the file, and this process reads their bytes back instead of encoding them."""
+    if not in_process.fork_is_safe():
+        pytest.skip("this process may not fork a snapshot writer")
+    store = InProcessStore(InProcessConfig(path=str(tmp_path / "s.bin"), fork_snapshots=True))
+    store.write_batch({"cooc": {"i0": Owned(n={"a": 1}, last=1, d={})}, "ui": {f"k{j}": b"x" for j in range(40)}})
+    store.flush()  # the full snapshot
+    calls = []
+    real = in_process.encode_value
+    monkeypatch.setattr(in_process, "encode_value", lambda v: calls.append(v) or real(v))  # this process's encodes
+    store.write_batch({"cooc": {"i1": Owned(n={"b": 1}, last=2, d={"b": 1}), "i2": Owned(n={"c": 2}, last=2, d={})}})
+    store.flush()  # a delta, written by a child
+    assert (tmp_path / "s.bin.delta").exists() and not list(tmp_path.glob(".*.tmp"))
+    assert calls == []
+    held = store._data["cooc"]
+    assert all(type(v) is bytes for v in held.values())
+    assert held["i1"] == encode_value({"n": {"b": 1}, "last": 2, "d": {"b": 1}})
+    store.close()
+    reloaded = InProcessStore(InProcessConfig(path=str(tmp_path / "s.bin")))
+    assert [v["n"] for v in reloaded.read("cooc", ["i0", "i1", "i2"])] == [{"a": 1}, {"b": 1}, {"c": 2}]
+
+
 def test_without_snapshots_at_most_max_owned_values_stay_decoded(tmp_path):
     """A store with a file whose snapshots never come (the server's interval at 0) still holds at
     most `max_owned` handed-over values decoded: each write past it encodes the oldest."""
