@@ -90,7 +90,7 @@ class RankingService(pb_grpc.RankingServiceServicer):
         t0 = time.perf_counter()
         request_id = request.request_id or uuid.uuid4().hex
         with bind_request(request_id=request_id, user_id=request.user_id):
-            validate_rank_request(request, s.limits)
+            valid = validate_rank_request(request, s.limits)
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
                 raise DeadlinePassed("the deadline passed before ranking started")
@@ -101,7 +101,7 @@ class RankingService(pb_grpc.RankingServiceServicer):
             variant = assignment.variant if assignment else ""
             set_variant(variant or "none")
             s.metrics.rank_candidates.observe(len(request.candidates))
-            candidates = request.candidates  # read in place by the engine: no object per candidate
+            candidates = valid.candidates  # the messages as validation read them: no object per candidate again
             stale = None
             if request.min_sequence:  # read-your-writes: wait for this replica to hold the caller's events
                 wait_s = s.limits.max_sequence_wait_s if remaining is None else min(s.limits.max_sequence_wait_s,
@@ -117,7 +117,8 @@ class RankingService(pb_grpc.RankingServiceServicer):
                 rt.inflight += 1
                 t_engine = time.perf_counter()
                 try:
-                    outcome = await s.engine.rank(rt, request.user_id, candidates, explain=request.explain, timeout_s=timeout)
+                    outcome = await s.engine.rank(rt, request.user_id, candidates, explain=request.explain, timeout_s=timeout,
+                                                  ids=valid.ids)
                 finally:
                     rt.inflight -= 1
                 s.metrics.rank_engine_seconds.observe(time.perf_counter() - t_engine)

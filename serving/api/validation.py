@@ -49,8 +49,18 @@ class InvalidRequest(SemrankError):
 MAX_VIOLATIONS = 20  # report at most this many, so a huge bad request gets a small error
 
 
-def validate_rank_request(req: pb.RankRequest, limits: Limits) -> None:
-    """Raise InvalidRequest naming every bad field (up to MAX_VIOLATIONS)."""
+@dataclass(frozen=True)
+class RankCandidates:
+    """A valid request's candidates, read off the wire once: the messages as a list (each pass over
+    the repeated field makes a Python object per candidate again: about 0.1 ms per 1000) and their
+    ids, in the request's order, for the engine."""
+
+    candidates: list
+    ids: list[str]
+
+
+def validate_rank_request(req: pb.RankRequest, limits: Limits) -> RankCandidates:
+    """The request's candidates and ids; raises InvalidRequest naming every bad field (up to MAX_VIOLATIONS)."""
     v: list[FieldViolation] = []
     if not req.user_id.strip():
         v.append(FieldViolation("user_id", "must be set (users never seen before get a cold-start ranking)"))
@@ -72,9 +82,11 @@ def validate_rank_request(req: pb.RankRequest, limits: Limits) -> None:
         v.append(FieldViolation("min_sequence", "must be >= 0 (a LogEventsResponse.sequence, or 0)"))
     if req.context.device not in pb.Device.values():
         v.append(FieldViolation("context.device", f"unknown value {req.context.device}"))
-    if n <= limits.max_candidates and not _candidates_valid(req.candidates, limits):
+    candidates = list(req.candidates) if n <= limits.max_candidates else []
+    ids = list(map(_ITEM_ID, candidates))
+    if candidates and not _candidates_valid(candidates, ids, limits):
         first_seen: dict[str, int] = {}
-        for k, c in enumerate(req.candidates):
+        for k, c in enumerate(candidates):
             if len(v) >= MAX_VIOLATIONS:
                 break
             if not c.item_id.strip():
@@ -92,17 +104,18 @@ def validate_rank_request(req: pb.RankRequest, limits: Limits) -> None:
                 v.append(FieldViolation(f"candidates[{k}].price", f"{c.price} is not a finite number >= 0"))
     if v:
         raise InvalidRequest(v[:MAX_VIOLATIONS])
+    return RankCandidates(candidates, ids)
 
 
-def _candidates_valid(candidates, limits: Limits) -> bool:
-    """Whether every candidate passes the per-candidate checks below, in a few passes of C-level
-    maps (the usual case: 0.9 ms at 1000 candidates as a Python loop). False sends the request to the
-    loop, which names each bad field. A candidate's serialized size bounds each of its texts: one no
-    larger than `max_text_chars` bytes has no text field over that many characters. An unset price
-    reads 0.0, which passes."""
+def _candidates_valid(candidates: list, ids: list[str], limits: Limits) -> bool:
+    """Whether every candidate (the messages, and their ids) passes the per-candidate checks below,
+    in a few passes of C-level maps over the list (the usual case: 0.9 ms at 1000 candidates as a
+    Python loop, 0.3 ms for these passes). False sends the request to the loop, which names each bad
+    field. A candidate's serialized size bounds each of its texts: one no larger than
+    `max_text_chars` bytes has no text field over that many characters. An unset price reads 0.0,
+    which passes."""
     if not candidates:
         return True
-    ids = list(map(_ITEM_ID, candidates))
     if not (len(set(ids)) == len(ids) and max(map(len, ids)) <= limits.max_item_id_chars and all(map(str.strip, ids))):
         return False
     if max(map(pb.RankCandidate.ByteSize, candidates)) > limits.max_text_chars:

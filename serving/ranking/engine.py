@@ -371,10 +371,12 @@ class RankingEngine:
         raise AssertionError("unreachable")
 
     async def rank(self, rt: BundleRuntime, user_id: str, candidates: Sequence[Candidate], explain: bool = False,
-                   timeout_s: float | None = None) -> RankOutcome:
+                   timeout_s: float | None = None, ids: list[str] | None = None) -> RankOutcome:
         """`candidates`: anything with item_id, title, description, category and brand per item
-        (`Candidate`, or the request's repeated RankCandidate field as it came)."""
-        ids = [c.item_id for c in candidates]
+        (`Candidate`, or the request's RankCandidate messages as they came); `ids`: their item ids,
+        when the caller has read them already (validation does)."""
+        if ids is None:
+            ids = [c.item_id for c in candidates]
         t = self.now()
         rows = self.items.rows(ids)
         reasons: list[str] = []

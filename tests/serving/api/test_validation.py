@@ -24,6 +24,15 @@ def test_valid_request_passes():
     validate_rank_request(req(), Limits())
 
 
+def test_a_valid_request_gives_its_candidates_and_their_ids_in_order():
+    r = req(candidates=[pb.RankCandidate(item_id="b"), pb.RankCandidate(item_id="a", title="Lamp", price=2.5),
+                        pb.RankCandidate(item_id="c")])
+    valid = validate_rank_request(r, Limits())
+    assert valid.ids == ["b", "a", "c"]
+    assert [c.item_id for c in valid.candidates] == valid.ids
+    assert valid.candidates[1].title == "Lamp" and valid.candidates[1].HasField("price")
+
+
 @pytest.mark.parametrize(
     "kw, expected",
     [
