@@ -210,20 +210,14 @@ def item_base_from_parts(parts: dict[str, np.ndarray], t: int) -> dict[str, np.n
     return out
 
 
-def item_counts_from_parts(parts: dict[str, np.ndarray], at: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def item_counts_from_parts(parts: dict[str, np.ndarray], at: np.ndarray) -> dict[str, np.ndarray]:
     """item_n_users_all and item_n_{event}_{window|all} from `item_parts`; `at`: the items whose latest
-    instant is t (their delta is left out), None for a t after every item's latest instant."""
-    if at is None:
-        out = {"item_n_users_all": parts["users"]}
-        cols = {"all": parts["tot"]}
-        for k, w in enumerate(ITEM_WINDOWS):
-            cols[w] = parts["window"][:, k]
-    else:
-        at_t = parts["delta"] * at[:, None]
-        out = {"item_n_users_all": parts["users"] - parts["d_users"] * at}
-        cols = {"all": parts["tot"] - at_t}
-        for k, w in enumerate(ITEM_WINDOWS):
-            cols[w] = parts["window"][:, k] - at_t
+    instant is t (their delta is left out)."""
+    at_t = parts["delta"] * at[:, None]
+    out = {"item_n_users_all": parts["users"] - parts["d_users"] * at}
+    cols = {"all": parts["tot"] - at_t}
+    for k, w in enumerate(ITEM_WINDOWS):
+        cols[w] = parts["window"][:, k] - at_t
     for w, counts in cols.items():
         for k, p in enumerate(EVENT_PLURALS):
             out[f"item_n_{p}_{w}"] = counts[:, k]

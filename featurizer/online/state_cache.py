@@ -188,7 +188,8 @@ class ItemPartsCache:
             parts = item_parts(rec, t)
             for name, values in parts.items():
                 self._parts[name][stale] = values
-            counts = derive_item_counts(item_counts_from_parts(parts), NUMPY)
+            # for any t after the items' latest instant: no delta left out
+            counts = derive_item_counts(item_counts_from_parts(parts, np.zeros(len(stale), dtype=bool)), NUMPY)
             self._counts[stale] = np.column_stack([np.broadcast_to(counts[name], len(stale)) for name in ITEM_COUNT_NAMES])
             self._key[stale] = key
         return True

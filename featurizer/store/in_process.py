@@ -282,7 +282,9 @@ class InProcessStore(OnlineStore):
             child = data = None
             taken = time.monotonic()
             if self.config.fork_snapshots and self._may_fork():
-                child = self._fork_writer(base_id, delta)
+                # the child's copy-on-write pages, taken under the lock, are the snapshot
+                child = files.fork_save(self._path, f"{os.getpid()}.{self._frozen}", base_id,
+                                        data=self._data if delta is None else None, delta=delta)
             if delta is None and child is None:
                 data = {entity: dict(table) for entity, table in self._data.items()}
 
@@ -324,11 +326,13 @@ class InProcessStore(OnlineStore):
                     files.delta_path(self._path).unlink(missing_ok=True)  # (a stale one is ignored at load anyway)
                 self._delta_on_disk = delta is not None
                 settled = self._settle(encoded)
-                log.info("%s: %s snapshot written in %.0f ms (%s%s)", self._path.name,
-                         "full" if delta is None else "delta", (time.monotonic() - taken) * 1000,
-                         f"{sum(map(len, delta.values()))} keys changed" if delta is not None else "",
-                         ("by a forked child" if child is not None else "copied in process") if delta is None else
-                         (", by a forked child" if child is not None else ""))
+                how = [f"{sum(map(len, delta.values()))} keys changed"] if delta is not None else []
+                if child is not None:
+                    how.append("by a forked child")
+                elif delta is None:
+                    how.append("copied in process")
+                log.info("%s: %s snapshot written in %.0f ms (%s)", self._path.name,
+                         "full" if delta is None else "delta", (time.monotonic() - taken) * 1000, ", ".join(how))
                 if settled:
                     log.debug("%s: %d handed-over value(s) encoded after the snapshot", self._path.name, settled)
 
@@ -371,28 +375,6 @@ class InProcessStore(OnlineStore):
                         "imported with its fork handlers on (set %s=false before importing it)", self._path,
                         _GRPC_FORK_ENV)
         return False
-
-    def _fork_writer(self, base_id: str, delta: dict[str, dict[str, Value | None]] | None = None) -> files.ForkedWrite | None:
-        """Under the lock: a child process that writes the state as it is now, or `delta` (the keys
-        changed since the full snapshot `base_id`: the child encodes its handed-over values, the
-        slow part of a delta), to a temp file that `ForkedWrite.wait` puts in place (None: fork failed)."""
-        target = self._path if delta is None else files.delta_path(self._path)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.{self._frozen}.tmp")
-        try:
-            pid = os.fork()
-        except OSError:
-            return None
-        if pid == 0:  # the child: its memory is the snapshot; write it and leave without any cleanup
-            code = 1
-            try:
-                if delta is None:
-                    files.save_atomic(self._path, self._data, tmp=tmp, replace=False, base_id=base_id)
-                else:
-                    files.save_delta(self._path, delta, base_id, tmp=tmp, replace=False)
-                code = 0
-            finally:
-                os._exit(code)
-        return files.ForkedWrite(pid, tmp, target)
 
     def _encoded_in(self, delta: Mapping[str, Mapping[str, Value | None]], base_id: str) -> dict[tuple[str, str], tuple[Owned, bytes]]:
         """(entity, key) -> (value, its encoding) of the handed-over values of a delta that a child

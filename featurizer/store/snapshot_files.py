@@ -54,6 +54,30 @@ class ForkedWrite:
         self.tmp.unlink(missing_ok=True)
 
 
+def fork_save(path: Path, tag: str, base_id: str, *, data: dict | None = None, delta: dict | None = None) -> ForkedWrite | None:
+    """A child process that writes `data` as the full snapshot `base_id` of the store at `path`, or
+    `delta` as its delta (`save_atomic`, `save_delta`: the child packs and encodes), to a temp file
+    named with `tag` that `ForkedWrite.wait` puts in place; None when the fork fails. The child's
+    memory is the snapshot: the caller forks under the lock that keeps it consistent."""
+    target = path if delta is None else delta_path(path)
+    tmp = target.with_name(f".{target.name}.{tag}.tmp")
+    try:
+        pid = os.fork()
+    except OSError:
+        return None
+    if pid == 0:  # the child: write and leave without any cleanup
+        code = 1
+        try:
+            if delta is None:
+                save_atomic(path, data, tmp=tmp, replace=False, base_id=base_id)
+            else:
+                save_delta(path, delta, base_id, tmp=tmp, replace=False)
+            code = 0
+        finally:
+            os._exit(code)
+    return ForkedWrite(pid, tmp, target)
+
+
 def delta_path(path: Path) -> Path:
     """Where the store at `path` keeps its delta snapshot (a copy of the state is both files)."""
     return path.with_name(path.name + ".delta")

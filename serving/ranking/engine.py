@@ -361,7 +361,7 @@ class RankingEngine:
         between that and a remote store's read gets one more try."""
         for attempt in (1, 2):
             mark = self.online.watermark
-            at = t if mark is None or t > mark else max(t, self.now())
+            at = t if mark is None or t > mark else self.now()  # (now() is after the watermark)
             try:
                 return await self.store_worker.read(self.online.features, user_id, ids, at, interest,
                                                     inline, timeout_s=timeout_s)
