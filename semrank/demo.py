@@ -116,7 +116,8 @@ async def _events_then_rank(stub, pb, ds, titles, cats, rng) -> None:
 
 def run_demo(workdir: Path, seed: int = 0, users: int = 1500, items: int = 800, days: int = 28) -> int:
     from featurizer.contracts.schema import read_dataset
-    from ranker.encoder import ProgressEncoder, TextEncoder
+    from ranker.encoder import ProgressEncoder, TextEncoder, encoder_key
+    from ranker.encoder_probes import compute_probes, save_probes
     from training.data.synth import SynthConfig, synthesize
     from training.lambdarank.booster import format_table
     from training.lambdarank.impression_lists import train_ranker
@@ -131,7 +132,9 @@ def run_demo(workdir: Path, seed: int = 0, users: int = 1500, items: int = 800, 
     print(f"== 2/4 training the ranker bundle into {bundle_dir} (frozen MiniLM interest score + behaviour)")
     cfg = RankerTrainConfig(seed=seed)
     ds = read_dataset(data_dir)
-    extra = train_ranker(ds, bundle_dir, cfg, ProgressEncoder(TextEncoder(max_length=cfg.max_length)), data_source=str(data_dir))
+    encoder = TextEncoder(max_length=cfg.max_length)
+    extra = train_ranker(ds, bundle_dir, cfg, ProgressEncoder(encoder), data_source=str(data_dir))
+    save_probes(bundle_dir, compute_probes(encoder, encoder_key("base", cfg.max_length)))  # for an external Triton
     table = format_table(extra["metrics"]["test"])
 
     print("== 3/4 serving: Triton (encoder, dynamic batching) + gRPC RankingService, ranking through a real channel")

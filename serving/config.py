@@ -25,6 +25,7 @@ import grpc
 from featurizer.contracts.event_rules import EventRules, ItemRules
 from featurizer.errors import ConfigError
 from featurizer.store.config import StoreConfig
+from serving.triton.client import ExternalTriton
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +305,7 @@ class ServeConfig:
     events: JetStreamConfig | None = None  # None: the local event log in state_dir/events (one process)
     embeddings_dir: Path | None = None  # item embeddings; None: state_dir/embeddings (workers of one host share one)
     triton_urls: tuple[tuple[str, str], ...] = ()  # (encoder key, gRPC url) of Tritons started for this process (workers)
+    triton: ExternalTriton | None = None  # a Triton somebody else runs (GPU); None: start one per encoder
     share_port: bool = False  # bind with SO_REUSEPORT (the workers of one supervisor); else a port in use is an error
     null_service_top_k: int = 0  # > 0: the bench's null service (Rank answers a reply of this many items built in advance)
     metrics_port: int | None = None  # None: no /metrics endpoint; 0: a free port

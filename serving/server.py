@@ -45,7 +45,12 @@ from serving.api.errors import ErrorInterceptor, too_large_backstop
 from serving.api.interceptors import AdmissionInterceptor, MetricsInterceptor
 from serving.api.service import RankingService, ServingState, null_reply
 from serving.config import ServeConfig
-from serving.encoding.factories import TritonEncoderOptions, remote_triton_encoder, triton_encoder_factory
+from serving.encoding.factories import (
+    TritonEncoderOptions,
+    external_triton_factory,
+    remote_triton_encoder,
+    triton_encoder_factory,
+)
 from serving.encoding.pool import EncoderHandle, EncoderPool
 from serving.experiments.exposure_log import ExposureLog
 from serving.ingest.apply import ApplySlices, EventIngest
@@ -132,14 +137,18 @@ class RankingServer:
     # ------------------------------------------------------------ encoders
 
     async def _start_encoder(self, ref: EncoderRef, bundle_path: Path, key: str) -> EncoderHandle:
-        """A Triton child process serving this encoder, behind a deadline/retry/breaker client; or,
-        for a worker of `semrank serve --workers N`, the Triton the supervisor started for it."""
+        """A Triton child process serving this encoder, behind a deadline/retry/breaker client; for a
+        worker of `semrank serve --workers N`, the Triton the supervisor started for it; with
+        `cfg.triton`, that external Triton (checked against the bundle; nothing started)."""
         cfg = self.cfg
         opts = TritonEncoderOptions(deadline_s=cfg.encoder_timeout_s, retries=cfg.encoder_retries,
                                     breaker_failures=cfg.breaker_failures, breaker_open_s=cfg.breaker_open_s,
                                     breaker_min_timeout_s=cfg.breaker_min_timeout_s,
                                     max_queue_delay_us=cfg.triton_max_queue_delay_us,
                                     supervise_s=cfg.triton_supervise_s)
+        if cfg.triton is not None:
+            return await external_triton_factory(cfg.triton, opts, observer=self.metrics.triton_observer())(
+                ref, bundle_path, key)
         url = dict(cfg.triton_urls).get(key)
         if url is not None:
             return await remote_triton_encoder(url, key, opts, observer=self.metrics.triton_observer())

@@ -51,7 +51,7 @@ from featurizer.contracts.schema import read_dataset
 from featurizer.errors import ConfigError
 from ranker.bundle import load_bundle
 from serving.config import ServeConfig
-from serving.encoding.factories import TritonEncoderOptions, triton_encoder_factory
+from serving.encoding.factories import TritonEncoderOptions, external_triton_factory, triton_encoder_factory
 from serving.encoding.pool import EncoderPool
 from serving.ranking.item_store import ItemStore
 from serving.triton.process import free_port
@@ -123,8 +123,11 @@ class WorkerSupervisor:
         cfg = self.cfg
         opts = TritonEncoderOptions(deadline_s=cfg.encoder_timeout_s, retries=cfg.encoder_retries,
                                     max_queue_delay_us=cfg.triton_max_queue_delay_us, supervise_s=cfg.triton_supervise_s)
-        self.pool = EncoderPool(triton_encoder_factory(opts, started=self.tritons.__setitem__,
-                                                       stopped=lambda k: self.tritons.pop(k, None)))
+        if cfg.triton is not None:  # the workers use it too (their argv carries --triton-url)
+            self.pool = EncoderPool(external_triton_factory(cfg.triton, opts))
+        else:
+            self.pool = EncoderPool(triton_encoder_factory(opts, started=self.tritons.__setitem__,
+                                                           stopped=lambda k: self.tritons.pop(k, None)))
         paths = [Path(cfg.bundle_dir)]
         if cfg.experiments_file:
             paths += sorted(load_experiments(cfg.experiments_file).bundles())

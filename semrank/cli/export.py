@@ -19,19 +19,10 @@ def cmd_export_triton(args) -> int:
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)
     if args.bundle is not None and args.max_length is not None:
         raise ConfigError("--max-length goes with --encoder; a bundle's encoder uses its own max_length")
-    cfg = ExportConfig(
-        name=args.name,
-        max_batch_size=args.max_batch_size,
-        fp16=args.fp16,
-        opset=args.opset,
-        exporter=args.exporter,
-        preferred_batch_sizes=tuple(args.preferred_batch_size or ()),
-        max_queue_delay_us=args.max_queue_delay_us,
-        cpu_variant=not args.no_cpu_variant,
-        verify=not args.no_verify,
-        overwrite=args.overwrite,
-        **({"max_length": args.max_length} if args.max_length is not None else {}),
-    )
+    try:
+        cfg = _config(ExportConfig, args)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     if args.bundle is not None:
         result = export_bundle(args.bundle, args.out, cfg)
     else:
@@ -44,8 +35,27 @@ def cmd_export_triton(args) -> int:
         "embedding_dim": result.dim,
         "checks": result.checks,
     }
+    if result.probes is not None:
+        summary["bundle_probes"] = result.probes
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _config(ExportConfig, args):
+    return ExportConfig(
+        name=args.name,
+        max_batch_size=args.max_batch_size,
+        fp16=args.fp16,
+        opset=args.opset,
+        exporter=args.exporter,
+        preferred_batch_sizes=tuple(args.preferred_batch_size or ()),
+        max_queue_delay_us=args.max_queue_delay_us,
+        cpu_variant=not args.no_cpu_variant,
+        verify=not args.no_verify,
+        overwrite=args.overwrite,
+        padding=args.padding,
+        **({"max_length": args.max_length} if args.max_length is not None else {}),
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -66,6 +76,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--preferred-batch-size", type=int, action="append", help="repeatable (default: max/2 and max)")
     s.add_argument("--max-queue-delay-us", type=int, default=1000, help="dynamic batching delay (default 1000)")
     s.add_argument("--max-length", type=int, default=None, help="tokenizer truncation with --encoder (default 128; a bundle uses its own)")
+    s.add_argument("--padding", default="buckets:16,32,64,128",
+                   help="how clients pad token rows, written into config.pbtxt: max_length, longest, or "
+                        "buckets:16,32,64,128 (default; docs/triton.md has the measurement)")
     s.add_argument("--opset", type=int, default=18)
     s.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto", help="default: dynamo, falling back to torchscript")
     s.add_argument("--no-cpu-variant", action="store_true", help="skip the <name>_cpu model")

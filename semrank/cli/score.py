@@ -15,7 +15,7 @@ import logging
 from datetime import datetime
 from pathlib import Path
 
-from semrank.cli.common import data_dir
+from semrank.cli.common import add_triton_args, data_dir, external_triton
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def cmd_score(args) -> int:
     data = data_dir(args)
     job = ScoreJob(
         score=ScoreConfig(bundle_dir=args.bundle, data_dir=data, state_dir=args.state_dir, as_of=args.as_of,
-                          encoder=args.encoder, threads=args.threads),
+                          encoder=_encoder(args), threads=args.threads, triton=external_triton(args)),
         input=args.input, output=args.output, chunk_candidates=args.batch_size, engine=args.engine,
         overwrite=args.overwrite, progress=not args.no_progress, ray_address=args.ray_address,
         ray_actors=args.ray_actors, ray_cpus_per_actor=args.ray_cpus_per_actor,
@@ -48,11 +48,22 @@ def cmd_score(args) -> int:
 def cmd_embed_catalog(args) -> int:
     from serving.batch.catalog_embed import embed_catalog
 
-    summary = asyncio.run(embed_catalog(args.bundle, data_dir(args), args.state_dir, encoder=args.encoder,
+    summary = asyncio.run(embed_catalog(args.bundle, data_dir(args), args.state_dir, encoder=_encoder(args),
                                         chunk_size=args.chunk_size, progress=not args.no_progress,
-                                        threads=args.threads))
+                                        threads=args.threads, triton=external_triton(args)))
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _encoder(args) -> str:
+    """--triton-url means the Triton encoder (an explicit --encoder inprocess beside it is an error)."""
+    if args.triton_url is None:
+        return args.encoder or "inprocess"
+    if args.encoder == "inprocess":
+        from featurizer.errors import ConfigError
+
+        raise ConfigError("--triton-url goes with --encoder triton (or no --encoder), not --encoder inprocess")
+    return "triton"
 
 
 def _common(s: argparse.ArgumentParser) -> None:
@@ -62,8 +73,10 @@ def _common(s: argparse.ArgumentParser) -> None:
     s.add_argument("--state-dir", type=Path, default=Path("semrank-state"),
                    help="the service's state directory: event log, feature snapshot, item embeddings "
                         "(default: ./semrank-state, as semrank serve)")
-    s.add_argument("--encoder", choices=("inprocess", "triton"), default="inprocess",
-                   help="inprocess: the encoder in this process (default); triton: a Triton child process, as the service")
+    s.add_argument("--encoder", choices=("inprocess", "triton"), default=None,
+                   help="inprocess: the encoder in this process (default); triton: a Triton child process, as the "
+                        "service, or the one --triton-url names")
+    add_triton_args(s)
     s.add_argument("--threads", type=int, default=None, help="torch threads of the in-process encoder")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
 

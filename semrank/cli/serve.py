@@ -10,7 +10,7 @@ import signal
 from pathlib import Path
 
 from featurizer.errors import ConfigError
-from semrank.cli.common import data_dir
+from semrank.cli.common import add_triton_args, data_dir, external_triton
 
 log = logging.getLogger("semrank")
 
@@ -68,6 +68,7 @@ def cmd_serve(args) -> int:
         metrics_host=args.metrics_host,
         embeddings_dir=args.embeddings_dir,
         triton_urls=tuple(_key_url(spec) for spec in args.worker_triton),
+        triton=external_triton(args),
         share_port=args.worker_of is not None,  # the workers of one supervisor share its port; nobody else
         null_service_top_k=args.null_service,
         **({"gc_thresholds": args.gc_thresholds} if args.gc_thresholds is not None else {}),
@@ -210,6 +211,7 @@ def register(sub) -> None:
                    help="an admission budget (repeatable; docs/serving.md \"Limits\"): writes, writes_per_caller, "
                         "ranks_per_caller, admin, watches, watches_per_caller, health_checks, stream_idle_s")
     s.add_argument("--encoder-timeout-ms", type=float, default=250.0, help="Triton deadline on the request path")
+    add_triton_args(s)
     s.add_argument("--max-candidates", type=int, default=2000)
     s.add_argument("--max-text-chars", type=int, default=4096)
     s.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024)

@@ -46,9 +46,22 @@ def cmd_train_ranker(args) -> int:
     model_dir = "base" if encoder_dir == "base" else args.out / encoder_dir
     encoder = ProgressEncoder(TextEncoder(model_dir, max_length=cfg.max_length))
     extra = train_ranker(ds, args.out, cfg, encoder, data_source=str(args.data), tower=tower)
+    _write_probes(args.out)
     print(f"\nbundle written to {args.out}\nheld-out lists (last {cfg.test_days:g} days):\n")
     print(format_table(extra["metrics"]["test"]))
     return 0
+
+
+def _write_probes(out: Path) -> None:
+    """The encoder's probe embeddings beside the model (ranker.encoder_probes), when it scores text:
+    what a service checks an external Triton against."""
+    import json
+
+    from ranker.bundle import MANIFEST
+    from ranker.encoder_probes import write_probes
+
+    if "interest_score" in json.loads((out / MANIFEST).read_text())["feature_names"]:
+        write_probes(out, force=True)
 
 
 def _train_leave_one_out(args, ds, encoder_dir: str, tower) -> int:
@@ -74,6 +87,7 @@ def _train_leave_one_out(args, ds, encoder_dir: str, tower) -> int:
         encoder, item_emb, text_cache = load_text_side(ds, args.out, cfg, args.embedding_cache, Path(args.data).resolve().name)
     extra = train_loo_ranker(ds, split, args.out, cfg, encoder, item_emb, data_source=str(args.data), text_cache=text_cache,
                              tower=tower)
+    _write_probes(args.out)
     best = extra["hyper_parameters"]["best_iteration"]
     print(f"\nbundle ({TRAINING_MODE}, {cfg.variant}) written to {args.out}; best iteration {best}, "
           f"{extra['train_seconds']:.0f} s\nvalidation groups (the early-stopping set, so optimistic):\n")

@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 
 async def embed_catalog(bundle_dir: Path, data_dir: Path, state_dir: Path, encoder: str = "inprocess",
-                        chunk_size: int = 4096, progress: bool = True, threads: int | None = None) -> dict:
+                        chunk_size: int = 4096, progress: bool = True, threads: int | None = None,
+                        triton=None) -> dict:
     """Embed what is missing or stale; returns {"items", "embedded", "chunks", "encoder_key", "seconds"}."""
     from featurizer.contracts.schema import read_dataset
     from ranker.bundle import load_bundle
@@ -43,7 +44,8 @@ async def embed_catalog(bundle_dir: Path, data_dir: Path, state_dir: Path, encod
         log.info("bundle %s uses no text features: nothing to embed", bundle.version)
         return {"items": len(items), "embedded": 0, "chunks": 0, "encoder_key": None, "seconds": 0.0}
     key = encoder_key(bundle.encoder.resolve(bundle.path), bundle.encoder.max_length)
-    handle = await encoder_factory(encoder, threads=threads, triton=BATCH_TRITON)(bundle.encoder, bundle.path, key)
+    factory = encoder_factory(encoder, threads=threads, triton=BATCH_TRITON, external=triton)  # triton: ExternalTriton
+    handle = await factory(bundle.encoder, bundle.path, key)
     try:
         # Load what is on disk (an empty `only` embeds nothing), then embed the rest chunk by chunk.
         await items.ensure_embeddings(key, handle.encoder.encode_bulk, handle.dim, only=np.zeros(0, dtype=np.int64))

@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 from featurizer.errors import SemrankError
 from serving.batch.input import INLINE_COLUMNS, BatchInputError, InputLayout, key_breaks
 from serving.encoding.factories import TritonEncoderOptions, encoder_factory
+from serving.triton.client import ExternalTriton
 from serving.encoding.pool import EncoderPool
 from serving.ingest.restore import build_engine
 from serving.ranking.engine import Candidate
@@ -63,6 +64,7 @@ class ScoreConfig:
     as_of: datetime | None = None  # None: the state's latest event + 1 µs
     encoder: str = "inprocess"  # or "triton"
     threads: int | None = None  # torch threads of the in-process encoder
+    triton: ExternalTriton | None = None  # with encoder "triton": this Triton instead of a child process
     users_per_call: int = 256  # requests whose user texts are embedded in one encoder call (<= USER_CACHE)
 
 
@@ -104,7 +106,7 @@ class Scorer:
                                    user_cache_size=USER_CACHE)
         self.engine = self._built.engine
         self.as_of = resolve_as_of(cfg.as_of, self.engine.online.watermark)
-        factory = encoder_factory(cfg.encoder, threads=cfg.threads, triton=BATCH_TRITON)
+        factory = encoder_factory(cfg.encoder, threads=cfg.threads, triton=BATCH_TRITON, external=cfg.triton)
         self._registry = BundleRegistry(self.engine, EncoderPool(factory))
         await self._registry.start(cfg.bundle_dir)  # loads, embeds missing catalog items, probes
         self.runtime = self._registry.default.runtime

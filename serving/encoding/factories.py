@@ -1,6 +1,7 @@
 """Encoder factories for `serving.encoding.pool.EncoderPool`: what serves a bundle's text tower.
 
     factory = triton_encoder_factory(TritonEncoderOptions(...))   # the service: a Triton child process
+    factory = external_triton_factory(ExternalTriton(url), opts)  # a Triton somebody else runs (GPU)
     factory = inprocess_encoder_factory()                          # batch jobs: TextEncoder in this process
     handle = await factory(bundle.encoder, bundle.path, key)       # -> EncoderHandle(encoder, close, dim)
 
@@ -22,6 +23,7 @@ from serving.encoding.pool import EncoderFactory, EncoderHandle, InProcessEncode
 log = logging.getLogger(__name__)
 
 PROBE_TEXT = "semrank start-up probe"
+MIN_PROBE_COSINE = 0.999  # an external Triton's probe embeddings against the bundle's reference
 
 
 def inprocess_encoder_factory(threads: int | None = None) -> EncoderFactory:
@@ -181,11 +183,100 @@ async def remote_triton_encoder(url: str, key: str, opts: TritonEncoderOptions, 
     return EncoderHandle(key=key, encoder=encoder, close=close, dim=int(probe.shape[1]))
 
 
-def encoder_factory(kind: str, *, threads: int | None = None,
-                    triton: TritonEncoderOptions | None = None) -> EncoderFactory:
-    """'inprocess' or 'triton' (the CLI's --encoder)."""
+async def verify_external(ext, client, ref: EncoderRef, bundle_path: Path) -> None:
+    """Is the model at `ext` the bundle's encoder? Reads its config (the contract: strings or token ids),
+    checks the contract's parameters against the bundle's encoder, then encodes the bundle's probe
+    texts through it and compares them with the bundle's reference (cosine >= MIN_PROBE_COSINE).
+    Raises `ContractMismatch` with the reason, or `EncoderUnavailable` when Triton does not answer.
+    On success `client` takes the contract's tokenizer (or none, for strings); on failure it is
+    left as it was, so a bundle serving through it keeps serving."""
+    from ranker.encoder import encoder_key
+    from ranker.encoder_probes import PROBE_FILE, load_probes, min_cosine
+    from serving.triton.contract import ClientTokenizer, ContractMismatch, check_parameters, read_signature
+
+    sig = read_signature(await client.model_config(), ext.model)
+    model_dir = ref.resolve(bundle_path)
+    await asyncio.to_thread(check_parameters, sig, model_dir, ref.max_length, ext.model)
+    tokenizer = None
+    if sig.kind == "tokens":
+        tokenizer = await asyncio.to_thread(ClientTokenizer, model_dir, sig.tokens)
+    try:
+        probes = await asyncio.to_thread(load_probes, bundle_path)
+    except ValueError as e:
+        raise ContractMismatch(str(e)) from e
+    key = encoder_key(model_dir, ref.max_length)
+    if probes is None or probes.encoder_key != key:
+        what = "carries no" if probes is None else f"has {PROBE_FILE} of another encoder ({probes.encoder_key}), no"
+        raise ContractMismatch(f"bundle {bundle_path.name} {what} probe embeddings for encoder {key}; "
+                               f"`semrank export triton --bundle {bundle_path.name} ...` writes them")
+    checker = ext.client(timeout_s=client.timeout_s, tokenizer=tokenizer)
+    try:
+        got = await checker.encode(list(probes.texts))
+    finally:
+        await checker.close()
+    cosine = min_cosine(probes.embeddings, got)
+    if cosine < MIN_PROBE_COSINE:
+        raise ContractMismatch(f"Triton model {ext.model!r} at {ext.url} answers the probe texts unlike the bundle's "
+                               f"encoder (min cosine {cosine:.6f} < {MIN_PROBE_COSINE}): it serves other weights, "
+                               "tokens or truncation")
+    if sig.max_batch_size:
+        client.max_batch_size = min(client.max_batch_size, sig.max_batch_size)
+    client.tokenizer, client.dim = tokenizer, int(got.shape[1])
+    log.info("Triton model %r at %s checked for bundle %s: %s contract, probe min cosine %.6f", ext.model, ext.url,
+             bundle_path.name, sig.kind, cosine)
+
+
+def external_triton_factory(ext, opts: TritonEncoderOptions, observer=None) -> EncoderFactory:
+    """Encoders served by a Triton this process did not start (`ExternalTriton`), behind the same
+    deadline/retry/breaker client. Each handle is checked (`verify_external`) when it is made and
+    at every later acquire (each bundle load); its health goes to `observer.on_triton` every
+    `ext.health_s`. Nothing there is started, supervised or restarted."""
+
+    async def factory(ref: EncoderRef, bundle_path: Path, key: str) -> EncoderHandle:
+        from serving.triton.resilience import CircuitBreaker, ResilientEncoder
+
+        client = ext.client(timeout_s=max(opts.deadline_s, 1.0))
+        encoder = ResilientEncoder(client, CircuitBreaker(failure_threshold=opts.breaker_failures, open_s=opts.breaker_open_s),
+                                   deadline_s=opts.deadline_s, retries=opts.retries, observer=observer,
+                                   bulk_timeout_s=opts.bulk_timeout_s, min_counted_timeout_s=opts.breaker_min_timeout_s)
+
+        async def health() -> None:
+            while True:
+                _report(observer, "on_triton", key, await client.ready())
+                await asyncio.sleep(ext.health_s)
+
+        watcher = asyncio.create_task(health()) if ext.health_s > 0 else None
+
+        async def close() -> None:
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
+            await client.close()
+
+        async def verify(ref: EncoderRef, bundle_path: Path) -> None:
+            await verify_external(ext, client, ref, bundle_path)
+
+        try:
+            await verify(ref, bundle_path)
+        except BaseException:
+            await close()
+            raise
+        log.info("encoder %s served by the external Triton at %s (model %r)", key, ext.url, ext.model)
+        return EncoderHandle(key=key, encoder=encoder, close=close, dim=client.dim, verify=verify)
+
+    return factory
+
+
+def encoder_factory(kind: str, *, threads: int | None = None, triton: TritonEncoderOptions | None = None,
+                    external=None) -> EncoderFactory:
+    """'inprocess' or 'triton' (the CLI's --encoder); 'triton' with `external` (an `ExternalTriton`)
+    uses that Triton instead of starting one."""
     if kind == "inprocess":
+        if external is not None:
+            raise ValueError("an external Triton goes with --encoder triton")
         return inprocess_encoder_factory(threads)
     if kind == "triton":
+        if external is not None:
+            return external_triton_factory(external, triton or TritonEncoderOptions())
         return triton_encoder_factory(triton or TritonEncoderOptions())
     raise ValueError(f"encoder {kind!r}: expected 'inprocess' or 'triton'")

@@ -58,6 +58,9 @@ class EncoderHandle:
     close: Callable[[], Awaitable[None]]
     dim: int = 384
     users: int = 0
+    # Checks that the encoder still serves a bundle's encoder (an external Triton: its contract and
+    # probe embeddings); the factory ran it for the first bundle, `EncoderPool.acquire` for each later one.
+    verify: Callable[[EncoderRef, Path], Awaitable[None]] | None = None
 
 
 EncoderFactory = Callable[[EncoderRef, Path, str], Awaitable[EncoderHandle]]
@@ -76,6 +79,8 @@ class EncoderPool:
             if h is None:
                 h = await self._factory(ref, bundle_path, key)
                 self._handles[key] = h
+            elif h.verify is not None:
+                await h.verify(ref, bundle_path)  # raises: this bundle is refused, the handle serves on
             h.users += 1
             return h
 

@@ -1,14 +1,21 @@
-"""Async client for the Triton-served text encoder (served by serving/triton/worker.py).
+"""Async client for a Triton-served text encoder.
 
-Texts go in as a BYTES tensor "texts" of shape [n, 1]; unit-norm float32 rows come back
-in "embedding". Large lists are split into max_batch_size requests that are sent
-concurrently, so Triton's dynamic batcher can pack them with other callers' requests.
+Two input contracts (serving/triton/contract.py): the development worker's (serving/triton/worker.py)
+takes texts as a BYTES tensor "texts" [n, 1]; the exported ONNX model takes "input_ids" and
+"attention_mask" INT64 [n, S], which this client makes with `tokenizer` (a `ClientTokenizer`).
+Either way unit-norm float32 rows come back in "embedding". Large lists are split into
+max_batch_size requests that are sent concurrently, so Triton's dynamic batcher can pack them with
+other callers' requests. Several endpoints (`url` "host:port,host:port") take the requests in turn;
+TLS and headers (`TritonTls`, `headers`) are passed to tritonclient as given.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -66,31 +73,84 @@ def grpc_code_name(err: BaseException) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class TritonTls:
+    """TLS to Triton's gRPC port: the CA to trust (None: the system's), and a client certificate
+    and key for mutual TLS (both or neither)."""
+
+    root_certificates: Path | None = None
+    certificate_chain: Path | None = None
+    private_key: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.certificate_chain is None) != (self.private_key is None):
+            raise ValueError("a client certificate and its private key go together")
+        for name in ("root_certificates", "certificate_chain", "private_key"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"TLS {name.replace('_', ' ')} {path}: no such file")
+
+    def kwargs(self) -> dict:
+        def read(p):
+            return None if p is None else Path(p).read_bytes()
+
+        return {"ssl": True, "root_certificates": read(self.root_certificates),
+                "certificate_chain": read(self.certificate_chain), "private_key": read(self.private_key)}
+
+
+def split_urls(url: str) -> list[str]:
+    urls = [u.strip() for u in url.split(",") if u.strip()]
+    bad = [u for u in urls if "://" in u or ":" not in u]
+    if not urls or bad:
+        raise ValueError(f"Triton url {url!r}: expected host:port, or several separated by commas (gRPC, no scheme)")
+    return urls
+
+
 class EncoderClient:
     """`await EncoderClient(url).encode(texts) -> float32 (len(texts), dim)`.
 
-    The gRPC channel is created lazily inside the running event loop, so a client belongs to
+    The gRPC channels are created lazily inside the running event loop, so a client belongs to
     one loop; `await close()` (or `async with`) when done.
     """
 
-    def __init__(self, url: str, model_name: str = "encoder", max_batch_size: int = 64, timeout_s: float = 10.0):
+    def __init__(self, url: str, model_name: str = "encoder", max_batch_size: int = 64, timeout_s: float = 10.0,
+                 *, tls: TritonTls | None = None, headers: dict[str, str] | None = None, tokenizer=None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1 (and at most the model's max_batch_size)")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s={timeout_s} must be > 0")
         self.url = url
+        self.urls = split_urls(url)
         self.model_name = model_name
         self.max_batch_size = max_batch_size
         self.timeout_s = timeout_s
+        self.tls = tls
+        self.headers = dict(headers) if headers else None
+        self.tokenizer = tokenizer  # None: the strings contract; a ClientTokenizer: token ids
         self.dim = DEFAULT_DIM
-        self._client = None
+        self._clients: list | None = None
+        self._turn = itertools.count()
 
     def _get_client(self):
-        if self._client is None:
+        """The next endpoint's client (round robin: a retry goes to another endpoint)."""
+        if self._clients is None:
             import tritonclient.grpc.aio as grpcclient_aio
 
-            self._client = grpcclient_aio.InferenceServerClient(url=self.url, channel_args=CHANNEL_ARGS)
-        return self._client
+            extra = self.tls.kwargs() if self.tls is not None else {}
+            self._clients = [grpcclient_aio.InferenceServerClient(url=u, channel_args=CHANNEL_ARGS, **extra)
+                             for u in self.urls]
+        return self._clients[next(self._turn) % len(self._clients)]
+
+    async def model_config(self, timeout_s: float | None = None) -> dict:
+        """The model's config as Triton reports it (JSON form), from the next endpoint."""
+        try:
+            reply = await self._get_client().get_model_config(self.model_name, headers=self.headers, as_json=True,
+                                                              client_timeout=timeout_s or self.timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            raise self._unavailable("reading the model config", e) from e
+        return reply.get("config", reply)
 
     def _unavailable(self, what: str, err: BaseException) -> EncoderUnavailable:
         code = grpc_code_name(err)
@@ -138,15 +198,22 @@ class EncoderClient:
     async def _infer(self, texts: list[str], timeout_s: float) -> np.ndarray:
         import tritonclient.grpc.aio as grpcclient_aio
 
-        data = np.array([t.encode("utf-8") for t in texts], dtype=np.object_).reshape(-1, 1)
-        inp = grpcclient_aio.InferInput("texts", list(data.shape), "BYTES")
-        inp.set_data_from_numpy(data)
+        if self.tokenizer is None:
+            data = np.array([t.encode("utf-8") for t in texts], dtype=np.object_).reshape(-1, 1)
+            inputs = [grpcclient_aio.InferInput("texts", list(data.shape), "BYTES")]
+            inputs[0].set_data_from_numpy(data)
+        else:
+            inputs = []
+            for name, arr in zip(("input_ids", "attention_mask"), self.tokenizer(texts)):
+                inputs.append(grpcclient_aio.InferInput(name, list(arr.shape), "INT64"))
+                inputs[-1].set_data_from_numpy(arr)
         try:
             result = await self._get_client().infer(
                 self.model_name,
-                [inp],
+                inputs,
                 outputs=[grpcclient_aio.InferRequestedOutput("embedding")],
                 client_timeout=timeout_s,
+                headers=self.headers,
             )
         except asyncio.CancelledError:
             raise
@@ -162,22 +229,49 @@ class EncoderClient:
         return emb.astype(np.float32, copy=False)
 
     async def ready(self) -> bool:
-        """True when the server answers and the model is loaded; never raises."""
-        try:
-            return bool(await self._get_client().is_model_ready(self.model_name, client_timeout=self.timeout_s))
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            log.debug("Triton model %r at %s not ready: %s", self.model_name, self.url, e)
-            return False
+        """True when some endpoint answers and has the model loaded; never raises."""
+        self._get_client()
+        for client in self._clients:
+            try:
+                if await client.is_model_ready(self.model_name, headers=self.headers, client_timeout=self.timeout_s):
+                    return True
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.debug("Triton model %r at %s not ready: %s", self.model_name, self.url, e)
+        return False
 
     async def close(self) -> None:
-        if self._client is not None:
-            client, self._client = self._client, None
-            await client.close()
+        if self._clients is not None:
+            clients, self._clients = self._clients, None
+            for client in clients:
+                await client.close()
 
     async def __aenter__(self) -> EncoderClient:
         return self
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
+
+
+@dataclass(frozen=True)
+class ExternalTriton:
+    """A Triton this process did not start (`semrank serve --triton-url`): where, which model, how to
+    connect. semrank supervises and restarts nothing there; it reads its health every `health_s`."""
+
+    url: str
+    model: str = "encoder_onnx"
+    tls: TritonTls | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    health_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        split_urls(self.url)  # raises ValueError naming the url
+        if not self.model or "/" in self.model:
+            raise ValueError(f"Triton model {self.model!r}: expected a model name")
+        if self.health_s < 0:
+            raise ValueError(f"health_s={self.health_s} must be >= 0")
+
+    def client(self, timeout_s: float = 10.0, tokenizer=None) -> EncoderClient:
+        return EncoderClient(self.url, self.model, timeout_s=timeout_s, tls=self.tls,
+                             headers=dict(self.headers) or None, tokenizer=tokenizer)

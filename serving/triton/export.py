@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 
+from ranker.encoder_probes import PROBE_FILE, write_probes
+from serving.triton.contract import TOKENIZER_FILES, Padding, TokenContract, tokenizer_sha256
 from serving.triton.onnx_graph import INPUT_NAMES, OUTPUT_NAME, Exporter, ExportError, check_against_torch, export_onnx
 
 log = logging.getLogger(__name__)
@@ -38,17 +40,7 @@ MODEL_FILE = "model.onnx"
 VERSION_DIR = "1"
 CONFIG_FILE = "config.pbtxt"
 META_FILE = "semrank_export.json"
-TOKENIZER_DIR = "tokenizer"
-# Copied when present; tokenizer.json (fast tokenizers, any language) or vocab.txt must exist.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.txt",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-)
+TOKENIZER_DIR = "tokenizer"  # TOKENIZER_FILES are copied when present; tokenizer.json or vocab.txt must exist
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 @dataclass(frozen=True)
@@ -60,6 +52,7 @@ class ExportConfig:
     fp16: bool = False
     opset: int = 18
     max_length: int = 128  # the tokenizer truncation the client must use (EncoderRef.max_length)
+    padding: str = "buckets:16,32,64,128"  # how clients pad (serving.triton.contract.Padding; docs/triton.md)
     exporter: Exporter = "auto"
     preferred_batch_sizes: tuple[int, ...] = ()  # () -> (max_batch_size // 2, max_batch_size)
     max_queue_delay_us: int = 1000
@@ -78,6 +71,7 @@ class ExportConfig:
             raise ValueError(f"opset={self.opset} is too old; use 17 or newer")
         if not 1 <= self.max_length <= 512:
             raise ValueError(f"max_length={self.max_length} must be in 1..512 (BERT position embeddings)")
+        Padding.parse(self.padding)  # raises ValueError naming the spec
         if self.exporter not in ("auto", "dynamo", "torchscript"):
             raise ValueError(f"exporter={self.exporter!r}; use 'auto', 'dynamo' or 'torchscript'")
         bad = [b for b in self.preferred_batch_sizes if not 1 <= b <= self.max_batch_size]
@@ -105,16 +99,20 @@ class ExportResult:
     opset: int
     dim: int
     checks: dict[str, float] = field(default_factory=dict)
+    probes: str | None = None  # export_bundle: "written" or "present" (the bundle's encoder_probes.safetensors)
 
 
 # --------------------------------------------------------------------------- graph
 
 
-def model_config(cfg: ExportConfig, name: str, kind: str, dim: int):
-    """Triton ModelConfig protobuf for the exported graph on KIND_GPU or KIND_CPU."""
+def model_config(cfg: ExportConfig, name: str, kind: str, dim: int, contract: TokenContract | None = None):
+    """Triton ModelConfig protobuf for the exported graph on KIND_GPU or KIND_CPU; `contract`'s
+    parameters (serving/triton/contract.py) go into its `parameters`, where clients read them."""
     from tritonclient.grpc import model_config_pb2 as mc
 
     conf = mc.ModelConfig(name=name, platform="onnxruntime_onnx", max_batch_size=cfg.max_batch_size)
+    for key, value in (contract.parameters() if contract else {}).items():
+        conf.parameters[key].string_value = value
     for inp in INPUT_NAMES:
         conf.input.add(name=inp, data_type=mc.TYPE_INT64, dims=[-1])
     conf.output.add(name=OUTPUT_NAME, data_type=mc.TYPE_FP32, dims=[dim])
@@ -125,6 +123,14 @@ def model_config(cfg: ExportConfig, name: str, kind: str, dim: int):
     else:
         conf.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=cfg.cpu_instances)
     return conf
+
+
+def export_contract(model_dir: str | Path, cfg: ExportConfig) -> TokenContract:
+    """The contract the exported model's config promises its clients."""
+    from ranker.encoder import encoder_fingerprint
+
+    return TokenContract(cfg.max_length, tokenizer_sha256(model_dir), encoder_fingerprint(model_dir),
+                         Padding.parse(cfg.padding))
 
 
 def _write_config(model_root: Path, conf) -> None:
@@ -193,7 +199,8 @@ def export_triton_repo(
                     f"exported graph disagrees with torch: min cosine {checks['min_cosine_vs_torch']:.6f} < {floor}; "
                     f"try --exporter torchscript or report the torch/transformers versions"
                 )
-        _write_config(gpu_root, model_config(cfg, cfg.name, "gpu", dim))
+        contract = export_contract(resolved, cfg)
+        _write_config(gpu_root, model_config(cfg, cfg.name, "gpu", dim, contract))
         tok_files = _copy_tokenizer(resolved, gpu_root / TOKENIZER_DIR)
 
         cpu_fp16 = None
@@ -207,7 +214,7 @@ def export_triton_repo(
             else:
                 _link_or_copy(gpu_file, cpu_file)
                 cpu_fp16 = False
-            _write_config(cpu_root, model_config(cfg, cfg.cpu_name, "cpu", dim))
+            _write_config(cpu_root, model_config(cfg, cfg.cpu_name, "cpu", dim, contract))
 
         meta = {
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -219,6 +226,7 @@ def export_triton_repo(
             "fp16": cfg.fp16,
             "cpu_variant_fp16": cpu_fp16,
             "max_length": cfg.max_length,
+            "contract": contract.parameters(),
             "embedding_dim": dim,
             "inputs": {n: "INT64 [batch, sequence]" for n in INPUT_NAMES},
             "output": {OUTPUT_NAME: f"FP32 [batch, {dim}], unit norm"},
@@ -250,7 +258,13 @@ def export_bundle(bundle_dir: str | Path, repo: str | Path, cfg: ExportConfig) -
         log.info("using the bundle's max_length=%d (not %d)", ref.max_length, cfg.max_length)
         cfg = ExportConfig(**{**asdict(cfg), "max_length": ref.max_length})
     source = {"bundle_version": bundle.version, "encoder": {"model_dir": ref.model_dir, "base_model": ref.base_model}}
-    return export_triton_repo(ref.resolve(bundle.path), repo, cfg, source=source)
+    result = export_triton_repo(ref.resolve(bundle.path), repo, cfg, source=source)
+    # The reference a service checks this model against (ranker.encoder_probes): made here, where
+    # torch is loaded, so that the service never needs it.
+    written = write_probes(bundle.path)
+    result.probes = "written" if written else "present"
+    log.info("probe embeddings %s in the bundle (%s)", result.probes, PROBE_FILE)
+    return result
 
 
 def _describe(model_dir: str | Path) -> str:

@@ -39,6 +39,9 @@ class TritonWorkerConfig:
     startup_timeout_s: float = 180.0
     host: str = "127.0.0.1"
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
+    # An exported model directory (REPO/<name>): serve an EMULATION of it (serving/triton/onnx_emulation.py)
+    # under its own name instead of the encoder; model_dir, max_length and model_name then do not apply.
+    onnx_model: str | None = None
 
     def __post_init__(self) -> None:
         ports = {"grpc_port": self.grpc_port, "http_port": self.http_port, "metrics_port": self.metrics_port}
@@ -77,6 +80,8 @@ class TritonWorkerConfig:
         ]  # fmt: skip
         if self.threads is not None:
             argv += ["--threads", str(self.threads)]
+        if self.onnx_model is not None:
+            argv += ["--emulate-onnx", str(Path(self.onnx_model).resolve())]
         if workspace is not None:
             argv += ["--workspace", str(workspace)]
         return argv
@@ -94,6 +99,8 @@ def _parse_args(argv: list[str] | None) -> tuple[TritonWorkerConfig, str | None,
     p.add_argument("--max-queue-delay-us", type=int, default=2000)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--emulate-onnx", default=None, metavar="REPO/NAME",
+                   help="serve an EMULATION of this exported model (onnxruntime in a Python-backend model) instead")
     p.add_argument("--workspace", default=None, help="new directory for pytriton's files (default: ~/.cache/pytriton)")
     p.add_argument(
         "--exit-with-parent", type=int, default=None, metavar="PID",
@@ -111,6 +118,7 @@ def _parse_args(argv: list[str] | None) -> tuple[TritonWorkerConfig, str | None,
         max_queue_delay_us=a.max_queue_delay_us,
         host=a.host,
         threads=a.threads,
+        onnx_model=a.emulate_onnx,
     )
     return cfg, a.workspace, a.exit_with_parent
 
@@ -164,17 +172,18 @@ def serve(cfg: TritonWorkerConfig, workspace: str | None = None) -> None:
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig
 
-    from ranker.encoder import TextEncoder
+    encoder = None
+    if cfg.onnx_model is None:
+        from ranker.encoder import TextEncoder
 
-    if cfg.threads is not None:
-        import torch
+        if cfg.threads is not None:
+            import torch
 
-        torch.set_num_threads(cfg.threads)
-
-    t0 = time.monotonic()
-    encoder = TextEncoder(cfg.model_dir, max_length=cfg.max_length)
-    encoder.encode(["warm up"])  # first call allocates; keep it out of the first request
-    log.info("encoder %s loaded in %.1fs (dim=%d)", encoder.model_dir, time.monotonic() - t0, encoder.dim)
+            torch.set_num_threads(cfg.threads)
+        t0 = time.monotonic()
+        encoder = TextEncoder(cfg.model_dir, max_length=cfg.max_length)
+        encoder.encode(["warm up"])  # first call allocates; keep it out of the first request
+        log.info("encoder %s loaded in %.1fs (dim=%d)", encoder.model_dir, time.monotonic() - t0, encoder.dim)
 
     triton_cfg = TritonConfig(
         http_address=cfg.host,
@@ -187,6 +196,13 @@ def serve(cfg: TritonWorkerConfig, workspace: str | None = None) -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         with Triton(config=triton_cfg, workspace=workspace) as triton:
+            if cfg.onnx_model is not None:
+                from serving.triton.onnx_emulation import bind
+
+                name = bind(triton, cfg.onnx_model, cfg.threads)
+                log.info("serving the EMULATION %r on grpc %s", name, cfg.grpc_url)
+                triton.serve()
+                return
             triton.bind(
                 model_name=cfg.model_name,
                 infer_func=make_infer_func(encoder),
