@@ -240,27 +240,27 @@ def external_triton_factory(ext, opts: TritonEncoderOptions, observer=None) -> E
                                    deadline_s=opts.deadline_s, retries=opts.retries, observer=observer,
                                    bulk_timeout_s=opts.bulk_timeout_s, min_counted_timeout_s=opts.breaker_min_timeout_s)
 
-        async def health() -> None:
-            while True:
-                _report(observer, "on_triton", key, await client.ready())
-                await asyncio.sleep(ext.health_s)
-
-        watcher = asyncio.create_task(health()) if ext.health_s > 0 else None
-
-        async def close() -> None:
-            if watcher is not None:
-                watcher.cancel()
-                await asyncio.gather(watcher, return_exceptions=True)
-            await client.close()
-
         async def verify(ref: EncoderRef, bundle_path: Path) -> None:
             await verify_external(ext, client, ref, bundle_path)
 
         try:
             await verify(ref, bundle_path)
         except BaseException:
-            await close()
+            await client.close()
             raise
+
+        async def health() -> None:
+            while True:
+                _report(observer, "on_triton", key, await client.ready())
+                await asyncio.sleep(ext.health_s)
+
+        watcher = asyncio.create_task(health()) if ext.health_s > 0 else None  # only for an encoder that serves
+
+        async def close() -> None:
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
+            await client.close()
         log.info("encoder %s served by the external Triton at %s (model %r)", key, ext.url, ext.model)
         return EncoderHandle(key=key, encoder=encoder, close=close, dim=client.dim, verify=verify)
 

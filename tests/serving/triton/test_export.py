@@ -181,6 +181,17 @@ def test_gpu_config(repo):
     assert list(conf.dynamic_batching.preferred_batch_size) == [16, 32]
     assert conf.dynamic_batching.max_queue_delay_microseconds == 1000
     assert [(g.kind, g.count) for g in conf.instance_group] == [(mc.ModelInstanceGroup.KIND_GPU, 1)]
+    # The contract a client checks (serving/triton/contract.py), read back as Triton would report it.
+    from google.protobuf.json_format import MessageToDict
+
+    from ranker.encoder import encoder_fingerprint
+    from serving.triton.contract import read_signature, tokenizer_sha256
+
+    sig = read_signature(MessageToDict(conf, preserving_proto_field_name=True), "encoder_onnx")  # as tritonclient gives it
+    assert sig.kind == "tokens" and sig.dim == EMBEDDING_DIM and sig.max_batch_size == 32
+    assert sig.tokens.max_length == 128 and str(sig.tokens.padding) == "buckets:16,32,64,128"
+    assert sig.tokens.encoder_fingerprint == encoder_fingerprint("base")
+    assert sig.tokens.tokenizer_sha256 == tokenizer_sha256("base")
 
 
 def test_cpu_variant(repo):
@@ -189,6 +200,7 @@ def test_cpu_variant(repo):
     assert conf.name == "encoder_onnx_cpu"
     assert [g.kind for g in conf.instance_group] == [mc.ModelInstanceGroup.KIND_CPU]
     assert list(conf.input) == list(gpu.input) and list(conf.output) == list(gpu.output)
+    assert dict(conf.parameters) == dict(gpu.parameters) and conf.parameters
     assert conf.dynamic_batching == gpu.dynamic_batching
     cpu_model, gpu_model = (repo / n / "1" / MODEL_FILE for n in ("encoder_onnx_cpu", "encoder_onnx"))
     assert cpu_model.read_bytes() == gpu_model.read_bytes()
@@ -244,6 +256,23 @@ def test_cli_exports_a_bundle(fp16_repo, tiny_bundle):
     assert meta["encoder"]["model_dir"] == "base" and meta["max_length"] == 64  # the bundle's max_length
     assert meta["fp16"] is True
     assert parse_config(out / "encoder_onnx" / CONFIG_FILE).max_batch_size == 16
+    # The export leaves the reference a service checks this model against in the bundle: the fp16
+    # graph's answers agree with it within the service's bound.
+    from ranker.encoder import encoder_key
+    from ranker.encoder_probes import load_probes, min_cosine
+    from serving.encoding.factories import MIN_PROBE_COSINE
+    from serving.triton.contract import ClientTokenizer, read_signature
+
+    assert summary["bundle_probes"] == "written"
+    probes = load_probes(tiny_bundle)
+    assert probes.encoder_key == encoder_key("base", 64)
+    conf = parse_config(out / "encoder_onnx" / CONFIG_FILE)
+    from google.protobuf.json_format import MessageToDict
+
+    sig = read_signature(MessageToDict(conf, preserving_proto_field_name=True), "encoder_onnx")
+    ids, mask = ClientTokenizer("base", sig.tokens)(list(probes.texts))
+    got = session(out / "encoder_onnx" / "1" / MODEL_FILE).run(None, {"input_ids": ids, "attention_mask": mask})[0]
+    assert min_cosine(probes.embeddings, got) >= MIN_PROBE_COSINE
 
 
 def test_fp16_graph_keeps_int64_inputs_fp32_output_and_matches(fp16_repo, encoder):
