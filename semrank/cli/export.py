@@ -54,6 +54,7 @@ def _config(ExportConfig, args):
         verify=not args.no_verify,
         overwrite=args.overwrite,
         padding=args.padding,
+        cpu_padding=args.cpu_padding,
         **({"max_length": args.max_length} if args.max_length is not None else {}),
     )
 
@@ -77,8 +78,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-queue-delay-us", type=int, default=1000, help="dynamic batching delay (default 1000)")
     s.add_argument("--max-length", type=int, default=None, help="tokenizer truncation with --encoder (default 128; a bundle uses its own)")
     s.add_argument("--padding", default="buckets:16,32,64,128",
-                   help="how clients pad token rows, written into config.pbtxt: max_length, longest, or "
-                        "buckets:16,32,64,128 (default; docs/triton.md has the measurement)")
+                   help="how clients pad token rows for the GPU model, written into its config.pbtxt: max_length, "
+                        "longest, or buckets:16,32,64,128 (default; docs/triton.md has the measurement)")
+    s.add_argument("--cpu-padding", default="longest", help="the same for the <name>_cpu model (default longest)")
     s.add_argument("--opset", type=int, default=18)
     s.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto", help="default: dynamo, falling back to torchscript")
     s.add_argument("--no-cpu-variant", action="store_true", help="skip the <name>_cpu model")

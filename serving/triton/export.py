@@ -24,7 +24,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,11 @@ class ExportConfig:
     fp16: bool = False
     opset: int = 18
     max_length: int = 128  # the tokenizer truncation the client must use (EncoderRef.max_length)
-    padding: str = "buckets:16,32,64,128"  # how clients pad (serving.triton.contract.Padding; docs/triton.md)
+    # How clients pad (serving.triton.contract.Padding), per model: on a GPU, few shapes let Triton's
+    # dynamic batcher merge requests; on CPU the cost follows the tokens, and "longest" measured best
+    # (docs/triton.md, "Padding").
+    padding: str = "buckets:16,32,64,128"
+    cpu_padding: str = "longest"
     exporter: Exporter = "auto"
     preferred_batch_sizes: tuple[int, ...] = ()  # () -> (max_batch_size // 2, max_batch_size)
     max_queue_delay_us: int = 1000
@@ -71,7 +75,7 @@ class ExportConfig:
             raise ValueError(f"opset={self.opset} is too old; use 17 or newer")
         if not 1 <= self.max_length <= 512:
             raise ValueError(f"max_length={self.max_length} must be in 1..512 (BERT position embeddings)")
-        Padding.parse(self.padding)  # raises ValueError naming the spec
+        Padding.parse(self.padding), Padding.parse(self.cpu_padding)  # raise ValueError naming the spec
         if self.exporter not in ("auto", "dynamo", "torchscript"):
             raise ValueError(f"exporter={self.exporter!r}; use 'auto', 'dynamo' or 'torchscript'")
         bad = [b for b in self.preferred_batch_sizes if not 1 <= b <= self.max_batch_size]
@@ -214,7 +218,8 @@ def export_triton_repo(
             else:
                 _link_or_copy(gpu_file, cpu_file)
                 cpu_fp16 = False
-            _write_config(cpu_root, model_config(cfg, cfg.cpu_name, "cpu", dim, contract))
+            cpu_contract = replace(contract, padding=Padding.parse(cfg.cpu_padding))
+            _write_config(cpu_root, model_config(cfg, cfg.cpu_name, "cpu", dim, cpu_contract))
 
         meta = {
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
