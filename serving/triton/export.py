@@ -324,7 +324,8 @@ import numpy as np, tritonclient.grpc as grpcclient
 from transformers import AutoTokenizer
 
 tok = AutoTokenizer.from_pretrained("{cfg.name}/{TOKENIZER_DIR}")
-batch = tok(texts, padding="max_length", truncation=True, max_length={cfg.max_length}, return_tensors="np")
+batch = tok(texts, padding="longest", truncation=True, max_length={cfg.max_length}, return_tensors="np")
+# ...then pad the rows as the model's semrank_padding says (below)
 inputs = []
 for name in ("input_ids", "attention_mask"):
     arr = batch[name].astype(np.int64)
@@ -333,8 +334,13 @@ for name in ("input_ids", "attention_mask"):
 emb = grpcclient.InferenceServerClient("localhost:8001").infer("{cfg.name}", inputs).as_numpy("{OUTPUT_NAME}")
 ```
 
-Triton's dynamic batcher only merges requests whose shapes match. Padding every request to
-`max_length` lets it merge all of them (the GPU cost of padding MiniLM to {cfg.max_length} tokens
-is small); padding to the longest text of a request (`padding=True`) computes less but batches
-only requests of equal length. Embeddings are the same either way.
+## The contract in `config.pbtxt`
+
+Each model's `parameters` say what a client must agree with: `semrank_contract` (tokens-v1),
+`semrank_max_length`, `semrank_tokenizer_sha256`, `semrank_encoder_fingerprint` and
+`semrank_padding` ({cfg.padding} for `{cfg.name}`, {cfg.cpu_padding} for the CPU model).
+Triton's dynamic batcher only merges requests whose shapes match: `max_length` makes one shape,
+`longest` computes least, `buckets:...` rounds the longest row up to the next size. Embeddings
+are the same either way. `semrank serve --triton-url` reads these parameters and checks them,
+and the bundle's probe embeddings, before it serves (docs/triton.md in the semrank repository).
 """

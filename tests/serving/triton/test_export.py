@@ -133,7 +133,7 @@ def test_axes_are_dynamic(repo, ort_session, encoder):
 
 
 def test_padding_to_max_length_gives_the_same_embeddings(ort_session, encoder):
-    """The README tells clients to pad to max_length for batching; padding must not change results."""
+    """The contract lets a model ask for padding to max_length (one shape for the batcher); padding must not change results."""
     fixed = onnx_embed(ort_session, encoder.tokenizer, TEXTS[:3], max_length=128)
     batch = encoder.tokenizer(TEXTS[:3], padding="max_length", truncation=True, max_length=128, return_tensors="np")
     padded = ort_session.run(["embedding"], {k: batch[k].astype(np.int64) for k in ("input_ids", "attention_mask")})[0]
@@ -224,7 +224,7 @@ def test_tokenizer_metadata_and_readme(repo, encoder):
     assert meta["exporter"] == "dynamo" and meta["embedding_dim"] == EMBEDDING_DIM
     assert str(repo) not in meta_text and str(Path.home()) not in meta_text  # no machine paths
     readme = (repo / "README.md").read_text()
-    assert "max_length=128" in readme and "encoder_onnx_cpu" in readme
+    assert "max_length=128" in readme and "encoder_onnx_cpu" in readme and "semrank_padding" in readme
     assert not list(repo.parent.glob(f".{repo.name}-export-*")), "staging directory left behind"
 
 
