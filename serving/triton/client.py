@@ -91,11 +91,12 @@ class TritonTls:
                 raise ValueError(f"TLS {name.replace('_', ' ')} {path}: no such file")
 
     def kwargs(self) -> dict:
-        def read(p):
-            return None if p is None else Path(p).read_bytes()
+        """tritonclient's arguments (it takes the files' paths and reads them itself)."""
+        def path(p):
+            return None if p is None else str(p)
 
-        return {"ssl": True, "root_certificates": read(self.root_certificates),
-                "certificate_chain": read(self.certificate_chain), "private_key": read(self.private_key)}
+        return {"ssl": True, "root_certificates": path(self.root_certificates),
+                "certificate_chain": path(self.certificate_chain), "private_key": path(self.private_key)}
 
 
 def split_urls(url: str) -> list[str]:
@@ -132,25 +133,39 @@ class EncoderClient:
         self._turn = itertools.count()
 
     def _get_client(self):
-        """The next endpoint's client (round robin: a retry goes to another endpoint)."""
+        """The first endpoint's client (the channels are made on first use, in the running loop)."""
         if self._clients is None:
             import tritonclient.grpc.aio as grpcclient_aio
 
             extra = self.tls.kwargs() if self.tls is not None else {}
             self._clients = [grpcclient_aio.InferenceServerClient(url=u, channel_args=CHANNEL_ARGS, **extra)
                              for u in self.urls]
-        return self._clients[next(self._turn) % len(self._clients)]
+        return self._clients[0]
 
     async def model_config(self, timeout_s: float | None = None) -> dict:
-        """The model's config as Triton reports it (JSON form), from the next endpoint."""
-        try:
-            reply = await self._get_client().get_model_config(self.model_name, headers=self.headers, as_json=True,
-                                                              client_timeout=timeout_s or self.timeout_s)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            raise self._unavailable("reading the model config", e) from e
+        """The model's config as Triton reports it (JSON form)."""
+        reply = await self._failover(
+            "reading the model config",
+            lambda client: client.get_model_config(self.model_name, headers=self.headers, as_json=True,
+                                                   client_timeout=timeout_s or self.timeout_s))
         return reply.get("config", reply)
+
+    async def _failover(self, what: str, call):
+        """`await call(client)` on the next endpoint; when it is unreachable (UNAVAILABLE), on the
+        others in turn. Any other failure (a deadline: the time is spent) is raised at once."""
+        self._get_client()
+        start = next(self._turn)
+        clients = [self._clients[(start + k) % len(self._clients)] for k in range(len(self._clients))]
+        for k, client in enumerate(clients):
+            try:
+                return await call(client)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # tritonclient wraps gRPC errors in InferenceServerException
+                err = self._unavailable(what, e)
+                if err.code != "UNAVAILABLE" or k == len(clients) - 1:
+                    raise err from e
+                log.debug("Triton endpoint unreachable (%s); trying the next one", e)
 
     def _unavailable(self, what: str, err: BaseException) -> EncoderUnavailable:
         code = grpc_code_name(err)
@@ -207,18 +222,10 @@ class EncoderClient:
             for name, arr in zip(("input_ids", "attention_mask"), self.tokenizer(texts)):
                 inputs.append(grpcclient_aio.InferInput(name, list(arr.shape), "INT64"))
                 inputs[-1].set_data_from_numpy(arr)
-        try:
-            result = await self._get_client().infer(
-                self.model_name,
-                inputs,
-                outputs=[grpcclient_aio.InferRequestedOutput("embedding")],
-                client_timeout=timeout_s,
-                headers=self.headers,
-            )
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # tritonclient wraps gRPC errors in InferenceServerException
-            raise self._unavailable(f"infer of {len(texts)} texts", e) from e
+        result = await self._failover(
+            f"infer of {len(texts)} texts",
+            lambda client: client.infer(self.model_name, inputs, outputs=[grpcclient_aio.InferRequestedOutput("embedding")],
+                                        client_timeout=timeout_s, headers=self.headers))
         emb = result.as_numpy("embedding")
         if emb is None or emb.ndim != 2 or emb.shape[0] != len(texts):
             shape = None if emb is None else emb.shape

@@ -221,7 +221,10 @@ class TritonProcess:
 
         cfg = self.config
         deadline = t0 + cfg.startup_timeout_s
-        client = grpcclient.InferenceServerClient(url=self.grpc_url)
+        tls = {}
+        if cfg.tls_cert is not None:
+            tls = {"ssl": True, "root_certificates": cfg.tls_ca}  # a path: tritonclient reads it
+        client = grpcclient.InferenceServerClient(url=self.grpc_url, **tls)
         try:
             while True:
                 rc = self._proc.poll()

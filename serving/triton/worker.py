@@ -42,6 +42,11 @@ class TritonWorkerConfig:
     # An exported model directory (REPO/<name>): serve an EMULATION of it (serving/triton/onnx_emulation.py)
     # under its own name instead of the encoder; model_dir, max_length and model_name then do not apply.
     onnx_model: str | None = None
+    # TLS on the gRPC port (PEM files): what a team puts in front of a production Triton, here so
+    # that the client's TLS path is tested against a real server. `tls_ca` is what start-up trusts.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
 
     def __post_init__(self) -> None:
         ports = {"grpc_port": self.grpc_port, "http_port": self.http_port, "metrics_port": self.metrics_port}
@@ -58,6 +63,8 @@ class TritonWorkerConfig:
             raise ValueError(f"max_length={self.max_length} must be >= 1")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads={self.threads} must be >= 1, or None for torch's default")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
         if self.startup_timeout_s <= 0:
             raise ValueError(f"startup_timeout_s={self.startup_timeout_s} must be > 0")
 
@@ -82,6 +89,8 @@ class TritonWorkerConfig:
             argv += ["--threads", str(self.threads)]
         if self.onnx_model is not None:
             argv += ["--emulate-onnx", str(Path(self.onnx_model).resolve())]
+        if self.tls_cert is not None:
+            argv += ["--tls-cert", str(Path(self.tls_cert).resolve()), "--tls-key", str(Path(self.tls_key).resolve())]
         if workspace is not None:
             argv += ["--workspace", str(workspace)]
         return argv
@@ -101,6 +110,8 @@ def _parse_args(argv: list[str] | None) -> tuple[TritonWorkerConfig, str | None,
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--emulate-onnx", default=None, metavar="REPO/NAME",
                    help="serve an EMULATION of this exported model (onnxruntime in a Python-backend model) instead")
+    p.add_argument("--tls-cert", default=None, help="serve gRPC over TLS with this certificate (PEM)")
+    p.add_argument("--tls-key", default=None, help="... and this private key (PEM)")
     p.add_argument("--workspace", default=None, help="new directory for pytriton's files (default: ~/.cache/pytriton)")
     p.add_argument(
         "--exit-with-parent", type=int, default=None, metavar="PID",
@@ -119,6 +130,8 @@ def _parse_args(argv: list[str] | None) -> tuple[TritonWorkerConfig, str | None,
         host=a.host,
         threads=a.threads,
         onnx_model=a.emulate_onnx,
+        tls_cert=a.tls_cert,
+        tls_key=a.tls_key,
     )
     return cfg, a.workspace, a.exit_with_parent
 
@@ -192,6 +205,8 @@ def serve(cfg: TritonWorkerConfig, workspace: str | None = None) -> None:
         grpc_port=cfg.grpc_port,
         metrics_address=cfg.host,
         metrics_port=cfg.metrics_port,
+        **({"grpc_use_ssl": True, "grpc_server_cert": cfg.tls_cert, "grpc_server_key": cfg.tls_key}
+           if cfg.tls_cert else {}),
     )
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:

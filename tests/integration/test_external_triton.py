@@ -188,3 +188,80 @@ def test_external_triton_stopped_degrades_answers_and_started_again_serves(ext_s
 
     wait_until(serves_again, 60, "answers from the restarted Triton", poll_s=0.5)
     assert metric(scrape_metrics(st.server.metrics_port), "semrank_triton_up") == 1
+
+
+def test_tls_and_endpoints_in_turn_with_one_unreachable(onnx_repo, bundle, encoder, tmp_path):
+    """TLS to Triton (the CA given), and two endpoints of which the first is down: every call lands."""
+    from serving.triton.client import TritonTls
+    from tests.integration.serving_kit import make_server_pki
+
+    pki = make_server_pki(tmp_path / "pki")
+    cfg = TritonWorkerConfig(grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(), model_name=MODEL,
+                             onnx_model=str(onnx_repo / MODEL), threads=1, tls_cert=str(pki.server_cert),
+                             tls_key=str(pki.server_key), tls_ca=str(pki.ca))
+    texts = ["stoneware mug", "trail running shoes, waterproof"]
+    with TritonProcess(cfg) as tls_triton:
+        url = f"127.0.0.1:{free_port()},localhost:{tls_triton.config.grpc_port}"
+        b = load_bundle(bundle, compile_trees=False)
+
+        async def go(tls):
+            ext = ExternalTriton(url, MODEL, tls=tls, health_s=0)
+            handle = await external_triton_factory(ext, TritonEncoderOptions(deadline_s=10.0))(b.encoder, b.path, "k")
+            try:
+                return [await handle.encoder.encode(texts) for _ in range(4)]
+            finally:
+                await handle.close()
+
+        for got in asyncio.run(go(TritonTls(root_certificates=pki.ca))):
+            assert np.min(np.sum(got * encoder.encode(texts), axis=1)) > 0.9999
+        from serving.triton.client import EncoderUnavailable
+
+        with pytest.raises(EncoderUnavailable, match="UNAVAILABLE"):
+            asyncio.run(go(None))  # a plaintext client cannot talk to it
+
+
+VERIFY_WITHOUT_TORCH = """
+import asyncio, json, sys
+from pathlib import Path
+from ranker.bundle import load_bundle
+from serving.encoding.factories import TritonEncoderOptions, external_triton_factory
+from serving.triton.client import ExternalTriton
+
+async def main():
+    b = load_bundle(Path(sys.argv[1]), compile_trees=False)
+    factory = external_triton_factory(ExternalTriton(sys.argv[2], sys.argv[3], health_s=0), TritonEncoderOptions(deadline_s=10.0))
+    handle = await factory(b.encoder, b.path, "k")
+    emb = await handle.encoder.encode(["stoneware mug"])
+    await handle.close()
+    print(json.dumps({"torch": "torch" in sys.modules, "transformers": "transformers" in sys.modules,
+                      "tokens": handle.encoder.client.tokenizer is not None, "emb": emb[0].tolist()}))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("contract", ["tokens", "strings"])
+def test_each_contract_is_checked_and_served_without_torch_in_the_service(contract, triton, bundle, encoder):
+    """The client picks the contract from the model's config (the exported model: token ids; the
+    development worker: strings), checks it and its probes, and never loads torch to do so."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+
+    def check(url: str, model: str) -> dict:
+        proc = subprocess.run([sys.executable, "-c", VERIFY_WITHOUT_TORCH, str(bundle), url, model], cwd=root,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    if contract == "tokens":
+        out = check(triton.grpc_url, MODEL)
+    else:
+        dev = TritonWorkerConfig(grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(), threads=1)
+        with TritonProcess(dev) as worker:
+            out = check(worker.grpc_url, "encoder")
+    assert out["tokens"] is (contract == "tokens")
+    assert not out["torch"] and not out["transformers"]
+    assert float(np.dot(out["emb"], encoder.encode(["stoneware mug"])[0])) > 0.9999
