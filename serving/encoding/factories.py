@@ -16,14 +16,19 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ranker.bundle import EncoderRef
 from serving.encoding.pool import EncoderFactory, EncoderHandle, InProcessEncoder
+
+if TYPE_CHECKING:
+    from serving.triton.client import EncoderClient, ExternalTriton
 
 log = logging.getLogger(__name__)
 
 PROBE_TEXT = "semrank start-up probe"
 MIN_PROBE_COSINE = 0.999  # an external Triton's probe embeddings against the bundle's reference
+VERIFY_TIMEOUT_S = 30.0  # each call of that check
 
 
 def inprocess_encoder_factory(threads: int | None = None) -> EncoderFactory:
@@ -183,18 +188,20 @@ async def remote_triton_encoder(url: str, key: str, opts: TritonEncoderOptions, 
     return EncoderHandle(key=key, encoder=encoder, close=close, dim=int(probe.shape[1]))
 
 
-async def verify_external(ext, client, ref: EncoderRef, bundle_path: Path) -> None:
+async def verify_external(ext: ExternalTriton, client: EncoderClient, ref: EncoderRef, bundle_path: Path,
+                          timeout_s: float = VERIFY_TIMEOUT_S) -> None:
     """Is the model at `ext` the bundle's encoder? Reads its config (the contract: strings or token ids),
     checks the contract's parameters against the bundle's encoder, then encodes the bundle's probe
     texts through it and compares them with the bundle's reference (cosine >= MIN_PROBE_COSINE).
     Raises `ContractMismatch` with the reason, or `EncoderUnavailable` when Triton does not answer.
     On success `client` takes the contract's tokenizer (or none, for strings); on failure it is
-    left as it was, so a bundle serving through it keeps serving."""
+    left as it was, so a bundle serving through it keeps serving. `timeout_s` bounds each of its calls
+    (generous: a GPU Triton's first call after a (re)load can take seconds)."""
     from ranker.encoder import encoder_key
     from ranker.encoder_probes import PROBE_FILE, load_probes, min_cosine
     from serving.triton.contract import ClientTokenizer, ContractMismatch, check_parameters, read_signature
 
-    sig = read_signature(await client.model_config(), ext.model)
+    sig = read_signature(await client.model_config(timeout_s), ext.model)
     model_dir = ref.resolve(bundle_path)
     await asyncio.to_thread(check_parameters, sig, model_dir, ref.max_length, ext.model)
     tokenizer = None
@@ -209,7 +216,7 @@ async def verify_external(ext, client, ref: EncoderRef, bundle_path: Path) -> No
         what = "carries no" if probes is None else f"has {PROBE_FILE} of another encoder ({probes.encoder_key}), no"
         raise ContractMismatch(f"bundle {bundle_path.name} {what} probe embeddings for encoder {key}; "
                                f"`semrank export triton --bundle {bundle_path.name} ...` writes them")
-    checker = ext.client(timeout_s=client.timeout_s, tokenizer=tokenizer)
+    checker = ext.client(timeout_s=timeout_s, tokenizer=tokenizer)
     try:
         got = await checker.encode(list(probes.texts))
     finally:
@@ -226,7 +233,7 @@ async def verify_external(ext, client, ref: EncoderRef, bundle_path: Path) -> No
              bundle_path.name, sig.kind, cosine)
 
 
-def external_triton_factory(ext, opts: TritonEncoderOptions, observer=None) -> EncoderFactory:
+def external_triton_factory(ext: ExternalTriton, opts: TritonEncoderOptions, observer=None) -> EncoderFactory:
     """Encoders served by a Triton this process did not start (`ExternalTriton`), behind the same
     deadline/retry/breaker client. Each handle is checked (`verify_external`) when it is made and
     at every later acquire (each bundle load); its health goes to `observer.on_triton` every
@@ -261,6 +268,7 @@ def external_triton_factory(ext, opts: TritonEncoderOptions, observer=None) -> E
                 watcher.cancel()
                 await asyncio.gather(watcher, return_exceptions=True)
             await client.close()
+
         log.info("encoder %s served by the external Triton at %s (model %r)", key, ext.url, ext.model)
         return EncoderHandle(key=key, encoder=encoder, close=close, dim=client.dim, verify=verify)
 
@@ -268,7 +276,7 @@ def external_triton_factory(ext, opts: TritonEncoderOptions, observer=None) -> E
 
 
 def encoder_factory(kind: str, *, threads: int | None = None, triton: TritonEncoderOptions | None = None,
-                    external=None) -> EncoderFactory:
+                    external: ExternalTriton | None = None) -> EncoderFactory:
     """'inprocess' or 'triton' (the CLI's --encoder); 'triton' with `external` (an `ExternalTriton`)
     uses that Triton instead of starting one."""
     if kind == "inprocess":
