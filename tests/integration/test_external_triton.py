@@ -265,3 +265,27 @@ def test_each_contract_is_checked_and_served_without_torch_in_the_service(contra
     assert out["tokens"] is (contract == "tokens")
     assert not out["torch"] and not out["transformers"]
     assert float(np.dot(out["emb"], encoder.encode(["stoneware mug"])[0])) > 0.9999
+
+
+def test_embed_catalog_through_the_external_triton_equals_in_process(triton, bundle, small_shop, tmp_path):
+    """`semrank embed-catalog --triton-url`: the batch path takes the same checked client."""
+    from featurizer.contracts.schema import read_dataset
+    from serving.batch.catalog_embed import embed_catalog
+    from serving.ranking.item_store import ItemStore
+
+    ext = ExternalTriton(triton.grpc_url, MODEL, health_s=0)
+    remote = asyncio.run(embed_catalog(bundle, small_shop, tmp_path / "remote", encoder="triton", progress=False,
+                                       triton=ext))
+    local = asyncio.run(embed_catalog(bundle, small_shop, tmp_path / "local", progress=False))
+    assert remote["embedded"] == local["embedded"] == remote["items"] > 0
+    assert remote["encoder_key"] == local["encoder_key"]
+
+    def vectors(state):
+        items = ItemStore(read_dataset(small_shop).items, state)
+        asyncio.run(items.ensure_embeddings(remote["encoder_key"], None, 384, only=np.zeros(0, dtype=np.int64)))
+        emb, current = items.embeddings(remote["encoder_key"])
+        assert current.all()
+        return emb[np.arange(len(emb))]
+
+    a, b = vectors(tmp_path / "remote"), vectors(tmp_path / "local")
+    assert np.min(np.sum(a * b, axis=1)) > 0.9999
