@@ -42,6 +42,11 @@ def register(sub) -> None:
                              "(default: equal shares)")
     shares.add_argument("--experiments", type=Path, default=None, metavar="FILE",
                         help="the serving experiments file (TOML/JSON); shares are taken from it")
+    s.add_argument("--correction", choices=("holm", "bh", "none"), default="holm",
+                   help="adjust p-values over every non-guardrail metric x variant: holm (default; no false call in the "
+                        "family with prob. >= 1 - alpha), bh (Benjamini-Hochberg: false-discovery rate), none")
+    s.add_argument("--min-users", type=int, default=100, metavar="N",
+                   help="no verdict until each arm has N users with an attributed event (default 100)")
     s.add_argument("--fail-on-srm", action="store_true",
                    help=f"exit with status {EXIT_SRM} when the sample-ratio check fails (p < 0.001)")
     s.add_argument("--out-dir", required=True, type=Path, help="writes ab-<experiment>.md, .json and .png here")
@@ -72,7 +77,8 @@ def cmd_ab_report(args) -> int:
         shares, source = parse_shares(args.shares), f"--shares {args.shares}"
     elif args.experiments:
         shares, source = shares_from_experiments(args.experiments, prep.experiment), str(args.experiments)
-    report = build_report(prep, window, args.control, shares, source)
+    report = build_report(prep, window, args.control, shares, source, correction=args.correction,
+                          min_users=args.min_users)
     paths = write_report(report, args.out_dir, args.json)
     print(markdown(report))
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))

@@ -1,9 +1,14 @@
-"""The A/B report: metrics per variant with 95% intervals, tests against control, SRM check.
+"""The A/B report: a verdict first, then metrics per variant with 95% intervals, tests against control
+(adjusted for the family of tests), SRM check.
 
     {"experiment", "window", "control", "alpha", "primary_metric", "time_range", "users", "exposures",
      "variants": {NAME: {"users", "exposures", "bundle_versions", "metrics": {METRIC: {"value", "ci"}}}},
      "comparisons": {NAME: {METRIC: {"test", "diff", "diff_ci", "lift", "lift_ci", "statistic", "p_value",
-                                     "mde", "significant"}}},
+                                     "p_adjusted", "guardrail", "mde", "significant"}}},
+     "correction": {"method", "family_size", "min_users_with_event"},
+     "verdict": {"status": "ready" | "withheld", "reasons", "basis",
+                 "variants": {NAME: {"primary": "better" | "worse" | "no detectable difference", "moved",
+                                     "guardrails_moved"}}},
      "srm": {"observed", "expected", "shares", "source", "chi2", "df", "p_value", "flagged"},
      "metric_definitions", "warnings", "notes"}
 
@@ -35,6 +40,7 @@ class Metric:
     kind: str  # ab_stats estimate kind
     column: str  # per-user column (numerator of a ratio, the successes of a proportion, the value of a mean)
     definition: str
+    guardrail: bool = False  # watched, not a goal: outside the corrected family, flagged on its own
 
 
 METRICS: tuple[Metric, ...] = (
@@ -52,10 +58,11 @@ METRICS: tuple[Metric, ...] = (
            "sum of item prices of attributed purchases per exposed user (0 when none); t interval, Welch t-test"),
     Metric("exposures_per_user", "exposures per user", "mean", "exposures",
            "Rank answers per exposed user; a guardrail: the rates above divide by exposures, so a variant that "
-           "changes how often users come back changes their denominator; t interval, Welch t-test"),
+           "changes how often users come back changes their denominator; t interval, Welch t-test", guardrail=True),
 )
 PRIMARY_METRIC = "ctr"
 SMALL_VARIANT = 100  # users; below it the normal approximations are rough
+MIN_USERS_WITH_EVENT = 100  # per arm: no verdict before each arm has this many users with an attributed event
 
 
 def _estimate(metric: Metric, users: pl.DataFrame, alpha: float) -> ab_stats.Estimate:
@@ -78,7 +85,13 @@ def resolve_control(variants: list[str], control: str | None) -> str:
 
 def build_report(prep: Prepared, window: timedelta, control: str | None = None,
                  shares: dict[str, float] | None = None, shares_source: str | None = None,
-                 alpha: float = ab_stats.ALPHA) -> dict[str, Any]:
+                 alpha: float = ab_stats.ALPHA, correction: str = "holm",
+                 min_users: int = MIN_USERS_WITH_EVENT) -> dict[str, Any]:
+    """The report (module docstring). `correction` adjusts the p-values of the family (every
+    non-guardrail metric x every variant against control): "holm" (default), "bh" or "none";
+    `min_users`: users with an attributed event each arm needs before a verdict is given."""
+    if correction not in ab_stats.CORRECTIONS:
+        raise ValueError(f"correction {correction!r}: expected one of {', '.join(ab_stats.CORRECTIONS)}")
     users = prep.users
     observed = dict(users.group_by("variant").len().iter_rows())
     order = [v for v in (shares or {}) if v in observed] + sorted(v for v in observed if v not in (shares or {}))
@@ -104,6 +117,8 @@ def build_report(prep: Prepared, window: timedelta, control: str | None = None,
             estimates[v] = {m.key: _estimate(m, part, alpha) for m in metrics}
         variants[v] = {
             "users": part.height, "exposures": int(part["exposures"].sum()),
+            "users_with_event": int(((part["click_exposures"] + part["cart_exposures"] + part["purchase_exposures"])
+                                     > 0).sum()),
             "bundle_versions": prep.bundle_versions.get(v, []),
             "metrics": {k: {"value": e.value, "ci": list(e.ci)} for k, e in estimates.get(v, {}).items()},
         }
@@ -112,20 +127,66 @@ def build_report(prep: Prepared, window: timedelta, control: str | None = None,
         if v in estimates and control in estimates:
             comparisons[v] = {m.key: _comparison_json(ab_stats.compare(estimates[v][m.key], estimates[control][m.key],
                                                                        alpha)) for m in metrics}
-    if len(order) > 2:
-        notes.append(f"{len(order) - 1} variants against one control: p-values are per comparison, "
-                          "not corrected for multiple comparisons")
+    family = _correct(comparisons, metrics, correction, alpha)
     if not prep.prices:
         notes.append("no item prices (pass --items or a data directory with items), so no revenue metric")
     return {
         "experiment": prep.experiment, "window": format_window(window), "window_seconds": window.total_seconds(),
         "control": control, "alpha": alpha, "primary_metric": PRIMARY_METRIC,
+        "correction": {"method": correction, "family_size": family, "min_users_with_event": min_users},
+        "verdict": _verdict(order, variants, comparisons, metrics, srm.flagged, min_users, correction, family),
         "time_range": list(prep.time_range), "users": users.height, "exposures": prep.exposures,
         "variants": variants, "comparisons": comparisons,
         "srm": {**asdict(srm), "source": shares_source, "alpha": ab_stats.SRM_ALPHA},
         "metric_definitions": {m.key: m.definition for m in metrics},
         "warnings": warnings, "notes": notes,
     }
+
+
+def _correct(comparisons: dict[str, dict[str, Any]], metrics: list[Metric], method: str, alpha: float) -> int:
+    """Adjust the p-values of the family in place (`p_adjusted`, `significant` from it); guardrails keep
+    their own p-value and are marked `guardrail`. Returns the family's size."""
+    guard = {m.key for m in metrics if m.guardrail}
+    family = [(v, k) for v, per in comparisons.items() for k in per if k not in guard]
+    adjusted = ab_stats.adjust([comparisons[v][k]["p_value"] for v, k in family], method)
+    for (v, k), p in zip(family, adjusted):
+        comparisons[v][k].update(p_adjusted=p, significant=bool(p < alpha), guardrail=False)
+    for v, per in comparisons.items():
+        for k in guard & set(per):
+            per[k].update(p_adjusted=None, guardrail=True)  # `significant`: its own p < alpha
+    return len(family)
+
+
+def _verdict(order: list[str], variants: dict[str, Any], comparisons: dict[str, dict[str, Any]], metrics: list[Metric],
+             srm: bool, min_users: int, correction: str, family: int) -> dict[str, Any]:
+    """What a product manager reads first: per variant, the primary metric's call, the other metrics
+    that moved, the guardrails that moved; or why no call is made yet."""
+    short = {v: d["users_with_event"] for v, d in variants.items() if d["users_with_event"] < min_users}
+    reasons = []
+    if srm:
+        reasons.append("the sample ratio does not match the configured shares (see the warning)")
+    if short:
+        reasons.append("too few users with an attributed event yet: " + ", ".join(f"{v} {n}" for v, n in short.items())
+                       + f" (each arm needs {min_users})")
+    if len(order) < 2:
+        reasons.append("only one variant has users")
+    calls = {}
+    labels = {m.key: m.label for m in metrics}
+    for v, per in comparisons.items():
+        primary = per.get(PRIMARY_METRIC)
+        call = "no detectable difference"
+        if primary is not None and primary["significant"]:
+            call = "better" if primary["diff"] > 0 else "worse"
+        calls[v] = {
+            "primary": call,
+            "moved": [labels[k] + (" up" if c["diff"] > 0 else " down") for k, c in per.items()
+                      if c["significant"] and not c["guardrail"] and k != PRIMARY_METRIC],
+            "guardrails_moved": [labels[k] + (" up" if c["diff"] > 0 else " down") for k, c in per.items()
+                                 if c["guardrail"] and c["significant"]],
+        }
+    return {"status": "withheld" if reasons else "ready", "reasons": reasons, "variants": calls,
+            "basis": f"{labels.get(PRIMARY_METRIC, PRIMARY_METRIC)} against {order[0]}; {correction} correction over "
+                     f"{family} tests"}
 
 
 def _comparison_json(c: ab_stats.Comparison) -> dict[str, Any]:
@@ -159,14 +220,15 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# A/B report: {report['experiment']}", ""]
     if report["srm"]["flagged"]:
         lines += [f"> **WARNING — {report['warnings'][0]}**", ""]
+    lines += _verdict_lines(report)
     lines += [f"Exposures {report['time_range'][0]} to {report['time_range'][1]}; {report['users']} users, "
               f"{report['exposures']} exposures; attribution window {report['window']}; control "
               f"**{report['control']}**; 95% intervals; users are the unit of analysis.", "",
               "| variant | users | exposures | bundle versions |", "|---|---:|---:|---|"]
     for v, d in report["variants"].items():
         lines.append(f"| {v} | {d['users']} | {d['exposures']} | {', '.join(d['bundle_versions']) or '(holdout)'} |")
-    lines += ["", "| metric | variant | value [95% CI] | lift vs control [95% CI] | p | MDE (80% power) | test |",
-              "|---|---|---:|---:|---:|---:|---|"]
+    lines += ["", "| metric | variant | value [95% CI] | lift vs control [95% CI] | p | adjusted p | MDE (80% power) | test |",
+              "|---|---|---:|---:|---:|---:|---:|---|"]
     kinds = {m.key: m for m in METRICS}
     for key in report["metric_definitions"]:
         m = kinds[key]
@@ -177,7 +239,7 @@ def markdown(report: dict[str, Any]) -> str:
             cell = f"{_fmt_value(m.kind, est['value'])} [{_fmt_value(m.kind, est['ci'][0])}, {_fmt_value(m.kind, est['ci'][1])}]"
             c = report["comparisons"].get(v, {}).get(key)
             if c is None:
-                lines.append(f"| {m.label} | {v} | {cell} | (control) | | | |")
+                lines.append(f"| {m.label} | {v} | {cell} | (control) | | | | |")
                 continue
             lift = "—" if c["lift"] is None else _pct(c["lift"])
             if c["lift_ci"] is not None:
@@ -185,21 +247,47 @@ def markdown(report: dict[str, Any]) -> str:
             base = report["variants"][report["control"]]["metrics"][key]["value"]
             mde = f"±{c['mde'] / base:.1%}" if base > 0 else _fmt_value(m.kind, c["mde"])
             p = _fmt_p(c["p_value"])
+            adj = "guardrail" if c.get("guardrail") else _fmt_p(c.get("p_adjusted", c["p_value"]))
             if c["significant"]:
-                lift, p = f"**{lift}**", f"**{p}**"
-            lines.append(f"| {m.label} | {v} | {cell} | {lift} | {p} | {mde} | {c['test']} |")
+                lift, adj = f"**{lift}**", f"**{adj}**" if not c.get("guardrail") else "**guardrail moved**"
+            lines.append(f"| {m.label} | {v} | {cell} | {lift} | {p} | {adj} | {mde} | {c['test']} |")
     srm = report["srm"]
     verdict = "**MISMATCH**" if srm["flagged"] else "ok"
     lines += ["", f"**Sample ratio** ({srm['source']}): " + ", ".join(
         f"{v} {srm['observed'][v]} vs {srm['expected'][v]:.0f} expected" for v in srm["observed"])
         + f"; chi-square {srm['chi2']:.2f}, p = {_fmt_p(srm['p_value'])} → {verdict} (flagged below p {srm['alpha']}).",
-        "", "Bold: p < 0.05 on the difference. MDE: the relative change each test would detect with 80% power at "
+        "", f"Bold: adjusted p < {report['alpha']} ({_correction_text(report)}); a guardrail is bold when its own "
+        "p is. MDE: the relative change each test would detect with 80% power at "
         "these sample sizes; a non-significant result says little about smaller effects.", ""]
     if report["warnings"]:
         lines += ["Warnings:"] + [f"- {w}" for w in report["warnings"]] + [""]
     lines += ["Metrics:"] + [f"- `{k}`: {d}" for k, d in report["metric_definitions"].items()]
     lines += ["", "Notes:"] + [f"- {n}" for n in report["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _correction_text(report: dict[str, Any]) -> str:
+    c = report["correction"]
+    what = {"holm": "Holm: the chance of any false call in the family stays under alpha",
+            "bh": "Benjamini-Hochberg: the expected share of false calls among the calls stays under alpha",
+            "none": "no correction: each test alone"}[c["method"]]
+    return f"{what}; the family is every non-guardrail metric x every variant, {c['family_size']} tests"
+
+
+def _verdict_lines(report: dict[str, Any]) -> list[str]:
+    v = report["verdict"]
+    if v["status"] == "withheld":
+        return ["**No verdict yet**: " + "; ".join(v["reasons"]) + ".", ""]
+    out = [f"**Verdict** ({v['basis']}):"]
+    for name, call in v["variants"].items():
+        primary = next((m.label for m in METRICS if m.key == report["primary_metric"]), report["primary_metric"])
+        text = f"- **{name}**: {call['primary']} on {primary}"
+        if call["moved"]:
+            text += "; also " + ", ".join(call["moved"])
+        if call["guardrails_moved"]:
+            text += "; **guardrail moved**: " + ", ".join(call["guardrails_moved"])
+        out.append(text + ".")
+    return out + [""]
 
 
 # --------------------------------------------------------------------------- chart and files

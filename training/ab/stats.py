@@ -215,3 +215,47 @@ def sample_ratio_mismatch(observed: dict[str, int], shares: dict[str, float], al
     df = len(norm) - 1
     p = float(stats.chi2.sf(chi2, df))
     return SampleRatio(obs, exp, norm, chi2, df, p, bool(p < alpha))
+
+
+# --------------------------------------------------------------------------- many tests at once
+
+CORRECTIONS = ("holm", "bh", "none")
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (Holm 1979): reject where adjusted < alpha, and the chance of
+    any false rejection in the family stays <= alpha under any dependence between the tests."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    out = [1.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        out[i] = running
+    return out
+
+
+def benjamini_hochberg(p_values: list[float]) -> list[float]:
+    """Benjamini-Hochberg adjusted p-values (q-values, 1995): reject where adjusted < alpha, and the
+    expected share of false rejections among the rejections stays <= alpha (independent or positively
+    dependent tests). More rejections than Holm; a weaker promise."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i], reverse=True)
+    out = [1.0] * m
+    running = 1.0
+    for k, i in enumerate(order):
+        rank = m - k  # 1-based rank from the smallest
+        running = min(running, p_values[i] * m / rank)
+        out[i] = min(1.0, running)
+    return out
+
+
+def adjust(p_values: list[float], method: str) -> list[float]:
+    """Adjusted p-values of a family of tests: "holm" (default in reports), "bh", or "none"."""
+    if method == "holm":
+        return holm(p_values)
+    if method == "bh":
+        return benjamini_hochberg(p_values)
+    if method == "none":
+        return list(p_values)
+    raise ValueError(f"correction {method!r}: expected one of {', '.join(CORRECTIONS)}")

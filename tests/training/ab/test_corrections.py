@@ -1,0 +1,109 @@
+"""Many metrics and variants at once: Holm and Benjamini-Hochberg adjusted p-values, the family a
+report corrects over (guardrails apart), and the verdict a report gives or withholds."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+from scipy.stats import norm
+
+from training.ab import stats as ab_stats
+from training.ab.prepare import Prepared
+from training.ab.report import MIN_USERS_WITH_EVENT, build_report, markdown
+from training.ab.simulation import draw_responses, per_user, population_from_shop, split_users
+from training.data.synth import SynthConfig, synthesize
+from tests.training.ab.test_prepare import WINDOW, _binomial_band
+
+P = [0.01, 0.04, 0.03, 0.005, 0.2]
+
+
+def test_adjusted_p_values_equal_rs_p_adjust():
+    # R: p.adjust(c(0.01, 0.04, 0.03, 0.005, 0.2), "holm") and "BH"
+    assert ab_stats.holm(P) == pytest.approx([0.04, 0.09, 0.09, 0.025, 0.2])
+    assert ab_stats.benjamini_hochberg(P) == pytest.approx([0.025, 0.05, 0.05, 0.025, 0.2])
+    assert ab_stats.adjust(P, "none") == P
+    with pytest.raises(ValueError, match="correction 'bonferoni'"):
+        ab_stats.adjust(P, "bonferoni")
+
+
+def test_family_error_rates_hold_on_independent_tests():
+    """12 tests per run, 4,000 runs. All null: Holm's chance of any false call <= alpha (uncorrected:
+    about 1 - 0.95^12 = 46%). Four real effects: BH's share of false calls <= alpha, and BH calls
+    at least what Holm calls."""
+    rng = np.random.default_rng(5)
+    runs, m, alpha = 4000, 12, 0.05
+    null = rng.uniform(size=(runs, m))
+    any_raw = np.mean((null < alpha).any(axis=1))
+    any_holm = np.mean([min(ab_stats.holm(list(r))) < alpha for r in null])
+    lo, hi = _binomial_band(runs, alpha)
+    assert any_raw > 0.4 and any_holm <= hi, (any_raw, any_holm)
+    z = rng.normal(size=(runs, m))
+    z[:, :4] += 3.0  # four true effects
+    p = 2 * norm.sf(np.abs(z))
+    fdp, holm_calls, bh_calls = [], 0, 0
+    for row in p:
+        bh = np.array(ab_stats.benjamini_hochberg(list(row))) < alpha
+        holm = np.array(ab_stats.holm(list(row))) < alpha
+        assert not (holm & ~bh).any()  # BH rejects everything Holm does
+        holm_calls, bh_calls = holm_calls + holm.sum(), bh_calls + bh.sum()
+        fdp.append(bh[4:].sum() / max(1, bh.sum()))
+    assert np.mean(fdp) <= alpha and bh_calls > holm_calls
+
+
+@pytest.fixture(scope="module")
+def population(tmp_path_factory):
+    shop = tmp_path_factory.mktemp("ab_shop_corrections")
+    synthesize(shop, seed=13, config=SynthConfig(n_users=1500, n_items=300, n_days=28))
+    return population_from_shop(shop)
+
+
+def _prepared(pop, variant_of_user: np.ndarray, names: tuple[str, ...], rng) -> Prepared:
+    pu = per_user(pop, *draw_responses(pop, rng))
+    users = pl.DataFrame({"user_id": pop.user_ids, "variant": [names[k] for k in variant_of_user],
+                          **{k: pu[k] for k in ("exposures", "click_exposures", "cart_exposures", "purchase_exposures",
+                                                "revenue")}}).filter(pl.col("exposures") > 0)
+    return Prepared(users=users, experiment="aa", exposures=int(users["exposures"].sum()),
+                    bundle_versions={n: ["v1"] for n in names}, time_range=("t0", "t1"), prices=True)
+
+
+def test_aa_with_two_treatments_makes_a_false_call_at_most_alpha_of_the_time_with_holm(population):
+    """Control and two treatments, all the same: 6 goal metrics x 2 variants = 12 correlated tests.
+    Uncorrected, some test 'wins' in a good share of runs; Holm keeps any false call <= alpha."""
+    rng = np.random.default_rng(20261206)
+    names, runs = ("control", "b", "c"), 300
+    raw = holm = 0
+    for _ in range(runs):
+        variant = split_users(population.n_users, rng, (1 / 3, 1 / 3, 1 / 3))
+        report = build_report(_prepared(population, variant, names, rng), WINDOW, min_users=1)
+        calls = [c for per in report["comparisons"].values() for c in per.values() if not c["guardrail"]]
+        assert report["correction"]["family_size"] == len(calls) == 12
+        raw += any(c["p_value"] < 0.05 for c in calls)
+        holm += any(c["significant"] for c in calls)
+    lo, hi = _binomial_band(runs, 0.05)
+    print(f"\nA/A/A over {runs} splits: any uncorrected call {raw / runs:.3f}, any Holm call {holm / runs:.3f} "
+          f"(alpha band [{lo:.3f}, {hi:.3f}])")
+    assert raw / runs > hi and holm / runs <= hi
+
+
+def test_the_verdict_comes_first_and_waits_for_enough_users(population):
+    rng = np.random.default_rng(3)
+    variant = split_users(population.n_users, rng)
+    prep = _prepared(population, variant, ("control", "treatment"), rng)
+    ready = build_report(prep, WINDOW)
+    assert ready["verdict"]["status"] == "ready" and ready["verdict"]["reasons"] == []
+    assert ready["verdict"]["variants"]["treatment"]["primary"] in ("better", "worse", "no detectable difference")
+    guard = ready["comparisons"]["treatment"]["exposures_per_user"]
+    assert guard["guardrail"] and guard["p_adjusted"] is None
+    assert ready["correction"] == {"method": "holm", "family_size": 6, "min_users_with_event": MIN_USERS_WITH_EVENT}
+    text = markdown(ready)
+    assert text.splitlines()[2].startswith("**Verdict**") and "holm correction over 6 tests" in text
+    most = max(d["users_with_event"] for d in ready["variants"].values())
+    withheld = build_report(prep, WINDOW, min_users=most + 1, correction="bh")
+    assert withheld["verdict"]["status"] == "withheld"
+    assert "each arm needs" in withheld["verdict"]["reasons"][0]
+    assert markdown(withheld).splitlines()[2].startswith("**No verdict yet**")
+    bh = withheld["comparisons"]["treatment"]["ctr"]
+    assert bh["p_adjusted"] >= bh["p_value"]
+    with pytest.raises(ValueError, match="correction"):
+        build_report(prep, WINDOW, correction="sidak")
