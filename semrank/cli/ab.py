@@ -8,6 +8,7 @@ See docs/ab_testing.md for attribution and statistics.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from pathlib import Path
@@ -15,6 +16,15 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 EXIT_SRM = 3
+
+
+def _iso_time(text: str):
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO time such as 2026-01-20T00:00:00Z ({e})") from None
 
 
 def register(sub) -> None:
@@ -47,6 +57,14 @@ def register(sub) -> None:
                         "family with prob. >= 1 - alpha), bh (Benjamini-Hochberg: false-discovery rate), none")
     s.add_argument("--min-users", type=int, default=100, metavar="N",
                    help="no verdict until each arm has N users with an attributed event (default 100)")
+    s.add_argument("--sequential", type=int, default=None, metavar="N_USERS",
+                   help="always-valid inference: calls from confidence sequences tuned for about N_USERS users at the "
+                        "end, so the report may be read every day (docs/ab_testing.md)")
+    s.add_argument("--as-of", type=_iso_time, default=None, metavar="ISO",
+                   help="replay the report at this past time (exposures and events up to it)")
+    s.add_argument("--timeline", action="store_true",
+                   help="also replay the report at the end of each day and plot the primary metric's interval "
+                        "narrowing (ab-<experiment>-timeline.png; with --sequential, the sequence beside it)")
     s.add_argument("--fail-on-srm", action="store_true",
                    help=f"exit with status {EXIT_SRM} when the sample-ratio check fails (p < 0.001)")
     s.add_argument("--out-dir", required=True, type=Path, help="writes ab-<experiment>.md, .json and .png here")
@@ -63,11 +81,15 @@ def cmd_ab_report(args) -> int:
         read_outcome_events,
         shares_from_experiments,
     )
-    from training.ab.report import build_report, markdown, write_report
+    from training.ab.report import as_of, build_report, markdown, plot_timeline, report_stem, timeline, write_report
 
     window = parse_window(args.window)
     exposures, torn = read_exposures(list(args.exposures))
     events, items = read_outcome_events(args.events, args.items)
+    if args.as_of is not None:  # replay: what the logs held then
+        exposures, events = as_of(exposures, events, args.as_of)
+        if not exposures.height:
+            raise ValueError(f"--as-of {args.as_of.isoformat()}: no exposures by then")
     prep = prepare(exposures, events, items, window, args.experiment)
     if torn:
         prep.notes.append(f"{torn} torn last line(s) of exposure files skipped (writes cut short by a crash "
@@ -77,9 +99,15 @@ def cmd_ab_report(args) -> int:
         shares, source = parse_shares(args.shares), f"--shares {args.shares}"
     elif args.experiments:
         shares, source = shares_from_experiments(args.experiments, prep.experiment), str(args.experiments)
-    report = build_report(prep, window, args.control, shares, source, correction=args.correction,
-                          min_users=args.min_users)
+    kw = {"control": args.control, "shares": shares, "shares_source": source, "correction": args.correction,
+          "min_users": args.min_users, "sequential": args.sequential}
+    report = build_report(prep, window, **kw)
+    if args.timeline:
+        looks = timeline(exposures, events, items, window, prep.experiment, kw)
+        report["timeline"] = looks
     paths = write_report(report, args.out_dir, args.json)
+    if args.timeline:
+        paths["timeline"] = plot_timeline(report["timeline"], report, Path(args.out_dir) / f"{report_stem(prep.experiment)}-timeline.png")
     print(markdown(report))
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
     if report["srm"]["flagged"]:

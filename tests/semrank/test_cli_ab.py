@@ -83,3 +83,22 @@ def test_bad_input_exits_2_with_the_reason(tmp_path, capsys):
     assert "--control 'nope' has no users" in capsys.readouterr().err
     assert main(_args(tmp_path, "--shares", "control=1")) == 2
     assert "treatment have users but no configured share" in capsys.readouterr().err
+
+
+def test_sequential_as_of_and_timeline(tmp_path, capsys):
+    """--sequential calls from confidence sequences, --as-of replays an earlier moment (here, before
+    any exposure: refused with the reason), --timeline writes the daily replay and its plot."""
+    _experiment_files(tmp_path, 1_000, 1_000)
+    assert main(_args(tmp_path, "--sequential", "2000", "--timeline", "--json", str(tmp_path / "r.json"))) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    ctr = report["comparisons"]["treatment"]["ctr"]
+    assert report["sequential"]["n_star"] == 2000 and report["sequential"]["alpha_per_test"] == pytest.approx(0.05 / 6)
+    assert ctr["cs"][0] < ctr["diff_ci"][0] and ctr["cs"][1] > ctr["diff_ci"][1]  # wider: valid at every look
+    assert report["timeline"] and "cs" in report["timeline"][-1]["variants"]["treatment"]
+    assert (tmp_path / "out" / "ab-ft-timeline.png").stat().st_size > 0
+    assert "always-valid CI of the difference" in capsys.readouterr().out
+    assert main(_args(tmp_path, "--as-of", "2026-11-30T00:00:00Z")) == 2
+    assert "no exposures by then" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as bad:  # argparse: usage and the reason on stderr
+        main(_args(tmp_path, "--as-of", "yesterday"))
+    assert bad.value.code == 2 and "'yesterday' is not an ISO time" in capsys.readouterr().err

@@ -86,10 +86,12 @@ def resolve_control(variants: list[str], control: str | None) -> str:
 def build_report(prep: Prepared, window: timedelta, control: str | None = None,
                  shares: dict[str, float] | None = None, shares_source: str | None = None,
                  alpha: float = ab_stats.ALPHA, correction: str = "holm",
-                 min_users: int = MIN_USERS_WITH_EVENT) -> dict[str, Any]:
+                 min_users: int = MIN_USERS_WITH_EVENT, sequential: int | None = None) -> dict[str, Any]:
     """The report (module docstring). `correction` adjusts the p-values of the family (every
     non-guardrail metric x every variant against control): "holm" (default), "bh" or "none";
-    `min_users`: users with an attributed event each arm needs before a verdict is given."""
+    `min_users`: users with an attributed event each arm needs before a verdict is given.
+    `sequential` (the users expected at the end): calls come from always-valid confidence sequences
+    instead (`ab_stats.cs_halfwidth`, Bonferroni over the family), so the report may be read daily."""
     if correction not in ab_stats.CORRECTIONS:
         raise ValueError(f"correction {correction!r}: expected one of {', '.join(ab_stats.CORRECTIONS)}")
     users = prep.users
@@ -128,13 +130,19 @@ def build_report(prep: Prepared, window: timedelta, control: str | None = None,
             comparisons[v] = {m.key: _comparison_json(ab_stats.compare(estimates[v][m.key], estimates[control][m.key],
                                                                        alpha)) for m in metrics}
     family = _correct(comparisons, metrics, correction, alpha)
+    if sequential is not None:
+        _sequential(comparisons, metrics, variants, control, alpha, family, sequential)
     if not prep.prices:
         notes.append("no item prices (pass --items or a data directory with items), so no revenue metric")
     return {
         "experiment": prep.experiment, "window": format_window(window), "window_seconds": window.total_seconds(),
         "control": control, "alpha": alpha, "primary_metric": PRIMARY_METRIC,
         "correction": {"method": correction, "family_size": family, "min_users_with_event": min_users},
-        "verdict": _verdict(order, variants, comparisons, metrics, srm.flagged, min_users, correction, family),
+        "sequential": None if sequential is None else {
+            "n_star": sequential, "alpha_per_test": alpha / max(family, 1),
+            "method": "asymptotic confidence sequence (normal mixture), Bonferroni over the family"},
+        "verdict": _verdict(order, variants, comparisons, metrics, srm.flagged, min_users,
+                            "confidence-sequence (Bonferroni)" if sequential else correction, family),
         "time_range": list(prep.time_range), "users": users.height, "exposures": prep.exposures,
         "variants": variants, "comparisons": comparisons,
         "srm": {**asdict(srm), "source": shares_source, "alpha": ab_stats.SRM_ALPHA},
@@ -155,6 +163,22 @@ def _correct(comparisons: dict[str, dict[str, Any]], metrics: list[Metric], meth
         for k in guard & set(per):
             per[k].update(p_adjusted=None, guardrail=True)  # `significant`: its own p < alpha
     return len(family)
+
+
+def _sequential(comparisons: dict[str, dict[str, Any]], metrics: list[Metric], variants: dict[str, Any], control: str,
+                alpha: float, family: int, n_star: int) -> None:
+    """Add each comparison's confidence sequence (`cs`) and make `significant` mean "it excludes 0".
+    Goal metrics share alpha / family (Bonferroni: valid under any dependence, at every look);
+    a guardrail gets alpha alone."""
+    guard = {m.key for m in metrics if m.guardrail}
+    for v, per in comparisons.items():
+        n = variants[v]["users"] + variants[control]["users"]
+        for k, c in per.items():
+            a = alpha if k in guard else alpha / max(family, 1)
+            se = (c["diff_ci"][1] - c["diff_ci"][0]) / (2 * ab_stats._z(alpha))  # the fixed interval's standard error
+            h = ab_stats.cs_halfwidth(se, n, a, n_star)
+            c["cs"] = [c["diff"] - h, c["diff"] + h]
+            c["significant"] = bool(c["cs"][0] > 0 or c["cs"][1] < 0)
 
 
 def _verdict(order: list[str], variants: dict[str, Any], comparisons: dict[str, dict[str, Any]], metrics: list[Metric],
@@ -185,8 +209,7 @@ def _verdict(order: list[str], variants: dict[str, Any], comparisons: dict[str, 
                                  if c["guardrail"] and c["significant"]],
         }
     return {"status": "withheld" if reasons else "ready", "reasons": reasons, "variants": calls,
-            "basis": f"{labels.get(PRIMARY_METRIC, PRIMARY_METRIC)} against {order[0]}; {correction} correction over "
-                     f"{family} tests"}
+            "basis": f"{labels.get(PRIMARY_METRIC, PRIMARY_METRIC)} against {order[0]}; {correction} correction over {family} tests"}
 
 
 def _comparison_json(c: ab_stats.Comparison) -> dict[str, Any]:
@@ -227,7 +250,8 @@ def markdown(report: dict[str, Any]) -> str:
               "| variant | users | exposures | bundle versions |", "|---|---:|---:|---|"]
     for v, d in report["variants"].items():
         lines.append(f"| {v} | {d['users']} | {d['exposures']} | {', '.join(d['bundle_versions']) or '(holdout)'} |")
-    lines += ["", "| metric | variant | value [95% CI] | lift vs control [95% CI] | p | adjusted p | MDE (80% power) | test |",
+    decides = "always-valid CI of the difference" if report.get("sequential") else "adjusted p"
+    lines += ["", f"| metric | variant | value [95% CI] | lift vs control [95% CI] | p | {decides} | MDE (80% power) | test |",
               "|---|---|---:|---:|---:|---:|---:|---|"]
     kinds = {m.key: m for m in METRICS}
     for key in report["metric_definitions"]:
@@ -248,6 +272,8 @@ def markdown(report: dict[str, Any]) -> str:
             mde = f"±{c['mde'] / base:.1%}" if base > 0 else _fmt_value(m.kind, c["mde"])
             p = _fmt_p(c["p_value"])
             adj = "guardrail" if c.get("guardrail") else _fmt_p(c.get("p_adjusted", c["p_value"]))
+            if "cs" in c:  # sequential: the always-valid interval of the difference decides
+                adj = f"[{_fmt_value(m.kind, c['cs'][0])}, {_fmt_value(m.kind, c['cs'][1])}]"
             if c["significant"]:
                 lift, adj = f"**{lift}**", f"**{adj}**" if not c.get("guardrail") else "**guardrail moved**"
             lines.append(f"| {m.label} | {v} | {cell} | {lift} | {p} | {adj} | {mde} | {c['test']} |")
@@ -256,8 +282,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", f"**Sample ratio** ({srm['source']}): " + ", ".join(
         f"{v} {srm['observed'][v]} vs {srm['expected'][v]:.0f} expected" for v in srm["observed"])
         + f"; chi-square {srm['chi2']:.2f}, p = {_fmt_p(srm['p_value'])} → {verdict} (flagged below p {srm['alpha']}).",
-        "", f"Bold: adjusted p < {report['alpha']} ({_correction_text(report)}); a guardrail is bold when its own "
-        "p is. MDE: the relative change each test would detect with 80% power at "
+        "", f"Bold: {'the sequence excludes 0' if report.get('sequential') else 'adjusted p < ' + str(report['alpha'])} "
+        f"({_correction_text(report)}); a guardrail is bold when its own test is. MDE: the relative change each test would detect with 80% power at "
         "these sample sizes; a non-significant result says little about smaller effects.", ""]
     if report["warnings"]:
         lines += ["Warnings:"] + [f"- {w}" for w in report["warnings"]] + [""]
@@ -268,6 +294,10 @@ def markdown(report: dict[str, Any]) -> str:
 
 def _correction_text(report: dict[str, Any]) -> str:
     c = report["correction"]
+    if report.get("sequential"):
+        seq = report["sequential"]
+        return (f"always-valid confidence sequences tuned for {seq['n_star']} users, each goal metric at "
+                f"alpha / {c['family_size']} (Bonferroni), so the report may be read at any time")
     what = {"holm": "Holm: the chance of any false call in the family stays under alpha",
             "bh": "Benjamini-Hochberg: the expected share of false calls among the calls stays under alpha",
             "none": "no correction: each test alone"}[c["method"]]
@@ -343,3 +373,66 @@ def write_report(report: dict[str, Any], out_dir: str | Path, json_out: str | Pa
         Path(json_out).write_text(text)
         paths["json_out"] = Path(json_out)
     return paths
+
+
+# --------------------------------------------------------------------------- replays over time
+
+
+def as_of(exposures: pl.DataFrame, events: pl.DataFrame, at) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """What the logs held at `at` (a datetime, naive = UTC): exposures and events up to it."""
+    from datetime import timezone
+
+    at = at if at.tzinfo is not None else at.replace(tzinfo=timezone.utc)
+    cut = pl.lit(at).dt.convert_time_zone("UTC") if exposures["ts"].dtype.time_zone else pl.lit(at.replace(tzinfo=None))
+    return exposures.filter(pl.col("ts") <= cut), events.filter(pl.col("ts") <= cut)
+
+
+def timeline(exposures: pl.DataFrame, events: pl.DataFrame, items: pl.DataFrame | None, window: timedelta,
+             experiment: str | None, report_kw: dict[str, Any], step: timedelta = timedelta(days=1)) -> list[dict]:
+    """The report replayed at the end of each `step` from the first exposure on: per look, the users,
+    and each variant's difference on the primary metric with its fixed-horizon interval and, with
+    `sequential`, its confidence sequence. What a team that looks daily would have seen."""
+    from training.ab.prepare import prepare
+
+    start, end = exposures["ts"].min(), exposures["ts"].max()
+    looks, t = [], start + step
+    while True:
+        t = min(t, end)
+        exp_t, ev_t = as_of(exposures, events, t)
+        try:
+            rep = build_report(prepare(exp_t, ev_t, items, window, experiment), window, **report_kw)
+        except ValueError:  # too few users yet for an estimate
+            rep = None
+        if rep is not None:
+            looks.append({"as_of": f"{t:%Y-%m-%dT%H:%M:%SZ}", "users": rep["users"],
+                          "variants": {v: {k: c[PRIMARY_METRIC][k] for k in ("diff", "diff_ci", "cs", "significant")
+                                           if k in c[PRIMARY_METRIC]}
+                                       for v, c in rep["comparisons"].items()}})
+        if t >= end:
+            return looks
+        t += step
+
+
+def plot_timeline(looks: list[dict], report: dict[str, Any], path: str | Path) -> Path:
+    """The primary metric's difference per look: the fixed-horizon 95% interval (valid for one look only)
+    and the always-valid sequence, narrowing as users arrive."""
+    plt = pyplot()
+    names = sorted({v for look in looks for v in look["variants"]})
+    fig, axes = plt.subplots(1, len(names), figsize=(6.0 * len(names), 3.8), squeeze=False)
+    for ax, v in zip(axes.flat, names):
+        pts = [(i, look["variants"][v]) for i, look in enumerate(looks) if v in look["variants"]]
+        x = np.array([i + 1 for i, _ in pts])  # the look: day 1, 2, ... (users keep coming back, so not users)
+        diff = np.array([c["diff"] for _, c in pts])
+        ci = np.array([c["diff_ci"] for _, c in pts])
+        ax.fill_between(x, ci[:, 0], ci[:, 1], alpha=0.35, color="tab:blue", label="fixed-horizon 95% CI (one look)")
+        if all("cs" in c for _, c in pts):
+            cs = np.array([c["cs"] for _, c in pts])
+            ax.plot(x, cs[:, 0], color="tab:red", lw=1.2, label="confidence sequence (any look)")
+            ax.plot(x, cs[:, 1], color="tab:red", lw=1.2)
+        ax.plot(x, diff, color="black", lw=1, label="difference")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel("look (end of day)")
+        ax.set_title(f"{v} - {report['control']}: {PRIMARY_METRIC}", fontsize=10)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{report['experiment']}: the interval as the experiment ran", fontsize=11)
+    return save_figure(fig, path)

@@ -259,3 +259,29 @@ def adjust(p_values: list[float], method: str) -> list[float]:
     if method == "none":
         return list(p_values)
     raise ValueError(f"correction {method!r}: expected one of {', '.join(CORRECTIONS)}")
+
+
+# --------------------------------------------------------------------------- looking every day
+
+def cs_rho(n_star: int, alpha: float = ALPHA) -> float:
+    """The mixture's tuning for a confidence sequence that is tightest at `n_star` units (Howard et al.
+    2021, eq. (3.12) as GrowthBook uses it): rho^2 = (-2 log alpha + log(-2 log alpha + 1)) / n_star."""
+    if n_star < 1:
+        raise ValueError(f"n_star={n_star}: the expected number of users must be >= 1")
+    a = -2.0 * math.log(alpha)
+    return math.sqrt((a + math.log(a + 1.0)) / n_star)
+
+
+def cs_halfwidth(se: float, n: int, alpha: float = ALPHA, n_star: int = 10_000) -> float:
+    """Half-width of the two-sided asymptotic confidence sequence (Waudby-Smith, Arnold, Wu, Howard &
+    Ramdas, "Time-uniform central limit theory and asymptotic confidence sequences", Ann. Statist.
+    2024: the normal-mixture boundary) for an estimate with standard error `se` from `n` units:
+    sigma * sqrt(2 (n rho^2 + 1) / (n^2 rho^2) * log(sqrt(n rho^2 + 1) / alpha)), sigma = se sqrt(n).
+    Covers the truth at every n at once with probability >= 1 - alpha (asymptotically), so a team
+    may look every day and stop whenever it excludes 0. Wider than the fixed-horizon interval at
+    every n; narrowest relative to it near `n_star`."""
+    if n < 1 or se < 0:
+        raise ValueError(f"cs_halfwidth needs n >= 1 and se >= 0, got n={n}, se={se}")
+    rho2 = cs_rho(n_star, alpha) ** 2
+    sigma = se * math.sqrt(n)
+    return sigma * math.sqrt(2.0 * (n * rho2 + 1.0) / (n * n * rho2) * math.log(math.sqrt(n * rho2 + 1.0) / alpha))

@@ -107,3 +107,64 @@ def test_the_verdict_comes_first_and_waits_for_enough_users(population):
     assert bh["p_adjusted"] >= bh["p_value"]
     with pytest.raises(ValueError, match="correction"):
         build_report(prep, WINDOW, correction="sidak")
+
+
+def _daily_ctr_looks(pop, variant: np.ndarray, click: np.ndarray, alpha: float, n_star: int):
+    """Per day of the experiment: did the fixed-horizon z-test, and did the confidence sequence, call
+    the CTR difference? Each look uses every exposure up to that day's end (vectorised over days)."""
+    day = ((pop.exposure_ts_ms - pop.exposure_ts_ms.min()) // 86_400_000).astype(int)
+    n_days = int(day.max()) + 1
+    shape = (pop.n_users, n_days)
+    exp_cum = np.zeros(shape)
+    clk_cum = np.zeros(shape)
+    np.add.at(exp_cum, (pop.exposure_user, day), 1.0)
+    np.add.at(clk_cum, (pop.exposure_user, day), click.any(axis=1).astype(float))
+    exp_cum, clk_cum = exp_cum.cumsum(axis=1), clk_cum.cumsum(axis=1)
+    est = {}
+    for arm in (0, 1):
+        num, den = clk_cum[variant == arm], exp_cum[variant == arm]
+        seen = den > 0
+        n = seen.sum(axis=0)
+        r = num.sum(axis=0) / np.maximum(den.sum(axis=0), 1)
+        resid = np.where(seen, num - r * den, 0.0)
+        mean_den = den.sum(axis=0) / np.maximum(n, 1)
+        var = (resid ** 2).sum(axis=0) / np.maximum(n - 1, 1) / np.maximum(n * mean_den ** 2, 1e-12)
+        est[arm] = (r, var, n)
+    diff = est[1][0] - est[0][0]
+    se = np.sqrt(est[1][1] + est[0][1])
+    n = est[0][2] + est[1][2]
+    ok = n >= 20
+    fixed = ok & (np.abs(diff) > 1.959964 * se)
+    half = np.array([ab_stats.cs_halfwidth(s, int(k), alpha, n_star) if k else np.inf for s, k in zip(se, n)])
+    seq = ok & (np.abs(diff) > half)
+    return fixed.any(), seq.any(), n_days
+
+
+def test_peeking_daily_inflates_the_fixed_test_and_not_the_confidence_sequence(population):
+    """1,000 A/A runs, looked at at the end of every day: stopping at the first fixed-horizon p < 0.05
+    calls a difference far more often than alpha; the confidence sequence does so at most alpha."""
+    rng = np.random.default_rng(17)
+    runs, alpha = 1000, 0.05
+    fixed = seq = 0
+    for _ in range(runs):
+        variant = split_users(population.n_users, rng)
+        click, _, _ = draw_responses(population, rng)
+        f, s, days = _daily_ctr_looks(population, variant, click, alpha, n_star=population.n_users)
+        fixed += f
+        seq += s
+    lo, hi = _binomial_band(runs, alpha)
+    print(f"\nA/A over {runs} runs, {days} daily looks: any fixed-horizon call {fixed / runs:.3f}, any "
+          f"confidence-sequence call {seq / runs:.3f} (alpha band [{lo:.3f}, {hi:.3f}])")
+    assert fixed / runs > hi and seq / runs <= hi
+
+
+def test_confidence_sequence_is_wider_than_one_look_and_tightest_relative_near_n_star():
+    z = 1.959964
+    ratios = {n: ab_stats.cs_halfwidth(1 / np.sqrt(n), n, 0.05, 10_000) / (z / np.sqrt(n))
+              for n in (100, 1_000, 10_000, 100_000)}
+    assert all(r > 1 for r in ratios.values())
+    assert min(ratios, key=ratios.get) == 10_000 and ratios[10_000] < 1.6
+    with pytest.raises(ValueError, match="n >= 1"):
+        ab_stats.cs_halfwidth(0.1, 0)
+    with pytest.raises(ValueError, match="n_star"):
+        ab_stats.cs_rho(0)
