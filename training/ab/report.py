@@ -175,8 +175,7 @@ def _sequential(comparisons: dict[str, dict[str, Any]], metrics: list[Metric], v
         n = variants[v]["users"] + variants[control]["users"]
         for k, c in per.items():
             a = alpha if k in guard else alpha / max(family, 1)
-            se = (c["diff_ci"][1] - c["diff_ci"][0]) / (2 * ab_stats._z(alpha))  # the fixed interval's standard error
-            h = ab_stats.cs_halfwidth(se, n, a, n_star)
+            h = ab_stats.cs_halfwidth(c["se"], n, a, n_star)
             c["cs"] = [c["diff"] - h, c["diff"] + h]
             c["significant"] = bool(c["cs"][0] > 0 or c["cs"][1] < 0)
 

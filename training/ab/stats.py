@@ -55,6 +55,7 @@ class Comparison:
     p_value: float
     mde: float  # absolute difference detectable with 80% power at ALPHA, at these sizes
     significant: bool
+    se: float = math.nan  # standard error of the difference (the one its test and interval use)
 
 
 def _z(alpha: float) -> float:
@@ -131,7 +132,7 @@ def _compare(test: str, t: Estimate, c: Estimate, se: float, statistic: float, p
     lift, lift_ci = _log_lift(t, c, alpha)
     mde = minimum_detectable_effect(math.sqrt(t.var + c.var), alpha)
     return Comparison(test, diff, (diff - crit * se, diff + crit * se), lift, lift_ci, statistic, p, mde,
-                      bool(p < alpha))
+                      bool(p < alpha), se)
 
 
 def compare_ratios(t: Estimate, c: Estimate, alpha: float = ALPHA) -> Comparison:
