@@ -57,6 +57,7 @@ from serving.ranking.registry import BundlePathRefused, BundleRejected
 from serving.triton.client import EncoderUnavailable
 from serving.triton.onnx_graph import ExportError
 from serving.triton.resilience import CircuitOpenError
+from serving.triton.contract import ContractMismatch
 from serving.triton.process import PortInUseError, TritonStartupError
 
 C = grpc.StatusCode
@@ -98,6 +99,8 @@ TABLE: list[tuple[Exception, C, str, dict[str, str], list[str]]] = [
     (EventLogCorrupt(Path("seg-000001.log"), 128, "bad checksum"), C.DATA_LOSS, "EVENT_LOG_CORRUPT", {}, []),
     (PortInUseError("port 8001 in use"), C.UNAVAILABLE, "PORT_IN_USE", {}, []),
     (TritonStartupError("triton exited"), C.UNAVAILABLE, "TRITON_NOT_READY", {}, []),
+    (ContractMismatch("model 'encoder_onnx' was exported with max_length 64"), C.FAILED_PRECONDITION,
+     "ENCODER_CONTRACT_MISMATCH", {}, []),
     (StaleQueryError("as_of before the store's watermark"), C.FAILED_PRECONDITION, "STALE_FEATURE_QUERY", {}, []),
     (StateMismatchError("state built with other definitions"), C.FAILED_PRECONDITION, "ONLINE_STATE_MISMATCH", {}, []),
     (BundleError("bundle.json: missing"), C.FAILED_PRECONDITION, "BUNDLE_INVALID", {}, []),
