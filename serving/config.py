@@ -271,6 +271,9 @@ class JetStreamConfig:
     share_snapshot_s: float = 300.0  # share the in-process feature snapshot this often (object store); 0: never
     control_poll_s: float = 1.0  # how often a replica checks the fleet's bundle (serving.ranking.shared_bundle)
     probe_timeout_s: float = 1.0  # readiness: JetStream must answer a request within this (a hung server keeps its socket)
+    # ... in this many consecutive probes: one late answer while the CPU is full (the reply waits in the
+    # event loop's queue behind Ranks) is not a hung NATS, and must not take a loaded fleet out of rotation
+    probe_misses: int = 3
     # the client's own keep-alive: a connection that answers none of `max_outstanding_pings` pings sent every
     # `ping_interval_s` is dropped and dialled again (nats-py's default, 2 x 120 s, left a dead one for minutes)
     ping_interval_s: float = 10.0
@@ -284,7 +287,7 @@ class JetStreamConfig:
         if self.replicas not in (1, 2, 3, 4, 5):
             raise ConfigError(f"replicas={self.replicas}: JetStream allows 1 to 5")
         for name in ("publish_timeout_s", "apply_timeout_s", "connect_timeout_s", "control_poll_s", "probe_timeout_s",
-                     "ping_interval_s", "max_outstanding_pings"):
+                     "ping_interval_s", "max_outstanding_pings", "probe_misses"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be > 0")
         if self.share_snapshot_s < 0:

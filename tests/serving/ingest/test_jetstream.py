@@ -14,6 +14,7 @@ test's own where the test stops it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 
 import nats
@@ -424,3 +425,34 @@ def test_a_fetch_is_folded_in_time_slices_with_the_loop_free_between_them(monkey
     want = OnlineFeatures(InProcessStore(), ITEMS)
     want.apply(events_frame(events))
     np.testing.assert_array_equal(features(online), features(want))
+
+
+def test_one_late_probe_answer_is_not_a_hung_nats(stream_cfg):
+    """Readiness goes down only after `probe_misses` unanswered probes in a row, and a reply resets the
+    count: under a full CPU one reply read late behind Ranks took a loaded replica out of rotation.
+    Fault injection: the NATS client's request fails on demand (a fake wrapped around the real one)."""
+
+    async def go():
+        ingest, _ = await open_ingest(dataclasses.replace(stream_cfg, probe_misses=3, probe_timeout_s=0.5))
+        real = ingest._nc.request
+        fail = {"left": 0}
+
+        async def faulty_request(*args, **kwargs):
+            if fail["left"] > 0:
+                fail["left"] -= 1
+                raise asyncio.TimeoutError()
+            return await real(*args, **kwargs)
+
+        ingest._nc.request = faulty_request
+        try:
+            assert await ingest.probe() is None
+            fail["left"] = 2
+            assert [await ingest.probe() for _ in range(3)] == [None, None, None]  # two misses, then an answer
+            fail["left"] = 3
+            got = [await ingest.probe() for _ in range(3)]
+            assert got[:2] == [None, None] and "NATS does not answer (TimeoutError, 3 probes in a row)" == got[2]
+            assert await ingest.probe() is None  # answered again: ready again
+        finally:
+            await ingest.close()
+
+    asyncio.run(go())
