@@ -142,3 +142,34 @@ def _append(cols: dict[str, list], obj: dict, f: Path, n: int) -> None:
     if type(ids) is not list or not all(type(i) is str for i in ids):
         raise ExposureLogError(f"{f}:{n}: item_ids must be a list of strings")
     cols["item_ids"].append(ids)
+
+
+# --------------------------------------------------------------------------- records that never made it
+
+LOSSES_PREFIX = "exposure-losses-"
+LOSSES_GLOB = f"{LOSSES_PREFIX}*.json"  # not FILE_GLOB: the exposure reader never sees them
+
+
+def losses_file_name(stamp: str, pid: int) -> str:
+    """One file per writer (process start stamp and pid), replaced as its counts grow:
+    {"dropped": {"<experiment>\\t<variant>": n}, "failed": {...}}. `dropped`: refused while the writer
+    was behind (or after close); `failed`: lost to write errors."""
+    return f"{LOSSES_PREFIX}{stamp}-{pid}.json"
+
+
+def read_losses(path: str | Path) -> dict[tuple[str, str], int]:
+    """Exposures lost before reaching the log, per (experiment, variant), summed over every writer's
+    losses file in `path` (a directory; a file's directory). Unreadable files raise ExposureLogError."""
+    path = Path(path)
+    directory = path if path.is_dir() else path.parent
+    out: dict[tuple[str, str], int] = {}
+    for f in sorted(directory.glob(LOSSES_GLOB)):
+        try:
+            data = json.loads(f.read_text())
+            for kind in ("dropped", "failed"):
+                for key, n in data.get(kind, {}).items():
+                    experiment, _, variant = key.partition("\t")
+                    out[experiment, variant] = out.get((experiment, variant), 0) + int(n)
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ExposureLogError(f"{f}: not an exposure losses file ({e})") from e
+    return out

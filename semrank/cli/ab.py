@@ -81,6 +81,7 @@ def cmd_ab_report(args) -> int:
         read_outcome_events,
         shares_from_experiments,
     )
+    from featurizer.contracts.exposures import read_losses
     from training.ab.report import as_of, build_report, markdown, plot_timeline, report_stem, timeline, write_report
 
     window = parse_window(args.window)
@@ -99,11 +100,17 @@ def cmd_ab_report(args) -> int:
         shares, source = parse_shares(args.shares), f"--shares {args.shares}"
     elif args.experiments:
         shares, source = shares_from_experiments(args.experiments, prep.experiment), str(args.experiments)
-    kw = {"control": args.control, "shares": shares, "shares_source": source, "correction": args.correction,
+    lost: dict[str, int] = {}
+    for path in args.exposures:  # what each server's writer dropped, per variant of this experiment
+        for (experiment, variant), n in read_losses(path).items():
+            if experiment == prep.experiment:
+                lost[variant] = lost.get(variant, 0) + n
+    kw = {"lost": lost, "control": args.control, "shares": shares, "shares_source": source, "correction": args.correction,
           "min_users": args.min_users, "sequential": args.sequential}
     report = build_report(prep, window, **kw)
     if args.timeline:
-        looks = timeline(exposures, events, items, window, prep.experiment, kw)
+        looks = timeline(exposures, events, items, window, prep.experiment,
+                         {k: v for k, v in kw.items() if k != "lost"})  # losses carry no time: the final report only
         report["timeline"] = looks
     paths = write_report(report, args.out_dir, args.json)
     if args.timeline:

@@ -7,7 +7,10 @@ not create, so a torn last line (a crash mid-write) stays the last line of its f
 
 `ExposureLog.record()` only appends to an in-memory buffer under a lock that the writer thread holds
 for a list swap, never across I/O; when the writer is more than `max_backlog` records behind, new
-records are dropped and counted in `dropped` instead of blocking the caller.
+records are dropped and counted in `dropped` instead of blocking the caller. What is lost (dropped,
+or failed to write) is also counted per experiment and variant in this writer's
+`exposure-losses-<stamp>-<pid>.json` beside the segments, so the report can say which arm lost what
+(`featurizer.contracts.exposures.read_losses`).
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ import json
 import logging
 import os
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Callable, Iterable
 
-from featurizer.contracts.exposures import FILE_PREFIX, FILE_SUFFIX, TS_FORMAT
+from featurizer.contracts.exposures import FILE_PREFIX, FILE_SUFFIX, TS_FORMAT, losses_file_name
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +95,10 @@ class ExposureLog:
         self._file: IO[bytes] | None = None
         self._file_bytes = 0
         self._seq = 0
+        self._lost: dict[str, Counter] = {"dropped": Counter(), "failed": Counter()}  # "<experiment>\t<variant>"
+        self._lost_written = 0  # total lost when the losses file was last written
+        self._losses_path = self.directory / losses_file_name(datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S"),
+                                                               os.getpid())
         self._thread = threading.Thread(target=self._run, name="exposure-log-writer", daemon=True)
         self._thread.start()
 
@@ -99,6 +107,7 @@ class ExposureLog:
         with self._lock:
             if self._closed or len(self._buffer) + self._in_flight >= self.max_backlog:
                 self.dropped += 1
+                self._lost["dropped"][f"{exposure.experiment}\t{exposure.variant}"] += 1
                 warn = not self._dropping
                 self._dropping = True
             else:
@@ -130,6 +139,7 @@ class ExposureLog:
         with self._io_lock:
             self._write_pending()
             self._close_segment()
+            self._write_losses()
 
     def __enter__(self) -> ExposureLog:
         return self
@@ -156,6 +166,8 @@ class ExposureLog:
                     lines.append(exp.to_json().encode("utf-8") + b"\n")
                 except (TypeError, ValueError):
                     self.failed += 1
+                    with self._lock:
+                        self._lost["failed"][f"{exp.experiment}\t{exp.variant}"] += 1
                     log.exception("exposure log %s: skipping a record that cannot be written", self.directory)
             if lines:
                 if self._fault_injection_before_write is not None:
@@ -166,6 +178,9 @@ class ExposureLog:
             log.exception("exposure log %s: failed to write %d records; starting a new segment",
                           self.directory, len(lines))
             self.failed += len(lines)
+            with self._lock:
+                for exp in batch:
+                    self._lost["failed"][f"{exp.experiment}\t{exp.variant}"] += 1
             self._close_segment(quiet=True)
         finally:
             with self._lock:
@@ -175,6 +190,26 @@ class ExposureLog:
                     self._dropping = False
             if caught_up:
                 log.warning("exposure log %s: caught up; dropped %d records so far", self.directory, self.dropped)
+            self._write_losses()
+
+    def _write_losses(self) -> None:
+        """Replace this writer's losses file when something more was lost (caller holds _io_lock)."""
+        with self._lock:
+            total = sum(self.dropped_and_failed().values())
+            if total == self._lost_written:
+                return
+            data = {kind: dict(c) for kind, c in self._lost.items()}
+        tmp = self._losses_path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(data, ensure_ascii=False) + "\n")
+            os.replace(tmp, self._losses_path)
+            self._lost_written = total
+        except OSError:
+            log.exception("exposure log %s: cannot write %s", self.directory, self._losses_path.name)
+
+    def dropped_and_failed(self) -> Counter:
+        """Lost records per "<experiment>\t<variant>" (dropped and failed together)."""
+        return self._lost["dropped"] + self._lost["failed"]
 
     def _write_lines(self, lines: Iterable[bytes]) -> None:
         chunk: list[bytes] = []

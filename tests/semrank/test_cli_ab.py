@@ -73,6 +73,12 @@ def test_fair_split_report_with_revenue(tmp_path, capsys):
     assert control["revenue_per_user"]["value"] == 0.0  # clicks only, no purchases
     assert "| CTR | treatment |" in capsys.readouterr().out
     assert (tmp_path / "out" / "ab-ft.png").stat().st_size > 0
+    assert report["variants"]["treatment"]["lost_exposures"] == 0
+    # A server's writer that dropped 300 of treatment's exposures (3%): the report says so and withholds its verdict.
+    (tmp_path / "exposure-losses-20261201T100000-77.json").write_text('{"dropped": {"ft\\ttreatment": 300}}')
+    assert main(_args(tmp_path, "--json", str(tmp_path / "r2.json"))) == 0
+    lossy = json.loads((tmp_path / "r2.json").read_text())
+    assert lossy["variants"]["treatment"]["lost_exposures"] == 300 and lossy["verdict"]["status"] == "withheld"
 
 
 def test_bad_input_exits_2_with_the_reason(tmp_path, capsys):

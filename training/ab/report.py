@@ -63,6 +63,7 @@ METRICS: tuple[Metric, ...] = (
 PRIMARY_METRIC = "ctr"
 SMALL_VARIANT = 100  # users; below it the normal approximations are rough
 MIN_USERS_WITH_EVENT = 100  # per arm: no verdict before each arm has this many users with an attributed event
+MAX_LOST_SHARE = 0.01  # exposures a writer dropped, per arm: above it no verdict
 
 
 def _estimate(metric: Metric, users: pl.DataFrame, alpha: float) -> ab_stats.Estimate:
@@ -86,12 +87,16 @@ def resolve_control(variants: list[str], control: str | None) -> str:
 def build_report(prep: Prepared, window: timedelta, control: str | None = None,
                  shares: dict[str, float] | None = None, shares_source: str | None = None,
                  alpha: float = ab_stats.ALPHA, correction: str = "holm",
-                 min_users: int = MIN_USERS_WITH_EVENT, sequential: int | None = None) -> dict[str, Any]:
+                 min_users: int = MIN_USERS_WITH_EVENT, sequential: int | None = None,
+                 lost: dict[str, int] | None = None, max_lost_share: float = MAX_LOST_SHARE) -> dict[str, Any]:
     """The report (module docstring). `correction` adjusts the p-values of the family (every
     non-guardrail metric x every variant against control): "holm" (default), "bh" or "none";
     `min_users`: users with an attributed event each arm needs before a verdict is given.
     `sequential` (the users expected at the end): calls come from always-valid confidence sequences
-    instead (`ab_stats.cs_halfwidth`, Bonferroni over the family), so the report may be read daily."""
+    instead (`ab_stats.cs_halfwidth`, Bonferroni over the family), so the report may be read daily.
+    `lost`: exposures per variant that the servers' writers dropped or failed to write
+    (`featurizer.contracts.exposures.read_losses`); above `max_lost_share` of a variant's the verdict
+    is withheld: the lost Ranks are not a random sample of that arm's."""
     if correction not in ab_stats.CORRECTIONS:
         raise ValueError(f"correction {correction!r}: expected one of {', '.join(ab_stats.CORRECTIONS)}")
     users = prep.users
@@ -121,6 +126,7 @@ def build_report(prep: Prepared, window: timedelta, control: str | None = None,
             "users": part.height, "exposures": int(part["exposures"].sum()),
             "users_with_event": int(((part["click_exposures"] + part["cart_exposures"] + part["purchase_exposures"])
                                      > 0).sum()),
+            "lost_exposures": (lost or {}).get(v, 0),
             "bundle_versions": prep.bundle_versions.get(v, []),
             "metrics": {k: {"value": e.value, "ci": list(e.ci)} for k, e in estimates.get(v, {}).items()},
         }
@@ -142,7 +148,7 @@ def build_report(prep: Prepared, window: timedelta, control: str | None = None,
             "n_star": sequential, "alpha_per_test": alpha / max(family, 1),
             "method": "asymptotic confidence sequence (normal mixture), Bonferroni over the family"},
         "verdict": _verdict(order, variants, comparisons, metrics, srm.flagged, min_users,
-                            "confidence-sequence (Bonferroni)" if sequential else correction, family),
+                            "confidence-sequence (Bonferroni)" if sequential else correction, family, max_lost_share),
         "time_range": list(prep.time_range), "users": users.height, "exposures": prep.exposures,
         "variants": variants, "comparisons": comparisons,
         "srm": {**asdict(srm), "source": shares_source, "alpha": ab_stats.SRM_ALPHA},
@@ -181,11 +187,18 @@ def _sequential(comparisons: dict[str, dict[str, Any]], metrics: list[Metric], v
 
 
 def _verdict(order: list[str], variants: dict[str, Any], comparisons: dict[str, dict[str, Any]], metrics: list[Metric],
-             srm: bool, min_users: int, correction: str, family: int) -> dict[str, Any]:
+             srm: bool, min_users: int, correction: str, family: int,
+             max_lost_share: float = MAX_LOST_SHARE) -> dict[str, Any]:
     """What a product manager reads first: per variant, the primary metric's call, the other metrics
     that moved, the guardrails that moved; or why no call is made yet."""
     short = {v: d["users_with_event"] for v, d in variants.items() if d["users_with_event"] < min_users}
     reasons = []
+    for v, d in variants.items():
+        share = d["lost_exposures"] / max(d["exposures"] + d["lost_exposures"], 1)
+        d["lost_share"] = share
+        if share > max_lost_share:
+            reasons.append(f"the servers dropped {d['lost_exposures']} of {v}'s exposures ({share:.1%} > "
+                           f"{max_lost_share:.0%}) before logging them; the rest are not a random sample of the arm")
     if srm:
         reasons.append("the sample ratio does not match the configured shares (see the warning)")
     if short:
@@ -246,9 +259,11 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [f"Exposures {report['time_range'][0]} to {report['time_range'][1]}; {report['users']} users, "
               f"{report['exposures']} exposures; attribution window {report['window']}; control "
               f"**{report['control']}**; 95% intervals; users are the unit of analysis.", "",
-              "| variant | users | exposures | bundle versions |", "|---|---:|---:|---|"]
+              "| variant | users | exposures | lost before the log | bundle versions |", "|---|---:|---:|---:|---|"]
     for v, d in report["variants"].items():
-        lines.append(f"| {v} | {d['users']} | {d['exposures']} | {', '.join(d['bundle_versions']) or '(holdout)'} |")
+        lost = f"{d.get('lost_exposures', 0)} ({d.get('lost_share', 0.0):.2%})"
+        lines.append(f"| {v} | {d['users']} | {d['exposures']} | {lost} | "
+                     f"{', '.join(d['bundle_versions']) or '(holdout)'} |")
     decides = "always-valid CI of the difference" if report.get("sequential") else "adjusted p"
     lines += ["", f"| metric | variant | value [95% CI] | lift vs control [95% CI] | p | {decides} | MDE (80% power) | test |",
               "|---|---|---:|---:|---:|---:|---:|---|"]

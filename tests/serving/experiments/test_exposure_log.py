@@ -235,3 +235,48 @@ def test_a_record_with_a_non_string_field_is_skipped_not_written(tmp_path):
         log.record(exposure(3))
     assert (log.failed, log.written) == (2, 2)
     assert read_exposures(tmp_path)["request_id"].to_list() == ["r0", "r3"]
+
+
+def test_lost_records_are_counted_per_variant_in_each_writers_losses_file(tmp_path):
+    """Drops (writer behind) and write failures, per experiment and variant, in a file of the writer's
+    own beside the segments; two writers' files (two replicas) add up, and the exposure reader skips them."""
+    from featurizer.contracts.exposures import LOSSES_GLOB, read_losses
+
+    a, b = tmp_path / "replica-a", tmp_path / "replica-b"
+    log, stalled, release = stalled_log(a, max_buffer=10, max_backlog=100)
+    try:
+        log.record(exposure(0))
+        assert stalled.wait(30)
+        for i in range(1, 150):  # 50 dropped: 30 control, 20 treatment
+            log.record(exposure(i, variant="control" if i % 5 < 3 else "treatment"))
+    finally:
+        release.set()
+        log.close()
+    assert log.dropped == 50
+    calls = []
+
+    def fault_injection_fail_first_write(n_records):
+        calls.append(n_records)
+        if len(calls) == 1:
+            raise OSError("disk full (injected)")
+
+    other = ExposureLog(b, flush_interval_s=3600, fault_injection_before_write=fault_injection_fail_first_write)
+    other.record(exposure(500, variant="treatment"))
+    other.flush()
+    other.close()
+    assert [len(list(d.glob(LOSSES_GLOB))) for d in (a, b)] == [1, 1]
+    dropped = read_losses(a)
+    assert sum(dropped.values()) == 50 and set(dropped) == {("exp", "control"), ("exp", "treatment")}
+    assert read_losses(b) == {("exp", "treatment"): 1}
+    assert read_exposures(a).height == 100  # the losses file is not an exposure file
+    (b / next(b.glob(LOSSES_GLOB)).name).write_text("{not json")
+    with pytest.raises(Exception, match="not an exposure losses file"):
+        read_losses(b)
+
+
+def test_nothing_lost_writes_no_losses_file(tmp_path):
+    from featurizer.contracts.exposures import LOSSES_GLOB
+
+    with ExposureLog(tmp_path) as log:
+        log.record(exposure(1))
+    assert not list(tmp_path.glob(LOSSES_GLOB))

@@ -168,3 +168,16 @@ def test_confidence_sequence_is_wider_than_one_look_and_tightest_relative_near_n
         ab_stats.cs_halfwidth(0.1, 0)
     with pytest.raises(ValueError, match="n_star"):
         ab_stats.cs_rho(0)
+
+
+def test_an_arm_that_lost_exposures_before_the_log_gets_no_verdict(population):
+    rng = np.random.default_rng(4)
+    variant = split_users(population.n_users, rng)
+    prep = _prepared(population, variant, ("control", "treatment"), rng)
+    logged = int(prep.users.filter(pl.col("variant") == "treatment")["exposures"].sum())
+    few = build_report(prep, WINDOW, lost={"treatment": logged // 200})  # 0.5%: under the 1% bound
+    assert few["verdict"]["status"] == "ready" and few["variants"]["treatment"]["lost_exposures"] == logged // 200
+    many = build_report(prep, WINDOW, lost={"treatment": logged // 50})  # about 2%
+    assert many["verdict"]["status"] == "withheld"
+    assert "dropped" in many["verdict"]["reasons"][0] and "treatment" in many["verdict"]["reasons"][0]
+    assert "| treatment |" in markdown(many) and f"| {logged // 50} (" in markdown(many)
