@@ -203,6 +203,32 @@ def exposure_outcomes(exposures: pl.DataFrame, attributed: pl.DataFrame, items: 
             .collect())
 
 
+PRE_COLUMNS = ("pre_lists", "pre_clicks", "pre_carts", "pre_purchases", "pre_revenue", "has_pre")
+
+
+def pre_period(first_exposure: pl.DataFrame, events: pl.DataFrame, items: pl.DataFrame | None,
+               lookback: timedelta) -> pl.DataFrame:
+    """Per user, what they did in the `lookback` before their first exposure in the experiment (CUPED's
+    covariates): impression lists seen (distinct request_ids of impression events), clicks, add-to-carts,
+    purchases, revenue, and `has_pre` (any event at all then). Users with nothing get zeros and
+    has_pre = 0. `first_exposure`: user_id, first_ts."""
+    prices = (items.select("item_id", "price") if items is not None
+              else pl.DataFrame(schema={"item_id": pl.Utf8, "price": pl.Float64}))
+    ev = (events.lazy().select("ts", "user_id", "item_id", pl.col("event").cast(pl.Utf8), "request_id")
+          .join(first_exposure.lazy(), on="user_id", how="inner")
+          .filter((pl.col("ts") < pl.col("first_ts")) & (pl.col("ts") >= pl.col("first_ts") - lookback))
+          .join(prices.lazy(), on="item_id", how="left"))
+    per = ev.group_by("user_id").agg(
+        pl.col("request_id").filter(pl.col("event") == "impression").n_unique().cast(pl.Float64).alias("pre_lists"),
+        (pl.col("event") == "click").sum().cast(pl.Float64).alias("pre_clicks"),
+        (pl.col("event") == "add_to_cart").sum().cast(pl.Float64).alias("pre_carts"),
+        (pl.col("event") == "purchase").sum().cast(pl.Float64).alias("pre_purchases"),
+        pl.col("price").filter(pl.col("event") == "purchase").sum().fill_null(0.0).alias("pre_revenue"),
+        pl.lit(1.0).alias("has_pre"))
+    return (first_exposure.lazy().select("user_id").join(per, on="user_id", how="left")
+            .with_columns(pl.col(*PRE_COLUMNS).fill_null(0.0)).collect())
+
+
 def user_table(outcomes: pl.DataFrame) -> pl.DataFrame:
     """One row per user: variant, exposures, click_exposures, cart_exposures, purchase_exposures, revenue."""
     return (
@@ -229,8 +255,9 @@ class Prepared:
 
 
 def prepare(exposures: pl.DataFrame, events: pl.DataFrame, items: pl.DataFrame | None, window: timedelta,
-            experiment: str | None = None) -> Prepared:
-    """Select the experiment, dedupe, keep each user in their first variant, attribute, sum per user."""
+            experiment: str | None = None, cuped_lookback: timedelta | None = None) -> Prepared:
+    """Select the experiment, dedupe, keep each user in their first variant, attribute, sum per user;
+    with `cuped_lookback`, add each user's pre-period columns (`pre_period`)."""
     name = select_experiment(exposures, experiment)
     notes: list[str] = []
     warnings: list[str] = []
@@ -270,6 +297,10 @@ def prepare(exposures: pl.DataFrame, events: pl.DataFrame, items: pl.DataFrame |
             notes.append(f"{missing} attributed purchases have no item price and add 0 to revenue")
     outcomes = exposure_outcomes(exp, attribution.events, items)
     versions = {v: sorted(s) for v, s in exp.group_by("variant").agg(pl.col("bundle_version").unique()).iter_rows()}
-    return Prepared(users=user_table(outcomes), experiment=name, exposures=exp.height, bundle_versions=versions,
+    users = user_table(outcomes)
+    if cuped_lookback is not None and cuped_lookback > timedelta(0):
+        first = exp.group_by("user_id").agg(pl.col("ts").min().alias("first_ts"))
+        users = users.join(pre_period(first, events, items, cuped_lookback), on="user_id", how="left")
+    return Prepared(users=users, experiment=name, exposures=exp.height, bundle_versions=versions,
                     time_range=(f"{exp['ts'].min():%Y-%m-%dT%H:%M:%SZ}", f"{exp['ts'].max():%Y-%m-%dT%H:%M:%SZ}"),
                     prices=prices, notes=notes, warnings=warnings)

@@ -88,7 +88,8 @@ def build_report(prep: Prepared, window: timedelta, control: str | None = None,
                  shares: dict[str, float] | None = None, shares_source: str | None = None,
                  alpha: float = ab_stats.ALPHA, correction: str = "holm",
                  min_users: int = MIN_USERS_WITH_EVENT, sequential: int | None = None,
-                 lost: dict[str, int] | None = None, max_lost_share: float = MAX_LOST_SHARE) -> dict[str, Any]:
+                 lost: dict[str, int] | None = None, max_lost_share: float = MAX_LOST_SHARE,
+                 cuped_days: float | None = None) -> dict[str, Any]:
     """The report (module docstring). `correction` adjusts the p-values of the family (every
     non-guardrail metric x every variant against control): "holm" (default), "bh" or "none";
     `min_users`: users with an attributed event each arm needs before a verdict is given.
@@ -96,7 +97,9 @@ def build_report(prep: Prepared, window: timedelta, control: str | None = None,
     instead (`ab_stats.cs_halfwidth`, Bonferroni over the family), so the report may be read daily.
     `lost`: exposures per variant that the servers' writers dropped or failed to write
     (`featurizer.contracts.exposures.read_losses`); above `max_lost_share` of a variant's the verdict
-    is withheld: the lost Ranks are not a random sample of that arm's."""
+    is withheld: the lost Ranks are not a random sample of that arm's. `cuped_days`: the lookback the
+    users' pre-period columns were made with (`prepare(cuped_lookback=...)`); the comparisons are then
+    CUPED-adjusted (`_cuped`)."""
     if correction not in ab_stats.CORRECTIONS:
         raise ValueError(f"correction {correction!r}: expected one of {', '.join(ab_stats.CORRECTIONS)}")
     users = prep.users
@@ -135,6 +138,9 @@ def build_report(prep: Prepared, window: timedelta, control: str | None = None,
         if v in estimates and control in estimates:
             comparisons[v] = {m.key: _comparison_json(ab_stats.compare(estimates[v][m.key], estimates[control][m.key],
                                                                        alpha)) for m in metrics}
+    cuped = _cuped(users, order, control, metrics, comparisons, estimates, alpha, notes) if cuped_days else None
+    if cuped is not None:
+        cuped["lookback_days"] = cuped_days
     family = _correct(comparisons, metrics, correction, alpha)
     if sequential is not None:
         _sequential(comparisons, metrics, variants, control, alpha, family, sequential)
@@ -144,6 +150,7 @@ def build_report(prep: Prepared, window: timedelta, control: str | None = None,
         "experiment": prep.experiment, "window": format_window(window), "window_seconds": window.total_seconds(),
         "control": control, "alpha": alpha, "primary_metric": PRIMARY_METRIC,
         "correction": {"method": correction, "family_size": family, "min_users_with_event": min_users},
+        "cuped": cuped,
         "sequential": None if sequential is None else {
             "n_star": sequential, "alpha_per_test": alpha / max(family, 1),
             "method": "asymptotic confidence sequence (normal mixture), Bonferroni over the family"},
@@ -155,6 +162,61 @@ def build_report(prep: Prepared, window: timedelta, control: str | None = None,
         "metric_definitions": {m.key: m.definition for m in metrics},
         "warnings": warnings, "notes": notes,
     }
+
+
+# The pre-period columns (training.ab.prepare.pre_period) each metric is adjusted with, besides `has_pre`.
+CUPED_COVARIATES = {
+    "ctr": ("pre_clicks", "pre_lists"), "add_to_cart_rate": ("pre_carts", "pre_lists"),
+    "conversion_rate": ("pre_purchases", "pre_lists"), "users_with_click": ("pre_clicks",),
+    "users_with_purchase": ("pre_purchases",), "revenue_per_user": ("pre_revenue",),
+    "exposures_per_user": ("pre_lists",),
+}
+
+
+def _influence(metric: Metric, part: pl.DataFrame, est: ab_stats.Estimate) -> np.ndarray:
+    """Per-user influence values of an arm's estimate: mean 0, var / n = the estimate's variance."""
+    col = part[metric.column].to_numpy().astype(float)
+    if metric.kind == "ratio":
+        den = part["exposures"].to_numpy().astype(float)
+        return (col - est.value * den) / den.mean()
+    if metric.kind == "proportion":
+        return (col > 0).astype(float) - est.value
+    return col - col.mean()
+
+
+def _cuped(users: pl.DataFrame, order: list[str], control: str, metrics: list[Metric],
+           comparisons: dict[str, dict[str, Any]], estimates: dict[str, dict[str, ab_stats.Estimate]], alpha: float,
+           notes: list[str]) -> dict[str, Any] | None:
+    """Replace each comparison by its CUPED-adjusted one (`ab_stats.cuped`, the covariates of
+    CUPED_COVARIATES plus has_pre: users without a pre-period get zeros and the indicator, so they are
+    neither dropped nor biased). Returns what the report says about it."""
+    from training.ab.prepare import PRE_COLUMNS
+
+    if not set(PRE_COLUMNS) <= set(users.columns):
+        raise ValueError("CUPED needs the users' pre-period columns: prepare(..., cuped_lookback=...)")
+    arms = [v for v in order if v in estimates]
+    parts = {v: users.filter(pl.col("variant") == v) for v in arms}
+    with_pre = {v: int(parts[v]["has_pre"].sum()) for v in arms}
+    if not sum(with_pre.values()):
+        notes.append("CUPED: no user has events before their first exposure in the lookback; not adjusted")
+        return {"users_with_pre_period": with_pre, "variance_reduction": {}}
+    reduction: dict[str, dict[str, float]] = {}
+    for m in metrics:
+        cols = [*CUPED_COVARIATES[m.key], "has_pre"]
+        adj, _ = ab_stats.cuped({v: (estimates[v][m.key].value, _influence(m, parts[v], estimates[v][m.key]),
+                                     parts[v].select(cols).to_numpy()) for v in arms})
+        if control not in adj:
+            continue
+        c = ab_stats.normal_estimate(m.kind, adj[control].value, adj[control].var, estimates[control][m.key].n, alpha)
+        for v in arms:
+            if v == control or v not in comparisons:
+                continue
+            t = ab_stats.normal_estimate(m.kind, adj[v].value, adj[v].var, estimates[v][m.key].n, alpha)
+            comparisons[v][m.key] = _comparison_json(ab_stats.compare_adjusted(t, c, alpha))
+            share = 1.0 - (adj[v].var + adj[control].var) / max(adj[v].raw_var + adj[control].raw_var, 1e-300)
+            comparisons[v][m.key]["variance_reduction"] = share
+            reduction.setdefault(m.key, {})[v] = share
+    return {"users_with_pre_period": with_pre, "variance_reduction": reduction}
 
 
 def _correct(comparisons: dict[str, dict[str, Any]], metrics: list[Metric], method: str, alpha: float) -> int:
@@ -256,6 +318,13 @@ def markdown(report: dict[str, Any]) -> str:
     if report["srm"]["flagged"]:
         lines += [f"> **WARNING — {report['warnings'][0]}**", ""]
     lines += _verdict_lines(report)
+    if report.get("cuped") and report["cuped"]["variance_reduction"]:
+        cu = report["cuped"]
+        fell = ", ".join(f"{labels_by_key(k)} {min(v.values()):.0%}" + (f"-{max(v.values()):.0%}" if len(v) > 1 else "")
+                         for k, v in cu["variance_reduction"].items())
+        pre = ", ".join(f"{v} {n}" for v, n in cu["users_with_pre_period"].items())
+        lines += [f"CUPED on each user's {cu['lookback_days']:g} days before their first exposure (users with such "
+                  f"history: {pre}): the variance of each difference fell by {fell}.", ""]
     lines += [f"Exposures {report['time_range'][0]} to {report['time_range'][1]}; {report['users']} users, "
               f"{report['exposures']} exposures; attribution window {report['window']}; control "
               f"**{report['control']}**; 95% intervals; users are the unit of analysis.", "",
@@ -304,6 +373,10 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["Metrics:"] + [f"- `{k}`: {d}" for k, d in report["metric_definitions"].items()]
     lines += ["", "Notes:"] + [f"- {n}" for n in report["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def labels_by_key(key: str) -> str:
+    return next((m.label for m in METRICS if m.key == key), key)
 
 
 def _correction_text(report: dict[str, Any]) -> str:
@@ -402,7 +475,8 @@ def as_of(exposures: pl.DataFrame, events: pl.DataFrame, at) -> tuple[pl.DataFra
 
 
 def timeline(exposures: pl.DataFrame, events: pl.DataFrame, items: pl.DataFrame | None, window: timedelta,
-             experiment: str | None, report_kw: dict[str, Any], step: timedelta = timedelta(days=1)) -> list[dict]:
+             experiment: str | None, report_kw: dict[str, Any], step: timedelta = timedelta(days=1),
+             cuped_lookback: timedelta | None = None) -> list[dict]:
     """The report replayed at the end of each `step` from the first exposure on: per look, the users,
     and each variant's difference on the primary metric with its fixed-horizon interval and, with
     `sequential`, its confidence sequence. What a team that looks daily would have seen."""
@@ -414,7 +488,7 @@ def timeline(exposures: pl.DataFrame, events: pl.DataFrame, items: pl.DataFrame 
         t = min(t, end)
         exp_t, ev_t = as_of(exposures, events, t)
         try:
-            rep = build_report(prepare(exp_t, ev_t, items, window, experiment), window, **report_kw)
+            rep = build_report(prepare(exp_t, ev_t, items, window, experiment, cuped_lookback), window, **report_kw)
         except ValueError:  # too few users yet for an estimate
             rep = None
         if rep is not None:

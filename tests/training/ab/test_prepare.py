@@ -105,6 +105,29 @@ def test_window_counts_events_from_the_exposure_up_to_but_excluding_its_end(tmp_
     assert rows == [("r1", "add_to_cart", "a", "window"), ("r1", "click", "b", "window")]
 
 
+def test_pre_period_counts_what_each_user_did_in_the_lookback_before_their_first_exposure(tmp_path):
+    from training.ab.prepare import PRE_COLUMNS, pre_period
+
+    day = timedelta(days=1)
+    events = _events([
+        (T0 - 15 * day, "u1", "a", "click", None),  # before the lookback
+        (T0 - 14 * day, "u1", "a", "impression", "p1"),  # its first instant: counts
+        (T0 - 2 * day, "u1", "b", "impression", "p1"),  # the same list
+        (T0 - 2 * day, "u1", "b", "impression", "p2"),
+        (T0 - day, "u1", "b", "click", None),
+        (T0 - day, "u1", "b", "purchase", None),
+        (T0, "u1", "c", "click", None),  # at the first exposure: not before it
+        (T0 - day, "u3", "a", "click", None),  # never exposed
+    ])
+    items = pl.DataFrame({"item_id": ["a", "b", "c"], "price": [1.0, 2.5, 4.0]})
+    first = pl.DataFrame({"user_id": ["u1", "u2"], "first_ts": [T0, T0]},
+                         schema={"user_id": pl.Utf8, "first_ts": pl.Datetime("us", "UTC")})
+    pre = pre_period(first, events, items, 14 * day).sort("user_id")
+    assert pre.columns == ["user_id", *PRE_COLUMNS]
+    assert pre.row(0) == ("u1", 2.0, 1.0, 0.0, 1.0, 2.5, 1.0)
+    assert pre.row(1) == ("u2", 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)  # no history: zeros and has_pre 0, kept
+
+
 def test_an_event_counts_once_for_the_latest_exposure_that_showed_the_item(tmp_path):
     exposures = [_exposure("r1", "u1", ["a", "b"], T0), _exposure("r2", "u1", ["a"], T0 + timedelta(minutes=10))]
     events = _events([(T0 + timedelta(minutes=12), "u1", "a", "click", None),
