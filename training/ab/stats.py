@@ -340,3 +340,36 @@ def compare_adjusted(t: Estimate, c: Estimate, alpha: float = ALPHA) -> Comparis
 def normal_estimate(kind: str, value: float, var: float, n: int, alpha: float = ALPHA) -> Estimate:
     half = _z(alpha) * math.sqrt(max(var, 0.0))
     return Estimate(kind, value, var, (value - half, value + half), n)
+
+
+# --------------------------------------------------------------------------- interleaving
+
+
+@dataclass(frozen=True)
+class Preference:
+    """Per-user preference between two interleaved rankers (Chapelle, Joachims, Radlinski & Yue, "Large-scale
+    validation and analysis of interleaved search evaluation", TOIS 2012): a user *wins* for A when more
+    of their clicks went to A's items, *loses* when more went to B's, ties otherwise (no click included)."""
+
+    users: int
+    wins: int
+    losses: int
+    ties: int
+    delta: float  # mean over users of sign(A clicks - B clicks): > 0 favours A
+    ci: tuple[float, float]
+    p_value: float  # two-sided sign test of wins against losses
+    significant: bool
+
+
+def preference(a_clicks: np.ndarray, b_clicks: np.ndarray, alpha: float = ALPHA) -> Preference:
+    """`a_clicks`, `b_clicks`: per user, the clicks credited to each team over their interleaved lists."""
+    s = np.sign(np.asarray(a_clicks, dtype=float) - np.asarray(b_clicks, dtype=float))
+    n = s.size
+    if n < 2:
+        raise ValueError(f"a preference needs at least 2 users (got {n})")
+    wins, losses = int((s > 0).sum()), int((s < 0).sum())
+    delta = float(s.mean())
+    half = _z(alpha) * float(s.std(ddof=1)) / math.sqrt(n)
+    decided = wins + losses
+    p = float(stats.binomtest(wins, decided, 0.5).pvalue) if decided else 1.0
+    return Preference(n, wins, losses, n - decided, delta, (delta - half, delta + half), p, bool(p < alpha))
