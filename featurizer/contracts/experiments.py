@@ -14,8 +14,13 @@ An experiments file (TOML, or JSON with the same shape) lists experiments, each 
       bundle = "bundles/frozen"      # relative to the experiments file's directory
       [[experiment.variant]]
       name = "holdout"
-      share = 0.5
+      share = 0.25
       holdout = true                 # no bundle: candidates keep the caller's order
+      [[experiment.variant]]
+      name = "interleaved"
+      share = 0.25
+      interleaved = ["bundles/frozen", "bundles/ft"]   # team A, team B: one team-draft list of both
+                                                       # (featurizer.contracts.interleaving)
 
 Assignment is a pure function of (salt, user_id): u = first 8 bytes of sha256(f"{salt}:{user_id}")
 read as a big-endian unsigned integer, divided by 2**64; the user gets the first variant (in file
@@ -37,7 +42,7 @@ from typing import Any
 from featurizer.errors import ConfigError
 
 _EXPERIMENT_KEYS = {"name", "salt", "start", "end", "variant"}
-_VARIANT_KEYS = {"name", "share", "bundle", "holdout"}
+_VARIANT_KEYS = {"name", "share", "bundle", "holdout", "interleaved"}
 SHARE_SUM_TOLERANCE = 1e-9
 
 
@@ -54,8 +59,9 @@ class ExperimentConfigError(ConfigError):
 class Variant:
     name: str
     share: float
-    bundle: Path | None  # resolved; None for a holdout
+    bundle: Path | None  # resolved; None for a holdout or an interleaved arm
     holdout: bool
+    interleaved: tuple[Path, Path] | None = None  # resolved (team A, team B); the list is drafted from both
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,7 @@ class Assignment:
     variant: str
     bundle: Path | None
     holdout: bool
+    interleaved: tuple[Path, Path] | None = None
 
 
 @dataclass(frozen=True)
@@ -102,7 +109,8 @@ class Experiments:
         if exp is None:
             return None
         v = exp.variant_for(user_id)
-        return Assignment(experiment=exp.name, variant=v.name, bundle=v.bundle, holdout=v.holdout)
+        return Assignment(experiment=exp.name, variant=v.name, bundle=v.bundle, holdout=v.holdout,
+                          interleaved=v.interleaved)
 
     def named(self, name: str) -> Experiment:
         """The experiment called `name`; ExperimentConfigError listing the names when there is none."""
@@ -113,7 +121,8 @@ class Experiments:
         raise ExperimentConfigError(self.source or "<experiments>", [f"no experiment named {name!r} (found: {names})"])
 
     def bundles(self) -> set[Path]:
-        return {v.bundle for e in self.experiments for v in e.variants if v.bundle is not None}
+        out = {v.bundle for e in self.experiments for v in e.variants if v.bundle is not None}
+        return out | {p for e in self.experiments for v in e.variants for p in (v.interleaved or ())}
 
 
 def assignment_unit(salt: str, user_id: str) -> float:
@@ -251,22 +260,41 @@ def _variant(raw: Any, where: str, base: Path, errors: list[str], check_bundles:
     if not isinstance(holdout, bool):
         errors.append(f"{where}.holdout: must be true or false")
     bundle_raw = raw.get("bundle")
+    pair_raw = raw.get("interleaved")
     bundle: Path | None = None
-    if isinstance(holdout, bool) and (bundle_raw is not None) == holdout:
-        errors.append(f"{where}: needs exactly one of `bundle` (a model bundle path) or `holdout = true`")
+    pair: tuple[Path, Path] | None = None
+    given = (bundle_raw is not None) + (pair_raw is not None) + (holdout is True)
+    if isinstance(holdout, bool) and given != 1:
+        errors.append(f"{where}: needs exactly one of `bundle` (a model bundle path), `interleaved` (two bundle "
+                      "paths) or `holdout = true`")
     elif bundle_raw is not None:
-        if not isinstance(bundle_raw, str) or not bundle_raw.strip():
-            errors.append(f"{where}.bundle: must be a non-empty path string")
+        bundle = _bundle_path(bundle_raw, f"{where}.bundle", base, errors, check_bundles)
+    elif pair_raw is not None:
+        if not isinstance(pair_raw, list) or len(pair_raw) != 2:
+            errors.append(f"{where}.interleaved: must be a list of two bundle paths (team A, team B)")
         else:
-            bundle = (base / bundle_raw).resolve()
-            if check_bundles and not bundle.exists():
-                errors.append(
-                    f"{where}.bundle: {bundle_raw!r} does not exist (resolved to {bundle}; "
-                    "paths are relative to the experiments file's directory)"
-                )
+            paths = [_bundle_path(x, f"{where}.interleaved[{k}]", base, errors, check_bundles)
+                     for k, x in enumerate(pair_raw)]
+            if None not in paths:
+                if paths[0] == paths[1]:
+                    errors.append(f"{where}.interleaved: both teams are {pair_raw[0]!r}; interleave two bundles")
+                pair = (paths[0], paths[1])
     if len(errors) > n_before:
         return None
-    return Variant(name=name, share=float(share), bundle=bundle, holdout=holdout)  # type: ignore[arg-type]
+    return Variant(name=name, share=float(share), bundle=bundle, holdout=holdout,  # type: ignore[arg-type]
+                   interleaved=pair)
+
+
+def _bundle_path(raw: Any, where: str, base: Path, errors: list[str], check_bundles: bool) -> Path | None:
+    if not isinstance(raw, str) or not raw.strip():
+        errors.append(f"{where}: must be a non-empty path string")
+        return None
+    path = (base / raw).resolve()
+    if check_bundles and not path.exists():
+        errors.append(f"{where}: {raw!r} does not exist (resolved to {path}; "
+                      "paths are relative to the experiments file's directory)")
+        return None
+    return path
 
 
 def _check_across(experiments: list[tuple[int, Experiment]], errors: list[str]) -> None:

@@ -9,6 +9,9 @@ report` (`training.ab.prepare`) reads them. Each line has exactly these keys, in
 - `ts` is the server's UTC time of the Rank, always with 6 fractional digits (`TS_FORMAT`);
 - every other key is a string, `item_ids` a list of strings (as returned, best first);
 - `experiment` and `variant` are "" for users in no experiment, so the log doubles as an impression log.
+- An interleaved arm's line has one more key at the end, `"teams": ["A", "B", ...]`: each item's team
+  (`featurizer.contracts.interleaving`), aligned with `item_ids`. Other lines never carry it; the
+  reader gives them an empty `teams`.
 
 Files are `exposures-<UTC yyyymmddTHHMMSS>-<seq>.jsonl` (`FILE_GLOB` finds them). A writer only
 appends to a file it created itself and never reopens an older one; a new process starts a new file.
@@ -41,6 +44,8 @@ _TS_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$"
 _TS_POLARS = "%Y-%m-%dT%H:%M:%S%.6fZ"
 KEYS = ("ts", "request_id", "user_id", "experiment", "variant", "bundle_version", "item_ids")
 _KEY_SET = frozenset(KEYS)
+TEAMS = "teams"  # the optional last key of an interleaved arm's line
+_KEY_SET_TEAMS = _KEY_SET | {TEAMS}
 SCHEMA = pl.Schema(
     {
         "ts": pl.Datetime("us", "UTC"),
@@ -50,6 +55,7 @@ SCHEMA = pl.Schema(
         "variant": pl.String,
         "bundle_version": pl.String,
         "item_ids": pl.List(pl.String),
+        "teams": pl.List(pl.String),
     }
 )
 
@@ -89,7 +95,7 @@ def read_exposures_report(path: Path | str) -> ExposureRead:
     sorted or deduplicated here (callers decide, e.g. `training.ab.prepare.read_exposures`).
     """
     files = exposure_files(path)
-    cols: dict[str, list] = {k: [] for k in KEYS}
+    cols: dict[str, list] = {k: [] for k in (*KEYS, TEAMS)}
     where: list[tuple[Path, int]] = []
     torn: list[tuple[Path, int]] = []
     for f in files:
@@ -127,9 +133,10 @@ def _parse_line(line: bytes, f: Path, n: int, obj: object = None) -> dict:
             obj = json.loads(line)
         except ValueError as e:
             raise ExposureLogError(f"{f}:{n}: not valid JSON ({e})") from e
-    if not isinstance(obj, dict) or obj.keys() != _KEY_SET:
+    if not isinstance(obj, dict) or obj.keys() not in (_KEY_SET, _KEY_SET_TEAMS):
         got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-        raise ExposureLogError(f"{f}:{n}: expected exactly the keys {list(KEYS)}, got {got}")
+        raise ExposureLogError(f"{f}:{n}: expected exactly the keys {list(KEYS)} (and {TEAMS!r} for an interleaved "
+                               f"arm), got {got}")
     return obj
 
 
@@ -142,6 +149,10 @@ def _append(cols: dict[str, list], obj: dict, f: Path, n: int) -> None:
     if type(ids) is not list or not all(type(i) is str for i in ids):
         raise ExposureLogError(f"{f}:{n}: item_ids must be a list of strings")
     cols["item_ids"].append(ids)
+    teams = obj.get(TEAMS, [])
+    if type(teams) is not list or (teams and (len(teams) != len(ids) or not all(t in ("A", "B") for t in teams))):
+        raise ExposureLogError(f"{f}:{n}: teams must be a list of \"A\" / \"B\", one per item of item_ids")
+    cols[TEAMS].append(teams)
 
 
 # --------------------------------------------------------------------------- records that never made it

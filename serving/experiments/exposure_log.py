@@ -39,11 +39,15 @@ class Exposure:
     bundle_version: str
     item_ids: tuple[str, ...]  # as returned, best first; a list is copied to a tuple
     ts: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    teams: tuple[str, ...] = ()  # an interleaved arm: each item's team ("A" / "B"), aligned with item_ids
 
     def __post_init__(self) -> None:
         if self.ts.tzinfo is None or self.ts.utcoffset() is None:
             raise ValueError("Exposure.ts must be timezone-aware (the server's UTC time of the Rank)")
         object.__setattr__(self, "item_ids", tuple(self.item_ids))
+        object.__setattr__(self, "teams", tuple(self.teams))
+        if self.teams and len(self.teams) != len(self.item_ids):
+            raise ValueError(f"Exposure.teams has {len(self.teams)} entries for {len(self.item_ids)} items")
 
     def to_json(self) -> str:
         """The log line (without newline). Raises TypeError for a non-string field, so a bad record
@@ -52,11 +56,11 @@ class Exposure:
         if not all(type(v) is str for v in strings) or not all(type(i) is str for i in self.item_ids):
             raise TypeError(f"Exposure fields and item_ids must be strings: {self!r}"[:500])
         ts = self.ts.astimezone(timezone.utc).strftime(TS_FORMAT)
-        return json.dumps(
-            {"ts": ts, "request_id": self.request_id, "user_id": self.user_id, "experiment": self.experiment,
-             "variant": self.variant, "bundle_version": self.bundle_version, "item_ids": list(self.item_ids)},
-            ensure_ascii=False,
-        )
+        record = {"ts": ts, "request_id": self.request_id, "user_id": self.user_id, "experiment": self.experiment,
+                  "variant": self.variant, "bundle_version": self.bundle_version, "item_ids": list(self.item_ids)}
+        if self.teams:
+            record["teams"] = list(self.teams)
+        return json.dumps(record, ensure_ascii=False)
 
 
 class ExposureLog:

@@ -38,11 +38,11 @@ def test_reads_the_exact_format_in_file_name_order(tmp_path):
     (tmp_path / "other.jsonl").write_text("not an exposure file\n")  # outside FILE_GLOB: not read
     read = read_exposures_report(tmp_path)
     assert read.files == [tmp_path / name(1), tmp_path / name(2)] == exposure_files(tmp_path)
-    assert read.frame.schema == SCHEMA and read.frame.columns == list(KEYS) and read.torn_lines == []
+    assert read.frame.schema == SCHEMA and read.frame.columns == [*KEYS, "teams"] and read.torn_lines == []
     assert read.frame["request_id"].to_list() == ["r0", "r1", "r2"]  # file order; not sorted by ts here
     assert read.frame.row(0, named=True) == {
         "ts": datetime(2026, 12, 1, 10, 0, 0, 123456, tzinfo=timezone.utc), "request_id": "r0", "user_id": "u0",
-        "experiment": "", "variant": "", "bundle_version": "b1", "item_ids": []}
+        "experiment": "", "variant": "", "bundle_version": "b1", "item_ids": [], "teams": []}
     assert read_exposures(tmp_path / name(2))["request_id"].to_list() == ["r2"]
     assert FILE_GLOB == "exposures-*.jsonl"
 

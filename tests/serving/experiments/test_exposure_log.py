@@ -51,13 +51,32 @@ def test_records_round_trip_in_the_exact_format(tmp_path):
     df = read_exposures(tmp_path)
     assert df.schema == pl.Schema({"ts": pl.Datetime("us", "UTC"), "request_id": pl.String, "user_id": pl.String,
                                    "experiment": pl.String, "variant": pl.String, "bundle_version": pl.String,
-                                   "item_ids": pl.List(pl.String)})
+                                   "item_ids": pl.List(pl.String), "teams": pl.List(pl.String)})
     assert df.to_dicts() == [
         {"ts": e.ts, "request_id": e.request_id, "user_id": e.user_id, "experiment": e.experiment,
-         "variant": e.variant, "bundle_version": e.bundle_version, "item_ids": list(e.item_ids)}
+         "variant": e.variant, "bundle_version": e.bundle_version, "item_ids": list(e.item_ids), "teams": []}
         for e in recorded
     ]
     assert read_exposures(f).equals(df)
+
+
+def test_an_interleaved_line_carries_each_items_team_and_a_bad_one_is_refused(tmp_path):
+    from featurizer.contracts.exposures import ExposureLogError
+
+    with ExposureLog(tmp_path) as log:
+        log.record(exposure(0, variant="interleaved", item_ids=["a", "b", "c"], teams=["A", "B", "A"]))
+        log.record(exposure(1))
+    (f,) = files(tmp_path)
+    lines = f.read_text().splitlines()
+    assert list(json.loads(lines[0])) == [*KEYS, "teams"] and "teams" not in json.loads(lines[1])
+    assert read_exposures(tmp_path)["teams"].to_list() == [["A", "B", "A"], []]
+    with pytest.raises(ValueError, match="teams has 2 entries for 3 items"):
+        exposure(2, item_ids=["a", "b", "c"], teams=["A", "B"])
+    bad = json.loads(lines[0])
+    bad["teams"] = ["A", "C", "A"]
+    f.write_text(json.dumps(bad) + "\n")
+    with pytest.raises(ExposureLogError, match="teams must be a list"):
+        read_exposures(tmp_path)
 
 
 def test_default_ts_is_now_in_utc_and_naive_ts_is_rejected():
