@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import grpc
+import numpy as np
 
 from featurizer.contracts.experiments import Experiments
 from featurizer.definitions import FAMILIES
@@ -83,6 +84,21 @@ class RankingService(pb_grpc.RankingServiceServicer):
 
     # ------------------------------------------------------------ Rank
 
+    async def _rank_on(self, loaded: Loaded, request: pb.RankRequest, candidates, ids, timeout: float
+                       ) -> tuple[RankOutcome, str]:
+        """The engine's answer on one loaded bundle, and its version."""
+        s = self.s
+        rt = loaded.runtime  # this request finishes on this bundle, whatever a reload does
+        rt.inflight += 1
+        t_engine = time.perf_counter()
+        try:
+            outcome = await s.engine.rank(rt, request.user_id, candidates, explain=request.explain, timeout_s=timeout,
+                                          ids=ids)
+        finally:
+            rt.inflight -= 1
+        s.metrics.rank_engine_seconds.observe(time.perf_counter() - t_engine)
+        return outcome, rt.version
+
     async def Rank(self, request: pb.RankRequest, context: grpc.aio.ServicerContext) -> pb.RankResponse:
         s = self.s
         if s.null_reply is not None:  # the floor any gRPC service pays (bench/serve.py measures it)
@@ -109,20 +125,19 @@ class RankingService(pb_grpc.RankingServiceServicer):
                 if not await s.ingest.wait_folded(request.min_sequence, wait_s):
                     stale = (f"{STALE_FEATURES}: this replica's features hold events up to sequence "
                              f"{s.ingest.committed_seq}, not {request.min_sequence} (waited {wait_s * 1e3:.0f} ms)")
+            teams: list[str] = []
             if assignment is not None and assignment.holdout:
                 outcome, version = holdout(candidates), ""
+            elif assignment is not None and assignment.interleaved is not None:
+                pair = []
+                for path in assignment.interleaved:  # team A's ranking, then team B's, on the same candidates
+                    out, ver = await self._rank_on(s.registry.variant(path), request, candidates, valid.ids, timeout)
+                    pair.append((out, ver))
+                outcome, teams = interleave(pair[0][0], pair[1][0], assignment.experiment, request_id)
+                version = f"{pair[0][1]}+{pair[1][1]}"  # team A's bundle + team B's
             else:
-                loaded: Loaded = s.registry.variant(assignment.bundle if assignment else None)
-                rt = loaded.runtime  # this request finishes on this bundle, whatever a reload does
-                rt.inflight += 1
-                t_engine = time.perf_counter()
-                try:
-                    outcome = await s.engine.rank(rt, request.user_id, candidates, explain=request.explain, timeout_s=timeout,
-                                                  ids=valid.ids)
-                finally:
-                    rt.inflight -= 1
-                s.metrics.rank_engine_seconds.observe(time.perf_counter() - t_engine)
-                version = rt.version
+                outcome, version = await self._rank_on(s.registry.variant(assignment.bundle if assignment else None),
+                                                       request, candidates, valid.ids, timeout)
             if stale is not None and version:  # (a holdout's answer uses no features)
                 outcome.degraded_reasons.append(stale)
             resp = _rank_response(request, request_id, outcome, version, experiment, variant)
@@ -133,6 +148,7 @@ class RankingService(pb_grpc.RankingServiceServicer):
             s.exposures.record(Exposure(
                 request_id=request_id, user_id=request.user_id, experiment=experiment, variant=variant,
                 bundle_version=version, item_ids=[i.item_id for i in resp.items], ts=now,
+                teams=teams[:len(resp.items)],
             ))
             log.debug("ranked %d candidates (variant=%s model_version=%s cold_start=%s) in %.2f ms",
                       len(candidates), variant or "-", version, outcome.cold_start_user, (time.perf_counter() - t0) * 1e3)
@@ -239,6 +255,27 @@ class RankingService(pb_grpc.RankingServiceServicer):
         path = allowed_bundle_path(request.path, self.s.bundle_roots) if request.path else None
         ok, version, message = await self.s.registry.reload(path)
         return pb.ReloadBundleResponse(reloaded=ok, version=version, message=message)
+
+
+def interleave(a: RankOutcome, b: RankOutcome, experiment: str, request_id: str) -> tuple[RankOutcome, list[str]]:
+    """Team-draft interleaving of two answers over the same candidates (`featurizer.contracts.interleaving`,
+    coins from (experiment, request_id)). Each item keeps its own team's score, contributions and bias, so
+    `score` orders nothing across teams: the list's order is the draft's. Degraded reasons and missing ids
+    of both answers are kept."""
+    from featurizer.contracts.interleaving import TEAM_A, team_draft
+
+    items, teams = team_draft(a.item_ids, b.item_ids, experiment, request_id)
+    pos = [{item: k for k, item in enumerate(o.item_ids)} for o in (a, b)]
+    src = [(0 if t == TEAM_A else 1, pos[0 if t == TEAM_A else 1][item]) for item, t in zip(items, teams)]
+    scores = np.array([(a, b)[o].scores[k] for o, k in src], dtype=np.float64)
+    contributions = bias = None
+    if a.contributions is not None and b.contributions is not None:
+        contributions = np.stack([(a, b)[o].contributions[k] for o, k in src]) if src else a.contributions[:0]
+        bias = np.array([(a, b)[o].bias[k] for o, k in src])
+    reasons = list(dict.fromkeys([*a.degraded_reasons, *b.degraded_reasons]))
+    missing = list(dict.fromkeys([*a.missing_ids, *b.missing_ids]))
+    return RankOutcome(items, scores, missing, a.cold_start_user and b.cold_start_user, reasons, contributions,
+                       bias), teams
 
 
 def _rank_response(request: pb.RankRequest, request_id: str, outcome: RankOutcome, version: str,

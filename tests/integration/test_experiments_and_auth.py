@@ -94,6 +94,85 @@ def test_ab_assignment_holdout_shares_and_exposures(small_shop, small_bundle, ca
 
 
 
+def _inverted_copy(src, dst, version: str):
+    """A copy of a bundle whose trees score every item negated: it ranks worst first (a planted worse ranker)."""
+    import re
+
+    copy_bundle(src, dst, version=version)
+    text = (dst / "ranker.txt").read_text()
+    flip = lambda m: "leaf_value=" + " ".join(repr(-float(x)) for x in m.group(1).split())  # noqa: E731
+    text = re.sub(r"leaf_value=([^\n]*)", flip, text)
+    (dst / "ranker.txt").write_text(re.sub(r"^tree_sizes=.*\n", "", text, flags=re.M))  # the byte sizes changed
+    return dst
+
+
+def test_an_interleaved_arm_end_to_end_with_its_preference_beside_the_ab_result(small_shop, small_bundle, catalog,
+                                                                               tmp_path):
+    """control = bundle A, treatment = bundle B (A's trees negated: worst first), interleaved = [A, B].
+    Rank over gRPC, exposures with teams, clicks that follow A's taste, then `semrank ab report`: the
+    interleaved arm's preference favours A, beside the A/B comparisons."""
+    import json
+
+    import polars as pl
+
+    from featurizer.contracts.interleaving import TEAM_A
+    from semrank.cli import main
+
+    bundles = tmp_path / "bundles"
+    copy_bundle(small_bundle[0], bundles / "a", version="il-a")
+    _inverted_copy(small_bundle[0], bundles / "b", version="il-b")
+    now = datetime.now(timezone.utc)
+    exp_file = tmp_path / "experiments.toml"
+    exp_file.write_text(
+        f'[[experiment]]\nname = "il"\nsalt = "il-salt"\n'
+        f"start = {(now - timedelta(days=1)).strftime('%Y-%m-%dT%H:%M:%SZ')}\n"
+        f"end = {(now + timedelta(days=1)).strftime('%Y-%m-%dT%H:%M:%SZ')}\n"
+        '  [[experiment.variant]]\n  name = "control"\n  share = 0.3\n  bundle = "bundles/a"\n'
+        '  [[experiment.variant]]\n  name = "treatment"\n  share = 0.3\n  bundle = "bundles/b"\n'
+        '  [[experiment.variant]]\n  name = "interleaved"\n  share = 0.4\n  interleaved = ["bundles/a", "bundles/b"]\n'
+    )
+    state = tmp_path / "state"
+    cfg = ServeConfig(bundle_dir=bundles / "a", data_dir=small_shop, state_dir=state, port=0, reload_poll_s=0,
+                      experiments_file=exp_file)
+    rng = random.Random(5)
+    requests = [pb.RankRequest(request_id=f"il-{k}", user_id=f"il-user-{k}", top_k=6 if k % 2 else 0,
+                               candidates=[pb.RankCandidate(item_id=i) for i in rng.sample(catalog, 10)])
+                for k in range(900)]
+    with ServerThread(cfg) as st, grpc.insecure_channel(f"127.0.0.1:{st.port}") as channel:
+        responses = [stub(channel).Rank(r, timeout=RPC_TIMEOUT_S) for r in requests]
+        st.stop()  # flushes the exposure log
+    exposures = {row["request_id"]: row for row in read_exposures(state / "exposures").iter_rows(named=True)}
+    clicks = []
+    n_inter = 0
+    for req, resp in zip(requests, responses):
+        row = exposures[req.request_id]
+        shown = [it.item_id for it in resp.items]
+        assert row["item_ids"] == shown and len(shown) == (req.top_k or len(req.candidates))
+        if resp.variant == "interleaved":
+            n_inter += 1
+            assert resp.model_version == "il-a+il-b" and len(row["teams"]) == len(shown)
+            assert [it.rank for it in resp.items] == list(range(1, len(shown) + 1))
+            liked = [i for i, t in zip(shown[:3], row["teams"][:3]) if t == TEAM_A]  # A's taste is the users'
+        else:
+            assert row["teams"] == [] and resp.model_version == {"control": "il-a", "treatment": "il-b"}[resp.variant]
+            liked = shown[:1] if resp.variant == "control" or rng.random() < 0.3 else []
+        clicks += [{"ts": row["ts"] + timedelta(seconds=5), "user_id": req.user_id, "item_id": i, "event": "click",
+                    "request_id": req.request_id} for i in liked]
+    assert n_inter > 250
+    pl.DataFrame(clicks).write_csv(tmp_path / "events.csv")
+    assert main(["ab", "report", "--exposures", str(state / "exposures"), "--events", str(tmp_path / "events.csv"),
+                 "--experiments", str(exp_file), "--out-dir", str(tmp_path / "report"), "--json",
+                 str(tmp_path / "r.json"), "--min-users", "1"]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    pref = report["interleaving"]["interleaved"]
+    assert (pref["team_a"], pref["team_b"], pref["users"]) == ("il-a", "il-b", n_inter)
+    assert pref["favours"] == "A" and pref["wins_b"] == 0 and pref["significant"]
+    assert set(report["comparisons"]) == {"treatment", "interleaved"}  # the A/B result beside it
+    assert report["comparisons"]["treatment"]["ctr"]["diff"] < 0
+    md = (tmp_path / "report" / "ab-il.md").read_text()
+    assert "**Interleaved arm interleaved** (A = il-a, B = il-b): users prefer **il-a**" in md
+
+
 # -- 7. security -------------------------------------------------------------------------------------
 
 

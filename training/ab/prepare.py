@@ -206,6 +206,25 @@ def exposure_outcomes(exposures: pl.DataFrame, attributed: pl.DataFrame, items: 
 PRE_COLUMNS = ("pre_lists", "pre_clicks", "pre_carts", "pre_purchases", "pre_revenue", "has_pre")
 
 
+def team_credit(exposures: pl.DataFrame, attributed: pl.DataFrame) -> dict[str, pl.DataFrame]:
+    """Per interleaved variant (its exposures carry `teams`), per user: `a_clicks` and `b_clicks`, the
+    attributed clicks on items each team put in the list. Users of the arm without a click get zeros."""
+    if "teams" not in exposures.columns:
+        return {}
+    inter = exposures.filter(pl.col("teams").list.len() > 0)
+    if not inter.height:
+        return {}
+    shown = (inter.select("exposure_id", "user_id", "variant", pl.col("item_ids").alias("item_id"),
+                          pl.col("teams").alias("team")).explode("item_id", "team"))
+    clicks = attributed.filter(pl.col("event") == "click").select("exposure_id", "item_id")
+    credited = clicks.join(shown, on=["exposure_id", "item_id"], how="inner")
+    users = inter.select("user_id", "variant").unique()
+    per = credited.group_by("user_id").agg((pl.col("team") == "A").sum().cast(pl.Float64).alias("a_clicks"),
+                                           (pl.col("team") == "B").sum().cast(pl.Float64).alias("b_clicks"))
+    table = users.join(per, on="user_id", how="left").with_columns(pl.col("a_clicks", "b_clicks").fill_null(0.0))
+    return {v: part.drop("variant").sort("user_id") for (v,), part in table.group_by("variant")}
+
+
 def pre_period(first_exposure: pl.DataFrame, events: pl.DataFrame, items: pl.DataFrame | None,
                lookback: timedelta) -> pl.DataFrame:
     """Per user, what they did in the `lookback` before their first exposure in the experiment (CUPED's
@@ -252,6 +271,8 @@ class Prepared:
     prices: bool
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # interleaved arms: variant -> per user, clicks credited to team A's and team B's items (`team_credit`)
+    interleaving: dict[str, pl.DataFrame] = field(default_factory=dict)
 
 
 def prepare(exposures: pl.DataFrame, events: pl.DataFrame, items: pl.DataFrame | None, window: timedelta,
@@ -298,9 +319,10 @@ def prepare(exposures: pl.DataFrame, events: pl.DataFrame, items: pl.DataFrame |
     outcomes = exposure_outcomes(exp, attribution.events, items)
     versions = {v: sorted(s) for v, s in exp.group_by("variant").agg(pl.col("bundle_version").unique()).iter_rows()}
     users = user_table(outcomes)
+    interleaving = team_credit(exp, attribution.events)
     if cuped_lookback is not None and cuped_lookback > timedelta(0):
         first = exp.group_by("user_id").agg(pl.col("ts").min().alias("first_ts"))
         users = users.join(pre_period(first, events, items, cuped_lookback), on="user_id", how="left")
     return Prepared(users=users, experiment=name, exposures=exp.height, bundle_versions=versions,
                     time_range=(f"{exp['ts'].min():%Y-%m-%dT%H:%M:%SZ}", f"{exp['ts'].max():%Y-%m-%dT%H:%M:%SZ}"),
-                    prices=prices, notes=notes, warnings=warnings)
+                    prices=prices, notes=notes, warnings=warnings, interleaving=interleaving)

@@ -154,6 +154,7 @@ def build_report(prep: Prepared, window: timedelta, control: str | None = None,
         "sequential": None if sequential is None else {
             "n_star": sequential, "alpha_per_test": alpha / max(family, 1),
             "method": "asymptotic confidence sequence (normal mixture), Bonferroni over the family"},
+        "interleaving": {v: _preference_json(prep, v, t, alpha) for v, t in prep.interleaving.items()},
         "verdict": _verdict(order, variants, comparisons, metrics, srm.flagged, min_users,
                             "confidence-sequence (Bonferroni)" if sequential else correction, family, max_lost_share),
         "time_range": list(prep.time_range), "users": users.height, "exposures": prep.exposures,
@@ -231,6 +232,20 @@ def _correct(comparisons: dict[str, dict[str, Any]], metrics: list[Metric], meth
         for k in guard & set(per):
             per[k].update(p_adjusted=None, guardrail=True)  # `significant`: its own p < alpha
     return len(family)
+
+
+def _preference_json(prep: Prepared, variant: str, credit: pl.DataFrame, alpha: float) -> dict[str, Any]:
+    """An interleaved arm's per-user preference between its two bundles (`ab_stats.preference`)."""
+    versions = prep.bundle_versions.get(variant, [])
+    a_b = versions[0].split("+", 1) if len(versions) == 1 and "+" in versions[0] else ["A", "B"]
+    out: dict[str, Any] = {"team_a": a_b[0], "team_b": a_b[1], "users": credit.height}
+    if credit.height < 2:
+        return {**out, "note": "fewer than 2 users in the arm: no test"}
+    pref = ab_stats.preference(credit["a_clicks"].to_numpy(), credit["b_clicks"].to_numpy(), alpha)
+    favours = ("A" if pref.delta > 0 else "B") if pref.significant else None
+    return {**out, "wins_a": pref.wins, "wins_b": pref.losses, "ties": pref.ties, "delta": pref.delta,
+            "ci": list(pref.ci), "p_value": pref.p_value, "significant": pref.significant, "favours": favours,
+            "test": "sign test of users preferring A against users preferring B (ties: no click or equal clicks)"}
 
 
 def _sequential(comparisons: dict[str, dict[str, Any]], metrics: list[Metric], variants: dict[str, Any], control: str,
@@ -318,6 +333,16 @@ def markdown(report: dict[str, Any]) -> str:
     if report["srm"]["flagged"]:
         lines += [f"> **WARNING — {report['warnings'][0]}**", ""]
     lines += _verdict_lines(report)
+    for v, pref in report.get("interleaving", {}).items():
+        if "delta" not in pref:
+            lines += [f"**Interleaved arm {v}**: {pref['note']}.", ""]
+            continue
+        who = {"A": pref["team_a"], "B": pref["team_b"]}
+        call = (f"users prefer **{who[pref['favours']]}**" if pref["favours"] else "no detectable preference")
+        lines += [f"**Interleaved arm {v}** (A = {pref['team_a']}, B = {pref['team_b']}): {call}; "
+                  f"{pref['wins_a']} users clicked more on A's items, {pref['wins_b']} on B's, {pref['ties']} tied; "
+                  f"preference {pref['delta']:+.3f} [{pref['ci'][0]:+.3f}, {pref['ci'][1]:+.3f}], p = {_fmt_p(pref['p_value'])}.",
+                  ""]
     if report.get("cuped") and report["cuped"]["variance_reduction"]:
         cu = report["cuped"]
         fell = ", ".join(f"{labels_by_key(k)} {min(v.values()):.0%}" + (f"-{max(v.values()):.0%}" if len(v) > 1 else "")
