@@ -127,10 +127,31 @@ def save_bundle(
     return out
 
 
-def load_bundle(path: str | Path, compile_trees: bool = True) -> Bundle:
+def check_model_parses(model_path: Path, timeout_s: float = 120.0) -> None:
+    """Parse a LightGBM model file in a child process first: LightGBM 4's parser does not raise on a
+    malformed text (a truncated copy, a tree whose byte size disagrees with `tree_sizes`, a stray
+    character), it aborts the whole process (std::terminate from its parsing threads). A server that
+    hot-reloads bundles must survive a bad file, so it pays about a second per load for this."""
+    import subprocess
+    import sys
+
+    code = "import sys, lightgbm; lightgbm.Booster(model_file=sys.argv[1])"
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, str(model_path)], capture_output=True, text=True,
+                              timeout=timeout_s, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as e:
+        raise BundleError(f"{model_path}: LightGBM did not parse it within {timeout_s:.0f} s") from e
+    if proc.returncode != 0:
+        how = f"its parser aborted (signal {-proc.returncode})" if proc.returncode < 0 else "its parser failed"
+        tail = " ".join(proc.stderr.strip().splitlines()[-2:])[:300]
+        raise BundleError(f"{model_path}: not a LightGBM text model LightGBM can read: {how}; {tail}")
+
+
+def load_bundle(path: str | Path, compile_trees: bool = True, isolate_parse: bool = False) -> Bundle:
     """Load and check a bundle; raises BundleError naming the file and the problem. `compile_trees`:
     compile the LightGBM trees to native code for `score` (`ranker.compiled_trees`; skipped quietly
-    where that cannot be done)."""
+    where that cannot be done). `isolate_parse`: parse the model in a child process first
+    (`check_model_parses`), so that a malformed file is an error, not the end of this process."""
     import lightgbm
 
     path = Path(path)
@@ -149,6 +170,8 @@ def load_bundle(path: str | Path, compile_trees: bool = True) -> Bundle:
     model_path = path / manifest.get("model_file", MODEL_FILE)
     if not model_path.is_file():
         raise BundleError(f"{model_path}: missing LightGBM model file")
+    if isolate_parse:
+        check_model_parses(model_path)
     model_text = model_path.read_text()
     try:
         booster = lightgbm.Booster(model_str=model_text)

@@ -118,7 +118,9 @@ class BundleRegistry:
     async def load(self, path: Path) -> Loaded:
         fp = bundle_fingerprint(path)
         try:
-            bundle = await asyncio.to_thread(load_bundle, path)  # file reads and parsing: off the event loop
+            # File reads and parsing off the event loop; the model parsed in a child first (a malformed
+            # file aborts LightGBM's process, and this one serves).
+            bundle = await asyncio.to_thread(load_bundle, path, True, True)
             BundleInputs.of(bundle)  # can this server compute its features? (before starting an encoder)
         except BundleError as e:
             raise BundleRejected(str(e)) from e

@@ -64,3 +64,20 @@ def test_encoder_reference_resolves_inside_the_bundle(tmp_path, booster):
     assert b.encoder.resolve(b.path) == str((tmp_path / "encoder").resolve())
     assert b.encoder.max_length == 96
     assert EncoderRef().resolve(tmp_path) == "base"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "one character", "resized tree"])
+def test_a_model_file_lightgbm_would_abort_on_is_an_error_not_a_dead_process(tmp_path, booster, damage):
+    """LightGBM 4 aborts its whole process on these texts; with isolate_parse (what the server's
+    registry uses) they are a BundleError naming the file, and this process lives on."""
+    save_bundle(tmp_path, booster, FEATURES, EncoderRef(), {})
+    model = tmp_path / "ranker.txt"
+    text = model.read_text()
+    at = text.index("leaf_value=") + len("leaf_value=")
+    model.write_text({"truncated": text[: len(text) // 2],
+                      "one character": text[:at] + "x" + text[at + 1:],
+                      "resized tree": text[:at] + "-" + text[at:]}[damage])
+    with pytest.raises(BundleError, match="ranker.txt: not a LightGBM text model LightGBM can read"):
+        load_bundle(tmp_path, isolate_parse=True)
+    save_bundle(tmp_path, booster, FEATURES, EncoderRef(), {})
+    assert load_bundle(tmp_path, isolate_parse=True).version  # an intact one passes the check

@@ -60,6 +60,7 @@ def test_a_bundle_without_text_features_needs_no_encoder(registry, tmp_path):
     ("manifest_garbage", "not valid JSON"),
     ("model_missing", "ranker.txt"),
     ("unknown_feature", "cannot compute: \\['feature_from_the_future'\\]"),
+    ("model_half_copied", "LightGBM can read: its parser aborted"),  # LightGBM alone would kill this process
 ])
 def test_a_broken_bundle_is_rejected_and_the_serving_one_stays(registry, tmp_path, damage, message):
     good = write_bundle(tmp_path / "good")
@@ -71,6 +72,9 @@ def test_a_broken_bundle_is_rejected_and_the_serving_one_stays(registry, tmp_pat
         shutil.copytree(tmp_path / "good", bad)
         if damage == "manifest_garbage":
             (bad / MANIFEST).write_text("{ not json")
+        elif damage == "model_half_copied":
+            text = (bad / "ranker.txt").read_text()
+            (bad / "ranker.txt").write_text(text[: len(text) // 2])
         else:
             (bad / "ranker.txt").unlink()
     with pytest.raises(BundleRejected, match=message):
@@ -133,9 +137,9 @@ def test_bundles_are_read_off_the_event_loop(registry, tmp_path, monkeypatch):
     threads = []
     load = registry_module.load_bundle
 
-    def recording_load(path):  # a spy around the real loader
+    def recording_load(path, *args):  # a spy around the real loader
         threads.append(threading.current_thread())
-        return load(path)
+        return load(path, *args)
 
     monkeypatch.setattr(registry_module, "load_bundle", recording_load)
     write_bundle(tmp_path / "b")
