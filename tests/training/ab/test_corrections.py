@@ -12,6 +12,7 @@ from training.ab import stats as ab_stats
 from training.ab.prepare import Prepared
 from training.ab.report import MIN_USERS_WITH_EVENT, build_report, markdown
 from training.ab.simulation import draw_responses, per_user, population_from_shop, split_users
+from training.ab.validity import cuped_aa, peeking_aa
 from training.data.synth import SynthConfig, synthesize
 from tests.training.ab.test_prepare import WINDOW, _binomial_band
 
@@ -109,53 +110,15 @@ def test_the_verdict_comes_first_and_waits_for_enough_users(population):
         build_report(prep, WINDOW, correction="sidak")
 
 
-def _daily_ctr_looks(pop, variant: np.ndarray, click: np.ndarray, alpha: float, n_star: int):
-    """Per day of the experiment: did the fixed-horizon z-test, and did the confidence sequence, call
-    the CTR difference? Each look uses every exposure up to that day's end (vectorised over days)."""
-    day = ((pop.exposure_ts_ms - pop.exposure_ts_ms.min()) // 86_400_000).astype(int)
-    n_days = int(day.max()) + 1
-    shape = (pop.n_users, n_days)
-    exp_cum = np.zeros(shape)
-    clk_cum = np.zeros(shape)
-    np.add.at(exp_cum, (pop.exposure_user, day), 1.0)
-    np.add.at(clk_cum, (pop.exposure_user, day), click.any(axis=1).astype(float))
-    exp_cum, clk_cum = exp_cum.cumsum(axis=1), clk_cum.cumsum(axis=1)
-    est = {}
-    for arm in (0, 1):
-        num, den = clk_cum[variant == arm], exp_cum[variant == arm]
-        seen = den > 0
-        n = seen.sum(axis=0)
-        r = num.sum(axis=0) / np.maximum(den.sum(axis=0), 1)
-        resid = np.where(seen, num - r * den, 0.0)
-        mean_den = den.sum(axis=0) / np.maximum(n, 1)
-        var = (resid ** 2).sum(axis=0) / np.maximum(n - 1, 1) / np.maximum(n * mean_den ** 2, 1e-12)
-        est[arm] = (r, var, n)
-    diff = est[1][0] - est[0][0]
-    se = np.sqrt(est[1][1] + est[0][1])
-    n = est[0][2] + est[1][2]
-    ok = n >= 20
-    fixed = ok & (np.abs(diff) > 1.959964 * se)
-    half = np.array([ab_stats.cs_halfwidth(s, int(k), alpha, n_star) if k else np.inf for s, k in zip(se, n)])
-    seq = ok & (np.abs(diff) > half)
-    return fixed.any(), seq.any(), n_days
-
-
 def test_peeking_daily_inflates_the_fixed_test_and_not_the_confidence_sequence(population):
     """1,000 A/A runs, looked at at the end of every day: stopping at the first fixed-horizon p < 0.05
     calls a difference far more often than alpha; the confidence sequence does so at most alpha."""
-    rng = np.random.default_rng(17)
-    runs, alpha = 1000, 0.05
-    fixed = seq = 0
-    for _ in range(runs):
-        variant = split_users(population.n_users, rng)
-        click, _, _ = draw_responses(population, rng)
-        f, s, days = _daily_ctr_looks(population, variant, click, alpha, n_star=population.n_users)
-        fixed += f
-        seq += s
-    lo, hi = _binomial_band(runs, alpha)
-    print(f"\nA/A over {runs} runs, {days} daily looks: any fixed-horizon call {fixed / runs:.3f}, any "
-          f"confidence-sequence call {seq / runs:.3f} (alpha band [{lo:.3f}, {hi:.3f}])")
-    assert fixed / runs > hi and seq / runs <= hi
+    res = peeking_aa(population, runs=1000)
+    lo, hi = res["band"]
+    print(f"\nA/A over {res['runs']} runs, {res['looks']} daily looks: any fixed-horizon call "
+          f"{res['fixed_horizon_rate']:.3f}, any confidence-sequence call {res['sequence_rate']:.3f} "
+          f"(alpha band [{lo:.3f}, {hi:.3f}])")
+    assert res["fixed_horizon_rate"] > hi and res["sequence_rate"] <= hi
 
 
 def test_confidence_sequence_is_wider_than_one_look_and_tightest_relative_near_n_star():
@@ -183,61 +146,18 @@ def test_an_arm_that_lost_exposures_before_the_log_gets_no_verdict(population):
     assert "| treatment |" in markdown(many) and f"| {logged // 50} (" in markdown(many)
 
 
-def _pre_post_users(pop, variant: np.ndarray, names, rng, start_day: int = 14, lookback_days: int = 14) -> Prepared:
-    """The shop's lists before `start_day` are history, those after it the experiment: per user the
-    experiment's sums and, as `training.ab.prepare.pre_period` makes them from events, the
-    `lookback_days` before their first exposure."""
-    day = (pop.exposure_ts_ms - pop.exposure_ts_ms.min()) // 86_400_000
-    click, cart, buy = draw_responses(pop, rng)
-    post = day >= start_day
-    u = pop.exposure_user
-    first = np.full(pop.n_users, np.iinfo(np.int64).max)
-    np.minimum.at(first, u[post], pop.exposure_ts_ms[post])
-    pre = ~post & (pop.exposure_ts_ms < first[u]) & (pop.exposure_ts_ms >= first[u] - lookback_days * 86_400_000)
-    n = pop.n_users
-    revenue = (buy * pop.prices[pop.shown]).sum(axis=1)
-
-    def sums(mask, x):
-        return np.bincount(u[mask], weights=x[mask], minlength=n)
-
-    ones = np.ones(len(u))
-    users = pl.DataFrame({
-        "user_id": pop.user_ids, "variant": [names[k] for k in variant],
-        "exposures": sums(post, ones), "click_exposures": sums(post, click.any(axis=1).astype(float)),
-        "cart_exposures": sums(post, cart.any(axis=1).astype(float)),
-        "purchase_exposures": sums(post, buy.any(axis=1).astype(float)), "revenue": sums(post, revenue),
-        "pre_lists": sums(pre, ones), "pre_clicks": sums(pre, click.sum(axis=1).astype(float)),
-        "pre_carts": sums(pre, cart.sum(axis=1).astype(float)), "pre_purchases": sums(pre, buy.sum(axis=1).astype(float)),
-        "pre_revenue": sums(pre, revenue),
-    }).with_columns((pl.col("pre_lists") > 0).cast(pl.Float64).alias("has_pre")).filter(pl.col("exposures") > 0)
-    return Prepared(users=users, experiment="cuped", exposures=int(users["exposures"].sum()),
-                    bundle_versions={v: ["v1"] for v in names}, time_range=("t0", "t1"), prices=True)
-
-
 def test_cuped_keeps_the_false_positive_rate_and_reports_how_much_variance_fell(population):
-    """400 A/A splits of the shop's second fortnight, CUPED on the first: each metric rejects at alpha
+    """1,000 A/A splits of the shop's second fortnight, CUPED on the first: each metric rejects at alpha
     (the covariates come before assignment), and the report states the variance reduction."""
-    rng = np.random.default_rng(31)
-    runs = 400
-    keys = ("ctr", "add_to_cart_rate", "conversion_rate", "users_with_click", "users_with_purchase", "revenue_per_user")
-    rejected = {k: 0 for k in keys}
-    reduction = {k: [] for k in keys}
-    for _ in range(runs):
-        variant = split_users(population.n_users, rng)
-        report = build_report(_pre_post_users(population, variant, ("control", "treatment"), rng), WINDOW,
-                              cuped_days=14, correction="none", min_users=1)
-        for k in keys:
-            c = report["comparisons"]["treatment"][k]
-            assert c["test"] == "CUPED z-test"
-            rejected[k] += c["p_value"] < 0.05
-            reduction[k].append(c["variance_reduction"])
-    lo, hi = _binomial_band(runs, 0.05)
-    rates = {k: v / runs for k, v in rejected.items()}
-    fell = {k: float(np.mean(v)) for k, v in reduction.items()}
-    print(f"\nCUPED A/A over {runs} splits: rejection rates {rates} (band [{lo:.3f}, {hi:.3f}]); "
-          f"mean variance reduction {fell}")
-    assert all(lo <= r <= hi for r in rates.values()), rates
+    res = cuped_aa(population, runs=1000)
+    lo, hi = res["band"]
+    print(f"\nCUPED A/A over {res['runs']} splits: rejection rates {res['rates']} (band [{lo:.3f}, {hi:.3f}]); "
+          f"mean variance reduction {res['variance_reduction']}")
+    assert all(lo <= r <= hi for r in res["rates"].values()), res["rates"]
+    fell = res["variance_reduction"]
     assert fell["ctr"] > 0.05 and all(v > -0.01 for v in fell.values())  # never worse than unadjusted, by more than noise
+    report = res["last_report"]
+    assert all(c["test"] == "CUPED z-test" for k, c in report["comparisons"]["treatment"].items() if k in fell)
     assert report["cuped"]["users_with_pre_period"]["control"] > 0
     assert "CUPED on each user's 14 days" in markdown(report)
 

@@ -47,7 +47,7 @@ T0 = datetime(2026, 12, 1, 10, 0, 0, tzinfo=timezone.utc)
 WINDOW = timedelta(minutes=30)
 # 2,000 users over 28 days see ~10 lists each: enough exposures per user for clustering to matter.
 AB_SHOP = SynthConfig(n_users=2000, n_items=300, n_days=28)
-REPS = 400
+REPS = 1000
 ALPHA = 0.05
 
 
