@@ -92,6 +92,7 @@ class Assignment:
     bundle: Path | None
     holdout: bool
     interleaved: tuple[Path, Path] | None = None
+    salt: str = ""  # the experiment's: an interleaved arm's coins come from (salt, request_id)
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ class Experiments:
             return None
         v = exp.variant_for(user_id)
         return Assignment(experiment=exp.name, variant=v.name, bundle=v.bundle, holdout=v.holdout,
-                          interleaved=v.interleaved)
+                          interleaved=v.interleaved, salt=exp.salt)
 
     def named(self, name: str) -> Experiment:
         """The experiment called `name`; ExperimentConfigError listing the names when there is none."""

@@ -133,7 +133,7 @@ class RankingService(pb_grpc.RankingServiceServicer):
                 for path in assignment.interleaved:  # team A's ranking, then team B's, on the same candidates
                     out, ver = await self._rank_on(s.registry.variant(path), request, candidates, valid.ids, timeout)
                     pair.append((out, ver))
-                outcome, teams = interleave(pair[0][0], pair[1][0], assignment.experiment, request_id)
+                outcome, teams = interleave(pair[0][0], pair[1][0], assignment.salt, request_id)
                 version = f"{pair[0][1]}+{pair[1][1]}"  # team A's bundle + team B's
             else:
                 outcome, version = await self._rank_on(s.registry.variant(assignment.bundle if assignment else None),
@@ -257,14 +257,14 @@ class RankingService(pb_grpc.RankingServiceServicer):
         return pb.ReloadBundleResponse(reloaded=ok, version=version, message=message)
 
 
-def interleave(a: RankOutcome, b: RankOutcome, experiment: str, request_id: str) -> tuple[RankOutcome, list[str]]:
+def interleave(a: RankOutcome, b: RankOutcome, salt: str, request_id: str) -> tuple[RankOutcome, list[str]]:
     """Team-draft interleaving of two answers over the same candidates (`featurizer.contracts.interleaving`,
-    coins from (experiment, request_id)). Each item keeps its own team's score, contributions and bias, so
+    coins from the experiment's salt and the request_id). Each item keeps its own team's score, contributions and bias, so
     `score` orders nothing across teams: the list's order is the draft's. Degraded reasons and missing ids
     of both answers are kept."""
     from featurizer.contracts.interleaving import TEAM_A, team_draft
 
-    items, teams = team_draft(a.item_ids, b.item_ids, experiment, request_id)
+    items, teams = team_draft(a.item_ids, b.item_ids, salt, request_id)
     pos = [{item: k for k, item in enumerate(o.item_ids)} for o in (a, b)]
     src = [(0 if t == TEAM_A else 1, pos[0 if t == TEAM_A else 1][item]) for item, t in zip(items, teams)]
     scores = np.array([(a, b)[o].scores[k] for o, k in src], dtype=np.float64)

@@ -171,6 +171,7 @@ def test_an_interleaved_arm_end_to_end_with_its_preference_beside_the_ab_result(
     assert report["comparisons"]["treatment"]["ctr"]["diff"] < 0
     md = (tmp_path / "report" / "ab-il.md").read_text()
     assert "**Interleaved arm interleaved** (A = il-a, B = il-b): users prefer **il-a**" in md
+    assert "| interleaved | il-a | il-b |" in md
 
 
 # -- 7. security -------------------------------------------------------------------------------------

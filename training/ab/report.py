@@ -333,16 +333,20 @@ def markdown(report: dict[str, Any]) -> str:
     if report["srm"]["flagged"]:
         lines += [f"> **WARNING — {report['warnings'][0]}**", ""]
     lines += _verdict_lines(report)
+    rows = []
     for v, pref in report.get("interleaving", {}).items():
         if "delta" not in pref:
             lines += [f"**Interleaved arm {v}**: {pref['note']}.", ""]
             continue
         who = {"A": pref["team_a"], "B": pref["team_b"]}
         call = (f"users prefer **{who[pref['favours']]}**" if pref["favours"] else "no detectable preference")
-        lines += [f"**Interleaved arm {v}** (A = {pref['team_a']}, B = {pref['team_b']}): {call}; "
-                  f"{pref['wins_a']} users clicked more on A's items, {pref['wins_b']} on B's, {pref['ties']} tied; "
-                  f"preference {pref['delta']:+.3f} [{pref['ci'][0]:+.3f}, {pref['ci'][1]:+.3f}], p = {_fmt_p(pref['p_value'])}.",
-                  ""]
+        lines += [f"**Interleaved arm {v}** (A = {pref['team_a']}, B = {pref['team_b']}): {call}.", ""]
+        rows.append(f"| {v} | {pref['team_a']} | {pref['team_b']} | {pref['users']} | {pref['wins_a']} | {pref['wins_b']} "
+                    f"| {pref['ties']} | {pref['delta']:+.3f} [{pref['ci'][0]:+.3f}, {pref['ci'][1]:+.3f}] | "
+                    f"{_fmt_p(pref['p_value'])} |")
+    if rows:
+        lines += ["| interleaved arm | A | B | users | clicked more on A | on B | tied | preference [95% CI] | p (sign test) |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|", *rows, ""]
     if report.get("cuped") and report["cuped"]["variance_reduction"]:
         cu = report["cuped"]
         fell = ", ".join(f"{labels_by_key(k)} {min(v.values()):.0%}" + (f"-{max(v.values()):.0%}" if len(v) > 1 else "")
