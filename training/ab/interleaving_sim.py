@@ -30,7 +30,7 @@ import numpy as np
 
 from featurizer.contracts.interleaving import TEAM_A, team_draft
 from training.ab import stats as ab_stats
-from training.ab.simulation import Population, population_from_shop
+from training.ab.simulation import Population, shop_population
 from training.data.synth import position_bias
 
 ALPHA = 0.05
@@ -202,14 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--aa-runs", type=int, default=1000)
     p.add_argument("--out", type=Path, default=Path("runs/interleaving"))
     args = p.parse_args(argv)
-    shop = args.shop
-    if shop is None:
-        from training.data.synth import SynthConfig, synthesize
-
-        shop = args.out / "shop"
-        if not shop.exists():  # made once, then reused
-            synthesize(shop, seed=0, config=SynthConfig(n_users=args.users, n_items=300, n_days=28))
-    pop = population_from_shop(shop)
+    pop = shop_population(args.shop, args.out, args.users)
     result = run(pop, args.grid, args.reps, args.noise_a, None if args.noise_b < 0 else args.noise_b, args.aa_runs)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "interleaving.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -89,6 +89,18 @@ def population_from_shop(shop_dir: str | Path) -> Population:
         p_purchase=PURCHASE_BASE * (0.7 + 0.3 * tier_fit))
 
 
+def shop_population(shop: Path | None, out_dir: Path, users: int = 2000) -> Population:
+    """The population of `shop`, or of a shop synthesized once under `out_dir/shop` (seed 0, 300 items,
+    28 days) and reused by later runs: what the simulation commands start from."""
+    if shop is None:
+        from training.data.synth import SynthConfig, synthesize
+
+        shop = out_dir / "shop"
+        if not shop.exists():
+            synthesize(shop, seed=0, config=SynthConfig(n_users=users, n_items=300, n_days=28))
+    return population_from_shop(shop)
+
+
 def split_users(n_users: int, rng: np.random.Generator, shares: tuple[float, ...] = (0.5, 0.5)) -> np.ndarray:
     """Variant index per user: a random split with exactly round(share * n) users per variant."""
     counts = np.floor(np.cumsum(shares) / np.sum(shares) * n_users + 0.5).astype(int)

@@ -27,7 +27,7 @@ from scipy import stats
 from training.ab import stats as ab_stats
 from training.ab.prepare import Prepared
 from training.ab.report import build_report
-from training.ab.simulation import Population, draw_responses, population_from_shop, split_users
+from training.ab.simulation import Population, draw_responses, shop_population, split_users
 
 ALPHA = 0.05
 GOAL_METRICS = ("ctr", "add_to_cart_rate", "conversion_rate", "users_with_click", "users_with_purchase",
@@ -154,14 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=1000)
     p.add_argument("--out", type=Path, default=Path("runs/ab_validity"))
     args = p.parse_args(argv)
-    shop = args.shop
-    if shop is None:
-        from training.data.synth import SynthConfig, synthesize
-
-        shop = args.out / "shop"
-        if not shop.exists():
-            synthesize(shop, seed=0, config=SynthConfig(n_users=2000, n_items=300, n_days=28))
-    pop = population_from_shop(shop)
+    pop = shop_population(args.shop, args.out)
     cuped, peeking = cuped_aa(pop, args.runs), peeking_aa(pop, args.runs)
     cuped.pop("last_report")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -229,15 +229,20 @@ def test_records_beyond_the_backlog_are_dropped_counted_and_warned(tmp_path, cap
     assert "dropping records" in caplog.text and caplog.text.count("dropping records") == 1
 
 
-def test_write_errors_are_counted_and_the_writer_keeps_going(tmp_path):
+def fault_injection_fail_first_write():
+    """A writer hook whose first batch write fails as a full disk would."""
     calls = []
 
-    def fault_injection_fail_first_write(n_records):
+    def hook(n_records):
         calls.append(n_records)
         if len(calls) == 1:
             raise OSError("disk full (injected)")
 
-    log = ExposureLog(tmp_path, flush_interval_s=3600, fault_injection_before_write=fault_injection_fail_first_write)
+    return hook
+
+
+def test_write_errors_are_counted_and_the_writer_keeps_going(tmp_path):
+    log = ExposureLog(tmp_path, flush_interval_s=3600, fault_injection_before_write=fault_injection_fail_first_write())
     log.record(exposure(0))
     log.flush()
     log.record(exposure(1))
@@ -272,14 +277,7 @@ def test_lost_records_are_counted_per_variant_in_each_writers_losses_file(tmp_pa
         release.set()
         log.close()
     assert log.dropped == 50
-    calls = []
-
-    def fault_injection_fail_first_write(n_records):
-        calls.append(n_records)
-        if len(calls) == 1:
-            raise OSError("disk full (injected)")
-
-    other = ExposureLog(b, flush_interval_s=3600, fault_injection_before_write=fault_injection_fail_first_write)
+    other = ExposureLog(b, flush_interval_s=3600, fault_injection_before_write=fault_injection_fail_first_write())
     other.record(exposure(500, variant="treatment"))
     other.flush()
     other.close()
