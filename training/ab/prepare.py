@@ -215,7 +215,7 @@ def team_credit(exposures: pl.DataFrame, attributed: pl.DataFrame) -> dict[str, 
     if not inter.height:
         return {}
     shown = (inter.select("exposure_id", "user_id", "variant", pl.col("item_ids").alias("item_id"),
-                          pl.col("teams").alias("team")).explode("item_id", "team"))
+                          pl.col("teams").alias("team")).explode("item_id", "team", empty_as_null=True))
     clicks = attributed.filter(pl.col("event") == "click").select("exposure_id", "item_id")
     credited = clicks.join(shown, on=["exposure_id", "item_id"], how="inner")
     users = inter.select("user_id", "variant").unique()
