@@ -9,13 +9,20 @@ the keys and the values packed with their offsets. A full snapshot adds `base_id
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 
 from featurizer.store.base import OnlineStoreError, encode_value
+
+log = logging.getLogger(__name__)
+
+CHILD_TIMEOUT_S = 60.0  # a snapshot child's most time: a full snapshot of a large store writes in seconds
 
 FILE_FORMAT = 1
 
@@ -38,9 +45,25 @@ class ForkedWrite:
     def __init__(self, pid: int, tmp: Path, path: Path):
         self.pid, self.tmp, self.path = pid, tmp, path
 
-    def _reap(self) -> int:
-        _, status = os.waitpid(self.pid, 0)
-        return os.waitstatus_to_exitcode(status)
+    def _reap(self, timeout_s: float | None = None) -> int:
+        """The child's exit code. A child still running after `timeout_s` (CHILD_TIMEOUT_S) is killed:
+        one forked from a multi-threaded process can deadlock on a lock another thread held at the
+        fork, and an unbounded wait then froze the server's stop (it reports -9; the store writes
+        the snapshot again, in full, at the next flush)."""
+        deadline = time.monotonic() + (CHILD_TIMEOUT_S if timeout_s is None else timeout_s)
+        while True:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                return os.waitstatus_to_exitcode(status)
+            if time.monotonic() > deadline:
+                log.error("snapshot child %d still running after its time: killing it", self.pid)
+                try:
+                    os.kill(self.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                _, status = os.waitpid(self.pid, 0)
+                return os.waitstatus_to_exitcode(status)
+            time.sleep(0.005)
 
     def wait(self) -> None:
         code = self._reap()

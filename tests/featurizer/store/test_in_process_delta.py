@@ -208,3 +208,35 @@ def test_delta_max_fraction_is_checked():
         InProcessConfig(delta_max_fraction=1.5)
     with pytest.raises(StoreConfigError, match="field 'delta_max_fraction' must be int or float"):
         store_config({"type": "inprocess", "delta_max_fraction": "0.1"})
+
+
+def test_a_snapshot_child_that_never_finishes_is_killed_not_waited_for_forever(tmp_path):
+    """A forked child can deadlock on a lock another thread held at the fork; the parent's wait is bounded.
+    Fault injection: a child that sleeps instead of writing."""
+    import os
+    import time
+
+    from featurizer.store.base import OnlineStoreError
+    from featurizer.store.snapshot_files import ForkedWrite
+
+    pid = os.fork()
+    if pid == 0:  # the hung child
+        time.sleep(60)
+        os._exit(0)
+    child = ForkedWrite(pid, tmp_path / ".snap.tmp", tmp_path / "snap")
+    t0 = time.monotonic()
+    assert child._reap(timeout_s=0.3) == -9
+    assert time.monotonic() - t0 < 10
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(60)
+        os._exit(0)
+    import featurizer.store.snapshot_files as files
+
+    old, files.CHILD_TIMEOUT_S = files.CHILD_TIMEOUT_S, 0.3
+    try:
+        with pytest.raises(OnlineStoreError, match="exit code -9"):
+            ForkedWrite(pid, tmp_path / ".snap.tmp", tmp_path / "snap").wait()
+    finally:
+        files.CHILD_TIMEOUT_S = old
+    assert not (tmp_path / "snap").exists()
