@@ -119,10 +119,17 @@ class Limits:
     max_store_waiting: int = 256  # calls queued for a remote online store at most; more: degraded at once
     max_sequence_wait_s: float = 1.0  # a Rank's min_sequence waits at most this (and half its deadline); then: degraded
     apply_slice_ms: float = 4.0  # events fold into the features in commits of about this long; Ranks run between them
+    # While Ranks are served, folding events takes at most this share of a process's loop (1: no bound):
+    # a write flood past the process's capacity then queues and refuses writes (RESOURCE_EXHAUSTED)
+    # instead of Ranks. At 3,000 events/s on the embedded default, 0.3 kept every Rank (p50 4 ms)
+    # where 1 lost 858 to their deadline (p50 1.1 s); docs/scaling.md "A share of the loop for writes".
+    write_share: float = 0.3
 
     def __post_init__(self):
         if not self.apply_slice_ms > 0:
             raise ConfigError(f"apply_slice_ms must be > 0, got {self.apply_slice_ms}")
+        if not 0 < self.write_share <= 1:
+            raise ConfigError(f"write_share must be in (0, 1], got {self.write_share}")
 
     @property
     def item_rules(self) -> ItemRules:

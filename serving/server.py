@@ -129,6 +129,7 @@ class RankingServer:
         self._stream_ingest: StreamIngest | None = None
         self._snapshot_file: Path | None = None  # the in-process store's snapshot (None: Redis)
         self._shared_bundle: SharedBundle | None = None  # the fleet's bundle (JetStream's KV)
+        self.admission: AdmissionInterceptor | None = None  # (made with the gRPC server, after the ingest)
 
     @property
     def engine(self) -> RankingEngine:
@@ -232,7 +233,7 @@ class RankingServer:
                     cfg.events, engine.online, engine.store_worker, cfg.limits.dedup_window_s,
                     on_items=lambda shared: apply_shared_items(engine, registry.pool, shared),
                     items_through=fetched or 0, rules=cfg.limits.event_rules, item_rules=cfg.limits.item_rules,
-                    item_known=engine.items.index.__contains__, slices=ApplySlices(cfg.limits.apply_slice_ms))
+                    item_known=engine.items.index.__contains__, slices=self._apply_slices())
                 self._shared_bundle = SharedBundle(ingest.js, cfg.events, registry, ingest.origin, bundle_roots)
                 await self._shared_bundle.start()  # the fleet's bundle, if another replica reloaded
                 try:  # the fleet's first snapshot, before serving: the only full upload most fleets make
@@ -241,7 +242,7 @@ class RankingServer:
                     log.exception("sharing the feature snapshot at start-up failed")
             else:
                 ingest = EventIngest(event_log, engine.online, EventDedup(cfg.limits.dedup_window_s),
-                                     worker=engine.store_worker, slices=ApplySlices(cfg.limits.apply_slice_ms))
+                                     worker=engine.store_worker, slices=self._apply_slices())
             self.metrics.watch_ingest(ingest)
             self.state = ServingState(
                 engine=engine, registry=registry, exposures=exposures, ingest=ingest,
@@ -290,6 +291,12 @@ class RankingServer:
             self.metrics.set_bundle(version)
             if self._shared_bundle is not None:
                 self._shared_bundle.reloaded_here()
+
+    def _apply_slices(self) -> ApplySlices:
+        """The fold's commits: sized by `apply_slice_ms`, and at most `write_share` of the loop while Ranks are served."""
+        limits = self.cfg.limits
+        return ApplySlices(limits.apply_slice_ms, write_share=limits.write_share,
+                           ranks_active=lambda: self.admission is not None and self.admission.busy("ranks"))
 
     async def _start_grpc(self) -> None:
         cfg = self.cfg

@@ -74,7 +74,8 @@ def cmd_serve(args) -> int:
         **({"gc_thresholds": args.gc_thresholds} if args.gc_thresholds is not None else {}),
         limits=Limits(max_candidates=args.max_candidates, max_text_chars=args.max_text_chars,
                       max_message_bytes=args.max_message_bytes,
-                      **({"apply_slice_ms": args.apply_slice_ms} if args.apply_slice_ms is not None else {})),
+                      **({"apply_slice_ms": args.apply_slice_ms} if args.apply_slice_ms is not None else {}),
+                      **({"write_share": args.write_share} if args.write_share is not None else {})),
     )
     if args.workers < 1:
         raise ConfigError(f"--workers {args.workers}: must be >= 1")
@@ -221,6 +222,9 @@ def register(sub) -> None:
     s.add_argument("--apply-slice-ms", type=float, default=None,
                    help="events are folded into the features in commits of about this many ms, Ranks run between "
                         "them (default: Limits.apply_slice_ms, 4)")
+    s.add_argument("--write-share", type=float, default=None,
+                   help="while Ranks are served, folding events takes at most this share of a process's loop; a "
+                        "write flood then queues its writes, not the Ranks (default: Limits.write_share, 0.3; 1: no bound)")
     s.add_argument("--log-level", default="INFO")
     s.add_argument("--log-json", action="store_true", help="JSON log lines (with request_id)")
     s.set_defaults(func=cmd_serve)

@@ -92,10 +92,16 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         self.inflight: dict[str, int] = {}
         self.per_caller: dict[tuple[str, str], int] = {}
         self.refused: dict[str, int] = {}
+        self.entered_at: dict[str, float] = {}  # class -> time.monotonic() of its last admitted call
 
     @property
     def max_inflight(self) -> int:
         return self.budgets.ranks
+
+    def busy(self, kind: str, within_s: float = 0.05) -> bool:
+        """Whether calls of `kind` are in flight, or one was admitted within `within_s` (at 200 Ranks/s
+        of a few ms each, most instants have none in flight, yet the next one is due)."""
+        return self.inflight.get(kind, 0) > 0 or time.monotonic() - self.entered_at.get(kind, -1e9) < within_s
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -119,6 +125,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
             self._refuse(kind, f"the server is at its limit of {limit} concurrent {kind.replace('_', ' ')}; "
                                "retry with back-off")
         self.inflight[kind] = self.inflight.get(kind, 0) + 1
+        self.entered_at[kind] = time.monotonic()
         if who is not None:
             self.per_caller[who] = self.per_caller.get(who, 0) + 1
         return who

@@ -131,12 +131,17 @@ class ApplySlices:
     states grow as its users click): a fixed 500 would hold the loop 60-100 ms at the 120-200 µs an event
     cost under the serve bench's flood (bench/fold_profile.py)."""
 
-    def __init__(self, budget_ms: float = Limits.apply_slice_ms, max_events: int = APPLY_SLICE, min_events: int = 8):
-        if budget_ms <= 0 or not 1 <= min_events <= max_events:
-            raise ValueError(f"ApplySlices needs budget_ms > 0 and 1 <= min_events <= max_events, got {budget_ms}, "
-                             f"{min_events}, {max_events}")
+    def __init__(self, budget_ms: float = Limits.apply_slice_ms, max_events: int = APPLY_SLICE, min_events: int = 8,
+                 write_share: float = Limits.write_share, ranks_active: Callable[[], bool] = lambda: False):
+        if budget_ms <= 0 or not 1 <= min_events <= max_events or not 0 < write_share <= 1:
+            raise ValueError(f"ApplySlices needs budget_ms > 0, 1 <= min_events <= max_events and 0 < write_share <= 1, "
+                             f"got {budget_ms}, {min_events}, {max_events}, {write_share}")
         self.budget_s, self.max_events, self.min_events = budget_ms / 1000, max_events, min_events
         self._per_event_s: float | None = None  # None: nothing measured yet (the first commit takes min_events)
+        # The writes' share of the loop while Ranks are served (see `delay`).
+        self.write_share, self.ranks_active = write_share, ranks_active
+        self._next_at = 0.0  # perf_counter before which no commit starts while Ranks are served
+        self.paused_s = 0.0  # time commits waited for the share, in all (a metric)
 
     def size(self) -> int:
         if self._per_event_s is None:
@@ -149,6 +154,25 @@ class ApplySlices:
         if events > 0:
             per = seconds / events
             self._per_event_s = per if self._per_event_s is None else 0.8 * self._per_event_s + 0.2 * per
+        if self.write_share < 1:
+            self._next_at = time.perf_counter() + seconds * (1 / self.write_share - 1)
+
+    def delay(self) -> float:
+        """Seconds the next commit must wait: while Ranks are being served (`ranks_active`), a commit
+        that took t is followed by t * (1/write_share - 1) of the loop for everything else, so the
+        fold takes at most `write_share` of the loop's time and a write flood queues its writes
+        (LogEvents wait, then are refused past their caller's budget; a stream's fold lags)
+        instead of the Ranks. With no Rank in flight, nothing waits."""
+        if self.write_share >= 1:
+            return 0.0
+        left = self._next_at - time.perf_counter()
+        return left if left > 0 and self.ranks_active() else 0.0
+
+    async def gate(self) -> None:
+        """Wait for `delay`, checked again after each wait (a Rank may come or go meanwhile)."""
+        while (wait := self.delay()) > 0:
+            self.paused_s += wait
+            await asyncio.sleep(wait)
 
 
 async def wait_on(cond: asyncio.Condition, predicate: Callable[[], bool], timeout_s: float) -> None:
@@ -297,10 +321,13 @@ class EventIngest:
         await asyncio.sleep(0)  # the calls whose appends finished with this one register theirs first
         failure: BaseException | None = None
         while self.applied_seq < seq:
+            await self.slices.gate()  # the writes' share of the loop (`ApplySlices.delay`)
             async with self.applied_lock:
                 await self.applied_lock.wait_for(lambda: self.applied_seq >= first - 1)
                 if self.applied_seq >= seq:
                     break  # a commit of an earlier call took this call's events too
+                if self.slices.delay() > 0:
+                    continue  # another call's commit went first: wait for the share again, lock released
                 start = self.applied_seq + 1
                 events = self._take_waiting(start)
                 through = start + len(events) - 1 if events else seq  # (none in memory: read back from the log)

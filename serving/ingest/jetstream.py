@@ -553,6 +553,7 @@ class StreamIngest:
         not wait for all of it)."""
         start = 0
         while True:
+            await self.slices.gate()  # the writes' share of the loop (`ApplySlices.delay`): the fold lags, not Ranks
             size = self.slices.size()
             part = pairs[start : start + size]
             done = start + size >= len(pairs)

@@ -161,6 +161,10 @@ class Metrics:
                                         "process's online features hold", namespace=ns, registry=r)
         self.events_lag = Gauge("events_lag", "Stored events this process knows of but has not applied yet (JetStream: "
                                 "not folded yet)", namespace=ns, registry=r)
+        self.write_share_paused = Gauge("write_share_paused_seconds", "Seconds the fold's commits waited so that "
+                                        "writes take at most --write-share of the loop while Ranks are served (since "
+                                        "start; grows under a write flood: writes queue, not Ranks)",
+                                        namespace=ns, registry=r)
         self.stream_refused_events = Gauge("stream_refused_events", "JetStream events this process's fold refused "
                                            "(since start): the event rules LogEvents applies, by the field they named (item: an item message the "
                                            "item rules refused)",
@@ -235,6 +239,7 @@ class Metrics:
         """Read the ingest path's applied seq, lag and (JetStream) skipped messages at each scrape."""
         self.events_applied_seq.set_function(lambda: ingest.committed_seq)
         self.events_lag.set_function(lambda: ingest.behind)
+        self.write_share_paused.set_function(lambda: ingest.slices.paused_s)
         stats = getattr(ingest, "stats", None)
         if stats is not None:
             self.stream_bad_messages.set_function(lambda: stats.bad_messages)

@@ -231,6 +231,39 @@ def test_a_retried_call_stores_nothing_twice_and_events_without_ids_are_not_dedu
     assert clicks() == 5
 
 
+def test_writes_beside_ranks_fold_within_the_write_share_and_all_reach_the_features(main_server, shop, catalog):
+    """Issue 30 item 4 (a write flood queues its writes, not the Ranks): LogEvents calls beside a
+    steady stream of Ranks wait for the share (`--write-share`, default 0.3), which the metric
+    shows, and every event is stored and counted; without Ranks nothing waits."""
+    st, channel, _ = main_server
+    now = datetime.now(timezone.utc)
+
+    def paused() -> float:
+        return metric(scrape_metrics(st.server.metrics_port), "semrank_write_share_paused_seconds")
+
+    def flood(tag: str, calls: int = 6, per_call: int = 100) -> int:
+        n = 0
+        for c in range(calls):
+            events = [pb.Event(ts=timestamp(now - timedelta(seconds=30)), user_id=f"u-share-{tag}-{k % 7}",
+                               item_id=catalog[(c + k) % len(catalog)], type=pb.EVENT_TYPE_CLICK,
+                               event_id=f"share-{tag}-{c}-{k}") for k in range(per_call)]
+            n += stub(channel).LogEvents(iter([pb.LogEventsRequest(events=events)]), timeout=RPC_TIMEOUT_S).accepted
+        return n
+
+    before = paused()
+    with GoodTraffic(channel, engaged_users(shop)[:4], catalog[:50]) as traffic:
+        assert flood("ranks") == 600
+    assert not traffic.errors()
+    during = paused()
+    assert during > before  # commits waited for the Ranks
+    clicks = st.server.engine.online.features("u-share-ranks-0", catalog[:1], st.server.engine.now())[
+        0, NAMES.index("user_clicks_7d")]
+    assert clicks == 6 * len(range(0, 100, 7))  # every event of this user reached the features
+    time.sleep(0.3)  # no Rank in flight, none admitted in the last 50 ms
+    assert flood("alone") == 600
+    assert paused() == during
+
+
 def test_an_event_time_out_of_range_is_rejected_alone(main_server, catalog):
     """Issue 14, problem 8: a Timestamp past year 9999 (or far before 1970) is one rejected event,
     not an OverflowError that kills the stream after earlier messages were stored."""

@@ -4,6 +4,7 @@ not stored or applied again, within a call, across calls, concurrently and acros
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -212,3 +213,69 @@ def test_apply_slices_fit_the_budget_at_the_measured_cost():
 
     with pytest.raises(ConfigError, match="apply_slice_ms"):
         Limits(apply_slice_ms=0)
+
+
+def test_the_write_share_spaces_commits_only_while_ranks_are_served():
+    """Issue 30 item 4: with `write_share` s, a commit that took t is followed by t * (1/s - 1) in which
+    no commit starts, but only while Ranks are being served; s = 1 never waits."""
+    from featurizer.errors import ConfigError
+    from serving.config import Limits
+    from serving.ingest.apply import ApplySlices
+
+    serving_ranks = {"now": True}
+    slices = ApplySlices(write_share=0.25, ranks_active=lambda: serving_ranks["now"])
+    assert slices.delay() == 0  # nothing committed yet
+    slices.record(10, 0.02)
+    assert 0.05 < slices.delay() <= 0.06  # 20 ms of commit: 60 ms for the Ranks
+    serving_ranks["now"] = False
+    assert slices.delay() == 0  # no Rank in flight: the fold runs at full speed
+    unbounded = ApplySlices(write_share=1.0, ranks_active=lambda: True)
+    unbounded.record(10, 0.02)
+    assert unbounded.delay() == 0
+    for bad in (0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="write_share"):
+            ApplySlices(write_share=bad)
+        with pytest.raises(ConfigError, match="write_share"):
+            Limits(write_share=bad)
+
+
+@pytest.mark.parametrize("ranks_served", [True, False])
+def test_a_flood_of_calls_commits_within_the_write_share(tmp_path, monkeypatch, ranks_served):
+    """Issue 30 item 4 (a write flood queues its writes, not the Ranks): 12 LogEvents calls of 50
+    events at once, committed in slices of 100 with `write_share` 0.25. While Ranks are served, each
+    commit starts at least 3x the previous commit's time after it ended, whichever call's loop made it
+    (the calls queued behind the lock wait for the share too); with no Rank, nothing waits. Every
+    event is applied either way, with the features of one apply of them all."""
+    import serving.ingest.apply as apply_mod
+    from serving.ingest.log_format import LoggedEvent
+
+    calls = [[LoggedEvent(T0_US + (50 * c + k) * 1_000_000, f"u{k % 5}", f"i{(c + k) % 11}", "click",
+                          event_id=f"flood-{c}-{k}") for k in range(50)] for c in range(12)]
+    spans = []  # (start, end) of each commit's apply
+    real = apply_mod.apply_logged
+
+    def timed_apply(online, evs, last, after, **kw):
+        began = time.perf_counter()
+        real(online, evs, last, after, **kw)
+        spans.append((began, time.perf_counter()))
+
+    monkeypatch.setattr(apply_mod, "apply_logged", timed_apply)
+    online = OnlineFeatures(InProcessStore(), ITEMS)
+    slices = apply_mod.ApplySlices(max_events=100, min_events=100, write_share=0.25, ranks_active=lambda: ranks_served)
+
+    async def scenario():
+        with EventLog(tmp_path / "events") as log:
+            ingest = EventIngest(log, online, EventDedup(0), clock_us=lambda: T0_US, slices=slices)
+            return await asyncio.gather(*(ingest.log_events(c) for c in calls))
+
+    logged = asyncio.run(scenario())
+    assert sum(x.stored for x in logged) == 600 and max(x.last_seq for x in logged) == 600
+    assert len(spans) == 6
+    gaps = [(b[0] - a[1]) / (a[1] - a[0]) for a, b in zip(spans, spans[1:])]
+    if ranks_served:
+        assert min(gaps) >= 3.0 * 0.999 and slices.paused_s > 0, gaps
+    else:
+        assert slices.paused_s == 0
+    want = OnlineFeatures(InProcessStore(), ITEMS)
+    want.apply(events_frame([e for c in calls for e in c]))
+    np.testing.assert_array_equal(features(online), features(want))

@@ -14,6 +14,7 @@ test's own where the test stops it.
 from __future__ import annotations
 
 import asyncio
+import time
 import dataclasses
 import uuid
 
@@ -422,6 +423,37 @@ def test_a_fetch_is_folded_in_time_slices_with_the_loop_free_between_them(monkey
     assert [last for _, last, _ in commits[:-1]] == [7 * (k + 1) for k in range(len(commits) - 1)]
     assert commits[-1][1] == len(pairs) + 2 == ingest.committed_seq
     assert all(b[2] > a[2] for a, b in zip(commits, commits[1:]))  # the other task ran between slices
+    want = OnlineFeatures(InProcessStore(), ITEMS)
+    want.apply(events_frame(events))
+    np.testing.assert_array_equal(features(online), features(want))
+
+
+def test_the_fold_lags_within_the_write_share_while_ranks_are_served(monkeypatch):
+    """Issue 30 item 4: with `write_share` 0.25 and Ranks being served, each of a fetch's slices starts
+    at least 3x the previous slice's commit time after it ended (the fold lags, not the Ranks); the
+    features equal one apply of them all."""
+    import serving.ingest.jetstream as js_mod
+    from serving.ingest.apply import ApplySlices
+
+    events = [e for k in range(4) for e in batch(k)]
+    pairs = list(enumerate(events, start=1))
+    spans = []
+    real = js_mod.apply_logged
+
+    def timed_apply(online, evs, last, after, **kw):
+        began = time.perf_counter()
+        real(online, evs, last, after, **kw)
+        spans.append((began, time.perf_counter()))
+
+    monkeypatch.setattr(js_mod, "apply_logged", timed_apply)
+    online = OnlineFeatures(InProcessStore(), ITEMS)
+    slices = ApplySlices(max_events=7, min_events=7, write_share=0.25, ranks_active=lambda: True)
+    ingest = StreamIngest(JetStreamConfig(stream="share-" + uuid.uuid4().hex[:8]), online, StoreWorker(False), 0,
+                          slices=slices)
+    asyncio.run(ingest._apply_pairs(pairs, len(pairs)))
+    assert len(spans) == -(-len(events) // 7) and ingest.committed_seq == len(pairs)
+    gaps = [(b[0] - a[1]) / (a[1] - a[0]) for a, b in zip(spans, spans[1:])]
+    assert min(gaps) >= 3.0 * 0.999 and slices.paused_s > 0, gaps
     want = OnlineFeatures(InProcessStore(), ITEMS)
     want.apply(events_frame(events))
     np.testing.assert_array_equal(features(online), features(want))
