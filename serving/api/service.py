@@ -147,7 +147,7 @@ class RankingService(pb_grpc.RankingServiceServicer):
                 log.warning("degraded answer: %s", "; ".join(outcome.degraded_reasons))
             s.exposures.record(Exposure(
                 request_id=request_id, user_id=request.user_id, experiment=experiment, variant=variant,
-                bundle_version=version, item_ids=[i.item_id for i in resp.items], ts=now,
+                bundle_version=version, item_ids=outcome.item_ids[:len(resp.items)], ts=now,  # (not read back: 130 µs at 1000)
                 teams=teams[:len(resp.items)],
             ))
             log.debug("ranked %d candidates (variant=%s model_version=%s cold_start=%s) in %.2f ms",
@@ -281,20 +281,25 @@ def interleave(a: RankOutcome, b: RankOutcome, salt: str, request_id: str) -> tu
 def _rank_response(request: pb.RankRequest, request_id: str, outcome: RankOutcome, version: str,
                    experiment: str, variant: str) -> pb.RankResponse:
     k = request.top_k or len(outcome.item_ids)
-    items = []
-    for r, (item_id, score) in enumerate(zip(outcome.item_ids[:k], outcome.scores[:k].tolist())):
-        item = pb.RankedItem(item_id=item_id, score=score, rank=r + 1)
-        if request.explain and outcome.contributions is not None:
-            item.contributions.extend(
-                pb.FamilyContribution(family=f, contribution=float(c)) for f, c in zip(FAMILIES, outcome.contributions[r])
-            )
-            item.contributions.append(pb.FamilyContribution(family="bias", contribution=float(outcome.bias[r])))
-        items.append(item)
-    return pb.RankResponse(
-        request_id=request_id, items=items, model_version=version, missing_ids=outcome.missing_ids,
+    resp = pb.RankResponse(
+        request_id=request_id, model_version=version, missing_ids=outcome.missing_ids,
         experiment=experiment, variant=variant, degraded=outcome.degraded,
         degraded_reason="; ".join(outcome.degraded_reasons),
     )
+    # Items made in place (`add`): a RankedItem made apart and then copied into the repeated field
+    # cost twice as much, 0.7 ms at 1000 candidates (runs of bench/response_build.py).
+    add = resp.items.add
+    ranked = zip(outcome.item_ids[:k], outcome.scores[:k].tolist())
+    if not (request.explain and outcome.contributions is not None):
+        for r, (item_id, score) in enumerate(ranked, 1):
+            add(item_id=item_id, score=score, rank=r)
+        return resp
+    for r, (item_id, score) in enumerate(ranked):
+        contributions = add(item_id=item_id, score=score, rank=r + 1).contributions
+        for f, c in zip(FAMILIES, outcome.contributions[r].tolist()):
+            contributions.add(family=f, contribution=c)
+        contributions.add(family="bias", contribution=float(outcome.bias[r]))
+    return resp
 
 
 def _bundle_info(loaded: Loaded) -> pb.BundleInfo:

@@ -25,6 +25,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Callable, Iterable
 
+import orjson
+
 from featurizer.contracts.exposures import FILE_PREFIX, FILE_SUFFIX, TS_FORMAT, losses_file_name
 
 log = logging.getLogger(__name__)
@@ -49,18 +51,23 @@ class Exposure:
         if self.teams and len(self.teams) != len(self.item_ids):
             raise ValueError(f"Exposure.teams has {len(self.teams)} entries for {len(self.item_ids)} items")
 
-    def to_json(self) -> str:
-        """The log line (without newline). Raises TypeError for a non-string field, so a bad record
-        never reaches the file, where it would break every reader."""
+    def to_bytes(self) -> bytes:
+        """The log line (UTF-8 JSON, without newline). Raises TypeError for a non-string field, so a
+        bad record never reaches the file, where it would break every reader. orjson: the writer
+        thread shares the server's GIL, and json took about 100 µs for a 1,000-item exposure."""
         strings = (self.request_id, self.user_id, self.experiment, self.variant, self.bundle_version)
-        if not all(type(v) is str for v in strings) or not all(type(i) is str for i in self.item_ids):
+        if not all(type(v) is str for v in strings) or not set(map(type, self.item_ids)) <= {str}:
             raise TypeError(f"Exposure fields and item_ids must be strings: {self!r}"[:500])
         ts = self.ts.astimezone(timezone.utc).strftime(TS_FORMAT)
         record = {"ts": ts, "request_id": self.request_id, "user_id": self.user_id, "experiment": self.experiment,
-                  "variant": self.variant, "bundle_version": self.bundle_version, "item_ids": list(self.item_ids)}
+                  "variant": self.variant, "bundle_version": self.bundle_version, "item_ids": self.item_ids}
         if self.teams:
-            record["teams"] = list(self.teams)
-        return json.dumps(record, ensure_ascii=False)
+            record["teams"] = self.teams
+        return orjson.dumps(record)
+
+    def to_json(self) -> str:
+        """`to_bytes` as text."""
+        return self.to_bytes().decode()
 
 
 class ExposureLog:
@@ -167,7 +174,7 @@ class ExposureLog:
         try:
             for exp in batch:
                 try:
-                    lines.append(exp.to_json().encode("utf-8") + b"\n")
+                    lines.append(exp.to_bytes() + b"\n")
                 except (TypeError, ValueError):
                     self.failed += 1
                     with self._lock:
