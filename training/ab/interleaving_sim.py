@@ -1,6 +1,10 @@
 """How many users interleaving needs against an A/B split, on the synthetic shop that knows every true interest.
 
     .venv/bin/python -m training.ab.interleaving_sim [--shop DIR] [--reps 300] [--out runs/interleaving]
+    .venv/bin/python -m training.ab.interleaving_sim --shop DIR --bundle-a BUNDLE --bundle-b BUNDLE --out ...
+
+With `--bundle-a`/`--bundle-b`, two trained bundles are the rankers: each re-orders the lists after
+both bundles' training data by its own scores (`training.ab.bundle_rankers`). Otherwise:
 
 Two rankers reorder each of the shop's logged lists (`Population`): each sorts the shown items by
 their true attractiveness with multiplicative noise fixed per (list, item), **A** with less
@@ -47,11 +51,15 @@ class Setup:
     team_a: np.ndarray  # exposures x K: True where that position's item is A's
 
 
+def attractiveness(pop: Population) -> np.ndarray:
+    """Click probability at the top position of every shown item (the logged lists were shown in column order)."""
+    return pop.p_click / position_bias(np.arange(pop.shown.shape[1]))[None, :]
+
+
 def make_setup(pop: Population, noise_a: float, noise_b: float | None, seed: int, b_same_as_a: bool = False) -> Setup:
     """Ranker X orders each list by log(true attractiveness) + noise_X x a standard normal draw fixed per
     (list, item): a fixed ranker that errs. `noise_b` None: B is the order the shop logged."""
-    K = pop.shown.shape[1]
-    att = pop.p_click / position_bias(np.arange(K))[None, :]  # the logged lists were shown in column order
+    att = attractiveness(pop)
     rng = np.random.default_rng(seed)
 
     def noisy(noise: float) -> np.ndarray:
@@ -61,9 +69,16 @@ def make_setup(pop: Population, noise_a: float, noise_b: float | None, seed: int
     if b_same_as_a:
         order_b = order_a.copy()
     elif noise_b is None:
-        order_b = np.broadcast_to(np.arange(K), att.shape).copy()
+        order_b = np.broadcast_to(np.arange(att.shape[1]), att.shape).copy()
     else:
         order_b = noisy(noise_b)
+    return setup_from_orders(pop, order_a, order_b)
+
+
+def setup_from_orders(pop: Population, order_a: np.ndarray, order_b: np.ndarray) -> Setup:
+    """The setup of two given rankers' orders (exposures x K columns, best first): e.g. two trained
+    bundles' (`training.ab.bundle_rankers`)."""
+    att = attractiveness(pop)
     inter = np.empty_like(order_a)
     team_a = np.empty(att.shape, dtype=bool)
     for e in range(att.shape[0]):
@@ -148,28 +163,45 @@ def ratio_interval(grid: list[int], hits: dict[str, np.ndarray], boot: int, seed
     return float(lo), float(hi)
 
 
-def aa_rate(pop: Population, runs: int, seed: int, noise_a: float) -> float:
-    """A against itself, interleaved, on every user: the share of runs that call a difference."""
-    s = make_setup(pop, noise_a, None, seed, b_same_as_a=True)
+def true_ctr(pop: Population, order: np.ndarray) -> float:
+    """The expected share of lists with a click when every list is shown in `order`."""
+    p = position_bias(np.arange(order.shape[1]))[None, :] * np.take_along_axis(attractiveness(pop), order, axis=1)
+    return float(np.mean(1.0 - np.prod(1.0 - np.minimum(p, 1.0), axis=1)))
+
+
+def aa_rate(pop: Population, runs: int, seed: int, noise_a: float, order_a: np.ndarray | None = None) -> float:
+    """A against itself, interleaved, on every user: the share of runs that call a difference
+    (`order_a`: A's given orders; else A is the noisy ranker)."""
+    s = (make_setup(pop, noise_a, None, seed, b_same_as_a=True) if order_a is None
+         else setup_from_orders(pop, order_a, order_a.copy()))
     rng = np.random.default_rng(seed + 1)
     users = np.arange(pop.n_users)
     return float(np.mean([interleaving_p(pop, s, users, rng) < ALPHA for _ in range(runs)]))
 
 
 def run(pop: Population, grid: list[int], reps: int, noise_a: float, noise_b: float | None, aa_runs: int,
-        seed: int = 0, boot: int = 1000) -> dict:
+        seed: int = 0, boot: int = 1000, orders: tuple[np.ndarray, np.ndarray] | None = None,
+        rankers: dict[str, str] | None = None) -> dict:
+    """`orders`: A's and B's given orders of every list (two bundles), else the noisy rankers of
+    `noise_a` and `noise_b`; `rankers` names A and B in the result."""
     grid = [n for n in grid if n <= pop.n_users]
-    s = make_setup(pop, noise_a, noise_b, seed)
+    s = make_setup(pop, noise_a, noise_b, seed) if orders is None else setup_from_orders(pop, *orders)
     hits = power_curve(pop, s, grid, reps, seed + 1)
     power = {m: h.mean(axis=0) for m, h in hits.items()}
     need = {m: users_for_power(grid, p) for m, p in power.items()}
     lo, hi = ratio_interval(grid, hits, boot, seed + 2)
+    if rankers is None:
+        rankers = {"a": f"true attractiveness, noise {noise_a}",
+                   "b": "the logged order" if noise_b is None else f"true attractiveness, noise {noise_b}"}
     return {
+        "rankers": rankers, "users": pop.n_users, "lists": int(pop.shown.shape[0]),
+        "true_ctr": {"a": true_ctr(pop, s.order_a), "b": true_ctr(pop, s.order_b)},
         "grid_users": grid, "reps": reps, "alpha": ALPHA, "noise_a": noise_a, "noise_b": noise_b,
         "power": {m: [round(float(x), 4) for x in p] for m, p in power.items()},
         "users_for_80pct_power": need,
         "ratio_ab_over_interleaving": need["ab"] / need["interleaving"], "ratio_ci95": [lo, hi],
-        "aa_interleaving_false_positive_rate": aa_rate(pop, aa_runs, seed + 3, noise_a) if aa_runs else None,
+        "aa_interleaving_false_positive_rate": (aa_rate(pop, aa_runs, seed + 3, noise_a, None if orders is None
+                                                        else orders[0]) if aa_runs else None),
         "aa_runs": aa_runs,
     }
 
@@ -185,8 +217,8 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("users")
     ax.set_ylabel(f"power at alpha {result['alpha']}")
-    ax.set_title(f"A (noise {result['noise_a']}) vs B (noise {result['noise_b']}): users for 80% power, "
-                 f"A/B / interleaving = {result['ratio_ab_over_interleaving']:.1f}x", fontsize=9)
+    ax.set_title(f"A: {result['rankers']['a']}\nB: {result['rankers']['b']}\nusers for 80% power, "
+                 f"A/B / interleaving = {result['ratio_ab_over_interleaving']:.1f}x", fontsize=8)
     ax.legend(fontsize=8)
     save_figure(fig, path)
 
@@ -200,10 +232,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--noise-a", type=float, default=1.0, help="ranker A's noise on log true attractiveness")
     p.add_argument("--noise-b", type=float, default=2.0, help="ranker B's (the planted difference); < 0: the logged order")
     p.add_argument("--aa-runs", type=int, default=1000)
+    p.add_argument("--bundle-a", type=Path, default=None,
+                   help="two trained bundles as the rankers (with --bundle-b; --shop must be the shop they were "
+                        "trained on): each re-orders the lists after both bundles' training data")
+    p.add_argument("--bundle-b", type=Path, default=None)
     p.add_argument("--out", type=Path, default=Path("runs/interleaving"))
     args = p.parse_args(argv)
     pop = shop_population(args.shop, args.out, args.users)
-    result = run(pop, args.grid, args.reps, args.noise_a, None if args.noise_b < 0 else args.noise_b, args.aa_runs)
+    orders = rankers = None
+    if (args.bundle_a is None) != (args.bundle_b is None) or (args.bundle_a is not None and args.shop is None):
+        p.error("--bundle-a and --bundle-b go together, with the --shop they were trained on")
+    if args.bundle_a is not None:
+        from training.ab.bundle_rankers import bundle_orders, load_pair, test_exposures
+
+        bundles = load_pair(args.bundle_a, args.bundle_b)
+        pop = test_exposures(pop, bundles)
+        orders = tuple(bundle_orders(args.shop, pop, bundles))
+        rankers = {k: f"{b.manifest.get('variant', '?')} bundle {b.version}" for k, b in zip("ab", bundles)}
+    result = run(pop, args.grid, args.reps, args.noise_a, None if args.noise_b < 0 else args.noise_b, args.aa_runs,
+                 orders=orders, rankers=rankers)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "interleaving.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.out / "interleaving.png")

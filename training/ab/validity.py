@@ -39,6 +39,19 @@ def binomial_band(n: int, p: float, level: float = 0.999) -> tuple[float, float]
     return lo / n, hi / n
 
 
+def rate_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """The Clopper-Pearson interval of a rate of k in n (each measured false-positive rate carries one)."""
+    ci = stats.binomtest(int(k), n).proportion_ci(confidence_level=level, method="exact")
+    return float(ci.low), float(ci.high)
+
+
+def mean_interval(values, level: float = 0.95) -> tuple[float, float]:
+    """A normal interval of a mean over independent runs."""
+    v = np.asarray(values, dtype=float)
+    half = stats.norm.ppf(0.5 + level / 2) * v.std(ddof=1) / np.sqrt(v.size)
+    return float(v.mean() - half), float(v.mean() + half)
+
+
 def pre_post_users(pop, variant: np.ndarray, names, rng, start_day: int = 14, lookback_days: int = 14) -> Prepared:
     """The shop's lists before `start_day` are history, those after it the experiment: per user the
     experiment's sums and, as `training.ab.prepare.pre_period` makes them from events, the
@@ -116,7 +129,9 @@ def cuped_aa(pop: Population, runs: int, seed: int = 31) -> dict:
             rejected[k] += c["p_value"] < ALPHA
             reduction[k].append(c["variance_reduction"])
     return {"runs": runs, "rates": {k: v / runs for k, v in rejected.items()},
+            "rates_ci95": {k: rate_interval(v, runs) for k, v in rejected.items()},
             "variance_reduction": {k: float(np.mean(v)) for k, v in reduction.items()},
+            "variance_reduction_ci95": {k: mean_interval(v) for k, v in reduction.items()},
             "band": binomial_band(runs, ALPHA), "last_report": report}
 
 
@@ -132,20 +147,58 @@ def peeking_aa(pop: Population, runs: int, seed: int = 17) -> dict:
         fixed += f
         seq += s
     return {"runs": runs, "looks": days, "fixed_horizon_rate": fixed / runs, "sequence_rate": seq / runs,
+            "fixed_horizon_ci95": rate_interval(fixed, runs), "sequence_ci95": rate_interval(seq, runs),
             "band": binomial_band(runs, ALPHA)}
 
 
 def markdown(cuped: dict, peeking: dict) -> str:
     lo, hi = cuped["band"]
+    ci = lambda lh: f"[{lh[0]:.3f}, {lh[1]:.3f}]"  # noqa: E731
     lines = [f"Fixed-horizon A/A with CUPED, {cuped['runs']} runs (alpha {ALPHA}; 99.9% band [{lo:.3f}, {hi:.3f}]):", "",
-             "| metric | false-positive rate | variance of the difference, reduction |", "|---|---:|---:|"]
-    lines += [f"| {k} | {cuped['rates'][k]:.3f} | {cuped['variance_reduction'][k]:.1%} |" for k in GOAL_METRICS]
+             "| metric | false-positive rate [95% CI] | variance of the difference, reduction [95% CI] |",
+             "|---|---:|---:|"]
+    lines += [f"| {k} | {cuped['rates'][k]:.3f} {ci(cuped['rates_ci95'][k])} | {cuped['variance_reduction'][k]:.1%} "
+              f"[{cuped['variance_reduction_ci95'][k][0]:.1%}, {cuped['variance_reduction_ci95'][k][1]:.1%}] |"
+              for k in GOAL_METRICS]
     lo, hi = peeking["band"]
     lines += ["", f"Looking after each of {peeking['looks']} days, {peeking['runs']} A/A runs (band [{lo:.3f}, {hi:.3f}]):", "",
-              "| method | runs with a call at any look |", "|---|---:|",
-              f"| fixed-horizon z-test | {peeking['fixed_horizon_rate']:.3f} |",
-              f"| confidence sequence | {peeking['sequence_rate']:.3f} |"]
+              "| method | runs with a call at any look [95% CI] |", "|---|---:|",
+              f"| fixed-horizon z-test | {peeking['fixed_horizon_rate']:.3f} {ci(peeking['fixed_horizon_ci95'])} |",
+              f"| confidence sequence | {peeking['sequence_rate']:.3f} {ci(peeking['sequence_ci95'])} |"]
     return "\n".join(lines) + "\n"
+
+
+def plot(cuped: dict, peeking: dict, path: Path) -> None:
+    """The false-positive rates with their intervals against alpha's band, and CUPED's variance reduction."""
+    from training.figures import pyplot, save_figure
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4), gridspec_kw={"width_ratios": [3, 1.3, 3]})
+    names = list(GOAL_METRICS)
+    bars = [(cuped["rates"][k], cuped["rates_ci95"][k]) for k in names]
+    bars += [(peeking["fixed_horizon_rate"], peeking["fixed_horizon_ci95"]),
+             (peeking["sequence_rate"], peeking["sequence_ci95"])]
+    for ax, part, labels, title in (
+            (axes[0], bars[: len(names)], names, f"A/A, one look, CUPED ({cuped['runs']} runs)"),
+            (axes[1], bars[len(names):], ["z-test", "sequence"], f"A/A, a look a day ({peeking['runs']} runs)")):
+        x = np.arange(len(part))
+        rates = np.array([r for r, _ in part])
+        err = np.array([[r - lh[0], lh[1] - r] for r, lh in part]).T
+        ax.bar(x, rates, yerr=err, capsize=3, color="tab:blue")
+        ax.axhspan(*cuped["band"], color="grey", alpha=0.25, label="99.9% band around alpha")
+        ax.axhline(ALPHA, color="black", lw=0.8)
+        ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("false-positive rate (95% CI)")
+        ax.set_title(title, fontsize=9)
+    axes[0].legend(fontsize=8)
+    red = [cuped["variance_reduction"][k] for k in names]
+    err = np.array([[r - cuped["variance_reduction_ci95"][k][0], cuped["variance_reduction_ci95"][k][1] - r]
+                    for r, k in zip(red, names)]).T
+    axes[2].bar(np.arange(len(names)), red, yerr=err, capsize=3, color="tab:green")
+    axes[2].set_xticks(np.arange(len(names)), names, rotation=30, ha="right", fontsize=8)
+    axes[2].set_ylabel("variance of the difference: reduction (95% CI)")
+    axes[2].set_title("CUPED, 14-day lookback", fontsize=9)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "ab_validity.json").write_text(json.dumps({"cuped_aa": cuped, "peeking_aa": peeking}, indent=2) + "\n")
     text = markdown(cuped, peeking)
     (args.out / "ab_validity.md").write_text(text)
+    plot(cuped, peeking, args.out / "ab_validity.png")
     print(text)
     return 0
 

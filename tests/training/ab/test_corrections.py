@@ -174,3 +174,22 @@ def test_cuped_regression_takes_out_what_the_covariate_explains_and_nothing_else
         assert 1 - adj[a].var / adj[a].raw_var == pytest.approx(0.64, abs=0.02)
     noise, _ = ab_stats.cuped({a: (0.0, y[k] - y[k].mean(), rng.normal(size=(n, 1))) for k, a in enumerate("ab")})
     assert all(abs(1 - noise[a].var / noise[a].raw_var) < 0.005 for a in "ab")  # an unrelated covariate: nothing
+
+
+def test_the_validity_tables_carry_intervals_and_a_plot(population, tmp_path):
+    """Issue 17 item 6: each simulated rate carries its Clopper-Pearson interval, each variance reduction
+    the interval of its mean, in the Markdown and in a PNG (few runs here; the docs' tables have 1,000)."""
+    from training.ab.validity import markdown as validity_markdown, plot, rate_interval
+
+    assert rate_interval(50, 1000) == pytest.approx((0.0373, 0.0654), abs=1e-4)  # R: binom.test(50, 1000)
+    cuped, peeking = cuped_aa(population, runs=20), peeking_aa(population, runs=20)
+    for k, rate in cuped["rates"].items():
+        lo, hi = cuped["rates_ci95"][k]
+        assert lo <= rate <= hi
+        lo, hi = cuped["variance_reduction_ci95"][k]
+        assert lo <= cuped["variance_reduction"][k] <= hi
+    assert peeking["sequence_ci95"][0] <= peeking["sequence_rate"] <= peeking["sequence_ci95"][1]
+    text = validity_markdown(cuped, peeking)
+    assert "false-positive rate [95% CI]" in text and "reduction [95% CI]" in text
+    plot(cuped, peeking, tmp_path / "ab_validity.png")
+    assert (tmp_path / "ab_validity.png").stat().st_size > 10_000

@@ -4,6 +4,7 @@ test behind it; the simulations comparing it with an A/B split are in training/a
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 import pytest
 
 from featurizer.contracts.interleaving import TEAM_A, TEAM_B, coin, team_draft
@@ -79,3 +80,41 @@ def test_interleaving_detects_a_planted_difference_with_fewer_users_and_holds_al
 
     lo, hi = _binomial_band(200, 0.05)
     assert lo <= res["aa_interleaving_false_positive_rate"] <= hi
+
+
+def test_trained_bundles_rank_the_held_out_lists_by_their_own_scores(small_shop, small_bundle, encoder):
+    """Issue 17 item 6 with real bundles: `bundle_rankers` scores each held-out list of the shop with a
+    bundle exactly as training's evaluation scores it (the same features, interest score and trees,
+    placed in the list's columns), and the simulation runs on those orders."""
+    from featurizer.contracts.schema import read_dataset
+    from ranker.bundle import load_bundle
+    from ranker.feature_matrix import BundleInputs
+    from training.ab.bundle_rankers import bundle_scores, test_exposures, test_start
+    from training.ab.interleaving_sim import run
+    from training.ab.simulation import population_from_shop
+    from training.lambdarank.impression_lists import build_examples
+
+    bundle = load_bundle(small_bundle[0])
+    pop = population_from_shop(small_shop)
+    held_out = test_exposures(pop, [bundle, bundle])
+    assert 0 < held_out.shown.shape[0] < pop.shown.shape[0]
+    assert held_out.exposure_ts_ms.min() >= test_start(bundle).timestamp() * 1000
+    a, b = bundle_scores(small_shop, held_out, [bundle, bundle])
+    np.testing.assert_array_equal(a, b)
+
+    inputs = BundleInputs.of(bundle)
+    rows = build_examples(read_dataset(small_shop), encoder, inputs).filter(
+        pl.col("request_id").is_in(pl.Series(held_out.request_ids[:50]).implode()))
+    want = dict(zip(zip(rows["request_id"].to_list(), rows["item_id"].to_list()),
+                    bundle.score(inputs.frame_matrix(rows))))
+    item_ids = held_out.items["item_id"].to_list()
+    got = {(held_out.request_ids[e], item_ids[held_out.shown[e, k]]): a[e, k]
+           for e in range(50) for k in range(held_out.shown.shape[1])}
+    assert got.keys() == want.keys()
+    np.testing.assert_allclose([got[k] for k in want], list(want.values()), rtol=1e-6, atol=1e-6)
+
+    logged = np.broadcast_to(np.arange(held_out.shown.shape[1]), held_out.shown.shape).copy()
+    res = run(held_out, [10, 40], reps=5, noise_a=0, noise_b=None, aa_runs=10, boot=20,
+              orders=(np.argsort(-a, axis=1, kind="stable"), logged), rankers={"a": "bundle", "b": "logged"})
+    assert res["rankers"] == {"a": "bundle", "b": "logged"} and res["lists"] == held_out.shown.shape[0]
+    assert 0 < res["true_ctr"]["a"] < 1 and 0 < res["true_ctr"]["b"] < 1
