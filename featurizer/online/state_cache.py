@@ -30,7 +30,7 @@ Not thread-safe with respect to each other's calls (one caller at a time, as Onl
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -51,6 +51,7 @@ from featurizer.online.state import (
 from featurizer.store.base import OnlineStore
 
 _MISS = object()
+_NO_ITEMS: frozenset[str] = frozenset()
 _NO_KEY = int(np.iinfo(np.int64).min)  # window counts not computed (or invalidated)
 
 
@@ -221,15 +222,18 @@ class UserItemIndex:
     def __init__(self, store: OnlineStore, entity: str = "ui"):
         self.store, self.entity = store, entity
         self._version: int | None = None
-        self._items: dict[str, set[str]] = {}
-        self._names: dict[str, str] = {}  # one str object per item id, shared by the sets
+        # user -> its items, as a dict of None: a set stays tracked by the garbage collector, and every
+        # full collection walked the whole index (3,000 users x 180 items on the serve bench: the largest
+        # part of a 45 ms pass); a dict of str keys and None values is untracked
+        self._items: dict[str, dict[str, None]] = {}
+        self._names: dict[str, str] = {}  # one str object per item id, shared by the users' entries
 
     def _add(self, key: str) -> None:
         parsed = parse_user_item_key(key)
         if parsed is not None:
             user, item = parsed
             item = self._names.setdefault(item, item)
-            self._items.setdefault(user, set()).add(item)
+            self._items.setdefault(user, {})[item] = None
 
     def _sync(self) -> bool:
         version, changed = self.store.changes(self.entity, self._version)
@@ -248,12 +252,13 @@ class UserItemIndex:
                 if value is not None:
                     self._add(key)
                 elif (parsed := parse_user_item_key(key)) is not None and parsed[0] in self._items:
-                    self._items[parsed[0]].discard(parsed[1])
+                    self._items[parsed[0]].pop(parsed[1], None)
         self._version = version
         return True
 
-    def items_of(self, user_id: str) -> set[str] | None:
-        """The items `user_id` has a state for (empty: none); None when the store cannot tell."""
+    def items_of(self, user_id: str) -> Collection[str] | None:
+        """The items `user_id` has a state for (empty: none; for membership tests, not to be changed);
+        None when the store cannot tell."""
         if not self._sync():
             return None
-        return self._items.get(user_id, set())
+        return self._items.get(user_id) or _NO_ITEMS

@@ -99,7 +99,10 @@ class InProcessStore(OnlineStore):
         # and the keys written or deleted since it, per entity (None: unknown or too many, so the
         # next snapshot is a full one).
         self._base_id: str | None = None
-        self._changed: dict[str, set[str]] | None = None
+        # entity -> the keys changed since the last full snapshot, as a dict of None (a set of str stays
+        # tracked by the garbage collector, and a full collection walks its 10^4-10^5 keys; such a dict
+        # is untracked)
+        self._changed: dict[str, dict[str, None]] | None = None
         self._n_changed = 0
         self._delta_on_disk = False
         self._disk_base_id: str | None = None  # the full snapshot on disk
@@ -115,7 +118,7 @@ class InProcessStore(OnlineStore):
                     table.update(upserts)
                     for k in deleted:
                         table.pop(k, None)
-                    self._changed[entity] = set(upserts) | set(deleted)
+                    self._changed[entity] = dict.fromkeys([*upserts, *deleted])
                 self._n_changed = sum(len(keys) for keys in self._changed.values())
                 self._delta_on_disk = True
             elif self._base_id is not None:
@@ -183,9 +186,9 @@ class InProcessStore(OnlineStore):
 
     def _bump(self, entity: str, keys) -> None:
         if self._changed is not None:
-            changed = self._changed.setdefault(entity, set())
+            changed = self._changed.setdefault(entity, {})
             before = len(changed)
-            changed.update(keys)
+            changed.update(dict.fromkeys(keys))
             self._n_changed += len(changed) - before
             if self._n_changed > self._delta_limit():  # the next snapshot is a full one: stop listing
                 self._changed, self._n_changed = None, 0
