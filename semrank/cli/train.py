@@ -27,7 +27,22 @@ def ranker_tower(args, encoder_dir: str):
     return tower
 
 
+def _tracked(args, command: str):
+    """The command's tracked run (training.tracking): TensorBoard under OUT/tensorboard/, MLflow with --mlflow-uri."""
+    from training.tracking import tracked_run
+
+    params = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}
+    return tracked_run(args.out, command, params, mlflow_uri=args.mlflow_uri, mlflow_experiment=args.mlflow_experiment)
+
+
 def cmd_train_ranker(args) -> int:
+    with _tracked(args, "train-ranker") as run:
+        code, metrics = _train_ranker(args)
+        run.finish(metrics, artifacts=args.out)
+    return code
+
+
+def _train_ranker(args) -> tuple[int, dict]:
     from featurizer.contracts.schema import has_impression_lists, read_dataset
 
     encoder_dir = args.encoder or ("encoder" if (args.out / "encoder" / "config.json").is_file() else "base")
@@ -49,7 +64,7 @@ def cmd_train_ranker(args) -> int:
     _write_probes(args.out)
     print(f"\nbundle written to {args.out}\nheld-out lists (last {cfg.test_days:g} days):\n")
     print(format_table(extra["metrics"]["test"]))
-    return 0
+    return 0, {"test": extra["metrics"]["test"]}
 
 
 def _write_probes(out: Path) -> None:
@@ -64,7 +79,7 @@ def _write_probes(out: Path) -> None:
         write_probes(out, force=True)
 
 
-def _train_leave_one_out(args, ds, encoder_dir: str, tower) -> int:
+def _train_leave_one_out(args, ds, encoder_dir: str, tower) -> tuple[int, dict]:
     """`semrank train ranker` on data without impression lists."""
     from training.data.loo import loo_data
     from training.lambdarank.booster import format_table
@@ -92,7 +107,7 @@ def _train_leave_one_out(args, ds, encoder_dir: str, tower) -> int:
     print(f"\nbundle ({TRAINING_MODE}, {cfg.variant}) written to {args.out}; best iteration {best}, "
           f"{extra['train_seconds']:.0f} s\nvalidation groups (the early-stopping set, so optimistic):\n")
     print(format_table(extra["metrics"]["valid"]))
-    return 0
+    return 0, {"valid": extra["metrics"]["valid"]}
 
 
 def cmd_train_encoder(args: argparse.Namespace) -> int:
@@ -120,7 +135,9 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
     )
     ds = read_dataset(args.data)
     log.info("data: %s", ds.report)
-    s = train_encoder(ds, args.out, cfg, data_source=str(args.data))
+    with _tracked(args, "train-encoder") as run:
+        s = train_encoder(ds, args.out, cfg, data_source=str(args.data))
+        run.finish(s["metrics"], artifacts=Path(args.out) / "encoder")
     m = s["metrics"]
     print(f"\nencoder written to {Path(args.out) / 'encoder'} ({s['method']}, {s['steps']} steps, "
           f"{s['train_loop_seconds']:.0f} s, {s['examples_per_second']} examples/s)")
@@ -167,7 +184,16 @@ def register(sub) -> None:
     s.add_argument("--eval-every", type=int, default=d.eval_every, help="validate every this many steps")
     s.add_argument("--test-days", type=float, default=d.test_days, help="impression data: last days never read (the ranker's test)")
     s.add_argument("--valid-days", type=float, default=d.valid_days, help="impression data: days before the test days, for validation")
+    _tracking_args(s)
     s.set_defaults(func=cmd_train_encoder)
+
+
+def _tracking_args(s) -> None:
+    g = s.add_argument_group("tracking (TensorBoard event files always go to OUT/tensorboard/)")
+    g.add_argument("--mlflow-uri", default=None,
+                   help="also log the run to MLflow at this tracking URI (e.g. sqlite:///mlflow.db, http://host:5000); "
+                        "needs pip install 'semrank[mlflow]'")
+    g.add_argument("--mlflow-experiment", default="semrank", help="the MLflow experiment (default semrank)")
 
 
 def _register_ranker(train_sub) -> None:
@@ -204,4 +230,5 @@ def _register_ranker(train_sub) -> None:
                    help="training targets per user before the validation item, recent ones favoured (default 3)")
     g.add_argument("--embedding-cache", type=Path, default=None, metavar="DIR",
                    help="item-embedding cache, e.g. runs/eval/NAME/cache/embeddings of `semrank eval`")
+    _tracking_args(s)
     s.set_defaults(func=cmd_train_ranker)

@@ -35,6 +35,7 @@ from featurizer.contracts.schema import Dataset, has_impression_lists
 from ranker.bundle import MANIFEST, EncoderRef
 from ranker.encoder import BASE_MODEL, base_model_path, mean_pool
 from ranker.user_tower import UserTower, pool_torch
+from training import tracking
 from training.encoder.lora import ATTENTION_QV, apply_lora, lora_modules, merge_lora
 from training.encoder.pairs import (
     NO_ITEM,
@@ -374,6 +375,7 @@ def train_encoder(ds: Dataset, out_dir: str | Path, cfg: EncoderTrainConfig, dat
     frozen = evaluate(model, current_tower())
     eval_s = time.monotonic() - t0
     curves["valid"].append({"step": 0, "elapsed_s": round(eval_s, 1), **frozen})
+    tracking.scalars("valid", frozen, 0)
     best = {**frozen, "step": 0}
     log.info("frozen baseline: ndcg@10 %.4f hr@10 %.4f (%.0f s)", frozen["ndcg@10"], frozen["hr@10"], eval_s)
     summary["metrics"] = {"frozen": frozen, "best": best}
@@ -407,6 +409,7 @@ def train_encoder(ds: Dataset, out_dir: str | Path, cfg: EncoderTrainConfig, dat
             step += 1
             seen += len(b["weights"])
             curves["loss"].append({"step": step, "elapsed_s": round(time.monotonic() - t0, 1), "loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"]})
+            tracking.scalars("train", curves["loss"][-1], step)
             bar.update(1)
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", ex_s=f"{seen / train_s:.1f}", best=f"{best['ndcg@10']:.4f}")
             if step % cfg.eval_every == 0:
@@ -428,6 +431,8 @@ def train_encoder(ds: Dataset, out_dir: str | Path, cfg: EncoderTrainConfig, dat
     )
     summary["host"]["loadavg_end"] = os.getloadavg()
     summary["metrics"] = {"frozen": frozen, "final": {k: v for k, v in curves["valid"][-1].items() if k not in ("step", "elapsed_s")}, "best": best}
+    if tracking.describe() is not None:  # the run that made this encoder (training.tracking)
+        summary["tracking"] = tracking.describe()
     (enc_dir / TRAINING_JSON).write_text(json.dumps(summary, indent=2, default=str) + "\n")
     save_curves(out / CURVES, curves, title=f"{cfg.method} fine-tuning ({data_source or 'data'})")
     ref = EncoderRef(model_dir=ENCODER_DIR, base_model=BASE_MODEL, max_length=cfg.max_length_user, history_items=cfg.n_history)
@@ -439,6 +444,7 @@ def _validate(model, tokenizer, evaluate, step, t0, curves, best, summary, enc_d
     ts = time.monotonic()
     m = evaluate(model, tower)
     curves["valid"].append({"step": step, "elapsed_s": round(time.monotonic() - t0, 1), **m})
+    tracking.scalars("valid", m, step)
     log.info("step %d: valid ndcg@10 %.4f hr@10 %.4f (best %.4f at step %d)", step, m["ndcg@10"], m["hr@10"], best["ndcg@10"], best["step"])
     if m["ndcg@10"] > best["ndcg@10"]:
         best = {**m, "step": step}

@@ -11,6 +11,7 @@ import numpy as np
 import polars as pl
 
 from ranker.feature_matrix import BundleInputs
+from training import tracking
 from training.lambdarank.params import LightGBMParams
 
 
@@ -66,7 +67,8 @@ def train_lambdarank(train: pl.DataFrame, valid: pl.DataFrame, cfg: LightGBMPara
         num_boost_round=cfg.num_boost_round,
         valid_sets=[dvalid],
         valid_names=["valid"],
-        callbacks=[lgb.early_stopping(cfg.early_stopping_rounds, verbose=False), lgb.record_evaluation(evals), lgb.log_evaluation(50)],
+        callbacks=[lgb.early_stopping(cfg.early_stopping_rounds, verbose=False), lgb.record_evaluation(evals),
+                   lgb.log_evaluation(50), tracking.lightgbm_callback()],
     )
     return booster, params, evals
 

@@ -27,6 +27,7 @@ from ranker.encoder import Encoder
 from ranker.feature_matrix import BundleInputs
 from ranker.interest import interest_scores
 from ranker.user_tower import UserTower, user_vectors
+from training import tracking
 from training.lambdarank.booster import (
     group_sizes,
     train_lambdarank,
@@ -200,5 +201,7 @@ def train_ranker(ds: Dataset, out_dir: str | Path, cfg: RankerTrainConfig, encod
     if booster.best_iteration:
         booster = truncate(booster)
     encoder_ref = EncoderRef(model_dir=cfg.encoder_dir, max_length=cfg.max_length, history_items=tower.history_items)
+    if tracking.describe() is not None:  # the run that made this bundle (training.tracking)
+        extra["tracking"] = tracking.describe()
     save_bundle(out_dir, booster, feature_names, encoder_ref, extra, tower=tower)
     return extra

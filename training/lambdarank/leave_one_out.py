@@ -48,6 +48,7 @@ from ranker.encoder import Encoder
 from ranker.feature_matrix import BundleInputs
 from ranker.interest import interest_scores
 from ranker.user_tower import UserTower, user_vectors
+from training import tracking
 from training.data.loo import LooSplit
 from training.lambdarank.booster import train_lambdarank, truncate
 from training.lambdarank.negatives import build_groups, group_keys, hard_pools
@@ -234,6 +235,8 @@ def train_loo_ranker(ds: Dataset, split: LooSplit, out_dir: str | Path, cfg: Loo
     if booster.best_iteration:
         booster = truncate(booster)
     ref = EncoderRef(model_dir=cfg.encoder_dir, max_length=cfg.max_length, history_items=tower.history_items)
+    if tracking.describe() is not None:  # the run that made this bundle (training.tracking)
+        extra["tracking"] = tracking.describe()
     save_bundle(out_dir, booster, names, ref, extra, tower=tower)
     return extra
 
