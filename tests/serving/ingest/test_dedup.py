@@ -4,7 +4,6 @@ not stored or applied again, within a call, across calls, concurrently and acros
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import replace
 
 import numpy as np
@@ -17,6 +16,7 @@ from serving.ingest.dedup import BUCKET_US, EventDedup
 from serving.ingest.event_log import EventLog
 from serving.ingest.log_format import events_frame
 from tests.serving.ingest.apply_crash_child import ITEMS, T0_US, batch
+from tests.serving.ingest.commit_spans import gap_ratios, timed_commits
 
 HOUR_US = 3_600_000_000
 
@@ -251,15 +251,7 @@ def test_a_flood_of_calls_commits_within_the_write_share(tmp_path, monkeypatch, 
 
     calls = [[LoggedEvent(T0_US + (50 * c + k) * 1_000_000, f"u{k % 5}", f"i{(c + k) % 11}", "click",
                           event_id=f"flood-{c}-{k}") for k in range(50)] for c in range(12)]
-    spans = []  # (start, end) of each commit's apply
-    real = apply_mod.apply_logged
-
-    def timed_apply(online, evs, last, after, **kw):
-        began = time.perf_counter()
-        real(online, evs, last, after, **kw)
-        spans.append((began, time.perf_counter()))
-
-    monkeypatch.setattr(apply_mod, "apply_logged", timed_apply)
+    spans = timed_commits(monkeypatch, apply_mod)
     online = OnlineFeatures(InProcessStore(), ITEMS)
     slices = apply_mod.ApplySlices(max_events=100, min_events=100, write_share=0.25, ranks_active=lambda: ranks_served)
 
@@ -271,7 +263,7 @@ def test_a_flood_of_calls_commits_within_the_write_share(tmp_path, monkeypatch, 
     logged = asyncio.run(scenario())
     assert sum(x.stored for x in logged) == 600 and max(x.last_seq for x in logged) == 600
     assert len(spans) == 6
-    gaps = [(b[0] - a[1]) / (a[1] - a[0]) for a, b in zip(spans, spans[1:])]
+    gaps = gap_ratios(spans)
     if ranks_served:
         assert min(gaps) >= 3.0 * 0.999 and slices.paused_s > 0, gaps
     else:

@@ -14,7 +14,6 @@ test's own where the test stops it.
 from __future__ import annotations
 
 import asyncio
-import time
 import dataclasses
 import uuid
 
@@ -36,6 +35,7 @@ from serving.ingest.log_format import LoggedEvent, events_frame
 from serving.ranking.store_worker import StoreWorker
 from tests.integration.serving_kit import MACHINE_NATS, NatsProcess
 from tests.serving.ingest.apply_crash_child import ITEMS, T0_US, batch
+from tests.serving.ingest.commit_spans import gap_ratios, timed_commits
 
 pytestmark = pytest.mark.timeout(300)
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -437,22 +437,14 @@ def test_the_fold_lags_within_the_write_share_while_ranks_are_served(monkeypatch
 
     events = [e for k in range(4) for e in batch(k)]
     pairs = list(enumerate(events, start=1))
-    spans = []
-    real = js_mod.apply_logged
-
-    def timed_apply(online, evs, last, after, **kw):
-        began = time.perf_counter()
-        real(online, evs, last, after, **kw)
-        spans.append((began, time.perf_counter()))
-
-    monkeypatch.setattr(js_mod, "apply_logged", timed_apply)
+    spans = timed_commits(monkeypatch, js_mod)
     online = OnlineFeatures(InProcessStore(), ITEMS)
     slices = ApplySlices(max_events=7, min_events=7, write_share=0.25, ranks_active=lambda: True)
     ingest = StreamIngest(JetStreamConfig(stream="share-" + uuid.uuid4().hex[:8]), online, StoreWorker(False), 0,
                           slices=slices)
     asyncio.run(ingest._apply_pairs(pairs, len(pairs)))
     assert len(spans) == -(-len(events) // 7) and ingest.committed_seq == len(pairs)
-    gaps = [(b[0] - a[1]) / (a[1] - a[0]) for a, b in zip(spans, spans[1:])]
+    gaps = gap_ratios(spans)
     assert min(gaps) >= 3.0 * 0.999 and slices.paused_s > 0, gaps
     want = OnlineFeatures(InProcessStore(), ITEMS)
     want.apply(events_frame(events))
