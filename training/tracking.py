@@ -140,7 +140,7 @@ def lightgbm_callback():
         for data_name, metric, value, _ in env.evaluation_result_list:
             scalar(f"{data_name}/{metric}", value, env.iteration + 1)
 
-    log_evaluation.order = 30  # after record_evaluation (20), before early stopping's end (30 ties are fine)
+    log_evaluation.order = 25  # after record_evaluation (20), before early stopping (30), which ends training by raising
     return log_evaluation
 
 
