@@ -42,7 +42,7 @@ class TrackedRun:
     """One training command's run: a TensorBoard writer and, optionally, an MLflow run."""
 
     def __init__(self, out_dir: Path, command: str, params: Mapping[str, Any], mlflow_uri: str | None = None,
-                 mlflow_experiment: str = "semrank"):
+                 mlflow_experiment: str = "semrank", mlflow_artifacts: str | None = None):
         from torch.utils.tensorboard import SummaryWriter  # (torch ships the writer; the `tensorboard` package the format)
 
         mlflow = _mlflow() if mlflow_uri else None  # (before any file is written: a missing extra is a ConfigError)
@@ -55,6 +55,10 @@ class TrackedRun:
         self._mlflow, self.mlflow_run_id = mlflow, None
         if mlflow is not None:
             self._mlflow.set_tracking_uri(mlflow_uri)
+            if mlflow_artifacts and self._mlflow.get_experiment_by_name(mlflow_experiment) is None:
+                # where a new experiment keeps its artifacts (without it MLflow picks ./mlruns under the
+                # current directory for a database store; a tracking server picks its own)
+                self._mlflow.create_experiment(mlflow_experiment, artifact_location=mlflow_artifacts)
             self._mlflow.set_experiment(mlflow_experiment)
             run = self._mlflow.start_run(run_name=f"{command}-{stamp}")
             self.mlflow_run_id = run.info.run_id
@@ -95,12 +99,12 @@ class TrackedRun:
 
 @contextmanager
 def tracked_run(out_dir: str | Path, command: str, params: Mapping[str, Any], mlflow_uri: str | None = None,
-                mlflow_experiment: str = "semrank") -> Iterator[TrackedRun]:
+                mlflow_experiment: str = "semrank", mlflow_artifacts: str | None = None) -> Iterator[TrackedRun]:
     """Open the process's run for one training command (see the module docstring)."""
     global _current
     if _current is not None:
         raise RuntimeError(f"a tracked run ({_current.command}) is already open in this process")
-    run = TrackedRun(Path(out_dir), command, params, mlflow_uri, mlflow_experiment)
+    run = TrackedRun(Path(out_dir), command, params, mlflow_uri, mlflow_experiment, mlflow_artifacts)
     _current = run
     failed = True
     try:

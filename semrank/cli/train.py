@@ -32,7 +32,8 @@ def _tracked(args, command: str):
     from training.tracking import tracked_run
 
     params = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}
-    return tracked_run(args.out, command, params, mlflow_uri=args.mlflow_uri, mlflow_experiment=args.mlflow_experiment)
+    return tracked_run(args.out, command, params, mlflow_uri=args.mlflow_uri, mlflow_experiment=args.mlflow_experiment,
+                       mlflow_artifacts=args.mlflow_artifacts)
 
 
 def cmd_train_ranker(args) -> int:
@@ -194,6 +195,9 @@ def _tracking_args(s) -> None:
                    help="also log the run to MLflow at this tracking URI (e.g. sqlite:///mlflow.db, http://host:5000); "
                         "needs pip install 'semrank[mlflow]'")
     g.add_argument("--mlflow-experiment", default="semrank", help="the MLflow experiment (default semrank)")
+    g.add_argument("--mlflow-artifacts", default=None,
+                   help="where a new MLflow experiment keeps its artifacts (a directory or URI; default: MLflow's, "
+                        "which for a database store is ./mlruns under the current directory)")
 
 
 def _register_ranker(train_sub) -> None:

@@ -34,7 +34,8 @@ def test_train_ranker_writes_tensorboard_and_logs_to_a_real_mlflow_store(small_s
 
     out, uri = tmp_path / "bundle", f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert main(["train", "ranker", "--data", str(small_shop), "--out", str(out), "--variant", "behavioural",
-                 "--test-days", "3", "--valid-days", "3", "--mlflow-uri", uri, "--mlflow-experiment", "tests"]) == 0
+                 "--test-days", "3", "--valid-days", "3", "--mlflow-uri", uri, "--mlflow-experiment", "tests",
+                 "--mlflow-artifacts", str(tmp_path / "artifacts")]) == 0
 
     scalars = tensorboard_scalars(only_run(out))
     curve = scalars["valid/ndcg@10"]
@@ -56,6 +57,7 @@ def test_train_ranker_writes_tensorboard_and_logs_to_a_real_mlflow_store(small_s
     assert sorted(m.step for m in history) == [s for s, _ in curve]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "bundle")}
     assert {"bundle/manifest.json", "bundle/ranker.txt"} <= artifacts
+    assert (tmp_path / "artifacts" / run.info.run_id / "artifacts" / "bundle" / "manifest.json").is_file()
 
 
 def test_a_failed_command_marks_its_mlflow_run_failed_and_closes_it(tmp_path):
@@ -66,7 +68,8 @@ def test_a_failed_command_marks_its_mlflow_run_failed_and_closes_it(tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(RuntimeError, match="boom"):
-        with tracking.tracked_run(tmp_path / "out", "train-ranker", {"seed": 0}, mlflow_uri=uri) as run:
+        with tracking.tracked_run(tmp_path / "out", "train-ranker", {"seed": 0}, mlflow_uri=uri,
+                                  mlflow_artifacts=str(tmp_path / "artifacts")) as run:
             tracking.scalar("valid/ndcg@10", 0.5, 1)
             run_id = run.mlflow_run_id
             raise RuntimeError("boom")
