@@ -143,7 +143,7 @@ def _timestamps(s: pl.Series, unit: str) -> pl.Series:
                      .otherwise(from_text)).to_series()
 
 
-def read_interactions(path: Path, fmt: InteractionFormat) -> tuple[pl.DataFrame, BadRows, dict[str, pl.Series]]:
+def read_interactions(path: Path, fmt: InteractionFormat) -> tuple[pl.DataFrame, BadRows, dict[str, pl.DataFrame]]:
     """The log as contract events (ts, user_id, item_id, event, seq_pos) with the rows that fail
     dropped and counted; also per-item columns (category, brand, price) the log carries, if named."""
     df = _read(path)
