@@ -6,7 +6,7 @@ Each bundle re-orders every logged list of the synthetic shop by its own scores:
 `featurizer.definitions` at the list's time from the events strictly before it (the offline
 features training used, equal to the served ones by the parity tests), the interest score from the
 bundle's own encoder and user tower, the bundle's columns and constants (`ranker.feature_matrix`),
-and its trees. Only lists after both bundles' training data are used (`test_exposures`): a bundle
+and its trees. Only lists after both bundles' training data are used (`held_out_exposures`): a bundle
 never ranks a list it was fitted or early-stopped on.
 """
 
@@ -21,7 +21,7 @@ import polars as pl
 
 from featurizer.contracts.schema import read_dataset
 from featurizer.offline.pipeline import offline_features
-from ranker.bundle import Bundle, load_bundle
+from ranker.bundle import Bundle
 from ranker.encoder import TextEncoder
 from ranker.feature_matrix import BundleInputs
 from training.ab.simulation import Population
@@ -30,7 +30,7 @@ from training.lambdarank.impression_lists import impression_lists, list_interest
 log = logging.getLogger(__name__)
 
 
-def test_start(bundle: Bundle) -> datetime:
+def held_out_start(bundle: Bundle) -> datetime:
     """The first instant of the bundle's held-out test lists (its manifest's training split)."""
     split = bundle.manifest.get("training_data", {}).get("split", {})
     if "test" not in split:
@@ -49,9 +49,9 @@ def restrict(pop: Population, keep: np.ndarray) -> Population:
         shown=pop.shown[rows], p_click=pop.p_click[rows], p_cart=pop.p_cart[rows], p_purchase=pop.p_purchase[rows])
 
 
-def test_exposures(pop: Population, bundles: list[Bundle]) -> Population:
+def held_out_exposures(pop: Population, bundles: list[Bundle]) -> Population:
     """The exposures from the latest of the bundles' test starts on."""
-    start = max(test_start(b) for b in bundles)
+    start = max(held_out_start(b) for b in bundles)
     return restrict(pop, pop.exposure_ts_ms >= int(start.timestamp() * 1000))
 
 
@@ -87,6 +87,3 @@ def bundle_orders(shop: str | Path, pop: Population, bundles: list[Bundle]) -> l
     """Each bundle's order of every list (columns, best first; ties by the shown column)."""
     return [np.argsort(-s, axis=1, kind="stable") for s in bundle_scores(shop, pop, bundles)]
 
-
-def load_pair(a: str | Path, b: str | Path) -> list[Bundle]:
-    return [load_bundle(a), load_bundle(b)]

@@ -88,11 +88,15 @@ def setup_from_orders(pop: Population, order_a: np.ndarray, order_b: np.ndarray)
     return Setup(att, order_a, order_b, inter, team_a)
 
 
+def _click_probability(att_rows: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Per position of lists shown in `order`: position bias x the item's attractiveness, at most 1."""
+    return np.minimum(position_bias(np.arange(order.shape[1]))[None, :] * np.take_along_axis(att_rows, order, axis=1), 1.0)
+
+
 def _clicks(att_rows: np.ndarray, order: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Clicks per position of lists shown in `order` (position bias x the item's attractiveness)."""
-    K = order.shape[1]
-    p = position_bias(np.arange(K))[None, :] * np.take_along_axis(att_rows, order, axis=1)
-    return rng.random(p.shape) < np.minimum(p, 1.0)
+    """Clicks per position of lists shown in `order`."""
+    p = _click_probability(att_rows, order)
+    return rng.random(p.shape) < p
 
 
 def ab_p(pop: Population, s: Setup, users: np.ndarray, rng: np.random.Generator) -> float:
@@ -165,8 +169,7 @@ def ratio_interval(grid: list[int], hits: dict[str, np.ndarray], boot: int, seed
 
 def true_ctr(pop: Population, order: np.ndarray) -> float:
     """The expected share of lists with a click when every list is shown in `order`."""
-    p = position_bias(np.arange(order.shape[1]))[None, :] * np.take_along_axis(attractiveness(pop), order, axis=1)
-    return float(np.mean(1.0 - np.prod(1.0 - np.minimum(p, 1.0), axis=1)))
+    return float(np.mean(1.0 - np.prod(1.0 - _click_probability(attractiveness(pop), order), axis=1)))
 
 
 def aa_rate(pop: Population, runs: int, seed: int, noise_a: float, order_a: np.ndarray | None = None) -> float:
@@ -243,10 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     if (args.bundle_a is None) != (args.bundle_b is None) or (args.bundle_a is not None and args.shop is None):
         p.error("--bundle-a and --bundle-b go together, with the --shop they were trained on")
     if args.bundle_a is not None:
-        from training.ab.bundle_rankers import bundle_orders, load_pair, test_exposures
+        from ranker.bundle import load_bundle
+        from training.ab.bundle_rankers import bundle_orders, held_out_exposures
 
-        bundles = load_pair(args.bundle_a, args.bundle_b)
-        pop = test_exposures(pop, bundles)
+        bundles = [load_bundle(args.bundle_a), load_bundle(args.bundle_b)]
+        pop = held_out_exposures(pop, bundles)
         orders = tuple(bundle_orders(args.shop, pop, bundles))
         rankers = {k: f"{b.manifest.get('variant', '?')} bundle {b.version}" for k, b in zip("ab", bundles)}
     result = run(pop, args.grid, args.reps, args.noise_a, None if args.noise_b < 0 else args.noise_b, args.aa_runs,

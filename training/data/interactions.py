@@ -73,8 +73,7 @@ class InteractionFormat:
 class BadRows:
     """Rows dropped, by reason, with the first few row numbers of each."""
 
-    def __init__(self, table: str):
-        self.table = table
+    def __init__(self) -> None:
         self.counts: dict[str, int] = {}
         self.examples: dict[str, list[int]] = {}
 
@@ -150,7 +149,7 @@ def read_interactions(path: Path, fmt: InteractionFormat) -> tuple[pl.DataFrame,
     for name, flag in ((fmt.user, "--user-column"), (fmt.item, "--item-column"), (fmt.ts, "--ts-column"),
                        (fmt.event, "--event-column"), (fmt.order, "--order-column")):
         _column(df, path, name, flag)
-    bad = BadRows("interactions")
+    bad = BadRows()
     df = df.with_columns(_text(df, fmt.user).alias("user_id"), _text(df, fmt.item).alias("item_id"))
     df = bad.drop(df, df["user_id"].is_null(), "user id missing")
     df = bad.drop(df, df["item_id"].is_null(), "item id missing")
@@ -187,7 +186,7 @@ def read_catalog(path: Path, fmt: InteractionFormat, per_item: dict[str, pl.Data
     df = _read(path)
     for name, flag in ((fmt.item_id, "--items-id-column"), (fmt.title, "--title-column")):
         _column(df, path, name, flag)
-    bad = BadRows("items")
+    bad = BadRows()
     df = df.with_columns(_text(df, fmt.item_id).alias("item_id"), _text(df, fmt.title).alias("title"))
     df = bad.drop(df, df["item_id"].is_null(), "item id missing")
     df = bad.drop(df, df["title"].is_null(), "title missing")

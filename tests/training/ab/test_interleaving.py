@@ -89,16 +89,16 @@ def test_trained_bundles_rank_the_held_out_lists_by_their_own_scores(small_shop,
     from featurizer.contracts.schema import read_dataset
     from ranker.bundle import load_bundle
     from ranker.feature_matrix import BundleInputs
-    from training.ab.bundle_rankers import bundle_scores, test_exposures, test_start
+    from training.ab.bundle_rankers import bundle_scores, held_out_exposures, held_out_start
     from training.ab.interleaving_sim import run
     from training.ab.simulation import population_from_shop
     from training.lambdarank.impression_lists import build_examples
 
     bundle = load_bundle(small_bundle[0])
     pop = population_from_shop(small_shop)
-    held_out = test_exposures(pop, [bundle, bundle])
+    held_out = held_out_exposures(pop, [bundle, bundle])
     assert 0 < held_out.shown.shape[0] < pop.shown.shape[0]
-    assert held_out.exposure_ts_ms.min() >= test_start(bundle).timestamp() * 1000
+    assert held_out.exposure_ts_ms.min() >= held_out_start(bundle).timestamp() * 1000
     a, b = bundle_scores(small_shop, held_out, [bundle, bundle])
     np.testing.assert_array_equal(a, b)
 
