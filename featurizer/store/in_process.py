@@ -99,9 +99,7 @@ class InProcessStore(OnlineStore):
         # and the keys written or deleted since it, per entity (None: unknown or too many, so the
         # next snapshot is a full one).
         self._base_id: str | None = None
-        # entity -> the keys changed since the last full snapshot, as a dict of None (a set of str stays
-        # tracked by the garbage collector, and a full collection walks its 10^4-10^5 keys; such a dict
-        # is untracked)
+        # (dicts of None, not sets: a set stays tracked by the collector, which walks its 10^4-10^5 keys)
         self._changed: dict[str, dict[str, None]] | None = None
         self._n_changed = 0
         self._delta_on_disk = False
