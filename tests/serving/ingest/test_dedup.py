@@ -262,7 +262,10 @@ def test_a_flood_of_calls_commits_within_the_write_share(tmp_path, monkeypatch, 
 
     logged = asyncio.run(scenario())
     assert sum(x.stored for x in logged) == 600 and max(x.last_seq for x in logged) == 600
-    assert len(spans) == 6
+    sizes = [n for _, _, n in spans]
+    # Slices of 100: the queued calls' events merge into full commits. How many commits is timing (a
+    # call whose append finished first may commit its 50 alone before the rest are stored), not a rule.
+    assert sum(sizes) == 600 and max(sizes) == 100, sizes
     gaps = gap_ratios(spans)
     if ranks_served:
         assert min(gaps) >= 3.0 * 0.999 and slices.paused_s > 0, gaps
