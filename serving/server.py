@@ -37,6 +37,7 @@ from featurizer.contracts.schema import read_dataset
 from featurizer.errors import ConfigError
 from featurizer.online.features import StateMismatchError
 from featurizer.store import snapshot_files
+from featurizer.store.in_process import SnapshotWrite
 from ranker.bundle import EncoderRef
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
@@ -357,8 +358,7 @@ class RankingServer:
                 # after: a LogEvents, and a Rank waiting for its token, never wait for the disk.
                 async with self.state.ingest.applied_lock:
                     write = await asyncio.to_thread(self.state.online.store.freeze)
-                if write is not None:
-                    await asyncio.to_thread(write)
+                await self._write_snapshot(write)
                 await self._share_snapshot()
             except Exception:  # noqa: BLE001 - the event log (or stream) still holds everything
                 log.exception("feature snapshot failed")
@@ -388,9 +388,19 @@ class RankingServer:
         # Written after the lock is released (the fold and LogEvents go on meanwhile). The files are
         # then this copy: only this loop (`_snapshots`, which calls this) and close write them, one
         # at a time; no copy (None) means nothing changed since the last one, which the loop wrote.
-        if write is not None:
-            await asyncio.to_thread(write)
+        await self._write_snapshot(write)
         await share_snapshot(ingest.js, self.cfg.events, path, seq)
+
+    async def _write_snapshot(self, write) -> None:
+        """Write what the store's `freeze` took: a delta's values encoded on the loop first, in the
+        fold's slices and within its share of the loop (`SnapshotWrite.encode_slices`), then the file
+        on a thread."""
+        if write is None:
+            return
+        if isinstance(write, SnapshotWrite):  # the in-process store's
+            slices = self.state.ingest.slices
+            await write.encode_slices(slices.budget_s, slices.pace)
+        await asyncio.to_thread(write)
 
     async def _check_ready(self) -> bool:
         """The online store answers a read of its state row (through the store worker, within the

@@ -22,9 +22,9 @@ class InProcessConfig:
     type: Literal["inprocess"] = "inprocess"
     path: str | None = None  # None: memory only
     autoflush: bool = False  # persist after every write/delete (else at flush/close)
-    # freeze (the server's periodic snapshot), full or delta: write from a forked child (copy-on-write
-    # pages: the parent pays the fork, ~20 ms for the bench's state, not the packing or the encoding
-    # of handed-over values), where os.fork exists
+    # freeze (the server's periodic snapshot), a full one: write from a forked child (copy-on-write
+    # pages: the parent pays the fork, ~20 ms for the bench's state, not the packing), where os.fork
+    # exists. A delta is always written in process (its encoding paced by the caller).
     fork_snapshots: bool = True
     # freeze: while the keys changed since the last full snapshot are at most this fraction of all
     # keys, write only them (a delta file beside the snapshot, `<path>.delta`, replaced each time);

@@ -11,10 +11,11 @@ Two kinds of snapshot (`freeze`):
 - **delta**: only the keys written or deleted since the last full one (`<path>.delta`, naming the
   id of the full snapshot it applies to, replaced by each newer delta). It is taken while those
   keys are at most `InProcessConfig.delta_max_fraction` of the state: kilobytes every 30 s while
-  shoppers act, where a full snapshot of the bench's state is about 100 MB. With
-  `fork_snapshots` a forked child writes it too: it encodes the handed-over values (`Owned`,
-  JSON of co-occurrence counts: hundreds of ms of the GIL under a write flood), and this process
-  takes their bytes back from the file it wrote.
+  shoppers act, where a full snapshot of the bench's state is about 100 MB. Its handed-over values
+  (`Owned`, JSON of co-occurrence counts: 100-200 ms of the GIL under a write flood) are encoded in
+  this process, once, for the file and for the store: a slice at a time on the caller's event loop
+  (`SnapshotWrite.encode_slices`), or on the writing thread. (A forked child wrote deltas before:
+  the fork and the reading back of its encodings held the GIL for longer than the encoding.)
 Loading reads the full snapshot, then the delta when it names that snapshot (a delta of another,
 left by a crash between the two renames, is older than the snapshot and ignored).
 """
@@ -28,7 +29,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from itertools import islice
 from pathlib import Path
 
@@ -68,6 +69,55 @@ def fork_is_safe() -> bool:
 def _fresh(value: bytes | Owned) -> Value:
     """What a read returns for a held value: decoded, never an object the store holds."""
     return decode_value(value if type(value) is bytes else encode_value(value))
+
+
+class SnapshotWrite:
+    """A snapshot `InProcessStore.freeze` took: calling it (on any thread) writes it. Before that, on
+    an event loop, `encode_slices` may encode a delta's handed-over values a slice at a time, paced
+    by the caller (the server gives them its share of the loop for writes, `ApplySlices`), so that
+    the encoding (hundreds of ms of the GIL for the co-occurrence states of a write flood's delta)
+    never holds the loop, as it would on the writing thread or, forked, in reading the child's file
+    back; the write then encodes what is left."""
+
+    def __init__(self, delta: dict[str, dict[str, bytes | Owned | None]] | None):
+        self._delta = delta
+        self._todo = None if delta is None else (
+            (part, entity, k, v) for entity, part in delta.items() for k, v in part.items() if type(v) is Owned)
+        self.encoded: dict[tuple[str, str], tuple[Owned, bytes]] = {}  # (entity, key) -> (value, its encoding)
+        self.encoded_before = 0  # values `encode_slices` encoded (the rest: by the write)
+        self.slices = 0
+        self.write: Callable[[], None] = lambda: None
+
+    def __call__(self) -> None:
+        self.write()
+
+    def encode_some(self, budget_s: float) -> bool:
+        """Encode handed-over values of the delta for about `budget_s`; True when none is left. Each
+        goes into the delta, for the file, and into `encoded`, for the store."""
+        if self._todo is None:
+            return True
+        end = time.perf_counter() + budget_s
+        for part, entity, k, v in self._todo:
+            blob = encode_value(v)
+            part[k] = blob
+            self.encoded[(entity, k)] = (v, blob)
+            if time.perf_counter() >= end:
+                return False
+        self._todo = None
+        return True
+
+    async def encode_slices(self, slice_s: float, pace: Callable[[float], Awaitable[None]]) -> None:
+        """`encode_some` in slices of `slice_s` on the running loop; after each, `pace(seconds it
+        took)` waits as long as the caller's share of the loop wants."""
+        while True:
+            began = time.perf_counter()
+            n = len(self.encoded)
+            done = self.encode_some(slice_s)
+            self.encoded_before += len(self.encoded) - n
+            self.slices += 1
+            if done:
+                return
+            await pace(time.perf_counter() - began)
 
 
 class InProcessStore(OnlineStore):
@@ -252,25 +302,27 @@ class InProcessStore(OnlineStore):
         return {entity: {k: self._data.get(entity, {}).get(k) for k in keys}
                 for entity, keys in self._changed.items() if keys}
 
-    def freeze(self, full: bool = False) -> Callable[[], None] | None:
-        """Take what to persist now and return the function that writes it (the slow part), to run
-        later, outside the caller's locks; None when nothing changed. So a caller that must snapshot
-        a consistent state (the server, under its apply lock) holds its lock only for the taking, and
-        writes never wait for the disk (bench/snapshot_stall.py). Writes run one at a time; one
-        whose state is older than the state on disk writes nothing.
+    def freeze(self, full: bool = False) -> SnapshotWrite | None:
+        """Take what to persist now and return the `SnapshotWrite` that writes it (the slow part), to
+        call later, outside the caller's locks; None when nothing changed. So a caller that must
+        snapshot a consistent state (the server, under its apply lock) holds its lock only for the
+        taking, and writes never wait for the disk (bench/snapshot_stall.py). Writes run one at a
+        time; one whose state is older than the state on disk writes nothing.
 
         Taking it: a delta (the keys changed since the last full snapshot; a copy of them, under the
         lock) while there are few enough of them and `full` is False; else the whole state. `full`
         also folds a delta on disk into a full snapshot when nothing changed since (a caller that
-        needs the state in one file, such as a backup). With `fork_snapshots` (where
-        `fork_is_safe`), either kind: a forked child holds the state in its copy-on-write pages and
-        writes it; the parent pays the fork and never the packing or the encoding, which would
-        otherwise hold the GIL for hundreds of ms and slow every other thread (the event loop's
-        requests) while it runs. Else a copy of the dicts for a full one (milliseconds under the
-        lock), and the delta's values encoded on the writing thread."""
+        needs the state in one file, such as a backup). A delta's handed-over values are encoded in
+        this process, once for the file and for the store (`_settle`): by the write, or before it, a
+        slice at a time between other work on the caller's event loop (`SnapshotWrite.encode_slices`;
+        bench/delta_stall.py). A full snapshot, with `fork_snapshots` (where `fork_is_safe`), is
+        written by a forked child, which holds the state in its copy-on-write pages: this process
+        pays the fork and never the packing or the encoding of the whole state, which would hold the
+        GIL for hundreds of ms; else a copy of the dicts (milliseconds under the lock)."""
         with self._lock:
             if self._path is None or self._closed or not (self._dirty or (full and self._delta_on_disk)):
                 return None
+            locked = time.monotonic()
             self._frozen += 1
             generation = self._frozen
             self._dirty = False
@@ -281,13 +333,13 @@ class InProcessStore(OnlineStore):
                 base_id = uuid.uuid4().hex
                 self._base_id, self._changed, self._n_changed = base_id, {}, 0
             child = data = None
-            taken = time.monotonic()
-            if self.config.fork_snapshots and self._may_fork():
+            if delta is None and self.config.fork_snapshots and self._may_fork():
                 # the child's copy-on-write pages, taken under the lock, are the snapshot
-                child = files.fork_save(self._path, f"{os.getpid()}.{self._frozen}", base_id,
-                                        data=self._data if delta is None else None, delta=delta)
+                child = files.fork_save(self._path, f"{os.getpid()}.{self._frozen}", base_id, self._data)
             if delta is None and child is None:
                 data = {entity: dict(table) for entity, table in self._data.items()}
+            held_ms = (time.monotonic() - locked) * 1000  # what the lock's other users waited (and, forking, all threads)
+        snap = SnapshotWrite(delta)
 
         def write() -> None:
             with self._flush_lock:
@@ -295,23 +347,13 @@ class InProcessStore(OnlineStore):
                     if child is not None:
                         child.discard()
                     return  # a newer state is on disk already
-                encoded: dict[tuple[str, str], tuple[Owned, bytes]] = {}  # the delta's Owned values and their encodings
+                t_write = time.monotonic()
                 try:
                     if delta is not None:
                         if self._disk_base_id != base_id:  # its full snapshot never landed: write a full one next
-                            if child is not None:
-                                child.discard()
                             raise OnlineStoreError(f"{self._path}: the delta's full snapshot is not on disk")
-                        if child is not None:  # the child encoded them: the store takes their bytes from its file
-                            child.wait()
-                            encoded = self._encoded_in(delta, base_id)
-                        else:
-                            for entity, part in delta.items():  # encoded once: for the file, and for the store (_settle)
-                                for k, v in part.items():
-                                    if type(v) is Owned:
-                                        encoded[(entity, k)] = (v, encode_value(v))
-                                        part[k] = encoded[(entity, k)][1]
-                            files.save_delta(self._path, delta, base_id)
+                        snap.encode_some(float("inf"))  # what `encode_slices` left, if anything
+                        files.save_delta(self._path, delta, base_id)
                     elif child is not None:
                         child.wait()
                     else:
@@ -326,18 +368,23 @@ class InProcessStore(OnlineStore):
                     self._disk_base_id = base_id
                     files.delta_path(self._path).unlink(missing_ok=True)  # (a stale one is ignored at load anyway)
                 self._delta_on_disk = delta is not None
-                settled = self._settle(encoded)
+                t_settle = time.monotonic()
+                settled = self._settle(snap.encoded)
+                settle_ms = (time.monotonic() - t_settle) * 1000
                 how = [f"{sum(map(len, delta.values()))} keys changed"] if delta is not None else []
                 if child is not None:
                     how.append("by a forked child")
                 elif delta is None:
                     how.append("copied in process")
+                how.append(f"taken in {held_ms:.1f} ms under the lock")
+                if delta is not None:
+                    how.append(f"{snap.encoded_before} value(s) encoded in {snap.slices} slice(s) before the write")
+                how.append(f"{settled} handed-over value(s) settled in {settle_ms:.1f} ms")
                 log.info("%s: %s snapshot written in %.0f ms (%s)", self._path.name,
-                         "full" if delta is None else "delta", (time.monotonic() - taken) * 1000, ", ".join(how))
-                if settled:
-                    log.debug("%s: %d handed-over value(s) encoded after the snapshot", self._path.name, settled)
+                         "full" if delta is None else "delta", (time.monotonic() - t_write) * 1000, ", ".join(how))
 
-        return write
+        snap.write = write
+        return snap
 
     def _settle(self, known: Mapping[tuple[str, str], tuple[Owned, bytes]], oldest: int | None = None) -> int:
         """Encode the `Owned` values written before now and hold their bytes instead (a dict of a few
@@ -376,17 +423,6 @@ class InProcessStore(OnlineStore):
                         "imported with its fork handlers on (set %s=false before importing it)", self._path,
                         _GRPC_FORK_ENV)
         return False
-
-    def _encoded_in(self, delta: Mapping[str, Mapping[str, Value | None]], base_id: str) -> dict[tuple[str, str], tuple[Owned, bytes]]:
-        """(entity, key) -> (value, its encoding) of the handed-over values of a delta that a child
-        wrote, read back from its file; {} when unreadable (then `_settle` encodes them here)."""
-        owned = {(entity, k): v for entity, part in delta.items() for k, v in part.items() if type(v) is Owned}
-        try:
-            blobs = files.delta_values(self._path, base_id, owned) if owned else {}
-        except OnlineStoreError as e:
-            log.warning("%s: the delta a child wrote cannot be read back (%s); its values are encoded here", self._path, e)
-            return {}
-        return {key: (owned[key], blob) for key, blob in blobs.items()}
 
     def close(self) -> None:
         """Persist what is not on disk yet (a delta when one is due, else the whole state), then

@@ -77,13 +77,12 @@ class ForkedWrite:
         self.tmp.unlink(missing_ok=True)
 
 
-def fork_save(path: Path, tag: str, base_id: str, *, data: dict | None = None, delta: dict | None = None) -> ForkedWrite | None:
-    """A child process that writes `data` as the full snapshot `base_id` of the store at `path`, or
-    `delta` as its delta (`save_atomic`, `save_delta`: the child packs and encodes), to a temp file
-    named with `tag` that `ForkedWrite.wait` puts in place; None when the fork fails. The child's
-    memory is the snapshot: the caller forks under the lock that keeps it consistent."""
-    target = path if delta is None else delta_path(path)
-    tmp = target.with_name(f".{target.name}.{tag}.tmp")
+def fork_save(path: Path, tag: str, base_id: str, data: dict) -> ForkedWrite | None:
+    """A child process that writes `data` as the full snapshot `base_id` of the store at `path`
+    (`save_atomic`: the child packs and encodes) to a temp file named with `tag` that
+    `ForkedWrite.wait` puts in place; None when the fork fails. The child's memory is the snapshot:
+    the caller forks under the lock that keeps it consistent."""
+    tmp = path.with_name(f".{path.name}.{tag}.tmp")
     try:
         pid = os.fork()
     except OSError:
@@ -91,14 +90,11 @@ def fork_save(path: Path, tag: str, base_id: str, *, data: dict | None = None, d
     if pid == 0:  # the child: write and leave without any cleanup
         code = 1
         try:
-            if delta is None:
-                save_atomic(path, data, tmp=tmp, replace=False, base_id=base_id)
-            else:
-                save_delta(path, delta, base_id, tmp=tmp, replace=False)
+            save_atomic(path, data, tmp=tmp, replace=False, base_id=base_id)
             code = 0
         finally:
             os._exit(code)
-    return ForkedWrite(pid, tmp, target)
+    return ForkedWrite(pid, tmp, path)
 
 
 def delta_path(path: Path) -> Path:
@@ -106,13 +102,11 @@ def delta_path(path: Path) -> Path:
     return path.with_name(path.name + ".delta")
 
 
-def save_delta(path: Path, delta: dict[str, dict[str, bytes | dict | None]], base_id: str, tmp: Path | None = None,
-               replace: bool = True) -> None:
-    """The keys changed since the full snapshot `base_id` (None: deleted), atomically as `<path>.delta`
-    (`tmp` and `replace` as for `save_atomic`)."""
+def save_delta(path: Path, delta: dict[str, dict[str, bytes | dict | None]], base_id: str) -> None:
+    """The keys changed since the full snapshot `base_id` (None: deleted), atomically as `<path>.delta`."""
     upserts = {entity: {k: v for k, v in part.items() if v is not None} for entity, part in delta.items()}
     deleted = {entity: [k for k, v in part.items() if v is None] for entity, part in delta.items()}
-    save_atomic(delta_path(path), upserts, tmp=tmp, replace=replace, delta_of=base_id, deleted=deleted)
+    save_atomic(delta_path(path), upserts, delta_of=base_id, deleted=deleted)
 
 
 def save_atomic(path: Path, data: dict[str, dict[str, bytes | dict]], tmp: Path | None = None, replace: bool = True, *,
@@ -202,19 +196,6 @@ def load_delta(path: Path, base_id: str | None) -> dict[str, tuple[dict[str, byt
     except (OSError, ValueError, KeyError) as e:
         raise OnlineStoreError(f"{path}: cannot load the in-process store's delta file ({e}); delete it to start "
                                "from the full snapshot (the event log or stream then folds what it held)") from e
-
-
-def delta_values(path: Path, base_id: str, keys) -> dict[tuple[str, str], bytes]:
-    """The stored bytes of `keys` ((entity, key) pairs) in the delta of the store at `path`, when it
-    applies to `base_id` (those it holds; {} for another snapshot's): the encodings a forked writer
-    made, copied rather than made again."""
-    tables = load_delta(delta_path(path), base_id) or {}
-    out = {}
-    for entity, key in keys:
-        blob = tables.get(entity, ({}, []))[0].get(key)
-        if blob is not None:
-            out[(entity, key)] = blob
-    return out
 
 
 def ids(file) -> tuple[str | None, str | None]:

@@ -174,6 +174,14 @@ class ApplySlices:
             self.paused_s += wait
             await asyncio.sleep(wait)
 
+    async def pace(self, seconds: float) -> None:
+        """After `seconds` of other write work on the loop (a snapshot's encoding slice,
+        `SnapshotWrite.encode_slices`): the same share's pause, then the loop once more (the fold's
+        commits and this work take `write_share` of the loop together)."""
+        self.record(0, seconds)
+        await self.gate()
+        await asyncio.sleep(0)
+
 
 async def wait_on(cond: asyncio.Condition, predicate: Callable[[], bool], timeout_s: float) -> None:
     """Wait until `predicate()` holds under `cond`, at most `timeout_s` in all: acquiring the

@@ -5,6 +5,7 @@ object it holds; a value written again while a snapshot encodes keeps its newer 
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import pytest
@@ -134,27 +135,41 @@ def test_a_delta_snapshot_encodes_each_handed_over_value_once(tmp_path, monkeypa
     assert [v["n"] for v in reloaded.read("cooc", ["i0", "i1", "i2"])] == [{"a": 1}, {"b": 1}, {"c": 1}]
 
 
-def test_a_forked_delta_encodes_in_its_child_and_the_store_takes_the_bytes_from_its_file(tmp_path, monkeypatch):
-    """The JSON of handed-over values is the slow part of a delta under a write flood: a forked child
-    encodes them for the file, and this process reads their bytes back instead of encoding them."""
-    if not in_process.fork_is_safe():
-        pytest.skip("this process may not fork a snapshot writer")
-    store = InProcessStore(InProcessConfig(path=str(tmp_path / "s.bin"), fork_snapshots=True))
-    store.write_batch({"cooc": {"i0": Owned(n={"a": 1}, last=1, d={})}, "ui": {f"k{j}": b"x" for j in range(40)}})
+@pytest.mark.parametrize("fork", [True, False])
+def test_a_delta_encoded_in_slices_on_the_loop_writes_what_it_took_and_keeps_newer_writes(tmp_path, monkeypatch, fork):
+    """The JSON of handed-over values is the slow part of a delta under a write flood: the server
+    encodes them a slice at a time on its loop (`SnapshotWrite.encode_slices`), paced between slices,
+    while the fold goes on writing; then the file is written. Each value is encoded once (for the file
+    and for the store), a key written again meanwhile keeps its newer value, and the file holds the
+    values as the snapshot took them (a forked store forks its full snapshots only)."""
+    store = InProcessStore(InProcessConfig(path=str(tmp_path / "s.bin"), fork_snapshots=fork))
+    store.write_batch({"cooc": {"i0": Owned(n={"a": 1}, last=1, d={})}, "ui": {f"k{j}": b"x" for j in range(400)}})
     store.flush()  # the full snapshot
+    store.write_batch({"cooc": {f"i{k}": Owned(n={"b": k}, last=2, d={}) for k in range(1, 41)}})
     calls = []
     real = in_process.encode_value
-    monkeypatch.setattr(in_process, "encode_value", lambda v: calls.append(v) or real(v))  # this process's encodes
-    store.write_batch({"cooc": {"i1": Owned(n={"b": 1}, last=2, d={"b": 1}), "i2": Owned(n={"c": 2}, last=2, d={})}})
-    store.flush()  # a delta, written by a child
-    assert (tmp_path / "s.bin.delta").exists() and not list(tmp_path.glob(".*.tmp"))
-    assert calls == []
+    monkeypatch.setattr(in_process, "encode_value", lambda v: calls.append(v) or real(v))
+    write = store.freeze()
+    paced: list[float] = []
+
+    async def pace(seconds: float) -> None:
+        paced.append(seconds)
+        if len(paced) == 1:  # the fold writes between two slices
+            store.write_batch({"cooc": {"i1": Owned(n={"b": 100}, last=3, d={})}})
+
+    asyncio.run(write.encode_slices(0.0, pace))  # a zero budget: one value per slice
+    assert len(paced) == 40 and len(calls) == 40 and write.encoded_before == 40  # (a last slice finds none left)
+    write()
+    # The write encoded none of the snapshot's values again; the settle after it encoded the newer i1
+    # (written before it) and kept it, not the snapshot's bytes of the older one.
+    assert len(calls) == 41 and calls[-1]["n"] == {"b": 100}
     held = store._data["cooc"]
-    assert all(type(v) is bytes for v in held.values())
-    assert held["i1"] == encode_value({"n": {"b": 1}, "last": 2, "d": {"b": 1}})
-    store.close()
+    assert held["i1"] == encode_value({"n": {"b": 100}, "last": 3, "d": {}})
+    assert held["i2"] == encode_value({"n": {"b": 2}, "last": 2, "d": {}})  # settled with the slices' bytes
     reloaded = InProcessStore(InProcessConfig(path=str(tmp_path / "s.bin")))
-    assert [v["n"] for v in reloaded.read("cooc", ["i0", "i1", "i2"])] == [{"a": 1}, {"b": 1}, {"c": 2}]
+    assert [v["n"] for v in reloaded.read("cooc", ["i0", "i1", "i40"])] == [{"a": 1}, {"b": 1}, {"b": 40}]
+    store.close()
+    assert InProcessStore(InProcessConfig(path=str(tmp_path / "s.bin"))).read("cooc", ["i1"])[0]["n"] == {"b": 100}
 
 
 def test_without_snapshots_at_most_max_owned_values_stay_decoded(tmp_path):
