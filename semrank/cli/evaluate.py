@@ -58,6 +58,8 @@ def register(sub) -> None:
     s.add_argument("--ranker", action="append", default=[], metavar="NAME=BUNDLE",
                    help="a LightGBM bundle, scored on candidates only: the 101 of sampled-100, and in full the "
                         "first stage's top K (repeatable)")
+    s.add_argument("--sequence", action="append", default=[], metavar="NAME=DIR",
+                   help="a sequence model of `semrank train sequence` trained on this dataset (repeatable)")
     s.add_argument("--first-stage", choices=FIRST_STAGES, default=DEFAULT_FIRST_STAGE,
                    help=f"first stage of the rankers in full ranking (default {DEFAULT_FIRST_STAGE})")
     s.add_argument("--rerank-k", type=_positive_int, default=DEFAULT_RERANK_K,
@@ -106,10 +108,17 @@ def build_models(args, split, item_texts: list[str], dataset: str) -> list:
         name, path = parse_encoder_arg(arg)
         specs.append(resolve_encoder_spec(name, path, tower=towers[0]))
     names = ["popularity"] + [s.name for s in specs]
+    models = [PopularityScorer(split.train_item_counts("test"))]
+    if args.sequence:
+        from training.sequence.sasrec import SASRecScorer
+
+        for arg in args.sequence:
+            name, path = parse_encoder_arg(arg)
+            names.append(name)
+            models.append(SASRecScorer.load(name, path, split.item_ids))
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise ValueError(f"model name(s) used twice: {', '.join(dupes)}; give each --encoder a distinct NAME")
-    models = [PopularityScorer(split.train_item_counts("test"))]
+        raise ValueError(f"model name(s) used twice: {', '.join(dupes)}; give each --encoder / --sequence a distinct NAME")
     loaded: dict = {}  # one encoder and its item embeddings for the specs that differ only in the tower
     for spec in specs:
         log.info("loading %s (%s)", spec.name, spec.source)

@@ -1,4 +1,4 @@
-"""`semrank train ranker` and `semrank train encoder`."""
+"""`semrank train ranker`, `semrank train encoder` and `semrank train sequence`."""
 
 from __future__ import annotations
 
@@ -149,11 +149,69 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_sequence(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from featurizer.contracts.schema import read_dataset
+    from training.data.loo import loo_data
+    from training.sequence.sasrec import SASRecConfig, train_sasrec
+
+    cfg = replace(SASRecConfig(), max_len=args.max_len, dim=args.dim, layers=args.layers, heads=args.heads,
+                  dropout=args.dropout, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
+                  max_minutes=args.max_minutes, eval_every=args.eval_every, patience=args.patience,
+                  valid_users=args.valid_users, seed=args.seed, text=args.text_encoder is not None)
+    ds, split = loo_data(read_dataset(args.data))
+    vectors = None
+    if args.text_encoder is not None:
+        from featurizer.text import item_text_expr
+        from training.evaluation.models import EncoderSpec, load_encoder_scorer, parse_encoder_arg, resolve_encoder_spec
+
+        spec = (EncoderSpec("encoder-frozen", "base") if args.text_encoder == "base"
+                else resolve_encoder_spec(*parse_encoder_arg(args.text_encoder)))
+        texts = ds.items.select(item_text_expr())["item_text"].to_list()
+        vectors = load_encoder_scorer(spec, texts, split.titles, Path(args.data).name, args.embedding_cache).item_embeddings
+    with _tracked(args, "train-sequence") as run:
+        _, s = train_sasrec(split, cfg, args.out, text_vectors=vectors)
+        run.finish({"best_valid_ndcg@10": s["best_valid_ndcg@10"]}, artifacts=args.out)
+    print(f"\nsequence model written to {args.out} ({len(s['curve'])} validations, stopped by {s['stopped_by']}, "
+          f"{s['train_seconds']:.0f} s)")
+    print("| epoch | loss | valid ndcg@10 | valid hr@10 |\n|---:|---:|---:|---:|")
+    for c in s["curve"]:
+        print(f"| {c['epoch']} | {c['loss']:.4f} | {c['ndcg@10']:.4f} | {c['hr@10']:.4f} |")
+    return 0
+
+
+def _register_sequence(train_sub) -> None:
+    from training.sequence.sasrec import SASRecConfig
+
+    d = SASRecConfig()
+    s = train_sub.add_parser(
+        "sequence", help="train the SASRec-CE sequence model (item ids, optionally item text) on leave-one-out data",
+        description="A causal transformer over each user's item sequence, full-softmax cross-entropy; trained on the "
+                    "sequences before each user's validation item, early-stopped on full-ranking NDCG@10 of it "
+                    "(training/sequence/sasrec.py). `semrank eval --sequence NAME=OUT` evaluates it.")
+    s.add_argument("--data", required=True, type=Path, help="a data directory in the contract (e.g. OUT_DIR/data/NAME "
+                                                            "of `semrank eval --dataset`)")
+    s.add_argument("--out", required=True, type=Path, help="model directory to write")
+    s.add_argument("--text-encoder", default=None, metavar="base|NAME=DIR",
+                   help="add the items' text vectors to their id embeddings: the pretrained encoder (base) or a "
+                        "fine-tuned one (NAME=DIR); default: ids only")
+    s.add_argument("--embedding-cache", type=Path, default=None, metavar="DIR",
+                   help="item-embedding cache, e.g. runs/eval/NAME/cache/embeddings of `semrank eval`")
+    for flag, typ in (("max_len", int), ("dim", int), ("layers", int), ("heads", int), ("dropout", float), ("lr", float),
+                      ("batch_size", int), ("epochs", int), ("max_minutes", float), ("eval_every", int),
+                      ("patience", int), ("valid_users", int), ("seed", int)):
+        s.add_argument("--" + flag.replace("_", "-"), type=typ, default=getattr(d, flag), help=f"default {getattr(d, flag)}")
+    _tracking_args(s)
+    s.set_defaults(func=cmd_train_sequence)
+
+
 def register(sub) -> None:
     from training.encoder.train import DEFAULT_METHOD, METHODS, EncoderTrainConfig
 
     train_sub = sub.add_parser("train", help="train models").add_subparsers(dest="train_cmd", required=True)
     _register_ranker(train_sub)
+    _register_sequence(train_sub)
     d = EncoderTrainConfig()
     s = train_sub.add_parser(
         "encoder",
