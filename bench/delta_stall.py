@@ -27,16 +27,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from machine import machine  # bench/ is sys.path[0]
-from serve import BenchConfig, online_snapshot, prepare
+from flood_state import Flood, flood_shop  # bench/ is sys.path[0]
+from machine import machine
+from serve import BenchConfig
 
 
 async def probe(stop: asyncio.Event, lags: list[float]) -> None:
@@ -87,40 +86,18 @@ def main() -> int:
     p.add_argument("--write-share", type=float, default=0.3)
     a = p.parse_args()
 
-    from featurizer.contracts.schema import read_dataset
-    from featurizer.online.features import OnlineFeatures
-    from featurizer.store.config import InProcessConfig
-    from featurizer.store.in_process import InProcessStore
-    from serving.ingest.apply import applied_seq, apply_logged
-    from serving.ingest.log_format import LoggedEvent
-
-    cfg = BenchConfig(work_dir=a.work_dir)
-    shop, _ = prepare(cfg)
-    source = online_snapshot(cfg.work_dir / "state", shop)
-    ds = read_dataset(shop)
-    users_all = sorted(set(ds.events["user_id"].unique().to_list()))
-    items = ds.items["item_id"].to_list()
+    ds, source = flood_shop(a.work_dir)
     rows: dict[str, list[dict]] = {v: [] for v in a.variants}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.rounds):
             order = a.variants if r % 2 == 0 else a.variants[::-1]
             for variant in order:
-                path = Path(tmp) / f"store-{variant}.bin"
-                shutil.copyfile(source, path)
-                Path(f"{path}.delta").unlink(missing_ok=True)  # the previous round's: it names the same base
-                store = InProcessStore(InProcessConfig(path=str(path)))
-                online = OnlineFeatures(store, ds.items)
+                flood = Flood(ds, source, Path(tmp) / f"store-{variant}.bin", a.users, seed=r)  # the same events per round
+                store = flood.store
                 store.write_batch({"bench": {"start": b"1"}})  # a full snapshot first: the base of the deltas
                 store.flush()
-                rng = random.Random(r)  # every variant folds the same events in a round
-                users = rng.sample(users_all, a.users)
-                seq = applied_seq(online)
-                now_us = int(time.time() * 1e6)
-                for start in range(0, a.events, 20):  # LogEvents of 20, as the serve bench's flood
-                    batch = [LoggedEvent(now_us, rng.choice(users), rng.choice(items), "click", event_id=f"d{r}-{start + e}")
-                             for e in range(20)]
-                    apply_logged(online, batch, seq + len(batch), seq)
-                    seq += len(batch)
+                for _ in range(0, a.events, 20):  # LogEvents of 20, as the serve bench's flood
+                    flood.fold(20)
                 if store._changed is None:
                     raise RuntimeError("the store would write a full snapshot, not a delta (raise delta_max_fraction?)")
                 changed = store._n_changed

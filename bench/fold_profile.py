@@ -18,16 +18,15 @@ import argparse
 import cProfile
 import json
 import pstats
-import random
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from machine import machine  # bench/ is sys.path[0]
+from flood_state import Flood, flood_shop  # bench/ is sys.path[0]
+from machine import machine
 from profiling import shares, top_own
-from serve import BenchConfig, online_snapshot, prepare
+from serve import BenchConfig
 
 # (label, function name as cProfile names it, file suffix)
 WATCH = [
@@ -54,38 +53,17 @@ def main() -> int:
     p.add_argument("--top", type=int, default=15)
     a = p.parse_args()
 
-    from featurizer.contracts.schema import read_dataset
-    from featurizer.online.features import OnlineFeatures
-    from featurizer.store.config import InProcessConfig
-    from featurizer.store.in_process import InProcessStore
-    from serving.ingest.apply import applied_seq, apply_logged
-    from serving.ingest.log_format import LoggedEvent
-
-    cfg = BenchConfig(work_dir=a.work_dir)
-    shop, _ = prepare(cfg)
-    snapshot = online_snapshot(cfg.work_dir / "state", shop)
-    ds = read_dataset(shop)
-    copy = cfg.work_dir / "fold-profile-store.bin"  # a copy: this store must never write the snapshot
-    shutil.copyfile(snapshot, copy)
-    online = OnlineFeatures(InProcessStore(InProcessConfig(path=str(copy))), ds.items)
+    ds, snapshot = flood_shop(a.work_dir)
+    copy = a.work_dir / "fold-profile-store.bin"  # a copy: this store must never write the snapshot
+    flood = Flood(ds, snapshot, copy, a.users)
     copy.unlink()
-    rng = random.Random(0)
-    users = rng.sample(sorted(set(ds.events["user_id"].unique().to_list())), a.users)
-    items = ds.items["item_id"].to_list()
-    seq = [applied_seq(online)]
-    run = [0]
+    online = flood.online
 
     def calls(k: int, per_call: int, timed: list[float] | None = None) -> None:
         for _ in range(k):
-            now_us = int(time.time() * 1e6)
-            run[0] += 1
-            batch = [LoggedEvent(now_us, rng.choice(users), rng.choice(items), "click", event_id=f"f{run[0]}-{e}")
-                     for e in range(per_call)]
-            t = time.perf_counter()
-            apply_logged(online, batch, seq[0] + len(batch), seq[0])
+            t = flood.fold(per_call)
             if timed is not None:
-                timed.append(time.perf_counter() - t)
-            seq[0] += len(batch)
+                timed.append(t)
 
     result = {"machine": machine(), "calls": a.calls, "users": a.users, "state_keys": sum(
         len(t) for t in online.store._data.values()), "per_call": {}}
