@@ -204,7 +204,7 @@ def cmd_eval(args) -> int:
     from featurizer.contracts.schema import read_dataset
     from featurizer.text import item_text_expr
     from training.data.loo import loo_data
-    from training.evaluation.protocol import PROTOCOLS, EvalConfig, evaluate
+    from training.evaluation.protocol import PROTOCOLS, EvalConfig, evaluate, user_slices
     from training.evaluation.report import build_report, markdown, write_report
 
     t0 = time.perf_counter()
@@ -230,20 +230,25 @@ def cmd_eval(args) -> int:
     towers = {m.name: m.tower.describe() for m in models if getattr(m, "tower", None) is not None}
     towers |= {name: desc for extra in ranker_runs for name, desc in extra.towers.items()}
     notes = [machine]
-    if ranker_runs:
-        from training.evaluation.rankers import merge, subset_notes
+    from training.evaluation.rankers import merge, subset_notes
 
+    if ranker_runs:
         for extra in ranker_runs:
             run = merge(run, extra)
             notes += extra.notes
         subset, subset_lines = subset_notes(run, ~ranker_runs[0].same_day,
                                             "users whose test and validation items fall in different clock ticks")
         notes += subset_lines
+    slices = {}
+    for label, keep in user_slices(split, run.users).items():  # where item text should matter most
+        slices[label], lines = subset_notes(run, keep, label)
+        notes += lines
     seconds = time.perf_counter() - t0
     for protocol in protocols:
         report = build_report(dataset, protocol, run, len(split.users), args.seed, towers, seconds,
                               n_negatives=config.n_negatives, n_boot=config.bootstrap,
                               extra_notes=[n for n in notes if _note_applies(n, protocol)], compare=compare)
+        report["slices"] = {label: by_protocol.get(protocol, {}) for label, by_protocol in slices.items()}
         if ranker_runs:
             report["different_timestamp_subset"] = subset.get(protocol, {})
             if protocol == "full":

@@ -114,6 +114,7 @@ def test_cli_trains_a_sequence_model_writes_its_curves_and_eval_reports_it(tmp_p
     assert rc == 0
     report = json.loads((tmp_path / "eval" / "shop.full.json").read_text())
     assert "sasrec-ce" in report["models"]
+    assert all("sasrec-ce" in by_model for by_model in report["slices"].values() if by_model)  # rare items, short histories
     # a model of another catalog, or a missing one, is a clear error
     rc = main(["eval", "--data", str(tmp_path / "shop"), "--out-dir", str(tmp_path / "eval"), "--no-frozen",
                "--sequence", f"x={tmp_path / 'nowhere'}"])

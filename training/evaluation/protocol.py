@@ -41,6 +41,10 @@ FULL = "full"
 PROTOCOLS: tuple[str, ...] = (SAMPLED, FULL)
 METRICS: tuple[str, ...] = ("hr@10", "ndcg@10", "ndcg@5", "mrr")
 N_NEGATIVES = 100
+# The slices every report adds (issue 31 item 4: where item text should matter most): users whose test
+# item is rare in the training part, and users with a short history.
+RARE_TARGET_MAX = 5  # training interactions of the test item, at most
+SHORT_HISTORY_MAX = 3  # items before the test item, at most
 TIE_RULE = (
     "pessimistic: rank = 1 + #(candidates scoring > target) + #(other candidates scoring == target); "
     "ties count against the target, so a constant scorer gets no credit; NaN scores count as -inf"
@@ -77,6 +81,15 @@ class EvalRun:
     seconds: dict[str, float]  # model -> wall time (loading excluded, scoring included)
     short_negatives: int = 0  # users with fewer than n_negatives eligible negatives
     descriptions: dict[str, str] = field(default_factory=dict)
+
+
+def user_slices(split: LooSplit, users: np.ndarray) -> dict[str, np.ndarray]:
+    """Masks over `users` (indices into split.users) of the report's slices, by label."""
+    counts = split.train_item_counts("test")
+    targets = np.array([split.target(int(u), "test") for u in users], dtype=np.int64)
+    lengths = np.array([split.history(int(u), "test").size for u in users], dtype=np.int64)
+    return {f"users whose test item has at most {RARE_TARGET_MAX} training interactions": counts[targets] <= RARE_TARGET_MAX,
+            f"users with at most {SHORT_HISTORY_MAX} history items": lengths <= SHORT_HISTORY_MAX}
 
 
 # --------------------------------------------------------------------------- sampling

@@ -385,3 +385,16 @@ def test_true_interest_scorer_is_the_shops_truth_at_the_test_day(tmp_path):
     synthesize(other, seed=6, config=SynthConfig(n_users=30, n_items=40, n_days=3))
     with pytest.raises(ValueError, match="do not name"):
         TrueInterestScorer(other, split, test_us)
+
+
+def test_the_report_slices_pick_rare_test_items_and_short_histories():
+    from training.evaluation.protocol import RARE_TARGET_MAX, SHORT_HISTORY_MAX, user_slices
+
+    split = random_split(n_users=80, n_items=40)
+    users = np.arange(len(split.users))
+    rare, short = user_slices(split, users).values()
+    counts = split.train_item_counts("test")
+    for u in users:
+        assert rare[u] == (counts[split.target(int(u), "test")] <= RARE_TARGET_MAX)
+        assert short[u] == (split.history(int(u), "test").size <= SHORT_HISTORY_MAX)
+    assert 0 < short.sum() < users.size  # histories of 2 to 10 items: both sides occur
