@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import subprocess
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ def _tritonservers_left() -> list[str]:
 
 async def _rank_some_users(data_dir: Path, bundle_dir: Path, seed: int) -> None:
     from featurizer.contracts.schema import read_dataset
+    from featurizer.privacy import Pseudonyms
     from semrank.ranking.v1 import ranking_service_pb2 as pb
     from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
     from serving.config import ServeConfig
@@ -40,10 +42,14 @@ async def _rank_some_users(data_dir: Path, bundle_dir: Path, seed: int) -> None:
         import shutil
 
         shutil.rmtree(state_dir)  # a fresh event log and exposure log for every demo run
-    server = RankingServer(ServeConfig(bundle_dir=bundle_dir, data_dir=data_dir, state_dir=state_dir, port=0, reload_poll_s=0))
+    # Pseudonymous user ids on (docs/privacy.md): a key of this run's own, so the state holds only pseudonyms.
+    names = Pseudonyms(secrets.token_bytes(32))
+    server = RankingServer(ServeConfig(bundle_dir=bundle_dir, data_dir=data_dir, state_dir=state_dir, port=0, reload_poll_s=0,
+                                       pseudonyms=names))
     t0 = time.monotonic()
     port = await server.start()
-    print(f"\n== serving on 127.0.0.1:{port} (Triton + gRPC up in {time.monotonic() - t0:.1f}s)")
+    print(f"\n== serving on 127.0.0.1:{port} (Triton + gRPC up in {time.monotonic() - t0:.1f}s; pseudonymous user ids "
+          f"{names.describe()})")
     try:
         rng = np.random.default_rng(seed)
         active = (
@@ -64,7 +70,7 @@ async def _rank_some_users(data_dir: Path, bundle_dir: Path, seed: int) -> None:
                             description="New arrival, not yet in the catalog: scored from its inline text.",
                         )
                     )
-                history = server.engine.online.history(u, server.engine.now(), 3)
+                history = server.engine.online.history(names(u), server.engine.now(), 3)  # stored under its pseudonym
                 resp = await stub.Rank(pb.RankRequest(request_id=f"demo-{u}", user_id=u, candidates=cands))
                 print(f"\n-- user {u}: top 8 of {len(cands)} candidates  (bundle {resp.model_version})")
                 print("   recent history: " + ("; ".join(titles.get(i, i) for i in history[:3]) or "none (cold start)"))

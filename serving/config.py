@@ -24,6 +24,7 @@ import grpc
 
 from featurizer.contracts.event_rules import EventRules, ItemRules
 from featurizer.errors import ConfigError
+from featurizer.privacy import Pseudonyms
 from featurizer.store.config import StoreConfig
 from serving.triton.client import ExternalTriton
 
@@ -323,6 +324,9 @@ class ServeConfig:
     tls: TlsConfig | None = None
     tokens: TokenAuth | None = None  # None: no authentication; admin RPCs off unless open_admin
     open_admin: bool = False  # admin RPCs without a token: only with a loopback host (checked at start)
+    # Pseudonymous user ids (featurizer.privacy): callers' user ids are stored, logged and assigned A/B
+    # variants by their keyed hash; off (ids as given) without a key
+    pseudonyms: Pseudonyms = field(default_factory=Pseudonyms)
     bundle_roots: tuple[Path, ...] = ()  # ReloadBundle paths must lie under one; (): bundle_dir's parent
     reload_poll_s: float = 2.0  # 0: no watcher (ReloadBundle still works)
     max_concurrent_rpcs: int = 128  # Ranks in flight; beyond it: RESOURCE_EXHAUSTED (Budgets.ranks)

@@ -36,6 +36,8 @@ from featurizer.contracts.experiments import Experiments, load_experiments
 from featurizer.contracts.schema import read_dataset
 from featurizer.errors import ConfigError
 from featurizer.online.features import StateMismatchError
+from featurizer.privacy import KEY_ENV as PSEUDONYM_KEY_ENV
+from featurizer.privacy import check_state
 from featurizer.store import snapshot_files
 from featurizer.store.in_process import SnapshotWrite
 from ranker.bundle import EncoderRef
@@ -59,7 +61,7 @@ from serving.ingest.dedup import EventDedup
 from serving.ingest.items import apply_shared_items
 from serving.ingest.jetstream import StreamIngest
 from serving.ingest.snapshots import due, fetch_snapshot, share_snapshot, shared_info
-from serving.ingest.restore import build_engine, close_all, snapshot_file
+from serving.ingest.restore import STATE_DATA, build_engine, close_all, snapshot_file
 from serving.observability.metrics import Metrics
 from serving.ranking.engine import RankingEngine, utc_now
 from serving.ranking.registry import BundleRegistry
@@ -192,6 +194,13 @@ class RankingServer:
         self._check_access()
         try:
             state_dir = self._state_dir()
+            # Stored ids under one key only (featurizer.privacy): refused before anything is read or written.
+            check_state(state_dir, cfg.pseudonyms, holds_data=any((state_dir / name).exists() for name in STATE_DATA))
+            if cfg.pseudonyms.enabled:
+                log.info("pseudonymous user ids: %s", cfg.pseudonyms.describe())
+            else:
+                log.warning("pseudonymous user ids are off: user ids are stored, logged and exported as callers send "
+                            "them; configure a key (--pseudonym-key-file or $%s; docs/privacy.md)", PSEUDONYM_KEY_ENV)
             experiments = load_experiments(cfg.experiments_file) if cfg.experiments_file else Experiments()
             self._snapshot_file = snapshot_file(cfg, state_dir)
             fetched = None
@@ -206,7 +215,7 @@ class RankingServer:
                                     on_history_skipped=self.metrics.user_history_skipped_total.inc,
                                     max_inline_encodes=cfg.limits.max_inline_encodes,
                                     store_read_timeout_s=cfg.limits.store_read_timeout_s,
-                                    max_store_waiting=cfg.limits.max_store_waiting)
+                                    max_store_waiting=cfg.limits.max_store_waiting, pseudonyms=cfg.pseudonyms)
 
             try:
                 built = build()
@@ -249,7 +258,7 @@ class RankingServer:
                 engine=engine, registry=registry, exposures=exposures, ingest=ingest,
                 metrics=self.metrics,
                 limits=cfg.limits, experiments=experiments, encoder_timeout_s=cfg.encoder_timeout_s,
-                bundle_roots=bundle_roots,
+                bundle_roots=bundle_roots, pseudonyms=cfg.pseudonyms,
                 null_reply=(null_reply(engine.items.item_ids, registry.default.runtime.version, cfg.null_service_top_k)
                             if cfg.null_service_top_k else None),
             )
@@ -446,7 +455,7 @@ class RankingServer:
         self.ready = False
         await self.health.set(READINESS, health_pb2.HealthCheckResponse.NOT_SERVING)
         try:
-            events = (await asyncio.to_thread(read_dataset, self.cfg.data_dir)).events
+            events = self.cfg.pseudonyms.events((await asyncio.to_thread(read_dataset, self.cfg.data_dir)).events)
             n = await self.state.ingest.rebuild(events)
             log.warning("online store rebuilt: %d event(s) applied", n)
         finally:

@@ -28,13 +28,15 @@ def _as_of(text: str) -> datetime:
 
 
 def cmd_score(args) -> int:
+    from featurizer.privacy import Pseudonyms
     from serving.batch.job import ScoreJob, run_score_job
     from serving.batch.scorer import ScoreConfig
 
     data = data_dir(args)
     job = ScoreJob(
         score=ScoreConfig(bundle_dir=args.bundle, data_dir=data, state_dir=args.state_dir, as_of=args.as_of,
-                          encoder=_encoder(args), threads=args.threads, triton=external_triton(args)),
+                          encoder=_encoder(args), threads=args.threads, triton=external_triton(args),
+                          pseudonyms=Pseudonyms.load(args.pseudonym_key_file)),
         input=args.input, output=args.output, chunk_candidates=args.batch_size, engine=args.engine,
         overwrite=args.overwrite, progress=not args.no_progress, ray_address=args.ray_address,
         ray_actors=args.ray_actors, ray_cpus_per_actor=args.ray_cpus_per_actor,
@@ -102,6 +104,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--ray-address", default=None, help="Ray cluster to join (e.g. auto); default: a local Ray")
     s.add_argument("--ray-actors", type=int, default=2, help="scoring actors (default 2)")
     s.add_argument("--ray-cpus-per-actor", type=float, default=1.0)
+    s.add_argument("--pseudonym-key-file", type=Path, default=None,
+                   help="the serving state's pseudonym key (default: $SEMRANK_PSEUDONYM_KEY, else off): input user ids "
+                        "are mapped to the stored ids before their features are read; the output keeps the input's ids")
     s.set_defaults(func=cmd_score)
 
     s = sub.add_parser(

@@ -20,6 +20,7 @@ DEFAULT_STREAM = "SEMRANK_EVENTS"
 
 def cmd_serve(args) -> int:
     from featurizer.store.config import RedisConfig
+    from featurizer.privacy import Pseudonyms
     from serving.config import Budgets, JetStreamConfig, Limits, ServeConfig, TlsConfig, TokenAuth
     from serving.observability.request_logging import configure_logging
     from serving.server import RankingServer
@@ -58,6 +59,7 @@ def cmd_serve(args) -> int:
         metrics_port=args.metrics_port,
         tls=TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
         tokens=tokens,
+        pseudonyms=Pseudonyms.load(args.pseudonym_key_file),
         open_admin=args.open_admin,
         bundle_roots=tuple(args.bundle_root),
         reload_poll_s=args.reload_poll_s,
@@ -197,6 +199,10 @@ def register(sub) -> None:
     s.add_argument("--tls-cert", type=Path, default=None)
     s.add_argument("--tls-key", type=Path, default=None)
     s.add_argument("--tls-client-ca", type=Path, default=None, help="require client certificates signed by this CA (mutual TLS)")
+    s.add_argument("--pseudonym-key-file", type=Path, default=None,
+                   help="the key of pseudonymous user ids (at least 32 bytes; default: $SEMRANK_PSEUDONYM_KEY, else "
+                        "off): callers' user ids are stored, logged and assigned A/B variants by their keyed hash "
+                        "(docs/privacy.md)")
     s.add_argument("--tokens-file", type=Path, default=None, help='bearer tokens: {"tokens": [{"token", "role": client|writer|admin, "name"}]}')
     s.add_argument("--tokens-env", default=None, help="name of an environment variable holding tok:role,tok:role")
     s.add_argument("--open-admin", action="store_true",

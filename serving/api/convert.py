@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 import polars as pl
@@ -18,9 +19,10 @@ EVENT_NAMES = {
 }
 
 
-def to_logged(ev: pb.Event) -> LoggedEvent:
+def to_logged(ev: pb.Event, pseudonyms: Callable[[str], str] = str) -> LoggedEvent:
+    """The event as stored: its user id mapped by `pseudonyms` (featurizer.privacy; identity by default)."""
     return LoggedEvent(
-        ts_us=ev.ts.seconds * 1_000_000 + ev.ts.nanos // 1000, user_id=ev.user_id, item_id=ev.item_id,
+        ts_us=ev.ts.seconds * 1_000_000 + ev.ts.nanos // 1000, user_id=pseudonyms(ev.user_id), item_id=ev.item_id,
         event=EVENT_NAMES[ev.type], request_id=ev.request_id, position=ev.position, event_id=ev.event_id,
     )
 

@@ -24,6 +24,7 @@ from featurizer.contracts.experiments import Experiments
 from featurizer.definitions import FAMILIES
 from featurizer.errors import SemrankError
 from featurizer.online.features import OnlineFeatures
+from featurizer.privacy import Pseudonyms
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
 from serving.api.convert import items_frame, timestamp, to_logged
@@ -35,7 +36,7 @@ from serving.ingest.apply import EventIngest
 from serving.ingest.jetstream import StreamIngest
 from serving.ingest.items import upsert_items
 from serving.observability.metrics import Metrics, set_variant
-from serving.observability.request_logging import bind_request
+from serving.observability.request_logging import bind_request, update_request
 from serving.ranking.engine import STALE_FEATURES, RankingEngine, RankOutcome, degraded_code, holdout
 from serving.ranking.registry import BundleRegistry, Loaded, allowed_bundle_path
 
@@ -60,6 +61,7 @@ class ServingState:
     experiments: Experiments = field(default_factory=Experiments)
     encoder_timeout_s: float = 0.25  # per Triton call on the request path (further capped by the deadline)
     bundle_roots: list[Path] = field(default_factory=list)  # where ReloadBundle may load from
+    pseudonyms: Pseudonyms = field(default_factory=Pseudonyms)  # caller's user id -> the stored one (featurizer.privacy)
     # The bench's null service (`semrank serve --null-service`): Rank answers this reply, built in
     # advance, after grpc parsed the request in full; the rest of the server is the same.
     null_reply: pb.RankResponse | None = None
@@ -84,7 +86,7 @@ class RankingService(pb_grpc.RankingServiceServicer):
 
     # ------------------------------------------------------------ Rank
 
-    async def _rank_on(self, loaded: Loaded, request: pb.RankRequest, candidates, ids, timeout: float
+    async def _rank_on(self, loaded: Loaded, request: pb.RankRequest, user_id: str, candidates, ids, timeout: float
                        ) -> tuple[RankOutcome, str]:
         """The engine's answer on one loaded bundle, and its version."""
         s = self.s
@@ -92,7 +94,7 @@ class RankingService(pb_grpc.RankingServiceServicer):
         rt.inflight += 1
         t_engine = time.perf_counter()
         try:
-            outcome = await s.engine.rank(rt, request.user_id, candidates, explain=request.explain, timeout_s=timeout,
+            outcome = await s.engine.rank(rt, user_id, candidates, explain=request.explain, timeout_s=timeout,
                                           ids=ids)
         finally:
             rt.inflight -= 1
@@ -105,14 +107,16 @@ class RankingService(pb_grpc.RankingServiceServicer):
             return s.null_reply
         t0 = time.perf_counter()
         request_id = request.request_id or uuid.uuid4().hex
-        with bind_request(request_id=request_id, user_id=request.user_id):
+        with bind_request(request_id=request_id):
             valid = validate_rank_request(request, s.limits)
+            user_id = s.pseudonyms(request.user_id)  # the stored id, from here on: logs, A/B, features, exposure
+            update_request(user_id=user_id)
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
                 raise DeadlinePassed("the deadline passed before ranking started")
             timeout = s.encoder_timeout_s if remaining is None else max(0.001, min(s.encoder_timeout_s, remaining * 0.5))
             now = datetime.now(timezone.utc)
-            assignment = s.experiments.assign(request.user_id, now) if s.experiments.experiments else None
+            assignment = s.experiments.assign(user_id, now) if s.experiments.experiments else None
             experiment = assignment.experiment if assignment else ""
             variant = assignment.variant if assignment else ""
             set_variant(variant or "none")
@@ -131,13 +135,13 @@ class RankingService(pb_grpc.RankingServiceServicer):
             elif assignment is not None and assignment.interleaved is not None:
                 pair = []
                 for path in assignment.interleaved:  # team A's ranking, then team B's, on the same candidates
-                    out, ver = await self._rank_on(s.registry.variant(path), request, candidates, valid.ids, timeout)
+                    out, ver = await self._rank_on(s.registry.variant(path), request, user_id, candidates, valid.ids, timeout)
                     pair.append((out, ver))
                 outcome, teams = interleave(pair[0][0], pair[1][0], assignment.salt, request_id)
                 version = f"{pair[0][1]}+{pair[1][1]}"  # team A's bundle + team B's
             else:
                 outcome, version = await self._rank_on(s.registry.variant(assignment.bundle if assignment else None),
-                                                       request, candidates, valid.ids, timeout)
+                                                       request, user_id, candidates, valid.ids, timeout)
             if stale is not None and version:  # (a holdout's answer uses no features)
                 outcome.degraded_reasons.append(stale)
             resp = _rank_response(request, request_id, outcome, version, experiment, variant)
@@ -146,7 +150,7 @@ class RankingService(pb_grpc.RankingServiceServicer):
             if outcome.degraded:
                 log.warning("degraded answer: %s", "; ".join(outcome.degraded_reasons))
             s.exposures.record(Exposure(
-                request_id=request_id, user_id=request.user_id, experiment=experiment, variant=variant,
+                request_id=request_id, user_id=user_id, experiment=experiment, variant=variant,
                 bundle_version=version, item_ids=outcome.item_ids[:len(resp.items)], ts=now,  # (not read back: 130 µs at 1000)
                 teams=teams[:len(resp.items)],
             ))
@@ -170,7 +174,7 @@ class RankingService(pb_grpc.RankingServiceServicer):
                 for ev in msg.events:
                     problem = event_problem(ev, s.limits, now)
                     if problem is None:
-                        batch.append(to_logged(ev))
+                        batch.append(to_logged(ev, s.pseudonyms))
                     else:
                         resp.rejected += 1
                         if len(resp.rejections) < s.limits.max_rejections_listed:

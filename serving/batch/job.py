@@ -56,7 +56,8 @@ def _state_as_of(cfg: ScoreConfig) -> datetime:
     """The job's as-of from the state (Ray driver: without loading an encoder)."""
     from serving.ingest.restore import build_engine
 
-    built = build_engine(cfg.data_dir, cfg.state_dir, None, clock=lambda: cfg.as_of, read_only=True)
+    built = build_engine(cfg.data_dir, cfg.state_dir, None, clock=lambda: cfg.as_of, read_only=True,
+                         pseudonyms=cfg.pseudonyms)
     try:
         return resolve_as_of(cfg.as_of, built.engine.online.watermark)
     finally:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from featurizer.errors import SemrankError
+from featurizer.privacy import Pseudonyms, check_state
 from serving.batch.input import INLINE_COLUMNS, BatchInputError, InputLayout, key_breaks
 from serving.encoding.factories import TritonEncoderOptions, encoder_factory
 from serving.triton.client import ExternalTriton
@@ -66,6 +67,9 @@ class ScoreConfig:
     threads: int | None = None  # torch threads of the in-process encoder
     triton: ExternalTriton | None = None  # with encoder "triton": this Triton instead of a child process
     users_per_call: int = 256  # requests whose user texts are embedded in one encoder call (<= USER_CACHE)
+    # The server's pseudonymous ids (featurizer.privacy): input user ids are mapped before their features are
+    # read; the output keeps the ids the input gave
+    pseudonyms: Pseudonyms = field(default_factory=Pseudonyms)
 
 
 def resolve_as_of(as_of: datetime | None, watermark: datetime | None) -> datetime:
@@ -102,8 +106,9 @@ class Scorer:
     async def _start(self) -> None:
         cfg = self.cfg
         self.as_of: datetime | None = None
+        check_state(cfg.state_dir, cfg.pseudonyms, holds_data=True, record=False)
         self._built = build_engine(cfg.data_dir, cfg.state_dir, None, clock=lambda: self.as_of, read_only=True,
-                                   user_cache_size=USER_CACHE)
+                                   user_cache_size=USER_CACHE, pseudonyms=cfg.pseudonyms)
         self.engine = self._built.engine
         self.as_of = resolve_as_of(cfg.as_of, self.engine.online.watermark)
         factory = encoder_factory(cfg.encoder, threads=cfg.threads, triton=BATCH_TRITON, external=cfg.triton)
@@ -134,7 +139,7 @@ class Scorer:
         engine, rt, step = self.engine, self.runtime, min(max(1, self.cfg.users_per_call), USER_CACHE)
         out = []
         for g in range(0, len(requests), step):
-            group = requests[g : g + step]
+            group = [(self.cfg.pseudonyms(u), c) for u, c in requests[g : g + step]]  # the stored ids
             await engine.prefetch_user_embeddings(rt, [u for u, _ in group])
             for user_id, candidates in group:
                 outcome = await engine.rank(rt, user_id, candidates)

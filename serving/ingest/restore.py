@@ -29,6 +29,7 @@ import polars as pl
 
 from featurizer.contracts.event_rules import EventRules
 from featurizer.contracts.schema import read_dataset
+from featurizer.privacy import Pseudonyms
 from featurizer.errors import SemrankError
 from featurizer.online.features import OnlineFeatures
 from featurizer.store.base import OnlineStore
@@ -75,6 +76,10 @@ def close_all(closers: list[Callable[[], None]]) -> None:
 def default_store(state_dir: Path) -> InProcessConfig:
     """In-process features, snapshotted to state_dir/online-store.bin."""
     return InProcessConfig(path=str(state_dir / "online-store.bin"))
+
+
+# What of a state directory holds stored user ids (featurizer.privacy.check_state).
+STATE_DATA = ("events", "online-store.bin", "exposures")
 
 
 def snapshot_file(cfg, state_dir: Path) -> Path | None:
@@ -124,13 +129,14 @@ def restore_online(store: OnlineStore, items: pl.DataFrame, events: pl.DataFrame
 def build_engine(data_dir: Path, state_dir: Path, store_cfg: StoreConfig | None = None,
                  clock: Callable[[], datetime] = utc_now, *, read_only: bool = False, local_log: bool = True,
                  embeddings_dir: Path | None = None, on_cache: Callable[[str, bool], None] | None = None,
-                 rules: EventRules = EventRules(), **engine_kw) -> BuiltEngine:
+                 rules: EventRules = EventRules(), pseudonyms: Pseudonyms = Pseudonyms(), **engine_kw) -> BuiltEngine:
     """Items, online features and the engine over them (see the module docstring).
 
     `store_cfg` None: in-process, snapshotted to state_dir/online-store.bin. `local_log` False:
     events come from JetStream, which the server folds after this (serving.ingest.jetstream); no
-    local event log is opened or replayed. `engine_kw` go to RankingEngine (cache sizes). On
-    failure whatever was opened is closed again."""
+    local event log is opened or replayed. `pseudonyms`: the data directory's user ids (the shop's
+    own) are mapped to the stored ids (featurizer.privacy); the event log holds stored ids already.
+    `engine_kw` go to RankingEngine (cache sizes). On failure whatever was opened is closed again."""
     state_dir = Path(state_dir)
     cfg = store_cfg or default_store(state_dir)
     if read_only and not isinstance(cfg, InProcessConfig):
@@ -158,7 +164,7 @@ def build_engine(data_dir: Path, state_dir: Path, store_cfg: StoreConfig | None 
             store = store_from_config(cfg)
             closers.append(store.close)
             logged = event_log.replay
-        online = restore_online(store, items.items, ds.events, logged, rules)
+        online = restore_online(store, items.items, pseudonyms.events(ds.events), logged, rules)
         engine = RankingEngine(items=items, online=online, clock=clock, on_cache=on_cache, **engine_kw)
         closers.insert(0, engine.store_worker.close)  # no call into the store runs once the log and store close
     except BaseException:

@@ -1,0 +1,121 @@
+"""Pseudonymous user ids through a real server (issue 18 item 1): with a key, a caller's user id is
+stored, logged and exposed only as its keyed hash, while the service answers as it would without
+one; a server refuses state written under another key, or none."""
+
+from __future__ import annotations
+
+import io
+import logging
+from datetime import datetime, timedelta, timezone
+
+import grpc
+import pytest
+
+from featurizer.errors import ConfigError
+from featurizer.privacy import Pseudonyms
+from semrank.ranking.v1 import ranking_service_pb2 as pb
+from serving.config import ServeConfig
+from serving.observability.request_logging import JsonFormatter
+from serving.server import RankingServer
+from tests.integration.production_kit import RPC_TIMEOUT_S, rank, stub, timestamp
+from tests.integration.serving_kit import ServerThread
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+KEY = b"integration-test-key-of-32-bytes!"
+CANARY = "canary-shopper-7f3a"
+
+
+def _files_text(directory) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file())
+
+
+def test_a_keyed_server_stores_logs_and_exposes_only_pseudonyms_and_ranks_as_without(
+        small_shop, small_bundle, shop, catalog, tmp_path):
+    names = Pseudonyms(KEY)
+    shopper = shop.events["user_id"][0]  # a user of the data directory: its history is found through the hash
+    items = catalog[:20]
+
+    def cfg(state, pseudonyms):
+        return ServeConfig(bundle_dir=small_bundle[0], data_dir=small_shop, state_dir=tmp_path / state, port=0,
+                           reload_poll_s=0, encoder_timeout_s=30.0, snapshot_interval_s=0, pseudonyms=pseudonyms)
+
+    logs = io.StringIO()
+    handler = logging.StreamHandler(logs)
+    handler.setFormatter(JsonFormatter())  # what `semrank serve --log-json` writes: the request's fields too
+    root = logging.getLogger()
+    root.addHandler(handler)
+    level, root.level = root.level, logging.DEBUG
+    try:
+        with ServerThread(cfg("plain", Pseudonyms())) as st, grpc.insecure_channel(f"127.0.0.1:{st.port}") as channel:
+            plain = rank(channel, shopper, items, top_k=20)
+        with ServerThread(cfg("keyed", names)) as st, grpc.insecure_channel(f"127.0.0.1:{st.port}") as channel:
+            keyed = rank(channel, shopper, items, top_k=20)
+            now = datetime.now(timezone.utc)
+            logged = stub(channel).LogEvents(iter([pb.LogEventsRequest(events=[
+                pb.Event(ts=timestamp(now - timedelta(seconds=5)), user_id=CANARY, item_id=items[3], type=pb.EVENT_TYPE_CLICK,
+                         event_id="canary-1")])]), timeout=RPC_TIMEOUT_S)
+            after = rank(channel, CANARY, items, top_k=20, min_sequence=logged.sequence, request_id="canary-rank")
+            assert not after.degraded
+            history = st.run(_history(st.server, names(CANARY)))
+            assert history == [items[3]]  # the event was applied under the pseudonym
+        assert [(i.item_id, round(i.score, 5)) for i in keyed.items] == [(i.item_id, round(i.score, 5)) for i in plain.items]
+        stored = _files_text(tmp_path / "keyed")
+        assert CANARY.encode() not in stored and shopper.encode() not in stored
+        assert names(CANARY).encode() in stored  # the event log and the exposure hold the pseudonym
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    assert CANARY not in logs.getvalue() and names(CANARY) in logs.getvalue()
+
+
+async def _history(server: RankingServer, user_id: str) -> list[str]:
+    engine = server.engine
+    return await engine.store_worker.read(engine.online.history, user_id, datetime.now(timezone.utc), 10)
+
+
+def test_a_server_refuses_state_written_under_another_key_or_none(small_shop, small_bundle, tmp_path):
+    state = tmp_path / "state"
+
+    def start(pseudonyms):
+        server = RankingServer(ServeConfig(bundle_dir=small_bundle[0], data_dir=small_shop, state_dir=state, port=0,
+                                           reload_poll_s=0, pseudonyms=pseudonyms))
+        import asyncio
+
+        return asyncio.run(server.start())
+
+    (state / "events").mkdir(parents=True)  # state from before pseudonyms: ids stored as given
+    with pytest.raises(ConfigError, match="no key \\(user ids stored as given\\)"):
+        start(Pseudonyms(KEY))
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "pseudonyms.json").write_text('{"fingerprint": "%s"}' % Pseudonyms(KEY).fingerprint)
+    state = fresh
+    with pytest.raises(ConfigError, match="this server has no key"):
+        start(Pseudonyms())
+    with pytest.raises(ConfigError, match="fingerprint"):
+        start(Pseudonyms(b"another-key-of-at-least-32-bytes!!"))
+
+
+def test_batch_scoring_maps_its_input_ids_and_refuses_state_of_another_key(small_shop, small_bundle, catalog, tmp_path):
+    """`semrank score` on a keyed server's state: the input's user ids are mapped before their features
+    are read (a shopper with a click scores unlike a stranger), and without the key the job is refused."""
+    from serving.batch.scorer import ScoreConfig, Scorer
+    from serving.ranking.engine import Candidate
+
+    names, state = Pseudonyms(KEY), tmp_path / "state"
+    cfg = ServeConfig(bundle_dir=small_bundle[0], data_dir=small_shop, state_dir=state, port=0, reload_poll_s=0,
+                      encoder_timeout_s=30.0, snapshot_interval_s=0, pseudonyms=names)
+    with ServerThread(cfg) as st, grpc.insecure_channel(f"127.0.0.1:{st.port}") as channel:
+        stub(channel).LogEvents(iter([pb.LogEventsRequest(events=[
+            pb.Event(ts=timestamp(datetime.now(timezone.utc) - timedelta(seconds=5)), user_id=CANARY, item_id=catalog[k],
+                     type=pb.EVENT_TYPE_PURCHASE, event_id=f"batch-{k}") for k in range(3)])]), timeout=RPC_TIMEOUT_S)
+    cands = [Candidate(item_id=i) for i in catalog[3:23]]
+    with pytest.raises(ConfigError, match="this server has no key"):
+        Scorer(ScoreConfig(small_bundle[0], small_shop, state))
+    scorer = Scorer(ScoreConfig(small_bundle[0], small_shop, state, pseudonyms=names))
+    try:
+        (canary, _), (stranger, _) = scorer.score_requests([(CANARY, cands), ("never-seen-shopper", cands)])
+    finally:
+        scorer.close()
+    assert not (canary == stranger).all()
