@@ -47,17 +47,19 @@ def test_a_keyed_server_stores_logs_and_exposes_only_pseudonyms_and_ranks_as_wit
     root.addHandler(handler)
     level, root.level = root.level, logging.DEBUG
     try:
-        with ServerThread(cfg("plain", Pseudonyms())) as st, grpc.insecure_channel(f"127.0.0.1:{st.port}") as channel:
+        now = datetime.now(timezone.utc)  # both servers rank at this instant: time-dependent features agree
+        with ServerThread(cfg("plain", Pseudonyms()), clock=lambda: now) as st, \
+                grpc.insecure_channel(f"127.0.0.1:{st.port}") as channel:
             plain = rank(channel, shopper, items, top_k=20)
-        with ServerThread(cfg("keyed", names)) as st, grpc.insecure_channel(f"127.0.0.1:{st.port}") as channel:
+        with ServerThread(cfg("keyed", names), clock=lambda: now) as st, \
+                grpc.insecure_channel(f"127.0.0.1:{st.port}") as channel:
             keyed = rank(channel, shopper, items, top_k=20)
-            now = datetime.now(timezone.utc)
             logged = stub(channel).LogEvents(iter([pb.LogEventsRequest(events=[
                 pb.Event(ts=timestamp(now - timedelta(seconds=5)), user_id=CANARY, item_id=items[3], type=pb.EVENT_TYPE_CLICK,
                          event_id="canary-1")])]), timeout=RPC_TIMEOUT_S)
             after = rank(channel, CANARY, items, top_k=20, min_sequence=logged.sequence, request_id="canary-rank")
             assert not after.degraded
-            history = st.run(_history(st.server, names(CANARY)))
+            history = st.run(_history(st.server, names(CANARY), now))
             assert history == [items[3]]  # the event was applied under the pseudonym
         assert [(i.item_id, round(i.score, 5)) for i in keyed.items] == [(i.item_id, round(i.score, 5)) for i in plain.items]
         stored = _files_text(tmp_path / "keyed")
@@ -69,9 +71,9 @@ def test_a_keyed_server_stores_logs_and_exposes_only_pseudonyms_and_ranks_as_wit
     assert CANARY not in logs.getvalue() and names(CANARY) in logs.getvalue()
 
 
-async def _history(server: RankingServer, user_id: str) -> list[str]:
+async def _history(server: RankingServer, user_id: str, t: datetime) -> list[str]:
     engine = server.engine
-    return await engine.store_worker.read(engine.online.history, user_id, datetime.now(timezone.utc), 10)
+    return await engine.store_worker.read(engine.online.history, user_id, t, 10)
 
 
 def test_a_server_refuses_state_written_under_another_key_or_none(small_shop, small_bundle, tmp_path):
