@@ -46,6 +46,7 @@ def test_it_learns_the_order_that_popularity_cannot_see(tmp_path):
     assert hit["sasrec"] > 0.95 and hit["popularity"] < 0.5, hit  # the test target, never trained on
     meta = json.loads((tmp_path / "sasrec" / CONFIG_FILE).read_text())
     assert meta["item_ids"] == split.item_ids and meta["curve"] and meta["stopped_by"] in ("epochs", "patience")
+    assert (tmp_path / "sasrec" / "sasrec_curves.png").stat().st_size > 0
 
 
 def test_a_history_scores_the_same_alone_and_in_a_batch_of_longer_ones():

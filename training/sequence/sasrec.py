@@ -19,8 +19,9 @@ and, optionally, the items' text vectors (issue 31 item 1).
   the validation item after `seq[:-2]` over the full catalog, history masked (NDCG@10 on a seeded
   sample of users) every `eval_every` epochs, and the best epoch's weights are kept (patience
   `patience` evaluations); the test then scores `seq[:-1]` with those weights, as `semrank eval` does.
-- **Files**: `model.safetensors` (the weights, text vectors included) and `sasrec.json` (the
-  configuration, the catalog's item ids in the table's order, the validation curve).
+- **Files**: `model.safetensors` (the weights, text vectors included), `sasrec.json` (the
+  configuration, the catalog's item ids in the table's order, the validation curve) and
+  `sasrec_curves.png` (that curve).
 
 Progress: a tqdm bar per epoch; the loss and the validation metrics go to TensorBoard (and MLflow)
 through `training.tracking` when a tracked run is open (`semrank train sequence`).
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "sasrec.json"
+CURVES_PNG = "sasrec_curves.png"
 FORMAT = 1
 
 
@@ -246,7 +248,25 @@ def save(model: SASRec, item_ids: Sequence[str], summary: dict, out_dir: str | P
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / MODEL_FILE))
     (out / CONFIG_FILE).write_text(json.dumps({**summary, "item_ids": list(item_ids)}, indent=1))
+    if summary["curve"]:
+        plot_curve(summary["curve"], out / CURVES_PNG)
     return out
+
+
+def plot_curve(curve: list[dict], path: Path) -> Path:
+    """The training loss and the validation NDCG@10 / HR@10 by epoch."""
+    from training.figures import pyplot, save_figure
+
+    plt = pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    epochs = [c["epoch"] for c in curve]
+    a.plot(epochs, [c["loss"] for c in curve], marker="o")
+    a.set(xlabel="epoch", ylabel="training loss (cross-entropy)")
+    for key in ("ndcg@10", "hr@10"):
+        b.plot(epochs, [c[key] for c in curve], marker="o", label=key)
+    b.set(xlabel="epoch", ylabel="validation, full ranking")
+    b.legend()
+    return save_figure(fig, path)
 
 
 def load(model_dir: str | Path) -> tuple[SASRec, dict]:
