@@ -45,7 +45,17 @@ def test_a_keyed_server_stores_logs_and_exposes_only_pseudonyms_and_ranks_as_wit
     handler.setFormatter(JsonFormatter())  # what `semrank serve --log-json` writes: the request's fields too
     root = logging.getLogger()
     root.addHandler(handler)
-    level, root.level = root.level, logging.DEBUG
+    # Every record at DEBUG, whatever earlier tests or libraries in this process set (levels, a
+    # dictConfig that disabled existing loggers, logging.disable): the server's DEBUG line of each Rank
+    # carries the request's user id field.
+    names_ = ["", "serving", "serving.api", "serving.api.service"]
+    names_ += [n for n in logging.root.manager.loggerDict if n.startswith(("serving.", "featurizer."))]
+    saved = {n: (logging.getLogger(n).level, logging.getLogger(n).disabled) for n in dict.fromkeys(names_)}
+    disabled = logging.root.manager.disable
+    logging.disable(logging.NOTSET)
+    for n in saved:
+        logging.getLogger(n).setLevel(logging.DEBUG)
+        logging.getLogger(n).disabled = False
     try:
         now = datetime.now(timezone.utc)  # both servers rank at this instant: time-dependent features agree
         with ServerThread(cfg("plain", Pseudonyms()), clock=lambda: now) as st, \
@@ -67,7 +77,10 @@ def test_a_keyed_server_stores_logs_and_exposes_only_pseudonyms_and_ranks_as_wit
         assert names(CANARY).encode() in stored  # the event log and the exposure hold the pseudonym
     finally:
         root.removeHandler(handler)
-        root.setLevel(level)
+        for n, (lvl, off) in saved.items():
+            logging.getLogger(n).setLevel(lvl)
+            logging.getLogger(n).disabled = off
+        logging.disable(disabled)
     assert CANARY not in logs.getvalue() and names(CANARY) in logs.getvalue()
 
 
