@@ -80,12 +80,10 @@ class SnapshotWrite:
     back; the write then encodes what is left."""
 
     def __init__(self, delta: dict[str, dict[str, bytes | Owned | None]] | None):
-        self._delta = delta
         self._todo = None if delta is None else (
             (part, entity, k, v) for entity, part in delta.items() for k, v in part.items() if type(v) is Owned)
         self.encoded: dict[tuple[str, str], tuple[Owned, bytes]] = {}  # (entity, key) -> (value, its encoding)
-        self.encoded_before = 0  # values `encode_slices` encoded (the rest: by the write)
-        self.slices = 0
+        self.slices = 0  # `encode_slices` calls of `encode_some`
         self.write: Callable[[], None] = lambda: None
 
     def __call__(self) -> None:
@@ -111,9 +109,7 @@ class SnapshotWrite:
         took)` waits as long as the caller's share of the loop wants."""
         while True:
             began = time.perf_counter()
-            n = len(self.encoded)
             done = self.encode_some(slice_s)
-            self.encoded_before += len(self.encoded) - n
             self.slices += 1
             if done:
                 return
@@ -352,7 +348,8 @@ class InProcessStore(OnlineStore):
                     if delta is not None:
                         if self._disk_base_id != base_id:  # its full snapshot never landed: write a full one next
                             raise OnlineStoreError(f"{self._path}: the delta's full snapshot is not on disk")
-                        snap.encode_some(float("inf"))  # what `encode_slices` left, if anything
+                        sliced = len(snap.encoded)  # what `encode_slices` encoded before the write
+                        snap.encode_some(float("inf"))  # what it left, if anything
                         files.save_delta(self._path, delta, base_id)
                     elif child is not None:
                         child.wait()
@@ -378,7 +375,7 @@ class InProcessStore(OnlineStore):
                     how.append("copied in process")
                 how.append(f"taken in {held_ms:.1f} ms under the lock")
                 if delta is not None:
-                    how.append(f"{snap.encoded_before} value(s) encoded in {snap.slices} slice(s) before the write")
+                    how.append(f"{sliced} value(s) encoded in {snap.slices} slice(s) before the write")
                 how.append(f"{settled} handed-over value(s) settled in {settle_ms:.1f} ms")
                 log.info("%s: %s snapshot written in %.0f ms (%s)", self._path.name,
                          "full" if delta is None else "delta", (time.monotonic() - t_write) * 1000, ", ".join(how))

@@ -98,6 +98,7 @@ def build_models(args, split, item_texts: list[str], dataset: str) -> list:
         PopularityScorer,
         load_encoder_scorer,
         parse_encoder_arg,
+        parse_named_path,
         resolve_encoder_spec,
     )
 
@@ -113,7 +114,7 @@ def build_models(args, split, item_texts: list[str], dataset: str) -> list:
         from training.sequence.sasrec import SASRecScorer
 
         for arg in args.sequence:
-            name, path = parse_encoder_arg(arg)
+            name, path = parse_named_path(arg, "--sequence", "sasrec-ce=runs/seq/beauty-sasrec-id")
             names.append(name)
             models.append(SASRecScorer.load(name, path, split.item_ids))
     dupes = sorted({n for n in names if names.count(n) > 1})

@@ -164,10 +164,10 @@ def cmd_train_sequence(args: argparse.Namespace) -> int:
     vectors = None
     if args.text_encoder is not None:
         from featurizer.text import item_text_expr
-        from training.evaluation.models import EncoderSpec, load_encoder_scorer, parse_encoder_arg, resolve_encoder_spec
+        from training.evaluation.models import EncoderSpec, load_encoder_scorer, parse_named_path, resolve_encoder_spec
 
-        spec = (EncoderSpec("encoder-frozen", "base") if args.text_encoder == "base"
-                else resolve_encoder_spec(*parse_encoder_arg(args.text_encoder)))
+        spec = (EncoderSpec("encoder-frozen", "base") if args.text_encoder == "base" else resolve_encoder_spec(
+            *parse_named_path(args.text_encoder, "--text-encoder", "base, or encoder-finetuned=runs/enc-D/encoder")))
         texts = ds.items.select(item_text_expr())["item_text"].to_list()
         vectors = load_encoder_scorer(spec, texts, split.titles, Path(args.data).name, args.embedding_cache).item_embeddings
     with _tracked(args, "train-sequence") as run:

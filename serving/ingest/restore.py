@@ -29,9 +29,9 @@ import polars as pl
 
 from featurizer.contracts.event_rules import EventRules
 from featurizer.contracts.schema import read_dataset
-from featurizer.privacy import Pseudonyms
 from featurizer.errors import SemrankError
 from featurizer.online.features import OnlineFeatures
+from featurizer.privacy import Pseudonyms
 from featurizer.store.base import OnlineStore
 from featurizer.store.config import InProcessConfig, StoreConfig
 from featurizer.store.factory import store_from_config

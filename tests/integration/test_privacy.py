@@ -4,6 +4,7 @@ one; a server refuses state written under another key, or none."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 from datetime import datetime, timedelta, timezone
@@ -90,26 +91,21 @@ async def _history(server: RankingServer, user_id: str, t: datetime) -> list[str
 
 
 def test_a_server_refuses_state_written_under_another_key_or_none(small_shop, small_bundle, tmp_path):
-    state = tmp_path / "state"
+    def start(state, pseudonyms):  # refused before Triton or anything else starts
+        return asyncio.run(RankingServer(ServeConfig(bundle_dir=small_bundle[0], data_dir=small_shop, state_dir=state,
+                                                     port=0, reload_poll_s=0, pseudonyms=pseudonyms)).start())
 
-    def start(pseudonyms):
-        server = RankingServer(ServeConfig(bundle_dir=small_bundle[0], data_dir=small_shop, state_dir=state, port=0,
-                                           reload_poll_s=0, pseudonyms=pseudonyms))
-        import asyncio
-
-        return asyncio.run(server.start())
-
-    (state / "events").mkdir(parents=True)  # state from before pseudonyms: ids stored as given
+    old = tmp_path / "old"
+    (old / "events").mkdir(parents=True)  # state from before pseudonyms: ids stored as given
     with pytest.raises(ConfigError, match="no key \\(user ids stored as given\\)"):
-        start(Pseudonyms(KEY))
-    fresh = tmp_path / "fresh"
-    fresh.mkdir()
-    (fresh / "pseudonyms.json").write_text('{"fingerprint": "%s"}' % Pseudonyms(KEY).fingerprint)
-    state = fresh
+        start(old, Pseudonyms(KEY))
+    keyed = tmp_path / "keyed"
+    keyed.mkdir()
+    (keyed / "pseudonyms.json").write_text('{"fingerprint": "%s"}' % Pseudonyms(KEY).fingerprint)
     with pytest.raises(ConfigError, match="this server has no key"):
-        start(Pseudonyms())
+        start(keyed, Pseudonyms())
     with pytest.raises(ConfigError, match="fingerprint"):
-        start(Pseudonyms(b"another-key-of-at-least-32-bytes!!"))
+        start(keyed, Pseudonyms(b"another-key-of-at-least-32-bytes!!"))
 
 
 def test_batch_scoring_maps_its_input_ids_and_refuses_state_of_another_key(small_shop, small_bundle, catalog, tmp_path):

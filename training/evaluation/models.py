@@ -124,13 +124,18 @@ class EncoderSpec:
     source: str = "base"  # what the user gave (a repo-relative path or "base"), for the report
 
 
-def parse_encoder_arg(arg: str) -> tuple[str, Path]:
-    """`NAME=DIR` -> (NAME, DIR)."""
+def parse_named_path(arg: str, flag: str, example: str, what: str = "DIR") -> tuple[str, Path]:
+    """`NAME=PATH` of a repeatable model flag (`--encoder`, `--ranker`, `--sequence`) -> (NAME, PATH)."""
     name, sep, path = arg.partition("=")
     name, path = name.strip(), path.strip()
     if not sep or not name or not path:
-        raise ValueError(f"--encoder expects NAME=DIR (e.g. encoder-finetuned=runs/beauty/bundle/encoder), got {arg!r}")
+        raise ValueError(f"{flag} expects NAME={what} (e.g. {example}), got {arg!r}")
     return name, Path(path)
+
+
+def parse_encoder_arg(arg: str) -> tuple[str, Path]:
+    """`NAME=DIR` -> (NAME, DIR)."""
+    return parse_named_path(arg, "--encoder", "encoder-finetuned=runs/beauty/bundle/encoder")
 
 
 def resolve_encoder_spec(name: str, path: str | Path, tower: UserTower | None = None,

@@ -41,6 +41,7 @@ from ranker.feature_matrix import BundleInputs
 from ranker.interest import interest_scores
 from ranker.user_tower import UserTower
 from training.data.loo import LooSplit
+from training.evaluation.models import parse_named_path
 from training.evaluation.protocol import (
     FULL,
     SAMPLED,
@@ -71,10 +72,7 @@ log = logging.getLogger(__name__)
 
 def parse_ranker_arg(arg: str) -> tuple[str, Path]:
     """`NAME=BUNDLE` -> (NAME, BUNDLE)."""
-    name, sep, path = arg.partition("=")
-    if not sep or not name.strip() or not path.strip():
-        raise ValueError(f"--ranker expects NAME=BUNDLE (e.g. ranker-full=runs/beauty-ranker-full), got {arg!r}")
-    return name.strip(), Path(path.strip())
+    return parse_named_path(arg, "--ranker", "ranker-full=runs/beauty-ranker-full", what="BUNDLE")
 
 
 @dataclass

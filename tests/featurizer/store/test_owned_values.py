@@ -158,7 +158,7 @@ def test_a_delta_encoded_in_slices_on_the_loop_writes_what_it_took_and_keeps_new
             store.write_batch({"cooc": {"i1": Owned(n={"b": 100}, last=3, d={})}})
 
     asyncio.run(write.encode_slices(0.0, pace))  # a zero budget: one value per slice
-    assert len(paced) == 40 and len(calls) == 40 and write.encoded_before == 40  # (a last slice finds none left)
+    assert len(paced) == 40 and len(calls) == 40 and len(write.encoded) == 40  # (a last slice finds none left)
     write()
     # The write encoded none of the snapshot's values again; the settle after it encoded the newer i1
     # (written before it) and kept it, not the snapshot's bytes of the older one.

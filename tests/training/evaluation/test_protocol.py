@@ -269,6 +269,13 @@ def test_encoder_dir_or_bundle_dir(tmp_path):
     assert parse_encoder_arg("a=runs/x") == ("a", __import__("pathlib").Path("runs/x"))
     with pytest.raises(ValueError, match="NAME=DIR"):
         parse_encoder_arg("runs/x")
+    from training.evaluation.models import parse_named_path
+    from training.evaluation.rankers import parse_ranker_arg
+
+    with pytest.raises(ValueError, match="^--sequence expects NAME=DIR"):  # each flag's error names that flag
+        parse_named_path("runs/x", "--sequence", "s=runs/s")
+    with pytest.raises(ValueError, match="^--ranker expects NAME=BUNDLE"):
+        parse_ranker_arg("=runs/x")
 
 
 # --------------------------------------------------------------------------- driver and report
