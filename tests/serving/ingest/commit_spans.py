@@ -1,4 +1,4 @@
-"""When each commit of the fold ran: the write-share tests of both fold paths (test_dedup, test_jetstream)."""
+"""When each commit of the fold ran: the write-share tests of both fold paths (test_apply_slices, test_jetstream)."""
 
 from __future__ import annotations
 
