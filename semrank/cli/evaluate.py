@@ -18,9 +18,10 @@ log = logging.getLogger(__name__)
 
 PROTOCOL_CHOICES = ("sampled-100", "full", "both")
 # Kept in step with training.evaluation.rankers (not imported here: building the parser stays light).
-FIRST_STAGES = ("encoder", "encoder+cooc", "encoder+popularity")
+FIRST_STAGES = ("encoder", "encoder+cooc", "encoder+popularity", "sequence", "encoder+cooc+sequence")
 DEFAULT_FIRST_STAGE = "encoder+cooc"
 DEFAULT_RERANK_K = 200
+SEQUENCE_STAGES = ("sequence", "encoder+cooc+sequence")
 
 
 def _positive_int(text: str) -> int:
@@ -61,7 +62,8 @@ def register(sub) -> None:
     s.add_argument("--sequence", action="append", default=[], metavar="NAME=DIR",
                    help="a sequence model of `semrank train sequence` trained on this dataset (repeatable)")
     s.add_argument("--first-stage", choices=FIRST_STAGES, default=DEFAULT_FIRST_STAGE,
-                   help=f"first stage of the rankers in full ranking (default {DEFAULT_FIRST_STAGE})")
+                   help=f"first stage of the rankers in full ranking (default {DEFAULT_FIRST_STAGE}); "
+                        "sequence and encoder+cooc+sequence use the --sequence model (exactly one)")
     s.add_argument("--rerank-k", type=_positive_int, default=DEFAULT_RERANK_K,
                    help=f"items the first stage hands to a ranker in full ranking (default {DEFAULT_RERANK_K})")
     s.add_argument("--cache-dir", type=Path, default=None,
@@ -153,6 +155,7 @@ def run_rankers(args, ds, split, models: list, item_texts: list[str], dataset: s
         parse_ranker_arg,
         text_side_for,
     )
+    from training.sequence.sasrec import SASRecScorer
 
     rankers = []
     for arg in args.ranker:
@@ -175,7 +178,9 @@ def run_rankers(args, ds, split, models: list, item_texts: list[str], dataset: s
         side = text_side_for(r, models, load)
         key = (id(side.encoder), side.tower.key)
         groups.setdefault(key, (side, []))[1].append(r)
-    return [evaluate_rankers(ds, split, group, side, config, args.first_stage, args.rerank_k)
+    sequences = [m for m in models if isinstance(m, SASRecScorer)]  # (at most one: check_first_stage)
+    return [evaluate_rankers(ds, split, group, side, config, args.first_stage, args.rerank_k,
+                             sequence=sequences[0] if sequences else None)
             for side, group in groups.values()]
 
 
@@ -201,6 +206,16 @@ def machine_note() -> str:
     return f"machine: {cpus} CPUs, 1-min load average {load:.1f} at the start (timings depend on it)"
 
 
+def check_first_stage(args) -> None:
+    """The sequence first stages fuse the one --sequence model (its stages' recall is reported
+    whenever one is given with --ranker)."""
+    if args.ranker and len(args.sequence) > 1:
+        raise ValueError(f"{len(args.sequence)} --sequence models given with --ranker; the rankers' first stage fuses "
+                         "one: give one --sequence")
+    if args.first_stage in SEQUENCE_STAGES and not args.sequence:
+        raise ValueError(f"--first-stage {args.first_stage} needs a --sequence model of this dataset")
+
+
 def cmd_eval(args) -> int:
     from featurizer.contracts.schema import read_dataset
     from featurizer.text import item_text_expr
@@ -208,6 +223,7 @@ def cmd_eval(args) -> int:
     from training.evaluation.protocol import PROTOCOLS, EvalConfig, evaluate, user_slices
     from training.evaluation.report import build_report, markdown, write_report
 
+    check_first_stage(args)
     t0 = time.perf_counter()
     machine = machine_note()
     protocols = PROTOCOLS if args.protocol == "both" else (args.protocol,)

@@ -7,8 +7,9 @@ whole catalog costs about 8 µs a row, so bundles (`--ranker NAME=BUNDLE`) take 
 - `full`: two stages, as the service would run them. A cheap first stage scores every item:
   `encoder` (cosine of user text and item text), `encoder+cooc` or `encoder+popularity`
   (reciprocal-rank fusion, k = 60, of the encoder rank and the rank by item co-occurrence
-  with the user's recent items / by popularity, both counted over the training part). The
-  user's history items are masked, the top K go to LightGBM, which orders them; every other
+  with the user's recent items / by popularity, both counted over the training part); with a
+  sequence model, `sequence` and `encoder+cooc+sequence` too (`training.lambdarank.first_stage`).
+  The user's history items are masked, the top K go to LightGBM, which orders them; every other
   item keeps its first-stage order below all K. The report gives K and the recall@K of every
   first stage (the share of test targets that reach LightGBM at all).
 
@@ -57,6 +58,7 @@ from training.lambdarank.first_stage import (
     DEFAULT_RERANK_K,
     FIRST_STAGES,
     RRF_K,
+    SEQUENCE_STAGES,
     FirstStage,
     top_k,
 )
@@ -143,12 +145,16 @@ def _features(ds: Dataset, users: list[str], ts_us: np.ndarray, items: list[str]
 
 def evaluate_rankers(ds: Dataset, split: LooSplit, rankers: Sequence[RankerModel], text: TextSide,
                      config: EvalConfig, first_stage: str = DEFAULT_FIRST_STAGE, k: int = DEFAULT_RERANK_K,
-                     chunk: int = 1000, progress: bool = True) -> RankerRun:
-    """Ranks of the test targets for bundles sharing one encoder, on the users and negatives of `evaluate`."""
+                     chunk: int = 1000, progress: bool = True, sequence: Any = None) -> RankerRun:
+    """Ranks of the test targets for bundles sharing one encoder, on the users and negatives of `evaluate`.
+    `sequence`: a sequence model (`score(histories)` over the catalog) for the first stages that use one."""
     from tqdm import tqdm
 
     if first_stage not in FIRST_STAGES or k < 1:
         raise ValueError(f"first stage must be one of {', '.join(FIRST_STAGES)} and K >= 1; got {first_stage!r}, {k}")
+    if first_stage in SEQUENCE_STAGES and sequence is None:
+        raise ValueError(f"first stage {first_stage} needs a sequence model")
+    kinds = FIRST_STAGES if sequence is not None else tuple(x for x in FIRST_STAGES if x not in SEQUENCE_STAGES)
     t_start = time.perf_counter()
     users = sample_users(len(split.users), config.users, config.seed)
     seqs = [split.sequences[u] for u in users]
@@ -168,7 +174,7 @@ def evaluate_rankers(ds: Dataset, split: LooSplit, rankers: Sequence[RankerModel
     stage = FirstStage(split, "test") if FULL in config.protocols else None
     ranks = {p: {r.name: np.zeros(users.size, dtype=np.int64) for r in rankers} for p in config.protocols}
     own = {r.name: 0.0 for r in rankers}
-    hits = {kind: 0 for kind in FIRST_STAGES}
+    hits = {kind: 0 for kind in kinds}
     t_features = 0.0
     for start in tqdm(range(0, users.size, chunk), desc="rankers", unit="chunk", disable=not progress, leave=False):
         sl = slice(start, min(start + chunk, users.size))
@@ -179,7 +185,8 @@ def evaluate_rankers(ds: Dataset, split: LooSplit, rankers: Sequence[RankerModel
             cands = [np.concatenate([[targets[r]], negatives[r][negatives[r] >= 0]]) for r in rows]
         first, tops = None, None
         if stage is not None:
-            for kind, s in stage.scores(FIRST_STAGES, cos, [recent[r][:COOC_ITEMS] for r in rows]).items():
+            seq = None if sequence is None else sequence.score([masked[r] for r in rows])  # after seq[:-1]
+            for kind, s in stage.scores(kinds, cos, [recent[r][:COOC_ITEMS] for r in rows], seq).items():
                 kind_first, kind_tops = top_k(s, [masked[r] for r in rows], k)
                 hits[kind] += sum(int(targets[r] in t) for r, t in zip(rows, kind_tops))
                 if kind == first_stage:
@@ -228,7 +235,8 @@ def evaluate_rankers(ds: Dataset, split: LooSplit, rankers: Sequence[RankerModel
             f"re-orders them, the rest keep first-stage order below; first-stage recall@{k} (target among the K): "
             + ", ".join(f"{kind} {v:.4f}" for kind, v in recall.items())
             + f"; fusion = reciprocal ranks (k={RRF_K}); co-occurrence = item cosine over the training part "
-              f"(every sequence without its test item), summed over the last {COOC_ITEMS} items before the test time")
+              f"(every sequence without its test item), summed over the last {COOC_ITEMS} items before the test time"
+            + ("" if sequence is None else f"; sequence = {sequence.name}'s next-item scores after seq[:-1]"))
     return run
 
 

@@ -3,9 +3,11 @@
 `encoder` (cosine of user text and item text), `encoder+cooc` or `encoder+popularity`:
 reciprocal-rank fusion (k = 60) of the encoder rank and the rank by item co-occurrence with
 the user's recent items / by popularity, both counted over the part of the split before the
-target. `semrank eval` re-orders its top K with LightGBM (`training.evaluation.rankers`);
-`semrank train ranker` draws hard negatives from it (`training.lambdarank.leave_one_out`), so the ranker
-learns to order what it will be given.
+target. With a sequence model (`training.sequence.sasrec`, its next-item scores after the user's
+history) two more: `sequence` alone, and `encoder+cooc+sequence`, the fusion of all three ranks
+(issue 31 item 2). `semrank eval` re-orders its top K with LightGBM (`training.evaluation.rankers`);
+`semrank train ranker` draws hard negatives from `encoder+cooc` (`training.lambdarank.leave_one_out`),
+so the ranker learns to order what it will be given.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import numpy as np
 from featurizer.definitions import FeatureParams
 from training.data.loo import LooSplit
 
-FIRST_STAGES = ("encoder", "encoder+cooc", "encoder+popularity")
+FIRST_STAGES = ("encoder", "encoder+cooc", "encoder+popularity", "sequence", "encoder+cooc+sequence")
+SEQUENCE_STAGES = ("sequence", "encoder+cooc+sequence")  # these need a sequence model's scores
 DEFAULT_FIRST_STAGE = "encoder+cooc"
 DEFAULT_RERANK_K = 200
 RRF_K = 60
@@ -60,23 +63,36 @@ class FirstStage:
         h = sparse.csr_matrix((np.ones(rows.size), (rows, cols)), shape=(len(recent), self.n_items))
         return (h @ self.cooc).toarray()
 
-    def scores(self, kinds: Sequence[str], cos: np.ndarray, recent: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
-        """kind -> (batch, n_items) float64; `cos` NaN rows (no history) count as 0."""
+    def scores(self, kinds: Sequence[str], cos: np.ndarray, recent: Sequence[np.ndarray],
+               sequence: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """kind -> (batch, n_items) float64; `cos` NaN rows (no history) count as 0. `sequence`: a
+        sequence model's (batch, n_items) scores after each user's history, for `SEQUENCE_STAGES`."""
+        unknown = [k for k in kinds if k not in FIRST_STAGES]
+        if unknown:
+            raise ValueError(f"unknown first stage {unknown[0]!r}; choose from {', '.join(FIRST_STAGES)}")
+        if sequence is None and set(kinds) & set(SEQUENCE_STAGES):
+            raise ValueError(f"first stages {', '.join(SEQUENCE_STAGES)} need a sequence model's scores")
         enc = np.nan_to_num(cos.astype(np.float64), nan=0.0)
         out = {}
-        enc_rrf = 1.0 / (RRF_K + ordinal_ranks(enc)) if set(kinds) - {"encoder"} else None
+        enc_rrf = 1.0 / (RRF_K + ordinal_ranks(enc)) if set(kinds) - {"encoder", "sequence"} else None
+        cooc_rrf = None
         for kind in kinds:
             if kind == "encoder":
                 out[kind] = enc
-                continue
-            if kind == "encoder+cooc":
-                other = self.cooccurrence(recent)
+            elif kind == "sequence":
+                out[kind] = sequence.astype(np.float64)
             elif kind == "encoder+popularity":
-                other = np.broadcast_to(self.popularity, enc.shape)
-            else:
-                raise ValueError(f"unknown first stage {kind!r}; choose from {', '.join(FIRST_STAGES)}")
-            out[kind] = enc_rrf + np.where(other > 0, 1.0 / (RRF_K + ordinal_ranks(other)), 0.0)
+                out[kind] = enc_rrf + rrf(np.broadcast_to(self.popularity, enc.shape))
+            else:  # encoder+cooc, encoder+cooc+sequence
+                if cooc_rrf is None:
+                    cooc_rrf = enc_rrf + rrf(self.cooccurrence(recent))
+                out[kind] = cooc_rrf if kind == "encoder+cooc" else cooc_rrf + 1.0 / (RRF_K + ordinal_ranks(sequence))
         return out
+
+
+def rrf(other: np.ndarray) -> np.ndarray:
+    """Reciprocal ranks of a count-like score; items it gives nothing (0) get nothing."""
+    return np.where(other > 0, 1.0 / (RRF_K + ordinal_ranks(other)), 0.0)
 
 
 def top_k(scores: np.ndarray, masked: Sequence[np.ndarray], k: int) -> tuple[np.ndarray, list[np.ndarray]]:

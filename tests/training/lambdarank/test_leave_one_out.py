@@ -24,7 +24,7 @@ from ranker.user_tower import UserTower
 from tests.fakes import HashEncoder
 from training.data.loo import break_ties, clock_resolution_us, loo_data, loo_split
 from training.evaluation.rankers import two_stage_rank
-from training.lambdarank.first_stage import FirstStage, ordinal_ranks, top_k
+from training.lambdarank.first_stage import FIRST_STAGES, RRF_K, SEQUENCE_STAGES, FirstStage, ordinal_ranks, top_k
 from training.lambdarank.leave_one_out import (
     TRAINING_MODE,
     build_examples,
@@ -256,6 +256,38 @@ def test_first_stage_counts_only_the_training_part(data):
     assert stage.cooc[i3].nnz > 0  # the validation item is part of the training part
 
 
+def test_the_sequence_first_stages_fuse_the_sequence_models_ranks(data):
+    """Issue 31 item 2: `sequence` is the model's scores; `encoder+cooc+sequence` adds its reciprocal
+    rank to encoder+cooc's fusion; neither is computed without a sequence model's scores."""
+    _, split, _ = data
+    stage = FirstStage(split, "test")
+    rng = np.random.default_rng(0)
+    cos = rng.normal(size=(3, stage.n_items))
+    recent = [split.sequences[u][-4:-1] for u in range(3)]
+    seq = rng.normal(size=(3, stage.n_items)).astype(np.float32)
+    out = stage.scores(FIRST_STAGES, cos, recent, seq)
+    assert set(out) == set(FIRST_STAGES)
+    np.testing.assert_array_equal(out["sequence"], seq.astype(np.float64))
+    np.testing.assert_array_equal(out["encoder+cooc+sequence"], out["encoder+cooc"] + 1.0 / (RRF_K + ordinal_ranks(seq)))
+    assert out["encoder+cooc"].tolist() == stage.scores(["encoder+cooc"], cos, recent)["encoder+cooc"].tolist()
+    best = int(np.argmax(seq[0]))  # the sequence model's first choice gains the most from it
+    gain = out["encoder+cooc+sequence"][0] - out["encoder+cooc"][0]
+    assert gain[best] == gain.max() == 1.0 / (RRF_K + 1)
+    for kind in SEQUENCE_STAGES:
+        with pytest.raises(ValueError, match="sequence model"):
+            stage.scores([kind], cos, recent)
+    with pytest.raises(ValueError, match="unknown first stage"):
+        stage.scores(["encoder+nothing"], cos, recent)
+
+
+def test_the_sequence_first_stage_asks_for_its_model(loo_dir, tmp_path):
+    from semrank.cli import main
+
+    args = ["eval", "--data", str(loo_dir), "--out-dir", str(tmp_path), "--no-frozen", "--first-stage", "sequence"]
+    assert main(args) == 2  # no --sequence: refused before anything is loaded
+    assert main([*args, "--ranker", "r=x", "--sequence", "a=x", "--sequence", "b=y"]) == 2  # which one to fuse
+
+
 def test_train_and_eval_with_rankers_end_to_end(loo_dir, tmp_path, capsys):
     from semrank.cli import main
 
@@ -266,25 +298,30 @@ def test_train_and_eval_with_rankers_end_to_end(loo_dir, tmp_path, capsys):
     full_pooled = load_bundle(tmp_path / "full-pooled")
     assert full_pooled.manifest["training_mode"] == TRAINING_MODE
     assert full_pooled.tower == UserTower.pooled() and load_bundle(tmp_path / "full-text").tower == UserTower.text()
+    assert main(["train", "sequence", "--data", str(loo_dir), "--out", str(tmp_path / "seq"), "--epochs", "2",
+                 "--eval-every", "1", "--dim", "16", "--heads", "2", "--layers", "1", "--max-len", "8"]) == 0
     out = tmp_path / "eval"
     assert main(["eval", "--data", str(loo_dir), "--out-dir", str(out), "--users", "40", "--bootstrap", "50",
                  "--cache-dir", str(tmp_path / "cache"), "--rerank-k", "15", "--tower", "pooled", "--tower", "text",
                  "--ranker", f"ranker-behavioural={tmp_path / 'behavioural-pooled'}",
                  "--ranker", f"ranker-full={tmp_path / 'full-pooled'}", "--ranker", f"ranker-text={tmp_path / 'full-text'}",
+                 "--sequence", f"sasrec-ce={tmp_path / 'seq'}", "--first-stage", "encoder+cooc+sequence",
                  "--compare", "ranker-full:ranker-text"]) == 0
     full = json.loads((out / "data.full.json").read_text())
     sampled = json.loads((out / "data.sampled-100.json").read_text())
     for report in (full, sampled):
         assert {"ranker-behavioural", "ranker-full", "ranker-text", "popularity", "encoder-frozen-pooled",
-                "encoder-frozen-text"} <= set(report["models"])
+                "encoder-frozen-text", "sasrec-ce"} <= set(report["models"])
         assert report["user_towers"]["ranker-text"].startswith("text tower")
         assert report["user_towers"]["ranker-full"].startswith("pooled tower")
         (c,) = report["comparisons"]
         assert (c["a"], c["b"]) == ("ranker-full", "ranker-text") and len(c["relative_ci"]) == 2
     # the two towers' rankers are evaluated in two groups, each with the first stage of its own tower
     stage = next(s for s in full["two_stage"] if s["rankers"] == ["ranker-behavioural", "ranker-full"])
-    assert stage["k"] == 15 and 0.0 <= stage["first_stage_recall@15"] <= 1.0
-    assert set(stage["recall@15_by_first_stage"]) == {"encoder", "encoder+cooc", "encoder+popularity"}
+    assert stage["k"] == 15 and stage["first_stage"] == "encoder+cooc+sequence"
+    recall = stage["recall@15_by_first_stage"]
+    assert set(recall) == {"encoder", "encoder+cooc", "encoder+popularity", "sequence", "encoder+cooc+sequence"}
+    assert stage["first_stage_recall@15"] == recall["encoder+cooc+sequence"] and 0.0 <= min(recall.values())
     assert "two_stage" not in sampled
     md = (out / "data.full.md").read_text()
     assert "first-stage recall@15" in md and "ranker-full" in md
