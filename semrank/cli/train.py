@@ -154,12 +154,14 @@ def cmd_train_sequence(args: argparse.Namespace) -> int:
 
     from featurizer.contracts.schema import read_dataset
     from training.data.loo import loo_data
-    from training.sequence.sasrec import SASRecConfig, train_sasrec
+    from ranker.sequence import SASRecConfig
+    from training.sequence.sasrec import train_sasrec
 
     cfg = replace(SASRecConfig(), max_len=args.max_len, dim=args.dim, layers=args.layers, heads=args.heads,
                   dropout=args.dropout, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
                   max_minutes=args.max_minutes, eval_every=args.eval_every, patience=args.patience,
-                  valid_users=args.valid_users, seed=args.seed, text=args.text_encoder is not None)
+                  valid_users=args.valid_users, seed=args.seed, text=args.text_encoder is not None,
+                  hold_out=args.hold_out)
     ds, split = loo_data(read_dataset(args.data))
     vectors = None
     if args.text_encoder is not None:
@@ -182,7 +184,7 @@ def cmd_train_sequence(args: argparse.Namespace) -> int:
 
 
 def _register_sequence(train_sub) -> None:
-    from training.sequence.sasrec import SASRecConfig
+    from ranker.sequence import SASRecConfig
 
     d = SASRecConfig()
     s = train_sub.add_parser(
@@ -202,6 +204,9 @@ def _register_sequence(train_sub) -> None:
                       ("batch_size", int), ("epochs", int), ("max_minutes", float), ("eval_every", int),
                       ("patience", int), ("valid_users", int), ("seed", int)):
         s.add_argument("--" + flag.replace("_", "-"), type=typ, default=getattr(d, flag), help=f"default {getattr(d, flag)}")
+    s.add_argument("--hold-out", type=int, default=d.hold_out,
+                   help="items before each validation item left out of training (default 0); 1 makes a model for "
+                        "`semrank train ranker --sequence`, whose training targets are those items")
     _tracking_args(s)
     s.set_defaults(func=cmd_train_sequence)
 

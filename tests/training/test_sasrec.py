@@ -5,15 +5,17 @@ and item text gives a vector to an item nobody interacted with."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
+from ranker.sequence import CONFIG_FILE, SASRec, SASRecConfig, last_scores
 from training.data.loo import LooSplit
 from training.evaluation.models import PopularityScorer
 from training.evaluation.protocol import EvalConfig, evaluate
-from training.sequence.sasrec import CONFIG_FILE, SASRec, SASRecConfig, SASRecScorer, last_scores, train_sasrec
+from training.sequence.sasrec import SASRecScorer, train_sasrec
 
 N_ITEMS = 40
 
@@ -92,7 +94,26 @@ def test_with_text_an_item_nobody_chose_gets_the_vector_of_its_text(tmp_path):
     np.testing.assert_allclose(loaded.score(hist), last_scores(model, hist), rtol=1e-6, atol=1e-6)
 
 
+def test_hold_out_leaves_the_items_before_validation_out_of_training(monkeypatch):
+    """With `hold_out` k the model trains on seq[:-2-k] (a ranker then trains on those k items with
+    the model's score as a feature it never fitted); validation still reads seq[:-2]."""
+    import training.sequence.sasrec as sasrec
+
+    split = cyclic_split(40)
+    seen: list[list[np.ndarray]] = []
+    real = sasrec._batches
+    monkeypatch.setattr(sasrec, "_batches", lambda seqs, cfg, rng: (seen.append(seqs), real(seqs, cfg, rng))[1])
+    for hold_out in (0, 1):
+        seen.clear()
+        _, summary = train_sasrec(split, replace(FAST, epochs=1, hold_out=hold_out), progress=False)
+        want = [s[:-2 - hold_out] for s in split.sequences if s[:-2 - hold_out].size >= 2]
+        assert [x.tolist() for x in seen[0]] == [x.tolist() for x in want]
+        assert summary["config"]["hold_out"] == hold_out
+
+
 def test_bad_configurations_are_refused():
+    with pytest.raises(ValueError, match="hold_out"):
+        SASRecConfig(hold_out=-1)
     with pytest.raises(ValueError, match="multiple of heads"):
         SASRecConfig(dim=30, heads=4)
     with pytest.raises(ValueError, match="text_vectors"):
