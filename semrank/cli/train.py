@@ -52,6 +52,8 @@ def _train_ranker(args) -> tuple[int, dict]:
     log.info("data: %s; encoder: %s; %s", ds.report, encoder_dir, tower.describe())
     if not has_impression_lists(ds.events):  # interactions only: target + sampled negatives per group
         return _train_leave_one_out(args, ds, encoder_dir, tower)
+    if args.sequence is not None:
+        raise ValueError("--sequence trains on leave-one-out targets; this data has impression lists (not supported yet)")
     from ranker.encoder import ProgressEncoder, TextEncoder
     from training.lambdarank.booster import format_table
     from training.lambdarank.impression_lists import train_ranker
@@ -91,10 +93,12 @@ def _train_leave_one_out(args, ds, encoder_dir: str, tower) -> tuple[int, dict]:
     )
     from training.lambdarank.params import LooRankerConfig
 
+    held_out = _bundle_sequence_model(args) if args.sequence is not None else 0
     cfg = LooRankerConfig(variant=args.variant, max_users=args.max_users, positions_per_user=args.positions_per_user,
                           negatives=args.negatives, popularity_share=args.popularity_share,
                           hard_negatives=args.hard_negatives, hard_k=args.hard_k, seed=args.seed,
-                          encoder_dir=encoder_dir)
+                          encoder_dir=encoder_dir, sequence_dir=SEQUENCE_DIR if held_out else None,
+                          held_out_targets=held_out)
     ds, split = loo_data(ds)
     log.info("no impression lists: %s training (%s variant) on %d users with a leave-one-out split",
              TRAINING_MODE, cfg.variant, len(split.users))
@@ -109,6 +113,32 @@ def _train_leave_one_out(args, ds, encoder_dir: str, tower) -> tuple[int, dict]:
           f"{extra['train_seconds']:.0f} s\nvalidation groups (the early-stopping set, so optimistic):\n")
     print(format_table(extra["metrics"]["valid"]))
     return 0, {"valid": extra["metrics"]["valid"]}
+
+
+SEQUENCE_DIR = "sequence"  # the bundle's copy of its sequence model (`semrank train ranker --sequence`)
+
+
+def _bundle_sequence_model(args) -> int:
+    """Copy the --sequence model into the bundle; returns the items it held out (the ranker's targets)."""
+    import json
+    import shutil
+
+    from ranker.sequence import CONFIG_FILE, MODEL_FILE
+
+    src = Path(args.sequence)
+    if not (src / CONFIG_FILE).is_file() or not (src / MODEL_FILE).is_file():
+        raise FileNotFoundError(f"--sequence {src}: no sequence model there ({CONFIG_FILE} and {MODEL_FILE} of "
+                                "`semrank train sequence`)")
+    hold_out = int(json.loads((src / CONFIG_FILE).read_text())["config"].get("hold_out", 0))
+    if hold_out < 1:
+        raise ValueError(f"--sequence {src}: trained on every item before the validation item, so its score of the "
+                         "ranker's training targets would be fitted, not predicted; train it with "
+                         "`semrank train sequence --hold-out 1`")
+    dst = args.out / SEQUENCE_DIR
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in (CONFIG_FILE, MODEL_FILE):
+        shutil.copyfile(src / name, dst / name)
+    return hold_out
 
 
 def cmd_train_encoder(args: argparse.Namespace) -> int:
@@ -297,5 +327,9 @@ def _register_ranker(train_sub) -> None:
                    help="training targets per user before the validation item, recent ones favoured (default 3)")
     g.add_argument("--embedding-cache", type=Path, default=None, metavar="DIR",
                    help="item-embedding cache, e.g. runs/eval/NAME/cache/embeddings of `semrank eval`")
+    g.add_argument("--sequence", type=Path, default=None, metavar="DIR",
+                   help="a sequence model of `semrank train sequence --hold-out K` on this data: copied into the "
+                        "bundle, its score becomes the feature sequence_score, and the training targets are the K "
+                        "items it held out (one group per user and held-out item, instead of --positions-per-user)")
     _tracking_args(s)
     s.set_defaults(func=cmd_train_ranker)

@@ -34,7 +34,7 @@ from featurizer.definitions import NAMES
 from featurizer.online.features import OnlineFeatures, StaleQueryError
 from featurizer.store.base import OnlineStoreError
 from featurizer.text import item_text
-from ranker.bundle import Bundle
+from ranker.bundle import Bundle, BundleError
 from ranker.explain import explain as explain_scores
 from ranker.feature_matrix import BundleInputs
 from ranker.interest import interest_scores
@@ -103,6 +103,17 @@ class RankOutcome:
         return bool(self.degraded_reasons)
 
 
+def serving_inputs(bundle: Bundle) -> BundleInputs:
+    """The bundle's inputs, or BundleError when this server cannot compute one of them: a feature of
+    a newer semrank, or a score given by a model the server does not run yet (`sequence_score`:
+    the sequence model is evaluated offline, `semrank eval`; it is not served yet)."""
+    inputs = BundleInputs.of(bundle)
+    if inputs.given:
+        raise BundleError(f"bundle {bundle.version} takes {', '.join(inputs.given)} from its sequence model, which "
+                          "this server does not run yet: serve a bundle trained without `--sequence`")
+    return inputs
+
+
 class BundleRuntime:
     """One bundle ready to score: its inputs (`ranker.feature_matrix.BundleInputs`) and the encoder of
     its text tower (None for a bundle without text features)."""
@@ -111,7 +122,7 @@ class BundleRuntime:
         self.bundle = bundle
         self.encoder_key = encoder_key
         self.encoder = encoder
-        self.inputs = BundleInputs.of(bundle)  # BundleError when this server cannot compute its features
+        self.inputs = serving_inputs(bundle)  # BundleError when this server cannot compute its features
         self.inflight = 0  # requests currently using this runtime (see BundleRegistry)
 
     @property

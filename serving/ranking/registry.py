@@ -27,10 +27,9 @@ import numpy as np
 
 from featurizer.errors import SemrankError
 from ranker.bundle import MANIFEST, BundleError, load_bundle
-from ranker.feature_matrix import BundleInputs
 from ranker.user_tower import WEIGHTS_FILE
 from serving.encoding.pool import EncoderHandle, EncoderPool
-from serving.ranking.engine import BundleRuntime, RankingEngine
+from serving.ranking.engine import BundleRuntime, RankingEngine, serving_inputs
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +120,7 @@ class BundleRegistry:
             # File reads and parsing off the event loop; the model parsed in a child first (a malformed
             # file aborts LightGBM's process, and this one serves).
             bundle = await asyncio.to_thread(load_bundle, path, True, True)
-            BundleInputs.of(bundle)  # can this server compute its features? (before starting an encoder)
+            serving_inputs(bundle)  # can this server compute its features? (before starting an encoder)
         except BundleError as e:
             raise BundleRejected(str(e)) from e
         except Exception as e:  # noqa: BLE001 - anything unreadable is a rejected bundle

@@ -31,3 +31,28 @@ def test_every_column_takes_its_feature_or_constant(layout):
     X = inputs.matrix(features)
     assert X.dtype == np.float32 and X.shape == (17, len(names))
     np.testing.assert_array_equal(X, _reference(names, {"position": 0.0}, features))
+
+
+@pytest.mark.parametrize("names", [[*NAMES, "sequence_score"], ["sequence_score", *NAMES[:10], "position"]])
+def test_a_given_score_takes_its_column_and_must_be_given(names):
+    """`sequence_score` (the bundle's sequence model) is given by the caller, in `matrix` and as a frame
+    column; a bundle that takes it never gets NaN silently for it."""
+    import polars as pl
+
+    rng = np.random.default_rng(4)
+    inputs = BundleInputs(names, {"position": 0.0}, UserTower.pooled())
+    assert inputs.given == ["sequence_score"]
+    features = rng.normal(size=(9, len(NAMES)))
+    seq = rng.normal(size=9)
+    X = inputs.matrix(features, given={"sequence_score": seq})
+    want = _reference([n if n != "sequence_score" else NAMES[0] for n in names], {"position": 0.0}, features)
+    k = names.index("sequence_score")
+    want[:, k] = seq.astype(np.float32)
+    np.testing.assert_array_equal(X, want)
+    with pytest.raises(ValueError, match="sequence_score"):
+        inputs.matrix(features)
+    frame = pl.DataFrame(features, schema=list(NAMES)).with_columns(pl.Series("sequence_score", seq))
+    np.testing.assert_array_equal(inputs.frame_matrix(frame), X)
+    with pytest.raises(ValueError, match="sequence_score"):
+        inputs.frame_matrix(frame.drop("sequence_score"))
+    assert BundleInputs(list(NAMES), {}, UserTower.pooled()).given == []

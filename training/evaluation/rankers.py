@@ -40,6 +40,7 @@ from featurizer.offline.pipeline import offline_features
 from ranker.bundle import Bundle, load_bundle
 from ranker.feature_matrix import BundleInputs
 from ranker.interest import interest_scores
+from ranker.sequence import last_scores
 from ranker.user_tower import UserTower
 from training.data.loo import LooSplit
 from training.evaluation.models import parse_named_path
@@ -85,6 +86,13 @@ class RankerModel:
 
     def __post_init__(self) -> None:
         self.inputs = BundleInputs.of(self.bundle)
+        # The bundle's sequence model (`sequence_score`): ranker.sequence files in the bundle.
+        self.sequence_model, self.sequence_items = None, None
+        if "sequence_score" in self.inputs.given:
+            from ranker.sequence import load
+
+            self.sequence_model, meta = load(self.bundle.path / self.bundle.manifest["sequence_model"])
+            self.sequence_items = list(meta["item_ids"])
 
     @property
     def uses_text(self) -> bool:
@@ -155,6 +163,9 @@ def evaluate_rankers(ds: Dataset, split: LooSplit, rankers: Sequence[RankerModel
     if first_stage in SEQUENCE_STAGES and sequence is None:
         raise ValueError(f"first stage {first_stage} needs a sequence model")
     kinds = FIRST_STAGES if sequence is not None else tuple(x for x in FIRST_STAGES if x not in SEQUENCE_STAGES)
+    for r in rankers:
+        if r.sequence_items is not None and r.sequence_items != list(split.item_ids):
+            raise ValueError(f"{r.name}: its sequence model was trained on another catalog (or item order) than this dataset's")
     t_start = time.perf_counter()
     users = sample_users(len(split.users), config.users, config.seed)
     seqs = [split.sequences[u] for u in users]
@@ -203,7 +214,11 @@ def evaluate_rankers(ds: Dataset, split: LooSplit, rankers: Sequence[RankerModel
         offsets = np.r_[0, np.cumsum([c.size for c in cands])]
         for ranker in rankers:
             t0 = time.perf_counter()
-            scores = ranker.bundle.score(ranker.inputs.frame_matrix(feats))  # constants such as `position` applied
+            frame = feats
+            if ranker.sequence_model is not None:  # its score of each candidate after seq[:-1], as in training
+                seq_all = last_scores(ranker.sequence_model, [masked[r] for r in rows])
+                frame = feats.with_columns(pl.Series("sequence_score", seq_all[row_user, row_item].astype(np.float64)))
+            scores = ranker.bundle.score(ranker.inputs.frame_matrix(frame))  # constants such as `position` applied
             own[ranker.name] += time.perf_counter() - t0
             for j, r in enumerate(rows):
                 s, c = scores[offsets[j]: offsets[j + 1]], cands[j]

@@ -107,15 +107,34 @@ def tower_user_vectors(tower: UserTower, encoder: Encoder | None, histories: lis
     return user_vectors(tower, rows, item_embeddings, split.titles, encode)
 
 
+def sequence_scores(model, split: LooSplit, keys: pl.DataFrame, groups: pl.DataFrame, chunk: int = 1000) -> np.ndarray:
+    """Per row of `groups` (`build_groups`, contiguous and in group order): the sequence model's
+    score (`ranker.sequence.last_scores`) of the row's item after its user's items before the group's
+    position (seq[:pos]: strictly before the target, as every other feature)."""
+    from ranker.sequence import last_scores
+
+    us, pos = keys["u"].to_numpy(), keys["pos"].to_numpy()
+    g = groups["group"].to_numpy()
+    items = np.fromiter((split.item_index[i] for i in groups["item_id"].to_list()), dtype=np.int64, count=groups.height)
+    out = np.empty(groups.height)
+    for start in range(0, keys.height, chunk):
+        stop = min(start + chunk, keys.height)
+        scores = last_scores(model, [split.sequences[us[k]][: pos[k]] for k in range(start, stop)])
+        a, b = np.searchsorted(g, [start, stop])
+        out[a:b] = scores[g[a:b] - start, items[a:b]]
+    return out
+
+
 def build_examples(ds: Dataset, split: LooSplit, cfg: LooRankerConfig, encoder: Encoder | None = None,
                    item_embeddings: np.ndarray | None = None, times: list[np.ndarray] | None = None,
                    progress: bool = True, text_cache: Callable[[list[str]], Path | None] | None = None,
-                   tower: UserTower | None = None) -> pl.DataFrame:
-    """Groups with point-in-time features (and the interest score for the `full` variant).
+                   tower: UserTower | None = None, sequence_model=None) -> pl.DataFrame:
+    """Groups with point-in-time features (and the interest score for the `full` variant, the
+    sequence model's score with `cfg.sequence_dir`).
 
     `ds` and `split` should come from `training.data.loo.loo_data` (the features read its clock);
     `tower` (None: `cfg.user_tower()`) builds the user vectors of the interest score and of the
-    hard negatives' first stage."""
+    hard negatives' first stage; `sequence_model` (`ranker.sequence.SASRec`) is the bundle's."""
     from tqdm import tqdm
 
     from training.lambdarank.first_stage import COOC_ITEMS
@@ -137,6 +156,10 @@ def build_examples(ds: Dataset, split: LooSplit, cfg: LooRankerConfig, encoder: 
         items = np.fromiter((split.item_index[i] for i in groups["item_id"].to_list()), dtype=np.int64, count=groups.height)
         score = interest_scores(user_emb, item_embeddings, (groups["group"].to_numpy(), items))
         groups = groups.with_columns(pl.Series("interest_score", score))
+    if "sequence_score" in cfg.feature_names:
+        if sequence_model is None:
+            raise ValueError("cfg.sequence_dir names a sequence model: pass it (sequence_model)")
+        groups = groups.with_columns(pl.Series("sequence_score", sequence_scores(sequence_model, split, keys, groups)))
     log.info("computing features for %d rows in %d groups", groups.height, keys.height)
     # Chunks end on group boundaries (groups are contiguous); each reads the whole log, holds only its rows.
     g = groups["group"].to_numpy()
@@ -157,7 +180,7 @@ def validation_metrics(valid: pl.DataFrame, booster, inputs: BundleInputs) -> di
     labels = valid["label"].to_numpy().astype(np.float64)
     scores = {"lightgbm": booster.predict(inputs.frame_matrix(valid), num_iteration=booster.best_iteration or None)}
     for name, col in (("popularity-before-t", "item_purchases_all"), ("cooccurrence", "cooc_cosine_sum_recent"),
-                      ("encoder", "interest_score")):
+                      ("encoder", "interest_score"), ("sequence", "sequence_score")):
         if col in valid.columns and valid[col].is_not_nan().any():
             scores[name] = valid[col].to_numpy().astype(np.float64)
     return {k: mean_metrics(s, labels, sizes) for k, s in scores.items()}
@@ -181,13 +204,15 @@ def train_loo_ranker(ds: Dataset, split: LooSplit, out_dir: str | Path, cfg: Loo
                      item_embeddings: np.ndarray | None = None, data_source: str = "", progress: bool = True,
                      text_cache: Callable[[list[str]], Path | None] | None = None, tower: UserTower | None = None) -> dict:
     """Build groups and features, train with early stopping, write the bundle; returns the manifest extras.
-    `tower`: the bundle's user tower (None: `cfg.user_tower()`)."""
+    `tower`: the bundle's user tower (None: `cfg.user_tower()`). With `cfg.sequence_dir`, the sequence
+    model is read from there (relative to `out_dir`, where the caller put it)."""
     t0 = time.monotonic()
     names = cfg.feature_names
     tower = tower or cfg.user_tower()
     times = sequence_times(ds, split)
+    sequence_model = load_sequence_model(Path(out_dir) / cfg.sequence_dir, split, cfg) if cfg.sequence_dir else None
     examples = build_examples(ds, split, cfg, encoder, item_embeddings, times, progress, text_cache,
-                              tower).rename({"group": "request_id"})
+                              tower, sequence_model).rename({"group": "request_id"})
     train, valid = (examples.filter(pl.col("part") == p) for p in ("train", "valid"))
     if train.is_empty():
         raise ValueError("no training groups: every sampled user has fewer than 4 engaged items (a target needs "
@@ -217,8 +242,10 @@ def train_loo_ranker(ds: Dataset, split: LooSplit, out_dir: str | Path, cfg: Loo
             "users": int(examples["user_id"].n_unique()),
             "groups": {p: int(d["request_id"].n_unique()) for p, d in (("train", train), ("valid", valid))},
             "rows": {"train": train.height, "valid": valid.height},
-            "targets": "train: positions k >= 1 of seq[:-2] (before the validation item); valid: the validation "
-                       "item; the test item is never a target",
+            "targets": (f"train: the last {cfg.held_out_targets} position(s) of seq[:-2], which the sequence model "
+                        "was trained without" if cfg.held_out_targets else
+                        "train: positions k >= 1 of seq[:-2] (before the validation item)")
+                       + "; valid: the validation item; the test item is never a target",
             "clock_resolution_us": split.resolution_us,
             "same_tick_previous_item": _same_tick_previous(examples, split, times),
             "point_in_time": "features from events strictly before the target's time; the user's own events of one "
@@ -232,6 +259,8 @@ def train_loo_ranker(ds: Dataset, split: LooSplit, out_dir: str | Path, cfg: Loo
         "inference_constants": {},
         "train_seconds": round(time.monotonic() - t0, 1),
     }
+    if cfg.sequence_dir:  # where `sequence_score`'s model lies in the bundle (ranker.sequence files)
+        extra["sequence_model"] = cfg.sequence_dir
     if booster.best_iteration:
         booster = truncate(booster)
     ref = EncoderRef(model_dir=cfg.encoder_dir, max_length=cfg.max_length, history_items=tower.history_items)
@@ -239,6 +268,21 @@ def train_loo_ranker(ds: Dataset, split: LooSplit, out_dir: str | Path, cfg: Loo
         extra["tracking"] = tracking.describe()
     save_bundle(out_dir, booster, names, ref, extra, tower=tower)
     return extra
+
+
+def load_sequence_model(model_dir: Path, split: LooSplit, cfg: LooRankerConfig):
+    """The bundle's sequence model; refused unless it was trained on this catalog without the items
+    the ranker takes as targets (`SASRecConfig.hold_out` >= `cfg.held_out_targets`)."""
+    from ranker.sequence import load
+
+    model, meta = load(model_dir)
+    if list(meta["item_ids"]) != list(split.item_ids):
+        raise ValueError(f"{model_dir}: the sequence model was trained on another catalog (or item order)")
+    if model.cfg.hold_out < cfg.held_out_targets:
+        raise ValueError(f"{model_dir}: the sequence model was trained with hold_out {model.cfg.hold_out}: it saw the "
+                         f"last {cfg.held_out_targets} training position(s) the ranker would learn from; train it with "
+                         f"`semrank train sequence --hold-out {cfg.held_out_targets}`")
+    return model
 
 
 # --------------------------------------------------------------------------- command line

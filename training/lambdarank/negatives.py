@@ -1,7 +1,8 @@
 """Groups of the leave-one-out ranker (`training.lambdarank.leave_one_out`): which targets, and which negatives.
 
 A group is a target interaction (label 1) and its negatives, all scored at the target's time:
-- targets: positions k >= 1 of seq[:-2] (`sample_positions`, recent ones favoured), plus the
+- targets: positions k >= 1 of seq[:-2] (`sample_positions`, recent ones favoured; with a sequence
+  model, exactly the last `held_out_targets` of them, which it was trained without), plus the
   validation item of each sampled user (`group_keys`);
 - negatives (`build_groups`): `hard_negatives` drawn from the top `hard_k` of the encoder+cooc
   first stage at t (`hard_pools`), the rest in proportion to popularity or uniform
@@ -65,7 +66,11 @@ def group_keys(split: LooSplit, times: list[np.ndarray], cfg: LooRankerConfig) -
     rows: list[tuple[int, int, bool]] = []
     for u in users.tolist():
         seq = split.sequences[u]
-        positions = sample_positions(seq.size, cfg.positions_per_user, cfg.recency_decay, np.random.default_rng([cfg.seed, 11, u]))
+        if cfg.held_out_targets:  # the items a sequence model was trained without (k >= 1)
+            positions = np.arange(max(1, seq.size - 2 - cfg.held_out_targets), seq.size - 2)
+        else:
+            positions = sample_positions(seq.size, cfg.positions_per_user, cfg.recency_decay,
+                                         np.random.default_rng([cfg.seed, 11, u]))
         rows += [(u, int(k), False) for k in positions]
         rows.append((u, seq.size - 2, True))
     if not rows:

@@ -85,8 +85,18 @@ class LooRankerConfig(TowerParams, LightGBMParams):
     feature_chunk_rows: int = 250_000  # rows featurized at once
     max_length: int = 128
     encoder_dir: str = "base"  # "base" or a directory relative to the bundle
+    # The bundle's sequence model (`ranker.sequence`), a directory relative to the bundle, or None. With
+    # one, `sequence_score` is a feature and the training targets are the last `held_out_targets`
+    # positions of seq[:-2], the items that model was trained without (its `hold_out`), so the score
+    # a target gets in training is one the model never fitted, as at the test.
+    sequence_dir: str | None = None
+    held_out_targets: int = 0
 
     def __post_init__(self) -> None:
+        if (self.sequence_dir is None) != (self.held_out_targets == 0) or self.held_out_targets < 0:
+            raise ConfigError("a sequence model needs held_out_targets >= 1 (train it with `semrank train sequence "
+                              f"--hold-out 1`), and held_out_targets needs a sequence model: got {self.sequence_dir!r}, "
+                              f"{self.held_out_targets}")
         if self.variant not in VARIANTS:
             raise ConfigError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         if self.max_users is not None and self.max_users < 1:
@@ -101,7 +111,7 @@ class LooRankerConfig(TowerParams, LightGBMParams):
 
     @property
     def feature_names(self) -> list[str]:
-        return list(VARIANTS[self.variant])
+        return list(VARIANTS[self.variant]) + (["sequence_score"] if self.sequence_dir else [])
 
     @property
     def n_popular(self) -> int:

@@ -18,8 +18,9 @@ from featurizer.contracts.schema import (
     write_dataset,
 )
 from featurizer.definitions import NAMES
+from featurizer.errors import ConfigError
 from featurizer.offline.pipeline import offline_features
-from ranker.bundle import load_bundle
+from ranker.bundle import BundleError, load_bundle
 from ranker.user_tower import UserTower
 from tests.fakes import HashEncoder
 from training.data.loo import break_ties, clock_resolution_us, loo_data, loo_split
@@ -298,26 +299,39 @@ def test_train_and_eval_with_rankers_end_to_end(loo_dir, tmp_path, capsys):
     full_pooled = load_bundle(tmp_path / "full-pooled")
     assert full_pooled.manifest["training_mode"] == TRAINING_MODE
     assert full_pooled.tower == UserTower.pooled() and load_bundle(tmp_path / "full-text").tower == UserTower.text()
+    # the sequence model, without the last item before each validation item: a first stage, and a feature
     assert main(["train", "sequence", "--data", str(loo_dir), "--out", str(tmp_path / "seq"), "--epochs", "2",
-                 "--eval-every", "1", "--dim", "16", "--heads", "2", "--layers", "1", "--max-len", "8"]) == 0
+                 "--eval-every", "1", "--dim", "16", "--heads", "2", "--layers", "1", "--max-len", "8",
+                 "--hold-out", "1"]) == 0
+    assert main(["train", "ranker", "--data", str(loo_dir), "--out", str(tmp_path / "full-seq"), "--negatives", "8",
+                 "--embedding-cache", str(tmp_path / "cache"), "--sequence", str(tmp_path / "seq")]) == 0
+    with_seq = load_bundle(tmp_path / "full-seq")
+    assert with_seq.feature_names[-1] == "sequence_score" and with_seq.manifest["sequence_model"] == "sequence"
+    assert with_seq.manifest["train_config"]["held_out_targets"] == 1
+    assert with_seq.manifest["training_data"]["targets"].startswith("train: the last 1 position")
+    from serving.ranking.engine import serving_inputs
+
+    with pytest.raises(BundleError, match="sequence_score"):  # not served yet: refused, never scored without it
+        serving_inputs(with_seq)
     out = tmp_path / "eval"
     assert main(["eval", "--data", str(loo_dir), "--out-dir", str(out), "--users", "40", "--bootstrap", "50",
                  "--cache-dir", str(tmp_path / "cache"), "--rerank-k", "15", "--tower", "pooled", "--tower", "text",
                  "--ranker", f"ranker-behavioural={tmp_path / 'behavioural-pooled'}",
                  "--ranker", f"ranker-full={tmp_path / 'full-pooled'}", "--ranker", f"ranker-text={tmp_path / 'full-text'}",
+                 "--ranker", f"ranker-seq={tmp_path / 'full-seq'}",
                  "--sequence", f"sasrec-ce={tmp_path / 'seq'}", "--first-stage", "encoder+cooc+sequence",
                  "--compare", "ranker-full:ranker-text"]) == 0
     full = json.loads((out / "data.full.json").read_text())
     sampled = json.loads((out / "data.sampled-100.json").read_text())
     for report in (full, sampled):
-        assert {"ranker-behavioural", "ranker-full", "ranker-text", "popularity", "encoder-frozen-pooled",
+        assert {"ranker-behavioural", "ranker-full", "ranker-text", "ranker-seq", "popularity", "encoder-frozen-pooled",
                 "encoder-frozen-text", "sasrec-ce"} <= set(report["models"])
         assert report["user_towers"]["ranker-text"].startswith("text tower")
         assert report["user_towers"]["ranker-full"].startswith("pooled tower")
         (c,) = report["comparisons"]
         assert (c["a"], c["b"]) == ("ranker-full", "ranker-text") and len(c["relative_ci"]) == 2
     # the two towers' rankers are evaluated in two groups, each with the first stage of its own tower
-    stage = next(s for s in full["two_stage"] if s["rankers"] == ["ranker-behavioural", "ranker-full"])
+    stage = next(s for s in full["two_stage"] if s["rankers"] == ["ranker-behavioural", "ranker-full", "ranker-seq"])
     assert stage["k"] == 15 and stage["first_stage"] == "encoder+cooc+sequence"
     recall = stage["recall@15_by_first_stage"]
     assert set(recall) == {"encoder", "encoder+cooc", "encoder+popularity", "sequence", "encoder+cooc+sequence"}
@@ -328,6 +342,21 @@ def test_train_and_eval_with_rankers_end_to_end(loo_dir, tmp_path, capsys):
     assert "ranker-full vs ranker-text, NDCG@10" in md
     # training and eval share the item embeddings; only the text tower encodes user texts
     assert sorted(p.name.split("__")[0] for p in (tmp_path / "cache").glob("*.npy")) == ["data", "data-user-texts"]
+
+
+def test_a_ranker_refuses_a_sequence_model_that_saw_its_targets(loo_dir, tmp_path):
+    """`semrank train ranker --sequence` needs a model trained without the ranker's targets (--hold-out)."""
+    from semrank.cli import main
+
+    assert main(["train", "sequence", "--data", str(loo_dir), "--out", str(tmp_path / "seq"), "--epochs", "1",
+                 "--eval-every", "1", "--dim", "16", "--heads", "2", "--layers", "1", "--max-len", "8"]) == 0
+    args = ["train", "ranker", "--data", str(loo_dir), "--out", str(tmp_path / "r"), "--variant", "behavioural",
+            "--hard-negatives", "0", "--negatives", "4"]
+    assert main([*args, "--sequence", str(tmp_path / "seq")]) == 2  # hold_out 0
+    assert main([*args, "--sequence", str(tmp_path / "nowhere")]) == 2
+    assert not (tmp_path / "r" / "ranker.txt").exists()
+    with pytest.raises(ConfigError, match="held_out_targets"):
+        LooRankerConfig(sequence_dir="sequence")
 
 
 def test_cli_choices_match_the_evaluation_module():
