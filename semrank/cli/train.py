@@ -60,7 +60,7 @@ def _train_ranker(args) -> tuple[int, dict]:
     from training.lambdarank.params import RankerTrainConfig
 
     cfg = RankerTrainConfig(seed=args.seed, test_days=args.test_days, valid_days=args.valid_days, encoder_dir=encoder_dir,
-                            variant=args.variant)
+                            variant=args.variant, **_engine(args))
     model_dir = "base" if encoder_dir == "base" else args.out / encoder_dir
     encoder = ProgressEncoder(TextEncoder(model_dir, max_length=cfg.max_length))
     extra = train_ranker(ds, args.out, cfg, encoder, data_source=str(args.data), tower=tower)
@@ -68,6 +68,11 @@ def _train_ranker(args) -> tuple[int, dict]:
     print(f"\nbundle written to {args.out}\nheld-out lists (last {cfg.test_days:g} days):\n")
     print(format_table(extra["metrics"]["test"]))
     return 0, {"test": extra["metrics"]["test"]}
+
+
+def _engine(args) -> dict:
+    """Where LightGBM trains (`training.lambdarank.distributed` for ray)."""
+    return {"engine": args.engine, "ray_workers": args.ray_workers, "ray_address": args.ray_address}
 
 
 def _write_probes(out: Path) -> None:
@@ -98,7 +103,7 @@ def _train_leave_one_out(args, ds, encoder_dir: str, tower) -> tuple[int, dict]:
                           negatives=args.negatives, popularity_share=args.popularity_share,
                           hard_negatives=args.hard_negatives, hard_k=args.hard_k, seed=args.seed,
                           encoder_dir=encoder_dir, sequence_dir=SEQUENCE_DIR if held_out else None,
-                          held_out_targets=held_out)
+                          held_out_targets=held_out, **_engine(args))
     ds, split = loo_data(ds)
     log.info("no impression lists: %s training (%s variant) on %d users with a leave-one-out split",
              TRAINING_MODE, cfg.variant, len(split.users))
@@ -314,6 +319,11 @@ def _register_ranker(train_sub) -> None:
                         "per event) or the history text; default: the tower the encoder was fine-tuned with, else pooled")
     s.add_argument("--history-items", type=int, default=None, help="recent items of the tower (default: 10 pooled, 5 text)")
     s.add_argument("--tower-decay", type=float, default=0.5, help="the pooled tower's recency weight per position (default 0.5)")
+    s.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="where LightGBM trains: one process, or LightGBM's data-parallel mode on Ray workers (whole "
+                        "query groups per worker; docs/training_at_scale.md)")
+    s.add_argument("--ray-workers", type=int, default=2, help="LightGBM workers on Ray (default 2)")
+    s.add_argument("--ray-address", default=None, help="Ray cluster to join (e.g. auto); default: a local Ray")
     g = s.add_argument_group("data without impression lists (leave-one-out targets + sampled negatives)")
     g.add_argument("--negatives", type=int, default=16,
                    help="popularity-weighted and uniform negatives per group (default 16)")

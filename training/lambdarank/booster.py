@@ -26,7 +26,8 @@ def with_positives(df: pl.DataFrame) -> pl.DataFrame:
 
 def train_lambdarank(train: pl.DataFrame, valid: pl.DataFrame, cfg: LightGBMParams, inputs: BundleInputs):
     """Lambdarank on groups of consecutive `request_id` rows with a `label`; groups without a positive
-    are dropped. The matrices are `inputs.frame_matrix` with the observed training-only context."""
+    are dropped. The matrices are `inputs.frame_matrix` with the observed training-only context.
+    `cfg.engine` "ray": on Ray workers (`training.lambdarank.distributed`)."""
     import lightgbm as lgb
 
     params = {
@@ -47,6 +48,15 @@ def train_lambdarank(train: pl.DataFrame, valid: pl.DataFrame, cfg: LightGBMPara
         "verbosity": -1,
     }
     train, valid = with_positives(train), with_positives(valid)
+    if cfg.engine == "ray":
+        from training.lambdarank.distributed import RayTraining, train_lambdarank_ray
+
+        booster, params, evals = train_lambdarank_ray(train, valid, cfg, inputs, RayTraining(
+            workers=cfg.ray_workers, cpus_per_worker=max(1, cfg.num_threads // cfg.ray_workers),
+            address=cfg.ray_address), params)
+        for step, value in enumerate(evals.get("valid", {}).get("ndcg@10", []), 1):
+            tracking.scalar("valid/ndcg@10", value, step)
+        return booster, params, evals
 
     def dataset(df, ref=None):
         return lgb.Dataset(

@@ -33,6 +33,15 @@ class LightGBMParams:
     num_leaves: int = 31
     min_data_in_leaf: int = 50
     num_threads: int = 2
+    # "local": one process; "ray": LightGBM's data-parallel mode on Ray workers, whole query groups
+    # per worker (training.lambdarank.distributed); ray_address None: the running Ray, else a local one.
+    engine: str = "local"
+    ray_workers: int = 2
+    ray_address: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.engine not in ("local", "ray") or self.ray_workers < 1:
+            raise ConfigError(f"engine must be local or ray and ray_workers >= 1, got {self.engine!r}, {self.ray_workers}")
 
     def lightgbm_params(self) -> "LightGBMParams":
         """Just these fields (a subclass config carries more)."""
@@ -93,6 +102,7 @@ class LooRankerConfig(TowerParams, LightGBMParams):
     held_out_targets: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if (self.sequence_dir is None) != (self.held_out_targets == 0) or self.held_out_targets < 0:
             raise ConfigError("a sequence model needs held_out_targets >= 1 (train it with `semrank train sequence "
                               f"--hold-out 1`), and held_out_targets needs a sequence model: got {self.sequence_dir!r}, "
