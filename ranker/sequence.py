@@ -156,3 +156,85 @@ def load(model_dir: str | Path) -> tuple[SASRec, dict]:
     model.load_state_dict(weights)
     model.eval()
     return model, meta
+
+
+class SequenceState:
+    """The sequence model's forward pass in numpy, from its weights (no torch): what a server runs per
+    user (`user_vector`, cached per user and history) and per candidate (`scores`). Equal to
+    `last_scores` within float32 rounding (tests/ranker/test_sequence.py).
+
+    `weights`: the model's tensors by name (`model.safetensors` read with `safetensors.numpy`)."""
+
+    def __init__(self, cfg: SASRecConfig, weights: dict[str, np.ndarray]):
+        self.cfg = cfg
+        w = {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}
+        table = w["item.weight"].copy()
+        if cfg.text:
+            table[1:] += w["text"][1:] @ w["text_proj.weight"].T
+        self.table = table  # (n_items + 1, dim): row k + 1 is catalog item k
+        self.pos = w["pos.weight"]
+        self.layers = []
+        for k in range(cfg.layers):
+            p = f"blocks.layers.{k}."
+            self.layers.append({name: w[p + name] for name in (
+                "self_attn.in_proj_weight", "self_attn.in_proj_bias", "self_attn.out_proj.weight",
+                "self_attn.out_proj.bias", "linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias",
+                "norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias")})
+        self.norm = (w["norm.weight"], w["norm.bias"])
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> tuple[SequenceState, dict]:
+        """From a model directory (`sasrec.json` + `model.safetensors`), without torch."""
+        from safetensors.numpy import load_file
+
+        d = Path(model_dir)
+        meta = json.loads((d / CONFIG_FILE).read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{d / CONFIG_FILE}: format {meta.get('format')}, this semrank reads {FORMAT}")
+        return cls(SASRecConfig(**meta["config"]), load_file(str(d / MODEL_FILE))), meta
+
+    def user_vector(self, history: np.ndarray) -> np.ndarray | None:
+        """(dim,) state after `history` (catalog item indices, oldest first; the last `max_len` are
+        read); None for an empty history."""
+        rows = np.asarray(history, dtype=np.int64)[-self.cfg.max_len:] + 1
+        n = rows.size
+        if n == 0:
+            return None
+        d, heads = self.cfg.dim, self.cfg.heads
+        x = self.table[rows] * np.float32(math.sqrt(d)) + self.pos[self.cfg.max_len - n:]
+        causal = np.triu(np.ones((n, n), dtype=bool), 1)
+        for k, p in enumerate(self.layers):
+            last = k == len(self.layers) - 1  # the last block: only the last position's output is read
+            h = _layer_norm(x, p["norm1.weight"], p["norm1.bias"])
+            qkv = h @ p["self_attn.in_proj_weight"].T + p["self_attn.in_proj_bias"]
+            q, kk, v = (qkv[:, j * d:(j + 1) * d].reshape(n, heads, d // heads).transpose(1, 0, 2) for j in range(3))
+            if last:
+                q = q[:, -1:]
+            att = q @ kk.transpose(0, 2, 1) / np.float32(math.sqrt(d // heads))
+            att = np.where(causal[-1:] if last else causal, -np.inf, att)
+            att = np.exp(att - att.max(axis=-1, keepdims=True))
+            att /= att.sum(axis=-1, keepdims=True)
+            o = (att @ v).transpose(1, 0, 2).reshape(-1, d)
+            x = (x[-1:] if last else x) + o @ p["self_attn.out_proj.weight"].T + p["self_attn.out_proj.bias"]
+            h = _layer_norm(x, p["norm2.weight"], p["norm2.bias"])
+            h = _gelu(h @ p["linear1.weight"].T + p["linear1.bias"])
+            x = x + h @ p["linear2.weight"].T + p["linear2.bias"]
+        return _layer_norm(x[-1], *self.norm)
+
+    def scores(self, user: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """The score of each catalog item index in `items` after the history `user` came from."""
+        # einsum, never BLAS gemv: gemv wakes OpenBLAS's other threads per call (serving.ranking.engine)
+        return np.einsum("id,d->i", self.table[np.asarray(items, dtype=np.int64) + 1], user)
+
+
+def _layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + np.float32(eps)) * weight + bias
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    """The exact GELU (erf), as torch's default."""
+    from scipy.special import erf
+
+    return (0.5 * x * (1.0 + erf(x / np.float32(math.sqrt(2.0))))).astype(np.float32)
