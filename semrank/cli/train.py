@@ -98,11 +98,14 @@ def _train_leave_one_out(args, ds, encoder_dir: str, tower) -> tuple[int, dict]:
     )
     from training.lambdarank.params import LooRankerConfig
 
-    held_out = _bundle_sequence_model(args) if args.sequence is not None else 0
+    held_out = _bundle_sequence_model(args) if args.sequence is not None else (args.last_positions or 0)
+    if args.sequence is not None and args.last_positions not in (None, held_out):
+        raise ValueError(f"--last-positions {args.last_positions}: with --sequence the targets are the {held_out} "
+                         "item(s) the sequence model held out")
     cfg = LooRankerConfig(variant=args.variant, max_users=args.max_users, positions_per_user=args.positions_per_user,
                           negatives=args.negatives, popularity_share=args.popularity_share,
                           hard_negatives=args.hard_negatives, hard_k=args.hard_k, seed=args.seed,
-                          encoder_dir=encoder_dir, sequence_dir=SEQUENCE_DIR if held_out else None,
+                          encoder_dir=encoder_dir, sequence_dir=SEQUENCE_DIR if args.sequence is not None else None,
                           held_out_targets=held_out, **_engine(args))
     ds, split = loo_data(ds)
     log.info("no impression lists: %s training (%s variant) on %d users with a leave-one-out split",
@@ -337,6 +340,9 @@ def _register_ranker(train_sub) -> None:
                    help="training targets per user before the validation item, recent ones favoured (default 3)")
     g.add_argument("--embedding-cache", type=Path, default=None, metavar="DIR",
                    help="item-embedding cache, e.g. runs/eval/NAME/cache/embeddings of `semrank eval`")
+    g.add_argument("--last-positions", type=int, default=None, metavar="K",
+                   help="training targets: exactly the last K positions before each validation item (instead of "
+                        "--positions-per-user sampled ones); what --sequence implies, without the feature")
     g.add_argument("--sequence", type=Path, default=None, metavar="DIR",
                    help="a sequence model of `semrank train sequence --hold-out K` on this data: copied into the "
                         "bundle, its score becomes the feature sequence_score, and the training targets are the K "

@@ -242,8 +242,9 @@ def train_loo_ranker(ds: Dataset, split: LooSplit, out_dir: str | Path, cfg: Loo
             "users": int(examples["user_id"].n_unique()),
             "groups": {p: int(d["request_id"].n_unique()) for p, d in (("train", train), ("valid", valid))},
             "rows": {"train": train.height, "valid": valid.height},
-            "targets": (f"train: the last {cfg.held_out_targets} position(s) of seq[:-2], which the sequence model "
-                        "was trained without" if cfg.held_out_targets else
+            "targets": (f"train: the last {cfg.held_out_targets} position(s) of seq[:-2]"
+                        + (", which the sequence model was trained without" if cfg.sequence_dir else "")
+                        if cfg.held_out_targets else
                         "train: positions k >= 1 of seq[:-2] (before the validation item)")
                        + "; valid: the validation item; the test item is never a target",
             "clock_resolution_us": split.resolution_us,

@@ -97,16 +97,16 @@ class LooRankerConfig(TowerParams, LightGBMParams):
     # The bundle's sequence model (`ranker.sequence`), a directory relative to the bundle, or None. With
     # one, `sequence_score` is a feature and the training targets are the last `held_out_targets`
     # positions of seq[:-2], the items that model was trained without (its `hold_out`), so the score
-    # a target gets in training is one the model never fitted, as at the test.
+    # a target gets in training is one the model never fitted, as at the test. `held_out_targets`
+    # without a model takes the same targets (a control: the same groups without the feature).
     sequence_dir: str | None = None
     held_out_targets: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if (self.sequence_dir is None) != (self.held_out_targets == 0) or self.held_out_targets < 0:
+        if (self.sequence_dir is not None and self.held_out_targets < 1) or self.held_out_targets < 0:
             raise ConfigError("a sequence model needs held_out_targets >= 1 (train it with `semrank train sequence "
-                              f"--hold-out 1`), and held_out_targets needs a sequence model: got {self.sequence_dir!r}, "
-                              f"{self.held_out_targets}")
+                              f"--hold-out 1`): got {self.sequence_dir!r}, {self.held_out_targets}")
         if self.variant not in VARIANTS:
             raise ConfigError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         if self.max_users is not None and self.max_users < 1:

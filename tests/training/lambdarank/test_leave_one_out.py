@@ -357,6 +357,11 @@ def test_a_ranker_refuses_a_sequence_model_that_saw_its_targets(loo_dir, tmp_pat
     assert not (tmp_path / "r" / "ranker.txt").exists()
     with pytest.raises(ConfigError, match="held_out_targets"):
         LooRankerConfig(sequence_dir="sequence")
+    # the same targets without the feature (the control of a --sequence bundle)
+    assert main([*args, "--last-positions", "1"]) == 0
+    manifest = load_bundle(tmp_path / "r").manifest
+    assert manifest["training_data"]["targets"].startswith("train: the last 1 position")
+    assert "sequence_score" not in manifest["feature_names"] and "sequence_model" not in manifest
 
 
 def test_cli_choices_match_the_evaluation_module():
