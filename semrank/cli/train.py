@@ -6,6 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from semrank.cli.evaluate import FIRST_STAGES
+
 log = logging.getLogger(__name__)
 
 
@@ -104,7 +106,8 @@ def _train_leave_one_out(args, ds, encoder_dir: str, tower) -> tuple[int, dict]:
                          "item(s) the sequence model held out")
     cfg = LooRankerConfig(variant=args.variant, max_users=args.max_users, positions_per_user=args.positions_per_user,
                           negatives=args.negatives, popularity_share=args.popularity_share,
-                          hard_negatives=args.hard_negatives, hard_k=args.hard_k, seed=args.seed,
+                          hard_negatives=args.hard_negatives, hard_k=args.hard_k, hard_from=args.hard_from,
+                          seed=args.seed,
                           encoder_dir=encoder_dir, sequence_dir=SEQUENCE_DIR if args.sequence is not None else None,
                           held_out_targets=held_out, **_engine(args))
     ds, split = loo_data(ds)
@@ -333,6 +336,9 @@ def _register_ranker(train_sub) -> None:
     g.add_argument("--hard-negatives", type=int, default=16,
                    help="negatives per group from the first stage's top --hard-k (encoder+cooc; default 16, 0: none)")
     g.add_argument("--hard-k", type=int, default=200, help="first-stage items hard negatives are drawn from (default 200)")
+    g.add_argument("--hard-from", default="encoder+cooc", choices=FIRST_STAGES,
+                   help="the first stage hard negatives come from: the one `semrank eval --first-stage` will re-order "
+                        "(default encoder+cooc; the sequence ones need --sequence)")
     g.add_argument("--popularity-share", type=float, default=0.5,
                    help="share of the negatives drawn in proportion to popularity, the rest uniform (default 0.5)")
     g.add_argument("--max-users", type=int, default=20000, help="seeded sample of users (default 20000)")

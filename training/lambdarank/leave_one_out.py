@@ -137,7 +137,7 @@ def build_examples(ds: Dataset, split: LooSplit, cfg: LooRankerConfig, encoder: 
     hard negatives' first stage; `sequence_model` (`ranker.sequence.SASRec`) is the bundle's."""
     from tqdm import tqdm
 
-    from training.lambdarank.first_stage import COOC_ITEMS
+    from training.lambdarank.first_stage import COOC_ITEMS, SEQUENCE_STAGES
 
     keys = group_keys(split, sequence_times(ds, split) if times is None else times, cfg)
     user_emb, pools = None, None
@@ -150,7 +150,8 @@ def build_examples(ds: Dataset, split: LooSplit, cfg: LooRankerConfig, encoder: 
         user_emb = tower_user_vectors(tower, encoder, hist, split, item_embeddings, progress, text_cache)
         if cfg.hard_negatives:
             recent = [np.array([split.item_index[i] for i in h], dtype=np.int64) for h in hist]
-            pools = hard_pools(split, keys, user_emb, item_embeddings, recent, cfg.hard_k)
+            pools = hard_pools(split, keys, user_emb, item_embeddings, recent, cfg.hard_k, kind=cfg.hard_from,
+                               sequence_model=sequence_model if cfg.hard_from in SEQUENCE_STAGES else None)
     groups = build_groups(split, keys, cfg, pools)
     if "interest_score" in cfg.feature_names:
         items = np.fromiter((split.item_index[i] for i in groups["item_id"].to_list()), dtype=np.int64, count=groups.height)
@@ -229,7 +230,7 @@ def train_loo_ranker(ds: Dataset, split: LooSplit, out_dir: str | Path, cfg: Loo
         "negative_sampling": {
             "negatives_per_group": cfg.negatives + cfg.hard_negatives, "popular": cfg.n_popular,
             "uniform": cfg.negatives - cfg.n_popular, "hard": cfg.hard_negatives,
-            "hard_from": f"uniform draws from the top {cfg.hard_k} of the encoder+cooc first stage at t (co-occurrence "
+            "hard_from": f"uniform draws from the top {cfg.hard_k} of the {cfg.hard_from} first stage at t (co-occurrence "
                          "over seq[:-2]), the user's sequence excluded",
             "popularity_weights": "interaction counts of the training part (LooSplit.train_item_counts('valid'): "
                                   "no validation or test item counted)",

@@ -85,18 +85,23 @@ def group_keys(split: LooSplit, times: list[np.ndarray], cfg: LooRankerConfig) -
 
 
 def hard_pools(split: LooSplit, keys: pl.DataFrame, user_emb: np.ndarray, item_embeddings: np.ndarray,
-               recent: list[np.ndarray], k: int, chunk: int = 1000) -> list[np.ndarray]:
-    """Per group: the top `k` items of the encoder+cooc first stage (counts over seq[:-2]) for the user at
-    the group's time, the user's whole sequence excluded."""
+               recent: list[np.ndarray], k: int, chunk: int = 1000, kind: str = "encoder+cooc",
+               sequence_model=None) -> list[np.ndarray]:
+    """Per group: the top `k` items of the `kind` first stage (counts over seq[:-2]; a sequence stage
+    reads `sequence_model`'s scores after seq[:pos]) for the user at the group's time, the user's whole
+    sequence excluded."""
+    from ranker.sequence import last_scores
     from training.lambdarank.first_stage import COOC_ITEMS, FirstStage, top_k
 
     stage = FirstStage(split, "valid")
-    us = keys["u"].to_numpy()
+    us, pos = keys["u"].to_numpy(), keys["pos"].to_numpy()
     out: list[np.ndarray] = []
     for start in range(0, keys.height, chunk):
         rows = np.arange(start, min(start + chunk, keys.height))
         cos = interest_scores(user_emb[rows], item_embeddings)
-        s = stage.scores(["encoder+cooc"], cos, [recent[r][:COOC_ITEMS] for r in rows])["encoder+cooc"]
+        seq = None if sequence_model is None else last_scores(
+            sequence_model, [split.sequences[us[r]][: pos[r]] for r in rows])
+        s = stage.scores([kind], cos, [recent[r][:COOC_ITEMS] for r in rows], seq)[kind]
         out += top_k(s, [split.sequences[us[r]] for r in rows], k)[1]
     return out
 

@@ -91,6 +91,7 @@ class LooRankerConfig(TowerParams, LightGBMParams):
     popularity_share: float = 0.5
     hard_negatives: int = 16  # from the first stage's top `hard_k` (0: none, and no encoder needed for them)
     hard_k: int = 200
+    hard_from: str = "encoder+cooc"  # the first stage hard negatives come from: the one the ranker will re-order
     feature_chunk_rows: int = 250_000  # rows featurized at once
     max_length: int = 128
     encoder_dir: str = "base"  # "base" or a directory relative to the bundle
@@ -104,6 +105,11 @@ class LooRankerConfig(TowerParams, LightGBMParams):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        from training.lambdarank.first_stage import FIRST_STAGES, SEQUENCE_STAGES
+
+        if self.hard_from not in FIRST_STAGES or (self.hard_from in SEQUENCE_STAGES and self.sequence_dir is None):
+            raise ConfigError(f"hard_from must be one of {', '.join(FIRST_STAGES)} (the sequence ones with a sequence "
+                              f"model), got {self.hard_from!r}")
         if (self.sequence_dir is not None and self.held_out_targets < 1) or self.held_out_targets < 0:
             raise ConfigError("a sequence model needs held_out_targets >= 1 (train it with `semrank train sequence "
                               f"--hold-out 1`): got {self.sequence_dir!r}, {self.held_out_targets}")

@@ -304,8 +304,10 @@ def test_train_and_eval_with_rankers_end_to_end(loo_dir, tmp_path, capsys):
                  "--eval-every", "1", "--dim", "16", "--heads", "2", "--layers", "1", "--max-len", "8",
                  "--hold-out", "1"]) == 0
     assert main(["train", "ranker", "--data", str(loo_dir), "--out", str(tmp_path / "full-seq"), "--negatives", "8",
-                 "--embedding-cache", str(tmp_path / "cache"), "--sequence", str(tmp_path / "seq")]) == 0
+                 "--embedding-cache", str(tmp_path / "cache"), "--sequence", str(tmp_path / "seq"),
+                 "--hard-from", "encoder+cooc+sequence"]) == 0
     with_seq = load_bundle(tmp_path / "full-seq")
+    assert "of the encoder+cooc+sequence first stage" in with_seq.manifest["negative_sampling"]["hard_from"]
     assert with_seq.feature_names[-1] == "sequence_score" and with_seq.manifest["sequence_model"] == "sequence"
     assert with_seq.manifest["train_config"]["held_out_targets"] == 1
     assert with_seq.manifest["training_data"]["targets"].startswith("train: the last 1 position")
@@ -357,6 +359,8 @@ def test_a_ranker_refuses_a_sequence_model_that_saw_its_targets(loo_dir, tmp_pat
     assert not (tmp_path / "r" / "ranker.txt").exists()
     with pytest.raises(ConfigError, match="held_out_targets"):
         LooRankerConfig(sequence_dir="sequence")
+    with pytest.raises(ConfigError, match="hard_from"):  # a sequence first stage needs the model
+        LooRankerConfig(hard_from="encoder+cooc+sequence")
     # the same targets without the feature (the control of a --sequence bundle)
     assert main([*args, "--last-positions", "1"]) == 0
     manifest = load_bundle(tmp_path / "r").manifest
