@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from featurizer.definitions import FAMILY, NAMES
 from featurizer.errors import ConfigError
 from ranker.user_tower import DEFAULT_DECAY, KINDS, UserTower
+from training.lambdarank.first_stage import FIRST_STAGES, SEQUENCE_STAGES
 
 # Feature sets: `full` is every feature, `behavioural` leaves out the text family (no encoder in the model).
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -105,8 +106,6 @@ class LooRankerConfig(TowerParams, LightGBMParams):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from training.lambdarank.first_stage import FIRST_STAGES, SEQUENCE_STAGES
-
         if self.hard_from not in FIRST_STAGES or (self.hard_from in SEQUENCE_STAGES and self.sequence_dir is None):
             raise ConfigError(f"hard_from must be one of {', '.join(FIRST_STAGES)} (the sequence ones with a sequence "
                               f"model), got {self.hard_from!r}")
