@@ -41,6 +41,7 @@ from ranker.bundle import Bundle, load_bundle
 from ranker.feature_matrix import BundleInputs
 from ranker.interest import interest_scores
 from ranker.sequence import last_scores
+from ranker.sequence import load as load_sequence
 from ranker.user_tower import UserTower
 from training.data.loo import LooSplit
 from training.evaluation.models import parse_named_path
@@ -89,9 +90,7 @@ class RankerModel:
         # The bundle's sequence model (`sequence_score`): ranker.sequence files in the bundle.
         self.sequence_model, self.sequence_items = None, None
         if "sequence_score" in self.inputs.given:
-            from ranker.sequence import load
-
-            self.sequence_model, meta = load(self.bundle.path / self.bundle.manifest["sequence_model"])
+            self.sequence_model, meta = load_sequence(self.bundle.path / self.bundle.manifest["sequence_model"])
             self.sequence_items = list(meta["item_ids"])
 
     @property

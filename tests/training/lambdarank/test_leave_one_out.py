@@ -373,4 +373,5 @@ def test_cli_choices_match_the_evaluation_module():
     from training.evaluation import rankers as eval_rankers
 
     assert cli_eval.FIRST_STAGES == eval_rankers.FIRST_STAGES
+    assert cli_eval.SEQUENCE_STAGES == eval_rankers.SEQUENCE_STAGES
     assert (cli_eval.DEFAULT_FIRST_STAGE, cli_eval.DEFAULT_RERANK_K) == (eval_rankers.DEFAULT_FIRST_STAGE, eval_rankers.DEFAULT_RERANK_K)
