@@ -51,7 +51,10 @@ def train_lambdarank(train: pl.DataFrame, valid: pl.DataFrame, cfg: LightGBMPara
     if cfg.engine == "ray":
         from training.lambdarank.distributed import RayTraining, train_lambdarank_ray
 
-        booster, params, evals = train_lambdarank_ray(train, valid, cfg, inputs, RayTraining(
+        def arrays(df):
+            return inputs.frame_matrix(df, observed_context=True), df["label"].to_numpy(), group_sizes(df)
+
+        booster, params, evals = train_lambdarank_ray(arrays(train), arrays(valid), inputs.feature_names, cfg, RayTraining(
             workers=cfg.ray_workers, cpus_per_worker=max(1, cfg.num_threads // cfg.ray_workers),
             address=cfg.ray_address), params)
         for step, value in enumerate(evals.get("valid", {}).get("ndcg@10", []), 1):

@@ -1,7 +1,7 @@
 """Ranker training on a Ray cluster: LightGBM's own data-parallel mode, one Ray actor per machine slot
 (issue 32 item 2; `semrank train ranker --engine ray`).
 
-    booster, params, evals = train_lambdarank_ray(train, valid, cfg, inputs, RayTraining(workers=2))
+    booster, params, evals = train_lambdarank_ray((X, y, sizes), (Xv, yv, sizes_v), names, cfg, RayTraining(workers=2), params)
 
 - **The engine**: LightGBM's distributed training (`tree_learner=data` over its socket network), not
   Ray Train's LightGBM trainer: the same `lightgbm` package and parameters as single-process training,
@@ -23,9 +23,7 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-import polars as pl
 
-from ranker.feature_matrix import BundleInputs
 from training.lambdarank.params import LightGBMParams
 
 log = logging.getLogger(__name__)
@@ -89,22 +87,18 @@ def _worker_class():
     return LightGBMWorker
 
 
-def train_lambdarank_ray(train: pl.DataFrame, valid: pl.DataFrame, cfg: LightGBMParams, inputs: BundleInputs,
-                         ray_cfg: RayTraining, params: dict):
-    """`training.lambdarank.booster.train_lambdarank` on Ray workers (see the module docstring); `train`
-    and `valid` have had their groups without a positive dropped, `params` are the single-process ones.
-    Returns (booster, params as trained, evals)."""
+def train_lambdarank_ray(train: tuple[np.ndarray, np.ndarray, np.ndarray], valid: tuple[np.ndarray, np.ndarray, np.ndarray],
+                         feature_names: list[str], cfg: LightGBMParams, ray_cfg: RayTraining, params: dict):
+    """`training.lambdarank.booster.train_lambdarank` on Ray workers (see the module docstring).
+    `train` and `valid` are (matrix, labels, group sizes) with the groups' rows consecutive; `params`
+    are the single-process ones. Returns (booster, params as trained, evals)."""
     import lightgbm as lgb
     import ray
 
-    from training.lambdarank.booster import group_sizes
-
-    sizes = group_sizes(train).astype(np.int64)
+    X, y, sizes = train
+    sizes = np.asarray(sizes, dtype=np.int64)
     if sizes.size < ray_cfg.workers:
         raise ValueError(f"{sizes.size} training groups for {ray_cfg.workers} workers: every worker needs a group")
-    X = inputs.frame_matrix(train, observed_context=True)
-    y = train["label"].to_numpy()
-    valid_data = (inputs.frame_matrix(valid, observed_context=True), valid["label"].to_numpy(), group_sizes(valid))
     shards = shard_groups(sizes, ray_cfg.workers)
     started = False
     if not ray.is_initialized():
@@ -120,13 +114,13 @@ def train_lambdarank_ray(train: pl.DataFrame, valid: pl.DataFrame, cfg: LightGBM
         machines = ",".join(f"{ip}:{port}" for ip, port in addresses)
         trained = {**params, "tree_learner": "data", "num_machines": ray_cfg.workers, "machines": machines,
                    "pre_partition": True, "num_threads": ray_cfg.cpus_per_worker, "time_out": ray_cfg.time_out_min}
-        valid_ref = ray.put(valid_data)
+        valid_ref = ray.put(valid)
         futures = []
         for w, rows, (_, port) in zip(workers, shards, addresses):
             group_of_shard = sizes[np.arange(len(futures), sizes.size, ray_cfg.workers)]
             shard = ray.put((X[rows], y[rows], group_of_shard))
             futures.append(w.fit.remote({**trained, "local_listen_port": port}, shard, valid_ref,
-                                        inputs.feature_names, cfg.num_boost_round, cfg.early_stopping_rounds))
+                                        feature_names, cfg.num_boost_round, cfg.early_stopping_rounds))
         log.info("LightGBM on Ray: %d workers (%s), %d groups dealt round-robin, %d / %d rows", ray_cfg.workers,
                  machines, sizes.size, *(len(r) for r in shards[:2]))
         results = ray.get(futures)
