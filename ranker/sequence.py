@@ -136,9 +136,25 @@ def last_scores(model: SASRec, histories: Sequence[np.ndarray]) -> np.ndarray:
     """(len(histories), n_items) next-item scores after each history (eval mode)."""
     model.eval()
     table = model.table()
-    seqs = left_padded(histories, model.cfg.max_len)
-    h = model(seqs, table)[:, -1]
-    return (h @ table[1:].T).numpy()
+    return (_last(model, histories, table) @ table[1:].T).numpy()
+
+
+@torch.no_grad()
+def last_states(model: SASRec, histories: Sequence[np.ndarray]) -> np.ndarray:
+    """(len(histories), dim) the state after each history (eval mode): `last_scores` is it against
+    `item_vectors`. For scoring a few items per history, or the same history twice."""
+    model.eval()
+    return _last(model, histories, model.table()).numpy()
+
+
+@torch.no_grad()
+def item_vectors(model: SASRec) -> np.ndarray:
+    """(n_items, dim): the vector each catalog item is scored by."""
+    return model.table()[1:].numpy()
+
+
+def _last(model: SASRec, histories: Sequence[np.ndarray], table: torch.Tensor) -> torch.Tensor:
+    return model(left_padded(histories, model.cfg.max_len), table)[:, -1]
 
 
 def load(model_dir: str | Path) -> tuple[SASRec, dict]:

@@ -100,7 +100,7 @@ def _train_leave_one_out(args, ds, encoder_dir: str, tower) -> tuple[int, dict]:
     )
     from training.lambdarank.params import LooRankerConfig
 
-    held_out = _bundle_sequence_model(args) if args.sequence is not None else (args.last_positions or 0)
+    held_out = _sequence_hold_out(args.sequence) if args.sequence is not None else (args.last_positions or 0)
     if args.sequence is not None and args.last_positions not in (None, held_out):
         raise ValueError(f"--last-positions {args.last_positions}: with --sequence the targets are the {held_out} "
                          "item(s) the sequence model held out")
@@ -109,7 +109,9 @@ def _train_leave_one_out(args, ds, encoder_dir: str, tower) -> tuple[int, dict]:
                           hard_negatives=args.hard_negatives, hard_k=args.hard_k, hard_from=args.hard_from,
                           seed=args.seed,
                           encoder_dir=encoder_dir, sequence_dir=SEQUENCE_DIR if args.sequence is not None else None,
-                          held_out_targets=held_out, **_engine(args))
+                          held_out_targets=held_out, **_engine(args))  # (refuses a model without a hold-out)
+    if args.sequence is not None:
+        _copy_sequence_model(args.sequence, args.out / SEQUENCE_DIR)
     ds, split = loo_data(ds)
     log.info("no impression lists: %s training (%s variant) on %d users with a leave-one-out split",
              TRAINING_MODE, cfg.variant, len(split.users))
@@ -129,27 +131,26 @@ def _train_leave_one_out(args, ds, encoder_dir: str, tower) -> tuple[int, dict]:
 SEQUENCE_DIR = "sequence"  # the bundle's copy of its sequence model (`semrank train ranker --sequence`)
 
 
-def _bundle_sequence_model(args) -> int:
-    """Copy the --sequence model into the bundle; returns the items it held out (the ranker's targets)."""
+def _sequence_hold_out(src: Path) -> int:
+    """The items the --sequence model held out before each validation item (the ranker's targets)."""
     import json
+
+    from ranker.sequence import CONFIG_FILE, MODEL_FILE
+
+    if not (src / CONFIG_FILE).is_file() or not (src / MODEL_FILE).is_file():
+        raise FileNotFoundError(f"--sequence {src}: no sequence model there ({CONFIG_FILE} and {MODEL_FILE} of "
+                                "`semrank train sequence`)")
+    return int(json.loads((src / CONFIG_FILE).read_text())["config"].get("hold_out", 0))
+
+
+def _copy_sequence_model(src: Path, dst: Path) -> None:
     import shutil
 
     from ranker.sequence import CONFIG_FILE, MODEL_FILE
 
-    src = Path(args.sequence)
-    if not (src / CONFIG_FILE).is_file() or not (src / MODEL_FILE).is_file():
-        raise FileNotFoundError(f"--sequence {src}: no sequence model there ({CONFIG_FILE} and {MODEL_FILE} of "
-                                "`semrank train sequence`)")
-    hold_out = int(json.loads((src / CONFIG_FILE).read_text())["config"].get("hold_out", 0))
-    if hold_out < 1:
-        raise ValueError(f"--sequence {src}: trained on every item before the validation item, so its score of the "
-                         "ranker's training targets would be fitted, not predicted; train it with "
-                         "`semrank train sequence --hold-out 1`")
-    dst = args.out / SEQUENCE_DIR
     dst.mkdir(parents=True, exist_ok=True)
     for name in (CONFIG_FILE, MODEL_FILE):
         shutil.copyfile(src / name, dst / name)
-    return hold_out
 
 
 def cmd_train_encoder(args: argparse.Namespace) -> int:

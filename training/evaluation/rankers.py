@@ -40,7 +40,7 @@ from featurizer.offline.pipeline import offline_features
 from ranker.bundle import Bundle, load_bundle
 from ranker.feature_matrix import BundleInputs
 from ranker.interest import interest_scores
-from ranker.sequence import last_scores
+from ranker.sequence import item_vectors, last_states
 from ranker.sequence import load as load_sequence
 from ranker.user_tower import UserTower
 from training.data.loo import LooSplit
@@ -92,6 +92,7 @@ class RankerModel:
         if "sequence_score" in self.inputs.given:
             self.sequence_model, meta = load_sequence(self.bundle.path / self.bundle.manifest["sequence_model"])
             self.sequence_items = list(meta["item_ids"])
+            self.sequence_vectors = item_vectors(self.sequence_model)
 
     @property
     def uses_text(self) -> bool:
@@ -215,8 +216,9 @@ def evaluate_rankers(ds: Dataset, split: LooSplit, rankers: Sequence[RankerModel
             t0 = time.perf_counter()
             frame = feats
             if ranker.sequence_model is not None:  # its score of each candidate after seq[:-1], as in training
-                seq_all = last_scores(ranker.sequence_model, [masked[r] for r in rows])
-                frame = feats.with_columns(pl.Series("sequence_score", seq_all[row_user, row_item].astype(np.float64)))
+                states = last_states(ranker.sequence_model, [masked[r] for r in rows])
+                score = np.einsum("rd,rd->r", states[row_user], ranker.sequence_vectors[row_item])
+                frame = feats.with_columns(pl.Series("sequence_score", score.astype(np.float64)))
             scores = ranker.bundle.score(ranker.inputs.frame_matrix(frame))  # constants such as `position` applied
             own[ranker.name] += time.perf_counter() - t0
             for j, r in enumerate(rows):

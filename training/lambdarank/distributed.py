@@ -116,9 +116,8 @@ def train_lambdarank_ray(train: tuple[np.ndarray, np.ndarray, np.ndarray], valid
                    "pre_partition": True, "num_threads": ray_cfg.cpus_per_worker, "time_out": ray_cfg.time_out_min}
         valid_ref = ray.put(valid)
         futures = []
-        for w, rows, (_, port) in zip(workers, shards, addresses):
-            group_of_shard = sizes[np.arange(len(futures), sizes.size, ray_cfg.workers)]
-            shard = ray.put((X[rows], y[rows], group_of_shard))
+        for k, (w, rows, (_, port)) in enumerate(zip(workers, shards, addresses)):
+            shard = ray.put((X[rows], y[rows], sizes[k::ray_cfg.workers]))  # worker k's groups, as shard_groups deals them
             futures.append(w.fit.remote({**trained, "local_listen_port": port}, shard, valid_ref,
                                         feature_names, cfg.num_boost_round, cfg.early_stopping_rounds))
         log.info("LightGBM on Ray: %d workers (%s), %d groups dealt round-robin, %d / %d rows", ray_cfg.workers,

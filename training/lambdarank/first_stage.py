@@ -6,8 +6,8 @@ the user's recent items / by popularity, both counted over the part of the split
 target. With a sequence model (`training.sequence.sasrec`, its next-item scores after the user's
 history) two more: `sequence` alone, and `encoder+cooc+sequence`, the fusion of all three ranks
 (issue 31 item 2). `semrank eval` re-orders its top K with LightGBM (`training.evaluation.rankers`);
-`semrank train ranker` draws hard negatives from `encoder+cooc` (`training.lambdarank.leave_one_out`),
-so the ranker learns to order what it will be given.
+`semrank train ranker` draws hard negatives from one of them (`--hard-from`, default `encoder+cooc`;
+`training.lambdarank.leave_one_out`), so the ranker learns to order what it will be given.
 """
 
 from __future__ import annotations

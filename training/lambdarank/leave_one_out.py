@@ -107,22 +107,22 @@ def tower_user_vectors(tower: UserTower, encoder: Encoder | None, histories: lis
     return user_vectors(tower, rows, item_embeddings, split.titles, encode)
 
 
-def sequence_scores(model, split: LooSplit, keys: pl.DataFrame, groups: pl.DataFrame, chunk: int = 1000) -> np.ndarray:
-    """Per row of `groups` (`build_groups`, contiguous and in group order): the sequence model's
-    score (`ranker.sequence.last_scores`) of the row's item after its user's items before the group's
-    position (seq[:pos]: strictly before the target, as every other feature)."""
-    from ranker.sequence import last_scores
+def sequence_states(model, split: LooSplit, keys: pl.DataFrame, chunk: int = 1000) -> np.ndarray:
+    """(groups, dim): the sequence model's state (`ranker.sequence.last_states`) after each group's
+    history seq[:pos] (strictly before the target, as every other feature). Computed once per group
+    for both of its uses: the hard negatives' first stage and `sequence_score`."""
+    from ranker.sequence import last_states
 
     us, pos = keys["u"].to_numpy(), keys["pos"].to_numpy()
-    g = groups["group"].to_numpy()
+    return np.concatenate([last_states(model, [split.sequences[us[k]][: pos[k]] for k in range(a, min(a + chunk, keys.height))])
+                           for a in range(0, keys.height, chunk)])
+
+
+def sequence_scores(states: np.ndarray, vectors: np.ndarray, split: LooSplit, groups: pl.DataFrame) -> np.ndarray:
+    """Per row of `groups` (`build_groups`): its group's state (`sequence_states`) against the row's
+    item vector (`ranker.sequence.item_vectors`), the model's score of that item."""
     items = np.fromiter((split.item_index[i] for i in groups["item_id"].to_list()), dtype=np.int64, count=groups.height)
-    out = np.empty(groups.height)
-    for start in range(0, keys.height, chunk):
-        stop = min(start + chunk, keys.height)
-        scores = last_scores(model, [split.sequences[us[k]][: pos[k]] for k in range(start, stop)])
-        a, b = np.searchsorted(g, [start, stop])
-        out[a:b] = scores[g[a:b] - start, items[a:b]]
-    return out
+    return np.einsum("rd,rd->r", states[groups["group"].to_numpy()], vectors[items]).astype(np.float64)
 
 
 def build_examples(ds: Dataset, split: LooSplit, cfg: LooRankerConfig, encoder: Encoder | None = None,
@@ -141,6 +141,13 @@ def build_examples(ds: Dataset, split: LooSplit, cfg: LooRankerConfig, encoder: 
 
     keys = group_keys(split, sequence_times(ds, split) if times is None else times, cfg)
     user_emb, pools = None, None
+    if "sequence_score" in cfg.feature_names and sequence_model is None:
+        raise ValueError("cfg.sequence_dir names a sequence model: pass it (sequence_model)")
+    sequence = None  # (each group's state, the item vectors) of the sequence model
+    if sequence_model is not None:
+        from ranker.sequence import item_vectors
+
+        sequence = (sequence_states(sequence_model, split, keys), item_vectors(sequence_model))
     if cfg.needs_encoder:
         if encoder is None or item_embeddings is None:
             raise ValueError("the 'full' variant and hard negatives need an encoder and item embeddings "
@@ -151,16 +158,14 @@ def build_examples(ds: Dataset, split: LooSplit, cfg: LooRankerConfig, encoder: 
         if cfg.hard_negatives:
             recent = [np.array([split.item_index[i] for i in h], dtype=np.int64) for h in hist]
             pools = hard_pools(split, keys, user_emb, item_embeddings, recent, cfg.hard_k, kind=cfg.hard_from,
-                               sequence_model=sequence_model if cfg.hard_from in SEQUENCE_STAGES else None)
+                               sequence=sequence if cfg.hard_from in SEQUENCE_STAGES else None)
     groups = build_groups(split, keys, cfg, pools)
     if "interest_score" in cfg.feature_names:
         items = np.fromiter((split.item_index[i] for i in groups["item_id"].to_list()), dtype=np.int64, count=groups.height)
         score = interest_scores(user_emb, item_embeddings, (groups["group"].to_numpy(), items))
         groups = groups.with_columns(pl.Series("interest_score", score))
     if "sequence_score" in cfg.feature_names:
-        if sequence_model is None:
-            raise ValueError("cfg.sequence_dir names a sequence model: pass it (sequence_model)")
-        groups = groups.with_columns(pl.Series("sequence_score", sequence_scores(sequence_model, split, keys, groups)))
+        groups = groups.with_columns(pl.Series("sequence_score", sequence_scores(*sequence, split, groups)))
     log.info("computing features for %d rows in %d groups", groups.height, keys.height)
     # Chunks end on group boundaries (groups are contiguous); each reads the whole log, holds only its rows.
     g = groups["group"].to_numpy()

@@ -4,8 +4,8 @@ A group is a target interaction (label 1) and its negatives, all scored at the t
 - targets: positions k >= 1 of seq[:-2] (`sample_positions`, recent ones favoured; with a sequence
   model, exactly the last `held_out_targets` of them, which it was trained without), plus the
   validation item of each sampled user (`group_keys`);
-- negatives (`build_groups`): `hard_negatives` drawn from the top `hard_k` of the encoder+cooc
-  first stage at t (`hard_pools`), the rest in proportion to popularity or uniform
+- negatives (`build_groups`): `hard_negatives` drawn from the top `hard_k` of the `hard_from`
+  first stage at t (`hard_pools`; encoder+cooc unless told), the rest in proportion to popularity or uniform
   (`NegativeSampler`), distinct and never an item of the user's sequence.
 """
 
@@ -86,21 +86,20 @@ def group_keys(split: LooSplit, times: list[np.ndarray], cfg: LooRankerConfig) -
 
 def hard_pools(split: LooSplit, keys: pl.DataFrame, user_emb: np.ndarray, item_embeddings: np.ndarray,
                recent: list[np.ndarray], k: int, chunk: int = 1000, kind: str = "encoder+cooc",
-               sequence_model=None) -> list[np.ndarray]:
+               sequence: tuple[np.ndarray, np.ndarray] | None = None) -> list[np.ndarray]:
     """Per group: the top `k` items of the `kind` first stage (counts over seq[:-2]; a sequence stage
-    reads `sequence_model`'s scores after seq[:pos]) for the user at the group's time, the user's whole
-    sequence excluded."""
-    from ranker.sequence import last_scores
+    reads `sequence`: each group's state after seq[:pos] and the item vectors of the sequence model,
+    `training.lambdarank.leave_one_out.sequence_states`) for the user at the group's time, the user's
+    whole sequence excluded."""
     from training.lambdarank.first_stage import COOC_ITEMS, FirstStage, top_k
 
     stage = FirstStage(split, "valid")
-    us, pos = keys["u"].to_numpy(), keys["pos"].to_numpy()
+    us = keys["u"].to_numpy()
     out: list[np.ndarray] = []
     for start in range(0, keys.height, chunk):
         rows = np.arange(start, min(start + chunk, keys.height))
         cos = interest_scores(user_emb[rows], item_embeddings)
-        seq = None if sequence_model is None else last_scores(
-            sequence_model, [split.sequences[us[r]][: pos[r]] for r in rows])
+        seq = None if sequence is None else sequence[0][rows] @ sequence[1].T
         s = stage.scores([kind], cos, [recent[r][:COOC_ITEMS] for r in rows], seq)[kind]
         out += top_k(s, [split.sequences[us[r]] for r in rows], k)[1]
     return out

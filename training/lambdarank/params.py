@@ -110,8 +110,10 @@ class LooRankerConfig(TowerParams, LightGBMParams):
             raise ConfigError(f"hard_from must be one of {', '.join(FIRST_STAGES)} (the sequence ones with a sequence "
                               f"model), got {self.hard_from!r}")
         if (self.sequence_dir is not None and self.held_out_targets < 1) or self.held_out_targets < 0:
-            raise ConfigError("a sequence model needs held_out_targets >= 1 (train it with `semrank train sequence "
-                              f"--hold-out 1`): got {self.sequence_dir!r}, {self.held_out_targets}")
+            raise ConfigError("a sequence model needs held_out_targets >= 1: trained on every item before the "
+                              "validation item, its score of the ranker's training targets would be fitted, not "
+                              "predicted; train it with `semrank train sequence --hold-out 1` (got "
+                              f"{self.sequence_dir!r}, {self.held_out_targets})")
         if self.variant not in VARIANTS:
             raise ConfigError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         if self.max_users is not None and self.max_users < 1:
