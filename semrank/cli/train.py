@@ -10,6 +10,9 @@ from semrank.cli.evaluate import FIRST_STAGES
 
 log = logging.getLogger(__name__)
 
+# training.lambdarank.params.FEATURE_CHUNK_ROWS (the parser does not import training; tested equal)
+FEATURE_CHUNK_ROWS = 250_000
+
 
 def ranker_tower(args, encoder_dir: str):
     """The bundle's user tower: --tower when given, else the one the encoder was fine-tuned with
@@ -73,8 +76,10 @@ def _train_ranker(args) -> tuple[int, dict]:
 
 
 def _engine(args) -> dict:
-    """Where LightGBM trains (`training.lambdarank.distributed` for ray)."""
-    return {"engine": args.engine, "ray_workers": args.ray_workers, "ray_address": args.ray_address}
+    """Where LightGBM trains (`training.lambdarank.distributed` for ray), and how many example rows are
+    featurized at once (both modes; peak memory follows it, docs/training_at_scale.md)."""
+    return {"engine": args.engine, "ray_workers": args.ray_workers, "ray_address": args.ray_address,
+            "feature_chunk_rows": args.chunk_rows}
 
 
 def _write_probes(out: Path) -> None:
@@ -331,6 +336,10 @@ def _register_ranker(train_sub) -> None:
                         "query groups per worker; docs/training_at_scale.md)")
     s.add_argument("--ray-workers", type=int, default=2, help="LightGBM workers on Ray (default 2)")
     s.add_argument("--ray-address", default=None, help="Ray cluster to join (e.g. auto); default: a local Ray")
+    s.add_argument("--chunk-rows", type=int, default=FEATURE_CHUNK_ROWS,
+                   help=f"example rows featurized at once, whole groups (default {FEATURE_CHUNK_ROWS:,}); peak memory "
+                        "follows it, the model does not (docs/training_at_scale.md). The examples are kept on disk "
+                        "under TMPDIR until LightGBM has read them")
     g = s.add_argument_group("data without impression lists (leave-one-out targets + sampled negatives)")
     g.add_argument("--negatives", type=int, default=16,
                    help="popularity-weighted and uniform negatives per group (default 16)")

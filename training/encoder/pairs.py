@@ -15,7 +15,7 @@ Two time-respecting splits:
   training pair: for every k >= 1 in seq[:-2], history seq[:k] -> seq[k].
   Validation = the second-to-last item with history seq[:-2].
 - `impression_pairs` (data with impression lists, e.g. `semrank data synth`):
-  the same day-based split as `ranker_training.time_split`. Training pairs are
+  the same day-based split as `training.lambdarank.impression_lists.split_bounds`. Training pairs are
   engaged items of lists shown before the validation window; their hard
   negatives are the items of the same list that were not engaged. Validation =
   each user's first newly engaged item inside the validation window. The test

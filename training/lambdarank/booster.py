@@ -1,33 +1,27 @@
 """The LightGBM side of ranker training, shared by both modes (impression lists and leave-one-out).
 
-- `train_lambdarank`: lambdarank with early stopping on NDCG@10, on matrices from
-  `ranker.feature_matrix.BundleInputs` (the columns the bundle will be served with);
+- `train_lambdarank`: lambdarank with early stopping on NDCG@10, on the examples of a
+  `training.lambdarank.example_store.ExampleStore` (the bundle's matrix, read back in batches);
 - `truncate`, `format_table`.
 """
 
 from __future__ import annotations
 
-import numpy as np
-import polars as pl
+from typing import TYPE_CHECKING
 
-from ranker.feature_matrix import BundleInputs
 from training import tracking
 from training.lambdarank.params import LightGBMParams
 
-
-def group_sizes(df: pl.DataFrame) -> np.ndarray:
-    # rows are sorted by (ts, request_id, ...): consecutive runs of request_id are groups
-    return df.group_by("request_id", maintain_order=True).len()["len"].to_numpy()
+if TYPE_CHECKING:
+    from training.lambdarank.example_store import ExampleStore
 
 
-def with_positives(df: pl.DataFrame) -> pl.DataFrame:
-    return df.filter((pl.col("label") > 0).any().over("request_id"))
-
-
-def train_lambdarank(train: pl.DataFrame, valid: pl.DataFrame, cfg: LightGBMParams, inputs: BundleInputs):
-    """Lambdarank on groups of consecutive `request_id` rows with a `label`; groups without a positive
-    are dropped. The matrices are `inputs.frame_matrix` with the observed training-only context.
-    `cfg.engine` "ray": on Ray workers (`training.lambdarank.distributed`)."""
+def train_lambdarank(store: ExampleStore, cfg: LightGBMParams):
+    """Lambdarank on the store's "train" part, early stopping on NDCG@10 of its "valid" part
+    (`training.lambdarank.example_store`: the bundle's matrix with the observed training-only
+    context; groups without a positive were dropped there). LightGBM reads the rows in batches, so
+    only its binned dataset is whole in memory. `cfg.engine` "ray": on Ray workers
+    (`training.lambdarank.distributed`), which take their shards as arrays."""
     import lightgbm as lgb
 
     params = {
@@ -47,32 +41,22 @@ def train_lambdarank(train: pl.DataFrame, valid: pl.DataFrame, cfg: LightGBMPara
         "num_threads": cfg.num_threads,
         "verbosity": -1,
     }
-    train, valid = with_positives(train), with_positives(valid)
     if cfg.engine == "ray":
         from training.lambdarank.distributed import RayTraining, train_lambdarank_ray
 
-        def arrays(df):
-            return inputs.frame_matrix(df, observed_context=True), df["label"].to_numpy(), group_sizes(df)
+        def arrays(part):
+            return store.matrix(part), store.labels(part), store.sizes(part)
 
-        booster, params, evals = train_lambdarank_ray(arrays(train), arrays(valid), inputs.feature_names, cfg, RayTraining(
-            workers=cfg.ray_workers, cpus_per_worker=max(1, cfg.num_threads // cfg.ray_workers),
-            address=cfg.ray_address), params)
+        booster, params, evals = train_lambdarank_ray(arrays("train"), arrays("valid"), store.inputs.feature_names, cfg,
+                                                      RayTraining(workers=cfg.ray_workers, address=cfg.ray_address,
+                                                                  cpus_per_worker=max(1, cfg.num_threads // cfg.ray_workers)),
+                                                      params)
         for step, value in enumerate(evals.get("valid", {}).get("ndcg@10", []), 1):
             tracking.scalar("valid/ndcg@10", value, step)
         return booster, params, evals
 
-    def dataset(df, ref=None):
-        return lgb.Dataset(
-            inputs.frame_matrix(df, observed_context=True),
-            label=df["label"].to_numpy(),
-            group=group_sizes(df),
-            feature_name=inputs.feature_names,
-            reference=ref,
-            free_raw_data=False,
-        )
-
-    dtrain = dataset(train)
-    dvalid = dataset(valid, dtrain)
+    dtrain = store.dataset("train")
+    dvalid = store.dataset("valid", reference=dtrain)
     evals: dict = {}
     booster = lgb.train(
         params,

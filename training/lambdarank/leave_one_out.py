@@ -22,8 +22,11 @@ negatives, all scored at the target's time t.
     protocol's negatives are uniform).
 - Features: `featurizer.offline.pipeline.offline_features` from events strictly before t,
   on `training.data.loo.loo_data`'s clock: a user's own same-day items are ordered by
-  the sequence, other users' events count from earlier days only. Computed in
-  chunks of groups, so memory follows the chunk, not the data.
+  the sequence, other users' events count from earlier days only.
+- Memory: everything per group (user vectors, hard-negative pools, features) is computed one chunk
+  of groups at a time (`example_chunks`) and written to an on-disk `ExampleStore`, which LightGBM
+  reads back in batches: memory follows the chunk and LightGBM's binned dataset, not the rows
+  (docs/training_at_scale.md).
   Text: the cosine of the user vector (the bundle's tower, `ranker.user_tower`, over
   `user_recent_items` before t) and the item text's vector; NaN when there is no history.
 - Variants: `full` (every feature of `featurizer.definitions.NAMES`) and
@@ -34,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -51,7 +54,15 @@ from ranker.user_tower import UserTower, user_vectors
 from training import tracking
 from training.data.loo import LooSplit
 from training.lambdarank.booster import train_lambdarank, truncate
-from training.lambdarank.negatives import build_groups, group_keys, hard_pools
+from training.lambdarank.example_store import ExampleStore
+from training.lambdarank.negatives import (
+    POOL_CHUNK,
+    build_groups,
+    group_keys,
+    hard_pools,
+    negative_sampler,
+    shuffle_stream,
+)
 from training.lambdarank.params import LooRankerConfig
 from training.ranking_metrics import mean_metrics
 
@@ -107,7 +118,7 @@ def tower_user_vectors(tower: UserTower, encoder: Encoder | None, histories: lis
     return user_vectors(tower, rows, item_embeddings, split.titles, encode)
 
 
-def sequence_states(model, split: LooSplit, keys: pl.DataFrame, chunk: int = 1000) -> np.ndarray:
+def sequence_states(model, split: LooSplit, keys: pl.DataFrame, chunk: int = POOL_CHUNK) -> np.ndarray:
     """(groups, dim): the sequence model's state (`ranker.sequence.last_states`) after each group's
     history seq[:pos] (strictly before the target, as every other feature). Computed once per group
     for both of its uses: the hard negatives' first stage and `sequence_score`."""
@@ -118,85 +129,105 @@ def sequence_states(model, split: LooSplit, keys: pl.DataFrame, chunk: int = 100
                            for a in range(0, keys.height, chunk)])
 
 
-def sequence_scores(states: np.ndarray, vectors: np.ndarray, split: LooSplit, groups: pl.DataFrame) -> np.ndarray:
-    """Per row of `groups` (`build_groups`): its group's state (`sequence_states`) against the row's
-    item vector (`ranker.sequence.item_vectors`), the model's score of that item."""
+def sequence_scores(states: np.ndarray, vectors: np.ndarray, split: LooSplit, groups: pl.DataFrame,
+                    first_group: int = 0) -> np.ndarray:
+    """Per row of `groups` (`build_groups`): its group's state (`sequence_states`, row 0 for group
+    `first_group`) against the row's item vector (`ranker.sequence.item_vectors`), the model's score of
+    that item."""
     items = np.fromiter((split.item_index[i] for i in groups["item_id"].to_list()), dtype=np.int64, count=groups.height)
-    return np.einsum("rd,rd->r", states[groups["group"].to_numpy()], vectors[items]).astype(np.float64)
+    return np.einsum("rd,rd->r", states[groups["group"].to_numpy() - first_group], vectors[items]).astype(np.float64)
 
 
-def build_examples(ds: Dataset, split: LooSplit, cfg: LooRankerConfig, encoder: Encoder | None = None,
+def groups_per_chunk(cfg: LooRankerConfig) -> int:
+    """Groups featurized at once: about `cfg.feature_chunk_rows` rows, a multiple of `POOL_CHUNK` when
+    that many fit (so every chunk computes the floats one pass over all groups would)."""
+    n = max(1, cfg.feature_chunk_rows // (1 + cfg.negatives + cfg.hard_negatives))
+    return n - n % POOL_CHUNK if n >= POOL_CHUNK else n
+
+
+def example_chunks(ds: Dataset, split: LooSplit, cfg: LooRankerConfig, encoder: Encoder | None = None,
                    item_embeddings: np.ndarray | None = None, times: list[np.ndarray] | None = None,
                    progress: bool = True, text_cache: Callable[[list[str]], Path | None] | None = None,
-                   tower: UserTower | None = None, sequence_model=None) -> pl.DataFrame:
-    """Groups with point-in-time features (and the interest score for the `full` variant, the
-    sequence model's score with `cfg.sequence_dir`).
+                   tower: UserTower | None = None, sequence_model=None) -> Iterator[pl.DataFrame]:
+    """The groups with point-in-time features (and the interest score for the `full` variant, the
+    sequence model's score with `cfg.sequence_dir`), one chunk of whole groups at a time
+    (`groups_per_chunk`): everything per group (user vectors, hard-negative pools, sequence states,
+    features) is computed for the chunk only, so memory follows the chunk; the chunks together are
+    the rows one pass over every group would give (`build_examples`).
 
     `ds` and `split` should come from `training.data.loo.loo_data` (the features read its clock);
     `tower` (None: `cfg.user_tower()`) builds the user vectors of the interest score and of the
     hard negatives' first stage; `sequence_model` (`ranker.sequence.SASRec`) is the bundle's."""
     from tqdm import tqdm
 
-    from training.lambdarank.first_stage import COOC_ITEMS, SEQUENCE_STAGES
+    from training.lambdarank.first_stage import COOC_ITEMS, SEQUENCE_STAGES, FirstStage
 
     keys = group_keys(split, sequence_times(ds, split) if times is None else times, cfg)
-    user_emb, pools = None, None
+    if not (~keys["valid"]).any():
+        raise ValueError("no training groups: every sampled user has fewer than 4 engaged items (a target needs "
+                         "k >= 1 in seq[:-2]); use more users or data with longer sequences")
     if "sequence_score" in cfg.feature_names and sequence_model is None:
         raise ValueError("cfg.sequence_dir names a sequence model: pass it (sequence_model)")
-    sequence = None  # (each group's state, the item vectors) of the sequence model
+    if cfg.needs_encoder and (encoder is None or item_embeddings is None):
+        raise ValueError("the 'full' variant and hard negatives need an encoder and item embeddings "
+                         "(or use variant 'behavioural' with hard_negatives=0)")
+    tower = tower or cfg.user_tower()
+    vectors = None
     if sequence_model is not None:
         from ranker.sequence import item_vectors
 
-        sequence = (sequence_states(sequence_model, split, keys), item_vectors(sequence_model))
-    if cfg.needs_encoder:
-        if encoder is None or item_embeddings is None:
-            raise ValueError("the 'full' variant and hard negatives need an encoder and item embeddings "
-                             "(or use variant 'behavioural' with hard_negatives=0)")
-        tower = tower or cfg.user_tower()
-        hist = user_histories(ds, keys.select("user_id", "ts"), max(tower.history_items, COOC_ITEMS))
-        user_emb = tower_user_vectors(tower, encoder, hist, split, item_embeddings, progress, text_cache)
-        if cfg.hard_negatives:
-            recent = [np.array([split.item_index[i] for i in h], dtype=np.int64) for h in hist]
-            pools = hard_pools(split, keys, user_emb, item_embeddings, recent, cfg.hard_k, kind=cfg.hard_from,
-                               sequence=sequence if cfg.hard_from in SEQUENCE_STAGES else None)
-    groups = build_groups(split, keys, cfg, pools)
-    if "interest_score" in cfg.feature_names:
-        items = np.fromiter((split.item_index[i] for i in groups["item_id"].to_list()), dtype=np.int64, count=groups.height)
-        score = interest_scores(user_emb, item_embeddings, (groups["group"].to_numpy(), items))
-        groups = groups.with_columns(pl.Series("interest_score", score))
-    if "sequence_score" in cfg.feature_names:
-        groups = groups.with_columns(pl.Series("sequence_score", sequence_scores(*sequence, split, groups)))
-    log.info("computing features for %d rows in %d groups", groups.height, keys.height)
-    # Chunks end on group boundaries (groups are contiguous); each reads the whole log, holds only its rows.
-    g = groups["group"].to_numpy()
-    first = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
-    per_chunk = max(1, cfg.feature_chunk_rows * keys.height // groups.height)
-    starts = np.r_[first[::per_chunk], groups.height].tolist()
+        vectors = item_vectors(sequence_model)
+    stage = FirstStage(split, "valid") if cfg.needs_encoder and cfg.hard_negatives else None
+    sampler, shuffle = negative_sampler(split, cfg), shuffle_stream(cfg)
     events, items_lf = ds.events.lazy(), ds.items.lazy()
-    parts = [
-        offline_features(events, items_lf, groups.slice(a, b - a).lazy(), resolution_us=split.resolution_us).collect()
-        for a, b in tqdm(list(zip(starts[:-1], starts[1:])), desc="features", unit="chunk", disable=not progress, leave=False)
-    ]
-    return pl.concat(parts)
+    n = groups_per_chunk(cfg)
+    log.info("computing features for %d groups, %d at a time", keys.height, n)
+    for a in tqdm(range(0, keys.height, n), desc="examples", unit="chunk", disable=not progress, leave=False):
+        k = keys.slice(a, n)
+        states = None if sequence_model is None else sequence_states(sequence_model, split, k)
+        user_emb, pools = None, None
+        if cfg.needs_encoder:
+            hist = user_histories(ds, k.select("user_id", "ts"), max(tower.history_items, COOC_ITEMS))
+            user_emb = tower_user_vectors(tower, encoder, hist, split, item_embeddings, False, text_cache)
+            if cfg.hard_negatives:
+                recent = [np.array([split.item_index[i] for i in h], dtype=np.int64) for h in hist]
+                pools = hard_pools(split, k, user_emb, item_embeddings, recent, cfg.hard_k, kind=cfg.hard_from,
+                                   sequence=(states, vectors) if cfg.hard_from in SEQUENCE_STAGES else None, stage=stage)
+        groups = build_groups(split, k, cfg, pools, first_group=a, shuffle=shuffle, sampler=sampler)
+        if "interest_score" in cfg.feature_names:
+            items = np.fromiter((split.item_index[i] for i in groups["item_id"].to_list()), dtype=np.int64, count=groups.height)
+            score = interest_scores(user_emb, item_embeddings, (groups["group"].to_numpy() - a, items))
+            groups = groups.with_columns(pl.Series("interest_score", score))
+        if "sequence_score" in cfg.feature_names:
+            groups = groups.with_columns(pl.Series("sequence_score", sequence_scores(states, vectors, split, groups, a)))
+        yield offline_features(events, items_lf, groups.lazy(), resolution_us=split.resolution_us).collect()
 
 
-def validation_metrics(valid: pl.DataFrame, booster, inputs: BundleInputs) -> dict[str, dict[str, float]]:
+def build_examples(*args, **kwargs) -> pl.DataFrame:
+    """Every chunk of `example_chunks` (same arguments) in one frame: for small data and tests."""
+    return pl.concat(list(example_chunks(*args, **kwargs)))
+
+
+# Validation baselines: a feature column scored alone (kept per validation row by the example store).
+BASELINES = (("popularity-before-t", "item_purchases_all"), ("cooccurrence", "cooc_cosine_sum_recent"),
+             ("encoder", "interest_score"), ("sequence", "sequence_score"))
+
+
+def validation_metrics(store: ExampleStore, booster) -> dict[str, dict[str, float]]:
     """NDCG@10 etc. on the validation groups: the model and single-feature baselines (early-stopping set: optimistic)."""
-    sizes = valid.group_by("group", maintain_order=True).len()["len"].to_numpy()
-    labels = valid["label"].to_numpy().astype(np.float64)
-    scores = {"lightgbm": booster.predict(inputs.frame_matrix(valid), num_iteration=booster.best_iteration or None)}
-    for name, col in (("popularity-before-t", "item_purchases_all"), ("cooccurrence", "cooc_cosine_sum_recent"),
-                      ("encoder", "interest_score"), ("sequence", "sequence_score")):
-        if col in valid.columns and valid[col].is_not_nan().any():
-            scores[name] = valid[col].to_numpy().astype(np.float64)
+    sizes, labels = store.sizes("valid"), store.labels("valid").astype(np.float64)
+    scores = {"lightgbm": store.predict("valid", booster, num_iteration=booster.best_iteration or None)}
+    for name, col in BASELINES:
+        values = store.column("valid", col)
+        if values is not None and (~np.isnan(values)).any():
+            scores[name] = values
     return {k: mean_metrics(s, labels, sizes) for k, s in scores.items()}
 
 
-def _same_tick_previous(examples: pl.DataFrame, split: LooSplit, times: list[np.ndarray]) -> dict[str, float]:
-    """Share of targets whose previous sequence item is in the same clock tick (visible to the features
-    only through `loo_data`'s per-user ordering)."""
+def _same_tick_previous(targets: pl.DataFrame, split: LooSplit, times: list[np.ndarray]) -> dict[str, float]:
+    """Share of targets (part, user_id, pos per group) whose previous sequence item is in the same clock
+    tick (visible to the features only through `loo_data`'s per-user ordering)."""
     index = {u: k for k, u in enumerate(split.users)}
-    targets = examples.filter(pl.col("label") == 1).select("part", "user_id", "pos")
     out = {}
     for part in ("train", "valid"):
         t = targets.filter(pl.col("part") == part)
@@ -217,18 +248,24 @@ def train_loo_ranker(ds: Dataset, split: LooSplit, out_dir: str | Path, cfg: Loo
     tower = tower or cfg.user_tower()
     times = sequence_times(ds, split)
     sequence_model = load_sequence_model(Path(out_dir) / cfg.sequence_dir, split, cfg) if cfg.sequence_dir else None
-    examples = build_examples(ds, split, cfg, encoder, item_embeddings, times, progress, text_cache,
-                              tower, sequence_model).rename({"group": "request_id"})
-    train, valid = (examples.filter(pl.col("part") == p) for p in ("train", "valid"))
-    if train.is_empty():
-        raise ValueError("no training groups: every sampled user has fewer than 4 engaged items (a target needs "
-                         "k >= 1 in seq[:-2]); use more users or data with longer sequences")
-    log.info("groups: %d train, %d valid", train["request_id"].n_unique(), valid["request_id"].n_unique())
     inputs = BundleInputs(names, {}, tower, source="ranker training")
-    booster, params, evals = train_lambdarank(train, valid, cfg.lightgbm_params(), inputs)
-    valid_metrics = validation_metrics(valid.rename({"request_id": "group"}), booster, inputs)
+    targets = []  # one row per group: part, user_id, pos, ts
+    with ExampleStore(inputs) as store:
+        for chunk in example_chunks(ds, split, cfg, encoder, item_embeddings, times, progress, text_cache,
+                                    tower, sequence_model):
+            chunk = chunk.rename({"group": "request_id"})
+            store.add("train", chunk.filter(pl.col("part") == "train"))
+            store.add("valid", chunk.filter(pl.col("part") == "valid"), keep=[c for _, c in BASELINES])
+            targets.append(chunk.filter(pl.col("label") == 1).select("part", "user_id", "pos", "ts"))
+        targets = pl.concat(targets)
+        groups = {p: int((targets["part"] == p).sum()) for p in ("train", "valid")}
+        log.info("groups: %d train, %d valid (%d and %d rows)", groups["train"], groups["valid"],
+                 store.rows("train"), store.rows("valid"))
+        booster, params, evals = train_lambdarank(store, cfg.lightgbm_params())
+        valid_metrics = validation_metrics(store, booster)
+        rows = {p: store.rows(p) for p in ("train", "valid")}
     gain = booster.feature_importance("gain", iteration=booster.best_iteration or None)
-    ts = examples["ts"]
+    ts = targets["ts"]
     extra = {
         "training_mode": TRAINING_MODE,
         "variant": cfg.variant,
@@ -245,16 +282,16 @@ def train_loo_ranker(ds: Dataset, split: LooSplit, out_dir: str | Path, cfg: Loo
         "training_data": {
             "source": data_source,
             "start": ts.min().isoformat(), "end": ts.max().isoformat(),
-            "users": int(examples["user_id"].n_unique()),
-            "groups": {p: int(d["request_id"].n_unique()) for p, d in (("train", train), ("valid", valid))},
-            "rows": {"train": train.height, "valid": valid.height},
+            "users": int(targets["user_id"].n_unique()),
+            "groups": groups,
+            "rows": rows,
             "targets": (f"train: the last {cfg.held_out_targets} position(s) of seq[:-2]"
                         + (", which the sequence model was trained without" if cfg.sequence_dir else "")
                         if cfg.held_out_targets else
                         "train: positions k >= 1 of seq[:-2] (before the validation item)")
                        + "; valid: the validation item; the test item is never a target",
             "clock_resolution_us": split.resolution_us,
-            "same_tick_previous_item": _same_tick_previous(examples, split, times),
+            "same_tick_previous_item": _same_tick_previous(targets, split, times),
             "point_in_time": "features from events strictly before the target's time; the user's own events of one "
                              "clock tick are ordered by the sequence (training.data.loo.loo_data), other users' events "
                              "count only from earlier ticks",

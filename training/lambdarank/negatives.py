@@ -19,6 +19,15 @@ from training.data.loo import LooSplit
 from training.lambdarank.params import LooRankerConfig
 
 SOURCE_TARGET, SOURCE_POPULAR, SOURCE_UNIFORM, SOURCE_HARD = 0, 1, 2, 3
+# Groups scored against the whole catalog at once (`hard_pools`; the sequence states likewise): a chunk
+# of groups that starts on a multiple of it computes the same floats as one pass over every group.
+POOL_CHUNK = 1000
+
+
+def shuffle_stream(cfg: LooRankerConfig) -> np.random.Generator:
+    """The stream that orders the rows within each group (`build_groups`); passed from chunk to chunk,
+    it gives the groups of a chunked build the order of one build over all of them."""
+    return np.random.default_rng([cfg.seed, 13])
 
 
 def sample_positions(seq_len: int, n: int, decay: float, rng: np.random.Generator) -> np.ndarray:
@@ -57,6 +66,11 @@ class NegativeSampler:
         return items, source
 
 
+def negative_sampler(split: LooSplit, cfg: LooRankerConfig) -> NegativeSampler:
+    """The sampled negatives' sampler: popularity counted over the training part (no validation or test item)."""
+    return NegativeSampler(split.train_item_counts("valid"), cfg.negatives, cfg.n_popular)
+
+
 def group_keys(split: LooSplit, times: list[np.ndarray], cfg: LooRankerConfig) -> pl.DataFrame:
     """One row per group, in group order: u (index into split.users), pos k, valid (bool), user_id, ts."""
     n_users = len(split.users)
@@ -85,15 +99,15 @@ def group_keys(split: LooSplit, times: list[np.ndarray], cfg: LooRankerConfig) -
 
 
 def hard_pools(split: LooSplit, keys: pl.DataFrame, user_emb: np.ndarray, item_embeddings: np.ndarray,
-               recent: list[np.ndarray], k: int, chunk: int = 1000, kind: str = "encoder+cooc",
-               sequence: tuple[np.ndarray, np.ndarray] | None = None) -> list[np.ndarray]:
+               recent: list[np.ndarray], k: int, chunk: int = POOL_CHUNK, kind: str = "encoder+cooc",
+               sequence: tuple[np.ndarray, np.ndarray] | None = None, stage=None) -> list[np.ndarray]:
     """Per group: the top `k` items of the `kind` first stage (counts over seq[:-2]; a sequence stage
     reads `sequence`: each group's state after seq[:pos] and the item vectors of the sequence model,
     `training.lambdarank.leave_one_out.sequence_states`) for the user at the group's time, the user's
-    whole sequence excluded."""
+    whole sequence excluded. `stage`: that `FirstStage(split, "valid")`, when the caller keeps one."""
     from training.lambdarank.first_stage import COOC_ITEMS, FirstStage, top_k
 
-    stage = FirstStage(split, "valid")
+    stage = stage or FirstStage(split, "valid")
     us = keys["u"].to_numpy()
     out: list[np.ndarray] = []
     for start in range(0, keys.height, chunk):
@@ -106,15 +120,19 @@ def hard_pools(split: LooSplit, keys: pl.DataFrame, user_emb: np.ndarray, item_e
 
 
 def build_groups(split: LooSplit, keys: pl.DataFrame, cfg: LooRankerConfig,
-                 pools: list[np.ndarray] | None = None) -> pl.DataFrame:
+                 pools: list[np.ndarray] | None = None, first_group: int = 0,
+                 shuffle: np.random.Generator | None = None, sampler: NegativeSampler | None = None) -> pl.DataFrame:
     """One row per (group, candidate): group, part (train | valid), user_id, item_id, ts, label, source, pos.
 
     `keys` is `group_keys`' table; `pools` the first-stage top items per group for the hard negatives
     (required when `cfg.hard_negatives` > 0). Rows of a group are contiguous and in seeded random order
-    (the target is not always first)."""
+    (the target is not always first). A chunk of the groups: `keys` from its `first_group` on, and the
+    `shuffle_stream` the previous chunk left (None: a fresh one, for the first chunk); `sampler` is
+    the `NegativeSampler` of the split (built here when None). Each group's draws depend on its user
+    and position only, so chunks give the rows of one build."""
     if cfg.hard_negatives and pools is None:
         raise ValueError("hard negatives need the first stage's pools (hard_pools), or set hard_negatives=0")
-    sampler = NegativeSampler(split.train_item_counts("valid"), cfg.negatives, cfg.n_popular)
+    sampler = sampler or negative_sampler(split, cfg)
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("group", "part", "user", "item", "ts", "label", "source", "pos")}
     ts_us = keys["ts"].dt.epoch("us").to_numpy()
     for group, (u, k, valid) in enumerate(zip(keys["u"].to_list(), keys["pos"].to_list(), keys["valid"].to_list())):
@@ -128,7 +146,7 @@ def build_groups(split: LooSplit, keys: pl.DataFrame, cfg: LooRankerConfig,
         neg = np.concatenate([hard, neg])
         src = np.concatenate([np.full(hard.size, SOURCE_HARD, np.int8), src])
         n = neg.size + 1
-        cols["group"].append(np.full(n, group, dtype=np.int64))
+        cols["group"].append(np.full(n, first_group + group, dtype=np.int64))
         cols["part"].append(np.full(n, valid))
         cols["user"].append(np.full(n, u, dtype=np.int64))
         cols["item"].append(np.concatenate([[seq[k]], neg]))
@@ -137,8 +155,8 @@ def build_groups(split: LooSplit, keys: pl.DataFrame, cfg: LooRankerConfig,
         cols["source"].append(np.concatenate([[SOURCE_TARGET], src]).astype(np.int8))
         cols["pos"].append(np.full(n, k, dtype=np.int32))
     c = {k: np.concatenate(v) for k, v in cols.items()}
-    shuffle = np.random.default_rng([cfg.seed, 13]).random(c["group"].size)
-    order = np.lexsort((shuffle, c["group"]))
+    stream = shuffle if shuffle is not None else shuffle_stream(cfg)
+    order = np.lexsort((stream.random(c["group"].size), c["group"]))
     user_ids, item_ids = np.asarray(split.users, dtype=object), np.asarray(split.item_ids, dtype=object)
     return pl.DataFrame({
         "group": c["group"][order],

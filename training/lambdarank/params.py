@@ -16,6 +16,8 @@ from featurizer.errors import ConfigError
 from ranker.user_tower import DEFAULT_DECAY, KINDS, UserTower
 from training.lambdarank.first_stage import FIRST_STAGES, SEQUENCE_STAGES
 
+FEATURE_CHUNK_ROWS = 250_000  # example rows featurized at once (both modes): peak memory follows it
+
 # Feature sets: `full` is every feature, `behavioural` leaves out the text family (no encoder in the model).
 VARIANTS: dict[str, tuple[str, ...]] = {
     "full": NAMES,
@@ -77,9 +79,15 @@ class RankerTrainConfig(TowerParams, LightGBMParams):
     valid_days: float = 3.0
     max_length: int = 128
     variant: str = "full"  # a key of VARIANTS
+    feature_chunk_rows: int = FEATURE_CHUNK_ROWS  # rows featurized at once (whole lists)
     # "base" (pretrained MiniLM) or a directory relative to the bundle, e.g. "encoder" as
     # written there by `semrank train encoder`.
     encoder_dir: str = "base"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.feature_chunk_rows < 1:
+            raise ConfigError(f"feature_chunk_rows must be >= 1, got {self.feature_chunk_rows}")
 
 
 @dataclass(frozen=True)
@@ -93,7 +101,7 @@ class LooRankerConfig(TowerParams, LightGBMParams):
     hard_negatives: int = 16  # from the first stage's top `hard_k` (0: none, and no encoder needed for them)
     hard_k: int = 200
     hard_from: str = "encoder+cooc"  # the first stage hard negatives come from: the one the ranker will re-order
-    feature_chunk_rows: int = 250_000  # rows featurized at once
+    feature_chunk_rows: int = FEATURE_CHUNK_ROWS  # rows featurized at once (whole groups)
     max_length: int = 128
     encoder_dir: str = "base"  # "base" or a directory relative to the bundle
     # The bundle's sequence model (`ranker.sequence`), a directory relative to the bundle, or None. With

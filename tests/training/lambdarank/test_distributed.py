@@ -11,8 +11,9 @@ import pytest
 from featurizer.definitions import NAMES
 from ranker.feature_matrix import BundleInputs
 from ranker.user_tower import UserTower
-from training.lambdarank.booster import group_sizes, train_lambdarank
-from training.lambdarank.distributed import RayTraining, shard_groups
+from training.lambdarank.booster import train_lambdarank
+from training.lambdarank.distributed import shard_groups
+from training.lambdarank.example_store import ExampleStore, group_sizes
 from training.lambdarank.params import LightGBMParams
 from training.ranking_metrics import mean_metrics
 
@@ -43,13 +44,21 @@ def _groups(n_groups: int, seed: int, per_group: int = 12) -> pl.DataFrame:
         pl.Series("request_id", np.repeat(np.arange(n_groups), per_group)), pl.Series("label", label))
 
 
-def test_two_ray_workers_train_as_well_as_one_process():
+def _store(inputs: BundleInputs, train: pl.DataFrame, valid: pl.DataFrame, tmp_path) -> ExampleStore:
+    store = ExampleStore(inputs, tmp_path)
+    store.add("train", train)
+    store.add("valid", valid)
+    return store
+
+
+def test_two_ray_workers_train_as_well_as_one_process(tmp_path):
     pytest.importorskip("ray")
     train, valid, test = _groups(400, 0), _groups(100, 1), _groups(300, 2)
     inputs = BundleInputs(list(NAMES), {}, UserTower.pooled(), source="test")
     cfg = LightGBMParams(num_boost_round=30, early_stopping_rounds=10, min_data_in_leaf=20)
-    local, _, _ = train_lambdarank(train, valid, cfg, inputs)
-    on_ray, params, evals = train_lambdarank(train, valid, LightGBMParams(**{**cfg.__dict__, "engine": "ray"}), inputs)
+    store = _store(inputs, train, valid, tmp_path)
+    local, _, _ = train_lambdarank(store, cfg)
+    on_ray, params, evals = train_lambdarank(store, LightGBMParams(**{**cfg.__dict__, "engine": "ray"}))
     assert params["tree_learner"] == "data" and params["num_machines"] == 2 and "machines" not in params
     assert evals["valid"]["ndcg@10"] and on_ray.num_trees() > 0
     X, y, sizes = inputs.frame_matrix(test), test["label"].to_numpy().astype(float), group_sizes(test)
@@ -57,4 +66,4 @@ def test_two_ray_workers_train_as_well_as_one_process():
             for name, b in (("local", local), ("ray", on_ray))}
     assert ndcg["ray"] > 0.6 and abs(ndcg["ray"] - ndcg["local"]) < 0.05, ndcg  # held-out groups: the same quality
     with pytest.raises(ValueError, match="every worker needs a group"):
-        train_lambdarank(train.head(12), valid, LightGBMParams(engine="ray", ray_workers=2), inputs)
+        train_lambdarank(_store(inputs, train.head(12), valid, tmp_path), LightGBMParams(engine="ray", ray_workers=2))

@@ -2,11 +2,13 @@
 (`training.evaluation.rankers`): leakage, negatives, determinism, bundle, `semrank eval --ranker`."""
 
 import json
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import polars as pl
 import pytest
+from polars.testing import assert_frame_equal
 
 from featurizer.contracts.schema import (
     Dataset,
@@ -29,6 +31,8 @@ from training.lambdarank.first_stage import FIRST_STAGES, RRF_K, SEQUENCE_STAGES
 from training.lambdarank.leave_one_out import (
     TRAINING_MODE,
     build_examples,
+    example_chunks,
+    groups_per_chunk,
     sequence_times,
     tower_user_vectors,
     train_loo_ranker,
@@ -375,3 +379,22 @@ def test_cli_choices_match_the_evaluation_module():
     assert cli_eval.FIRST_STAGES == eval_rankers.FIRST_STAGES
     assert cli_eval.SEQUENCE_STAGES == eval_rankers.SEQUENCE_STAGES
     assert (cli_eval.DEFAULT_FIRST_STAGE, cli_eval.DEFAULT_RERANK_K) == (eval_rankers.DEFAULT_FIRST_STAGE, eval_rankers.DEFAULT_RERANK_K)
+    from semrank.cli import train as cli_train
+    from training.lambdarank import params
+
+    assert cli_train.FEATURE_CHUNK_ROWS == params.FEATURE_CHUNK_ROWS
+
+
+def test_examples_do_not_depend_on_the_chunk_size(data):
+    """Memory follows `feature_chunk_rows` (issue 32 item 1); the examples must not: every per-group
+    piece (user vectors, hard-negative pools, draws, row order, features) is the same in any chunk."""
+    ds, split, times = data
+    enc = HashEncoder()
+    emb = enc.encode(split.titles)
+    cfg = LooRankerConfig(**{**FAST, "hard_negatives": 4, "hard_k": 10})
+    whole = build_examples(ds, split, cfg, enc, emb, times, progress=False)
+    chunks = list(example_chunks(ds, split, replace(cfg, feature_chunk_rows=40), enc, emb, times, progress=False))
+    assert groups_per_chunk(replace(cfg, feature_chunk_rows=40)) == 3 and len(chunks) > 10
+    # equal but for a float sum's order (co-occurrence sums may differ by about 1e-16)
+    assert_frame_equal(pl.concat(chunks), whole, rel_tol=1e-12, abs_tol=1e-12)
+    assert groups_per_chunk(replace(cfg, feature_chunk_rows=13 * 2500)) == 2000  # a multiple of the pools' pass
