@@ -72,14 +72,13 @@ def run_one(data: Path, out: Path, chunk_rows: int | None, max_users: int | None
         cmd += ["--max-users", str(max_users)]
     env = {**os.environ, "PYTHONPATH": str(checkout)}
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=checkout, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            errors="replace")
+    proc = subprocess.Popen(cmd, cwd=checkout, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     phase, samples, tail = ["start"], [], []
 
     def read() -> None:
         buf = ""
-        while chunk := proc.stderr.read(4096):
-            buf += chunk
+        while chunk := os.read(proc.stderr.fileno(), 65536):  # what is there now: the phase must not lag
+            buf += chunk.decode(errors="replace")
             *lines, buf = re.split(r"[\r\n]", buf)
             for line in lines:
                 m = PHASE.search(line)

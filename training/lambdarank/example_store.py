@@ -107,17 +107,14 @@ def _dataset_class():
     import lightgbm as lgb
 
     class SequenceDataset(lgb.Dataset):
-        """A `lightgbm.Dataset` over `lightgbm.Sequence`s that finds its bins with the training's
-        `min_data_in_leaf`. LightGBM 4.7 builds such a Dataset from `Dataset.get_params()`, which keeps
-        the dataset parameters only, so its pre-filter of features that no split can use counts with
-        the default 20 while a matrix Dataset counts with the training's value: the two would keep
-        different features, and `feature_fraction` would then draw different trees from the same rows."""
+        """A `lightgbm.Dataset` over `lightgbm.Sequence`s that finds its bins as a matrix Dataset does.
+        LightGBM 4.7 builds a Sequence Dataset from `Dataset.get_params()`, which keeps the dataset
+        parameters only: without `seed` it samples other rows for the bins (`data_random_seed` follows
+        `seed`), and without `min_data_in_leaf` its pre-filter of features no split can use counts
+        with the default 20. A matrix Dataset is built with every training parameter; so is this one."""
 
         def get_params(self) -> dict:
-            params = super().get_params()
-            if self.params and "min_data_in_leaf" in self.params:
-                params["min_data_in_leaf"] = self.params["min_data_in_leaf"]
-            return params
+            return dict(self.params) if self.params else super().get_params()
 
     return SequenceDataset
 

@@ -91,3 +91,20 @@ def test_lightgbm_on_the_store_grows_the_trees_of_the_matrix_in_memory(tmp_path)
     assert booster.model_to_string() == in_memory.model_to_string()
     assert evals["valid"]["ndcg@10"] == evals_mem["valid"]["ndcg@10"] and booster.num_trees() > 0
     assert np.allclose(predicted, in_memory.predict(INPUTS.frame_matrix(valid, observed_context=True)), rtol=0, atol=1e-12)
+
+
+def test_a_sampled_dataset_finds_the_bins_of_the_matrix_in_memory(tmp_path):
+    """Beyond `bin_construct_sample_cnt` rows LightGBM finds the bins on a sample; the store's Dataset
+    must draw the rows a matrix Dataset draws (its seed) and pre-filter as it does (min_data_in_leaf)."""
+    import lightgbm as lgb
+
+    train = with_positives(_groups(600, 4))
+    params = {"objective": "lambdarank", "seed": 5, "bin_construct_sample_cnt": 700, "min_data_in_leaf": 50,
+              "feature_fraction": 0.9, "num_leaves": 7, "deterministic": True, "force_row_wise": True, "verbosity": -1}
+    with ExampleStore(INPUTS, tmp_path) as store:
+        store.add("train", train)
+        from_store = lgb.train(params, store.dataset("train"), num_boost_round=5)
+    in_memory = lgb.train(params, lgb.Dataset(INPUTS.frame_matrix(train, observed_context=True),
+                                              label=train["label"].to_numpy(), group=group_sizes(train),
+                                              feature_name=INPUTS.feature_names), num_boost_round=5)
+    assert from_store.model_to_string() == in_memory.model_to_string()
