@@ -1,7 +1,8 @@
 """Peak memory and wall time of `semrank train ranker`, and where the memory goes (issue 32 item 1).
 
     .venv/bin/python bench/train_memory.py --data runs/data/D [--data runs/data/E ...]
-        [--chunk-rows 250000 [50000 ...]] [--max-users 20000 ...] [--baseline-checkout DIR]
+        [--synth-interactions 20000 200000] [--chunk-rows 250000 [50000 ...]] [--max-users 20000 ...]
+        [--baseline-checkout DIR]
         [--out runs/bench-train-memory] [--timeout-min 60] [-- extra `semrank train ranker` arguments]
 
 Each run is a fresh `semrank train ranker --data D --out OUT/...` subprocess (the pretrained encoder
@@ -129,6 +130,46 @@ def event_log_mb(data: Path) -> tuple[float, int]:
     return round((ds.events.estimated_size() + ds.items.estimated_size()) / 2**20, 1), ds.events["user_id"].n_unique()
 
 
+def synth_interactions(out: Path, users: int, items: int = 20_000, seed: int = 0) -> Path:
+    """An interaction log of `users` shoppers (purchases only, no impression lists: the leave-one-out
+    path) over `items` titled items in 50 categories, written once to `out`. Each user buys 4 +
+    Poisson(8) items over a few weeks, 60% from a favourite category, the rest by global popularity
+    (Zipf). For memory and time at a given size; its rankings mean nothing."""
+    if (out / "events.parquet").exists():
+        return out
+    sys.path.insert(0, str(ROOT))
+    import numpy as np
+    import polars as pl
+
+    from featurizer.contracts.schema import write_dataset
+
+    rng = np.random.default_rng(seed)
+    cats = np.arange(items) % 50
+    words = np.array(["soft", "bright", "classic", "travel", "mini", "deluxe", "organic", "daily", "pro", "slim"])
+    titles = [f"{words[k % 10]} {words[(k // 10) % 10]} item {k} of category {c}" for k, c in enumerate(cats.tolist())]
+    item_tbl = pl.DataFrame({"item_id": [f"i{k}" for k in range(items)], "title": titles,
+                             "category": [f"c{c}" for c in cats.tolist()], "price": rng.uniform(2, 80, items).round(2)})
+    lengths = 4 + rng.poisson(8, users)
+    user = np.repeat(np.arange(users), lengths)
+    n = user.size
+    pop = 1.0 / np.arange(1, items + 1) ** 0.9
+    pop /= pop.sum()
+    favourite = rng.integers(0, 50, users)[user]
+    in_cat = favourite + 50 * np.minimum(rng.zipf(1.6, n) - 1, items // 50 - 1)  # the category's k-th item
+    item = np.where(rng.random(n) < 0.6, in_cat, rng.choice(items, size=n, p=pop))
+    start = rng.uniform(0, 300 * 86_400, users)[user]
+    gaps = rng.exponential(2 * 86_400, n)
+    first = np.r_[0, np.cumsum(lengths)[:-1]]
+    t = np.cumsum(gaps)
+    t -= np.repeat(t[first], lengths)  # seconds since the user's first purchase
+    ts = (1_700_000_000 + start + t) * 1_000_000
+    events = pl.DataFrame({"ts": pl.Series(ts.astype(np.int64)).cast(pl.Datetime("us", "UTC")),
+                           "user_id": [f"u{u}" for u in user.tolist()], "item_id": [f"i{k}" for k in item.tolist()],
+                           "event": ["purchase"] * n})
+    write_dataset(out, item_tbl, events)
+    return out
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -149,7 +190,9 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, action="append", required=True)
+    ap.add_argument("--data", type=Path, action="append", default=[])
+    ap.add_argument("--synth-interactions", type=int, nargs="*", default=[],
+                    help="also run on generated interaction logs of these many users (runs/synth/interactions-N)")
     ap.add_argument("--chunk-rows", type=int, nargs="*", default=[None], help="default: the trainer's own")
     ap.add_argument("--max-users", type=int, nargs="*", default=[None], help="default: the trainer's own (20,000)")
     ap.add_argument("--baseline-checkout", type=Path, default=None,
@@ -159,6 +202,9 @@ def main() -> int:
     args, extra = ap.parse_known_args()
     extra = [a for a in extra if a != "--"]
     args.out.mkdir(parents=True, exist_ok=True)
+    args.data += [synth_interactions(ROOT / "runs" / "synth" / f"interactions-{n}", n) for n in args.synth_interactions]
+    if not args.data:
+        ap.error("give --data or --synth-interactions")
     results = []
     checkouts = [("current", ROOT)] + ([("baseline", args.baseline_checkout.resolve())] if args.baseline_checkout else [])
     for data in args.data:
