@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from semrank.cli.evaluate import FIRST_STAGES
@@ -183,6 +184,9 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
     )
     ds = read_dataset(args.data)
     log.info("data: %s", ds.report)
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun process 0 tracks, saves and reports
+        train_encoder(ds, args.out, cfg, data_source=str(args.data))
+        return 0
     with _tracked(args, "train-encoder") as run:
         s = train_encoder(ds, args.out, cfg, data_source=str(args.data))
         run.finish(s["metrics"], artifacts=Path(args.out) / "encoder")
@@ -269,7 +273,9 @@ def register(sub) -> None:
         "encoder",
         help="fine-tune the text encoder (two-tower contrastive, from all-MiniLM-L6-v2)",
         description="Writes OUT/encoder/ (safetensors BertModel + tokenizer + training.json) and loss/validation "
-        "curves; updates OUT/manifest.json when the bundle has one.",
+        "curves; updates OUT/manifest.json when the bundle has one. Data-parallel on several processes or machines: "
+        "start it with torchrun, e.g. `torchrun --nproc-per-node 2 .venv/bin/semrank train encoder ...` "
+        "(--batch-size is the global batch; docs/training_at_scale.md).",
     )
     s.add_argument("--data", required=True, type=Path, help="data directory (items + events)")
     s.add_argument("--out", required=True, type=Path, help="bundle directory; the encoder goes to OUT/encoder/")

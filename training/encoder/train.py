@@ -36,6 +36,7 @@ from ranker.bundle import MANIFEST, EncoderRef
 from ranker.encoder import BASE_MODEL, base_model_path, mean_pool
 from ranker.user_tower import UserTower, pool_torch
 from training import tracking
+from training.encoder import distributed
 from training.encoder.lora import ATTENTION_QV, apply_lora, lora_modules, merge_lora
 from training.encoder.pairs import (
     NO_ITEM,
@@ -136,32 +137,40 @@ def contrastive_loss(
     hard_neg_emb: torch.Tensor | None = None,
     scale: float = 20.0,
     exclude: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
+    weight_total: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Weighted InfoNCE (multiple-negatives ranking loss) over cosine similarities.
 
-    Row i of `user_emb` (B, d) should match row i of `item_emb` (B, d); every other
-    item of the batch and every row of `hard_neg_emb` (H, d) is a negative for it.
-    `exclude` (B, B + H) bool marks candidates that are not negatives (other known
-    positives of the user); the diagonal is never excluded. Returns
-    sum_i w_i * CE_i / sum_i w_i.
+    Row i of `user_emb` (B, d) should match row `targets[i]` of `item_emb` (N, d) (default: row i,
+    N = B); every other item and every row of `hard_neg_emb` (H, d) is a negative for it.
+    `exclude` (B, N + H) bool marks candidates that are not negatives (other known positives of the
+    user); a user's own target is never excluded. Returns sum_i w_i * CE_i / `weight_total`
+    (default sum_i w_i; data-parallel training passes the whole batch's, over every process).
     """
-    if user_emb.shape != item_emb.shape:
-        raise ValueError(f"user_emb {tuple(user_emb.shape)} and item_emb {tuple(item_emb.shape)} must have the same shape")
     n = user_emb.shape[0]
+    if targets is None:
+        if user_emb.shape != item_emb.shape:
+            raise ValueError(f"user_emb {tuple(user_emb.shape)} and item_emb {tuple(item_emb.shape)} must have the same shape")
+        targets = torch.arange(n, device=user_emb.device)
+    elif targets.shape != (n,) or user_emb.shape[1:] != item_emb.shape[1:]:
+        raise ValueError(f"targets must have shape ({n},) and the embeddings one width, got {tuple(targets.shape)}, "
+                         f"{tuple(user_emb.shape)}, {tuple(item_emb.shape)}")
     if weights.shape != (n,):
         raise ValueError(f"weights must have shape ({n},), got {tuple(weights.shape)}")
     cands = item_emb if hard_neg_emb is None else torch.cat([item_emb, hard_neg_emb])
     logits = scale * F.normalize(user_emb, dim=-1) @ F.normalize(cands, dim=-1).T
-    diag = torch.arange(n, device=logits.device)
+    rows = torch.arange(n, device=logits.device)
     if exclude is not None:
         if exclude.shape != logits.shape:
             raise ValueError(f"exclude must have shape {tuple(logits.shape)}, got {tuple(exclude.shape)}")
         exclude = exclude.clone()
-        exclude[diag, diag] = False
+        exclude[rows, targets] = False
         logits = logits.masked_fill(exclude, float("-inf"))
-    ce = F.cross_entropy(logits, diag, reduction="none")
+    ce = F.cross_entropy(logits, targets, reduction="none")
     w = weights.to(ce.dtype)
-    return (w * ce).sum() / w.sum().clamp_min(1e-12)
+    total = w.sum() if weight_total is None else weight_total.to(ce.dtype)
+    return (w * ce).sum() / total.clamp_min(1e-12)
 
 
 class TwoTower(nn.Module):
@@ -201,12 +210,34 @@ class TwoTower(nn.Module):
             return pool_torch(vectors.float(), mask, torch.exp(self.log_weights))
 
     def forward(self, b: dict) -> torch.Tensor:
+        """The batch's loss; under torchrun this process's share of the global batch's (`global_loss`)."""
         it = self.embed(b["items"])
         n = b["weights"].shape[0]
         u = self.users(it, b) if self.kind == "pooled" else self.embed(b["users"])
         c = b["n_candidates"]
         with torch.autocast("cpu", enabled=False):
+            if distributed.world_size() > 1:
+                return self.global_loss(u, it, b)
             return contrastive_loss(u, it[:n], b["weights"], it[n:c] if c > n else None, self.scale, b["exclude"])
+
+    def global_loss(self, u: torch.Tensor, it: torch.Tensor, b: dict) -> torch.Tensor:
+        """This process's users against every process's candidates (targets, then hard negatives, each
+        in rank order), gathered with their gradients; weighted by the whole batch's weight, so the
+        processes' losses sum to the one-process loss (`training.encoder.distributed`)."""
+        n, c = b["weights"].shape[0], b["n_candidates"]
+        targets, sizes = distributed.gather_rows(it[:n].float())
+        hard, _ = distributed.gather_rows(it[n:c].float())
+        ids = np.concatenate([distributed.gather_ids(b["cand_ids"][:n]), distributed.gather_ids(b["cand_ids"][n:])])
+        exclude = torch.from_numpy(exclusion(ids, b["target_ids"], b["known"]))
+        first = sum(sizes[: distributed.rank()])
+        return contrastive_loss(u, targets, b["weights"], hard if hard.shape[0] else None, self.scale, exclude,
+                                targets=torch.arange(first, first + n), weight_total=distributed.all_sum(b["weights"].sum()))
+
+
+def exclusion(cands: np.ndarray, targets: np.ndarray, known: list[np.ndarray]) -> np.ndarray:
+    """(users, candidates) bool: a candidate that is one of the user's known items, or their target, is
+    no negative for them (`contrastive_loss` keeps each user's own target)."""
+    return np.stack([np.isin(cands, k) | (cands == t) for t, k in zip(targets.tolist(), known)])
 
 
 def build_data(ds: Dataset, cfg: EncoderTrainConfig) -> EncoderData:
@@ -259,7 +290,7 @@ class _Batcher:
 
     def __init__(self, data: EncoderData, tokenizer, cfg: EncoderTrainConfig):
         self.data, self.tok, self.cfg = data, tokenizer, cfg
-        self.rng = np.random.default_rng(cfg.seed + 1)
+        self.rng = np.random.default_rng(cfg.seed + 1)  # the global batches: the same in every process
         self.cache: torch.Tensor | None = None  # pooled, history_grad < history_items: every item's vector
         if cfg.tower == "text":
             self.user_text_len = np.array([len(data.user_text(h, cfg.n_history)) for h in data.pairs.history])
@@ -267,17 +298,20 @@ class _Batcher:
             self.user_text_len = (data.pairs.history != NO_ITEM).sum(axis=1)
 
     def epochs(self):
-        epoch = 0
+        epoch, made = 0, 0
         while True:
             chosen = sample_epoch(self.data.pairs, self.rng, self.cfg.pairs_per_user, self.cfg.recency_half_life)
             batches = length_batches(chosen, self.user_text_len, self.cfg.batch_size, self.rng)
             if not batches:
                 raise ValueError(f"{chosen.size} training pairs per epoch is less than one batch of {self.cfg.batch_size}; lower --batch-size")
             for b in batches:
-                yield epoch, self.make(b)
+                yield epoch, self.make(distributed.my_slice(b), key=made)  # (one process: the whole batch)
+                made += 1
             epoch += 1
 
-    def make(self, rows: np.ndarray) -> dict:
+    def make(self, rows: np.ndarray, key: int = 0) -> dict:
+        """The batch of pair `rows`; `key` (the global batch's number) seeds each row's hard-negative
+        draw, so a row gets the same negatives in whichever process takes it."""
         d, c, p = self.data, self.cfg, self.data.pairs
         targets = p.target[rows]
         hard = []
@@ -285,12 +319,14 @@ class _Batcher:
             for r in rows:
                 negs = p.hard_negatives[r]
                 if negs.size:
-                    hard.extend(self.rng.choice(negs, min(c.hard_negatives, negs.size), replace=False).tolist())
+                    rng = np.random.default_rng([c.seed + 1, 7, key, int(r)])
+                    hard.extend(rng.choice(negs, min(c.hard_negatives, negs.size), replace=False).tolist())
         cands = np.concatenate([targets, np.asarray(hard, dtype=np.int64)])
-        exclude = np.stack([np.isin(cands, d.known[p.user[r]]) | (cands == p.target[r]) for r in rows])
+        known = [d.known[p.user[r]] for r in rows]
         tok = lambda texts, n: self.tok(texts, padding=True, truncation=True, max_length=n, return_tensors="pt")  # noqa: E731
-        out = {"weights": torch.from_numpy(p.weight[rows].astype(np.float32)), "exclude": torch.from_numpy(exclude),
-               "n_candidates": int(cands.size)}
+        out = {"weights": torch.from_numpy(p.weight[rows].astype(np.float32)),
+               "exclude": torch.from_numpy(exclusion(cands, targets, known)), "n_candidates": int(cands.size),
+               "cand_ids": cands, "target_ids": targets, "known": known}  # the ids: for the global batch (torchrun)
         encoded = cands
         if c.tower == "text":
             out["users"] = tok([d.user_text(p.history[r], c.n_history) for r in rows], c.max_length_user)
@@ -323,6 +359,20 @@ class _Batcher:
         return time.monotonic() - t
 
 
+def train_step(net: nn.Module, b: dict, world: int, params: list, bf16: bool) -> tuple[float, int]:
+    """Forward and backward of one batch, gradients clipped to norm 1; returns (the global batch's loss,
+    its rows). Under torchrun `net` is the DDP-wrapped model and `b` this process's slice: its loss
+    share is backpropagated `world` times over, as DDP averages the processes' gradients."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = net(b)
+    (loss * world if world > 1 else loss).backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    rows = torch.tensor(float(len(b["weights"])))
+    if world > 1:
+        loss, rows = distributed.all_sum(loss), distributed.all_sum(rows)
+    return float(loss.detach()), int(rows)
+
+
 def _lr_factor(step: int, elapsed: float, cfg: EncoderTrainConfig, budget_s: float) -> float:
     warm = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
     progress = elapsed / budget_s
@@ -332,12 +382,24 @@ def _lr_factor(step: int, elapsed: float, cfg: EncoderTrainConfig, budget_s: flo
 
 
 def train_encoder(ds: Dataset, out_dir: str | Path, cfg: EncoderTrainConfig, data_source: str = "") -> dict:
-    """Fine-tune, keep the best model in OUT/encoder/, write curves; returns the training summary."""
+    """Fine-tune, keep the best model in OUT/encoder/, write curves; returns the training summary.
+    Started by torchrun with several processes, trains data-parallel (`training.encoder.distributed`):
+    process 0 validates, saves and returns the summary; the others return {"rank": r, "steps": n}."""
+    started = distributed.init_from_env()
+    try:
+        return _train(ds, out_dir, cfg, data_source)
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
+
+
+def _train(ds: Dataset, out_dir: str | Path, cfg: EncoderTrainConfig, data_source: str) -> dict:
     from tqdm import tqdm
 
     t_start = time.monotonic()
     torch.set_num_threads(cfg.num_threads)
     _seed_everything(cfg.seed)
+    world, lead = distributed.world_size(), distributed.rank() == 0
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     enc_dir = out / ENCODER_DIR
@@ -345,6 +407,8 @@ def train_encoder(ds: Dataset, out_dir: str | Path, cfg: EncoderTrainConfig, dat
     log.info("split %s: %d candidate pairs, %d validation users", data.split["kind"], len(data.pairs), len(data.valid.target))
     tokenizer, model = load_base(cfg)
     two = TwoTower(model, cfg.scale, cfg.initial_tower(), cfg.learn_tower)
+    # DDP all-reduces (averages) the gradients; the pooler is never used, hence find_unused_parameters.
+    net = torch.nn.parallel.DistributedDataParallel(two, find_unused_parameters=True) if world > 1 else two
     current_tower = (lambda: two.tower()) if cfg.tower == "pooled" else cfg.initial_tower  # noqa: E731
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": params, "lr": cfg.learning_rate}]
@@ -366,32 +430,42 @@ def train_encoder(ds: Dataset, out_dir: str | Path, cfg: EncoderTrainConfig, dat
         "lora": {"layers": lora_modules(model), "merged_on_save": True} if cfg.method == "lora" else None,
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
         # Wall-time numbers depend on what else runs on the machine: record the load.
-        "host": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "loadavg_start": os.getloadavg()},
+        "host": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "loadavg_start": os.getloadavg(),
+                 "processes": world},
         "created_at": datetime.now(timezone.utc).isoformat(),
     }
     curves: dict[str, list] = {"loss": [], "valid": []}
 
     t0 = time.monotonic()  # the budget covers the loop, periodic validation included
-    frozen = evaluate(model, current_tower())
-    eval_s = time.monotonic() - t0
-    curves["valid"].append({"step": 0, "elapsed_s": round(eval_s, 1), **frozen})
-    tracking.scalars("valid", frozen, 0)
-    best = {**frozen, "step": 0}
-    log.info("frozen baseline: ndcg@10 %.4f hr@10 %.4f (%.0f s)", frozen["ndcg@10"], frozen["hr@10"], eval_s)
-    summary["metrics"] = {"frozen": frozen, "best": best}
-    save_encoder(model, tokenizer, enc_dir, summary, current_tower())
-    validate = lambda step, best: _validate(model, tokenizer, evaluate, step, t0, curves, best, summary, enc_dir,  # noqa: E731
-                                            current_tower())
+    frozen, eval_s, best = {}, 0.0, {}
+    if lead:
+        frozen = evaluate(model, current_tower())
+        eval_s = time.monotonic() - t0
+        curves["valid"].append({"step": 0, "elapsed_s": round(eval_s, 1), **frozen})
+        tracking.scalars("valid", frozen, 0)
+        best = {**frozen, "step": 0}
+        log.info("frozen baseline: ndcg@10 %.4f hr@10 %.4f (%.0f s)", frozen["ndcg@10"], frozen["hr@10"], eval_s)
+        summary["metrics"] = {"frozen": frozen, "best": best}
+        save_encoder(model, tokenizer, enc_dir, summary, current_tower())
+
+    def validate(step: int, best: dict) -> tuple[dict, float]:
+        """Process 0 validates (and saves a better model); the others wait for it."""
+        out = _validate(model, tokenizer, evaluate, step, t0, curves, best, summary, enc_dir, current_tower()) if lead \
+            else (best, 0.0)
+        if world > 1:
+            torch.distributed.barrier()
+        return out
 
     step, seen, epoch, train_s, status = 0, 0, 0, 0.0, "finished"
-    bar = tqdm(total=cfg.max_steps, unit="step", desc=f"encoder {cfg.method}", dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, unit="step", desc=f"encoder {cfg.method}", dynamic_ncols=True, disable=not lead)
     batches = batcher.epochs()
     uses_cache = cfg.tower == "pooled" and cfg.grad_positions < cfg.n_history
     try:
         while not (cfg.max_steps and step >= cfg.max_steps):
             elapsed = time.monotonic() - t0
             step_s = train_s / step if step else 0.0
-            if elapsed + step_s + 1.1 * eval_s > budget_s:
+            stop = elapsed + step_s + 1.1 * eval_s > budget_s
+            if distributed.agree(stop) if world > 1 else stop:  # process 0's clock decides for all
                 break
             if uses_cache and step % cfg.history_cache_steps == 0:
                 cache_s.append(batcher.refresh_cache(model))
@@ -399,25 +473,27 @@ def train_encoder(ds: Dataset, out_dir: str | Path, cfg: EncoderTrainConfig, dat
             for g in opt.param_groups:
                 g["lr"] = g.get("base_lr", cfg.learning_rate) * _lr_factor(step, elapsed, cfg, budget_s)
             ts = time.monotonic()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss = two(b)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            loss, rows = train_step(net, b, world, params, cfg.bf16)
             opt.step()
             opt.zero_grad(set_to_none=True)
             train_s += time.monotonic() - ts
             step += 1
-            seen += len(b["weights"])
-            curves["loss"].append({"step": step, "elapsed_s": round(time.monotonic() - t0, 1), "loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"]})
-            tracking.scalars("train", curves["loss"][-1], step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", ex_s=f"{seen / train_s:.1f}", best=f"{best['ndcg@10']:.4f}")
+            seen += rows
+            if lead:
+                curves["loss"].append({"step": step, "elapsed_s": round(time.monotonic() - t0, 1), "loss": loss, "lr": opt.param_groups[0]["lr"]})
+                tracking.scalars("train", curves["loss"][-1], step)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", ex_s=f"{seen / train_s:.1f}", best=f"{best['ndcg@10']:.4f}")
             if step % cfg.eval_every == 0:
                 best, eval_s = validate(step, best)
     except KeyboardInterrupt:
         status = "interrupted"
         log.warning("interrupted at step %d; the best model so far is in %s", step, enc_dir)
     bar.close()
+    if not lead:
+        if step % cfg.eval_every:  # process 0 validates the last step
+            torch.distributed.barrier()
+        return {"rank": distributed.rank(), "steps": step}
     if not curves["valid"] or curves["valid"][-1]["step"] != step:
         best, eval_s = validate(step, best)
     loop_s = time.monotonic() - t0
