@@ -210,7 +210,6 @@ def train_ranker(ds: Dataset, out_dir: str | Path, cfg: RankerTrainConfig, encod
     inputs = BundleInputs(feature_names, constants, tower, source="ranker training")
     rows = impression_lists(ds.events)
     valid_start, test_start = split_bounds(rows["ts"], cfg.test_days, cfg.valid_days)
-    lists = rows.select("request_id", "ts").unique("request_id", maintain_order=True)
     part_of = pl.when(pl.col("ts") < valid_start).then(pl.lit("train")).when(pl.col("ts") < test_start).then(
         pl.lit("valid")).otherwise(pl.lit("test"))
     spans = (rows.with_columns(part_of.alias("part")).group_by("part")
@@ -220,7 +219,7 @@ def train_ranker(ds: Dataset, out_dir: str | Path, cfg: RankerTrainConfig, encod
     for name in ("train", "valid", "test"):
         if name not in span:
             raise ValueError(
-                f"time split left '{name}' empty (data spans {lists['ts'].min()} .. {lists['ts'].max()}); "
+                f"time split left '{name}' empty (data spans {rows['ts'].min()} .. {rows['ts'].max()}); "
                 "lower --test-days/--valid-days or provide more days of events"
             )
     log.info("examples: %s", {k: span[k]["rows"] for k in ("train", "valid", "test")})
