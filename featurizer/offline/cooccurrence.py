@@ -36,11 +36,12 @@ def cooccurrence_pairs(touches: pl.LazyFrame, window_us: int) -> pl.LazyFrame:
     )
 
 
-def cooccurrence_scores(ev: pl.LazyFrame, q: pl.LazyFrame, params: FeatureParams) -> pl.LazyFrame:
+def cooccurrence_scores(ev: pl.LazyFrame, q: pl.LazyFrame, params: FeatureParams, own: pl.LazyFrame | None = None) -> pl.LazyFrame:
     """q (__q, user_id, item_id, __t, __ti) -> __q, cooc_max, cooc_sum over the user's recent items (rows with
-    history only). The recent items are the user's own, before __t; the pair and user counts are every
-    user's, before __ti (see `offline_features`' `resolution_us`)."""
-    hist = recent_items(ev, q.select("user_id", "__t").unique(), params.history_items)
+    history only). The recent items are the user's own, before __t (read from `own`, the queries' users'
+    events, when given; `ev` otherwise); the pair and user counts are every user's, before __ti (see
+    `offline_features`' `resolution_us`)."""
+    hist = recent_items(ev if own is None else own, q.select("user_id", "__t").unique(), params.history_items)
     touches = first_touches(ev)
     pair_cum = cumulative(cooccurrence_pairs(touches, params.cooc_window_us), ["item_id", "__h"], {"c": ONE})
     users_cum = cumulative(touches, ["item_id"], {"n": ONE})
@@ -58,7 +59,7 @@ def cooccurrence_scores(ev: pl.LazyFrame, q: pl.LazyFrame, params: FeatureParams
     return qh.group_by("__q").agg(cos.max().alias("cooc_max"), cos.sum().alias("cooc_sum"))
 
 
-def cooccurrence_scores_dense(ev: pl.LazyFrame, q: pl.LazyFrame, params: FeatureParams) -> pl.LazyFrame:
+def cooccurrence_scores_dense(ev: pl.LazyFrame, q: pl.LazyFrame, params: FeatureParams, own: pl.LazyFrame | None = None) -> pl.LazyFrame:
     """`cooccurrence_scores` by one sweep over the first touches in time order, with a dense item x item
     count matrix instead of a table of every co-occurring pair.
 
@@ -67,11 +68,11 @@ def cooccurrence_scores_dense(ev: pl.LazyFrame, q: pl.LazyFrame, params: Feature
     4 bytes x items². Each touch adds its pairs with the user's earlier touches at most the window
     before it (the later touch dates the pair, as in `cooccurrence_pairs`); a query at __ti reads the
     matrix after every touch before __ti. Same formula (`cooc_cosine`); the sum may differ from the
-    pairs path in the last bits (summation order)."""
+    pairs path in the last bits (summation order). `own`: as in `cooccurrence_scores`."""
     touches = first_touches(ev).collect()
     qh = (
         q.select("__q", "user_id", "item_id", "__t", "__ti")
-        .join(recent_items(ev, q.select("user_id", "__t").unique(), params.history_items), on=["user_id", "__t"], how="inner")
+        .join(recent_items(ev if own is None else own, q.select("user_id", "__t").unique(), params.history_items), on=["user_id", "__t"], how="inner")
         .filter(pl.col("__hist").list.len() > 0)
         .select("__q", "item_id", "__ti", "__hist")
         .collect()

@@ -154,6 +154,15 @@ def user_item_aggregates(ev: pl.LazyFrame, keys: pl.LazyFrame) -> pl.LazyFrame:
 # ---------------------------------------------------------------- the pipeline
 
 
+def own_events(ev: pl.LazyFrame, queries: pl.LazyFrame) -> pl.LazyFrame:
+    """The events of the queries' users only: what the user-side tables (user, user x item, user x
+    category/brand counts, the recent items) read. A user's own aggregates never count another user's
+    events, so the values are the same as over the whole log, and a chunk of queries builds tables the
+    size of its users' events instead of the whole log's (the event-log term of the training memory,
+    docs/training_at_scale.md). The item-side tables (item counts, co-occurrence) need every user."""
+    return ev.join(queries.select("user_id").unique(), on="user_id", how="semi")
+
+
 def _check_queries(names: list[str]) -> None:
     missing = [c for c in QUERY_REQUIRED if c not in names]
     if missing:
@@ -207,13 +216,14 @@ def offline_features(
     )
     keys_i = q.select("item_id", pl.col("__ti").alias("__t")).unique()
     keys_u = q.select("user_id", "__t").unique()
+    own = own_events(ev, q)
     parts = [
         (item_aggregates(ev, keys_i).rename({"__t": "__ti"}), ["item_id", "__ti"]),
-        (user_aggregates(ev, keys_u), ["user_id", "__t"]),
-        (user_group_counts(ev, q.select("user_id", "__category", "__t").unique(), "category", "__category", "user_cat_n"), ["user_id", "__category", "__t"]),
-        (user_group_counts(ev, q.select("user_id", "__brand", "__t").unique(), "brand", "__brand", "user_brand_n"), ["user_id", "__brand", "__t"]),
-        (user_item_aggregates(ev, q.select("user_id", "item_id", "__t").unique()), ["user_id", "item_id", "__t"]),
-        (scores(ev, q, params), ["__q"]),
+        (user_aggregates(own, keys_u), ["user_id", "__t"]),
+        (user_group_counts(own, q.select("user_id", "__category", "__t").unique(), "category", "__category", "user_cat_n"), ["user_id", "__category", "__t"]),
+        (user_group_counts(own, q.select("user_id", "__brand", "__t").unique(), "brand", "__brand", "user_brand_n"), ["user_id", "__brand", "__t"]),
+        (user_item_aggregates(own, q.select("user_id", "item_id", "__t").unique()), ["user_id", "item_id", "__t"]),
+        (scores(ev, q, params, own), ["__q"]),
     ]
     out = q
     for part, on in parts:
@@ -241,7 +251,7 @@ def user_recent_items(events: pl.LazyFrame, items: pl.LazyFrame, queries: pl.Laz
     items strictly before ts, most recent first, ties by item_id (the order `OnlineFeatures.history` gives)."""
     q = queries.with_row_index("__q").with_columns(pl.col("ts").dt.epoch("us").alias("__t"))
     keys = q.select("user_id", "__t").unique()
-    hist = recent_items(prepare_events(events, items), keys, n)
+    hist = recent_items(own_events(prepare_events(events, items), q), keys, n)
     return (
         q.join(hist, on=["user_id", "__t"], how="left")
         .sort("__q")

@@ -44,13 +44,8 @@ def train_lambdarank(store: ExampleStore, cfg: LightGBMParams):
     if cfg.engine == "ray":
         from training.lambdarank.distributed import RayTraining, train_lambdarank_ray
 
-        def arrays(part):
-            return store.matrix(part), store.labels(part), store.sizes(part)
-
-        booster, params, evals = train_lambdarank_ray(arrays("train"), arrays("valid"), store.inputs.feature_names, cfg,
-                                                      RayTraining(workers=cfg.ray_workers, address=cfg.ray_address,
-                                                                  cpus_per_worker=max(1, cfg.num_threads // cfg.ray_workers)),
-                                                      params)
+        ray_cfg = RayTraining(workers=cfg.ray_workers, address=cfg.ray_address, cpus_per_worker=max(1, cfg.num_threads // cfg.ray_workers))
+        booster, params, evals = train_lambdarank_ray(store, cfg, ray_cfg, params)
         for step, value in enumerate(evals.get("valid", {}).get("ndcg@10", []), 1):
             tracking.scalar("valid/ndcg@10", value, step)
         return booster, params, evals

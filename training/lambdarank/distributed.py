@@ -1,7 +1,7 @@
 """Ranker training on a Ray cluster: LightGBM's own data-parallel mode, one Ray actor per machine slot
 (issue 32 item 2; `semrank train ranker --engine ray`).
 
-    booster, params, evals = train_lambdarank_ray((X, y, sizes), (Xv, yv, sizes_v), names, cfg, RayTraining(workers=2), params)
+    booster, params, evals = train_lambdarank_ray(store, cfg, RayTraining(workers=2), params)
 
 - **The engine**: LightGBM's distributed training (`tree_learner=data` over its socket network), not
   Ray Train's LightGBM trainer: the same `lightgbm` package and parameters as single-process training,
@@ -13,18 +13,26 @@
   every worker's rows together (`pre_partition`), so the trees see the same bins as one process would.
 - **Early stopping**: every worker holds the whole validation set, so each computes the same NDCG@10
   and they stop at the same round; worker 0's model is the result.
-- The driver builds the feature matrices (as the single-process path) and `ray.put`s each shard; on a
-  cluster the shards travel to the workers' nodes through Ray's object store.
+- **Memory**: the driver builds the examples into its `ExampleStore` (as the single-process path) and
+  deals them batch by batch (`deal`): each batch's rows of a worker go to Ray's object store as one
+  object, so the driver never holds more than a batch; a worker reads its batches as
+  `lightgbm.Sequence`s, so beside the object store (shared memory, spilled to disk when full) it holds
+  its binned shard. On a cluster the batches travel to the workers' nodes through the object store.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from training.lambdarank.params import LightGBMParams
+
+if TYPE_CHECKING:
+    from training.lambdarank.example_store import ExampleStore
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +49,34 @@ class RayTraining:
             raise ValueError(f"RayTraining needs workers, cpus_per_worker and time_out_min >= 1, got {self}")
 
 
-def shard_groups(sizes: np.ndarray, workers: int) -> list[np.ndarray]:
-    """Row indices of each worker's shard: whole groups (consecutive rows, `sizes` each), dealt
-    round-robin in group order, so every shard has a spread of the data and no group is split."""
+def shard_owner(sizes: np.ndarray, workers: int) -> np.ndarray:
+    """The worker of each row: whole groups (consecutive rows, `sizes` each) dealt round-robin in group
+    order, so every shard has a spread of the data and no group is split."""
     sizes = np.asarray(sizes, dtype=np.int64)  # (polars counts are unsigned: mixed with 0 they would turn float)
-    starts = np.r_[0, np.cumsum(sizes)[:-1]]
-    out = []
-    for w in range(workers):
-        groups = np.arange(w, sizes.size, workers)
-        out.append(np.concatenate([np.arange(starts[g], starts[g] + sizes[g]) for g in groups])
-                   if groups.size else np.zeros(0, np.int64))
+    return np.repeat((np.arange(sizes.size) % workers).astype(np.int32), sizes)
+
+
+def shard_groups(sizes: np.ndarray, workers: int) -> list[np.ndarray]:
+    """Row indices of each worker's shard (`shard_owner`)."""
+    owner = shard_owner(sizes, workers)
+    return [np.flatnonzero(owner == w) for w in range(workers)]
+
+
+def deal(batches: Iterable[np.ndarray], owner: np.ndarray, workers: int, put: Callable[[np.ndarray], object]) -> list[list]:
+    """Each worker's rows, batch by batch: `put` (Ray's object store) takes one batch's rows of one
+    worker at a time, so the caller never holds more than a batch. Returns per worker the list of what
+    `put` returned, in row order."""
+    out: list[list] = [[] for _ in range(workers)]
+    start = 0
+    for X in batches:
+        mine = owner[start: start + X.shape[0]]
+        for w in range(workers):
+            rows = X[mine == w]
+            if rows.shape[0]:
+                out[w].append(put(rows))
+        start += X.shape[0]
+    if start != owner.size:
+        raise ValueError(f"the batches held {start} rows, the groups {owner.size}")
     return out
 
 
@@ -59,7 +85,8 @@ def _worker_class():
 
     @ray.remote
     class LightGBMWorker:
-        """One machine of LightGBM's network: its address, then its shard's training."""
+        """One machine of LightGBM's network: its address, then its shard's training. Defined here and
+        shipped by value, so a node needs Ray and LightGBM, not semrank."""
 
         def address(self) -> tuple[str, int]:
             import socket
@@ -71,12 +98,33 @@ def _worker_class():
 
         def fit(self, params: dict, shard: tuple, valid: tuple, feature_names: list[str], num_boost_round: int,
                 early_stopping_rounds: int) -> tuple[str, int, dict]:
+            """`shard` and `valid`: (object refs of row batches, labels, group sizes). LightGBM reads the
+            batches as `lightgbm.Sequence`s, so beside the object store only its binned dataset is whole."""
+            import numbers
+
             import lightgbm as lgb
 
-            X, y, g = shard
-            Xv, yv, gv = valid
-            dtrain = lgb.Dataset(X, label=y, group=g, feature_name=feature_names, free_raw_data=False)
-            dvalid = lgb.Dataset(Xv, label=yv, group=gv, feature_name=feature_names, reference=dtrain)
+            class Rows(lgb.Sequence):  # one batch of rows
+                def __init__(self, X):
+                    self.X, self.batch_size = X, max(1, X.shape[0])
+
+                def __len__(self):
+                    return self.X.shape[0]
+
+                def __getitem__(self, idx):  # one row as doubles (LightGBM samples bins from them), or a slice
+                    return self.X[idx].astype(np.float64) if isinstance(idx, numbers.Integral) else self.X[idx]
+
+            class Dataset(lgb.Dataset):  # every training parameter, as training.lambdarank.example_store's
+                def get_params(self):
+                    return dict(self.params) if self.params else super().get_params()
+
+            def dataset(part, reference=None):
+                refs, y, g = part
+                return Dataset([Rows(X) for X in ray.get(refs)], label=y, group=g, feature_name=feature_names,
+                               reference=reference, params=params, free_raw_data=False)
+
+            dtrain = dataset(shard)
+            dvalid = dataset(valid, reference=dtrain)
             evals: dict = {}
             booster = lgb.train(params, dtrain, num_boost_round=num_boost_round, valid_sets=[dvalid],
                                 valid_names=["valid"],
@@ -87,19 +135,17 @@ def _worker_class():
     return LightGBMWorker
 
 
-def train_lambdarank_ray(train: tuple[np.ndarray, np.ndarray, np.ndarray], valid: tuple[np.ndarray, np.ndarray, np.ndarray],
-                         feature_names: list[str], cfg: LightGBMParams, ray_cfg: RayTraining, params: dict):
-    """`training.lambdarank.booster.train_lambdarank` on Ray workers (see the module docstring).
-    `train` and `valid` are (matrix, labels, group sizes) with the groups' rows consecutive; `params`
-    are the single-process ones. Returns (booster, params as trained, evals)."""
+def train_lambdarank_ray(store: ExampleStore, cfg: LightGBMParams, ray_cfg: RayTraining, params: dict):
+    """`training.lambdarank.booster.train_lambdarank` on Ray workers (see the module docstring), from the
+    store's "train" and "valid" parts; `params` are the single-process ones. Returns (booster, params as
+    trained, evals)."""
     import lightgbm as lgb
     import ray
 
-    X, y, sizes = train
-    sizes = np.asarray(sizes, dtype=np.int64)
+    sizes = np.asarray(store.sizes("train"), dtype=np.int64)
     if sizes.size < ray_cfg.workers:
         raise ValueError(f"{sizes.size} training groups for {ray_cfg.workers} workers: every worker needs a group")
-    shards = shard_groups(sizes, ray_cfg.workers)
+    owner, labels = shard_owner(sizes, ray_cfg.workers), store.labels("train")
     started = False
     if not ray.is_initialized():
         if ray_cfg.address:
@@ -114,14 +160,16 @@ def train_lambdarank_ray(train: tuple[np.ndarray, np.ndarray, np.ndarray], valid
         machines = ",".join(f"{ip}:{port}" for ip, port in addresses)
         trained = {**params, "tree_learner": "data", "num_machines": ray_cfg.workers, "machines": machines,
                    "pre_partition": True, "num_threads": ray_cfg.cpus_per_worker, "time_out": ray_cfg.time_out_min}
-        valid_ref = ray.put(valid)
+        shards = deal(store.batches("train"), owner, ray_cfg.workers, ray.put)
+        valid = (deal(store.batches("valid"), np.zeros(store.rows("valid"), np.int32), 1, ray.put)[0],
+                 store.labels("valid"), store.sizes("valid"))
         futures = []
-        for k, (w, rows, (_, port)) in enumerate(zip(workers, shards, addresses)):
-            shard = ray.put((X[rows], y[rows], sizes[k::ray_cfg.workers]))  # worker k's groups, as shard_groups deals them
-            futures.append(w.fit.remote({**trained, "local_listen_port": port}, shard, valid_ref,
-                                        feature_names, cfg.num_boost_round, cfg.early_stopping_rounds))
-        log.info("LightGBM on Ray: %d workers (%s), %d groups dealt round-robin, %d / %d rows", ray_cfg.workers,
-                 machines, sizes.size, *(len(r) for r in shards[:2]))
+        for k, (w, refs, (_, port)) in enumerate(zip(workers, shards, addresses)):
+            shard = (refs, labels[owner == k], sizes[k::ray_cfg.workers])  # worker k's groups, as shard_owner deals them
+            futures.append(w.fit.remote({**trained, "local_listen_port": port}, shard, valid,
+                                        store.inputs.feature_names, cfg.num_boost_round, cfg.early_stopping_rounds))
+        log.info("LightGBM on Ray: %d workers (%s), %d groups dealt round-robin, rows per worker %s", ray_cfg.workers,
+                 machines, sizes.size, np.bincount(owner, minlength=ray_cfg.workers).tolist())
         results = ray.get(futures)
     finally:
         if started:

@@ -223,7 +223,7 @@ class ExampleStore:
             yield rows.read(a, min(a + self.batch_rows, len(rows)))
 
     def matrix(self, part: str) -> np.ndarray:
-        """The whole matrix of `part` in memory (for engines that take arrays: Ray's shards)."""
+        """The whole matrix of `part` in memory (small parts and tests: training reads `batches`)."""
         return np.concatenate(list(self.batches(part))) if self.rows(part) else np.zeros((0, len(self.inputs.feature_names)), np.float32)
 
     def dataset(self, part: str, reference=None):

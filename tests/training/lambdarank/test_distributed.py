@@ -12,7 +12,7 @@ from featurizer.definitions import NAMES
 from ranker.feature_matrix import BundleInputs
 from ranker.user_tower import UserTower
 from training.lambdarank.booster import train_lambdarank
-from training.lambdarank.distributed import shard_groups
+from training.lambdarank.distributed import deal, shard_groups, shard_owner
 from training.lambdarank.example_store import ExampleStore, group_sizes
 from training.lambdarank.params import LightGBMParams
 from training.ranking_metrics import mean_metrics
@@ -30,6 +30,25 @@ def test_shards_are_whole_groups_dealt_round_robin():
     assert [s.size for s in shard_groups(np.array([2]), 3)] == [2, 0, 0]
 
 
+def test_deal_gives_each_worker_its_rows_in_order_one_batch_at_a_time():
+    sizes = np.array([3, 1, 4, 2, 5, 2])
+    X = np.arange(sizes.sum() * 2, dtype=np.float32).reshape(-1, 2)
+    owner = shard_owner(sizes, 2)
+    held = []
+
+    def put(rows):
+        held.append(rows.shape[0])
+        return rows.copy()
+
+    batches = (X[a: a + 4] for a in range(0, X.shape[0], 4))  # batch edges cut groups: 17 rows in 5 batches
+    shards = deal(batches, owner, 2, put)
+    for w, shard in enumerate(shards):
+        assert np.array_equal(np.concatenate(shard), X[shard_groups(sizes, 2)[w]])
+    assert max(held) <= 4  # never more than a batch at once
+    with pytest.raises(ValueError, match="held 4 rows, the groups 17"):
+        deal([X[:4]], owner, 2, put)
+
+
 def _groups(n_groups: int, seed: int, per_group: int = 12) -> pl.DataFrame:
     """Groups of `per_group` candidates whose one positive is, most of the time, the one with the
     highest weighted sum of three features."""
@@ -44,20 +63,25 @@ def _groups(n_groups: int, seed: int, per_group: int = 12) -> pl.DataFrame:
         pl.Series("request_id", np.repeat(np.arange(n_groups), per_group)), pl.Series("label", label))
 
 
-def _store(inputs: BundleInputs, train: pl.DataFrame, valid: pl.DataFrame, tmp_path) -> ExampleStore:
-    store = ExampleStore(inputs, tmp_path)
+def _store(inputs: BundleInputs, train: pl.DataFrame, valid: pl.DataFrame, tmp_path, batch_rows: int = 500) -> ExampleStore:
+    store = ExampleStore(inputs, tmp_path, batch_rows=batch_rows)
     store.add("train", train)
     store.add("valid", valid)
     return store
 
 
-def test_two_ray_workers_train_as_well_as_one_process(tmp_path):
+def test_two_ray_workers_train_as_well_as_one_process(tmp_path, monkeypatch):
     pytest.importorskip("ray")
     train, valid, test = _groups(400, 0), _groups(100, 1), _groups(300, 2)
     inputs = BundleInputs(list(NAMES), {}, UserTower.pooled(), source="test")
     cfg = LightGBMParams(num_boost_round=30, early_stopping_rounds=10, min_data_in_leaf=20)
-    store = _store(inputs, train, valid, tmp_path)
+    store = _store(inputs, train, valid, tmp_path)  # 4,800 rows in batches of 500: shards dealt batch by batch
     local, _, _ = train_lambdarank(store, cfg)
+
+    def whole(*_):
+        raise AssertionError("the Ray engine read a whole matrix")
+
+    monkeypatch.setattr(ExampleStore, "matrix", whole)
     on_ray, params, evals = train_lambdarank(store, LightGBMParams(**{**cfg.__dict__, "engine": "ray"}))
     assert params["tree_learner"] == "data" and params["num_machines"] == 2 and "machines" not in params
     assert evals["valid"]["ndcg@10"] and on_ray.num_trees() > 0
