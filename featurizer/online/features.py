@@ -302,21 +302,26 @@ class OnlineFeatures:
             memo = self._history_memo = (user, t_us, user.history(t_us, None))
         return memo[2]
 
-    def _user_item_base(self, user_id: str, item_ids: list[str], t_us: int) -> dict:
-        """`user_item_base_from_records` of the stored user x item state of each item. When the store
-        can list a user's keys, only the items the user has a state for are read and computed; the
-        rest take the never-seen values, as scalars when no candidate has a state (derive broadcasts
-        them, as it does the user's aggregates)."""
-        seen = self._user_items.items_of(user_id)
-        if seen is None:
+    def _user_item_base(self, user_id: str, item_ids: list[str], rows: np.ndarray, t_us: int) -> dict:
+        """`user_item_base_from_records` of the stored user x item state of each item (`rows`: their
+        rows of the index, from this read's `rows` call). When the store can say what changed, the
+        user's states come packed by row (`UserItemIndex.records`) and only the candidates among them
+        are computed; the rest take the never-seen values, as scalars when no candidate has a state
+        (derive broadcasts them, as it does the user's aggregates)."""
+        held = self._user_items.records(user_id, self._index)
+        if held is None:
             return user_item_base_from_records(user_item_records(self.store.read("ui", user_item_keys(user_id, item_ids))), t_us)
-        hits = [k for k, i in enumerate(item_ids) if i in seen] if seen else []
-        if not hits:
+        user_rows, rec = held
+        if not user_rows.size:
+            return dict(zip(UI_BASE_NAMES, UNSEEN_USER_ITEM))
+        at = np.searchsorted(user_rows, rows)
+        at[at == user_rows.size] = 0
+        hits = np.flatnonzero(user_rows[at] == rows)
+        if not hits.size:
             return dict(zip(UI_BASE_NAMES, UNSEEN_USER_ITEM))
         block = np.empty((len(UI_BASE_NAMES), len(item_ids)))
         block[:] = UNSEEN_USER_ITEM[:, None]
-        rec = user_item_records(self.store.read("ui", user_item_keys(user_id, [item_ids[k] for k in hits])))
-        block[:, hits] = user_item_block(rec, t_us)
+        block[:, hits] = user_item_block(rec[at[hits]], t_us)
         return dict(zip(UI_BASE_NAMES, block))
 
     def _features(self, user_id: str, item_ids: list[str], t_us: int, interest_score: np.ndarray | None,
@@ -342,7 +347,7 @@ class OnlineFeatures:
             item_counts = None
             users = items["item_n_users_all"]
             b = {name: col[:n] for name, col in items.items()}
-        ui = self._user_item_base(user_id, item_ids, t_us)
+        ui = self._user_item_base(user_id, item_ids, rows, t_us)
 
         cos_max, cos_sum = np.zeros(n), np.zeros(n)
         states = [(k, s) for k, s in enumerate(self._cooc.get(hist)) if s is not None]

@@ -16,13 +16,18 @@ processes write to it) nothing is kept and every read decodes.
   index started over; `gather` returns the parts of many rows as arrays, ready for
   `item_base_from_parts`.
 - `UserItemIndex(store)`: per user, the items it has a user x item state for, so a request looks
-  up the few candidates a user has seen instead of probing the (large) table for every candidate.
+  up the few candidates a user has seen instead of probing the (large) table for every candidate;
+  and, for the users read lately, those states packed and keyed by index rows (`records`), so a
+  request finds its candidates among them with one array search instead of a lookup and a decode
+  per item.
 
 Memory, bounded: a decoded user state is about 6 KB, a co-occurrence state about 3.5 KB (40
 partners), an item row about 250 B of parts and 224 B of count features (28 float64);
 OnlineFeatures keeps up to 20k users, 20k co-occurrence states and 500k items
 (`OnlineFeatures(max_items=)`; about 120 + 70 + 240 MB at most, plus about 50 MB for the
-`ItemIndex` of their ids), and the index holds every user x item key.
+`ItemIndex` of their ids), and the index holds every user x item key. The packed user x item
+states are bounded by their count (`UserItemIndex(max_records=)`, 500k: 112 B each with the row,
+about 56 MB at most).
 
 Not thread-safe with respect to each other's calls (one caller at a time, as OnlineFeatures).
 """
@@ -47,6 +52,8 @@ from featurizer.online.state import (
     item_counts_from_parts,
     item_parts,
     parse_user_item_key,
+    user_item_keys,
+    user_item_records,
 )
 from featurizer.store.base import OnlineStore
 
@@ -214,19 +221,24 @@ class ItemPartsCache:
 
 
 class UserItemIndex:
-    """user id -> the item ids of its "ui" keys, from a store that lists keys and says what changed.
+    """user id -> the item ids of its "ui" keys, from a store that lists keys and says what changed;
+    and per user, on demand, those states packed and keyed by `ItemIndex` rows (`records`).
 
     Every written key is added before the next read; a deleted one is removed too, though a stale
-    entry would only cost a read that returns None."""
+    entry would only cost a read that returns None. A user's packed states are dropped as soon as
+    one of the user's keys is written or deleted."""
 
-    def __init__(self, store: OnlineStore, entity: str = "ui"):
-        self.store, self.entity = store, entity
+    def __init__(self, store: OnlineStore, entity: str = "ui", max_records: int = 500_000):
+        self.store, self.entity, self.max_records = store, entity, max_records
         self._version: int | None = None
         # user -> its items, as a dict of None: a set stays tracked by the garbage collector, and every
         # full collection walked the whole index (3,000 users x 180 items on the serve bench: the largest
         # part of a 45 ms pass); a dict of str keys and None values is untracked
         self._items: dict[str, dict[str, None]] = {}
         self._names: dict[str, str] = {}  # one str object per item id, shared by the users' entries
+        # user -> (index epoch, every item held by the index, index size, rows ascending, packed states)
+        self._records: OrderedDict[str, tuple] = OrderedDict()
+        self._held = 0  # packed states in _records
 
     def _add(self, key: str) -> None:
         parsed = parse_user_item_key(key)
@@ -234,6 +246,11 @@ class UserItemIndex:
             user, item = parsed
             item = self._names.setdefault(item, item)
             self._items.setdefault(user, {})[item] = None
+
+    def _drop(self, user: str) -> None:
+        entry = self._records.pop(user, None)
+        if entry is not None:
+            self._held -= len(entry[3])
 
     def _sync(self) -> bool:
         version, changed = self.store.changes(self.entity, self._version)
@@ -244,14 +261,20 @@ class UserItemIndex:
             if keys is None:
                 return False
             self._items, self._names = {}, {}
+            self._records.clear()
+            self._held = 0
             for key in keys:
                 self._add(key)
         elif changed:
             changed = list(changed)
             for key, value in zip(changed, self.store.read(self.entity, changed)):  # written, or deleted?
+                parsed = parse_user_item_key(key)
+                if parsed is None:
+                    continue
+                self._drop(parsed[0])
                 if value is not None:
                     self._add(key)
-                elif (parsed := parse_user_item_key(key)) is not None and parsed[0] in self._items:
+                elif parsed[0] in self._items:
                     self._items[parsed[0]].pop(parsed[1], None)
         self._version = version
         return True
@@ -262,3 +285,32 @@ class UserItemIndex:
         if not self._sync():
             return None
         return self._items.get(user_id) or _NO_ITEMS
+
+    def records(self, user_id: str, index: ItemIndex) -> tuple[np.ndarray, np.ndarray] | None:
+        """(rows, states): the `index` rows of the items `user_id` has a state for, ascending, and
+        those states packed (`user_item_records`, same order; items the index does not hold are left
+        out). Kept until one of the user's keys changes, the index starts over, or, when some item was
+        not in the index, the index grows; at most `max_records` states kept in all (least recently
+        read users go first). None when the store cannot tell. Not to be changed by the caller."""
+        if not self._sync():
+            return None
+        hit = self._records.get(user_id)
+        if hit is not None and hit[0] == index.epoch and (hit[1] or hit[2] == len(index)):
+            self._records.move_to_end(user_id)
+            return hit[3], hit[4]
+        self._drop(user_id)
+        items = list(self._items.get(user_id) or ())
+        rows = index.known(items)
+        held = rows >= 0
+        if not held.all():
+            items = [i for i, h in zip(items, held.tolist()) if h]
+            rows = rows[held]
+        order = np.argsort(rows, kind="stable")
+        rec = user_item_records(self.store.read(self.entity, user_item_keys(user_id, [items[k] for k in order.tolist()])))
+        rows = rows[order]
+        rows.flags.writeable = rec.flags.writeable = False
+        self._records[user_id] = (index.epoch, bool(held.all()), len(index), rows, rec)
+        self._held += len(rows)
+        while self._held > self.max_records and len(self._records) > 1:
+            self._drop(next(iter(self._records)))
+        return rows, rec

@@ -109,6 +109,38 @@ def test_deleted_and_rewritten_states_are_read_fresh():
     assert online.history("u0", t, 2) == []
 
 
+def test_user_item_states_follow_items_the_index_learns_later_and_writes_of_the_user():
+    """u0 saw i4, which is not in the catalog (an impression: not in u0's history either): the first
+    read packs u0's states without it, as the index does not hold i4 yet; once a read asks for i4
+    the index holds it, and u0's impression of i4 must be there. A later event of u0 on i1 must
+    show in the next read."""
+    ev = make_events([(0, "u0", "i4", "impression"), (1, "u0", "i1", "click"), (2, "u1", "i1", "click")])
+    store = InProcessStore()
+    online = OnlineFeatures(store, ITEMS, PARAMS)
+    online.apply(ev)
+    seen, engaged = NAMES.index("user_item_impressions_all"), NAMES.index("user_item_engagements_all")
+    for items in (["i1", "i2"], ["i4", "i1", "i4"], CANDIDATES):
+        got = online.features("u0", items, at(9))
+        np.testing.assert_array_equal(got, reference(store).features("u0", items, at(9)))
+    assert got[-1, seen] == 1 and got[CANDIDATES.index("i1"), engaged] == 1
+    online.apply(make_events([(10, "u0", "i1", "click")]))
+    got = online.features("u0", CANDIDATES, at(11))
+    np.testing.assert_array_equal(got, reference(store).features("u0", CANDIDATES, at(11)))
+    assert got[CANDIDATES.index("i1"), engaged] == 2
+
+
+def test_packed_user_item_states_are_bounded():
+    ev = make_events([(k, u, i, "click") for k, (u, i) in enumerate((u, i) for u in USERS for i in CANDIDATES)])
+    store = InProcessStore()
+    online = OnlineFeatures(store, ITEMS, PARAMS)
+    online.apply(ev)
+    online._user_items.max_records = len(CANDIDATES) + 1  # room for one user's states
+    for u in USERS:
+        np.testing.assert_array_equal(online.features(u, CANDIDATES, at(99)), reference(store).features(u, CANDIDATES, at(99)))
+        assert online._user_items._held <= online._user_items.max_records
+    assert list(online._user_items._records) == [USERS[-1]]
+
+
 def test_item_window_counts_follow_the_tile_of_t():
     ev = make_events([(0, "u0", "i0", "click"), (3, "u1", "i0", "click")])
     store = InProcessStore()
