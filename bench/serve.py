@@ -300,7 +300,7 @@ class ServerProcess:
             text = r.read().decode()
         out = {"ranks_per_worker": {}, "rank_s": 0.0, "triton_s": 0.0, "triton_calls": 0.0, "user_misses": 0.0,
                "rank_encoder_calls": {}, "degraded": {}, "history_skipped": 0.0, "gc_count": {}, "gc_s": {},
-               "gc_over_100ms": {}, "loop_lag_over_100ms": 0.0, "engine_s": 0.0, "engine_n": 0.0}
+               "gc_over_100ms": {}, "loop_lag_over_100ms": 0.0, "engine_s": 0.0, "engine_n": 0.0, "engine_cpu_s": 0.0}
         for fam in text_string_to_metric_families(text):
             for smp in fam.samples:
                 labels = smp.labels
@@ -338,6 +338,8 @@ class ServerProcess:
                     out["engine_s"] += smp.value
                 elif smp.name == "semrank_rank_engine_seconds_count":
                     out["engine_n"] += smp.value
+                elif smp.name == "semrank_rank_engine_cpu_seconds_total":
+                    out["engine_cpu_s"] += smp.value
                 elif smp.name == "semrank_event_loop_lag_seconds_bucket" and labels.get("le") in ("0.1", "+Inf"):
                     out["loop_lag_over_100ms"] += smp.value if labels["le"] == "+Inf" else -smp.value
         return out
@@ -617,6 +619,8 @@ def rank_phases(gen, server, server_pids: list[int], triton: list[int], cfg: Ben
             answered = {w: int(counts1[w] - counts0.get(w, 0)) for w in sorted(counts1)}
             row["server_engine_mean_ms"] = (round(1e3 * (m1["engine_s"] - m0["engine_s"]) / (m1["engine_n"] - m0["engine_n"]), 3)
                                             if m1["engine_n"] > m0["engine_n"] else None)
+            row["server_engine_cpu_ms"] = (round(1e3 * (m1["engine_cpu_s"] - m0["engine_cpu_s"]) / (m1["engine_n"] - m0["engine_n"]), 3)
+                                           if m1["engine_n"] > m0["engine_n"] else None)
             row["requests_per_worker"] = answered
             total = sum(answered.values())
             row["server_cpu_ms_per_request"] = round(1e3 * server_cpu_s / total, 3) if total else None
@@ -665,6 +669,8 @@ def mixed_phase(gen, server, server_pids: list[int], triton: list[int], cfg: Ben
         # the engine inside the server during this phase (semrank_rank_engine_seconds), beside the warm figure
         "server_engine_mean_ms": (round(1e3 * (m1["engine_s"] - m0["engine_s"]) / (m1["engine_n"] - m0["engine_n"]), 3)
                                   if m1["engine_n"] > m0["engine_n"] else None),
+        "server_engine_cpu_ms": (round(1e3 * (m1["engine_cpu_s"] - m0["engine_cpu_s"]) / (m1["engine_n"] - m0["engine_n"]), 3)
+                                 if m1["engine_n"] > m0["engine_n"] else None),
         "loop_lag_over_100ms": int(m1["loop_lag_over_100ms"] - m0["loop_lag_over_100ms"]),
         "ranks_needing_encoder": round(calls.get("user_text", 0) / ranks, 4) if ranks else None,
         "triton_calls": int(m1["triton_calls"] - m0["triton_calls"]),

@@ -92,13 +92,14 @@ class RankingService(pb_grpc.RankingServiceServicer):
         s = self.s
         rt = loaded.runtime  # this request finishes on this bundle, whatever a reload does
         rt.inflight += 1
-        t_engine = time.perf_counter()
+        t_engine, c_engine = time.perf_counter(), time.thread_time()
         try:
             outcome = await s.engine.rank(rt, user_id, candidates, explain=request.explain, timeout_s=timeout,
                                           ids=ids)
         finally:
             rt.inflight -= 1
         s.metrics.rank_engine_seconds.observe(time.perf_counter() - t_engine)
+        s.metrics.rank_engine_cpu_seconds_total.inc(time.thread_time() - c_engine)
         return outcome, rt.version
 
     async def Rank(self, request: pb.RankRequest, context: grpc.aio.ServicerContext) -> pb.RankResponse:

@@ -128,6 +128,11 @@ class Metrics:
             "rank_engine_seconds", "Time a Rank spends in the ranking engine (features, user vector, encoder calls "
             "it makes, scoring): the rest of rpc_latency_seconds is validation, waits and the response",
             namespace=ns, registry=r, buckets=LATENCY_BUCKETS_S)
+        self.rank_engine_cpu_seconds_total = Counter(
+            "rank_engine_cpu_seconds", "CPU time of the serving thread while Ranks were in the ranking engine "
+            "(time.thread_time): beside rank_engine_seconds it tells the engine's work from its waits for the CPU "
+            "(other threads, other processes); while the engine awaits the encoder, other tasks' CPU on the same "
+            "thread counts too", namespace=ns, registry=r)
         self.rank_encoder_calls_total = Counter(
             "rank_encoder_calls", "Encoder (Triton) calls issued by Rank, by cause: user_text (a text user tower), "
             "inline_item (an inline candidate the item store does not know), stale_item (a known item whose text "

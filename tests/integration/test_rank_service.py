@@ -190,6 +190,26 @@ def _text_contributions(resp: pb.RankResponse) -> dict[str, float]:
     return {it.item_id: next(c.contribution for c in it.contributions if c.family == "text") for it in resp.items}
 
 
+def test_the_engine_time_of_ranks_is_counted_as_wall_and_as_cpu(service, shop):
+    """semrank_rank_engine_seconds (wall) and semrank_rank_engine_cpu_seconds_total (the serving
+    thread's CPU): both grow with each Rank, and the engine cannot use more CPU on its thread than
+    the time it took (a bench reads the difference as the engine waiting for the CPU)."""
+    st, channel = service
+    ids = shop.items["item_id"].head(50).to_list()  # (the fixture's limit)
+
+    def engine() -> tuple[float, float, float]:
+        m = scrape_metrics(st.server.metrics_port)
+        return (metric(m, "semrank_rank_engine_seconds_count"), metric(m, "semrank_rank_engine_seconds_sum"),
+                metric(m, "semrank_rank_engine_cpu_seconds_total"))
+
+    n0, wall0, cpu0 = engine()
+    for _ in range(5):
+        rank(channel, user_id=active_user(shop), candidates=[pb.RankCandidate(item_id=i) for i in ids])
+    n1, wall1, cpu1 = engine()
+    assert n1 - n0 == 5
+    assert 0 < cpu1 - cpu0 <= (wall1 - wall0) + 1e-3  # (thread_time ticks coarser than perf_counter)
+
+
 def test_a_rank_after_log_events_calls_no_encoder_and_its_user_vector_has_the_event(service, shop):
     """The next Rank after an event reflects it in the user vector (the text family's contribution
     for the same candidates moves), and neither Rank calls Triton: the pooled tower reads the item
