@@ -1,6 +1,7 @@
-"""Pseudonymous user ids through a real server (issue 18 item 1): with a key, a caller's user id is
-stored, logged and exposed only as its keyed hash, while the service answers as it would without
-one; a server refuses state written under another key, or none."""
+"""Pseudonymous user ids through a real server (issue 18 items 1 and 2): with a key, a caller's user id
+is stored, logged and exposed only as its keyed hash, while the service answers as it would without
+one, on every path a Rank or an event takes (ranked, degraded, rejected; logs at DEBUG, metrics,
+event log, exposures, snapshots); a server refuses state written under another key, or none."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from serving.config import ServeConfig
 from serving.observability.request_logging import JsonFormatter
 from serving.server import RankingServer
 from tests.integration.production_kit import RPC_TIMEOUT_S, rank, stub, timestamp
-from tests.integration.serving_kit import ServerThread
+from tests.integration.serving_kit import ServerThread, metric, scrape_metrics
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -39,7 +40,8 @@ def test_a_keyed_server_stores_logs_and_exposes_only_pseudonyms_and_ranks_as_wit
 
     def cfg(state, pseudonyms):
         return ServeConfig(bundle_dir=small_bundle[0], data_dir=small_shop, state_dir=tmp_path / state, port=0,
-                           reload_poll_s=0, encoder_timeout_s=30.0, snapshot_interval_s=0, pseudonyms=pseudonyms)
+                           reload_poll_s=0, encoder_timeout_s=30.0, snapshot_interval_s=0, pseudonyms=pseudonyms,
+                           metrics_port=0)
 
     logs = io.StringIO()
     handler = logging.StreamHandler(logs)
@@ -72,6 +74,22 @@ def test_a_keyed_server_stores_logs_and_exposes_only_pseudonyms_and_ranks_as_wit
             assert not after.degraded
             history = st.run(_history(st.server, names(CANARY), now))
             assert history == [items[3]]  # the event was applied under the pseudonym
+            # The other paths a canary id takes: a degraded answer (a sequence this server never stored),
+            # a rejected Rank, a rejected event, and a Rank with an inline item the catalog lacks.
+            stale = rank(channel, CANARY, items, min_sequence=logged.sequence + 1_000, request_id="canary-stale")
+            assert stale.degraded
+            with pytest.raises(grpc.RpcError) as refused:
+                rank(channel, CANARY, items, top_k=-1, request_id="canary-refused")
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            future = stub(channel).LogEvents(iter([pb.LogEventsRequest(events=[
+                pb.Event(ts=timestamp(now + timedelta(days=2)), user_id=CANARY, item_id=items[4], type=pb.EVENT_TYPE_CLICK,
+                         event_id="canary-future")])]), timeout=RPC_TIMEOUT_S)
+            assert future.rejected == 1 and CANARY not in future.rejections[0].reason
+            inline = rank(channel, CANARY, items[:5], extra=[pb.RankCandidate(item_id="canary-new-item", title="a new item")])
+            assert len(inline.items) == 6
+            metrics = scrape_metrics(st.server.metrics_port)
+            assert metric(metrics, "semrank_degraded_total") >= 1 and metric(metrics, "semrank_events_total", result="rejected") >= 1
+            assert not [k for k in metrics if CANARY in str(k)]  # no label holds the id
         assert [(i.item_id, round(i.score, 5)) for i in keyed.items] == [(i.item_id, round(i.score, 5)) for i in plain.items]
         stored = _files_text(tmp_path / "keyed")
         assert CANARY.encode() not in stored and shopper.encode() not in stored
