@@ -119,6 +119,40 @@ def _dataset_class():
     return SequenceDataset
 
 
+PREFIX, OWNER_FILE = "semrank-examples-", "owner.pid"
+
+
+def remove_abandoned(directory: str | Path | None = None) -> list[Path]:
+    """Remove the example directories of stores whose process is gone (a killed training run leaves
+    its files behind: gigabytes at scale). A directory counts as abandoned when its owner file names a
+    process that no longer runs; a directory without one (being created, or not a store's) is left.
+    Returns the directories removed."""
+    import shutil
+
+    root = Path(directory) if directory is not None else Path(tempfile.gettempdir())
+    removed = []
+    for d in root.glob(PREFIX + "*"):
+        try:
+            pid = int((d / OWNER_FILE).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if pid == os.getpid() or _alive(pid):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @dataclass
 class _Part:
     path: Path
@@ -133,13 +167,16 @@ class _Part:
 class ExampleStore:
     """Examples by part, on disk (see the module docstring). `directory`: where the temporary files go
     (None: the system's temporary directory). Use as a context manager, or `close()`: the files are
-    removed."""
+    removed; those of a killed run are removed by the next store made in the same directory
+    (`remove_abandoned`)."""
 
     def __init__(self, inputs: BundleInputs, directory: str | Path | None = None, batch_rows: int = BATCH_ROWS):
         if batch_rows < 1:
             raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
         self.inputs, self.batch_rows = inputs, batch_rows
-        self._tmp = tempfile.TemporaryDirectory(prefix="semrank-examples-", dir=directory)
+        remove_abandoned(directory)
+        self._tmp = tempfile.TemporaryDirectory(prefix=PREFIX, dir=directory)
+        (Path(self._tmp.name) / OWNER_FILE).write_text(f"{os.getpid()}\n")
         self._parts: dict[str, _Part] = {}
         self._files: list = []
 

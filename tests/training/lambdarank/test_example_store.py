@@ -5,6 +5,8 @@ the model (the same trees as LightGBM trained on the whole matrix in memory)."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import polars as pl
 import pytest
@@ -108,3 +110,28 @@ def test_a_sampled_dataset_finds_the_bins_of_the_matrix_in_memory(tmp_path):
                                               label=train["label"].to_numpy(), group=group_sizes(train),
                                               feature_name=INPUTS.feature_names), num_boost_round=5)
     assert from_store.model_to_string() == in_memory.model_to_string()
+
+
+def test_a_killed_runs_example_files_are_removed_by_the_next_store(tmp_path):
+    import subprocess
+    import sys
+
+    from training.lambdarank.example_store import OWNER_FILE, PREFIX
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    abandoned = tmp_path / f"{PREFIX}killed"
+    abandoned.mkdir()
+    (abandoned / OWNER_FILE).write_text(dead.stdout)  # a process that has exited
+    (abandoned / "train.f32").write_bytes(b"x" * 1024)
+    running = tmp_path / f"{PREFIX}running"
+    running.mkdir()
+    (running / OWNER_FILE).write_text(f"{os.getppid()}\n")  # a live process: another run's files
+    unowned = tmp_path / f"{PREFIX}unowned"
+    unowned.mkdir()
+    inputs = BundleInputs(list(NAMES), {}, UserTower.pooled(), source="test")
+    with ExampleStore(inputs, tmp_path) as store:
+        assert not abandoned.exists() and running.exists() and unowned.exists()
+        mine = [d for d in tmp_path.glob(PREFIX + "*") if d not in (running, unowned)]
+        assert len(mine) == 1 and (mine[0] / OWNER_FILE).read_text().strip() == str(os.getpid())
+        assert store.inputs is inputs
+    assert not mine[0].exists()
