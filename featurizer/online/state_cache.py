@@ -225,8 +225,8 @@ class UserItemIndex:
     and per user, on demand, those states packed and keyed by `ItemIndex` rows (`records`).
 
     Every written key is added before the next read; a deleted one is removed too, though a stale
-    entry would only cost a read that returns None. A user's packed states are dropped as soon as
-    one of the user's keys is written or deleted."""
+    entry would only cost a read that returns None. A user's packed states follow each write or
+    deletion of the user's keys (`_patch`: the changed states only, not the user's all)."""
 
     def __init__(self, store: OnlineStore, entity: str = "ui", max_records: int = 500_000):
         self.store, self.entity, self.max_records = store, entity, max_records
@@ -239,6 +239,7 @@ class UserItemIndex:
         # user -> (index epoch, every item held by the index, index size, rows ascending, packed states)
         self._records: OrderedDict[str, tuple] = OrderedDict()
         self._held = 0  # packed states in _records
+        self._index: ItemIndex | None = None  # the index `records` was last called with
 
     def _add(self, key: str) -> None:
         parsed = parse_user_item_key(key)
@@ -267,17 +268,50 @@ class UserItemIndex:
                 self._add(key)
         elif changed:
             changed = list(changed)
+            patches: dict[str, list[tuple[str, object]]] = {}
             for key, value in zip(changed, self.store.read(self.entity, changed)):  # written, or deleted?
                 parsed = parse_user_item_key(key)
                 if parsed is None:
                     continue
-                self._drop(parsed[0])
+                if parsed[0] in self._records:
+                    patches.setdefault(parsed[0], []).append((parsed[1], value))
                 if value is not None:
                     self._add(key)
                 elif parsed[0] in self._items:
                     self._items[parsed[0]].pop(parsed[1], None)
+            for user, changes in patches.items():
+                self._patch(user, changes)
         self._version = version
         return True
+
+    def _patch(self, user: str, changes: list[tuple[str, object]]) -> None:
+        """Bring a user's packed states up to date with their keys' new values (None: deleted), so that
+        a user who keeps acting (a write flood's readers rank right after they write) is not read whole
+        again after each event. New arrays, never changed in place: a caller may hold the old ones."""
+        epoch, all_held, size, rows, rec = self._records[user]
+        index = self._index
+        if index is None or epoch != index.epoch:
+            self._drop(user)
+            return
+        n0 = len(rows)
+        for item, value in changes:
+            r = index.get(item)
+            if r is None:  # not in the index: left out, and the entry is kept only while the index keeps its size
+                all_held, size = False, len(index)
+                continue
+            at = int(np.searchsorted(rows, r))
+            there = at < len(rows) and rows[at] == r
+            if value is None:
+                if there:
+                    rows, rec = np.delete(rows, at), np.delete(rec, at)
+            elif there:
+                rec = rec.copy()
+                rec[at] = user_item_records([value])[0]
+            else:
+                rows, rec = np.insert(rows, at, r), np.insert(rec, at, user_item_records([value])[0])
+        rows.flags.writeable = rec.flags.writeable = False
+        self._records[user] = (epoch, all_held, size, rows, rec)
+        self._held += len(rows) - n0
 
     def items_of(self, user_id: str) -> Collection[str] | None:
         """The items `user_id` has a state for (empty: none; for membership tests, not to be changed);
@@ -289,9 +323,10 @@ class UserItemIndex:
     def records(self, user_id: str, index: ItemIndex) -> tuple[np.ndarray, np.ndarray] | None:
         """(rows, states): the `index` rows of the items `user_id` has a state for, ascending, and
         those states packed (`user_item_records`, same order; items the index does not hold are left
-        out). Kept until one of the user's keys changes, the index starts over, or, when some item was
-        not in the index, the index grows; at most `max_records` states kept in all (least recently
+        out). Kept, and patched when the user's keys change, until the index starts over or, when some
+        item was not in the index, the index grows; at most `max_records` states kept in all (least recently
         read users go first). None when the store cannot tell. Not to be changed by the caller."""
+        self._index = index
         if not self._sync():
             return None
         hit = self._records.get(user_id)
