@@ -52,7 +52,7 @@ from featurizer.online.state import (
 )
 from featurizer.online.state_cache import DecodedCache, ItemPartsCache, UserItemIndex
 from featurizer.online.user_state import CoocState, UserState, cooc_counts
-from featurizer.store.base import Expect, OnlineStore, Value
+from featurizer.store.base import Expect, OnlineStore, OnlineStoreError, Value
 
 META_KEY = "state"
 ITEM_COUNT_COLUMNS = np.array([NAMES.index(name) for name in ITEM_COUNT_NAMES])
@@ -229,6 +229,10 @@ class OnlineFeatures:
             raise
         self._users.written(user_st)
         self._cooc.written(cooc_st)
+        try:
+            self._item_parts.written(list(item_st), self._watermark)
+        except OnlineStoreError:  # the commit landed; the reads refresh these rows instead
+            pass
 
     def _fold(self, ts, users, items, codes, item_st: dict, user_st: dict, ui_st: dict, cooc_st: dict,
               meta: Mapping[str, Value] | None, expect: Expect | None) -> None:

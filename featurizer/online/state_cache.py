@@ -202,6 +202,19 @@ class ItemPartsCache:
             self._key[stale] = key
         return True
 
+    def written(self, item_ids: Sequence[str], t: int) -> None:
+        """After a commit that wrote these items (t: at or after its latest event): recompute their rows
+        now, for t's tile, so that the next reads find them current. Under a write flood most Ranks
+        meet a few changed items, and a refresh costs about the same for one row as for dozens (its
+        numpy calls): one per commit instead of one per Rank. Nothing before the first read (the rows
+        are made by reads), nor when the store cannot version."""
+        if self._version is None:
+            return
+        rows = self.index.known(item_ids)
+        rows = rows[rows >= 0]
+        if rows.size:
+            self._refresh(rows, t)
+
     def gather(self, rows: np.ndarray, t: int) -> dict[str, np.ndarray] | None:
         """`item_parts` at t (t >= every applied event) of the items at `rows` of the index (from
         a `rows` call made since the last gather); None when the store cannot version."""
