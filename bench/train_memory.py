@@ -201,6 +201,7 @@ def main() -> int:
     ap.add_argument("--timeout-min", type=float, default=60.0)
     args, extra = ap.parse_known_args()
     extra = [a for a in extra if a != "--"]
+    args.out = args.out.resolve()  # a baseline checkout runs in its own directory: its bundle still goes here
     args.out.mkdir(parents=True, exist_ok=True)
     args.data += [synth_interactions(ROOT / "runs" / "synth" / f"interactions-{n}", n) for n in args.synth_interactions]
     if not args.data:
