@@ -297,13 +297,19 @@ class UserItemIndex:
         self._version = version
         return True
 
+    @staticmethod
+    def _current(entry: tuple, index: ItemIndex | None) -> bool:
+        """Whether packed states still hold every item of theirs that `index` holds: the same epoch,
+        and either every item was in it or it has not grown since."""
+        return index is not None and entry[0] == index.epoch and (entry[1] or entry[2] == len(index))
+
     def _patch(self, user: str, changes: list[tuple[str, object]]) -> None:
         """Bring a user's packed states up to date with their keys' new values (None: deleted), so that
         a user who keeps acting (a write flood's readers rank right after they write) is not read whole
         again after each event. New arrays, never changed in place: a caller may hold the old ones."""
         epoch, all_held, size, rows, rec = self._records[user]
         index = self._index
-        if index is None or epoch != index.epoch:
+        if not self._current(self._records[user], index):  # stale already: rebuilt at its next read
             self._drop(user)
             return
         n0 = len(rows)
@@ -343,7 +349,7 @@ class UserItemIndex:
         if not self._sync():
             return None
         hit = self._records.get(user_id)
-        if hit is not None and hit[0] == index.epoch and (hit[1] or hit[2] == len(index)):
+        if hit is not None and self._current(hit, index):
             self._records.move_to_end(user_id)
             return hit[3], hit[4]
         self._drop(user_id)

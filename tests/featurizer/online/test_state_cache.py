@@ -129,6 +129,23 @@ def test_user_item_states_follow_items_the_index_learns_later_and_writes_of_the_
     assert got[CANDIDATES.index("i1"), engaged] == 2
 
 
+def test_a_write_does_not_revive_packed_states_the_index_outgrew():
+    """u0's states are packed while the index lacks i4 (u0 saw it); then another user's read adds i4 to
+    the index, and u0 writes on an item the index does not hold either. The patch must not take the
+    packed states, which lack i4, for current."""
+    ev = make_events([(0, "u0", "i4", "impression"), (1, "u0", "i1", "click")])
+    store = InProcessStore()
+    online = OnlineFeatures(store, ITEMS, PARAMS)
+    online.apply(ev)
+    seen = NAMES.index("user_item_impressions_all")
+    online.features("u0", ["i1", "i2"], at(9))  # packed without i4
+    online.features("u1", ["i4"], at(9))  # the index learns i4
+    online.apply(make_events([(10, "u0", "zz", "impression")]))  # zz: in no index either
+    got = online.features("u0", ["i4", "i1"], at(11))
+    np.testing.assert_array_equal(got, reference(store).features("u0", ["i4", "i1"], at(11)))
+    assert got[0, seen] == 1
+
+
 def test_packed_user_item_states_are_bounded():
     ev = make_events([(k, u, i, "click") for k, (u, i) in enumerate((u, i) for u in USERS for i in CANDIDATES)])
     store = InProcessStore()
