@@ -15,11 +15,10 @@ processes write to it) nothing is kept and every read decodes.
   window counts), recomputed when the item changed, t entered another `WINDOW_KEY_US` tile or the
   index started over; `gather` returns the parts of many rows as arrays, ready for
   `item_base_from_parts`.
-- `UserItemIndex(store)`: per user, the items it has a user x item state for, so a request looks
-  up the few candidates a user has seen instead of probing the (large) table for every candidate;
-  and, for the users read lately, those states packed and keyed by index rows (`records`), so a
-  request finds its candidates among them with one array search instead of a lookup and a decode
-  per item.
+- `UserItemIndex(store)`: per user, the items it has a user x item state for, and for the users
+  read lately those states packed and keyed by index rows (`records`, patched as the user writes),
+  so a request finds its candidates among them with one array search instead of probing the (large)
+  table, or decoding, per candidate.
 
 Memory, bounded: a decoded user state is about 6 KB, a co-occurrence state about 3.5 KB (40
 partners), an item row about 250 B of parts and 224 B of count features (28 float64);
@@ -35,7 +34,7 @@ Not thread-safe with respect to each other's calls (one caller at a time, as Onl
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -58,7 +57,6 @@ from featurizer.online.state import (
 from featurizer.store.base import OnlineStore
 
 _MISS = object()
-_NO_ITEMS: frozenset[str] = frozenset()
 _NO_KEY = int(np.iinfo(np.int64).min)  # window counts not computed (or invalidated)
 
 
@@ -331,13 +329,6 @@ class UserItemIndex:
         rows.flags.writeable = rec.flags.writeable = False
         self._records[user] = (epoch, all_held, size, rows, rec)
         self._held += len(rows) - n0
-
-    def items_of(self, user_id: str) -> Collection[str] | None:
-        """The items `user_id` has a state for (empty: none; for membership tests, not to be changed);
-        None when the store cannot tell."""
-        if not self._sync():
-            return None
-        return self._items.get(user_id) or _NO_ITEMS
 
     def records(self, user_id: str, index: ItemIndex) -> tuple[np.ndarray, np.ndarray] | None:
         """(rows, states): the `index` rows of the items `user_id` has a state for, ascending, and
