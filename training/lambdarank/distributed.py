@@ -8,7 +8,7 @@
   so a bundle is the same kind of model whichever way it was trained, and nothing but Ray itself is
   needed on the nodes. Ray places the workers, tells each its node's address and a free port, ships
   each its shard, and collects the model.
-- **Shards**: whole query groups, dealt round-robin in group order (`shard_groups`): a group is never
+- **Shards**: whole query groups, dealt round-robin in group order (`shard_owner`): a group is never
   split across workers (lambdarank's gradients are per group). LightGBM builds the feature bins from
   every worker's rows together (`pre_partition`), so the trees see the same bins as one process would.
 - **Early stopping**: every worker holds the whole validation set, so each computes the same NDCG@10
@@ -54,12 +54,6 @@ def shard_owner(sizes: np.ndarray, workers: int) -> np.ndarray:
     order, so every shard has a spread of the data and no group is split."""
     sizes = np.asarray(sizes, dtype=np.int64)  # (polars counts are unsigned: mixed with 0 they would turn float)
     return np.repeat((np.arange(sizes.size) % workers).astype(np.int32), sizes)
-
-
-def shard_groups(sizes: np.ndarray, workers: int) -> list[np.ndarray]:
-    """Row indices of each worker's shard (`shard_owner`)."""
-    owner = shard_owner(sizes, workers)
-    return [np.flatnonzero(owner == w) for w in range(workers)]
 
 
 def deal(batches: Iterable[np.ndarray], owner: np.ndarray, workers: int, put: Callable[[np.ndarray], object]) -> list[list]:

@@ -12,22 +12,28 @@ from featurizer.definitions import NAMES
 from ranker.feature_matrix import BundleInputs
 from ranker.user_tower import UserTower
 from training.lambdarank.booster import train_lambdarank
-from training.lambdarank.distributed import deal, shard_groups, shard_owner
+from training.lambdarank.distributed import deal, shard_owner
 from training.lambdarank.example_store import ExampleStore, group_sizes
 from training.lambdarank.params import LightGBMParams
 from training.ranking_metrics import mean_metrics
 
 
+def shard_rows(sizes: np.ndarray, workers: int) -> list[np.ndarray]:
+    """The row indices of each worker's shard, as `shard_owner` deals them."""
+    owner = shard_owner(sizes, workers)
+    return [np.flatnonzero(owner == w) for w in range(workers)]
+
+
 def test_shards_are_whole_groups_dealt_round_robin():
     sizes = np.array([3, 1, 4, 2, 5])
-    shards = shard_groups(sizes, 2)
+    shards = shard_rows(sizes, 2)
     starts = np.r_[0, np.cumsum(sizes)[:-1]]
     rows = {g: set(range(starts[g], starts[g] + sizes[g])) for g in range(sizes.size)}
     assert set(shards[0]) == rows[0] | rows[2] | rows[4] and set(shards[1]) == rows[1] | rows[3]
     assert sorted(np.concatenate(shards).tolist()) == list(range(sizes.sum()))  # every row once
     for shard in shards:  # no group has rows in two shards
         assert all(rows[g] <= set(shard) or not rows[g] & set(shard) for g in rows)
-    assert [s.size for s in shard_groups(np.array([2]), 3)] == [2, 0, 0]
+    assert [s.size for s in shard_rows(np.array([2]), 3)] == [2, 0, 0]
 
 
 def test_deal_gives_each_worker_its_rows_in_order_one_batch_at_a_time():
@@ -43,7 +49,7 @@ def test_deal_gives_each_worker_its_rows_in_order_one_batch_at_a_time():
     batches = (X[a: a + 4] for a in range(0, X.shape[0], 4))  # batch edges cut groups: 17 rows in 5 batches
     shards = deal(batches, owner, 2, put)
     for w, shard in enumerate(shards):
-        assert np.array_equal(np.concatenate(shard), X[shard_groups(sizes, 2)[w]])
+        assert np.array_equal(np.concatenate(shard), X[shard_rows(sizes, 2)[w]])
     assert max(held) <= 4  # never more than a batch at once
     with pytest.raises(ValueError, match="held 4 rows, the groups 17"):
         deal([X[:4]], owner, 2, put)
