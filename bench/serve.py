@@ -593,6 +593,13 @@ def run(cfg: BenchConfig, out_dir: Path | None) -> dict:
     return report
 
 
+def per_rank_ms(m0: dict, m1: dict, seconds: str) -> float | None:
+    """Milliseconds per Rank the engine spent between two scrapes (`seconds`: its wall "engine_s" or its
+    thread CPU "engine_cpu_s"); None when no Rank reached the engine."""
+    n = m1["engine_n"] - m0["engine_n"]
+    return round(1e3 * (m1[seconds] - m0[seconds]) / n, 3) if n > 0 else None
+
+
 def rank_phases(gen, server, server_pids: list[int], triton: list[int], cfg: BenchConfig,
                 inproc: dict[int, dict] | None, timelines: list) -> list[dict]:
     """The Rank phases at every candidate count: the open loop at the offered rate, then saturation at
@@ -617,10 +624,8 @@ def rank_phases(gen, server, server_pids: list[int], triton: list[int], cfg: Ben
             m1 = server.scrape()
             counts1 = m1["ranks_per_worker"]
             answered = {w: int(counts1[w] - counts0.get(w, 0)) for w in sorted(counts1)}
-            row["server_engine_mean_ms"] = (round(1e3 * (m1["engine_s"] - m0["engine_s"]) / (m1["engine_n"] - m0["engine_n"]), 3)
-                                            if m1["engine_n"] > m0["engine_n"] else None)
-            row["server_engine_cpu_ms"] = (round(1e3 * (m1["engine_cpu_s"] - m0["engine_cpu_s"]) / (m1["engine_n"] - m0["engine_n"]), 3)
-                                           if m1["engine_n"] > m0["engine_n"] else None)
+            row["server_engine_mean_ms"] = per_rank_ms(m0, m1, "engine_s")
+            row["server_engine_cpu_ms"] = per_rank_ms(m0, m1, "engine_cpu_s")
             row["requests_per_worker"] = answered
             total = sum(answered.values())
             row["server_cpu_ms_per_request"] = round(1e3 * server_cpu_s / total, 3) if total else None
@@ -667,10 +672,8 @@ def mixed_phase(gen, server, server_pids: list[int], triton: list[int], cfg: Ben
         # probes that ran over 100 ms late (semrank_event_loop_lag_seconds)
         "gc_collections": gc_count, "gc_seconds": gc_s, "gc_over_100ms": gc_over,
         # the engine inside the server during this phase (semrank_rank_engine_seconds), beside the warm figure
-        "server_engine_mean_ms": (round(1e3 * (m1["engine_s"] - m0["engine_s"]) / (m1["engine_n"] - m0["engine_n"]), 3)
-                                  if m1["engine_n"] > m0["engine_n"] else None),
-        "server_engine_cpu_ms": (round(1e3 * (m1["engine_cpu_s"] - m0["engine_cpu_s"]) / (m1["engine_n"] - m0["engine_n"]), 3)
-                                 if m1["engine_n"] > m0["engine_n"] else None),
+        "server_engine_mean_ms": per_rank_ms(m0, m1, "engine_s"),
+        "server_engine_cpu_ms": per_rank_ms(m0, m1, "engine_cpu_s"),
         "loop_lag_over_100ms": int(m1["loop_lag_over_100ms"] - m0["loop_lag_over_100ms"]),
         "ranks_needing_encoder": round(calls.get("user_text", 0) / ranks, 4) if ranks else None,
         "triton_calls": int(m1["triton_calls"] - m0["triton_calls"]),
