@@ -38,14 +38,12 @@ from featurizer.offline.pipeline import catalog
 from featurizer.online.item_index import ItemIndex
 from featurizer.online.state import (
     NO_TS,
-    UI_BASE_NAMES,
     ItemState,
     UserItemState,
     item_base,
     item_base_from_parts,
     item_first_age,
     user_item_base_from_records,
-    user_item_block,
     user_item_key,
     user_item_keys,
     user_item_records,
@@ -57,8 +55,6 @@ from featurizer.store.base import Expect, OnlineStore, OnlineStoreError, Value
 META_KEY = "state"
 ITEM_COUNT_COLUMNS = np.array([NAMES.index(name) for name in ITEM_COUNT_NAMES])
 REST_COLUMNS = tuple((k, name) for k, name in enumerate(NAMES) if name not in ITEM_COUNT_NAMES)
-# The user x item base aggregates (UI_BASE_NAMES) of a pair with no state (no event): the same at any t.
-UNSEEN_USER_ITEM = user_item_block(user_item_records([None]), 0)[:, 0]
 
 
 def _codes(values: list[str | None], names: dict[str, int]) -> np.ndarray:
@@ -308,25 +304,12 @@ class OnlineFeatures:
 
     def _user_item_base(self, user_id: str, item_ids: list[str], rows: np.ndarray, t_us: int) -> dict:
         """`user_item_base_from_records` of the stored user x item state of each item (`rows`: their
-        rows of the index, from this read's `rows` call). When the store can say what changed, the
-        user's states come packed by row (`UserItemIndex.records`) and only the candidates among them
-        are computed; the rest take the never-seen values, as scalars when no candidate has a state
-        (derive broadcasts them, as it does the user's aggregates)."""
-        held = self._user_items.records(user_id, self._index)
-        if held is None:
+        rows of the index, from this read's `rows` call): from the user's packed states when the store
+        can say what changed (`UserItemIndex.base`), else read item by item."""
+        base = self._user_items.base(user_id, self._index, rows, t_us)
+        if base is None:
             return user_item_base_from_records(user_item_records(self.store.read("ui", user_item_keys(user_id, item_ids))), t_us)
-        user_rows, rec = held
-        if not user_rows.size:
-            return dict(zip(UI_BASE_NAMES, UNSEEN_USER_ITEM))
-        at = np.searchsorted(user_rows, rows)
-        at[at == user_rows.size] = 0
-        hits = np.flatnonzero(user_rows[at] == rows)
-        if not hits.size:
-            return dict(zip(UI_BASE_NAMES, UNSEEN_USER_ITEM))
-        block = np.empty((len(UI_BASE_NAMES), len(item_ids)))
-        block[:] = UNSEEN_USER_ITEM[:, None]
-        block[:, hits] = user_item_block(rec[at[hits]], t_us)
-        return dict(zip(UI_BASE_NAMES, block))
+        return base
 
     def _features(self, user_id: str, item_ids: list[str], t_us: int, interest_score: np.ndarray | None,
                   inline: Mapping[str, Sequence] | None = None) -> np.ndarray:

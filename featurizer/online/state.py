@@ -306,5 +306,9 @@ def user_item_block(rec: np.ndarray, t: int) -> np.ndarray:
     return out
 
 
+# The user x item base aggregates (UI_BASE_NAMES) of a pair with no state (no event): the same at any t.
+UNSEEN_USER_ITEM = user_item_block(user_item_records([None]), 0)[:, 0]
+
+
 def user_item_base_from_records(rec: np.ndarray, t: int) -> dict[str, np.ndarray]:
     return dict(zip(UI_BASE_NAMES, user_item_block(rec, t)))

@@ -50,7 +50,10 @@ from featurizer.online.state import (
     WINDOW_KEY_US,
     item_counts_from_parts,
     item_parts,
+    UI_BASE_NAMES,
+    UNSEEN_USER_ITEM,
     parse_user_item_key,
+    user_item_block,
     user_item_keys,
     user_item_records,
 )
@@ -305,11 +308,11 @@ class UserItemIndex:
         """Bring a user's packed states up to date with their keys' new values (None: deleted), so that
         a user who keeps acting (a write flood's readers rank right after they write) is not read whole
         again after each event. New arrays, never changed in place: a caller may hold the old ones."""
-        epoch, all_held, size, rows, rec = self._records[user]
-        index = self._index
-        if not self._current(self._records[user], index):  # stale already: rebuilt at its next read
+        entry, index = self._records[user], self._index
+        if not self._current(entry, index):  # stale already: rebuilt at its next read
             self._drop(user)
             return
+        epoch, all_held, size, rows, rec = entry
         n0 = len(rows)
         for item, value in changes:
             r = index.get(item)
@@ -359,3 +362,24 @@ class UserItemIndex:
         while self._held > self.max_records and len(self._records) > 1:
             self._drop(next(iter(self._records)))
         return rows, rec
+
+    def base(self, user_id: str, index: ItemIndex, rows: np.ndarray, t: int) -> dict[str, np.ndarray] | None:
+        """`user_item_base_from_records` of the user's states of the items at `rows` of `index` (from
+        this read's `rows` call), from the packed states (`records`): only the candidates the user has a
+        state for are computed, found by one `searchsorted`; the rest take the never-seen values, as
+        scalars when no candidate has a state (derive broadcasts them, as it does the user's
+        aggregates). None when the store cannot tell."""
+        held = self.records(user_id, index)
+        if held is None:
+            return None
+        user_rows, rec = held
+        if user_rows.size:
+            at = np.searchsorted(user_rows, rows)
+            at[at == user_rows.size] = 0
+            hits = np.flatnonzero(user_rows[at] == rows)
+        if not user_rows.size or not hits.size:
+            return dict(zip(UI_BASE_NAMES, UNSEEN_USER_ITEM))
+        block = np.empty((len(UI_BASE_NAMES), len(rows)))
+        block[:] = UNSEEN_USER_ITEM[:, None]
+        block[:, hits] = user_item_block(rec[at[hits]], t)
+        return dict(zip(UI_BASE_NAMES, block))

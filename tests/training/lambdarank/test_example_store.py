@@ -129,9 +129,8 @@ def test_a_killed_runs_example_files_are_removed_by_the_next_store(tmp_path):
     unowned = tmp_path / f"{PREFIX}unowned"
     unowned.mkdir()
     inputs = BundleInputs(list(NAMES), {}, UserTower.pooled(), source="test")
-    with ExampleStore(inputs, tmp_path) as store:
+    with ExampleStore(inputs, tmp_path):
         assert not abandoned.exists() and running.exists() and unowned.exists()
         mine = [d for d in tmp_path.glob(PREFIX + "*") if d not in (running, unowned)]
         assert len(mine) == 1 and (mine[0] / OWNER_FILE).read_text().strip() == str(os.getpid())
-        assert store.inputs is inputs
     assert not mine[0].exists()
