@@ -104,10 +104,14 @@ class FeatureParams:
 
     history_items: int = 10  # N: the user's last N distinct engaged items, for co-occurrence
     cooc_window_s: int = 24 * 3600  # two engagements of one user co-occur if at most this far apart
+    # The user's last M distinct items by first engagement, for a bundle's sequence model (whose
+    # history may be at most this long). Not in `fingerprint`: a store built before semrank kept
+    # sequences still opens, with partial ones (featurizer.online.features: `sequence_complete`).
+    sequence_items: int = 50
 
     def __post_init__(self) -> None:
-        if self.history_items < 1 or self.cooc_window_s < 0:
-            raise ValueError(f"history_items must be >= 1 and cooc_window_s >= 0, got {self}")
+        if self.history_items < 1 or self.cooc_window_s < 0 or self.sequence_items < 0:
+            raise ValueError(f"history_items must be >= 1, cooc_window_s and sequence_items >= 0, got {self}")
 
     @property
     def cooc_window_us(self) -> int:
@@ -115,7 +119,8 @@ class FeatureParams:
 
     def fingerprint(self) -> str:
         """Changes whenever a stored online state would mean something else."""
-        spec = {"layout": 2, "params": asdict(self), "windows": [asdict(w) for w in WINDOWS.values()],
+        params = {k: v for k, v in asdict(self).items() if k != "sequence_items"}
+        spec = {"layout": 2, "params": params, "windows": [asdict(w) for w in WINDOWS.values()],
                 "item_windows": ITEM_WINDOWS, "user_windows": USER_WINDOWS}
         return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 

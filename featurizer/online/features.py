@@ -49,6 +49,7 @@ from featurizer.online.state import (
     user_item_records,
 )
 from featurizer.online.state_cache import DecodedCache, ItemPartsCache, UserItemIndex
+from featurizer.online.user_sequence import UserSequence
 from featurizer.online.user_state import CoocState, UserState, cooc_counts
 from featurizer.store.base import Expect, OnlineStore, OnlineStoreError, Value
 
@@ -112,6 +113,13 @@ class OnlineFeatures:
                 "the online store holds state built with other feature definitions "
                 f"({meta.get('fingerprint')} != {params.fingerprint()}); use a new namespace/path or rebuild it"
             )
+        held = None if meta is None else meta.get("sequence_items")
+        if held is not None and held != params.sequence_items:
+            raise StateMismatchError(f"the online store keeps {held} items of each user's sequence, not "
+                                     f"{params.sequence_items}; use a new namespace/path or rebuild it")
+        # A store written before semrank kept sequences (no "sequence_items") holds partial ones: a
+        # bundle with a sequence model is refused on it (serving.ranking.engine.serving_inputs).
+        self.sequence_complete = meta is None or held is not None
         self._watermark = NO_TS if meta is None else int(meta["watermark"])
         self._watermark_dt: tuple[int, datetime | None] = (NO_TS, None)
         self._users = DecodedCache(store, "user", UserState.from_dict)
@@ -237,9 +245,12 @@ class OnlineFeatures:
         n_hist, window = self.params.history_items, self.params.cooc_window_us
         cat, brand, lp = self._category, self._brand, self._log_price
         pairs: list[tuple[str, str, int]] = []
+        seq_events: list[tuple[str, int, str, bool]] = []  # the first and the late engagements
         for t, u, i, code in zip(ts, users, items, codes):
             ui = ui_st[user_item_key(u, i)]
             first_touch = code > 0 and ui.eng[0] == NO_TS
+            if code > 0 and (first_touch or t < user_st[u].eng[0]):
+                seq_events.append((u, t, i, first_touch))
             ui.add(t, code)
             item_st[i].add(t, code, first_touch)
             new = user_st[u].add(t, code, i, cat.get(i), brand.get(i), lp.get(i), first_touch, n_hist, window)
@@ -252,8 +263,11 @@ class OnlineFeatures:
             cooc_st[a].add(b, at)
             cooc_st[b].add(a, at)
 
+        seqs = self._sequences_after(seq_events)
         watermark = max(self._watermark, max(ts))
+        seq_meta = {"sequence_items": self.params.sequence_items} if self.sequence_complete else {}
         self.store.write_batch({
+            "seq": seqs,
             "item": {k: s.to_bytes() for k, s in item_st.items()},
             "ui": {k: s.to_bytes() for k, s in ui_st.items()},
             # Encoded now (a couple of KB, but dozens of small lists: copies held until the snapshot made
@@ -261,11 +275,28 @@ class OnlineFeatures:
             # dicts of ints, one tracked object each), encoded once per snapshot.
             "user": {k: s.to_dict() for k, s in user_st.items()},
             "cooc": {k: s.to_owned() for k, s in cooc_st.items()},
-            "meta": {**(meta or {}), META_KEY: {"watermark": watermark, "fingerprint": self._fingerprint}},
+            "meta": {**(meta or {}), META_KEY: {"watermark": watermark, "fingerprint": self._fingerprint, **seq_meta}},
         }, expect=expect)
         self._watermark = watermark
 
+    def _sequences_after(self, seq_events: list[tuple[str, int, str, bool]]) -> dict[str, bytes]:
+        """The changed "seq" rows of the users of `seq_events` (`featurizer.online.user_sequence`)."""
+        keep = self.params.sequence_items
+        if not seq_events or not keep:
+            return {}
+        users = list(dict.fromkeys(e[0] for e in seq_events))
+        held = {u: UserSequence() if v is None else UserSequence.from_bytes(v)
+                for u, v in zip(users, self.store.read("seq", users))}
+        changed = {u for u, t, i, first in seq_events if held[u].add(t, i, first, keep)}
+        return {u: held[u].to_bytes() for u in changed}
+
     # ------------------------------------------------------------ reads
+
+    def sequence(self, user_id: str, t: datetime) -> list[str]:
+        """The user's distinct engaged items by first engagement before t, oldest first: the last
+        `params.sequence_items` of the sequence `training.data.loo` gives a sequence model."""
+        blob = self.store.read("seq", [user_id])[0]
+        return [] if blob is None else UserSequence.from_bytes(blob).before(to_us(t), self.params.sequence_items)
 
     def history(self, user_id: str, t: datetime, n: int) -> list[str]:
         """The user's last n (<= params.history_items) distinct engaged items before t, most recent
