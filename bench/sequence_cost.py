@@ -23,7 +23,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from machine import machine  # noqa: E402  (bench/ is sys.path[0])
 
-from ranker.sequence import SASRec, SASRecConfig, SequenceState, last_scores, load  # noqa: E402
+from ranker.sequence import SASRecConfig, SequenceState  # noqa: E402
+from ranker.sequence_torch import SASRec, last_scores, load  # noqa: E402
 
 
 def timed(f, reps: int) -> dict[str, float]:

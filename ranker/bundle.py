@@ -5,6 +5,8 @@
                       training data range, hyper-parameters, metrics
       ranker.txt      the LightGBM model in its text format
       user_tower.safetensors   the pooled user tower's weights (ranker.user_tower)
+      sequence/       the sequence model, when the trees read `sequence_score` (ranker.sequence:
+                      model.safetensors + sasrec.json; the manifest's "sequence_model" names it)
 
 Only JSON, LightGBM text and safetensors are read: no pickle anywhere. `load_bundle`
 checks that the model and the manifest agree before anything is served.
@@ -25,6 +27,7 @@ import numpy as np
 from ranker.compiled_trees import CompiledTrees
 from ranker.compiled_trees import compile_trees as compile_model
 from ranker.errors import BundleError
+from ranker.sequence import SequenceState
 from ranker.user_tower import UserTower
 
 __all__ = ["Bundle", "BundleError", "EncoderRef", "UserTower", "load_bundle", "save_bundle"]
@@ -63,6 +66,7 @@ class Bundle:
     booster: Any  # lightgbm.Booster
     tower: UserTower  # the user side of the interest score (ranker.user_tower)
     compiled: CompiledTrees | None = None  # the trees as native code (ranker.compiled_trees); None: LightGBM
+    sequence: SequenceState | None = None  # the model of `sequence_score` (ranker.sequence), when the trees read it
 
     def score(self, features: np.ndarray) -> np.ndarray:
         """Scores for a (n, len(feature_names)) float matrix; NaN means missing. The compiled trees
@@ -185,8 +189,29 @@ def load_bundle(path: str | Path, compile_trees: bool = True, isolate_parse: boo
     except TypeError as e:
         raise BundleError(f"{mf}: bad 'encoder' entry ({e})") from e
     tower = UserTower.from_manifest(manifest, path)
+    sequence = _sequence_model(path, manifest, names)
     compiled = compile_model(model_path, model_text) if compile_trees else None
     log.info("loaded bundle %s from %s (%s; trees %s)", manifest["bundle_version"], path, tower.describe(),
              "compiled" if compiled is not None else "scored by LightGBM")
     return Bundle(path=path, version=manifest["bundle_version"], manifest=manifest, feature_names=names, encoder=encoder,
-                  booster=booster, tower=tower, compiled=compiled)
+                  booster=booster, tower=tower, compiled=compiled, sequence=sequence)
+
+
+def _sequence_model(path: Path, manifest: dict, names: list[str]) -> SequenceState | None:
+    """The sequence model whose score the trees read as `sequence_score` (None when they do not),
+    from the bundle's own directory only."""
+    if "sequence_score" not in names:
+        return None
+    d = manifest.get("sequence_model")
+    if not isinstance(d, str) or not d:
+        raise BundleError(f"{path / MANIFEST}: the model reads 'sequence_score' but 'sequence_model' names no directory")
+    model_dir = (path / d).resolve()
+    if not model_dir.is_relative_to(path.resolve()):
+        raise BundleError(f"{path / MANIFEST}: 'sequence_model' {d!r} is outside the bundle")
+    try:
+        state, _ = SequenceState.load(model_dir)
+    except Exception as e:  # noqa: BLE001 - anything unreadable (safetensors' own errors included)
+        raise BundleError(f"{model_dir}: cannot load the sequence model ({type(e).__name__}: {e})") from e
+    if not state.item_ids:
+        raise BundleError(f"{model_dir}: the sequence model names no catalog (sasrec.json 'item_ids')")
+    return state

@@ -1,11 +1,14 @@
 """The sequence model of a bundle: a SASRec-style causal transformer over a user's item sequence
-(issue 31), its inputs and its score, in one definition that training, evaluation and (later)
-serving share. `training.sequence.sasrec` trains it.
+(issue 31), its inputs and its score, in one definition that training, evaluation and serving
+share. `training.sequence.sasrec` trains it. The torch model is in `ranker.sequence_torch` (training
+and evaluation); this module needs numpy only, as a server does.
 
-    model, meta = load(model_dir)                       # model.safetensors + sasrec.json (item ids in table order)
-    scores = last_scores(model, histories)              # (len(histories), n_items): next-item scores after each
+    state, meta = SequenceState.load(model_dir)         # model.safetensors + sasrec.json (item ids in table order)
+    user = state.user_vector(rows)                      # after a history of catalog indices, oldest first
+    scores = state.scores(user, rows)                   # of candidates (catalog indices)
+    model, meta = sequence_torch.load(model_dir)        # the torch model: last_scores, last_states, item_vectors
 
-- **Inputs** (`left_padded`): a user's last `max_len` items, oldest first, as table rows (catalog
+- **Inputs** (`sequence_torch.left_padded`): a user's last `max_len` items, oldest first, as table rows (catalog
   item k is row k + 1; row 0 is padding), left-padded. An item's input vector is its id embedding
   plus, with text, a learned projection of its text vector: an item nobody interacted with still
   has a vector through its text. The same table scores the next item (tied input and output
@@ -13,7 +16,7 @@ serving share. `training.sequence.sasrec` trains it.
 - **Model**: learned positions, `layers` pre-LayerNorm causal transformer blocks (GELU). Attention
   never reads a padding slot (a per-sequence mask), so a history's scores do not depend on the batch
   it is scored in.
-- **Score** (`last_scores`): the last position's state against every item's vector; a ranker reads
+- **Score** (`sequence_torch.last_scores`, `SequenceState.scores`): the last position's state against every item's vector; a ranker reads
   it per candidate as `sequence_score` (`ranker.feature_matrix.GIVEN`).
 - **Files**: `model.safetensors` (the weights, text vectors included) and `sasrec.json` (the
   configuration, the catalog's item ids in the table's order, how it was trained). Safe formats only.
@@ -28,11 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "sasrec.json"
+BUNDLE_DIR = "sequence"  # a bundle's copy of its sequence model (`semrank train ranker --sequence`)
 FORMAT = 1
 
 
@@ -71,107 +73,12 @@ class SASRecConfig:
                              f"{self.max_minutes}")
 
 
-class SASRec(nn.Module):
-    """Item k of the catalog is row k + 1 of the tables; row 0 is padding."""
-
-    def __init__(self, n_items: int, cfg: SASRecConfig, text_vectors: np.ndarray | None = None):
-        super().__init__()
-        if cfg.text != (text_vectors is not None):
-            raise ValueError("SASRecConfig.text needs text_vectors, and text_vectors need text=True")
-        self.cfg, self.n_items = cfg, n_items
-        self.item = nn.Embedding(n_items + 1, cfg.dim, padding_idx=0)
-        self.pos = nn.Embedding(cfg.max_len, cfg.dim)
-        if text_vectors is not None:
-            if text_vectors.shape[0] != n_items:
-                raise ValueError(f"text_vectors has {text_vectors.shape[0]} rows for {n_items} items")
-            pad = np.zeros((1, text_vectors.shape[1]), dtype=np.float32)
-            self.register_buffer("text", torch.from_numpy(np.concatenate([pad, text_vectors.astype(np.float32)])))
-            self.text_proj = nn.Linear(text_vectors.shape[1], cfg.dim, bias=False)
-        layer = nn.TransformerEncoderLayer(cfg.dim, cfg.heads, 4 * cfg.dim, cfg.dropout, activation="gelu",
-                                           batch_first=True, norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(cfg.dim)
-        self.drop = nn.Dropout(cfg.dropout)
-        nn.init.normal_(self.item.weight, std=cfg.dim ** -0.5)
-        with torch.no_grad():
-            self.item.weight[0].zero_()
-
-    def table(self) -> torch.Tensor:
-        """(n_items + 1, dim): every item's vector, padding first."""
-        w = self.item.weight
-        if self.cfg.text:
-            w = w + self.text_proj(self.text) * (torch.arange(w.shape[0], device=w.device) > 0)[:, None]
-        return w
-
-    def forward(self, seqs: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, L) table rows, left-padded with 0 -> (B, L, dim) states; position t has read items <= t."""
-        table = self.table() if table is None else table
-        b, length = seqs.shape
-        pad = seqs == 0
-        x = table[seqs] * math.sqrt(self.cfg.dim) + self.pos.weight[self.cfg.max_len - length:][None]
-        x = self.drop(x).masked_fill(pad[..., None], 0.0)
-        # A query reads earlier items and itself, never a padding slot other than itself (a padding
-        # query then reads only itself: no row of the softmax is empty).
-        causal = torch.ones(length, length, dtype=torch.bool, device=seqs.device).triu(1)
-        eye = torch.eye(length, dtype=torch.bool, device=seqs.device)
-        blocked = causal[None] | (pad[:, None, :] & ~eye[None])
-        mask = blocked.repeat_interleave(self.cfg.heads, dim=0)
-        return self.norm(self.blocks(x, mask=mask))
-
-
-def left_padded(histories: Sequence[np.ndarray], max_len: int) -> torch.Tensor:
-    """The last `max_len` items of each history as table rows (item + 1), left-padded with 0, to the
-    longest of them."""
-    tails = [np.asarray(h[-max_len:], dtype=np.int64) + 1 for h in histories]
-    width = max(1, max((t.size for t in tails), default=1))
-    out = np.zeros((len(tails), width), dtype=np.int64)
-    for k, t in enumerate(tails):
-        if t.size:
-            out[k, width - t.size:] = t
-    return torch.from_numpy(out)
-
-
-@torch.no_grad()
-def last_scores(model: SASRec, histories: Sequence[np.ndarray]) -> np.ndarray:
-    """(len(histories), n_items) next-item scores after each history (eval mode)."""
-    model.eval()
-    table = model.table()
-    return (_last(model, histories, table) @ table[1:].T).numpy()
-
-
-@torch.no_grad()
-def last_states(model: SASRec, histories: Sequence[np.ndarray]) -> np.ndarray:
-    """(len(histories), dim) the state after each history (eval mode): `last_scores` is it against
-    `item_vectors`. For scoring a few items per history, or the same history twice."""
-    model.eval()
-    return _last(model, histories, model.table()).numpy()
-
-
-@torch.no_grad()
-def item_vectors(model: SASRec) -> np.ndarray:
-    """(n_items, dim): the vector each catalog item is scored by."""
-    return model.table()[1:].numpy()
-
-
-def _last(model: SASRec, histories: Sequence[np.ndarray], table: torch.Tensor) -> torch.Tensor:
-    return model(left_padded(histories, model.cfg.max_len), table)[:, -1]
-
-
-def load(model_dir: str | Path) -> tuple[SASRec, dict]:
-    """The model (eval mode) and its sasrec.json (with `item_ids`)."""
-    from safetensors.torch import load_file
-
-    d = Path(model_dir)
-    meta = json.loads((d / CONFIG_FILE).read_text())
+def read_meta(model_dir: Path) -> dict:
+    """A model directory's sasrec.json (configuration, `item_ids`, how it was trained)."""
+    meta = json.loads((model_dir / CONFIG_FILE).read_text())
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{d / CONFIG_FILE}: format {meta.get('format')}, this semrank reads {FORMAT}")
-    cfg = SASRecConfig(**meta["config"])
-    weights = load_file(str(d / MODEL_FILE))
-    text = weights["text"][1:].numpy() if cfg.text else None
-    model = SASRec(meta["n_items"], cfg, text)
-    model.load_state_dict(weights)
-    model.eval()
-    return model, meta
+        raise ValueError(f"{model_dir / CONFIG_FILE}: format {meta.get('format')}, this semrank reads {FORMAT}")
+    return meta
 
 
 class SequenceState:
@@ -179,10 +86,13 @@ class SequenceState:
     user (`user_vector`, cached per user and history) and per candidate (`scores`). Equal to
     `last_scores` within float32 rounding (tests/ranker/test_sequence.py).
 
-    `weights`: the model's tensors by name (`model.safetensors` read with `safetensors.numpy`)."""
+    `weights`: the model's tensors by name (`model.safetensors` read with `safetensors.numpy`);
+    `item_ids`: the catalog of its table, in order (`sasrec.json`'s), which `index` maps back."""
 
-    def __init__(self, cfg: SASRecConfig, weights: dict[str, np.ndarray]):
+    def __init__(self, cfg: SASRecConfig, weights: dict[str, np.ndarray], item_ids: Sequence[str] = ()):
         self.cfg = cfg
+        self.item_ids = list(item_ids)
+        self.index = {i: k for k, i in enumerate(self.item_ids)}  # item id -> catalog index (table row - 1)
         w = {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}
         table = w["item.weight"].copy()
         if cfg.text:
@@ -197,6 +107,8 @@ class SequenceState:
                 "self_attn.out_proj.bias", "linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias",
                 "norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias")})
         self.norm = (w["norm.weight"], w["norm.bias"])
+        if self.item_ids and len(self.item_ids) != len(table) - 1:
+            raise ValueError(f"{len(self.item_ids)} item ids for a table of {len(table) - 1} items")
 
     @classmethod
     def load(cls, model_dir: str | Path) -> tuple[SequenceState, dict]:
@@ -204,10 +116,8 @@ class SequenceState:
         from safetensors.numpy import load_file
 
         d = Path(model_dir)
-        meta = json.loads((d / CONFIG_FILE).read_text())
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{d / CONFIG_FILE}: format {meta.get('format')}, this semrank reads {FORMAT}")
-        return cls(SASRecConfig(**meta["config"]), load_file(str(d / MODEL_FILE))), meta
+        meta = read_meta(d)
+        return cls(SASRecConfig(**meta["config"]), load_file(str(d / MODEL_FILE)), meta["item_ids"]), meta
 
     def user_vector(self, history: np.ndarray) -> np.ndarray | None:
         """(dim,) state after `history` (catalog item indices, oldest first; the last `max_len` are

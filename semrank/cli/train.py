@@ -7,6 +7,7 @@ import logging
 import os
 from pathlib import Path
 
+from ranker.sequence import BUNDLE_DIR as SEQUENCE_BUNDLE_DIR
 from semrank.cli.evaluate import FIRST_STAGES
 
 log = logging.getLogger(__name__)
@@ -114,10 +115,10 @@ def _train_leave_one_out(args, ds, encoder_dir: str, tower) -> tuple[int, dict]:
                           negatives=args.negatives, popularity_share=args.popularity_share,
                           hard_negatives=args.hard_negatives, hard_k=args.hard_k, hard_from=args.hard_from,
                           seed=args.seed,
-                          encoder_dir=encoder_dir, sequence_dir=SEQUENCE_DIR if args.sequence is not None else None,
+                          encoder_dir=encoder_dir, sequence_dir=SEQUENCE_BUNDLE_DIR if args.sequence is not None else None,
                           held_out_targets=held_out, **_engine(args))  # (refuses a model without a hold-out)
     if args.sequence is not None:
-        _copy_sequence_model(args.sequence, args.out / SEQUENCE_DIR)
+        _copy_sequence_model(args.sequence, args.out / SEQUENCE_BUNDLE_DIR)
     ds, split = loo_data(ds)
     log.info("no impression lists: %s training (%s variant) on %d users with a leave-one-out split",
              TRAINING_MODE, cfg.variant, len(split.users))
@@ -132,9 +133,6 @@ def _train_leave_one_out(args, ds, encoder_dir: str, tower) -> tuple[int, dict]:
           f"{extra['train_seconds']:.0f} s\nvalidation groups (the early-stopping set, so optimistic):\n")
     print(format_table(extra["metrics"]["valid"]))
     return 0, {"valid": extra["metrics"]["valid"]}
-
-
-SEQUENCE_DIR = "sequence"  # the bundle's copy of its sequence model (`semrank train ranker --sequence`)
 
 
 def _sequence_hold_out(src: Path) -> int:

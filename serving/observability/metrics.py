@@ -48,7 +48,7 @@ from serving.ranking.engine import ENCODE_CAUSES
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 CANDIDATE_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
-CACHES = ("item_embedding", "user_embedding")
+CACHES = ("item_embedding", "user_embedding", "sequence_user")
 # Status codes counted in rejected_total (reason = lower-case code name) by MetricsInterceptor.
 REJECT_CODES = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: "resource_exhausted",
@@ -122,7 +122,7 @@ class Metrics:
             "triton_breaker_state", "Triton circuit breaker: 0 closed, 1 half_open, 2 open", namespace=ns, registry=r
         )
         self.cache_requests_total = Counter(
-            "cache_requests", "Embedding cache lookups", ("cache", "result"), namespace=ns, registry=r
+            "cache_requests", "Cache lookups of the ranking engine: embeddings, and the sequence model's user states", ("cache", "result"), namespace=ns, registry=r
         )
         self.rank_engine_seconds = Histogram(
             "rank_engine_seconds", "Time a Rank spends in the ranking engine (features, user vector, encoder calls "

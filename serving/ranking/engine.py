@@ -23,7 +23,6 @@ says `degraded` and why.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -40,6 +39,8 @@ from ranker.feature_matrix import BundleInputs
 from ranker.interest import interest_scores
 from serving.encoding.pool import EncoderService
 from serving.ranking.item_store import ItemStore
+from serving.ranking.lru import LruCache
+from serving.ranking.sequence_scores import SequenceScorer
 from serving.ranking.store_worker import StoreWorker
 from serving.triton.client import EncoderUnavailable
 
@@ -103,14 +104,23 @@ class RankOutcome:
         return bool(self.degraded_reasons)
 
 
-def serving_inputs(bundle: Bundle) -> BundleInputs:
+def serving_inputs(bundle: Bundle, online: OnlineFeatures | None = None) -> BundleInputs:
     """The bundle's inputs, or BundleError when this server cannot compute one of them: a feature of
-    a newer semrank, or a score given by a model the server does not run yet (`sequence_score`:
-    the sequence model is evaluated offline, `semrank eval`; it is not served yet)."""
+    a newer semrank, or `sequence_score` over an online state (`online`) whose user sequences are
+    partial (written before semrank kept them) or shorter than the sequence model reads."""
     inputs = BundleInputs.of(bundle)
-    if inputs.given:
-        raise BundleError(f"bundle {bundle.version} takes {', '.join(inputs.given)} from its sequence model, which "
-                          "this server does not run yet: serve a bundle trained without `--sequence`")
+    other = [n for n in inputs.given if n != "sequence_score"]
+    if other:
+        raise BundleError(f"bundle {bundle.version} takes {', '.join(other)}, which this server cannot compute")
+    if inputs.given and online is not None:
+        if not online.sequence_complete:
+            raise BundleError(f"bundle {bundle.version} has a sequence model, and the online state was written before "
+                              "semrank kept each user's item sequence (its sequences are partial): rebuild it in a new "
+                              "state directory or Redis namespace, from the data and the event log")
+        if bundle.sequence.cfg.max_len > online.params.sequence_items:
+            raise BundleError(f"bundle {bundle.version}: its sequence model reads the last {bundle.sequence.cfg.max_len} "
+                              f"items of a user's sequence; the online state keeps {online.params.sequence_items} "
+                              "(FeatureParams.sequence_items)")
     return inputs
 
 
@@ -124,6 +134,7 @@ class BundleRuntime:
         self.encoder = encoder
         self.inputs = serving_inputs(bundle)  # BundleError when this server cannot compute its features
         self.inflight = 0  # requests currently using this runtime (see BundleRegistry)
+        self.sequence: SequenceScorer | None = None  # its sequence model's scorer, made by the engine on first use
 
     @property
     def version(self) -> str:
@@ -132,27 +143,6 @@ class BundleRuntime:
     @property
     def uses_text(self) -> bool:
         return self.inputs.uses_text
-
-
-class LruCache:
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self._d: OrderedDict = OrderedDict()
-
-    def get(self, key):
-        v = self._d.get(key)
-        if v is not None:
-            self._d.move_to_end(key)
-        return v
-
-    def put(self, key, value) -> None:
-        self._d[key] = value
-        self._d.move_to_end(key)
-        if len(self._d) > self.capacity:
-            self._d.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._d)
 
 
 # Why an answer is degraded: each reason starts with one of these codes and a colon (then free
@@ -363,6 +353,21 @@ class RankingEngine:
         self._hit("item_embedding", not todo_texts)  # per request: every embedding came from a cache
         return emb, has, missing
 
+    async def sequence_scores(self, rt: BundleRuntime, user_id: str, rows: np.ndarray, t: datetime,
+                              timeout_s: float | None, reasons: list[str]) -> np.ndarray:
+        """`sequence_score` of each candidate (item-store rows): the bundle's sequence model after the
+        user's sequence at t (`serving.ranking.sequence_scores`); NaN where it has none."""
+        if rt.sequence is None:
+            rt.sequence = SequenceScorer(rt.bundle.sequence, self.items, self.user_cache_size)
+        try:
+            history = await self.store_worker.read(self.online.sequence, user_id, t, timeout_s=timeout_s)
+        except OnlineStoreError as e:
+            reasons.append(f"{STORE_UNAVAILABLE}: ranked without the sequence score ({_short(e)})")
+            return np.full(len(rows), np.nan)
+        user, hit = rt.sequence.user_vector(user_id, history)
+        self._hit("sequence_user", hit)
+        return rt.sequence.scores(user, rows)
+
     async def _features(self, user_id: str, ids: list[str], t: datetime, interest, timeout_s: float | None,
                         inline: dict | None = None):
         """The online features at `t`, or later: events applied while this Rank awaited the encoder
@@ -401,17 +406,23 @@ class RankingEngine:
                 # Pairs by einsum, never BLAS gemv: gemv woke OpenBLAS's second thread on every request,
                 # which then spun (about half a core on 2 cores at 200 requests/s).
                 interest = interest_scores(user[None, :], emb, (0, None))
+        store_failed = False
         try:
             online = await self._features(user_id, ids, t, interest, timeout_s, inline_data(candidates, rows))
         except OnlineStoreError as e:  # answer from what is known: the text feature, behavioural ones missing
+            store_failed = True
             reasons.append(f"{STORE_UNAVAILABLE}: ranked without behavioural features ({_short(e)})")
             online = np.full((len(ids), len(NAMES)), np.nan)
             if interest is not None:
                 online[:, NAMES.index("interest_score")] = interest
+        given = None
+        if rt.inputs.given:  # sequence_score: missing when the store failed above (said once)
+            given = {"sequence_score": np.full(len(ids), np.nan) if store_failed
+                     else await self.sequence_scores(rt, user_id, rows, t, timeout_s, reasons)}
         if self.store_rebuilding:
             reasons.append(f"{STORE_REBUILDING}: the online store lost its data and is being refilled from the "
                            "event log; behavioural features may be incomplete")
-        X = rt.inputs.matrix(online)
+        X = rt.inputs.matrix(online, given)
         scores = rt.bundle.score(X)
         order = np.argsort(-scores, kind="stable")
         out = RankOutcome(

@@ -28,6 +28,9 @@ import numpy as np
 from featurizer.errors import SemrankError
 from ranker.bundle import MANIFEST, BundleError, load_bundle
 from ranker.user_tower import WEIGHTS_FILE
+from ranker.sequence import BUNDLE_DIR as SEQUENCE_DIR
+from ranker.sequence import CONFIG_FILE as SEQUENCE_CONFIG
+from ranker.sequence import MODEL_FILE as SEQUENCE_MODEL
 from serving.encoding.pool import EncoderHandle, EncoderPool
 from serving.ranking.engine import BundleRuntime, RankingEngine, serving_inputs
 
@@ -82,7 +85,7 @@ def bundle_fingerprint(path: Path) -> tuple:
     """What the watcher compares: the resolved directory and its files' mtimes and sizes."""
     real = path.resolve()
     parts: list = [str(real)]
-    for name in (MANIFEST, "ranker.txt", WEIGHTS_FILE):
+    for name in (MANIFEST, "ranker.txt", WEIGHTS_FILE, f"{SEQUENCE_DIR}/{SEQUENCE_MODEL}", f"{SEQUENCE_DIR}/{SEQUENCE_CONFIG}"):
         try:
             st = os.stat(real / name)
             parts.append((name, st.st_mtime_ns, st.st_size))
@@ -120,7 +123,7 @@ class BundleRegistry:
             # File reads and parsing off the event loop; the model parsed in a child first (a malformed
             # file aborts LightGBM's process, and this one serves).
             bundle = await asyncio.to_thread(load_bundle, path, True, True)
-            serving_inputs(bundle)  # can this server compute its features? (before starting an encoder)
+            serving_inputs(bundle, self.engine.online)  # can this server compute its inputs? (before starting an encoder)
         except BundleError as e:
             raise BundleRejected(str(e)) from e
         except Exception as e:  # noqa: BLE001 - anything unreadable is a rejected bundle
@@ -149,9 +152,12 @@ class BundleRegistry:
         """Score a few catalog items for an unknown user: the model must give finite scores."""
         items = self.engine.items.item_ids[:PROBE_ITEMS] or ["__probe_item__"]
         engine = self.engine
-        online = await engine.store_worker.read(engine.online.features, "__semrank_probe__", items, engine.now())
+        user, t = "__semrank_probe__", engine.now()
+        online = await engine.store_worker.read(engine.online.features, user, items, t)
         try:
-            scores = rt.bundle.score(rt.inputs.matrix(online))
+            given = {"sequence_score": await engine.sequence_scores(rt, user, engine.items.rows(items), t, None, [])} \
+                if rt.inputs.given else None
+            scores = rt.bundle.score(rt.inputs.matrix(online, given))
         except Exception as e:  # noqa: BLE001
             raise BundleRejected(f"{rt.bundle.path}: scoring a probe batch failed ({type(e).__name__}: {e})") from e
         if not np.isfinite(scores).all():

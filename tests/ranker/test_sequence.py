@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from ranker.sequence import SASRec, SASRecConfig, SequenceState, last_scores
+from ranker.sequence import SASRecConfig, SequenceState
+from ranker.sequence_torch import SASRec, last_scores
 
 
 @pytest.mark.parametrize("text", [False, True])

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from ranker.sequence import CONFIG_FILE, SASRec, SASRecConfig, last_scores
+from ranker.sequence import CONFIG_FILE, SASRecConfig
+from ranker.sequence_torch import SASRec, last_scores
 from training.data.loo import LooSplit
 from training.evaluation.models import PopularityScorer
 from training.evaluation.protocol import EvalConfig, evaluate

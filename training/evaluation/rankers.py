@@ -40,8 +40,8 @@ from featurizer.offline.pipeline import offline_features
 from ranker.bundle import Bundle, load_bundle
 from ranker.feature_matrix import BundleInputs
 from ranker.interest import interest_scores
-from ranker.sequence import item_vectors, last_states
-from ranker.sequence import load as load_sequence
+from ranker.sequence_torch import item_vectors, last_states
+from ranker.sequence_torch import load as load_sequence
 from ranker.user_tower import UserTower
 from training.data.loo import LooSplit
 from training.evaluation.models import parse_named_path

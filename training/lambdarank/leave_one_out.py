@@ -119,10 +119,10 @@ def tower_user_vectors(tower: UserTower, encoder: Encoder | None, histories: lis
 
 
 def sequence_states(model, split: LooSplit, keys: pl.DataFrame, chunk: int = POOL_CHUNK) -> np.ndarray:
-    """(groups, dim): the sequence model's state (`ranker.sequence.last_states`) after each group's
+    """(groups, dim): the sequence model's state (`ranker.sequence_torch.last_states`) after each group's
     history seq[:pos] (strictly before the target, as every other feature). Computed once per group
     for both of its uses: the hard negatives' first stage and `sequence_score`."""
-    from ranker.sequence import last_states
+    from ranker.sequence_torch import last_states
 
     us, pos = keys["u"].to_numpy(), keys["pos"].to_numpy()
     return np.concatenate([last_states(model, [split.sequences[us[k]][: pos[k]] for k in range(a, min(a + chunk, keys.height))])
@@ -132,7 +132,7 @@ def sequence_states(model, split: LooSplit, keys: pl.DataFrame, chunk: int = POO
 def sequence_scores(states: np.ndarray, vectors: np.ndarray, split: LooSplit, groups: pl.DataFrame,
                     first_group: int = 0) -> np.ndarray:
     """Per row of `groups` (`build_groups`): its group's state (`sequence_states`, row 0 for group
-    `first_group`) against the row's item vector (`ranker.sequence.item_vectors`), the model's score of
+    `first_group`) against the row's item vector (`ranker.sequence_torch.item_vectors`), the model's score of
     that item."""
     items = np.fromiter((split.item_index[i] for i in groups["item_id"].to_list()), dtype=np.int64, count=groups.height)
     return np.einsum("rd,rd->r", states[groups["group"].to_numpy() - first_group], vectors[items]).astype(np.float64)
@@ -157,7 +157,7 @@ def example_chunks(ds: Dataset, split: LooSplit, cfg: LooRankerConfig, encoder: 
 
     `ds` and `split` should come from `training.data.loo.loo_data` (the features read its clock);
     `tower` (None: `cfg.user_tower()`) builds the user vectors of the interest score and of the
-    hard negatives' first stage; `sequence_model` (`ranker.sequence.SASRec`) is the bundle's."""
+    hard negatives' first stage; `sequence_model` (`ranker.sequence_torch.SASRec`) is the bundle's."""
     from tqdm import tqdm
 
     from training.lambdarank.first_stage import COOC_ITEMS, SEQUENCE_STAGES, FirstStage
@@ -174,7 +174,7 @@ def example_chunks(ds: Dataset, split: LooSplit, cfg: LooRankerConfig, encoder: 
     tower = tower or cfg.user_tower()
     vectors = None
     if sequence_model is not None:
-        from ranker.sequence import item_vectors
+        from ranker.sequence_torch import item_vectors
 
         vectors = item_vectors(sequence_model)
     stage = FirstStage(split, "valid") if cfg.needs_encoder and cfg.hard_negatives else None
@@ -317,7 +317,7 @@ def train_loo_ranker(ds: Dataset, split: LooSplit, out_dir: str | Path, cfg: Loo
 def load_sequence_model(model_dir: Path, split: LooSplit, cfg: LooRankerConfig):
     """The bundle's sequence model; refused unless it was trained on this catalog without the items
     the ranker takes as targets (`SASRecConfig.hold_out` >= `cfg.held_out_targets`)."""
-    from ranker.sequence import load
+    from ranker.sequence_torch import load
 
     model, meta = load(model_dir)
     if list(meta["item_ids"]) != list(split.item_ids):

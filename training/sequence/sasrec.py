@@ -34,7 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ranker.sequence import CONFIG_FILE, FORMAT, MODEL_FILE, SASRec, SASRecConfig, last_scores, left_padded, load
+from ranker.sequence import CONFIG_FILE, FORMAT, MODEL_FILE, SASRecConfig
+from ranker.sequence_torch import SASRec, last_scores, left_padded, load
 from training import tracking
 
 log = logging.getLogger(__name__)

@@ -8,13 +8,15 @@ import asyncio
 import re
 import shutil
 
+import numpy as np
+import polars as pl
 import pytest
 
 from featurizer.contracts.schema import read_dataset
 from featurizer.online.features import OnlineFeatures
 from featurizer.store.in_process import InProcessStore
 from ranker.bundle import MANIFEST
-from serving.ranking.engine import RankingEngine
+from serving.ranking.engine import Candidate, RankingEngine
 from serving.ranking.item_store import ItemStore
 from serving.ranking.registry import BundlePathRefused, BundleRegistry, BundleRejected, allowed_bundle_path
 from tests.serving.ranking.ranking_kit import FEATURES, HashEncoderPool, write_bundle
@@ -83,6 +85,71 @@ def test_a_broken_bundle_is_rejected_and_the_serving_one_stays(registry, tmp_pat
     assert (ok, version) == (False, good.version) and re.search(message, why)
     assert registry.default.runtime.version == good.version and registry.reloads == [("rejected", "")]
     assert registry.pool.started == 1 and registry.pool.stopped == 0  # the rejected load released what it took
+
+
+def test_a_bundle_with_a_sequence_model_ranks_with_its_score_cached_per_user_and_history(registry, ds, tmp_path):
+    """The sequence model runs in this process over the user's sequence (no encoder for it), its
+    score of a candidate follows the user's new engagements, and it is recomputed only after one."""
+    hits = []
+    registry.engine.on_cache = lambda cache, hit: hits.append(hit) if cache == "sequence_user" else None
+    bundle = write_bundle(tmp_path / "seq", feature_names=[f for f in FEATURES if f != "interest_score"],
+                          sequence_catalog=ds.items["item_id"].to_list())
+    run(registry.start(tmp_path / "seq"))
+    rt, engine = registry.default.runtime, registry.engine
+    assert registry.default.handle is None and rt.bundle.sequence is not None
+    engaged = ds.events.filter(pl.col("event") != "impression")
+    user = engaged.group_by("user_id").len().sort(["len", "user_id"])["user_id"][-1]
+    ids = ds.items["item_id"].to_list()[:30]
+    rows = engine.items.rows(ids)
+
+    def scores():
+        return run(engine.sequence_scores(rt, user, rows, engine.now(), None, []))
+
+    hits.clear()
+    first = scores()
+    assert np.isfinite(first).all() and hits == [False]  # the probe's unknown user ran before
+    assert np.array_equal(scores(), first) and hits == [False, True]
+    unknown = run(engine.sequence_scores(rt, "nobody", rows, engine.now(), None, []))
+    assert np.isnan(unknown).all()  # no sequence: missing, as LightGBM was trained to route it
+    new_item = next(i for i in ids if i not in set(engine.online.sequence(user, engine.now())))
+    engine.online.apply(pl.DataFrame({"ts": [engine.now()], "user_id": [user], "item_id": [new_item],
+                                      "event": ["click"]}).with_columns(pl.col("ts").cast(pl.Datetime("us", "UTC"))))
+    after = scores()
+    assert hits[-1] is False and not np.allclose(after, first)
+    outcome = run(engine.rank(rt, user, [Candidate(item_id=i) for i in ids]))
+    assert not outcome.degraded and bundle.version == rt.version
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("weights_missing", "cannot load the sequence model"),
+    ("outside", "outside the bundle"),
+    ("catalog_missing", "names no catalog"),
+])
+def test_a_broken_sequence_model_is_rejected(registry, ds, tmp_path, damage, message):
+    import json
+
+    from ranker.sequence import CONFIG_FILE, MODEL_FILE
+
+    path = tmp_path / "seq"
+    write_bundle(path, sequence_catalog=ds.items["item_id"].to_list())
+    if damage == "weights_missing":
+        (path / "sequence" / MODEL_FILE).unlink()
+    elif damage == "outside":
+        manifest = json.loads((path / MANIFEST).read_text())
+        shutil.copytree(path / "sequence", tmp_path / "elsewhere")
+        (path / MANIFEST).write_text(json.dumps({**manifest, "sequence_model": "../elsewhere"}))
+    else:
+        meta = json.loads((path / "sequence" / CONFIG_FILE).read_text())
+        (path / "sequence" / CONFIG_FILE).write_text(json.dumps({**meta, "item_ids": []}))
+    with pytest.raises(BundleRejected, match=message):
+        run(registry.load(path))
+
+
+def test_a_sequence_bundle_is_refused_on_a_state_with_partial_sequences(registry, ds, tmp_path):
+    write_bundle(tmp_path / "seq", sequence_catalog=ds.items["item_id"].to_list())
+    registry.engine.online.sequence_complete = False  # a store written before semrank kept sequences
+    with pytest.raises(BundleRejected, match="partial"):
+        run(registry.load(tmp_path / "seq"))
 
 
 def test_a_reload_swaps_and_retires_the_old_runtime_after_its_last_request(registry, tmp_path):
