@@ -110,6 +110,7 @@ class BenchConfig:
     heavy_mixes: tuple[tuple[float, int], ...] = ((1000.0, 2000),)
     heavy_events_per_call: int = 20  # a heavy mix's LogEvents carry this many events each (a writer batching)
     tower: str = "pooled"  # the bench bundle's user tower (ranker.user_tower): pooled, or text (before issue 28)
+    sequence: bool = False  # the bench bundle has a sequence model (issue 31: `sequence_score`, pooled tower)
     null_service: bool = True  # after the real phases, the same ones against `semrank serve --null-service`
     serve_args: tuple[str, ...] = ()  # more `semrank serve` arguments (an experiment: --snapshot-interval-s 0)
 
@@ -129,7 +130,7 @@ def prepare(cfg: BenchConfig) -> tuple[Path, Path]:
 
     wd = cfg.work_dir
     shop, stamp = wd / "shop", wd / "recipe.json"
-    bundle = wd / ("bundle" if cfg.tower == "pooled" else f"bundle-{cfg.tower}")
+    bundle = wd / ("bundle-sequence" if cfg.sequence else "bundle" if cfg.tower == "pooled" else f"bundle-{cfg.tower}")
     recipe = {"version": DATA_VERSION, "n_users": cfg.n_users, "n_items": cfg.n_items, "n_days": cfg.n_days, "seed": cfg.seed}
     if not (stamp.exists() and json.loads(stamp.read_text()).get("recipe") == recipe):
         log.info("making the shop under %s (once; later runs reuse it)", wd)
@@ -141,11 +142,25 @@ def prepare(cfg: BenchConfig) -> tuple[Path, Path]:
         synthesize(shop, seed=cfg.seed, config=SynthConfig(n_users=cfg.n_users, n_items=cfg.n_items, n_days=cfg.n_days,
                                                            start=today - timedelta(days=cfg.n_days)))
         stamp.write_text(json.dumps({"recipe": recipe, "made_at": datetime.now(timezone.utc).isoformat()}) + "\n")
+    if cfg.sequence and not (bundle / "manifest.json").exists():
+        train_sequence_bundle(shop, bundle, wd / "sequence")
     if not (bundle / "manifest.json").exists():
         log.info("training the bundle (%s user tower) under %s (once)", cfg.tower, bundle)
         train_ranker(read_dataset(shop), bundle, RankerTrainConfig(seed=0, tower=cfg.tower), TextEncoder(max_length=128),
                      data_source=str(shop.resolve()))
     return shop, bundle
+
+
+def train_sequence_bundle(shop: Path, bundle: Path, seq_dir: Path) -> None:
+    """A bundle with a sequence model, by the CLI's recipe (docs/evaluation.md): SASRec-CE on the
+    shop's sequences with one item held out (10 epochs: the bench measures its cost, not its
+    quality), then the leave-one-out ranker over it with `sequence_score`."""
+    cli = [sys.executable, "-m", "semrank.cli"]
+    log.info("training the sequence model and its bundle under %s (once)", bundle)
+    subprocess.run([*cli, "train", "sequence", "--data", str(shop), "--out", str(seq_dir), "--hold-out", "1",
+                    "--epochs", "10", "--eval-every", "5"], check=True)
+    subprocess.run([*cli, "train", "ranker", "--data", str(shop), "--out", str(bundle), "--sequence", str(seq_dir)],
+                   check=True)
 
 
 def online_snapshot(state_dir: Path, shop: Path) -> Path:
@@ -289,16 +304,16 @@ class ServerProcess:
         return self.scrape()["ranks_per_worker"]
 
     def scrape(self) -> dict:
-        """From /metrics (every worker summed): Ranks per worker, Rank and Triton latency sums, user-embedding
-        cache misses (a text tower's Triton calls), the encoder calls Rank issued by cause, degraded
-        answers by reason, and history items the pooled tower left out."""
+        """From /metrics (every worker summed): Ranks per worker, Rank and Triton latency sums, the engine's
+        cache lookups by cache and result ("user_embedding:miss"), the encoder calls Rank issued by cause,
+        degraded answers by reason, and history items the pooled tower left out."""
         import urllib.request
 
         from prometheus_client.parser import text_string_to_metric_families
 
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
             text = r.read().decode()
-        out = {"ranks_per_worker": {}, "rank_s": 0.0, "triton_s": 0.0, "triton_calls": 0.0, "user_misses": 0.0,
+        out = {"ranks_per_worker": {}, "rank_s": 0.0, "triton_s": 0.0, "triton_calls": 0.0, "cache": {},
                "rank_encoder_calls": {}, "degraded": {}, "history_skipped": 0.0, "gc_count": {}, "gc_s": {},
                "gc_over_100ms": {}, "loop_lag_over_100ms": 0.0, "engine_s": 0.0, "engine_n": 0.0, "engine_cpu_s": 0.0}
         for fam in text_string_to_metric_families(text):
@@ -313,9 +328,9 @@ class ServerProcess:
                     out["triton_s"] += smp.value
                 elif smp.name == "semrank_triton_latency_seconds_count":
                     out["triton_calls"] += smp.value
-                elif (smp.name == "semrank_cache_requests_total" and labels.get("cache") == "user_embedding"
-                      and labels.get("result") == "miss"):
-                    out["user_misses"] += smp.value
+                elif smp.name == "semrank_cache_requests_total":
+                    c = f"{labels.get('cache')}:{labels.get('result')}"
+                    out["cache"][c] = out["cache"].get(c, 0.0) + smp.value
                 elif smp.name == "semrank_rank_encoder_calls_total":
                     c = labels.get("cause", "?")
                     out["rank_encoder_calls"][c] = out["rank_encoder_calls"].get(c, 0.0) + smp.value
@@ -668,6 +683,9 @@ def mixed_phase(gen, server, server_pids: list[int], triton: list[int], cfg: Ben
         "degraded_by_reason": degraded,
         "degraded_share": round(sum(degraded.values()) / ranks, 5) if ranks else None,
         "history_items_skipped": int(m1["history_skipped"] - m0["history_skipped"]),
+        # lookups of the engine's caches in the phase ("sequence_user:miss": the sequence model's user state
+        # recomputed after a new engagement)
+        "cache_lookups": delta("cache"),
         # the server's garbage collections in the phase (every worker), by generation, and the event-loop
         # probes that ran over 100 ms late (semrank_event_loop_lag_seconds)
         "gc_collections": gc_count, "gc_seconds": gc_s, "gc_over_100ms": gc_over,
@@ -731,6 +749,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="sizes of the mixed phase (Ranks with tokens + LogEvents); none: skip it")
     p.add_argument("--events-rate", type=float, default=d.mixed_events_rate, help="LogEvents events/s in the mixed phase")
     p.add_argument("--no-null-service", action="store_true", help="skip the null-service floor (half the phases)")
+    p.add_argument("--sequence", action="store_true",
+                   help="a bundle with a sequence model (issue 31): the pooled tower plus sequence_score")
     p.add_argument("--tower", choices=("pooled", "text"), default=d.tower,
                    help="the bench bundle's user tower (text: every event makes the next Rank call Triton)")
     p.add_argument("--heavy-mix", nargs=2, type=float, action="append", default=None, metavar=("EVENTS_PER_S", "USERS"),
@@ -751,6 +771,7 @@ def main(argv: list[str] | None = None) -> int:
         inprocess_reps=a.inprocess_reps, n_users=a.users, n_items=a.items, seed=a.seed,
         workers=a.workers, events=a.events, nats_url=a.nats_url, tokens=a.tokens,
         mixed_candidates=tuple(a.mixed_candidates), mixed_events_rate=a.events_rate, heavy_mixes=heavy, tower=a.tower,
+        sequence=a.sequence,
         null_service=not a.no_null_service, serve_args=tuple(a.serve_arg),
     )
     if a.prepare_only:

@@ -57,10 +57,12 @@ def _train_ranker(args) -> tuple[int, dict]:
     ds = read_dataset(args.data)
     tower = ranker_tower(args, encoder_dir)
     log.info("data: %s; encoder: %s; %s", ds.report, encoder_dir, tower.describe())
-    if not has_impression_lists(ds.events):  # interactions only: target + sampled negatives per group
+    # Interactions only, or a sequence model's ranker (trained on the items its model held out): the
+    # leave-one-out targets plus sampled negatives per group; a log's impression lists are not read then.
+    if not has_impression_lists(ds.events) or args.sequence is not None:
+        if args.sequence is not None and has_impression_lists(ds.events):
+            log.info("--sequence: leave-one-out targets from the engagements (the impression lists are not used)")
         return _train_leave_one_out(args, ds, encoder_dir, tower)
-    if args.sequence is not None:
-        raise ValueError("--sequence trains on leave-one-out targets; this data has impression lists (not supported yet)")
     from ranker.encoder import ProgressEncoder, TextEncoder
     from training.lambdarank.booster import format_table
     from training.lambdarank.impression_lists import train_ranker
@@ -366,6 +368,7 @@ def _register_ranker(train_sub) -> None:
     g.add_argument("--sequence", type=Path, default=None, metavar="DIR",
                    help="a sequence model of `semrank train sequence --hold-out K` on this data: copied into the "
                         "bundle, its score becomes the feature sequence_score, and the training targets are the K "
-                        "items it held out (one group per user and held-out item, instead of --positions-per-user)")
+                        "items it held out (one group per user and held-out item, instead of --positions-per-user); "
+                        "on data with impression lists too, whose lists are then not read")
     _tracking_args(s)
     s.set_defaults(func=cmd_train_ranker)

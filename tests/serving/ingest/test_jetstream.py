@@ -42,9 +42,17 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 def features(online: OnlineFeatures, at=None) -> np.ndarray:
-    """Every user's features for every item, at `at` (default: the newest event this process folded)."""
+    """Every user's features for every item, then every user's item sequence (the sequence model's,
+    as catalog rows padded with -1), flattened, at `at` (default: the newest event this process folded)."""
     at = at or online.watermark
-    return np.stack([online.features(f"u{k}", ITEMS["item_id"].to_list(), at) for k in range(5)])
+    items = ITEMS["item_id"].to_list()
+    row = {i: k for k, i in enumerate(items)}
+    seqs = np.full((5, online.params.sequence_items), -1.0)
+    for k in range(5):
+        seq = [row.get(i, -2) for i in online.sequence(f"u{k}", at)]
+        seqs[k, :len(seq)] = seq
+    assert (seqs >= 0).any(), "the sequences are compared"
+    return np.concatenate([np.stack([online.features(f"u{k}", items, at) for k in range(5)]).ravel(), seqs.ravel()])
 
 
 def reference(batches: range, at_of: OnlineFeatures | None = None) -> np.ndarray:

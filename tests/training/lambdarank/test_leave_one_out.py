@@ -22,7 +22,7 @@ from featurizer.contracts.schema import (
 from featurizer.definitions import NAMES
 from featurizer.errors import ConfigError
 from featurizer.offline.pipeline import offline_features
-from ranker.bundle import BundleError, load_bundle
+from ranker.bundle import load_bundle
 from ranker.user_tower import UserTower
 from tests.fakes import HashEncoder
 from training.data.loo import break_ties, clock_resolution_us, loo_data, loo_split
@@ -317,8 +317,7 @@ def test_train_and_eval_with_rankers_end_to_end(loo_dir, tmp_path, capsys):
     assert with_seq.manifest["training_data"]["targets"].startswith("train: the last 1 position")
     from serving.ranking.engine import serving_inputs
 
-    with pytest.raises(BundleError, match="sequence_score"):  # not served yet: refused, never scored without it
-        serving_inputs(with_seq)
+    assert with_seq.sequence is not None and serving_inputs(with_seq).given == ["sequence_score"]  # served
     out = tmp_path / "eval"
     assert main(["eval", "--data", str(loo_dir), "--out-dir", str(out), "--users", "40", "--bootstrap", "50",
                  "--cache-dir", str(tmp_path / "cache"), "--rerank-k", "15", "--tower", "pooled", "--tower", "text",
@@ -398,3 +397,20 @@ def test_examples_do_not_depend_on_the_chunk_size(data):
     # equal but for a float sum's order (co-occurrence sums may differ by about 1e-16)
     assert_frame_equal(pl.concat(chunks), whole, rel_tol=1e-12, abs_tol=1e-12)
     assert groups_per_chunk(replace(cfg, feature_chunk_rows=13 * 2500)) == 2000  # a multiple of the pools' pass
+
+
+def test_a_sequence_ranker_trains_on_a_log_with_impression_lists(small_shop, tmp_path):
+    """A shop's log (impression lists): `--sequence` trains the ranker on leave-one-out targets from
+    its engagements, as on interaction data (the lists are not read)."""
+    from featurizer.contracts.schema import has_impression_lists, read_dataset
+    from semrank.cli import main
+
+    assert has_impression_lists(read_dataset(small_shop).events)
+    assert main(["train", "sequence", "--data", str(small_shop), "--out", str(tmp_path / "seq"), "--epochs", "1",
+                 "--eval-every", "1", "--dim", "16", "--heads", "2", "--layers", "1", "--max-len", "8",
+                 "--hold-out", "1"]) == 0
+    assert main(["train", "ranker", "--data", str(small_shop), "--out", str(tmp_path / "r"), "--variant", "behavioural",
+                 "--hard-negatives", "0", "--negatives", "4", "--sequence", str(tmp_path / "seq")]) == 0
+    bundle = load_bundle(tmp_path / "r")
+    assert bundle.manifest["training_mode"] == TRAINING_MODE and bundle.sequence is not None
+
