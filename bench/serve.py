@@ -4,7 +4,9 @@
 
 The bench
 1. makes (or reuses, under --work-dir) a synthetic shop (`training.data.synth`) and a LightGBM bundle
-   trained on it (`training.lambdarank.impression_lists.train_ranker`);
+   trained on it (`training.lambdarank.impression_lists.train_ranker`); with `--sequence`, a bundle
+   with a sequence model instead (`train_sequence_bundle`: SASRec-CE, then the leave-one-out ranker
+   with `sequence_score`), whose mixed rows also count the sequence model's cache misses;
 2. starts `semrank serve` as a child process (which starts its own Triton encoder worker);
 3. warms the caches: every bench user is ranked once, so their embeddings are cached, and the
    candidates are catalog items, whose embeddings the server computed at start-up;
