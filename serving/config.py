@@ -26,6 +26,7 @@ from featurizer.contracts.event_rules import EventRules, ItemRules
 from featurizer.errors import ConfigError
 from featurizer.privacy import Pseudonyms
 from featurizer.store.config import StoreConfig
+from serving.retention import RetentionConfig
 from serving.triton.client import ExternalTriton
 
 log = logging.getLogger(__name__)
@@ -332,6 +333,7 @@ class ServeConfig:
     max_concurrent_rpcs: int = 128  # Ranks in flight; beyond it: RESOURCE_EXHAUSTED (Budgets.ranks)
     budgets: Budgets = field(default_factory=Budgets)  # the other classes of calls (writes, watches, ...)
     snapshot_interval_s: float = 30.0  # in-process features: persist a changed state this often; 0: never
+    retention: RetentionConfig = field(default_factory=RetentionConfig)  # the event and exposure logs' maximum ages
     readiness_interval_s: float = 1.0  # how often the readiness health status checks the dependencies
     encoder_timeout_s: float = 0.25  # Triton deadline on the request path
     encoder_retries: int = 1
@@ -360,5 +362,6 @@ class ServeConfig:
             raise ConfigError(f"max_concurrent_rpcs={self.max_concurrent_rpcs} must be >= 1")
         if self.snapshot_interval_s < 0:
             raise ConfigError(f"snapshot_interval_s={self.snapshot_interval_s} must be >= 0 (0: never)")
+        self.retention.check(self.limits.dedup_window_s)
         if self.experiments_file is not None and not Path(self.experiments_file).is_file():
             raise ConfigError(f"experiments file {self.experiments_file} not found (--experiments)")

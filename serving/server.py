@@ -56,6 +56,7 @@ from serving.encoding.factories import (
 )
 from serving.encoding.pool import EncoderHandle, EncoderPool
 from serving.experiments.exposure_log import ExposureLog
+from serving.retention import Retention, RetentionConfig
 from serving.ingest.apply import ApplySlices, EventIngest
 from serving.ingest.dedup import EventDedup
 from serving.ingest.items import apply_shared_items
@@ -131,6 +132,8 @@ class RankingServer:
         self._not_ready_why: str | None = None
         self._stream_ingest: StreamIngest | None = None
         self._snapshot_file: Path | None = None  # the in-process store's snapshot (None: Redis)
+        self._persisted_seq = 0  # the last event-log seq the snapshot on disk holds (what retention may delete)
+        self.retention: Retention | None = None  # the event and exposure logs' compaction (with a retention age)
         self._shared_bundle: SharedBundle | None = None  # the fleet's bundle (JetStream's KV)
         self.admission: AdmissionInterceptor | None = None  # (made with the gRPC server, after the ingest)
 
@@ -236,8 +239,11 @@ class RankingServer:
             self._registry = registry
             await registry.start(cfg.bundle_dir, sorted(experiments.bundles()))
             self._on_reload("ok", registry.default.runtime.version)
-            exposures = ExposureLog(state_dir / "exposures")
+            exposures = ExposureLog(state_dir / "exposures",
+                                    segment_max_age_s=RetentionConfig.segment_age(cfg.retention.exposures_s))
             self._closers.insert(0, exposures.close)
+            if event_log is not None:
+                event_log.segment_max_age_s = RetentionConfig.segment_age(cfg.retention.events_s)
             if cfg.events is not None:  # JetStream: fold the stream up to its end before serving
                 ingest = self._stream_ingest = await StreamIngest.open(
                     cfg.events, engine.online, engine.store_worker, cfg.limits.dedup_window_s,
@@ -270,6 +276,13 @@ class RankingServer:
                 self._tasks.append(asyncio.create_task(registry.watch(cfg.reload_poll_s)))
             if cfg.snapshot_interval_s > 0:
                 self._tasks.append(asyncio.create_task(self._snapshots(cfg.snapshot_interval_s)))
+            if cfg.retention.events_s or cfg.retention.exposures_s:
+                if cfg.retention.events_s and event_log is not None and not engine.online.store.remote \
+                        and not cfg.snapshot_interval_s:
+                    log.warning("event retention is set, but with no feature snapshot (--snapshot-interval-s 0) the "
+                                "event log is the only copy of the state: nothing will be deleted from it")
+                self.retention = Retention(cfg.retention, event_log, exposures, self._covered_seq)
+                self._tasks.append(asyncio.create_task(self.retention.run()))
             self._tasks.append(asyncio.create_task(self._loop_lag(LOOP_LAG_PROBE_S)))
             if self._shared_bundle is not None:
                 self._tasks.append(asyncio.create_task(self._shared_bundle.follow(cfg.events.control_poll_s)))
@@ -367,10 +380,17 @@ class RankingServer:
                 # after: a LogEvents, and a Rank waiting for its token, never wait for the disk.
                 async with self.state.ingest.applied_lock:
                     write = await asyncio.to_thread(self.state.online.store.freeze)
-                await self._write_snapshot(write)
+                    seq = self.state.ingest.committed_seq
+                await self._write_snapshot(write)  # (None: nothing changed since the last one, which holds seq)
+                self._persisted_seq = seq
                 await self._share_snapshot()
             except Exception:  # noqa: BLE001 - the event log (or stream) still holds everything
                 log.exception("feature snapshot failed")
+
+    def _covered_seq(self) -> int:
+        """The last event-log seq a persisted feature state holds: Redis's committed state, or the
+        in-process store's last snapshot on disk (retention deletes no event after it)."""
+        return self.state.ingest.committed_seq if self.state.online.store.remote else self._persisted_seq
 
     async def _share_snapshot(self, first: bool = False) -> None:
         """With JetStream and in-process features: share the snapshot when the shared one is old

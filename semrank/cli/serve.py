@@ -24,6 +24,7 @@ def cmd_serve(args) -> int:
     from serving.config import Budgets, JetStreamConfig, Limits, ServeConfig, TlsConfig, TokenAuth
     from serving.observability.request_logging import configure_logging
     from serving.server import RankingServer
+    from serving.retention import DAY_S, RetentionConfig
 
     for h in list(logging.getLogger().handlers):  # replace main()'s plain handler
         logging.getLogger().removeHandler(h)
@@ -64,6 +65,7 @@ def cmd_serve(args) -> int:
         bundle_roots=tuple(args.bundle_root),
         reload_poll_s=args.reload_poll_s,
         snapshot_interval_s=args.snapshot_interval_s,
+        retention=RetentionConfig(events_s=args.retain_events_days * DAY_S, exposures_s=args.retain_exposures_days * DAY_S),
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         budgets=Budgets.parse(args.budget),
         encoder_timeout_s=args.encoder_timeout_ms / 1000,
@@ -213,6 +215,12 @@ def register(sub) -> None:
     s.add_argument("--snapshot-interval-s", type=float, default=30.0,
                    help="in-process features: persist the feature state this often when it changed; 0 turns it off "
                         "(a restart then folds the whole event log)")
+    s.add_argument("--retain-events-days", type=float, default=0.0,
+                   help="delete events from the durable event log this many days after they were written, once the "
+                        "feature snapshot holds them (0: keep for ever; at least the 1-day exactly-once window; "
+                        "docs/privacy.md)")
+    s.add_argument("--retain-exposures-days", type=float, default=0.0,
+                   help="delete exposure-log files this many days after their last write (0: keep for ever)")
     s.add_argument("--max-concurrent-rpcs", type=int, default=128, help="beyond it calls get RESOURCE_EXHAUSTED")
     s.add_argument("--budget", action="append", default=[], metavar="NAME=VALUE",
                    help="an admission budget (repeatable; docs/serving.md \"Limits\"): writes, writes_per_caller, "

@@ -11,6 +11,10 @@ records are dropped and counted in `dropped` instead of blocking the caller. Wha
 or failed to write) is also counted per experiment and variant in this writer's
 `exposure-losses-<stamp>-<pid>.json` beside the segments, so the report can say which arm lost what
 (`featurizer.contracts.exposures.read_losses`).
+
+Retention (`expire`, run by the server: serving.retention): files last written more than the maximum
+age ago are deleted, never the one this writer has open; a file also closes when it is
+`segment_max_age_s` old, so a quiet log's records age out too.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,7 +32,7 @@ from typing import IO, Callable, Iterable
 
 import orjson
 
-from featurizer.contracts.exposures import FILE_PREFIX, FILE_SUFFIX, TS_FORMAT, losses_file_name
+from featurizer.contracts.exposures import FILE_GLOB, FILE_PREFIX, FILE_SUFFIX, LOSSES_GLOB, TS_FORMAT, losses_file_name
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +86,7 @@ class ExposureLog:
         segment_bytes: int = 64 << 20,
         max_backlog: int = 100_000,
         fault_injection_before_write: Callable[[int], None] | None = None,
+        segment_max_age_s: float | None = None,
     ):
         """`fault_injection_before_write(n)` is for tests only: the writer thread calls it before writing
         each batch of n records, while holding the I/O lock (so it can slow or stall the writer)."""
@@ -92,6 +98,7 @@ class ExposureLog:
         self.max_buffer = max_buffer
         self.segment_bytes = segment_bytes
         self.max_backlog = max_backlog
+        self.segment_max_age_s = segment_max_age_s  # None: a file closes only when full
         self._fault_injection_before_write = fault_injection_before_write
         self.dropped = 0  # records refused because the writer was behind, or recorded after close()
         self.failed = 0  # records lost to write errors (logged)
@@ -105,6 +112,7 @@ class ExposureLog:
         self._wake = threading.Event()
         self._file: IO[bytes] | None = None
         self._file_bytes = 0
+        self._file_opened = 0.0  # time.time() when the open file was created
         self._seq = 0
         self._lost: dict[str, Counter] = {"dropped": Counter(), "failed": Counter()}  # "<experiment>\t<variant>"
         self._lost_written = 0  # total lost when the losses file was last written
@@ -218,14 +226,36 @@ class ExposureLog:
         except OSError:
             log.exception("exposure log %s: cannot write %s", self.directory, self._losses_path.name)
 
+    def expire(self, max_age_s: float, now: float | None = None) -> int:
+        """Retention: delete the directory's exposure files and loss counts last written more than
+        `max_age_s` ago, except this writer's open file and its own counts; returns how many."""
+        now = time.time() if now is None else now
+        removed = 0
+        with self._io_lock:  # the open file cannot change meanwhile
+            keep = {self._losses_path, *([Path(self._file.name)] if self._file is not None else [])}
+            for p in [*self.directory.glob(FILE_GLOB), *self.directory.glob(LOSSES_GLOB)]:
+                try:
+                    if p not in keep and now - p.stat().st_mtime >= max_age_s:
+                        p.unlink()
+                        removed += 1
+                except FileNotFoundError:  # another writer's retention got there first
+                    pass
+        if removed:
+            log.info("exposure log %s: retention deleted %d file(s) written more than %.0f s ago", self.directory,
+                     removed, max_age_s)
+        return removed
+
     def dropped_and_failed(self) -> Counter:
         """Lost records per "<experiment>\t<variant>" (dropped and failed together)."""
         return self._lost["dropped"] + self._lost["failed"]
 
     def _write_lines(self, lines: Iterable[bytes]) -> None:
         chunk: list[bytes] = []
+        aged = (self._file is not None and self.segment_max_age_s is not None
+                and time.time() - self._file_opened >= self.segment_max_age_s)
         for line in lines:
-            if self._file is not None and self._file_bytes + len(line) > self.segment_bytes and self._file_bytes > 0:
+            if self._file is not None and self._file_bytes > 0 and (aged or self._file_bytes + len(line) > self.segment_bytes):
+                aged = False
                 self._file.write(b"".join(chunk))
                 chunk = []
                 self._close_segment()
@@ -244,6 +274,7 @@ class ExposureLog:
             path = self.directory / f"{FILE_PREFIX}{stamp}-{self._seq:06d}{FILE_SUFFIX}"
             try:
                 self._file = path.open("xb")  # never append to another process's (or run's) file
+                self._file_opened = time.time()
                 break
             except FileExistsError:
                 continue

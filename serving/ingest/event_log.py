@@ -13,6 +13,13 @@ the directory fsynced, so a segment always has its header. On open, a record cut
 CRC) at the very end of the last segment is a torn write from a crash and is truncated; any other bad
 record raises EventLogCorrupt. With fsync=False, acknowledged events survive a process kill but not
 a power loss.
+
+Retention (`compact`): whole closed segments are deleted once their last write is older than the
+maximum age and every event in them is held by a persisted feature state (a snapshot, or a durable
+store), so a restart never misses an event the features had counted. A segment also closes when it
+is `segment_max_age_s` old, not only when full, so that a quiet log ages out too: an event leaves
+the log at most max age + `segment_max_age_s` after it was written. Readers skip a segment deleted
+under them (its events are past retention).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -52,8 +60,10 @@ log = logging.getLogger(__name__)
 class EventLog:
     """Append-only, fsynced event log in `directory`; one writer process (see the module docstring)."""
 
-    def __init__(self, directory: Path, segment_bytes: int = 64 << 20, fsync: bool = True):
+    def __init__(self, directory: Path, segment_bytes: int = 64 << 20, fsync: bool = True,
+                 segment_max_age_s: float | None = None):
         self.directory, self.segment_bytes, self.fsync = Path(directory), segment_bytes, fsync
+        self.segment_max_age_s = segment_max_age_s  # None: a segment closes only when full
         self.fsync_count = 0  # os.fsync calls made (files and directory); group commit keeps it low
         if not self.directory.is_dir():
             self.directory.mkdir(parents=True)
@@ -111,6 +121,7 @@ class EventLog:
                 os.truncate(path, end)
                 self._sync_path(path)
         self._last_seq, self._size = seq - 1, end
+        self._opened_at = time.time()  # the open segment's age counts from here (its creation is not recorded)
         self._fd = os.open(segment_path(self.directory, self._segments[-1]), os.O_WRONLY | os.O_APPEND)
 
     def _fsync(self, fd: int) -> None:
@@ -207,8 +218,10 @@ class EventLog:
 
     def _write(self, batch: list[tuple[bytes, int, Callable]]) -> list[int]:
         seq, buf, seqs = self._last_seq, bytearray(), []
+        aged = self.segment_max_age_s is not None and time.time() - self._opened_at >= self.segment_max_age_s
         for payload, count, _ in batch:
-            if self._size + len(buf) >= self.segment_bytes and self._size + len(buf) > SEGMENT_HEADER.size:
+            if self._size + len(buf) > SEGMENT_HEADER.size and (aged or self._size + len(buf) >= self.segment_bytes):
+                aged = False
                 self._write_all(buf)
                 self._fsync(self._fd)
                 self._create_segment(seq + 1)
@@ -217,6 +230,7 @@ class EventLog:
                     self._fd = os.open(segment_path(self.directory, seq + 1), os.O_WRONLY | os.O_APPEND)
                     self._segments.append(seq + 1)
                     self._size = SEGMENT_HEADER.size
+                    self._opened_at = time.time()
             buf += record_bytes(seq + 1, count, payload)
             seq += count
             seqs.append(seq)
@@ -243,7 +257,8 @@ class EventLog:
             return self._last_seq
 
     def _segment_events(self, first: int, last: int, after_seq: int = 0) -> Iterator[tuple[int, LoggedEvent]]:
-        """(seq, event) of segment `first` with after_seq < seq <= last; a bad record is EventLogCorrupt."""
+        """(seq, event) of segment `first` with after_seq < seq <= last; a bad record is EventLogCorrupt.
+        Nothing for a segment `compact` deleted meanwhile."""
         path = segment_path(self.directory, first)
         try:
             for rec_seq, count, payload, _ in iter_records(path, first, stop_after=last):
@@ -253,6 +268,32 @@ class EventLog:
                             yield seq, LoggedEvent(*row)
         except TornRecord as t:
             raise EventLogCorrupt(path, t.offset, t.problem) from None
+        except FileNotFoundError:
+            with self._lock:
+                if first in self._segments:
+                    raise
+            return
+
+    def compact(self, max_age_s: float, covered_seq: int, now: float | None = None) -> int:
+        """Retention: delete the oldest closed segments whose last write is more than `max_age_s` ago
+        and whose events all have seq <= `covered_seq` (what a persisted feature state holds);
+        returns how many events they held. The open segment is never deleted."""
+        now = time.time() if now is None else now
+        with self._lock:
+            segments = list(self._segments)
+        removed = 0
+        for first, following in zip(segments, segments[1:]):
+            path = segment_path(self.directory, first)
+            if following - 1 > covered_seq or now - path.stat().st_mtime < max_age_s:
+                break  # oldest first: the rest are newer
+            with self._lock:
+                self._segments.remove(first)
+            path.unlink()
+            removed += following - first
+        if removed:
+            self._sync_path(self.directory)
+            log.info("%s: retention deleted %d event(s) written more than %.0f s ago", self.directory, removed, max_age_s)
+        return removed
 
     def replay(self, after_seq: int = 0) -> Iterator[tuple[int, LoggedEvent]]:
         """(seq, event) for each acknowledged event with seq > after_seq, in seq order."""
