@@ -35,14 +35,20 @@ def segments(directory: Path) -> list[Path]:
     return sorted(directory.glob("events-*.log"))
 
 
+def old_log(directory: Path, n: int = 3) -> EventLog:
+    """A log of n segments of 10 events each (seqs 1-10, 11-20, ...), all written 3 days ago."""
+    log = EventLog(directory, fsync=False, segment_max_age_s=0.0)  # every append opens a segment
+    for k in range(n):
+        log.append(events(10 * k, 10))
+    for f in segments(directory):
+        age(f, 3 * DAY_S)
+    return log
+
+
 def test_old_covered_closed_segments_go_the_open_one_and_uncovered_ones_stay(tmp_path):
-    log = EventLog(tmp_path / "events", fsync=False, segment_max_age_s=0.0)  # every append opens a segment
-    for k in range(4):
-        log.append(events(10 * k, 10))  # seqs 1-10, 11-20, 21-30, 31-40
+    log = old_log(tmp_path / "events", 4)
     files = segments(tmp_path / "events")
     assert len(files) == 4
-    for f in files:
-        age(f, 3 * DAY_S)
     assert log.compact(DAY_S, covered_seq=25) == 20  # segments 1-10 and 11-20; 21-30 holds seqs past 25
     assert segments(tmp_path / "events") == files[2:]
     assert log.compact(DAY_S, covered_seq=40) == 10  # never the open segment (31-40), however old
@@ -57,9 +63,7 @@ def test_old_covered_closed_segments_go_the_open_one_and_uncovered_ones_stay(tmp
 
 
 def test_recent_segments_stay_and_compaction_stops_at_the_first_kept(tmp_path):
-    log = EventLog(tmp_path / "events", fsync=False, segment_max_age_s=0.0)
-    for k in range(3):
-        log.append(events(10 * k, 10))
+    log = old_log(tmp_path / "events")
     files = segments(tmp_path / "events")
     age(files[0], 0.5 * DAY_S)  # younger than the age: kept, and so is everything after it
     age(files[1], 3 * DAY_S)
@@ -79,11 +83,7 @@ def test_a_quiet_log_closes_its_segment_at_its_age_and_not_before(tmp_path):
 
 
 def test_a_replay_started_before_a_compaction_skips_the_deleted_segment(tmp_path):
-    log = EventLog(tmp_path / "events", fsync=False, segment_max_age_s=0.0)
-    for k in range(3):
-        log.append(events(10 * k, 10))
-    for f in segments(tmp_path / "events"):
-        age(f, 3 * DAY_S)
+    log = old_log(tmp_path / "events")
     replay = log.replay()
     assert next(replay)[0] == 1  # the first segment is open in the reader
     assert log.compact(DAY_S, covered_seq=30) == 20
@@ -108,11 +108,7 @@ def test_exposure_files_older_than_the_age_go_the_open_one_and_own_counts_stay(t
 
 
 def test_retention_runs_both_with_the_covered_seq_it_is_given(tmp_path):
-    log = EventLog(tmp_path / "events", fsync=False, segment_max_age_s=0.0)
-    for k in range(3):
-        log.append(events(10 * k, 10))
-    for f in segments(tmp_path / "events"):
-        age(f, 3 * DAY_S)
+    log = old_log(tmp_path / "events")
     exposures = ExposureLog(tmp_path / "exposures", flush_interval_s=3600)
     covered = [0]
     retention = Retention(RetentionConfig(events_s=DAY_S, exposures_s=DAY_S), log, exposures, lambda: covered[0])
