@@ -105,8 +105,9 @@ class FeatureParams:
     history_items: int = 10  # N: the user's last N distinct engaged items, for co-occurrence
     cooc_window_s: int = 24 * 3600  # two engagements of one user co-occur if at most this far apart
     # The user's last M distinct items by first engagement, for a bundle's sequence model (whose
-    # history may be at most this long). Not in `fingerprint`: a store built before semrank kept
-    # sequences still opens, with partial ones (featurizer.online.features: `sequence_complete`).
+    # history may be at most this long; 0: none kept). Chosen when a state is made, which records it
+    # and keeps it (featurizer.online.features). Not in `fingerprint`: a store built before semrank
+    # kept sequences still opens, with partial ones (`OnlineFeatures.sequence_complete`).
     sequence_items: int = 50
 
     def __post_init__(self) -> None:

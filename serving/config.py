@@ -334,6 +334,9 @@ class ServeConfig:
     budgets: Budgets = field(default_factory=Budgets)  # the other classes of calls (writes, watches, ...)
     snapshot_interval_s: float = 30.0  # in-process features: persist a changed state this often; 0: never
     retention: RetentionConfig = field(default_factory=RetentionConfig)  # the event and exposure logs' maximum ages
+    # Items of each user's sequence a new feature state keeps for sequence models (FeatureParams; 0: none,
+    # and no bundle with a sequence model can be served on it); a stored state keeps the value it was made with
+    sequence_items: int = 50
     readiness_interval_s: float = 1.0  # how often the readiness health status checks the dependencies
     encoder_timeout_s: float = 0.25  # Triton deadline on the request path
     encoder_retries: int = 1
@@ -363,5 +366,7 @@ class ServeConfig:
         if self.snapshot_interval_s < 0:
             raise ConfigError(f"snapshot_interval_s={self.snapshot_interval_s} must be >= 0 (0: never)")
         self.retention.check(self.limits.dedup_window_s)
+        if self.sequence_items < 0:
+            raise ConfigError(f"sequence_items={self.sequence_items} must be >= 0 (0: no sequences kept)")
         if self.experiments_file is not None and not Path(self.experiments_file).is_file():
             raise ConfigError(f"experiments file {self.experiments_file} not found (--experiments)")

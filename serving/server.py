@@ -35,6 +35,7 @@ from grpc_reflection.v1alpha import reflection
 from featurizer.contracts.experiments import Experiments, load_experiments
 from featurizer.contracts.schema import read_dataset
 from featurizer.errors import ConfigError
+from featurizer.definitions import FeatureParams
 from featurizer.online.features import StateMismatchError
 from featurizer.privacy import KEY_ENV as PSEUDONYM_KEY_ENV
 from featurizer.privacy import check_state
@@ -218,7 +219,8 @@ class RankingServer:
                                     on_history_skipped=self.metrics.user_history_skipped_total.inc,
                                     max_inline_encodes=cfg.limits.max_inline_encodes,
                                     store_read_timeout_s=cfg.limits.store_read_timeout_s,
-                                    max_store_waiting=cfg.limits.max_store_waiting, pseudonyms=cfg.pseudonyms)
+                                    max_store_waiting=cfg.limits.max_store_waiting, pseudonyms=cfg.pseudonyms,
+                                    feature_params=FeatureParams(sequence_items=cfg.sequence_items))
 
             try:
                 built = build()

@@ -17,6 +17,7 @@ changed, so a request decodes only what changed since; with Redis every read dec
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from datetime import datetime, timezone
 from itertools import repeat
 
@@ -114,9 +115,8 @@ class OnlineFeatures:
                 f"({meta.get('fingerprint')} != {params.fingerprint()}); use a new namespace/path or rebuild it"
             )
         held = None if meta is None else meta.get("sequence_items")
-        if held is not None and held != params.sequence_items:
-            raise StateMismatchError(f"the online store keeps {held} items of each user's sequence, not "
-                                     f"{params.sequence_items}; use a new namespace/path or rebuild it")
+        if held is not None and held != params.sequence_items:  # set when a state is made: the state's holds
+            self.params = params = replace(params, sequence_items=held)
         # A store written before semrank kept sequences (no "sequence_items") holds partial ones: a
         # bundle with a sequence model is refused on it (serving.ranking.engine.serving_inputs).
         self.sequence_complete = meta is None or held is not None
@@ -279,24 +279,24 @@ class OnlineFeatures:
         }, expect=expect)
         self._watermark = watermark
 
-    def _sequences_after(self, seq_events: list[tuple[str, int, str, bool]]) -> dict[str, bytes]:
+    def _sequences_after(self, seq_events: list[tuple[str, int, str, bool]]) -> dict[str, dict]:
         """The changed "seq" rows of the users of `seq_events` (`featurizer.online.user_sequence`)."""
         keep = self.params.sequence_items
         if not seq_events or not keep:
             return {}
         users = list(dict.fromkeys(e[0] for e in seq_events))
-        held = {u: UserSequence() if v is None else UserSequence.from_bytes(v)
+        held = {u: UserSequence() if v is None else UserSequence.from_dict(v)
                 for u, v in zip(users, self.store.read("seq", users))}
         changed = {u for u, t, i, first in seq_events if held[u].add(t, i, first, keep)}
-        return {u: held[u].to_bytes() for u in changed}
+        return {u: held[u].to_dict() for u in changed}
 
     # ------------------------------------------------------------ reads
 
     def sequence(self, user_id: str, t: datetime) -> list[str]:
         """The user's distinct engaged items by first engagement before t, oldest first: the last
         `params.sequence_items` of the sequence `training.data.loo` gives a sequence model."""
-        blob = self.store.read("seq", [user_id])[0]
-        return [] if blob is None else UserSequence.from_bytes(blob).before(to_us(t), self.params.sequence_items)
+        held = self.store.read("seq", [user_id])[0]
+        return [] if held is None else UserSequence.from_dict(held).before(to_us(t), self.params.sequence_items)
 
     def history(self, user_id: str, t: datetime, n: int) -> list[str]:
         """The user's last n (<= params.history_items) distinct engaged items before t, most recent

@@ -1,6 +1,6 @@
 """A user's item sequence for the sequence model (entity "seq", bytes, per user; issue 31).
 
-    seq = UserSequence.from_bytes(blob)      # or UserSequence() for a user without one
+    seq = UserSequence.from_dict(value)      # or UserSequence() for a user without one
     seq.add(ts, item, first=True, keep=50)   # an engagement, in the fold
     seq.before(t, 50)                        # the last 50 items first engaged before t, oldest first
 
@@ -16,16 +16,14 @@ whatever order the events arrived in, as long as nothing it should bring back wa
 every other online state (`featurizer.online.state`), exact parity with the offline sequence holds
 for events applied in time order.
 
-Layout (little-endian): u4 n, then n i8 first-engagement instants (µs), n u4 byte lengths, then the
-n item ids in UTF-8. About (12 + len(id)) bytes per item: 1.1 KB for 50 items with 10-byte ids.
+Stored as JSON, `{"t": [first-engagement instants, µs], "i": [item ids]}` (orjson: a fifth of the
+time a packed numpy layout took to decode and encode, on the fold's path for every first
+engagement): about (21 + len(id)) bytes per item, 1.5 KB for 50 items with 10-byte ids.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-
-import numpy as np
-
 
 class UserSequence:
     __slots__ = ("ts", "items")
@@ -60,17 +58,9 @@ class UserSequence:
         end = bisect_left(self.ts, t)
         return self.items[max(0, end - n):end]
 
-    def to_bytes(self) -> bytes:
-        encoded = [i.encode() for i in self.items]
-        return (np.array([len(encoded)], dtype="<u4").tobytes() + np.asarray(self.ts, dtype="<i8").tobytes()
-                + np.array([len(b) for b in encoded], dtype="<u4").tobytes() + b"".join(encoded))
+    def to_dict(self) -> dict:
+        return {"t": self.ts, "i": self.items}
 
     @classmethod
-    def from_bytes(cls, blob: bytes) -> UserSequence:
-        n = int(np.frombuffer(blob, dtype="<u4", count=1)[0])
-        ts = np.frombuffer(blob, dtype="<i8", count=n, offset=4).tolist()
-        lengths = np.frombuffer(blob, dtype="<u4", count=n, offset=4 + 8 * n)
-        ends = np.cumsum(lengths).tolist()
-        body = blob[4 + 12 * n:]
-        starts = [0, *ends[:-1]]
-        return cls(ts, [body[a:b].decode() for a, b in zip(starts, ends)])
+    def from_dict(cls, d: dict) -> UserSequence:
+        return cls(d["t"], d["i"])

@@ -65,6 +65,7 @@ def cmd_serve(args) -> int:
         bundle_roots=tuple(args.bundle_root),
         reload_poll_s=args.reload_poll_s,
         snapshot_interval_s=args.snapshot_interval_s,
+        sequence_items=args.sequence_items,
         retention=RetentionConfig(events_s=args.retain_events_days * DAY_S, exposures_s=args.retain_exposures_days * DAY_S),
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         budgets=Budgets.parse(args.budget),
@@ -215,6 +216,9 @@ def register(sub) -> None:
     s.add_argument("--snapshot-interval-s", type=float, default=30.0,
                    help="in-process features: persist the feature state this often when it changed; 0 turns it off "
                         "(a restart then folds the whole event log)")
+    s.add_argument("--sequence-items", type=int, default=50,
+                   help="items of each user's sequence a new feature state keeps for bundles with a sequence model "
+                        "(0: none; about 30 bytes per item; a stored state keeps the value it was made with)")
     s.add_argument("--retain-events-days", type=float, default=0.0,
                    help="delete events from the durable event log this many days after they were written, once the "
                         "feature snapshot holds them (0: keep for ever; at least the 1-day exactly-once window; "

@@ -29,6 +29,7 @@ import polars as pl
 
 from featurizer.contracts.event_rules import EventRules
 from featurizer.contracts.schema import read_dataset
+from featurizer.definitions import FeatureParams
 from featurizer.errors import SemrankError
 from featurizer.online.features import OnlineFeatures
 from featurizer.privacy import Pseudonyms
@@ -90,13 +91,13 @@ def snapshot_file(cfg, state_dir: Path) -> Path | None:
 
 def restore_online(store: OnlineStore, items: pl.DataFrame, events: pl.DataFrame,
                    logged: Callable[[int], Iterator[tuple[int, LoggedEvent]]],
-                   rules: EventRules = EventRules()) -> OnlineFeatures:
+                   rules: EventRules = EventRules(), params: FeatureParams = FeatureParams()) -> OnlineFeatures:
     """Online features from the store's snapshot (or `events` when it has none), then the logged
     events after the snapshot's seq (`logged(after_seq)` yields them in seq order). A logged event
     the event rules refuse now (the log was written after LogEvents checked them with the same rules
     at an earlier clock, so only a damaged or edited log holds one) is skipped and logged: it never
     reaches the features, nor moves their clock."""
-    online = OnlineFeatures(store, items)
+    online = OnlineFeatures(store, items, params)
     if online.watermark is None:
         online.apply(events)
         after = 0
@@ -129,13 +130,15 @@ def restore_online(store: OnlineStore, items: pl.DataFrame, events: pl.DataFrame
 def build_engine(data_dir: Path, state_dir: Path, store_cfg: StoreConfig | None = None,
                  clock: Callable[[], datetime] = utc_now, *, read_only: bool = False, local_log: bool = True,
                  embeddings_dir: Path | None = None, on_cache: Callable[[str, bool], None] | None = None,
-                 rules: EventRules = EventRules(), pseudonyms: Pseudonyms = Pseudonyms(), **engine_kw) -> BuiltEngine:
+                 rules: EventRules = EventRules(), pseudonyms: Pseudonyms = Pseudonyms(),
+                 feature_params: FeatureParams = FeatureParams(), **engine_kw) -> BuiltEngine:
     """Items, online features and the engine over them (see the module docstring).
 
     `store_cfg` None: in-process, snapshotted to state_dir/online-store.bin. `local_log` False:
     events come from JetStream, which the server folds after this (serving.ingest.jetstream); no
     local event log is opened or replayed. `pseudonyms`: the data directory's user ids (the shop's
     own) are mapped to the stored ids (featurizer.privacy); the event log holds stored ids already.
+    `feature_params`: for a state made now (a stored state keeps its `sequence_items`).
     `engine_kw` go to RankingEngine (cache sizes). On failure whatever was opened is closed again."""
     state_dir = Path(state_dir)
     cfg = store_cfg or default_store(state_dir)
@@ -164,7 +167,7 @@ def build_engine(data_dir: Path, state_dir: Path, store_cfg: StoreConfig | None 
             store = store_from_config(cfg)
             closers.append(store.close)
             logged = event_log.replay
-        online = restore_online(store, items.items, pseudonyms.events(ds.events), logged, rules)
+        online = restore_online(store, items.items, pseudonyms.events(ds.events), logged, rules, feature_params)
         engine = RankingEngine(items=items, online=online, clock=clock, on_cache=on_cache, **engine_kw)
         closers.insert(0, engine.store_worker.close)  # no call into the store runs once the log and store close
     except BaseException:

@@ -50,6 +50,7 @@ def test_start_up_says_that_writes_are_open_without_tokens(caplog):
     ({"metrics_port": 70000}, "metrics_port=70000"),
     ({"max_concurrent_rpcs": 0}, "max_concurrent_rpcs=0"),
     ({"snapshot_interval_s": -1.0}, "snapshot_interval_s=-1.0 must be >= 0"),
+    ({"sequence_items": -1}, "sequence_items=-1 must be >= 0"),
     ({"gc_thresholds": (700, 0, 10)}, "gc_thresholds=.*each >= 1"),
     ({"gc_thresholds": (700, 10)}, "gc_thresholds=.*three"),
     ({"experiments_file": Path("/nonexistent/experiments.json")}, "experiments file .* not found"),
