@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 from pathlib import Path
 
 import polars as pl
@@ -33,6 +34,14 @@ MIN_KEY_BYTES = 32
 PREFIX = "p1_"
 STATE_FILE = "pseudonyms.json"
 _FINGERPRINT_LABEL = b"semrank pseudonym key fingerprint v1"
+
+
+_PSEUDONYM = re.compile(r"p1_[0-9a-f]{32}")
+
+
+def is_pseudonym(user_id: str) -> bool:
+    """Whether `user_id` has the form of a pseudonym (what a key maps ids to)."""
+    return _PSEUDONYM.fullmatch(user_id) is not None
 
 
 class Pseudonyms:

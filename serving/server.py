@@ -251,7 +251,7 @@ class RankingServer:
                     cfg.events, engine.online, engine.store_worker, cfg.limits.dedup_window_s,
                     on_items=lambda shared: apply_shared_items(engine, registry.pool, shared),
                     items_through=fetched or 0, rules=cfg.limits.event_rules, item_rules=cfg.limits.item_rules,
-                    item_known=engine.items.index.__contains__, slices=self._apply_slices())
+                    item_known=engine.items.index.__contains__, slices=self._apply_slices(), pseudonyms=cfg.pseudonyms)
                 self._shared_bundle = SharedBundle(ingest.js, cfg.events, registry, ingest.origin, bundle_roots)
                 await self._shared_bundle.start()  # the fleet's bundle, if another replica reloaded
                 try:  # the fleet's first snapshot, before serving: the only full upload most fleets make

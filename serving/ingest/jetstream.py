@@ -50,6 +50,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy,
 from featurizer.contracts.event_rules import EventRules, ItemRules, problem_field
 from featurizer.errors import ConfigError
 from featurizer.online.features import OnlineFeatures
+from featurizer.privacy import Pseudonyms, is_pseudonym
 from featurizer.store.base import OnlineStoreError, WriteConflict
 from serving.config import JetStreamConfig
 from serving.ingest.apply import (
@@ -61,6 +62,7 @@ from serving.ingest.apply import (
     applied_seq,
     wait_on,
 )
+from serving.ingest.control import agree_pseudonyms
 from serving.ingest.log_format import LoggedEvent
 from serving.ingest.stream_format import (
     KIND_HEADER,
@@ -116,6 +118,7 @@ class StreamIngest:
         self.cfg, self.online, self.worker = cfg, online, worker
         self.slices = slices if slices is not None else ApplySlices()  # events per commit
         self.rules = rules  # what LogEvents accepts: the fold applies nothing else, whoever published it
+        self.pseudonymous = False  # the fleet's key is on: every event's user id must be a pseudonym
         self.item_rules = item_rules  # what UpsertItems accepts, for item messages
         self.item_known: Callable[[str], bool] | None = None  # the server's catalog (a new item needs a title)
         self._dead_prefix = f"{cfg.subject_prefix}.dead."  # skipped messages, copied for operators
@@ -145,15 +148,21 @@ class StreamIngest:
                    dedup_window_s: float, ready_timeout_s: float | None = None,
                    on_items: Callable[[list[SharedItem]], Awaitable[None]] | None = None,
                    items_through: int = 0, rules: EventRules = EventRules(), item_rules: ItemRules = ItemRules(),
-                   item_known: Callable[[str], bool] | None = None, slices: ApplySlices | None = None) -> StreamIngest:
+                   item_known: Callable[[str], bool] | None = None, slices: ApplySlices | None = None,
+                   pseudonyms: Pseudonyms | None = None) -> StreamIngest:
         """Connect, create (or update) the stream, and fold it up to its end as of now.
         `items_through`: the store came from another replica's snapshot (serving.ingest.snapshots)
         holding seqs up to it, and this process has none of the items upserted before: they are
-        folded first (item messages only), then everything after the snapshot."""
+        folded first (item messages only), then everything after the snapshot. `pseudonyms`: this
+        replica's key, checked against the fleet's (serving.ingest.control) before anything is
+        folded; with a key, an event whose user id is not a pseudonym is refused (`user_id`)."""
         self = cls(cfg, online, worker, dedup_window_s, rules, item_rules, slices)
         self.on_items, self.item_known = on_items, item_known
         try:
             await self._connect()
+            if pseudonyms is not None:
+                await agree_pseudonyms(self._js, cfg, pseudonyms.fingerprint)
+                self.pseudonymous = pseudonyms.enabled
             self.committed_seq = await worker.read(applied_seq, online, self.key)
             if items_through and on_items is not None:
                 await self._fold_items(min(items_through, self.committed_seq))
@@ -517,6 +526,8 @@ class StreamIngest:
         stamped = m.metadata.timestamp
         now_us = round(stamped.timestamp() * 1_000_000) if stamped is not None else 0
         problem = self.rules.problem(event, now_us)
+        if problem is None and self.pseudonymous and not is_pseudonym(event.user_id):
+            problem = "user_id: not a pseudonym, with the fleet's pseudonym key on (a producer published a raw id)"
         if problem is not None:
             reason = problem_field(problem)
             self.stats.refused[reason] = self.stats.refused.get(reason, 0) + 1

@@ -5,7 +5,7 @@
     registry on_reload "ok" -> shared.reloaded_here()   # RPC or watcher: tell the others
     task = asyncio.create_task(shared.follow(1.0))      # reload when another replica did
 
-With `--events jetstream`, bucket `<stream>_CONTROL`, key `bundle`, holds the fleet's bundle as
+With `--events jetstream`, bucket `<stream>_CONTROL` (serving.ingest.control), key `bundle`, holds the fleet's bundle as
 JSON: `{"path": ..., "version": ..., "origin": <replica>, "at": <unix time>}`. A replica that
 reloads (ReloadBundle, or its watcher seeing the bundle directory change) puts it; every replica
 polls the key and reloads to each new revision once, from the same path, which must be the same
@@ -26,18 +26,14 @@ import time
 from pathlib import Path
 
 import nats.js.errors
-from nats.js.api import KeyValueConfig, StorageType
 
 from serving.config import JetStreamConfig
+from serving.ingest.control import control_bucket
 from serving.ranking.registry import BundlePathRefused, BundleRegistry, allowed_bundle_path
 
 log = logging.getLogger(__name__)
 
 KEY = "bundle"
-
-
-def bucket_name(stream: str) -> str:
-    return f"{stream}_CONTROL"
 
 
 class SharedBundle:
@@ -54,12 +50,7 @@ class SharedBundle:
 
     async def _bucket(self):
         if self._kv is None:
-            try:
-                self._kv = await self.js.key_value(bucket_name(self.cfg.stream))
-            except nats.js.errors.BucketNotFoundError:
-                self._kv = await self.js.create_key_value(KeyValueConfig(
-                    bucket=bucket_name(self.cfg.stream), description="semrank fleet control (docs/scaling.md)",
-                    storage=StorageType.FILE, replicas=self.cfg.replicas, history=5))
+            self._kv = await control_bucket(self.js, self.cfg)
         return self._kv
 
     async def _get(self) -> tuple[int, dict] | None:

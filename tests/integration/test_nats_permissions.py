@@ -1,6 +1,6 @@
 """docs/nats/semrank.conf, the NATS users of docs/scaling.md ("Who may write what"), on a real
 nats-server of the test's own: a replica can do all it does (publish and fold events, the fleet's
-bundle key, snapshots); a producer can publish user events and nothing else, so it cannot point the
+bundle key and the fleet's pseudonym key, snapshots); a producer can publish user events and nothing else, so it cannot point the
 fleet at a bundle, touch snapshots or change the stream (issue 30)."""
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ import nats.js.errors
 import pytest
 
 from featurizer.online.features import OnlineFeatures
+from featurizer.privacy import Pseudonyms
 from featurizer.store.in_process import InProcessStore
 from serving.config import JetStreamConfig
 from serving.ingest.jetstream import StreamIngest
 from serving.ingest.stream_format import encode_event, subject_for
 from serving.ranking.shared_bundle import KEY
-from serving.ranking.shared_bundle import bucket_name as control
+from serving.ingest.control import bucket_name as control
 from serving.ranking.store_worker import StoreWorker
 from serving.triton.process import free_port
 from tests.integration.serving_kit import wait_until
@@ -67,12 +68,13 @@ def test_a_replica_does_its_work_and_a_producer_cannot_write_the_control_bucket(
     async def scenario():
         online = OnlineFeatures(InProcessStore(), ITEMS)
         replica = await StreamIngest.open(cfg, online, StoreWorker(online.store.remote), dedup_window_s=3600,
-                                          ready_timeout_s=30)
+                                          ready_timeout_s=30, pseudonyms=Pseudonyms(None))  # the fleet's key: agreed
         try:
             logged = await replica.log_events(batch(0))  # publish, acknowledge, fold
             assert logged.stored == len(batch(0))
-            kv = await replica.js.create_key_value(bucket=control("SEMRANK_EVENTS"))  # the fleet's bundle key
-            await kv.put(KEY, b'{"path": "/srv/bundles/v2", "version": "v2"}')
+            kv = await replica.js.key_value(control("SEMRANK_EVENTS"))  # made by the key agreement at open
+            assert json.loads((await kv.get("pseudonyms")).value) == {"fingerprint": None}
+            await kv.put(KEY, b'{"path": "/srv/bundles/v2", "version": "v2"}')  # the fleet's bundle key
             store = await replica.js.create_object_store(bucket="SEMRANK_EVENTS_SNAPSHOTS")  # shared snapshots
             await store.put("snapshot", b"x" * 1000)
             assert (await store.get("snapshot")).data == b"x" * 1000

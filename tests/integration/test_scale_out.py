@@ -56,7 +56,7 @@ def stream():
 
     async def drop():
         from serving.ingest.snapshots import bucket_name as snapshots
-        from serving.ranking.shared_bundle import bucket_name as control
+        from serving.ingest.control import bucket_name as control
 
         nc = await nats.connect(MACHINE_NATS)
         js = nc.jetstream()
@@ -402,7 +402,7 @@ def test_the_fleet_bundle_key_obeys_the_bundle_roots(small_shop, small_bundle, t
     from dataclasses import replace
 
     from serving.ranking.shared_bundle import KEY
-    from serving.ranking.shared_bundle import bucket_name as control
+    from serving.ingest.control import bucket_name as control
     from tests.integration.serving_kit import copy_bundle
 
     name, prefix = stream

@@ -14,6 +14,7 @@ test's own where the test stops it.
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 import dataclasses
 import uuid
 
@@ -355,6 +356,41 @@ def test_the_fold_refuses_what_log_events_refuses_and_goes_on(stream_cfg):
     assert bad == len(POISON) - 1  # the control was applied
     assert clock == clock2 and clock.timestamp() * 1e6 == max(e.ts_us for e in batch(1))  # the clock: good events only
     np.testing.assert_array_equal(got, got2)
+
+
+def test_replicas_share_one_pseudonym_key_and_with_it_the_fold_refuses_raw_ids(stream_cfg):
+    """Issue 18: a replica whose pseudonym key differs from the fleet's (or that has none when the
+    fleet has one, or the reverse) is refused before it folds; with the key on, an event another
+    producer published with a raw user id is refused (`user_id`) and a pseudonym's folds."""
+    from featurizer.errors import ConfigError
+    from featurizer.privacy import Pseudonyms
+
+    key = Pseudonyms(b"k" * 32)
+
+    async def open_with(names: Pseudonyms):
+        online = OnlineFeatures(InProcessStore(), ITEMS)
+        return await StreamIngest.open(stream_cfg, online, StoreWorker(False), dedup_window_s=3600,
+                                       ready_timeout_s=60, pseudonyms=names), online
+
+    async def scenario():
+        first, online = await open_with(key)
+        try:
+            for other in (Pseudonyms(b"j" * 32), Pseudonyms(None)):
+                with pytest.raises(ConfigError, match="fingerprint"):
+                    await open_with(other)
+            again, _ = await open_with(Pseudonyms(b"k" * 32))  # the same key: agreed
+            await again.close()
+            raw = LoggedEvent(T0_US, "alice", "i1", "click", event_id="raw-1")
+            mapped = LoggedEvent(T0_US, key("alice"), "i2", "click", event_id="mapped-1")
+            last = (await first.log_events([raw, mapped])).last_seq
+            assert await first.wait_folded(last, 10.0)
+            at = online.watermark + timedelta(seconds=1)
+            return dict(first.stats.refused), online.sequence("alice", at), online.sequence(key("alice"), at)
+        finally:
+            await first.close()
+
+    refused, raw_seq, mapped_seq = asyncio.run(scenario())
+    assert refused == {"user_id": 1} and raw_seq == [] and mapped_seq == ["i2"]
 
 
 def test_item_messages_obey_the_item_rules_of_upsert_items(stream_cfg):
