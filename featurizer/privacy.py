@@ -84,6 +84,10 @@ class Pseudonyms:
         ids = frame["user_id"].unique().to_list()
         return frame.with_columns(pl.col("user_id").replace_strict({u: self(u) for u in ids}, return_dtype=pl.Utf8))
 
+    def derived_key(self, label: bytes) -> bytes | None:
+        """A key for another purpose, derived from this one (None without a key): never the key itself."""
+        return None if self._key is None else hmac.new(self._key, label, hashlib.sha256).digest()
+
     def describe(self) -> str:
         return f"on (key fingerprint {self.fingerprint})" if self.enabled else "off (user ids are stored as given)"
 

@@ -266,7 +266,7 @@ class RankingServer:
                 engine=engine, registry=registry, exposures=exposures, ingest=ingest,
                 metrics=self.metrics,
                 limits=cfg.limits, experiments=experiments, encoder_timeout_s=cfg.encoder_timeout_s,
-                bundle_roots=bundle_roots, pseudonyms=cfg.pseudonyms,
+                bundle_roots=bundle_roots, pseudonyms=cfg.pseudonyms, erasures=built.erasures,
                 null_reply=(null_reply(engine.items.item_ids, registry.default.runtime.version, cfg.null_service_top_k)
                             if cfg.null_service_top_k else None),
             )

@@ -127,6 +127,18 @@ class RedisStore(OnlineStore):
             pipe.delete(*chunk)
         self._run("delete", pipe.execute)
 
+    def drop_namespace(self) -> int:
+        """Delete every key of this namespace (an erasure's rebuild: the next start refills it from
+        the data and the event log); returns how many."""
+        if self._closed:
+            raise OnlineStoreError("the Redis store is closed")
+        keys = self._run("scan", lambda: list(self._client.scan_iter(match=f"{self._prefix}*", count=1000)))
+        pipe = self._client.pipeline(transaction=False)
+        for chunk in self._chunks(keys):
+            pipe.delete(*chunk)
+        self._run("delete", pipe.execute)
+        return len(keys)
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True

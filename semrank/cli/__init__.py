@@ -17,7 +17,7 @@ import sys
 from featurizer.errors import SemrankError
 
 # Command groups, in the order `semrank --help` lists them.
-COMMAND_MODULES = ("data", "train", "serve", "score", "evaluate", "export", "ab", "demo")
+COMMAND_MODULES = ("data", "train", "serve", "score", "evaluate", "export", "ab", "privacy", "demo")
 USAGE_ERRORS = (SemrankError, ValueError, FileNotFoundError)
 EXIT_USAGE = 2
 

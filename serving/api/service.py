@@ -22,6 +22,7 @@ import numpy as np
 
 from featurizer.contracts.experiments import Experiments
 from featurizer.definitions import FAMILIES
+from featurizer.erasure import Erasures
 from featurizer.errors import SemrankError
 from featurizer.online.features import OnlineFeatures
 from featurizer.privacy import Pseudonyms
@@ -62,6 +63,7 @@ class ServingState:
     encoder_timeout_s: float = 0.25  # per Triton call on the request path (further capped by the deadline)
     bundle_roots: list[Path] = field(default_factory=list)  # where ReloadBundle may load from
     pseudonyms: Pseudonyms = field(default_factory=Pseudonyms)  # caller's user id -> the stored one (featurizer.privacy)
+    erasures: Erasures | None = None  # users erased on request: their events are refused (featurizer.erasure)
     # The bench's null service (`semrank serve --null-service`): Rank answers this reply, built in
     # advance, after grpc parsed the request in full; the rest of the server is the same.
     null_reply: pb.RankResponse | None = None
@@ -175,8 +177,12 @@ class RankingService(pb_grpc.RankingServiceServicer):
                 for ev in msg.events:
                     problem = event_problem(ev, s.limits, now)
                     if problem is None:
-                        batch.append(to_logged(ev, s.pseudonyms))
-                    else:
+                        event = to_logged(ev, s.pseudonyms)
+                        if s.erasures is not None and event.user_id in s.erasures:
+                            problem = "user_id: erased on request; events of this user are not stored (docs/privacy.md)"
+                        else:
+                            batch.append(event)
+                    if problem is not None:
                         resp.rejected += 1
                         if len(resp.rejections) < s.limits.max_rejections_listed:
                             resp.rejections.append(pb.EventRejection(index=index, event_id=ev.event_id, reason=problem))

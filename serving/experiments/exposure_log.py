@@ -291,3 +291,33 @@ class ExposureLog:
         except OSError:
             if not quiet:
                 raise
+
+
+def erase_exposures(directory: Path, user_ids: set[str]) -> int:
+    """Erasure (issue 18 item 3): rewrite every exposure file of `directory` without the records of
+    `user_ids` (stored ids), each through a temp file renamed over it; returns how many records went.
+    For a directory no writer has open (an erasure job, server stopped). A line that does not parse
+    (a torn last line) is kept as it is."""
+    removed = 0
+    for path in sorted(Path(directory).glob(FILE_GLOB)):
+        kept, gone = [], 0
+        with open(path, "rb") as f:
+            for line in f:
+                try:
+                    user = orjson.loads(line).get("user_id")
+                except orjson.JSONDecodeError:
+                    user = None
+                if user in user_ids:
+                    gone += 1
+                else:
+                    kept.append(line)
+        if gone:
+            tmp = path.with_name(path.name + ".erasing")
+            with open(tmp, "wb") as f:
+                f.write(b"".join(kept))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            removed += gone
+    return removed
+

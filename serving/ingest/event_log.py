@@ -14,6 +14,10 @@ CRC) at the very end of the last segment is a torn write from a crash and is tru
 record raises EventLogCorrupt. With fsync=False, acknowledged events survive a process kill but not
 a power loss.
 
+Erasure (`erase`, issue 18 item 3): the segments holding a user's events are rewritten (a temp
+file, fsynced, renamed) with each of those events replaced by null: the seqs, which tokens and the
+features' applied seq count, stay as they were, and no reader yields a null.
+
 Retention (`compact`): whole closed segments are deleted once their last write is older than the
 maximum age and every event in them is held by a persisted feature state (a snapshot, or a durable
 store), so a restart never misses an event the features had counted. A segment also closes when it
@@ -83,6 +87,7 @@ class EventLog:
         os.ftruncate(self._lock_fd, 0)
         os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
         self._lock = threading.Lock()  # guards the segment list, fd, sizes and last_seq
+        self._write_lock = threading.Lock()  # held by the committer while it writes, and by `erase`
         self._cv = threading.Condition()  # guards the queue of pending batches
         self._queue: list[tuple[bytes, int, Callable[[int, BaseException | None], None]]] = []
         self._closed, self._failed = False, None
@@ -205,7 +210,8 @@ class EventLog:
                     return
                 batch, self._queue = self._queue, []
             try:
-                seqs = self._write(batch)
+                with self._write_lock:
+                    seqs = self._write(batch)
             except BaseException as e:  # the file state is unknown: refuse further writes
                 with self._cv:
                     self._failed = e
@@ -264,7 +270,7 @@ class EventLog:
             for rec_seq, count, payload, _ in iter_records(path, first, stop_after=last):
                 if rec_seq + count - 1 > after_seq:
                     for seq, row in enumerate(json.loads(payload), start=rec_seq):
-                        if after_seq < seq <= last:
+                        if row is not None and after_seq < seq <= last:  # (null: an erased event)
                             yield seq, LoggedEvent(*row)
         except TornRecord as t:
             raise EventLogCorrupt(path, t.offset, t.problem) from None
@@ -273,6 +279,45 @@ class EventLog:
                 if first in self._segments:
                     raise
             return
+
+    def erase(self, user_ids: set[str]) -> int:
+        """Replace every event of `user_ids` (stored ids) by null, rewriting the segments that hold
+        one; returns how many were erased. Appends wait while it runs."""
+        removed = 0
+        with self._write_lock:
+            with self._lock:
+                segments = list(self._segments)
+            for first in segments:
+                path = segment_path(self.directory, first)
+                out, hit = bytearray(SEGMENT_HEADER.pack(MAGIC, VERSION, first)), 0
+                try:
+                    for rec_seq, count, payload, _ in iter_records(path, first):
+                        rows = json.loads(payload)
+                        kept = [None if row is not None and row[1] in user_ids else row for row in rows]
+                        gone = sum(row is not None for row in rows) - sum(row is not None for row in kept)
+                        if gone:
+                            payload, hit = json.dumps(kept, ensure_ascii=False, separators=(",", ":")).encode(), hit + gone
+                        out += record_bytes(rec_seq, count, payload)
+                except TornRecord as t:
+                    raise EventLogCorrupt(path, t.offset, t.problem) from None
+                if not hit:
+                    continue
+                tmp = path.with_name(path.name + ".tmp")  # (a crash leaves it: `_recover` deletes it)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                try:
+                    os.write(fd, bytes(out))
+                    self._fsync(fd)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, path)
+                self._sync_path(self.directory)
+                with self._lock:
+                    if first == self._segments[-1]:  # the open segment: append to the new file
+                        os.close(self._fd)
+                        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+                        self._size = len(out)
+                removed += hit
+        return removed
 
     def compact(self, max_age_s: float, covered_seq: int, now: float | None = None) -> int:
         """Retention: delete the oldest closed segments whose last write is more than `max_age_s` ago

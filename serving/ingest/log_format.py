@@ -4,8 +4,9 @@ Layout: segment files `events-<first seq, 20 digits>.log` and a `LOCK` file (fcn
 process). A segment starts with a 20-byte header `<8s I Q>`: magic b"SEMRLOG\\0", format version,
 first seq. Then records, one per appended batch, each a 20-byte header `<I I Q I>`: payload length,
 CRC32 of (first seq, count, payload), first seq, count; then the payload, compact UTF-8 JSON
-`[[ts_us, user_id, item_id, event, request_id, position, event_id], ...]`. Seqs count from 1 over the
-log's life and run on without gaps across records and segments.
+`[[ts_us, user_id, item_id, event, request_id, position, event_id], ...]`, where null stands for an
+erased event (`EventLog.erase`). Seqs count from 1 over the log's life and run on without gaps
+across records and segments.
 
 A bad record at the very end of the last segment (cut short, bad CRC, zeros) is a torn write
 (`TornRecord.torn`); anywhere else it is corruption (`EventLogCorrupt`, naming the file and
@@ -178,7 +179,7 @@ def read_log(directory: Path, after_seq: int = 0) -> Iterator[tuple[int, LoggedE
             for rec_seq, count, payload, _ in iter_records(path, first):
                 if rec_seq + count - 1 > after_seq:
                     for seq, row in enumerate(json.loads(payload), start=rec_seq):
-                        if seq > after_seq:
+                        if row is not None and seq > after_seq:  # (null: an erased event)
                             yield seq, LoggedEvent(*row)
         except TornRecord as t:
             if k < len(found) - 1 or not t.torn:

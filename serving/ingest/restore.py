@@ -7,7 +7,8 @@
 In start-up order (serving.server's):
 1. the data directory's items, then the items upserted since (`state_dir/items`);
 2. the online features: the store's snapshot when it has one, else the data directory's
-   events; then the durable event log (`state_dir/events`) past what the snapshot holds;
+   events (without those of users erased on request: featurizer.erasure); then the durable event
+   log (`state_dir/events`) past what the snapshot holds;
 3. a `RankingEngine` over both, reading features at `clock()`.
 
 `read_only` is for jobs that read a state directory a server may be using: the event log is
@@ -30,6 +31,7 @@ import polars as pl
 from featurizer.contracts.event_rules import EventRules
 from featurizer.contracts.schema import read_dataset
 from featurizer.definitions import FeatureParams
+from featurizer.erasure import Erasures
 from featurizer.errors import SemrankError
 from featurizer.online.features import OnlineFeatures
 from featurizer.privacy import Pseudonyms
@@ -59,6 +61,7 @@ class BuiltEngine:
     engine: RankingEngine
     event_log: EventLog | None  # the open writer; None when read_only or on JetStream
     closers: list[Callable[[], None]] = field(default_factory=list)  # in order: store worker, event log, store
+    erasures: Erasures | None = None  # the state directory's erased users (featurizer.erasure)
 
     def close(self) -> None:
         close_all(self.closers)
@@ -167,10 +170,12 @@ def build_engine(data_dir: Path, state_dir: Path, store_cfg: StoreConfig | None 
             store = store_from_config(cfg)
             closers.append(store.close)
             logged = event_log.replay
-        online = restore_online(store, items.items, pseudonyms.events(ds.events), logged, rules, feature_params)
+        erasures = Erasures.open(state_dir, pseudonyms)  # erased users' events never come back (featurizer.erasure)
+        online = restore_online(store, items.items, erasures.filter_events(pseudonyms.events(ds.events)), logged, rules,
+                                feature_params)
         engine = RankingEngine(items=items, online=online, clock=clock, on_cache=on_cache, **engine_kw)
         closers.insert(0, engine.store_worker.close)  # no call into the store runs once the log and store close
     except BaseException:
         BuiltEngine(engine=None, event_log=None, closers=closers).close()  # type: ignore[arg-type]
         raise
-    return BuiltEngine(engine=engine, event_log=event_log, closers=closers)
+    return BuiltEngine(engine=engine, event_log=event_log, closers=closers, erasures=erasures)

@@ -1,0 +1,85 @@
+"""Time to erase users at about 1M events (issue 18 item 3): `semrank privacy delete-user` on a state
+directory, then the rebuild the next start does.
+
+    .venv/bin/python bench/erasure.py [--work-dir runs/bench-serve] [--log-events 400000] [--users 10]
+
+Needs the serve bench's shop (`bench/serve.py --prepare-only`: 3,000 users, about 640k events in its
+data directory). A fresh state directory gets `--log-events` more events in its event log (clicks of
+the shop's users, in batches of 1,000), so data directory and log hold about 1M events. Then half of `--users` data-directory
+users and half log users are erased in one run (`serving.ingest.erase.erase_users`: the log
+rewritten, exposures, the snapshot dropped, the list recorded), and the state is rebuilt as the
+next start does (`build_engine`: the data directory without them, then the log). Prints one JSON
+object: the seconds of each step and the peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from machine import machine  # bench/ is sys.path[0]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work-dir", type=Path, default=Path("runs/bench-serve"))
+    p.add_argument("--log-events", type=int, default=400_000)
+    p.add_argument("--users", type=int, default=10)
+    a = p.parse_args()
+    from featurizer.contracts.schema import read_dataset
+    from featurizer.erasure import Erasures
+    from featurizer.store.config import InProcessConfig
+    from serving.ingest.erase import erase_users
+    from serving.ingest.log_format import LoggedEvent
+    from serving.ingest.restore import build_engine
+
+    shop, state = a.work_dir / "shop", a.work_dir / "erasure-state"
+    if not (shop / "items.parquet").exists() and not any(shop.glob("items*")):
+        raise SystemExit(f"{shop}: no shop; run bench/serve.py --prepare-only first")
+    shutil.rmtree(state, ignore_errors=True)
+    ds = read_dataset(shop)
+    users, items = ds.events["user_id"].unique().sort().to_list(), ds.items["item_id"].to_list()
+    rng = np.random.default_rng(0)
+    t_us = int(ds.events["ts"].max().timestamp() * 1e6)
+    cfg = InProcessConfig(path=str(state / "online-store.bin"))
+    t0 = time.monotonic()
+    built = build_engine(shop, state, cfg)
+    first_build = time.monotonic() - t0
+    t0 = time.monotonic()
+    log_users = [f"log-user-{k}" for k in range(a.users)]
+    for start in range(0, a.log_events, 1000):
+        n = min(1000, a.log_events - start)
+        who = [log_users[k % len(log_users)] if k % 50 == 0 else users[rng.integers(len(users))] for k in range(n)]
+        batch = [LoggedEvent(t_us + (start + k) * 1000, who[k], items[rng.integers(len(items))], "click",
+                             event_id=f"b{start + k}") for k in range(n)]
+        built.event_log.append(batch)  # (the features never see them: the erasure drops the snapshot anyway)
+    fill = time.monotonic() - t0
+    built.close()
+    erased = users[: a.users // 2] + log_users[: a.users - a.users // 2]
+    t0 = time.monotonic()
+    removed = erase_users(state, erased, Erasures.open(state, create=True), "bench")
+    erase_s = time.monotonic() - t0
+    t0 = time.monotonic()
+    rebuilt = build_engine(shop, state, cfg)
+    rebuild_s = time.monotonic() - t0
+    assert all(rebuilt.engine.online.sequence(u, rebuilt.engine.now()) == [] for u in erased)
+    rebuilt.close()
+    out = {
+        "machine": machine(), "data_dir_events": ds.events.height, "log_events": a.log_events,
+        "events_total": ds.events.height + a.log_events, "users_erased": len(erased),
+        "erase": removed, "erase_seconds": round(erase_s, 2),
+        "rebuild_seconds": round(rebuild_s, 2), "time_to_erase_seconds": round(erase_s + rebuild_s, 2),
+        "first_build_seconds": round(first_build, 2), "log_fill_seconds": round(fill, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
