@@ -14,6 +14,10 @@ only for text the item store has no current vector of (inline unknown items, ite
 text changed), and by a text tower after the user's history changed; each call is reported
 by cause (`on_encode`, `ENCODE_CAUSES`).
 
+A bundle with a sequence model also gets `sequence_score` in this process, without Triton
+(`serving.ranking.sequence_scores`: the model's numpy forward pass over the user's item sequence,
+cached per user and history).
+
 When the encoder is unavailable the engine still answers: a text tower's cached user
 embedding (even one computed from an older history) is used if there is one, otherwise the
 text features are missing (NaN, which LightGBM routes as trained); the outcome then
