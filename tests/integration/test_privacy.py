@@ -94,6 +94,29 @@ def test_a_keyed_server_stores_logs_and_exposes_only_pseudonyms_and_ranks_as_wit
         stored = _files_text(tmp_path / "keyed")
         assert CANARY.encode() not in stored and shopper.encode() not in stored
         assert names(CANARY).encode() in stored  # the event log and the exposure hold the pseudonym
+        # The erased path: the canary is erased (`semrank privacy delete-user`, the server stopped); the
+        # restarted server ranks it as a stranger and refuses its event, and logs neither id nor pseudonym
+        # beyond what the earlier phase logged.
+        from semrank.cli import main
+
+        (tmp_path / "key").write_bytes(KEY)
+        assert main(["privacy", "delete-user", "--state-dir", str(tmp_path / "keyed"), "--user", CANARY,
+                     "--requested-by", "canary-test", "--pseudonym-key-file", str(tmp_path / "key")]) == 0
+        stored = _files_text(tmp_path / "keyed")
+        assert CANARY.encode() not in stored and names(CANARY).encode() not in stored
+        erased_logs = len(logs.getvalue())
+        with ServerThread(cfg("keyed", names), clock=lambda: now) as st, \
+                grpc.insecure_channel(f"127.0.0.1:{st.port}") as channel:
+            assert st.run(_history(st.server, names(CANARY), now)) == []
+            erased = rank(channel, CANARY, items, top_k=20, request_id="canary-erased")
+            assert not erased.degraded
+            refused_event = stub(channel).LogEvents(iter([pb.LogEventsRequest(events=[
+                pb.Event(ts=timestamp(now - timedelta(seconds=1)), user_id=CANARY, item_id=items[5],
+                         type=pb.EVENT_TYPE_CLICK, event_id="canary-after")])]), timeout=RPC_TIMEOUT_S)
+            assert refused_event.rejected == 1 and "erased" in refused_event.rejections[0].reason
+            assert CANARY not in refused_event.rejections[0].reason
+            assert not [k for k in scrape_metrics(st.server.metrics_port) if CANARY in str(k)]
+        assert CANARY not in logs.getvalue()[erased_logs:]
     finally:
         root.removeHandler(handler)
         for n, (lvl, off) in saved.items():
