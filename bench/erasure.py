@@ -5,7 +5,8 @@ directory, then the rebuild the next start does.
 
 Needs the serve bench's shop (`bench/serve.py --prepare-only`: 3,000 users, about 640k events in its
 data directory). A fresh state directory gets `--log-events` more events in its event log (clicks of
-the shop's users, in batches of 1,000), so data directory and log hold about 1M events. Then half of `--users` data-directory
+the shop's users, one a second over the days before the shop's last event, in batches of 1,000), so
+data directory and log hold about 1M events. Then half of `--users` data-directory
 users and half log users are erased in one run (`serving.ingest.erase.erase_users`: the log
 rewritten, exposures, the snapshot dropped, the list recorded), and the state is rebuilt as the
 next start does (`build_engine`: the data directory without them, then the log). Prints one JSON
@@ -55,8 +56,9 @@ def main() -> int:
     for start in range(0, a.log_events, 1000):
         n = min(1000, a.log_events - start)
         who = [log_users[k % len(log_users)] if k % 50 == 0 else users[rng.integers(len(users))] for k in range(n)]
-        batch = [LoggedEvent(t_us + (start + k) * 1000, who[k], items[rng.integers(len(items))], "click",
-                             event_id=f"b{start + k}") for k in range(n)]
+        # one a second, ending at the shop's last event: a few days of clicks beside the shop's own
+        batch = [LoggedEvent(t_us - (a.log_events - start - k) * 1_000_000, who[k], items[rng.integers(len(items))],
+                             "click", event_id=f"b{start + k}") for k in range(n)]
         built.event_log.append(batch)  # (the features never see them: the erasure drops the snapshot anyway)
     fill = time.monotonic() - t0
     built.close()
