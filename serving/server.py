@@ -31,11 +31,12 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from threadpoolctl import threadpool_limits
 
 from featurizer.contracts.experiments import Experiments, load_experiments
 from featurizer.contracts.schema import read_dataset
-from featurizer.errors import ConfigError
 from featurizer.definitions import FeatureParams
+from featurizer.errors import ConfigError
 from featurizer.online.features import StateMismatchError
 from featurizer.privacy import KEY_ENV as PSEUDONYM_KEY_ENV
 from featurizer.privacy import check_state
@@ -118,6 +119,7 @@ class RankingServer:
         self.cfg = cfg
         self.clock = clock
         self._gc_thresholds: tuple[int, int, int] | None = None  # the process's own, restored at stop
+        self._blas_limits = None  # numpy's BLAS threads held at 1 while serving (threadpoolctl), restored at stop
         self.metrics = Metrics()
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
@@ -303,6 +305,10 @@ class RankingServer:
         # (one took 188 ms in the bench's mixed phase before; semrank_gc_pause_seconds shows them).
         gc.collect()
         gc.freeze()
+        # numpy's BLAS on one thread while serving: a BLAS call on the request path (the sequence model's
+        # forward pass, serving.ranking.sequence_scores) woke OpenBLAS's second thread, which then spun:
+        # +0.9 of the 2 cores and a 138 ms Rank p99 in bench/serve.py's heavy mix (docs/serving.md).
+        self._blas_limits = threadpool_limits(1, user_api="blas")
         self._gc_thresholds = gc.get_threshold()
         gc.set_threshold(*cfg.gc_thresholds)  # (ServeConfig.gc_thresholds: full collections stay rare)
         log.info("serving %s on %s:%d (bundle %s, %d items, %d experiment(s), metrics port %s)", SERVICE_NAME,
@@ -500,6 +506,9 @@ class RankingServer:
         """Stop accepting, drain in-flight calls, flush logs and the snapshot, stop Triton."""
         self.metrics.unwatch_gc()
         gc.unfreeze()  # (several servers in one process, as in tests: what start froze is collectable again)
+        if self._blas_limits is not None:
+            self._blas_limits.restore_original_limits()
+            self._blas_limits = None
         if self._gc_thresholds is not None:
             gc.set_threshold(*self._gc_thresholds)
             self._gc_thresholds = None

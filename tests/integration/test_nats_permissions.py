@@ -19,10 +19,10 @@ from featurizer.online.features import OnlineFeatures
 from featurizer.privacy import Pseudonyms
 from featurizer.store.in_process import InProcessStore
 from serving.config import JetStreamConfig
+from serving.ingest.control import bucket_name as control
 from serving.ingest.jetstream import StreamIngest
 from serving.ingest.stream_format import encode_event, subject_for
 from serving.ranking.shared_bundle import KEY
-from serving.ingest.control import bucket_name as control
 from serving.ranking.store_worker import StoreWorker
 from serving.triton.process import free_port
 from tests.integration.serving_kit import wait_until

@@ -55,8 +55,8 @@ def stream():
     yield name, f"test.{name}"
 
     async def drop():
-        from serving.ingest.snapshots import bucket_name as snapshots
         from serving.ingest.control import bucket_name as control
+        from serving.ingest.snapshots import bucket_name as snapshots
 
         nc = await nats.connect(MACHINE_NATS)
         js = nc.jetstream()
