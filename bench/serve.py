@@ -75,6 +75,7 @@ from serve_report import (
 
 log = logging.getLogger("bench.serve")
 
+SEQUENCE_ITEMS = 50  # `semrank serve --sequence-items` of the --sequence runs (the sequence model reads 50)
 DATA_VERSION = 2  # bump when the synthetic shop or the bundle recipe changes (2: the pooled user tower)
 
 
@@ -165,21 +166,23 @@ def train_sequence_bundle(shop: Path, bundle: Path, seq_dir: Path) -> None:
                    check=True)
 
 
-def online_snapshot(state_dir: Path, shop: Path) -> Path:
+def online_snapshot(state_dir: Path, shop: Path, sequence_items: int = 0) -> Path:
     """The feature snapshot of the shop's events, built here once (what the server would do at its
     first start) beside the server's state directory: every run's server starts from a copy of it
-    (`reset_server_state`), and this process loads the same state."""
+    (`reset_server_state`), and this process loads the same state. `sequence_items`: the users'
+    sequences it keeps (`semrank serve --sequence-items`; a file per value)."""
     from featurizer.contracts.schema import read_dataset
+    from featurizer.definitions import FeatureParams
     from featurizer.online.features import OnlineFeatures
     from featurizer.store.config import InProcessConfig
     from featurizer.store.in_process import InProcessStore
 
-    path = state_dir.parent / "features" / "online-store.bin"
+    path = state_dir.parent / ("features" if not sequence_items else f"features-seq{sequence_items}") / "online-store.bin"
     if not path.exists():
         t0 = time.monotonic()
         ds = read_dataset(shop)
         store = InProcessStore(InProcessConfig(path=str(path)))
-        OnlineFeatures(store, ds.items).apply(ds.events)
+        OnlineFeatures(store, ds.items, FeatureParams(sequence_items=sequence_items)).apply(ds.events)
         store.close()
         log.info("online feature snapshot built from %d events in %.1f s", ds.events.height, time.monotonic() - t0)
     return path
@@ -502,12 +505,14 @@ def run(cfg: BenchConfig, out_dir: Path | None) -> dict:
     state_dir = cfg.work_dir / "state"
     state_dir.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(state_dir / "exposures", ignore_errors=True)  # the server's exposure log of earlier runs
-    snapshot = online_snapshot(state_dir, shop)
+    snapshot = online_snapshot(state_dir, shop, SEQUENCE_ITEMS if cfg.sequence else 0)
     reset_server_state(state_dir, snapshot)
     users, items, pools = bench_requests(cfg, shop)
     wire = {n: [serialize(u, ids, cfg.top_k) for u, ids in pool] for n, pool in pools.items()}
 
     extra, env, token, writer_token, stream = list(cfg.serve_args), {}, None, None, None
+    if cfg.sequence:
+        extra += ["--sequence-items", str(SEQUENCE_ITEMS)]
     if cfg.workers > 1:
         extra += ["--workers", str(cfg.workers)]
         for d in (state_dir / "workers").glob("*/exposures"):
@@ -778,7 +783,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if a.prepare_only:
         shop, _ = prepare(cfg)
-        online_snapshot(cfg.work_dir / "state", shop)
+        online_snapshot(cfg.work_dir / "state", shop, SEQUENCE_ITEMS if cfg.sequence else 0)
         return 0
     print(json.dumps(run(cfg, a.out_dir), indent=2))
     return 0

@@ -334,9 +334,10 @@ class ServeConfig:
     budgets: Budgets = field(default_factory=Budgets)  # the other classes of calls (writes, watches, ...)
     snapshot_interval_s: float = 30.0  # in-process features: persist a changed state this often; 0: never
     retention: RetentionConfig = field(default_factory=RetentionConfig)  # the event and exposure logs' maximum ages
-    # Items of each user's sequence a new feature state keeps for sequence models (FeatureParams; 0: none,
-    # and no bundle with a sequence model can be served on it); a stored state keeps the value it was made with
-    sequence_items: int = 50
+    # Items of each user's sequence a new feature state keeps for sequence models (FeatureParams). 0, the
+    # default: none, and no bundle with a sequence model can be served on it; the fold then saves the
+    # sequence's cost (+11-14% per engagement, docs/serving.md). A stored state keeps the value it was made with.
+    sequence_items: int = 0
     readiness_interval_s: float = 1.0  # how often the readiness health status checks the dependencies
     encoder_timeout_s: float = 0.25  # Triton deadline on the request path
     encoder_retries: int = 1

@@ -216,9 +216,10 @@ def register(sub) -> None:
     s.add_argument("--snapshot-interval-s", type=float, default=30.0,
                    help="in-process features: persist the feature state this often when it changed; 0 turns it off "
                         "(a restart then folds the whole event log)")
-    s.add_argument("--sequence-items", type=int, default=50,
-                   help="items of each user's sequence a new feature state keeps for bundles with a sequence model "
-                        "(0: none; about 30 bytes per item; a stored state keeps the value it was made with)")
+    s.add_argument("--sequence-items", type=int, default=0,
+                   help="items of each user's sequence a new feature state keeps, for bundles with a sequence model "
+                        "(e.g. 50; about 30 bytes per item; default 0: none, and such bundles are refused); a stored "
+                        "state keeps the value it was made with")
     s.add_argument("--retain-events-days", type=float, default=0.0,
                    help="delete events from the durable event log this many days after they were written, once the "
                         "feature snapshot holds them (0: keep for ever; at least the 1-day exactly-once window; "

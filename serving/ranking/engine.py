@@ -123,8 +123,9 @@ def serving_inputs(bundle: Bundle, online: OnlineFeatures | None = None) -> Bund
                               "state directory or Redis namespace, from the data and the event log")
         if bundle.sequence.cfg.max_len > online.params.sequence_items:
             raise BundleError(f"bundle {bundle.version}: its sequence model reads the last {bundle.sequence.cfg.max_len} "
-                              f"items of a user's sequence; the online state keeps {online.params.sequence_items} "
-                              "(FeatureParams.sequence_items)")
+                              f"items of a user's sequence; the online state keeps {online.params.sequence_items}: "
+                              "make the state with `semrank serve --sequence-items N` (N >= that; it is set when a "
+                              "state is made)")
     return inputs
 
 
