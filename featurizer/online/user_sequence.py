@@ -1,4 +1,4 @@
-"""A user's item sequence for the sequence model (entity "seq", bytes, per user; issue 31).
+"""A user's item sequence for the sequence model (entity "seq", JSON, per user; issue 31).
 
     seq = UserSequence.from_dict(value)      # or UserSequence() for a user without one
     seq.add(ts, item, first=True, keep=50)   # an engagement, in the fold
@@ -24,6 +24,7 @@ engagement): about (21 + len(id)) bytes per item, 1.5 KB for 50 items with 10-by
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
+
 
 class UserSequence:
     __slots__ = ("ts", "items")
