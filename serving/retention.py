@@ -23,6 +23,7 @@ the data directory's.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -76,8 +77,6 @@ class Retention:
 
     async def run(self) -> None:
         """`run_once` every `every_s` (off the event loop), the first time now; failures are logged."""
-        import asyncio
-
         while True:
             try:
                 await asyncio.to_thread(self.run_once)
