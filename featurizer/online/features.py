@@ -246,10 +246,11 @@ class OnlineFeatures:
         cat, brand, lp = self._category, self._brand, self._log_price
         pairs: list[tuple[str, str, int]] = []
         seq_events: list[tuple[str, int, str, bool]] = []  # the first and the late engagements
+        sequences = self.params.sequence_items > 0
         for t, u, i, code in zip(ts, users, items, codes):
             ui = ui_st[user_item_key(u, i)]
             first_touch = code > 0 and ui.eng[0] == NO_TS
-            if code > 0 and (first_touch or t < user_st[u].eng[0]):
+            if sequences and code > 0 and (first_touch or t < user_st[u].eng[0]):
                 seq_events.append((u, t, i, first_touch))
             ui.add(t, code)
             item_st[i].add(t, code, first_touch)
@@ -281,9 +282,9 @@ class OnlineFeatures:
 
     def _sequences_after(self, seq_events: list[tuple[str, int, str, bool]]) -> dict[str, dict]:
         """The changed "seq" rows of the users of `seq_events` (`featurizer.online.user_sequence`)."""
-        keep = self.params.sequence_items
-        if not seq_events or not keep:
+        if not seq_events:
             return {}
+        keep = self.params.sequence_items
         users = list(dict.fromkeys(e[0] for e in seq_events))
         held = {u: UserSequence() if v is None else UserSequence.from_dict(v)
                 for u, v in zip(users, self.store.read("seq", users))}
