@@ -26,10 +26,9 @@ from featurizer.store.redis import RedisStore
 from featurizer.store import snapshot_files
 from serving.experiments.exposure_log import erase_exposures
 from serving.ingest.event_log import EventLog
+from serving.ingest.restore import SNAPSHOT_FILE
 
 log = logging.getLogger(__name__)
-
-SNAPSHOT = "online-store.bin"
 
 
 def erase_users(state_dir: Path, stored_ids: list[str], erasures: Erasures, requested_by: str,
@@ -49,7 +48,7 @@ def erase_users(state_dir: Path, stored_ids: list[str], erasures: Erasures, requ
     t1 = time.monotonic()
     out["exposures"] = erase_exposures(state_dir / "exposures", users) if (state_dir / "exposures").is_dir() else 0
     out["exposures_s"] = round(time.monotonic() - t1, 3)
-    snapshot = state_dir / SNAPSHOT
+    snapshot = state_dir / SNAPSHOT_FILE
     out["snapshot_deleted"] = snapshot.exists()
     snapshot.unlink(missing_ok=True)
     snapshot_files.delta_path(snapshot).unlink(missing_ok=True)

@@ -47,6 +47,7 @@ from serving.ranking.item_store import ItemStore
 log = logging.getLogger(__name__)
 
 REPLAY_CHUNK = 50_000
+SNAPSHOT_FILE = "online-store.bin"  # the in-process store's snapshot in a state directory
 
 
 class ReadOnlyStateError(SemrankError, ValueError):
@@ -79,11 +80,11 @@ def close_all(closers: list[Callable[[], None]]) -> None:
 
 def default_store(state_dir: Path) -> InProcessConfig:
     """In-process features, snapshotted to state_dir/online-store.bin."""
-    return InProcessConfig(path=str(state_dir / "online-store.bin"))
+    return InProcessConfig(path=str(state_dir / SNAPSHOT_FILE))
 
 
 # What of a state directory holds stored user ids (featurizer.privacy.check_state).
-STATE_DATA = ("events", "online-store.bin", "exposures")
+STATE_DATA = ("events", SNAPSHOT_FILE, "exposures")
 
 
 def snapshot_file(cfg, state_dir: Path) -> Path | None:

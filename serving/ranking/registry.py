@@ -27,10 +27,10 @@ import numpy as np
 
 from featurizer.errors import SemrankError
 from ranker.bundle import MANIFEST, BundleError, load_bundle
-from ranker.user_tower import WEIGHTS_FILE
 from ranker.sequence import BUNDLE_DIR as SEQUENCE_DIR
 from ranker.sequence import CONFIG_FILE as SEQUENCE_CONFIG
 from ranker.sequence import MODEL_FILE as SEQUENCE_MODEL
+from ranker.user_tower import WEIGHTS_FILE
 from serving.encoding.pool import EncoderHandle, EncoderPool
 from serving.ranking.engine import BundleRuntime, RankingEngine, serving_inputs
 
