@@ -44,7 +44,8 @@ class Erasures:
     @classmethod
     def open(cls, state_dir: str | Path, pseudonyms: Pseudonyms = Pseudonyms(), create: bool = False) -> Erasures:
         """The state directory's list (empty when there is none). `create`: make the key a keyless
-        service needs for its first erasure (an erasure job does; a server only reads)."""
+        service needs for its first erasure (an erasure job does; a server, at its first DeleteUser:
+        `ensure_key`)."""
         d = Path(state_dir) / PRIVACY_DIR
         path = d / LIST_FILE
         key = pseudonyms.derived_key(_KEY_LABEL)
@@ -53,11 +54,7 @@ class Erasures:
             if key_file.exists():
                 key = bytes.fromhex(key_file.read_text().strip())
             elif create:
-                d.mkdir(parents=True, exist_ok=True)
-                fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "w") as f:
-                    key = secrets.token_bytes(32)
-                    f.write(key.hex() + "\n")
+                key = _make_key(key_file)
         hashes: set[str] = set()
         if path.exists():
             if key is None:
@@ -67,6 +64,11 @@ class Erasures:
                 if line.strip():
                     hashes.add(json.loads(line)["user"])
         return cls(path, key, hashes)
+
+    def ensure_key(self) -> None:
+        """Make the list's key file if this list has no key yet (see `open`)."""
+        if self._key is None:
+            self._key = _make_key(self.path.parent / KEY_FILE)
 
     def hash(self, stored_id: str) -> str:
         if self._key is None:
@@ -90,6 +92,11 @@ class Erasures:
         gone = self.erased_ids(frame["user_id"].unique().to_list()) if frame.height else set()
         return frame.filter(~pl.col("user_id").is_in(list(gone))) if gone else frame
 
+    def add(self, stored_ids: Iterable[str]) -> None:
+        """Suppress `stored_ids` in this process from now on, before the erasure is recorded (a
+        running server's DeleteUser: its events are refused while it is erased)."""
+        self._hashes.update(self.hash(u) for u in stored_ids)
+
     def record(self, stored_ids: Iterable[str], requested_by: str, removed: dict) -> list[str]:
         """Append one line per user (fsynced): the keyed hash, who asked, when, what was removed.
         Returns the hashes."""
@@ -103,3 +110,15 @@ class Erasures:
             os.fsync(f.fileno())
         self._hashes.update(hashes)
         return hashes
+
+
+def _make_key(key_file: Path) -> bytes:
+    """A random key, written to `key_file` (mode 0600; never over an existing one)."""
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        key = secrets.token_bytes(32)
+        f.write(key.hex() + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return key

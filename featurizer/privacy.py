@@ -88,6 +88,11 @@ class Pseudonyms:
         """A key for another purpose, derived from this one (None without a key): never the key itself."""
         return None if self._key is None else hmac.new(self._key, label, hashlib.sha256).digest()
 
+    def key_for_child(self) -> str | None:
+        """The key as hex, for a child process of this service over a pipe (never argv, the
+        environment or a file): `Pseudonyms(bytes.fromhex(...))` there maps ids as this one does."""
+        return None if self._key is None else self._key.hex()
+
     def describe(self) -> str:
         return f"on (key fingerprint {self.fingerprint})" if self.enabled else "off (user ids are stored as given)"
 

@@ -32,10 +32,11 @@ from serving.triton.client import ExternalTriton
 log = logging.getLogger(__name__)
 
 # Roles, each allowed what the ones before it are: client (Rank, GetModelInfo), writer (+ LogEvents,
-# UpsertItems), admin (+ ReloadBundle).
+# UpsertItems), admin (+ ReloadBundle, DeleteUser).
 ROLES = ("client", "writer", "admin")
 MIN_TOKEN_CHARS = 16  # shorter tokens load, with a warning
-DEFAULT_ADMIN_METHODS = frozenset({"/semrank.ranking.v1.RankingService/ReloadBundle"})
+DEFAULT_ADMIN_METHODS = frozenset({"/semrank.ranking.v1.RankingService/ReloadBundle",
+                                   "/semrank.ranking.v1.RankingService/DeleteUser"})
 DEFAULT_WRITE_METHODS = frozenset({
     "/semrank.ranking.v1.RankingService/LogEvents",
     "/semrank.ranking.v1.RankingService/UpsertItems",
@@ -126,6 +127,8 @@ class Limits:
     # instead of Ranks. At 3,000 events/s on the embedded default, 0.3 kept every Rank (p50 4 ms)
     # where 1 lost 858 to their deadline (p50 1.1 s); docs/scaling.md "A share of the loop for writes".
     write_share: float = 0.3
+    max_erase_users: int = 1000  # user ids per DeleteUser
+    max_requested_by_chars: int = 256  # DeleteUser's requested_by (recorded with the erasure)
 
     def __post_init__(self):
         if not self.apply_slice_ms > 0:

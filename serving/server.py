@@ -63,8 +63,9 @@ from serving.ingest.apply import ApplySlices, EventIngest
 from serving.ingest.dedup import EventDedup
 from serving.ingest.items import apply_shared_items
 from serving.ingest.jetstream import StreamIngest
+from serving.ingest.live_erasure import LiveErasure
 from serving.ingest.snapshots import due, fetch_snapshot, share_snapshot, shared_info
-from serving.ingest.restore import STATE_DATA, build_engine, close_all, snapshot_file
+from serving.ingest.restore import STATE_DATA, build_engine, close_all, default_store, snapshot_file
 from serving.observability.metrics import Metrics
 from serving.ranking.engine import RankingEngine, utc_now
 from serving.ranking.registry import BundleRegistry
@@ -272,6 +273,13 @@ class RankingServer:
                 null_reply=(null_reply(engine.items.item_ids, registry.default.runtime.version, cfg.null_service_top_k)
                             if cfg.null_service_top_k else None),
             )
+            if event_log is not None:  # DeleteUser (with JetStream: refused, not built yet)
+                ingest.erasures = built.erasures
+                self.state.erasure = LiveErasure(
+                    state_dir=state_dir, data_dir=cfg.data_dir, store_cfg=cfg.store or default_store(state_dir),
+                    engine=engine, ingest=ingest, exposures=exposures, pseudonyms=cfg.pseudonyms,
+                    rules=cfg.limits.event_rules, erasures=built.erasures, persist=self._persist_now,
+                    forget=lambda users: engine.forget_users(users, registry.runtimes()))
             await self._start_grpc()
             self.metrics.watch_gc()
             if cfg.metrics_port is not None:
@@ -395,6 +403,16 @@ class RankingServer:
             except Exception:  # noqa: BLE001 - the event log (or stream) still holds everything
                 log.exception("feature snapshot failed")
 
+    async def _persist_now(self) -> None:
+        """Write the in-process store's whole state now, over the snapshot and its delta (an
+        erasure: no file may hold the state from before it); nothing for Redis or memory only."""
+        async with self.state.ingest.applied_lock:
+            write = await asyncio.to_thread(self.state.online.store.freeze, True)
+            seq = self.state.ingest.committed_seq
+        await self._write_snapshot(write)
+        if write is not None:
+            self._persisted_seq = seq
+
     def _covered_seq(self) -> int:
         """The last event-log seq a persisted feature state holds: Redis's committed state, or the
         in-process store's last snapshot on disk (retention deletes no event after it)."""
@@ -484,6 +502,8 @@ class RankingServer:
         await self.health.set(READINESS, health_pb2.HealthCheckResponse.NOT_SERVING)
         try:
             events = self.cfg.pseudonyms.events((await asyncio.to_thread(read_dataset, self.cfg.data_dir)).events)
+            if self.state.erasures is not None:  # erased users stay out (featurizer.erasure)
+                events = self.state.erasures.filter_events(events)
             n = await self.state.ingest.rebuild(events)
             log.warning("online store rebuilt: %d event(s) applied", n)
         finally:

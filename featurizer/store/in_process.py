@@ -168,6 +168,36 @@ class InProcessStore(OnlineStore):
             elif self._base_id is not None:
                 self._changed = {}
 
+    @classmethod
+    def detached(cls, path: str | Path) -> InProcessStore:
+        """A memory-only store holding the state of the snapshot at `path` (and its delta): a state
+        built beside a live one, to catch up and then hand over with `adopt`."""
+        store = cls(InProcessConfig(path=str(path), autoflush=False))
+        store._path = None  # never written back: every later write is encoded as it comes
+        store._changed, store._base_id, store._disk_base_id = None, None, None  # (a load holds no Owned value)
+        return store
+
+    def adopt(self, other: InProcessStore) -> None:
+        """Take `other`'s whole state in place of this one's, atomically for readers (a read sees
+        the old state or the new one); `other` (a detached store) is closed. Every reader's record
+        of changes is voided, and the next snapshot is a full one that drops the delta: the state
+        this one held leaves the disk with it (an erasure's rebuild, serving.ingest.live_erasure)."""
+        if other._path is not None:
+            raise OnlineStoreError("adopt takes a detached store (InProcessStore.detached)")
+        with other._lock:
+            data, other._data, other._closed = other._data, {}, True
+        with self._lock:
+            if self._closed:
+                raise OnlineStoreError("the in-process store is closed")
+            entities = set(self._data) | set(data)
+            self._data, self._owned = data, {}
+            self._changed, self._n_changed = None, 0
+            self._dirty = True
+            for entity in entities:
+                self._versions[entity] = self._versions.get(entity, 0) + 1
+                if entity in self._written:  # listed readers see "everything may have changed"
+                    self._written[entity].append((self._versions[entity], None))
+
     def _table(self, entity: str) -> dict[str, bytes]:
         if self._closed:
             raise OnlineStoreError("the in-process store is closed")

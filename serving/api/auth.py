@@ -2,7 +2,7 @@
 no tokens, a server that is open for Rank and writes and closed for admin RPCs.
 
 Roles, each allowed what the ones before it are: `client` (Rank, GetModelInfo), `writer`
-(+ LogEvents, UpsertItems), `admin` (+ ReloadBundle). Clients send `authorization: Bearer <token>`
+(+ LogEvents, UpsertItems), `admin` (+ ReloadBundle, DeleteUser). Clients send `authorization: Bearer <token>`
 metadata, e.g. with `grpc.composite_channel_credentials(channel_credentials(ca),
 grpc.access_token_call_credentials(token))`.
 

@@ -1,10 +1,11 @@
-"""The gRPC RankingService: Rank, LogEvents, UpsertItems, GetModelInfo, ReloadBundle.
+"""The gRPC RankingService: Rank, LogEvents, UpsertItems, GetModelInfo, ReloadBundle, DeleteUser.
 
 Each handler validates (`serving.api.validation`), converts (`serving.api.convert`), calls the
 engine, the ingest path or the registry held by `ServingState`, and builds the response. Handlers
 raise `featurizer.errors.SemrankError`s and never set a status themselves: the error interceptor
 (`serving.api.errors`) answers every error. Every Rank takes one bundle runtime at its start and
-finishes on it, whatever a concurrent reload does; every Rank writes one exposure record.
+finishes on it, whatever a concurrent reload does; every Rank writes one exposure record, except
+those of users erased on request.
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ from semrank.ranking.v1 import ranking_service_pb2 as pb
 from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
 from serving.api.convert import items_frame, timestamp, to_logged
 from serving.api.errors import StreamCutShort
-from serving.api.validation import event_problem, item_problem, validate_rank_request
+from serving.api.validation import event_problem, item_problem, validate_delete_user, validate_rank_request
 from serving.config import Limits
 from serving.experiments.exposure_log import Exposure, ExposureLog
 from serving.ingest.apply import EventIngest
 from serving.ingest.jetstream import StreamIngest
+from serving.ingest.live_erasure import LiveErasure
 from serving.ingest.items import upsert_items
 from serving.observability.metrics import Metrics, set_variant
 from serving.observability.request_logging import bind_request, update_request
@@ -47,6 +49,14 @@ log = logging.getLogger(__name__)
 class DeadlinePassed(SemrankError):
     grpc_code = "DEADLINE_EXCEEDED"
     reason = "DEADLINE_PASSED"
+
+
+class ErasureUnavailable(SemrankError):
+    """DeleteUser on a server whose events are on JetStream: erasure across a fleet's replicas is not
+    built yet (docs/privacy.md)."""
+
+    grpc_code = "FAILED_PRECONDITION"
+    reason = "ERASURE_UNAVAILABLE"
 
 
 @dataclass
@@ -64,6 +74,7 @@ class ServingState:
     bundle_roots: list[Path] = field(default_factory=list)  # where ReloadBundle may load from
     pseudonyms: Pseudonyms = field(default_factory=Pseudonyms)  # caller's user id -> the stored one (featurizer.privacy)
     erasures: Erasures | None = None  # users erased on request: their events are refused (featurizer.erasure)
+    erasure: LiveErasure | None = None  # DeleteUser (local events); None: on JetStream, refused
     # The bench's null service (`semrank serve --null-service`): Rank answers this reply, built in
     # advance, after grpc parsed the request in full; the rest of the server is the same.
     null_reply: pb.RankResponse | None = None
@@ -152,11 +163,12 @@ class RankingService(pb_grpc.RankingServiceServicer):
                 s.metrics.degraded_total.labels(degraded_code(reason)).inc()
             if outcome.degraded:
                 log.warning("degraded answer: %s", "; ".join(outcome.degraded_reasons))
-            s.exposures.record(Exposure(
-                request_id=request_id, user_id=user_id, experiment=experiment, variant=variant,
-                bundle_version=version, item_ids=outcome.item_ids[:len(resp.items)], ts=now,  # (not read back: 130 µs at 1000)
-                teams=teams[:len(resp.items)],
-            ))
+            if not s.erasures or user_id not in s.erasures:  # (an erased user's Ranks leave no record)
+                s.exposures.record(Exposure(
+                    request_id=request_id, user_id=user_id, experiment=experiment, variant=variant,
+                    bundle_version=version, item_ids=outcome.item_ids[:len(resp.items)], ts=now,  # (not read back: 130 µs at 1000)
+                    teams=teams[:len(resp.items)],
+                ))
             log.debug("ranked %d candidates (variant=%s model_version=%s cold_start=%s) in %.2f ms",
                       len(candidates), variant or "-", version, outcome.cold_start_user, (time.perf_counter() - t0) * 1e3)
             return resp
@@ -266,6 +278,20 @@ class RankingService(pb_grpc.RankingServiceServicer):
         path = allowed_bundle_path(request.path, self.s.bundle_roots) if request.path else None
         ok, version, message = await self.s.registry.reload(path)
         return pb.ReloadBundleResponse(reloaded=ok, version=version, message=message)
+
+
+    async def DeleteUser(self, request: pb.DeleteUserRequest, context: grpc.aio.ServicerContext) -> pb.DeleteUserResponse:
+        """Erase users on request (serving.ingest.live_erasure; admin only, as every admin RPC)."""
+        s = self.s
+        ids = validate_delete_user(request, s.limits)
+        if s.erasure is None:
+            raise ErasureUnavailable("DeleteUser is not available with --events jetstream yet: erasure across a fleet's "
+                                     "replicas is not built (docs/privacy.md)")
+        stored = [s.pseudonyms(u) for u in ids]
+        out = await s.erasure.erase(stored, request.requested_by)
+        return pb.DeleteUserResponse(users=out["users"], events_erased=out["events"], exposures_erased=out["exposures"],
+                                     data_events=out["data_events"], events_caught_up=out["caught_up"],
+                                     seconds=out["seconds"])
 
 
 def interleave(a: RankOutcome, b: RankOutcome, salt: str, request_id: str) -> tuple[RankOutcome, list[str]]:

@@ -146,3 +146,26 @@ def item_problem(item: pb.RankCandidate, limits: Limits, known: bool) -> str | N
     row = {"item_id": item.item_id, "price": item.price if item.HasField("price") else None,
            **{name: getattr(item, name) or None for name in ITEM_TEXT_FIELDS}}
     return limits.item_rules.problem(row, known)
+
+
+def validate_delete_user(request: pb.DeleteUserRequest, limits: Limits) -> list[str]:
+    """The request's distinct user ids, or InvalidRequest naming each bad field."""
+    bad: list[FieldViolation] = []
+    if not request.user_ids:
+        bad.append(FieldViolation("user_ids", "must name at least one user"))
+    elif len(request.user_ids) > limits.max_erase_users:
+        bad.append(FieldViolation("user_ids", f"at most {limits.max_erase_users} per call, got {len(request.user_ids)}"))
+    for k, user_id in enumerate(request.user_ids):
+        if len(bad) >= MAX_VIOLATIONS:
+            break
+        if not user_id.strip():
+            bad.append(FieldViolation(f"user_ids[{k}]", "must not be empty"))
+        elif len(user_id) > limits.max_user_id_chars:
+            bad.append(FieldViolation(f"user_ids[{k}]", f"longer than {limits.max_user_id_chars} characters"))
+    if not request.requested_by.strip():
+        bad.append(FieldViolation("requested_by", "must say who asked (a ticket or an operator); it is recorded"))
+    elif len(request.requested_by) > limits.max_requested_by_chars:
+        bad.append(FieldViolation("requested_by", f"longer than {limits.max_requested_by_chars} characters"))
+    if bad:
+        raise InvalidRequest(bad, "DeleteUserRequest")
+    return list(dict.fromkeys(request.user_ids))

@@ -245,6 +245,16 @@ class ExposureLog:
                      removed, max_age_s)
         return removed
 
+    def erase(self, user_ids: set[str]) -> int:
+        """Erasure (issue 18 item 3) with this writer running: what is buffered is written, the open
+        file closed (the next record opens a new one), then every file of the directory is rewritten
+        without the records of `user_ids` (`erase_exposures`); records wait meanwhile. Returns how
+        many records went."""
+        with self._io_lock:
+            self._write_pending()
+            self._close_segment()
+            return erase_exposures(self.directory, user_ids)
+
     def dropped_and_failed(self) -> Counter:
         """Lost records per "<experiment>\t<variant>" (dropped and failed together)."""
         return self._lost["dropped"] + self._lost["failed"]
@@ -296,7 +306,8 @@ class ExposureLog:
 def erase_exposures(directory: Path, user_ids: set[str]) -> int:
     """Erasure (issue 18 item 3): rewrite every exposure file of `directory` without the records of
     `user_ids` (stored ids), each through a temp file renamed over it; returns how many records went.
-    For a directory no writer has open (an erasure job, server stopped). A line that does not parse
+    For a directory no writer has open (an erasure job, server stopped; a running writer's
+    `ExposureLog.erase` closes its file first). A line that does not parse
     (a torn last line) is kept as it is."""
     removed = 0
     for path in sorted(Path(directory).glob(FILE_GLOB)):

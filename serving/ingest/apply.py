@@ -41,6 +41,7 @@ from datetime import datetime, timezone
 
 from featurizer.definitions import EVENT_CODE
 from featurizer.errors import SemrankError
+from featurizer.erasure import Erasures
 from featurizer.online.features import OnlineFeatures
 from featurizer.store.base import OnlineStoreError, WriteConflict
 from serving.config import Limits
@@ -216,6 +217,9 @@ class EventIngest:
         self.committed_seq = event_log.last_seq  # the last seq the store's features hold (restore applied the log)
         self.applied_lock = asyncio.Condition()  # held while applying (and while snapshotting)
         self._waiting: dict[int, list[LoggedEvent]] = {}  # stored, not applied yet: first seq -> its events
+        # Users erased on request (featurizer.erasure): their events are never applied, also those
+        # accepted in the instant before the erasure began (serving.ingest.live_erasure).
+        self.erasures: Erasures | None = None
 
     @property
     def behind(self) -> int:
@@ -248,6 +252,8 @@ class EventIngest:
             first = last_seq - len(batch) + 1
             backlog = [e for s, e in self.event_log.replay(after) if s < first] if after < first - 1 else []
             events = backlog + list(batch[max(0, after + 1 - first):])
+            if self.erasures:
+                events = [e for e in events if e.user_id not in self.erasures]
             try:
                 apply_logged(self.online, events, last_seq, after)
             except WriteConflict:
@@ -273,7 +279,7 @@ class EventIngest:
         Returns how many events it applied."""
         async with self.applied_lock:
             def refill() -> int:
-                logged = [e for _, e in self.event_log.replay(0)]
+                logged = [e for _, e in self.event_log.replay(0) if not self.erasures or e.user_id not in self.erasures]
                 self.online.apply(data_events)
                 apply_logged(self.online, logged, self.applied_seq, None)  # unfenced: the store was empty
                 self.committed_seq = self.applied_seq

@@ -199,6 +199,12 @@ class RankingEngine:
         # Every call into self.online goes through it: off the event loop when the store is remote.
         self.store_worker = StoreWorker(self.online.store.remote, self.store_read_timeout_s, self.max_store_waiting)
 
+    def forget_users(self, users: set[str], runtimes) -> int:
+        """Drop the cached user vectors of `users` (stored ids), and their sequence states in each
+        bundle runtime of `runtimes` (an erasure: serving.ingest.live_erasure); returns how many."""
+        n = self._users.discard_where(lambda key: key[2] in users)
+        return n + sum(rt.sequence.forget(users) for rt in runtimes if rt.sequence is not None)
+
     def now(self) -> datetime:
         """Features are read strictly before this instant (never before the latest applied event)."""
         now = self.clock()

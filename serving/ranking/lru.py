@@ -23,5 +23,12 @@ class LruCache:
         if len(self._d) > self.capacity:
             self._d.popitem(last=False)
 
+    def discard_where(self, drop) -> int:
+        """Remove the entries whose key `drop(key)` is true; returns how many."""
+        keys = [k for k in self._d if drop(k)]
+        for k in keys:
+            del self._d[k]
+        return len(keys)
+
     def __len__(self) -> int:
         return len(self._d)

@@ -171,6 +171,10 @@ class BundleRegistry:
             if real not in self.variants:
                 self.variants[real] = await self.load(p)
 
+    def runtimes(self) -> list:
+        """The serving bundle runtimes: the default and each experiment's."""
+        return [loaded.runtime for loaded in (self.default, *self.variants.values()) if loaded is not None]
+
     def variant(self, path: Path | None) -> Loaded:
         return self.default if path is None else self.variants[path.resolve()]
 

@@ -33,6 +33,10 @@ class SequenceScorer:
         self._catalog = np.zeros(0, dtype=np.int64)  # item-store row -> the model's catalog index (-1: unknown)
         self._users = LruCache(cache_size)  # user id -> (the catalog indices read, user vector or None)
 
+    def forget(self, users: set[str]) -> int:
+        """Drop the cached states of `users` (an erasure)."""
+        return self._users.discard_where(users.__contains__)
+
     def catalog(self, rows: np.ndarray) -> np.ndarray:
         """The model's catalog index of each item-store row (-1: an unknown row or item)."""
         n = len(self.items)

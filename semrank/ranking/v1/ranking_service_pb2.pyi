@@ -273,3 +273,27 @@ class ReloadBundleResponse(_message.Message):
     version: str
     message: str
     def __init__(self, reloaded: _Optional[bool] = ..., version: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class DeleteUserRequest(_message.Message):
+    __slots__ = ("user_ids", "requested_by")
+    USER_IDS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_BY_FIELD_NUMBER: _ClassVar[int]
+    user_ids: _containers.RepeatedScalarFieldContainer[str]
+    requested_by: str
+    def __init__(self, user_ids: _Optional[_Iterable[str]] = ..., requested_by: _Optional[str] = ...) -> None: ...
+
+class DeleteUserResponse(_message.Message):
+    __slots__ = ("users", "events_erased", "exposures_erased", "data_events", "events_caught_up", "seconds")
+    USERS_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_ERASED_FIELD_NUMBER: _ClassVar[int]
+    EXPOSURES_ERASED_FIELD_NUMBER: _ClassVar[int]
+    DATA_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_CAUGHT_UP_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    users: int
+    events_erased: int
+    exposures_erased: int
+    data_events: int
+    events_caught_up: int
+    seconds: float
+    def __init__(self, users: _Optional[int] = ..., events_erased: _Optional[int] = ..., exposures_erased: _Optional[int] = ..., data_events: _Optional[int] = ..., events_caught_up: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...

@@ -69,6 +69,11 @@ class RankingServiceStub:
                 request_serializer=semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.ReloadBundleRequest.SerializeToString,
                 response_deserializer=semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.ReloadBundleResponse.FromString,
                 _registered_method=True)
+        self.DeleteUser = channel.unary_unary(
+                '/semrank.ranking.v1.RankingService/DeleteUser',
+                request_serializer=semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.DeleteUserRequest.SerializeToString,
+                response_deserializer=semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.DeleteUserResponse.FromString,
+                _registered_method=True)
 
 
 class RankingServiceServicer:
@@ -125,6 +130,17 @@ class RankingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteUser(self, request, context):
+        """Admin: erase users on request (GDPR Art. 17; docs/privacy.md). Their events and exposure
+        records are removed, the features are rebuilt without them beside the serving state and
+        swapped in, and the erasure is recorded as keyed hashes; their events are refused from the
+        start of the call. Takes seconds to minutes (a replay of the event log): set a long deadline.
+        Idempotent: a call that did not answer OK may have done part of it; call it again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RankingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -152,6 +168,11 @@ def add_RankingServiceServicer_to_server(servicer, server):
                     servicer.ReloadBundle,
                     request_deserializer=semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.ReloadBundleRequest.FromString,
                     response_serializer=semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.ReloadBundleResponse.SerializeToString,
+            ),
+            'DeleteUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteUser,
+                    request_deserializer=semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.DeleteUserRequest.FromString,
+                    response_serializer=semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.DeleteUserResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -299,6 +320,33 @@ class RankingService:
             '/semrank.ranking.v1.RankingService/ReloadBundle',
             semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.ReloadBundleRequest.SerializeToString,
             semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.ReloadBundleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/semrank.ranking.v1.RankingService/DeleteUser',
+            semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.DeleteUserRequest.SerializeToString,
+            semrank_dot_ranking_dot_v1_dot_ranking__service__pb2.DeleteUserResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,7 +43,7 @@ from serving.api.errors import (
     too_large_backstop,
 )
 from serving.api.interceptors import Overloaded
-from serving.api.service import DeadlinePassed
+from serving.api.service import DeadlinePassed, ErasureUnavailable
 from serving.api.validation import FieldViolation, InvalidRequest
 from serving.batch.input import BatchInputError
 from serving.batch.output import OutputMismatch
@@ -52,6 +52,7 @@ from serving.ingest.apply import EventsNotApplied, EventsNotStored
 from serving.ingest.jetstream import EventsNotAcknowledged
 from serving.ingest.log_format import EventLogCorrupt, EventLogError, EventLogLocked
 from serving.ingest.items import ItemsNotEmbedded, ItemsNotShared
+from serving.ingest.live_erasure import ErasureFailed
 from serving.ingest.restore import ReadOnlyStateError
 from serving.ranking.registry import BundlePathRefused, BundleRejected
 from serving.triton.client import EncoderUnavailable
@@ -106,6 +107,8 @@ TABLE: list[tuple[Exception, C, str, dict[str, str], list[str]]] = [
     (BundleError("bundle.json: missing"), C.FAILED_PRECONDITION, "BUNDLE_INVALID", {}, []),
     (BundleRejected("feature names differ"), C.FAILED_PRECONDITION, "BUNDLE_REJECTED", {}, []),
     (ReadOnlyStateError("state dir is read-only"), C.FAILED_PRECONDITION, "READ_ONLY_STATE", {}, []),
+    (ErasureUnavailable("not with JetStream"), C.FAILED_PRECONDITION, "ERASURE_UNAVAILABLE", {}, []),
+    (ErasureFailed("rebuild failed"), C.INTERNAL, "ERASURE_INCOMPLETE", {}, []),
     (ExportError("onnx differs from torch"), C.FAILED_PRECONDITION, "EXPORT_FAILED", {}, []),
     (BatchScoringError("bundle has no catalog"), C.FAILED_PRECONDITION, "BATCH_SCORING_FAILED", {}, []),
     (OutputMismatch("OUT holds another job"), C.FAILED_PRECONDITION, "BATCH_OUTPUT_MISMATCH", {}, []),
