@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import grpc
@@ -101,7 +102,8 @@ def test_a_token_from_replica_a_makes_replica_b_see_the_events_and_retries_count
                                                                                       triton):
     name, prefix = stream
     events = JetStreamConfig(url=MACHINE_NATS, stream=name, subject_prefix=prefix)
-    cfgs = [replica_cfg(small_shop, small_bundle, tmp_path / f"state-{k}", events) for k in range(2)]
+    cfgs = [replace(replica_cfg(small_shop, small_bundle, tmp_path / f"state-{k}", events), open_admin=True)
+            for k in range(2)]
     user, candidates = "replica-user", catalog[:20]
     with ReplicaSet(cfgs, triton) as replicas, grpc.insecure_channel(f"127.0.0.1:{replicas.ports[0]}") as a, \
             grpc.insecure_channel(f"127.0.0.1:{replicas.ports[1]}") as b:
@@ -135,6 +137,11 @@ def test_a_token_from_replica_a_makes_replica_b_see_the_events_and_retries_count
             sample = server.metrics.registry.get_sample_value
             assert sample("semrank_events_applied_seq") == ack.sequence and sample("semrank_events_lag") == 0
             assert sample("semrank_stream_bad_messages") == 0
+
+        # Erasure across a fleet's replicas is not built: refused with its reason, nothing done.
+        with pytest.raises(grpc.RpcError) as refused:
+            stub(a).DeleteUser(pb.DeleteUserRequest(user_ids=[user], requested_by="t-1"), timeout=RPC_TIMEOUT_S)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "jetstream" in refused.value.details()
 
         # An item upserted on A is ranked by its text on B.
         item = pb.RankCandidate(item_id="sku-replicated", title="Stainless Steel Water Bottle, 750 ml",
