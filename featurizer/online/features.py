@@ -171,6 +171,17 @@ class OnlineFeatures:
         self._set_catalog(merged)
         self._items = merged
 
+    def rebind(self, store: OnlineStore) -> None:
+        """Read and write `store` from now on, keeping every cache: for a store that adopted the one
+        these features were built over, with its record of changes (`InProcessStore.adopt`)."""
+        self.store = store
+        for cache in (self._users, self._cooc, self._item_parts, self._user_items):
+            cache.store = store
+
+    def warm(self) -> None:
+        """Do what the first read would (index every user x item key), so that no request pays it."""
+        self._user_items.warm()
+
     def store_lost_state(self) -> bool:
         """True when this process applied events but the store no longer holds their state (its meta
         row is gone: a flush, an empty replica after failover). Raises OnlineStoreError when the store

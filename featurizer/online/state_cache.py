@@ -255,6 +255,10 @@ class UserItemIndex:
         self._held = 0  # packed states in _records
         self._index: ItemIndex | None = None  # the index `records` was last called with
 
+    def warm(self) -> None:
+        """Read every key now (the first read's work: 0.7 s for 870k states), not in a request."""
+        self._sync()
+
     def _add(self, key: str) -> None:
         parsed = parse_user_item_key(key)
         if parsed is not None:

@@ -179,24 +179,23 @@ class InProcessStore(OnlineStore):
 
     def adopt(self, other: InProcessStore) -> None:
         """Take `other`'s whole state in place of this one's, atomically for readers (a read sees
-        the old state or the new one); `other` (a detached store) is closed. Every reader's record
-        of changes is voided, and the next snapshot is a full one that drops the delta: the state
-        this one held leaves the disk with it (an erasure's rebuild, serving.ingest.live_erasure)."""
+        the old state or the new one), with its record of changes: readers built over `other`
+        (`OnlineFeatures.rebind`) go on reading this store with their caches as they are, and
+        readers of this store from before must not be used again. `other` (a detached store) is
+        closed. The next snapshot is a full one that drops the delta: the state this one held
+        leaves the disk with it (an erasure's rebuild, serving.ingest.live_erasure)."""
         if other._path is not None:
             raise OnlineStoreError("adopt takes a detached store (InProcessStore.detached)")
         with other._lock:
-            data, other._data, other._closed = other._data, {}, True
+            taken = other._data, other._versions, other._written, other._written_keys
+            other._data, other._closed = {}, True
         with self._lock:
             if self._closed:
                 raise OnlineStoreError("the in-process store is closed")
-            entities = set(self._data) | set(data)
-            self._data, self._owned = data, {}
+            self._data, self._versions, self._written, self._written_keys = taken
+            self._owned = {}
             self._changed, self._n_changed = None, 0
             self._dirty = True
-            for entity in entities:
-                self._versions[entity] = self._versions.get(entity, 0) + 1
-                if entity in self._written:  # listed readers see "everything may have changed"
-                    self._written[entity].append((self._versions[entity], None))
 
     def _table(self, entity: str) -> dict[str, bytes]:
         if self._closed:

@@ -13,8 +13,10 @@ In order, one erasure at a time (later calls wait):
    state meanwhile and pays none of that CPU. It then loads the result (the in-process snapshot
    file, or the second Redis namespace), catches it up with the events logged since, and, under
    the apply lock (writes wait; Ranks go on), applies the last of them and **swaps** it in
-   (`InProcessStore.adopt`, `RedisStore.adopt`; Ranks are marked degraded during Redis's rename),
-   with fresh feature caches and without the users' cached user vectors and sequence states;
+   (`InProcessStore.adopt`, `RedisStore.adopt`; Ranks are marked degraded during Redis's rename).
+   The features built over the rebuilt state go live with it, their caches filled before the swap
+   (`OnlineFeatures.warm`, `rebind`): the first Ranks after it pay no cold cache; the users' cached
+   user vectors and sequence states are dropped;
 5. **persisted**: the in-process store writes a full snapshot over the old one and drops its delta,
    so no file holds the users' state any more; the event log is erased once more (events accepted
    in the instant before step 1 and written after step 2);
@@ -150,23 +152,26 @@ class LiveErasure:
             held = applied_seq(beside)
             caught = await asyncio.to_thread(self._catch_up, beside, held, ingest.committed_seq)
             held = applied_seq(beside)
+            await asyncio.to_thread(beside.warm)  # its caches go live with it: no Rank pays their first fill
             redis = isinstance(rebuilt, RedisStore)
             async with ingest.applied_lock:
                 target = ingest.committed_seq
 
-                def swap() -> tuple[OnlineFeatures, int]:
+                def swap() -> int:
                     n = self._catch_up(beside, held, target)
                     if engine.items.items is not items:  # items upserted meanwhile
                         beside.upsert_items(engine.items.items)
-                    engine.online.store.adopt(rebuilt)
-                    return OnlineFeatures(engine.online.store, engine.items.items, engine.online.params), n
+                    live = engine.online.store
+                    live.adopt(rebuilt)
+                    beside.rebind(live)
+                    return n
 
                 engine.store_rebuilding = redis  # Redis's rename is not atomic: answers say so meanwhile
                 try:
-                    fresh, last = await engine.store_worker.write(swap)
+                    last = await engine.store_worker.write(swap)
                 finally:
                     engine.store_rebuilding = False
-                engine.online = ingest.online = fresh
+                engine.online = ingest.online = beside
                 ingest.applied_lock.notify_all()
         finally:
             rebuilt.close()

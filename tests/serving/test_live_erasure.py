@@ -173,20 +173,22 @@ def test_adopt_refuses_what_it_cannot_take(tmp_path, bad):
             b.close()
 
 
-def test_adopt_voids_readers_changes_and_forces_a_full_snapshot(tmp_path):
+def test_adopt_keeps_the_adopted_stores_readers_and_forces_a_full_snapshot(tmp_path):
     path = tmp_path / "live.bin"
     live = InProcessStore(InProcessConfig(path=str(path)))
     live.write("user", {"gone": {"n": 1}, "stays": {"n": 2}})
     live.flush()
-    version, _ = live.changes("user", None)
     live.write("user", {"stays": {"n": 3}})
     live.flush()  # a delta on disk
     rebuilt = InProcessStore(InProcessConfig(path=str(tmp_path / "rebuilt.bin")))
     rebuilt.write("user", {"stays": {"n": 3}})
     rebuilt.close()
-    live.adopt(InProcessStore.detached(tmp_path / "rebuilt.bin"))
-    assert live.read("user", ["gone", "stays"]) == [None, {"n": 3}]
-    assert live.changes("user", version)[1] is None  # everything may have changed
+    beside = InProcessStore.detached(tmp_path / "rebuilt.bin")
+    version, _ = beside.changes("user", None)  # a reader of the rebuilt state (its caches as of `version`)
+    beside.write("user", {"late": {"n": 4}})
+    live.adopt(beside)
+    assert live.read("user", ["gone", "stays", "late"]) == [None, {"n": 3}, {"n": 4}]
+    assert live.changes("user", version)[1] == {"late"}  # it goes on with the adopted store's record
     live.flush()
     assert not Path(str(path) + ".delta").exists() and b"gone" not in path.read_bytes()
     live.close()
