@@ -38,8 +38,11 @@ _KEY_LABEL = b"semrank erasure list key v1"
 
 
 class Erasures:
-    def __init__(self, path: Path, key: bytes | None, hashes: set[str]):
+    def __init__(self, path: Path, key: bytes | None, hashes: set[str], fleet: bool = False):
         self.path, self._key, self._hashes = path, key, hashes
+        # The key derives from the pseudonym key, which a fleet's replicas agree on: their hashes
+        # of one user are equal, so a fleet can share its list (serving.ingest.control).
+        self.fleet = fleet
 
     @classmethod
     def open(cls, state_dir: str | Path, pseudonyms: Pseudonyms = Pseudonyms(), create: bool = False) -> Erasures:
@@ -63,7 +66,7 @@ class Erasures:
             for line in path.read_text().splitlines():
                 if line.strip():
                     hashes.add(json.loads(line)["user"])
-        return cls(path, key, hashes)
+        return cls(path, key, hashes, fleet=pseudonyms.enabled)
 
     def ensure_key(self) -> None:
         """Make the list's key file if this list has no key yet (see `open`)."""
@@ -92,24 +95,36 @@ class Erasures:
         gone = self.erased_ids(frame["user_id"].unique().to_list()) if frame.height else set()
         return frame.filter(~pl.col("user_id").is_in(list(gone))) if gone else frame
 
-    def add(self, stored_ids: Iterable[str]) -> None:
-        """Suppress `stored_ids` in this process from now on, before the erasure is recorded (a
-        running server's DeleteUser: its events are refused while it is erased)."""
-        self._hashes.update(self.hash(u) for u in stored_ids)
+    @property
+    def hashes(self) -> frozenset[str]:
+        return frozenset(self._hashes)
+
+    def add(self, hashes: Iterable[str]) -> None:
+        """Suppress the users of `hashes` (`hash` of their stored ids) in this process from now on,
+        before the erasure is recorded (a running server's DeleteUser: their events are refused
+        while they are erased)."""
+        self._hashes.update(hashes)
 
     def record(self, stored_ids: Iterable[str], requested_by: str, removed: dict) -> list[str]:
         """Append one line per user (fsynced): the keyed hash, who asked, when, what was removed.
         Returns the hashes."""
-        at = datetime.now(timezone.utc).isoformat()
         hashes = [self.hash(u) for u in dict.fromkeys(stored_ids)]
+        self.record_hashes([{"user": h, "requested_by": requested_by} for h in hashes], removed)
+        return hashes
+
+    def record_hashes(self, entries: Iterable[dict], removed: dict) -> None:
+        """`record` for users known by their hash (`entries`: {"user", "requested_by"[, "at"]}, as a
+        fleet's list gives them)."""
+        now = datetime.now(timezone.utc).isoformat()
+        lines = [json.dumps({"user": e["user"], "requested_by": e["requested_by"], "at": e.get("at", now),
+                             "removed": removed}) for e in entries]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
-            for h in hashes:
-                f.write(json.dumps({"user": h, "requested_by": requested_by, "at": at, "removed": removed}) + "\n")
+            for line in lines:
+                f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
-        self._hashes.update(hashes)
-        return hashes
+        self._hashes.update(json.loads(line)["user"] for line in lines)
 
 
 def _make_key(key_file: Path) -> bytes:

@@ -37,6 +37,7 @@ from featurizer.contracts.experiments import Experiments, load_experiments
 from featurizer.contracts.schema import read_dataset
 from featurizer.definitions import FeatureParams
 from featurizer.errors import ConfigError
+from featurizer.erasure import Erasures
 from featurizer.online.features import StateMismatchError
 from featurizer.privacy import KEY_ENV as PSEUDONYM_KEY_ENV
 from featurizer.privacy import check_state
@@ -63,7 +64,8 @@ from serving.ingest.apply import ApplySlices, EventIngest
 from serving.ingest.dedup import EventDedup
 from serving.ingest.items import apply_shared_items
 from serving.ingest.jetstream import StreamIngest
-from serving.ingest.live_erasure import LiveErasure
+from serving.ingest.control import list_fleet_erasures
+from serving.ingest.live_erasure import FLEET_ERASURES_KEY, LiveErasure, StreamSide, fleet_through
 from serving.ingest.snapshots import due, fetch_snapshot, share_snapshot, shared_info
 from serving.ingest.restore import STATE_DATA, build_engine, close_all, default_store, snapshot_file
 from serving.observability.metrics import Metrics
@@ -192,7 +194,7 @@ class RankingServer:
                         "(writes are open); configure tokens with roles client / writer / admin to restrict them",
                         cfg.host)
             if cfg.open_admin:
-                log.warning("open_admin: admin RPCs (ReloadBundle) accept any caller on %s", cfg.host)
+                log.warning("open_admin: admin RPCs (ReloadBundle, DeleteUser) accept any caller on %s", cfg.host)
             else:
                 log.info("admin RPCs are off (no admin token configured)")
 
@@ -213,6 +215,12 @@ class RankingServer:
             fetched = None
             if cfg.events is not None and self._snapshot_file is not None and not self._snapshot_file.exists():
                 fetched = await fetch_snapshot(cfg.events, self._snapshot_file)  # a fresh replica: the shared one
+            fleet_erased = await list_fleet_erasures(cfg.events) if cfg.events is not None else []
+            from_scratch = self._snapshot_file is None or not self._snapshot_file.exists()
+            if fleet_erased and from_scratch:  # the state built here leaves the fleet's erased users out
+                known = Erasures.open(state_dir, cfg.pseudonyms)
+                known.record_hashes([e for e in fleet_erased if e["user"] not in known.hashes],
+                                    {"features": True, "at_start": True})
 
             def build():
                 return build_engine(cfg.data_dir, state_dir, cfg.store, self.clock, local_log=cfg.events is None,
@@ -254,7 +262,8 @@ class RankingServer:
                     cfg.events, engine.online, engine.store_worker, cfg.limits.dedup_window_s,
                     on_items=lambda shared: apply_shared_items(engine, registry.pool, shared),
                     items_through=fetched or 0, rules=cfg.limits.event_rules, item_rules=cfg.limits.item_rules,
-                    item_known=engine.items.index.__contains__, slices=self._apply_slices(), pseudonyms=cfg.pseudonyms)
+                    item_known=engine.items.index.__contains__, slices=self._apply_slices(), pseudonyms=cfg.pseudonyms,
+                    erasures=built.erasures)
                 self._shared_bundle = SharedBundle(ingest.js, cfg.events, registry, ingest.origin, bundle_roots)
                 await self._shared_bundle.start()  # the fleet's bundle, if another replica reloaded
                 try:  # the fleet's first snapshot, before serving: the only full upload most fleets make
@@ -273,13 +282,18 @@ class RankingServer:
                 null_reply=(null_reply(engine.items.item_ids, registry.default.runtime.version, cfg.null_service_top_k)
                             if cfg.null_service_top_k else None),
             )
-            if event_log is not None:  # DeleteUser (with JetStream: refused, not built yet)
-                ingest.erasures = built.erasures
-                self.state.erasure = LiveErasure(
-                    state_dir=state_dir, data_dir=cfg.data_dir, store_cfg=cfg.store or default_store(state_dir),
-                    engine=engine, ingest=ingest, exposures=exposures, pseudonyms=cfg.pseudonyms,
-                    rules=cfg.limits.event_rules, erasures=built.erasures, persist=self._persist_now,
-                    forget=lambda users: engine.forget_users(users, registry.runtimes()))
+            ingest.erasures = built.erasures
+            stream = None
+            if cfg.events is not None:
+                stream = StreamSide(cfg.events, cfg.limits.dedup_window_s, cfg.limits.item_rules, self._share_now)
+            erasure = self.state.erasure = LiveErasure(
+                state_dir=state_dir, data_dir=cfg.data_dir, store_cfg=cfg.store or default_store(state_dir),
+                engine=engine, ingest=ingest, exposures=exposures, pseudonyms=cfg.pseudonyms,
+                rules=cfg.limits.event_rules, erasures=built.erasures, persist=self._persist_now,
+                forget=lambda users: engine.forget_users(users, registry.runtimes()), stream=stream)
+            if stream is not None and erasure.refusal() is None:
+                await self._sync_fleet_erasures(fleet_erased, from_scratch)  # before serving: no Rank reads an erased user
+                self._tasks.append(asyncio.create_task(self._follow_fleet_erasures(cfg.events.control_poll_s)))
             await self._start_grpc()
             self.metrics.watch_gc()
             if cfg.metrics_port is not None:
@@ -403,6 +417,39 @@ class RankingServer:
             except Exception:  # noqa: BLE001 - the event log (or stream) still holds everything
                 log.exception("feature snapshot failed")
 
+    async def _sync_fleet_erasures(self, listed: list[dict], from_scratch: bool) -> None:
+        """At start-up (JetStream): the fleet's erasures this replica's state reflects (the shared or
+        its own snapshot's watermark, or a state built here without them) are recorded; the rest
+        are applied now, before serving (serving.ingest.live_erasure)."""
+        erasure, online = self.state.erasure, self.state.online
+        through = fleet_through(online)
+        if listed and from_scratch:
+            through = max(e["revision"] for e in listed)  # built from the start without them (start)
+            await self.state.engine.store_worker.write(online.store.write, "meta",
+                                                       {FLEET_ERASURES_KEY: {"through": through}})
+        held = [e for e in listed if e["revision"] <= through]
+        new = [e for e in held if e["user"] not in erasure.erasures.hashes]
+        if new:
+            erasure.erasures.record_hashes(new, {"features": True, "from_snapshot": True})
+        erasure.applied = {e["user"] for e in held}  # what this state reflects; the rest is applied now
+        if any(e["revision"] > through for e in listed):
+            await erasure.sync_fleet()
+
+    async def _follow_fleet_erasures(self, every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                await self.state.erasure.sync_fleet()
+            except Exception:  # noqa: BLE001 - the next poll tries again
+                log.exception("applying the fleet's erasures failed")
+
+    async def _share_now(self) -> None:
+        """Share the snapshot just persisted (an erasure: the shared one holds the erased users)."""
+        ingest, path = self._stream_ingest, self._snapshot_file
+        if ingest is None or path is None or not path.exists() or self.cfg.events.share_snapshot_s <= 0:
+            return
+        await share_snapshot(ingest.js, self.cfg.events, path, self._persisted_seq)
+
     async def _persist_now(self) -> None:
         """Write the in-process store's whole state now, over the snapshot and its delta (an
         erasure: no file may hold the state from before it); nothing for Redis or memory only."""
@@ -428,6 +475,8 @@ class RankingServer:
         ingest, path = self._stream_ingest, self._snapshot_file
         if ingest is None or path is None or self.cfg.events.share_snapshot_s <= 0 or not ingest.connected:
             return
+        if self.state is not None and self.state.erasure is not None and self.state.erasure.pending:
+            return  # this state holds users the fleet erased: never shared
         if not path.exists():
             return
         shared = await shared_info(ingest.js, self.cfg.events)

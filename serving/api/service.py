@@ -36,7 +36,7 @@ from serving.config import Limits
 from serving.experiments.exposure_log import Exposure, ExposureLog
 from serving.ingest.apply import EventIngest
 from serving.ingest.jetstream import StreamIngest
-from serving.ingest.live_erasure import LiveErasure
+from serving.ingest.live_erasure import ErasureUnavailable, LiveErasure
 from serving.ingest.items import upsert_items
 from serving.observability.metrics import Metrics, set_variant
 from serving.observability.request_logging import bind_request, update_request
@@ -49,14 +49,6 @@ log = logging.getLogger(__name__)
 class DeadlinePassed(SemrankError):
     grpc_code = "DEADLINE_EXCEEDED"
     reason = "DEADLINE_PASSED"
-
-
-class ErasureUnavailable(SemrankError):
-    """DeleteUser on a server whose events are on JetStream: erasure across a fleet's replicas is not
-    built yet (docs/privacy.md)."""
-
-    grpc_code = "FAILED_PRECONDITION"
-    reason = "ERASURE_UNAVAILABLE"
 
 
 @dataclass
@@ -74,7 +66,7 @@ class ServingState:
     bundle_roots: list[Path] = field(default_factory=list)  # where ReloadBundle may load from
     pseudonyms: Pseudonyms = field(default_factory=Pseudonyms)  # caller's user id -> the stored one (featurizer.privacy)
     erasures: Erasures | None = None  # users erased on request: their events are refused (featurizer.erasure)
-    erasure: LiveErasure | None = None  # DeleteUser (local events); None: on JetStream, refused
+    erasure: LiveErasure | None = None  # DeleteUser, and a JetStream fleet's erasures
     # The bench's null service (`semrank serve --null-service`): Rank answers this reply, built in
     # advance, after grpc parsed the request in full; the rest of the server is the same.
     null_reply: pb.RankResponse | None = None
@@ -284,9 +276,9 @@ class RankingService(pb_grpc.RankingServiceServicer):
         """Erase users on request (serving.ingest.live_erasure; admin only, as every admin RPC)."""
         s = self.s
         ids = validate_delete_user(request, s.limits)
-        if s.erasure is None:
-            raise ErasureUnavailable("DeleteUser is not available with --events jetstream yet: erasure across a fleet's "
-                                     "replicas is not built (docs/privacy.md)")
+        why = "this server has no erasure" if s.erasure is None else s.erasure.refusal()
+        if why is not None:
+            raise ErasureUnavailable(why)
         stored = [s.pseudonyms(u) for u in ids]
         out = await s.erasure.erase(stored, request.requested_by)
         return pb.DeleteUserResponse(users=out["users"], events_erased=out["events"], exposures_erased=out["exposures"],

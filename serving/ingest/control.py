@@ -8,6 +8,12 @@ fingerprint of the pseudonym key the fleet's stored ids were made with (featuriz
 for none). The first replica of a stream records its own; a replica started with another key, or
 without one when the fleet has one (or the reverse), is refused before it folds a message: its
 LogEvents would publish ids no other replica can match, and its A/B arms would differ.
+
+`erasure.<hash>`: one per user erased on request (`featurizer.erasure`'s keyed hash, under the
+key derived from the fleet's pseudonym key, so every replica computes the same one), with the
+user's stream subject (purged), who asked and when (`publish_erasures`). Each replica applies the
+entries it has not applied yet, in the order of their revisions (`fleet_erasures`;
+serving.ingest.live_erasure). Never a user id.
 """
 
 from __future__ import annotations
@@ -53,3 +59,51 @@ async def agree_pseudonyms(js, cfg: JetStreamConfig, fingerprint: str | None) ->
         raise ConfigError(f"stream {cfg.stream}: the fleet's stored ids were made with {have}, and this replica has "
                           f"{want}; start every replica with the same key, or re-key through a replay into a new "
                           "stream (docs/privacy.md)")
+
+
+ERASURE_PREFIX = "erasure."
+
+
+async def publish_erasures(js, cfg: JetStreamConfig, entries: list[dict]) -> None:
+    """Put one fleet erasure entry per user ({"user": hash, "subject", "requested_by", "at"})."""
+    kv = await control_bucket(js, cfg)
+    for e in entries:
+        await kv.put(ERASURE_PREFIX + e["user"], json.dumps(e).encode())
+
+
+async def fleet_erasures(js, cfg: JetStreamConfig, known: frozenset[str] | set[str] = frozenset()) -> list[dict]:
+    """The fleet's erasure entries whose hash is not in `known`, each with its `revision`, in the
+    order of their revisions. Read from the bucket's stream (one stream-info request lists the
+    entries' subjects, one direct get reads each new one), not with a KV watcher: nats-py's
+    `keys()` can end its replay early or hang (nats-io/nats.py#842, #995)."""
+    await control_bucket(js, cfg)
+    stream, subject = f"KV_{bucket_name(cfg.stream)}", f"$KV.{bucket_name(cfg.stream)}.{ERASURE_PREFIX}"
+    info = await js.stream_info(stream, subjects_filter=subject + "*")
+    out = []
+    for name in info.state.subjects or {}:
+        if name[len(subject):] in known:
+            continue
+        msg = await js.get_last_msg(stream, name)
+        if msg.data:  # (a deleted key's marker has none)
+            out.append(json.loads(msg.data) | {"revision": msg.seq})
+    return sorted(out, key=lambda e: e["revision"])
+
+
+async def list_fleet_erasures(cfg: JetStreamConfig) -> list[dict]:
+    """`fleet_erasures` on a connection of its own (a replica's start-up, before its stream's); []
+    when NATS cannot be reached (the stream's own connection then says so clearly)."""
+    import logging
+
+    import nats
+
+    try:
+        nc = await nats.connect(servers=[u.strip() for u in cfg.url.split(",") if u.strip()],
+                                connect_timeout=cfg.connect_timeout_s, max_reconnect_attempts=0)
+    except Exception as e:  # noqa: BLE001
+        logging.getLogger(__name__).warning("the fleet's erasures were not read: cannot reach NATS (%s)",
+                                            type(e).__name__)
+        return []
+    try:
+        return await fleet_erasures(nc.jetstream(timeout=cfg.connect_timeout_s * 5), cfg)
+    finally:
+        await nc.close()

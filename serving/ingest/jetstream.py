@@ -48,6 +48,7 @@ import nats.js.errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, StorageType, StreamConfig
 
 from featurizer.contracts.event_rules import EventRules, ItemRules, problem_field
+from featurizer.erasure import Erasures
 from featurizer.errors import ConfigError
 from featurizer.online.features import OnlineFeatures
 from featurizer.privacy import Pseudonyms, is_pseudonym
@@ -83,6 +84,10 @@ log = logging.getLogger(__name__)
 FOLD_BATCH = 4096  # messages per fetch at most (a fetch returns as soon as one has come)
 FOLD_WAIT_S = 1.0  # a fetch waits this long for a message; then the fold checks the stream and the connection
 RETRY_S = (0.05, 0.2, 0.5, 1.0, 2.0)  # backoff when the store or NATS fails
+
+
+class ErasedUser(Exception):
+    """A stream message of a user erased on request (skipped by the fold)."""
 
 
 class EventsNotAcknowledged(EventsNotStored):
@@ -140,6 +145,10 @@ class StreamIngest:
         self.origin = uuid.uuid4().hex  # this process, on the item messages it publishes
         # The server's hook for item messages from other replicas (serving.ingest.items.apply_shared_items).
         self.on_items: Callable[[list[SharedItem]], Awaitable[None]] | None = None
+        # Users erased on request (featurizer.erasure): their messages are skipped, counted under
+        # "erased", never logged nor dead-lettered (a copy would hold them again).
+        self.erasures: Erasures | None = None
+        self.dead_letters = True  # False: a second fold of the stream (an erasure's rebuild) copies nothing
 
     # ------------------------------------------------------------ lifecycle
 
@@ -149,7 +158,8 @@ class StreamIngest:
                    on_items: Callable[[list[SharedItem]], Awaitable[None]] | None = None,
                    items_through: int = 0, rules: EventRules = EventRules(), item_rules: ItemRules = ItemRules(),
                    item_known: Callable[[str], bool] | None = None, slices: ApplySlices | None = None,
-                   pseudonyms: Pseudonyms | None = None) -> StreamIngest:
+                   pseudonyms: Pseudonyms | None = None, erasures: Erasures | None = None,
+                   dead_letters: bool = True) -> StreamIngest:
         """Connect, create (or update) the stream, and fold it up to its end as of now.
         `items_through`: the store came from another replica's snapshot (serving.ingest.snapshots)
         holding seqs up to it, and this process has none of the items upserted before: they are
@@ -158,6 +168,7 @@ class StreamIngest:
         folded; with a key, an event whose user id is not a pseudonym is refused (`user_id`)."""
         self = cls(cfg, online, worker, dedup_window_s, rules, item_rules, slices)
         self.on_items, self.item_known = on_items, item_known
+        self.erasures, self.dead_letters = erasures, dead_letters
         try:
             await self._connect()
             if pseudonyms is not None:
@@ -273,11 +284,15 @@ class StreamIngest:
         if end:
             log.info("folded stream %s up to seq %d in %.1f s", self.cfg.stream, end, time.monotonic() - t0)
 
-    async def close(self) -> None:
+    async def stop_fold(self) -> None:
+        """Stop folding (the connection stays open until `close`)."""
         if self._task is not None:
             task, self._task = self._task, None
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+    async def close(self) -> None:
+        await self.stop_fold()
         if self._dead_tasks:  # let the dead letters in flight finish (each bounded by publish_timeout_s)
             await asyncio.gather(*self._dead_tasks, return_exceptions=True)
         if self._nc is not None:
@@ -480,6 +495,8 @@ class StreamIngest:
                         await self.on_items([item])
                 else:
                     pairs.append((seq, self._valid_event(m)))
+            except ErasedUser:
+                self.stats.refused["erased"] = self.stats.refused.get("erased", 0) + 1
             except BadStreamMessage as e:
                 self.stats.bad_messages += 1
                 log.error("stream %s seq %d (%s) is not a semrank event or item and is skipped: %s", self.cfg.stream,
@@ -503,6 +520,8 @@ class StreamIngest:
         """Copy a skipped message to `<prefix>.dead.<seq>` for operators, once for the fleet: every
         replica that skips it publishes the copy with message id `dead-<seq>`, which JetStream's
         duplicate window keeps once. Not awaited: the fold never waits on it (a failure is logged)."""
+        if not self.dead_letters:
+            return
         headers = {"Nats-Msg-Id": f"dead-{seq}", DEAD_SEQ_HEADER: str(seq), DEAD_SUBJECT_HEADER: m.subject,
                    DEAD_REASON_HEADER: reason[:500]}
 
@@ -532,7 +551,19 @@ class StreamIngest:
             reason = problem_field(problem)
             self.stats.refused[reason] = self.stats.refused.get(reason, 0) + 1
             raise BadStreamMessage(f"refused by the event rules: {problem}")
+        if self.erasures and event.user_id in self.erasures:
+            raise ErasedUser()
         return event
+
+    async def purge_subjects(self, subjects: Sequence[str]) -> int:
+        """Delete every message on `subjects` (an erased user's: `subject_for`) from the stream;
+        returns how many there were."""
+        purged = 0
+        for subject in subjects:
+            info = await self._js.stream_info(self.cfg.stream, subjects_filter=subject)
+            purged += (info.state.subjects or {}).get(subject, 0)
+            await self._js.purge_stream(self.cfg.stream, subject=subject)
+        return purged
 
     # ------------------------------------------------------------ UpsertItems
 
@@ -615,6 +646,8 @@ class StreamIngest:
         that finds the store further on takes its seq and folds only what follows."""
         for _ in (1, 2):
             after = self.committed_seq
+            if last <= after:  # (the state moved on under this batch: an erasure's swap)
+                return 0
             events = [e for s, e in pairs if s > after]
             try:
                 apply_logged(self.online, events, last, after, key=self.key)
@@ -631,6 +664,13 @@ class StreamIngest:
             self.committed_seq = last
             return len(events)
         raise OnlineStoreError("the online store's stream seq kept moving under this process's commits")
+
+    async def moved_to(self, online: OnlineFeatures, seq: int) -> None:
+        """Fold into `online` from now on, which holds the stream up to `seq` (an erasure swapped it in,
+        under `applied_lock`); tells the calls waiting for a seq."""
+        self.online, self.committed_seq = online, max(self.committed_seq, seq)
+        async with self._folded:
+            self._folded.notify_all()
 
     async def rebuild(self, data_events) -> int:
         """Refill a store that lost its state: the data directory's events, then the whole stream

@@ -37,10 +37,11 @@ import shutil
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 
-from featurizer.contracts.event_rules import EventRules
+from featurizer.contracts.event_rules import EventRules, ItemRules
 from featurizer.erasure import PRIVACY_DIR, Erasures
 from featurizer.errors import SemrankError
 from featurizer.online.features import OnlineFeatures
@@ -48,15 +49,23 @@ from featurizer.privacy import Pseudonyms
 from featurizer.store.config import InProcessConfig, RedisConfig, StoreConfig
 from featurizer.store.in_process import InProcessStore
 from featurizer.store.redis import RedisStore
+from serving.config import JetStreamConfig
 from serving.experiments.exposure_log import ExposureLog
 from serving.ingest.apply import EventIngest, apply_logged, applied_seq
+from serving.ingest.control import fleet_erasures, publish_erasures
+from serving.ingest.jetstream import StreamIngest
 from serving.ingest.log_format import LoggedEvent
+from serving.ingest.rebuild import catalog_items
+from serving.ingest.stream_format import subject_for
 from serving.ranking.engine import RankingEngine
+from serving.ranking.store_worker import StoreWorker
 
 log = logging.getLogger(__name__)
 
 REBUILD_DIR = "rebuild"  # STATE/privacy/rebuild: the child's snapshot and catalog, removed after
+FLEET_ERASURES_KEY = "fleet-erasures"  # meta row: {"through": the fleet erasure revision the state reflects}
 CATCH_UP_CHUNK = 50_000
+CLOSE_TIMEOUT_S = 10.0
 
 
 class ErasureFailed(SemrankError):
@@ -67,59 +76,159 @@ class ErasureFailed(SemrankError):
     reason = "ERASURE_INCOMPLETE"
 
 
+class ErasureUnavailable(SemrankError):
+    """DeleteUser where erasure cannot reach every copy of the users' data (docs/privacy.md)."""
+
+    grpc_code = "FAILED_PRECONDITION"
+    reason = "ERASURE_UNAVAILABLE"
+
+
+class _Hashed:
+    """Stored ids whose keyed hash is one of `hashes` (a fleet's erasures are known by hash only)."""
+
+    def __init__(self, erasures: Erasures, hashes: set[str]):
+        self._erasures, self._hashes = erasures, hashes
+
+    def __contains__(self, stored_id: object) -> bool:
+        return isinstance(stored_id, str) and self._erasures.hash(stored_id) in self._hashes
+
+
+@dataclass
+class StreamSide:
+    """What an erasure needs of a JetStream replica (None with local events)."""
+
+    cfg: JetStreamConfig
+    dedup_window_s: float
+    item_rules: ItemRules
+    share: Callable[[], Awaitable[None]]  # share the snapshot just persisted (serving.ingest.snapshots)
+
+
 class LiveErasure:
     def __init__(self, *, state_dir: Path, data_dir: Path, store_cfg: StoreConfig, engine: RankingEngine,
-                 ingest: EventIngest, exposures: ExposureLog, pseudonyms: Pseudonyms, rules: EventRules,
-                 erasures: Erasures, persist: Callable[[], Awaitable[None]],
-                 forget: Callable[[set[str]], None], rebuild: Callable[[dict], Awaitable[dict]] | None = None):
+                 ingest: EventIngest | StreamIngest, exposures: ExposureLog, pseudonyms: Pseudonyms,
+                 rules: EventRules, erasures: Erasures, persist: Callable[[], Awaitable[None]],
+                 forget: Callable[[object], None], rebuild: Callable[[dict], Awaitable[dict]] | None = None,
+                 stream: StreamSide | None = None):
         """`persist`: write the in-process store's state now (a full snapshot); `forget`: drop the
-        users' entries from the request path's caches (user vectors, sequence states); `rebuild`:
-        runs the child (`run_rebuild`; tests wrap it to write while it runs)."""
+        cached entries (user vectors, sequence states) of the stored ids a container holds;
+        `rebuild`: runs the child (`run_rebuild`; tests wrap it to write while it runs); `stream`:
+        the replica's JetStream side (events on the stream, erasures shared by the fleet)."""
         self.state_dir, self.data_dir, self.store_cfg = Path(state_dir), Path(data_dir), store_cfg
         self.engine, self.ingest, self.exposures = engine, ingest, exposures
         self.pseudonyms, self.rules, self.erasures = pseudonyms, rules, erasures
         self._persist, self._forget = persist, forget
         self._run_rebuild = rebuild or run_rebuild
+        self.stream = stream
+        self.pending = 0  # fleet entries seen and not applied yet (the snapshot is not shared meanwhile)
+        self.applied = set(erasures.hashes)  # erasures this state reflects (a failed one is tried again)
         self._lock = asyncio.Lock()
+
+    def refusal(self) -> str | None:
+        """Why DeleteUser cannot run on this server (None: it can)."""
+        if self.stream is None:
+            return None
+        if not isinstance(self.store_cfg, InProcessConfig):
+            return ("with --events jetstream and Redis features, erasure is not built (the replicas share one "
+                    "namespace); use in-process features, or stop the fleet and use semrank privacy delete-user")
+        if not self.erasures.fleet:
+            return ("with --events jetstream, erasure needs pseudonymous ids (--pseudonym-key-file): the fleet's "
+                    "erasure list is keyed by the fleet's key, so that every replica recognises the users")
+        return None
 
     async def erase(self, stored_ids: list[str], requested_by: str) -> dict:
         """Erase the users (stored ids) as the module docstring says; returns what was removed and
         how long it took. Shielded: once started it finishes even if the caller goes away."""
-        return await asyncio.shield(asyncio.ensure_future(self._erase(list(dict.fromkeys(stored_ids)), requested_by)))
+        users = list(dict.fromkeys(stored_ids))
+        work = self._erase(users, requested_by) if self.stream is None else self._erase_fleet(users, requested_by)
+        return await asyncio.shield(asyncio.ensure_future(work))
 
     async def _erase(self, users: list[str], requested_by: str) -> dict:
         async with self._lock:
             t0 = time.monotonic()
             self.erasures.ensure_key()  # (a keyless server's first erasure makes the list's key)
-            self.erasures.add(users)
+            hashes = {self.erasures.hash(u) for u in users}
+            self.erasures.add(hashes)
             self.ingest.erasures = self.erasures  # the fold drops what was on its way
             gone = set(users)
             out: dict = {"users": len(users)}
             out["events"] = await asyncio.to_thread(self.ingest.event_log.erase, gone)
             out["exposures"] = await asyncio.to_thread(self.exposures.erase, gone)
-            t_rebuild = time.monotonic()
-            work = self.state_dir / PRIVACY_DIR / REBUILD_DIR
-            try:
-                out.update(await self._rebuild(users, work))
-            except Exception as e:
-                log.exception("erasure: rebuilding the features without %d user(s) failed", len(users))
-                raise ErasureFailed(f"the features could not be rebuilt without the user(s) ({type(e).__name__}: {e}); "
-                                    "their events and exposures are erased and new events refused; call DeleteUser "
-                                    "again") from e
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
-            out["rebuild_s"] = round(time.monotonic() - t_rebuild, 3)
-            self._forget(gone)
-            await self._persist()
+            out.update(await self._rebuild_and_swap(hashes, gone))
             out["events"] += await asyncio.to_thread(self.ingest.event_log.erase, gone)  # (accepted just before 1.)
             self.erasures.record(users, requested_by, {k: out[k] for k in ("events", "exposures")} | {"features": True})
-            out["seconds"] = round(time.monotonic() - t0, 3)
-            log.info("erased %d user(s) on a running server: %d event(s), %d exposure record(s); features rebuilt "
-                     "beside (%d data-directory event(s), %d logged event(s) caught up) and swapped in %.1f s",
-                     len(users), out["events"], out["exposures"], out["data_events"], out["caught_up"], out["seconds"])
-            return out
+            return self._done(out, t0)
+
+    async def _erase_fleet(self, users: list[str], requested_by: str) -> dict:
+        """On JetStream: purge the users' subjects, publish the fleet's entries, apply them here (every
+        other replica applies them when it sees them: `sync_fleet`)."""
+        t0 = time.monotonic()
+        cfg = self.stream.cfg
+        now = datetime.now(timezone.utc).isoformat()
+        entries = [{"user": self.erasures.hash(u), "subject": subject_for(cfg.subject_prefix, u),
+                    "requested_by": requested_by, "at": now} for u in users]
+        purged = await self.ingest.purge_subjects([e["subject"] for e in entries])
+        await publish_erasures(self.ingest.js, cfg, entries)
+        out = await self.sync_fleet(wanted={e["user"] for e in entries})
+        out.update(users=len(users), events=purged + out.get("events", 0))
+        out["seconds"] = round(time.monotonic() - t0, 3)
+        return out
+
+    async def sync_fleet(self, wanted: set[str] = frozenset()) -> dict:
+        """Apply the fleet's erasure entries this replica has not applied, in the order of their
+        revisions (the poll of serving.server, and DeleteUser; `wanted`: hashes the caller waits for)."""
+        async with self._lock:
+            entries = await fleet_erasures(self.ingest.js, self.stream.cfg, known=self.applied)
+            out: dict = {"users": 0, "events": 0, "exposures": 0, "data_events": 0, "caught_up": 0}
+            if not entries:
+                return out
+            t0 = time.monotonic()
+            self.pending = len(entries)
+            try:
+                hashes = {e["user"] for e in entries}
+                self.erasures.add(hashes)
+                self.ingest.erasures = self.erasures  # the fold skips their messages from now on
+                gone = _Hashed(self.erasures, hashes)
+                out["users"] = len(hashes)
+                out["exposures"] = await asyncio.to_thread(self.exposures.erase, gone)
+                out.update(await self._rebuild_and_swap(hashes, gone, max(e["revision"] for e in entries)))
+                if wanted:  # the replica that took DeleteUser replaces the shared snapshot (one upload a fleet)
+                    await self.stream.share()
+                # messages published by replicas that had not seen the entries yet
+                out["events"] = await self.ingest.purge_subjects([e["subject"] for e in entries])
+                self.erasures.record_hashes(entries, {"exposures": out["exposures"], "features": True,
+                                                      "stream_purged": True})
+                self.applied |= hashes
+            finally:
+                self.pending = 0
+            return self._done(out, t0)
+
+    def _done(self, out: dict, t0: float) -> dict:
+        out["seconds"] = round(time.monotonic() - t0, 3)
+        log.info("erased %d user(s) on a running server: %d event(s), %d exposure record(s); features rebuilt "
+                 "beside (%d data-directory event(s), %d event(s) caught up) and swapped in %.1f s", out["users"],
+                 out["events"], out["exposures"], out["data_events"], out["caught_up"], out["seconds"])
+        return out
 
     # ------------------------------------------------------------ the rebuild
+
+    async def _rebuild_and_swap(self, hashes: set[str], gone, through: int | None = None) -> dict:
+        """Rebuild without `hashes`, swap in, forget `gone`'s cached entries, persist. `through`: the
+        fleet's erasure revision the new state reflects (JetStream)."""
+        t_rebuild = time.monotonic()
+        work = self.state_dir / PRIVACY_DIR / REBUILD_DIR
+        try:
+            out = await self._rebuild(sorted(hashes), work, through)
+        except Exception as e:
+            log.exception("erasure: rebuilding the features without %d user(s) failed", len(hashes))
+            raise ErasureFailed(f"the features could not be rebuilt without the user(s) ({type(e).__name__}: {e}); "
+                                "their events and exposures are erased and new events refused; call DeleteUser "
+                                "again") from e
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        out["rebuild_s"] = round(time.monotonic() - t_rebuild, 3)
+        self._forget(gone)
+        await self._persist()
+        return out
 
     def _build_store(self, work: Path) -> StoreConfig:
         if isinstance(self.store_cfg, RedisConfig):
@@ -132,7 +241,7 @@ class LiveErasure:
             return cfg
         return InProcessConfig(path=str(work / "online-store.bin"), fork_snapshots=False)
 
-    async def _rebuild(self, users: list[str], work: Path) -> dict:
+    async def _rebuild(self, hashes: list[str], work: Path, through: int | None) -> dict:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         engine, ingest = self.engine, self.ingest
@@ -141,26 +250,47 @@ class LiveErasure:
         build_cfg = self._build_store(work)
         spec = {"data_dir": str(self.data_dir), "state_dir": str(self.state_dir), "items": str(work / "items.parquet"),
                 "store": asdict(build_cfg), "params": asdict(engine.online.params), "rules": asdict(self.rules),
-                "erased": users, "pseudonym_key": self.pseudonyms.key_for_child()}
+                "erased": hashes, "pseudonym_key": self.pseudonyms.key_for_child()}
+        if self.stream is not None:
+            spec.update(jetstream=asdict(self.stream.cfg), dedup_window_s=self.stream.dedup_window_s,
+                        item_rules=asdict(self.stream.item_rules))
         child = await self._run_rebuild(spec)
         if isinstance(build_cfg, RedisConfig):
             rebuilt = RedisStore(build_cfg)
         else:
             rebuilt = await asyncio.to_thread(InProcessStore.detached, build_cfg.path)
+        beside_ingest = None
         try:
             beside = await asyncio.to_thread(OnlineFeatures, rebuilt, items, engine.online.params)
-            held = applied_seq(beside)
-            caught = await asyncio.to_thread(self._catch_up, beside, held, ingest.committed_seq)
-            held = applied_seq(beside)
+            if self.stream is None:
+                held = applied_seq(beside)
+                caught = await asyncio.to_thread(self._catch_up, beside, held, ingest.committed_seq)
+                held = applied_seq(beside)
+            else:  # a second fold of the stream over the rebuilt state, from its seq on
+                s = self.stream
+                beside_ingest = await StreamIngest.open(
+                    s.cfg, beside, StoreWorker(False), s.dedup_window_s, rules=self.rules, item_rules=s.item_rules,
+                    on_items=catalog_items(beside, set(items["item_id"].to_list())),
+                    item_known=engine.items.index.__contains__, pseudonyms=self.pseudonyms, erasures=self.erasures,
+                    dead_letters=False)
+                caught = beside_ingest.committed_seq - child["seq"]
             await asyncio.to_thread(beside.warm)  # its caches go live with it: no Rank pays their first fill
             redis = isinstance(rebuilt, RedisStore)
             async with ingest.applied_lock:
                 target = ingest.committed_seq
+                if beside_ingest is not None:
+                    if not await beside_ingest.wait_folded(target, self.stream.cfg.apply_timeout_s * 4):
+                        raise TimeoutError(f"the rebuilt state's fold did not reach seq {target} in time")
+                    await beside_ingest.stop_fold()  # (its connection is closed after the lock is released)
+                    target = beside_ingest.committed_seq
+                    caught = target - child["seq"]
 
                 def swap() -> int:
-                    n = self._catch_up(beside, held, target)
+                    n = self._catch_up(beside, held, target) if beside_ingest is None else 0
                     if engine.items.items is not items:  # items upserted meanwhile
                         beside.upsert_items(engine.items.items)
+                    if through is not None:  # what a snapshot of this state reflects (`fleet_through`)
+                        rebuilt.write("meta", {FLEET_ERASURES_KEY: {"through": through}})
                     live = engine.online.store
                     live.adopt(rebuilt)
                     beside.rebind(live)
@@ -171,10 +301,19 @@ class LiveErasure:
                     last = await engine.store_worker.write(swap)
                 finally:
                     engine.store_rebuilding = False
-                engine.online = ingest.online = beside
-                ingest.applied_lock.notify_all()
+                engine.online = beside
+                if isinstance(ingest, EventIngest):
+                    ingest.online, ingest.committed_seq = beside, target
+                    ingest.applied_lock.notify_all()
+                else:
+                    await ingest.moved_to(beside, target)
         finally:
             rebuilt.close()
+            if beside_ingest is not None:
+                try:  # bounded: a NATS client's close has been seen to wait for ever
+                    await asyncio.wait_for(beside_ingest.close(), CLOSE_TIMEOUT_S)
+                except asyncio.TimeoutError:
+                    log.warning("erasure: the rebuilt state's NATS connection did not close in %.0f s", CLOSE_TIMEOUT_S)
         return {"data_events": child["events"], "rebuilt_seq": child["seq"], "child_s": child["seconds"],
                 "caught_up": caught + last}
 
@@ -195,6 +334,12 @@ class LiveErasure:
                 applied, last, batch = applied + len(batch), seq, []
         apply_logged(online, batch, upto, last)
         return applied + len(batch)
+
+
+def fleet_through(online: OnlineFeatures) -> int:
+    """The fleet erasure revision the state reflects (0: none; serving.ingest.control)."""
+    held = online.store.read("meta", [FLEET_ERASURES_KEY])[0]
+    return int(held["through"]) if held else 0
 
 
 async def run_rebuild(spec: dict) -> dict:

@@ -27,6 +27,7 @@ follows its sequence (which the state itself holds: its meta row).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 OBJECT = "online-store"  # the full snapshot
 DELTA = "online-store.delta"  # the keys changed since it (featurizer.store.in_process's delta file)
 FORMAT = 2  # 1: a full snapshot alone (still read)
+FETCH_TIMEOUT_S = 120.0  # per object downloaded at start-up
 
 
 def bucket_name(stream: str) -> str:
@@ -119,11 +121,20 @@ async def fetch_snapshot(cfg: JetStreamConfig, path: Path) -> int | None:
         bucket = await _bucket(js, cfg, create=False)
         t0 = time.monotonic()
         # The delta first (its own name, ignored at load unless it applies to the full snapshot
-        # downloaded after it), then the full one: the store file appears last, complete.
+        # downloaded after it), then the full one: the store file appears last, complete. A read of
+        # an object another replica replaces meanwhile can wait for chunks that are gone (nats-py):
+        # bounded, and then the replica folds from the start.
         delta = files.delta_path(path)
-        if meta["format"] == FORMAT and await _description(bucket, DELTA) is not None:
-            await _download(bucket, DELTA, delta)
-        await _download(bucket, OBJECT, path)
+        try:
+            if meta["format"] == FORMAT and await _description(bucket, DELTA) is not None:
+                await asyncio.wait_for(_download(bucket, DELTA, delta), FETCH_TIMEOUT_S)
+            await asyncio.wait_for(_download(bucket, OBJECT, path), FETCH_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            delta.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+            log.warning("the shared snapshot of stream %s did not download within %.0f s (replaced meanwhile?): "
+                        "folding the stream from the start", cfg.stream, FETCH_TIMEOUT_S)
+            return None
         got = path.stat().st_size + (delta.stat().st_size if delta.exists() else 0)
         log.info("downloaded the shared snapshot of stream %s (seq %d, %.1f MB) in %.1f s", cfg.stream, meta["seq"],
                  got / 1e6, time.monotonic() - t0)

@@ -1,7 +1,8 @@
 """docs/nats/semrank.conf, the NATS users of docs/scaling.md ("Who may write what"), on a real
 nats-server of the test's own: a replica can do all it does (publish and fold events, the fleet's
-bundle key and the fleet's pseudonym key, snapshots); a producer can publish user events and nothing else, so it cannot point the
-fleet at a bundle, touch snapshots or change the stream (issue 30)."""
+bundle key and the fleet's pseudonym key, snapshots, the fleet's erasures and the purge of an erased
+user's subject); a producer can publish user events and nothing else, so it cannot point the fleet
+at a bundle, touch snapshots, record or purge erasures, or change the stream (issues 30, 18)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from featurizer.privacy import Pseudonyms
 from featurizer.store.in_process import InProcessStore
 from serving.config import JetStreamConfig
 from serving.ingest.control import bucket_name as control
+from serving.ingest.control import fleet_erasures, publish_erasures
 from serving.ingest.jetstream import StreamIngest
 from serving.ingest.stream_format import encode_event, subject_for
 from serving.ranking.shared_bundle import KEY
@@ -75,6 +77,11 @@ def test_a_replica_does_its_work_and_a_producer_cannot_write_the_control_bucket(
             kv = await replica.js.key_value(control("SEMRANK_EVENTS"))  # made by the key agreement at open
             assert json.loads((await kv.get("pseudonyms")).value) == {"fingerprint": None}
             await kv.put(KEY, b'{"path": "/srv/bundles/v2", "version": "v2"}')  # the fleet's bundle key
+            erased = {"user": "e1_" + "0" * 32, "subject": subject_for("semrank.events", "u-erased"),
+                      "requested_by": "t", "at": "2026-12-07T00:00:00+00:00"}
+            await publish_erasures(replica.js, cfg, [erased])  # DeleteUser: the fleet's entry, then the purge
+            assert [e["user"] for e in await fleet_erasures(replica.js, cfg)] == [erased["user"]]
+            assert await replica.purge_subjects([erased["subject"]]) == 0
             store = await replica.js.create_object_store(bucket="SEMRANK_EVENTS_SNAPSHOTS")  # shared snapshots
             await store.put("snapshot", b"x" * 1000)
             assert (await store.get("snapshot")).data == b"x" * 1000
@@ -85,6 +92,7 @@ def test_a_replica_does_its_work_and_a_producer_cannot_write_the_control_bucket(
                 ack = await js.publish(subject_for("semrank.events", "u-from-producer"), encode_event(batch(1)[0]))
                 assert ack.seq > logged.last_seq  # user events: allowed
                 for subject, data in ((f"$KV.{control('SEMRANK_EVENTS')}.{KEY}", b'{"path": "/tmp/evil"}'),
+                                      (f"$KV.{control('SEMRANK_EVENTS')}.erasure.e1_x", b'{"user": "e1_x"}'),
                                       ("semrank.events.items.x", b"{}"),
                                       ("$O.SEMRANK_EVENTS_SNAPSHOTS.C.x", b"x")):
                     with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError,
@@ -92,6 +100,8 @@ def test_a_replica_does_its_work_and_a_producer_cannot_write_the_control_bucket(
                         await js.publish(subject, data)
                 with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.APIError)):
                     await js.delete_stream("SEMRANK_EVENTS")
+                with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.APIError)):
+                    await js.purge_stream("SEMRANK_EVENTS", subject="semrank.events.u.>")
             finally:
                 await producer.close()
             entry = await kv.get(KEY)

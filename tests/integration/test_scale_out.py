@@ -476,3 +476,67 @@ def test_a_hung_nats_takes_readiness_down_and_back(small_shop, small_bundle, cat
             assert readiness(channel) == health_pb2.HealthCheckResponse.SERVING
     finally:
         own.stop()
+
+
+def test_delete_user_reaches_every_replica_the_stream_and_a_fresh_replica(small_shop, small_bundle, catalog, tmp_path,
+                                                                         stream, triton):
+    """DeleteUser on replica A of a keyed fleet: the user's messages are purged from the stream, A
+    ranks them as a stranger at once; B learns it from the control bucket, rebuilds and ranks them
+    as a stranger too; both refuse their events; a replica started afterwards (from the shared
+    snapshot A shared after its erasure) records the erasure without a rebuild and ranks them as a
+    stranger; no replica's state directory holds the pseudonym."""
+    from featurizer.privacy import Pseudonyms
+    from serving.ingest.stream_format import subject_for
+
+    name, prefix = stream
+    names = Pseudonyms(b"k" * 32)
+    events = JetStreamConfig(url=MACHINE_NATS, stream=name, subject_prefix=prefix, control_poll_s=0.2)
+    cfgs = [replace(replica_cfg(small_shop, small_bundle, tmp_path / f"state-{k}", events), open_admin=True,
+                    pseudonyms=names) for k in range(2)]
+    user, keeper, candidates = "erased-shopper-5d1c", "keeper-shopper", catalog[:20]
+
+    def personal(channel, who: str, token: int = 0) -> list[float]:
+        got = contributions(rank(channel, who, candidates, explain=True, min_sequence=token), "personal")
+        return [got[i] for i in candidates]
+
+    async def on_subject() -> int:
+        nc = await nats.connect(MACHINE_NATS)
+        try:
+            info = await nc.jetstream().stream_info(name, subjects_filter=subject_for(prefix, names(user)))
+            return sum((info.state.subjects or {}).values())
+        finally:
+            await nc.close()
+
+    with ReplicaSet(cfgs, triton) as replicas, grpc.insecure_channel(f"127.0.0.1:{replicas.ports[0]}") as a, \
+            grpc.insecure_channel(f"127.0.0.1:{replicas.ports[1]}") as b:
+        stub(a).LogEvents(iter([pb.LogEventsRequest(events=purchases(keeper, candidates[5:7], "k"))]), timeout=RPC_TIMEOUT_S)
+        token = stub(a).LogEvents(iter([pb.LogEventsRequest(events=purchases(user, candidates[:4], "u"))]),
+                                  timeout=RPC_TIMEOUT_S).sequence
+        assert not np.allclose(personal(b, user, token), personal(b, "never-seen"), atol=1e-6)
+        assert asyncio.run(on_subject()) == 4
+
+        out = stub(a).DeleteUser(pb.DeleteUserRequest(user_ids=[user], requested_by="ticket-11"), timeout=RPC_TIMEOUT_S)
+        assert (out.users, out.events_erased) == (1, 4), out
+        assert asyncio.run(on_subject()) == 0
+        np.testing.assert_allclose(personal(a, user), personal(a, "never-seen"), atol=1e-9)
+        wait_until(lambda: np.allclose(personal(b, user), personal(b, "never-seen"), atol=1e-9), 120,
+                   "replica B applying the fleet's erasure")
+        for channel in (a, b):
+            again = stub(channel).LogEvents(iter([pb.LogEventsRequest(events=purchases(user, candidates[:1], "x"))]),
+                                            timeout=RPC_TIMEOUT_S)
+            assert again.accepted == 0 and "erased" in again.rejections[0].reason
+        late = stub(b).LogEvents(iter([pb.LogEventsRequest(events=purchases(keeper, candidates[8:9], "k2"))]),
+                                 timeout=RPC_TIMEOUT_S).sequence
+        assert personal(a, keeper, late) == pytest.approx(personal(b, keeper, late))  # one fold, one state
+        assert not np.allclose(personal(a, keeper, late), personal(a, "never-seen"), atol=1e-6)
+
+        port_c = replicas.add(replace(cfgs[0], state_dir=tmp_path / "state-c"))  # from the shared snapshot
+        fresh = replicas.servers[2]
+        assert fresh.state.erasure.erasures.hashes == replicas.servers[0].state.erasure.erasures.hashes
+        with grpc.insecure_channel(f"127.0.0.1:{port_c}") as c:
+            np.testing.assert_allclose(personal(c, user, late), personal(c, "never-seen"), atol=1e-9)
+        for server in replicas.servers:
+            server.state.exposures.flush()
+        stored = names(user).encode()
+        for path in [p for p in tmp_path.rglob("*") if p.is_file() and "embeddings" not in p.parts]:
+            assert stored not in path.read_bytes(), path

@@ -43,7 +43,7 @@ from serving.api.errors import (
     too_large_backstop,
 )
 from serving.api.interceptors import Overloaded
-from serving.api.service import DeadlinePassed, ErasureUnavailable
+from serving.api.service import DeadlinePassed
 from serving.api.validation import FieldViolation, InvalidRequest
 from serving.batch.input import BatchInputError
 from serving.batch.output import OutputMismatch
@@ -52,7 +52,7 @@ from serving.ingest.apply import EventsNotApplied, EventsNotStored
 from serving.ingest.jetstream import EventsNotAcknowledged
 from serving.ingest.log_format import EventLogCorrupt, EventLogError, EventLogLocked
 from serving.ingest.items import ItemsNotEmbedded, ItemsNotShared
-from serving.ingest.live_erasure import ErasureFailed
+from serving.ingest.live_erasure import ErasureFailed, ErasureUnavailable
 from serving.ingest.restore import ReadOnlyStateError
 from serving.ranking.registry import BundlePathRefused, BundleRejected
 from serving.triton.client import EncoderUnavailable
