@@ -142,6 +142,7 @@ class StreamIngest:
         self._sub = None
         self._task: asyncio.Task | None = None
         self._restart = asyncio.Event()  # set by rebuild: fold again from the store's seq
+        self._stopping = False  # stop_fold: the fold loop ends
         self.origin = uuid.uuid4().hex  # this process, on the item messages it publishes
         # The server's hook for item messages from other replicas (serving.ingest.items.apply_shared_items).
         self.on_items: Callable[[list[SharedItem]], Awaitable[None]] | None = None
@@ -285,11 +286,19 @@ class StreamIngest:
             log.info("folded stream %s up to seq %d in %.1f s", self.cfg.stream, end, time.monotonic() - t0)
 
     async def stop_fold(self) -> None:
-        """Stop folding (the connection stays open until `close`)."""
-        if self._task is not None:
-            task, self._task = self._task, None
+        """Stop folding (the connection stays open until `close`). The loop also ends at its next
+        turn, and the cancel is repeated: on Python 3.11 `asyncio.wait_for` (under nats-py's fetch)
+        can swallow a cancel that lands as its wait ends (python/cpython#86296), and a fold that
+        went on would keep `close` waiting for ever."""
+        if self._task is None:
+            return
+        task, self._task = self._task, None
+        self._stopping = True
+        while not task.done():
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await asyncio.wait({task}, timeout=1.0)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("the fold ended with %r", task.exception())
 
     async def close(self) -> None:
         await self.stop_fold()
@@ -429,7 +438,7 @@ class StreamIngest:
 
     async def _fold(self) -> None:
         failures = 0
-        while True:
+        while not self._stopping:
             try:
                 if self._restart.is_set():
                     self._restart.clear()

@@ -1,4 +1,4 @@
-"""Erasing users on a running server (issue 18 item 3; the admin `DeleteUser` RPC), local events.
+"""Erasing users on a running server (issue 18 item 3; the admin `DeleteUser` RPC).
 
     erasure = LiveErasure(...)                                  # made by serving.server
     out = await erasure.erase(stored_ids, requested_by="ticket-1")
@@ -22,6 +22,14 @@ In order, one erasure at a time (later calls wait):
    in the instant before step 1 and written after step 2);
 6. **recorded** in the suppression list (`featurizer.erasure`): keyed hashes, who asked, when, what
    was removed.
+
+On JetStream (`StreamSide`) the event log's part is the stream's: the users' subjects are purged
+and one entry per user goes to the fleet's control bucket (serving.ingest.control); every replica
+applies the entries it has not applied (`sync_fleet`: steps 1, 3-6, the child folding the stream
+from its start, a second fold over the rebuilt state from its seq to the live one's, and the purge
+again), and the replica that took the call shares its new snapshot. The state's meta row records
+the fleet revision it reflects (`fleet_through`), which a replica's start-up compares with the
+fleet's entries (serving.server). docs/privacy.md has the whole contract.
 
 A DeleteUser that did not answer OK (the server stopped in between) may have done part of this: call
 it again, which is safe. With event retention, the rebuild holds only the events still in the log
