@@ -129,6 +129,7 @@ class LiveErasure:
         self.stream = stream
         self.pending = 0  # fleet entries seen and not applied yet (the snapshot is not shared meanwhile)
         self.applied = set(erasures.hashes)  # erasures this state reflects (a failed one is tried again)
+        self.rebuilds = 0  # states rebuilt by this process (each a child process and a swap)
         self._lock = asyncio.Lock()
 
     def refusal(self) -> str | None:
@@ -263,6 +264,7 @@ class LiveErasure:
             spec.update(jetstream=asdict(self.stream.cfg), dedup_window_s=self.stream.dedup_window_s,
                         item_rules=asdict(self.stream.item_rules))
         child = await self._run_rebuild(spec)
+        self.rebuilds += 1
         if isinstance(build_cfg, RedisConfig):
             rebuilt = RedisStore(build_cfg)
         else:

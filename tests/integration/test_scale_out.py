@@ -533,6 +533,7 @@ def test_delete_user_reaches_every_replica_the_stream_and_a_fresh_replica(small_
         port_c = replicas.add(replace(cfgs[0], state_dir=tmp_path / "state-c"))  # from the shared snapshot
         fresh = replicas.servers[2]
         assert fresh.state.erasure.erasures.hashes == replicas.servers[0].state.erasure.erasures.hashes
+        assert fresh.state.erasure.rebuilds == 0 and [s.state.erasure.rebuilds for s in replicas.servers[:2]] == [1, 1]
         with grpc.insecure_channel(f"127.0.0.1:{port_c}") as c:
             np.testing.assert_allclose(personal(c, user, late), personal(c, "never-seen"), atol=1e-9)
         for server in replicas.servers:
