@@ -36,12 +36,13 @@ from threadpoolctl import threadpool_limits
 from featurizer.contracts.experiments import Experiments, load_experiments
 from featurizer.contracts.schema import read_dataset
 from featurizer.definitions import FeatureParams
-from featurizer.errors import ConfigError
 from featurizer.erasure import Erasures
+from featurizer.errors import ConfigError
 from featurizer.online.features import StateMismatchError
 from featurizer.privacy import KEY_ENV as PSEUDONYM_KEY_ENV
 from featurizer.privacy import check_state
 from featurizer.store import snapshot_files
+from featurizer.store.config import RedisConfig
 from featurizer.store.in_process import SnapshotWrite
 from ranker.bundle import EncoderRef
 from semrank.ranking.v1 import ranking_service_pb2 as pb
@@ -61,10 +62,10 @@ from serving.encoding.pool import EncoderHandle, EncoderPool
 from serving.experiments.exposure_log import ExposureLog
 from serving.retention import Retention, RetentionConfig
 from serving.ingest.apply import ApplySlices, EventIngest
+from serving.ingest.control import list_fleet_erasures
 from serving.ingest.dedup import EventDedup
 from serving.ingest.items import apply_shared_items
 from serving.ingest.jetstream import StreamIngest
-from serving.ingest.control import list_fleet_erasures
 from serving.ingest.live_erasure import FLEET_ERASURES_KEY, LiveErasure, StreamSide, fleet_through
 from serving.ingest.snapshots import due, fetch_snapshot, share_snapshot, shared_info
 from serving.ingest.restore import STATE_DATA, build_engine, close_all, default_store, snapshot_file
@@ -216,7 +217,9 @@ class RankingServer:
             if cfg.events is not None and self._snapshot_file is not None and not self._snapshot_file.exists():
                 fetched = await fetch_snapshot(cfg.events, self._snapshot_file)  # a fresh replica: the shared one
             fleet_erased = await list_fleet_erasures(cfg.events) if cfg.events is not None else []
-            from_scratch = self._snapshot_file is None or not self._snapshot_file.exists()
+            # an in-process state with no snapshot (none of its own, none shared) is built from the start here
+            from_scratch = not isinstance(cfg.store, RedisConfig) and (self._snapshot_file is None
+                                                                        or not self._snapshot_file.exists())
             if fleet_erased and from_scratch:  # the state built here leaves the fleet's erased users out
                 known = Erasures.open(state_dir, cfg.pseudonyms)
                 known.record_hashes([e for e in fleet_erased if e["user"] not in known.hashes],

@@ -35,9 +35,9 @@ from serving.api.validation import event_problem, item_problem, validate_delete_
 from serving.config import Limits
 from serving.experiments.exposure_log import Exposure, ExposureLog
 from serving.ingest.apply import EventIngest
+from serving.ingest.items import upsert_items
 from serving.ingest.jetstream import StreamIngest
 from serving.ingest.live_erasure import ErasureUnavailable, LiveErasure
-from serving.ingest.items import upsert_items
 from serving.observability.metrics import Metrics, set_variant
 from serving.observability.request_logging import bind_request, update_request
 from serving.ranking.engine import STALE_FEATURES, RankingEngine, RankOutcome, degraded_code, holdout
@@ -270,7 +270,6 @@ class RankingService(pb_grpc.RankingServiceServicer):
         path = allowed_bundle_path(request.path, self.s.bundle_roots) if request.path else None
         ok, version, message = await self.s.registry.reload(path)
         return pb.ReloadBundleResponse(reloaded=ok, version=version, message=message)
-
 
     async def DeleteUser(self, request: pb.DeleteUserRequest, context: grpc.aio.ServicerContext) -> pb.DeleteUserResponse:
         """Erase users on request (serving.ingest.live_erasure; admin only, as every admin RPC)."""

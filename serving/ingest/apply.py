@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from featurizer.definitions import EVENT_CODE
-from featurizer.errors import SemrankError
 from featurizer.erasure import Erasures
+from featurizer.errors import SemrankError
 from featurizer.online.features import OnlineFeatures
 from featurizer.store.base import OnlineStoreError, WriteConflict
 from serving.config import Limits

@@ -175,41 +175,46 @@ class LiveErasure:
         now = datetime.now(timezone.utc).isoformat()
         entries = [{"user": self.erasures.hash(u), "subject": subject_for(cfg.subject_prefix, u),
                     "requested_by": requested_by, "at": now} for u in users]
-        purged = await self.ingest.purge_subjects([e["subject"] for e in entries])
-        await publish_erasures(self.ingest.js, cfg, entries)
-        out = await self.sync_fleet(wanted={e["user"] for e in entries})
+        async with self._lock:  # (the poll applies the entries after this call, or finds them applied)
+            purged = await self.ingest.purge_subjects([e["subject"] for e in entries])
+            await publish_erasures(self.ingest.js, cfg, entries)
+            out = await self._sync_fleet(share=True)
         out.update(users=len(users), events=purged + out.get("events", 0))
         out["seconds"] = round(time.monotonic() - t0, 3)
         return out
 
-    async def sync_fleet(self, wanted: set[str] = frozenset()) -> dict:
+    async def sync_fleet(self) -> dict:
         """Apply the fleet's erasure entries this replica has not applied, in the order of their
-        revisions (the poll of serving.server, and DeleteUser; `wanted`: hashes the caller waits for)."""
+        revisions (the poll of serving.server, and its start-up)."""
         async with self._lock:
-            entries = await fleet_erasures(self.ingest.js, self.stream.cfg, known=self.applied)
-            out: dict = {"users": 0, "events": 0, "exposures": 0, "data_events": 0, "caught_up": 0}
-            if not entries:
-                return out
-            t0 = time.monotonic()
-            self.pending = len(entries)
-            try:
-                hashes = {e["user"] for e in entries}
-                self.erasures.add(hashes)
-                self.ingest.erasures = self.erasures  # the fold skips their messages from now on
-                gone = _Hashed(self.erasures, hashes)
-                out["users"] = len(hashes)
-                out["exposures"] = await asyncio.to_thread(self.exposures.erase, gone)
-                out.update(await self._rebuild_and_swap(hashes, gone, max(e["revision"] for e in entries)))
-                if wanted:  # the replica that took DeleteUser replaces the shared snapshot (one upload a fleet)
-                    await self.stream.share()
-                # messages published by replicas that had not seen the entries yet
-                out["events"] = await self.ingest.purge_subjects([e["subject"] for e in entries])
-                self.erasures.record_hashes(entries, {"exposures": out["exposures"], "features": True,
-                                                      "stream_purged": True})
-                self.applied |= hashes
-            finally:
-                self.pending = 0
-            return self._done(out, t0)
+            return await self._sync_fleet(share=False)
+
+    async def _sync_fleet(self, share: bool) -> dict:
+        """`sync_fleet`, under the lock; `share`: replace the shared snapshot after (DeleteUser's replica)."""
+        entries = await fleet_erasures(self.ingest.js, self.stream.cfg, known=self.applied)
+        out: dict = {"users": 0, "events": 0, "exposures": 0, "data_events": 0, "caught_up": 0}
+        if not entries:
+            return out
+        t0 = time.monotonic()
+        self.pending = len(entries)
+        try:
+            hashes = {e["user"] for e in entries}
+            self.erasures.add(hashes)
+            self.ingest.erasures = self.erasures  # the fold skips their messages from now on
+            gone = _Hashed(self.erasures, hashes)
+            out["users"] = len(hashes)
+            out["exposures"] = await asyncio.to_thread(self.exposures.erase, gone)
+            out.update(await self._rebuild_and_swap(hashes, gone, max(e["revision"] for e in entries)))
+            if share:  # the replica that took DeleteUser replaces the shared snapshot (one upload a fleet)
+                await self.stream.share()
+            # messages published by replicas that had not seen the entries yet
+            out["events"] = await self.ingest.purge_subjects([e["subject"] for e in entries])
+            self.erasures.record_hashes(entries, {"exposures": out["exposures"], "features": True,
+                                                  "stream_purged": True})
+            self.applied |= hashes
+        finally:
+            self.pending = 0
+        return self._done(out, t0)
 
     def _done(self, out: dict, t0: float) -> dict:
         out["seconds"] = round(time.monotonic() - t0, 3)
