@@ -77,8 +77,7 @@ CLOSE_TIMEOUT_S = 10.0
 
 
 class ErasureFailed(SemrankError):
-    """The rebuild beside the live state failed: the users are suppressed and their logged events and
-    exposures erased, but the features still count them; call DeleteUser again."""
+    """An erasure did not finish (the message says which part did): call DeleteUser again."""
 
     grpc_code = "INTERNAL"
     reason = "ERASURE_INCOMPLETE"
@@ -176,8 +175,13 @@ class LiveErasure:
         entries = [{"user": self.erasures.hash(u), "subject": subject_for(cfg.subject_prefix, u),
                     "requested_by": requested_by, "at": now} for u in users]
         async with self._lock:  # (the poll applies the entries after this call, or finds them applied)
-            purged = await self.ingest.purge_subjects([e["subject"] for e in entries])
-            await publish_erasures(self.ingest.js, cfg, entries)
+            try:
+                purged = await self.ingest.purge_subjects([e["subject"] for e in entries])
+                await publish_erasures(self.ingest.js, cfg, entries)
+            except Exception as e:  # noqa: BLE001 - NATS down, or this replica may not purge or write the bucket
+                raise ErasureFailed(f"the erasure could not be recorded for the fleet ({type(e).__name__}: {e}); the "
+                                    "stream may still hold the users' events: check NATS and this replica's permissions "
+                                    "(docs/nats/semrank.conf) and call DeleteUser again") from e
             out = await self._sync_fleet(share=True)
         out.update(users=len(users), events=purged + out.get("events", 0))
         out["seconds"] = round(time.monotonic() - t0, 3)
