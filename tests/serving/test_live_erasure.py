@@ -193,3 +193,36 @@ def test_adopt_keeps_the_adopted_stores_readers_and_forces_a_full_snapshot(tmp_p
     assert not Path(str(path) + ".delta").exists() and b"gone" not in path.read_bytes()
     live.close()
     assert InProcessStore(InProcessConfig(path=str(path))).read("user", ["gone", "stays"]) == [None, {"n": 3}]
+
+
+def test_a_purge_the_stream_refuses_fails_the_erasure_with_its_reason_and_erases_nothing(tmp_path):
+    """Fault injection: a JetStream ingest whose purge fails (as a replica without the purge
+    permission sees it: the request times out). DeleteUser's erasure answers ERASURE_INCOMPLETE
+    naming the permissions, and suppresses nobody."""
+    import nats.errors
+
+    from featurizer.erasure import Erasures
+    from serving.config import JetStreamConfig
+    from serving.ingest.live_erasure import ErasureFailed, StreamSide
+
+    class PurgeDeniedIngest:  # fault injection: only what the erasure calls before its rebuild
+        js = None
+        erasures = None
+
+        async def purge_subjects(self, subjects):
+            raise nats.errors.TimeoutError
+
+    names = Pseudonyms(b"k" * 32)
+    erasures = Erasures.open(tmp_path, names)
+
+    async def nothing() -> None:
+        return None
+
+    erasure = LiveErasure(state_dir=tmp_path, data_dir=tmp_path, store_cfg=InProcessConfig(), engine=None,
+                          ingest=PurgeDeniedIngest(), exposures=None, pseudonyms=names, rules=Limits().event_rules,
+                          erasures=erasures, persist=nothing, forget=lambda users: None,
+                          stream=StreamSide(JetStreamConfig(), 3600, Limits().item_rules, nothing))
+    assert erasure.refusal() is None
+    with pytest.raises(ErasureFailed, match="permissions"):
+        asyncio.run(erasure.erase([names("u1")], "ticket"))
+    assert len(erasures) == 0 and erasure.rebuilds == 0
