@@ -33,10 +33,26 @@ def pack(blobs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     return np.frombuffer(b"".join(blobs), dtype=np.uint8), offsets
 
 
+# Loads build their lists and dicts this many entries at a time: each C call (`tolist`, a dict
+# update) holds the GIL, and one over a whole table (870k user x item states) kept another thread
+# waiting 148 ms; a server loading a snapshot beside serving (an erasure's swap) then stalled Ranks.
+LOAD_CHUNK = 32_768
+
+
 def unpack(data: np.ndarray, offsets: np.ndarray) -> list[bytes]:
     raw = data.tobytes()
-    o = offsets.tolist()
-    return [raw[o[k] : o[k + 1]] for k in range(len(o) - 1)]
+    out: list[bytes] = []
+    for start in range(0, len(offsets) - 1, LOAD_CHUNK):
+        o = offsets[start : start + LOAD_CHUNK + 1].tolist()
+        out.extend([raw[o[k] : o[k + 1]] for k in range(len(o) - 1)])
+    return out
+
+
+def _table(keys: list[str], values: list[bytes]) -> dict[str, bytes]:
+    table: dict[str, bytes] = {}
+    for start in range(0, len(keys), LOAD_CHUNK):
+        table.update(zip(keys[start : start + LOAD_CHUNK], values[start : start + LOAD_CHUNK]))
+    return table
 
 
 class ForkedWrite:
@@ -165,7 +181,7 @@ def _tables(z, path: Path) -> dict[str, tuple[dict[str, bytes], list[str]]]:
     k = 0
     while f"e{k}_name" in z.files:
         keys = [b.decode() for b in unpack(z[f"e{k}_keys"], z[f"e{k}_key_offsets"])]
-        table = dict(zip(keys, unpack(z[f"e{k}_values"], z[f"e{k}_value_offsets"])))
+        table = _table(keys, unpack(z[f"e{k}_values"], z[f"e{k}_value_offsets"]))
         deleted = ([b.decode() for b in unpack(z[f"e{k}_deleted"], z[f"e{k}_deleted_offsets"])]
                    if f"e{k}_deleted" in z.files else [])
         out[z[f"e{k}_name"].tobytes().decode()] = (table, deleted)

@@ -239,3 +239,14 @@ def test_a_snapshot_child_that_never_finishes_is_killed_not_waited_for_forever(t
     finally:
         files.CHILD_TIMEOUT_S = old
     assert not (tmp_path / "snap").exists()
+
+
+def test_a_snapshot_loads_the_same_in_chunks(tmp_path, monkeypatch):
+    """Loads build their tables a chunk at a time (GIL holds stay short): the chunk size never
+    changes what is loaded, across chunk edges too."""
+    files = snapshot_files
+    data = {"user": {f"u{k}": f"value-{k}".encode() * (k % 3 + 1) for k in range(11)}, "meta": {"m": b"x"}}
+    files.save_atomic(tmp_path / "s.bin", data, base_id="b")
+    whole = files.load(tmp_path / "s.bin")
+    monkeypatch.setattr(files, "LOAD_CHUNK", 3)
+    assert files.load(tmp_path / "s.bin") == whole == (data, "b")
