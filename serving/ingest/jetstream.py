@@ -506,6 +506,7 @@ class StreamIngest:
                     pairs.append((seq, self._valid_event(m)))
             except ErasedUser:
                 self.stats.refused["erased"] = self.stats.refused.get("erased", 0) + 1
+                self._purge_later(m.subject)
             except BadStreamMessage as e:
                 self.stats.bad_messages += 1
                 log.error("stream %s seq %d (%s) is not a semrank event or item and is skipped: %s", self.cfg.stream,
@@ -544,6 +545,24 @@ class StreamIngest:
                             type(e).__name__)
 
         task = asyncio.get_running_loop().create_task(publish())
+        self._dead_tasks.add(task)
+        task.add_done_callback(self._dead_tasks.discard)
+
+    def _purge_later(self, subject: str) -> None:
+        """Purge an erased user's subject again (a producer published after the erasure), in the
+        background as dead letters are; not by a second fold (an erasure's rebuild)."""
+        if not self.dead_letters:
+            return
+
+        async def purge() -> None:
+            try:
+                await asyncio.wait_for(self._js.purge_stream(self.cfg.stream, subject=subject),
+                                       self.cfg.publish_timeout_s)
+            except Exception as e:  # noqa: BLE001 - logged; the message stays skipped by every fold
+                log.warning("stream %s: an erased user's subject was not purged (%s)", self.cfg.stream,
+                            type(e).__name__)
+
+        task = asyncio.get_running_loop().create_task(purge())
         self._dead_tasks.add(task)
         task.add_done_callback(self._dead_tasks.discard)
 

@@ -172,7 +172,7 @@ class Metrics:
                                         namespace=ns, registry=r)
         self.stream_refused_events = Gauge("stream_refused_events", "JetStream events this process's fold refused "
                                            "(since start): the event rules LogEvents applies, by the field they named (item: an item message the "
-                                           "item rules refused)",
+                                           "item rules refused; erased: a user erased on request, docs/privacy.md)",
                                            ("reason",), namespace=ns, registry=r)
         self.stream_bad_messages = Gauge("stream_bad_messages", "JetStream messages skipped by this process's fold: "
                                          "not a semrank event or item (since start)", namespace=ns, registry=r)
@@ -248,7 +248,7 @@ class Metrics:
         stats = getattr(ingest, "stats", None)
         if stats is not None:
             self.stream_bad_messages.set_function(lambda: stats.bad_messages)
-            for reason in (*EVENT_FIELDS, "item", "other"):
+            for reason in (*EVENT_FIELDS, "item", "erased", "other"):
                 self.stream_refused_events.labels(reason=reason).set_function(lambda r=reason: stats.refused.get(r, 0))
 
     def triton_observer(self) -> TritonObserver:

@@ -525,6 +525,24 @@ def test_delete_user_reaches_every_replica_the_stream_and_a_fresh_replica(small_
             again = stub(channel).LogEvents(iter([pb.LogEventsRequest(events=purchases(user, candidates[:1], "x"))]),
                                             timeout=RPC_TIMEOUT_S)
             assert again.accepted == 0 and "erased" in again.rejections[0].reason
+        # a producer that did not hear of the erasure: every replica's fold skips its message, counted
+        async def publish_raw() -> None:
+            from serving.ingest.log_format import LoggedEvent
+            from serving.ingest.stream_format import encode_event
+
+            nc = await nats.connect(MACHINE_NATS)
+            try:
+                ts = round((datetime.now(timezone.utc) - timedelta(seconds=1)).timestamp() * 1e6)
+                await nc.jetstream().publish(subject_for(prefix, names(user)), encode_event(
+                    LoggedEvent(ts, names(user), candidates[2], "purchase", event_id="raw-1")))
+            finally:
+                await nc.close()
+
+        asyncio.run(publish_raw())
+        for server in replicas.servers:
+            wait_until(lambda s=server: s.metrics.registry.get_sample_value(
+                "semrank_stream_refused_events", {"reason": "erased"}) == 1, 30, "the fold skipping the erased user")
+        wait_until(lambda: asyncio.run(on_subject()) == 0, 30, "the late message purged")
         late = stub(b).LogEvents(iter([pb.LogEventsRequest(events=purchases(keeper, candidates[8:9], "k2"))]),
                                  timeout=RPC_TIMEOUT_S).sequence
         assert personal(a, keeper, late) == pytest.approx(personal(b, keeper, late))  # one fold, one state
