@@ -47,6 +47,7 @@ from featurizer.store.in_process import SnapshotWrite
 from ranker.bundle import EncoderRef
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
+from serving.aio import cancel_and_wait
 from serving.api.auth import AuthInterceptor
 from serving.api.errors import ErrorInterceptor, too_large_backstop
 from serving.api.interceptors import AdmissionInterceptor, MetricsInterceptor
@@ -588,9 +589,7 @@ class RankingServer:
             await self.health.enter_graceful_shutdown()
             await self.server.stop(self.cfg.grace_s)
             self.server = None
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         self._tasks = []
         if getattr(self, "_registry", None) is not None:
             await self._registry.close()

@@ -53,6 +53,7 @@ from featurizer.errors import ConfigError
 from featurizer.online.features import OnlineFeatures
 from featurizer.privacy import Pseudonyms, is_pseudonym
 from featurizer.store.base import OnlineStoreError, WriteConflict
+from serving.aio import cancel_and_wait
 from serving.config import JetStreamConfig
 from serving.ingest.apply import (
     ApplySlices,
@@ -286,19 +287,13 @@ class StreamIngest:
             log.info("folded stream %s up to seq %d in %.1f s", self.cfg.stream, end, time.monotonic() - t0)
 
     async def stop_fold(self) -> None:
-        """Stop folding (the connection stays open until `close`). The loop also ends at its next
-        turn, and the cancel is repeated: on Python 3.11 `asyncio.wait_for` (under nats-py's fetch)
-        can swallow a cancel that lands as its wait ends (python/cpython#86296), and a fold that
-        went on would keep `close` waiting for ever."""
+        """Stop folding (the connection stays open until `close`): the loop ends at its next turn,
+        and the cancel is repeated until it lands (`serving.aio.cancel_and_wait`)."""
         if self._task is None:
             return
         task, self._task = self._task, None
         self._stopping = True
-        while not task.done():
-            task.cancel()
-            await asyncio.wait({task}, timeout=1.0)
-        if not task.cancelled() and task.exception() is not None:
-            log.debug("the fold ended with %r", task.exception())
+        await cancel_and_wait([task])
 
     async def close(self) -> None:
         await self.stop_fold()

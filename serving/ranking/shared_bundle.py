@@ -27,6 +27,7 @@ from pathlib import Path
 
 import nats.js.errors
 
+from serving.aio import cancel_and_wait
 from serving.config import JetStreamConfig
 from serving.ingest.control import control_bucket
 from serving.ranking.registry import BundlePathRefused, BundleRegistry, allowed_bundle_path
@@ -127,6 +128,4 @@ class SharedBundle:
                 log.debug("shared bundle poll failed: %s", e)
 
     async def close(self) -> None:
-        for t in list(self._puts):
-            t.cancel()
-        await asyncio.gather(*self._puts, return_exceptions=True)
+        await cancel_and_wait(list(self._puts))

@@ -37,7 +37,7 @@ def test_start_up_says_that_writes_are_open_without_tokens(caplog):
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="serving.server"):
         RankingServer(cfg(open_admin=True))._check_access()
-    assert "admin RPCs (ReloadBundle) accept any caller" in caplog.text
+    assert "admin RPCs (ReloadBundle, DeleteUser) accept any caller" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="serving.server"):
         RankingServer(cfg(host="0.0.0.0", tokens=TokenAuth.from_spec("t-0123456789abcdef:admin")))._check_access()
