@@ -45,6 +45,7 @@ import shutil
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from itertools import takewhile
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -59,11 +60,11 @@ from featurizer.store.in_process import InProcessStore
 from featurizer.store.redis import RedisStore
 from serving.config import JetStreamConfig
 from serving.experiments.exposure_log import ExposureLog
-from serving.ingest.apply import EventIngest, apply_logged, applied_seq
+from serving.ingest.apply import EventIngest, applied_seq
 from serving.ingest.control import fleet_erasures, publish_erasures
 from serving.ingest.jetstream import StreamIngest
-from serving.ingest.log_format import LoggedEvent
 from serving.ingest.rebuild import catalog_items
+from serving.ingest.restore import replay_logged
 from serving.ingest.stream_format import subject_for
 from serving.ranking.engine import RankingEngine
 from serving.ranking.store_worker import StoreWorker
@@ -72,7 +73,6 @@ log = logging.getLogger(__name__)
 
 REBUILD_DIR = "rebuild"  # STATE/privacy/rebuild: the child's snapshot and catalog, removed after
 FLEET_ERASURES_KEY = "fleet-erasures"  # meta row: {"through": the fleet erasure revision the state reflects}
-CATCH_UP_CHUNK = 50_000
 CLOSE_TIMEOUT_S = 10.0
 
 
@@ -337,22 +337,11 @@ class LiveErasure:
                 "caught_up": caught + last}
 
     def _catch_up(self, online: OnlineFeatures, after: int, upto: int) -> int:
-        """Apply the event log's events (after, upto] to `online`, without erased users' and those the
-        event rules refuse (as the restore does), recording `upto` as applied; returns how many."""
-        if upto <= after:
-            return 0
-        batch: list[LoggedEvent] = []
-        applied, last, now_us = 0, after, round(time.time() * 1_000_000)
-        for seq, ev in self.ingest.event_log.replay(after):
-            if seq > upto:
-                break
-            if ev.user_id not in self.erasures and self.rules.problem(ev, now_us) is None:
-                batch.append(ev)
-            if len(batch) >= CATCH_UP_CHUNK:
-                apply_logged(online, batch, seq, last)
-                applied, last, batch = applied + len(batch), seq, []
-        apply_logged(online, batch, upto, last)
-        return applied + len(batch)
+        """Apply the event log's events (after, upto] to `online` as the restore does
+        (`replay_logged`), without erased users', recording `upto` as applied; returns how many."""
+        logged = takewhile(lambda pair: pair[0] <= upto, self.ingest.event_log.replay(after))
+        kept = ((seq, ev) for seq, ev in logged if ev.user_id not in self.erasures)
+        return replay_logged(online, kept, after, self.rules, through=upto)[0]
 
 
 def fleet_through(online: OnlineFeatures) -> int:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -97,10 +97,8 @@ def restore_online(store: OnlineStore, items: pl.DataFrame, events: pl.DataFrame
                    logged: Callable[[int], Iterator[tuple[int, LoggedEvent]]],
                    rules: EventRules = EventRules(), params: FeatureParams = FeatureParams()) -> OnlineFeatures:
     """Online features from the store's snapshot (or `events` when it has none), then the logged
-    events after the snapshot's seq (`logged(after_seq)` yields them in seq order). A logged event
-    the event rules refuse now (the log was written after LogEvents checked them with the same rules
-    at an earlier clock, so only a damaged or edited log holds one) is skipped and logged: it never
-    reaches the features, nor moves their clock."""
+    events after the snapshot's seq (`logged(after_seq)` yields them in seq order), as
+    `replay_logged` applies them."""
     online = OnlineFeatures(store, items, params)
     if online.watermark is None:
         online.apply(events)
@@ -109,11 +107,25 @@ def restore_online(store: OnlineStore, items: pl.DataFrame, events: pl.DataFrame
     else:
         after = applied_seq(online)
         log.info("online features restored from the store (up to %s, event log seq %d)", online.watermark, after)
+    replayed, refused = replay_logged(online, logged(after), after, rules)
+    if replayed or refused:
+        log.info("replayed %d event(s) from the event log (%d refused by the event rules)", replayed, refused)
+    return online
+
+
+def replay_logged(online: OnlineFeatures, logged: Iterable[tuple[int, LoggedEvent]], after: int,
+                  rules: EventRules, through: int | None = None) -> tuple[int, int]:
+    """Apply logged events (seq, event; the seqs after `after`, in order) to `online` in commits of
+    REPLAY_CHUNK, each fenced on the seq before it; an event the event rules refuse now (the log was
+    written after LogEvents checked them with the same rules at an earlier clock, so only a damaged
+    or edited log holds one) is skipped and logged: it never reaches the features, nor moves their
+    clock. Records `through` (default: the last seq read) as applied, so the store holds the log's
+    end past refused or filtered events. Returns (applied, refused)."""
     replayed = refused = 0
     batch: list[LoggedEvent] = []
-    seq = after
+    seq = last = after
     now_us = round(time.time() * 1_000_000)
-    for seq, ev in logged(after):
+    for seq, ev in logged:
         problem = rules.problem(ev, now_us)
         if problem is not None:
             refused += 1
@@ -121,14 +133,13 @@ def restore_online(store: OnlineStore, items: pl.DataFrame, events: pl.DataFrame
         else:
             batch.append(ev)
         if len(batch) >= REPLAY_CHUNK:
-            apply_logged(online, batch, seq, after)
-            replayed, after, batch = replayed + len(batch), seq, []
-    if seq > after:  # the rest, and the seq past refused events, so the store holds the log's end
-        apply_logged(online, batch, seq, after)
+            apply_logged(online, batch, seq, last)
+            replayed, last, batch = replayed + len(batch), seq, []
+    end = seq if through is None else through
+    if end > last:
+        apply_logged(online, batch, end, last)
         replayed += len(batch)
-    if replayed or refused:
-        log.info("replayed %d event(s) from the event log (%d refused by the event rules)", replayed, refused)
-    return online
+    return replayed, refused
 
 
 def build_engine(data_dir: Path, state_dir: Path, store_cfg: StoreConfig | None = None,
