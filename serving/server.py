@@ -293,7 +293,7 @@ class RankingServer:
             erasure = self.state.erasure = LiveErasure(
                 state_dir=state_dir, data_dir=cfg.data_dir, store_cfg=cfg.store or default_store(state_dir),
                 engine=engine, ingest=ingest, exposures=exposures, pseudonyms=cfg.pseudonyms,
-                rules=cfg.limits.event_rules, erasures=built.erasures, persist=self._persist_now,
+                rules=cfg.limits.event_rules, erasures=built.erasures, persist=lambda: self._persist(full=True),
                 forget=lambda users: engine.forget_users(users, registry.runtimes()), stream=stream)
             if stream is not None and erasure.refusal() is None:
                 await self._sync_fleet_erasures(fleet_erased, from_scratch)  # before serving: no Rank reads an erased user
@@ -409,14 +409,7 @@ class RankingServer:
             await asyncio.sleep(wait)
             wait = every_s
             try:
-                # The copy under the apply lock: a snapshot never holds half a batch, nor a batch
-                # without its seq. Packing and fsyncing it (hundreds of ms for a large state) happen
-                # after: a LogEvents, and a Rank waiting for its token, never wait for the disk.
-                async with self.state.ingest.applied_lock:
-                    write = await asyncio.to_thread(self.state.online.store.freeze)
-                    seq = self.state.ingest.committed_seq
-                await self._write_snapshot(write)  # (None: nothing changed since the last one, which holds seq)
-                self._persisted_seq = seq
+                await self._persist()
                 await self._share_snapshot()
             except Exception:  # noqa: BLE001 - the event log (or stream) still holds everything
                 log.exception("feature snapshot failed")
@@ -454,15 +447,17 @@ class RankingServer:
             return
         await share_snapshot(ingest.js, self.cfg.events, path, self._persisted_seq)
 
-    async def _persist_now(self) -> None:
-        """Write the in-process store's whole state now, over the snapshot and its delta (an
-        erasure: no file may hold the state from before it); nothing for Redis or memory only."""
+    async def _persist(self, full: bool = False) -> None:
+        """Snapshot the in-process store (nothing for Redis or memory only). The copy under the apply
+        lock: a snapshot never holds half a batch, nor a batch without its seq. Packing and fsyncing
+        it (hundreds of ms for a large state) happen after: a LogEvents, and a Rank waiting for its
+        token, never wait for the disk. `full`: the whole state over the snapshot and its delta (an
+        erasure: no file may hold the state from before it)."""
         async with self.state.ingest.applied_lock:
-            write = await asyncio.to_thread(self.state.online.store.freeze, True)
+            write = await asyncio.to_thread(self.state.online.store.freeze, full)
             seq = self.state.ingest.committed_seq
-        await self._write_snapshot(write)
-        if write is not None:
-            self._persisted_seq = seq
+        await self._write_snapshot(write)  # (None: nothing changed since the last one, which holds seq)
+        self._persisted_seq = seq
 
     def _covered_seq(self) -> int:
         """The last event-log seq a persisted feature state holds: Redis's committed state, or the
