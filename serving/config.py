@@ -291,6 +291,11 @@ class JetStreamConfig:
     ping_interval_s: float = 10.0
     max_outstanding_pings: int = 3
 
+    @property
+    def servers(self) -> list[str]:
+        """The NATS URLs of `url`."""
+        return [u.strip() for u in self.url.split(",") if u.strip()]
+
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.stream):
             raise ConfigError(f"stream {self.stream!r}: use 1-64 letters, digits, '_' or '-'")

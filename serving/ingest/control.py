@@ -19,12 +19,16 @@ serving.ingest.live_erasure). Never a user id.
 from __future__ import annotations
 
 import json
+import logging
 
+import nats
 import nats.js.errors
 from nats.js.api import KeyValueConfig, StorageType
 
 from featurizer.errors import ConfigError
 from serving.config import JetStreamConfig
+
+log = logging.getLogger(__name__)
 
 PSEUDONYMS_KEY = "pseudonyms"
 
@@ -89,19 +93,22 @@ async def fleet_erasures(js, cfg: JetStreamConfig, known: frozenset[str] | set[s
     return sorted(out, key=lambda e: e["revision"])
 
 
-async def list_fleet_erasures(cfg: JetStreamConfig) -> list[dict]:
-    """`fleet_erasures` on a connection of its own (a replica's start-up, before its stream's); []
-    when NATS cannot be reached (the stream's own connection then says so clearly)."""
-    import logging
-
-    import nats
-
+async def connect_once(cfg: JetStreamConfig, what: str):
+    """A short connection of a replica's start-up, before its stream's (no reconnects); None, with
+    a warning naming `what` could not be done, when NATS cannot be reached: the stream's own
+    connection then reports NATS problems clearly."""
     try:
-        nc = await nats.connect(servers=[u.strip() for u in cfg.url.split(",") if u.strip()],
-                                connect_timeout=cfg.connect_timeout_s, max_reconnect_attempts=0)
-    except Exception as e:  # noqa: BLE001
-        logging.getLogger(__name__).warning("the fleet's erasures were not read: cannot reach NATS (%s)",
-                                            type(e).__name__)
+        return await nats.connect(servers=cfg.servers, connect_timeout=cfg.connect_timeout_s,
+                                  max_reconnect_attempts=0)
+    except Exception as e:  # noqa: BLE001 - nats raises many kinds
+        log.warning("%s: cannot reach NATS (%s)", what, type(e).__name__)
+        return None
+
+
+async def list_fleet_erasures(cfg: JetStreamConfig) -> list[dict]:
+    """`fleet_erasures` at a replica's start-up ([] when NATS cannot be reached)."""
+    nc = await connect_once(cfg, "the fleet's erasures were not read")
+    if nc is None:
         return []
     try:
         return await fleet_erasures(nc.jetstream(timeout=cfg.connect_timeout_s * 5), cfg)

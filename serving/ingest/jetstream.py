@@ -189,7 +189,6 @@ class StreamIngest:
 
     async def _connect(self) -> None:
         cfg = self.cfg
-        servers = [u.strip() for u in cfg.url.split(",") if u.strip()]
 
         async def on_disconnect():
             if self._task is not None:  # (not when this process closes the connection)
@@ -203,7 +202,7 @@ class StreamIngest:
 
         try:  # (nats-py retries a first connection forever with these settings: the start-up bound is ours)
             self._nc = await asyncio.wait_for(nats.connect(
-                servers=servers, connect_timeout=cfg.connect_timeout_s, name="semrank-serve", allow_reconnect=True,
+                servers=cfg.servers, connect_timeout=cfg.connect_timeout_s, name="semrank-serve", allow_reconnect=True,
                 max_reconnect_attempts=-1, reconnect_time_wait=0.5, pending_size=0, ping_interval=cfg.ping_interval_s,
                 max_outstanding_pings=cfg.max_outstanding_pings, disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect, error_cb=on_error), 3 * cfg.connect_timeout_s)

@@ -42,6 +42,7 @@ from nats.js.api import ObjectMeta, ObjectStoreConfig, StorageType
 
 from featurizer.store import snapshot_files as files
 from serving.config import JetStreamConfig
+from serving.ingest.control import connect_once
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +107,8 @@ async def shared_info(js, cfg: JetStreamConfig) -> dict | None:
 async def fetch_snapshot(cfg: JetStreamConfig, path: Path) -> int | None:
     """Download the newest shared snapshot to `path` (which must not exist); returns its seq, or
     None when there is none (or NATS cannot be reached: the replica then folds from the start)."""
-    try:
-        nc = await nats.connect(servers=[u.strip() for u in cfg.url.split(",") if u.strip()],
-                                connect_timeout=cfg.connect_timeout_s, max_reconnect_attempts=0)
-    except Exception as e:  # noqa: BLE001 - the stream's own connection reports NATS problems clearly
-        log.warning("no shared snapshot: cannot reach NATS (%s)", type(e).__name__)
+    nc = await connect_once(cfg, "no shared snapshot")
+    if nc is None:
         return None
     try:
         js = nc.jetstream(timeout=30.0)
