@@ -113,12 +113,17 @@ async def upsert_items(engine: RankingEngine, pool: EncoderPool, items: pl.DataF
                              f"others ({e}); retry the call to share them", stored) from None
 
 
+def shared_items_frame(shared) -> pl.DataFrame:
+    """The item rows of shared item messages (serving.ingest.jetstream.SharedItem) as one frame."""
+    return pl.DataFrame([s.row for s in shared], schema=ITEM_SCHEMA)
+
+
 async def apply_shared_items(engine: RankingEngine, pool: EncoderPool, shared) -> None:
     """Fold item rows another replica shared (serving.ingest.jetstream.SharedItem): store them,
     take the embeddings whose text hash matches this replica's text, embed the rest. An encoder
     failure is logged, not raised (the fold must go on): those rows are embedded at the next start
     or upsert, and rank without their text until then."""
-    frame = pl.DataFrame([s.row for s in shared], schema=ITEM_SCHEMA)
+    frame = shared_items_frame(shared)
     engine.items.upsert(frame)
     await engine.store_worker.write(engine.online.upsert_items, frame)
     rows = engine.items.rows(frame["item_id"].to_list())

@@ -92,10 +92,10 @@ async def _fold_stream(spec: dict, online: OnlineFeatures, known: set[str], rule
 def catalog_items(online: OnlineFeatures, known: set[str]):
     """A fold's hook for item messages that applies them to the features' catalog columns only (no
     item store, no embeddings: an erasure's rebuild)."""
-    from serving.ingest.items import ITEM_SCHEMA
+    from serving.ingest.items import shared_items_frame
 
     async def apply(shared) -> None:
-        frame = pl.DataFrame([s.row for s in shared], schema=ITEM_SCHEMA)
+        frame = shared_items_frame(shared)
         online.upsert_items(frame)
         known.update(frame["item_id"].to_list())
 
