@@ -1,6 +1,8 @@
 """The per-request readers of online state against their reference forms: `window_counts_one` (one
 ring, plain Python slices) against `window_counts` (numpy over many rings), and `user_item_block`
-(packed records read as int64 words) against the states it packs, decoded and read one at a time."""
+(packed records read as int64 words) against the states it packs, decoded and read one at a time;
+the fold's struct codecs of item and user x item states against the numpy records they must equal
+byte for byte (`ITEM_DTYPE`, `UI_DTYPE`: what snapshots hold and the readers decode)."""
 
 from __future__ import annotations
 
@@ -10,9 +12,12 @@ from hypothesis import strategies as st
 
 from featurizer.definitions import WINDOWS
 from featurizer.online.state import (
+    ITEM_DTYPE,
     N_EVENTS,
     NO_TS,
     UI_BASE_NAMES,
+    UI_DTYPE,
+    ItemState,
     UserItemState,
     instant_before,
     user_item_block,
@@ -70,3 +75,44 @@ def test_user_item_block_equals_each_state_read_alone(states, never, t_after):
             before = instant_before(pair[0], pair[1], t)
             want.append(np.nan if before == NO_TS else float(t - before))
         np.testing.assert_array_equal(block[:, k], want)
+
+
+_EVENTS = st.lists(st.tuples(st.integers(0, 40 * DAY), st.integers(0, N_EVENTS - 1), st.booleans()), max_size=40)
+
+
+def _ui_record(s: UserItemState) -> bytes:
+    rec = np.zeros((), dtype=UI_DTYPE)
+    rec["last"], rec["tot"], rec["delta"], rec["imp"], rec["eng"] = s.last, s.tot, s.delta, s.imp, s.eng
+    return rec.tobytes()
+
+
+@settings(max_examples=300, deadline=None)
+@given(events=_EVENTS, start=st.integers(0, 2**52))
+def test_state_codecs_write_the_numpy_records_and_read_them_back(events, start):
+    item, ui = ItemState(), UserItemState()
+    for ts, code, first in sorted(events):
+        item.add(start + ts, code, first)
+        ui.add(start + ts, code)
+    blob = item.to_bytes()
+    assert blob == item._record().tobytes() and len(blob) == ITEM_DTYPE.itemsize
+    back = ItemState.from_bytes(blob)
+    assert (back.last, back.first, back.tot, back.delta, back.users, back.d_users, back.rings) == (
+        item.last, item.first, item.tot, item.delta, item.users, item.d_users, item.rings)
+    back.add(start + 41 * DAY, 1, True)  # what it decodes is the fold's to change: lists, not tuples
+    item.add(start + 41 * DAY, 1, True)
+    assert back.to_bytes() == item.to_bytes()
+    blob = ui.to_bytes()
+    assert blob == _ui_record(ui)
+    back = UserItemState.from_bytes(blob)
+    assert (back.last, back.tot, back.delta, back.imp, back.eng) == (ui.last, ui.tot, ui.delta, ui.imp, ui.eng)
+    back.add(start + 41 * DAY, 0)
+    ui.add(start + 41 * DAY, 0)
+    assert back.to_bytes() == ui.to_bytes()
+
+
+def test_a_tile_count_past_int32_is_written_as_numpy_casts_it():
+    item = ItemState()
+    item.add(10**15, 1, True)
+    ring = next(iter(item.rings.values()))
+    ring[ring.index(1)] = 2**31 + 5  # (never seen: a struct would refuse it, the record wraps it)
+    assert item.to_bytes() == item._record().tobytes()
