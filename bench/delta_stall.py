@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from flood_state import Flood, flood_shop  # bench/ is sys.path[0]
 from machine import machine
-from serve import BenchConfig
+from serve_setup import BenchConfig
 
 
 async def probe(stop: asyncio.Event, lags: list[float]) -> None:

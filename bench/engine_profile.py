@@ -26,7 +26,7 @@ import numpy as np
 import polars as pl
 from machine import machine  # bench/ is sys.path[0]
 from profiling import shares, top_own
-from serve import BenchConfig, bench_requests, inprocess_engine, online_snapshot, prepare
+from serve_setup import BenchConfig, bench_requests, inprocess_engine, online_snapshot, prepare
 
 # (label, function name as cProfile names it, file suffix)
 WATCH = [

@@ -11,7 +11,7 @@ import shutil
 import time
 from pathlib import Path
 
-from serve import BenchConfig, online_snapshot, prepare  # bench/ is sys.path[0]
+from serve_setup import BenchConfig, online_snapshot, prepare  # bench/ is sys.path[0]
 
 
 def flood_shop(work_dir: Path):

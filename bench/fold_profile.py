@@ -26,7 +26,7 @@ import numpy as np
 from flood_state import Flood, flood_shop  # bench/ is sys.path[0]
 from machine import machine
 from profiling import shares, top_own
-from serve import BenchConfig
+from serve_setup import BenchConfig
 
 # (label, function name as cProfile names it, file suffix)
 WATCH = [

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-import serve  # bench/ is sys.path[0]
+import serve_setup  # bench/ is sys.path[0]
 from serve_report import hardware
 
 
@@ -37,18 +37,18 @@ def timed_collections(n: int = 3) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--work-dir", type=Path, default=serve.BenchConfig().work_dir)
+    p.add_argument("--work-dir", type=Path, default=serve_setup.BenchConfig().work_dir)
     a = p.parse_args(argv)
-    cfg = serve.BenchConfig(work_dir=a.work_dir)
+    cfg = serve_setup.BenchConfig(work_dir=a.work_dir)
     wd = cfg.work_dir
-    snapshot = wd / "features" / "online-store.bin"  # (serve.online_snapshot)
+    snapshot = wd / "features" / "online-store.bin"  # (serve_setup.online_snapshot)
     if not (wd / "bundle" / "manifest.json").exists() or not snapshot.exists():
         print(f"no bench data under {wd}: run bench/serve.py --prepare-only first", file=sys.stderr)
         return 2
     from serving.ranking.engine import Candidate
 
-    engine, rt = serve.inprocess_engine(wd / "bundle", wd / "shop", wd / "state", snapshot)
-    users, items, _ = serve.bench_requests(cfg, wd / "shop")
+    engine, rt = serve_setup.inprocess_engine(wd / "bundle", wd / "shop", wd / "state", snapshot)
+    users, items, _ = serve_setup.bench_requests(cfg, wd / "shop")
 
     async def rank_everyone() -> None:
         for u in users:
