@@ -8,7 +8,8 @@ in one run, flushes it on a second thread while the main thread reads 50 keys at
 and reports the reads' latency during the flush:
 - `lock_held` (the baseline): the flush as it was before, packing and fsyncing under the store's
   lock (reproduced here by a subclass);
-- `copy_then_write` (now): the lock is held only while the dicts are copied.
+- `copy_then_write` (now): `InProcessStore.flush` as the server's store has it, which holds the
+  lock only to freeze the state (`freeze`) and writes it outside (a forked child where that is safe).
 Prints one JSON object: flush seconds and read p50 / p99 / max in ms, per variant (medians over
 the rounds), and the ratio of the max read latency.
 """
@@ -26,7 +27,8 @@ import numpy as np
 from machine import machine  # bench/ is sys.path[0]
 
 from featurizer.store.config import InProcessConfig
-from featurizer.store.in_process import InProcessStore, _save_atomic
+from featurizer.store import snapshot_files
+from featurizer.store.in_process import InProcessStore
 
 
 class LockHeldFlush(InProcessStore):
@@ -35,7 +37,7 @@ class LockHeldFlush(InProcessStore):
     def flush(self) -> None:
         with self._lock:
             if self._path is not None and self._dirty and not self._closed:
-                _save_atomic(self._path, self._data)
+                snapshot_files.save_atomic(self._path, self._data)
             self._dirty = False
 
 
