@@ -18,6 +18,6 @@ import sys as _sys
 
 # Before grpc is imported, unless a caller chose: gRPC runs no fork handlers of its own, so the
 # in-process store's forked snapshot writer never touches the server's connections (see
-# featurizer.store.in_process.fork_is_safe). Where grpc came first, that store copies instead.
+# featurizer.store.snapshot_write.fork_is_safe). Where grpc came first, that store copies instead.
 if "grpc" not in _sys.modules:
     _os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")

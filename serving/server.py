@@ -43,7 +43,7 @@ from featurizer.privacy import KEY_ENV as PSEUDONYM_KEY_ENV
 from featurizer.privacy import check_state
 from featurizer.store import snapshot_files
 from featurizer.store.config import RedisConfig
-from featurizer.store.in_process import SnapshotWrite
+from featurizer.store.snapshot_write import SnapshotWrite
 from ranker.bundle import EncoderRef
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 # First, before any test module imports grpc: serving's package sets GRPC_ENABLE_FORK_SUPPORT=false
 # while grpc is not loaded, so the in-process store may fork its snapshot writer in this process,
-# where servers and clients run (featurizer.store.in_process.fork_is_safe).
+# where servers and clients run (featurizer.store.snapshot_write.fork_is_safe).
 import serving  # noqa: F401, I001
 
 import pytest

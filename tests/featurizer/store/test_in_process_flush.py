@@ -96,7 +96,8 @@ if sys.argv[1] == "serving-first":
     import serving  # sets GRPC_ENABLE_FORK_SUPPORT=false while grpc is not loaded yet
 import grpc
 from featurizer.store.config import InProcessConfig
-from featurizer.store.in_process import InProcessStore, fork_is_safe
+from featurizer.store.in_process import InProcessStore
+from featurizer.store.snapshot_write import fork_is_safe
 
 forks = []
 real_fork = os.fork

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import featurizer.store.in_process as in_process
+import featurizer.store.snapshot_write as snapshot_write
 from featurizer.contracts.schema import EVENT_TYPES
 from featurizer.definitions import EVENT_CODE
 from featurizer.online.features import OnlineFeatures, to_us
@@ -88,6 +89,12 @@ def test_reads_never_return_a_held_object_and_fences_compare_values(tmp_path):
         store.write_batch({"cooc": {"i1": {"n": {}}}}, expect=("cooc", "i0", {"n": {"a": 2}, "last": 3, "d": {}}))
 
 
+def _patch_encode(monkeypatch, fn) -> None:
+    """`fn` for encode_value where the store and its snapshot's writer call it."""
+    for module in (in_process, snapshot_write):
+        monkeypatch.setattr(module, "encode_value", fn)
+
+
 def test_without_a_file_handed_over_values_are_encoded_at_once():
     store = InProcessStore()
     store.write_batch({"cooc": {"i0": Owned(n={"a": 1}, last=3, d={})}})
@@ -98,7 +105,7 @@ def test_a_snapshot_encodes_what_was_handed_over_before_it_and_keeps_what_is_wri
     store = InProcessStore(InProcessConfig(path=str(tmp_path / "s.bin"), fork_snapshots=False))
     store.write_batch({"cooc": {"i0": Owned(n={"a": 1}, last=1, d={}), "i1": Owned(n={"b": 1}, last=1, d={})}})
     newer = Owned(n={"a": 2}, last=2, d={})
-    real = in_process.encode_value
+    real = encode_value
     calls = []
 
     def racing_encode(v):  # fault injection: a write lands while the snapshot's thread encodes
@@ -107,9 +114,9 @@ def test_a_snapshot_encodes_what_was_handed_over_before_it_and_keeps_what_is_wri
         calls.append(v)
         return real(v)
 
-    monkeypatch.setattr(in_process, "encode_value", racing_encode)
+    _patch_encode(monkeypatch, racing_encode)
     store.flush()
-    monkeypatch.setattr(in_process, "encode_value", real)
+    _patch_encode(monkeypatch, real)
     assert type(store._data["cooc"]["i1"]) is bytes  # settled
     assert store._data["cooc"]["i0"] is newer  # the newer write is kept, not the older value's bytes
     assert store.read("cooc", ["i0", "i1"]) == [{"n": {"a": 2}, "last": 2, "d": {}}, {"n": {"b": 1}, "last": 1, "d": {}}]
@@ -124,8 +131,8 @@ def test_a_delta_snapshot_encodes_each_handed_over_value_once(tmp_path, monkeypa
     store.write_batch({"cooc": {"i0": Owned(n={"a": 1}, last=1, d={})}, "ui": {f"k{j}": b"x" for j in range(40)}})
     store.flush()  # the full snapshot
     calls = []
-    real = in_process.encode_value
-    monkeypatch.setattr(in_process, "encode_value", lambda v: calls.append(v) or real(v))
+    real = encode_value
+    _patch_encode(monkeypatch, lambda v: calls.append(v) or real(v))
     store.write_batch({"cooc": {"i1": Owned(n={"b": 1}, last=2, d={}), "i2": Owned(n={"c": 1}, last=2, d={})}})
     store.flush()  # a delta: it encodes the two values for its file, and the store keeps those bytes
     assert (tmp_path / "s.bin.delta").exists()
@@ -147,8 +154,8 @@ def test_a_delta_encoded_in_slices_on_the_loop_writes_what_it_took_and_keeps_new
     store.flush()  # the full snapshot
     store.write_batch({"cooc": {f"i{k}": Owned(n={"b": k}, last=2, d={}) for k in range(1, 41)}})
     calls = []
-    real = in_process.encode_value
-    monkeypatch.setattr(in_process, "encode_value", lambda v: calls.append(v) or real(v))
+    real = encode_value
+    _patch_encode(monkeypatch, lambda v: calls.append(v) or real(v))
     write = store.freeze()
     paced: list[float] = []
 
