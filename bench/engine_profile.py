@@ -65,7 +65,7 @@ def main() -> int:
     snapshot = online_snapshot(state_dir, shop)
     users, _, pools = bench_requests(cfg, shop)
     engine, rt = inprocess_engine(bundle, shop, state_dir, snapshot)
-    from serving.ranking.engine import Candidate
+    from serving.ranking.outcome import Candidate
 
     result = {"machine": machine(), "reps": a.reps, "events_per_rank": a.events_per_rank, "sizes": {}}
     for n in a.candidates:

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (wd / "bundle" / "manifest.json").exists() or not snapshot.exists():
         print(f"no bench data under {wd}: run bench/serve.py --prepare-only first", file=sys.stderr)
         return 2
-    from serving.ranking.engine import Candidate
+    from serving.ranking.outcome import Candidate
 
     engine, rt = serve_setup.inprocess_engine(wd / "bundle", wd / "shop", wd / "state", snapshot)
     users, items, _ = serve_setup.bench_requests(cfg, wd / "shop")

@@ -20,7 +20,7 @@ from machine import machine  # bench/ is sys.path[0]
 from featurizer.definitions import FAMILIES
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from serving.api.service import _rank_response
-from serving.ranking.engine import RankOutcome
+from serving.ranking.outcome import RankOutcome
 
 
 def made_apart(request: pb.RankRequest, request_id: str, outcome: RankOutcome, version: str, experiment: str,

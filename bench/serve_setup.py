@@ -222,7 +222,7 @@ def inprocess_engine(bundle_dir: Path, shop: Path, state_dir: Path, snapshot: Pa
 
 def measure_inprocess(engine, rt, pools: dict[int, list[tuple[str, list[str]]]], users: list[str], reps: int) -> dict[int, dict]:
     """engine.rank per request, sizes interleaved; after one untimed rank per bench user."""
-    from serving.ranking.engine import Candidate
+    from serving.ranking.outcome import Candidate
 
     cands = {n: [(u, [Candidate(item_id=i) for i in ids]) for u, ids in pool] for n, pool in pools.items()}
     times: dict[int, list[float]] = {n: [] for n in pools}

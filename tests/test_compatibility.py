@@ -23,7 +23,8 @@ from ranker.bundle import load_bundle
 from ranker.encoder import encoder_key
 from serving.ingest.log_format import read_log
 from serving.ingest.restore import build_engine
-from serving.ranking.engine import BundleRuntime, Candidate
+from serving.ranking.engine import BundleRuntime
+from serving.ranking.outcome import Candidate
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "compat_v1"
 EXPECTED = json.loads((FIXTURE / "expected.json").read_text())

@@ -20,7 +20,8 @@ from featurizer.store.in_process import InProcessStore
 from ranker.bundle import load_bundle
 from ranker.feature_matrix import BundleInputs
 from ranker.sequence import BUNDLE_DIR, CONFIG_FILE, MODEL_FILE, SASRecConfig
-from serving.ranking.engine import BundleRuntime, Candidate, RankingEngine, serving_inputs
+from serving.ranking.engine import BundleRuntime, RankingEngine, serving_inputs
+from serving.ranking.outcome import Candidate
 from serving.ranking.item_store import ItemStore
 from training.data.loo import loo_data
 from training.lambdarank.leave_one_out import build_examples, train_loo_ranker

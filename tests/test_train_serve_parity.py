@@ -28,7 +28,8 @@ from ranker.bundle import EncoderRef, load_bundle, save_bundle
 from ranker.feature_matrix import BundleInputs
 from ranker.user_tower import UserTower
 from serving.encoding.pool import InProcessEncoder
-from serving.ranking.engine import BundleRuntime, Candidate, RankingEngine
+from serving.ranking.engine import BundleRuntime, RankingEngine
+from serving.ranking.outcome import Candidate
 from serving.ranking.item_store import ItemStore
 from tests.fakes import DIM, HashEncoder
 from training.lambdarank.impression_lists import build_examples

@@ -40,7 +40,8 @@ from serving.ingest.jetstream import StreamIngest
 from serving.ingest.live_erasure import ErasureUnavailable, LiveErasure
 from serving.observability.metrics import Metrics, set_variant
 from serving.observability.request_logging import bind_request, update_request
-from serving.ranking.engine import STALE_FEATURES, RankingEngine, RankOutcome, degraded_code, holdout
+from serving.ranking.engine import RankingEngine
+from serving.ranking.outcome import STALE_FEATURES, RankOutcome, degraded_code, holdout
 from serving.ranking.registry import BundleRegistry, Loaded, allowed_bundle_path
 
 log = logging.getLogger(__name__)

@@ -36,7 +36,7 @@ from serving.encoding.factories import TritonEncoderOptions, encoder_factory
 from serving.triton.client import ExternalTriton
 from serving.encoding.pool import EncoderPool
 from serving.ingest.restore import build_engine
-from serving.ranking.engine import Candidate
+from serving.ranking.outcome import Candidate
 from serving.ranking.registry import BundleRegistry
 
 log = logging.getLogger(__name__)

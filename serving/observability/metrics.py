@@ -43,7 +43,7 @@ from prometheus_client import (
 )
 
 from featurizer.contracts.event_rules import FIELDS as EVENT_FIELDS
-from serving.ranking.engine import ENCODE_CAUSES
+from serving.ranking.outcome import ENCODE_CAUSES
 
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -145,7 +145,7 @@ class Metrics:
             "user_history_items_skipped", "History items a pooled user tower left out: no current item vector (an id "
             "never upserted, or a text not re-embedded yet); counted each time a user vector is computed (it is "
             "cached until the history or the item vectors change)", namespace=ns, registry=r)
-        self.degraded_total = Counter("degraded", "Responses served degraded, by reason code (serving.ranking.engine.DEGRADED_CODES, or other)", ("reason",), namespace=ns, registry=r)
+        self.degraded_total = Counter("degraded", "Responses served degraded, by reason code (serving.ranking.outcome.DEGRADED_CODES, or other)", ("reason",), namespace=ns, registry=r)
         self.admission_refused_total = Counter(
             "admission_refused", "Calls refused because their budget of calls in flight was full (serving.config.Budgets: "
             "ranks, writes, admin, watches, health_checks; a caller's share of writes or watches counts here too)",
@@ -226,7 +226,7 @@ class Metrics:
         self.cache_requests_total.labels(cache=cache, result="miss").inc(misses)
 
     def record_rank_encode(self, cause: str, texts: int) -> None:
-        """One encoder call a Rank issued for `texts` texts of `cause` (serving.ranking.engine.ENCODE_CAUSES)."""
+        """One encoder call a Rank issued for `texts` texts of `cause` (serving.ranking.outcome.ENCODE_CAUSES)."""
         if cause not in ENCODE_CAUSES:
             raise ValueError(f"unknown encode cause {cause!r}: use one of {ENCODE_CAUSES}")
         self.rank_encoder_calls_total.labels(cause=cause).inc()

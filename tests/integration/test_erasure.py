@@ -80,7 +80,7 @@ def test_delete_user_on_a_running_server_leaves_no_trace_now_after_a_restart_and
     from semrank.cli import main
     from serving.batch.scorer import ScoreConfig, Scorer
     from serving.config import TokenAuth
-    from serving.ranking.engine import Candidate
+    from serving.ranking.outcome import Candidate
 
     key_file = tmp_path / "pseudonym.key"
     key_file.write_bytes(b"k" * 32)

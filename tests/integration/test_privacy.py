@@ -153,7 +153,7 @@ def test_batch_scoring_maps_its_input_ids_and_refuses_state_of_another_key(small
     """`semrank score` on a keyed server's state: the input's user ids are mapped before their features
     are read (a shopper with a click scores unlike a stranger), and without the key the job is refused."""
     from serving.batch.scorer import ScoreConfig, Scorer
-    from serving.ranking.engine import Candidate
+    from serving.ranking.outcome import Candidate
 
     names, state = Pseudonyms(KEY), tmp_path / "state"
     cfg = ServeConfig(bundle_dir=small_bundle[0], data_dir=small_shop, state_dir=state, port=0, reload_poll_s=0,

@@ -18,7 +18,8 @@ from featurizer.store.in_process import InProcessStore
 from ranker.bundle import load_bundle
 from ranker.user_tower import UserTower
 from serving.encoding.pool import InProcessEncoder
-from serving.ranking.engine import BundleRuntime, Candidate, RankingEngine, degraded_code, holdout
+from serving.ranking.engine import BundleRuntime, RankingEngine
+from serving.ranking.outcome import Candidate, degraded_code, holdout
 from serving.ranking.item_store import ItemStore
 from tests.fakes import DIM, FailingEncoderService, HashEncoder
 from tests.serving.ranking.ranking_kit import write_bundle

@@ -16,7 +16,8 @@ from featurizer.contracts.schema import read_dataset
 from featurizer.online.features import OnlineFeatures
 from featurizer.store.in_process import InProcessStore
 from ranker.bundle import MANIFEST
-from serving.ranking.engine import Candidate, RankingEngine
+from serving.ranking.engine import RankingEngine
+from serving.ranking.outcome import Candidate
 from serving.ranking.item_store import ItemStore
 from serving.ranking.registry import BundlePathRefused, BundleRegistry, BundleRejected, allowed_bundle_path
 from tests.serving.ranking.ranking_kit import FEATURES, HashEncoderPool, write_bundle
