@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timezone
-from itertools import repeat
 
 import numpy as np
 import polars as pl
@@ -35,7 +34,7 @@ from featurizer.definitions import (
     derive_rest,
 )
 from featurizer.errors import SemrankError
-from featurizer.offline.pipeline import catalog
+from featurizer.online.catalog import Catalog
 from featurizer.online.item_index import ItemIndex
 from featurizer.online.state import (
     NO_TS,
@@ -57,24 +56,6 @@ from featurizer.store.base import Expect, OnlineStore, OnlineStoreError, Value
 META_KEY = "state"
 ITEM_COUNT_COLUMNS = np.array([NAMES.index(name) for name in ITEM_COUNT_NAMES])
 REST_COLUMNS = tuple((k, name) for k, name in enumerate(NAMES) if name not in ITEM_COUNT_NAMES)
-
-
-def _codes(values: list[str | None], names: dict[str, int]) -> np.ndarray:
-    """Code of each value; None -> len(names); one extra entry for items not in the catalog."""
-    none = len(names)
-    return np.array([none if v is None else names[v] for v in values] + [none], dtype=np.int64)
-
-
-CATALOG_COLUMNS = {"item_id": pl.Utf8, "category": pl.Utf8, "brand": pl.Utf8, "price": pl.Float64}
-
-
-def _catalog_columns(items: pl.DataFrame, only_present: bool = False) -> pl.DataFrame:
-    """The item columns features read, typed; absent ones null (or left out with only_present)."""
-    return items.select(
-        (pl.col(c).cast(t) if c in items.columns else pl.lit(None, t)).alias(c)
-        for c, t in CATALOG_COLUMNS.items()
-        if c in items.columns or not only_present
-    )
 
 
 class StaleQueryError(SemrankError, ValueError):
@@ -105,9 +86,8 @@ class OnlineFeatures:
         """`max_items` bounds the ids the per-item arrays hold (`ItemIndex`); past it they start over."""
         self.store, self.params = store, params
         self._fingerprint = params.fingerprint()
-        self._items = _catalog_columns(items)
         self._index = ItemIndex(max_items)  # item id -> row of every per-item array below
-        self._set_catalog(self._items)
+        self._catalog = Catalog(items, self._index)
         meta = store.read("meta", [META_KEY])[0]
         if meta is not None and meta.get("fingerprint") != params.fingerprint():
             raise StateMismatchError(
@@ -128,48 +108,13 @@ class OnlineFeatures:
         self._user_items = UserItemIndex(store)
         self._history_memo: tuple = (None, None, [])  # (user state, t, its whole history at t)
 
-    def _set_catalog(self, items: pl.DataFrame) -> None:
-        cat = catalog(items.lazy()).collect()
-        ids = cat["item_id"].to_list()
-        self._category = dict(zip(ids, cat["category"].to_list()))
-        self._brand = dict(zip(ids, cat["brand"].to_list()))
-        self._log_price = dict(zip(ids, cat["log_price"].to_list()))
-        # Row k of the catalog; row len(ids) stands for any item not in it.
-        self._row = {i: k for k, i in enumerate(ids)}
-        self._price = np.append(cat["price"].fill_null(np.nan).to_numpy(), np.nan)
-        # category (brand) -> code, and the code of each catalog row (+ one row for unknown items)
-        self._cat_names = {g: k for k, g in enumerate(cat["category"].drop_nulls().unique(maintain_order=True))}
-        self._brand_names = {g: k for k, g in enumerate(cat["brand"].drop_nulls().unique(maintain_order=True))}
-        self._cat_code = _codes(cat["category"].to_list(), self._cat_names)
-        self._brand_code = _codes(cat["brand"].to_list(), self._brand_names)
-        if len(ids) <= self._index.max_items // 2:
-            self._index.rows(ids)  # the catalog's ids first: later requests add only unknown ones
-        self._catalog_rows = (-1, np.zeros(0, dtype=np.int64))  # (index epoch, catalog row per index row)
-
-    def _catalog_row(self, rows: np.ndarray) -> np.ndarray:
-        """The catalog row of the items at index `rows` (len(catalog): not in it)."""
-        epoch, known = self._catalog_rows
-        if epoch != self._index.epoch or len(known) < len(self._index):
-            start = len(known) if epoch == self._index.epoch else 0
-            new = self._index.ids[start:]
-            unknown = len(self._price) - 1
-            more = np.fromiter(map(self._row.get, new, repeat(unknown)), dtype=np.int64, count=len(new))
-            known = more if start == 0 else np.concatenate([known, more])
-            self._catalog_rows = (self._index.epoch, known)
-        return known[rows]
-
     def upsert_items(self, items: pl.DataFrame) -> None:
         """Add items to the catalog, or update the price/category/brand of known ones (a null
         field leaves the known value unchanged).
 
         Only reads made after the call see them; events already applied keep the category and
         brand their item had then (as the offline pipeline, which joins the catalog as given)."""
-        if items.is_empty():
-            return
-        new = _catalog_columns(items, only_present=True).unique("item_id", keep="last", maintain_order=True)
-        merged = self._items.update(new, on="item_id", how="full")
-        self._set_catalog(merged)
-        self._items = merged
+        self._catalog = self._catalog.upsert(items)
 
     def rebind(self, store: OnlineStore) -> None:
         """Read and write `store` from now on, keeping every cache: for a store that adopted the one
@@ -254,7 +199,7 @@ class OnlineFeatures:
         """Count the events (sorted) into the states read for them, read the co-occurrence states
         their first touches pair (into `cooc_st`), and commit everything in one write."""
         n_hist, window = self.params.history_items, self.params.cooc_window_us
-        cat, brand, lp = self._category, self._brand, self._log_price
+        cat, brand, lp = self._catalog.category, self._catalog.brand, self._catalog.log_price
         pairs: list[tuple[str, str, int]] = []
         seq_events: list[tuple[str, int, str, bool]] = []  # the first and the late engagements
         sequences = self.params.sequence_items > 0
@@ -394,10 +339,11 @@ class OnlineFeatures:
         # derive's arithmetic broadcasts (and the matrix below), not arrays of n copies.
         b.update(ui)
         b.update(user.base(t_us))
-        rows = self._catalog_row(rows)
-        unknown = np.flatnonzero(rows == len(self._price) - 1) if inline else np.zeros(0, dtype=np.int64)
-        for name, kind, names, codes in (("user_cat_n", "category", self._cat_names, self._cat_code),
-                                         ("user_brand_n", "brand", self._brand_names, self._brand_code)):
+        catalog = self._catalog
+        rows = catalog.rows(rows)
+        unknown = np.flatnonzero(rows == catalog.unknown) if inline else np.zeros(0, dtype=np.int64)
+        for name, kind, names, codes in (("user_cat_n", "category", catalog.category_names, catalog.category_code),
+                                         ("user_brand_n", "brand", catalog.brand_names, catalog.brand_code)):
             per_code = np.zeros(len(names) + 1)  # the user's engagements per category (brand); last: none
             per_code[-1] = np.nan
             for g in user.groups(kind):
@@ -408,7 +354,7 @@ class OnlineFeatures:
                 given = inline[kind]
                 item_codes[unknown] = [names.get(given[k], len(names)) if given[k] else len(names) for k in unknown]
             b[name] = per_code[item_codes]
-        b["item_price"] = self._price[rows]
+        b["item_price"] = catalog.price[rows]
         if unknown.size and inline.get("price") is not None:  # an unseen item's inline price
             b["item_price"][unknown] = np.asarray(inline["price"], dtype=np.float64)[unknown]
         b["cooc_max"], b["cooc_sum"] = cos_max, cos_sum
