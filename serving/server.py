@@ -21,7 +21,6 @@ import asyncio
 import gc
 import ipaddress
 import logging
-import random
 import tempfile
 from collections.abc import Callable
 from dataclasses import replace
@@ -43,7 +42,6 @@ from featurizer.privacy import KEY_ENV as PSEUDONYM_KEY_ENV
 from featurizer.privacy import check_state
 from featurizer.store import snapshot_files
 from featurizer.store.config import RedisConfig
-from featurizer.store.snapshot_write import SnapshotWrite
 from ranker.bundle import EncoderRef
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from semrank.ranking.v1 import ranking_service_pb2_grpc as pb_grpc
@@ -68,12 +66,13 @@ from serving.ingest.dedup import EventDedup
 from serving.ingest.items import apply_shared_items
 from serving.ingest.jetstream import StreamIngest
 from serving.ingest.live_erasure import FLEET_ERASURES_KEY, LiveErasure, StreamSide, fleet_through
-from serving.ingest.snapshots import due, fetch_snapshot, share_snapshot, shared_info
+from serving.ingest.snapshots import fetch_snapshot
 from serving.ingest.restore import STATE_DATA, build_engine, close_all, default_store, snapshot_file
 from serving.observability.metrics import Metrics
 from serving.ranking.engine import RankingEngine, utc_now
 from serving.ranking.registry import BundleRegistry
 from serving.ranking.shared_bundle import SharedBundle
+from serving.snapshotting import FeatureSnapshots
 from serving.triton.process import TritonProcess
 
 log = logging.getLogger(__name__)
@@ -139,8 +138,7 @@ class RankingServer:
         self.ready = False  # the READINESS health status
         self._not_ready_why: str | None = None
         self._stream_ingest: StreamIngest | None = None
-        self._snapshot_file: Path | None = None  # the in-process store's snapshot (None: Redis)
-        self._persisted_seq = 0  # the last event-log seq the snapshot on disk holds (what retention may delete)
+        self.snapshots: FeatureSnapshots | None = None  # the feature state's snapshots (made at start)
         self.retention: Retention | None = None  # the event and exposure logs' compaction (with a retention age)
         self._shared_bundle: SharedBundle | None = None  # the fleet's bundle (JetStream's KV)
         self.admission: AdmissionInterceptor | None = None  # (made with the gRPC server, after the ingest)
@@ -213,14 +211,14 @@ class RankingServer:
                 log.warning("pseudonymous user ids are off: user ids are stored, logged and exported as callers send "
                             "them; configure a key (--pseudonym-key-file or $%s; docs/privacy.md)", PSEUDONYM_KEY_ENV)
             experiments = load_experiments(cfg.experiments_file) if cfg.experiments_file else Experiments()
-            self._snapshot_file = snapshot_file(cfg, state_dir)
+            snapshots = self.snapshots = FeatureSnapshots(snapshot_file(cfg, state_dir), cfg.events)
             fetched = None
-            if cfg.events is not None and self._snapshot_file is not None and not self._snapshot_file.exists():
-                fetched = await fetch_snapshot(cfg.events, self._snapshot_file)  # a fresh replica: the shared one
+            if cfg.events is not None and snapshots.path is not None and not snapshots.path.exists():
+                fetched = await fetch_snapshot(cfg.events, snapshots.path)  # a fresh replica: the shared one
             fleet_erased = await list_fleet_erasures(cfg.events) if cfg.events is not None else []
             # an in-process state with no snapshot (none of its own, none shared) is built from the start here
-            from_scratch = not isinstance(cfg.store, RedisConfig) and (self._snapshot_file is None
-                                                                        or not self._snapshot_file.exists())
+            from_scratch = not isinstance(cfg.store, RedisConfig) and (snapshots.path is None
+                                                                        or not snapshots.path.exists())
             if fleet_erased and from_scratch:  # the state built here leaves the fleet's erased users out
                 known = Erasures.open(state_dir, cfg.pseudonyms)
                 known.record_hashes([e for e in fleet_erased if e["user"] not in known.hashes],
@@ -243,8 +241,8 @@ class RankingServer:
                 if fetched is None:
                     raise
                 log.error("the shared snapshot cannot be used (%s): deleted; folding the stream from the start", e)
-                self._snapshot_file.unlink()
-                snapshot_files.delta_path(self._snapshot_file).unlink(missing_ok=True)
+                snapshots.path.unlink()
+                snapshot_files.delta_path(snapshots.path).unlink(missing_ok=True)
                 fetched = None
                 built = build()
             self._closers.extend(built.closers)  # the store worker, the event log, then the online store
@@ -268,15 +266,17 @@ class RankingServer:
                     items_through=fetched or 0, rules=cfg.limits.event_rules, item_rules=cfg.limits.item_rules,
                     item_known=engine.items.index.__contains__, slices=self._apply_slices(), pseudonyms=cfg.pseudonyms,
                     erasures=built.erasures)
+                snapshots.bind(ingest, ingest)
                 self._shared_bundle = SharedBundle(ingest.js, cfg.events, registry, ingest.origin, bundle_roots)
                 await self._shared_bundle.start()  # the fleet's bundle, if another replica reloaded
                 try:  # the fleet's first snapshot, before serving: the only full upload most fleets make
-                    await self._share_snapshot(first=True)
+                    await snapshots.share(first=True)
                 except Exception:  # noqa: BLE001 - the periodic share tries again
                     log.exception("sharing the feature snapshot at start-up failed")
             else:
                 ingest = EventIngest(event_log, engine.online, EventDedup(cfg.limits.dedup_window_s),
                                      worker=engine.store_worker, slices=self._apply_slices())
+                snapshots.bind(ingest)
             self.metrics.watch_ingest(ingest)
             self.state = ServingState(
                 engine=engine, registry=registry, exposures=exposures, ingest=ingest,
@@ -289,12 +289,13 @@ class RankingServer:
             ingest.erasures = built.erasures
             stream = None
             if cfg.events is not None:
-                stream = StreamSide(cfg.events, cfg.limits.dedup_window_s, cfg.limits.item_rules, self._share_now)
+                stream = StreamSide(cfg.events, cfg.limits.dedup_window_s, cfg.limits.item_rules, snapshots.share_now)
             erasure = self.state.erasure = LiveErasure(
                 state_dir=state_dir, data_dir=cfg.data_dir, store_cfg=cfg.store or default_store(state_dir),
                 engine=engine, ingest=ingest, exposures=exposures, pseudonyms=cfg.pseudonyms,
-                rules=cfg.limits.event_rules, erasures=built.erasures, persist=lambda: self._persist(full=True),
+                rules=cfg.limits.event_rules, erasures=built.erasures, persist=lambda: snapshots.persist(full=True),
                 forget=lambda users: engine.forget_users(users, registry.runtimes()), stream=stream)
+            snapshots.erasure = erasure
             if stream is not None and erasure.refusal() is None:
                 await self._sync_fleet_erasures(fleet_erased, from_scratch)  # before serving: no Rank reads an erased user
                 self._tasks.append(asyncio.create_task(self._follow_fleet_erasures(cfg.events.control_poll_s)))
@@ -305,13 +306,13 @@ class RankingServer:
             if cfg.reload_poll_s > 0:
                 self._tasks.append(asyncio.create_task(registry.watch(cfg.reload_poll_s)))
             if cfg.snapshot_interval_s > 0:
-                self._tasks.append(asyncio.create_task(self._snapshots(cfg.snapshot_interval_s)))
+                self._tasks.append(asyncio.create_task(snapshots.run(cfg.snapshot_interval_s)))
             if cfg.retention.events_s or cfg.retention.exposures_s:
                 if cfg.retention.events_s and event_log is not None and not engine.online.store.remote \
                         and not cfg.snapshot_interval_s:
                     log.warning("event retention is set, but with no feature snapshot (--snapshot-interval-s 0) the "
                                 "event log is the only copy of the state: nothing will be deleted from it")
-                self.retention = Retention(cfg.retention, event_log, exposures, self._covered_seq)
+                self.retention = Retention(cfg.retention, event_log, exposures, snapshots.covered_seq)
                 self._tasks.append(asyncio.create_task(self.retention.run()))
             self._tasks.append(asyncio.create_task(self._loop_lag(LOOP_LAG_PROBE_S)))
             if self._shared_bundle is not None:
@@ -401,19 +402,6 @@ class RankingServer:
             await asyncio.sleep(every_s)
             self.metrics.event_loop_lag_seconds.observe(max(0.0, loop.time() - t0 - every_s))
 
-    async def _snapshots(self, every_s: float) -> None:
-        # The first one after the interval plus a random part of it: the workers of one host (started
-        # together) then write and share theirs at different moments, not both at once on the same cores.
-        wait = every_s * random.uniform(1.0, 1.5)
-        while True:
-            await asyncio.sleep(wait)
-            wait = every_s
-            try:
-                await self._persist()
-                await self._share_snapshot()
-            except Exception:  # noqa: BLE001 - the event log (or stream) still holds everything
-                log.exception("feature snapshot failed")
-
     async def _sync_fleet_erasures(self, listed: list[dict], from_scratch: bool) -> None:
         """At start-up (JetStream): the fleet's erasures this replica's state reflects (the shared or
         its own snapshot's watermark, or a state built here without them) are recorded; the rest
@@ -439,71 +427,6 @@ class RankingServer:
                 await self.state.erasure.sync_fleet()
             except Exception:  # noqa: BLE001 - the next poll tries again
                 log.exception("applying the fleet's erasures failed")
-
-    async def _share_now(self) -> None:
-        """Share the snapshot just persisted (an erasure: the shared one holds the erased users)."""
-        ingest, path = self._stream_ingest, self._snapshot_file
-        if ingest is None or path is None or not path.exists() or self.cfg.events.share_snapshot_s <= 0:
-            return
-        await share_snapshot(ingest.js, self.cfg.events, path, self._persisted_seq)
-
-    async def _persist(self, full: bool = False) -> None:
-        """Snapshot the in-process store (nothing for Redis or memory only). The copy under the apply
-        lock: a snapshot never holds half a batch, nor a batch without its seq. Packing and fsyncing
-        it (hundreds of ms for a large state) happen after: a LogEvents, and a Rank waiting for its
-        token, never wait for the disk. `full`: the whole state over the snapshot and its delta (an
-        erasure: no file may hold the state from before it)."""
-        async with self.state.ingest.applied_lock:
-            write = await asyncio.to_thread(self.state.online.store.freeze, full)
-            seq = self.state.ingest.committed_seq
-        await self._write_snapshot(write)  # (None: nothing changed since the last one, which holds seq)
-        self._persisted_seq = seq
-
-    def _covered_seq(self) -> int:
-        """The last event-log seq a persisted feature state holds: Redis's committed state, or the
-        in-process store's last snapshot on disk (retention deletes no event after it)."""
-        return self.state.ingest.committed_seq if self.state.online.store.remote else self._persisted_seq
-
-    async def _share_snapshot(self, first: bool = False) -> None:
-        """With JetStream and in-process features: share the snapshot when the shared one is old
-        (serving.ingest.snapshots), so that a fresh replica folds only what follows it. What is
-        shared is the store's files as written: its delta (a few MB), and its full snapshot only
-        when the bucket holds another one, never a fresh copy of the whole state. `first` (at
-        start-up, before serving): only when the bucket holds no snapshot at all, whatever the
-        seq, so that the full upload a new fleet needs happens before any Rank can wait for it."""
-        ingest, path = self._stream_ingest, self._snapshot_file
-        if ingest is None or path is None or self.cfg.events.share_snapshot_s <= 0 or not ingest.connected:
-            return
-        if self.state is not None and self.state.erasure is not None and self.state.erasure.pending:
-            return  # this state holds users the fleet erased: never shared
-        if not path.exists():
-            return
-        shared = await shared_info(ingest.js, self.cfg.events)
-        if first:
-            if shared is not None:
-                return
-        elif not due(shared, ingest.committed_seq, self.cfg.events.share_snapshot_s,
-                     (await asyncio.to_thread(snapshot_files.ids, path))[0]):
-            return
-        async with ingest.applied_lock:  # the state and its seq, taken together
-            write = await asyncio.to_thread(ingest.online.store.freeze)
-            seq = ingest.committed_seq
-        # Written after the lock is released (the fold and LogEvents go on meanwhile). The files are
-        # then this copy: only this loop (`_snapshots`, which calls this) and close write them, one
-        # at a time; no copy (None) means nothing changed since the last one, which the loop wrote.
-        await self._write_snapshot(write)
-        await share_snapshot(ingest.js, self.cfg.events, path, seq)
-
-    async def _write_snapshot(self, write) -> None:
-        """Write what the store's `freeze` took: a delta's values encoded on the loop first, in the
-        fold's slices and within its share of the loop (`SnapshotWrite.encode_slices`), then the file
-        on a thread."""
-        if write is None:
-            return
-        if isinstance(write, SnapshotWrite):  # the in-process store's
-            slices = self.state.ingest.slices
-            await write.encode_slices(slices.budget_s, slices.pace)
-        await asyncio.to_thread(write)
 
     async def _check_ready(self) -> bool:
         """The online store answers a read of its state row (through the store worker, within the

@@ -107,7 +107,7 @@ def test_delete_user_on_a_running_server_leaves_no_trace_now_after_a_restart_and
         assert log(channel, CANARY, catalog[:4], "c").accepted == 4
         assert log(channel, "keeper", catalog[4:6], "k").accepted == 2
         assert not np.allclose(personal(channel, CANARY), personal(channel, "never-seen-user"), atol=1e-6)
-        st.run(st.server._persist(full=True))  # a snapshot on disk that holds the canary
+        st.run(st.server.snapshots.persist(full=True))  # a snapshot on disk that holds the canary
 
         request = pb.DeleteUserRequest(user_ids=[CANARY], requested_by="ticket-9")
         with pytest.raises(grpc.RpcError) as denied:

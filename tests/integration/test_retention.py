@@ -55,7 +55,7 @@ def test_compaction_deletes_old_events_and_exposures_and_the_features_keep_them(
         exposures.flush()
         last = log_events(channel, "other-user", catalog[5:6])
         wait_until(lambda: on_disk_seq() >= last, 30, "the events in the snapshot on disk")
-        wait_until(lambda: server._persisted_seq >= last, 30, "the server to know its snapshot holds them")
+        wait_until(lambda: server.snapshots.persisted_seq >= last, 30, "the server to know its snapshot holds them")
         assert len(list((state / "exposures").glob(FILE_GLOB))) >= 2
         now = time.time() + 2 * DAY_S  # two days later
         done = server.retention.run_once(now)

@@ -72,6 +72,20 @@ def stream():
     asyncio.run(drop())
 
 
+def shared_snapshot(events: JetStreamConfig) -> dict | None:
+    """What the fleet's snapshot bucket of `events` holds (serving.ingest.snapshots.shared_info)."""
+    from serving.ingest.snapshots import shared_info
+
+    async def read() -> dict | None:
+        nc = await nats.connect(MACHINE_NATS)
+        try:
+            return await shared_info(nc.jetstream(), events)
+        finally:
+            await nc.close()
+
+    return asyncio.run(read())
+
+
 def replica_cfg(small_shop, small_bundle, state, events: JetStreamConfig) -> ServeConfig:
     return ServeConfig(bundle_dir=small_bundle[0], data_dir=small_shop, state_dir=state, port=0, reload_poll_s=0,
                        encoder_timeout_s=5.0, readiness_interval_s=0.2, events=events)
@@ -344,33 +358,48 @@ def test_a_replica_with_a_snapshot_shares_it_at_start_up_when_the_bucket_is_empt
     from an empty state directory downloads it."""
     from dataclasses import replace
 
-    from serving.ingest.snapshots import shared_info
-
     name, prefix = stream
     quiet = JetStreamConfig(url=MACHINE_NATS, stream=name, subject_prefix=prefix, share_snapshot_s=0)
     cfg = replace(replica_cfg(small_shop, small_bundle, tmp_path / "a", quiet), snapshot_interval_s=3600)
-
-    async def shared() -> dict | None:
-        nc = await nats.connect(MACHINE_NATS)
-        try:
-            return await shared_info(nc.jetstream(), quiet)
-        finally:
-            await nc.close()
 
     with ReplicaSet([cfg], triton) as replicas, grpc.insecure_channel(f"127.0.0.1:{replicas.ports[0]}") as a:
         token = stub(a).LogEvents(iter([pb.LogEventsRequest(events=purchases("boot-user", catalog[:3], "boot"))]),
                                   timeout=RPC_TIMEOUT_S).sequence
     # Sharing off: nothing in the bucket; the snapshot is written at stop.
-    assert (tmp_path / "a" / "online-store.bin").exists() and asyncio.run(shared()) is None
+    assert (tmp_path / "a" / "online-store.bin").exists() and shared_snapshot(quiet) is None
 
     sharing = replace(quiet, share_snapshot_s=3600)
     with ReplicaSet([replace(cfg, events=sharing)], triton):
-        meta = asyncio.run(shared())  # start() returned: shared already, with no periodic snapshot yet
+        meta = shared_snapshot(sharing)  # start() returned: shared already, with no periodic snapshot yet
         assert meta is not None and meta["seq"] == token, meta
     fresh = replace(replica_cfg(small_shop, small_bundle, tmp_path / "b", sharing), snapshot_interval_s=3600)
     with ReplicaSet([fresh], triton) as replicas:
         stats = replicas.servers[0].state.ingest.stats
         assert stats.folded == 0, stats  # all of it came in the snapshot
+
+
+def test_a_replica_that_builds_its_state_shares_it_at_start_up_when_the_bucket_is_empty(small_shop, small_bundle,
+                                                                                       catalog, tmp_path, stream,
+                                                                                       triton):
+    """The same upload before serving from a replica with no snapshot of its own, whose state is
+    built at start-up from the data and the stream: the share writes its snapshot first. It was
+    skipped before (no file yet), leaving the full upload to the first periodic snapshot, beside
+    Ranks."""
+    from dataclasses import replace
+
+    name, prefix = stream
+    sharing = JetStreamConfig(url=MACHINE_NATS, stream=name, subject_prefix=prefix, share_snapshot_s=3600)
+    first = replace(replica_cfg(small_shop, small_bundle, tmp_path / "a", replace(sharing, share_snapshot_s=0)),
+                    snapshot_interval_s=3600)
+    events = purchases("built-user", catalog[:3], "built")
+    with ReplicaSet([first], triton) as replicas, grpc.insecure_channel(f"127.0.0.1:{replicas.ports[0]}") as a:
+        token = stub(a).LogEvents(iter([pb.LogEventsRequest(events=events)]), timeout=RPC_TIMEOUT_S).sequence
+    assert shared_snapshot(sharing) is None  # (the stream holds the events; the bucket nothing)
+    built = replace(replica_cfg(small_shop, small_bundle, tmp_path / "b", sharing), snapshot_interval_s=3600)
+    with ReplicaSet([built], triton) as replicas:
+        assert replicas.servers[0].state.ingest.stats.folded == len(events)  # built here: the data, then the stream
+        meta = shared_snapshot(sharing)
+        assert meta is not None and meta["seq"] == token, meta
 
 
 def test_a_bundle_reload_on_one_replica_reaches_every_replica_and_a_new_one(small_shop, small_bundle, tmp_path,
