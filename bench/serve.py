@@ -53,7 +53,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 from loadgen import (  # bench/ is sys.path[0]
-    RANK_METHOD,
     LoadGenerator,
     serialize,
     summarize,
@@ -67,7 +66,7 @@ from serve_report import (
     plot,
     plot_timeline,
 )
-from serve_server import ServerProcess, cpu_seconds
+from serve_server import ServerProcess, cpu_seconds, warm_server
 from serve_setup import (
     SEQUENCE_ITEMS,
     BenchConfig,
@@ -83,50 +82,6 @@ from serve_setup import (
 log = logging.getLogger("bench.serve")
 
 # ---------------------------------------------------------------- run
-
-
-def warm_server(port: int, users: list[str], items: list[str], concurrency: int = 4, rounds: int = 3,
-                token: str | None = None, channels: int = 1) -> dict:
-    """Rank every bench user once, so Triton embeds their history and the server caches it; users
-    whose answer came back degraded (encoder busy) are tried again, after the breaker's pause.
-    With workers (each has its own cache), every user is ranked once on each of `channels`
-    separate connections, which SO_REUSEPORT spreads over the workers as it will in the phases."""
-    import grpc
-
-    from semrank.ranking.v1 import ranking_service_pb2 as pb
-
-    metadata = (("authorization", f"Bearer {token}"),) if token else None
-
-    async def run(todo: list[str]) -> list[str]:
-        degraded: list[str] = []
-        chans = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
-                 for _ in range(channels)]
-        try:
-            for ch in chans:
-                call, left = ch.unary_unary(RANK_METHOD), list(todo)
-
-                async def worker() -> None:
-                    while left:
-                        u = left.pop()
-                        raw = await call(serialize(u, items[:100], 10), timeout=60, metadata=metadata)
-                        if pb.RankResponse.FromString(raw).degraded and u not in degraded:
-                            degraded.append(u)
-
-                await asyncio.gather(*(worker() for _ in range(concurrency)))
-        finally:
-            for ch in chans:
-                await ch.close()
-        return degraded
-
-    t = time.monotonic()
-    todo = list(users)
-    for r in range(rounds):
-        todo = asyncio.run(run(todo))
-        if not todo:
-            break
-        log.warning("warm-up round %d: %d degraded answer(s); trying those users again", r + 1, len(todo))
-        time.sleep(3.0)
-    return {"users": len(users), "still_degraded": len(todo), "seconds": round(time.monotonic() - t, 1)}
 
 
 def run(cfg: BenchConfig, out_dir: Path | None) -> dict:

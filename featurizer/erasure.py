@@ -116,15 +116,15 @@ class Erasures:
         """`record` for users known by their hash (`entries`: {"user", "requested_by"[, "at"]}, as a
         fleet's list gives them)."""
         now = datetime.now(timezone.utc).isoformat()
-        lines = [json.dumps({"user": e["user"], "requested_by": e["requested_by"], "at": e.get("at", now),
-                             "removed": removed}) for e in entries]
+        entries = list(entries)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
-            for line in lines:
-                f.write(line + "\n")
+            for e in entries:
+                f.write(json.dumps({"user": e["user"], "requested_by": e["requested_by"], "at": e.get("at", now),
+                                    "removed": removed}) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        self._hashes.update(json.loads(line)["user"] for line in lines)
+        self._hashes.update(e["user"] for e in entries)
 
 
 def _make_key(key_file: Path) -> bytes:

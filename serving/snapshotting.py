@@ -101,16 +101,10 @@ class FeatureSnapshots:
         elif not due(shared, stream.committed_seq, self.events.share_snapshot_s,
                      (await asyncio.to_thread(snapshot_files.ids, self.path))[0]):
             return
-        async with stream.applied_lock:  # the state and its seq, taken together
-            write = await asyncio.to_thread(stream.online.store.freeze)
-            seq = stream.committed_seq
-        # Written after the lock is released (the fold and LogEvents go on meanwhile). The files are
-        # then this copy: only `run` (which calls this) and close write them, one at a time; no copy
-        # (None) means nothing changed since the last one, which `run` wrote.
-        await self._write(write)
-        if write is not None:
-            self.persisted_seq = seq
-        await share_snapshot(stream.js, self.events, self.path, seq)
+        # The files as `persist` leaves them (the stream is this ingest): only `run` (which calls
+        # this) and close write them, one at a time.
+        await self.persist()
+        await share_snapshot(stream.js, self.events, self.path, self.persisted_seq)
 
     async def _write(self, write) -> None:
         """Write what the store's `freeze` took: a delta's values encoded on the loop first, in the

@@ -45,9 +45,9 @@ import shutil
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from itertools import takewhile
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
+from itertools import takewhile
 from pathlib import Path
 
 from featurizer.contracts.event_rules import EventRules, ItemRules

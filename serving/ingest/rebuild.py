@@ -31,8 +31,8 @@ import polars as pl
 from featurizer.contracts.event_rules import EventRules, ItemRules
 from featurizer.contracts.schema import read_dataset
 from featurizer.definitions import FeatureParams
-from featurizer.online.features import OnlineFeatures
 from featurizer.erasure import Erasures
+from featurizer.online.features import OnlineFeatures
 from featurizer.privacy import Pseudonyms
 from featurizer.store.config import store_config
 from featurizer.store.factory import store_from_config

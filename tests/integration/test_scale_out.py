@@ -308,19 +308,13 @@ def test_a_fresh_replica_starts_from_the_shared_snapshot_and_folds_only_the_rest
                                                                                  tmp_path, stream, triton):
     from dataclasses import replace
 
-    from serving.ingest.snapshots import shared_info
-
     name, prefix = stream
     events = JetStreamConfig(url=MACHINE_NATS, stream=name, subject_prefix=prefix, share_snapshot_s=3600)
     cfg_a = replace(replica_cfg(small_shop, small_bundle, tmp_path / "a", events), snapshot_interval_s=0.3)
 
-    async def shared_seq() -> int:
-        nc = await nats.connect(MACHINE_NATS)
-        try:
-            meta = await shared_info(nc.jetstream(), events)
-            return int(meta["seq"]) if meta else 0
-        finally:
-            await nc.close()
+    def shared_seq() -> int:
+        meta = shared_snapshot(events)
+        return int(meta["seq"]) if meta else 0
 
     user, candidates = "snapshot-user", catalog[:20]
     with ReplicaSet([cfg_a], triton) as replicas, grpc.insecure_channel(f"127.0.0.1:{replicas.ports[0]}") as a:
@@ -332,7 +326,7 @@ def test_a_fresh_replica_starts_from_the_shared_snapshot_and_folds_only_the_rest
             item_id="sku-before", title="Trail Running Shoes, Waterproof", category="Outdoor", price=89.0)])]),
             timeout=RPC_TIMEOUT_S)
         assert before.accepted == 1 and before.sequence == token + 1, before
-        shared = wait_until(lambda: asyncio.run(shared_seq()), 30, "a shared snapshot")
+        shared = wait_until(shared_seq, 30, "a shared snapshot")
         # The first share (later ones wait an hour) comes with A's periodic snapshot: after the third
         # LogEvents or after the upsert, whichever the snapshot loop (0.3 s) meets first.
         assert shared in (token, before.sequence), (shared, token, before.sequence)
