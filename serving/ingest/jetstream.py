@@ -28,8 +28,10 @@ same fenced, atomic commit as the local log (`serving.ingest.apply.apply_logged`
 finds the store further on (another process sharing a Redis store applied them) skips what the
 store holds; one that finds it behind means the store lost data, and the server refills it
 (`rebuild`). When the store fails, the fetched batch is kept and retried; when NATS goes away the
-consumer is made again from the folded sequence once NATS is back. A message that does not decode
-(another producer's bug) is logged, counted and skipped: one bad message never stops the fold.
+consumer is made again from the folded sequence once NATS is back. A message that does not decode,
+or that the API's rules refuse (another producer's bug), is logged, counted and skipped: one bad
+message never stops the fold (serving/ingest/stream_checks.py: the checks, and the dead letters
+that keep a copy of each skipped message for operators).
 """
 
 from __future__ import annotations
@@ -47,11 +49,11 @@ import nats.errors
 import nats.js.errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, StorageType, StreamConfig
 
-from featurizer.contracts.event_rules import EventRules, ItemRules, problem_field
+from featurizer.contracts.event_rules import EventRules, ItemRules
 from featurizer.erasure import Erasures
 from featurizer.errors import ConfigError
 from featurizer.online.features import OnlineFeatures
-from featurizer.privacy import Pseudonyms, is_pseudonym
+from featurizer.privacy import Pseudonyms
 from featurizer.store.base import OnlineStoreError, WriteConflict
 from serving.aio import cancel_and_wait
 from serving.config import JetStreamConfig
@@ -66,13 +68,12 @@ from serving.ingest.apply import (
 )
 from serving.ingest.control import agree_pseudonyms
 from serving.ingest.log_format import LoggedEvent
+from serving.ingest.stream_checks import DeadLetters, ErasedUser, MessageChecks
 from serving.ingest.stream_format import (
     KIND_HEADER,
     ORIGIN_HEADER,
     BadStreamMessage,
     SharedItem,
-    decode_event,
-    decode_item,
     encode_event,
     encode_item,
     item_subject,
@@ -87,18 +88,11 @@ FOLD_WAIT_S = 1.0  # a fetch waits this long for a message; then the fold checks
 RETRY_S = (0.05, 0.2, 0.5, 1.0, 2.0)  # backoff when the store or NATS fails
 
 
-class ErasedUser(Exception):
-    """A stream message of a user erased on request (skipped by the fold)."""
-
-
 class EventsNotAcknowledged(EventsNotStored):
     """JetStream did not acknowledge some events in time (NATS went away mid-call): they may or may
     not be stored. Resending the call with the same event ids is safe (duplicates are dropped)."""
 
     reason = "EVENTS_NOT_ACKNOWLEDGED"
-
-
-DEAD_SEQ_HEADER, DEAD_SUBJECT_HEADER, DEAD_REASON_HEADER = "Semrank-Dead-Seq", "Semrank-Dead-Subject", "Semrank-Dead-Reason"
 
 
 def seq_key(stream: str) -> str:
@@ -111,7 +105,6 @@ class FoldStats:
     folded: int = 0  # events applied by this process
     bad_messages: int = 0  # skipped: not a semrank event, or one the event rules refuse
     refused: dict[str, int] = field(default_factory=dict)  # of those, by the field the rules named
-    dead_letters: int = 0  # copies of skipped messages this process published to <prefix>.dead.<seq>
     consumers: int = 0  # consumers made (1 at start; more after NATS came back)
     store_failures: int = 0  # apply attempts that failed
 
@@ -123,17 +116,14 @@ class StreamIngest:
                  rules: EventRules = EventRules(), item_rules: ItemRules = ItemRules(), slices: ApplySlices | None = None):
         self.cfg, self.online, self.worker = cfg, online, worker
         self.slices = slices if slices is not None else ApplySlices()  # events per commit
-        self.rules = rules  # what LogEvents accepts: the fold applies nothing else, whoever published it
-        self.pseudonymous = False  # the fleet's key is on: every event's user id must be a pseudonym
-        self.item_rules = item_rules  # what UpsertItems accepts, for item messages
-        self.item_known: Callable[[str], bool] | None = None  # the server's catalog (a new item needs a title)
-        self._dead_prefix = f"{cfg.subject_prefix}.dead."  # skipped messages, copied for operators
-        self._dead_tasks: set[asyncio.Task] = set()
         self.dedup_window_s = dedup_window_s
         self.key = seq_key(cfg.stream)
         self.committed_seq = 0  # the last stream seq the store's features hold
         self.known_seq = 0  # the highest stream seq this process knows of (acks, stream info)
         self.stats = FoldStats()
+        # What the fold applies of a message (the API's rules), and the copies of what it skips.
+        self.checks = MessageChecks(rules, item_rules, self.stats.refused)
+        self.dead = DeadLetters(cfg, lambda: self._js)
         self.applied_lock = asyncio.Lock()  # held while a batch is applied (and by the snapshot)
         self._folded = asyncio.Condition()  # notified on every commit and every failure
         self._failure: BaseException | None = None  # why the last apply failed (None: it did not)
@@ -147,10 +137,15 @@ class StreamIngest:
         self.origin = uuid.uuid4().hex  # this process, on the item messages it publishes
         # The server's hook for item messages from other replicas (serving.ingest.items.apply_shared_items).
         self.on_items: Callable[[list[SharedItem]], Awaitable[None]] | None = None
-        # Users erased on request (featurizer.erasure): their messages are skipped, counted under
-        # "erased", never logged nor dead-lettered (a copy would hold them again).
-        self.erasures: Erasures | None = None
-        self.dead_letters = True  # False: a second fold of the stream (an erasure's rebuild) copies nothing
+
+    @property
+    def erasures(self) -> Erasures | None:
+        """Users erased on request, whose messages the fold skips (the local ingest's twin attribute)."""
+        return self.checks.erasures
+
+    @erasures.setter
+    def erasures(self, erasures: Erasures | None) -> None:
+        self.checks.erasures = erasures
 
     # ------------------------------------------------------------ lifecycle
 
@@ -169,13 +164,13 @@ class StreamIngest:
         replica's key, checked against the fleet's (serving.ingest.control) before anything is
         folded; with a key, an event whose user id is not a pseudonym is refused (`user_id`)."""
         self = cls(cfg, online, worker, dedup_window_s, rules, item_rules, slices)
-        self.on_items, self.item_known = on_items, item_known
-        self.erasures, self.dead_letters = erasures, dead_letters
+        self.on_items, self.checks.item_known, self.checks.erasures = on_items, item_known, erasures
+        self.dead.enabled = dead_letters  # False: a second fold of the stream (an erasure's rebuild) copies nothing
         try:
             await self._connect()
             if pseudonyms is not None:
                 await agree_pseudonyms(self._js, cfg, pseudonyms.fingerprint)
-                self.pseudonymous = pseudonyms.enabled
+                self.checks.pseudonymous = pseudonyms.enabled
             self.committed_seq = await worker.read(applied_seq, online, self.key)
             if items_through and on_items is not None:
                 await self._fold_items(min(items_through, self.committed_seq))
@@ -257,7 +252,7 @@ class StreamIngest:
                 for m in await sub.fetch(FOLD_BATCH, timeout=5.0):
                     if m.metadata.sequence.stream <= through:
                         try:
-                            items.append(self._valid_item(m, m.headers or {}))
+                            items.append(self.checks.item(m, m.headers or {}))
                         except BadStreamMessage as e:
                             self.stats.bad_messages += 1
                             log.error("stream %s seq %d: a bad item message is skipped: %s", self.cfg.stream,
@@ -296,8 +291,7 @@ class StreamIngest:
 
     async def close(self) -> None:
         await self.stop_fold()
-        if self._dead_tasks:  # let the dead letters in flight finish (each bounded by publish_timeout_s)
-            await asyncio.gather(*self._dead_tasks, return_exceptions=True)
+        await self.dead.drain()
         if self._nc is not None:
             try:
                 await self._nc.close()
@@ -485,97 +479,28 @@ class StreamIngest:
             self.known_seq = max(self.known_seq, seq + (m.metadata.num_pending or 0))  # (for the lag metric)
             if seq <= self.committed_seq:
                 continue
-            if m.subject.startswith(self._dead_prefix):  # a dead letter (below): for operators, never folded
+            if self.dead.is_dead(m.subject):  # a dead letter (below): for operators, never folded
                 last = max(last, seq)
                 continue
             headers = m.headers or {}
             try:
                 if headers.get(KIND_HEADER) == "item":
-                    item = self._valid_item(m, headers)
+                    item = self.checks.item(m, headers)
                     await self._apply_pairs(pairs, seq - 1)
                     pairs = []
                     if item.origin != self.origin and self.on_items is not None:
                         await self.on_items([item])
                 else:
-                    pairs.append((seq, self._valid_event(m)))
+                    pairs.append((seq, self.checks.event(m)))
             except ErasedUser:
-                self.stats.refused["erased"] = self.stats.refused.get("erased", 0) + 1
-                self._purge_later(m.subject)
+                self.dead.purge_later(m.subject)
             except BadStreamMessage as e:
                 self.stats.bad_messages += 1
                 log.error("stream %s seq %d (%s) is not a semrank event or item and is skipped: %s", self.cfg.stream,
                           seq, m.subject, e)
-                self._dead_letter(m, seq, str(e))
+                self.dead.copy(m, seq, str(e))
             last = max(last, seq)
         await self._apply_pairs(pairs, last)
-
-    def _valid_item(self, m, headers) -> SharedItem:
-        """The item row of message `m` if the item rules (UpsertItems') accept it; else BadStreamMessage."""
-        item = decode_item(m.data, headers.get(ORIGIN_HEADER, ""))
-        item_id = item.row.get("item_id")
-        known = self.item_known is None or (isinstance(item_id, str) and self.item_known(item_id))
-        problem = self.item_rules.problem(item.row, known)
-        if problem is not None:
-            self.stats.refused["item"] = self.stats.refused.get("item", 0) + 1
-            raise BadStreamMessage(f"refused by the item rules: {problem}")
-        return item
-
-    def _dead_letter(self, m, seq: int, reason: str) -> None:
-        """Copy a skipped message to `<prefix>.dead.<seq>` for operators, once for the fleet: every
-        replica that skips it publishes the copy with message id `dead-<seq>`, which JetStream's
-        duplicate window keeps once. Not awaited: the fold never waits on it (a failure is logged)."""
-        if not self.dead_letters:
-            return
-        headers = {"Nats-Msg-Id": f"dead-{seq}", DEAD_SEQ_HEADER: str(seq), DEAD_SUBJECT_HEADER: m.subject,
-                   DEAD_REASON_HEADER: reason[:500]}
-
-        async def publish() -> None:
-            try:
-                await self._js.publish(f"{self._dead_prefix}{seq}", m.data, headers=headers,
-                                       timeout=self.cfg.publish_timeout_s)
-                self.stats.dead_letters += 1
-            except Exception as e:  # noqa: BLE001 - NATS gone, or not allowed: the skip is logged above
-                log.warning("stream %s seq %d: the dead letter was not published (%s)", self.cfg.stream, seq,
-                            type(e).__name__)
-
-        task = asyncio.get_running_loop().create_task(publish())
-        self._dead_tasks.add(task)
-        task.add_done_callback(self._dead_tasks.discard)
-
-    def _purge_later(self, subject: str) -> None:
-        """Purge an erased user's subject again (a producer published after the erasure), in the
-        background as dead letters are; not by a second fold (an erasure's rebuild)."""
-        if not self.dead_letters:
-            return
-
-        async def purge() -> None:
-            try:
-                await asyncio.wait_for(self._js.purge_stream(self.cfg.stream, subject=subject),
-                                       self.cfg.publish_timeout_s)
-            except Exception as e:  # noqa: BLE001 - logged; the message stays skipped by every fold
-                log.warning("stream %s: an erased user's subject was not purged (%s)", self.cfg.stream,
-                            type(e).__name__)
-
-        task = asyncio.get_running_loop().create_task(purge())
-        self._dead_tasks.add(task)
-        task.add_done_callback(self._dead_tasks.discard)
-
-    def _valid_event(self, m) -> LoggedEvent:
-        """The event of message `m` if the event rules accept it at the message's JetStream time (the
-        same instant for every replica, so all make the same decision); else BadStreamMessage."""
-        event = decode_event(m.data)
-        stamped = m.metadata.timestamp
-        now_us = round(stamped.timestamp() * 1_000_000) if stamped is not None else 0
-        problem = self.rules.problem(event, now_us)
-        if problem is None and self.pseudonymous and not is_pseudonym(event.user_id):
-            problem = "user_id: not a pseudonym, with the fleet's pseudonym key on (a producer published a raw id)"
-        if problem is not None:
-            reason = problem_field(problem)
-            self.stats.refused[reason] = self.stats.refused.get(reason, 0) + 1
-            raise BadStreamMessage(f"refused by the event rules: {problem}")
-        if self.erasures and event.user_id in self.erasures:
-            raise ErasedUser()
-        return event
 
     async def purge_subjects(self, subjects: Sequence[str]) -> int:
         """Delete every message on `subjects` (an erased user's: `subject_for`) from the stream;

@@ -1,6 +1,6 @@
 """One event validator for every entry point (issue 30): the same random events, sent to LogEvents'
 check (a `pb.Event` at the server's clock) and folded from the stream (its JSON message at the
-message's JetStream time, through `StreamIngest._valid_event`, the function the fold calls), get the
+message's JetStream time, through `MessageChecks.event`, the check the fold makes), get the
 same decision, and a refusal names the same field."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from featurizer.contracts.event_rules import EventRules, problem_field
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from serving.api.convert import EVENT_NAMES, to_logged
 from serving.api.validation import event_problem
-from serving.config import JetStreamConfig, Limits
-from serving.ingest.jetstream import StreamIngest
+from serving.config import Limits
+from serving.ingest.stream_checks import MessageChecks
 from serving.ingest.stream_format import BadStreamMessage, encode_event
 
 NOW = datetime(2026, 12, 5, 12, 0, tzinfo=timezone.utc)
@@ -40,40 +40,39 @@ events = st.builds(
 )
 
 
-def folded_decision(ev: pb.Event, ingest: StreamIngest) -> str | None:
+def folded_decision(ev: pb.Event, checks: MessageChecks) -> str | None:
     """What the fold decides for this event's stream message, stamped by JetStream at NOW."""
     msg = SimpleNamespace(data=encode_event(to_logged(ev)), metadata=SimpleNamespace(timestamp=NOW))
     try:
-        ingest._valid_event(msg)
+        checks.event(msg)
     except BadStreamMessage as e:
         return str(e).removeprefix("refused by the event rules: ")
     return None
 
 
 @pytest.fixture(scope="module")
-def ingest():
-    cfg = JetStreamConfig(url="nats://127.0.0.1:1", stream="PARITY")  # never connected: only the decision
-    return StreamIngest(cfg, online=None, worker=None, dedup_window_s=0, rules=LIMITS.event_rules)
+def checks():
+    return MessageChecks(LIMITS.event_rules, LIMITS.item_rules, refused={})
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ev=events)
-def test_log_events_and_the_fold_decide_alike(ev, ingest):
+def test_log_events_and_the_fold_decide_alike(ev, checks):
     api = event_problem(ev, LIMITS, NOW)
-    stream = folded_decision(ev, ingest)
+    stream = folded_decision(ev, checks)
     assert (api is None) == (stream is None), (api, stream)
     if api is not None:
         assert problem_field(api) == problem_field(stream) and api == stream
 
 
-def test_the_future_bound_is_the_messages_time_not_the_replicas_clock(ingest):
+def test_the_future_bound_is_the_messages_time_not_the_replicas_clock(checks):
     """Two replicas folding one message at different times decide alike: the bound is its stamp."""
     ev = pb.Event(user_id="u", item_id="i", ts=Timestamp(seconds=NOW_S + 200), type=pb.EVENT_TYPE_CLICK)
     msg = SimpleNamespace(data=encode_event(to_logged(ev)), metadata=SimpleNamespace(timestamp=NOW))
-    assert ingest._valid_event(msg).ts_us == (NOW_S + 200) * 1_000_000  # whatever this process's clock says
+    assert checks.event(msg).ts_us == (NOW_S + 200) * 1_000_000  # whatever this process's clock says
     late = SimpleNamespace(data=msg.data, metadata=SimpleNamespace(timestamp=NOW - timedelta(seconds=101)))
     with pytest.raises(BadStreamMessage, match="ts: .* in the future"):
-        ingest._valid_event(late)
+        checks.event(late)
 
 
 def test_the_rules_check_types_a_json_producer_can_send():
