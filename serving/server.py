@@ -72,6 +72,7 @@ from serving.observability.metrics import Metrics
 from serving.ranking.engine import RankingEngine, utc_now
 from serving.ranking.registry import BundleRegistry
 from serving.ranking.shared_bundle import SharedBundle
+from serving.readiness import Readiness
 from serving.snapshotting import FeatureSnapshots
 from serving.triton.process import TritonProcess
 
@@ -89,12 +90,7 @@ def is_loopback(host: str) -> bool:
 
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RankingService"].full_name
-# The health name a load balancer probes for "all dependencies up": SERVING only while the online
-# store answers a read and the encoder's circuit breaker is closed. "" and SERVICE_NAME stay SERVING while
-# Rank can answer at all (degraded answers included), so probing them never takes a server out
-# because Redis or Triton is down.
 LOOP_LAG_PROBE_S = 0.1  # how often the event-loop lag is sampled (semrank_event_loop_lag_seconds)
-READINESS = "semrank.readiness"
 
 
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
@@ -135,8 +131,7 @@ class RankingServer:
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._tasks: list[asyncio.Task] = []
         self._closers: list[Callable] = []
-        self.ready = False  # the READINESS health status
-        self._not_ready_why: str | None = None
+        self.readiness: Readiness | None = None  # the READINESS health status (serving.readiness; made at start)
         self._stream_ingest: StreamIngest | None = None
         self.snapshots: FeatureSnapshots | None = None  # the feature state's snapshots (made at start)
         self.retention: Retention | None = None  # the event and exposure logs' compaction (with a retention age)
@@ -320,13 +315,12 @@ class RankingServer:
         except BaseException:
             await self.stop()
             raise
-        for name in ("", SERVICE_NAME):
+        for name in ("", SERVICE_NAME):  # while Rank can answer at all; READINESS: every dependency up
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self.ready = await self._check_ready()
-        await self.health.set(READINESS, health_pb2.HealthCheckResponse.SERVING if self.ready
-                              else health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.readiness = Readiness(self.health, self.state, registry, self.metrics, self._refill_events)
+        await self.readiness.publish()
         if cfg.readiness_interval_s > 0:
-            self._tasks.append(asyncio.create_task(self._readiness(cfg.readiness_interval_s)))
+            self._tasks.append(asyncio.create_task(self.readiness.run(cfg.readiness_interval_s)))
         # What start-up loaded (the catalog, the feature state, the bundle) lives as long as the process:
         # out of the collector's way, a generation-2 collection walks only what serving allocates since
         # (one took 188 ms in the bench's mixed phase before; semrank_gc_pause_seconds shows them).
@@ -428,70 +422,11 @@ class RankingServer:
             except Exception:  # noqa: BLE001 - the next poll tries again
                 log.exception("applying the fleet's erasures failed")
 
-    async def _check_ready(self) -> bool:
-        """The online store answers a read of its state row (through the store worker, within the
-        store read timeout) and no encoder's breaker is open. A store that lost its state is rebuilt;
-        when the store is back, stored events it missed are applied first."""
-        try:
-            lost = await self.state.engine.store_worker.read(self.state.online.store_lost_state)
-        except Exception as e:  # noqa: BLE001 - any failure means not ready
-            why = f"online store: {type(e).__name__}"
-            if self._not_ready_why != why:
-                log.warning("not ready: %s", why)
-            self._not_ready_why = why
-            return False
-        if lost:
-            await self._rebuild_store()
-            return False
-        if self.state.ingest.behind:
-            await self.state.ingest.catch_up()
-        problem = await self.state.ingest.probe()
-        if problem is not None:
-            if self._not_ready_why != problem:
-                log.warning("not ready: %s", problem)
-            self._not_ready_why = problem
-            return False
-        for h in self._registry.pool.handles():
-            breaker = getattr(h.encoder, "breaker", None)
-            if breaker is not None and breaker.state == "open":
-                self._not_ready_why = "encoder breaker open"
-                return False
-        if self._not_ready_why:
-            log.info("ready again (was: %s)", self._not_ready_why)
-        self._not_ready_why = None
-        return True
-
-    async def _rebuild_store(self) -> None:
-        """The store lost its state (issue 14, problem 5): answers are marked degraded while this
-        process, the single writer, refills it from the data directory and the event log."""
-        engine = self.state.engine
-        log.error("the online store lost its data (its state row is gone): rebuilding it from %s and the event log",
-                  self.cfg.data_dir)
-        engine.store_rebuilding = True
-        self.metrics.store_rebuilds_total.inc()
-        self.ready = False
-        await self.health.set(READINESS, health_pb2.HealthCheckResponse.NOT_SERVING)
-        try:
-            events = self.cfg.pseudonyms.events((await asyncio.to_thread(read_dataset, self.cfg.data_dir)).events)
-            if self.state.erasures is not None:  # erased users stay out (featurizer.erasure)
-                events = self.state.erasures.filter_events(events)
-            n = await self.state.ingest.rebuild(events)
-            log.warning("online store rebuilt: %d event(s) applied", n)
-        finally:
-            engine.store_rebuilding = False
-
-    async def _readiness(self, every_s: float) -> None:
-        while True:
-            await asyncio.sleep(every_s)
-            try:
-                ready = await self._check_ready()
-            except Exception:  # noqa: BLE001 - the probe must survive anything
-                log.exception("readiness check")
-                ready = False
-            if ready != self.ready:
-                self.ready = ready
-                await self.health.set(READINESS, health_pb2.HealthCheckResponse.SERVING if ready
-                                      else health_pb2.HealthCheckResponse.NOT_SERVING)
+    async def _refill_events(self):
+        """The events a store that lost its state is refilled from: the data directory's (pseudonymised
+        under the server's key), erased users left out (featurizer.erasure)."""
+        events = self.cfg.pseudonyms.events((await asyncio.to_thread(read_dataset, self.cfg.data_dir)).events)
+        return self.state.erasures.filter_events(events) if self.state.erasures is not None else events
 
     async def stop(self) -> None:
         """Stop accepting, drain in-flight calls, flush logs and the snapshot, stop Triton."""

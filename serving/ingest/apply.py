@@ -258,7 +258,7 @@ class EventIngest:
                 apply_logged(self.online, events, last_seq, after)
             except WriteConflict:
                 store_seq = applied_seq(self.online)
-                if store_seq < after:  # a flush, an empty replica: the refill (server._rebuild_store) applies it all
+                if store_seq < after:  # a flush, an empty replica: the refill (serving.readiness) applies it all
                     raise OnlineStoreError(f"the online store holds events up to seq {store_seq}, not {after}: it lost "
                                            "data and is refilled from the event log") from None
                 if attempt == 2:

@@ -30,7 +30,7 @@ from featurizer.definitions import NAMES
 from featurizer.store.config import RedisConfig
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from serving.config import ServeConfig
-from serving.server import READINESS
+from serving.readiness import READINESS
 from tests.integration.production_kit import (
     RPC_TIMEOUT_S,
     contributions,

@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from semrank.ranking.v1 import ranking_service_pb2 as pb
 from serving.config import JetStreamConfig, ServeConfig
-from serving.server import READINESS
+from serving.readiness import READINESS
 from tests.integration.production_kit import RPC_TIMEOUT_S, contributions, rank, stub, timestamp
 from tests.integration.serving_kit import (
     MACHINE_NATS,
