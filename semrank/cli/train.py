@@ -119,8 +119,11 @@ def _train_leave_one_out(args, ds, encoder_dir: str, tower) -> tuple[int, dict]:
                           seed=args.seed,
                           encoder_dir=encoder_dir, sequence_dir=SEQUENCE_BUNDLE_DIR if args.sequence is not None else None,
                           held_out_targets=held_out, **_engine(args))  # (refuses a model without a hold-out)
+    if args.sequence_serve is not None and args.sequence is None:
+        raise ValueError("--sequence-serve is the refit of a --sequence model: give both")
     if args.sequence is not None:
-        _copy_sequence_model(args.sequence, args.out / SEQUENCE_BUNDLE_DIR)
+        _sequence_hold_out(args.sequence_serve or args.sequence)  # (a clear error when no model is there)
+        _copy_sequence_model(args.sequence_serve or args.sequence, args.out / SEQUENCE_BUNDLE_DIR)
     ds, split = loo_data(ds)
     log.info("no impression lists: %s training (%s variant) on %d users with a leave-one-out split",
              TRAINING_MODE, cfg.variant, len(split.users))
@@ -128,7 +131,7 @@ def _train_leave_one_out(args, ds, encoder_dir: str, tower) -> tuple[int, dict]:
     if cfg.needs_encoder:
         encoder, item_emb, text_cache = load_text_side(ds, args.out, cfg, args.embedding_cache, Path(args.data).resolve().name)
     extra = train_loo_ranker(ds, split, args.out, cfg, encoder, item_emb, data_source=str(args.data), text_cache=text_cache,
-                             tower=tower)
+                             tower=tower, sequence_source=args.sequence if args.sequence_serve is not None else None)
     _write_probes(args.out)
     best = extra["hyper_parameters"]["best_iteration"]
     print(f"\nbundle ({TRAINING_MODE}, {cfg.variant}) written to {args.out}; best iteration {best}, "
@@ -370,5 +373,10 @@ def _register_ranker(train_sub) -> None:
                         "bundle, its score becomes the feature sequence_score, and the training targets are the K "
                         "items it held out (one group per user and held-out item, instead of --positions-per-user); "
                         "on data with impression lists too, whose lists are then not read")
+    g.add_argument("--sequence-serve", type=Path, default=None, metavar="DIR",
+                   help="the bundle carries this sequence model instead of --sequence's: the same recipe trained "
+                        "with a smaller hold-out (--hold-out 0: every item before the validation one), its refit. "
+                        "The ranker still learns sequence_score from --sequence's held-out scores; evaluation and "
+                        "serving use this one (docs/evaluation.md, the refit)")
     _tracking_args(s)
     s.set_defaults(func=cmd_train_ranker)

@@ -35,6 +35,7 @@ negatives, all scored at the target's time t.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -239,15 +240,21 @@ def _same_tick_previous(targets: pl.DataFrame, split: LooSplit, times: list[np.n
 
 def train_loo_ranker(ds: Dataset, split: LooSplit, out_dir: str | Path, cfg: LooRankerConfig, encoder: Encoder | None = None,
                      item_embeddings: np.ndarray | None = None, data_source: str = "", progress: bool = True,
-                     text_cache: Callable[[list[str]], Path | None] | None = None, tower: UserTower | None = None) -> dict:
+                     text_cache: Callable[[list[str]], Path | None] | None = None, tower: UserTower | None = None,
+                     sequence_source: Path | None = None) -> dict:
     """Build groups and features, train with early stopping, write the bundle; returns the manifest extras.
     `tower`: the bundle's user tower (None: `cfg.user_tower()`). With `cfg.sequence_dir`, the sequence
-    model is read from there (relative to `out_dir`, where the caller put it)."""
+    model is read from there (relative to `out_dir`, where the caller put it); `sequence_source`: the
+    held-out model whose scores train the ranker when the bundle serves its refit (`refit_check`)."""
     t0 = time.monotonic()
     names = cfg.feature_names
     tower = tower or cfg.user_tower()
     times = sequence_times(ds, split)
-    sequence_model = load_sequence_model(Path(out_dir) / cfg.sequence_dir, split, cfg) if cfg.sequence_dir else None
+    sequence_model = refit = None
+    if cfg.sequence_dir:
+        served = Path(out_dir) / cfg.sequence_dir
+        sequence_model = load_sequence_model(sequence_source or served, split, cfg)
+        refit = refit_check(served, sequence_source, split) if sequence_source is not None else None
     inputs = BundleInputs(names, {}, tower, source="ranker training")
     targets = []  # one row per group: part, user_id, pos, ts
     with ExampleStore(inputs) as store:
@@ -305,6 +312,8 @@ def train_loo_ranker(ds: Dataset, split: LooSplit, out_dir: str | Path, cfg: Loo
     }
     if cfg.sequence_dir:  # where `sequence_score`'s model lies in the bundle (ranker.sequence files)
         extra["sequence_model"] = cfg.sequence_dir
+        if refit is not None:  # the model whose held-out scores trained the ranker, when it is not that one
+            extra["sequence_training_model"] = refit
     if booster.best_iteration:
         booster = truncate(booster)
     ref = EncoderRef(model_dir=cfg.encoder_dir, max_length=cfg.max_length, history_items=tower.history_items)
@@ -327,6 +336,31 @@ def load_sequence_model(model_dir: Path, split: LooSplit, cfg: LooRankerConfig):
                          f"last {cfg.held_out_targets} training position(s) the ranker would learn from; train it with "
                          f"`semrank train sequence --hold-out {cfg.held_out_targets}`")
     return model
+
+
+def refit_check(served: Path, trained: Path, split: LooSplit) -> dict:
+    """A bundle may serve its sequence model's *refit* (stacking's refit on all the data): the ranker
+    learns `sequence_score` from the held-out model `trained` (it never fitted the ranker's targets),
+    and the bundle carries `served`, the same recipe trained with a smaller hold-out (0: every item
+    before the validation one), whose scores are as good as the held-out model's were on those targets.
+    Refused unless both read this catalog in the same order with the same configuration but the
+    hold-out (the ranker's trees would read a score of another scale). Returns what the manifest
+    records of `trained`."""
+    from ranker.sequence import MODEL_FILE, read_meta
+
+    a, b = read_meta(served), read_meta(trained)
+    if list(a["item_ids"]) != list(split.item_ids) or list(b["item_ids"]) != list(split.item_ids):
+        raise ValueError(f"{served} and {trained}: the sequence models must be trained on this catalog (and item order)")
+    ca, cb = dict(a["config"]), dict(b["config"])
+    if ca.pop("hold_out", 0) > cb.pop("hold_out", 0):
+        raise ValueError(f"{served}: the served model holds out more items than the one the ranker trains on ({trained})")
+    differ = sorted(k for k in ca.keys() | cb.keys() if k not in ("max_minutes",) and ca.get(k) != cb.get(k))
+    if differ:
+        raise ValueError(f"{served} and {trained}: the served model must be the same recipe but the hold-out; they "
+                         f"differ in {', '.join(differ)}")
+    return {"hold_out": int(b["config"].get("hold_out", 0)),
+            "sha256": hashlib.sha256((trained / MODEL_FILE).read_bytes()).hexdigest(),
+            "best_valid_ndcg@10": b.get("best_valid_ndcg@10")}
 
 
 # --------------------------------------------------------------------------- command line

@@ -371,6 +371,40 @@ def test_a_ranker_refuses_a_sequence_model_that_saw_its_targets(loo_dir, tmp_pat
     assert "sequence_score" not in manifest["feature_names"] and "sequence_model" not in manifest
 
 
+def test_a_bundle_serves_the_refit_of_the_sequence_model_its_ranker_learned_from(loo_dir, tmp_path):
+    """`--sequence-serve`: the trees are those `--sequence` alone gives (they learn `sequence_score` from
+    the held-out model), the bundle carries the refit (the same recipe, a smaller hold-out), and the
+    manifest names the model that trained it; a refit of another recipe or catalog is refused."""
+    import hashlib
+
+    from ranker.sequence import CONFIG_FILE, MODEL_FILE
+    from semrank.cli import main
+
+    seq = ["train", "sequence", "--data", str(loo_dir), "--epochs", "1", "--eval-every", "1", "--dim", "16",
+           "--heads", "2", "--layers", "1", "--max-len", "8"]
+    for name, extra in (("h1", ["--hold-out", "1"]), ("h0", ["--hold-out", "0"]), ("h2", ["--hold-out", "2"]),
+                        ("h0-dim8", ["--hold-out", "0", "--dim", "8"])):  # (the last --dim counts)
+        assert main([*seq, "--out", str(tmp_path / name), *extra]) == 0
+    args = ["train", "ranker", "--data", str(loo_dir), "--variant", "behavioural", "--hard-negatives", "0",
+            "--negatives", "4", "--sequence", str(tmp_path / "h1")]
+    assert main([*args, "--out", str(tmp_path / "held-out")]) == 0
+    assert main([*args, "--out", str(tmp_path / "refit"), "--sequence-serve", str(tmp_path / "h0")]) == 0
+    held_out, refit = load_bundle(tmp_path / "held-out"), load_bundle(tmp_path / "refit")
+    assert (tmp_path / "refit" / "ranker.txt").read_text() == (tmp_path / "held-out" / "ranker.txt").read_text()
+    for name in (MODEL_FILE, CONFIG_FILE):
+        assert (tmp_path / "refit" / "sequence" / name).read_bytes() == (tmp_path / "h0" / name).read_bytes()
+    assert refit.sequence.cfg.hold_out == 0 and held_out.sequence.cfg.hold_out == 1
+    assert not np.array_equal(refit.sequence.table, held_out.sequence.table)  # another model is served
+    trained = refit.manifest["sequence_training_model"]
+    assert trained["hold_out"] == 1
+    assert trained["sha256"] == hashlib.sha256((tmp_path / "h1" / MODEL_FILE).read_bytes()).hexdigest()
+    assert "sequence_training_model" not in held_out.manifest
+    for bad in ("h2", "h0-dim8"):  # holds out more; another recipe
+        assert main([*args, "--out", str(tmp_path / f"r-{bad}"), "--sequence-serve", str(tmp_path / bad)]) == 2
+        assert not (tmp_path / f"r-{bad}" / "ranker.txt").exists()
+    assert main([*args[:-2], "--out", str(tmp_path / "r-alone"), "--sequence-serve", str(tmp_path / "h0")]) == 2
+
+
 def test_cli_choices_match_the_evaluation_module():
     from semrank.cli import evaluate as cli_eval
     from training.evaluation import rankers as eval_rankers
