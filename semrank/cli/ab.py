@@ -86,7 +86,8 @@ def cmd_ab_report(args) -> int:
         shares_from_experiments,
     )
     from featurizer.contracts.exposures import read_losses
-    from training.ab.report import as_of, build_report, markdown, plot_timeline, report_stem, timeline, write_report
+    from training.ab.render import markdown, plot_timeline, report_stem, write_report
+    from training.ab.report import as_of, build_report, timeline
 
     window = parse_window(args.window)
     exposures, torn = read_exposures(list(args.exposures))

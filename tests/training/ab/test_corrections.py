@@ -10,7 +10,8 @@ from scipy.stats import norm
 
 from training.ab import stats as ab_stats
 from training.ab.prepare import Prepared
-from training.ab.report import MIN_USERS_WITH_EVENT, build_report, markdown
+from training.ab.render import markdown
+from training.ab.report import MIN_USERS_WITH_EVENT, build_report
 from training.ab.simulation import draw_responses, per_user, population_from_shop, split_users
 from training.ab.validity import cuped_aa, peeking_aa
 from training.data.synth import SynthConfig, synthesize

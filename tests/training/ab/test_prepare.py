@@ -31,7 +31,8 @@ from training.ab.prepare import (
     select_experiment,
     shares_from_experiments,
 )
-from training.ab.report import build_report, markdown, write_report
+from training.ab.render import markdown, write_report
+from training.ab.report import build_report
 from training.ab.simulation import (
     click_multiplier,
     ctr_moments,
