@@ -53,6 +53,8 @@ def cmd_train_ranker(args) -> int:
 def _train_ranker(args) -> tuple[int, dict]:
     from featurizer.contracts.schema import has_impression_lists, read_dataset
 
+    if args.sequence_serve is not None and args.sequence is None:
+        raise ValueError("--sequence-serve is the refit of a --sequence model: give both")
     encoder_dir = args.encoder or ("encoder" if (args.out / "encoder" / "config.json").is_file() else "base")
     ds = read_dataset(args.data)
     tower = ranker_tower(args, encoder_dir)
@@ -119,8 +121,6 @@ def _train_leave_one_out(args, ds, encoder_dir: str, tower) -> tuple[int, dict]:
                           seed=args.seed,
                           encoder_dir=encoder_dir, sequence_dir=SEQUENCE_BUNDLE_DIR if args.sequence is not None else None,
                           held_out_targets=held_out, **_engine(args))  # (refuses a model without a hold-out)
-    if args.sequence_serve is not None and args.sequence is None:
-        raise ValueError("--sequence-serve is the refit of a --sequence model: give both")
     if args.sequence is not None:
         _sequence_hold_out(args.sequence_serve or args.sequence)  # (a clear error when no model is there)
         _copy_sequence_model(args.sequence_serve or args.sequence, args.out / SEQUENCE_BUNDLE_DIR)
