@@ -1,14 +1,19 @@
-"""The one way training's reports make and save their figures (PNG, headless).
+"""The one way training's reports make and save their figures (PNG, headless), and write themselves
+out (JSON, Markdown and the chart side by side).
 
     plt = pyplot()
     fig, ax = plt.subplots()
     ...
     save_figure(fig, "out/report.png")
+    paths = write_report_files(report, "out", "name", markdown, plot)   # out/name.{json,md,png}
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def pyplot():
@@ -29,3 +34,16 @@ def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
     fig.savefig(path, dpi=dpi)
     pyplot().close(fig)
     return path
+
+
+def write_report_files(report: dict[str, Any], out_dir: str | Path, stem: str, markdown: Callable[[dict], str],
+                       plot: Callable[[dict, Path], Any]) -> dict[str, Path]:
+    """`out_dir/<stem>.json` (the report), `.md` (`markdown(report)`) and `.png` (`plot(report, path)`);
+    returns their paths by kind ("json", "md", "png")."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {kind: out_dir / f"{stem}.{kind}" for kind in ("json", "md", "png")}
+    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
+    paths["md"].write_text(markdown(report))
+    plot(report, paths["png"])
+    return paths

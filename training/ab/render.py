@@ -6,7 +6,6 @@ time (`semrank ab report --timeline`); the report itself is `training.ab.report.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from training.ab.report import METRICS, PRIMARY_METRIC
-from training.figures import pyplot, save_figure
+from training.figures import pyplot, save_figure, write_report_files
 
 
 # --------------------------------------------------------------------------- Markdown
@@ -181,17 +180,10 @@ def report_stem(experiment: str) -> str:
 
 def write_report(report: dict[str, Any], out_dir: str | Path, json_out: str | Path | None = None) -> dict[str, Path]:
     """OUT_DIR/ab-<experiment>.{json,md,png} (and --json OUT); returns the paths."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = report_stem(report["experiment"])
-    text = json.dumps(report, indent=2) + "\n"
-    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md", "png": out_dir / f"{stem}.png"}
-    paths["json"].write_text(text)
-    paths["md"].write_text(markdown(report))
-    plot(report, paths["png"])
+    paths = write_report_files(report, out_dir, report_stem(report["experiment"]), markdown, plot)
     if json_out is not None:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(text)
+        Path(json_out).write_text(paths["json"].read_text())
         paths["json_out"] = Path(json_out)
     return paths
 

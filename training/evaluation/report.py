@@ -8,7 +8,6 @@ One report per (dataset, protocol):
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from training.evaluation.protocol import (
     paired_difference,
     summarize,
 )
-from training.figures import pyplot, save_figure
+from training.figures import pyplot, save_figure, write_report_files
 
 log = logging.getLogger(__name__)
 
@@ -208,17 +207,10 @@ def json_path_for(json_out: str | Path, protocol: str, several: bool) -> Path:
 def write_report(report: dict[str, Any], out_dir: str | Path, json_out: str | Path | None = None,
                  several_protocols: bool = False) -> dict[str, Path]:
     """`OUT_DIR/<dataset>.<protocol>.{json,md,png}` (and `--json OUT`); returns the paths."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{report['dataset']}.{report['protocol']}"
-    text = json.dumps(report, indent=2) + "\n"
-    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md", "png": out_dir / f"{stem}.png"}
-    paths["json"].write_text(text)
-    paths["md"].write_text(markdown(report))
-    plot(report, paths["png"])
+    paths = write_report_files(report, out_dir, f"{report['dataset']}.{report['protocol']}", markdown, plot)
     if json_out is not None:
         extra = json_path_for(json_out, report["protocol"], several_protocols)
         extra.parent.mkdir(parents=True, exist_ok=True)
-        extra.write_text(text)
+        extra.write_text(paths["json"].read_text())
         paths["json_out"] = extra
     return paths
