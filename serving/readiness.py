@@ -61,8 +61,7 @@ class Readiness:
         for h in self.registry.pool.handles():
             breaker = getattr(h.encoder, "breaker", None)
             if breaker is not None and breaker.state == "open":
-                self.why = "encoder breaker open"
-                return False
+                return self._not_ready("encoder breaker open")
         if self.why:
             log.info("ready again (was: %s)", self.why)
         self.why = None
