@@ -37,13 +37,19 @@ def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
 
 
 def write_report_files(report: dict[str, Any], out_dir: str | Path, stem: str, markdown: Callable[[dict], str],
-                       plot: Callable[[dict, Path], Any]) -> dict[str, Path]:
-    """`out_dir/<stem>.json` (the report), `.md` (`markdown(report)`) and `.png` (`plot(report, path)`);
-    returns their paths by kind ("json", "md", "png")."""
+                       plot: Callable[[dict, Path], Any], json_out: str | Path | None = None) -> dict[str, Path]:
+    """`out_dir/<stem>.json` (the report), `.md` (`markdown(report)`) and `.png` (`plot(report, path)`),
+    and the JSON again at `json_out` when given (a command's `--json OUT`); returns their paths by
+    kind ("json", "md", "png", "json_out")."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {kind: out_dir / f"{stem}.{kind}" for kind in ("json", "md", "png")}
-    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
+    text = json.dumps(report, indent=2) + "\n"
+    paths["json"].write_text(text)
     paths["md"].write_text(markdown(report))
     plot(report, paths["png"])
+    if json_out is not None:
+        paths["json_out"] = Path(json_out)
+        paths["json_out"].parent.mkdir(parents=True, exist_ok=True)
+        paths["json_out"].write_text(text)
     return paths

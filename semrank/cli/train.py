@@ -122,7 +122,8 @@ def _train_leave_one_out(args, ds, encoder_dir: str, tower) -> tuple[int, dict]:
                           encoder_dir=encoder_dir, sequence_dir=SEQUENCE_BUNDLE_DIR if args.sequence is not None else None,
                           held_out_targets=held_out, **_engine(args))  # (refuses a model without a hold-out)
     if args.sequence is not None:
-        _sequence_hold_out(args.sequence_serve or args.sequence)  # (a clear error when no model is there)
+        if args.sequence_serve is not None:
+            _sequence_hold_out(args.sequence_serve)  # (a clear error when no model is there)
         _copy_sequence_model(args.sequence_serve or args.sequence, args.out / SEQUENCE_BUNDLE_DIR)
     ds, split = loo_data(ds)
     log.info("no impression lists: %s training (%s variant) on %d users with a leave-one-out split",

@@ -96,7 +96,6 @@ class DeadLetters:
     def __init__(self, cfg: JetStreamConfig, js: Callable[[], object], enabled: bool = True):
         self.cfg, self._js, self.enabled = cfg, js, enabled
         self.prefix = f"{cfg.subject_prefix}.dead."  # `is_dead`: the fold skips these
-        self.published = 0  # copies this process published
         self._tasks: set[asyncio.Task] = set()
 
     def is_dead(self, subject: str) -> bool:
@@ -113,7 +112,6 @@ class DeadLetters:
         async def publish() -> None:
             try:
                 await self._js().publish(f"{self.prefix}{seq}", m.data, headers=headers, timeout=self.cfg.publish_timeout_s)
-                self.published += 1
             except Exception as e:  # noqa: BLE001 - NATS gone, or not allowed: the skip is logged by the fold
                 log.warning("stream %s seq %d: the dead letter was not published (%s)", self.cfg.stream, seq,
                             type(e).__name__)

@@ -180,12 +180,7 @@ def report_stem(experiment: str) -> str:
 
 def write_report(report: dict[str, Any], out_dir: str | Path, json_out: str | Path | None = None) -> dict[str, Path]:
     """OUT_DIR/ab-<experiment>.{json,md,png} (and --json OUT); returns the paths."""
-    paths = write_report_files(report, out_dir, report_stem(report["experiment"]), markdown, plot)
-    if json_out is not None:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(paths["json"].read_text())
-        paths["json_out"] = Path(json_out)
-    return paths
+    return write_report_files(report, out_dir, report_stem(report["experiment"]), markdown, plot, json_out)
 
 
 

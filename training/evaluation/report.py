@@ -207,10 +207,5 @@ def json_path_for(json_out: str | Path, protocol: str, several: bool) -> Path:
 def write_report(report: dict[str, Any], out_dir: str | Path, json_out: str | Path | None = None,
                  several_protocols: bool = False) -> dict[str, Path]:
     """`OUT_DIR/<dataset>.<protocol>.{json,md,png}` (and `--json OUT`); returns the paths."""
-    paths = write_report_files(report, out_dir, f"{report['dataset']}.{report['protocol']}", markdown, plot)
-    if json_out is not None:
-        extra = json_path_for(json_out, report["protocol"], several_protocols)
-        extra.parent.mkdir(parents=True, exist_ok=True)
-        extra.write_text(paths["json"].read_text())
-        paths["json_out"] = extra
-    return paths
+    extra = None if json_out is None else json_path_for(json_out, report["protocol"], several_protocols)
+    return write_report_files(report, out_dir, f"{report['dataset']}.{report['protocol']}", markdown, plot, extra)

@@ -348,17 +348,18 @@ def refit_check(served: Path, trained: Path, split: LooSplit) -> dict:
     records of `trained`."""
     from ranker.sequence import MODEL_FILE, read_meta
 
-    a, b = read_meta(served), read_meta(trained)
-    if list(a["item_ids"]) != list(split.item_ids) or list(b["item_ids"]) != list(split.item_ids):
-        raise ValueError(f"{served} and {trained}: the sequence models must be trained on this catalog (and item order)")
+    a, b = read_meta(served), read_meta(trained)  # (`trained`'s catalog: load_sequence_model checked it)
+    if list(a["item_ids"]) != list(split.item_ids):
+        raise ValueError(f"{served}: the served sequence model was trained on another catalog (or item order)")
     ca, cb = dict(a["config"]), dict(b["config"])
-    if ca.pop("hold_out", 0) > cb.pop("hold_out", 0):
+    served_hold_out, trained_hold_out = ca.pop("hold_out", 0), cb.pop("hold_out", 0)
+    if served_hold_out > trained_hold_out:
         raise ValueError(f"{served}: the served model holds out more items than the one the ranker trains on ({trained})")
-    differ = sorted(k for k in ca.keys() | cb.keys() if k not in ("max_minutes",) and ca.get(k) != cb.get(k))
+    differ = sorted(k for k in ca.keys() | cb.keys() if k != "max_minutes" and ca.get(k) != cb.get(k))
     if differ:
         raise ValueError(f"{served} and {trained}: the served model must be the same recipe but the hold-out; they "
                          f"differ in {', '.join(differ)}")
-    return {"hold_out": int(b["config"].get("hold_out", 0)),
+    return {"hold_out": int(trained_hold_out),
             "sha256": hashlib.sha256((trained / MODEL_FILE).read_bytes()).hexdigest(),
             "best_valid_ndcg@10": b.get("best_valid_ndcg@10")}
 
