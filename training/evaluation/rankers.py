@@ -11,7 +11,8 @@ whole catalog costs about 8 µs a row, so bundles (`--ranker NAME=BUNDLE`) take 
   sequence model, `sequence` and `encoder+cooc+sequence` too (`training.lambdarank.first_stage`).
   The user's history items are masked, the top K go to LightGBM, which orders them; every other
   item keeps its first-stage order below all K. The report gives K and the recall@K of every
-  first stage (the share of test targets that reach LightGBM at all).
+  first stage (the share of test targets that reach LightGBM at all), and of the fused stages'
+  single sources alone and joined (`SourceUnion`: what any fusion of them can hold).
 
 Features are computed as in training (`training.lambdarank.leave_one_out`): `offline_features` at the test
 item's time, from events strictly before it; the user text from the items engaged strictly
@@ -62,6 +63,7 @@ from training.lambdarank.first_stage import (
     RRF_K,
     SEQUENCE_STAGES,
     FirstStage,
+    SourceUnion,
     top_k,
 )
 from training.lambdarank.leave_one_out import (
@@ -183,6 +185,7 @@ def evaluate_rankers(ds: Dataset, split: LooSplit, rankers: Sequence[RankerModel
     recent = [np.array([split.item_index[i] for i in h], dtype=np.int64) for h in hist_ids]
     user_emb = tower_user_vectors(text.tower, text.encoder, hist_ids, split, text.item_embeddings, progress)
     stage = FirstStage(split, "test") if FULL in config.protocols else None
+    union = SourceUnion(k)
     ranks = {p: {r.name: np.zeros(users.size, dtype=np.int64) for r in rankers} for p in config.protocols}
     own = {r.name: 0.0 for r in rankers}
     hits = {kind: 0 for kind in kinds}
@@ -197,7 +200,9 @@ def evaluate_rankers(ds: Dataset, split: LooSplit, rankers: Sequence[RankerModel
         first, tops = None, None
         if stage is not None:
             seq = None if sequence is None else sequence.score([masked[r] for r in rows])  # after seq[:-1]
-            for kind, s in stage.scores(kinds, cos, [recent[r][:COOC_ITEMS] for r in rows], seq).items():
+            sources = stage.sources(cos, [recent[r][:COOC_ITEMS] for r in rows], seq)
+            union.add(sources, [masked[r] for r in rows], targets[rows])
+            for kind, s in stage.fuse(kinds, sources).items():
                 kind_first, kind_tops = top_k(s, [masked[r] for r in rows], k)
                 hits[kind] += sum(int(targets[r] in t) for r, t in zip(rows, kind_tops))
                 if kind == first_stage:
@@ -244,7 +249,8 @@ def evaluate_rankers(ds: Dataset, split: LooSplit, rankers: Sequence[RankerModel
     if stage is not None:
         recall = {kind: round(h / users.size, 4) for kind, h in hits.items()}
         run.two_stage = {"k": k, "first_stage": first_stage, f"first_stage_recall@{k}": recall[first_stage],
-                         f"recall@{k}_by_first_stage": recall, "rankers": [r.name for r in rankers],
+                         f"recall@{k}_by_first_stage": recall, "sources": union.report(),
+                         "rankers": [r.name for r in rankers],
                          "rrf_k": RRF_K, "cooc_recent_items": COOC_ITEMS}
         run.notes.append(
             f"full, rankers: two stages; first stage {first_stage} picks the top K={k} (history masked), LightGBM "
@@ -253,7 +259,18 @@ def evaluate_rankers(ds: Dataset, split: LooSplit, rankers: Sequence[RankerModel
             + f"; fusion = reciprocal ranks (k={RRF_K}); co-occurrence = item cosine over the training part "
               f"(every sequence without its test item), summed over the last {COOC_ITEMS} items before the test time"
             + ("" if sequence is None else f"; sequence = {sequence.name}'s next-item scores after seq[:-1]"))
+        run.notes.append(union_note(union.report()))
     return run
+
+
+def union_note(report: dict[str, Any]) -> str:
+    """`SourceUnion.report` in a sentence."""
+    k = report["k"]
+    by_source = ", ".join(f"{name} {v:.4f}" for name, v in report["recall_by_source"].items())
+    return (f"full, first-stage sources: recall@{k} alone {by_source}; "
+            + "; ".join(f"the union of their top {u['depth']} lists {u['recall']:.4f} ({u['mean_items']:.0f} items a user)"
+                        for u in report["unions"])
+            + ": what a fusion of these sources can hold at all (training.lambdarank.first_stage.SourceUnion)")
 
 
 def merge(run: EvalRun, extra: RankerRun) -> EvalRun:

@@ -27,7 +27,15 @@ from ranker.user_tower import UserTower
 from tests.fakes import HashEncoder
 from training.data.loo import break_ties, clock_resolution_us, loo_data, loo_split
 from training.evaluation.rankers import two_stage_rank
-from training.lambdarank.first_stage import FIRST_STAGES, RRF_K, SEQUENCE_STAGES, FirstStage, ordinal_ranks, top_k
+from training.lambdarank.first_stage import (
+    FIRST_STAGES,
+    RRF_K,
+    SEQUENCE_STAGES,
+    FirstStage,
+    SourceUnion,
+    ordinal_ranks,
+    top_k,
+)
 from training.lambdarank.leave_one_out import (
     TRAINING_MODE,
     build_examples,
@@ -261,6 +269,24 @@ def test_first_stage_counts_only_the_training_part(data):
     assert stage.cooc[i3].nnz > 0  # the validation item is part of the training part
 
 
+def test_the_source_union_counts_what_the_sources_hold_at_all():
+    """Recall@K of each source, of the union of their top K lists and of their top ceil(K/n) lists;
+    history items (masked) are never counted."""
+    enc = np.array([5.0, 4, 3, 2, 1, 0])
+    cooc = np.array([0.0, 0, 0, 1, 2, 3])
+    union = SourceUnion(k=2)
+    # user a: target 2, item 0 in the history: the encoder's top 2 are {1, 2} once 0 is masked, cooc's {5, 4}
+    union.add({"encoder": enc[None], "cooc": cooc[None]}, [np.array([0])], np.array([2]))
+    # users b and c, no history: targets 4 (cooc's 2nd) and 5 (cooc's 1st); the encoder's top 2 are {0, 1}
+    union.add({"encoder": np.tile(enc, (2, 1)), "cooc": np.tile(cooc, (2, 1))}, [np.zeros(0, np.int64)] * 2,
+              np.array([4, 5]))
+    report = union.report()
+    assert report["users"] == 3 and report["recall_by_source"] == {"encoder": 0.3333, "cooc": 0.6667}
+    top2, top1 = report["unions"]  # top 1 each: a {1} | {5}, b and c {0} | {5}: only c's target
+    assert (top2["depth"], top2["recall"], top2["mean_items"]) == (2, 1.0, 4.0)
+    assert (top1["depth"], top1["recall"], top1["mean_items"]) == (1, 0.3333, 2.0)
+
+
 def test_the_sequence_first_stages_fuse_the_sequence_models_ranks(data):
     """Issue 31 item 2: `sequence` is the model's scores; `encoder+cooc+sequence` adds its reciprocal
     rank to encoder+cooc's fusion; neither is computed without a sequence model's scores."""
@@ -341,6 +367,13 @@ def test_train_and_eval_with_rankers_end_to_end(loo_dir, tmp_path, capsys):
     recall = stage["recall@15_by_first_stage"]
     assert set(recall) == {"encoder", "encoder+cooc", "encoder+popularity", "sequence", "encoder+cooc+sequence"}
     assert stage["first_stage_recall@15"] == recall["encoder+cooc+sequence"] and 0.0 <= min(recall.values())
+    sources = stage["sources"]  # the fused stage's single sources, alone and joined
+    assert sources["k"] == 15 and set(sources["recall_by_source"]) == {"encoder", "cooc", "sequence"}
+    assert sources["recall_by_source"]["encoder"] == recall["encoder"]
+    assert sources["recall_by_source"]["sequence"] == recall["sequence"]
+    wide, short = sources["unions"]
+    assert wide["recall"] >= max(sources["recall_by_source"].values()) and wide["mean_items"] <= 45
+    assert short["depth"] == 5 and short["mean_items"] <= 15
     assert "two_stage" not in sampled
     md = (out / "data.full.md").read_text()
     assert "first-stage recall@15" in md and "ranker-full" in md
