@@ -6,7 +6,8 @@
     await ingest.close()
 
 The stream (docs/scaling.md has the subjects, the message format and the topology; the messages
-themselves are serving/ingest/stream_format.py):
+themselves are serving/ingest/stream_format.py; the connection, the stream's set-up, the publishing
+and the readiness probe are serving/ingest/nats_link.py):
 - one message per event, on `<prefix>.u.<user key>` (the user key: 32 hex digits of a BLAKE2b hash
   of the user id, so that one user's events can be purged by subject), with a JSON body;
 - file storage, `replicas` copies in a NATS cluster, retention by age and size;
@@ -37,48 +38,28 @@ that keep a copy of each skipped message for operators).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-import nats
 import nats.errors
-import nats.js.errors
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from featurizer.contracts.event_rules import EventRules, ItemRules
 from featurizer.erasure import Erasures
-from featurizer.errors import ConfigError
 from featurizer.online.features import OnlineFeatures
 from featurizer.privacy import Pseudonyms
 from featurizer.store.base import OnlineStoreError, WriteConflict
 from serving.aio import cancel_and_wait
 from serving.config import JetStreamConfig
-from serving.ingest.apply import (
-    ApplySlices,
-    EventsNotApplied,
-    EventsNotStored,
-    Logged,
-    apply_logged,
-    applied_seq,
-    wait_on,
-)
+from serving.ingest.apply import ApplySlices, EventsNotApplied, Logged, apply_logged, applied_seq, wait_on
 from serving.ingest.control import agree_pseudonyms
 from serving.ingest.log_format import LoggedEvent
+from serving.ingest.nats_link import NatsLink
 from serving.ingest.stream_checks import DeadLetters, ErasedUser, MessageChecks
-from serving.ingest.stream_format import (
-    KIND_HEADER,
-    ORIGIN_HEADER,
-    BadStreamMessage,
-    SharedItem,
-    encode_event,
-    encode_item,
-    item_subject,
-    subject_for,
-)
+from serving.ingest.stream_format import KIND_HEADER, BadStreamMessage, SharedItem
 from serving.ranking.store_worker import StoreWorker
 
 log = logging.getLogger(__name__)
@@ -86,13 +67,6 @@ log = logging.getLogger(__name__)
 FOLD_BATCH = 4096  # messages per fetch at most (a fetch returns as soon as one has come)
 FOLD_WAIT_S = 1.0  # a fetch waits this long for a message; then the fold checks the stream and the connection
 RETRY_S = (0.05, 0.2, 0.5, 1.0, 2.0)  # backoff when the store or NATS fails
-
-
-class EventsNotAcknowledged(EventsNotStored):
-    """JetStream did not acknowledge some events in time (NATS went away mid-call): they may or may
-    not be stored. Resending the call with the same event ids is safe (duplicates are dropped)."""
-
-    reason = "EVENTS_NOT_ACKNOWLEDGED"
 
 
 def seq_key(stream: str) -> str:
@@ -123,13 +97,11 @@ class StreamIngest:
         self.stats = FoldStats()
         # What the fold applies of a message (the API's rules), and the copies of what it skips.
         self.checks = MessageChecks(rules, item_rules, self.stats.refused)
-        self.dead = DeadLetters(cfg, lambda: self._js)
+        self.dead = DeadLetters(cfg, lambda: self.link.js)
         self.applied_lock = asyncio.Lock()  # held while a batch is applied (and by the snapshot)
         self._folded = asyncio.Condition()  # notified on every commit and every failure
         self._failure: BaseException | None = None  # why the last apply failed (None: it did not)
-        self._probe_misses = 0  # consecutive readiness probes NATS did not answer in time
-        self._nc: nats.NATS | None = None
-        self._js = None
+        self.link = NatsLink(cfg, dedup_window_s, quiet=lambda: self._task is None)  # the connection and the stream
         self._sub = None
         self._task: asyncio.Task | None = None
         self._restart = asyncio.Event()  # set by rebuild: fold again from the store's seq
@@ -167,9 +139,9 @@ class StreamIngest:
         self.on_items, self.checks.item_known, self.checks.erasures = on_items, item_known, erasures
         self.dead.enabled = dead_letters  # False: a second fold of the stream (an erasure's rebuild) copies nothing
         try:
-            await self._connect()
+            await self.link.connect()
             if pseudonyms is not None:
-                await agree_pseudonyms(self._js, cfg, pseudonyms.fingerprint)
+                await agree_pseudonyms(self.link.js, cfg, pseudonyms.fingerprint)
                 self.checks.pseudonymous = pseudonyms.enabled
             self.committed_seq = await worker.read(applied_seq, online, self.key)
             if items_through and on_items is not None:
@@ -182,66 +154,11 @@ class StreamIngest:
             raise
         return self
 
-    async def _connect(self) -> None:
-        cfg = self.cfg
-
-        async def on_disconnect():
-            if self._task is not None:  # (not when this process closes the connection)
-                log.warning("NATS disconnected: LogEvents answers UNAVAILABLE until it is back")
-
-        async def on_reconnect():
-            log.info("NATS reconnected")
-
-        async def on_error(e):
-            log.warning("NATS: %s", e)
-
-        try:  # (nats-py retries a first connection forever with these settings: the start-up bound is ours)
-            self._nc = await asyncio.wait_for(nats.connect(
-                servers=cfg.servers, connect_timeout=cfg.connect_timeout_s, name="semrank-serve", allow_reconnect=True,
-                max_reconnect_attempts=-1, reconnect_time_wait=0.5, pending_size=0, ping_interval=cfg.ping_interval_s,
-                max_outstanding_pings=cfg.max_outstanding_pings, disconnected_cb=on_disconnect,
-                reconnected_cb=on_reconnect, error_cb=on_error), 3 * cfg.connect_timeout_s)
-        except Exception as e:  # noqa: BLE001 - nats raises many kinds; one clear start-up error
-            raise ConfigError(f"cannot connect to NATS at {cfg.url} ({type(e).__name__}: {e}); start it "
-                              "(nats-server -js) or fix --nats-url") from None
-        self._js = self._nc.jetstream(timeout=cfg.publish_timeout_s)
-        await self._ensure_stream()
-
-    def _stream_config(self) -> StreamConfig:
-        cfg = self.cfg
-        window = self.dedup_window_s or 0.001  # 0: deduplication off (JetStream wants a positive window)
-        if cfg.max_age_s:
-            window = min(window, cfg.max_age_s)
-        return StreamConfig(name=cfg.stream, subjects=[f"{cfg.subject_prefix}.>"], storage=StorageType.FILE,
-                            num_replicas=cfg.replicas, max_age=cfg.max_age_s or None, max_bytes=cfg.max_bytes,
-                            discard=DiscardPolicy.OLD, duplicate_window=window,
-                            description="semrank behavioural events (docs/scaling.md)")
-
-    async def _ensure_stream(self) -> None:
-        want = self._stream_config()
-        try:
-            info = await self._js.stream_info(want.name)
-        except nats.js.errors.NotFoundError:
-            await self._js.add_stream(want)
-            log.info("created JetStream stream %s (subjects %s, %d replica(s), duplicate window %.0f s)", want.name,
-                     want.subjects, want.num_replicas, want.duplicate_window)
-            return
-        have = info.config
-        if have.subjects != want.subjects:
-            raise ConfigError(f"JetStream stream {want.name} exists with subjects {have.subjects}, not {want.subjects}: "
-                              "use another --stream or --subject-prefix")
-        changed = [k for k in ("num_replicas", "max_age", "max_bytes", "duplicate_window")
-                   if (getattr(have, k) or 0) != (getattr(want, k) or 0)]
-        if changed:
-            await self._js.update_stream(want)
-            log.warning("updated JetStream stream %s: %s", want.name,
-                        ", ".join(f"{k} {getattr(have, k)} -> {getattr(want, k)}" for k in changed))
-
     async def _fold_items(self, through: int) -> None:
         """Apply the item messages with seq <= `through`, in order (a consumer filtered to them)."""
         config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, inactive_threshold=60.0,
                                 description="semrank items before a snapshot")
-        sub = await self._js.pull_subscribe(f"{self.cfg.subject_prefix}.items.>", stream=self.cfg.stream, config=config)
+        sub = await self.link.js.pull_subscribe(f"{self.cfg.subject_prefix}.items.>", stream=self.cfg.stream, config=config)
         n = 0
         try:
             while True:
@@ -292,23 +209,18 @@ class StreamIngest:
     async def close(self) -> None:
         await self.stop_fold()
         await self.dead.drain()
-        if self._nc is not None:
-            try:
-                await self._nc.close()
-            except Exception:  # noqa: BLE001 - closing anyway
-                log.debug("closing the NATS connection", exc_info=True)
-            self._nc = None
+        await self.link.close()
 
     # ------------------------------------------------------------ state
 
     @property
     def js(self):
         """The JetStream context (for the shared snapshots: serving.ingest.snapshots)."""
-        return self._js
+        return self.link.js
 
     @property
     def connected(self) -> bool:
-        return self._nc is not None and self._nc.is_connected
+        return self.link.connected
 
     @property
     def behind(self) -> int:
@@ -324,40 +236,12 @@ class StreamIngest:
         return None
 
     async def probe(self) -> str | None:
-        """A round trip to JetStream (`$JS.API.INFO`, request and reply) within
-        `JetStreamConfig.probe_timeout_s`: a hung server keeps the TCP connection up, so `connected` alone
-        does not see it. Why events cannot be taken (None: they can); for readiness. Unanswered only
-        counts after `probe_misses` probes in a row: one reply read late behind a full event loop took
-        a loaded replica out of rotation (bench/serve.py's saturation phase).
-
-        Not nats-py's `flush(timeout)`: each of its timeouts leaves a cancelled PONG waiter behind, and the
-        late PONG kills the client's read loop (InvalidStateError in `_process_pong`), after which every
-        publish and fetch times out while `flush` itself, which skips the round trip once the read loop
-        is gone, reports success (tests/integration/test_scale_out.py::test_a_hung_nats_takes_readiness_down_and_back).
-        A request's reply waiter is dropped on timeout and a late reply is ignored."""
-        problem = self.problem()
-        if problem is not None:
-            return problem
-        try:
-            reply = await self._nc.request("$JS.API.INFO", b"", timeout=self.cfg.probe_timeout_s)
-        except Exception as e:  # noqa: BLE001 - a timeout, no responders, or the connection went away meanwhile
-            self._probe_misses += 1
-            if self._probe_misses < self.cfg.probe_misses:  # a late reply under a full CPU, until it repeats
-                log.info("NATS did not answer readiness probe %d of %d in a row (%s)", self._probe_misses,
-                         self.cfg.probe_misses, type(e).__name__)
-                return None
-            return f"NATS does not answer ({type(e).__name__}, {self._probe_misses} probes in a row)"
-        self._probe_misses = 0
-        try:
-            error = json.loads(reply.data).get("error")
-        except ValueError:
-            error = None
-        if error:
-            return f"JetStream refuses: {error.get('description', error)}"
-        return None
+        """Why this process cannot take events now (None: it can), NATS asked too (`NatsLink.probe`:
+        a hung server keeps the connection up); for readiness."""
+        return self.problem() or await self.link.probe()
 
     async def stream_last_seq(self) -> int:
-        info = await self._js.stream_info(self.cfg.stream)
+        info = await self.link.js.stream_info(self.cfg.stream)
         self.known_seq = max(self.known_seq, info.state.last_seq)
         return info.state.last_seq
 
@@ -376,30 +260,8 @@ class StreamIngest:
 
     async def log_events(self, batch: Sequence[LoggedEvent], stored_before: int = 0) -> Logged:
         """Publish every event, wait for JetStream's acknowledgements, then for this process's fold."""
-        if not self.connected:
-            raise EventsNotStored(f"NATS is not connected: none of the {len(batch)} event(s) were stored "
-                                  f"({stored_before} earlier event(s) of this call were); resend them", stored_before)
-        futures = []
-        try:
-            for e in batch:
-                headers = {"Nats-Msg-Id": e.event_id} if e.event_id else None
-                futures.append(await self._js.publish_async(subject_for(self.cfg.subject_prefix, e.user_id),
-                                                            encode_event(e), headers=headers))
-        except Exception as e:  # noqa: BLE001 - the connection dropped while publishing
-            log.warning("publishing to JetStream failed after %d of %d event(s): %s", len(futures), len(batch), e)
-        done, pending = await asyncio.wait(futures, timeout=self.cfg.publish_timeout_s) if futures else (set(), set())
-        for f in pending:
-            f.cancel()
-        acks = [f.result() for f in futures if f in done and not f.cancelled() and f.exception() is None]
+        acks = await self.link.publish_events(batch, stored_before)
         stored = sum(1 for a in acks if not a.duplicate)
-        duplicates = len(acks) - stored
-        if len(acks) < len(batch):
-            errors = {type(f.exception()).__name__ for f in futures
-                      if f in done and not f.cancelled() and f.exception() is not None}
-            raise EventsNotAcknowledged(
-                f"JetStream acknowledged {len(acks)} of {len(batch)} event(s) ({stored} new, {duplicates} duplicate); "
-                f"the rest may or may not be stored ({', '.join(sorted(errors)) or 'no answer in time'}): resend the "
-                "call with the same event ids (stored ones come back as duplicates)", stored_before + stored)
         last = max(a.seq for a in acks)
         self.known_seq = max(self.known_seq, last)
         if not await self.wait_folded(last, self.cfg.apply_timeout_s):
@@ -408,7 +270,7 @@ class StreamIngest:
                 f"{stored} event(s) were stored in JetStream (do not resend them), but folding them into this "
                 f"process's online features failed ({why}); they are folded when the store is back, and rankings "
                 "do not reflect them until then", stored_before + stored)
-        return Logged(stored, duplicates, last)
+        return Logged(stored, len(acks) - stored, last)
 
     # ------------------------------------------------------------ the fold
 
@@ -421,7 +283,7 @@ class StreamIngest:
         config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self.committed_seq + 1,
                                 ack_policy=AckPolicy.NONE, inactive_threshold=60.0, max_waiting=4,
                                 description="semrank fold")
-        self._sub = await self._js.pull_subscribe(f"{self.cfg.subject_prefix}.>", stream=self.cfg.stream, config=config)
+        self._sub = await self.link.js.pull_subscribe(f"{self.cfg.subject_prefix}.>", stream=self.cfg.stream, config=config)
         self.stats.consumers += 1
 
     async def _fold(self) -> None:
@@ -505,34 +367,14 @@ class StreamIngest:
     async def purge_subjects(self, subjects: Sequence[str]) -> int:
         """Delete every message on `subjects` (an erased user's: `subject_for`) from the stream;
         returns how many there were."""
-        purged = 0
-        for subject in subjects:
-            info = await self._js.stream_info(self.cfg.stream, subjects_filter=subject)
-            purged += (info.state.subjects or {}).get(subject, 0)
-            await self._js.purge_stream(self.cfg.stream, subject=subject)
-        return purged
+        return await self.link.purge_subjects(subjects)
 
     # ------------------------------------------------------------ UpsertItems
 
     async def publish_items(self, shared: list[tuple[dict, dict]]) -> int:
         """Publish item rows (with their embeddings) for the other replicas; returns the last seq.
         Raises ItemsNotShared when JetStream does not acknowledge them all."""
-        from serving.ingest.items import ItemsNotShared
-
-        if not self.connected:
-            raise ItemsNotShared("NATS is not connected")
-        headers = {KIND_HEADER: "item", ORIGIN_HEADER: self.origin}
-        futures = []
-        try:
-            for row, embeddings in shared:
-                futures.append(await self._js.publish_async(item_subject(self.cfg.subject_prefix, row["item_id"]),
-                                                            encode_item(row, embeddings), headers=dict(headers)))
-            acks = await asyncio.wait_for(asyncio.gather(*futures), self.cfg.publish_timeout_s)
-        except Exception as e:  # noqa: BLE001 - NATS went away, or an answer did not come in time
-            for f in futures:
-                f.cancel()
-            raise ItemsNotShared(f"JetStream did not acknowledge them ({type(e).__name__})") from None
-        last = max(a.seq for a in acks)
+        last = await self.link.publish_items(shared, self.origin)
         self.known_seq = max(self.known_seq, last)
         return last
 
@@ -630,7 +472,7 @@ class StreamIngest:
             self._restart.set()  # under the lock: a batch fetched before the loss is never committed on top
             await self.worker.write(refill)
         end = await self.stream_last_seq()
-        info = await self._js.stream_info(self.cfg.stream)
+        info = await self.link.js.stream_info(self.cfg.stream)
         if info.state.first_seq > 1:
             log.error("stream %s starts at seq %d: events before it were dropped by retention and are missing from "
                       "the refilled store (keep the stream back to the oldest snapshot)", self.cfg.stream,

@@ -49,7 +49,7 @@ from serving.batch.input import BatchInputError
 from serving.batch.output import OutputMismatch
 from serving.batch.scorer import BatchScoringError
 from serving.ingest.apply import EventsNotApplied, EventsNotStored
-from serving.ingest.jetstream import EventsNotAcknowledged
+from serving.ingest.nats_link import EventsNotAcknowledged
 from serving.ingest.log_format import EventLogCorrupt, EventLogError, EventLogLocked
 from serving.ingest.items import ItemsNotEmbedded, ItemsNotShared
 from serving.ingest.live_erasure import ErasureFailed, ErasureUnavailable
