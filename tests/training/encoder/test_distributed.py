@@ -43,7 +43,8 @@ def _step(data_dir: Path, world: int) -> dict:
     """One training step on the global batch ROWS (this process's slice of it), dropout off, no
     optimiser step; the loss, the rows and the gradients of CHECKED."""
     from training.encoder import distributed
-    from training.encoder.train import TwoTower, _Batcher, build_data, load_base, train_step
+    from training.encoder.train import _Batcher, build_data, load_base, train_step
+    from training.encoder.two_tower import TwoTower
 
     torch.manual_seed(0)
     cfg = EncoderTrainConfig(**CFG)

@@ -27,12 +27,8 @@ from training.encoder.pairs import (
 )
 from ranker.user_tower import UserTower
 from training.encoder.tower import encoder_tower
-from training.encoder.train import (
-    EncoderTrainConfig,
-    contrastive_loss,
-    save_encoder,
-    train_encoder,
-)
+from training.encoder.train import EncoderTrainConfig, save_encoder, train_encoder
+from training.encoder.two_tower import contrastive_loss
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -332,7 +328,7 @@ def test_pooled_tower_training_runs_with_and_without_the_history_cache(tmp_path,
 
 def test_the_loss_reaches_the_history_items_through_the_pooled_tower():
     """The user side is differentiable in the embedded history items (and the position weights)."""
-    from training.encoder.train import TwoTower
+    from training.encoder.two_tower import TwoTower
 
     two = TwoTower(torch.nn.Identity(), 20.0, UserTower.pooled(3, 0.5), learn_tower=True)
     it = torch.nn.functional.normalize(torch.randn(6, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
