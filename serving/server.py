@@ -194,52 +194,14 @@ class RankingServer:
                 log.info("admin RPCs are off (no admin token configured)")
 
     async def start(self) -> int:
+        """Open the feature state, load the bundle, fold the events, then serve; returns the port.
+        Anything that fails on the way closes what was opened (`stop`)."""
         cfg = self.cfg
         self._check_access()
         try:
             state_dir = self._state_dir()
-            # Stored ids under one key only (featurizer.privacy): refused before anything is read or written.
-            check_state(state_dir, cfg.pseudonyms, holds_data=any((state_dir / name).exists() for name in STATE_DATA))
-            if cfg.pseudonyms.enabled:
-                log.info("pseudonymous user ids: %s", cfg.pseudonyms.describe())
-            else:
-                log.warning("pseudonymous user ids are off: user ids are stored, logged and exported as callers send "
-                            "them; configure a key (--pseudonym-key-file or $%s; docs/privacy.md)", PSEUDONYM_KEY_ENV)
             experiments = load_experiments(cfg.experiments_file) if cfg.experiments_file else Experiments()
-            snapshots = self.snapshots = FeatureSnapshots(snapshot_file(cfg, state_dir), cfg.events)
-            fetched = None
-            if cfg.events is not None and snapshots.path is not None and not snapshots.path.exists():
-                fetched = await fetch_snapshot(cfg.events, snapshots.path)  # a fresh replica: the shared one
-            fleet_erased = await list_fleet_erasures(cfg.events) if cfg.events is not None else []
-            # an in-process state with no snapshot (none of its own, none shared) is built from the start here
-            from_scratch = not isinstance(cfg.store, RedisConfig) and (snapshots.path is None
-                                                                        or not snapshots.path.exists())
-            if fleet_erased and from_scratch:  # the state built here leaves the fleet's erased users out
-                known = Erasures.open(state_dir, cfg.pseudonyms)
-                known.record_hashes([e for e in fleet_erased if e["user"] not in known.hashes],
-                                    {"features": True, "at_start": True})
-
-            def build():
-                return build_engine(cfg.data_dir, state_dir, cfg.store, self.clock, local_log=cfg.events is None,
-                                    embeddings_dir=cfg.embeddings_dir, rules=cfg.limits.event_rules,
-                                    on_cache=lambda c, hit: self.metrics.record_cache(c, int(hit), int(not hit)),
-                                    on_encode=self.metrics.record_rank_encode,
-                                    on_history_skipped=self.metrics.user_history_skipped_total.inc,
-                                    max_inline_encodes=cfg.limits.max_inline_encodes,
-                                    store_read_timeout_s=cfg.limits.store_read_timeout_s,
-                                    max_store_waiting=cfg.limits.max_store_waiting, pseudonyms=cfg.pseudonyms,
-                                    feature_params=FeatureParams(sequence_items=cfg.sequence_items))
-
-            try:
-                built = build()
-            except StateMismatchError as e:
-                if fetched is None:
-                    raise
-                log.error("the shared snapshot cannot be used (%s): deleted; folding the stream from the start", e)
-                snapshots.path.unlink()
-                snapshot_files.delta_path(snapshots.path).unlink(missing_ok=True)
-                fetched = None
-                built = build()
+            built, fetched, fleet_erased, from_scratch = await self._open_state(state_dir)
             self._closers.extend(built.closers)  # the store worker, the event log, then the online store
             engine, event_log, items = built.engine, built.event_log, built.engine.items
             # Where a bundle may be loaded from after start-up (ReloadBundle, the fleet's KV key).
@@ -254,24 +216,7 @@ class RankingServer:
             self._closers.insert(0, exposures.close)
             if event_log is not None:
                 event_log.segment_max_age_s = RetentionConfig.segment_age(cfg.retention.events_s)
-            if cfg.events is not None:  # JetStream: fold the stream up to its end before serving
-                ingest = self._stream_ingest = await StreamIngest.open(
-                    cfg.events, engine.online, engine.store_worker, cfg.limits.dedup_window_s,
-                    on_items=lambda shared: apply_shared_items(engine, registry.pool, shared),
-                    items_through=fetched or 0, rules=cfg.limits.event_rules, item_rules=cfg.limits.item_rules,
-                    item_known=engine.items.index.__contains__, slices=self._apply_slices(), pseudonyms=cfg.pseudonyms,
-                    erasures=built.erasures)
-                snapshots.bind(ingest, ingest)
-                self._shared_bundle = SharedBundle(ingest.js, cfg.events, registry, ingest.origin, bundle_roots)
-                await self._shared_bundle.start()  # the fleet's bundle, if another replica reloaded
-                try:  # the fleet's first snapshot, before serving: the only full upload most fleets make
-                    await snapshots.share(first=True)
-                except Exception:  # noqa: BLE001 - the periodic share tries again
-                    log.exception("sharing the feature snapshot at start-up failed")
-            else:
-                ingest = EventIngest(event_log, engine.online, EventDedup(cfg.limits.dedup_window_s),
-                                     worker=engine.store_worker, slices=self._apply_slices())
-                snapshots.bind(ingest)
+            ingest = await self._open_ingest(built, registry, fetched, bundle_roots)
             self.metrics.watch_ingest(ingest)
             self.state = ServingState(
                 engine=engine, registry=registry, exposures=exposures, ingest=ingest,
@@ -282,36 +227,12 @@ class RankingServer:
                             if cfg.null_service_top_k else None),
             )
             ingest.erasures = built.erasures
-            stream = None
-            if cfg.events is not None:
-                stream = StreamSide(cfg.events, cfg.limits.dedup_window_s, cfg.limits.item_rules, snapshots.share_now)
-            erasure = self.state.erasure = LiveErasure(
-                state_dir=state_dir, data_dir=cfg.data_dir, store_cfg=cfg.store or default_store(state_dir),
-                engine=engine, ingest=ingest, exposures=exposures, pseudonyms=cfg.pseudonyms,
-                rules=cfg.limits.event_rules, erasures=built.erasures, persist=lambda: snapshots.persist(full=True),
-                forget=lambda users: engine.forget_users(users, registry.runtimes()), stream=stream)
-            snapshots.erasure = erasure
-            if stream is not None and erasure.refusal() is None:
-                await self._sync_fleet_erasures(fleet_erased, from_scratch)  # before serving: no Rank reads an erased user
-                self._tasks.append(asyncio.create_task(self._follow_fleet_erasures(cfg.events.control_poll_s)))
+            await self._open_erasure(state_dir, built, ingest, exposures, fleet_erased, from_scratch)
             await self._start_grpc()
             self.metrics.watch_gc()
             if cfg.metrics_port is not None:
                 self.metrics_port = self.metrics.start_http(cfg.metrics_host, cfg.metrics_port)
-            if cfg.reload_poll_s > 0:
-                self._tasks.append(asyncio.create_task(registry.watch(cfg.reload_poll_s)))
-            if cfg.snapshot_interval_s > 0:
-                self._tasks.append(asyncio.create_task(snapshots.run(cfg.snapshot_interval_s)))
-            if cfg.retention.events_s or cfg.retention.exposures_s:
-                if cfg.retention.events_s and event_log is not None and not engine.online.store.remote \
-                        and not cfg.snapshot_interval_s:
-                    log.warning("event retention is set, but with no feature snapshot (--snapshot-interval-s 0) the "
-                                "event log is the only copy of the state: nothing will be deleted from it")
-                self.retention = Retention(cfg.retention, event_log, exposures, snapshots.covered_seq)
-                self._tasks.append(asyncio.create_task(self.retention.run()))
-            self._tasks.append(asyncio.create_task(self._loop_lag(LOOP_LAG_PROBE_S)))
-            if self._shared_bundle is not None:
-                self._tasks.append(asyncio.create_task(self._shared_bundle.follow(cfg.events.control_poll_s)))
+            self._start_background(registry, event_log, exposures)
         except BaseException:
             await self.stop()
             raise
@@ -321,6 +242,121 @@ class RankingServer:
         await self.readiness.publish()
         if cfg.readiness_interval_s > 0:
             self._tasks.append(asyncio.create_task(self.readiness.run(cfg.readiness_interval_s)))
+        self._settle_process()
+        log.info("serving %s on %s:%d (bundle %s, %d items, %d experiment(s), metrics port %s)", SERVICE_NAME,
+                 cfg.host, self.port, registry.default.runtime.version, len(items), len(experiments.experiments),
+                 self.metrics_port)
+        return self.port
+
+    async def _open_state(self, state_dir: Path):
+        """The feature state and the engine over it (`build_engine`), under this process's privacy key:
+        from its own snapshot, a fresh replica's copy of the fleet's, or built from the start (leaving the
+        fleet's erased users out). Returns (built, the fetched snapshot's stream seq or None, the fleet's
+        erasures, whether the state was built from the start)."""
+        cfg = self.cfg
+        # Stored ids under one key only (featurizer.privacy): refused before anything is read or written.
+        check_state(state_dir, cfg.pseudonyms, holds_data=any((state_dir / name).exists() for name in STATE_DATA))
+        if cfg.pseudonyms.enabled:
+            log.info("pseudonymous user ids: %s", cfg.pseudonyms.describe())
+        else:
+            log.warning("pseudonymous user ids are off: user ids are stored, logged and exported as callers send "
+                        "them; configure a key (--pseudonym-key-file or $%s; docs/privacy.md)", PSEUDONYM_KEY_ENV)
+        snapshots = self.snapshots = FeatureSnapshots(snapshot_file(cfg, state_dir), cfg.events)
+        fetched = None
+        if cfg.events is not None and snapshots.path is not None and not snapshots.path.exists():
+            fetched = await fetch_snapshot(cfg.events, snapshots.path)  # a fresh replica: the shared one
+        fleet_erased = await list_fleet_erasures(cfg.events) if cfg.events is not None else []
+        # an in-process state with no snapshot (none of its own, none shared) is built from the start here
+        from_scratch = not isinstance(cfg.store, RedisConfig) and (snapshots.path is None
+                                                                    or not snapshots.path.exists())
+        if fleet_erased and from_scratch:  # the state built here leaves the fleet's erased users out
+            known = Erasures.open(state_dir, cfg.pseudonyms)
+            known.record_hashes([e for e in fleet_erased if e["user"] not in known.hashes],
+                                {"features": True, "at_start": True})
+
+        def build():
+            return build_engine(cfg.data_dir, state_dir, cfg.store, self.clock, local_log=cfg.events is None,
+                                embeddings_dir=cfg.embeddings_dir, rules=cfg.limits.event_rules,
+                                on_cache=lambda c, hit: self.metrics.record_cache(c, int(hit), int(not hit)),
+                                on_encode=self.metrics.record_rank_encode,
+                                on_history_skipped=self.metrics.user_history_skipped_total.inc,
+                                max_inline_encodes=cfg.limits.max_inline_encodes,
+                                store_read_timeout_s=cfg.limits.store_read_timeout_s,
+                                max_store_waiting=cfg.limits.max_store_waiting, pseudonyms=cfg.pseudonyms,
+                                feature_params=FeatureParams(sequence_items=cfg.sequence_items))
+
+        try:
+            return build(), fetched, fleet_erased, from_scratch
+        except StateMismatchError as e:
+            if fetched is None:
+                raise
+            log.error("the shared snapshot cannot be used (%s): deleted; folding the stream from the start", e)
+            snapshots.path.unlink()
+            snapshot_files.delta_path(snapshots.path).unlink(missing_ok=True)
+            return build(), None, fleet_erased, from_scratch
+
+    async def _open_ingest(self, built, registry: BundleRegistry, fetched: int | None, bundle_roots: list[Path]):
+        """The events' way in: the JetStream stream folded up to its end (with the fleet's bundle and a
+        first shared snapshot), or the local event log."""
+        cfg, engine, snapshots = self.cfg, built.engine, self.snapshots
+        if cfg.events is None:
+            ingest = EventIngest(built.event_log, engine.online, EventDedup(cfg.limits.dedup_window_s),
+                                 worker=engine.store_worker, slices=self._apply_slices())
+            snapshots.bind(ingest)
+            return ingest
+        ingest = self._stream_ingest = await StreamIngest.open(
+            cfg.events, engine.online, engine.store_worker, cfg.limits.dedup_window_s,
+            on_items=lambda shared: apply_shared_items(engine, registry.pool, shared),
+            items_through=fetched or 0, rules=cfg.limits.event_rules, item_rules=cfg.limits.item_rules,
+            item_known=engine.items.index.__contains__, slices=self._apply_slices(), pseudonyms=cfg.pseudonyms,
+            erasures=built.erasures)
+        snapshots.bind(ingest, ingest)
+        self._shared_bundle = SharedBundle(ingest.js, cfg.events, registry, ingest.origin, bundle_roots)
+        await self._shared_bundle.start()  # the fleet's bundle, if another replica reloaded
+        try:  # the fleet's first snapshot, before serving: the only full upload most fleets make
+            await snapshots.share(first=True)
+        except Exception:  # noqa: BLE001 - the periodic share tries again
+            log.exception("sharing the feature snapshot at start-up failed")
+        return ingest
+
+    async def _open_erasure(self, state_dir: Path, built, ingest, exposures: ExposureLog, fleet_erased: list[dict],
+                            from_scratch: bool) -> None:
+        """DeleteUser's machinery; on JetStream the fleet's erasures are applied before serving (no Rank
+        reads an erased user) and followed from then on."""
+        cfg, engine, snapshots, registry = self.cfg, built.engine, self.snapshots, self.state.registry
+        stream = None
+        if cfg.events is not None:
+            stream = StreamSide(cfg.events, cfg.limits.dedup_window_s, cfg.limits.item_rules, snapshots.share_now)
+        erasure = self.state.erasure = LiveErasure(
+            state_dir=state_dir, data_dir=cfg.data_dir, store_cfg=cfg.store or default_store(state_dir),
+            engine=engine, ingest=ingest, exposures=exposures, pseudonyms=cfg.pseudonyms,
+            rules=cfg.limits.event_rules, erasures=built.erasures, persist=lambda: snapshots.persist(full=True),
+            forget=lambda users: engine.forget_users(users, registry.runtimes()), stream=stream)
+        snapshots.erasure = erasure
+        if stream is not None and erasure.refusal() is None:
+            await self._sync_fleet_erasures(fleet_erased, from_scratch)
+            self._tasks.append(asyncio.create_task(self._follow_fleet_erasures(cfg.events.control_poll_s)))
+
+    def _start_background(self, registry: BundleRegistry, event_log, exposures: ExposureLog) -> None:
+        """The periodic tasks: bundle reloads, snapshots, retention, the loop-lag probe, the fleet's bundle."""
+        cfg, snapshots = self.cfg, self.snapshots
+        if cfg.reload_poll_s > 0:
+            self._tasks.append(asyncio.create_task(registry.watch(cfg.reload_poll_s)))
+        if cfg.snapshot_interval_s > 0:
+            self._tasks.append(asyncio.create_task(snapshots.run(cfg.snapshot_interval_s)))
+        if cfg.retention.events_s or cfg.retention.exposures_s:
+            if cfg.retention.events_s and event_log is not None and not self.state.engine.online.store.remote \
+                    and not cfg.snapshot_interval_s:
+                log.warning("event retention is set, but with no feature snapshot (--snapshot-interval-s 0) the "
+                            "event log is the only copy of the state: nothing will be deleted from it")
+            self.retention = Retention(cfg.retention, event_log, exposures, snapshots.covered_seq)
+            self._tasks.append(asyncio.create_task(self.retention.run()))
+        self._tasks.append(asyncio.create_task(self._loop_lag(LOOP_LAG_PROBE_S)))
+        if self._shared_bundle is not None:
+            self._tasks.append(asyncio.create_task(self._shared_bundle.follow(cfg.events.control_poll_s)))
+
+    def _settle_process(self) -> None:
+        """The process's settings while serving (`stop` restores them)."""
         # What start-up loaded (the catalog, the feature state, the bundle) lives as long as the process:
         # out of the collector's way, a generation-2 collection walks only what serving allocates since
         # (one took 188 ms in the bench's mixed phase before; semrank_gc_pause_seconds shows them).
@@ -331,11 +367,7 @@ class RankingServer:
         # +0.9 of the 2 cores and a 138 ms Rank p99 in bench/serve.py's heavy mix (docs/serving.md).
         self._blas_limits = threadpool_limits(1, user_api="blas")
         self._gc_thresholds = gc.get_threshold()
-        gc.set_threshold(*cfg.gc_thresholds)  # (ServeConfig.gc_thresholds: full collections stay rare)
-        log.info("serving %s on %s:%d (bundle %s, %d items, %d experiment(s), metrics port %s)", SERVICE_NAME,
-                 cfg.host, self.port, registry.default.runtime.version, len(items), len(experiments.experiments),
-                 self.metrics_port)
-        return self.port
+        gc.set_threshold(*self.cfg.gc_thresholds)  # (ServeConfig.gc_thresholds: full collections stay rare)
 
     def _on_reload(self, result: str, version: str) -> None:
         self.metrics.bundle_reloads_total.labels(result).inc()
