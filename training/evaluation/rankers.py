@@ -199,11 +199,12 @@ def evaluate_rankers(ds: Dataset, split: LooSplit, rankers: Sequence[RankerModel
             cands = [np.concatenate([[targets[r]], negatives[r][negatives[r] >= 0]]) for r in rows]
         first, tops = None, None
         if stage is not None:
-            seq = None if sequence is None else sequence.score([masked[r] for r in rows])  # after seq[:-1]
+            chunk_masked = [masked[r] for r in rows]
+            seq = None if sequence is None else sequence.score(chunk_masked)  # after seq[:-1]
             sources = stage.sources(cos, [recent[r][:COOC_ITEMS] for r in rows], seq)
-            union.add(sources, [masked[r] for r in rows], targets[rows])
+            source_tops = union.add(sources, chunk_masked, targets[rows])  # (`encoder`, `sequence`: stages too)
             for kind, s in stage.fuse(kinds, sources).items():
-                kind_first, kind_tops = top_k(s, [masked[r] for r in rows], k)
+                kind_first, kind_tops = source_tops[kind] if kind in source_tops else top_k(s, chunk_masked, k)
                 hits[kind] += sum(int(targets[r] in t) for r, t in zip(rows, kind_tops))
                 if kind == first_stage:
                     first, tops = kind_first, kind_tops
@@ -248,8 +249,9 @@ def evaluate_rankers(ds: Dataset, split: LooSplit, rankers: Sequence[RankerModel
         f"{shared:.1f} s (features {t_features:.1f} s)")
     if stage is not None:
         recall = {kind: round(h / users.size, 4) for kind, h in hits.items()}
+        by_source = union.report()
         run.two_stage = {"k": k, "first_stage": first_stage, f"first_stage_recall@{k}": recall[first_stage],
-                         f"recall@{k}_by_first_stage": recall, "sources": union.report(),
+                         f"recall@{k}_by_first_stage": recall, "sources": by_source,
                          "rankers": [r.name for r in rankers],
                          "rrf_k": RRF_K, "cooc_recent_items": COOC_ITEMS}
         run.notes.append(
@@ -259,7 +261,7 @@ def evaluate_rankers(ds: Dataset, split: LooSplit, rankers: Sequence[RankerModel
             + f"; fusion = reciprocal ranks (k={RRF_K}); co-occurrence = item cosine over the training part "
               f"(every sequence without its test item), summed over the last {COOC_ITEMS} items before the test time"
             + ("" if sequence is None else f"; sequence = {sequence.name}'s next-item scores after seq[:-1]"))
-        run.notes.append(union_note(union.report()))
+        run.notes.append(union_note(by_source))
     return run
 
 

@@ -140,12 +140,16 @@ class SourceUnion:
         self.union = {"hits": 0, "items": 0}
         self.union_short = {"hits": 0, "items": 0, "depth": 0}
 
-    def add(self, sources: dict[str, np.ndarray], masked: Sequence[np.ndarray], targets: np.ndarray) -> None:
+    def add(self, sources: dict[str, np.ndarray], masked: Sequence[np.ndarray],
+            targets: np.ndarray) -> dict[str, tuple[np.ndarray, list[np.ndarray]]]:
+        """Count one batch; returns each source's `top_k(scores, masked, k)`, for a caller that also
+        ranks by a source alone (the `encoder` and `sequence` stages)."""
         depth = -(-self.k // len(sources))
         full: list[list[np.ndarray]] = [[] for _ in targets]
         short: list[list[np.ndarray]] = [[] for _ in targets]
-        for name, s in sources.items():
-            s, tops = top_k(s, masked, self.k)
+        out = {}
+        for name, scores in sources.items():
+            s, tops = out[name] = top_k(scores, masked, self.k)
             self.hits[name] = self.hits.get(name, 0) + sum(int(t in top) for t, top in zip(targets, tops))
             for r, top in enumerate(tops):
                 full[r].append(top)
@@ -158,6 +162,7 @@ class SourceUnion:
             self.union_short["items"] += v.size
         self.union_short["depth"] = depth
         self.users += len(targets)
+        return out
 
     def report(self) -> dict[str, Any]:
         n = max(self.users, 1)
