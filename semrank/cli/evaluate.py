@@ -18,10 +18,11 @@ log = logging.getLogger(__name__)
 
 PROTOCOL_CHOICES = ("sampled-100", "full", "both")
 # Kept in step with training.evaluation.rankers (not imported here: building the parser stays light).
-FIRST_STAGES = ("encoder", "encoder+cooc", "encoder+popularity", "sequence", "encoder+cooc+sequence")
+FIRST_STAGES = ("encoder", "encoder+cooc", "encoder+popularity", "sequence", "encoder+cooc+sequence",
+                "encoder+ease", "encoder+ease+sequence")
 DEFAULT_FIRST_STAGE = "encoder+cooc"
 DEFAULT_RERANK_K = 200
-SEQUENCE_STAGES = ("sequence", "encoder+cooc+sequence")
+SEQUENCE_STAGES = ("sequence", "encoder+cooc+sequence", "encoder+ease+sequence")
 
 
 def _positive_int(text: str) -> int:

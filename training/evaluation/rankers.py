@@ -59,6 +59,7 @@ from training.lambdarank.first_stage import (
     COOC_ITEMS,
     DEFAULT_FIRST_STAGE,
     DEFAULT_RERANK_K,
+    EASE_LAMBDA,
     FIRST_STAGES,
     RRF_K,
     SEQUENCE_STAGES,
@@ -201,7 +202,7 @@ def evaluate_rankers(ds: Dataset, split: LooSplit, rankers: Sequence[RankerModel
         if stage is not None:
             chunk_masked = [masked[r] for r in rows]
             seq = None if sequence is None else sequence.score(chunk_masked)  # after seq[:-1]
-            sources = stage.sources(cos, [recent[r][:COOC_ITEMS] for r in rows], seq)
+            sources = stage.sources(cos, [recent[r][:COOC_ITEMS] for r in rows], seq, ease=True)
             source_tops = union.add(sources, chunk_masked, targets[rows])  # (`encoder`, `sequence`: stages too)
             for kind, s in stage.fuse(kinds, sources).items():
                 kind_first, kind_tops = source_tops[kind] if kind in source_tops else top_k(s, chunk_masked, k)
@@ -253,7 +254,8 @@ def evaluate_rankers(ds: Dataset, split: LooSplit, rankers: Sequence[RankerModel
         run.two_stage = {"k": k, "first_stage": first_stage, f"first_stage_recall@{k}": recall[first_stage],
                          f"recall@{k}_by_first_stage": recall, "sources": by_source,
                          "rankers": [r.name for r in rankers],
-                         "rrf_k": RRF_K, "cooc_recent_items": COOC_ITEMS}
+                         "rrf_k": RRF_K, "cooc_recent_items": COOC_ITEMS, "ease_lambda": EASE_LAMBDA,
+                         "ease_items": int(stage.ease.items.size)}
         run.notes.append(
             f"full, rankers: two stages; first stage {first_stage} picks the top K={k} (history masked), LightGBM "
             f"re-orders them, the rest keep first-stage order below; first-stage recall@{k} (target among the K): "

@@ -28,12 +28,15 @@ from tests.fakes import HashEncoder
 from training.data.loo import break_ties, clock_resolution_us, loo_data, loo_split
 from training.evaluation.rankers import two_stage_rank
 from training.lambdarank.first_stage import (
+    EASE_STAGES,
     FIRST_STAGES,
     RRF_K,
     SEQUENCE_STAGES,
     FirstStage,
+    Ease,
     SourceUnion,
     ordinal_ranks,
+    rrf,
     top_k,
 )
 from training.lambdarank.leave_one_out import (
@@ -311,6 +314,50 @@ def test_the_sequence_first_stages_fuse_the_sequence_models_ranks(data):
         stage.scores(["encoder+nothing"], cos, recent)
 
 
+def test_ease_is_the_closed_form_of_its_definition():
+    """EASE's weights equal B = I - P diag(1/diag P) with P = (X'X + λI)^-1 and diag B = 0, computed
+    here with a plain inverse; a history scores the sum of its items' rows, each item once; items
+    never seen and, past max_items, the least frequent ones are left out (score 0)."""
+    seqs = [np.array([0, 1, 2]), np.array([1, 2]), np.array([2, 3, 3]), np.array([0, 2]), np.array([4])]
+    ease = Ease(seqs, n_items=6, lam=2.0)
+    x = np.zeros((len(seqs), 6))
+    for u, s in enumerate(seqs):
+        x[u, s] = 1.0
+    seen = [0, 1, 2, 3, 4]  # item 5 never occurs
+    g = x[:, seen].T @ x[:, seen] + 2.0 * np.eye(5)
+    p = np.linalg.inv(g)
+    b = np.eye(5) - p / np.diag(p)[None, :]
+    np.fill_diagonal(b, 0.0)
+    assert ease.items.tolist() == seen
+    np.testing.assert_allclose(ease.weights, b, rtol=1e-5, atol=1e-6)
+    got = ease.scores([np.array([0, 2, 0]), np.array([5]), np.zeros(0, np.int64)])
+    np.testing.assert_allclose(got[0, seen], b[0] + b[2], rtol=1e-5, atol=1e-6)
+    assert got[0, 5] == 0.0 and not got[1].any() and not got[2].any()
+    top2 = Ease(seqs, n_items=6, lam=2.0, max_items=2)  # item 2 (4 users), then 0 / 1 / 3 (2 each): 0 by index
+    assert top2.items.tolist() == [0, 2] and top2.weights.shape == (2, 2)
+    with pytest.raises(ValueError, match="lambda"):
+        Ease(seqs, n_items=6, lam=0.0)
+
+
+def test_the_ease_first_stages_put_ease_where_cooc_was(data):
+    """`encoder+ease` is encoder+cooc's fusion with EASE's reciprocal ranks instead of co-occurrence's,
+    `encoder+ease+sequence` adds the sequence model's; EASE reads the same recent items as cooc."""
+    _, split, _ = data
+    stage = FirstStage(split, "test")
+    rng = np.random.default_rng(1)
+    cos = rng.normal(size=(3, stage.n_items))
+    recent = [split.sequences[u][-4:-1] for u in range(3)]
+    seq = rng.normal(size=(3, stage.n_items))
+    sources = stage.sources(cos, recent, seq, ease=True)
+    np.testing.assert_array_equal(sources["ease"], stage.ease.scores(recent))
+    out = stage.scores(FIRST_STAGES, cos, recent, seq)
+    enc_rrf = 1.0 / (RRF_K + ordinal_ranks(cos))
+    np.testing.assert_array_equal(out["encoder+ease"], enc_rrf + rrf(sources["ease"]))
+    np.testing.assert_array_equal(out["encoder+ease+sequence"], out["encoder+ease"] + 1.0 / (RRF_K + ordinal_ranks(seq)))
+    assert set(EASE_STAGES) <= set(out) and not np.array_equal(out["encoder+ease"], out["encoder+cooc"])
+    assert "ease" not in stage.sources(cos, recent, seq)  # only when asked for: the solve is not free
+
+
 def test_the_sequence_first_stage_asks_for_its_model(loo_dir, tmp_path):
     from semrank.cli import main
 
@@ -365,15 +412,15 @@ def test_train_and_eval_with_rankers_end_to_end(loo_dir, tmp_path, capsys):
     stage = next(s for s in full["two_stage"] if s["rankers"] == ["ranker-behavioural", "ranker-full", "ranker-seq"])
     assert stage["k"] == 15 and stage["first_stage"] == "encoder+cooc+sequence"
     recall = stage["recall@15_by_first_stage"]
-    assert set(recall) == {"encoder", "encoder+cooc", "encoder+popularity", "sequence", "encoder+cooc+sequence"}
+    assert set(recall) == set(FIRST_STAGES)
     assert stage["first_stage_recall@15"] == recall["encoder+cooc+sequence"] and 0.0 <= min(recall.values())
     sources = stage["sources"]  # the fused stage's single sources, alone and joined
-    assert sources["k"] == 15 and set(sources["recall_by_source"]) == {"encoder", "cooc", "sequence"}
+    assert sources["k"] == 15 and set(sources["recall_by_source"]) == {"encoder", "cooc", "ease", "sequence"}
     assert sources["recall_by_source"]["encoder"] == recall["encoder"]
     assert sources["recall_by_source"]["sequence"] == recall["sequence"]
     wide, short = sources["unions"]
-    assert wide["recall"] >= max(sources["recall_by_source"].values()) and wide["mean_items"] <= 45
-    assert short["depth"] == 5 and short["mean_items"] <= 15
+    assert wide["recall"] >= max(sources["recall_by_source"].values()) and wide["mean_items"] <= 60
+    assert short["depth"] == 4 and short["mean_items"] <= 16
     assert "two_stage" not in sampled
     md = (out / "data.full.md").read_text()
     assert "first-stage recall@15" in md and "ranker-full" in md
