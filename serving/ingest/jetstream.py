@@ -241,9 +241,13 @@ class StreamIngest:
         return self.problem() or await self.link.probe()
 
     async def stream_last_seq(self) -> int:
-        info = await self.link.js.stream_info(self.cfg.stream)
-        self.known_seq = max(self.known_seq, info.state.last_seq)
-        return info.state.last_seq
+        return (await self._stream_state()).last_seq
+
+    async def _stream_state(self):
+        """The stream's state (first and last sequence); `known_seq` moves up to its last."""
+        state = (await self.link.js.stream_info(self.cfg.stream)).state
+        self.known_seq = max(self.known_seq, state.last_seq)
+        return state
 
     async def wait_folded(self, seq: int, timeout_s: float) -> bool:
         """Wait until this process folded `seq` (True), the fold failed, or `timeout_s` passed (False)."""
@@ -464,19 +468,18 @@ class StreamIngest:
     async def rebuild(self, data_events) -> int:
         """Refill a store that lost its state: the data directory's events, then the whole stream
         again (folded as usual). Returns when the fold is back at the stream's end."""
-        async with self.applied_lock:
-            def refill() -> None:
-                self.online.apply(data_events)
-                self.committed_seq = 0
-
-            self._restart.set()  # under the lock: a batch fetched before the loss is never committed on top
-            await self.worker.write(refill)
-        end = await self.stream_last_seq()
-        info = await self.link.js.stream_info(self.cfg.stream)
-        if info.state.first_seq > 1:
+        async with self.applied_lock:  # no commit between the refill and the restart
+            await self.worker.write(self.online.apply, data_events)
+            # Both after the refill: the fold, restarting while the seq still read the old value, would
+            # subscribe past the stream's end and record the events in between as folded, unapplied.
+            self.committed_seq = 0
+            self._restart.set()  # a batch fetched before the loss is dropped at its commit (`_apply_slice`)
+        state = await self._stream_state()
+        end = state.last_seq
+        if state.first_seq > 1:
             log.error("stream %s starts at seq %d: events before it were dropped by retention and are missing from "
                       "the refilled store (keep the stream back to the oldest snapshot)", self.cfg.stream,
-                      info.state.first_seq)
+                      state.first_seq)
         while not await self.wait_folded(end, 5.0):
             log.info("refilling from stream %s: seq %d of %d", self.cfg.stream, self.committed_seq, end)
             await asyncio.sleep(0.2)  # (the fold may be failing: wait_folded then returns at once)

@@ -13,7 +13,6 @@ of the test's own where the test stops it).
 from __future__ import annotations
 
 import asyncio
-import uuid
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
@@ -46,30 +45,6 @@ def triton():
     shared = SharedTriton()
     yield shared
     shared.close()
-
-
-@pytest.fixture
-def stream():
-    """(stream name, subject prefix) of the test's own on the machine's NATS; the stream and the
-    snapshot and control buckets made for it are deleted afterwards."""
-    name = f"TEST_{uuid.uuid4().hex[:12]}"
-    yield name, f"test.{name}"
-
-    async def drop():
-        from serving.ingest.control import bucket_name as control
-        from serving.ingest.snapshots import bucket_name as snapshots
-
-        nc = await nats.connect(MACHINE_NATS)
-        js = nc.jetstream()
-        for delete, what in ((js.delete_stream, name), (js.delete_object_store, snapshots(name)),
-                             (js.delete_key_value, control(name))):
-            try:
-                await delete(what)
-            except Exception:  # noqa: BLE001 - the test may not have made it
-                pass
-        await nc.close()
-
-    asyncio.run(drop())
 
 
 def shared_snapshot(events: JetStreamConfig) -> dict | None:
