@@ -60,6 +60,7 @@ from training.lambdarank.first_stage import (
     DEFAULT_FIRST_STAGE,
     DEFAULT_RERANK_K,
     EASE_LAMBDA,
+    EASE_RRF_K,
     FIRST_STAGES,
     RRF_K,
     SEQUENCE_STAGES,
@@ -254,7 +255,7 @@ def evaluate_rankers(ds: Dataset, split: LooSplit, rankers: Sequence[RankerModel
         run.two_stage = {"k": k, "first_stage": first_stage, f"first_stage_recall@{k}": recall[first_stage],
                          f"recall@{k}_by_first_stage": recall, "sources": by_source,
                          "rankers": [r.name for r in rankers],
-                         "rrf_k": RRF_K, "cooc_recent_items": COOC_ITEMS, "ease_lambda": EASE_LAMBDA,
+                         "rrf_k": RRF_K, "cooc_recent_items": COOC_ITEMS, "ease_lambda": EASE_LAMBDA, "ease_rrf_k": EASE_RRF_K,
                          "ease_items": int(stage.ease.items.size)}
         run.notes.append(
             f"full, rankers: two stages; first stage {first_stage} picks the top K={k} (history masked), LightGBM "

@@ -28,6 +28,7 @@ from tests.fakes import HashEncoder
 from training.data.loo import break_ties, clock_resolution_us, loo_data, loo_split
 from training.evaluation.rankers import two_stage_rank
 from training.lambdarank.first_stage import (
+    EASE_RRF_K,
     EASE_STAGES,
     FIRST_STAGES,
     RRF_K,
@@ -36,7 +37,6 @@ from training.lambdarank.first_stage import (
     Ease,
     SourceUnion,
     ordinal_ranks,
-    rrf,
     top_k,
 )
 from training.lambdarank.leave_one_out import (
@@ -340,8 +340,9 @@ def test_ease_is_the_closed_form_of_its_definition():
 
 
 def test_the_ease_first_stages_put_ease_where_cooc_was(data):
-    """`encoder+ease` is encoder+cooc's fusion with EASE's reciprocal ranks instead of co-occurrence's,
-    `encoder+ease+sequence` adds the sequence model's; EASE reads the same recent items as cooc."""
+    """`encoder+ease` is encoder+cooc's fusion with EASE's reciprocal ranks instead of co-occurrence's
+    (k = EASE_RRF_K), `encoder+ease+sequence` adds the sequence model's; EASE reads the same recent
+    items as cooc."""
     _, split, _ = data
     stage = FirstStage(split, "test")
     rng = np.random.default_rng(1)
@@ -351,9 +352,10 @@ def test_the_ease_first_stages_put_ease_where_cooc_was(data):
     sources = stage.sources(cos, recent, seq, ease=True)
     np.testing.assert_array_equal(sources["ease"], stage.ease.scores(recent))
     out = stage.scores(FIRST_STAGES, cos, recent, seq)
-    enc_rrf = 1.0 / (RRF_K + ordinal_ranks(cos))
-    np.testing.assert_array_equal(out["encoder+ease"], enc_rrf + rrf(sources["ease"]))
-    np.testing.assert_array_equal(out["encoder+ease+sequence"], out["encoder+ease"] + 1.0 / (RRF_K + ordinal_ranks(seq)))
+    ease = sources["ease"]  # fused with k = EASE_RRF_K; items EASE gives nothing (0) get nothing from it
+    fused = 1.0 / (EASE_RRF_K + ordinal_ranks(cos)) + np.where(ease > 0, 1.0 / (EASE_RRF_K + ordinal_ranks(ease)), 0.0)
+    np.testing.assert_allclose(out["encoder+ease"], fused, rtol=1e-15)
+    np.testing.assert_allclose(out["encoder+ease+sequence"], fused + 1.0 / (EASE_RRF_K + ordinal_ranks(seq)), rtol=1e-15)
     assert set(EASE_STAGES) <= set(out) and not np.array_equal(out["encoder+ease"], out["encoder+cooc"])
     assert "ease" not in stage.sources(cos, recent, seq)  # only when asked for: the solve is not free
 
