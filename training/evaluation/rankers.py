@@ -261,8 +261,10 @@ def evaluate_rankers(ds: Dataset, split: LooSplit, rankers: Sequence[RankerModel
             f"full, rankers: two stages; first stage {first_stage} picks the top K={k} (history masked), LightGBM "
             f"re-orders them, the rest keep first-stage order below; first-stage recall@{k} (target among the K): "
             + ", ".join(f"{kind} {v:.4f}" for kind, v in recall.items())
-            + f"; fusion = reciprocal ranks (k={RRF_K}); co-occurrence = item cosine over the training part "
-              f"(every sequence without its test item), summed over the last {COOC_ITEMS} items before the test time"
+            + f"; fusion = reciprocal ranks (k={RRF_K}; the ease stages k={EASE_RRF_K}); co-occurrence = item cosine "
+              f"over the training part (every sequence without its test item), summed over the last {COOC_ITEMS} items "
+              f"before the test time; ease = EASE (lambda {EASE_LAMBDA:g}) over the same part and items, "
+              f"{stage.ease.items.size} items in its solve"
             + ("" if sequence is None else f"; sequence = {sequence.name}'s next-item scores after seq[:-1]"))
         run.notes.append(union_note(by_source))
     return run
