@@ -36,6 +36,7 @@ from training.lambdarank.first_stage import (
     FirstStage,
     Ease,
     SourceUnion,
+    _symmetric_from_lower,
     ordinal_ranks,
     top_k,
 )
@@ -337,6 +338,15 @@ def test_ease_is_the_closed_form_of_its_definition():
     assert top2.items.tolist() == [0, 2] and top2.weights.shape == (2, 2)
     with pytest.raises(ValueError, match="lambda"):
         Ease(seqs, n_items=6, lam=0.0)
+
+
+def test_the_solve_mirrors_the_lower_triangle_block_by_block():
+    """EASE symmetrises LAPACK's half-filled inverse in place, in row blocks (`_symmetric_from_lower`):
+    blocks that do not divide the size, and one block for all, give the same matrix."""
+    m = np.random.default_rng(3).normal(size=(23, 23))
+    want = np.tril(m) + np.tril(m, -1).T
+    for block in (1, 5, 23, 64):
+        np.testing.assert_array_equal(_symmetric_from_lower(m.copy(), block=block), want)
 
 
 def test_the_ease_first_stages_put_ease_where_cooc_was(data):
