@@ -156,6 +156,8 @@ def run_rankers(args, ds, split, models: list, item_texts: list[str], dataset: s
         parse_ranker_arg,
         text_side_for,
     )
+    from training.evaluation.protocol import FULL
+    from training.lambdarank.first_stage import FirstStage
     from training.sequence.sasrec import SASRecScorer
 
     rankers = []
@@ -180,8 +182,9 @@ def run_rankers(args, ds, split, models: list, item_texts: list[str], dataset: s
         key = (id(side.encoder), side.tower.key)
         groups.setdefault(key, (side, []))[1].append(r)
     sequences = [m for m in models if isinstance(m, SASRecScorer)]  # (at most one: check_first_stage)
+    stage = FirstStage(split, "test") if FULL in config.protocols and groups else None  # one solve for every group
     return [evaluate_rankers(ds, split, group, side, config, args.first_stage, args.rerank_k,
-                             sequence=sequences[0] if sequences else None)
+                             sequence=sequences[0] if sequences else None, stage=stage)
             for side, group in groups.values()]
 
 

@@ -157,9 +157,12 @@ def _features(ds: Dataset, users: list[str], ts_us: np.ndarray, items: list[str]
 
 def evaluate_rankers(ds: Dataset, split: LooSplit, rankers: Sequence[RankerModel], text: TextSide,
                      config: EvalConfig, first_stage: str = DEFAULT_FIRST_STAGE, k: int = DEFAULT_RERANK_K,
-                     chunk: int = 1000, progress: bool = True, sequence: Any = None) -> RankerRun:
+                     chunk: int = 1000, progress: bool = True, sequence: Any = None,
+                     stage: FirstStage | None = None) -> RankerRun:
     """Ranks of the test targets for bundles sharing one encoder, on the users and negatives of `evaluate`.
-    `sequence`: a sequence model (`score(histories)` over the catalog) for the first stages that use one."""
+    `sequence`: a sequence model (`score(histories)` over the catalog) for the first stages that use one.
+    `stage`: the split's `FirstStage(split, "test")` when the caller shares one between groups (its
+    counts and EASE solve do not depend on the encoder); built here when None."""
     from tqdm import tqdm
 
     if first_stage not in FIRST_STAGES or k < 1:
@@ -186,7 +189,7 @@ def evaluate_rankers(ds: Dataset, split: LooSplit, rankers: Sequence[RankerModel
     hist_ids = user_histories(ds, keys, n_recent)
     recent = [np.array([split.item_index[i] for i in h], dtype=np.int64) for h in hist_ids]
     user_emb = tower_user_vectors(text.tower, text.encoder, hist_ids, split, text.item_embeddings, progress)
-    stage = FirstStage(split, "test") if FULL in config.protocols else None
+    stage = (stage or FirstStage(split, "test")) if FULL in config.protocols else None
     union = SourceUnion(k)
     ranks = {p: {r.name: np.zeros(users.size, dtype=np.int64) for r in rankers} for p in config.protocols}
     own = {r.name: 0.0 for r in rankers}

@@ -126,8 +126,9 @@ class FirstStage:
         def reciprocal(source: str, k: int) -> np.ndarray:
             if source not in ranks:
                 ranks[source] = ordinal_ranks(sources[source])
-            r = 1.0 / (k + ranks[source])
-            return r if source in ("encoder", "sequence") else np.where(sources[source] > 0, r, 0.0)  # counts: 0 is none
+            if source in ("encoder", "sequence"):
+                return 1.0 / (k + ranks[source])
+            return rrf(sources[source], k, ranks[source])  # count-like: 0 is none
 
         for kind in kinds:
             if kind == "encoder":
@@ -195,7 +196,8 @@ class Ease:
         from scipy import sparse
 
         out = np.zeros((len(histories), self.n_items))
-        rows = [np.unique(self.column[h][self.column[h] >= 0]) for h in histories]
+        cols = [self.column[h] for h in histories]
+        rows = [np.unique(c[c >= 0]) for c in cols]
         r = np.repeat(np.arange(len(rows)), [x.size for x in rows])
         if r.size:
             h = sparse.csr_matrix((np.ones(r.size, np.float32), (r, np.concatenate(rows))), shape=(len(rows), self.items.size))
@@ -216,9 +218,10 @@ def _symmetric_from_lower(a: np.ndarray, block: int = 1024) -> np.ndarray:
     return a
 
 
-def rrf(other: np.ndarray) -> np.ndarray:
-    """Reciprocal ranks of a count-like score; items it gives nothing (0) get nothing."""
-    return np.where(other > 0, 1.0 / (RRF_K + ordinal_ranks(other)), 0.0)
+def rrf(other: np.ndarray, k: int = RRF_K, ranks: np.ndarray | None = None) -> np.ndarray:
+    """Reciprocal ranks (1 / (k + rank)) of a count-like score; items it gives nothing (<= 0) get
+    nothing. `ranks`: `ordinal_ranks(other)` when the caller has them."""
+    return np.where(other > 0, 1.0 / (k + (ordinal_ranks(other) if ranks is None else ranks)), 0.0)
 
 
 def top_k(scores: np.ndarray, masked: Sequence[np.ndarray], k: int) -> tuple[np.ndarray, list[np.ndarray]]:
