@@ -55,7 +55,7 @@ def served_on_redis(small_shop, small_bundle, tmp_path, namespace: str, socket_t
     cfg = ServeConfig(bundle_dir=small_bundle[0], data_dir=small_shop, state_dir=tmp_path / "state", port=0,
                       reload_poll_s=0, encoder_timeout_s=5.0, readiness_interval_s=0.2,
                       store=RedisConfig(url=redis.url, namespace=namespace, socket_timeout_s=socket_timeout_s),
-                      **({"events": events} if events is not None else {}))
+                      events=events)
     try:
         with ServerThread(cfg) as st, grpc.insecure_channel(f"127.0.0.1:{st.port}") as channel:
             yield redis, st, channel
@@ -116,12 +116,13 @@ def test_lost_redis_data_is_noticed_marked_and_rebuilt_from_the_log(small_shop, 
     the whole JetStream stream folded again), and the features come back as they were."""
     import redis as redis_py
 
-    events = None
+    jetstream = None
     if log == "jetstream":
         name, prefix = request.getfixturevalue("stream")
-        events = JetStreamConfig(url=MACHINE_NATS, stream=name, subject_prefix=prefix)
+        jetstream = JetStreamConfig(url=MACHINE_NATS, stream=name, subject_prefix=prefix)
     user, items = engaged_users(shop)[0], catalog[:10]
-    with served_on_redis(small_shop, small_bundle, tmp_path, f"redis-loss-{log}", events=events) as (redis, st, channel):
+    with served_on_redis(small_shop, small_bundle, tmp_path, f"redis-loss-{log}", events=jetstream) as (
+            redis, st, channel):
         now = datetime.now(timezone.utc)
         events = [pb.Event(ts=timestamp(now - timedelta(seconds=5 - k)), user_id="u-lost", item_id=items[k],
                            type=pb.EVENT_TYPE_PURCHASE, event_id=f"e-lost-{k}") for k in range(3)]
